@@ -1,0 +1,94 @@
+//! The command line: argument parsing, human and JSON output. No logic of
+//! its own; every command calls into the library.
+//!
+//! Exit codes: 0 success; 1 the command ran but found a problem (reserved for
+//! checks such as `verify`); 2 the command could not run (bad arguments, no
+//! socket, QEMU refused).
+
+mod inspect;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing::level_filters::LevelFilter;
+
+/// Incremental backups of running QEMU virtual machines, over QMP.
+///
+/// bitback talks to QEMU's monitor directly (no libvirt), tracks changed
+/// blocks with persistent dirty bitmaps, and writes each disk's backups as a
+/// chain of qcow2 files.
+#[derive(Debug, Parser)]
+#[command(name = "bitback", version, max_term_width = 100)]
+struct Cli {
+    /// More log output on stderr (-v: debug, -vv: every QMP frame).
+    ///
+    /// The environment variable BITBACK_LOG (error, warn, info, debug, trace)
+    /// sets the level too; the flag wins.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Inspect(inspect::Args),
+}
+
+/// Exit status when a command could not be carried out.
+const EXIT_ERROR: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bitback: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Inspect(args) => inspect::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bitback: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let from_env = std::env::var("BITBACK_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok());
+    let level = match verbose {
+        0 => from_env.unwrap_or(LevelFilter::WARN),
+        1 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,13 @@
+//! bitback: incremental backups of running QEMU virtual machines.
+//!
+//! The modules, from the bottom up:
+//! - [`qmp`]: an async QMP client (commands, events, fd passing);
+//! - [`qemu`]: what bitback needs from a running QEMU (volumes, bitmaps);
+//! - `cli`: argument parsing and output, no logic.
+//!
+//! See the repository's README for the on-disk formats as they land.
+
+#[doc(hidden)]
+pub mod cli;
+pub mod qemu;
+pub mod qmp;

@@ -1,0 +1,40 @@
+//! What bitback needs to know about a running QEMU: its version and run
+//! state, its volumes and their dirty bitmaps.
+
+mod volumes;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::qmp::{self, QemuVersion, Qmp};
+
+pub use volumes::{Bitmap, Volume, is_automatic_node_name, list_volumes};
+
+/// A snapshot of one QEMU process, as `bitback inspect` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuInfo {
+    pub version: QemuVersion,
+    /// `running`, `paused`, `prelaunch`, ...; `None` for qemu-storage-daemon,
+    /// which has no run state.
+    pub status: Option<String>,
+    pub running: Option<bool>,
+    pub volumes: Vec<Volume>,
+}
+
+/// Gathers version, run state and volumes.
+pub async fn inspect(qmp: &Qmp) -> qmp::Result<QemuInfo> {
+    let (status, running) = match qmp.execute_raw("query-status", Value::Null).await {
+        Ok(reply) => (
+            reply.get("status").and_then(Value::as_str).map(str::to_string),
+            reply.get("running").and_then(Value::as_bool),
+        ),
+        Err(e) if e.is_command_not_found() => (None, None),
+        Err(e) => return Err(e),
+    };
+    Ok(QemuInfo {
+        version: qmp.greeting().version.clone(),
+        status,
+        running,
+        volumes: list_volumes(qmp).await?,
+    })
+}

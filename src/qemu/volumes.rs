@@ -1,0 +1,332 @@
+//! Volume discovery: which disks a running QEMU has, and their bitmaps.
+//!
+//! A volume is a guest device's disk (from `query-block`) or, when QEMU has no
+//! block devices (`-machine none`, qemu-storage-daemon), a named format node
+//! that no other node uses. Its facts come from the node that holds the
+//! image: filters QEMU stacks on top (a backup job's `copy-before-write`, a
+//! `throttle` group) are walked through with the block graph, so a volume
+//! looks the same during a job as outside one.
+//!
+//! Replies are decoded leniently into bitback's own structs: a field or enum
+//! value from a newer QEMU is ignored, never an error.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::debug;
+
+use crate::qmp::{self, Qmp};
+
+/// Drivers that only pass requests to their `file` child.
+const FILTER_DRIVERS: &[&str] = &[
+    "copy-before-write",
+    "throttle",
+    "copy-on-read",
+    "compress",
+    "preallocate",
+    "blkdebug",
+    "blklogwrites",
+    "snapshot-access",
+];
+
+/// Drivers that talk to storage rather than interpret an image format.
+const PROTOCOL_DRIVERS: &[&str] = &[
+    "file",
+    "host_device",
+    "host_cdrom",
+    "nbd",
+    "nfs",
+    "iscsi",
+    "rbd",
+    "ssh",
+    "http",
+    "https",
+    "null-co",
+    "null-aio",
+    "io_uring",
+    "nvme",
+    "gluster",
+];
+
+/// One disk of a VM, as bitback names and backs it up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Volume {
+    /// The device's qdev id, the `-drive` id, or the node name.
+    pub name: String,
+    /// The node that holds the image (below any filter).
+    pub node_name: String,
+    /// The node's driver: `qcow2`, `raw`, ...
+    pub format: String,
+    /// The image file QEMU opened.
+    pub image_file: String,
+    pub virtual_size: u64,
+    pub read_only: bool,
+    /// The guest device's QOM path, when the volume is a device.
+    pub device: Option<String>,
+    pub bitmaps: Vec<Bitmap>,
+}
+
+/// A dirty bitmap on a volume's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bitmap {
+    pub name: String,
+    #[serde(default)]
+    pub recording: bool,
+    #[serde(default)]
+    pub busy: bool,
+    #[serde(default)]
+    pub persistent: bool,
+    #[serde(default)]
+    pub inconsistent: bool,
+    pub granularity: u64,
+    /// Dirty bytes.
+    pub count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockInfo {
+    #[serde(default)]
+    device: String,
+    #[serde(default)]
+    qdev: Option<String>,
+    #[serde(default)]
+    inserted: Option<Inserted>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Inserted {
+    #[serde(rename = "node-name")]
+    node_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeInfo {
+    #[serde(rename = "node-name", default)]
+    node_name: String,
+    drv: String,
+    #[serde(default)]
+    file: String,
+    #[serde(default)]
+    ro: bool,
+    image: ImageInfo,
+    /// Internal bitmaps (a running job's) have no name and are skipped.
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageInfo {
+    #[serde(default)]
+    filename: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Graph {
+    nodes: Vec<GraphNode>,
+    edges: Vec<GraphEdge>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GraphNode {
+    id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct GraphEdge {
+    parent: u64,
+    child: u64,
+    name: String,
+}
+
+impl Graph {
+    fn driver_node_id(&self, name: &str) -> Option<u64> {
+        self.nodes
+            .iter()
+            .find(|n| n.kind == "block-driver" && n.name == name)
+            .map(|n| n.id)
+    }
+
+    fn node_name(&self, id: u64) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.name.as_str())
+    }
+
+    /// Named driver nodes with a block-driver parent (children of formats,
+    /// filters, or backing chains): never a volume of their own.
+    fn driver_children(&self) -> HashSet<&str> {
+        let drivers: HashSet<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.kind == "block-driver")
+            .map(|n| n.id)
+            .collect();
+        self.edges
+            .iter()
+            .filter(|e| drivers.contains(&e.parent))
+            .filter_map(|e| self.node_name(e.child))
+            .collect()
+    }
+
+    fn file_child(&self, node: &str) -> Option<&str> {
+        let id = self.driver_node_id(node)?;
+        self.edges
+            .iter()
+            .find(|e| e.parent == id && e.name == "file")
+            .and_then(|e| self.node_name(e.child))
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> qmp::Result<T> {
+    serde_json::from_value(value).map_err(|source| qmp::Error::UnexpectedReply {
+        command: command.to_string(),
+        source,
+    })
+}
+
+/// QEMU assigns `#block123`-style names itself, and differently on every
+/// start: they identify nothing across runs.
+pub fn is_automatic_node_name(name: &str) -> bool {
+    name.is_empty() || name.starts_with('#')
+}
+
+/// The id a guest device was given (`-device ...,id=disk0`), from its QOM
+/// path: `/machine/peripheral/disk0/virtio-backend` gives `disk0`.
+/// Anonymous devices live under `/machine/peripheral-anon` and have none.
+fn qdev_id(qdev: &str) -> Option<&str> {
+    if !qdev.starts_with('/') {
+        return (!qdev.is_empty()).then_some(qdev);
+    }
+    let rest = qdev.strip_prefix("/machine/peripheral/")?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// Lists the volumes of the QEMU behind `qmp`, in the order QEMU reports
+/// them (device order for a VM, node creation order otherwise).
+pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
+    let blocks: Vec<BlockInfo> = decode("query-block", qmp.execute_raw("query-block", Value::Null).await?)?;
+    let nodes: Vec<NodeInfo> = decode(
+        "query-named-block-nodes",
+        qmp.execute_raw("query-named-block-nodes", json!({ "flat": true }))
+            .await?,
+    )?;
+    let graph = match qmp
+        .execute_raw("x-debug-query-block-graph", Value::Null)
+        .await
+    {
+        Ok(value) => decode("x-debug-query-block-graph", value)?,
+        Err(e) if e.is_command_not_found() => {
+            debug!("no x-debug-query-block-graph: filters are not walked");
+            Graph::default()
+        }
+        Err(e) => return Err(e),
+    };
+    let by_name: HashMap<&str, &NodeInfo> =
+        nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
+
+    // Below filters, to the node that holds the image.
+    let image_node = |top: &str| -> Option<&NodeInfo> {
+        let mut name = top;
+        for _ in 0..16 {
+            let node = by_name.get(name)?;
+            if !FILTER_DRIVERS.contains(&node.drv.as_str()) {
+                return Some(node);
+            }
+            name = graph.file_child(name)?;
+        }
+        None
+    };
+
+    let mut volumes = Vec::new();
+    let devices: Vec<&BlockInfo> = blocks.iter().filter(|b| b.inserted.is_some()).collect();
+    if !devices.is_empty() {
+        for block in devices {
+            let Some(inserted) = &block.inserted else {
+                continue;
+            };
+            let Some(node) = image_node(&inserted.node_name) else {
+                debug!(device = %block.device, node = %inserted.node_name, "device's node not found; skipped");
+                continue;
+            };
+            let name = block
+                .qdev
+                .as_deref()
+                .and_then(qdev_id)
+                .map(str::to_string)
+                .or_else(|| (!block.device.is_empty()).then(|| block.device.clone()))
+                .or_else(|| {
+                    (!is_automatic_node_name(&node.node_name)).then(|| node.node_name.clone())
+                })
+                .or_else(|| block.qdev.clone())
+                .unwrap_or_else(|| node.node_name.clone());
+            volumes.push(volume(name, node, block.qdev.clone())?);
+        }
+        return Ok(volumes);
+    }
+
+    let children = graph.driver_children();
+    for node in &nodes {
+        let top_level = !children.contains(node.node_name.as_str());
+        if is_automatic_node_name(&node.node_name)
+            || !top_level
+            || PROTOCOL_DRIVERS.contains(&node.drv.as_str())
+            || FILTER_DRIVERS.contains(&node.drv.as_str())
+        {
+            continue;
+        }
+        volumes.push(volume(node.node_name.clone(), node, None)?);
+    }
+    Ok(volumes)
+}
+
+fn volume(name: String, node: &NodeInfo, device: Option<String>) -> qmp::Result<Volume> {
+    let bitmaps = node
+        .dirty_bitmaps
+        .iter()
+        .filter(|raw| raw.get("name").is_some())
+        .map(|raw| decode("query-named-block-nodes", raw.clone()))
+        .collect::<qmp::Result<Vec<Bitmap>>>()?;
+    Ok(Volume {
+        name,
+        node_name: node.node_name.clone(),
+        format: node.drv.clone(),
+        image_file: if node.image.filename.is_empty() {
+            node.file.clone()
+        } else {
+            node.image.filename.clone()
+        },
+        virtual_size: node.image.virtual_size,
+        read_only: node.ro,
+        device,
+        bitmaps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qdev_id_from_qom_paths() {
+        assert_eq!(qdev_id("/machine/peripheral/disk0/virtio-backend"), Some("disk0"));
+        assert_eq!(qdev_id("/machine/peripheral/scsi1"), Some("scsi1"));
+        assert_eq!(qdev_id("/machine/peripheral-anon/device[0]/virtio-backend"), None);
+        assert_eq!(qdev_id("disk7"), Some("disk7"));
+        assert_eq!(qdev_id(""), None);
+    }
+
+    #[test]
+    fn automatic_node_names() {
+        assert!(is_automatic_node_name("#block123"));
+        assert!(is_automatic_node_name(""));
+        assert!(!is_automatic_node_name("drive0"));
+    }
+}
