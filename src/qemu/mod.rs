@@ -25,7 +25,10 @@ pub struct QemuInfo {
 pub async fn inspect(qmp: &Qmp) -> qmp::Result<QemuInfo> {
     let (status, running) = match qmp.execute_raw("query-status", Value::Null).await {
         Ok(reply) => (
-            reply.get("status").and_then(Value::as_str).map(str::to_string),
+            reply
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             reply.get("running").and_then(Value::as_bool),
         ),
         Err(e) if e.is_command_not_found() => (None, None),

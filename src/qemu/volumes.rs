@@ -159,18 +159,18 @@ impl Graph {
             .map(|n| n.name.as_str())
     }
 
-    /// Named driver nodes with a block-driver parent (children of formats,
-    /// filters, or backing chains): never a volume of their own.
-    fn driver_children(&self) -> HashSet<&str> {
-        let drivers: HashSet<u64> = self
-            .nodes
-            .iter()
-            .filter(|n| n.kind == "block-driver")
-            .map(|n| n.id)
-            .collect();
+    /// Nodes that are never a volume of their own: those under another
+    /// driver node (a format's file, a backing image, a filter's child) and
+    /// a job's target.
+    fn children(&self) -> HashSet<&str> {
+        let kind: HashMap<u64, &str> = self.nodes.iter().map(|n| (n.id, n.kind.as_str())).collect();
         self.edges
             .iter()
-            .filter(|e| drivers.contains(&e.parent))
+            .filter(|e| match kind.get(&e.parent) {
+                Some(&"block-driver") => true,
+                Some(&"block-job") => e.name == "target",
+                _ => false,
+            })
             .filter_map(|e| self.node_name(e.child))
             .collect()
     }
@@ -212,7 +212,10 @@ fn qdev_id(qdev: &str) -> Option<&str> {
 /// Lists the volumes of the QEMU behind `qmp`, in the order QEMU reports
 /// them (device order for a VM, node creation order otherwise).
 pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
-    let blocks: Vec<BlockInfo> = decode("query-block", qmp.execute_raw("query-block", Value::Null).await?)?;
+    let blocks: Vec<BlockInfo> = decode(
+        "query-block",
+        qmp.execute_raw("query-block", Value::Null).await?,
+    )?;
     let nodes: Vec<NodeInfo> = decode(
         "query-named-block-nodes",
         qmp.execute_raw("query-named-block-nodes", json!({ "flat": true }))
@@ -272,17 +275,30 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
         return Ok(volumes);
     }
 
-    let children = graph.driver_children();
+    // No devices: the volumes are the named images at the top of the graph.
+    // Sorted by name, since nodes have no order that survives a restart.
+    let children = graph.children();
+    let mut names: Vec<&str> = Vec::new();
     for node in &nodes {
-        let top_level = !children.contains(node.node_name.as_str());
-        if is_automatic_node_name(&node.node_name)
-            || !top_level
-            || PROTOCOL_DRIVERS.contains(&node.drv.as_str())
-            || FILTER_DRIVERS.contains(&node.drv.as_str())
+        if children.contains(node.node_name.as_str()) {
+            continue;
+        }
+        let Some(image) = image_node(&node.node_name) else {
+            continue;
+        };
+        if is_automatic_node_name(&image.node_name)
+            || PROTOCOL_DRIVERS.contains(&image.drv.as_str())
+            || names.contains(&image.node_name.as_str())
         {
             continue;
         }
-        volumes.push(volume(node.node_name.clone(), node, None)?);
+        names.push(&image.node_name);
+    }
+    names.sort_unstable();
+    for name in names {
+        if let Some(node) = by_name.get(name) {
+            volumes.push(volume(name.to_string(), node, None)?);
+        }
     }
     Ok(volumes)
 }
@@ -316,9 +332,15 @@ mod tests {
 
     #[test]
     fn qdev_id_from_qom_paths() {
-        assert_eq!(qdev_id("/machine/peripheral/disk0/virtio-backend"), Some("disk0"));
+        assert_eq!(
+            qdev_id("/machine/peripheral/disk0/virtio-backend"),
+            Some("disk0")
+        );
         assert_eq!(qdev_id("/machine/peripheral/scsi1"), Some("scsi1"));
-        assert_eq!(qdev_id("/machine/peripheral-anon/device[0]/virtio-backend"), None);
+        assert_eq!(
+            qdev_id("/machine/peripheral-anon/device[0]/virtio-backend"),
+            None
+        );
         assert_eq!(qdev_id("disk7"), Some("disk7"));
         assert_eq!(qdev_id(""), None);
     }

@@ -227,15 +227,6 @@ struct Inner {
     next_id: AtomicU64,
 }
 
-/// What `add-fd` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct FdsetFd {
-    #[serde(rename = "fdset-id")]
-    pub fdset_id: i64,
-    /// The descriptor's number inside QEMU.
-    pub fd: i64,
-}
-
 impl Qmp {
     /// Connects to `endpoint` (a socket path or `tcp:HOST:PORT`) with the
     /// default timeouts and negotiates capabilities.
@@ -327,22 +318,19 @@ impl Qmp {
 
     /// Runs a typed command from the `qapi-qmp` schema.
     pub async fn execute<C: qapi_spec::Command>(&self, command: C) -> Result<C::Ok> {
-        let arguments =
-            serde_json::to_value(&command).map_err(|source| Error::EncodingArguments {
-                command: C::NAME.to_string(),
-                source,
-            })?;
-        let reply = self.execute_raw(C::NAME, arguments).await?;
-        serde_json::from_value(reply).map_err(|source| Error::UnexpectedReply {
-            command: C::NAME.to_string(),
-            source,
-        })
+        let reply = self.execute_raw(C::NAME, encode(&command)?).await?;
+        decode::<C>(reply)
     }
 
     /// Runs any command; `arguments` is an object, or `null` for none.
     pub async fn execute_raw(&self, command: &str, arguments: Value) -> Result<Value> {
-        self.call(command, arguments, Vec::new(), self.inner.options.command_timeout)
-            .await
+        self.call(
+            command,
+            arguments,
+            Vec::new(),
+            self.inner.options.command_timeout,
+        )
+        .await
     }
 
     /// Like [`Qmp::execute_raw`] with its own timeout.
@@ -363,48 +351,46 @@ impl Qmp {
         fd: BorrowedFd<'_>,
         fdset_id: Option<i64>,
         opaque: Option<&str>,
-    ) -> Result<FdsetFd> {
-        let mut arguments = serde_json::Map::new();
-        if let Some(id) = fdset_id {
-            arguments.insert("fdset-id".into(), id.into());
-        }
-        if let Some(opaque) = opaque {
-            arguments.insert("opaque".into(), opaque.into());
-        }
-        let reply = self.call_with_fd("add-fd", arguments.into(), fd).await?;
-        serde_json::from_value(reply).map_err(|source| Error::UnexpectedReply {
-            command: "add-fd".into(),
-            source,
-        })
+    ) -> Result<qapi_qmp::AddfdInfo> {
+        let command = qapi_qmp::add_fd {
+            fdset_id,
+            opaque: opaque.map(str::to_string),
+        };
+        self.execute_with_fd(command, fd).await
     }
 
     /// Passes `fd` to QEMU under `name` (`getfd`), for commands that take a
     /// named descriptor.
     pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
-        self.call_with_fd("getfd", json!({ "fdname": name }), fd)
-            .await
-            .map(drop)
+        let command = qapi_qmp::getfd {
+            fdname: name.to_string(),
+        };
+        self.execute_with_fd(command, fd).await.map(drop)
     }
 
-    async fn call_with_fd(
+    /// Runs a typed command with `fd` attached (SCM_RIGHTS). The caller's
+    /// descriptor stays open; QEMU gets a duplicate.
+    pub async fn execute_with_fd<C: qapi_spec::Command>(
         &self,
-        command: &str,
-        arguments: Value,
+        command: C,
         fd: BorrowedFd<'_>,
-    ) -> Result<Value> {
+    ) -> Result<C::Ok> {
         if !self.inner.can_pass_fds {
             return Err(Error::FdPassingUnsupported {
                 endpoint: self.inner.endpoint.to_string(),
             });
         }
         let owned = fd.try_clone_to_owned().map_err(Error::DuplicatingFd)?;
-        self.call(
-            command,
-            arguments,
-            vec![owned],
-            self.inner.options.command_timeout,
-        )
-        .await
+        let arguments = encode(&command)?;
+        let reply = self
+            .call(
+                C::NAME,
+                arguments,
+                vec![owned],
+                self.inner.options.command_timeout,
+            )
+            .await?;
+        decode::<C>(reply)
     }
 
     async fn call(
@@ -455,6 +441,20 @@ impl Qmp {
             }),
         }
     }
+}
+
+fn encode<C: qapi_spec::Command>(command: &C) -> Result<Value> {
+    serde_json::to_value(command).map_err(|source| Error::EncodingArguments {
+        command: C::NAME.to_string(),
+        source,
+    })
+}
+
+fn decode<C: qapi_spec::Command>(reply: Value) -> Result<C::Ok> {
+    serde_json::from_value(reply).map_err(|source| Error::UnexpectedReply {
+        command: C::NAME.to_string(),
+        source,
+    })
 }
 
 async fn read_greeting(reader: &mut LineReader) -> std::result::Result<Greeting, String> {
@@ -536,6 +536,9 @@ async fn read_messages(mut reader: LineReader, out: mpsc::Sender<Incoming>) {
             Ok(Line::TooLong) => Incoming::Closed(format!(
                 "protocol error: QEMU sent a line longer than {MAX_LINE} bytes"
             )),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                Incoming::Closed("QEMU closed the connection abruptly (connection reset)".into())
+            }
             Err(e) => Incoming::Closed(format!("reading from QEMU failed: {e}")),
         };
         let last = matches!(incoming, Incoming::Closed(_));

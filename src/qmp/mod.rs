@@ -21,8 +21,6 @@ mod client;
 mod error;
 mod transport;
 
-pub use client::{
-    Event, Events, FdsetFd, Greeting, Options, Qmp, QemuVersion, Timestamp,
-};
+pub use client::{Event, Events, Greeting, Options, QemuVersion, Qmp, Timestamp};
 pub use error::{Error, Result};
 pub use transport::{Endpoint, MAX_LINE};

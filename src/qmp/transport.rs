@@ -135,7 +135,9 @@ pub(crate) enum Line {
     Complete(Vec<u8>),
     /// The peer closed the socket; `partial` bytes of an unfinished line
     /// were lost with it.
-    Eof { partial: usize },
+    Eof {
+        partial: usize,
+    },
     TooLong,
 }
 

@@ -1,0 +1,409 @@
+//! The shared test harness: real QEMU processes in temp dirs, a small
+//! synchronous QMP client of its own (so setup never goes through the code
+//! under test), images made with qemu-img, and a runner for the built
+//! bitback binary.
+//!
+//! Every process is started as a child and ended by its pid when its guard
+//! drops, whether the test passed or panicked.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const INSTALL_HINT: &str = "install QEMU 10 from bookworm-backports as .ci/run does: \
+     add the bookworm-backports suite, then `apt-get install -t bookworm-backports \
+     qemu-system-x86 qemu-utils` (see README.md)";
+
+/// Panics, naming the install command, when `tool` is not on PATH. Tests
+/// that need QEMU never skip.
+pub fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: {INSTALL_HINT}");
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bitback-test-")
+        .tempdir()
+        .expect("creating a temp dir")
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `qemu-img create -f qcow2` with extra options, e.g. `["-o", "cluster_size=4k"]`.
+pub fn create_qcow2(path: &Path, size: u64, extra: &[&str]) {
+    require("qemu-img");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .args(extra)
+        .arg(path)
+        .arg(size.to_string()));
+}
+
+/// `qemu-img info --output=json` (with -U: the image may be open in QEMU).
+pub fn qemu_img_info(path: &Path) -> Value {
+    let out = run(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path));
+    serde_json::from_slice(&out.stdout).expect("qemu-img info prints JSON")
+}
+
+/// `qemu-img compare`: true when the guest-visible contents are equal.
+pub fn images_equal(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .args([a, b])
+        .output()
+        .expect("running qemu-img compare");
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {} {} failed: {}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// A QMP error reply, as the harness sees it.
+#[derive(Debug)]
+pub struct QmpFailure {
+    pub class: String,
+    pub desc: String,
+}
+
+/// One short-lived QMP session of the harness's own.
+pub fn qmp_call(socket: &Path, command: &str, arguments: Value) -> Result<Value, QmpFailure> {
+    let stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("harness: connecting to {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("setting a read timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("cloning the stream"));
+    let mut writer = stream;
+    let mut read = || -> Value {
+        loop {
+            let mut line = String::new();
+            let n = reader
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("harness: reading QMP: {e}"));
+            assert!(n > 0, "harness: QMP closed while waiting for {command}");
+            let value: Value = serde_json::from_str(&line).expect("QMP sends JSON lines");
+            if value.get("event").is_none() {
+                return value;
+            }
+        }
+    };
+    let greeting = read();
+    assert!(greeting.get("QMP").is_some(), "no greeting: {greeting}");
+    writeln!(writer, "{}", json!({"execute": "qmp_capabilities"})).expect("writing QMP");
+    read();
+    let mut message = json!({ "execute": command });
+    if !arguments.is_null() {
+        message["arguments"] = arguments;
+    }
+    writeln!(writer, "{message}").expect("writing QMP");
+    let reply = read();
+    if let Some(ret) = reply.get("return") {
+        return Ok(ret.clone());
+    }
+    let error = &reply["error"];
+    Err(QmpFailure {
+        class: error["class"].as_str().unwrap_or_default().to_string(),
+        desc: error["desc"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+/// What kind of QEMU a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `qemu-system-x86_64 -machine none`: format nodes, no devices.
+    MachineNone,
+    /// `qemu-system-x86_64 -machine pc -S -accel tcg` with one virtio-blk
+    /// device per volume (`share-rw=on`, so HMP qemu-io can write).
+    Pc,
+    /// `qemu-storage-daemon` with an NBD export per volume.
+    StorageDaemon,
+}
+
+/// A disk to attach: the device id (Pc only), the node name, the image.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub device: String,
+    pub node: String,
+    pub image: PathBuf,
+}
+
+impl Disk {
+    pub fn new(device: &str, node: &str, image: &Path) -> Disk {
+        Disk {
+            device: device.into(),
+            node: node.into(),
+            image: image.into(),
+        }
+    }
+}
+
+/// A running QEMU with two monitors: `control` for the harness, `qmp` for
+/// the code under test (QEMU serves one client per monitor at a time).
+pub struct Qemu {
+    pub kind: Kind,
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub qmp: PathBuf,
+    pub control: PathBuf,
+    pub nbd: PathBuf,
+    pub disks: Vec<Disk>,
+}
+
+impl Qemu {
+    pub fn start(kind: Kind, dir: &Path, disks: &[Disk]) -> Qemu {
+        Qemu::start_with(kind, dir, disks, &[])
+    }
+
+    /// Starts QEMU with extra command-line arguments.
+    pub fn start_with(kind: Kind, dir: &Path, disks: &[Disk], extra: &[String]) -> Qemu {
+        let qmp = dir.join("qmp.sock");
+        let control = dir.join("control.sock");
+        let nbd = dir.join("nbd.sock");
+        let mut args: Vec<String> = Vec::new();
+        let program = match kind {
+            Kind::MachineNone | Kind::Pc => {
+                require("qemu-system-x86_64");
+                if kind == Kind::Pc {
+                    args.extend(["-machine", "pc", "-S", "-accel", "tcg"].map(String::from));
+                } else {
+                    args.extend(["-machine", "none"].map(String::from));
+                }
+                args.extend(["-nodefaults", "-display", "none"].map(String::from));
+                for socket in [&qmp, &control] {
+                    args.push("-qmp".into());
+                    args.push(format!("unix:{},server=on,wait=off", socket.display()));
+                }
+                for (i, d) in disks.iter().enumerate() {
+                    args.push("-blockdev".into());
+                    args.push(format!(
+                        "driver=file,filename={},node-name=file{i}",
+                        d.image.display()
+                    ));
+                    args.push("-blockdev".into());
+                    args.push(format!("driver=qcow2,file=file{i},node-name={}", d.node));
+                    if kind == Kind::Pc {
+                        args.push("-device".into());
+                        args.push(format!(
+                            "virtio-blk-pci,drive={},id={},share-rw=on",
+                            d.node, d.device
+                        ));
+                    }
+                }
+                "qemu-system-x86_64"
+            }
+            Kind::StorageDaemon => {
+                require("qemu-storage-daemon");
+                for (i, socket) in [&qmp, &control].into_iter().enumerate() {
+                    args.push("--chardev".into());
+                    args.push(format!(
+                        "socket,path={},server=on,wait=off,id=mon{i}",
+                        socket.display()
+                    ));
+                    args.push("--monitor".into());
+                    args.push(format!("chardev=mon{i}"));
+                }
+                args.push("--nbd-server".into());
+                args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
+                for (i, d) in disks.iter().enumerate() {
+                    args.push("--blockdev".into());
+                    args.push(format!(
+                        "driver=file,filename={},node-name=file{i}",
+                        d.image.display()
+                    ));
+                    args.push("--blockdev".into());
+                    args.push(format!("driver=qcow2,file=file{i},node-name={}", d.node));
+                    args.push("--export".into());
+                    args.push(format!(
+                        "type=nbd,id=export{i},node-name={},name={},writable=on",
+                        d.node, d.node
+                    ));
+                }
+                "qemu-storage-daemon"
+            }
+        };
+        args.extend(extra.iter().cloned());
+        let log = std::fs::File::create(dir.join("qemu.log")).expect("creating the QEMU log");
+        let child = Command::new(program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        let mut qemu = Qemu {
+            kind,
+            child: Some(child),
+            dir: dir.into(),
+            qmp,
+            control,
+            nbd,
+            disks: disks.to_vec(),
+        };
+        qemu.wait_ready();
+        qemu
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("QEMU is running")
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let sockets = [&self.qmp, &self.control];
+        loop {
+            if sockets.iter().all(|s| UnixStream::connect(s).is_ok())
+                && (self.kind != Kind::StorageDaemon || self.nbd.exists())
+            {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "QEMU exited at start ({status}):\n{}",
+                    std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "QEMU's monitors did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A command on the harness's own monitor.
+    pub fn call(&self, command: &str, arguments: Value) -> Result<Value, QmpFailure> {
+        qmp_call(&self.control, command, arguments)
+    }
+
+    /// A command that must succeed.
+    pub fn must(&self, command: &str, arguments: Value) -> Value {
+        self.call(command, arguments)
+            .unwrap_or_else(|e| panic!("{command} failed: {e:?}"))
+    }
+
+    /// Writes through QEMU itself: HMP `qemu-io` on qemu-system, the NBD
+    /// export on the storage daemon. `cmd` is a qemu-io command such as
+    /// `write -P 0x55 1M 64k`.
+    pub fn qemu_io(&self, node: &str, cmd: &str) {
+        match self.kind {
+            Kind::MachineNone | Kind::Pc => {
+                let out = self.must(
+                    "human-monitor-command",
+                    json!({ "command-line": format!("qemu-io {node} \"{cmd}\"") }),
+                );
+                // QEMU 10 does not return qemu-io's own output through
+                // QMP; tests check the effect (bitmap counts, compare).
+                assert!(out.is_string(), "qemu-io {node} {cmd:?}: {out}");
+            }
+            Kind::StorageDaemon => {
+                require("qemu-io");
+                let url = format!("nbd+unix:///{node}?socket={}", self.nbd.display());
+                run(Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", cmd])
+                    .arg(url));
+            }
+        }
+    }
+
+    pub fn add_bitmap(&self, node: &str, name: &str, persistent: bool) {
+        self.must(
+            "block-dirty-bitmap-add",
+            json!({ "node": node, "name": name, "persistent": persistent }),
+        );
+    }
+
+    /// Sends a signal to QEMU by its pid.
+    pub fn signal(&self, signal: &str) {
+        run(Command::new("kill").args([format!("-{signal}"), self.pid().to_string()]));
+    }
+
+    /// Asks QEMU to quit and waits for it, so its images are closed cleanly
+    /// (persistent bitmaps written) and safe to compare.
+    pub fn quit(mut self) {
+        let _ = self.call("quit", Value::Null);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("QEMU did not quit within 20 s");
+        }
+    }
+
+    /// Kills QEMU with SIGKILL now and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The result of one run of the bitback binary.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        assert_eq!(self.code, Some(0), "bitback failed:\n{}", self.stderr);
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+pub fn bitback(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(args)
+        .env_remove("BITBACK_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running bitback");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}

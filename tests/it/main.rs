@@ -1,0 +1,10 @@
+//! bitback's integration tests: one binary, one shared harness.
+//!
+//! Tests that need QEMU start real processes (qemu-system-x86_64,
+//! qemu-storage-daemon) and fail, naming the install command, when QEMU is
+//! missing.
+
+mod fake_qmp;
+mod harness;
+mod inspect;
+mod qmp_client;
