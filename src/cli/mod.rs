@@ -13,6 +13,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
+use crate::qmp;
+
 /// Incremental backups of running QEMU virtual machines, over QMP.
 ///
 /// bitback talks to QEMU's monitor directly (no libvirt), tracks changed
@@ -72,8 +74,39 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("bitback: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+/// A next step for the errors operators meet most.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let qmp_error = error.chain().find_map(|e| e.downcast_ref::<qmp::Error>())?;
+    match qmp_error {
+        qmp::Error::Connecting { source, .. } => match source.kind() {
+            ErrorKind::NotFound => {
+                Some("is QEMU running with -qmp unix:PATH,server=on,wait=off at that path?")
+            }
+            ErrorKind::ConnectionRefused => {
+                Some("nothing listens on that socket; the QEMU that made it may have exited")
+            }
+            ErrorKind::PermissionDenied => {
+                Some("run bitback as a user that may open the socket (often root or QEMU's user)")
+            }
+            _ => None,
+        },
+        qmp::Error::GreetingTimeout { .. } => Some(
+            "QEMU serves one client per QMP socket and another may hold this one; \
+             give QEMU a second -qmp socket for bitback",
+        ),
+        qmp::Error::NotQmp { .. } => {
+            Some("bitback needs a QMP socket (-qmp, or -mon mode=control), not a serial or HMP one")
+        }
+        _ => None,
     }
 }
 

@@ -166,30 +166,50 @@ impl Events {
 /// alive: once every [`Qmp`] is dropped the task ends.
 #[derive(Default)]
 struct Hub {
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
-    closed: Mutex<Option<Arc<str>>>,
+    state: Mutex<HubState>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere cannot leave these plain collections inconsistent.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One lock for both, so a subscription cannot slip in after the close.
+#[derive(Default)]
+struct HubState {
+    subscribers: Vec<mpsc::UnboundedSender<Event>>,
+    closed: Option<Arc<str>>,
 }
 
 impl Hub {
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic elsewhere cannot leave these plain fields inconsistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn disconnected(&self) -> Error {
-        let reason = lock(&self.closed)
+        let reason = self
+            .lock()
+            .closed
             .clone()
             .unwrap_or_else(|| Arc::from("the connection task ended"));
         Error::Disconnected { reason }
     }
 
+    fn subscribe(&self, tx: mpsc::UnboundedSender<Event>) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.subscribers.push(tx);
+        }
+    }
+
     fn publish(&self, event: Event) {
-        lock(&self.subscribers).retain(|tx| tx.send(event.clone()).is_ok());
+        self.lock()
+            .subscribers
+            .retain(|tx| tx.send(event.clone()).is_ok());
     }
 
     fn close(&self, reason: Arc<str>) {
-        *lock(&self.closed) = Some(reason);
-        lock(&self.subscribers).clear();
+        let mut state = self.lock();
+        state.closed = Some(reason);
+        state.subscribers.clear();
     }
 }
 
@@ -309,11 +329,11 @@ impl Qmp {
     /// command that starts a job, or its first events may be missed.
     pub fn subscribe(&self) -> Events {
         let (tx, rx) = mpsc::unbounded_channel();
-        let hub = self.inner.hub.clone();
-        if lock(&hub.closed).is_none() {
-            lock(&hub.subscribers).push(tx);
+        self.inner.hub.subscribe(tx);
+        Events {
+            rx,
+            hub: self.inner.hub.clone(),
         }
-        Events { rx, hub }
     }
 
     /// Runs a typed command from the `qapi-qmp` schema.
@@ -570,6 +590,8 @@ async fn run(
             request = requests.recv() => match request {
                 Some(request) => {
                     let Request { id, command, line, fds, reply } = request;
+                    // Callers that timed out no longer wait for their reply.
+                    pending.retain(|_, p| !p.reply.is_closed());
                     pending.insert(id, Pending { command, reply });
                     // The descriptors are closed on our side once sent.
                     if let Err(e) = writer.send(&line, &fds).await {

@@ -211,6 +211,11 @@ fn inspect_missing_socket_is_one_line_and_exit_2() {
     assert!(run.stdout.is_empty());
     assert!(run.stderr.contains("cannot connect"), "{}", run.stderr);
     assert!(run.stderr.contains("nothing.sock"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("hint: is QEMU running with -qmp"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
