@@ -9,5 +9,6 @@
 
 #[doc(hidden)]
 pub mod cli;
+pub mod qcow2;
 pub mod qemu;
 pub mod qmp;

@@ -7,6 +7,7 @@
 
 mod inspect;
 mod output;
+mod qcow2;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Inspect(inspect::Args),
+    #[command(subcommand)]
+    Qcow2(qcow2::Command),
 }
 
 /// Exit status when a command could not be carried out.
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Inspect(args) => inspect::run(args).await,
+            Command::Qcow2(command) => qcow2::run(command),
         }
     });
     match result {

@@ -95,38 +95,61 @@ pub struct QmpFailure {
     pub desc: String,
 }
 
+type Session = (BufReader<UnixStream>, UnixStream);
+
+/// Connects, reads the greeting and negotiates capabilities.
+fn qmp_session(socket: &Path) -> std::io::Result<Session> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let greeting = read_message(&mut reader)?;
+    assert!(greeting.get("QMP").is_some(), "no greeting: {greeting}");
+    writeln!(writer, "{}", json!({"execute": "qmp_capabilities"}))?;
+    read_message(&mut reader)?;
+    Ok((reader, writer))
+}
+
+/// The next reply, skipping events.
+fn read_message(reader: &mut BufReader<UnixStream>) -> std::io::Result<Value> {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let value: Value = serde_json::from_str(&line).expect("QMP sends JSON lines");
+        if value.get("event").is_none() {
+            return Ok(value);
+        }
+    }
+}
+
 /// One short-lived QMP session of the harness's own.
 pub fn qmp_call(socket: &Path, command: &str, arguments: Value) -> Result<Value, QmpFailure> {
-    let stream = UnixStream::connect(socket)
-        .unwrap_or_else(|e| panic!("harness: connecting to {}: {e}", socket.display()));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("setting a read timeout");
-    let mut reader = BufReader::new(stream.try_clone().expect("cloning the stream"));
-    let mut writer = stream;
-    let mut read = || -> Value {
-        loop {
-            let mut line = String::new();
-            let n = reader
-                .read_line(&mut line)
-                .unwrap_or_else(|e| panic!("harness: reading QMP: {e}"));
-            assert!(n > 0, "harness: QMP closed while waiting for {command}");
-            let value: Value = serde_json::from_str(&line).expect("QMP sends JSON lines");
-            if value.get("event").is_none() {
-                return value;
+    // Under load QEMU sometimes drops a connection it has not served yet
+    // (a reset before the greeting); the harness retries that, nothing else.
+    let mut attempt = 0;
+    let (mut reader, mut writer) = loop {
+        match qmp_session(socket) {
+            Ok(session) => break session,
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                eprintln!(
+                    "harness: QMP session on {} failed ({e}); retrying",
+                    socket.display()
+                );
+                std::thread::sleep(Duration::from_millis(100));
             }
+            Err(e) => panic!("harness: QMP session on {}: {e}", socket.display()),
         }
     };
-    let greeting = read();
-    assert!(greeting.get("QMP").is_some(), "no greeting: {greeting}");
-    writeln!(writer, "{}", json!({"execute": "qmp_capabilities"})).expect("writing QMP");
-    read();
     let mut message = json!({ "execute": command });
     if !arguments.is_null() {
         message["arguments"] = arguments;
     }
     writeln!(writer, "{message}").expect("writing QMP");
-    let reply = read();
+    let reply =
+        read_message(&mut reader).unwrap_or_else(|e| panic!("harness: waiting for {command}: {e}"));
     if let Some(ret) = reply.get("return") {
         return Ok(ret.clone());
     }
@@ -284,6 +307,9 @@ impl Qemu {
             if sockets.iter().all(|s| UnixStream::connect(s).is_ok())
                 && (self.kind != Kind::StorageDaemon || self.nbd.exists())
             {
+                // The sockets listen before QEMU has opened its images; a
+                // reply means its main loop runs, so start-up is over.
+                self.must("query-version", Value::Null);
                 return;
             }
             if let Some(child) = self.child.as_mut()

@@ -7,4 +7,5 @@
 mod fake_qmp;
 mod harness;
 mod inspect;
+mod qcow2;
 mod qmp_client;

@@ -1,0 +1,185 @@
+//! Creating an empty qcow2 v3 image: header cluster, refcount table and
+//! blocks covering the metadata, and a zeroed L1 table. No data cluster is
+//! allocated, so every guest range reads from the backing file, or as
+//! zeros without one.
+
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::error::{Error, Result};
+use super::header::{self, Extension, MAX_L1_ENTRIES, ext};
+
+const HEADER_LENGTH: usize = 112;
+/// 16-bit refcounts, as QEMU's default.
+const REFCOUNT_ORDER: u32 = 4;
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateOptions<'a> {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// A power of two from 512 B to 2 MiB.
+    pub cluster_size: u64,
+    pub backing: Option<&'a str>,
+    pub backing_format: Option<&'a str>,
+}
+
+impl Default for CreateOptions<'_> {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 64 << 10,
+            backing: None,
+            backing_format: None,
+        }
+    }
+}
+
+const FEATURE_NAMES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+fn feature_table() -> Extension {
+    let mut data = Vec::with_capacity(FEATURE_NAMES.len() * 48);
+    for (kind, bit, name) in FEATURE_NAMES {
+        let mut entry = [0u8; 48];
+        entry[0] = kind;
+        entry[1] = bit;
+        entry[2..2 + name.len()].copy_from_slice(name.as_bytes());
+        data.extend_from_slice(&entry);
+    }
+    Extension {
+        kind: ext::FEATURE_NAMES,
+        data,
+    }
+}
+
+/// Creates `path`, which must not exist.
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(Error::BadClusterSize { size: cs });
+    }
+    if opts.backing.is_none() && opts.backing_format.is_some() {
+        return Err(Error::FormatWithoutBacking);
+    }
+    for (value, what) in [
+        (opts.backing, "backing file name"),
+        (opts.backing_format, "backing format"),
+    ] {
+        if value.is_some_and(|v| v.is_empty() || v.contains('\0')) {
+            return Err(Error::BadName { what });
+        }
+    }
+    if opts.size % 512 != 0 {
+        // QEMU counts in 512-byte sectors and would drop the remainder.
+        return Err(Error::BadSize {
+            size: opts.size,
+            reason: "not a multiple of 512 bytes".into(),
+        });
+    }
+    let cluster_bits = cs.trailing_zeros();
+    let l1_entries = opts.size.div_ceil(cs / 8 * cs);
+    if l1_entries > MAX_L1_ENTRIES || opts.size > i64::MAX as u64 {
+        return Err(Error::BadSize {
+            size: opts.size,
+            reason: format!(
+                "{cs}-byte clusters address at most {} bytes",
+                MAX_L1_ENTRIES * (cs / 8) * cs
+            ),
+        });
+    }
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+
+    // Refcount blocks must cover every metadata cluster, themselves and the
+    // refcount table included: grow both until they do.
+    let refs_per_block = cs * 8 / (1 << REFCOUNT_ORDER);
+    let (mut rt, mut rb) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt + rb + l1_clusters;
+        let need_rb = total.div_ceil(refs_per_block);
+        let need_rt = (need_rb * 8).div_ceil(cs);
+        if (need_rb, need_rt) == (rb, rt) {
+            break;
+        }
+        (rb, rt) = (need_rb, need_rt);
+    }
+    let total = 1 + rt + rb + l1_clusters;
+    let rt_offset = cs;
+    let rb_offset = (1 + rt) * cs;
+    let l1_offset = (1 + rt + rb) * cs;
+
+    let mut h = vec![0u8; HEADER_LENGTH];
+    h[0..4].copy_from_slice(&header::MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+    h[24..32].copy_from_slice(&opts.size.to_be_bytes());
+    h[36..40].copy_from_slice(&(l1_entries as u32).to_be_bytes());
+    h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+    h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
+    h[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
+    h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
+    h[100..104].copy_from_slice(&(HEADER_LENGTH as u32).to_be_bytes());
+
+    let mut extensions = Vec::new();
+    if let Some(format) = opts.backing_format {
+        extensions.push(Extension {
+            kind: ext::BACKING_FORMAT,
+            data: format.as_bytes().to_vec(),
+        });
+    }
+    // The feature-name table helps other tools name bits; it is left out
+    // when a small cluster has no room for it.
+    let mut with_names = extensions.clone();
+    with_names.push(feature_table());
+    let header_cluster = header::serialize(&h, &with_names, opts.backing, cs)
+        .or_else(|_| header::serialize(&h, &extensions, opts.backing, cs))?;
+
+    let mut table = vec![0u8; (rt * cs) as usize];
+    for i in 0..rb {
+        let at = (i * 8) as usize;
+        table[at..at + 8].copy_from_slice(&(rb_offset + i * cs).to_be_bytes());
+    }
+    let mut blocks = vec![0u8; (rb * cs) as usize];
+    for cluster in 0..total {
+        let at = (cluster * 2) as usize;
+        blocks[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
+            _ => Error::Opening {
+                path: path.into(),
+                source,
+            },
+        })?;
+    let written = (|| {
+        file.set_len(total * cs)?;
+        file.write_all_at(&header_cluster, 0)?;
+        file.write_all_at(&table, rt_offset)?;
+        file.write_all_at(&blocks, rb_offset)?;
+        file.sync_all()
+    })();
+    if let Err(source) = written {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(Error::Writing {
+            what: "the new image",
+            source,
+        });
+    }
+    Ok(())
+}

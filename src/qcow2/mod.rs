@@ -1,0 +1,42 @@
+//! A native reader and editor of qcow2 images, no QEMU process needed.
+//!
+//! The format (QEMU's docs/interop/qcow2.txt), as far as bitback uses it:
+//! - Cluster 0 holds the header: a fixed part (72 bytes in v2,
+//!   `header_length` in v3), then extensions (u32 type, u32 length, data
+//!   padded to 8; type 0 ends them), then the backing file name.
+//! - The bitmaps extension points at the bitmap directory: one entry per
+//!   persistent dirty bitmap, with its flags (`in_use`, `auto`) and
+//!   granularity. Autoclear bit 0 says the extension is consistent.
+//! - The L1 table points at L2 tables, whose entries map each guest cluster
+//!   to a host cluster, a zero cluster, a compressed cluster, or nothing
+//!   (read from the backing file). Extended L2 entries add a 32-subcluster
+//!   bitmap.
+//!
+//! Every byte read is hostile: sizes are checked against named caps before
+//! any allocation, offsets against the file's length, with checked
+//! arithmetic; each failed check is its own [`Error`] variant.
+//!
+//! Offered: [`Image::open`] (header, extensions, bitmaps, LUKS header;
+//! [`Image::info`] in `qemu-img info`'s terms), [`map`] / [`walk`] (the
+//! cluster map), [`set_backing`] (in-place rebase, refused while a QEMU
+//! holds the image), and [`create`] (an empty v3 image).
+
+mod bitmaps;
+mod create;
+mod error;
+mod header;
+mod image;
+mod luks;
+mod map;
+mod rebase;
+
+pub use bitmaps::BitmapEntry;
+pub use create::{CreateOptions, create};
+pub use error::{Error, Result};
+pub use header::{Header, HeaderCluster};
+pub use image::{BitmapStatus, Image, Info, Source};
+pub use map::{Extent, Kind, map, walk};
+pub use rebase::set_backing;
+
+#[doc(hidden)]
+pub use header::parse as parse_header_cluster;

@@ -1,0 +1,833 @@
+//! The native qcow2 module against QEMU's own tools: fixtures made by
+//! qemu-img and qemu-io (fixtures/qcow2.sh), judged by `qemu-img info`,
+//! `qemu-img map`, `qemu-img check`, `qemu-img rebase -u` and real QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bitback::qcow2::{self, CreateOptions, Image};
+use serde_json::{Value, json};
+
+use crate::harness::{
+    Disk, Kind, Qemu, bitback, create_qcow2, images_equal, require, run, tempdir,
+};
+
+const MIB: u64 = 1 << 20;
+const LUKS_SECRET: &str = "bitback-test";
+
+/// Makes every fixture in `dir`; returns their paths.
+fn fixtures(dir: &Path) -> Vec<PathBuf> {
+    require("qemu-img");
+    require("qemu-io");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qcow2.sh");
+    let out = run(Command::new("bash").arg(script).arg(dir));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|name| dir.join(name))
+        .collect()
+}
+
+fn is_luks(path: &Path) -> bool {
+    path.file_name().unwrap().to_str().unwrap().contains("luks")
+}
+
+/// `qemu-img SUBCOMMAND --output=json` on `path`, opening LUKS images with
+/// their secret.
+fn qemu_img_json(subcommand: &str, path: &Path) -> Value {
+    let mut cmd = Command::new("qemu-img");
+    // Relative data file names resolve against the working directory.
+    cmd.current_dir(path.parent().unwrap());
+    cmd.args([subcommand, "--output=json", "-U"]);
+    if is_luks(path) {
+        cmd.args([
+            "--object",
+            &format!("secret,id=sec0,data={LUKS_SECRET}"),
+            "--image-opts",
+            &format!(
+                "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+                path.display()
+            ),
+        ]);
+    } else {
+        cmd.arg(path);
+    }
+    let out = run(&mut cmd);
+    serde_json::from_slice(&out.stdout).expect("qemu-img prints JSON")
+}
+
+fn bitback_json(args: &[&str]) -> Value {
+    bitback(args).json()
+}
+
+/// Every field qemu-img reports (but its `children` and, for --image-opts,
+/// the filename it prints as a JSON spec) must be in ours with the same
+/// value, and ours must not report fields qemu-img does not.
+fn assert_info_agrees(path: &Path, ours: &Value, theirs: &Value) {
+    let ours = ours.as_object().unwrap();
+    let theirs = theirs.as_object().unwrap();
+    for (key, value) in theirs {
+        if key == "children" || (key == "filename" && is_luks(path)) {
+            continue;
+        }
+        assert_eq!(
+            ours.get(key),
+            Some(value),
+            "{}: field {key} differs\nours:   {:#}\nqemu-img: {:#}",
+            path.display(),
+            ours.get(key).unwrap_or(&Value::Null),
+            value
+        );
+    }
+    for key in ours.keys() {
+        assert!(
+            key == "bitback" || theirs.contains_key(key),
+            "{}: bitback reports {key}, qemu-img does not",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn info_agrees_with_qemu_img_for_every_fixture() {
+    let dir = tempdir();
+    let images = fixtures(dir.path());
+    assert!(images.len() >= 20, "{images:?}");
+    for path in &images {
+        let ours = bitback_json(&["qcow2", "info", "--json", path.to_str().unwrap()]);
+        let theirs = qemu_img_json("info", path);
+        assert_info_agrees(path, &ours, &theirs);
+    }
+}
+
+/// A map entry reduced to what both tools must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Range {
+    start: u64,
+    length: u64,
+    kind: &'static str,
+    offset: Option<u64>,
+}
+
+fn merge(ranges: Vec<Range>) -> Vec<Range> {
+    let mut out: Vec<Range> = Vec::new();
+    for r in ranges {
+        if let Some(last) = out.last_mut() {
+            let contiguous = match (last.offset, r.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + last.length == b,
+                _ => false,
+            };
+            if last.kind == r.kind && last.start + last.length == r.start && contiguous {
+                last.length += r.length;
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// qemu-img map follows the backing chain; for this file alone, anything
+/// from a deeper layer, or not present, is unallocated here.
+fn classify_qemu(entry: &Value) -> Range {
+    let depth = entry["depth"].as_u64().unwrap();
+    let present = entry["present"].as_bool().unwrap();
+    let (kind, offset) = if depth > 0 || !present {
+        ("unallocated", None)
+    } else if entry["compressed"].as_bool() == Some(true) {
+        ("compressed", None)
+    } else if entry["data"].as_bool().unwrap() {
+        ("data", entry["offset"].as_u64())
+    } else {
+        ("zero", entry["offset"].as_u64())
+    };
+    Range {
+        start: entry["start"].as_u64().unwrap(),
+        length: entry["length"].as_u64().unwrap(),
+        kind,
+        offset,
+    }
+}
+
+fn classify_ours(entry: &Value) -> Range {
+    let kind = match entry["kind"].as_str().unwrap() {
+        "data" => "data",
+        "zero" => "zero",
+        "unallocated" => "unallocated",
+        "compressed" => "compressed",
+        other => panic!("unknown kind {other}"),
+    };
+    Range {
+        start: entry["start"].as_u64().unwrap(),
+        length: entry["length"].as_u64().unwrap(),
+        kind,
+        // qemu-img does not give compressed clusters an offset.
+        offset: if kind == "compressed" {
+            None
+        } else {
+            entry["offset"].as_u64()
+        },
+    }
+}
+
+#[test]
+fn map_agrees_with_qemu_img_for_every_fixture() {
+    let dir = tempdir();
+    for path in fixtures(dir.path()) {
+        let ours = bitback_json(&["qcow2", "map", "--json", path.to_str().unwrap()]);
+        let theirs = qemu_img_json("map", &path);
+        let ours = merge(ours.as_array().unwrap().iter().map(classify_ours).collect());
+        let theirs = merge(
+            theirs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(classify_qemu)
+                .collect(),
+        );
+        assert_eq!(ours, theirs, "{}", path.display());
+        let size = Image::open(&path).unwrap().header().size;
+        assert_eq!(ours.iter().map(|r| r.length).sum::<u64>(), size);
+    }
+}
+
+#[test]
+fn map_of_a_sparse_terabyte_is_one_range() {
+    let dir = tempdir();
+    let path = dir.path().join("big.qcow2");
+    create_qcow2(&path, 1 << 40, &[]);
+    let map = bitback_json(&["qcow2", "map", "--json", path.to_str().unwrap()]);
+    assert_eq!(
+        map,
+        json!([{"start": 0, "length": 1u64 << 40, "kind": "unallocated"}])
+    );
+}
+
+#[test]
+fn bitmaps_held_by_a_running_qemu_are_in_use() {
+    let dir = tempdir();
+    let image = dir.path().join("held.qcow2");
+    create_qcow2(&image, 8 * MIB, &[]);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&image)
+        .arg("b0"));
+    let path = image.to_str().unwrap();
+    let check = |expect_code: i32| -> Value {
+        let run = bitback(&["qcow2", "bitmaps", path, "--name", "b0", "--json"]);
+        assert_eq!(run.code, Some(expect_code), "{}{}", run.stdout, run.stderr);
+        serde_json::from_str(&run.stdout).unwrap()
+    };
+    assert_eq!(check(0)["usable"], true);
+
+    let mut qemu = Qemu::start(
+        Kind::MachineNone,
+        dir.path(),
+        &[Disk::new("d", "drive0", &image)],
+    );
+    let held = check(1);
+    assert_eq!(held["present"], true);
+    assert_eq!(held["in_use"], true);
+    assert_eq!(held["consistent"], true);
+    // While QEMU holds it, info agrees with qemu-img -U, and rebase refuses.
+    let ours = bitback_json(&["qcow2", "info", "--json", path]);
+    assert_info_agrees(&image, &ours, &qemu_img_json("info", &image));
+    assert_eq!(
+        ours["format-specific"]["data"]["bitmaps"][0]["flags"],
+        json!(["in-use", "auto"])
+    );
+    let refused = bitback(&[
+        "qcow2",
+        "rebase",
+        path,
+        "--backing",
+        "x.qcow2",
+        "--backing-format",
+        "qcow2",
+    ]);
+    assert_eq!(refused.code, Some(2));
+    assert!(refused.stderr.contains("in use"), "{}", refused.stderr);
+
+    // Killed, QEMU leaves the flag set: the bitmap is stale for good.
+    qemu.kill();
+    let stale = check(1);
+    assert_eq!(stale["in_use"], true);
+    let listing = bitback(&["qcow2", "bitmaps", path]);
+    assert!(listing.stdout.contains("in-use"), "{}", listing.stdout);
+}
+
+#[test]
+fn a_cleanly_closed_image_has_usable_bitmaps() {
+    let dir = tempdir();
+    let image = dir.path().join("clean.qcow2");
+    create_qcow2(&image, 8 * MIB, &[]);
+    let qemu = Qemu::start(
+        Kind::MachineNone,
+        dir.path(),
+        &[Disk::new("d", "drive0", &image)],
+    );
+    qemu.add_bitmap("drive0", "persisted", true);
+    qemu.add_bitmap("drive0", "transient", false);
+    qemu.quit();
+    let img = Image::open(&image).unwrap();
+    assert!(img.bitmap_status("persisted").usable());
+    assert!(!img.bitmap_status("transient").present);
+    assert!(img.bitmaps_consistent());
+}
+
+/// A small deterministic generator: the seed is printed so a failure can be
+/// replayed with BITBACK_SEED.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env() -> Rng {
+        let seed = std::env::var("BITBACK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("BITBACK_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// `qemu-img info` less what must differ between two files: their names,
+/// and their allocation (qemu-img rebase opens the image read-write, and
+/// QEMU stores the bitmaps anew on close, in newly allocated clusters).
+fn info_for_comparison(path: &Path) -> Value {
+    let mut info = qemu_img_json("info", path);
+    let obj = info.as_object_mut().unwrap();
+    for key in ["filename", "children", "actual-size"] {
+        obj.remove(key);
+    }
+    info
+}
+
+/// `qemu-img check` of the file alone: its backing file need not exist.
+fn qemu_img_check_clean(path: &Path) {
+    let mut spec = json!({
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": path},
+        "backing": null,
+    });
+    if is_luks(path) {
+        spec["encrypt"] = json!({"key-secret": "sec0"});
+    }
+    let out = Command::new("qemu-img")
+        .current_dir(path.parent().unwrap())
+        .args([
+            "check",
+            "-U",
+            "--object",
+            &format!("secret,id=sec0,data={LUKS_SECRET}"),
+        ])
+        .arg(format!("json:{spec}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rebase_matches_qemu_img_rebase_unsafe_over_random_sequences() {
+    let dir = tempdir();
+    let images = fixtures(dir.path());
+    let candidates: Vec<&PathBuf> = images
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            [
+                "bitmaps", "external", "over-rel", "v2-over", "v2.", "cs-512.", "cs-2M", "ext-l2.",
+                "zstd", "luks", "lazy",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        })
+        .collect();
+    assert!(candidates.len() >= 10, "{candidates:?}");
+    let mut rng = Rng::from_env();
+    let names = [
+        "base.qcow2".to_string(),
+        "../elsewhere/base.qcow2".to_string(),
+        dir.path().join("base.qcow2").display().to_string(),
+        format!("{}.qcow2", "n".repeat(300)),
+        format!("deep/{}/x.qcow2", "d".repeat(900)),
+        "name with spaces.qcow2".to_string(),
+        "ünïcode.qcow2".to_string(),
+    ];
+    let formats = ["qcow2", "raw"];
+    for round in 0..40 {
+        let source = rng.pick(&candidates);
+        let source_name = source.file_name().unwrap().to_str().unwrap();
+        let ours = dir.path().join(format!("ours-{round}-{source_name}"));
+        let theirs = dir.path().join(format!("theirs-{round}-{source_name}"));
+        std::fs::copy(source, &ours).unwrap();
+        std::fs::copy(source, &theirs).unwrap();
+        for step in 0..1 + rng.below(4) {
+            let remove = rng.below(4) == 0;
+            let (name, format) = if remove {
+                (String::new(), None)
+            } else {
+                (rng.pick(&names).clone(), Some(*rng.pick(&formats)))
+            };
+            let mut args = vec![
+                "qcow2",
+                "rebase",
+                ours.to_str().unwrap(),
+                "--backing",
+                &name,
+            ];
+            if let Some(f) = format {
+                args.extend(["--backing-format", f]);
+            }
+            let mine = bitback(&args);
+            let mut cmd = Command::new("qemu-img");
+            cmd.args(["rebase", "-u", "-b", &name]);
+            if let Some(f) = format {
+                cmd.args(["-F", f]);
+            }
+            if is_luks(&theirs) {
+                cmd.args([
+                    "--object",
+                    &format!("secret,id=sec0,data={LUKS_SECRET}"),
+                    "--image-opts",
+                    &format!(
+                        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+                        theirs.display()
+                    ),
+                ]);
+            } else {
+                cmd.arg(&theirs);
+            }
+            let qemu = cmd.current_dir(dir.path()).output().unwrap();
+            let context = format!(
+                "round {round} step {step}: {} -> {name:?} {format:?}\nbitback: {}\nqemu-img: {}",
+                source.display(),
+                mine.stderr,
+                String::from_utf8_lossy(&qemu.stderr)
+            );
+            assert_eq!(mine.code == Some(0), qemu.status.success(), "{context}");
+            if !qemu.status.success() {
+                assert!(
+                    mine.stderr.contains("first cluster") || mine.stderr.contains("data-file-raw"),
+                    "{context}"
+                );
+            }
+            assert_eq!(
+                info_for_comparison(&ours),
+                info_for_comparison(&theirs),
+                "{context}"
+            );
+        }
+        qemu_img_check_clean(&ours);
+    }
+}
+
+/// Persistent bitmaps survive native rebases and still drive an
+/// incremental backup in a real QEMU, into a natively created target.
+#[test]
+fn bitmaps_survive_rebase_and_carry_an_incremental() {
+    let dir = tempdir();
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    let empty = d.join("empty.qcow2");
+    let full = d.join("full.qcow2");
+    create_qcow2(&disk, 16 * MIB, &[]);
+    create_qcow2(&empty, 16 * MIB, &[]);
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x10 0 4M",
+            "-c",
+            "write -P 0x11 9M 1M",
+        ])
+        .arg(&disk));
+    // The full backup's point in time, then a checkpoint bitmap.
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&disk)
+        .arg(&full));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&disk)
+        .arg("b0"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x20 1M 64k",
+            "-c",
+            "write -z 9M 128k",
+            "-c",
+            "write -P 0x21 15M 4k",
+        ])
+        .arg(&disk));
+
+    // Rebases that leave the guest view unchanged (the new backing is
+    // empty), ending with a backing file set.
+    qcow2::set_backing(&disk, Some("empty.qcow2"), Some("qcow2")).unwrap();
+    qcow2::set_backing(&disk, None, None).unwrap();
+    qcow2::set_backing(&disk, Some(empty.to_str().unwrap()), Some("qcow2")).unwrap();
+    qcow2::set_backing(&disk, Some("./empty.qcow2"), Some("qcow2")).unwrap();
+    qemu_img_check_clean(&disk);
+    let status = Image::open(&disk).unwrap().bitmap_status("b0");
+    assert!(status.usable(), "{status:?}");
+
+    let target = d.join("incr.qcow2");
+    qcow2::create(
+        &target,
+        &CreateOptions {
+            size: 16 * MIB,
+            backing: Some("full.qcow2"),
+            backing_format: Some("qcow2"),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    qemu_img_check_clean(&target);
+
+    let qemu = Qemu::start(Kind::MachineNone, d, &[Disk::new("d", "drive0", &disk)]);
+    let nodes = qemu.must("query-named-block-nodes", json!({"flat": true}));
+    let b0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == "drive0")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["name"] == "b0")
+        .expect("QEMU loaded bitmap b0");
+    assert_eq!(b0["persistent"], true);
+    assert_eq!(b0["recording"], true);
+    assert!(b0.get("inconsistent").is_none_or(|v| v == false), "{b0}");
+    // 64k at 1M, 128k at 9M, 4k at 15M: four 64 KiB chunks.
+    assert_eq!(b0["count"], 4 * 65536, "{b0}");
+
+    qemu.must(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "incr", "backing": null,
+               "file": {"driver": "file", "filename": target}}),
+    );
+    qemu.must(
+        "blockdev-backup",
+        json!({"job-id": "incr", "device": "drive0", "target": "incr", "sync": "bitmap",
+               "bitmap": "b0", "bitmap-mode": "never"}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !qemu
+        .must("query-block-jobs", Value::Null)
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup job did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qemu.must("blockdev-del", json!({"node-name": "incr"}));
+    qemu.quit();
+    qemu_img_check_clean(&target);
+    assert!(
+        images_equal(&target, &disk),
+        "incremental over full != disk"
+    );
+    // The incremental holds only the dirty chunks.
+    let map = qcow2::map(&Image::open(&target).unwrap()).unwrap();
+    let held: u64 = map
+        .iter()
+        .filter(|e| e.kind != qcow2::Kind::Unallocated)
+        .map(|e| e.length)
+        .sum();
+    assert_eq!(held, 4 * 65536, "{map:?}");
+}
+
+#[test]
+fn created_images_are_clean_and_as_requested() {
+    let dir = tempdir();
+    // qemu-img check opens backing files: make them.
+    let d = dir.path();
+    create_qcow2(&d.join("base.qcow2"), MIB, &[]);
+    std::fs::create_dir(d.join("p")).unwrap();
+    std::fs::create_dir(d.join("q")).unwrap();
+    create_qcow2(&d.join("p/x.qcow2"), MIB, &[]);
+    std::fs::write(d.join("base.raw"), b"").unwrap();
+    let absolute = d.join("base.raw").display().to_string();
+    // (virtual size, cluster size, backing (name, format), directory)
+    type Case<'a> = (u64, u64, Option<(&'a str, &'a str)>, &'a str);
+    let cases: &[Case] = &[
+        (MIB, 512, None, "."),
+        (1 << 30, 512, None, "."),
+        (10 << 30, 4096, Some(("base.qcow2", "qcow2")), "."),
+        (512, 65536, None, "."),
+        (0, 65536, None, "."),
+        ((1 << 40) + 512, 65536, Some((&absolute, "raw")), "."),
+        (64 << 40, 2 << 20, None, "."),
+        (5 * MIB + 512, 2 << 20, Some(("../p/x.qcow2", "qcow2")), "q"),
+    ];
+    for (i, &(size, cluster_size, backing, subdir)) in cases.iter().enumerate() {
+        let path = if subdir == "." {
+            d.join(format!("created-{i}.qcow2"))
+        } else {
+            d.join(subdir).join(format!("created-{i}.qcow2"))
+        };
+        qcow2::create(
+            &path,
+            &CreateOptions {
+                size,
+                cluster_size,
+                backing: backing.map(|b| b.0),
+                backing_format: backing.map(|b| b.1),
+            },
+        )
+        .unwrap();
+        qemu_img_check_clean(&path);
+        let info = qemu_img_json("info", &path);
+        assert_eq!(info["virtual-size"], size, "{info:#}");
+        assert_eq!(info["cluster-size"], cluster_size, "{info:#}");
+        assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+        match backing {
+            Some((name, format)) => {
+                assert_eq!(info["backing-filename"], name);
+                assert_eq!(info["backing-filename-format"], format);
+            }
+            None => assert!(info.get("backing-filename").is_none()),
+        }
+        let ours = bitback_json(&["qcow2", "info", "--json", path.to_str().unwrap()]);
+        assert_info_agrees(&path, &ours, &info);
+    }
+    let exists = qcow2::create(
+        &dir.path().join("created-0.qcow2"),
+        &CreateOptions {
+            size: MIB,
+            ..CreateOptions::default()
+        },
+    );
+    assert!(
+        matches!(exists, Err(qcow2::Error::AlreadyExists { .. })),
+        "{exists:?}"
+    );
+    let odd = qcow2::create(
+        &dir.path().join("odd.qcow2"),
+        &CreateOptions {
+            size: MIB + 3,
+            ..CreateOptions::default()
+        },
+    );
+    assert!(matches!(odd, Err(qcow2::Error::BadSize { .. })), "{odd:?}");
+    assert!(!dir.path().join("odd.qcow2").exists());
+}
+
+#[test]
+fn created_images_are_full_backup_targets() {
+    let dir = tempdir();
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    create_qcow2(&disk, 24 * MIB, &[]);
+    let qemu = Qemu::start(Kind::MachineNone, d, &[Disk::new("d", "drive0", &disk)]);
+    qemu.qemu_io("drive0", "write -P 0x61 0 3M");
+    qemu.qemu_io("drive0", "write -P 0x62 20M 512k");
+    let mut targets = Vec::new();
+    for (i, cluster_size) in [512u64, 65536, 2 << 20].into_iter().enumerate() {
+        let target = d.join(format!("target-{cluster_size}.qcow2"));
+        let created = bitback(&[
+            "qcow2",
+            "create",
+            target.to_str().unwrap(),
+            "--size",
+            "24M",
+            "--cluster-size",
+            &cluster_size.to_string(),
+        ]);
+        assert_eq!(created.code, Some(0), "{}", created.stderr);
+        let node = format!("t{i}");
+        qemu.must(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": node,
+                   "file": {"driver": "file", "filename": target}}),
+        );
+        qemu.must(
+            "blockdev-backup",
+            json!({"job-id": format!("job{i}"), "device": "drive0", "target": node, "sync": "full"}),
+        );
+        targets.push((node, target));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !qemu
+        .must("query-block-jobs", Value::Null)
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup jobs did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (node, _) in &targets {
+        qemu.must("blockdev-del", json!({"node-name": node}));
+    }
+    qemu.quit();
+    for (_, target) in &targets {
+        qemu_img_check_clean(target);
+        assert!(images_equal(&disk, target), "{}", target.display());
+    }
+}
+
+#[test]
+fn rebase_refuses_dirty_images_and_headers_that_do_not_fit() {
+    let dir = tempdir();
+    let path = dir.path().join("small.qcow2");
+    create_qcow2(&path, MIB, &["-o", "cluster_size=512"]);
+    let long = "x".repeat(1000);
+    let err = qcow2::set_backing(&path, Some(&long), Some("qcow2")).unwrap_err();
+    assert!(
+        matches!(err, qcow2::Error::HeaderDoesNotFit { .. }),
+        "{err}"
+    );
+    let err = qcow2::set_backing(&path, Some(&"y".repeat(1024)), Some("qcow2")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            qcow2::Error::BackingNameTooLong { .. } | qcow2::Error::HeaderDoesNotFit { .. }
+        ),
+        "{err}"
+    );
+    let err = qcow2::set_backing(&path, None, Some("qcow2")).unwrap_err();
+    assert!(matches!(err, qcow2::Error::FormatWithoutBacking), "{err}");
+    let err = qcow2::set_backing(&path, Some("a\0b"), Some("qcow2")).unwrap_err();
+    assert!(matches!(err, qcow2::Error::BadName { .. }), "{err}");
+    qemu_img_check_clean(&path);
+
+    // Set the dirty bit by hand (incompatible_features, bit 0).
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[79] |= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = qcow2::set_backing(&path, Some("b.qcow2"), Some("qcow2")).unwrap_err();
+    assert!(
+        matches!(err, qcow2::Error::Unsafe { flag: "dirty" }),
+        "{err}"
+    );
+    let info = bitback_json(&["qcow2", "info", "--json", path.to_str().unwrap()]);
+    assert_eq!(info["dirty-flag"], true);
+}
+
+#[test]
+fn rebase_cli_requires_a_format_and_names_the_file() {
+    let dir = tempdir();
+    let path = dir.path().join("a.qcow2");
+    create_qcow2(&path, MIB, &[]);
+    let p = path.to_str().unwrap();
+    let run = bitback(&["qcow2", "rebase", p, "--backing", "b.qcow2"]);
+    assert_eq!(run.code, Some(2));
+    assert!(
+        run.stderr.contains("--backing-format is required"),
+        "{}",
+        run.stderr
+    );
+    let missing = dir.path().join("missing.qcow2");
+    let run = bitback(&["qcow2", "info", missing.to_str().unwrap()]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("missing.qcow2"), "{}", run.stderr);
+    let text = dir.path().join("text.qcow2");
+    std::fs::write(&text, "not an image at all, just some text\n".repeat(10)).unwrap();
+    let run = bitback(&["qcow2", "info", text.to_str().unwrap()]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("not a qcow2 image"), "{}", run.stderr);
+}
+
+/// At least 10,000 mutated images through the parser and the cluster map,
+/// in memory: errors are fine, panics are not.
+#[test]
+fn mutated_headers_never_panic() {
+    let dir = tempdir();
+    let seeds: Vec<Vec<u8>> = fixtures(dir.path())
+        .iter()
+        .filter(|p| std::fs::metadata(p).unwrap().len() <= 4 * MIB)
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let mut rng = Rng::from_env();
+    let interesting: [u64; 10] = [
+        0,
+        1,
+        7,
+        512,
+        0xffff_ffff,
+        0x8000_0000,
+        u64::MAX,
+        u64::MAX / 2,
+        1 << 40,
+        0x00ff_ffff_ffff_fe00,
+    ];
+    let mut parsed = 0;
+    let iterations = 12_000;
+    for _ in 0..iterations {
+        let mut bytes = rng.pick(&seeds).clone();
+        // Mostly the header cluster; sometimes anywhere (tables, bitmaps).
+        let region = if rng.below(4) == 0 {
+            bytes.len() as u64
+        } else {
+            bytes.len().min(1024) as u64
+        };
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(region.min(bytes.len() as u64)) as usize;
+            match rng.below(4) {
+                0 => bytes[at] ^= 1 << rng.below(8),
+                1 => bytes[at] = rng.next() as u8,
+                2 => {
+                    let value = rng.pick(&interesting).to_be_bytes();
+                    let width = *rng.pick(&[2usize, 4, 8]);
+                    let end = (at + width).min(bytes.len());
+                    bytes[at..end].copy_from_slice(&value[8 - (end - at)..]);
+                }
+                _ => bytes.truncate(at.max(1)),
+            }
+            if bytes.is_empty() {
+                break;
+            }
+        }
+        let image = Image::parse(bytes.as_slice(), Path::new("/fuzz/x.qcow2"));
+        if let Ok(image) = image {
+            parsed += 1;
+            let _ = image.info();
+            let _ = image.bitmap_status("b0");
+            let _ = qcow2::walk(bytes.as_slice(), &image, |_| Ok(()));
+        }
+    }
+    // The mutations must not be so wild that nothing parses.
+    assert!(
+        parsed > iterations / 20,
+        "only {parsed} of {iterations} parsed"
+    );
+}
