@@ -6,6 +6,7 @@
 //! - bitmap check: `Image::open` + `bitmap_status()` vs spawning
 //!   `qemu-img info` (how a script would check a bitmap without bitback);
 //! - rebase: `set_backing` vs spawning `qemu-img rebase -u`.
+//!
 //! The qemu-img figures include its process start-up: that is what a
 //! caller without a native reader pays for each question.
 
