@@ -9,6 +9,9 @@
 
 #[doc(hidden)]
 pub mod cli;
+pub mod engine;
+mod fault;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
+pub mod repo;

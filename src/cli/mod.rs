@@ -5,6 +5,7 @@
 //! checks such as `verify`); 2 the command could not run (bad arguments, no
 //! socket, QEMU refused).
 
+mod backup;
 mod inspect;
 mod output;
 mod qcow2;
@@ -37,6 +38,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Backup(backup::BackupArgs),
+    List(backup::ListArgs),
     Inspect(inspect::Args),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
@@ -44,6 +47,42 @@ enum Command {
 
 /// Exit status when a command could not be carried out.
 const EXIT_ERROR: u8 = 2;
+/// Exit status when a backup (or a check) ran and failed.
+const EXIT_FAILED: u8 = 1;
+
+/// 2 for bad usage or input (nothing was attempted), 1 when a backup ran
+/// and failed.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let ran = error.chain().all(|e| {
+        !(e.is::<crate::engine::BadInput>()
+            || matches!(
+                e.downcast_ref::<qmp::Error>(),
+                Some(
+                    qmp::Error::Connecting { .. }
+                        | qmp::Error::NotQmp { .. }
+                        | qmp::Error::GreetingTimeout { .. }
+                        | qmp::Error::BadEndpoint(_)
+                )
+            )
+            || matches!(
+                e.downcast_ref::<crate::repo::Error>(),
+                Some(
+                    crate::repo::Error::BadName { .. }
+                        | crate::repo::Error::NotADirectory { .. }
+                        | crate::repo::Error::BadManifest { .. }
+                        | crate::repo::Error::BadState { .. }
+                )
+            ))
+    });
+    let is_backup = error
+        .chain()
+        .any(|e| e.to_string().starts_with("backup of vm "));
+    if ran && is_backup {
+        EXIT_FAILED
+    } else {
+        EXIT_ERROR
+    }
+}
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -70,6 +109,8 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Backup(args) => backup::backup(args).await,
+            Command::List(args) => backup::list(args),
             Command::Inspect(args) => inspect::run(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }
@@ -81,7 +122,7 @@ pub fn main() -> ExitCode {
             if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::from(EXIT_ERROR)
+            ExitCode::from(exit_code(&e))
         }
     }
 }

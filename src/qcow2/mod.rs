@@ -38,5 +38,11 @@ pub use image::{BitmapStatus, Image, Info, Source};
 pub use map::{Extent, Kind, map, walk};
 pub use rebase::set_backing;
 
+/// Holds QEMU off an image while alive (an OFD write lock over the bytes
+/// QEMU locks); `Error::InUse` when a QEMU holds it now.
+pub fn lock_out_qemu(file: &std::fs::File) -> Result<rebase::QemuLockout<'_>> {
+    rebase::QemuLockout::take(file)
+}
+
 #[doc(hidden)]
 pub use header::parse as parse_header_cluster;

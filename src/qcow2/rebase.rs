@@ -38,7 +38,7 @@ fn qemu_range_lock(kind: libc::c_int) -> libc::flock {
 
 /// An OFD write lock over QEMU's lock bytes: no QEMU holds the image while
 /// it lives, and none can open it.
-pub(crate) struct QemuLockout<'a> {
+pub struct QemuLockout<'a> {
     file: &'a File,
 }
 

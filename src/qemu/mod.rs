@@ -1,6 +1,7 @@
 //! What bitback needs to know about a running QEMU: its version and run
 //! state, its volumes and their dirty bitmaps.
 
+pub mod agent;
 mod volumes;
 
 use serde::Serialize;

@@ -1,0 +1,244 @@
+//! `bitback backup` and `bitback list`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use super::output::{bytes, table};
+use super::qcow2::parse_size;
+use crate::engine::plan::Policy;
+use crate::engine::{self, BackupOptions, BadInput, StoppedImage};
+use crate::qmp::Qmp;
+use crate::repo::{Manifest, Repo};
+
+/// Back up a VM: every writable volume at one point in time.
+///
+/// With --qmp, the VM is running: bitback adds a persistent checkpoint
+/// bitmap and starts a backup job per volume in one QMP transaction. The
+/// first backup of a VM is full; later ones are incremental (only the
+/// clusters written since the last backup) unless a rule forces a full, and
+/// the reason is printed. Without --qmp, the VM is stopped: bitback starts
+/// qemu-storage-daemon on the images given with --image (or those recorded
+/// at the last backup), which still hold the checkpoint bitmap.
+///
+/// Exit codes: 0 done, 1 the backup failed (nothing of it is kept, the
+/// previous checkpoint is intact), 2 bad usage or bad input.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BackupArgs {
+    /// The running VM's QMP monitor: a unix socket path, or tcp:HOST:PORT.
+    ///
+    /// Over a unix socket, backup files are handed to QEMU as passed file
+    /// descriptors, so QEMU need not be able to open the repository itself.
+    #[arg(long, value_name = "SOCK")]
+    qmp: Option<String>,
+
+    /// The repository directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+
+    /// The VM's name in the repository: letters, digits and -_.+@:.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+
+    /// A stopped VM's image, as VOLUME=PATH; repeat for each volume.
+    ///
+    /// Without --qmp and without --image, the volumes recorded at the VM's
+    /// last backup are used. Refused while a QEMU holds an image.
+    #[arg(long, value_name = "VOLUME=PATH", conflicts_with = "qmp")]
+    image: Vec<String>,
+
+    /// Take a full backup whatever the rules say.
+    #[arg(long)]
+    full: bool,
+
+    /// Start a new chain every N backups: a full plus N-1 incrementals.
+    ///
+    /// 1 turns incrementals off. Without it chains grow without limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    full_every: Option<u32>,
+
+    /// Back up only this volume (repeat for more). Names are those
+    /// `bitback inspect` shows.
+    #[arg(long = "volume", value_name = "NAME")]
+    volumes: Vec<String>,
+
+    /// Leave this volume out (repeat for more).
+    #[arg(long, value_name = "NAME")]
+    exclude: Vec<String>,
+
+    /// Freeze the guest's filesystems (guest agent) around the moment the
+    /// backup starts; they are thawed on every path out.
+    #[arg(long, requires = "qga")]
+    quiesce: bool,
+
+    /// The guest agent's socket (`-chardev socket,path=...,id=qga0 -device
+    /// virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`).
+    #[arg(long, value_name = "SOCK")]
+    qga: Option<PathBuf>,
+
+    /// Limit each volume's copy to this many bytes per second (K, M, G
+    /// suffixes).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    rate_limit: Option<u64>,
+
+    /// Give up when the copy makes no progress for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    stall_timeout: u64,
+
+    /// Print the backup's manifest as one JSON object: {id, vm, kind,
+    /// reason, chain, position, parent, checkpoint, time, volumes: [{name,
+    /// node, file, virtual_size, bytes_written, ...}], ...}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// List the backups in a repository, oldest first.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ListArgs {
+    /// The repository directory.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// Only this VM's backups.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Print a JSON array of manifests (the objects `backup --json` prints).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
+    specs
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((volume, path)) if !volume.is_empty() && !path.is_empty() => Ok(StoppedImage {
+                volume: volume.to_string(),
+                path: path.into(),
+            }),
+            _ => Err(BadInput(format!("--image {spec:?}: expected VOLUME=PATH")).into()),
+        })
+        .collect()
+}
+
+/// A receiver that turns true on SIGINT or SIGTERM.
+fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = watch::channel(false);
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("bitback: interrupted; cancelling the backup");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let repo = Repo::create(&args.repo)?;
+    let opts = BackupOptions {
+        vm: args.vm.clone(),
+        policy: Policy {
+            force_full: args.full,
+            full_every: args.full_every,
+        },
+        include: args.volumes.clone(),
+        exclude: args.exclude.clone(),
+        quiesce: if args.quiesce { args.qga.clone() } else { None },
+        rate_limit: args.rate_limit,
+        stall_timeout: Duration::from_secs(args.stall_timeout),
+        progress: !args.json && std::io::stderr().is_terminal(),
+        ..BackupOptions::default()
+    };
+    let cancel = cancel_on_signals()?;
+    let manifest = match &args.qmp {
+        Some(socket) => {
+            let qmp = Qmp::connect(socket).await?;
+            engine::backup(&qmp, &repo, &opts, cancel).await
+        }
+        None => {
+            let images = parse_images(&args.image)?;
+            engine::backup_stopped(&repo, &opts, &images, cancel).await
+        }
+    }
+    .with_context(|| format!("backup of vm {}", args.vm))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        print!("{}", render_backup(&manifest));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_backup(m: &Manifest) -> String {
+    let mut out = format!(
+        "backup {} of vm {}: {} ({})\n",
+        m.id,
+        m.vm,
+        match m.kind {
+            crate::repo::BackupKind::Full => "full",
+            crate::repo::BackupKind::Incremental => "incremental",
+        },
+        m.reason
+    );
+    let mut rows = vec![
+        ["VOLUME", "SIZE", "DATA", "FILE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for v in &m.volumes {
+        rows.push(vec![
+            v.name.clone(),
+            bytes(v.virtual_size),
+            bytes(v.bytes_written),
+            v.file.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&args.repo)?;
+    let vms = match &args.vm {
+        Some(vm) => vec![vm.clone()],
+        None => repo.vms()?,
+    };
+    let mut all = Vec::new();
+    for vm in &vms {
+        all.extend(repo.backups(vm)?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if all.is_empty() {
+        println!("no backups");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![
+        ["VM", "ID", "KIND", "CHAIN", "POS", "PARENT", "TIME", "DATA"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for m in &all {
+        rows.push(vec![
+            m.vm.clone(),
+            m.id.clone(),
+            format!("{:?}", m.kind).to_lowercase(),
+            m.chain.clone(),
+            m.position.to_string(),
+            m.parent.clone().unwrap_or_else(|| "-".into()),
+            m.time.clone(),
+            bytes(m.volumes.iter().map(|v| v.bytes_written).sum()),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,754 @@
+//! Carrying out one backup of a running QEMU (or of a storage daemon that
+//! bitback started on a stopped VM's images).
+//!
+//! The sequence, and why:
+//! 1. Lock the VM; remove what a crashed run left (`.partial` directories,
+//!    `bitback-*` bitmaps other than the active checkpoint, `bitback-t*`
+//!    target nodes, `bitback-j*` jobs).
+//! 2. Plan full or incremental from the facts.
+//! 3. Create each target natively (an incremental's backing file is
+//!    `../<parent>/<volume>.qcow2`), hand it to QEMU as a passed fd where
+//!    the monitor is a unix socket, and add it with `backing: null`.
+//! 4. One `transaction`: per volume, the new persistent checkpoint bitmap
+//!    and the `blockdev-backup` (full, or `sync=bitmap` from the active
+//!    checkpoint with `bitmap-mode=never`, so a failed job loses nothing).
+//!    With `--quiesce` the guest's filesystems are frozen just around it.
+//! 5. Wait for every job; on any failure or a signal, cancel them all, drop
+//!    the targets and the new bitmap: the old checkpoint is untouched.
+//! 6. Digest the files, write the manifest, commit (rename), move the
+//!    state's active checkpoint, and only then remove the old bitmap.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::BadInput;
+use super::plan::{self, Facts, Plan, Policy};
+use crate::qcow2::{self, CreateOptions, Image};
+use crate::qemu::agent::Agent;
+use crate::qemu::{self, Volume};
+use crate::qmp::{self, Endpoint, Events, Qmp};
+use crate::repo::{
+    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, StateVolume, VmLock, VmState,
+    VolumeRecord,
+};
+
+/// Bitmaps bitback creates are named `bitback-<backup id>`.
+pub const CHECKPOINT_PREFIX: &str = "bitback-";
+const TARGET_NODE_PREFIX: &str = "bitback-t";
+const JOB_PREFIX: &str = "bitback-j";
+
+/// What one backup run should do.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub vm: String,
+    pub policy: Policy,
+    /// Only these volumes (empty: all writable ones).
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// The guest agent socket, to freeze filesystems around the start.
+    pub quiesce: Option<PathBuf>,
+    /// Bytes per second per job; `None` for no limit.
+    pub rate_limit: Option<u64>,
+    /// Cluster size of the backup files.
+    pub cluster_size: u64,
+    /// Fail when no job makes progress for this long.
+    pub stall_timeout: Duration,
+    pub progress: bool,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            vm: String::new(),
+            policy: Policy::default(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            quiesce: None,
+            rate_limit: None,
+            cluster_size: 64 << 10,
+            stall_timeout: Duration::from_secs(600),
+            progress: false,
+        }
+    }
+}
+
+/// Set to true (by a signal handler) to stop a backup at the next point
+/// where it can stop cleanly.
+pub type Cancel = watch::Receiver<bool>;
+
+/// A volume as this run names it: the inventory's volume, or a stopped
+/// VM's volume renamed after its image mapping.
+pub(crate) type Renames<'a> = &'a [(String, String)];
+
+/// Runs one backup; returns the committed manifest.
+pub async fn backup(
+    qmp: &Qmp,
+    repo: &Repo,
+    opts: &BackupOptions,
+    cancel: Cancel,
+) -> anyhow::Result<Manifest> {
+    backup_named(qmp, repo, opts, cancel, &[]).await
+}
+
+/// Like [`backup`], with volumes renamed: `(node name, volume name)`.
+pub(crate) async fn backup_named(
+    qmp: &Qmp,
+    repo: &Repo,
+    opts: &BackupOptions,
+    cancel: Cancel,
+    renames: Renames<'_>,
+) -> anyhow::Result<Manifest> {
+    let vm = opts.vm.as_str();
+    repo::check_name("VM", vm)?;
+    let lock = repo.lock_vm(vm, "backup")?;
+    for partial in repo.clean_partials(&lock, vm)? {
+        info!(vm, %partial, "cleaned up a partial backup from an interrupted run");
+    }
+    let mut volumes = select_volumes(qmp, opts, renames).await?;
+    let state = repo.load_state(vm)?;
+    let backups = repo.backups(vm)?;
+    let last = backups.last();
+    let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
+    clean_stray(qmp, vm, &mut volumes, active.as_deref()).await?;
+
+    let parent_problem = last.and_then(|m| check_chain(repo, &backups, m).err());
+    let plan = plan::plan(&Facts {
+        policy: &opts.policy,
+        state: state.as_ref(),
+        last,
+        volumes: &volumes,
+        parent_problem,
+    });
+    info!(vm, plan = %plan.reason(), "planned");
+
+    let now = repo::time::Utc::now();
+    let id = repo.new_backup_id(vm, &now)?;
+    let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
+    let partial = repo.begin(&lock, vm, &id)?;
+    let mut undo = Undo::default();
+    let result = run_jobs(
+        qmp,
+        opts,
+        &volumes,
+        &plan,
+        &checkpoint,
+        partial.dir(),
+        &mut undo,
+        cancel.clone(),
+    )
+    .await;
+    if let Err(e) = result {
+        undo.rollback(qmp).await;
+        // Dropping the partial removes its directory.
+        drop(partial);
+        return Err(e);
+    }
+
+    let (kind, parent, chain, position) = match &plan {
+        Plan::Full(_) => (BackupKind::Full, None, id.clone(), 0),
+        Plan::Incremental {
+            parent,
+            chain,
+            position,
+            ..
+        } => (
+            BackupKind::Incremental,
+            Some(parent.clone()),
+            chain.clone(),
+            *position,
+        ),
+    };
+    let mut records = Vec::new();
+    for v in &volumes {
+        let path = partial.dir().join(VolumeRecord::file_name(&v.name));
+        let (digest, bytes_written) = digest_and_count(path.clone())
+            .await
+            .with_context(|| format!("reading back {}", path.display()))?;
+        records.push(VolumeRecord {
+            name: v.name.clone(),
+            node: v.node_name.clone(),
+            image_file: v.image_file.clone(),
+            format: v.format.clone(),
+            virtual_size: v.virtual_size,
+            file: VolumeRecord::repo_file(vm, &id, &v.name),
+            backing: parent
+                .as_ref()
+                .map(|p| VolumeRecord::backing_name(p, &v.name)),
+            bytes_written,
+            digest,
+        });
+    }
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        id: id.clone(),
+        vm: vm.to_string(),
+        kind,
+        reason: plan.reason(),
+        chain,
+        position,
+        parent,
+        checkpoint: checkpoint.clone(),
+        time: now.rfc3339(),
+        volumes: records,
+        qemu_version: Some(qmp.greeting().version.to_string()),
+    };
+    if *cancel.borrow() {
+        undo.rollback(qmp).await;
+        bail!("interrupted before the commit; nothing was kept");
+    }
+    crate::fault::point("before-commit");
+    partial.commit(&manifest)?;
+    crate::fault::point("after-commit");
+    commit_state(repo, &lock, vm, &checkpoint, &id, &volumes)?;
+
+    // The new checkpoint is active: the old one can go.
+    if let Some(old) = active.filter(|old| old != &checkpoint) {
+        for v in &volumes {
+            if let Err(e) = remove_bitmap(qmp, &v.node_name, &old).await {
+                warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint; the next run will");
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+fn commit_state(
+    repo: &Repo,
+    lock: &VmLock,
+    vm: &str,
+    checkpoint: &str,
+    id: &str,
+    volumes: &[Volume],
+) -> anyhow::Result<()> {
+    let state = VmState {
+        schema: STATE_SCHEMA,
+        vm: vm.to_string(),
+        active_checkpoint: Some(checkpoint.to_string()),
+        last_backup: Some(id.to_string()),
+        volumes: volumes
+            .iter()
+            .map(|v| StateVolume {
+                name: v.name.clone(),
+                node: v.node_name.clone(),
+                image_file: v.image_file.clone(),
+                format: v.format.clone(),
+                virtual_size: v.virtual_size,
+            })
+            .collect(),
+    };
+    repo.save_state(lock, &state)?;
+    Ok(())
+}
+
+/// The volumes to back up, named and filtered as asked.
+async fn select_volumes(
+    qmp: &Qmp,
+    opts: &BackupOptions,
+    renames: Renames<'_>,
+) -> anyhow::Result<Vec<Volume>> {
+    let mut all = qemu::list_volumes(qmp).await?;
+    if !renames.is_empty() {
+        all.retain(|v| renames.iter().any(|(node, _)| node == &v.node_name));
+        for v in &mut all {
+            if let Some((_, name)) = renames.iter().find(|(node, _)| node == &v.node_name) {
+                v.name = name.clone();
+            }
+        }
+        // The order given, not the daemon's.
+        all.sort_by_key(|v| renames.iter().position(|(node, _)| node == &v.node_name));
+    }
+    let names: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
+    for wanted in opts.include.iter().chain(&opts.exclude) {
+        if !names.contains(&wanted.as_str()) {
+            return Err(BadInput(format!(
+                "vm {} has no volume {wanted}; its volumes are: {}",
+                opts.vm,
+                names.join(", ")
+            ))
+            .into());
+        }
+    }
+    let mut selected = Vec::new();
+    for v in all {
+        if opts.exclude.contains(&v.name)
+            || (!opts.include.is_empty() && !opts.include.contains(&v.name))
+        {
+            continue;
+        }
+        if v.read_only {
+            if opts.include.contains(&v.name) {
+                return Err(BadInput(format!(
+                    "volume {} is read-only and cannot carry a checkpoint",
+                    v.name
+                ))
+                .into());
+            }
+            info!(volume = %v.name, "read-only volume skipped");
+            continue;
+        }
+        repo::check_name("volume", &v.name).with_context(|| {
+            format!(
+                "volume {} cannot be a backup file name; exclude it or give the device an id",
+                v.name
+            )
+        })?;
+        selected.push(v);
+    }
+    if selected.is_empty() {
+        return Err(BadInput(format!("no volume to back up in vm {}", opts.vm)).into());
+    }
+    Ok(selected)
+}
+
+/// Removes what an interrupted run left in QEMU: checkpoint bitmaps that
+/// are not the active one, target nodes, jobs.
+async fn clean_stray(
+    qmp: &Qmp,
+    vm: &str,
+    volumes: &mut [Volume],
+    active: Option<&str>,
+) -> anyhow::Result<()> {
+    let jobs = qmp.execute_raw("query-jobs", Value::Null).await?;
+    for job in jobs.as_array().into_iter().flatten() {
+        let Some(id) = job["id"].as_str().filter(|id| id.starts_with(JOB_PREFIX)) else {
+            continue;
+        };
+        info!(vm, job = id, status = %job["status"], "cleaning up a job left by an interrupted run");
+        let _ = qmp
+            .execute_raw("job-cancel", json!({ "id": id, "force": true }))
+            .await;
+        let _ = qmp.execute_raw("job-dismiss", json!({ "id": id })).await;
+    }
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
+        .await?;
+    for node in nodes.as_array().into_iter().flatten() {
+        if let Some(name) = node["node-name"]
+            .as_str()
+            .filter(|n| n.starts_with(TARGET_NODE_PREFIX))
+        {
+            info!(
+                vm,
+                node = name,
+                "removing a target node left by an interrupted run"
+            );
+            if let Err(e) = qmp
+                .execute_raw("blockdev-del", json!({ "node-name": name }))
+                .await
+            {
+                warn!(vm, node = name, error = %e, "cannot remove a stray target node");
+            }
+        }
+    }
+    for v in volumes.iter_mut() {
+        let stray: Vec<String> = v
+            .bitmaps
+            .iter()
+            .filter(|b| b.name.starts_with(CHECKPOINT_PREFIX) && Some(b.name.as_str()) != active)
+            .map(|b| b.name.clone())
+            .collect();
+        for name in stray {
+            info!(vm, volume = %v.name, bitmap = %name, "removing a checkpoint bitmap the repository does not use");
+            remove_bitmap(qmp, &v.node_name, &name)
+                .await
+                .with_context(|| format!("removing stray bitmap {name} from volume {}", v.name))?;
+            v.bitmaps.retain(|b| b.name != name);
+        }
+    }
+    Ok(())
+}
+
+async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {
+    qmp.execute_raw(
+        "block-dirty-bitmap-remove",
+        json!({ "node": node, "name": name }),
+    )
+    .await
+    .map(drop)
+}
+
+/// Checks every file the next incremental would build on: present, a
+/// qcow2 image of the recorded size, with the backing name the layout
+/// gives it.
+fn check_chain(repo: &Repo, backups: &[Manifest], last: &Manifest) -> Result<(), String> {
+    let mut current = Some(last);
+    let mut seen = 0;
+    while let Some(m) = current {
+        seen += 1;
+        if seen > backups.len() {
+            return Err(format!("backup {} has a parent loop", m.id));
+        }
+        for v in &m.volumes {
+            let path = repo.root().join(&v.file);
+            let image = Image::open(&path).map_err(|e| format!("{}: {e}", v.file))?;
+            if image.header().size != v.virtual_size {
+                return Err(format!("{}: virtual size changed", v.file));
+            }
+            if image.hc.backing_file != v.backing {
+                return Err(format!(
+                    "{}: backing file is {:?}, expected {:?}",
+                    v.file, image.hc.backing_file, v.backing
+                ));
+            }
+        }
+        current = match &m.parent {
+            Some(parent) => {
+                Some(backups.iter().find(|b| &b.id == parent).ok_or_else(|| {
+                    format!("backup {} names parent {parent}, which is gone", m.id)
+                })?)
+            }
+            None => None,
+        };
+    }
+    Ok(())
+}
+
+/// What to take back in QEMU if the run fails after changing it.
+#[derive(Default)]
+struct Undo {
+    jobs: Vec<String>,
+    nodes: Vec<String>,
+    fdsets: Vec<i64>,
+    /// (node, bitmap) added by the transaction.
+    bitmaps: Vec<(String, String)>,
+}
+
+impl Undo {
+    async fn rollback(&mut self, qmp: &Qmp) {
+        for job in self.jobs.drain(..) {
+            let _ = qmp
+                .execute_raw("job-cancel", json!({ "id": job, "force": true }))
+                .await;
+            // A cancelled job takes a moment to conclude before it can be
+            // dismissed.
+            for _ in 0..100 {
+                match qmp.execute_raw("job-dismiss", json!({ "id": job })).await {
+                    Ok(_) => break,
+                    Err(e)
+                        if e.qemu_class() == Some("GenericError")
+                            && e.to_string().contains("not found") =>
+                    {
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        for node in self.nodes.drain(..) {
+            if let Err(e) = qmp
+                .execute_raw("blockdev-del", json!({ "node-name": node }))
+                .await
+            {
+                warn!(%node, error = %e, "cannot remove a target node; the next run will");
+            }
+        }
+        for fdset in self.fdsets.drain(..) {
+            let _ = qmp
+                .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
+                .await;
+        }
+        for (node, bitmap) in self.bitmaps.drain(..) {
+            if let Err(e) = remove_bitmap(qmp, &node, &bitmap).await {
+                warn!(%node, %bitmap, error = %e, "cannot remove the new checkpoint; the next run will");
+            }
+        }
+    }
+}
+
+/// Steps 3 to 5: targets, transaction, jobs. On success the jobs are
+/// dismissed and the targets closed; `undo` holds only the new bitmaps.
+#[allow(clippy::too_many_arguments)]
+async fn run_jobs(
+    qmp: &Qmp,
+    opts: &BackupOptions,
+    volumes: &[Volume],
+    plan: &Plan,
+    checkpoint: &str,
+    dir: &Path,
+    undo: &mut Undo,
+    cancel: Cancel,
+) -> anyhow::Result<()> {
+    let parent = match plan {
+        Plan::Incremental {
+            parent, checkpoint, ..
+        } => Some((parent.as_str(), checkpoint.as_str())),
+        Plan::Full(_) => None,
+    };
+    let pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
+    let mut actions = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let path = dir.join(VolumeRecord::file_name(&v.name));
+        let backing = parent.map(|(p, _)| VolumeRecord::backing_name(p, &v.name));
+        qcow2::create(
+            &path,
+            &CreateOptions {
+                size: v.virtual_size,
+                cluster_size: opts.cluster_size,
+                backing: backing.as_deref(),
+                backing_format: backing.as_ref().map(|_| "qcow2"),
+            },
+        )
+        .with_context(|| format!("creating {}", path.display()))?;
+        let filename = if pass_fds {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let added = qmp
+                .add_fd(
+                    file.as_fd(),
+                    None,
+                    Some(&format!("bitback {}", path.display())),
+                )
+                .await
+                .context("passing the target to QEMU")?;
+            undo.fdsets.push(added.fdset_id);
+            format!("/dev/fdset/{}", added.fdset_id)
+        } else {
+            path.display().to_string()
+        };
+        let node = format!("{TARGET_NODE_PREFIX}{i}");
+        qmp.execute_raw(
+            "blockdev-add",
+            json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "backing": null,
+                "file": { "driver": "file", "filename": filename },
+            }),
+        )
+        .await
+        .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
+        undo.nodes.push(node.clone());
+
+        let job = format!("{JOB_PREFIX}{i}");
+        actions.push(json!({
+            "type": "block-dirty-bitmap-add",
+            "data": { "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" },
+        }));
+        let mut data = json!({
+            "job-id": job, "device": v.node_name, "target": node,
+            "sync": "full", "auto-dismiss": false,
+        });
+        if let Some((_, active)) = parent {
+            data["sync"] = "bitmap".into();
+            data["bitmap"] = active.into();
+            data["bitmap-mode"] = "never".into();
+        }
+        if let Some(speed) = opts.rate_limit {
+            data["speed"] = speed.into();
+        }
+        actions.push(json!({ "type": "blockdev-backup", "data": data }));
+    }
+    if *cancel.borrow() {
+        bail!("interrupted before the backup started");
+    }
+
+    let mut events = qmp.subscribe();
+    let mut agent = match &opts.quiesce {
+        Some(socket) => {
+            let mut agent = Agent::connect(socket, Duration::from_secs(30)).await?;
+            let frozen = agent.freeze().await?;
+            info!(vm = %opts.vm, filesystems = frozen, "guest filesystems frozen");
+            Some(agent)
+        }
+        None => None,
+    };
+    crate::fault::point("before-transaction");
+    let started = qmp
+        .execute_raw("transaction", json!({ "actions": actions }))
+        .await;
+    if let Some(agent) = agent.as_mut() {
+        match agent.thaw().await {
+            Ok(n) => info!(vm = %opts.vm, filesystems = n, "guest filesystems thawed"),
+            Err(e) => warn!(vm = %opts.vm, error = %e, "thawing the guest failed"),
+        }
+    }
+    started.context("starting the backup transaction")?;
+    for (i, v) in volumes.iter().enumerate() {
+        undo.jobs.push(format!("{JOB_PREFIX}{i}"));
+        undo.bitmaps
+            .push((v.node_name.clone(), checkpoint.to_string()));
+    }
+    crate::fault::point("after-transaction");
+
+    wait_jobs(qmp, opts, &mut events, volumes.len(), cancel).await?;
+    crate::fault::point("after-jobs");
+
+    // Success: the jobs are concluded; close the targets.
+    for job in std::mem::take(&mut undo.jobs) {
+        qmp.execute_raw("job-dismiss", json!({ "id": job }))
+            .await
+            .with_context(|| format!("dismissing job {job}"))?;
+    }
+    for node in std::mem::take(&mut undo.nodes) {
+        qmp.execute_raw("blockdev-del", json!({ "node-name": node }))
+            .await
+            .with_context(|| format!("closing target node {node}"))?;
+    }
+    for fdset in std::mem::take(&mut undo.fdsets) {
+        if let Err(e) = qmp
+            .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
+            .await
+        {
+            debug!(fdset, error = %e, "remove-fd");
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every job has ended; fails on any error, stall or signal.
+async fn wait_jobs(
+    qmp: &Qmp,
+    opts: &BackupOptions,
+    events: &mut Events,
+    count: usize,
+    mut cancel: Cancel,
+) -> anyhow::Result<()> {
+    let bar = opts.progress.then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("backing up {}", opts.vm));
+        bar
+    });
+    let mut done = 0usize;
+    let mut failure: Option<String> = None;
+    let mut last_progress = (0u64, tokio::time::Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while done < count {
+        tokio::select! {
+            event = events.next(Duration::from_secs(3600)) => {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(qmp::Error::EventTimeout { .. }) => continue,
+                    Err(e) => return Err(anyhow!(e).context("waiting for the backup jobs")),
+                };
+                let Some(job) = event.job_id().filter(|j| j.starts_with(JOB_PREFIX)) else {
+                    continue;
+                };
+                match event.name.as_str() {
+                    "BLOCK_JOB_COMPLETED" => {
+                        done += 1;
+                        if let Some(error) = event.data.get("error").and_then(Value::as_str) {
+                            failure.get_or_insert(format!("job {job} failed: {error}"));
+                        }
+                    }
+                    "BLOCK_JOB_CANCELLED" => {
+                        done += 1;
+                        failure.get_or_insert(format!("job {job} was cancelled"));
+                    }
+                    "BLOCK_JOB_ERROR" => {
+                        warn!(job, data = %event.data, "I/O error in a backup job");
+                    }
+                    _ => {}
+                }
+                if failure.is_some() && done < count {
+                    // One job failed: the backup is lost; stop the others.
+                    cancel_all(qmp, count).await;
+                }
+            }
+            _ = tick.tick() => {
+                let (current, total) = job_progress(qmp).await;
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(current);
+                }
+                if current != last_progress.0 {
+                    last_progress = (current, tokio::time::Instant::now());
+                } else if last_progress.1.elapsed() > opts.stall_timeout && failure.is_none() {
+                    failure = Some(format!("no progress for {:?}", opts.stall_timeout));
+                    cancel_all(qmp, count).await;
+                }
+            }
+            changed = cancel.changed() => {
+                if changed.is_ok() && *cancel.borrow() && failure.is_none() {
+                    failure = Some("interrupted".into());
+                    cancel_all(qmp, count).await;
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match failure {
+        Some(reason) => bail!("backup failed: {reason}"),
+        None => Ok(()),
+    }
+}
+
+async fn cancel_all(qmp: &Qmp, count: usize) {
+    for i in 0..count {
+        let _ = qmp
+            .execute_raw(
+                "block-job-cancel",
+                json!({ "device": format!("{JOB_PREFIX}{i}"), "force": true }),
+            )
+            .await;
+    }
+}
+
+/// Bytes done and total over bitback's running jobs.
+async fn job_progress(qmp: &Qmp) -> (u64, u64) {
+    let Ok(jobs) = qmp.execute_raw("query-jobs", Value::Null).await else {
+        return (0, 0);
+    };
+    jobs.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|j| {
+            j["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(JOB_PREFIX))
+        })
+        .fold((0, 0), |(c, t), j| {
+            (
+                c + j["current-progress"].as_u64().unwrap_or(0),
+                t + j["total-progress"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// BLAKE3 of the whole file, and the guest bytes of data it holds (zero
+/// clusters are metadata only).
+async fn digest_and_count(path: PathBuf) -> anyhow::Result<(String, u64)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(String, u64)> {
+        let image = Image::open(&path)?;
+        let held = qcow2::map(&image)?
+            .iter()
+            .filter(|e| matches!(e.kind, qcow2::Kind::Data | qcow2::Kind::Compressed))
+            .map(|e| e.length)
+            .sum();
+        Ok((digest_file(&path)?, held))
+    })
+    .await?
+}
+
+/// `blake3:<hex>` of a whole file.
+pub fn digest_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(format!("blake3:{}", hasher.finalize().to_hex()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}

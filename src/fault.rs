@@ -1,0 +1,12 @@
+//! Test-only fault injection: a debug build dies with SIGKILL at the named
+//! phase when `BITBACK_FAULT` names it, so tests can prove what a crash at
+//! that point leaves behind. Release builds ignore the variable.
+
+/// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
+pub(crate) fn point(phase: &str) {
+    if cfg!(debug_assertions) && std::env::var("BITBACK_FAULT").is_ok_and(|wanted| wanted == phase)
+    {
+        tracing::error!(phase, "BITBACK_FAULT: killing bitback here");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,164 @@
+//! The manifest of one backup and the state of one VM, as JSON, with the
+//! checks a file read back from a shared disk must pass.
+
+use serde::{Deserialize, Serialize};
+
+use super::check_name;
+
+pub const MANIFEST_SCHEMA: u32 = 1;
+pub const STATE_SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    Full,
+    Incremental,
+}
+
+/// One backup: every selected volume at one point in time. Its JSON is also
+/// what `bitback backup --json` prints and `bitback list --json` lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    pub id: String,
+    pub vm: String,
+    pub kind: BackupKind,
+    /// Why this kind: the plan's reason.
+    pub reason: String,
+    /// The id of the full backup this chain starts with.
+    pub chain: String,
+    /// 0 for the full, then 1, 2, ... along the chain.
+    pub position: u32,
+    pub parent: Option<String>,
+    /// The bitmap created with this backup on every volume.
+    pub checkpoint: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub volumes: Vec<VolumeRecord>,
+    #[serde(default)]
+    pub qemu_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    /// The QEMU node the volume was copied from.
+    pub node: String,
+    /// The VM's image file, as QEMU named it.
+    pub image_file: String,
+    pub format: String,
+    pub virtual_size: u64,
+    /// The backup file, relative to the repository: `<vm>/<id>/<name>.qcow2`.
+    pub file: String,
+    /// The backing file name stored in it: `../<parent>/<name>.qcow2`.
+    pub backing: Option<String>,
+    /// Guest bytes of data this file holds (zero clusters not counted).
+    pub bytes_written: u64,
+    /// `blake3:<hex>` of the whole file, computed once the job finished.
+    pub digest: String,
+}
+
+impl VolumeRecord {
+    pub fn file_name(volume: &str) -> String {
+        format!("{volume}.qcow2")
+    }
+
+    pub fn repo_file(vm: &str, id: &str, volume: &str) -> String {
+        format!("{vm}/{id}/{}", VolumeRecord::file_name(volume))
+    }
+
+    pub fn backing_name(parent: &str, volume: &str) -> String {
+        format!("../{parent}/{}", VolumeRecord::file_name(volume))
+    }
+}
+
+impl Manifest {
+    /// Parses and checks a manifest found at `<vm>/<id>/manifest.json`:
+    /// every name it holds must be safe, every file name the one the
+    /// layout dictates (nothing that leaves the repository).
+    pub fn parse(bytes: &[u8], vm: &str, id: &str) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if m.schema != MANIFEST_SCHEMA {
+            return Err(format!(
+                "schema {} is not {MANIFEST_SCHEMA}; a newer bitback may have written it",
+                m.schema
+            ));
+        }
+        if m.id != id || m.vm != vm {
+            return Err(format!(
+                "it names backup {}/{} but lies in {vm}/{id}",
+                m.vm, m.id
+            ));
+        }
+        check_name("backup", &m.chain).map_err(|e| e.to_string())?;
+        if let Some(parent) = &m.parent {
+            check_name("backup", parent).map_err(|e| e.to_string())?;
+        }
+        match (m.kind, &m.parent, m.position) {
+            (BackupKind::Full, None, 0) if m.chain == m.id => {}
+            (BackupKind::Incremental, Some(_), p) if p > 0 => {}
+            _ => return Err("kind, parent, chain and position disagree".into()),
+        }
+        if m.volumes.is_empty() {
+            return Err("it lists no volumes".into());
+        }
+        for v in &m.volumes {
+            check_name("volume", &v.name).map_err(|e| e.to_string())?;
+            if v.file != VolumeRecord::repo_file(vm, id, &v.name) {
+                return Err(format!("volume {} has file {:?}", v.name, v.file));
+            }
+            let expected = m
+                .parent
+                .as_ref()
+                .map(|p| VolumeRecord::backing_name(p, &v.name));
+            if v.backing != expected {
+                return Err(format!("volume {} has backing {:?}", v.name, v.backing));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Per-VM state: which checkpoint the next incremental starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    pub schema: u32,
+    pub vm: String,
+    /// The bitmap of the last committed backup; `None` after a restore, or
+    /// before the first backup: the next backup is full.
+    pub active_checkpoint: Option<String>,
+    pub last_backup: Option<String>,
+    /// The volumes the active checkpoint covers, in order.
+    pub volumes: Vec<StateVolume>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateVolume {
+    pub name: String,
+    pub node: String,
+    pub image_file: String,
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+impl VmState {
+    pub fn parse(bytes: &[u8], vm: &str) -> Result<VmState, String> {
+        let s: VmState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if s.schema != STATE_SCHEMA {
+            return Err(format!(
+                "schema {} is not {STATE_SCHEMA}; a newer bitback may have written it",
+                s.schema
+            ));
+        }
+        if s.vm != vm {
+            return Err(format!("it belongs to vm {:?}", s.vm));
+        }
+        for v in &s.volumes {
+            check_name("volume", &v.name).map_err(|e| e.to_string())?;
+        }
+        if let Some(last) = &s.last_backup {
+            check_name("backup", last).map_err(|e| e.to_string())?;
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,373 @@
+//! The backup repository on disk. Nothing but this module writes there.
+//!
+//! ```text
+//! REPO/
+//!   <vm>/
+//!     .lock                     flock'd by every run that changes the VM
+//!     state.json                active checkpoint, last backup, volume list
+//!     <backup-id>/              one point in time of every selected volume
+//!       manifest.json
+//!       <volume>.qcow2          backing file: ../<parent-id>/<volume>.qcow2
+//!     .<backup-id>.partial/     a backup being written; never read as one
+//! ```
+//!
+//! Commit protocol: a backup is written into its `.partial` directory;
+//! every file and the manifest are synced, then the directory is renamed to
+//! its id and the VM directory synced. The rename is the commit point: a
+//! crash leaves at most a `.partial` directory, which the next run removes.
+//! `state.json` is replaced (temp file, fsync, rename) only after a commit.
+//!
+//! Locking: `backup` (and every later command that changes a VM's backups)
+//! holds an exclusive flock on `<vm>/.lock` for its whole run; reading
+//! (`list`) takes no lock and never sees a partial backup.
+//!
+//! Names: VM and volume names become path components, so they are checked
+//! ([`check_name`]): no `/`, no NUL, no leading `.`, nothing but letters,
+//! digits and `-_.+@:`.
+
+mod error;
+mod lock;
+mod manifest;
+pub mod time;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+pub use error::{Error, Result};
+pub use lock::VmLock;
+pub use manifest::{
+    BackupKind, MANIFEST_SCHEMA, Manifest, STATE_SCHEMA, StateVolume, VmState, VolumeRecord,
+};
+
+/// The longest VM or volume name: it becomes a file name, with room to spare.
+pub const MAX_NAME: usize = 128;
+
+/// Checks that `name` (of a `what`: "VM", "volume") is safe as one path
+/// component.
+pub fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_NAME {
+        Some("it is longer than 128 bytes")
+    } else if name.starts_with('.') {
+        Some("it starts with '.'")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.+@:".contains(c))
+    {
+        Some("only letters, digits and -_.+@: are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::BadName {
+            what,
+            name: name.escape_debug().to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A repository root.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    root: PathBuf,
+}
+
+impl Repo {
+    /// Opens an existing repository directory.
+    pub fn open(root: &Path) -> Result<Repo> {
+        match fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => Ok(Repo { root: root.into() }),
+            Ok(_) => Err(Error::NotADirectory { path: root.into() }),
+            Err(source) => Err(Error::Io {
+                action: "opening the repository",
+                path: root.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Opens a repository, creating its directory if needed.
+    pub fn create(root: &Path) -> Result<Repo> {
+        fs::create_dir_all(root).map_err(|source| Error::Io {
+            action: "creating the repository",
+            path: root.into(),
+            source,
+        })?;
+        Repo::open(root)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn vm_dir(&self, vm: &str) -> Result<PathBuf> {
+        check_name("VM", vm)?;
+        Ok(self.root.join(vm))
+    }
+
+    /// The VMs that have a directory here, sorted.
+    pub fn vms(&self) -> Result<Vec<String>> {
+        let mut vms = Vec::new();
+        for entry in read_dir(&self.root)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if check_name("VM", &name).is_ok() && entry.path().is_dir() {
+                vms.push(name);
+            }
+        }
+        vms.sort();
+        Ok(vms)
+    }
+
+    /// Locks `vm` for a run that changes it, creating its directory.
+    pub fn lock_vm(&self, vm: &str, purpose: &str) -> Result<VmLock> {
+        let dir = self.vm_dir(vm)?;
+        fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            action: "creating the VM directory",
+            path: dir.clone(),
+            source,
+        })?;
+        VmLock::acquire(vm, &dir, purpose)
+    }
+
+    pub fn load_state(&self, vm: &str) -> Result<Option<VmState>> {
+        let path = self.vm_dir(vm)?.join("state.json");
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "reading",
+                    path,
+                    source,
+                });
+            }
+        };
+        let state = VmState::parse(&bytes, vm).map_err(|reason| Error::BadState {
+            path: path.clone(),
+            reason,
+        })?;
+        Ok(Some(state))
+    }
+
+    /// Replaces the VM's state atomically. Needs the VM's lock.
+    pub fn save_state(&self, _lock: &VmLock, state: &VmState) -> Result<()> {
+        let dir = self.vm_dir(&state.vm)?;
+        let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encoding)?;
+        write_atomic(&dir, "state.json", &bytes)
+    }
+
+    /// Every committed backup of `vm`, oldest first. A backup whose
+    /// manifest cannot be read is an error naming it.
+    pub fn backups(&self, vm: &str) -> Result<Vec<Manifest>> {
+        let dir = self.vm_dir(vm)?;
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in read_dir(&dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            out.push(self.manifest(vm, &name)?);
+        }
+        out.sort_by(|a, b| (a.time.as_str(), a.id.as_str()).cmp(&(b.time.as_str(), b.id.as_str())));
+        Ok(out)
+    }
+
+    pub fn manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
+        check_name("backup", id)?;
+        let path = self.vm_dir(vm)?.join(id).join("manifest.json");
+        let bytes = fs::read(&path).map_err(|source| Error::Io {
+            action: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        Manifest::parse(&bytes, vm, id).map_err(|reason| Error::BadManifest { path, reason })
+    }
+
+    /// Removes `.partial` directories a crashed run left. Needs the lock.
+    pub fn clean_partials(&self, _lock: &VmLock, vm: &str) -> Result<Vec<String>> {
+        let dir = self.vm_dir(vm)?;
+        let mut removed = Vec::new();
+        for entry in read_dir(&dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                let path = entry.path();
+                fs::remove_dir_all(&path).map_err(|source| Error::Io {
+                    action: "removing a partial backup",
+                    path: path.clone(),
+                    source,
+                })?;
+                info!(vm, partial = %name, "removed a partial backup left by an interrupted run");
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Starts writing backup `id` of `vm` in its `.partial` directory.
+    pub fn begin(&self, _lock: &VmLock, vm: &str, id: &str) -> Result<Partial> {
+        check_name("backup", id)?;
+        let vm_dir = self.vm_dir(vm)?;
+        let dir = vm_dir.join(format!(".{id}.partial"));
+        fs::create_dir(&dir).map_err(|source| Error::Io {
+            action: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Partial {
+            dir,
+            vm_dir,
+            id: id.to_string(),
+            committed: false,
+        })
+    }
+
+    /// A fresh backup id from the clock, unique within `vm`.
+    pub fn new_backup_id(&self, vm: &str, now: &time::Utc) -> Result<String> {
+        let dir = self.vm_dir(vm)?;
+        let base = now.compact();
+        let mut id = base.clone();
+        let mut n = 1;
+        while dir.join(&id).exists() || dir.join(format!(".{id}.partial")).exists() {
+            n += 1;
+            id = format!("{base}-{n}");
+        }
+        Ok(id)
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    let entries = fs::read_dir(dir).map_err(|source| Error::Io {
+        action: "listing",
+        path: dir.into(),
+        source,
+    })?;
+    entries
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|source| Error::Io {
+            action: "listing",
+            path: dir.into(),
+            source,
+        })
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            action: "syncing",
+            path: dir.into(),
+            source,
+        })
+}
+
+/// Writes `name` in `dir` through a synced temp file and a rename.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    })();
+    if let Err(source) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            action: "writing",
+            path,
+            source,
+        });
+    }
+    sync_dir(dir)
+}
+
+/// A backup being written. Dropped without [`Partial::commit`], it deletes
+/// its directory.
+#[derive(Debug)]
+pub struct Partial {
+    dir: PathBuf,
+    vm_dir: PathBuf,
+    id: String,
+    committed: bool,
+}
+
+impl Partial {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Syncs every file, writes the manifest, and renames the directory to
+    /// its id: the commit point.
+    pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
+        for entry in read_dir(&self.dir)? {
+            let path = entry.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| Error::Io {
+                    action: "syncing",
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
+        write_atomic(&self.dir, "manifest.json", &bytes)?;
+        let final_dir = self.vm_dir.join(&self.id);
+        fs::rename(&self.dir, &final_dir).map_err(|source| Error::Io {
+            action: "committing",
+            path: final_dir.clone(),
+            source,
+        })?;
+        self.committed = true;
+        sync_dir(&self.vm_dir)?;
+        Ok(final_dir)
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                warn!(dir = %self.dir.display(), error = %e, "cannot remove a partial backup; the next run will");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in [
+            "web1",
+            "i-2-34-VM",
+            "disk0",
+            "virtio0",
+            "a.b",
+            "x_y",
+            "vm@host:1",
+        ] {
+            assert!(check_name("VM", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "a/b", ".hidden", "a\0b", "sp ace", "ü",
+        ] {
+            assert!(check_name("VM", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("VM", &"a".repeat(129)).is_err());
+    }
+}
