@@ -157,15 +157,15 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         ..BackupOptions::default()
     };
     let cancel = cancel_on_signals()?;
+    let images = parse_images(&args.image)?;
+    // The lock first: a second run fails here at once.
+    let lock = repo.lock_vm(&args.vm, "backup")?;
     let manifest = match &args.qmp {
         Some(socket) => {
             let qmp = Qmp::connect(socket).await?;
-            engine::backup(&qmp, &repo, &opts, cancel).await
+            engine::backup(&qmp, &repo, &lock, &opts, cancel).await
         }
-        None => {
-            let images = parse_images(&args.image)?;
-            engine::backup_stopped(&repo, &opts, &images, cancel).await
-        }
+        None => engine::backup_stopped(&repo, &lock, &opts, &images, cancel).await,
     }
     .with_context(|| format!("backup of vm {}", args.vm))?;
     if args.json {

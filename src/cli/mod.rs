@@ -6,6 +6,7 @@
 //! socket, QEMU refused).
 
 mod backup;
+mod demo;
 mod inspect;
 mod output;
 mod qcow2;
@@ -38,6 +39,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Demo(demo::DemoArgs),
     Backup(backup::BackupArgs),
     List(backup::ListArgs),
     Inspect(inspect::Args),
@@ -109,6 +111,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Demo(args) => demo::run(args).await,
             Command::Backup(args) => backup::backup(args).await,
             Command::List(args) => backup::list(args),
             Command::Inspect(args) => inspect::run(args).await,

@@ -88,35 +88,45 @@ pub type Cancel = watch::Receiver<bool>;
 pub(crate) type Renames<'a> = &'a [(String, String)];
 
 /// Runs one backup; returns the committed manifest.
+///
+/// Take the VM's lock ([`Repo::lock_vm`]) before connecting to QEMU: a
+/// second run then fails on the lock at once, instead of waiting for a
+/// monitor that serves one client at a time.
 pub async fn backup(
     qmp: &Qmp,
     repo: &Repo,
+    lock: &VmLock,
     opts: &BackupOptions,
     cancel: Cancel,
 ) -> anyhow::Result<Manifest> {
-    backup_named(qmp, repo, opts, cancel, &[]).await
+    backup_named(qmp, repo, lock, opts, cancel, &[]).await
 }
 
 /// Like [`backup`], with volumes renamed: `(node name, volume name)`.
 pub(crate) async fn backup_named(
     qmp: &Qmp,
     repo: &Repo,
+    lock: &VmLock,
     opts: &BackupOptions,
     cancel: Cancel,
     renames: Renames<'_>,
 ) -> anyhow::Result<Manifest> {
     let vm = opts.vm.as_str();
     repo::check_name("VM", vm)?;
-    let lock = repo.lock_vm(vm, "backup")?;
-    for partial in repo.clean_partials(&lock, vm)? {
-        info!(vm, %partial, "cleaned up a partial backup from an interrupted run");
+    if lock.vm() != vm {
+        bail!(
+            "internal error: holding the lock of vm {} for vm {vm}",
+            lock.vm()
+        );
     }
+    repo.clean_partials(lock, vm)?;
+    clean_stray_jobs(qmp, vm).await?;
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     let state = repo.load_state(vm)?;
     let backups = repo.backups(vm)?;
     let last = backups.last();
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
-    clean_stray(qmp, vm, &mut volumes, active.as_deref()).await?;
+    clean_stray_bitmaps(qmp, vm, &mut volumes, active.as_deref()).await?;
 
     let parent_problem = last.and_then(|m| check_chain(repo, &backups, m).err());
     let plan = plan::plan(&Facts {
@@ -131,7 +141,7 @@ pub(crate) async fn backup_named(
     let now = repo::time::Utc::now();
     let id = repo.new_backup_id(vm, &now)?;
     let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
-    let partial = repo.begin(&lock, vm, &id)?;
+    let partial = repo.begin(lock, vm, &id)?;
     let mut undo = Undo::default();
     let result = run_jobs(
         qmp,
@@ -206,7 +216,7 @@ pub(crate) async fn backup_named(
     crate::fault::point("before-commit");
     partial.commit(&manifest)?;
     crate::fault::point("after-commit");
-    commit_state(repo, &lock, vm, &checkpoint, &id, &volumes)?;
+    commit_state(repo, lock, vm, &checkpoint, &id, &volumes)?;
 
     // The new checkpoint is active: the old one can go.
     if let Some(old) = active.filter(|old| old != &checkpoint) {
@@ -254,6 +264,8 @@ async fn select_volumes(
     renames: Renames<'_>,
 ) -> anyhow::Result<Vec<Volume>> {
     let mut all = qemu::list_volumes(qmp).await?;
+    // bitback's own target nodes are never volumes.
+    all.retain(|v| !v.node_name.starts_with(TARGET_NODE_PREFIX));
     if !renames.is_empty() {
         all.retain(|v| renames.iter().any(|(node, _)| node == &v.node_name));
         for v in &mut all {
@@ -307,14 +319,8 @@ async fn select_volumes(
     Ok(selected)
 }
 
-/// Removes what an interrupted run left in QEMU: checkpoint bitmaps that
-/// are not the active one, target nodes, jobs.
-async fn clean_stray(
-    qmp: &Qmp,
-    vm: &str,
-    volumes: &mut [Volume],
-    active: Option<&str>,
-) -> anyhow::Result<()> {
+/// Removes the jobs and target nodes an interrupted run left in QEMU.
+async fn clean_stray_jobs(qmp: &Qmp, vm: &str) -> anyhow::Result<()> {
     let jobs = qmp.execute_raw("query-jobs", Value::Null).await?;
     for job in jobs.as_array().into_iter().flatten() {
         let Some(id) = job["id"].as_str().filter(|id| id.starts_with(JOB_PREFIX)) else {
@@ -347,6 +353,17 @@ async fn clean_stray(
             }
         }
     }
+    Ok(())
+}
+
+/// Removes checkpoint bitmaps other than the active one: left by a run
+/// that died before its commit (or after it, before the state moved on).
+async fn clean_stray_bitmaps(
+    qmp: &Qmp,
+    vm: &str,
+    volumes: &mut [Volume],
+    active: Option<&str>,
+) -> anyhow::Result<()> {
     for v in volumes.iter_mut() {
         let stray: Vec<String> = v
             .bitmaps
@@ -481,7 +498,8 @@ async fn run_jobs(
         } => Some((parent.as_str(), checkpoint.as_str())),
         Plan::Full(_) => None,
     };
-    let pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
+    // qemu-storage-daemon has no add-fd: it opens targets by name.
+    let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
     let mut actions = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let path = dir.join(VolumeRecord::file_name(&v.name));
@@ -496,25 +514,26 @@ async fn run_jobs(
             },
         )
         .with_context(|| format!("creating {}", path.display()))?;
-        let filename = if pass_fds {
+        let mut filename = path.display().to_string();
+        if pass_fds {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            let added = qmp
-                .add_fd(
-                    file.as_fd(),
-                    None,
-                    Some(&format!("bitback {}", path.display())),
-                )
-                .await
-                .context("passing the target to QEMU")?;
-            undo.fdsets.push(added.fdset_id);
-            format!("/dev/fdset/{}", added.fdset_id)
-        } else {
-            path.display().to_string()
-        };
+            let label = format!("bitback {}", path.display());
+            match qmp.add_fd(file.as_fd(), None, Some(&label)).await {
+                Ok(added) => {
+                    undo.fdsets.push(added.fdset_id);
+                    filename = format!("/dev/fdset/{}", added.fdset_id);
+                }
+                Err(e) if e.is_command_not_found() => {
+                    debug!("no add-fd in this QEMU: targets are opened by name");
+                    pass_fds = false;
+                }
+                Err(e) => return Err(anyhow!(e).context("passing the target to QEMU")),
+            }
+        }
         let node = format!("{TARGET_NODE_PREFIX}{i}");
         qmp.execute_raw(
             "blockdev-add",

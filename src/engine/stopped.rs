@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::backup::{BackupOptions, Cancel, backup_named};
 use crate::qcow2;
 use crate::qmp::{Endpoint, Options, Qmp};
-use crate::repo::{self, Manifest, Repo};
+use crate::repo::{self, Manifest, Repo, VmLock};
 
 /// One image of a stopped VM, and the volume name it is backed up as.
 #[derive(Debug, Clone)]
@@ -28,6 +28,7 @@ pub struct StoppedImage {
 /// recorded in the VM's state.
 pub async fn backup_stopped(
     repo: &Repo,
+    lock: &VmLock,
     opts: &BackupOptions,
     images: &[StoppedImage],
     cancel: Cancel,
@@ -68,7 +69,7 @@ pub async fn backup_stopped(
         .enumerate()
         .map(|(i, image)| (format!("bb-v{i}"), image.volume.clone()))
         .collect();
-    let result = backup_named(&daemon.qmp, repo, opts, cancel, &renames).await;
+    let result = backup_named(&daemon.qmp, repo, lock, opts, cancel, &renames).await;
     let stopped = daemon.stop().await;
     let manifest = result?;
     stopped.context("stopping qemu-storage-daemon (the new checkpoint may not be saved)")?;
@@ -76,7 +77,12 @@ pub async fn backup_stopped(
 }
 
 fn check_not_in_use(path: &Path) -> anyhow::Result<()> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // A write lock needs a descriptor open for writing.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     match qcow2::lock_out_qemu(&file) {
         Ok(_) => Ok(()),
         Err(qcow2::Error::InUse) => bail!(

@@ -12,10 +12,16 @@ use super::error::{Error, Result};
 /// Held for a run that changes a VM's backups; released on drop.
 #[derive(Debug)]
 pub struct VmLock {
+    vm: String,
     _file: Flock<File>,
 }
 
 impl VmLock {
+    /// The VM this lock is for.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
     pub(crate) fn acquire(vm: &str, dir: &Path, purpose: &str) -> Result<VmLock> {
         let path = dir.join(".lock");
         let file = OpenOptions::new()
@@ -63,6 +69,9 @@ impl VmLock {
                 source,
             });
         }
-        Ok(VmLock { _file: file })
+        Ok(VmLock {
+            vm: vm.to_string(),
+            _file: file,
+        })
     }
 }

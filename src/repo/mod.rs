@@ -177,7 +177,14 @@ impl Repo {
             }
             out.push(self.manifest(vm, &name)?);
         }
-        out.sort_by(|a, b| (a.time.as_str(), a.id.as_str()).cmp(&(b.time.as_str(), b.id.as_str())));
+        // Ids taken in the same second get -2, -3, ...: shorter sorts first.
+        out.sort_by(|a, b| {
+            (a.time.as_str(), a.id.len(), a.id.as_str()).cmp(&(
+                b.time.as_str(),
+                b.id.len(),
+                b.id.as_str(),
+            ))
+        });
         Ok(out)
     }
 

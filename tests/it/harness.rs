@@ -229,11 +229,16 @@ impl Qemu {
                 for (i, d) in disks.iter().enumerate() {
                     args.push("-blockdev".into());
                     args.push(format!(
-                        "driver=file,filename={},node-name=file{i}",
+                        "driver=file,filename={},node-name=file{i},discard=unmap",
                         d.image.display()
                     ));
                     args.push("-blockdev".into());
-                    args.push(format!("driver=qcow2,file=file{i},node-name={}", d.node));
+                    // discard=unmap: guest discards really free clusters,
+                    // as on a VM with discard on (the default ignores them).
+                    args.push(format!(
+                        "driver=qcow2,file=file{i},node-name={},discard=unmap",
+                        d.node
+                    ));
                     if kind == Kind::Pc {
                         args.push("-device".into());
                         args.push(format!(
@@ -431,5 +436,41 @@ pub fn bitback(args: &[&str]) -> Run {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into(),
         stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// A small deterministic generator: the seed is printed so a failure can be
+/// replayed with BITBACK_SEED.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("BITBACK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("BITBACK_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
     }
 }

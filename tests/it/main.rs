@@ -4,6 +4,7 @@
 //! qemu-storage-daemon) and fail, naming the install command, when QEMU is
 //! missing.
 
+mod backup;
 mod fake_qmp;
 mod harness;
 mod inspect;

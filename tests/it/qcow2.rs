@@ -10,7 +10,7 @@ use bitback::qcow2::{self, CreateOptions, Image};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Disk, Kind, Qemu, bitback, create_qcow2, images_equal, require, run, tempdir,
+    Disk, Kind, Qemu, Rng, bitback, create_qcow2, images_equal, require, run, tempdir,
 };
 
 const MIB: u64 = 1 << 20;
@@ -275,42 +275,6 @@ fn a_cleanly_closed_image_has_usable_bitmaps() {
     assert!(img.bitmap_status("persisted").usable());
     assert!(!img.bitmap_status("transient").present);
     assert!(img.bitmaps_consistent());
-}
-
-/// A small deterministic generator: the seed is printed so a failure can be
-/// replayed with BITBACK_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("BITBACK_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("BITBACK_SEED={seed}");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
 }
 
 /// `qemu-img info` less what must differ between two files: their names,

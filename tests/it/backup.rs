@@ -1,0 +1,871 @@
+//! `bitback backup` against real QEMU. Every backup point is judged against
+//! raw model files the test writes in parallel with the guest's writes,
+//! with `qemu-img compare` following each chain.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Disk, Kind, Qemu, Rng, bitback, create_qcow2, run, tempdir};
+
+const MIB: u64 = 1 << 20;
+
+/// A volume's expected contents, kept in memory and snapshotted to a raw
+/// file at each backup.
+struct Model {
+    node: String,
+    bytes: Vec<u8>,
+}
+
+/// A VM under test with its models.
+struct Vm {
+    dir: PathBuf,
+    repo: PathBuf,
+    disks: Vec<Disk>,
+    models: Vec<Model>,
+    qemu: Option<Qemu>,
+    /// (backup id, model files per volume)
+    points: Vec<(String, Vec<PathBuf>)>,
+}
+
+impl Vm {
+    fn new(dir: &Path, sizes: &[u64]) -> Vm {
+        let mut disks = Vec::new();
+        let mut models = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let image = dir.join(format!("disk{i}.qcow2"));
+            create_qcow2(&image, size, &[]);
+            disks.push(Disk::new(&format!("disk{i}"), &format!("drive{i}"), &image));
+            models.push(Model {
+                node: format!("drive{i}"),
+                bytes: vec![0; size as usize],
+            });
+        }
+        let mut vm = Vm {
+            dir: dir.into(),
+            repo: dir.join("repo"),
+            disks,
+            models,
+            qemu: None,
+            points: Vec::new(),
+        };
+        vm.start();
+        vm
+    }
+
+    fn start(&mut self) {
+        self.qemu = Some(Qemu::start(Kind::MachineNone, &self.dir, &self.disks));
+    }
+
+    fn qemu(&self) -> &Qemu {
+        self.qemu.as_ref().expect("QEMU is running")
+    }
+
+    fn write(&mut self, volume: usize, offset: u64, len: u64, pattern: u8) {
+        self.qemu().qemu_io(
+            &self.models[volume].node,
+            &format!("write -P {pattern:#x} {offset} {len}"),
+        );
+        self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(pattern);
+    }
+
+    fn zero(&mut self, volume: usize, offset: u64, len: u64) {
+        self.qemu().qemu_io(
+            &self.models[volume].node,
+            &format!("write -z {offset} {len}"),
+        );
+        self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(0);
+    }
+
+    /// Whole 64 KiB clusters only: QEMU drops partial-cluster discards.
+    fn discard(&mut self, volume: usize, offset: u64, len: u64) {
+        self.qemu().qemu_io(
+            &self.models[volume].node,
+            &format!("discard {offset} {len}"),
+        );
+        self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(0);
+    }
+
+    fn random_writes(&mut self, rng: &mut Rng, count: usize) {
+        for _ in 0..count {
+            let volume = rng.below(self.models.len() as u64) as usize;
+            let size = self.models[volume].bytes.len() as u64;
+            match rng.below(6) {
+                0 => {
+                    let cluster = 65536;
+                    let offset = rng.below(size / cluster) * cluster;
+                    let len = cluster * (1 + rng.below(4)).min((size - offset) / cluster);
+                    self.discard(volume, offset, len);
+                }
+                1 => {
+                    let offset = rng.below(size / 512) * 512;
+                    let len = (512 * (1 + rng.below(256))).min(size - offset);
+                    self.zero(volume, offset, len);
+                }
+                _ => {
+                    let offset = rng.below(size / 512) * 512;
+                    let len = (512 * (1 + rng.below(512))).min(size - offset);
+                    let pattern = 1 + rng.below(255) as u8;
+                    self.write(volume, offset, len, pattern);
+                }
+            }
+        }
+    }
+
+    fn backup(&mut self, extra: &[&str]) -> Value {
+        let mut args = vec![
+            "backup",
+            "--qmp",
+            self.qemu().qmp.to_str().unwrap(),
+            "--repo",
+            self.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--json",
+        ];
+        args.extend(extra);
+        let manifest = bitback(&args).json();
+        self.snapshot(manifest["id"].as_str().unwrap());
+        manifest
+    }
+
+    /// Records the models as the contents of backup `id`.
+    fn snapshot(&mut self, id: &str) {
+        let mut files = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let path = self.dir.join(format!("model-{id}-{i}.raw"));
+            std::fs::write(&path, &m.bytes).unwrap();
+            files.push(path);
+        }
+        self.points.push((id.to_string(), files));
+    }
+
+    /// Every recorded point of every volume equals its model.
+    fn check_all_points(&self) {
+        for (id, files) in &self.points {
+            for (i, model) in files.iter().enumerate() {
+                let backup = self
+                    .repo
+                    .join("vm1")
+                    .join(id)
+                    .join(format!("drive{i}.qcow2"));
+                assert_compare(model, &backup);
+            }
+        }
+    }
+
+    fn quit(&mut self) {
+        if let Some(qemu) = self.qemu.take() {
+            qemu.quit();
+        }
+    }
+}
+
+fn assert_compare(model: &Path, backup: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(model)
+        .arg(backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} differs from its model {}: {}{}",
+        backup.display(),
+        model.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_bitback(vm: &Vm, extra: &[&str]) -> crate::harness::Run {
+    let mut args = vec![
+        "backup",
+        "--qmp",
+        vm.qemu().qmp.to_str().unwrap(),
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+    ];
+    args.extend(extra);
+    bitback(&args)
+}
+
+fn bitmaps(qemu: &Qemu, node: &str) -> Vec<Value> {
+    qemu.must("query-named-block-nodes", json!({"flat": true}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b.get("name").is_some())
+        .collect()
+}
+
+fn bitmap_names(qemu: &Qemu, node: &str) -> Vec<String> {
+    bitmaps(qemu, node)
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn two_volumes_full_and_five_incrementals_match_raw_models() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[24 * MIB, 8 * MIB]);
+    let mut rng = Rng::from_env();
+    let mut manifests = Vec::new();
+    for round in 0..6 {
+        vm.random_writes(&mut rng, 12);
+        let m = vm.backup(&[]);
+        assert_eq!(
+            m["kind"],
+            if round == 0 { "full" } else { "incremental" },
+            "{m:#}"
+        );
+        assert_eq!(m["position"], round);
+        assert_eq!(m["vm"], "vm1");
+        assert_eq!(m["volumes"].as_array().unwrap().len(), 2);
+        for (i, v) in m["volumes"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(v["name"], format!("drive{i}"));
+            assert_eq!(v["node"], format!("drive{i}"));
+            assert_eq!(
+                v["file"],
+                format!("vm1/{}/drive{i}.qcow2", m["id"].as_str().unwrap())
+            );
+            assert_eq!(v["virtual_size"], vm.models[i].bytes.len() as u64);
+        }
+        if round > 0 {
+            assert_eq!(
+                m["parent"],
+                manifests.last().map(|p: &Value| p["id"].clone()).unwrap()
+            );
+            assert_eq!(m["chain"], manifests[0]["id"]);
+        }
+        // Only the new checkpoint remains on each volume.
+        for i in 0..2 {
+            assert_eq!(
+                bitmap_names(vm.qemu(), &format!("drive{i}")),
+                vec![m["checkpoint"].as_str().unwrap().to_string()]
+            );
+        }
+        manifests.push(m);
+    }
+    vm.quit();
+    vm.check_all_points();
+    let listed = bitback(&["list", "--repo", vm.repo.to_str().unwrap(), "--json"]).json();
+    assert_eq!(listed.as_array().unwrap(), &manifests);
+    for m in &manifests {
+        for v in m["volumes"].as_array().unwrap() {
+            let file = vm.repo.join(v["file"].as_str().unwrap());
+            run(Command::new("qemu-img").args(["check", "-U"]).arg(&file));
+        }
+    }
+}
+
+#[test]
+fn full_every_starts_new_chains() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    let mut kinds = Vec::new();
+    for i in 0..5 {
+        vm.write(0, i * MIB, 4096, 0x40 + i as u8);
+        let m = vm.backup(&["--full-every", "3"]);
+        kinds.push((
+            m["kind"].as_str().unwrap().to_string(),
+            m["position"].as_u64().unwrap(),
+        ));
+        if i == 3 {
+            assert!(
+                m["reason"].as_str().unwrap().contains("--full-every 3"),
+                "{m:#}"
+            );
+        }
+    }
+    let expected: Vec<(String, u64)> = [
+        ("full", 0),
+        ("incremental", 1),
+        ("incremental", 2),
+        ("full", 0),
+        ("incremental", 1),
+    ]
+    .iter()
+    .map(|(k, p)| (k.to_string(), *p))
+    .collect();
+    assert_eq!(kinds, expected);
+    let full = vm.backup(&["--full"]);
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["reason"], "full: requested (--full)");
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_bitmap_removed_by_hand_forces_full() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    vm.write(0, 0, MIB, 0x11);
+    let first = vm.backup(&[]);
+    vm.qemu().must(
+        "block-dirty-bitmap-remove",
+        json!({"node": "drive1", "name": first["checkpoint"]}),
+    );
+    vm.write(1, 0, 4096, 0x12);
+    let second = vm.backup(&[]);
+    assert_eq!(second["kind"], "full");
+    let reason = second["reason"].as_str().unwrap();
+    assert!(reason.contains("missing on volume drive1"), "{reason}");
+    vm.write(0, MIB, 4096, 0x13);
+    assert_eq!(vm.backup(&[])["kind"], "incremental");
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_resized_volume_forces_full() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    vm.write(0, 0, MIB, 0x21);
+    vm.backup(&[]);
+    vm.qemu().must(
+        "block_resize",
+        json!({"node-name": "drive0", "size": 16 * MIB}),
+    );
+    vm.models[0].bytes.resize(16 * MIB as usize, 0);
+    vm.write(0, 12 * MIB, MIB, 0x22);
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "full");
+    assert_eq!(
+        m["reason"],
+        "full: volume drive0 was resized (8 MiB -> 16 MiB)"
+    );
+    assert_eq!(m["volumes"][0]["virtual_size"], 16 * MIB);
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn an_added_volume_forces_full() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    vm.write(0, 0, MIB, 0x31);
+    vm.backup(&[]);
+    let extra = dir.path().join("extra.qcow2");
+    create_qcow2(&extra, 4 * MIB, &[]);
+    vm.qemu().must(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "drive1",
+               "file": {"driver": "file", "filename": extra}}),
+    );
+    vm.models.push(Model {
+        node: "drive1".into(),
+        bytes: vec![0; 4 * MIB as usize],
+    });
+    vm.write(1, MIB, 8192, 0x32);
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "full");
+    assert_eq!(
+        m["reason"],
+        "full: the volume set changed ([drive0] -> [drive0, drive1])"
+    );
+    vm.write(1, 0, 4096, 0x33);
+    assert_eq!(vm.backup(&[])["kind"], "incremental");
+    // Excluding a volume changes the set too.
+    let only = vm.backup(&["--exclude", "drive1"]);
+    assert_eq!(only["kind"], "full");
+    assert_eq!(only["volumes"].as_array().unwrap().len(), 1);
+    vm.points.pop();
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_clean_restart_continues_incrementally_and_a_kill_forces_full() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    vm.write(0, 0, 2 * MIB, 0x41);
+    vm.backup(&[]);
+    vm.write(1, MIB, 64 * 1024, 0x42);
+    vm.quit();
+    vm.start();
+    vm.write(0, 3 * MIB, 4096, 0x43);
+    let after_restart = vm.backup(&[]);
+    assert_eq!(after_restart["kind"], "incremental", "{after_restart:#}");
+    // Stored at a clean close, loaded again, then QEMU is killed: the
+    // image keeps the bitmap marked in use, so it loads inconsistent.
+    vm.quit();
+    vm.start();
+    vm.write(0, 5 * MIB, 4096, 0x44);
+    // A guest flushes what it needs kept; a kill loses unflushed metadata.
+    vm.qemu().qemu_io("drive0", "flush");
+    vm.qemu().qemu_io("drive1", "flush");
+    vm.qemu.as_mut().unwrap().kill();
+    vm.qemu = None;
+    vm.start();
+    let checkpoint = after_restart["checkpoint"].as_str().unwrap();
+    let loaded = bitmaps(vm.qemu(), "drive0");
+    let stale = loaded
+        .iter()
+        .find(|b| b["name"] == checkpoint)
+        .expect("bitmap loaded");
+    assert_eq!(stale["inconsistent"], true, "{stale}");
+    let after_kill = vm.backup(&[]);
+    assert_eq!(after_kill["kind"], "full");
+    assert!(
+        after_kill["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is inconsistent"),
+        "{after_kill:#}"
+    );
+    vm.write(1, 0, 4096, 0x45);
+    let next = vm.backup(&[]);
+    assert_eq!(next["kind"], "incremental");
+    // A checkpoint created in a session that is then killed never reached
+    // the image: it is simply missing.
+    vm.write(0, 6 * MIB, 4096, 0x46);
+    vm.qemu().qemu_io("drive0", "flush");
+    vm.qemu().qemu_io("drive1", "flush");
+    vm.qemu.as_mut().unwrap().kill();
+    vm.qemu = None;
+    vm.start();
+    let missing = vm.backup(&[]);
+    assert_eq!(missing["kind"], "full");
+    assert!(
+        missing["reason"].as_str().unwrap().contains("missing"),
+        "{missing:#}"
+    );
+    vm.quit();
+    vm.check_all_points();
+}
+
+/// The host offset of the cluster holding guest offset `guest`.
+fn host_offset(image: &Path, guest: u64) -> u64 {
+    let image = bitback::qcow2::Image::open(image).unwrap();
+    let map = bitback::qcow2::map(&image).unwrap();
+    let e = map
+        .iter()
+        .find(|e| e.start <= guest && guest < e.start + e.length)
+        .unwrap();
+    e.offset.expect("guest offset is allocated") + (guest - e.start)
+}
+
+/// Starts the VM's one volume through blkdebug, whose rules come from
+/// `config`: the node's name stays the same whatever the rules are.
+fn start_with_blkdebug(vm: &mut Vm, config: &Path) {
+    let blockdev = json!({
+        "driver": "qcow2", "node-name": "drive0",
+        "file": {
+            "driver": "blkdebug",
+            "config": config,
+            "image": {"driver": "file", "filename": vm.disks[0].image},
+        },
+    });
+    vm.qemu = Some(Qemu::start_with(
+        Kind::MachineNone,
+        &vm.dir,
+        &[],
+        &["-blockdev".into(), blockdev.to_string()],
+    ));
+}
+
+#[test]
+fn a_job_failing_mid_copy_keeps_the_previous_checkpoint() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[16 * MIB]);
+    vm.quit();
+    let config = dir.path().join("blkdebug.conf");
+    std::fs::write(&config, "").unwrap();
+    start_with_blkdebug(&mut vm, &config);
+    vm.write(0, 0, 4 * MIB, 0x51);
+    let full = vm.backup(&[]);
+    vm.write(0, 8 * MIB, 256 * 1024, 0x52);
+    vm.write(0, 12 * MIB, 4096, 0x53);
+    vm.quit();
+
+    // Restart with one read error where the dirty data lives.
+    let sector = host_offset(&vm.disks[0].image, 8 * MIB + 128 * 1024) / 512;
+    std::fs::write(
+        &config,
+        format!("[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"{sector}\"\nonce = \"on\"\n"),
+    )
+    .unwrap();
+    start_with_blkdebug(&mut vm, &config);
+    let failed = run_bitback(&vm, &[]);
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(failed.stderr.contains("failed"), "{}", failed.stderr);
+    // Nothing of it is kept; the old checkpoint is intact and alone.
+    let vm_dir = vm.repo.join("vm1");
+    let entries: Vec<String> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(
+        bitmap_names(vm.qemu(), "drive0"),
+        vec![full["checkpoint"].as_str().unwrap().to_string()]
+    );
+    let nodes = vm
+        .qemu()
+        .must("query-named-block-nodes", json!({"flat": true}));
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("bitback-t")),
+        "target node left behind: {names:?}"
+    );
+
+    // The error fired once; the next incremental holds everything since the full.
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "incremental", "{m:#}");
+    assert_eq!(m["parent"], full["id"]);
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_stopped_vm_gets_an_incremental_and_continues_after_restart() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    vm.write(0, 0, MIB, 0x61);
+    vm.backup(&[]);
+    vm.write(1, 2 * MIB, 8192, 0x62);
+    vm.quit();
+
+    // Stopped: named images, then the recorded ones.
+    let img = |i: usize| format!("drive{i}={}", vm.disks[i].image.display());
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let stopped = bitback(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--image",
+        &img(0),
+        "--image",
+        &img(1),
+        "--json",
+    ])
+    .json();
+    assert_eq!(stopped["kind"], "incremental", "{stopped:#}");
+    vm.snapshot(stopped["id"].as_str().unwrap());
+    let again = bitback(&["backup", "--repo", &repo, "--vm", "vm1", "--json"]).json();
+    assert_eq!(again["kind"], "incremental");
+    assert_eq!(again["volumes"][0]["bytes_written"], 0);
+    vm.snapshot(again["id"].as_str().unwrap());
+
+    // The checkpoint written while stopped carries on in the VM.
+    vm.start();
+    let checkpoint = again["checkpoint"].as_str().unwrap();
+    let loaded = bitmaps(vm.qemu(), "drive0");
+    let b = loaded
+        .iter()
+        .find(|b| b["name"] == checkpoint)
+        .expect("checkpoint in the image");
+    assert!(b.get("inconsistent").is_none_or(|v| v == false), "{b}");
+    vm.write(0, 6 * MIB, 4096, 0x63);
+    let live = vm.backup(&[]);
+    assert_eq!(live["kind"], "incremental", "{live:#}");
+    assert_eq!(live["position"], 3);
+
+    // A running QEMU holds the images: a stopped-VM backup is refused.
+    let refused = bitback(&["backup", "--repo", &repo, "--vm", "vm1"]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("in use by a running QEMU"),
+        "{}",
+        refused.stderr
+    );
+    vm.quit();
+    vm.check_all_points();
+}
+
+/// Starts bitback in the background; killed by pid when dropped.
+struct Background(Child);
+
+impl Background {
+    fn start(args: &[&str]) -> Background {
+        Background(
+            Command::new(env!("CARGO_BIN_EXE_bitback"))
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn signal(&self, signal: &str) {
+        run(Command::new("kill").args([format!("-{signal}"), self.0.id().to_string()]));
+    }
+
+    fn finish(mut self) -> (Option<i32>, String) {
+        let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
+        let out = std::mem::take(&mut child.stderr);
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = out {
+            use std::io::Read;
+            pipe.read_to_string(&mut stderr).unwrap();
+        }
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_job(qemu: &Qemu) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jobs = qemu.must("query-jobs", Value::Null);
+        if jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["status"] == "running")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no backup job started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_cancels_and_a_second_run_meets_the_lock() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[16 * MIB]);
+    vm.write(0, 0, MIB, 0x71);
+    let full = vm.backup(&[]);
+    vm.write(0, 2 * MIB, 8 * MIB, 0x72);
+    let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let slow = Background::start(&[
+        "backup",
+        "--qmp",
+        &qmp,
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--rate-limit",
+        "64K",
+    ]);
+    wait_for_job(vm.qemu());
+
+    // A second run on the same VM fails at once, naming the lock.
+    let second = bitback(&["backup", "--qmp", &qmp, "--repo", &repo, "--vm", "vm1"]);
+    assert_ne!(second.code, Some(0));
+    assert!(
+        second.stderr.contains("vm vm1 is locked by pid"),
+        "{}",
+        second.stderr
+    );
+
+    slow.signal("TERM");
+    let (code, stderr) = slow.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(
+        bitmap_names(vm.qemu(), "drive0"),
+        vec![full["checkpoint"].as_str().unwrap().to_string()]
+    );
+    assert!(
+        vm.qemu()
+            .must("query-jobs", Value::Null)
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(vm.repo.join("vm1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "incremental");
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_crash_at_any_phase_is_cleaned_up_by_the_next_run() {
+    for phase in [
+        "after-transaction",
+        "after-jobs",
+        "before-commit",
+        "after-commit",
+    ] {
+        let dir = tempdir();
+        let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+        vm.write(0, 0, MIB, 0x81);
+        vm.backup(&[]);
+        vm.write(1, MIB, 64 * 1024, 0x82);
+        let crashed = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(["backup", "--qmp", vm.qemu().qmp.to_str().unwrap(), "--repo"])
+            .arg(&vm.repo)
+            .args(["--vm", "vm1"])
+            .env("BITBACK_FAULT", phase)
+            .output()
+            .unwrap();
+        assert_eq!(
+            crashed.status.code(),
+            None,
+            "{phase}: bitback was not killed"
+        );
+        if phase == "after-commit" {
+            // Committed before the crash: a point the repository keeps.
+            let list = bitback(&["list", "--repo", vm.repo.to_str().unwrap(), "--json"]).json();
+            let id = list.as_array().unwrap().last().unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            vm.snapshot(&id);
+        }
+        vm.write(0, 3 * MIB, 4096, 0x83);
+        let next = run_bitback(&vm, &["--json", "-v"]);
+        assert_eq!(next.code, Some(0), "{phase}: {}", next.stderr);
+        let m: Value = serde_json::from_str(&next.stdout).unwrap();
+        vm.snapshot(m["id"].as_str().unwrap());
+        if phase == "after-commit" {
+            assert_eq!(m["kind"], "full", "{phase}: {m:#}\n{}", next.stderr);
+        } else {
+            assert_eq!(m["kind"], "incremental", "{phase}: {m:#}\n{}", next.stderr);
+            assert!(
+                next.stderr.contains("interrupted run") || next.stderr.contains("does not use"),
+                "{phase}: the log does not say what was cleaned:\n{}",
+                next.stderr
+            );
+        }
+        for i in 0..2 {
+            assert_eq!(
+                bitmap_names(vm.qemu(), &format!("drive{i}")),
+                vec![m["checkpoint"].as_str().unwrap().to_string()],
+                "{phase}"
+            );
+        }
+        vm.quit();
+        vm.check_all_points();
+    }
+}
+
+/// A guest agent stand-in: QEMU cannot run one without a booted guest.
+fn fake_agent(path: &Path, log: Arc<Mutex<Vec<String>>>) {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let cmd: Value = serde_json::from_str(&line).unwrap();
+            let name = cmd["execute"].as_str().unwrap().to_string();
+            let reply = match name.as_str() {
+                "guest-sync" => {
+                    // A stale reply first, as a real agent may have.
+                    writeln!(writer, "{}", json!({"return": 12345})).unwrap();
+                    json!({"return": cmd["arguments"]["id"]})
+                }
+                "guest-fsfreeze-freeze" | "guest-fsfreeze-thaw" => json!({"return": 2}),
+                _ => json!({"error": {"class": "CommandNotFound", "desc": "no"}}),
+            };
+            log.lock().unwrap().push(name);
+            writeln!(writer, "{reply}").unwrap();
+        }
+    });
+}
+
+#[test]
+fn quiesce_freezes_then_thaws_the_guest() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
+    vm.write(0, 0, 4096, 0x91);
+    let agent = dir.path().join("qga.sock");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    fake_agent(&agent, log.clone());
+    let m = vm.backup(&["--quiesce", "--qga", agent.to_str().unwrap()]);
+    assert_eq!(m["kind"], "full");
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
+    let no_agent = run_bitback(
+        &vm,
+        &[
+            "--quiesce",
+            "--qga",
+            dir.path().join("none.sock").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(no_agent.code, Some(1));
+    assert!(
+        no_agent.stderr.contains("guest agent"),
+        "{}",
+        no_agent.stderr
+    );
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn bad_input_is_exit_2_and_writes_nothing() {
+    let dir = tempdir();
+    let vm = Vm::new(dir.path(), &[4 * MIB]);
+    for (args, message) in [
+        (vec!["--vm", "../escape"], "not allowed"),
+        (
+            vec!["--vm", "vm1", "--volume", "nosuch"],
+            "has no volume nosuch",
+        ),
+        (vec!["--vm", "a/b"], "not allowed"),
+    ] {
+        let mut full = vec![
+            "backup",
+            "--qmp",
+            vm.qemu().qmp.to_str().unwrap(),
+            "--repo",
+            vm.repo.to_str().unwrap(),
+        ];
+        full.extend(args.iter());
+        let run = bitback(&full);
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: {}", run.stderr);
+    }
+    assert!(!dir.path().join("escape").exists());
+    let entries: Vec<_> = std::fs::read_dir(&vm.repo)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(entries.iter().all(|e| e == "vm1"), "{entries:?}");
+}
+
+#[test]
+fn demo_proves_its_restore() {
+    crate::harness::require("qemu-storage-daemon");
+    let run = bitback(&["demo"]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("Images are identical"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("incremental"), "{}", run.stdout);
+}
