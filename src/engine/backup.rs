@@ -161,8 +161,61 @@ pub(crate) async fn backup_named(
         return Err(e);
     }
 
-    let (kind, parent, chain, position) = match &plan {
-        Plan::Full(_) => (BackupKind::Full, None, id.clone(), 0),
+    let built = build_manifest(
+        qmp,
+        vm,
+        &id,
+        &now,
+        &plan,
+        &checkpoint,
+        &volumes,
+        partial.dir(),
+    )
+    .await;
+    let manifest = match built {
+        Ok(_) if *cancel.borrow() => {
+            undo.rollback(qmp).await;
+            bail!("interrupted before the commit; nothing was kept");
+        }
+        Ok(manifest) => manifest,
+        Err(e) => {
+            undo.rollback(qmp).await;
+            return Err(e);
+        }
+    };
+    crate::fault::point("before-commit");
+    if let Err(e) = partial.commit(&manifest) {
+        undo.rollback(qmp).await;
+        return Err(e.into());
+    }
+    crate::fault::point("after-commit");
+    commit_state(repo, lock, vm, &checkpoint, &id, &volumes)?;
+
+    // The new checkpoint is active: the old one can go.
+    if let Some(old) = active.filter(|old| old != &checkpoint) {
+        for v in &volumes {
+            if let Err(e) = remove_bitmap(qmp, &v.node_name, &old).await {
+                warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint; the next run will");
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+/// The manifest of the finished files: digests and data counts read back.
+#[allow(clippy::too_many_arguments)]
+async fn build_manifest(
+    qmp: &Qmp,
+    vm: &str,
+    id: &str,
+    now: &repo::time::Utc,
+    plan: &Plan,
+    checkpoint: &str,
+    volumes: &[Volume],
+    dir: &Path,
+) -> anyhow::Result<Manifest> {
+    let (kind, parent, chain, position) = match plan {
+        Plan::Full(_) => (BackupKind::Full, None, id.to_string(), 0),
         Plan::Incremental {
             parent,
             chain,
@@ -176,8 +229,8 @@ pub(crate) async fn backup_named(
         ),
     };
     let mut records = Vec::new();
-    for v in &volumes {
-        let path = partial.dir().join(VolumeRecord::file_name(&v.name));
+    for v in volumes {
+        let path = dir.join(VolumeRecord::file_name(&v.name));
         let (digest, bytes_written) = digest_and_count(path.clone())
             .await
             .with_context(|| format!("reading back {}", path.display()))?;
@@ -187,7 +240,7 @@ pub(crate) async fn backup_named(
             image_file: v.image_file.clone(),
             format: v.format.clone(),
             virtual_size: v.virtual_size,
-            file: VolumeRecord::repo_file(vm, &id, &v.name),
+            file: VolumeRecord::repo_file(vm, id, &v.name),
             backing: parent
                 .as_ref()
                 .map(|p| VolumeRecord::backing_name(p, &v.name)),
@@ -195,38 +248,20 @@ pub(crate) async fn backup_named(
             digest,
         });
     }
-    let manifest = Manifest {
+    Ok(Manifest {
         schema: MANIFEST_SCHEMA,
-        id: id.clone(),
+        id: id.to_string(),
         vm: vm.to_string(),
         kind,
         reason: plan.reason(),
         chain,
         position,
         parent,
-        checkpoint: checkpoint.clone(),
+        checkpoint: checkpoint.to_string(),
         time: now.rfc3339(),
         volumes: records,
         qemu_version: Some(qmp.greeting().version.to_string()),
-    };
-    if *cancel.borrow() {
-        undo.rollback(qmp).await;
-        bail!("interrupted before the commit; nothing was kept");
-    }
-    crate::fault::point("before-commit");
-    partial.commit(&manifest)?;
-    crate::fault::point("after-commit");
-    commit_state(repo, lock, vm, &checkpoint, &id, &volumes)?;
-
-    // The new checkpoint is active: the old one can go.
-    if let Some(old) = active.filter(|old| old != &checkpoint) {
-        for v in &volumes {
-            if let Err(e) = remove_bitmap(qmp, &v.node_name, &old).await {
-                warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint; the next run will");
-            }
-        }
-    }
-    Ok(manifest)
+    })
 }
 
 fn commit_state(
