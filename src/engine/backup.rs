@@ -277,16 +277,7 @@ fn commit_state(
         vm: vm.to_string(),
         active_checkpoint: Some(checkpoint.to_string()),
         last_backup: Some(id.to_string()),
-        volumes: volumes
-            .iter()
-            .map(|v| StateVolume {
-                name: v.name.clone(),
-                node: v.node_name.clone(),
-                image_file: v.image_file.clone(),
-                format: v.format.clone(),
-                virtual_size: v.virtual_size,
-            })
-            .collect(),
+        volumes: volumes.iter().map(StateVolume::from).collect(),
     };
     repo.save_state(lock, &state)?;
     Ok(())

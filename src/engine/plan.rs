@@ -343,16 +343,7 @@ mod tests {
             vm: "vm".into(),
             active_checkpoint: Some(format!("bitback-{last}")),
             last_backup: Some(last.into()),
-            volumes: volumes
-                .iter()
-                .map(|v| StateVolume {
-                    name: v.name.clone(),
-                    node: v.node_name.clone(),
-                    image_file: v.image_file.clone(),
-                    format: v.format.clone(),
-                    virtual_size: v.virtual_size,
-                })
-                .collect(),
+            volumes: volumes.iter().map(StateVolume::from).collect(),
         }
     }
 

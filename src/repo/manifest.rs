@@ -141,6 +141,18 @@ pub struct StateVolume {
     pub virtual_size: u64,
 }
 
+impl From<&crate::qemu::Volume> for StateVolume {
+    fn from(v: &crate::qemu::Volume) -> StateVolume {
+        StateVolume {
+            name: v.name.clone(),
+            node: v.node_name.clone(),
+            image_file: v.image_file.clone(),
+            format: v.format.clone(),
+            virtual_size: v.virtual_size,
+        }
+    }
+}
+
 impl VmState {
     pub fn parse(bytes: &[u8], vm: &str) -> Result<VmState, String> {
         let s: VmState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;

@@ -29,6 +29,14 @@ pub fn require(tool: &str) {
     assert!(found, "{tool} is not installed: {INSTALL_HINT}");
 }
 
+/// A TCP port free at the time of asking, for a QEMU to listen on.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("bitback-test-")
@@ -370,6 +378,23 @@ impl Qemu {
             "block-dirty-bitmap-add",
             json!({ "node": node, "name": name, "persistent": persistent }),
         );
+    }
+
+    /// Waits until QEMU runs no block job.
+    pub fn wait_jobs_done(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self
+            .must("query-block-jobs", Value::Null)
+            .as_array()
+            .expect("query-block-jobs returns a list")
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "block jobs did not finish in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends a signal to QEMU by its pid.

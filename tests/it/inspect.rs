@@ -4,7 +4,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Disk, Kind, Qemu, bitback, create_qcow2, qemu_img_info, tempdir};
+use crate::harness::{
+    Disk, Kind, Qemu, bitback, create_qcow2, free_tcp_port, qemu_img_info, tempdir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -229,11 +231,7 @@ fn inspect_bad_tcp_address_is_exit_2() {
 fn inspect_over_tcp() {
     let dir = tempdir();
     let disks = two_disks(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_tcp_port();
     let qemu = Qemu::start_with(
         Kind::MachineNone,
         dir.path(),

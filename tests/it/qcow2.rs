@@ -506,19 +506,7 @@ fn bitmaps_survive_rebase_and_carry_an_incremental() {
         json!({"job-id": "incr", "device": "drive0", "target": "incr", "sync": "bitmap",
                "bitmap": "b0", "bitmap-mode": "never"}),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !qemu
-        .must("query-block-jobs", Value::Null)
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "backup job did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    qemu.wait_jobs_done(Duration::from_secs(30));
     qemu.must("blockdev-del", json!({"node-name": "incr"}));
     qemu.quit();
     qemu_img_check_clean(&target);
@@ -646,19 +634,7 @@ fn created_images_are_full_backup_targets() {
         );
         targets.push((node, target));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !qemu
-        .must("query-block-jobs", Value::Null)
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "backup jobs did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    qemu.wait_jobs_done(Duration::from_secs(60));
     for (node, _) in &targets {
         qemu.must("blockdev-del", json!({"node-name": node}));
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bitback::qmp::{Endpoint, Error, Options, Qmp};
 use serde_json::{Value, json};
 
-use crate::harness::{Disk, Kind, Qemu, create_qcow2, images_equal, tempdir};
+use crate::harness::{Disk, Kind, Qemu, create_qcow2, free_tcp_port, images_equal, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -388,11 +388,7 @@ async fn getfd_names_a_passed_fd() {
 #[tokio::test]
 async fn fds_cannot_be_passed_over_tcp() {
     let dir = tempdir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_tcp_port();
     let qemu = Qemu::start_with(
         Kind::MachineNone,
         dir.path(),
