@@ -670,6 +670,10 @@ fn sigterm_cancels_and_a_second_run_meets_the_lock() {
         "64K",
     ]);
     wait_for_job(vm.qemu());
+    // The target went to QEMU as a passed fd, not by name.
+    let fdsets = vm.qemu().must("query-fdsets", Value::Null);
+    let opaque = fdsets[0]["fds"][0]["opaque"].as_str().unwrap_or_default().to_string();
+    assert!(opaque.starts_with("bitback ") && opaque.ends_with("drive0.qcow2"), "{fdsets}");
 
     // A second run on the same VM fails at once, naming the lock.
     let second = bitback(&["backup", "--qmp", &qmp, "--repo", &repo, "--vm", "vm1"]);
