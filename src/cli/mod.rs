@@ -10,6 +10,7 @@ mod demo;
 mod inspect;
 mod output;
 mod qcow2;
+mod restore;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ enum Command {
     Demo(demo::DemoArgs),
     Backup(backup::BackupArgs),
     List(backup::ListArgs),
+    Restore(restore::RestoreArgs),
+    Verify(restore::VerifyArgs),
     Inspect(inspect::Args),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
@@ -76,9 +79,10 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 )
             ))
     });
-    let is_backup = error
-        .chain()
-        .any(|e| e.to_string().starts_with("backup of vm "));
+    let is_backup = error.chain().any(|e| {
+        let text = e.to_string();
+        text.starts_with("backup of vm ") || text.starts_with("restore of vm ")
+    });
     if ran && is_backup {
         EXIT_FAILED
     } else {
@@ -114,6 +118,8 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Backup(args) => backup::backup(args).await,
             Command::List(args) => backup::list(args),
+            Command::Restore(args) => restore::restore(args),
+            Command::Verify(args) => restore::verify(args),
             Command::Inspect(args) => inspect::run(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }

@@ -1,13 +1,19 @@
 //! The operations: [`plan`] decides full or incremental from facts alone;
 //! [`backup`] carries a backup out against a running QEMU, [`backup_stopped`]
-//! against a stopped VM's images through a qemu-storage-daemon it starts.
+//! against a stopped VM's images through a qemu-storage-daemon it starts;
+//! [`verify`] checks what the repository holds; [`restore`] turns a point
+//! back into an image.
 
 mod backup;
 pub mod plan;
+mod restore;
 mod stopped;
+mod verify;
 
 pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, backup, digest_file};
+pub use restore::{Format, RestoreOptions, Restored, restore};
 pub use stopped::{StoppedImage, backup_stopped};
+pub use verify::{Problem, Report, Scope, verify};
 
 /// Input the user must fix (an unknown volume, a malformed argument):
 /// nothing was attempted.

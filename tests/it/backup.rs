@@ -17,24 +17,24 @@ const MIB: u64 = 1 << 20;
 
 /// A volume's expected contents, kept in memory and snapshotted to a raw
 /// file at each backup.
-struct Model {
+pub(crate) struct Model {
     node: String,
     bytes: Vec<u8>,
 }
 
 /// A VM under test with its models.
-struct Vm {
-    dir: PathBuf,
-    repo: PathBuf,
-    disks: Vec<Disk>,
-    models: Vec<Model>,
-    qemu: Option<Qemu>,
+pub(crate) struct Vm {
+    pub(crate) dir: PathBuf,
+    pub(crate) repo: PathBuf,
+    pub(crate) disks: Vec<Disk>,
+    pub(crate) models: Vec<Model>,
+    pub(crate) qemu: Option<Qemu>,
     /// (backup id, model files per volume)
-    points: Vec<(String, Vec<PathBuf>)>,
+    pub(crate) points: Vec<(String, Vec<PathBuf>)>,
 }
 
 impl Vm {
-    fn new(dir: &Path, sizes: &[u64]) -> Vm {
+    pub(crate) fn new(dir: &Path, sizes: &[u64]) -> Vm {
         let mut disks = Vec::new();
         let mut models = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
@@ -58,15 +58,15 @@ impl Vm {
         vm
     }
 
-    fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         self.qemu = Some(Qemu::start(Kind::MachineNone, &self.dir, &self.disks));
     }
 
-    fn qemu(&self) -> &Qemu {
+    pub(crate) fn qemu(&self) -> &Qemu {
         self.qemu.as_ref().expect("QEMU is running")
     }
 
-    fn write(&mut self, volume: usize, offset: u64, len: u64, pattern: u8) {
+    pub(crate) fn write(&mut self, volume: usize, offset: u64, len: u64, pattern: u8) {
         self.qemu().qemu_io(
             &self.models[volume].node,
             &format!("write -P {pattern:#x} {offset} {len}"),
@@ -74,7 +74,7 @@ impl Vm {
         self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(pattern);
     }
 
-    fn zero(&mut self, volume: usize, offset: u64, len: u64) {
+    pub(crate) fn zero(&mut self, volume: usize, offset: u64, len: u64) {
         self.qemu().qemu_io(
             &self.models[volume].node,
             &format!("write -z {offset} {len}"),
@@ -83,7 +83,7 @@ impl Vm {
     }
 
     /// Whole 64 KiB clusters only: QEMU drops partial-cluster discards.
-    fn discard(&mut self, volume: usize, offset: u64, len: u64) {
+    pub(crate) fn discard(&mut self, volume: usize, offset: u64, len: u64) {
         self.qemu().qemu_io(
             &self.models[volume].node,
             &format!("discard {offset} {len}"),
@@ -91,7 +91,7 @@ impl Vm {
         self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(0);
     }
 
-    fn random_writes(&mut self, rng: &mut Rng, count: usize) {
+    pub(crate) fn random_writes(&mut self, rng: &mut Rng, count: usize) {
         for _ in 0..count {
             let volume = rng.below(self.models.len() as u64) as usize;
             let size = self.models[volume].bytes.len() as u64;
@@ -117,7 +117,7 @@ impl Vm {
         }
     }
 
-    fn backup(&mut self, extra: &[&str]) -> Value {
+    pub(crate) fn backup(&mut self, extra: &[&str]) -> Value {
         let mut args = vec![
             "backup",
             "--qmp",
@@ -135,7 +135,7 @@ impl Vm {
     }
 
     /// Records the models as the contents of backup `id`.
-    fn snapshot(&mut self, id: &str) {
+    pub(crate) fn snapshot(&mut self, id: &str) {
         let mut files = Vec::new();
         for (i, m) in self.models.iter().enumerate() {
             let path = self.dir.join(format!("model-{id}-{i}.raw"));
@@ -146,7 +146,7 @@ impl Vm {
     }
 
     /// Every recorded point of every volume equals its model.
-    fn check_all_points(&self) {
+    pub(crate) fn check_all_points(&self) {
         for (id, files) in &self.points {
             for (i, model) in files.iter().enumerate() {
                 let backup = self
@@ -159,7 +159,7 @@ impl Vm {
         }
     }
 
-    fn quit(&mut self) {
+    pub(crate) fn quit(&mut self) {
         if let Some(qemu) = self.qemu.take() {
             qemu.quit();
         }
@@ -596,7 +596,7 @@ fn a_stopped_vm_gets_an_incremental_and_continues_after_restart() {
 struct Background(Child);
 
 impl Background {
-    fn start(args: &[&str]) -> Background {
+    pub(crate) fn start(args: &[&str]) -> Background {
         Background(
             Command::new(env!("CARGO_BIN_EXE_bitback"))
                 .args(args)
@@ -672,8 +672,14 @@ fn sigterm_cancels_and_a_second_run_meets_the_lock() {
     wait_for_job(vm.qemu());
     // The target went to QEMU as a passed fd, not by name.
     let fdsets = vm.qemu().must("query-fdsets", Value::Null);
-    let opaque = fdsets[0]["fds"][0]["opaque"].as_str().unwrap_or_default().to_string();
-    assert!(opaque.starts_with("bitback ") && opaque.ends_with("drive0.qcow2"), "{fdsets}");
+    let opaque = fdsets[0]["fds"][0]["opaque"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        opaque.starts_with("bitback ") && opaque.ends_with("drive0.qcow2"),
+        "{fdsets}"
+    );
 
     // A second run on the same VM fails at once, naming the lock.
     let second = bitback(&["backup", "--qmp", &qmp, "--repo", &repo, "--vm", "vm1"]);

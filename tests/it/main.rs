@@ -10,3 +10,4 @@ mod harness;
 mod inspect;
 mod qcow2;
 mod qmp_client;
+mod restore;

@@ -1,0 +1,313 @@
+//! `bitback restore` and `bitback verify` on chains made by real backups.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::backup::Vm;
+use crate::harness::{Rng, bitback, run, tempdir};
+
+const MIB: u64 = 1 << 20;
+
+fn restore(vm: &Vm, id: &str, out: &Path, format: &str) -> Value {
+    bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--backup",
+        id,
+        "--output",
+        out.to_str().unwrap(),
+        "--format",
+        format,
+        "--json",
+    ])
+    .json()
+}
+
+fn compare(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("qemu-img compare: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+#[test]
+fn native_restore_of_every_point_equals_qemu_img_convert_and_the_model() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[12 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    let mut lengths = Vec::new();
+    // Chains of 40, 1 and 4 files.
+    for i in 0..45 {
+        vm.random_writes(&mut rng, 6);
+        let full = i == 40 || i == 41;
+        let m = vm.backup(if full { &["--full"] } else { &[] });
+        lengths.push(m["position"].as_u64().unwrap() + 1);
+    }
+    vm.quit();
+    assert_eq!(lengths[39], 40);
+    assert_eq!(lengths[40], 1);
+    assert_eq!(lengths[44], 4);
+    for (n, (id, models)) in vm.points.iter().enumerate() {
+        let out = dir.path().join(format!("restored-{n}"));
+        let restored = restore(&vm, id, &out, "raw");
+        let restored = restored.as_array().unwrap();
+        assert_eq!(restored.len(), 2);
+        for (i, r) in restored.iter().enumerate() {
+            assert_eq!(r["method"], "native", "{r}");
+            assert_eq!(r["chain_length"], lengths[n]);
+            let path = PathBuf::from(r["path"].as_str().unwrap());
+            assert_eq!(path, out.join(format!("drive{i}.raw")));
+            // Against qemu-img's own reading of the same chain...
+            let top = vm.repo.join("vm1").join(id).join(format!("drive{i}.qcow2"));
+            let converted = dir.path().join(format!("converted-{n}-{i}.raw"));
+            run(Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(&top)
+                .arg(&converted));
+            assert!(
+                compare(&path, "raw", &converted, "raw"),
+                "point {n} ({id}) volume {i}"
+            );
+            // ...and against what the guest wrote.
+            assert!(
+                compare(&path, "raw", &models[i], "raw"),
+                "point {n} ({id}) volume {i} vs model"
+            );
+            std::fs::remove_file(&converted).unwrap();
+        }
+        if n % 9 == 4 {
+            let out = dir.path().join(format!("restored-{n}-qcow2"));
+            let restored = restore(&vm, id, &out, "qcow2");
+            for (i, r) in restored.as_array().unwrap().iter().enumerate() {
+                let path = PathBuf::from(r["path"].as_str().unwrap());
+                assert!(
+                    compare(&path, "qcow2", &models[i], "raw"),
+                    "qcow2 point {n} volume {i}"
+                );
+                run(Command::new("qemu-img").arg("check").arg(&path));
+            }
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
+    assert_eq!(
+        verified.code,
+        Some(0),
+        "{}{}",
+        verified.stdout,
+        verified.stderr
+    );
+    assert!(
+        verified
+            .stdout
+            .contains("checked 90 files in 45 backups: 0 problems"),
+        "{}",
+        verified.stdout
+    );
+}
+
+/// A VM with a chain full, inc1, inc2 of one volume; returns (vm, ids).
+fn chain_of_three(dir: &Path) -> (Vm, Vec<String>) {
+    let mut vm = Vm::new(dir, &[8 * MIB]);
+    let mut ids = Vec::new();
+    for i in 0..3u64 {
+        vm.write(0, i * 2 * MIB, MIB, 0x10 + i as u8);
+        ids.push(vm.backup(&[])["id"].as_str().unwrap().to_string());
+    }
+    vm.quit();
+    (vm, ids)
+}
+
+fn file_of(vm: &Vm, id: &str) -> PathBuf {
+    vm.repo.join("vm1").join(id).join("drive0.qcow2")
+}
+
+/// verify exits 1 naming `file`; restore of the top refuses naming it too.
+fn assert_caught(vm: &Vm, ids: &[String], file: &Path, words: &str) {
+    let rel = file
+        .strip_prefix(&vm.repo)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap(), "--json"]);
+    assert_eq!(verified.code, Some(1), "{}", verified.stdout);
+    let report: Value = serde_json::from_str(&verified.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["file"] == rel.as_str() && p["problem"].as_str().unwrap().contains(words)),
+        "{rel}: {words}: {problems:#?}"
+    );
+    let text = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
+    assert!(
+        text.stdout.contains(&format!("BAD {rel}")),
+        "{}",
+        text.stdout
+    );
+
+    let out = vm.dir.join("refused");
+    let refused = bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--backup",
+        ids.last().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("cannot be restored"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
+}
+
+#[test]
+fn verify_catches_a_flipped_byte_in_a_data_cluster() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    let file = file_of(&vm, &ids[1]);
+    let image = bitback::qcow2::Image::open(&file).unwrap();
+    let map = bitback::qcow2::map(&image).unwrap();
+    let data = map
+        .iter()
+        .find(|e| e.kind == bitback::qcow2::Kind::Data)
+        .unwrap();
+    let at = data.offset.unwrap() as usize + 1000;
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    assert_caught(&vm, &ids, &file, "digest");
+}
+
+#[test]
+fn verify_catches_a_truncated_file() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    let file = file_of(&vm, &ids[0]);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_caught(&vm, &ids, &file, "");
+}
+
+#[test]
+fn verify_catches_backing_names_that_leave_the_chain() {
+    for bad in ["ABSOLUTE", "../../x.qcow2"] {
+        let dir = tempdir();
+        let (vm, ids) = chain_of_three(dir.path());
+        let file = file_of(&vm, &ids[2]);
+        let name = if bad == "ABSOLUTE" {
+            file_of(&vm, &ids[1]).display().to_string()
+        } else {
+            bad.to_string()
+        };
+        bitback::qcow2::set_backing(&file, Some(&name), Some("qcow2")).unwrap();
+        assert_caught(&vm, &ids, &file, "backing file is");
+    }
+}
+
+#[test]
+fn verify_catches_a_deleted_middle_file() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    let middle = file_of(&vm, &ids[1]);
+    std::fs::remove_file(&middle).unwrap();
+    assert_caught(&vm, &ids, &middle, "");
+    // The file built on it says its backing file is missing.
+    let report: Value = serde_json::from_str(
+        &bitback(&["verify", "--repo", vm.repo.to_str().unwrap(), "--json"]).stdout,
+    )
+    .unwrap();
+    let top = format!("vm1/{}/drive0.qcow2", ids[2]);
+    assert!(
+        report["problems"].as_array().unwrap().iter().any(
+            |p| p["file"] == top.as_str() && p["problem"].as_str().unwrap().contains("missing")
+        ),
+        "{report:#}"
+    );
+    // The full alone still restores.
+    let out = dir.path().join("first.raw");
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--backup",
+        &ids[0],
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(compare(&out, "raw", &vm.points[0].1[0], "raw"));
+}
+
+#[test]
+fn restore_never_overwrites_and_names_unknown_volumes() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    let out = dir.path().join("exists.raw");
+    std::fs::write(&out, b"precious").unwrap();
+    let repo = vm.repo.to_str().unwrap();
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("does not overwrite"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--volume",
+        "nope",
+        "--output",
+        dir.path().join("x.raw").to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("has no volume nope"), "{}", r.stderr);
+    let latest = dir.path().join("latest.raw");
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--output",
+        latest.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(compare(&latest, "raw", &vm.points[2].1[0], "raw"));
+    let _ = ids;
+}
