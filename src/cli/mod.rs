@@ -11,6 +11,7 @@ mod inspect;
 mod output;
 mod qcow2;
 mod restore;
+mod retention;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,9 @@ enum Command {
     List(backup::ListArgs),
     Restore(restore::RestoreArgs),
     Verify(restore::VerifyArgs),
+    Prune(retention::PruneArgs),
+    Consolidate(retention::ConsolidateArgs),
+    Export(retention::ExportArgs),
     Inspect(inspect::Args),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
@@ -120,6 +124,9 @@ pub fn main() -> ExitCode {
             Command::List(args) => backup::list(args),
             Command::Restore(args) => restore::restore(args),
             Command::Verify(args) => restore::verify(args),
+            Command::Prune(args) => retention::prune(args),
+            Command::Consolidate(args) => retention::consolidate(args),
+            Command::Export(args) => retention::export(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }

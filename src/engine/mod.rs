@@ -5,13 +5,17 @@
 //! back into an image.
 
 mod backup;
+mod export;
 pub mod plan;
 mod restore;
+mod retention;
 mod stopped;
 mod verify;
 
 pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, backup, digest_file};
-pub use restore::{Format, RestoreOptions, Restored, restore};
+pub use export::{Export, ExportOptions, Listen, export};
+pub use restore::{Format, RestoreOptions, Restored, resolve, restore};
+pub use retention::{Keep, Retention, consolidate, prune};
 pub use stopped::{StoppedImage, backup_stopped};
 pub use verify::{Problem, Report, Scope, verify};
 

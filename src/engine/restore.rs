@@ -82,21 +82,26 @@ fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
     Ok(out)
 }
 
-pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restored>> {
-    let backups = repo.backups(&opts.vm)?;
-    let m = match &opts.backup {
-        Some(id) if id != "latest" => repo.manifest(&opts.vm, id)?,
-        _ => backups
-            .last()
-            .cloned()
-            .ok_or_else(|| BadInput(format!("vm {} has no backups", opts.vm)))?,
+/// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
+/// full first, refused with the first problem found when it does not
+/// verify (digests only with `digests`).
+pub fn resolve(
+    repo: &Repo,
+    vm: &str,
+    backup: Option<&str>,
+    digests: bool,
+) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
+    let m = match backup {
+        Some(id) if id != "latest" => repo.manifest(vm, id)?,
+        _ => repo
+            .backups(vm)?
+            .pop()
+            .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
     };
     let chain = chain(repo, &m)?;
-
-    // Refuse a chain that fails verification, naming the file.
     let mut report = Report::default();
     for link in &chain {
-        if opts.verify {
+        if digests {
             verify_backup(repo, link, &mut report);
         } else {
             verify_structure(repo, link, &mut report);
@@ -121,7 +126,11 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
             }
         );
     }
+    Ok((m, chain))
+}
 
+pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restored>> {
+    let (m, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), opts.verify)?;
     let names: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
     for wanted in &opts.volumes {
         if !names.contains(&wanted.as_str()) {

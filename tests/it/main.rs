@@ -11,3 +11,4 @@ mod inspect;
 mod qcow2;
 mod qmp_client;
 mod restore;
+mod retention;

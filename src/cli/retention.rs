@@ -1,0 +1,190 @@
+//! `bitback prune`, `bitback consolidate` and `bitback export`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::engine::{self, ExportOptions, Keep, Listen, Retention};
+use crate::repo::Repo;
+
+/// Delete old backups, never one a kept backup builds on.
+///
+/// --keep-chains N keeps the newest N chains (a full and its
+/// incrementals); --keep-last N keeps the newest N backups and every
+/// backup they need. Deleted backups disappear in one rename each; a
+/// crash leaves at most a `.<id>.deleting` directory, removed next time.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("keep").required(true).args(["keep_chains", "keep_last"])))]
+pub(crate) struct PruneArgs {
+    /// The repository directory.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// The VM to prune.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+    /// Keep the newest N chains.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_chains: Option<u64>,
+    /// Keep the newest N backups (and what they build on).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_last: Option<u64>,
+    /// Print {deleted, kept, consolidated} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Shorten long chains: merge the oldest incrementals into the full.
+///
+/// For a chain longer than --max-chain, the backup that would be the
+/// oldest one kept is rewritten as a full of the same point (written
+/// aside, then swapped in with one atomic rename), and the backups before
+/// it are deleted. The next incremental's link to it never breaks, and a
+/// crash at any moment leaves every point restorable. Restores from short
+/// chains read fewer files.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ConsolidateArgs {
+    /// The repository directory.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// The VM whose chains to shorten.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+    /// The longest chain to leave, in backups (1: every backup a full).
+    #[arg(long, value_name = "L", value_parser = clap::value_parser!(u32).range(1..))]
+    max_chain: u32,
+    /// Print {deleted, kept, consolidated} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Serve one backup point of a volume over NBD until interrupted.
+///
+/// qemu-storage-daemon serves the chain through a throwaway overlay, so the
+/// backup files are never written. Read-only unless --writable (writes
+/// then go to the overlay and vanish when the export stops): mount it with
+/// `qemu-nbd`/`nbd-client`, or boot a VM from it at once.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "port"])))]
+pub(crate) struct ExportArgs {
+    /// The repository directory.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// The VM.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+    /// The backup id, or `latest`.
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    backup: String,
+    /// The volume to serve (the export's name too).
+    #[arg(long, value_name = "NAME")]
+    volume: String,
+    /// Listen on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP port.
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// The address to listen on with --port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1",
+        requires = "port"
+    )]
+    host: String,
+    /// Accept writes (into a throwaway overlay).
+    #[arg(long)]
+    writable: bool,
+}
+
+fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for id in &report.consolidated {
+        println!("consolidated {id} into a full");
+    }
+    for id in &report.deleted {
+        println!("deleted {id}");
+    }
+    println!(
+        "{} backups kept, {} deleted",
+        report.kept.len(),
+        report.deleted.len()
+    );
+    Ok(())
+}
+
+pub(crate) fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&args.repo)?;
+    let lock = repo.lock_vm(&args.vm, "prune")?;
+    let keep = match (args.keep_chains, args.keep_last) {
+        (Some(n), _) => Keep::Chains(n as usize),
+        (None, Some(n)) => Keep::Last(n as usize),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let report =
+        engine::prune(&repo, &lock, keep).with_context(|| format!("pruning vm {}", args.vm))?;
+    print(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn consolidate(args: ConsolidateArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&args.repo)?;
+    let lock = repo.lock_vm(&args.vm, "consolidate")?;
+    let report = engine::consolidate(&repo, &lock, args.max_chain)
+        .with_context(|| format!("consolidating vm {}", args.vm))?;
+    print(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let repo = Repo::open(&args.repo)?;
+    let listen = match (&args.socket, args.port) {
+        (Some(path), _) => Listen::Socket(path.clone()),
+        (None, Some(port)) => Listen::Tcp {
+            host: args.host.clone(),
+            port,
+        },
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let export = engine::export(
+        &repo,
+        &ExportOptions {
+            vm: args.vm.clone(),
+            backup: Some(args.backup.clone()),
+            volume: args.volume.clone(),
+            listen,
+            writable: args.writable,
+        },
+    )
+    .await
+    .with_context(|| format!("exporting vm {}", args.vm))?;
+    println!(
+        "serving {}/{} volume {} at {} ({}); Ctrl-C stops",
+        args.vm,
+        export.backup,
+        args.volume,
+        export.url,
+        if args.writable {
+            "writes go to a throwaway overlay"
+        } else {
+            "read-only"
+        }
+    );
+    export
+        .serve_until(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    println!("export stopped");
+    Ok(ExitCode::SUCCESS)
+}

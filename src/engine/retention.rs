@@ -1,0 +1,264 @@
+//! Retention: pruning whole backups and consolidating long chains.
+//!
+//! Prune deletes only backups no kept backup depends on: keeping a backup
+//! keeps every ancestor it needs. A backup is deleted by renaming its
+//! directory to `.<id>.deleting` (one atomic step, after which no reader
+//! sees it) and then removing it; a crash leaves a `.deleting` directory
+//! that the next prune or consolidation removes.
+//!
+//! Consolidation shortens a chain F, I1, ..., In to at most L files by
+//! turning Ik (k = n + 1 - L) into a full: the point Ik is written aside as
+//! standalone qcow2 files in `.<Ik>.consolidating/` with a full manifest,
+//! synced, and swapped with `<Ik>/` in one `renameat2(RENAME_EXCHANGE)`.
+//! I(k+1) keeps its backing name `../<Ik>/<volume>.qcow2`, whose guest view
+//! is unchanged, so the link it needs never breaks; F .. I(k-1) are then
+//! deleted as by prune. At every instant every point is restorable: before
+//! the swap nothing changed, after it Ik is a full with the same contents,
+//! and the old backups stay whole until their rename.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+use serde::Serialize;
+use tracing::info;
+
+use super::backup::digest_file;
+use crate::repo::{self, BackupKind, Manifest, Repo, VmLock, VolumeRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The newest N chains.
+    Chains(usize),
+    /// The newest N backups, and whatever they build on.
+    Last(usize),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Retention {
+    pub deleted: Vec<String>,
+    pub kept: Vec<String>,
+    /// Backups turned into fulls by consolidation.
+    pub consolidated: Vec<String>,
+}
+
+fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
+    let mut out = vec![m.id.as_str()];
+    let mut current = m;
+    while let Some(parent) = &current.parent {
+        match backups.iter().find(|b| &b.id == parent) {
+            Some(p) => {
+                out.push(p.id.as_str());
+                current = p;
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Removes leftovers of interrupted deletions and consolidations.
+fn clean_leftovers(repo: &Repo, vm: &str) -> anyhow::Result<()> {
+    let dir = repo.vm_dir(vm)?;
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.')
+            && (name.ends_with(".deleting") || name.ends_with(".consolidating"))
+        {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            info!(vm, leftover = %name, "removed what an interrupted prune or consolidation left");
+        }
+    }
+    Ok(())
+}
+
+fn delete_backup(repo: &Repo, vm: &str, id: &str) -> anyhow::Result<()> {
+    let dir = repo.vm_dir(vm)?;
+    let doomed = dir.join(format!(".{id}.deleting"));
+    std::fs::rename(dir.join(id), &doomed).with_context(|| format!("deleting backup {id}"))?;
+    repo::sync_dir(&dir)?;
+    crate::fault::point("prune-renamed");
+    std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+    Ok(())
+}
+
+/// Deletes every backup that neither `keep` nor a kept backup needs.
+pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention> {
+    let vm = lock.vm();
+    clean_leftovers(repo, vm)?;
+    let backups = renumber(repo, vm)?;
+    let mut kept: BTreeSet<&str> = BTreeSet::new();
+    match keep {
+        Keep::Chains(0) | Keep::Last(0) => bail!("keeping nothing is not pruning; keep at least 1"),
+        Keep::Chains(n) => {
+            let chains: Vec<&str> =
+                backups
+                    .iter()
+                    .rev()
+                    .map(|m| m.chain.as_str())
+                    .fold(Vec::new(), |mut acc, c| {
+                        if !acc.contains(&c) {
+                            acc.push(c);
+                        }
+                        acc
+                    });
+            let keep_chains: Vec<&str> = chains.into_iter().take(n).collect();
+            for m in &backups {
+                if keep_chains.contains(&m.chain.as_str()) {
+                    kept.extend(ancestors(&backups, m));
+                }
+            }
+        }
+        Keep::Last(n) => {
+            for m in backups.iter().rev().take(n) {
+                kept.extend(ancestors(&backups, m));
+            }
+        }
+    }
+    let mut report = Retention::default();
+    // Newest first: a crash never leaves a kept backup without its parent.
+    for m in backups.iter().rev() {
+        if kept.contains(m.id.as_str()) {
+            report.kept.push(m.id.clone());
+        } else {
+            delete_backup(repo, vm, &m.id)?;
+            info!(vm, backup = %m.id, "pruned");
+            report.deleted.push(m.id.clone());
+        }
+    }
+    report.kept.reverse();
+    report.deleted.reverse();
+    Ok(report)
+}
+
+/// Makes every chain at most `max_chain` backups long.
+pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result<Retention> {
+    let vm = lock.vm();
+    if max_chain == 0 {
+        bail!("--max-chain must be at least 1");
+    }
+    clean_leftovers(repo, vm)?;
+    let mut report = Retention::default();
+    loop {
+        let backups = renumber(repo, vm)?;
+        // The deepest backup, by the parent links themselves (not the
+        // stored numbers): one rewrite shortens its whole chain.
+        let Some((deep, path)) = backups
+            .iter()
+            .map(|m| (m, ancestors(&backups, m)))
+            .filter(|(_, path)| path.len() > max_chain as usize)
+            .max_by_key(|(_, path)| path.len())
+        else {
+            break;
+        };
+        let new_full = path[max_chain as usize - 1];
+        let new_full = backups
+            .iter()
+            .find(|m| m.id == new_full)
+            .with_context(|| format!("backup {} lost its chain", deep.id))?
+            .clone();
+        let older: Vec<String> = ancestors(&backups, &new_full)
+            .into_iter()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        make_full(repo, &new_full)?;
+        report.consolidated.push(new_full.id.clone());
+        // Newest first, as prune does.
+        for id in older {
+            delete_backup(repo, vm, &id)?;
+            report.deleted.push(id);
+        }
+    }
+    report.kept = renumber(repo, vm)?.into_iter().map(|m| m.id).collect();
+    Ok(report)
+}
+
+/// Rewrites the chain and position of manifests whose parent links say
+/// otherwise (after a consolidation); returns the backups as they are now.
+fn renumber(repo: &Repo, vm: &str) -> anyhow::Result<Vec<Manifest>> {
+    let backups = repo.backups(vm)?;
+    let mut changed = false;
+    for m in &backups {
+        let path = ancestors(&backups, m);
+        let position = (path.len() - 1) as u32;
+        let chain = path.last().copied().unwrap_or(m.id.as_str());
+        if m.position != position || m.chain != chain {
+            let mut updated = m.clone();
+            updated.position = position;
+            updated.chain = chain.to_string();
+            let bytes = serde_json::to_vec_pretty(&updated)?;
+            repo::write_atomic(&repo.vm_dir(vm)?.join(&m.id), "manifest.json", &bytes)?;
+            changed = true;
+        }
+    }
+    if changed {
+        repo.backups(vm).map_err(Into::into)
+    } else {
+        Ok(backups)
+    }
+}
+
+/// Rewrites backup `m` as a full of the same point, swapped in atomically.
+fn make_full(repo: &Repo, m: &Manifest) -> anyhow::Result<()> {
+    let vm_dir = repo.vm_dir(&m.vm)?;
+    let aside = vm_dir.join(format!(".{}.consolidating", m.id));
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    let mut full = m.clone();
+    full.kind = BackupKind::Full;
+    full.parent = None;
+    full.position = 0;
+    full.chain = m.id.clone();
+    full.reason = format!("consolidated: the point of {} rewritten as a full", m.id);
+    for v in &mut full.volumes {
+        let source = repo.root().join(&v.file);
+        let target = aside.join(VolumeRecord::file_name(&v.name));
+        convert_standalone(&source, &target)?;
+        v.backing = None;
+        v.digest = digest_file(&target)?;
+    }
+    for entry in std::fs::read_dir(&aside)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    let bytes = serde_json::to_vec_pretty(&full)?;
+    repo::write_atomic(&aside, "manifest.json", &bytes)?;
+    repo::sync_dir(&vm_dir)?;
+    crate::fault::point("consolidate-before-swap");
+    let live = vm_dir.join(&m.id);
+    renameat2(
+        AT_FDCWD,
+        &aside,
+        AT_FDCWD,
+        &live,
+        RenameFlags::RENAME_EXCHANGE,
+    )
+    .with_context(|| format!("swapping the consolidated {} into place", m.id))?;
+    repo::sync_dir(&vm_dir)?;
+    crate::fault::point("consolidate-after-swap");
+    // `aside` now holds the old incremental.
+    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    info!(vm = %m.vm, backup = %m.id, "consolidated into a full");
+    Ok(())
+}
+
+/// The guest view of `source` (its whole chain) as one standalone qcow2.
+fn convert_standalone(source: &Path, target: &Path) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "qcow2"])
+        .arg(source)
+        .arg(target)
+        .output()
+        .context("running qemu-img convert (install qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img convert of {} failed: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! `bitback prune`, `consolidate` and `export`: every remaining point still
+//! restores to what the guest wrote.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::backup::Vm;
+use crate::harness::{bitback, tempdir};
+
+const MIB: u64 = 1 << 20;
+
+fn list_ids(vm: &Vm) -> Vec<String> {
+    bitback(&["list", "--repo", vm.repo.to_str().unwrap(), "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Every backup still listed restores to its model, and verify is clean.
+fn assert_all_restorable(vm: &Vm) {
+    let ids = list_ids(vm);
+    assert!(!ids.is_empty());
+    for id in &ids {
+        let (_, models) = vm
+            .points
+            .iter()
+            .find(|(p, _)| p == id)
+            .unwrap_or_else(|| panic!("no model for {id}"));
+        let out = vm.dir.join(format!("check-{id}"));
+        let run = bitback(&[
+            "restore",
+            "--repo",
+            vm.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--backup",
+            id,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, Some(0), "{id}: {}", run.stderr);
+        for (i, model) in models.iter().enumerate() {
+            assert!(
+                same(&out.join(format!("drive{i}.raw")), model),
+                "{id} volume {i}"
+            );
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
+    assert_eq!(verified.code, Some(0), "{}", verified.stdout);
+}
+
+/// Backups A0..A3 (one chain), then B0..B2 (a second).
+fn two_chains(dir: &Path) -> Vm {
+    let mut vm = Vm::new(dir, &[8 * MIB, 2 * MIB]);
+    for i in 0..7u64 {
+        vm.write(
+            (i % 2) as usize,
+            (i % 4) * 256 * 1024,
+            64 * 1024,
+            0x20 + i as u8,
+        );
+        vm.backup(if i == 4 { &["--full"] } else { &[] });
+    }
+    vm
+}
+
+fn prune(vm: &Vm, args: &[&str]) -> Value {
+    let mut all = vec![
+        "prune",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--json",
+    ];
+    all.extend(args);
+    bitback(&all).json()
+}
+
+#[test]
+fn prune_keeps_chains_and_what_kept_backups_need() {
+    let dir = tempdir();
+    let mut vm = two_chains(dir.path());
+    let ids = list_ids(&vm);
+    assert_eq!(
+        prune(&vm, &["--keep-chains", "2"])["deleted"],
+        Value::Array(vec![])
+    );
+    // The last five reach into chain A: all of A is needed.
+    assert_eq!(
+        prune(&vm, &["--keep-last", "5"])["deleted"],
+        Value::Array(vec![])
+    );
+    let report = prune(&vm, &["--keep-last", "2"]);
+    assert_eq!(report["deleted"], serde_json::json!(ids[..4]));
+    assert_eq!(list_ids(&vm), ids[4..].to_vec());
+    assert_all_restorable(&vm);
+    // The active checkpoint survived: the next backup is incremental.
+    vm.write(0, 0, 4096, 0x77);
+    assert_eq!(vm.backup(&[])["kind"], "incremental");
+    vm.quit();
+    assert_all_restorable(&vm);
+}
+
+#[test]
+fn consolidate_shortens_chains_and_every_point_left_restores() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 2 * MIB]);
+    for i in 0..8u64 {
+        vm.write(
+            (i % 2) as usize,
+            (i % 5) * 300 * 1024,
+            100 * 1024,
+            0x30 + i as u8,
+        );
+        vm.backup(&[]);
+    }
+    let ids = list_ids(&vm);
+    let report = bitback(&[
+        "consolidate",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--max-chain",
+        "3",
+        "--json",
+    ])
+    .json();
+    assert_eq!(report["consolidated"], serde_json::json!([ids[5]]));
+    assert_eq!(report["deleted"].as_array().unwrap().len(), 5);
+    let listed = bitback(&["list", "--repo", vm.repo.to_str().unwrap(), "--json"]).json();
+    let positions: Vec<(String, u64, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["kind"].as_str().unwrap().to_string(),
+                m["position"].as_u64().unwrap(),
+                m["chain"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        positions,
+        vec![
+            ("full".to_string(), 0, ids[5].clone()),
+            ("incremental".to_string(), 1, ids[5].clone()),
+            ("incremental".to_string(), 2, ids[5].clone()),
+        ]
+    );
+    assert_all_restorable(&vm);
+    vm.write(1, 0, 4096, 0x7e);
+    let next = vm.backup(&[]);
+    assert_eq!(next["kind"], "incremental");
+    assert_eq!(next["position"], 3);
+    vm.quit();
+    assert_all_restorable(&vm);
+}
+
+#[test]
+fn a_kill_during_consolidation_or_prune_leaves_every_point_restorable() {
+    for phase in [
+        "consolidate-before-swap",
+        "consolidate-after-swap",
+        "prune-renamed",
+    ] {
+        let dir = tempdir();
+        let mut vm = Vm::new(dir.path(), &[4 * MIB, 2 * MIB]);
+        // Two chains of three: prune and consolidation both have work.
+        for i in 0..6u64 {
+            vm.write((i % 2) as usize, i * 128 * 1024, 64 * 1024, 0x40 + i as u8);
+            vm.backup(if i == 3 { &["--full"] } else { &[] });
+        }
+        vm.quit();
+        let repo = vm.repo.to_str().unwrap().to_string();
+        let args: Vec<&str> = if phase.starts_with("prune") {
+            vec!["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"]
+        } else {
+            vec![
+                "consolidate",
+                "--repo",
+                &repo,
+                "--vm",
+                "vm1",
+                "--max-chain",
+                "2",
+            ]
+        };
+        let killed = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(&args)
+            .env("BITBACK_FAULT", phase)
+            .output()
+            .unwrap();
+        assert_eq!(killed.status.code(), None, "{phase}: not killed");
+        assert_all_restorable(&vm);
+        // The next run finishes the job.
+        let again = bitback(&args);
+        assert_eq!(again.code, Some(0), "{phase}: {}", again.stderr);
+        assert_all_restorable(&vm);
+        if !phase.starts_with("prune") {
+            let listed = bitback(&["list", "--repo", &repo, "--json"]).json();
+            assert!(
+                listed
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|m| m["position"].as_u64().unwrap() < 2),
+                "{phase}: {listed:#}"
+            );
+        }
+    }
+}
+
+#[test]
+fn export_serves_the_point_that_restore_gives() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    for i in 0..3u64 {
+        vm.write(0, i * MIB, 300 * 1024, 0x50 + i as u8);
+        vm.backup(&[]);
+    }
+    vm.quit();
+    let ids = list_ids(&vm);
+    let socket = dir.path().join("export.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args([
+            "export",
+            "--repo",
+            vm.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--backup",
+            &ids[1],
+        ])
+        .args(["--volume", "drive0", "--socket", socket.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "export did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let restored = dir.path().join("point1.raw");
+    let run = bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--backup",
+        &ids[1],
+        "--output",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let url = format!("nbd+unix:///drive0?socket={}", socket.display());
+    let compared = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&restored)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        compared.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&compared.stdout),
+        String::from_utf8_lossy(&compared.stderr)
+    );
+    assert!(same(&restored, &vm.points[1].1[0]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("read-only"), "{stdout}");
+}
