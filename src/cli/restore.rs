@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::output::{bytes, table};
-use crate::engine::{self, Format, RestoreOptions, Scope};
+use crate::engine::{self, BadInput, Format, InPlaceOptions, RestoreOptions, Scope};
 use crate::repo::Repo;
 
 /// Restore a backup point of a VM's volumes to image files.
@@ -32,11 +32,20 @@ pub(crate) struct RestoreArgs {
     volumes: Vec<String>,
     /// The output file (one volume) or directory (then each volume goes to
     /// <DIR>/<volume>.raw or .qcow2).
-    #[arg(long, value_name = "PATH")]
-    output: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "in_place")]
+    output: Option<PathBuf>,
+    /// Write into a stopped VM's own image (--image) instead of a new
+    /// file: a qcow2 image through `qemu-img convert -n`, a raw file
+    /// natively. Refused while a QEMU holds the image. Clears the VM's
+    /// active checkpoint, so its next backup is full.
+    #[arg(long, requires = "image", conflicts_with_all = ["output", "format"])]
+    in_place: bool,
+    /// The VM image to restore into, with --in-place.
+    #[arg(long, value_name = "PATH", requires = "in_place")]
+    image: Option<PathBuf>,
     /// The output format.
-    #[arg(long, value_enum, default_value_t = Format::Raw)]
-    format: Format,
+    #[arg(long, value_enum)]
+    format: Option<Format>,
     /// Copy threads for native restores.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
@@ -73,18 +82,40 @@ pub(crate) struct VerifyArgs {
 
 pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&args.repo)?;
-    let restored = engine::restore(
-        &repo,
-        &RestoreOptions {
-            vm: args.vm.clone(),
-            backup: Some(args.backup.clone()),
-            volumes: args.volumes.clone(),
-            output: args.output.clone(),
-            format: args.format,
-            threads: args.threads as usize,
-            verify: !args.no_verify,
-        },
-    )
+    let restored = match (&args.image, &args.output) {
+        (Some(image), _) if args.in_place => {
+            if args.volumes.len() > 1 {
+                return Err(BadInput("--in-place restores one volume".into()).into());
+            }
+            let lock = repo.lock_vm(&args.vm, "restore")?;
+            engine::restore_in_place(
+                &repo,
+                &lock,
+                &InPlaceOptions {
+                    vm: args.vm.clone(),
+                    backup: Some(args.backup.clone()),
+                    volume: args.volumes.first().cloned(),
+                    image: image.clone(),
+                    threads: args.threads as usize,
+                    verify: !args.no_verify,
+                },
+            )
+            .map(|r| vec![r])
+        }
+        (_, Some(output)) => engine::restore(
+            &repo,
+            &RestoreOptions {
+                vm: args.vm.clone(),
+                backup: Some(args.backup.clone()),
+                volumes: args.volumes.clone(),
+                output: output.clone(),
+                format: args.format.unwrap_or(Format::Raw),
+                threads: args.threads as usize,
+                verify: !args.no_verify,
+            },
+        ),
+        _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),
+    }
     .map_err(|e| e.context(format!("restore of vm {}", args.vm)))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&restored)?);

@@ -14,7 +14,9 @@ mod verify;
 
 pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, backup, digest_file};
 pub use export::{Export, ExportOptions, Listen, export};
-pub use restore::{Format, RestoreOptions, Restored, resolve, restore};
+pub use restore::{
+    Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
+};
 pub use retention::{Keep, Retention, consolidate, prune};
 pub use stopped::{StoppedImage, backup_stopped};
 pub use verify::{Problem, Report, Scope, verify};

@@ -398,6 +398,16 @@ fn copy_native(
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
     output.set_len(size)?;
+    copy_segments(files, segments, output, threads)
+}
+
+/// Writes the segments into `output`, whose other bytes are already zero.
+fn copy_segments(
+    files: &[PathBuf],
+    segments: &[Segment],
+    output: File,
+    threads: usize,
+) -> anyhow::Result<u64> {
     let sources: Vec<File> = files
         .iter()
         .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
@@ -476,4 +486,133 @@ mod tests {
         assert_eq!(c.gaps(0, 100), vec![(50, 100)]);
         assert_eq!(c.0.len(), 1);
     }
+}
+
+/// Restoring into a stopped VM's own image.
+#[derive(Debug, Clone)]
+pub struct InPlaceOptions {
+    pub vm: String,
+    pub backup: Option<String>,
+    /// Needed when the backup has several volumes.
+    pub volume: Option<String>,
+    pub image: PathBuf,
+    pub threads: usize,
+    pub verify: bool,
+}
+
+/// Writes a backup point into an existing image (qcow2 through `qemu-img
+/// convert -n`, a raw file natively), refusing while a QEMU holds it, then
+/// clears the VM's active checkpoint: the disk no longer matches any
+/// bitmap, so the next backup is full.
+pub fn restore_in_place(
+    repo: &Repo,
+    lock: &crate::repo::VmLock,
+    opts: &InPlaceOptions,
+) -> anyhow::Result<Restored> {
+    let (m, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), opts.verify)?;
+    let record = match (&opts.volume, m.volumes.as_slice()) {
+        (None, [only]) => only,
+        (None, _) => {
+            return Err(BadInput(format!(
+                "backup {} has several volumes; name one with --volume",
+                m.id
+            ))
+            .into());
+        }
+        (Some(name), volumes) => volumes
+            .iter()
+            .find(|v| &v.name == name)
+            .ok_or_else(|| BadInput(format!("backup {} has no volume {name}", m.id)))?,
+    };
+    let files: Vec<PathBuf> = chain
+        .iter()
+        .map(|link| {
+            link.volumes
+                .iter()
+                .find(|r| r.name == record.name)
+                .map(|r| repo.root().join(&r.file))
+                .with_context(|| format!("backup {} has no volume {}", link.id, record.name))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let top = files.last().context("empty chain")?;
+
+    let image = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&opts.image)
+        .with_context(|| format!("opening {}", opts.image.display()))?;
+    let lockout = qcow2::lock_out_qemu(&image).map_err(|e| match e {
+        qcow2::Error::InUse => anyhow::anyhow!(
+            "{} is in use by a running QEMU; stop the VM first",
+            opts.image.display()
+        ),
+        other => anyhow::anyhow!(other),
+    })?;
+    let meta = image.metadata()?;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = image.read_exact_at(&mut magic, 0).is_ok() && magic == *b"QFI\xfb";
+    let (copied, method) = if is_qcow2 {
+        let size = Image::parse(&image, &opts.image)?.header().size;
+        if size != record.virtual_size {
+            bail!(
+                "{} is {size} bytes, the backup {}: resize it first",
+                opts.image.display(),
+                record.virtual_size
+            );
+        }
+        // qemu-img takes its own lock.
+        drop(lockout);
+        drop(image);
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "qcow2", "-O", "qcow2"])
+            .arg(top)
+            .arg(&opts.image)
+            .output()
+            .context("running qemu-img convert (install qemu-utils)")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img convert failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        (0, "qemu-img convert -n (qcow2 image)".to_string())
+    } else if meta.is_file() {
+        if meta.len() != record.virtual_size {
+            bail!(
+                "{} is {} bytes, the backup {}: resize it first",
+                opts.image.display(),
+                meta.len(),
+                record.virtual_size
+            );
+        }
+        let Some(segments) = plan_copy(&files)? else {
+            bail!("the chain has compressed or encrypted clusters; restore to a file instead");
+        };
+        // Every byte not copied must read as zero: empty the file first.
+        image.set_len(0)?;
+        image.set_len(record.virtual_size)?;
+        let copied = copy_segments(&files, &segments, image.try_clone()?, opts.threads.max(1))?;
+        drop(lockout);
+        (copied, "native (raw image)".to_string())
+    } else {
+        bail!(
+            "{} is neither a qcow2 image nor a regular raw file",
+            opts.image.display()
+        );
+    };
+
+    if let Some(mut state) = repo.load_state(&opts.vm)? {
+        state.active_checkpoint = None;
+        repo.save_state(lock, &state)?;
+        info!(vm = %opts.vm, "active checkpoint cleared: the next backup is full");
+    }
+    Ok(Restored {
+        volume: record.name.clone(),
+        backup: m.id.clone(),
+        path: opts.image.clone(),
+        virtual_size: record.virtual_size,
+        chain_length: files.len(),
+        bytes_copied: copied,
+        method,
+    })
 }

@@ -18,8 +18,8 @@ const MIB: u64 = 1 << 20;
 /// A volume's expected contents, kept in memory and snapshotted to a raw
 /// file at each backup.
 pub(crate) struct Model {
-    node: String,
-    bytes: Vec<u8>,
+    pub(crate) node: String,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// A VM under test with its models.

@@ -311,3 +311,135 @@ fn restore_never_overwrites_and_names_unknown_volumes() {
     assert!(compare(&latest, "raw", &vm.points[2].1[0], "raw"));
     let _ = ids;
 }
+
+#[test]
+fn in_place_restore_refuses_a_running_vm_and_clears_the_checkpoint() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    let mut ids = Vec::new();
+    for i in 0..3u64 {
+        vm.write(0, i * MIB, 256 * 1024, 0x60 + i as u8);
+        ids.push(vm.backup(&[])["id"].as_str().unwrap().to_string());
+    }
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let image = vm.disks[0].image.to_str().unwrap().to_string();
+    let args = |id: &str| -> Vec<String> {
+        [
+            "restore",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--backup",
+            id,
+            "--in-place",
+            "--image",
+            &image,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let refused = bitback(&args(&ids[1]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("in use by a running QEMU"),
+        "{}",
+        refused.stderr
+    );
+    vm.quit();
+
+    let done = bitback(&args(&ids[1]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let restored = dir.path().join("disk0-as-raw.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vm.disks[0].image)
+        .arg(&restored));
+    assert!(compare(&restored, "raw", &vm.points[1].1[0], "raw"));
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(vm.repo.join("vm1/state.json")).unwrap()).unwrap();
+    assert_eq!(state["active_checkpoint"], Value::Null);
+
+    // The disk no longer matches any bitmap: the next backup is full.
+    vm.start();
+    vm.models[0].bytes = std::fs::read(&vm.points[1].1[0]).unwrap();
+    vm.write(0, 5 * MIB, 4096, 0x6f);
+    let next = vm.backup(&[]);
+    assert_eq!(next["kind"], "full");
+    assert!(
+        next["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no active checkpoint"),
+        "{next:#}"
+    );
+    vm.quit();
+    vm.check_all_points();
+
+    // A raw image is written natively.
+    let raw = dir.path().join("vm-disk.raw");
+    std::fs::write(&raw, vec![0xeeu8; 8 * MIB as usize]).unwrap();
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--backup",
+        &ids[2],
+        "--in-place",
+        "--image",
+        raw.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("native"), "{}", r.stdout);
+    assert!(compare(&raw, "raw", &vm.points[2].1[0], "raw"));
+}
+
+#[test]
+fn compressed_clusters_fall_back_to_qemu_img_and_say_so() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    // Rewrite the full with compressed clusters (same guest view).
+    let full = file_of(&vm, &ids[0]);
+    let compressed = dir.path().join("compressed.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-c", "-O", "qcow2"])
+        .arg(&full)
+        .arg(&compressed));
+    std::fs::rename(&compressed, &full).unwrap();
+    let out = dir.path().join("fallback.raw");
+    let r = bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+        "--no-verify",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("qemu-img convert (the chain has compressed"),
+        "{}",
+        r.stdout
+    );
+    assert!(compare(&out, "raw", &vm.points[2].1[0], "raw"));
+    // With digests checked, the rewritten file is caught.
+    let caught = bitback(&[
+        "restore",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--output",
+        dir.path().join("x.raw").to_str().unwrap(),
+    ]);
+    assert_eq!(caught.code, Some(1), "{}", caught.stderr);
+    assert!(caught.stderr.contains("digest"), "{}", caught.stderr);
+}
