@@ -9,11 +9,11 @@ use crate::repo::Repo;
 
 /// Restore a backup point of a VM's volumes to image files.
 ///
-/// Raw output is restored natively: for each guest range, only the newest
-/// file of the chain that holds it is read, in large parallel reads, and
-/// zero ranges stay holes, so the time grows with the data, not with the
-/// chain's length. qcow2 output, and chains with compressed or encrypted
-/// clusters, go through `qemu-img convert` (and say so). The chain is
+/// Restores are native, raw or qcow2: for each guest range, only the
+/// newest file of the chain that holds it is read, in large parallel
+/// reads, and zero ranges stay holes, so the time grows with the data, not
+/// with the chain's length. Chains with compressed or encrypted clusters go
+/// through `qemu-img convert` (and say so). The chain is
 /// verified first (digests included unless --no-verify); a chain that
 /// fails is refused, naming the file. Existing files are never overwritten.
 #[derive(Debug, clap::Args)]
@@ -81,7 +81,9 @@ pub(crate) struct VerifyArgs {
 }
 
 pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
     let repo = Repo::open(&args.repo)?;
+    let progress = !args.json && std::io::stderr().is_terminal();
     let restored = match (&args.image, &args.output) {
         (Some(image), _) if args.in_place => {
             if args.volumes.len() > 1 {
@@ -98,6 +100,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                     image: image.clone(),
                     threads: args.threads as usize,
                     verify: !args.no_verify,
+                    progress,
                 },
             )
             .map(|r| vec![r])
@@ -112,6 +115,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 format: args.format.unwrap_or(Format::Raw),
                 threads: args.threads as usize,
                 verify: !args.no_verify,
+                progress,
             },
         ),
         _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),

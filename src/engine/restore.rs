@@ -4,10 +4,11 @@
 //! qcow2 module) say, for each guest range, which file is the newest to
 //! hold it; only those ranges are read, each once, with positioned reads
 //! and writes spread over a few threads. Zero and unallocated ranges stay
-//! holes in a sparse output file. The cost grows with the data, not with
-//! the chain's length. Chains the native reader does not handle (compressed
-//! clusters, encryption) and qcow2 output go through `qemu-img convert`,
-//! and say so.
+//! holes in a sparse output file. qcow2 output is written natively too: the
+//! clusters the copy will fill are allocated up front, in guest order, and
+//! the data lands in them. The cost grows with the data, not with the
+//! chain's length. Chains the native reader does not handle (compressed
+//! clusters, encryption) go through `qemu-img convert`, and say so.
 //!
 //! The output is written under a temporary name in its directory, synced,
 //! and renamed: a failed restore leaves nothing that looks restored.
@@ -50,6 +51,8 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Check digests of every file in the chain first.
     pub verify: bool,
+    /// A progress bar on stderr.
+    pub progress: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -241,19 +244,25 @@ fn restore_volume(
     let tmp = dir.join(format!(".{name}.restoring"));
     let _ = std::fs::remove_file(&tmp);
     let top = files.last().context("empty chain")?;
-    let result = match opts.format {
-        Format::Qcow2 => qemu_img_convert(top, &tmp, "qcow2")
-            .map(|_| (0, "qemu-img convert (qcow2 output)".to_string())),
-        Format::Raw => match plan_copy(files)? {
-            Some(segments) => copy_native(files, &segments, &tmp, size, opts.threads.max(1))
-                .map(|n| (n, "native".to_string())),
-            None => qemu_img_convert(top, &tmp, "raw").map(|_| {
-                (
-                    0,
-                    "qemu-img convert (the chain has compressed or encrypted clusters)".to_string(),
-                )
-            }),
-        },
+    let format = match opts.format {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    };
+    let threads = opts.threads.max(1);
+    let result = match plan_copy(files)? {
+        Some(segments) => match opts.format {
+            Format::Raw => copy_native(files, &segments, &tmp, size, threads, opts.progress),
+            Format::Qcow2 => {
+                copy_native_qcow2(files, &segments, &tmp, size, threads, opts.progress)
+            }
+        }
+        .map(|n| (n, "native".to_string())),
+        None => qemu_img_convert(top, &tmp, format).map(|_| {
+            (
+                0,
+                "qemu-img convert (the chain has compressed or encrypted clusters)".to_string(),
+            )
+        }),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -391,6 +400,7 @@ fn copy_native(
     out: &Path,
     size: u64,
     threads: usize,
+    progress: bool,
 ) -> anyhow::Result<u64> {
     let output = OpenOptions::new()
         .write(true)
@@ -398,15 +408,60 @@ fn copy_native(
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
     output.set_len(size)?;
-    copy_segments(files, segments, output, threads)
+    copy_segments(files, segments, output, threads, progress, &|guest| guest)
 }
 
-/// Writes the segments into `output`, whose other bytes are already zero.
+/// The cluster size of qcow2 restores.
+const QCOW2_CLUSTER: u64 = 64 << 10;
+
+/// Copies the segments into a new qcow2 image: every guest cluster they
+/// touch is allocated, in guest order, and nothing else.
+fn copy_native_qcow2(
+    files: &[PathBuf],
+    segments: &[Segment],
+    out: &Path,
+    size: u64,
+    threads: usize,
+    progress: bool,
+) -> anyhow::Result<u64> {
+    let cs = QCOW2_CLUSTER;
+    let mut clusters: Vec<u64> = segments
+        .iter()
+        .flat_map(|s| s.guest / cs..=(s.guest + s.len - 1) / cs)
+        .collect();
+    clusters.sort_unstable();
+    clusters.dedup();
+    let data = qcow2::create_with_clusters(
+        out,
+        &qcow2::CreateOptions {
+            size,
+            cluster_size: cs,
+            ..qcow2::CreateOptions::default()
+        },
+        &clusters,
+    )?;
+    let output = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))?;
+    // A segment's clusters are all allocated and consecutive in the list,
+    // so its bytes are contiguous in the file.
+    let dest = |guest: u64| {
+        let index = clusters.binary_search(&(guest / cs)).unwrap_or(0) as u64;
+        data + index * cs + guest % cs
+    };
+    copy_segments(files, segments, output, threads, progress, &dest)
+}
+
+/// Writes the segments into `output` at `dest(guest offset)`; the other
+/// bytes are already zero.
 fn copy_segments(
     files: &[PathBuf],
     segments: &[Segment],
     output: File,
     threads: usize,
+    progress: bool,
+    dest: &(dyn Fn(u64) -> u64 + Sync),
 ) -> anyhow::Result<u64> {
     let sources: Vec<File> = files
         .iter()
@@ -428,6 +483,17 @@ fn copy_segments(
     }
     // Read each file in host order: sequential on disk.
     chunks.sort_by_key(|c| (c.file, c.host));
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(chunks.iter().map(|c| c.len).sum());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "restoring [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let shared = Arc::new((sources, output));
@@ -438,6 +504,7 @@ fn copy_segments(
                 let chunks = &chunks;
                 let next = &next;
                 let copied = &copied;
+                let bar = &bar;
                 scope.spawn(move || -> anyhow::Result<()> {
                     let (sources, output) = &*shared;
                     let mut buf = vec![0u8; CHUNK as usize];
@@ -450,8 +517,11 @@ fn copy_segments(
                         sources[c.file]
                             .read_exact_at(buf, c.host)
                             .with_context(|| format!("reading {}", files[c.file].display()))?;
-                        output.write_all_at(buf, c.guest)?;
+                        output.write_all_at(buf, dest(c.guest))?;
                         copied.fetch_add(c.len, Ordering::Relaxed);
+                        if let Some(bar) = bar {
+                            bar.inc(c.len);
+                        }
                     }
                 })
             })
@@ -462,6 +532,9 @@ fn copy_segments(
         }
         Ok(())
     })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     shared.1.sync_all()?;
     Ok(copied.load(Ordering::Relaxed))
 }
@@ -498,6 +571,7 @@ pub struct InPlaceOptions {
     pub image: PathBuf,
     pub threads: usize,
     pub verify: bool,
+    pub progress: bool,
 }
 
 /// Writes a backup point into an existing image (qcow2 through `qemu-img
@@ -591,7 +665,14 @@ pub fn restore_in_place(
         // Every byte not copied must read as zero: empty the file first.
         image.set_len(0)?;
         image.set_len(record.virtual_size)?;
-        let copied = copy_segments(&files, &segments, image.try_clone()?, opts.threads.max(1))?;
+        let copied = copy_segments(
+            &files,
+            &segments,
+            image.try_clone()?,
+            opts.threads.max(1),
+            opts.progress,
+            &|guest| guest,
+        )?;
         drop(lockout);
         (copied, "native (raw image)".to_string())
     } else {

@@ -65,6 +65,17 @@ fn feature_table() -> Extension {
 
 /// Creates `path`, which must not exist.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    create_with_clusters(path, opts, &[]).map(drop)
+}
+
+const OFLAG_COPIED: u64 = 1 << 63;
+
+/// Creates `path` (which must not exist) with the guest clusters
+/// `clusters` (indices, ascending, unique) allocated and mapped, after all
+/// the metadata, in that order: guest cluster `clusters[i]` lives at the
+/// returned offset plus `i` clusters. Their bytes are zero until the
+/// caller writes them; every other guest cluster is unallocated.
+pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64]) -> Result<u64> {
     let cs = opts.cluster_size;
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
         return Err(Error::BadClusterSize { size: cs });
@@ -99,13 +110,28 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         });
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    let per_l2 = cs / 8;
+    let guest_clusters = opts.size.div_ceil(cs);
+    if clusters.windows(2).any(|w| w[0] >= w[1])
+        || clusters.last().is_some_and(|&c| c >= guest_clusters)
+    {
+        return Err(Error::BadSize {
+            size: opts.size,
+            reason: "cluster list is not ascending within the image".into(),
+        });
+    }
+    // One L2 table per L1 entry that maps anything.
+    let mut l2_indices: Vec<u64> = clusters.iter().map(|c| c / per_l2).collect();
+    l2_indices.dedup();
+    let l2_clusters = l2_indices.len() as u64;
+    let data_clusters = clusters.len() as u64;
 
-    // Refcount blocks must cover every metadata cluster, themselves and the
+    // Refcount blocks must cover every cluster, themselves and the
     // refcount table included: grow both until they do.
     let refs_per_block = cs * 8 / (1 << REFCOUNT_ORDER);
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters;
+        let total = 1 + rt + rb + l1_clusters + l2_clusters + data_clusters;
         let need_rb = total.div_ceil(refs_per_block);
         let need_rt = (need_rb * 8).div_ceil(cs);
         if (need_rb, need_rt) == (rb, rt) {
@@ -113,10 +139,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         }
         (rb, rt) = (need_rb, need_rt);
     }
-    let total = 1 + rt + rb + l1_clusters;
+    let total = 1 + rt + rb + l1_clusters + l2_clusters + data_clusters;
     let rt_offset = cs;
     let rb_offset = (1 + rt) * cs;
     let l1_offset = (1 + rt + rb) * cs;
+    let l2_offset = l1_offset + l1_clusters * cs;
+    let data_offset = l2_offset + l2_clusters * cs;
 
     let mut h = vec![0u8; HEADER_LENGTH];
     h[0..4].copy_from_slice(&header::MAGIC.to_be_bytes());
@@ -171,6 +199,27 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         file.write_all_at(&header_cluster, 0)?;
         file.write_all_at(&table, rt_offset)?;
         file.write_all_at(&blocks, rb_offset)?;
+        if !clusters.is_empty() {
+            let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
+            for (j, index) in l2_indices.iter().enumerate() {
+                let entry = (l2_offset + j as u64 * cs) | OFLAG_COPIED;
+                let at = (*index * 8) as usize;
+                l1[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+            }
+            file.write_all_at(&l1, l1_offset)?;
+            // One L2 table at a time: memory stays at one cluster.
+            let mut i = 0usize;
+            for (j, index) in l2_indices.iter().enumerate() {
+                let mut l2 = vec![0u8; cs as usize];
+                while i < clusters.len() && clusters[i] / per_l2 == *index {
+                    let entry = (data_offset + i as u64 * cs) | OFLAG_COPIED;
+                    let at = ((clusters[i] % per_l2) * 8) as usize;
+                    l2[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+                    i += 1;
+                }
+                file.write_all_at(&l2, l2_offset + j as u64 * cs)?;
+            }
+        }
         file.sync_all()
     })();
     if let Err(source) = written {
@@ -181,5 +230,5 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             source,
         });
     }
-    Ok(())
+    Ok(data_offset)
 }
