@@ -13,88 +13,18 @@
 //! include syncing the output (bitback does before it reports success;
 //! the baseline is `qemu-img convert` followed by an fsync).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::{Daemon, Rng, env_u64, fsync, random_writes, run, spread_writes};
 
 use bitback::engine::{self, BackupOptions, Format, RestoreOptions};
 use bitback::qmp::Qmp;
 use bitback::repo::Repo;
 use serde_json::json;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("running a QEMU tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(dir: &Path, disk: &Path) -> (Daemon, PathBuf, String) {
-    let qmp = dir.join("qmp.sock");
-    let nbd = dir.join("nbd.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=m0",
-            qmp.display()
-        ))
-        .args(["--monitor", "chardev=m0"])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=file0",
-            disk.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .args([
-            "--export",
-            "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("starting qemu-storage-daemon (install qemu-utils)");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(qmp.exists() && nbd.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = format!("nbd+unix:///disk0?socket={}", nbd.display());
-    (Daemon(child), qmp, url)
-}
-
-/// Writes `commands` (qemu-io -c ...) through the NBD export.
-fn qemu_io(url: &str, commands: &[String]) {
-    for batch in commands.chunks(256) {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw"]);
-        for c in batch {
-            cmd.args(["-c", c]);
-        }
-        run(cmd.arg(url).stdout(Stdio::null()));
-    }
-}
 
 fn best_of_two(mut f: impl FnMut() -> Duration) -> Duration {
     let a = f();
@@ -117,22 +47,9 @@ fn main() {
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&disk)
         .arg(size.to_string()));
-    let (daemon, qmp_path, url) = start_daemon(dir.path(), &disk);
-
-    // The initial data: 16 MiB pieces spread over the disk.
-    let pieces = data_mib / 16;
-    let stride = size / pieces.max(1);
-    let initial: Vec<String> = (0..pieces)
-        .map(|i| {
-            format!(
-                "write -P {} {} 16M",
-                (i % 250) + 1,
-                (i * stride) / 65536 * 65536
-            )
-        })
-        .collect();
+    let daemon = Daemon::start(dir.path(), &disk);
     eprintln!("writing {data_mib} MiB of initial data on a {gib} GiB disk");
-    qemu_io(&url, &initial);
+    daemon.write(&spread_writes(size, data_mib << 20));
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let repo_dir = dir.path().join("repo");
@@ -142,25 +59,18 @@ fn main() {
         ..BackupOptions::default()
     };
     let mut ids = Vec::new();
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     rt.block_on(async {
-        let qmp = Qmp::connect(qmp_path.to_str().unwrap()).await.expect("qmp");
+        let qmp = Qmp::connect(daemon.qmp.to_str().unwrap())
+            .await
+            .expect("qmp");
         let lock = repo.lock_vm("bench", "bench").expect("lock");
         let (_tx, cancel) = tokio::sync::watch::channel(false);
         // 30 backups in one chain, then a full of the last point: the same
         // data behind a chain of 1.
         for i in 0..31 {
             if i > 0 && i < 30 {
-                let writes: Vec<String> = (0..dirty_mib)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        let offset = (seed % (size >> 20)) << 20;
-                        format!("write -P {} {offset} 1M", (i % 250) + 1)
-                    })
-                    .collect();
-                qemu_io(&url, &writes);
+                daemon.write(&random_writes(&mut rng, size, dirty_mib, i));
             }
             let mut opts = opts.clone();
             opts.policy.force_full = i == 30;
@@ -213,9 +123,7 @@ fn main() {
                 .arg(&qemu_out));
             // bitback syncs its output before it reports success; so must
             // the baseline.
-            std::fs::File::open(&qemu_out)
-                .and_then(|f| f.sync_all())
-                .expect("sync");
+            fsync(&qemu_out);
             start.elapsed()
         });
         run(Command::new("qemu-img")

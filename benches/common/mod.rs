@@ -1,0 +1,173 @@
+//! Plumbing shared by the end-to-end benchmarks: a qemu-storage-daemon
+//! serving one disk (QMP for bitback, NBD for the writes), and helpers.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("running a tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qemu-storage-daemon, killed by pid when dropped.
+pub struct Daemon {
+    child: Child,
+    pub qmp: PathBuf,
+    /// `nbd+unix:///disk0?socket=...`
+    pub url: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, disk: &Path) -> Daemon {
+        let qmp = dir.join("qmp.sock");
+        let nbd = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&nbd);
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m0",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=m0"])
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=file0",
+                disk.display()
+            ))
+            .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .args([
+                "--export",
+                "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting qemu-storage-daemon (install qemu-utils)");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!("nbd+unix:///disk0?socket={}", nbd.display());
+        Daemon { child, qmp, url }
+    }
+
+    /// Writes through the NBD export, 256 qemu-io commands a process.
+    pub fn write(&self, commands: &[String]) {
+        for batch in commands.chunks(256) {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "raw"]);
+            for c in batch {
+                cmd.args(["-c", c]);
+            }
+            run(cmd.arg(&self.url).stdout(Stdio::null()));
+        }
+    }
+}
+
+/// xorshift64: the same dirty offsets on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `count` 1 MiB writes at random MiB-aligned offsets of a `size`-byte disk.
+pub fn random_writes(rng: &mut Rng, size: u64, count: u64, pattern: u64) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let offset = (rng.next() % (size >> 20)) << 20;
+            format!("write -P {} {offset} 1M", pattern % 250 + 1)
+        })
+        .collect()
+}
+
+/// Data spread over the disk: `total` bytes in 16 MiB pieces.
+pub fn spread_writes(size: u64, total: u64) -> Vec<String> {
+    let pieces = (total >> 24).max(1);
+    let stride = size / pieces;
+    (0..pieces)
+        .map(|i| format!("write -P {} {} 16M", i % 250 + 1, (i * stride) >> 16 << 16))
+        .collect()
+}
+
+pub fn fsync(path: &Path) {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .expect("fsync");
+}
+
+/// Runs `cmd`, sampling the child's peak RSS (VmHWM) until it exits.
+/// Returns (wall time, peak RSS in bytes, stdout).
+pub fn run_measured(cmd: &mut Command) -> (Duration, u64, String) {
+    let start = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    let pid = child.id();
+    let status_path = format!("/proc/{pid}/status");
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kib * 1024);
+            }
+            if status.contains("State:\tZ") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
+    let out = child.wait_with_output().expect("waiting");
+    let elapsed = start.elapsed();
+    let peak = sampler.join().unwrap_or(0);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        elapsed,
+        peak,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

@@ -1,0 +1,273 @@
+//! bitback against the practical limits on a large sparse disk, in one run.
+//!
+//! `cargo bench --bench large` serves a sparse qcow2 disk of
+//! BITBACK_BENCH_VIRTUAL_GIB GiB (default 64) holding BITBACK_BENCH_DATA_GIB
+//! GiB of data (default 4, in 16 MiB pieces spread over it) with
+//! qemu-storage-daemon, and times, with the release `bitback` binary:
+//! - a full backup, next to `qemu-img convert -O qcow2` of the disk (+fsync);
+//! - an incremental after BITBACK_BENCH_DIRTY_MIB MiB (default 64) of 1 MiB
+//!   random writes, next to converting a file of that many MiB (+fsync);
+//! - restores of the points at chain lengths 1, 10 and 30, next to
+//!   `qemu-img convert -O raw` of the same chain top (+fsync);
+//! - `bitback verify` of the whole repository, and its throughput.
+//!
+//! It prints one table (figure, baseline, ratio), the peak RSS of the
+//! bitback process during the full backup and a restore, and the raw
+//! numbers as JSON. A peer tool can be timed on the same disk: set
+//! BITBACK_PEER_CMD to a shell command; it runs with $DISK (the image, not
+//! in use) and $OUT (a directory) set, after the chain is built, and its
+//! time is reported next to bitback's full backup.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Rng, env_u64, fsync, random_writes, run, run_measured, spread_writes};
+use serde_json::{Value, json};
+
+const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
+
+struct Row {
+    name: String,
+    bitback: Duration,
+    baseline_name: String,
+    baseline: Option<Duration>,
+}
+
+fn backup(daemon: &Daemon, repo: &Path) -> (Duration, u64, Value) {
+    let (t, rss, out) = run_measured(
+        Command::new(BITBACK)
+            .args(["backup", "--qmp"])
+            .arg(&daemon.qmp)
+            .arg("--repo")
+            .arg(repo)
+            .args(["--vm", "bench", "--json"]),
+    );
+    (t, rss, serde_json::from_str(&out).expect("backup JSON"))
+}
+
+fn main() {
+    let virtual_gib = env_u64("BITBACK_BENCH_VIRTUAL_GIB", 64);
+    let data_gib = env_u64("BITBACK_BENCH_DATA_GIB", 4);
+    let dirty_mib = env_u64("BITBACK_BENCH_DIRTY_MIB", 64);
+    let size = virtual_gib << 30;
+    let dir = tempfile::Builder::new()
+        .prefix("bitback-large-")
+        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("temp dir");
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    let repo = d.join("repo");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg(size.to_string()));
+    let daemon = Daemon::start(d, &disk);
+    eprintln!("writing {data_gib} GiB of data over a {virtual_gib} GiB disk");
+    daemon.write(&spread_writes(size, data_gib << 30));
+    let mut rows = Vec::new();
+
+    // Full backup next to a plain copy of the same disk.
+    let copy = d.join("copy.qcow2");
+    let start = Instant::now();
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "qcow2"])
+        .arg(&disk)
+        .arg(&copy));
+    fsync(&copy);
+    let convert_full = start.elapsed();
+    std::fs::remove_file(&copy).expect("removing the copy");
+    let (full_time, full_rss, full) = backup(&daemon, &repo);
+    assert_eq!(full["kind"], "full");
+    rows.push(Row {
+        name: "full backup".into(),
+        bitback: full_time,
+        baseline_name: "qemu-img convert -O qcow2 of the disk".into(),
+        baseline: Some(convert_full),
+    });
+
+    // Incremental next to copying the dirty bytes alone.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    daemon.write(&random_writes(&mut rng, size, dirty_mib, 1));
+    let dirty = d.join("dirty.raw");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&dirty)
+        .arg(format!("{dirty_mib}M")));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {dirty_mib}M")])
+        .arg(&dirty));
+    let dirty_copy = d.join("dirty.qcow2");
+    let start = Instant::now();
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&dirty)
+        .arg(&dirty_copy));
+    fsync(&dirty_copy);
+    let convert_dirty = start.elapsed();
+    let (incr_time, _, incr) = backup(&daemon, &repo);
+    assert_eq!(incr["kind"], "incremental");
+    rows.push(Row {
+        name: format!("incremental, {dirty_mib} MiB dirty"),
+        bitback: incr_time,
+        baseline_name: format!("qemu-img convert of a {dirty_mib} MiB file"),
+        baseline: Some(convert_dirty),
+    });
+
+    // The rest of a chain of 30.
+    let mut ids = vec![
+        full["id"].as_str().unwrap_or_default().to_string(),
+        incr["id"].as_str().unwrap_or_default().to_string(),
+    ];
+    for i in 2..30 {
+        daemon.write(&random_writes(&mut rng, size, dirty_mib, i));
+        let (_, _, m) = backup(&daemon, &repo);
+        ids.push(m["id"].as_str().unwrap_or_default().to_string());
+    }
+    drop(daemon);
+
+    let mut restore_rss = 0;
+    for length in [1usize, 10, 30] {
+        let id = &ids[length - 1];
+        let native = d.join(format!("native-{length}.raw"));
+        let (t, rss, _) = run_measured(
+            Command::new(BITBACK)
+                .args(["restore", "--repo"])
+                .arg(&repo)
+                .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
+                .arg(&native),
+        );
+        restore_rss = restore_rss.max(rss);
+        let top = repo.join("bench").join(id).join("disk0.qcow2");
+        let converted = d.join(format!("qemu-{length}.raw"));
+        let start = Instant::now();
+        run(Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&top)
+            .arg(&converted));
+        fsync(&converted);
+        let baseline = start.elapsed();
+        run(Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+            .arg(&native)
+            .arg(&converted));
+        let _ = std::fs::remove_file(&native);
+        let _ = std::fs::remove_file(&converted);
+        rows.push(Row {
+            name: format!("restore, chain of {length}"),
+            bitback: t,
+            baseline_name: "qemu-img convert -O raw of the chain top".into(),
+            baseline: Some(baseline),
+        });
+    }
+
+    let start = Instant::now();
+    let verified = Command::new(BITBACK)
+        .args(["verify", "--repo"])
+        .arg(&repo)
+        .output()
+        .expect("verify");
+    let verify_time = start.elapsed();
+    assert!(verified.status.success(), "verify found problems");
+    let repo_bytes: u64 = walk_size(&repo);
+    rows.push(Row {
+        name: format!(
+            "verify, {:.2} GiB of files ({:.0} MiB/s)",
+            repo_bytes as f64 / (1u64 << 30) as f64,
+            repo_bytes as f64 / (1 << 20) as f64 / verify_time.as_secs_f64()
+        ),
+        bitback: verify_time,
+        baseline_name: String::new(),
+        baseline: None,
+    });
+
+    if let Ok(peer) = std::env::var("BITBACK_PEER_CMD") {
+        let out = d.join("peer");
+        std::fs::create_dir_all(&out).expect("peer dir");
+        let start = Instant::now();
+        let status = Command::new("sh")
+            .args(["-c", &peer])
+            .env("DISK", &disk)
+            .env("OUT", &out)
+            .status()
+            .expect("running BITBACK_PEER_CMD");
+        assert!(status.success(), "BITBACK_PEER_CMD failed");
+        rows.push(Row {
+            name: "peer tool (BITBACK_PEER_CMD)".into(),
+            bitback: full_time,
+            baseline_name: format!("peer: {peer}"),
+            baseline: Some(start.elapsed()),
+        });
+    }
+
+    println!(
+        "bitback on a {virtual_gib} GiB disk with {data_gib} GiB of data ({dirty_mib} MiB dirtied per incremental)"
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>7}  baseline",
+        "figure", "bitback", "baseline", "ratio"
+    );
+    for r in &rows {
+        let (base, ratio) = match r.baseline {
+            Some(b) => (
+                format!("{:.2} s", b.as_secs_f64()),
+                format!("{:.2}x", r.bitback.as_secs_f64() / b.as_secs_f64()),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<44} {:>8.2} s {:>10} {:>7}  {}",
+            r.name,
+            r.bitback.as_secs_f64(),
+            base,
+            ratio,
+            r.baseline_name
+        );
+    }
+    println!("(ratio = bitback time / baseline time; below 1 is faster)");
+    println!(
+        "peak RSS of bitback: full backup {} MiB, restore {} MiB",
+        full_rss >> 20,
+        restore_rss >> 20
+    );
+    let figures: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "figure": r.name,
+                "bitback_s": r.bitback.as_secs_f64(),
+                "baseline": r.baseline_name,
+                "baseline_s": r.baseline.map(|b| b.as_secs_f64()),
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "virtual_gib": virtual_gib, "data_gib": data_gib, "dirty_mib": dirty_mib,
+            "peak_rss_full_backup": full_rss, "peak_rss_restore": restore_rss,
+            "figures": figures,
+        })
+    );
+}
+
+fn walk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        walk_size(&p)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
