@@ -27,7 +27,7 @@ pub(crate) struct Args {
     ///
     /// Fields: version {major, minor, micro, package}, status, running, and
     /// volumes [{name, node_name, format, image_file, virtual_size (bytes),
-    /// read_only, device, bitmaps [{name, recording, busy, persistent,
+    /// read_only, backing_file, device, bitmaps [{name, recording, busy, persistent,
     /// inconsistent, granularity, count (dirty bytes)}]}].
     #[arg(long)]
     json: bool,

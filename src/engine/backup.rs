@@ -579,9 +579,19 @@ async fn run_jobs(
             "type": "block-dirty-bitmap-add",
             "data": { "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" },
         }));
+        // A full of an image without a backing file copies only what the
+        // image allocates (sync=top): unallocated clusters read as zeros
+        // and stay unallocated in the target. sync=full would write zeros
+        // for every one of them, which on a sparse 1 TiB disk costs more
+        // than the data.
+        let full_sync = if v.backing_file.is_none() {
+            "top"
+        } else {
+            "full"
+        };
         let mut data = json!({
             "job-id": job, "device": v.node_name, "target": node,
-            "sync": "full", "auto-dismiss": false,
+            "sync": full_sync, "auto-dismiss": false,
         });
         if let Some((_, active)) = parent {
             data["sync"] = "bitmap".into();

@@ -298,6 +298,7 @@ mod tests {
             image_file: format!("/vms/{name}.qcow2"),
             virtual_size: size,
             read_only: false,
+            backing_file: None,
             device: None,
             bitmaps: bitmaps.iter().map(|b| bitmap(b)).collect(),
         }

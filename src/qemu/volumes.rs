@@ -62,6 +62,9 @@ pub struct Volume {
     pub image_file: String,
     pub virtual_size: u64,
     pub read_only: bool,
+    /// The image's backing file, when it has one (a template, an external
+    /// snapshot's base): a full backup must then copy through it.
+    pub backing_file: Option<String>,
     /// The guest device's QOM path, when the volume is a device.
     pub device: Option<String>,
     pub bitmaps: Vec<Bitmap>,
@@ -121,6 +124,8 @@ struct ImageInfo {
     filename: String,
     #[serde(rename = "virtual-size")]
     virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +326,7 @@ fn volume(name: String, node: &NodeInfo, device: Option<String>) -> qmp::Result<
         },
         virtual_size: node.image.virtual_size,
         read_only: node.ro,
+        backing_file: node.image.backing_filename.clone(),
         device,
         bitmaps,
     })

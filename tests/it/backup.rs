@@ -879,3 +879,49 @@ fn demo_proves_its_restore() {
     );
     assert!(run.stdout.contains("incremental"), "{}", run.stdout);
 }
+
+/// A full of a volume whose image has a backing file (a template) must
+/// copy the template's data too; sync=top, used for images without one,
+/// would leave it out.
+#[test]
+fn a_full_of_an_overlay_includes_its_backing_data() {
+    let dir = tempdir();
+    let base = dir.path().join("template.qcow2");
+    let overlay = dir.path().join("vm.qcow2");
+    create_qcow2(&base, 8 * MIB, &[]);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x3c 1M 2M"])
+        .arg(&base));
+    create_qcow2(
+        &overlay,
+        8 * MIB,
+        &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+    );
+    let qemu = Qemu::start(
+        Kind::MachineNone,
+        dir.path(),
+        &[Disk::new("d", "drive0", &overlay)],
+    );
+    qemu.qemu_io("drive0", "write -P 0x3d 4M 64k");
+    let repo = dir.path().join("repo");
+    let m = bitback(&[
+        "backup",
+        "--qmp",
+        qemu.qmp.to_str().unwrap(),
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--json",
+    ])
+    .json();
+    assert_eq!(m["kind"], "full");
+    assert_eq!(
+        m["volumes"][0]["bytes_written"],
+        2 * MIB + 64 * 1024,
+        "{m:#}"
+    );
+    qemu.quit();
+    let file = repo.join(m["volumes"][0]["file"].as_str().unwrap());
+    assert!(crate::harness::images_equal(&overlay, &file));
+}
