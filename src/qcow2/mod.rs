@@ -43,6 +43,3 @@ pub use rebase::set_backing;
 pub fn lock_out_qemu(file: &std::fs::File) -> Result<rebase::QemuLockout<'_>> {
     rebase::QemuLockout::take(file)
 }
-
-#[doc(hidden)]
-pub use header::parse as parse_header_cluster;
