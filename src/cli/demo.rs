@@ -4,16 +4,15 @@
 //! writes reach it over its NBD export while the backups run over QMP.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
-use serde_json::Value;
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::engine::{self, BackupOptions};
 use crate::qcow2::{self, CreateOptions};
-use crate::qmp::Qmp;
+use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::{BackupKind, Repo};
 
 /// Show bitback at work on a throwaway disk, then clean up.
@@ -48,15 +47,6 @@ fn tool(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (dir, remove) = match &args.keep {
         Some(dir) => {
@@ -83,7 +73,6 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 async fn demo(dir: &Path) -> anyhow::Result<()> {
     let disk = dir.join("disk0.qcow2");
     let repo_dir = dir.join("repo");
-    let qmp_socket = dir.join("qmp.sock");
     let nbd_socket = dir.join("nbd.sock");
     println!("1. a 256 MiB disk: {}", disk.display());
     qcow2::create(
@@ -94,42 +83,20 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         },
     )?;
 
-    let daemon = Command::new("qemu-storage-daemon")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=m0",
-            qmp_socket.display()
-        ))
-        .args(["--monitor", "chardev=m0"])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=file0",
-            disk.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
-        .args([
-            "--export",
-            "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting qemu-storage-daemon (install qemu-utils)")?;
-    let daemon = Daemon(daemon);
-    println!(
-        "2. qemu-storage-daemon (pid {}) serves it, standing in for a running VM",
-        daemon.0.id()
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(qmp_socket.exists() && nbd_socket.exists()) {
-        if Instant::now() > deadline {
-            bail!("qemu-storage-daemon did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let qmp = Qmp::connect(qmp_socket.to_str().context("socket path is not UTF-8")?).await?;
+    let spec = DaemonSpec {
+        qmp: true,
+        blockdevs: vec![json!({
+            "driver": "qcow2", "node-name": "disk0",
+            "file": {"driver": "file", "filename": disk},
+        })],
+        nbd: Some(json!({"type": "unix", "path": nbd_socket})),
+        exports: vec![json!({
+            "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
+        })],
+    };
+    let daemon = Daemon::start(private_dir("demo-vm")?, &spec).await?;
+    println!("2. qemu-storage-daemon serves it, standing in for a running VM");
+    let qmp = daemon.qmp.clone().context("the daemon has no monitor")?;
     let url = format!("nbd+unix:///disk0?socket={}", nbd_socket.display());
     let write = |pattern: &str, what: &str| -> anyhow::Result<()> {
         let mut cmd = Command::new("qemu-io");
@@ -185,8 +152,8 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     let last = last.context("no backup was taken")?;
     // Quit the daemon: the disk is closed cleanly (bitmaps written) and
     // safe to compare.
-    let _ = qmp.execute_raw("quit", Value::Null).await;
-    drop(daemon);
+    drop(qmp);
+    daemon.quit().await?;
 
     let top = repo_dir.join(&last.volumes[0].file);
     let restored = dir.join("restored.raw");

@@ -2,6 +2,7 @@
 //! state, its volumes and their dirty bitmaps.
 
 pub mod agent;
+pub mod daemon;
 mod volumes;
 
 use serde::Serialize;

@@ -1,0 +1,172 @@
+//! qemu-storage-daemon, started by bitback: for stopped VMs, exports and
+//! the demo. It lives in a private temp directory (its sockets, an
+//! overlay) and is ended by its pid when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tracing::{info, warn};
+
+use crate::qmp::{Endpoint, Options, Qmp};
+
+/// What to start the daemon with.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonSpec {
+    /// `--blockdev` values, as JSON.
+    pub blockdevs: Vec<Value>,
+    /// Open a QMP monitor (at `<dir>/qmp.sock`).
+    pub qmp: bool,
+    /// `--nbd-server` address (`{"type": "unix", "path": ...}` or inet).
+    pub nbd: Option<Value>,
+    /// `--export` values, as JSON.
+    pub exports: Vec<Value>,
+}
+
+/// A running daemon. Dropping it kills it (by pid) and removes its
+/// directory; [`Daemon::quit`] asks it to close its images cleanly first.
+pub struct Daemon {
+    child: tokio::process::Child,
+    dir: PathBuf,
+    pub qmp: Option<Qmp>,
+}
+
+/// A fresh private directory under the system temp dir.
+pub fn private_dir(purpose: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "bitback-{purpose}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+impl Daemon {
+    /// Starts the daemon in `dir` (which it owns from now on: it is
+    /// removed when the daemon goes) and waits until it listens.
+    pub async fn start(dir: PathBuf, spec: &DaemonSpec) -> anyhow::Result<Daemon> {
+        let socket = dir.join("qmp.sock");
+        let mut cmd = tokio::process::Command::new("qemu-storage-daemon");
+        if spec.qmp {
+            cmd.arg("--chardev")
+                .arg(format!(
+                    "socket,path={},server=on,wait=off,id=bitback-mon",
+                    socket.display()
+                ))
+                .args(["--monitor", "chardev=bitback-mon"]);
+        }
+        for blockdev in &spec.blockdevs {
+            cmd.arg("--blockdev").arg(blockdev.to_string());
+        }
+        if let Some(addr) = &spec.nbd {
+            cmd.arg("--nbd-server")
+                .arg(json!({ "addr": addr }).to_string());
+        }
+        for export in &spec.exports {
+            cmd.arg("--export").arg(export.to_string());
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(anyhow::anyhow!(e).context(
+                    "starting qemu-storage-daemon (install qemu-utils 7.2 or newer, which has it)",
+                ));
+            }
+        };
+        info!(pid = child.id(), "started qemu-storage-daemon");
+        let mut daemon = Daemon {
+            child,
+            dir,
+            qmp: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = daemon.child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                bail!("qemu-storage-daemon exited ({status}): {}", stderr.trim());
+            }
+            if daemon.listening(spec, &socket).await {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!("qemu-storage-daemon did not come up within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn listening(&mut self, spec: &DaemonSpec, socket: &Path) -> bool {
+        if spec.qmp && self.qmp.is_none() {
+            if !socket.exists() {
+                return false;
+            }
+            match Qmp::connect_with(Endpoint::Unix(socket.into()), Options::default()).await {
+                Ok(qmp) => self.qmp = Some(qmp),
+                Err(_) => return false,
+            }
+        }
+        match spec.nbd.as_ref() {
+            Some(addr) if addr["type"] == "unix" => {
+                Path::new(addr["path"].as_str().unwrap_or_default()).exists()
+            }
+            Some(addr) => {
+                let host = addr["host"].as_str().unwrap_or("127.0.0.1");
+                let port = addr["port"].as_str().unwrap_or("10809");
+                tokio::net::TcpStream::connect(format!("{host}:{port}"))
+                    .await
+                    .is_ok()
+            }
+            None => true,
+        }
+    }
+
+    /// The daemon's private directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until the daemon exits on its own.
+    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+
+    /// Asks the daemon to quit (it closes its images cleanly, writing
+    /// persistent bitmaps) and waits; kills it by pid if it does not exit.
+    pub async fn quit(mut self) -> anyhow::Result<()> {
+        if let Some(qmp) = &self.qmp {
+            let _ = qmp.execute_raw("quit", Value::Null).await;
+        }
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => bail!("qemu-storage-daemon exited with {status}"),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                warn!("qemu-storage-daemon did not quit; killing it");
+                let _ = self.child.kill().await;
+                bail!("qemu-storage-daemon did not quit within 60 s")
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
