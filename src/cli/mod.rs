@@ -78,6 +78,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 Some(
                     crate::repo::Error::BadName { .. }
                         | crate::repo::Error::NotADirectory { .. }
+                        | crate::repo::Error::Symlink { .. }
                         | crate::repo::Error::BadManifest { .. }
                         | crate::repo::Error::BadState { .. }
                 )

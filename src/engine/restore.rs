@@ -204,7 +204,9 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
 fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
     for v in &m.volumes {
         let path = repo.root().join(&v.file);
+        let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
         let problem = match Image::open(&path) {
+            _ if link => Some("is a symlink; backup files must be plain files".into()),
             Err(e) => Some(e.to_string()),
             Ok(image) if image.hc.backing_file != v.backing => Some(format!(
                 "backing file is {:?}, the manifest says {:?}",

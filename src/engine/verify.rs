@@ -95,6 +95,13 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
         files += 1;
         let file = Some(v.file.as_str());
         let path = repo.root().join(&v.file);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            problem(
+                file,
+                "is a symlink; backup files must be plain files".into(),
+            );
+            continue;
+        }
         let image = match Image::open(&path) {
             Ok(image) => image,
             Err(e) => {

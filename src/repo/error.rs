@@ -14,6 +14,9 @@ pub enum Error {
     #[error("{} is not a directory", path.display())]
     NotADirectory { path: PathBuf },
 
+    #[error("{} is a symlink; bitback does not follow links out of the repository", path.display())]
+    Symlink { path: PathBuf },
+
     #[error("{what} name \"{name}\" is not allowed: {reason}")]
     BadName {
         what: &'static str,

@@ -106,9 +106,15 @@ impl Repo {
         &self.root
     }
 
+    /// The VM's directory. A symlink there is refused: it would lead
+    /// writes out of the repository.
     pub fn vm_dir(&self, vm: &str) -> Result<PathBuf> {
         check_name("VM", vm)?;
-        Ok(self.root.join(vm))
+        let dir = self.root.join(vm);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.file_type().is_symlink() => Err(Error::Symlink { path: dir }),
+            _ => Ok(dir),
+        }
     }
 
     /// The VMs that have a directory here, sorted.
@@ -190,7 +196,11 @@ impl Repo {
 
     pub fn manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
         check_name("backup", id)?;
-        let path = self.vm_dir(vm)?.join(id).join("manifest.json");
+        let dir = self.vm_dir(vm)?.join(id);
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Symlink { path: dir });
+        }
+        let path = dir.join("manifest.json");
         let bytes = fs::read(&path).map_err(|source| Error::Io {
             action: "reading",
             path: path.clone(),

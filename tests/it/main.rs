@@ -7,6 +7,7 @@
 mod backup;
 mod fake_qmp;
 mod harness;
+mod hostile;
 mod inspect;
 mod qcow2;
 mod qmp_client;
