@@ -1,6 +1,11 @@
 //! Test-only fault injection: a debug build dies with SIGKILL at the named
 //! phase when `BITBACK_FAULT` names it, so tests can prove what a crash at
 //! that point leaves behind. Release builds ignore the variable.
+//!
+//! Phases: `before-transaction`, `after-transaction` (bitmaps added, jobs
+//! started), `mid-copy` (a progress poll saw a job still running), `after-jobs`,
+//! `before-commit`, `after-commit` (before the old bitmap is removed),
+//! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`.
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {

@@ -717,7 +717,10 @@ async fn wait_jobs(
                 }
             }
             _ = tick.tick() => {
-                let (current, total) = job_progress(qmp).await;
+                let (current, total, running) = job_progress(qmp).await;
+                if running {
+                    crate::fault::point("mid-copy");
+                }
                 if let Some(bar) = &bar {
                     bar.set_length(total);
                     bar.set_position(current);
@@ -757,10 +760,10 @@ async fn cancel_all(qmp: &Qmp, count: usize) {
     }
 }
 
-/// Bytes done and total over bitback's running jobs.
-async fn job_progress(qmp: &Qmp) -> (u64, u64) {
+/// Bytes done and total over bitback's jobs, and whether one still runs.
+async fn job_progress(qmp: &Qmp) -> (u64, u64, bool) {
     let Ok(jobs) = qmp.execute_raw("query-jobs", Value::Null).await else {
-        return (0, 0);
+        return (0, 0, false);
     };
     jobs.as_array()
         .into_iter()
@@ -770,10 +773,11 @@ async fn job_progress(qmp: &Qmp) -> (u64, u64) {
                 .as_str()
                 .is_some_and(|id| id.starts_with(JOB_PREFIX))
         })
-        .fold((0, 0), |(c, t), j| {
+        .fold((0, 0, false), |(c, t, r), j| {
             (
                 c + j["current-progress"].as_u64().unwrap_or(0),
                 t + j["total-progress"].as_u64().unwrap_or(0),
+                r || j["status"] == "running",
             )
         })
 }

@@ -29,6 +29,31 @@ pub fn require(tool: &str) {
     assert!(found, "{tool} is not installed: {INSTALL_HINT}");
 }
 
+/// The test guest's kernel and initramfs, built once per checkout by
+/// fixtures/guest/build.sh into target/guest.
+pub fn guest_files() -> (PathBuf, PathBuf) {
+    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let cache = root.join("target/guest");
+            let out = Command::new("bash")
+                .arg(root.join("fixtures/guest/build.sh"))
+                .arg(&cache)
+                .output()
+                .expect("running fixtures/guest/build.sh");
+            assert!(
+                out.status.success(),
+                "building the test guest failed; it needs apt-get and dpkg-deb and \
+                 Debian's package mirror (apt-get download linux-image-cloud-amd64 \
+                 busybox-static cpio):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (cache.join("vmlinuz"), cache.join("initrd.gz"))
+        })
+        .clone()
+}
+
 /// A TCP port free at the time of asking, for a QEMU to listen on.
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -178,6 +203,9 @@ pub enum Kind {
     Pc,
     /// `qemu-storage-daemon` with an NBD export per volume.
     StorageDaemon,
+    /// `-machine pc -accel tcg` booting the test guest (fixtures/guest),
+    /// which writes its sequence log to its disks without stopping.
+    Guest,
 }
 
 /// A disk to attach: the device id (Pc only), the node name, the image.
@@ -222,10 +250,24 @@ impl Qemu {
         let nbd = dir.join("nbd.sock");
         let mut args: Vec<String> = Vec::new();
         let program = match kind {
-            Kind::MachineNone | Kind::Pc => {
+            Kind::MachineNone | Kind::Pc | Kind::Guest => {
                 require("qemu-system-x86_64");
                 if kind == Kind::Pc {
                     args.extend(["-machine", "pc", "-S", "-accel", "tcg"].map(String::from));
+                } else if kind == Kind::Guest {
+                    let (kernel, initrd) = guest_files();
+                    args.extend(["-machine", "pc", "-accel", "tcg", "-m", "256"].map(String::from));
+                    args.extend([
+                        "-kernel".into(),
+                        kernel.display().to_string(),
+                        "-initrd".into(),
+                        initrd.display().to_string(),
+                        "-append".into(),
+                        "console=ttyS0 panic=-1 quiet".into(),
+                        "-no-reboot".into(),
+                        "-serial".into(),
+                        format!("file:{}", dir.join("serial.log").display()),
+                    ]);
                 } else {
                     args.extend(["-machine", "none"].map(String::from));
                 }
@@ -247,7 +289,7 @@ impl Qemu {
                         "driver=qcow2,file=file{i},node-name={},discard=unmap",
                         d.node
                     ));
-                    if kind == Kind::Pc {
+                    if kind == Kind::Pc || kind == Kind::Guest {
                         args.push("-device".into());
                         args.push(format!(
                             "virtio-blk-pci,drive={},id={},share-rw=on",
@@ -306,7 +348,27 @@ impl Qemu {
             disks: disks.to_vec(),
         };
         qemu.wait_ready();
+        if kind == Kind::Guest {
+            qemu.wait_serial("bitback-guest: writing", Duration::from_secs(90));
+        }
         qemu
+    }
+
+    /// Waits until the guest's serial log holds `text`.
+    pub fn wait_serial(&self, text: &str, limit: Duration) {
+        let log = self.dir.join("serial.log");
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = std::fs::read_to_string(&log).unwrap_or_default();
+            if seen.contains(text) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not print {text:?} within {limit:?}; its serial log:\n{seen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -354,7 +416,7 @@ impl Qemu {
     /// `write -P 0x55 1M 64k`.
     pub fn qemu_io(&self, node: &str, cmd: &str) {
         match self.kind {
-            Kind::MachineNone | Kind::Pc => {
+            Kind::MachineNone | Kind::Pc | Kind::Guest => {
                 let out = self.must(
                     "human-monitor-command",
                     json!({ "command-line": format!("qemu-io {node} \"{cmd}\"") }),

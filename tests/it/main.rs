@@ -6,6 +6,7 @@
 
 mod backup;
 mod fake_qmp;
+mod guest;
 mod harness;
 mod hostile;
 mod inspect;
@@ -13,3 +14,4 @@ mod qcow2;
 mod qmp_client;
 mod restore;
 mod retention;
+mod soak;

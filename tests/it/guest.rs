@@ -1,0 +1,250 @@
+//! A booted guest writing without pause (fixtures/guest): every backup
+//! point must restore to a consistent prefix of its sequence log, on both
+//! disks, with matching positions, also when bitback is killed mid-way.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{Disk, Kind, Qemu, bitback, create_qcow2, tempdir};
+
+const MIB: u64 = 1 << 20;
+/// Slots in the guest's log (init.sh's N), 4 KiB each.
+const SLOTS: u64 = 64;
+
+fn checksum(k: u64) -> u64 {
+    (k * 2_654_435_761 + 12_345) % (1 << 32)
+}
+
+/// The last record K of a consistent log on a raw disk image, `None` for a
+/// disk never written; an error describing the first inconsistency.
+fn check_log(image: &Path) -> Result<Option<u64>, String> {
+    let bytes = std::fs::read(image).map_err(|e| e.to_string())?;
+    let mut records = Vec::new();
+    for slot in 0..SLOTS {
+        let block = &bytes[(slot * 4096) as usize..((slot + 1) * 4096) as usize];
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let text =
+            std::str::from_utf8(&block[..30]).map_err(|_| format!("slot {slot}: not text"))?;
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let (k, c) = match fields.as_slice() {
+            ["BBREC", k, c, ..] => (
+                k.parse::<u64>()
+                    .map_err(|_| format!("slot {slot}: bad k {text:?}"))?,
+                c.parse::<u64>()
+                    .map_err(|_| format!("slot {slot}: bad checksum {text:?}"))?,
+            ),
+            _ => return Err(format!("slot {slot}: not a record: {text:?}")),
+        };
+        if c != checksum(k) {
+            return Err(format!("slot {slot}: record {k} has a bad checksum"));
+        }
+        if k % SLOTS != slot {
+            return Err(format!("record {k} is in slot {slot}"));
+        }
+        records.push(k);
+    }
+    let Some(&last) = records.iter().max() else {
+        return Ok(None);
+    };
+    // One unbroken run ending at `last`: the newest SLOTS records.
+    let first = last.saturating_sub(SLOTS - 1);
+    let mut expected: Vec<u64> = (first..=last).collect();
+    records.sort_unstable();
+    expected.sort_unstable();
+    if records != expected {
+        return Err(format!(
+            "records {:?} are not the run {first}..={last}",
+            records
+        ));
+    }
+    Ok(Some(last))
+}
+
+/// Restores every volume of backup `id` and checks both logs; returns the
+/// last record on each (-1 for a disk not written yet).
+fn check_point(repo: &Path, id: &str, out: &Path) -> (i64, i64) {
+    let run = bitback(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "guest",
+        "--backup",
+        id,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let a = check_log(&out.join("disk0.raw")).unwrap_or_else(|e| panic!("{id} disk0: {e}"));
+    let b = check_log(&out.join("disk1.raw")).unwrap_or_else(|e| panic!("{id} disk1: {e}"));
+    std::fs::remove_dir_all(out).unwrap();
+    let last = |k: Option<u64>| k.map_or(-1, |k| k as i64);
+    let (a, b) = (last(a), last(b));
+    // vda is written first: it may be one record ahead.
+    assert!(a == b || a == b + 1, "{id}: disk0 at {a}, disk1 at {b}");
+    (a, b)
+}
+
+fn guest(dir: &Path) -> Qemu {
+    let a = dir.join("a.qcow2");
+    let b = dir.join("b.qcow2");
+    create_qcow2(&a, 16 * MIB, &[]);
+    create_qcow2(&b, 16 * MIB, &[]);
+    Qemu::start(
+        Kind::Guest,
+        dir,
+        &[
+            Disk::new("disk0", "drive0", &a),
+            Disk::new("disk1", "drive1", &b),
+        ],
+    )
+}
+
+fn backup(qemu: &Qemu, repo: &Path, env: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitback"));
+    cmd.args(["backup", "--qmp", qemu.qmp.to_str().unwrap(), "--repo"])
+        .arg(repo)
+        .args(["--vm", "guest", "--json", "-v"]);
+    if let Some(phase) = env {
+        cmd.env("BITBACK_FAULT", phase);
+        if phase == "mid-copy" {
+            // Slow enough that a progress poll sees the copy under way.
+            cmd.args(["--rate-limit", "16K"]);
+        }
+    }
+    cmd.output().unwrap()
+}
+
+fn ids(repo: &Path) -> Vec<String> {
+    bitback(&["list", "--repo", repo.to_str().unwrap(), "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_writing_guest_restores_to_consistent_prefixes_at_every_point() {
+    let dir = tempdir();
+    let qemu = guest(dir.path());
+    let repo = dir.path().join("repo");
+    let mut kinds = Vec::new();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(700));
+        let out = backup(&qemu, &repo, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+        kinds.push(m["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds[0], "full");
+    assert!(kinds[1..].iter().all(|k| k == "incremental"), "{kinds:?}");
+    drop(qemu);
+    let mut last = None;
+    for id in ids(&repo) {
+        let (a, _) = check_point(&repo, &id, &dir.path().join("out"));
+        if let Some(previous) = last {
+            assert!(a > previous, "the guest made no progress between backups");
+        }
+        last = Some(a);
+    }
+}
+
+#[test]
+fn killed_at_any_phase_with_the_guest_writing_every_point_stays_consistent() {
+    let dir = tempdir();
+    let qemu = guest(dir.path());
+    let repo = dir.path().join("repo");
+    let first = backup(&qemu, &repo, None);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for phase in [
+        "after-transaction",
+        "mid-copy",
+        "after-jobs",
+        "before-commit",
+        "after-commit",
+    ] {
+        // Long enough for the guest to dirty every cluster of its log, so
+        // a rate-limited copy is seen part-way.
+        std::thread::sleep(Duration::from_millis(if phase == "mid-copy" {
+            2500
+        } else {
+            300
+        }));
+        let killed = backup(&qemu, &repo, Some(phase));
+        assert_eq!(killed.status.code(), None, "{phase}: not killed");
+        std::thread::sleep(Duration::from_millis(300));
+        let next = backup(&qemu, &repo, None);
+        let log = String::from_utf8_lossy(&next.stderr);
+        assert!(next.status.success(), "{phase}: {log}");
+        let m: Value = serde_json::from_slice(&next.stdout).unwrap();
+        eprintln!(
+            "{phase}: next is {} {} ({})",
+            m["id"], m["kind"], m["reason"]
+        );
+        if phase == "after-commit" {
+            assert_eq!(m["kind"], "full", "{phase}");
+        } else {
+            assert_eq!(m["kind"], "incremental", "{phase}");
+            assert!(
+                log.contains("interrupted run") || log.contains("does not use"),
+                "{phase}: the log does not say what was cleaned:\n{log}"
+            );
+        }
+    }
+    drop(qemu);
+    let all = ids(&repo);
+    assert_eq!(all.len(), 7, "{all:?}");
+    for id in all {
+        check_point(&repo, &id, &dir.path().join("out"));
+    }
+}
+
+#[test]
+fn the_log_checker_catches_what_it_must() {
+    let dir = tempdir();
+    let path = dir.path().join("log.raw");
+    let write = |records: &[(u64, u64)]| {
+        let mut bytes = vec![0u8; (SLOTS * 4096) as usize];
+        for &(k, c) in records {
+            let line = format!("BBREC {k:012} {c:010}\n");
+            let at = ((k % SLOTS) * 4096) as usize;
+            bytes[at..at + line.len()].copy_from_slice(line.as_bytes());
+        }
+        std::fs::write(&path, bytes).unwrap();
+    };
+    let good: Vec<(u64, u64)> = (10..=100).map(|k| (k, checksum(k))).collect();
+    write(&good);
+    assert_eq!(check_log(&path), Ok(Some(100)));
+    let early: Vec<(u64, u64)> = (0..=4).map(|k| (k, checksum(k))).collect();
+    write(&early);
+    assert_eq!(check_log(&path), Ok(Some(4)));
+    // A log must start at record 0.
+    write(&good[..5]);
+    assert!(check_log(&path).is_err());
+    write(&[]);
+    assert_eq!(check_log(&path), Ok(None));
+    // A slot that missed its newest record breaks the run.
+    let mut stale = good.clone();
+    stale.retain(|&(k, _)| k != 90);
+    write(&stale);
+    assert!(check_log(&path).is_err());
+    let mut bad = good.clone();
+    bad.last_mut().unwrap().1 += 1;
+    write(&bad);
+    assert!(check_log(&path).is_err());
+}
