@@ -353,10 +353,7 @@ async fn clean_stray_jobs(qmp: &Qmp, vm: &str) -> anyhow::Result<()> {
             continue;
         };
         info!(vm, job = id, status = %job["status"], "cleaning up a job left by an interrupted run");
-        let _ = qmp
-            .execute_raw("job-cancel", json!({ "id": id, "force": true }))
-            .await;
-        let _ = qmp.execute_raw("job-dismiss", json!({ "id": id })).await;
+        cancel_job(qmp, id).await;
     }
     let nodes = qmp
         .execute_raw("query-named-block-nodes", json!({ "flat": true }))
@@ -463,26 +460,32 @@ struct Undo {
     bitmaps: Vec<(String, String)>,
 }
 
+/// Cancels job `id` and dismisses it once it has concluded, so its nodes
+/// can be removed; gives up (logging) after 30 s.
+async fn cancel_job(qmp: &Qmp, id: &str) {
+    let _ = qmp
+        .execute_raw("job-cancel", json!({ "id": id, "force": true }))
+        .await;
+    // A cancelled job takes a moment to conclude before it can be
+    // dismissed.
+    for _ in 0..600 {
+        match qmp.execute_raw("job-dismiss", json!({ "id": id })).await {
+            Ok(_) => return,
+            Err(e) if e.to_string().contains("not found") => return,
+            Err(qmp::Error::Disconnected { .. }) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    warn!(
+        job = id,
+        "the job did not conclude within 30 s of its cancel"
+    );
+}
+
 impl Undo {
     async fn rollback(&mut self, qmp: &Qmp) {
         for job in self.jobs.drain(..) {
-            let _ = qmp
-                .execute_raw("job-cancel", json!({ "id": job, "force": true }))
-                .await;
-            // A cancelled job takes a moment to conclude before it can be
-            // dismissed.
-            for _ in 0..100 {
-                match qmp.execute_raw("job-dismiss", json!({ "id": job })).await {
-                    Ok(_) => break,
-                    Err(e)
-                        if e.qemu_class() == Some("GenericError")
-                            && e.to_string().contains("not found") =>
-                    {
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
+            cancel_job(qmp, &job).await;
         }
         for node in self.nodes.drain(..) {
             if let Err(e) = qmp

@@ -178,13 +178,13 @@ fn killed_at_any_phase_with_the_guest_writing_every_point_stays_consistent() {
         "before-commit",
         "after-commit",
     ] {
-        // Long enough for the guest to dirty every cluster of its log, so
-        // a rate-limited copy is seen part-way.
-        std::thread::sleep(Duration::from_millis(if phase == "mid-copy" {
-            2500
-        } else {
-            300
-        }));
+        std::thread::sleep(Duration::from_millis(300));
+        if phase == "mid-copy" {
+            // 1 MiB more to copy on each disk, beyond the guest's log: at
+            // 16 KiB/s the copy is surely under way at the first poll.
+            qemu.qemu_io("drive0", "write -P 0x77 8M 1M");
+            qemu.qemu_io("drive1", "write -P 0x77 8M 1M");
+        }
         let killed = backup(&qemu, &repo, Some(phase));
         assert_eq!(killed.status.code(), None, "{phase}: not killed");
         std::thread::sleep(Duration::from_millis(300));

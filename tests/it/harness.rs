@@ -159,13 +159,22 @@ fn read_message(reader: &mut BufReader<UnixStream>) -> std::io::Result<Value> {
 
 /// One short-lived QMP session of the harness's own.
 pub fn qmp_call(socket: &Path, command: &str, arguments: Value) -> Result<Value, QmpFailure> {
+    let mut message = json!({ "execute": command });
+    if !arguments.is_null() {
+        message["arguments"] = arguments;
+    }
     // Under load QEMU sometimes drops a connection it has not served yet
-    // (a reset before the greeting); the harness retries that, nothing else.
+    // (a reset or a broken pipe before the command went out); the harness
+    // retries that, and nothing after the command was written.
     let mut attempt = 0;
-    let (mut reader, mut writer) = loop {
-        match qmp_session(socket) {
-            Ok(session) => break session,
-            Err(e) if attempt < 5 => {
+    let mut reader = loop {
+        let sent = qmp_session(socket).and_then(|(reader, mut writer)| {
+            writeln!(writer, "{message}")?;
+            Ok(reader)
+        });
+        match sent {
+            Ok(reader) => break reader,
+            Err(e) if attempt < 8 => {
                 attempt += 1;
                 eprintln!(
                     "harness: QMP session on {} failed ({e}); retrying",
@@ -176,11 +185,6 @@ pub fn qmp_call(socket: &Path, command: &str, arguments: Value) -> Result<Value,
             Err(e) => panic!("harness: QMP session on {}: {e}", socket.display()),
         }
     };
-    let mut message = json!({ "execute": command });
-    if !arguments.is_null() {
-        message["arguments"] = arguments;
-    }
-    writeln!(writer, "{message}").expect("writing QMP");
     let reply =
         read_message(&mut reader).unwrap_or_else(|e| panic!("harness: waiting for {command}: {e}"));
     if let Some(ret) = reply.get("return") {
@@ -379,7 +383,7 @@ impl Qemu {
         let deadline = Instant::now() + Duration::from_secs(20);
         let sockets = [&self.qmp, &self.control];
         loop {
-            if sockets.iter().all(|s| UnixStream::connect(s).is_ok())
+            if sockets.iter().all(|s| s.exists())
                 && (self.kind != Kind::StorageDaemon || self.nbd.exists())
             {
                 // The sockets listen before QEMU has opened its images; a
