@@ -174,7 +174,7 @@ pub fn qmp_call(socket: &Path, command: &str, arguments: Value) -> Result<Value,
         });
         match sent {
             Ok(reader) => break reader,
-            Err(e) if attempt < 8 => {
+            Err(e) if attempt < 50 => {
                 attempt += 1;
                 eprintln!(
                     "harness: QMP session on {} failed ({e}); retrying",
@@ -334,6 +334,11 @@ impl Qemu {
             }
         };
         args.extend(extra.iter().cloned());
+        // A QEMU killed earlier in this dir left its sockets behind; they
+        // must not pass for the new one's.
+        for socket in [&qmp, &control, &nbd] {
+            let _ = std::fs::remove_file(socket);
+        }
         let log = std::fs::File::create(dir.join("qemu.log")).expect("creating the QEMU log");
         let child = Command::new(program)
             .args(&args)
