@@ -121,6 +121,27 @@ pub fn images_equal(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `qemu-img compare` of two images with their formats given: true when
+/// the guest-visible contents are equal; panics when compare itself fails.
+pub fn same_content(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("running qemu-img compare");
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {} {} failed: {}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
 /// A QMP error reply, as the harness sees it.
 #[derive(Debug)]
 pub struct QmpFailure {

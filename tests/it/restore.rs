@@ -6,7 +6,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::backup::Vm;
-use crate::harness::{Rng, bitback, run, tempdir};
+use crate::harness::{Rng, bitback, run, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -26,20 +26,6 @@ fn restore(vm: &Vm, id: &str, out: &Path, format: &str) -> Value {
         "--json",
     ])
     .json()
-}
-
-fn compare(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", fa, "-F", fb])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!("qemu-img compare: {}", String::from_utf8_lossy(&out.stderr)),
-    }
 }
 
 #[test]
@@ -77,12 +63,12 @@ fn native_restore_of_every_point_equals_qemu_img_convert_and_the_model() {
                 .arg(&top)
                 .arg(&converted));
             assert!(
-                compare(&path, "raw", &converted, "raw"),
+                same_content(&path, "raw", &converted, "raw"),
                 "point {n} ({id}) volume {i}"
             );
             // ...and against what the guest wrote.
             assert!(
-                compare(&path, "raw", &models[i], "raw"),
+                same_content(&path, "raw", &models[i], "raw"),
                 "point {n} ({id}) volume {i} vs model"
             );
             std::fs::remove_file(&converted).unwrap();
@@ -94,7 +80,7 @@ fn native_restore_of_every_point_equals_qemu_img_convert_and_the_model() {
                 assert_eq!(r["method"], "native", "{r}");
                 let path = PathBuf::from(r["path"].as_str().unwrap());
                 assert!(
-                    compare(&path, "qcow2", &models[i], "raw"),
+                    same_content(&path, "qcow2", &models[i], "raw"),
                     "qcow2 point {n} volume {i}"
                 );
                 run(Command::new("qemu-img").arg("check").arg(&path));
@@ -263,7 +249,7 @@ fn verify_catches_a_deleted_middle_file() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(compare(&out, "raw", &vm.points[0].1[0], "raw"));
+    assert!(same_content(&out, "raw", &vm.points[0].1[0], "raw"));
 }
 
 #[test]
@@ -309,7 +295,7 @@ fn restore_never_overwrites_and_names_unknown_volumes() {
         latest.to_str().unwrap(),
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(compare(&latest, "raw", &vm.points[2].1[0], "raw"));
+    assert!(same_content(&latest, "raw", &vm.points[2].1[0], "raw"));
     let _ = ids;
 }
 
@@ -357,7 +343,7 @@ fn in_place_restore_refuses_a_running_vm_and_clears_the_checkpoint() {
         .args(["convert", "-O", "raw"])
         .arg(&vm.disks[0].image)
         .arg(&restored));
-    assert!(compare(&restored, "raw", &vm.points[1].1[0], "raw"));
+    assert!(same_content(&restored, "raw", &vm.points[1].1[0], "raw"));
     let state: Value =
         serde_json::from_slice(&std::fs::read(vm.repo.join("vm1/state.json")).unwrap()).unwrap();
     assert_eq!(state["active_checkpoint"], Value::Null);
@@ -396,7 +382,7 @@ fn in_place_restore_refuses_a_running_vm_and_clears_the_checkpoint() {
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stdout.contains("native"), "{}", r.stdout);
-    assert!(compare(&raw, "raw", &vm.points[2].1[0], "raw"));
+    assert!(same_content(&raw, "raw", &vm.points[2].1[0], "raw"));
 }
 
 #[test]
@@ -430,7 +416,7 @@ fn compressed_clusters_fall_back_to_qemu_img_and_say_so() {
         "{}",
         r.stdout
     );
-    assert!(compare(&out, "raw", &vm.points[2].1[0], "raw"));
+    assert!(same_content(&out, "raw", &vm.points[2].1[0], "raw"));
     // With digests checked, the rewritten file is caught.
     let caught = bitback(&[
         "restore",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::backup::Vm;
-use crate::harness::{bitback, tempdir};
+use crate::harness::{bitback, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -23,13 +23,7 @@ fn list_ids(vm: &Vm) -> Vec<String> {
 }
 
 fn same(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
+    same_content(a, "raw", b, "raw")
 }
 
 /// Every backup still listed restores to its model, and verify is clean.

@@ -8,18 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::backup::Vm;
-use crate::harness::{Rng, bitback, tempdir};
+use crate::harness::{Rng, bitback, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
 fn same(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
+    same_content(a, "raw", b, "raw")
 }
 
 #[test]
