@@ -159,6 +159,23 @@ impl Vm {
         }
     }
 
+    /// `bitback restore` of backup `id` to `out`, plus `extra` arguments.
+    pub(crate) fn restore(&self, id: &str, out: &Path, extra: &[&str]) -> crate::harness::Run {
+        let mut args = vec![
+            "restore",
+            "--repo",
+            self.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--backup",
+            id,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        bitback(&args)
+    }
+
     pub(crate) fn quit(&mut self) {
         if let Some(qemu) = self.qemu.take() {
             qemu.quit();

@@ -147,17 +147,7 @@ fn assert_caught(vm: &Vm, ids: &[String], file: &Path, words: &str) {
     );
 
     let out = vm.dir.join("refused");
-    let refused = bitback(&[
-        "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--backup",
-        ids.last().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let refused = vm.restore(ids.last().unwrap(), &out, &[]);
     assert_eq!(refused.code, Some(1), "{}", refused.stderr);
     assert!(
         refused.stderr.contains("cannot be restored"),
@@ -237,17 +227,7 @@ fn verify_catches_a_deleted_middle_file() {
     );
     // The full alone still restores.
     let out = dir.path().join("first.raw");
-    let r = bitback(&[
-        "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--backup",
-        &ids[0],
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let r = vm.restore(&ids[0], &out, &[]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(same_content(&out, "raw", &vm.points[0].1[0], "raw"));
 }

@@ -37,17 +37,7 @@ fn assert_all_restorable(vm: &Vm) {
             .find(|(p, _)| p == id)
             .unwrap_or_else(|| panic!("no model for {id}"));
         let out = vm.dir.join(format!("check-{id}"));
-        let run = bitback(&[
-            "restore",
-            "--repo",
-            vm.repo.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--backup",
-            id,
-            "--output",
-            out.to_str().unwrap(),
-        ]);
+        let run = vm.restore(id, &out, &[]);
         assert_eq!(run.code, Some(0), "{id}: {}", run.stderr);
         for (i, model) in models.iter().enumerate() {
             assert!(
@@ -257,17 +247,7 @@ fn export_serves_the_point_that_restore_gives() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let restored = dir.path().join("point1.raw");
-    let run = bitback(&[
-        "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--backup",
-        &ids[1],
-        "--output",
-        restored.to_str().unwrap(),
-    ]);
+    let run = vm.restore(&ids[1], &restored, &[]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let url = format!("nbd+unix:///drive0?socket={}", socket.display());
     let compared = Command::new("qemu-img")
