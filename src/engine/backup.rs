@@ -137,6 +137,8 @@ pub(crate) async fn backup_named(
         parent_problem,
     });
     info!(vm, plan = %plan.reason(), "planned");
+    // Phase timings at debug (-v): where a backup's time goes.
+    let started = std::time::Instant::now();
 
     let now = repo::time::Utc::now();
     let id = repo.new_backup_id(vm, &now)?;
@@ -160,6 +162,11 @@ pub(crate) async fn backup_named(
         drop(partial);
         return Err(e);
     }
+    debug!(
+        vm,
+        ms = started.elapsed().as_millis() as u64,
+        "copy jobs done, targets closed"
+    );
 
     let built = build_manifest(
         qmp,
@@ -183,11 +190,21 @@ pub(crate) async fn backup_named(
             return Err(e);
         }
     };
+    debug!(
+        vm,
+        ms = started.elapsed().as_millis() as u64,
+        "files read back and digested"
+    );
     crate::fault::point("before-commit");
     if let Err(e) = partial.commit(&manifest) {
         undo.rollback(qmp).await;
         return Err(e.into());
     }
+    debug!(
+        vm,
+        ms = started.elapsed().as_millis() as u64,
+        "committed (files synced, renamed)"
+    );
     crate::fault::point("after-commit");
     commit_state(repo, lock, vm, &checkpoint, &id, &volumes)?;
 
