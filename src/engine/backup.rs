@@ -128,7 +128,7 @@ pub(crate) async fn backup_named(
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
     clean_stray_bitmaps(qmp, vm, &mut volumes, active.as_deref()).await?;
 
-    let parent_problem = last.and_then(|m| check_chain(repo, &backups, m).err());
+    let parent_problem = last.and_then(|m| check_chain(repo, m).err());
     let plan = plan::plan(&Facts {
         policy: &opts.policy,
         state: state.as_ref(),
@@ -431,40 +431,19 @@ async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {
     .map(drop)
 }
 
-/// Checks every file the next incremental would build on: present, a
-/// qcow2 image of the recorded size, with the backing name the layout
-/// gives it.
-fn check_chain(repo: &Repo, backups: &[Manifest], last: &Manifest) -> Result<(), String> {
-    let mut current = Some(last);
-    let mut seen = 0;
-    while let Some(m) = current {
-        seen += 1;
-        if seen > backups.len() {
-            return Err(format!("backup {} has a parent loop", m.id));
-        }
-        for v in &m.volumes {
-            let path = repo.root().join(&v.file);
-            let image = Image::open(&path).map_err(|e| format!("{}: {e}", v.file))?;
-            if image.header().size != v.virtual_size {
-                return Err(format!("{}: virtual size changed", v.file));
-            }
-            if image.hc.backing_file != v.backing {
-                return Err(format!(
-                    "{}: backing file is {:?}, expected {:?}",
-                    v.file, image.hc.backing_file, v.backing
-                ));
-            }
-        }
-        current = match &m.parent {
-            Some(parent) => {
-                Some(backups.iter().find(|b| &b.id == parent).ok_or_else(|| {
-                    format!("backup {} names parent {parent}, which is gone", m.id)
-                })?)
-            }
-            None => None,
-        };
+/// Checks every file the next incremental would build on, as a restore
+/// would: the whole chain present, each file a qcow2 image of the recorded
+/// size with the backing name the layout gives it.
+fn check_chain(repo: &Repo, last: &Manifest) -> Result<(), String> {
+    let chain = super::restore::chain(repo, last).map_err(|e| format!("{e:#}"))?;
+    let mut report = super::verify::Report::default();
+    for link in &chain {
+        super::restore::verify_structure(repo, link, &mut report);
     }
-    Ok(())
+    match report.problems.into_iter().next() {
+        Some(p) => Err(format!("{}: {}", p.file.unwrap_or(p.backup), p.problem)),
+        None => Ok(()),
+    }
 }
 
 /// What to take back in QEMU if the run fails after changing it.

@@ -70,7 +70,7 @@ pub struct Restored {
 }
 
 /// The chain of `m`, full first.
-fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
+pub(super) fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
     let mut out = vec![m.clone()];
     while let Some(parent) = out.last().and_then(|m| m.parent.clone()) {
         if out.len() > 100_000 {
@@ -201,7 +201,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
 }
 
 /// Verification without digests: names, sizes, backing names, tables.
-fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
+pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
     for v in &m.volumes {
         let path = repo.root().join(&v.file);
         let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());

@@ -934,3 +934,27 @@ fn a_full_of_an_overlay_includes_its_backing_data() {
     let file = repo.join(m["volumes"][0]["file"].as_str().unwrap());
     assert!(crate::harness::images_equal(&overlay, &file));
 }
+
+#[test]
+fn a_damaged_parent_file_forces_full() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
+    vm.write(0, 0, MIB, 0x51);
+    let full = vm.backup(&[]);
+    vm.write(0, MIB, 4096, 0x52);
+    vm.backup(&[]);
+    // The chain's first file is gone: nothing can build on the chain.
+    let lost = vm.repo.join(full["volumes"][0]["file"].as_str().unwrap());
+    std::fs::remove_file(&lost).unwrap();
+    vm.points.remove(0);
+    vm.write(0, 2 * MIB, 4096, 0x53);
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "full", "{m:#}");
+    let reason = m["reason"].as_str().unwrap();
+    assert!(reason.contains("cannot be built on"), "{reason}");
+    assert!(reason.contains("drive0.qcow2"), "{reason}");
+    // Only the point whose chain is whole can be checked.
+    vm.points.remove(0);
+    vm.quit();
+    vm.check_all_points();
+}

@@ -11,21 +11,7 @@ use crate::harness::{Rng, bitback, run, same_content, tempdir};
 const MIB: u64 = 1 << 20;
 
 fn restore(vm: &Vm, id: &str, out: &Path, format: &str) -> Value {
-    bitback(&[
-        "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--backup",
-        id,
-        "--output",
-        out.to_str().unwrap(),
-        "--format",
-        format,
-        "--json",
-    ])
-    .json()
+    vm.restore(id, out, &["--format", format, "--json"]).json()
 }
 
 #[test]

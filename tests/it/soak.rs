@@ -103,19 +103,7 @@ fn soak() {
             let id = &listed[rng.below(listed.len() as u64) as usize];
             let out = dir.path().join(format!("restore-{round}"));
             let format = if rng.below(2) == 0 { "raw" } else { "qcow2" };
-            let run = bitback(&[
-                "restore",
-                "--repo",
-                &repo,
-                "--vm",
-                "vm1",
-                "--backup",
-                id,
-                "--output",
-                out.to_str().unwrap(),
-                "--format",
-                format,
-            ]);
+            let run = vm.restore(id, &out, &["--format", format]);
             assert_eq!(
                 run.code,
                 Some(0),
