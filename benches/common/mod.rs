@@ -105,10 +105,17 @@ impl Rng {
 
 /// `count` 1 MiB writes at random MiB-aligned offsets of a `size`-byte disk.
 pub fn random_writes(rng: &mut Rng, size: u64, count: u64, pattern: u64) -> Vec<String> {
+    writes_of(rng, size, count, 1 << 20, pattern)
+}
+
+/// `count` writes of `len` bytes (a power of two) at random `len`-aligned
+/// offsets of a `size`-byte disk.
+pub fn writes_of(rng: &mut Rng, size: u64, count: u64, len: u64, pattern: u64) -> Vec<String> {
+    let shift = len.trailing_zeros();
     (0..count)
         .map(|_| {
-            let offset = (rng.next() % (size >> 20)) << 20;
-            format!("write -P {} {offset} 1M", pattern % 250 + 1)
+            let offset = (rng.next() % (size >> shift)) << shift;
+            format!("write -P {} {offset} {len}", pattern % 250 + 1)
         })
         .collect()
 }

@@ -58,6 +58,11 @@ pub struct BackupOptions {
     pub rate_limit: Option<u64>,
     /// Cluster size of the backup files.
     pub cluster_size: u64,
+    /// Granularity of the new checkpoint bitmap; `None` lets QEMU choose
+    /// (the image's cluster size, at least 64 KiB).
+    pub granularity: Option<u64>,
+    /// Tuning of QEMU's copy (`x-perf`); unset fields keep QEMU's defaults.
+    pub perf: Perf,
     /// Fail when no job makes progress for this long.
     pub stall_timeout: Duration,
     pub progress: bool,
@@ -73,9 +78,65 @@ impl Default for BackupOptions {
             quiesce: None,
             rate_limit: None,
             cluster_size: 64 << 10,
+            granularity: None,
+            perf: Perf::default(),
             stall_timeout: Duration::from_secs(600),
             progress: false,
         }
+    }
+}
+
+/// `blockdev-backup`'s `x-perf` tuning (QEMU 6.0 and newer; an unstable
+/// interface, so each field is passed only when set and the QEMU's schema
+/// lists it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Perf {
+    /// Parallel copy requests per job (QEMU's default: 64).
+    pub max_workers: Option<u64>,
+    /// Largest request in bytes (QEMU's default: no limit beyond its own
+    /// 1 MiB buffer, 16 MiB with copy offloading).
+    pub max_chunk: Option<u64>,
+    /// Copy with copy_file_range (QEMU's default: off).
+    pub use_copy_range: Option<bool>,
+}
+
+impl Perf {
+    fn fields(&self) -> Vec<(&'static str, Value)> {
+        let mut out = Vec::new();
+        if let Some(n) = self.max_workers {
+            out.push(("max-workers", n.into()));
+        }
+        if let Some(n) = self.max_chunk {
+            out.push(("max-chunk", n.into()));
+        }
+        if let Some(b) = self.use_copy_range {
+            out.push(("use-copy-range", b.into()));
+        }
+        out
+    }
+
+    /// The `x-perf` object this QEMU accepts, warning about what it lacks.
+    async fn for_qemu(&self, qmp: &Qmp) -> anyhow::Result<Option<Value>> {
+        let fields = self.fields();
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let known = crate::qemu::schema::backup_perf_members(qmp)
+            .await
+            .context("reading QEMU's QMP schema")?;
+        let mut perf = serde_json::Map::new();
+        for (name, value) in fields {
+            if known.iter().any(|k| k == name) {
+                perf.insert(name.into(), value);
+            } else {
+                warn!(
+                    option = name,
+                    qemu = %qmp.greeting().version,
+                    "this QEMU has no x-perf {name} (QEMU 6.0 and newer); copying with its default"
+                );
+            }
+        }
+        Ok((!perf.is_empty()).then_some(Value::Object(perf)))
     }
 }
 
@@ -525,6 +586,7 @@ async fn run_jobs(
     };
     // qemu-storage-daemon has no add-fd: it opens targets by name.
     let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
+    let perf = opts.perf.for_qemu(qmp).await?;
     let mut actions = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let path = dir.join(VolumeRecord::file_name(&v.name));
@@ -574,10 +636,11 @@ async fn run_jobs(
         undo.nodes.push(node.clone());
 
         let job = format!("{JOB_PREFIX}{i}");
-        actions.push(json!({
-            "type": "block-dirty-bitmap-add",
-            "data": { "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" },
-        }));
+        let mut bitmap = json!({ "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" });
+        if let Some(g) = opts.granularity {
+            bitmap["granularity"] = g.into();
+        }
+        actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
         // A full of an image without a backing file copies only what the
         // image allocates (sync=top): unallocated clusters read as zeros
         // and stay unallocated in the target. sync=full would write zeros
@@ -599,6 +662,9 @@ async fn run_jobs(
         }
         if let Some(speed) = opts.rate_limit {
             data["speed"] = speed.into();
+        }
+        if let Some(perf) = &perf {
+            data["x-perf"] = perf.clone();
         }
         actions.push(json!({ "type": "blockdev-backup", "data": data }));
     }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod schema;
 mod volumes;
 
 use serde::Serialize;
