@@ -11,6 +11,11 @@
 //!   `qemu-img convert -O raw` of the same chain top (+fsync);
 //! - `bitback verify` of the whole repository, and its throughput.
 //!
+//! Each timed figure but verify runs BITBACK_BENCH_REPEAT times (default 2)
+//! in alternating order with its baseline, and the best of each is kept;
+//! every run is in the JSON. The restores go round robin over the chain
+//! lengths, so a drift of the machine does not land on one length.
+//!
 //! It prints one table (figure, baseline, ratio), the peak RSS of the
 //! bitback process during the full backup and a restore, and the raw
 //! numbers as JSON. A peer tool can be timed on the same disk: set
@@ -30,21 +35,39 @@ use serde_json::{Value, json};
 
 const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
 
+/// One figure: the best of bitback's runs next to the best of the
+/// baseline's (all runs kept for the JSON).
 struct Row {
     name: String,
     bitback: Duration,
     baseline_name: String,
     baseline: Option<Duration>,
+    runs: Vec<Duration>,
+    baseline_runs: Vec<Duration>,
 }
 
-fn backup(daemon: &Daemon, repo: &Path) -> (Duration, u64, Value) {
+impl Row {
+    fn new(name: &str, runs: &[Duration], baseline_name: &str, baseline_runs: &[Duration]) -> Row {
+        Row {
+            name: name.into(),
+            bitback: runs.iter().copied().min().unwrap_or_default(),
+            baseline_name: baseline_name.into(),
+            baseline: baseline_runs.iter().copied().min(),
+            runs: runs.to_vec(),
+            baseline_runs: baseline_runs.to_vec(),
+        }
+    }
+}
+
+fn backup(daemon: &Daemon, repo: &Path, args: &[&str]) -> (Duration, u64, Value) {
     let (t, rss, out) = run_measured(
         Command::new(BITBACK)
             .args(["backup", "--qmp"])
             .arg(&daemon.qmp)
             .arg("--repo")
             .arg(repo)
-            .args(["--vm", "bench", "--json"]),
+            .args(["--vm", "bench", "--json"])
+            .args(args),
     );
     (t, rss, serde_json::from_str(&out).expect("backup JSON"))
 }
@@ -68,30 +91,49 @@ fn main() {
     let daemon = Daemon::start(d, &disk);
     eprintln!("writing {data_gib} GiB of data over a {virtual_gib} GiB disk");
     daemon.write(&spread_writes(size, data_gib << 30));
+    let repeat = env_u64("BITBACK_BENCH_REPEAT", 2).max(1) as usize;
     let mut rows = Vec::new();
 
-    // Full backup next to a plain copy of the same disk.
+    // Full backup next to a plain copy of the same disk, `repeat` times,
+    // the order alternating so neither always meets the colder cache. Each
+    // full goes to a fresh repository; the last one is kept for the chain.
     let copy = d.join("copy.qcow2");
-    let start = Instant::now();
-    run(Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "qcow2"])
-        .arg(&disk)
-        .arg(&copy));
-    fsync(&copy);
-    let convert_full = start.elapsed();
-    std::fs::remove_file(&copy).expect("removing the copy");
-    let (full_time, full_rss, full) = backup(&daemon, &repo);
-    assert_eq!(full["kind"], "full");
-    rows.push(Row {
-        name: "full backup".into(),
-        bitback: full_time,
-        baseline_name: "qemu-img convert -O qcow2 of the disk".into(),
-        baseline: Some(convert_full),
-    });
+    let mut full_times = Vec::new();
+    let mut convert_times = Vec::new();
+    let mut full_rss = 0;
+    let mut full = Value::Null;
+    for k in 0..repeat {
+        for step in [k % 2, 1 - k % 2] {
+            if step == 0 {
+                let start = Instant::now();
+                run(Command::new("qemu-img")
+                    .args(["convert", "-U", "-O", "qcow2"])
+                    .arg(&disk)
+                    .arg(&copy));
+                fsync(&copy);
+                convert_times.push(start.elapsed());
+                std::fs::remove_file(&copy).expect("removing the copy");
+            } else {
+                if repo.exists() {
+                    std::fs::remove_dir_all(&repo).expect("removing the repository");
+                }
+                let (t, rss, m) = backup(&daemon, &repo, &[]);
+                assert_eq!(m["kind"], "full");
+                full_times.push(t);
+                full_rss = full_rss.max(rss);
+                full = m;
+            }
+        }
+    }
+    rows.push(Row::new(
+        "full backup",
+        &full_times,
+        "qemu-img convert -O qcow2 of the disk",
+        &convert_times,
+    ));
 
-    // Incremental next to copying the dirty bytes alone.
+    // Incrementals next to copying the dirty bytes alone.
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    daemon.write(&random_writes(&mut rng, size, dirty_mib, 1));
     let dirty = d.join("dirty.raw");
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
@@ -101,67 +143,94 @@ fn main() {
         .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {dirty_mib}M")])
         .arg(&dirty));
     let dirty_copy = d.join("dirty.qcow2");
-    let start = Instant::now();
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(&dirty)
-        .arg(&dirty_copy));
-    fsync(&dirty_copy);
-    let convert_dirty = start.elapsed();
-    let (incr_time, _, incr) = backup(&daemon, &repo);
-    assert_eq!(incr["kind"], "incremental");
-    rows.push(Row {
-        name: format!("incremental, {dirty_mib} MiB dirty"),
-        bitback: incr_time,
-        baseline_name: format!("qemu-img convert of a {dirty_mib} MiB file"),
-        baseline: Some(convert_dirty),
-    });
+    let mut ids = vec![full["id"].as_str().unwrap_or_default().to_string()];
+    let mut incr_times = Vec::new();
+    let mut copy_times = Vec::new();
+    for k in 0..repeat {
+        daemon.write(&random_writes(&mut rng, size, dirty_mib, k as u64 + 1));
+        for step in [k % 2, 1 - k % 2] {
+            if step == 0 {
+                let start = Instant::now();
+                run(Command::new("qemu-img")
+                    .args(["convert", "-O", "qcow2"])
+                    .arg(&dirty)
+                    .arg(&dirty_copy));
+                fsync(&dirty_copy);
+                copy_times.push(start.elapsed());
+            } else {
+                let (t, _, m) = backup(&daemon, &repo, &[]);
+                assert_eq!(m["kind"], "incremental");
+                incr_times.push(t);
+                ids.push(m["id"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    rows.push(Row::new(
+        &format!("incremental, {dirty_mib} MiB dirty"),
+        &incr_times,
+        &format!("qemu-img convert of a {dirty_mib} MiB file"),
+        &copy_times,
+    ));
 
     // The rest of a chain of 30.
-    let mut ids = vec![
-        full["id"].as_str().unwrap_or_default().to_string(),
-        incr["id"].as_str().unwrap_or_default().to_string(),
-    ];
-    for i in 2..30 {
+    let mut i = ids.len() as u64;
+    while ids.len() < 30 {
+        i += 1;
         daemon.write(&random_writes(&mut rng, size, dirty_mib, i));
-        let (_, _, m) = backup(&daemon, &repo);
+        let (_, _, m) = backup(&daemon, &repo, &[]);
         ids.push(m["id"].as_str().unwrap_or_default().to_string());
     }
     drop(daemon);
 
+    // Restores, round robin over the chain lengths and the two tools.
+    let lengths = [1usize, 10, 30];
+    let mut native_times = vec![Vec::new(); lengths.len()];
+    let mut qemu_times = vec![Vec::new(); lengths.len()];
     let mut restore_rss = 0;
-    for length in [1usize, 10, 30] {
-        let id = &ids[length - 1];
-        let native = d.join(format!("native-{length}.raw"));
-        let (t, rss, _) = run_measured(
-            Command::new(BITBACK)
-                .args(["restore", "--repo"])
-                .arg(&repo)
-                .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
-                .arg(&native),
-        );
-        restore_rss = restore_rss.max(rss);
-        let top = repo.join("bench").join(id).join("disk0.qcow2");
-        let converted = d.join(format!("qemu-{length}.raw"));
-        let start = Instant::now();
-        run(Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(&top)
-            .arg(&converted));
-        fsync(&converted);
-        let baseline = start.elapsed();
-        run(Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-            .arg(&native)
-            .arg(&converted));
-        let _ = std::fs::remove_file(&native);
-        let _ = std::fs::remove_file(&converted);
-        rows.push(Row {
-            name: format!("restore, chain of {length}"),
-            bitback: t,
-            baseline_name: "qemu-img convert -O raw of the chain top".into(),
-            baseline: Some(baseline),
-        });
+    for k in 0..repeat {
+        for (j, length) in lengths.iter().enumerate() {
+            let id = &ids[length - 1];
+            let native = d.join("native.raw");
+            let converted = d.join("qemu.raw");
+            for step in [(k + j) % 2, 1 - (k + j) % 2] {
+                if step == 0 {
+                    let (t, rss, _) = run_measured(
+                        Command::new(BITBACK)
+                            .args(["restore", "--repo"])
+                            .arg(&repo)
+                            .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
+                            .arg(&native),
+                    );
+                    restore_rss = restore_rss.max(rss);
+                    native_times[j].push(t);
+                } else {
+                    let top = repo.join("bench").join(id).join("disk0.qcow2");
+                    let start = Instant::now();
+                    run(Command::new("qemu-img")
+                        .args(["convert", "-O", "raw"])
+                        .arg(&top)
+                        .arg(&converted));
+                    fsync(&converted);
+                    qemu_times[j].push(start.elapsed());
+                }
+            }
+            if k == 0 {
+                run(Command::new("qemu-img")
+                    .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+                    .arg(&native)
+                    .arg(&converted));
+            }
+            let _ = std::fs::remove_file(&native);
+            let _ = std::fs::remove_file(&converted);
+        }
+    }
+    for (j, length) in lengths.iter().enumerate() {
+        rows.push(Row::new(
+            &format!("restore, chain of {length}"),
+            &native_times[j],
+            "qemu-img convert -O raw of the chain top",
+            &qemu_times[j],
+        ));
     }
 
     let start = Instant::now();
@@ -173,16 +242,16 @@ fn main() {
     let verify_time = start.elapsed();
     assert!(verified.status.success(), "verify found problems");
     let repo_bytes: u64 = walk_size(&repo);
-    rows.push(Row {
-        name: format!(
+    rows.push(Row::new(
+        &format!(
             "verify, {:.2} GiB of files ({:.0} MiB/s)",
             repo_bytes as f64 / (1u64 << 30) as f64,
             repo_bytes as f64 / (1 << 20) as f64 / verify_time.as_secs_f64()
         ),
-        bitback: verify_time,
-        baseline_name: String::new(),
-        baseline: None,
-    });
+        &[verify_time],
+        "",
+        &[],
+    ));
 
     if let Ok(peer) = std::env::var("BITBACK_PEER_CMD") {
         let out = d.join("peer");
@@ -195,12 +264,12 @@ fn main() {
             .status()
             .expect("running BITBACK_PEER_CMD");
         assert!(status.success(), "BITBACK_PEER_CMD failed");
-        rows.push(Row {
-            name: "peer tool (BITBACK_PEER_CMD)".into(),
-            bitback: full_time,
-            baseline_name: format!("peer: {peer}"),
-            baseline: Some(start.elapsed()),
-        });
+        rows.push(Row::new(
+            "peer tool (BITBACK_PEER_CMD) vs full backup",
+            &full_times,
+            &format!("peer: {peer}"),
+            &[start.elapsed()],
+        ));
     }
 
     println!(
@@ -227,7 +296,18 @@ fn main() {
             r.baseline_name
         );
     }
-    println!("(ratio = bitback time / baseline time; below 1 is faster)");
+    println!("(best of {repeat}; ratio = bitback time / baseline time; below 1 is faster)");
+    let chain_ratio = native_times[2]
+        .iter()
+        .min()
+        .unwrap_or(&Duration::ZERO)
+        .as_secs_f64()
+        / native_times[0]
+            .iter()
+            .min()
+            .unwrap_or(&Duration::MAX)
+            .as_secs_f64();
+    println!("restore from a chain of 30 / from a chain of 1: {chain_ratio:.2}x");
     println!(
         "peak RSS of bitback: full backup {} MiB, restore {} MiB",
         full_rss >> 20,
@@ -241,6 +321,8 @@ fn main() {
                 "bitback_s": r.bitback.as_secs_f64(),
                 "baseline": r.baseline_name,
                 "baseline_s": r.baseline.map(|b| b.as_secs_f64()),
+                "runs_s": r.runs.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+                "baseline_runs_s": r.baseline_runs.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -248,6 +330,7 @@ fn main() {
         "{}",
         json!({
             "virtual_gib": virtual_gib, "data_gib": data_gib, "dirty_mib": dirty_mib,
+            "repeat": repeat, "restore_chain30_over_chain1": chain_ratio,
             "peak_rss_full_backup": full_rss, "peak_rss_restore": restore_rss,
             "figures": figures,
         })

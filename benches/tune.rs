@@ -100,7 +100,10 @@ fn main() {
         ("max-chunk 64K", &["--max-chunk", "64K"]),
         ("max-chunk 256K", &["--max-chunk", "256K"]),
         ("copy-range (16M chunks)", &["--copy-range"]),
-        ("copy-range, max-chunk 1M", &["--copy-range", "--max-chunk", "1M"]),
+        (
+            "copy-range, max-chunk 1M",
+            &["--copy-range", "--max-chunk", "1M"],
+        ),
         ("cluster-size 256K", &["--cluster-size", "256K"]),
         ("cluster-size 1M", &["--cluster-size", "1M"]),
         ("cluster-size 2M", &["--cluster-size", "2M"]),
@@ -125,7 +128,7 @@ fn main() {
     // Part 2: cluster size and granularity through a short chain; one
     // repository per layout, then the restores round robin.
     let layouts: &[(&str, &[&str])] = &[
-        ("cluster 64K, granularity 64K (QEMU's)", &[]),
+        ("cluster 64K, granularity 64K (defaults)", &[]),
         ("cluster 64K, granularity 4K", &["--granularity", "4K"]),
         ("cluster 64K, granularity 256K", &["--granularity", "256K"]),
         ("cluster 64K, granularity 1M", &["--granularity", "1M"]),

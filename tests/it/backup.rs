@@ -336,6 +336,93 @@ fn a_bitmap_removed_by_hand_forces_full() {
     vm.check_all_points();
 }
 
+fn granularity(qemu: &Qemu, node: &str, name: &str) -> u64 {
+    bitmaps(qemu, node)
+        .iter()
+        .find(|b| b["name"] == name)
+        .and_then(|b| b["granularity"].as_u64())
+        .unwrap_or_else(|| panic!("no bitmap {name} on {node}"))
+}
+
+#[test]
+fn checkpoints_are_64k_granular_on_small_cluster_images() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[32 * MIB]);
+    vm.quit();
+    create_qcow2(&vm.disks[0].image, 32 * MIB, &["-o", "cluster_size=4K"]);
+    vm.start();
+    // QEMU's own choice on this image would be 4 KiB: a bitmap 16 times
+    // larger, for nothing, as QEMU copies 64 KiB units anyway.
+    vm.qemu().must(
+        "block-dirty-bitmap-add",
+        json!({"node": "drive0", "name": "probe"}),
+    );
+    assert_eq!(granularity(vm.qemu(), "drive0", "probe"), 4096);
+    vm.qemu().must(
+        "block-dirty-bitmap-remove",
+        json!({"node": "drive0", "name": "probe"}),
+    );
+
+    vm.write(0, 0, 8 * MIB, 0x21);
+    let full = vm.backup(&[]);
+    let checkpoint = full["checkpoint"].as_str().unwrap();
+    assert_eq!(granularity(vm.qemu(), "drive0", checkpoint), 64 << 10);
+    for i in 0..16 {
+        vm.write(0, i * 2 * MIB + 4096, 4096, 0x22);
+    }
+    let incr = vm.backup(&[]);
+    assert_eq!(incr["kind"], "incremental");
+    let copied = incr["volumes"][0]["bytes_written"].as_u64().unwrap();
+    assert_eq!(copied, 16 * (64 << 10), "{incr}");
+    vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn layout_and_copy_tuning_options_reach_qemu() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[16 * MIB, 8 * MIB]);
+    let tuned = [
+        "--cluster-size",
+        "256K",
+        "--granularity",
+        "128K",
+        "--max-workers",
+        "4",
+        "--max-chunk",
+        "512K",
+        "--copy-range",
+    ];
+    let mut rng = Rng::from_env();
+    vm.random_writes(&mut rng, 40);
+    let full = vm.backup(&tuned);
+    assert_eq!(full["kind"], "full");
+    for v in full["volumes"].as_array().unwrap() {
+        let file = vm.repo.join(v["file"].as_str().unwrap());
+        assert_eq!(crate::harness::qemu_img_info(&file)["cluster-size"], 262144);
+        let node = v["node"].as_str().unwrap();
+        let checkpoint = full["checkpoint"].as_str().unwrap();
+        assert_eq!(granularity(vm.qemu(), node, checkpoint), 128 << 10);
+    }
+    vm.random_writes(&mut rng, 40);
+    assert_eq!(vm.backup(&tuned)["kind"], "incremental");
+
+    // QEMU refuses a chunk below its copy unit (the 256K cluster): the
+    // option reached it, and the refusal leaves nothing behind.
+    let before = bitmap_names(vm.qemu(), "drive0");
+    let run = run_bitback(&vm, &["--cluster-size", "256K", "--max-chunk", "64K"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("max-chunk"), "{}", run.stderr);
+    assert_eq!(bitmap_names(vm.qemu(), "drive0"), before);
+    let backups = std::fs::read_dir(vm.repo.join("vm1"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert_eq!(backups, 2);
+    vm.quit();
+    vm.check_all_points();
+}
+
 #[test]
 fn a_resized_volume_forces_full() {
     let dir = tempdir();
@@ -856,6 +943,8 @@ fn bad_input_is_exit_2_and_writes_nothing() {
             "has no volume nosuch",
         ),
         (vec!["--vm", "a/b"], "not allowed"),
+        (vec!["--vm", "vm1", "--cluster-size", "96K"], "power of two"),
+        (vec!["--vm", "vm1", "--granularity", "256"], "power of two"),
     ] {
         let mut full = vec![
             "backup",
