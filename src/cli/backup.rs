@@ -203,7 +203,6 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         stall_timeout: Duration::from_secs(args.stall_timeout),
         progress: !args.json && std::io::stderr().is_terminal(),
-        ..BackupOptions::default()
     };
     check_power_of_two("--cluster-size", args.cluster_size, 512, 2 << 20)?;
     check_power_of_two("--granularity", args.granularity, 512, 2 << 30)?;
