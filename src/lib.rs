@@ -9,6 +9,7 @@
 
 #[doc(hidden)]
 pub mod cli;
+mod digest;
 pub mod engine;
 mod fault;
 pub mod qcow2;
