@@ -9,7 +9,8 @@
 //!   random writes, next to converting a file of that many MiB (+fsync);
 //! - restores of the points at chain lengths 1, 10 and 30, and of a full
 //!   taken of the chain of 30's point, next to `qemu-img convert -O raw` of
-//!   the same chain top (+fsync);
+//!   the same chain top (+fsync), and next to the same with `-t none`
+//!   (around the page cache, as bitback writes);
 //! - `bitback verify` of the whole repository, and its throughput.
 //!
 //! Restores go to BITBACK_BENCH_RESTORE_DIR (default: the bench's own
@@ -221,31 +222,47 @@ fn main() {
     ];
     let mut native_times = vec![Vec::new(); points.len()];
     let mut qemu_times = vec![Vec::new(); points.len()];
+    let mut direct_times = vec![Vec::new(); points.len()];
     let mut restore_rss = 0;
     for k in 0..restore_repeat {
         for (j, (_, id)) in points.iter().enumerate() {
             let native = out_dir.join("native.raw");
             let converted = out_dir.join("qemu.raw");
-            for step in [(k + j) % 2, 1 - (k + j) % 2] {
-                if step == 0 {
-                    let (t, rss, _) = run_measured(
-                        Command::new(BITBACK)
-                            .args(["restore", "--repo"])
-                            .arg(&repo)
-                            .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
-                            .arg(&native),
-                    );
-                    restore_rss = restore_rss.max(rss);
-                    native_times[j].push(t);
-                } else {
-                    let top = repo.join("bench").join(id).join("disk0.qcow2");
-                    let start = Instant::now();
-                    run(Command::new("qemu-img")
-                        .args(["convert", "-O", "raw"])
-                        .arg(&top)
-                        .arg(&converted));
-                    fsync(&converted);
-                    qemu_times[j].push(start.elapsed());
+            let top = repo.join("bench").join(id).join("disk0.qcow2");
+            // bitback, qemu-img convert, qemu-img convert -t none: each
+            // takes each place in the order over three rounds.
+            for step in (0..3).map(|i| (i + k + j) % 3) {
+                match step {
+                    0 => {
+                        let (t, rss, _) = run_measured(
+                            Command::new(BITBACK)
+                                .args(["restore", "--repo"])
+                                .arg(&repo)
+                                .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
+                                .arg(&native),
+                        );
+                        restore_rss = restore_rss.max(rss);
+                        native_times[j].push(t);
+                    }
+                    _ => {
+                        let out = out_dir.join(format!("qemu-{step}.raw"));
+                        let mut cmd = Command::new("qemu-img");
+                        cmd.args(["convert", "-O", "raw"]);
+                        if step == 2 {
+                            cmd.args(["-t", "none"]);
+                        }
+                        let start = Instant::now();
+                        run(cmd.arg(&top).arg(&out));
+                        fsync(&out);
+                        let t = start.elapsed();
+                        if step == 1 {
+                            qemu_times[j].push(t);
+                            std::fs::rename(&out, &converted).expect("keeping the converted disk");
+                        } else {
+                            direct_times[j].push(t);
+                            let _ = std::fs::remove_file(&out);
+                        }
+                    }
                 }
             }
             if k == 0 {
@@ -264,6 +281,16 @@ fn main() {
             &native_times[j],
             "qemu-img convert -O raw of the chain top",
             &qemu_times[j],
+        ));
+    }
+    // The same restores next to qemu-img writing around the page cache
+    // too, as bitback does.
+    for (j, (name, _)) in points.iter().enumerate() {
+        rows.push(Row::new(
+            &name.replace("restore,", "restore vs -t none,"),
+            &native_times[j],
+            "qemu-img convert -t none -O raw of the chain top",
+            &direct_times[j],
         ));
     }
 
@@ -315,7 +342,7 @@ fn main() {
         out_dir.display()
     );
     println!(
-        "{:<44} {:>10} {:>10} {:>7}  baseline",
+        "{:<54} {:>10} {:>10} {:>7}  baseline",
         "figure", "bitback", "baseline", "ratio"
     );
     for r in &rows {
@@ -327,7 +354,7 @@ fn main() {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<44} {:>8.2} s {:>10} {:>7}  {}",
+            "{:<54} {:>8.2} s {:>10} {:>7}  {}",
             r.name,
             r.bitback.as_secs_f64(),
             base,
