@@ -37,10 +37,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Rng, env_u64, fsync, random_writes, run, run_measured, spread_writes};
+use common::{
+    BITBACK, Daemon, Rng, bitback_backup, bitback_restore, env_u64, fsync, random_writes, run,
+    sparse_disk,
+};
 use serde_json::{Value, json};
-
-const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
 
 /// One figure: the best of bitback's runs next to the best of the
 /// baseline's (all runs kept for the JSON).
@@ -67,16 +68,7 @@ impl Row {
 }
 
 fn backup(daemon: &Daemon, repo: &Path, args: &[&str]) -> (Duration, u64, Value) {
-    let (t, rss, out) = run_measured(
-        Command::new(BITBACK)
-            .args(["backup", "--qmp"])
-            .arg(&daemon.qmp)
-            .arg("--repo")
-            .arg(repo)
-            .args(["--vm", "bench", "--json"])
-            .args(args),
-    );
-    (t, rss, serde_json::from_str(&out).expect("backup JSON"))
+    bitback_backup(daemon, repo, "bench", args)
 }
 
 fn main() {
@@ -84,20 +76,9 @@ fn main() {
     let data_gib = env_u64("BITBACK_BENCH_DATA_GIB", 4);
     let dirty_mib = env_u64("BITBACK_BENCH_DIRTY_MIB", 64);
     let size = virtual_gib << 30;
-    let dir = tempfile::Builder::new()
-        .prefix("bitback-large-")
-        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-        .expect("temp dir");
+    let (dir, disk, daemon) = sparse_disk("bitback-large-", size, data_gib << 30);
     let d = dir.path();
-    let disk = d.join("disk.qcow2");
     let repo = d.join("repo");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
-    let daemon = Daemon::start(d, &disk);
-    eprintln!("writing {data_gib} GiB of data over a {virtual_gib} GiB disk");
-    daemon.write(&spread_writes(size, data_gib << 30));
     let repeat = env_u64("BITBACK_BENCH_REPEAT", 2).max(1) as usize;
     let mut rows = Vec::new();
 
@@ -208,11 +189,7 @@ fn main() {
     // untimed restore that reads the whole repository into the cache.
     let restore_repeat = repeat.max(env_u64("BITBACK_BENCH_RESTORE_REPEAT", 3) as usize);
     let warm = out_dir.join("warm.raw");
-    run(Command::new(BITBACK)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .args(["--vm", "bench", "--no-verify", "--output"])
-        .arg(&warm));
+    bitback_restore(&repo, "bench", None, &warm);
     std::fs::remove_file(&warm).expect("removing the warm-up restore");
     let points = [
         ("restore, chain of 1 (the first full)", &ids[0]),
@@ -234,13 +211,7 @@ fn main() {
             for step in (0..3).map(|i| (i + k + j) % 3) {
                 match step {
                     0 => {
-                        let (t, rss, _) = run_measured(
-                            Command::new(BITBACK)
-                                .args(["restore", "--repo"])
-                                .arg(&repo)
-                                .args(["--vm", "bench", "--backup", id, "--no-verify", "--output"])
-                                .arg(&native),
-                        );
+                        let (t, rss) = bitback_restore(&repo, "bench", Some(id), &native);
                         restore_rss = restore_rss.max(rss);
                         native_times[j].push(t);
                     }

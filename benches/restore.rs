@@ -19,7 +19,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Rng, env_u64, fsync, random_writes, run, spread_writes};
+use common::{Rng, env_u64, fsync, random_writes, run, sparse_disk};
 
 use bitback::engine::{self, BackupOptions, Format, RestoreOptions};
 use bitback::qmp::Qmp;
@@ -38,18 +38,7 @@ fn main() {
     let data_mib = env_u64("BITBACK_BENCH_DATA_MIB", 1024);
     let dirty_mib = env_u64("BITBACK_BENCH_DIRTY_MIB", 32);
     let size = gib << 30;
-    let dir = tempfile::Builder::new()
-        .prefix("bitback-bench-")
-        .tempdir()
-        .expect("temp dir");
-    let disk = dir.path().join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
-    let daemon = Daemon::start(dir.path(), &disk);
-    eprintln!("writing {data_mib} MiB of initial data on a {gib} GiB disk");
-    daemon.write(&spread_writes(size, data_mib << 20));
+    let (dir, _disk, daemon) = sparse_disk("bitback-bench-", size, data_mib << 20);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let repo_dir = dir.path().join("repo");

@@ -22,22 +22,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Rng, env_u64, fsync, run, run_measured, spread_writes, writes_of};
+use common::{
+    Daemon, Rng, bitback_backup, bitback_restore, env_u64, fsync, run, sparse_disk, writes_of,
+};
 use serde_json::{Value, json};
 
-const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
-
 fn backup(daemon: &Daemon, repo: &Path, args: &[&str]) -> (Duration, Value) {
-    let (t, _, out) = run_measured(
-        Command::new(BITBACK)
-            .args(["backup", "--qmp"])
-            .arg(&daemon.qmp)
-            .arg("--repo")
-            .arg(repo)
-            .args(["--vm", "tune", "--json"])
-            .args(args),
-    );
-    (t, serde_json::from_str(&out).expect("backup JSON"))
+    let (t, _, manifest) = bitback_backup(daemon, repo, "tune", args);
+    (t, manifest)
 }
 
 fn written(manifest: &Value) -> u64 {
@@ -56,19 +48,8 @@ fn main() {
     let repeat = env_u64("BITBACK_BENCH_REPEAT", 2).max(1);
     let small_writes = env_u64("BITBACK_BENCH_SMALL_WRITES", 4096);
     let size = virtual_gib << 30;
-    let dir = tempfile::Builder::new()
-        .prefix("bitback-tune-")
-        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-        .expect("temp dir");
+    let (dir, disk, daemon) = sparse_disk("bitback-tune-", size, data_gib << 30);
     let d = dir.path();
-    let disk = d.join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
-    let daemon = Daemon::start(d, &disk);
-    eprintln!("writing {data_gib} GiB of data over a {virtual_gib} GiB disk");
-    daemon.write(&spread_writes(size, data_gib << 30));
     // The incremental writes of part 2, once before anything is timed, so
     // every full below copies the same data.
     let small = writes_of(&mut Rng(7), size, small_writes, 4096, 11);
@@ -163,13 +144,7 @@ fn main() {
     for _ in 0..repeat {
         for (i, chain) in chains.iter_mut().enumerate() {
             let out = d.join("restored.raw");
-            let (t, _, _) = run_measured(
-                Command::new(BITBACK)
-                    .args(["restore", "--repo"])
-                    .arg(d.join(format!("repo-chain-{i}")))
-                    .args(["--vm", "tune", "--no-verify", "--output"])
-                    .arg(&out),
-            );
+            let (t, _) = bitback_restore(&d.join(format!("repo-chain-{i}")), "tune", None, &out);
             std::fs::remove_file(&out).expect("removing the restored disk");
             eprintln!("restore, {}: {:.2} s", chain["layout"], secs(t));
             let best = chain["restore_s"].as_f64().unwrap_or(f64::MAX).min(secs(t));

@@ -118,9 +118,8 @@ mod tests {
             x ^= x << 17;
             *b = x as u8;
         }
-        let dir = std::env::temp_dir().join(format!("bitback-digest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("data");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
         let p = piece as usize;
         for len in [
             0,
@@ -151,17 +150,14 @@ mod tests {
                 );
             }
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_file_shorter_than_its_length_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("bitback-digest-short-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("data");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
         let f = File::open(&path).unwrap();
         assert!(hash(&f, 20_000, 4096, 2).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

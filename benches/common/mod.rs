@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
+/// The release binary the end-to-end benchmarks time.
+pub const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
+
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -177,4 +182,59 @@ pub fn run_measured(cmd: &mut Command) -> (Duration, u64, String) {
         peak,
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// A sparse qcow2 disk of `size` bytes holding `data` bytes spread over it,
+/// served by qemu-storage-daemon, in a new directory under
+/// BITBACK_BENCH_DIR (default /var/tmp) named after `prefix`.
+pub fn sparse_disk(prefix: &str, size: u64, data: u64) -> (tempfile::TempDir, PathBuf, Daemon) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("temp dir");
+    let disk = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg(size.to_string()));
+    let daemon = Daemon::start(dir.path(), &disk);
+    eprintln!(
+        "writing {} MiB of data over a {} MiB disk",
+        data >> 20,
+        size >> 20
+    );
+    daemon.write(&spread_writes(size, data));
+    (dir, disk, daemon)
+}
+
+/// `bitback backup --json` of the daemon's disk as VM `vm`, plus `args`.
+/// Returns (wall time, peak RSS, manifest).
+pub fn bitback_backup(
+    daemon: &Daemon,
+    repo: &Path,
+    vm: &str,
+    args: &[&str],
+) -> (Duration, u64, Value) {
+    let (t, rss, out) = run_measured(
+        Command::new(BITBACK)
+            .args(["backup", "--qmp"])
+            .arg(&daemon.qmp)
+            .arg("--repo")
+            .arg(repo)
+            .args(["--vm", vm, "--json"])
+            .args(args),
+    );
+    (t, rss, serde_json::from_str(&out).expect("backup JSON"))
+}
+
+/// `bitback restore --no-verify` of backup `id` (the newest when `None`)
+/// of VM `vm` to `out`. Returns (wall time, peak RSS).
+pub fn bitback_restore(repo: &Path, vm: &str, id: Option<&str>, out: &Path) -> (Duration, u64) {
+    let mut cmd = Command::new(BITBACK);
+    cmd.args(["restore", "--repo"]).arg(repo).args(["--vm", vm]);
+    if let Some(id) = id {
+        cmd.args(["--backup", id]);
+    }
+    let (t, rss, _) = run_measured(cmd.args(["--no-verify", "--output"]).arg(out));
+    (t, rss)
 }

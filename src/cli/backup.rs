@@ -154,16 +154,6 @@ fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
         .collect()
 }
 
-fn check_power_of_two(flag: &str, n: u64, min: u64, max: u64) -> anyhow::Result<()> {
-    if !n.is_power_of_two() || n < min || n > max {
-        return Err(BadInput(format!(
-            "{flag} {n}: expected a power of two from {min} to {max} bytes"
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 /// A receiver that turns true on SIGINT or SIGTERM.
 fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -204,8 +194,16 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         stall_timeout: Duration::from_secs(args.stall_timeout),
         progress: !args.json && std::io::stderr().is_terminal(),
     };
-    check_power_of_two("--cluster-size", args.cluster_size, 512, 2 << 20)?;
-    check_power_of_two("--granularity", args.granularity, 512, 2 << 30)?;
+    crate::qcow2::check_cluster_size(args.cluster_size)
+        .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
+    // QEMU's rule for bitmap granularities.
+    let g = args.granularity;
+    if !g.is_power_of_two() || !(512..=(2 << 30)).contains(&g) {
+        return Err(BadInput(format!(
+            "--granularity {g}: expected a power of two from 512 to 2G bytes"
+        ))
+        .into());
+    }
     let cancel = cancel_on_signals()?;
     let images = parse_images(&args.image)?;
     // The lock first: a second run fails here at once.

@@ -868,12 +868,7 @@ async fn digest_and_count(path: PathBuf) -> anyhow::Result<(String, u64)> {
             .filter(|e| matches!(e.kind, qcow2::Kind::Data | qcow2::Kind::Compressed))
             .map(|e| e.length)
             .sum();
-        Ok((digest_file(&path)?, held))
+        Ok((crate::digest::file(&path)?, held))
     })
     .await?
-}
-
-/// `blake3:<hex>` of a whole file, hashed on every core.
-pub fn digest_file(path: &Path) -> std::io::Result<String> {
-    crate::digest::file(path)
 }

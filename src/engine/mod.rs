@@ -12,7 +12,8 @@ mod retention;
 mod stopped;
 mod verify;
 
-pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, Perf, backup, digest_file};
+pub use crate::digest::file as digest_file;
+pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, Perf, backup};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,

@@ -25,7 +25,7 @@ use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use serde::Serialize;
 use tracing::info;
 
-use super::backup::digest_file;
+use crate::digest::file as digest_file;
 use crate::repo::{self, BackupKind, Manifest, Repo, VmLock, VolumeRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::backup::digest_file;
+use crate::digest::file as digest_file;
 use crate::qcow2::{self, Image};
 use crate::repo::{Manifest, Repo};
 

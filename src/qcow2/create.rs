@@ -70,6 +70,14 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 
 const OFLAG_COPIED: u64 = 1 << 63;
 
+/// A qcow2 cluster size: a power of two from 512 B to 2 MiB.
+pub fn check_cluster_size(size: u64) -> Result<()> {
+    if !size.is_power_of_two() || !(512..=(2 << 20)).contains(&size) {
+        return Err(Error::BadClusterSize { size });
+    }
+    Ok(())
+}
+
 /// Creates `path` (which must not exist) with the guest clusters
 /// `clusters` (indices, ascending, unique) allocated and mapped, after all
 /// the metadata, in that order: guest cluster `clusters[i]` lives at the
@@ -77,9 +85,7 @@ const OFLAG_COPIED: u64 = 1 << 63;
 /// caller writes them; every other guest cluster is unallocated.
 pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64]) -> Result<u64> {
     let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err(Error::BadClusterSize { size: cs });
-    }
+    check_cluster_size(cs)?;
     if opts.backing.is_none() && opts.backing_format.is_some() {
         return Err(Error::FormatWithoutBacking);
     }

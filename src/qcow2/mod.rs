@@ -31,7 +31,7 @@ mod map;
 mod rebase;
 
 pub use bitmaps::BitmapEntry;
-pub use create::{CreateOptions, create, create_with_clusters};
+pub use create::{CreateOptions, check_cluster_size, create, create_with_clusters};
 pub use error::{Error, Result};
 pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};

@@ -117,19 +117,18 @@ impl Vm {
         }
     }
 
-    pub(crate) fn backup(&mut self, extra: &[&str]) -> Value {
-        let mut args = vec![
-            "backup",
-            "--qmp",
-            self.qemu().qmp.to_str().unwrap(),
-            "--repo",
-            self.repo.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--json",
-        ];
+    /// `bitback backup` of the running QEMU, plus `extra` arguments.
+    pub(crate) fn run_backup(&self, extra: &[&str]) -> crate::harness::Run {
+        let mut args = vec!["--qmp", self.qemu().qmp.to_str().unwrap()];
         args.extend(extra);
-        let manifest = bitback(&args).json();
+        self.cli("backup", &args)
+    }
+
+    /// A successful `bitback backup --json`, recorded as a point.
+    pub(crate) fn backup(&mut self, extra: &[&str]) -> Value {
+        let mut args = vec!["--json"];
+        args.extend(extra);
+        let manifest = self.run_backup(&args).json();
         self.snapshot(manifest["id"].as_str().unwrap());
         manifest
     }
@@ -159,21 +158,24 @@ impl Vm {
         }
     }
 
-    /// `bitback restore` of backup `id` to `out`, plus `extra` arguments.
-    pub(crate) fn restore(&self, id: &str, out: &Path, extra: &[&str]) -> crate::harness::Run {
+    /// `bitback <command> --repo <repo> --vm vm1`, plus `extra` arguments.
+    pub(crate) fn cli(&self, command: &str, extra: &[&str]) -> crate::harness::Run {
         let mut args = vec![
-            "restore",
+            command,
             "--repo",
             self.repo.to_str().unwrap(),
             "--vm",
             "vm1",
-            "--backup",
-            id,
-            "--output",
-            out.to_str().unwrap(),
         ];
         args.extend(extra);
         bitback(&args)
+    }
+
+    /// `bitback restore` of backup `id` to `out`, plus `extra` arguments.
+    pub(crate) fn restore(&self, id: &str, out: &Path, extra: &[&str]) -> crate::harness::Run {
+        let mut args = vec!["--backup", id, "--output", out.to_str().unwrap()];
+        args.extend(extra);
+        self.cli("restore", &args)
     }
 
     pub(crate) fn quit(&mut self) {
@@ -190,20 +192,6 @@ fn assert_compare(model: &Path, backup: &Path) {
         backup.display(),
         model.display()
     );
-}
-
-fn run_bitback(vm: &Vm, extra: &[&str]) -> crate::harness::Run {
-    let mut args = vec![
-        "backup",
-        "--qmp",
-        vm.qemu().qmp.to_str().unwrap(),
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-    ];
-    args.extend(extra);
-    bitback(&args)
 }
 
 fn bitmaps(qemu: &Qemu, node: &str) -> Vec<Value> {
@@ -410,7 +398,7 @@ fn layout_and_copy_tuning_options_reach_qemu() {
     // QEMU refuses a chunk below its copy unit (the 256K cluster): the
     // option reached it, and the refusal leaves nothing behind.
     let before = bitmap_names(vm.qemu(), "drive0");
-    let run = run_bitback(&vm, &["--cluster-size", "256K", "--max-chunk", "64K"]);
+    let run = vm.run_backup(&["--cluster-size", "256K", "--max-chunk", "64K"]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("max-chunk"), "{}", run.stderr);
     assert_eq!(bitmap_names(vm.qemu(), "drive0"), before);
@@ -593,7 +581,7 @@ fn a_job_failing_mid_copy_keeps_the_previous_checkpoint() {
     )
     .unwrap();
     start_with_blkdebug(&mut vm, &config);
-    let failed = run_bitback(&vm, &[]);
+    let failed = vm.run_backup(&[]);
     assert_eq!(failed.code, Some(1), "{}", failed.stderr);
     assert!(failed.stderr.contains("failed"), "{}", failed.stderr);
     // Nothing of it is kept; the old checkpoint is intact and alone.
@@ -849,7 +837,7 @@ fn a_crash_at_any_phase_is_cleaned_up_by_the_next_run() {
             vm.snapshot(&id);
         }
         vm.write(0, 3 * MIB, 4096, 0x83);
-        let next = run_bitback(&vm, &["--json", "-v"]);
+        let next = vm.run_backup(&["--json", "-v"]);
         assert_eq!(next.code, Some(0), "{phase}: {}", next.stderr);
         let m: Value = serde_json::from_str(&next.stdout).unwrap();
         vm.snapshot(m["id"].as_str().unwrap());
@@ -914,14 +902,11 @@ fn quiesce_freezes_then_thaws_the_guest() {
         *log.lock().unwrap(),
         ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
     );
-    let no_agent = run_bitback(
-        &vm,
-        &[
-            "--quiesce",
-            "--qga",
-            dir.path().join("none.sock").to_str().unwrap(),
-        ],
-    );
+    let no_agent = vm.run_backup(&[
+        "--quiesce",
+        "--qga",
+        dir.path().join("none.sock").to_str().unwrap(),
+    ]);
     assert_eq!(no_agent.code, Some(1));
     assert!(
         no_agent.stderr.contains("guest agent"),

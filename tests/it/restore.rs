@@ -250,48 +250,28 @@ fn verify_catches_a_deleted_middle_file() {
 #[test]
 fn restore_never_overwrites_and_names_unknown_volumes() {
     let dir = tempdir();
-    let (vm, ids) = chain_of_three(dir.path());
+    let (vm, _) = chain_of_three(dir.path());
     let out = dir.path().join("exists.raw");
     std::fs::write(&out, b"precious").unwrap();
-    let repo = vm.repo.to_str().unwrap();
-    let r = bitback(&[
-        "restore",
-        "--repo",
-        repo,
-        "--vm",
-        "vm1",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let r = vm.cli("restore", &["--output", out.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("does not overwrite"), "{}", r.stderr);
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
-    let r = bitback(&[
+    let r = vm.cli(
         "restore",
-        "--repo",
-        repo,
-        "--vm",
-        "vm1",
-        "--volume",
-        "nope",
-        "--output",
-        dir.path().join("x.raw").to_str().unwrap(),
-    ]);
+        &[
+            "--volume",
+            "nope",
+            "--output",
+            dir.path().join("x.raw").to_str().unwrap(),
+        ],
+    );
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("has no volume nope"), "{}", r.stderr);
     let latest = dir.path().join("latest.raw");
-    let r = bitback(&[
-        "restore",
-        "--repo",
-        repo,
-        "--vm",
-        "vm1",
-        "--output",
-        latest.to_str().unwrap(),
-    ]);
+    let r = vm.cli("restore", &["--output", latest.to_str().unwrap()]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(same_content(&latest, "raw", &vm.points[2].1[0], "raw"));
-    let _ = ids;
 }
 
 #[test]
@@ -362,19 +342,17 @@ fn in_place_restore_refuses_a_running_vm_and_clears_the_checkpoint() {
     // A raw image is written natively.
     let raw = dir.path().join("vm-disk.raw");
     std::fs::write(&raw, vec![0xeeu8; 8 * MIB as usize]).unwrap();
-    let r = bitback(&[
+    let r = vm.cli(
         "restore",
-        "--repo",
-        &repo,
-        "--vm",
-        "vm1",
-        "--backup",
-        &ids[2],
-        "--in-place",
-        "--image",
-        raw.to_str().unwrap(),
-        "--json",
-    ]);
+        &[
+            "--backup",
+            &ids[2],
+            "--in-place",
+            "--image",
+            raw.to_str().unwrap(),
+            "--json",
+        ],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stdout.contains("native"), "{}", r.stdout);
     assert!(same_content(&raw, "raw", &vm.points[2].1[0], "raw"));
@@ -393,17 +371,10 @@ fn compressed_clusters_fall_back_to_qemu_img_and_say_so() {
         .arg(&compressed));
     std::fs::rename(&compressed, &full).unwrap();
     let out = dir.path().join("fallback.raw");
-    let r = bitback(&[
+    let r = vm.cli(
         "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--output",
-        out.to_str().unwrap(),
-        "--no-verify",
-        "--json",
-    ]);
+        &["--output", out.to_str().unwrap(), "--no-verify", "--json"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(
         r.stdout
@@ -413,15 +384,10 @@ fn compressed_clusters_fall_back_to_qemu_img_and_say_so() {
     );
     assert!(same_content(&out, "raw", &vm.points[2].1[0], "raw"));
     // With digests checked, the rewritten file is caught.
-    let caught = bitback(&[
+    let caught = vm.cli(
         "restore",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--output",
-        dir.path().join("x.raw").to_str().unwrap(),
-    ]);
+        &["--output", dir.path().join("x.raw").to_str().unwrap()],
+    );
     assert_eq!(caught.code, Some(1), "{}", caught.stderr);
     assert!(caught.stderr.contains("digest"), "{}", caught.stderr);
 }

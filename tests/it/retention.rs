@@ -67,16 +67,9 @@ fn two_chains(dir: &Path) -> Vm {
 }
 
 fn prune(vm: &Vm, args: &[&str]) -> Value {
-    let mut all = vec![
-        "prune",
-        "--repo",
-        vm.repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--json",
-    ];
+    let mut all = vec!["--json"];
     all.extend(args);
-    bitback(&all).json()
+    vm.cli("prune", &all).json()
 }
 
 #[test]
