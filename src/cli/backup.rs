@@ -11,7 +11,7 @@ use super::output::{bytes, table};
 use super::qcow2::parse_size;
 use crate::engine::plan::Policy;
 use crate::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
-use crate::qmp::Qmp;
+use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
 use crate::repo::{Manifest, Repo};
 
 /// Back up a VM: every writable volume at one point in time.
@@ -120,6 +120,32 @@ pub(crate) struct BackupArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     stall_timeout: u64,
 
+    /// How long the guest agent may take to freeze the guest (--quiesce).
+    ///
+    /// A freeze that fails or times out is followed by a thaw (after a
+    /// fresh guest-sync, so a late freeze completes first); the backup then
+    /// fails. A thaw that fails makes the backup exit 1 and say that the
+    /// guest may still be frozen.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    freeze_timeout: u64,
+
+    /// How long to wait for QEMU to answer one QMP command.
+    ///
+    /// A backup transaction left unanswered is treated as possibly
+    /// applied: its jobs, target nodes and checkpoint bitmap are looked up
+    /// by name and removed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    qmp_timeout: u64,
+
+    /// The VM under this --vm name was replaced by another machine.
+    ///
+    /// bitback records who each VM is (QEMU's UUID and name, and its
+    /// images) and refuses to back up a different machine under a name
+    /// that has backups. With this flag the new machine's identity is
+    /// recorded, its backup is full, and the old backups stay as they are.
+    #[arg(long)]
+    vm_replaced: bool,
+
     /// Print the backup's manifest as one JSON object: {id, vm, kind,
     /// reason, chain, position, parent, checkpoint, time, volumes: [{name,
     /// node, file, virtual_size, bytes_written, ...}], ...}.
@@ -154,7 +180,9 @@ fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
         .collect()
 }
 
-/// A receiver that turns true on SIGINT or SIGTERM.
+/// A receiver that turns true on SIGINT or SIGTERM. A second signal ends
+/// the process at once (exit 1): what the run added in QEMU and the
+/// repository is removed by the next backup of the VM.
 fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = watch::channel(false);
@@ -165,20 +193,30 @@ fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!("bitback: interrupted; cancelling the backup");
+        eprintln!("bitback: interrupted; cancelling the backup (signal again to stop at once)");
         let _ = tx.send(true);
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!(
+            "bitback: interrupted again; stopping now. The next backup of this vm removes \
+             what this run left (a .partial directory, its jobs, nodes and bitmap)"
+        );
+        std::process::exit(1);
     });
     Ok(rx)
 }
 
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let repo = Repo::create(&args.repo)?;
+    crate::repo::check_name("VM", &args.vm)?;
     let opts = BackupOptions {
         vm: args.vm.clone(),
         policy: Policy {
             force_full: args.full,
             full_every: args.full_every,
+            replaced: false,
         },
         include: args.volumes.clone(),
         exclude: args.exclude.clone(),
@@ -192,6 +230,8 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             use_copy_range: args.copy_range.then_some(true),
         },
         stall_timeout: Duration::from_secs(args.stall_timeout),
+        freeze_timeout: Duration::from_secs(args.freeze_timeout),
+        replaced: args.vm_replaced,
         progress: !args.json && std::io::stderr().is_terminal(),
     };
     crate::qcow2::check_cluster_size(args.cluster_size)
@@ -206,22 +246,53 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     let cancel = cancel_on_signals()?;
     let images = parse_images(&args.image)?;
+    let endpoint = args.qmp.as_deref().map(Endpoint::parse).transpose()?;
+    let repo_existed = args.repo.exists();
+    let repo = Repo::create(&args.repo)?;
     // The lock first: a second run fails here at once.
-    let lock = repo.lock_vm(&args.vm, "backup")?;
-    let manifest = match &args.qmp {
-        Some(socket) => {
-            let qmp = Qmp::connect(socket).await?;
-            engine::backup(&qmp, &repo, &lock, &opts, cancel).await
+    let lock = match repo.lock_vm(&args.vm, "backup") {
+        Ok(lock) => lock,
+        Err(e) => {
+            remove_if_made(repo_existed, &args.repo);
+            return Err(e.into());
+        }
+    };
+    let result = match endpoint {
+        Some(endpoint) => {
+            let options = QmpOptions {
+                command_timeout: Duration::from_secs(args.qmp_timeout),
+                ..QmpOptions::default()
+            };
+            match Qmp::connect_with(endpoint, options).await {
+                Ok(qmp) => engine::backup(&qmp, &repo, &lock, &opts, cancel).await,
+                Err(e) => Err(e.into()),
+            }
         }
         None => engine::backup_stopped(&repo, &lock, &opts, &images, cancel).await,
-    }
-    .with_context(|| format!("backup of vm {}", args.vm))?;
+    };
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(e) => {
+            // A run that failed before writing anything leaves nothing.
+            lock.release_unused();
+            remove_if_made(repo_existed, &args.repo);
+            return Err(e.context(format!("backup of vm {}", args.vm)));
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
         print!("{}", render_backup(&manifest));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the repository directory if this run made it and it is still
+/// empty.
+fn remove_if_made(existed: bool, root: &std::path::Path) {
+    if !existed {
+        let _ = std::fs::remove_dir(root);
+    }
 }
 
 fn render_backup(m: &Manifest) -> String {

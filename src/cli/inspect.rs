@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::output::{bytes, table};
+use crate::engine::scope;
 use crate::qemu::{self, QemuInfo};
 use crate::qmp::Qmp;
 
@@ -28,7 +29,9 @@ pub(crate) struct Args {
     /// Fields: version {major, minor, micro, package}, status, running, and
     /// volumes [{name, node_name, format, image_file, virtual_size (bytes),
     /// read_only, backing_file, device, bitmaps [{name, recording, busy, persistent,
-    /// inconsistent, granularity, count (dirty bytes)}]}].
+    /// inconsistent, granularity, count (dirty bytes), owner}]}]. `owner` is
+    /// {repo_id, vm, backup} for bitback's checkpoints (repo_id and vm null
+    /// for bitmaps from before repository ids), null for other bitmaps.
     #[arg(long)]
     json: bool,
 }
@@ -39,7 +42,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("inspecting QEMU at {}", args.qmp))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        let mut value = serde_json::to_value(&info)?;
+        for volume in value["volumes"].as_array_mut().into_iter().flatten() {
+            for bitmap in volume["bitmaps"].as_array_mut().into_iter().flatten() {
+                let owner = bitmap["name"].as_str().and_then(scope::owner);
+                bitmap["owner"] = serde_json::to_value(owner)?;
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", render(&info));
     }
@@ -78,7 +88,7 @@ fn render(info: &QemuInfo) -> String {
     out.push_str(&table(&rows));
 
     let mut rows = vec![
-        ["VOLUME", "BITMAP", "GRANULARITY", "DIRTY", "FLAGS"]
+        ["VOLUME", "BITMAP", "GRANULARITY", "DIRTY", "FLAGS", "OWNER"]
             .map(String::from)
             .to_vec(),
     ];
@@ -100,6 +110,15 @@ fn render(info: &QemuInfo) -> String {
                 bytes(b.granularity),
                 bytes(b.count),
                 flags.join(","),
+                match scope::owner(&b.name) {
+                    Some(scope::Owner {
+                        repo_id: Some(repo),
+                        vm: Some(vm),
+                        ..
+                    }) => format!("bitback repo {repo} vm {vm}"),
+                    Some(_) => "bitback (no repository id)".into(),
+                    None => "-".into(),
+                },
             ]);
         }
     }
@@ -110,4 +129,66 @@ fn render(info: &QemuInfo) -> String {
         out.push_str(&table(&rows));
     }
     out
+}
+
+/// Remove a checkpoint bitmap bitback made, on purpose.
+///
+/// For a repository that is gone (or a VM name no longer backed up): its
+/// checkpoint bitmap stays in the VM's images, recording every write, until
+/// it is removed. `bitback inspect` shows each bitmap's repository and VM.
+/// Only bitmaps bitback made can be removed this way; the next backup of
+/// their repository and VM is then full.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RemoveCheckpointArgs {
+    /// The QMP monitor: a unix socket path, or tcp:HOST:PORT.
+    #[arg(long, value_name = "SOCK")]
+    qmp: String,
+
+    /// The bitmap's name, as `bitback inspect` shows it.
+    #[arg(long, value_name = "BITMAP")]
+    name: String,
+
+    /// Only from this volume (default: every volume that has it).
+    #[arg(long, value_name = "NAME")]
+    volume: Option<String>,
+}
+
+pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Result<ExitCode> {
+    if scope::owner(&args.name).is_none() {
+        return Err(crate::engine::BadInput(format!(
+            "{} is not a checkpoint bitmap bitback made; bitback removes only its own",
+            args.name
+        ))
+        .into());
+    }
+    let qmp = Qmp::connect(&args.qmp).await?;
+    let volumes = qemu::list_volumes(&qmp).await?;
+    let mut removed = 0;
+    for v in &volumes {
+        if args.volume.as_ref().is_some_and(|want| want != &v.name)
+            || !v.bitmaps.iter().any(|b| b.name == args.name)
+        {
+            continue;
+        }
+        qmp.execute_raw(
+            "block-dirty-bitmap-remove",
+            serde_json::json!({ "node": v.node_name, "name": args.name }),
+        )
+        .await
+        .with_context(|| format!("removing {} from volume {}", args.name, v.name))?;
+        println!("removed {} from volume {}", args.name, v.name);
+        removed += 1;
+    }
+    if removed == 0 {
+        return Err(crate::engine::BadInput(format!(
+            "no volume{} has bitmap {}",
+            args.volume
+                .as_ref()
+                .map(|v| format!(" named {v}"))
+                .unwrap_or_default(),
+            args.name
+        ))
+        .into());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,14 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
+    /// File mode mask for everything bitback creates (octal).
+    ///
+    /// Backups hold whole disks, so the default 077 makes repository files
+    /// and restored images 0600 and directories 0700, whatever the shell's
+    /// umask. 027 lets the owning group read them.
+    #[arg(long, global = true, value_name = "MASK", default_value = "077", value_parser = parse_umask)]
+    umask: u32,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -50,8 +58,16 @@ enum Command {
     Consolidate(retention::ConsolidateArgs),
     Export(retention::ExportArgs),
     Inspect(inspect::Args),
+    RemoveCheckpoint(inspect::RemoveCheckpointArgs),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
+}
+
+fn parse_umask(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode mask such as 077 or 027"))
 }
 
 /// Exit status when a command could not be carried out.
@@ -69,6 +85,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 Some(
                     qmp::Error::Connecting { .. }
                         | qmp::Error::NotQmp { .. }
+                        | qmp::Error::NotASocket { .. }
                         | qmp::Error::GreetingTimeout { .. }
                         | qmp::Error::BadEndpoint(_)
                 )
@@ -108,6 +125,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(cli.umask));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -129,6 +147,7 @@ pub fn main() -> ExitCode {
             Command::Consolidate(args) => retention::consolidate(args),
             Command::Export(args) => retention::export(args).await,
             Command::Inspect(args) => inspect::run(args).await,
+            Command::RemoveCheckpoint(args) => inspect::remove_checkpoint(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }
     });

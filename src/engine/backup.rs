@@ -2,9 +2,11 @@
 //! bitback started on a stopped VM's images).
 //!
 //! The sequence, and why:
-//! 1. Lock the VM; remove what a crashed run left (`.partial` directories,
-//!    `bitback-*` bitmaps other than the active checkpoint, `bitback-t*`
-//!    target nodes, `bitback-j*` jobs).
+//! 1. Lock the VM; check that QEMU is the VM the state describes; remove
+//!    what a crashed run of this repository and VM name left (`.partial`
+//!    directories, its checkpoint bitmaps other than the active one, its
+//!    target nodes and jobs; see [`super::scope`]: what other repositories
+//!    or VM names made is never touched).
 //! 2. Plan full or incremental from the facts.
 //! 3. Create each target natively (an incremental's backing file is
 //!    `../<parent>/<volume>.qcow2`), hand it to QEMU as a passed fd where
@@ -26,23 +28,19 @@ use anyhow::{Context, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::BadInput;
 use super::plan::{self, Facts, Plan, Policy};
+use super::scope::Scope;
 use crate::qcow2::{self, CreateOptions, Image};
 use crate::qemu::agent::Agent;
 use crate::qemu::{self, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 use crate::repo::{
-    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, StateVolume, VmLock, VmState,
-    VolumeRecord,
+    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, StateVolume, VmIdentity,
+    VmLock, VmState, VolumeRecord,
 };
-
-/// Bitmaps bitback creates are named `bitback-<backup id>`.
-pub const CHECKPOINT_PREFIX: &str = "bitback-";
-const TARGET_NODE_PREFIX: &str = "bitback-t";
-const JOB_PREFIX: &str = "bitback-j";
 
 /// What one backup run should do.
 #[derive(Debug, Clone)]
@@ -66,6 +64,11 @@ pub struct BackupOptions {
     pub perf: Perf,
     /// Fail when no job makes progress for this long.
     pub stall_timeout: Duration,
+    /// How long the guest agent may take to freeze the guest.
+    pub freeze_timeout: Duration,
+    /// The VM under this name was replaced by another machine: accept
+    /// the new identity (the backup is full).
+    pub replaced: bool,
     pub progress: bool,
 }
 
@@ -82,6 +85,8 @@ impl Default for BackupOptions {
             granularity: Some(64 << 10),
             perf: Perf::default(),
             stall_timeout: Duration::from_secs(600),
+            freeze_timeout: Duration::from_secs(30),
+            replaced: false,
             progress: false,
         }
     }
@@ -181,18 +186,23 @@ pub(crate) async fn backup_named(
             lock.vm()
         );
     }
-    repo.clean_partials(lock, vm)?;
-    clean_stray_jobs(qmp, vm).await?;
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     let state = repo.load_state(vm)?;
+    let identity = identity(qmp).await;
+    check_identity(vm, state.as_ref(), &identity, &volumes, opts.replaced)?;
+    let scope = Scope::new(&repo.ensure_id()?, vm);
+    repo.clean_partials(lock, vm)?;
+    clean_stray_jobs(qmp, &scope).await?;
     let backups = repo.backups(vm)?;
     let last = backups.last();
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
-    clean_stray_bitmaps(qmp, vm, &mut volumes, active.as_deref()).await?;
+    clean_stray_bitmaps(qmp, &scope, &mut volumes, active.as_deref()).await?;
 
     let parent_problem = last.and_then(|m| check_chain(repo, m).err());
+    let mut policy = opts.policy.clone();
+    policy.replaced |= opts.replaced;
     let plan = plan::plan(&Facts {
-        policy: &opts.policy,
+        policy: &policy,
         state: state.as_ref(),
         last,
         volumes: &volumes,
@@ -203,13 +213,22 @@ pub(crate) async fn backup_named(
     let started = std::time::Instant::now();
 
     let now = repo::time::Utc::now();
-    let id = repo.new_backup_id(vm, &now)?;
-    let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
+    let newest_id = backups.iter().map(|m| m.id.as_str()).max();
+    let id = repo.new_backup_id(vm, &now, newest_id)?;
+    let seq = backups
+        .iter()
+        .map(|m| m.seq)
+        .chain(state.as_ref().map(|s| s.last_seq))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let checkpoint = scope.checkpoint(&id);
     let partial = repo.begin(lock, vm, &id)?;
     let mut undo = Undo::default();
     let result = run_jobs(
         qmp,
         opts,
+        &scope,
         &volumes,
         &plan,
         &checkpoint,
@@ -224,6 +243,7 @@ pub(crate) async fn backup_named(
         drop(partial);
         return Err(e);
     }
+    let thawed = undo.thaw_failure.take();
     debug!(
         vm,
         ms = started.elapsed().as_millis() as u64,
@@ -234,6 +254,7 @@ pub(crate) async fn backup_named(
         qmp,
         vm,
         &id,
+        seq,
         &now,
         &plan,
         &checkpoint,
@@ -268,17 +289,107 @@ pub(crate) async fn backup_named(
         "committed (files synced, renamed)"
     );
     crate::fault::point("after-commit");
-    commit_state(repo, lock, vm, &checkpoint, &id, &volumes)?;
+    let state = VmState {
+        schema: STATE_SCHEMA,
+        vm: vm.to_string(),
+        active_checkpoint: Some(checkpoint.clone()),
+        last_backup: Some(id.clone()),
+        volumes: volumes.iter().map(StateVolume::from).collect(),
+        last_seq: seq,
+        identity: Some(identity),
+    };
+    repo.save_state(lock, &state)?;
 
     // The new checkpoint is active: the old one can go.
     if let Some(old) = active.filter(|old| old != &checkpoint) {
         for v in &volumes {
+            if !v.bitmaps.iter().any(|b| b.name == old) {
+                info!(vm, volume = %v.name, bitmap = %old, "the previous checkpoint bitmap was already gone");
+                continue;
+            }
             if let Err(e) = remove_bitmap(qmp, &v.node_name, &old).await {
-                warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint; the next run will");
+                warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint bitmap; the next backup of this vm removes it");
             }
         }
     }
+    if let Some(e) = thawed {
+        bail!(
+            "backup {id} is committed, but thawing the guest failed: {e}; \
+             the guest's filesystems may still be frozen (run guest-fsfreeze-thaw through its agent)"
+        );
+    }
     Ok(manifest)
+}
+
+/// Who the QEMU says it is: `query-uuid` (unless all zeros) and
+/// `query-name`. A storage daemon has neither.
+async fn identity(qmp: &Qmp) -> VmIdentity {
+    let uuid = qmp
+        .execute_raw("query-uuid", Value::Null)
+        .await
+        .ok()
+        .and_then(|r| r["UUID"].as_str().map(str::to_ascii_lowercase))
+        .filter(|u| u.chars().any(|c| c != '0' && c != '-'));
+    let name = qmp
+        .execute_raw("query-name", Value::Null)
+        .await
+        .ok()
+        .and_then(|r| r["name"].as_str().map(str::to_string))
+        .filter(|n| !n.is_empty());
+    VmIdentity { uuid, name }
+}
+
+fn describe(identity: &VmIdentity, images: &[&str]) -> String {
+    match (&identity.uuid, &identity.name) {
+        (Some(u), Some(n)) => format!("QEMU uuid {u} (name {n})"),
+        (Some(u), None) => format!("QEMU uuid {u}"),
+        (None, Some(n)) => format!("QEMU named {n}"),
+        (None, None) => format!("images {}", images.join(", ")),
+    }
+}
+
+/// Refuses to back up a different machine under a VM name that has
+/// backups: compared by UUID when both are known, else by name, else by
+/// the volumes' images (at least one must be the same).
+fn check_identity(
+    vm: &str,
+    state: Option<&VmState>,
+    now: &VmIdentity,
+    volumes: &[Volume],
+    replaced: bool,
+) -> anyhow::Result<()> {
+    let Some(state) = state else {
+        return Ok(());
+    };
+    let Some(before) = &state.identity else {
+        // A state from before identities: recorded by this backup.
+        return Ok(());
+    };
+    let same = match (&before.uuid, &now.uuid, &before.name, &now.name) {
+        (Some(a), Some(b), _, _) => a == b,
+        (_, _, Some(a), Some(b)) => a == b,
+        _ => {
+            state.volumes.is_empty()
+                || volumes
+                    .iter()
+                    .any(|v| state.volumes.iter().any(|s| s.image_file == v.image_file))
+        }
+    };
+    if same || replaced {
+        if !same {
+            info!(vm, "a replaced vm: its identity is recorded anew and the backup is full");
+        }
+        return Ok(());
+    }
+    let old_images: Vec<&str> = state.volumes.iter().map(|v| v.image_file.as_str()).collect();
+    let new_images: Vec<&str> = volumes.iter().map(|v| v.image_file.as_str()).collect();
+    Err(BadInput(format!(
+        "vm {vm} in this repository is {}, but this is {}: a different machine; nothing was written\n\
+         hint: back it up under another --vm name, or pass --vm-replaced if it replaced the old vm (its next backup is full)",
+        describe(before, &old_images),
+        describe(now, &new_images),
+    ))
+    .into())
 }
 
 /// The manifest of the finished files: digests and data counts read back.
@@ -287,6 +398,7 @@ async fn build_manifest(
     qmp: &Qmp,
     vm: &str,
     id: &str,
+    seq: u64,
     now: &repo::time::Utc,
     plan: &Plan,
     checkpoint: &str,
@@ -331,6 +443,7 @@ async fn build_manifest(
         schema: MANIFEST_SCHEMA,
         id: id.to_string(),
         vm: vm.to_string(),
+        seq,
         kind,
         reason: plan.reason(),
         chain,
@@ -343,25 +456,6 @@ async fn build_manifest(
     })
 }
 
-fn commit_state(
-    repo: &Repo,
-    lock: &VmLock,
-    vm: &str,
-    checkpoint: &str,
-    id: &str,
-    volumes: &[Volume],
-) -> anyhow::Result<()> {
-    let state = VmState {
-        schema: STATE_SCHEMA,
-        vm: vm.to_string(),
-        active_checkpoint: Some(checkpoint.to_string()),
-        last_backup: Some(id.to_string()),
-        volumes: volumes.iter().map(StateVolume::from).collect(),
-    };
-    repo.save_state(lock, &state)?;
-    Ok(())
-}
-
 /// The volumes to back up, named and filtered as asked.
 async fn select_volumes(
     qmp: &Qmp,
@@ -369,8 +463,8 @@ async fn select_volumes(
     renames: Renames<'_>,
 ) -> anyhow::Result<Vec<Volume>> {
     let mut all = qemu::list_volumes(qmp).await?;
-    // bitback's own target nodes are never volumes.
-    all.retain(|v| !v.node_name.starts_with(TARGET_NODE_PREFIX));
+    // Backup targets (of any repository) are never volumes.
+    all.retain(|v| !super::scope::is_target_node(&v.node_name));
     if !renames.is_empty() {
         all.retain(|v| renames.iter().any(|(node, _)| node == &v.node_name));
         for v in &mut all {
@@ -424,11 +518,13 @@ async fn select_volumes(
     Ok(selected)
 }
 
-/// Removes the jobs and target nodes an interrupted run left in QEMU.
-async fn clean_stray_jobs(qmp: &Qmp, vm: &str) -> anyhow::Result<()> {
+/// Removes the jobs and target nodes an interrupted run of this scope
+/// left in QEMU.
+async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
+    let vm = scope.vm.as_str();
     let jobs = qmp.execute_raw("query-jobs", Value::Null).await?;
     for job in jobs.as_array().into_iter().flatten() {
-        let Some(id) = job["id"].as_str().filter(|id| id.starts_with(JOB_PREFIX)) else {
+        let Some(id) = job["id"].as_str().filter(|id| scope.owns_node_or_job(id)) else {
             continue;
         };
         info!(vm, job = id, status = %job["status"], "cleaning up a job left by an interrupted run");
@@ -440,7 +536,7 @@ async fn clean_stray_jobs(qmp: &Qmp, vm: &str) -> anyhow::Result<()> {
     for node in nodes.as_array().into_iter().flatten() {
         if let Some(name) = node["node-name"]
             .as_str()
-            .filter(|n| n.starts_with(TARGET_NODE_PREFIX))
+            .filter(|n| scope.owns_node_or_job(n))
         {
             info!(
                 vm,
@@ -462,15 +558,16 @@ async fn clean_stray_jobs(qmp: &Qmp, vm: &str) -> anyhow::Result<()> {
 /// that died before its commit (or after it, before the state moved on).
 async fn clean_stray_bitmaps(
     qmp: &Qmp,
-    vm: &str,
+    scope: &Scope,
     volumes: &mut [Volume],
     active: Option<&str>,
 ) -> anyhow::Result<()> {
+    let vm = scope.vm.as_str();
     for v in volumes.iter_mut() {
         let stray: Vec<String> = v
             .bitmaps
             .iter()
-            .filter(|b| b.name.starts_with(CHECKPOINT_PREFIX) && Some(b.name.as_str()) != active)
+            .filter(|b| scope.owns_checkpoint(&b.name) && Some(b.name.as_str()) != active)
             .map(|b| b.name.clone())
             .collect();
         for name in stray {
@@ -516,6 +613,9 @@ struct Undo {
     fdsets: Vec<i64>,
     /// (node, bitmap) added by the transaction.
     bitmaps: Vec<(String, String)>,
+    /// Set when the guest was frozen and the thaw failed: the backup may
+    /// go on, but must not report success.
+    thaw_failure: Option<String>,
 }
 
 /// Cancels job `id` and dismisses it once it has concluded, so its nodes
@@ -550,7 +650,7 @@ impl Undo {
                 .execute_raw("blockdev-del", json!({ "node-name": node }))
                 .await
             {
-                warn!(%node, error = %e, "cannot remove a target node; the next run will");
+                warn!(%node, error = %e, "cannot remove a target node; the next backup of this vm removes it");
             }
         }
         for fdset in self.fdsets.drain(..) {
@@ -559,8 +659,15 @@ impl Undo {
                 .await;
         }
         for (node, bitmap) in self.bitmaps.drain(..) {
-            if let Err(e) = remove_bitmap(qmp, &node, &bitmap).await {
-                warn!(%node, %bitmap, error = %e, "cannot remove the new checkpoint; the next run will");
+            match remove_bitmap(qmp, &node, &bitmap).await {
+                Ok(()) => {}
+                // A transaction that timed out may not have applied.
+                Err(qmp::Error::Qemu { desc, .. }) if desc.contains("not found") => {
+                    debug!(%node, %bitmap, "the new checkpoint was never added")
+                }
+                Err(e) => {
+                    warn!(%node, %bitmap, error = %e, "cannot remove the new checkpoint bitmap; the next backup of this vm removes it")
+                }
             }
         }
     }
@@ -572,6 +679,7 @@ impl Undo {
 async fn run_jobs(
     qmp: &Qmp,
     opts: &BackupOptions,
+    scope: &Scope,
     volumes: &[Volume],
     plan: &Plan,
     checkpoint: &str,
@@ -589,6 +697,7 @@ async fn run_jobs(
     let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
     let perf = opts.perf.for_qemu(qmp).await?;
     let mut actions = Vec::new();
+    let mut jobs = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let path = dir.join(VolumeRecord::file_name(&v.name));
         let backing = parent.map(|(p, _)| VolumeRecord::backing_name(p, &v.name));
@@ -626,7 +735,7 @@ async fn run_jobs(
                 Err(e) => return Err(anyhow!(e).context("passing the target to QEMU")),
             }
         }
-        let node = format!("{TARGET_NODE_PREFIX}{i}");
+        let node = scope.target_node(i);
         qmp.execute_raw(
             "blockdev-add",
             // no-flush: QEMU would fdatasync the target each time a new
@@ -645,7 +754,8 @@ async fn run_jobs(
         .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
         undo.nodes.push(node.clone());
 
-        let job = format!("{JOB_PREFIX}{i}");
+        let job = scope.job(i);
+        jobs.push(job.clone());
         let mut bitmap =
             json!({ "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" });
         if let Some(g) = opts.granularity {
@@ -686,9 +796,23 @@ async fn run_jobs(
     let mut events = qmp.subscribe();
     let mut agent = match &opts.quiesce {
         Some(socket) => {
-            let mut agent = Agent::connect(socket, Duration::from_secs(30)).await?;
-            let frozen = agent.freeze().await?;
-            info!(vm = %opts.vm, filesystems = frozen, "guest filesystems frozen");
+            let mut agent = Agent::connect(socket, Duration::from_secs(10)).await?;
+            match agent.freeze(opts.freeze_timeout).await {
+                Ok(frozen) => {
+                    info!(vm = %opts.vm, filesystems = frozen, "guest filesystems frozen");
+                }
+                Err(e) => {
+                    // A freeze that failed or timed out may still complete
+                    // in the guest: thaw whatever it did.
+                    if let Err(t) = agent.thaw_after_freeze().await {
+                        bail!(
+                            "freezing the guest failed ({e}), and so did the thaw after it: {t}; \
+                             the guest's filesystems may still be frozen"
+                        );
+                    }
+                    return Err(anyhow!(e).context("freezing the guest's filesystems"));
+                }
+            }
             Some(agent)
         }
         None => None,
@@ -698,20 +822,37 @@ async fn run_jobs(
         .execute_raw("transaction", json!({ "actions": actions }))
         .await;
     if let Some(agent) = agent.as_mut() {
-        match agent.thaw().await {
+        match agent.thaw_after_freeze().await {
             Ok(n) => info!(vm = %opts.vm, filesystems = n, "guest filesystems thawed"),
-            Err(e) => warn!(vm = %opts.vm, error = %e, "thawing the guest failed"),
+            Err(e) => {
+                error!(vm = %opts.vm, error = %e, "thawing the guest failed; its filesystems may still be frozen");
+                undo.thaw_failure = Some(e.to_string());
+            }
+        }
+    }
+    match &started {
+        Ok(_) => {}
+        // QEMU refused it: a transaction is all or nothing.
+        Err(qmp::Error::Qemu { .. }) => {}
+        // No answer: it may have been applied; undo it by name.
+        Err(e) => {
+            warn!(vm = %opts.vm, error = %e, "the transaction's outcome is unknown; undoing it by name");
+            undo.jobs.extend(jobs.iter().cloned());
+            for v in volumes {
+                undo.bitmaps
+                    .push((v.node_name.clone(), checkpoint.to_string()));
+            }
         }
     }
     started.context("starting the backup transaction")?;
-    for (i, v) in volumes.iter().enumerate() {
-        undo.jobs.push(format!("{JOB_PREFIX}{i}"));
+    undo.jobs.extend(jobs.iter().cloned());
+    for v in volumes {
         undo.bitmaps
             .push((v.node_name.clone(), checkpoint.to_string()));
     }
     crate::fault::point("after-transaction");
 
-    wait_jobs(qmp, opts, &mut events, volumes.len(), cancel).await?;
+    wait_jobs(qmp, opts, &mut events, &jobs, cancel).await?;
     crate::fault::point("after-jobs");
 
     // Success: the jobs are concluded; close the targets.
@@ -737,11 +878,13 @@ async fn run_jobs(
 }
 
 /// Waits until every job has ended; fails on any error, stall or signal.
+/// A job's end is seen from its event or, should the event never come
+/// (a proxy that mangles events, a lost line), from `query-jobs`.
 async fn wait_jobs(
     qmp: &Qmp,
     opts: &BackupOptions,
     events: &mut Events,
-    count: usize,
+    jobs: &[String],
     mut cancel: Cancel,
 ) -> anyhow::Result<()> {
     let bar = opts.progress.then(|| {
@@ -756,11 +899,11 @@ async fn wait_jobs(
         bar.set_message(format!("backing up {}", opts.vm));
         bar
     });
-    let mut done = 0usize;
+    let mut done: std::collections::BTreeSet<String> = Default::default();
     let mut failure: Option<String> = None;
     let mut last_progress = (0u64, tokio::time::Instant::now());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    while done < count {
+    while done.len() < jobs.len() {
         tokio::select! {
             event = events.next(Duration::from_secs(3600)) => {
                 let event = match event {
@@ -768,18 +911,18 @@ async fn wait_jobs(
                     Err(qmp::Error::EventTimeout { .. }) => continue,
                     Err(e) => return Err(anyhow!(e).context("waiting for the backup jobs")),
                 };
-                let Some(job) = event.job_id().filter(|j| j.starts_with(JOB_PREFIX)) else {
+                let Some(job) = event.job_id().filter(|j| jobs.iter().any(|o| o == j)) else {
                     continue;
                 };
                 match event.name.as_str() {
                     "BLOCK_JOB_COMPLETED" => {
-                        done += 1;
+                        done.insert(job.to_string());
                         if let Some(error) = event.data.get("error").and_then(Value::as_str) {
                             failure.get_or_insert(format!("job {job} failed: {error}"));
                         }
                     }
                     "BLOCK_JOB_CANCELLED" => {
-                        done += 1;
+                        done.insert(job.to_string());
                         failure.get_or_insert(format!("job {job} was cancelled"));
                     }
                     "BLOCK_JOB_ERROR" => {
@@ -787,33 +930,41 @@ async fn wait_jobs(
                     }
                     _ => {}
                 }
-                if failure.is_some() && done < count {
-                    // One job failed: the backup is lost; stop the others.
-                    cancel_all(qmp, count).await;
-                }
             }
             _ = tick.tick() => {
-                let (current, total, running) = job_progress(qmp).await;
-                if running {
+                let seen = job_progress(qmp, jobs).await;
+                if seen.running {
                     crate::fault::point("mid-copy");
                 }
-                if let Some(bar) = &bar {
-                    bar.set_length(total);
-                    bar.set_position(current);
+                for (job, error) in seen.concluded {
+                    if done.insert(job.clone()) {
+                        debug!(job, "job concluded without its event; seen in query-jobs");
+                        if let Some(error) = error {
+                            failure.get_or_insert(format!("job {job} failed: {error}"));
+                        }
+                    }
                 }
-                if current != last_progress.0 {
-                    last_progress = (current, tokio::time::Instant::now());
+                if let Some(bar) = &bar {
+                    bar.set_length(seen.total);
+                    bar.set_position(seen.current);
+                }
+                if seen.current != last_progress.0 {
+                    last_progress = (seen.current, tokio::time::Instant::now());
                 } else if last_progress.1.elapsed() > opts.stall_timeout && failure.is_none() {
                     failure = Some(format!("no progress for {:?}", opts.stall_timeout));
-                    cancel_all(qmp, count).await;
+                    cancel_all(qmp, jobs).await;
                 }
             }
             changed = cancel.changed() => {
                 if changed.is_ok() && *cancel.borrow() && failure.is_none() {
                     failure = Some("interrupted".into());
-                    cancel_all(qmp, count).await;
+                    cancel_all(qmp, jobs).await;
                 }
             }
+        }
+        if failure.is_some() && done.len() < jobs.len() {
+            // One job failed: the backup is lost; stop the others.
+            cancel_all(qmp, jobs).await;
         }
     }
     if let Some(bar) = bar {
@@ -825,37 +976,45 @@ async fn wait_jobs(
     }
 }
 
-async fn cancel_all(qmp: &Qmp, count: usize) {
-    for i in 0..count {
+async fn cancel_all(qmp: &Qmp, jobs: &[String]) {
+    for job in jobs {
         let _ = qmp
-            .execute_raw(
-                "block-job-cancel",
-                json!({ "device": format!("{JOB_PREFIX}{i}"), "force": true }),
-            )
+            .execute_raw("block-job-cancel", json!({ "device": job, "force": true }))
             .await;
     }
 }
 
-/// Bytes done and total over bitback's jobs, and whether one still runs.
-async fn job_progress(qmp: &Qmp) -> (u64, u64, bool) {
-    let Ok(jobs) = qmp.execute_raw("query-jobs", Value::Null).await else {
-        return (0, 0, false);
+/// What `query-jobs` says of this run's jobs.
+#[derive(Default)]
+struct JobsSeen {
+    current: u64,
+    total: u64,
+    running: bool,
+    /// Jobs that have concluded, with their error if they failed.
+    concluded: Vec<(String, Option<String>)>,
+}
+
+async fn job_progress(qmp: &Qmp, jobs: &[String]) -> JobsSeen {
+    let Ok(reply) = qmp.execute_raw("query-jobs", Value::Null).await else {
+        return JobsSeen::default();
     };
-    jobs.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|j| {
-            j["id"]
-                .as_str()
-                .is_some_and(|id| id.starts_with(JOB_PREFIX))
-        })
-        .fold((0, 0, false), |(c, t, r), j| {
-            (
-                c + j["current-progress"].as_u64().unwrap_or(0),
-                t + j["total-progress"].as_u64().unwrap_or(0),
-                r || j["status"] == "running",
-            )
-        })
+    let mut seen = JobsSeen::default();
+    for j in reply.as_array().into_iter().flatten() {
+        let Some(id) = j["id"].as_str().filter(|id| jobs.iter().any(|o| o == id)) else {
+            continue;
+        };
+        seen.current += j["current-progress"].as_u64().unwrap_or(0);
+        seen.total += j["total-progress"].as_u64().unwrap_or(0);
+        match j["status"].as_str() {
+            Some("running") => seen.running = true,
+            Some("concluded") | Some("null") => {
+                let error = j["error"].as_str().map(str::to_string);
+                seen.concluded.push((id.to_string(), error));
+            }
+            _ => {}
+        }
+    }
+    seen
 }
 
 /// BLAKE3 of the whole file, and the guest bytes of data it holds (zero

@@ -36,6 +36,8 @@ pub struct ExportOptions {
 /// A running export; dropping it stops the daemon and removes the overlay.
 pub struct Export {
     daemon: Daemon,
+    /// Keeps prune and consolidate off the exported chain while it serves.
+    _readers: Option<crate::repo::ReadLock>,
     /// What a client opens: `nbd+unix:///<volume>?socket=...` or
     /// `nbd://host:port/<volume>`.
     pub url: String,
@@ -56,6 +58,7 @@ impl Export {
 }
 
 pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export> {
+    let readers = repo.read_lock(&opts.vm, "export")?;
     let (manifest, _chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), false)?;
     let record = manifest
         .volumes
@@ -116,6 +119,7 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
     info!(url = %url, backup = %manifest.id, "exporting");
     Ok(Export {
         daemon,
+        _readers: readers,
         url,
         backup: manifest.id.clone(),
     })

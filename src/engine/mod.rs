@@ -9,11 +9,12 @@ mod export;
 pub mod plan;
 mod restore;
 mod retention;
+pub mod scope;
 mod stopped;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, CHECKPOINT_PREFIX, Cancel, Perf, backup};
+pub use backup::{BackupOptions, Cancel, Perf, backup};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,

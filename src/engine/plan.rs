@@ -22,6 +22,8 @@ pub struct Policy {
     /// A chain is a full plus at most N-1 incrementals; 1 turns
     /// incrementals off; `None` lets chains grow without limit.
     pub full_every: Option<u32>,
+    /// The VM under this name is a new machine (`--vm-replaced`).
+    pub replaced: bool,
 }
 
 /// Everything the decision depends on.
@@ -52,6 +54,7 @@ pub enum Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FullReason {
     Requested,
+    Replaced,
     IncrementalsOff,
     NoBackup,
     NoCheckpoint,
@@ -113,6 +116,7 @@ impl fmt::Display for FullReason {
         use FullReason::*;
         match self {
             Requested => write!(f, "full: requested (--full)"),
+            Replaced => write!(f, "full: the vm was replaced by another machine (--vm-replaced)"),
             IncrementalsOff => write!(f, "full: incrementals are off (--full-every 1)"),
             NoBackup => write!(f, "full: no earlier backup of this vm"),
             NoCheckpoint => write!(
@@ -199,6 +203,9 @@ fn check(facts: &Facts) -> Result<Plan, FullReason> {
     let policy = facts.policy;
     if policy.force_full {
         return Err(Requested);
+    }
+    if policy.replaced {
+        return Err(Replaced);
     }
     if policy.full_every == Some(1) {
         return Err(IncrementalsOff);

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::BadInput;
 use super::verify::{Report, verify_backup};
@@ -72,9 +72,13 @@ pub struct Restored {
 /// The chain of `m`, full first.
 pub(super) fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
     let mut out = vec![m.clone()];
+    let mut seen = std::collections::BTreeSet::from([m.id.clone()]);
     while let Some(parent) = out.last().and_then(|m| m.parent.clone()) {
-        if out.len() > 100_000 {
-            bail!("backup {} has a parent loop", m.id);
+        if !seen.insert(parent.clone()) {
+            bail!(
+                "backup {}'s chain loops: {parent} is its own ancestor (the manifests were changed by hand or tampered with)",
+                m.id
+            );
         }
         let parent = repo
             .manifest(&m.vm, &parent)
@@ -133,6 +137,7 @@ pub fn resolve(
 }
 
 pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restored>> {
+    let _readers = repo.read_lock(&opts.vm, "restore")?;
     let (m, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), opts.verify)?;
     let names: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
     for wanted in &opts.volumes {
@@ -150,7 +155,16 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         .iter()
         .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
         .collect();
-    let to_dir = opts.output.is_dir() || selected.len() > 1;
+    let to_dir = opts.output.is_dir() || opts.output.as_os_str().as_encoded_bytes().ends_with(b"/");
+    if selected.len() > 1 && !to_dir {
+        return Err(BadInput(format!(
+            "backup {} has {} volumes; --output {} must be a directory (end it with /) or name one volume with --volume",
+            m.id,
+            selected.len(),
+            opts.output.display()
+        ))
+        .into());
+    }
     if to_dir {
         std::fs::create_dir_all(&opts.output)
             .with_context(|| format!("creating {}", opts.output.display()))?;
@@ -215,6 +229,12 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
             Ok(image) if image.header().size != v.virtual_size => {
                 Some("virtual size differs from the manifest".into())
             }
+            Ok(image) if image.header().has_data_file() || image.hc.data_file.is_some() => {
+                Some(format!(
+                    "names an external data file ({:?}); backup files never do, and bitback does not read one",
+                    image.hc.data_file.as_deref().unwrap_or("")
+                ))
+            }
             Ok(_) => None,
         };
         if let Some(problem) = problem {
@@ -243,7 +263,8 @@ fn restore_volume(
         .file_name()
         .context("the output has no file name")?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.restoring"));
+    clean_restoring(dir);
+    let tmp = dir.join(format!(".{name}.restoring-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let top = files.last().context("empty chain")?;
     let format = match opts.format {
@@ -252,11 +273,19 @@ fn restore_volume(
     };
     let threads = opts.threads.max(1);
     let result = match plan_copy(files)? {
-        Some(segments) => match opts.format {
-            Format::Raw => copy_native(files, &segments, &tmp, size, threads, opts.progress),
-            Format::Qcow2 => {
-                copy_native_qcow2(files, &segments, &tmp, size, threads, opts.progress)
+        Some((segments, sources)) => match opts.format {
+            Format::Raw => {
+                copy_native(files, sources, &segments, &tmp, size, threads, opts.progress)
             }
+            Format::Qcow2 => copy_native_qcow2(
+                files,
+                sources,
+                &segments,
+                &tmp,
+                size,
+                threads,
+                opts.progress,
+            ),
         }
         .map(|n| (n, "native".to_string())),
         None => qemu_img_convert(top, &tmp, format).map(|_| {
@@ -270,9 +299,50 @@ fn restore_volume(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, target).with_context(|| format!("renaming into {}", target.display()))?;
+    // Never over a file that appeared meanwhile.
+    let renamed = nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &tmp,
+        nix::fcntl::AT_FDCWD,
+        target,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    );
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::from(e))
+            .with_context(|| format!("renaming into {}", target.display()));
+    }
     crate::repo::sync_dir(dir)?;
     result
+}
+
+/// Removes what killed restores left in `dir`: `.NAME.restoring-PID`
+/// files whose process is gone (and `.NAME.restoring` of older versions).
+fn clean_restoring(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            continue;
+        }
+        let stale = match name.rsplit_once(".restoring") {
+            Some((_, "")) => true,
+            Some((_, pid)) => pid.strip_prefix('-').and_then(|p| p.parse::<i32>().ok()).is_some_and(|pid| {
+                pid > 0
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                        == Err(nix::errno::Errno::ESRCH)
+            }),
+            None => false,
+        };
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(file = %entry.path().display(), "removed what a killed restore left"),
+                Err(e) => warn!(file = %entry.path().display(), error = %e, "cannot remove what a killed restore left"),
+            }
+        }
+    }
 }
 
 fn qemu_img_convert(top: &Path, out: &Path, format: &str) -> anyhow::Result<()> {
@@ -350,17 +420,36 @@ impl Covered {
     }
 }
 
-/// For each guest range, the newest file holding it. `None` when a file
-/// needs `qemu-img` (compressed clusters, encryption).
-fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Vec<Segment>>> {
+/// Opens a chain file for reading, refusing a symlink.
+fn open_chain_file(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// For each guest range, the newest file holding it, and the files opened
+/// once: the copy reads through the same handles the map was made from.
+/// `None` when a file needs `qemu-img` (compressed clusters, encryption).
+fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File>)>> {
     let mut covered = Covered::default();
     let mut segments = Vec::new();
+    let mut handles: Vec<Option<File>> = files.iter().map(|_| None).collect();
     for (index, path) in files.iter().enumerate().rev() {
-        let image = Image::open(path).with_context(|| format!("reading {}", path.display()))?;
-        if image.encrypted() || image.header().has_data_file() {
+        let file = open_chain_file(path)?;
+        let image = Image::from_file(&file, path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if image.header().has_data_file() {
+            bail!(
+                "{} names an external data file; backup files never do, and bitback does not read one",
+                path.display()
+            );
+        }
+        if image.encrypted() {
             return Ok(None);
         }
-        let file = File::open(path)?;
         let mut compressed = false;
         qcow2::walk(&file, &image, |e| {
             if e.kind == Kind::Unallocated {
@@ -388,8 +477,10 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Vec<Segment>>> {
         if compressed {
             return Ok(None);
         }
+        handles[index] = Some(file);
     }
-    Ok(Some(segments))
+    let handles = handles.into_iter().flatten().collect();
+    Ok(Some((segments, handles)))
 }
 
 /// Largest single read/write.
@@ -398,6 +489,7 @@ const CHUNK: u64 = 4 << 20;
 /// Copies the segments into a new sparse raw file of `size` bytes.
 fn copy_native(
     files: &[PathBuf],
+    sources: Vec<File>,
     segments: &[Segment],
     out: &Path,
     size: u64,
@@ -410,7 +502,7 @@ fn copy_native(
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
     output.set_len(size)?;
-    copy_segments(files, segments, output, threads, progress, &|guest| guest)
+    copy_segments(files, sources, segments, output, threads, progress, &|guest| guest)
 }
 
 /// The cluster size of qcow2 restores.
@@ -420,6 +512,7 @@ const QCOW2_CLUSTER: u64 = 64 << 10;
 /// touch is allocated, in guest order, and nothing else.
 fn copy_native_qcow2(
     files: &[PathBuf],
+    sources: Vec<File>,
     segments: &[Segment],
     out: &Path,
     size: u64,
@@ -452,7 +545,7 @@ fn copy_native_qcow2(
         let index = clusters.binary_search(&(guest / cs)).unwrap_or(0) as u64;
         data + index * cs + guest % cs
     };
-    copy_segments(files, segments, output, threads, progress, &dest)
+    copy_segments(files, sources, segments, output, threads, progress, &dest)
 }
 
 /// Alignment of O_DIRECT writes: offset, length and buffer.
@@ -477,18 +570,16 @@ fn reopen_direct(file: &File) -> Option<File> {
 /// bytes are already zero. Aligned chunks go through an O_DIRECT handle
 /// where there is one, the rest (and all, where the filesystem refuses
 /// O_DIRECT) through `output`, which is synced at the end either way.
+#[allow(clippy::too_many_arguments)]
 fn copy_segments(
     files: &[PathBuf],
+    sources: Vec<File>,
     segments: &[Segment],
     output: File,
     threads: usize,
     progress: bool,
     dest: &(dyn Fn(u64) -> u64 + Sync),
 ) -> anyhow::Result<u64> {
-    let sources: Vec<File> = files
-        .iter()
-        .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
-        .collect::<anyhow::Result<_>>()?;
     let mut chunks = Vec::new();
     for s in segments {
         let mut done = 0;
@@ -652,12 +743,24 @@ pub fn restore_in_place(
         .open(&opts.image)
         .with_context(|| format!("opening {}", opts.image.display()))?;
     let lockout = qcow2::lock_out_qemu(&image).map_err(|e| match e {
-        qcow2::Error::InUse => anyhow::anyhow!(
+        qcow2::Error::InUse => anyhow::Error::new(BadInput(format!(
             "{} is in use by a running QEMU; stop the VM first",
             opts.image.display()
-        ),
+        ))),
         other => anyhow::anyhow!(other),
     })?;
+    // The image is about to change: from here on no checkpoint describes
+    // it, whether the write completes or not.
+    let clear_checkpoint = || -> anyhow::Result<()> {
+        if let Some(mut state) = repo.load_state(&opts.vm)?
+            && state.active_checkpoint.is_some()
+        {
+            state.active_checkpoint = None;
+            repo.save_state(lock, &state)?;
+            info!(vm = %opts.vm, "active checkpoint cleared: the next backup is full");
+        }
+        Ok(())
+    };
     let meta = image.metadata()?;
     let mut magic = [0u8; 4];
     let is_qcow2 = image.read_exact_at(&mut magic, 0).is_ok() && magic == *b"QFI\xfb";
@@ -670,6 +773,7 @@ pub fn restore_in_place(
                 record.virtual_size
             );
         }
+        clear_checkpoint()?;
         // qemu-img takes its own lock.
         drop(lockout);
         drop(image);
@@ -695,14 +799,16 @@ pub fn restore_in_place(
                 record.virtual_size
             );
         }
-        let Some(segments) = plan_copy(&files)? else {
+        let Some((segments, sources)) = plan_copy(&files)? else {
             bail!("the chain has compressed or encrypted clusters; restore to a file instead");
         };
+        clear_checkpoint()?;
         // Every byte not copied must read as zero: empty the file first.
         image.set_len(0)?;
         image.set_len(record.virtual_size)?;
         let copied = copy_segments(
             &files,
+            sources,
             &segments,
             image.try_clone()?,
             opts.threads.max(1),
@@ -718,11 +824,6 @@ pub fn restore_in_place(
         );
     };
 
-    if let Some(mut state) = repo.load_state(&opts.vm)? {
-        state.active_checkpoint = None;
-        repo.save_state(lock, &state)?;
-        info!(vm = %opts.vm, "active checkpoint cleared: the next backup is full");
-    }
     Ok(Restored {
         volume: record.name.clone(),
         backup: m.id.clone(),

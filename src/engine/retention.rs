@@ -44,10 +44,15 @@ pub struct Retention {
     pub consolidated: Vec<String>,
 }
 
+/// `m` and the backups it builds on, newest first. Stops at a loop, which
+/// [`check_links`] refuses before any decision is made.
 fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
     let mut out = vec![m.id.as_str()];
     let mut current = m;
     while let Some(parent) = &current.parent {
+        if out.contains(&parent.as_str()) {
+            break;
+        }
         match backups.iter().find(|b| &b.id == parent) {
             Some(p) => {
                 out.push(p.id.as_str());
@@ -57,6 +62,27 @@ fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
         }
     }
     out
+}
+
+/// Refuses parent links that loop: a repository bitback wrote has none.
+fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
+    for m in backups {
+        let mut seen = BTreeSet::from([m.id.as_str()]);
+        let mut current = m;
+        while let Some(parent) = &current.parent {
+            if !seen.insert(parent.as_str()) {
+                bail!(
+                    "backup {}'s chain loops through {parent}: the manifests were changed by hand or tampered with; nothing was deleted",
+                    m.id
+                );
+            }
+            match backups.iter().find(|b| &b.id == parent) {
+                Some(p) => current = p,
+                None => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes leftovers of interrupted deletions and consolidations.
@@ -89,6 +115,7 @@ fn delete_backup(repo: &Repo, vm: &str, id: &str) -> anyhow::Result<()> {
 /// Deletes every backup that neither `keep` nor a kept backup needs.
 pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention> {
     let vm = lock.vm();
+    let _readers = repo.lock_readers(lock, "prune")?;
     clean_leftovers(repo, vm)?;
     let backups = renumber(repo, vm)?;
     let mut kept: BTreeSet<&str> = BTreeSet::new();
@@ -141,6 +168,7 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
     if max_chain == 0 {
         bail!("--max-chain must be at least 1");
     }
+    let _readers = repo.lock_readers(lock, "consolidate")?;
     clean_leftovers(repo, vm)?;
     let mut report = Retention::default();
     loop {
@@ -166,6 +194,19 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
             .skip(1)
             .map(str::to_string)
             .collect();
+        // Rewriting bit rot as a freshly digested full would hide it.
+        let mut check = super::verify::Report::default();
+        for link in super::restore::chain(repo, &new_full)? {
+            super::verify::verify_backup(repo, &link, &mut check);
+        }
+        if let Some(p) = check.problems.first() {
+            bail!(
+                "backup {} cannot be consolidated: {}: {}; nothing was changed (run bitback verify)",
+                new_full.id,
+                p.file.as_deref().unwrap_or(&p.backup),
+                p.problem
+            );
+        }
         make_full(repo, &new_full)?;
         report.consolidated.push(new_full.id.clone());
         // Newest first, as prune does.
@@ -182,6 +223,7 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
 /// otherwise (after a consolidation); returns the backups as they are now.
 fn renumber(repo: &Repo, vm: &str) -> anyhow::Result<Vec<Manifest>> {
     let backups = repo.backups(vm)?;
+    check_links(&backups)?;
     let mut changed = false;
     for m in &backups {
         let path = ancestors(&backups, m);

@@ -40,6 +40,7 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
     };
     let mut report = Report::default();
     for vm in vms {
+        let _readers = repo.read_lock(&vm, "verify")?;
         let ids = match &scope.backup {
             Some(id) => vec![id.clone()],
             None => backup_dirs(repo, &vm)?,
@@ -47,7 +48,17 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
         for id in ids {
             report.backups += 1;
             match repo.manifest(&vm, &id) {
-                Ok(m) => verify_backup(repo, &m, &mut report),
+                Ok(m) => {
+                    if let Err(e) = super::restore::chain(repo, &m) {
+                        report.problems.push(Problem {
+                            vm: vm.clone(),
+                            backup: id.clone(),
+                            file: None,
+                            problem: format!("{e:#}"),
+                        });
+                    }
+                    verify_backup(repo, &m, &mut report)
+                }
                 Err(e) => report.problems.push(Problem {
                     vm: vm.clone(),
                     backup: id.clone(),
@@ -109,6 +120,16 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
                 continue;
             }
         };
+        if image.header().has_data_file() || image.hc.data_file.is_some() {
+            problem(
+                file,
+                format!(
+                    "names an external data file ({:?}); backup files never do, and bitback does not read one",
+                    image.hc.data_file.as_deref().unwrap_or("")
+                ),
+            );
+            continue;
+        }
         if image.header().size != v.virtual_size {
             problem(
                 file,

@@ -77,12 +77,9 @@ pub fn parse(buf: &[u8]) -> Result<LuksInfo> {
         Some((alg, hash)) => (alg.to_string(), Some(hash.to_string())),
         None => (ivgen.to_string(), None),
     };
-    // XTS keys are two cipher keys.
-    let cipher_key_bits = if mode == "xts" {
-        key_bytes * 4
-    } else {
-        key_bytes * 8
-    };
+    // XTS keys are two cipher keys. The key length comes from the file:
+    // checked, it cannot wrap.
+    let cipher_key_bits = u64::from(key_bytes) * if mode == "xts" { 4 } else { 8 };
 
     let slots = (0..8)
         .map(|i| {
@@ -109,4 +106,28 @@ pub fn parse(buf: &[u8]) -> Result<LuksInfo> {
         uuid,
         slots,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crafted key length overflowed `u32` (a panic in debug builds).
+    #[test]
+    fn huge_key_length_does_not_overflow() {
+        let mut buf = vec![0u8; HEADER_LEN];
+        buf[..6].copy_from_slice(MAGIC);
+        buf[6..8].copy_from_slice(&1u16.to_be_bytes());
+        buf[8..11].copy_from_slice(b"aes");
+        buf[40..51].copy_from_slice(b"xts-plain64");
+        buf[72..78].copy_from_slice(b"sha256");
+        buf[108..112].copy_from_slice(&u32::MAX.to_be_bytes());
+        let info = parse(&buf).expect("parses");
+        assert_eq!(info.cipher_alg, format!("aes-{}", u64::from(u32::MAX) * 4));
+        buf[40..51].copy_from_slice(b"cbc-plain64");
+        assert_eq!(
+            parse(&buf).expect("parses").cipher_alg,
+            format!("aes-{}", u64::from(u32::MAX) * 8)
+        );
+    }
 }

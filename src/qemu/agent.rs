@@ -4,12 +4,17 @@
 //! The agent speaks line-delimited JSON without a greeting; a reply left
 //! over from an earlier client may still be in the pipe, so every session
 //! starts with `guest-sync` and discards lines until its own id comes back.
+//!
+//! A freeze that fails or times out may still complete inside the guest,
+//! so every freeze attempt is followed by [`Agent::thaw_after_freeze`]:
+//! a fresh `guest-sync` (which the agent answers only after the freeze
+//! finished, as it serves commands in order) and then the thaw.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
@@ -30,8 +35,44 @@ pub enum AgentError {
     },
     #[error("guest agent: {command} failed: {desc}")]
     Refused { command: &'static str, desc: String },
+    #[error("guest agent sent a line longer than {MAX_LINE} bytes")]
+    LineTooLong,
     #[error("guest agent connection failed")]
     Io(#[from] std::io::Error),
+}
+
+/// The longest reply line bitback reads from a guest agent: the replies
+/// it asks for are a few bytes; the guest is not trusted.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// How long the thaw after a freeze may wait for the agent to come back.
+const THAW_WAIT: Duration = Duration::from_secs(60);
+
+/// Reads one line of at most `cap` bytes (the newline excluded); `None` at
+/// the end of the stream.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, AgentError> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok((!line.is_empty()).then_some(line));
+        }
+        let (take, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > cap + 1 {
+            return Err(AgentError::LineTooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if end {
+            return Ok(Some(line));
+        }
+    }
 }
 
 pub struct Agent {
@@ -54,12 +95,16 @@ impl Agent {
             writer: w,
             wait,
         };
-        let id = u64::from(std::process::id()) << 20 | u64::from(rand_u16());
-        let reply = agent
-            .call("guest-sync", json!({ "id": id }), Some(id))
-            .await?;
-        debug_assert_eq!(reply, json!(id));
+        agent.sync(wait).await?;
         Ok(agent)
+    }
+
+    /// `guest-sync` with a fresh id: lines up to its reply are stale.
+    async fn sync(&mut self, wait: Duration) -> Result<(), AgentError> {
+        let id = u64::from(std::process::id()) << 20 | u64::from(rand_u16());
+        self.call("guest-sync", json!({ "id": id }), Some(id), wait)
+            .await
+            .map(drop)
     }
 
     /// Sends `command` and returns its `return`. With `expect`, lines are
@@ -69,6 +114,7 @@ impl Agent {
         command: &'static str,
         arguments: Value,
         expect: Option<u64>,
+        wait: Duration,
     ) -> Result<Value, AgentError> {
         let mut message = json!({ "execute": command });
         if !arguments.is_null() {
@@ -78,12 +124,12 @@ impl Agent {
         self.writer.write_all(line.as_bytes()).await?;
         let read = async {
             loop {
-                let mut line = String::new();
-                if self.reader.read_line(&mut line).await? == 0 {
+                let Some(line) = read_line_capped(&mut self.reader, MAX_LINE).await? else {
                     return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                let Ok(value) = serde_json::from_str::<Value>(line.trim_start_matches('\u{ff}'))
-                else {
+                };
+                // The agent may send 0xff to resynchronise.
+                let start = line.iter().position(|&b| b != 0xff).unwrap_or(line.len());
+                let Ok(value) = serde_json::from_slice::<Value>(&line[start..]) else {
                     continue;
                 };
                 if let Some(error) = value.get("error") {
@@ -104,24 +150,28 @@ impl Agent {
                 }
             }
         };
-        timeout(self.wait, read)
-            .await
-            .map_err(|_| AgentError::Timeout {
-                command,
-                timeout: self.wait,
-            })?
+        timeout(wait, read).await.map_err(|_| AgentError::Timeout {
+            command,
+            timeout: wait,
+        })?
     }
 
-    /// Freezes every guest filesystem; returns how many.
-    pub async fn freeze(&mut self) -> Result<u64, AgentError> {
+    /// Freezes every guest filesystem; returns how many. Whatever the
+    /// outcome, call [`Agent::thaw_after_freeze`] afterwards.
+    pub async fn freeze(&mut self, wait: Duration) -> Result<u64, AgentError> {
         let n = self
-            .call("guest-fsfreeze-freeze", Value::Null, None)
+            .call("guest-fsfreeze-freeze", Value::Null, None, wait)
             .await?;
         Ok(n.as_u64().unwrap_or(0))
     }
 
-    pub async fn thaw(&mut self) -> Result<u64, AgentError> {
-        let n = self.call("guest-fsfreeze-thaw", Value::Null, None).await?;
+    /// Thaws the guest after a freeze attempt, answered or not: first a
+    /// fresh sync, so a late freeze reply is not taken for the thaw's.
+    pub async fn thaw_after_freeze(&mut self) -> Result<u64, AgentError> {
+        self.sync(THAW_WAIT).await?;
+        let n = self
+            .call("guest-fsfreeze-thaw", Value::Null, None, self.wait)
+            .await?;
         Ok(n.as_u64().unwrap_or(0))
     }
 }

@@ -260,6 +260,27 @@ impl Qmp {
         let (mut reader, writer) = match connected {
             Ok(Ok(pair)) => pair,
             Ok(Err(source)) => {
+                if let Endpoint::Unix(path) = &endpoint
+                    && let Ok(meta) = std::fs::metadata(path)
+                {
+                    use std::os::unix::fs::FileTypeExt;
+                    let t = meta.file_type();
+                    let kind = if t.is_file() {
+                        Some("regular file")
+                    } else if t.is_dir() {
+                        Some("directory")
+                    } else if t.is_block_device() || t.is_char_device() {
+                        Some("device")
+                    } else {
+                        None
+                    };
+                    if let Some(kind) = kind {
+                        return Err(Error::NotASocket {
+                            endpoint: shown,
+                            kind,
+                        });
+                    }
+                }
                 return Err(Error::Connecting {
                     endpoint: shown,
                     source,
@@ -632,10 +653,24 @@ fn dispatch(
             preview(value.to_string().as_bytes())
         ));
     };
-    if let Some(name) = message.get("event").and_then(Value::as_str) {
+    if let Some(name) = message
+        .get("event")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    {
+        let data = match message.remove("data") {
+            // libvirt's virt-qemu-qmp-proxy hands event data on as a
+            // JSON-encoded string.
+            Some(Value::String(text)) => match serde_json::from_str::<Value>(&text) {
+                Ok(value @ Value::Object(_)) => value,
+                _ => Value::String(text),
+            },
+            Some(other) => other,
+            None => Value::Null,
+        };
         let event = Event {
-            name: name.to_string(),
-            data: message.remove("data").unwrap_or(Value::Null),
+            name,
+            data,
             timestamp: message
                 .get("timestamp")
                 .and_then(|t| serde_json::from_value(t.clone()).ok()),

@@ -33,6 +33,12 @@ pub enum Error {
     #[error("state file {} is invalid: {reason}", path.display())]
     BadState { path: PathBuf, reason: String },
 
+    #[error("repository file {} is invalid: {reason}", path.display())]
+    BadRepo { path: PathBuf, reason: String },
+
+    #[error("vm {vm}'s backups are in use by {holder}")]
+    InUse { vm: String, holder: String },
+
     #[error("cannot encode JSON")]
     Encoding(#[source] serde_json::Error),
 }

@@ -1,9 +1,12 @@
-//! The per-VM lock: an exclusive flock on `<vm>/.lock`, with a note of who
-//! holds it so a refused run can say.
+//! The per-VM locks: flocks on `<vm>/.lock` (writers) and `<vm>/.readers`
+//! (readers shared, deleters exclusive), each with a note of who holds it
+//! so a refused run can say. Lock files are opened without following
+//! symlinks and never truncated before the lock is held.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -13,7 +16,53 @@ use super::error::{Error, Result};
 #[derive(Debug)]
 pub struct VmLock {
     vm: String,
+    dir: PathBuf,
+    /// This run made the VM's directory.
+    created: bool,
     _file: Flock<File>,
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| Error::Io {
+            action: "opening the lock",
+            path: path.into(),
+            source,
+        })
+}
+
+fn holder_of(file: &mut File) -> String {
+    let mut holder = String::new();
+    let _ = file.take(4096).read_to_string(&mut holder);
+    let holder = holder.trim();
+    if holder.is_empty() {
+        "another process".into()
+    } else {
+        holder.to_string()
+    }
+}
+
+fn write_note(file: &mut Flock<File>, path: &Path, purpose: &str) -> Result<()> {
+    let note = format!(
+        "pid {} ({purpose}, since {})",
+        std::process::id(),
+        super::time::Utc::now().rfc3339()
+    );
+    file.set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| file.write_all(note.as_bytes()))
+        .and_then(|_| file.flush())
+        .map_err(|source| Error::Io {
+            action: "writing the lock note",
+            path: path.into(),
+            source,
+        })
 }
 
 impl VmLock {
@@ -22,56 +71,80 @@ impl VmLock {
         &self.vm
     }
 
-    pub(crate) fn acquire(vm: &str, dir: &Path, purpose: &str) -> Result<VmLock> {
+    pub(crate) fn acquire(vm: &str, dir: &Path, purpose: &str, created: bool) -> Result<VmLock> {
         let path = dir.join(".lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| Error::Io {
-                action: "opening the lock",
-                path: path.clone(),
-                source,
-            })?;
+        let file = open_lock_file(&path)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
             Err((mut file, _)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
                 return Err(Error::Locked {
                     vm: vm.to_string(),
-                    holder: if holder.is_empty() {
-                        "another process".into()
+                    holder: holder_of(&mut file),
+                });
+            }
+        };
+        write_note(&mut file, &path, purpose)?;
+        Ok(VmLock {
+            vm: vm.to_string(),
+            dir: dir.into(),
+            created,
+            _file: file,
+        })
+    }
+
+    /// Releases the lock; if this run made the VM's directory and nothing
+    /// but the lock file is in it, removes both, so a run that failed
+    /// before writing anything leaves nothing behind.
+    pub fn release_unused(self) {
+        if !self.created {
+            return;
+        }
+        let only_lock = std::fs::read_dir(&self.dir).is_ok_and(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .all(|e| e.file_name() == ".lock")
+        });
+        if only_lock {
+            let _ = std::fs::remove_file(self.dir.join(".lock"));
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// A lock on a VM's backup files against deletion (shared, held by
+/// readers) or against readers (exclusive, held by prune and consolidate).
+#[derive(Debug)]
+pub struct ReadLock {
+    _file: Flock<File>,
+}
+
+impl ReadLock {
+    pub(crate) fn acquire(vm: &str, dir: &Path, purpose: &str, exclusive: bool) -> Result<ReadLock> {
+        let path = dir.join(".readers");
+        let file = open_lock_file(&path)?;
+        let arg = if exclusive {
+            FlockArg::LockExclusiveNonblock
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        let mut file = match Flock::lock(file, arg) {
+            Ok(locked) => locked,
+            Err((mut file, _)) => {
+                return Err(Error::InUse {
+                    vm: vm.to_string(),
+                    holder: if exclusive {
+                        "a restore, verify or export that reads them".into()
                     } else {
-                        holder.to_string()
+                        holder_of(&mut file)
                     },
                 });
             }
         };
-        // Who holds it, for the message another run prints.
-        let note = format!(
-            "pid {} ({purpose}, since {})",
-            std::process::id(),
-            super::time::Utc::now().rfc3339()
-        );
-        let written = file
-            .set_len(0)
-            .and_then(|_| file.rewind())
-            .and_then(|_| file.write_all(note.as_bytes()))
-            .and_then(|_| file.flush());
-        if let Err(source) = written {
-            return Err(Error::Io {
-                action: "writing the lock note",
-                path,
-                source,
-            });
+        // Shared holders do not write a note: they would overwrite each
+        // other's; the note is for whoever waits on an exclusive holder.
+        if exclusive {
+            write_note(&mut file, &path, purpose)?;
         }
-        Ok(VmLock {
-            vm: vm.to_string(),
-            _file: file,
-        })
+        Ok(ReadLock { _file: file })
     }
 }

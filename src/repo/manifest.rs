@@ -22,6 +22,10 @@ pub struct Manifest {
     pub schema: u32,
     pub id: String,
     pub vm: String,
+    /// The VM's backups in the order they were taken: 1, 2, ... (0 in
+    /// manifests from before sequences, which order by time).
+    #[serde(default)]
+    pub seq: u64,
     pub kind: BackupKind,
     /// Why this kind: the plan's reason.
     pub reason: String,
@@ -93,6 +97,9 @@ impl Manifest {
         check_name("backup", &m.chain).map_err(|e| e.to_string())?;
         if let Some(parent) = &m.parent {
             check_name("backup", parent).map_err(|e| e.to_string())?;
+            if parent == id {
+                return Err("it names itself as its parent".into());
+            }
         }
         match (m.kind, &m.parent, m.position) {
             (BackupKind::Full, None, 0) if m.chain == m.id => {}
@@ -130,6 +137,22 @@ pub struct VmState {
     pub last_backup: Option<String>,
     /// The volumes the active checkpoint covers, in order.
     pub volumes: Vec<StateVolume>,
+    /// The sequence number of the newest backup ever taken (never reused,
+    /// even when that backup is pruned).
+    #[serde(default)]
+    pub last_seq: u64,
+    /// Who the VM is, as its QEMU said at the last backup.
+    #[serde(default)]
+    pub identity: Option<VmIdentity>,
+}
+
+/// What tells one VM from another: QEMU's `query-uuid` (unless all
+/// zeros) and `query-name`. Either may be unknown (a storage daemon has
+/// neither).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    pub uuid: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,9 +17,33 @@
 //! crash leaves at most a `.partial` directory, which the next run removes.
 //! `state.json` is replaced (temp file, fsync, rename) only after a commit.
 //!
-//! Locking: `backup` (and every later command that changes a VM's backups)
-//! holds an exclusive flock on `<vm>/.lock` for its whole run; reading
-//! (`list`) takes no lock and never sees a partial backup.
+//! Identity: `REPO/.bitback.json` holds the repository's id, 8 random hex
+//! digits made with the repository. Every name bitback creates inside a
+//! QEMU carries it (and the VM name), so one VM backed up into several
+//! repositories, or under several `--vm` names, keeps one independent chain
+//! and checkpoint per repository and name.
+//!
+//! Locking, per VM:
+//!
+//! | operation                        | `<vm>/.lock` | `<vm>/.readers` |
+//! |----------------------------------|--------------|-----------------|
+//! | backup, in-place restore         | exclusive    | -               |
+//! | prune, consolidate               | exclusive    | exclusive       |
+//! | restore, verify, export          | -            | shared          |
+//! | list                             | -            | -               |
+//!
+//! A backup only adds directories and replaces `state.json`, so readers
+//! need not wait for it; prune and consolidate delete and swap files, so
+//! they wait for no reader and no reader waits for them: whoever comes
+//! second is refused with the holder's note. Both lock files are opened
+//! without following symlinks.
+//!
+//! Order: backups are ordered by a per-VM sequence number (`seq`) stored in
+//! each manifest and in the state, never by the clock; ids are made from
+//! the clock but kept increasing when it steps back.
+//!
+//! Files are created with the process's umask; the CLI sets 077 (files
+//! 0600, directories 0700) unless told otherwise (`--umask`).
 //!
 //! Names: VM and volume names become path components, so they are checked
 //! ([`check_name`]): no `/`, no NUL, no leading `.`, nothing but letters,
@@ -37,9 +61,10 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 pub use error::{Error, Result};
-pub use lock::VmLock;
+pub use lock::{ReadLock, VmLock};
 pub use manifest::{
-    BackupKind, MANIFEST_SCHEMA, Manifest, STATE_SCHEMA, StateVolume, VmState, VolumeRecord,
+    BackupKind, MANIFEST_SCHEMA, Manifest, STATE_SCHEMA, StateVolume, VmIdentity, VmState,
+    VolumeRecord,
 };
 
 /// The longest VM or volume name: it becomes a file name, with room to spare.
@@ -133,17 +158,117 @@ impl Repo {
     /// Locks `vm` for a run that changes it, creating its directory.
     pub fn lock_vm(&self, vm: &str, purpose: &str) -> Result<VmLock> {
         let dir = self.vm_dir(vm)?;
+        let created = !dir.exists();
         fs::create_dir_all(&dir).map_err(|source| Error::Io {
             action: "creating the VM directory",
             path: dir.clone(),
             source,
         })?;
-        VmLock::acquire(vm, &dir, purpose)
+        VmLock::acquire(vm, &dir, purpose, created)
+    }
+
+    /// Locks `vm` against readers too: for runs that delete or swap
+    /// backup files (prune, consolidate). Needs the VM's lock.
+    pub fn lock_readers(&self, lock: &VmLock, purpose: &str) -> Result<ReadLock> {
+        let dir = self.vm_dir(lock.vm())?;
+        ReadLock::acquire(lock.vm(), &dir, purpose, true)
+    }
+
+    /// A shared lock for a run that reads `vm`'s backup files (restore,
+    /// verify, export): no prune or consolidation changes them meanwhile.
+    /// `None` when the VM has no directory (nothing to read) or the
+    /// repository is read-only to this user (no writer can run either).
+    pub fn read_lock(&self, vm: &str, purpose: &str) -> Result<Option<ReadLock>> {
+        let dir = self.vm_dir(vm)?;
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        match ReadLock::acquire(vm, &dir, purpose, false) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(Error::Io { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EROFS)
+                    || source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The repository's id, if it has one yet.
+    pub fn id(&self) -> Result<Option<String>> {
+        let path = self.root.join(REPO_FILE);
+        let bytes = match read_nofollow(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "reading",
+                    path,
+                    source,
+                });
+            }
+        };
+        let ident: RepoIdent = serde_json::from_slice(&bytes).map_err(|e| Error::BadRepo {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if ident.id.len() != REPO_ID_LEN || !ident.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::BadRepo {
+                path,
+                reason: format!("id {:?} is not {REPO_ID_LEN} hex digits", ident.id),
+            });
+        }
+        Ok(Some(ident.id.to_ascii_lowercase()))
+    }
+
+    /// The repository's id, made (8 random hex digits) if it has none.
+    /// Two runs racing to make it agree: the first link wins.
+    pub fn ensure_id(&self) -> Result<String> {
+        if let Some(id) = self.id()? {
+            return Ok(id);
+        }
+        let mut raw = [0u8; REPO_ID_LEN / 2];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+            .map_err(|source| Error::Io {
+                action: "reading random bytes from",
+                path: "/dev/urandom".into(),
+                source,
+            })?;
+        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let bytes = serde_json::to_vec_pretty(&RepoIdent {
+            schema: 1,
+            id: id.clone(),
+        })
+        .map_err(Error::Encoding)?;
+        let (tmp, _file) = write_temp(&self.root, REPO_FILE, &bytes)?;
+        // link(2) never replaces: a concurrent maker's id stands.
+        let linked = fs::hard_link(&tmp, self.root.join(REPO_FILE));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(&self.root)?;
+                info!(repo = %self.root.display(), id, "repository id created");
+                Ok(id)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self
+                .id()?
+                .ok_or_else(|| Error::BadRepo {
+                    path: self.root.join(REPO_FILE),
+                    reason: "it vanished while being made".into(),
+                }),
+            Err(source) => Err(Error::Io {
+                action: "creating",
+                path: self.root.join(REPO_FILE),
+                source,
+            }),
+        }
     }
 
     pub fn load_state(&self, vm: &str) -> Result<Option<VmState>> {
         let path = self.vm_dir(vm)?.join("state.json");
-        let bytes = match fs::read(&path) {
+        let bytes = match read_nofollow(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
@@ -183,14 +308,7 @@ impl Repo {
             }
             out.push(self.manifest(vm, &name)?);
         }
-        // Ids taken in the same second get -2, -3, ...: shorter sorts first.
-        out.sort_by(|a, b| {
-            (a.time.as_str(), a.id.len(), a.id.as_str()).cmp(&(
-                b.time.as_str(),
-                b.id.len(),
-                b.id.as_str(),
-            ))
-        });
+        out.sort_by(order);
         Ok(out)
     }
 
@@ -201,7 +319,7 @@ impl Repo {
             return Err(Error::Symlink { path: dir });
         }
         let path = dir.join("manifest.json");
-        let bytes = fs::read(&path).map_err(|source| Error::Io {
+        let bytes = read_nofollow(&path).map_err(|source| Error::Io {
             action: "reading",
             path: path.clone(),
             source,
@@ -215,6 +333,11 @@ impl Repo {
         let mut removed = Vec::new();
         for entry in read_dir(&dir)? {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                // A temp file of a run that died mid-write.
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
             if name.starts_with('.') && name.ends_with(".partial") {
                 let path = entry.path();
                 fs::remove_dir_all(&path).map_err(|source| Error::Io {
@@ -247,10 +370,17 @@ impl Repo {
         })
     }
 
-    /// A fresh backup id from the clock, unique within `vm`.
-    pub fn new_backup_id(&self, vm: &str, now: &time::Utc) -> Result<String> {
+    /// A fresh backup id from the clock, unique within `vm` and greater
+    /// than `after` (the newest backup's id) even when the clock stepped
+    /// back: then the id is one second past `after`'s.
+    pub fn new_backup_id(&self, vm: &str, now: &time::Utc, after: Option<&str>) -> Result<String> {
         let dir = self.vm_dir(vm)?;
-        let base = now.compact();
+        let mut base = now.compact();
+        if let Some(after) = after.and_then(time::Utc::parse_compact_prefix)
+            && after.to_unix() >= now.to_unix()
+        {
+            base = time::Utc::from_unix(after.to_unix() + 1).compact();
+        }
         let mut id = base.clone();
         let mut n = 1;
         while dir.join(&id).exists() || dir.join(format!(".{id}.partial")).exists() {
@@ -258,6 +388,79 @@ impl Repo {
             id = format!("{base}-{n}");
         }
         Ok(id)
+    }
+}
+
+/// The file naming a repository and its id.
+pub const REPO_FILE: &str = ".bitback.json";
+/// Hex digits in a repository id: QEMU node names (31 bytes at most) must
+/// hold it with the rest of a target's name.
+pub const REPO_ID_LEN: usize = 8;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RepoIdent {
+    schema: u32,
+    id: String,
+}
+
+/// Newest last: by sequence, then (for manifests written before sequences)
+/// by time and id.
+fn order(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
+    (a.seq, a.time.as_str(), a.id.len(), a.id.as_str()).cmp(&(
+        b.seq,
+        b.time.as_str(),
+        b.id.len(),
+        b.id.as_str(),
+    ))
+}
+
+/// Reads a file the repository holds, refusing a symlink in its place.
+fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates a new temp file for `name` in `dir` (never an existing file or
+/// a planted symlink: O_EXCL), writes and syncs `bytes`.
+fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<(PathBuf, File)> {
+    let mut attempt = 0u32;
+    loop {
+        let tmp = dir.join(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            attempt
+        ));
+        let opened = OpenOptions::new().write(true).create_new(true).open(&tmp);
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "creating",
+                    path: tmp,
+                    source,
+                });
+            }
+        };
+        if let Err(source) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Io {
+                action: "writing",
+                path: tmp,
+                source,
+            });
+        }
+        return Ok((tmp, f));
     }
 }
 
@@ -286,21 +489,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         })
 }
 
-/// Writes `name` in `dir` through a synced temp file and a rename.
+/// Writes `name` in `dir` through a new synced temp file and a rename (a
+/// symlink at `name` is replaced, never followed).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let (tmp, _file) = write_temp(dir, name, bytes)?;
     let path = dir.join(name);
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    })();
-    if let Err(source) = written {
+    if let Err(source) = fs::rename(&tmp, &path) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::Io {
             action: "writing",

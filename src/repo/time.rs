@@ -1,4 +1,8 @@
 //! UTC timestamps for backup ids and manifests, from the system clock.
+//!
+//! A debug build adds `BITBACK_CLOCK_OFFSET` seconds (may be negative) to
+//! the clock, so tests can step it back as NTP does; release builds ignore
+//! the variable.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,7 +23,72 @@ impl Utc {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        Utc::from_unix(secs)
+        let offset = if cfg!(debug_assertions) {
+            std::env::var("BITBACK_CLOCK_OFFSET")
+                .ok()
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        Utc::from_unix(secs.saturating_add(offset))
+    }
+
+    /// Seconds since 1970-01-01T00:00:00Z.
+    pub fn to_unix(&self) -> i64 {
+        // Days from civil (the inverse of `from_unix`).
+        let y = self.year - i64::from(self.month <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y.rem_euclid(400);
+        let m = i64::from(self.month);
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(self.day) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        days * 86_400
+            + i64::from(self.hour) * 3600
+            + i64::from(self.minute) * 60
+            + i64::from(self.second)
+    }
+
+    /// The time at the start of a backup id (`20261126T152252Z`, maybe
+    /// followed by `-N`), or `None` if it does not start with one.
+    pub fn parse_compact_prefix(id: &str) -> Option<Utc> {
+        let b = id.as_bytes();
+        if b.len() < 16 || b[8] != b'T' || b[15] != b'Z' {
+            return None;
+        }
+        let num = |r: std::ops::Range<usize>| -> Option<u32> {
+            let s = id.get(r)?;
+            s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
+        };
+        let t = Utc {
+            year: i64::from(num(0..4)?),
+            month: num(4..6)?,
+            day: num(6..8)?,
+            hour: num(9..11)?,
+            minute: num(11..13)?,
+            second: num(13..15)?,
+        };
+        let valid = (1..=12).contains(&t.month)
+            && (1..=31).contains(&t.day)
+            && t.hour < 24
+            && t.minute < 60
+            && t.second < 60;
+        valid.then_some(t)
+    }
+
+    /// Whether `id` is a backup id bitback makes: `20261126T152252Z` or
+    /// `20261126T152252Z-N`.
+    pub fn is_backup_id(id: &str) -> bool {
+        if Utc::parse_compact_prefix(id).is_none() {
+            return false;
+        }
+        match &id[16..] {
+            "" => true,
+            rest => rest.strip_prefix('-').is_some_and(|n| {
+                !n.is_empty() && n.len() <= 9 && n.bytes().all(|c| c.is_ascii_digit())
+            }),
+        }
     }
 
     pub fn from_unix(secs: i64) -> Utc {
@@ -79,5 +148,26 @@ mod tests {
         );
         assert_eq!(Utc::from_unix(1_795_704_928).compact(), "20261126T145528Z");
         assert_eq!(Utc::from_unix(-1).rfc3339(), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn unix_round_trip_and_ids() {
+        for secs in [0, 1, 951_782_400, 1_795_704_928, -1, 4_102_444_800, 1_709_164_799] {
+            assert_eq!(Utc::from_unix(secs).to_unix(), secs, "{secs}");
+        }
+        let t = Utc::from_unix(1_795_704_928);
+        assert_eq!(Utc::parse_compact_prefix(&t.compact()), Some(t));
+        assert!(Utc::is_backup_id("20261126T145528Z"));
+        assert!(Utc::is_backup_id("20261126T145528Z-12"));
+        for bad in [
+            "20261126T145528Z-",
+            "20261126T145528Z-x",
+            "20261126T145528Z-20261126T145528Z",
+            "20261326T145528Z",
+            "2026112T145528Z",
+            "b3",
+        ] {
+            assert!(!Utc::is_backup_id(bad), "{bad}");
+        }
     }
 }

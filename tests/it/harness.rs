@@ -547,6 +547,16 @@ pub fn bitback(args: &[&str]) -> Run {
 pub struct Rng(u64);
 
 impl Rng {
+    /// `BITBACK_SEED` if set, else `seed`: for tests that must replay.
+    pub fn from_env_or(seed: u64) -> Rng {
+        let seed = std::env::var("BITBACK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(seed);
+        eprintln!("BITBACK_SEED={seed}");
+        Rng(seed | 1)
+    }
+
     pub fn from_env() -> Rng {
         let seed = std::env::var("BITBACK_SEED")
             .ok()
