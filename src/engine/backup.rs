@@ -192,7 +192,10 @@ pub(crate) async fn backup_named(
     check_identity(vm, state.as_ref(), &identity, &volumes, opts.replaced)?;
     let scope = Scope::new(&repo.ensure_id()?, vm);
     repo.clean_partials(lock, vm)?;
-    clean_stray_jobs(qmp, &scope).await?;
+    if clean_stray_jobs(qmp, &scope).await? {
+        // A cancelled job no longer holds its bitmap busy: look again.
+        volumes = select_volumes(qmp, opts, renames).await?;
+    }
     let backups = repo.backups(vm)?;
     let last = backups.last();
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
@@ -519,8 +522,9 @@ async fn select_volumes(
 }
 
 /// Removes the jobs and target nodes an interrupted run of this scope
-/// left in QEMU.
-async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
+/// left in QEMU; true if there were any.
+async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<bool> {
+    let mut found = false;
     let vm = scope.vm.as_str();
     let jobs = qmp.execute_raw("query-jobs", Value::Null).await?;
     for job in jobs.as_array().into_iter().flatten() {
@@ -528,6 +532,7 @@ async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
             continue;
         };
         info!(vm, job = id, status = %job["status"], "cleaning up a job left by an interrupted run");
+        found = true;
         cancel_job(qmp, id).await;
     }
     let nodes = qmp
@@ -543,6 +548,7 @@ async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
                 node = name,
                 "removing a target node left by an interrupted run"
             );
+            found = true;
             if let Err(e) = qmp
                 .execute_raw("blockdev-del", json!({ "node-name": name }))
                 .await
@@ -551,7 +557,7 @@ async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Removes checkpoint bitmaps other than the active one: left by a run

@@ -316,6 +316,7 @@ mod tests {
             schema: MANIFEST_SCHEMA,
             id: id.into(),
             vm: "vm".into(),
+            seq: u64::from(position) + 1,
             kind: if position == 0 {
                 BackupKind::Full
             } else {
@@ -352,6 +353,8 @@ mod tests {
             active_checkpoint: Some(format!("bitback-{last}")),
             last_backup: Some(last.into()),
             volumes: volumes.iter().map(StateVolume::from).collect(),
+            last_seq: 0,
+            identity: None,
         }
     }
 
@@ -416,6 +419,13 @@ mod tests {
                 position: 3,
             }
         );
+    }
+
+    #[test]
+    fn replaced_vm_is_full() {
+        let mut w = World::good();
+        w.policy.replaced = true;
+        assert_eq!(w.full(), FullReason::Replaced);
     }
 
     #[test]

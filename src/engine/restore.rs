@@ -155,7 +155,13 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         .iter()
         .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
         .collect();
-    let to_dir = opts.output.is_dir() || opts.output.as_os_str().as_encoded_bytes().ends_with(b"/");
+    // Several volumes go into a directory: one that exists, or a new one
+    // whose name ends with / or has no extension. `one.raw` is a mistake.
+    let to_dir = opts.output.is_dir()
+        || opts.output.as_os_str().as_encoded_bytes().ends_with(b"/")
+        || (selected.len() > 1
+            && !opts.output.exists()
+            && opts.output.extension().is_none());
     if selected.len() > 1 && !to_dir {
         return Err(BadInput(format!(
             "backup {} has {} volumes; --output {} must be a directory (end it with /) or name one volume with --volume",

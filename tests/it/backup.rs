@@ -900,7 +900,12 @@ fn quiesce_freezes_then_thaws_the_guest() {
     assert_eq!(m["kind"], "full");
     assert_eq!(
         *log.lock().unwrap(),
-        ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+        [
+            "guest-sync",
+            "guest-fsfreeze-freeze",
+            "guest-sync",
+            "guest-fsfreeze-thaw"
+        ]
     );
     let no_agent = vm.run_backup(&[
         "--quiesce",

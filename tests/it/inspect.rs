@@ -99,6 +99,7 @@ fn check_two_volumes(kind: Kind) {
         &json!({
             "name": "bm0", "recording": true, "busy": false, "persistent": true,
             "inconsistent": false, "granularity": 65536, "count": 2 * 65536,
+            "owner": null,
         })
     );
     let v1 = volume(&info, expected[1]);
@@ -109,6 +110,7 @@ fn check_two_volumes(kind: Kind) {
         &json!({
             "name": "off", "recording": false, "busy": false, "persistent": false,
             "inconsistent": false, "granularity": 4096, "count": 0,
+            "owner": null,
         })
     );
 

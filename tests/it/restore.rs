@@ -303,7 +303,8 @@ fn in_place_restore_refuses_a_running_vm_and_clears_the_checkpoint() {
         .collect()
     };
     let refused = bitback(&args(&ids[1]).iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    // Refused before anything ran: exit 2, as the README's rule says.
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
     assert!(
         refused.stderr.contains("in use by a running QEMU"),
         "{}",
