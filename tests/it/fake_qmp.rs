@@ -286,3 +286,32 @@ fn inspect_of_a_socket_that_is_not_qmp_exits_2_with_one_line() {
     );
     assert!(run.stdout.is_empty());
 }
+
+/// libvirt's virt-qemu-qmp-proxy hands event data on as a JSON string; a
+/// client that ignored those events waited for a job forever.
+#[tokio::test]
+async fn event_data_sent_as_a_json_string_is_decoded() {
+    let dir = tempdir();
+    let path = serve(dir.path(), |mut peer| async move {
+        peer.negotiate().await;
+        let cmd = peer.command().await;
+        let data = json!({"device": "j7", "type": "backup", "len": 5, "offset": 5, "speed": 0});
+        peer.send_json(json!({"event": "BLOCK_JOB_COMPLETED", "data": data.to_string(),
+            "timestamp": {"seconds": 1, "microseconds": 2}}))
+            .await;
+        peer.send_json(json!({"event": "ODD", "data": "not json"})).await;
+        peer.send_json(json!({"return": {}, "id": cmd["id"]})).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let qmp = connect(&path).await;
+    let mut events = qmp.subscribe();
+    qmp.execute_raw("anything", Value::Null).await.unwrap();
+    let done = events
+        .next_for_job("j7", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(done.data["len"], 5);
+    assert!(done.typed().is_some(), "decoded data types as usual");
+    let odd = events.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(odd.data, json!("not json"), "a plain string stays a string");
+}

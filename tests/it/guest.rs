@@ -130,6 +130,32 @@ fn ids(repo: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the guest has written to both disks since the last
+/// backup: every checkpoint bitmap on them counts dirty bytes (at once
+/// when there is none yet).
+fn wait_for_guest_writes(qemu: &Qemu) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = qemu.must("query-named-block-nodes", serde_json::json!({"flat": true}));
+        let dirty = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| matches!(n["node-name"].as_str(), Some("drive0" | "drive1")))
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("bitback-")))
+            .all(|b| b["count"].as_u64().unwrap_or(0) > 0);
+        if dirty {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest wrote nothing for 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_writing_guest_restores_to_consistent_prefixes_at_every_point() {
     let dir = tempdir();
@@ -137,7 +163,7 @@ fn a_writing_guest_restores_to_consistent_prefixes_at_every_point() {
     let repo = dir.path().join("repo");
     let mut kinds = Vec::new();
     for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(700));
+        wait_for_guest_writes(&qemu);
         let out = backup(&qemu, &repo, None);
         assert!(
             out.status.success(),
@@ -178,7 +204,7 @@ fn killed_at_any_phase_with_the_guest_writing_every_point_stays_consistent() {
         "before-commit",
         "after-commit",
     ] {
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_guest_writes(&qemu);
         if phase == "mid-copy" {
             // 1 MiB more to copy on each disk, beyond the guest's log: at
             // 16 KiB/s the copy is surely under way at the first poll.
@@ -187,7 +213,7 @@ fn killed_at_any_phase_with_the_guest_writing_every_point_stays_consistent() {
         }
         let killed = backup(&qemu, &repo, Some(phase));
         assert_eq!(killed.status.code(), None, "{phase}: not killed");
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_guest_writes(&qemu);
         let next = backup(&qemu, &repo, None);
         let log = String::from_utf8_lossy(&next.stderr);
         assert!(next.status.success(), "{phase}: {log}");

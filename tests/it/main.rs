@@ -6,6 +6,7 @@
 
 mod backup;
 mod fake_qmp;
+mod field;
 mod guest;
 mod harness;
 mod hostile;

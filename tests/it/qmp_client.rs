@@ -240,6 +240,17 @@ async fn qemu_killed_mid_command_fails_every_pending_call() {
     let qmp = connect_with_timeout(&qemu, Duration::from_secs(600)).await;
     let mut events = qmp.subscribe();
     qemu.signal("STOP");
+    // Stopped for sure before the calls go out: state T in /proc.
+    let stat = format!("/proc/{}/stat", qemu.pid());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&stat)
+        .unwrap_or_default()
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('T'))
+    {
+        assert!(std::time::Instant::now() < deadline, "QEMU did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let mut calls = Vec::new();
     for _ in 0..5 {
