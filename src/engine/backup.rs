@@ -380,11 +380,18 @@ fn check_identity(
     };
     if same || replaced {
         if !same {
-            info!(vm, "a replaced vm: its identity is recorded anew and the backup is full");
+            info!(
+                vm,
+                "a replaced vm: its identity is recorded anew and the backup is full"
+            );
         }
         return Ok(());
     }
-    let old_images: Vec<&str> = state.volumes.iter().map(|v| v.image_file.as_str()).collect();
+    let old_images: Vec<&str> = state
+        .volumes
+        .iter()
+        .map(|v| v.image_file.as_str())
+        .collect();
     let new_images: Vec<&str> = volumes.iter().map(|v| v.image_file.as_str()).collect();
     Err(BadInput(format!(
         "vm {vm} in this repository is {}, but this is {}: a different machine; nothing was written\n\

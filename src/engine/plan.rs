@@ -116,7 +116,10 @@ impl fmt::Display for FullReason {
         use FullReason::*;
         match self {
             Requested => write!(f, "full: requested (--full)"),
-            Replaced => write!(f, "full: the vm was replaced by another machine (--vm-replaced)"),
+            Replaced => write!(
+                f,
+                "full: the vm was replaced by another machine (--vm-replaced)"
+            ),
             IncrementalsOff => write!(f, "full: incrementals are off (--full-every 1)"),
             NoBackup => write!(f, "full: no earlier backup of this vm"),
             NoCheckpoint => write!(

@@ -159,9 +159,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
     // whose name ends with / or has no extension. `one.raw` is a mistake.
     let to_dir = opts.output.is_dir()
         || opts.output.as_os_str().as_encoded_bytes().ends_with(b"/")
-        || (selected.len() > 1
-            && !opts.output.exists()
-            && opts.output.extension().is_none());
+        || (selected.len() > 1 && !opts.output.exists() && opts.output.extension().is_none());
     if selected.len() > 1 && !to_dir {
         return Err(BadInput(format!(
             "backup {} has {} volumes; --output {} must be a directory (end it with /) or name one volume with --volume",
@@ -280,9 +278,15 @@ fn restore_volume(
     let threads = opts.threads.max(1);
     let result = match plan_copy(files)? {
         Some((segments, sources)) => match opts.format {
-            Format::Raw => {
-                copy_native(files, sources, &segments, &tmp, size, threads, opts.progress)
-            }
+            Format::Raw => copy_native(
+                files,
+                sources,
+                &segments,
+                &tmp,
+                size,
+                threads,
+                opts.progress,
+            ),
             Format::Qcow2 => copy_native_qcow2(
                 files,
                 sources,
@@ -335,17 +339,24 @@ fn clean_restoring(dir: &Path) {
         }
         let stale = match name.rsplit_once(".restoring") {
             Some((_, "")) => true,
-            Some((_, pid)) => pid.strip_prefix('-').and_then(|p| p.parse::<i32>().ok()).is_some_and(|pid| {
-                pid > 0
-                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                        == Err(nix::errno::Errno::ESRCH)
-            }),
+            Some((_, pid)) => pid
+                .strip_prefix('-')
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|pid| {
+                    pid > 0
+                        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                            == Err(nix::errno::Errno::ESRCH)
+                }),
             None => false,
         };
         if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
             match std::fs::remove_file(entry.path()) {
-                Ok(()) => info!(file = %entry.path().display(), "removed what a killed restore left"),
-                Err(e) => warn!(file = %entry.path().display(), error = %e, "cannot remove what a killed restore left"),
+                Ok(()) => {
+                    info!(file = %entry.path().display(), "removed what a killed restore left")
+                }
+                Err(e) => {
+                    warn!(file = %entry.path().display(), error = %e, "cannot remove what a killed restore left")
+                }
             }
         }
     }
@@ -445,8 +456,8 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File
     let mut handles: Vec<Option<File>> = files.iter().map(|_| None).collect();
     for (index, path) in files.iter().enumerate().rev() {
         let file = open_chain_file(path)?;
-        let image = Image::from_file(&file, path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let image =
+            Image::from_file(&file, path).with_context(|| format!("reading {}", path.display()))?;
         if image.header().has_data_file() {
             bail!(
                 "{} names an external data file; backup files never do, and bitback does not read one",
@@ -508,7 +519,15 @@ fn copy_native(
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
     output.set_len(size)?;
-    copy_segments(files, sources, segments, output, threads, progress, &|guest| guest)
+    copy_segments(
+        files,
+        sources,
+        segments,
+        output,
+        threads,
+        progress,
+        &|guest| guest,
+    )
 }
 
 /// The cluster size of qcow2 restores.

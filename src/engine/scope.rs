@@ -79,7 +79,10 @@ pub fn is_target_node(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(PREFIX) else {
         return false;
     };
-    let index = rest.rsplit_once("-t").map(|(_, n)| n).or_else(|| rest.strip_prefix('t'));
+    let index = rest
+        .rsplit_once("-t")
+        .map(|(_, n)| n)
+        .or_else(|| rest.strip_prefix('t'));
     index.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -94,8 +97,7 @@ pub fn owner(name: &str) -> Option<Owner> {
         });
     }
     let (repo_id, rest) = rest.split_once('-')?;
-    if repo_id.len() != crate::repo::REPO_ID_LEN
-        || !repo_id.bytes().all(|b| b.is_ascii_hexdigit())
+    if repo_id.len() != crate::repo::REPO_ID_LEN || !repo_id.bytes().all(|b| b.is_ascii_hexdigit())
     {
         return None;
     }
@@ -139,7 +141,10 @@ mod tests {
             let theirs = other.checkpoint("20261127T000000Z");
             assert!(!a.owns_checkpoint(&theirs), "{theirs}");
             assert!(other.owns_checkpoint(&theirs), "{theirs}");
-            assert_eq!(owner(&theirs).unwrap().vm.as_deref(), Some(other.vm.as_str()));
+            assert_eq!(
+                owner(&theirs).unwrap().vm.as_deref(),
+                Some(other.vm.as_str())
+            );
             assert!(!a.owns_node_or_job(&other.target_node(0)));
             assert!(!a.owns_node_or_job(&other.job(0)));
         }

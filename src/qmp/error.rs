@@ -13,7 +13,10 @@ pub enum Error {
     },
 
     #[error("{endpoint} is a {kind}, not a socket; --qmp needs QEMU's QMP socket")]
-    NotASocket { endpoint: String, kind: &'static str },
+    NotASocket {
+        endpoint: String,
+        kind: &'static str,
+    },
 
     #[error("{endpoint} is not a QMP monitor: {reason}")]
     NotQmp { endpoint: String, reason: String },

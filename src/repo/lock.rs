@@ -119,7 +119,12 @@ pub struct ReadLock {
 }
 
 impl ReadLock {
-    pub(crate) fn acquire(vm: &str, dir: &Path, purpose: &str, exclusive: bool) -> Result<ReadLock> {
+    pub(crate) fn acquire(
+        vm: &str,
+        dir: &Path,
+        purpose: &str,
+        exclusive: bool,
+    ) -> Result<ReadLock> {
         let path = dir.join(".readers");
         let file = open_lock_file(&path)?;
         let arg = if exclusive {

@@ -252,12 +252,12 @@ impl Repo {
                 info!(repo = %self.root.display(), id, "repository id created");
                 Ok(id)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self
-                .id()?
-                .ok_or_else(|| Error::BadRepo {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.id()?.ok_or_else(|| Error::BadRepo {
                     path: self.root.join(REPO_FILE),
                     reason: "it vanished while being made".into(),
-                }),
+                })
+            }
             Err(source) => Err(Error::Io {
                 action: "creating",
                 path: self.root.join(REPO_FILE),
@@ -432,11 +432,7 @@ fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
 fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<(PathBuf, File)> {
     let mut attempt = 0u32;
     loop {
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            attempt
-        ));
+        let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), attempt));
         let opened = OpenOptions::new().write(true).create_new(true).open(&tmp);
         let mut f = match opened {
             Ok(f) => f,

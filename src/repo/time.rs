@@ -59,7 +59,9 @@ impl Utc {
         }
         let num = |r: std::ops::Range<usize>| -> Option<u32> {
             let s = id.get(r)?;
-            s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
+            s.bytes()
+                .all(|c| c.is_ascii_digit())
+                .then(|| s.parse().ok())?
         };
         let t = Utc {
             year: i64::from(num(0..4)?),
@@ -152,7 +154,15 @@ mod tests {
 
     #[test]
     fn unix_round_trip_and_ids() {
-        for secs in [0, 1, 951_782_400, 1_795_704_928, -1, 4_102_444_800, 1_709_164_799] {
+        for secs in [
+            0,
+            1,
+            951_782_400,
+            1_795_704_928,
+            -1,
+            4_102_444_800,
+            1_709_164_799,
+        ] {
             assert_eq!(Utc::from_unix(secs).to_unix(), secs, "{secs}");
         }
         let t = Utc::from_unix(1_795_704_928);

@@ -296,10 +296,13 @@ async fn event_data_sent_as_a_json_string_is_decoded() {
         peer.negotiate().await;
         let cmd = peer.command().await;
         let data = json!({"device": "j7", "type": "backup", "len": 5, "offset": 5, "speed": 0});
-        peer.send_json(json!({"event": "BLOCK_JOB_COMPLETED", "data": data.to_string(),
-            "timestamp": {"seconds": 1, "microseconds": 2}}))
+        peer.send_json(
+            json!({"event": "BLOCK_JOB_COMPLETED", "data": data.to_string(),
+            "timestamp": {"seconds": 1, "microseconds": 2}}),
+        )
+        .await;
+        peer.send_json(json!({"event": "ODD", "data": "not json"}))
             .await;
-        peer.send_json(json!({"event": "ODD", "data": "not json"})).await;
         peer.send_json(json!({"return": {}, "id": cmd["id"]})).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
     });

@@ -71,7 +71,11 @@ fn modes(dir: &Path) -> Vec<(PathBuf, u32, bool)> {
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
         let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        out.push((entry.path(), meta.permissions().mode() & 0o777, meta.is_dir()));
+        out.push((
+            entry.path(),
+            meta.permissions().mode() & 0o777,
+            meta.is_dir(),
+        ));
         if meta.is_dir() {
             out.extend(modes(&entry.path()));
         }
@@ -88,9 +92,13 @@ fn one_qemu_in_two_repositories_and_under_two_names_keeps_every_chain() {
     let targets = [(&local, "vm1"), (&offsite, "vm1"), (&offsite, "vm2")];
     // A bitmap of a bitback from before repository ids, and one of a
     // repository that is not here: neither may be touched.
-    vm.qemu().add_bitmap("drive0", "bitback-20200101T000000Z", true);
     vm.qemu()
-        .add_bitmap("drive0", "bitback-0badc0de-elsewhere-20200101T000000Z", true);
+        .add_bitmap("drive0", "bitback-20200101T000000Z", true);
+    vm.qemu().add_bitmap(
+        "drive0",
+        "bitback-0badc0de-elsewhere-20200101T000000Z",
+        true,
+    );
     // (target, id, model file)
     let mut points: Vec<(usize, String, PathBuf)> = Vec::new();
     for round in 0..4u64 {
@@ -104,14 +112,28 @@ fn one_qemu_in_two_repositories_and_under_two_names_keeps_every_chain() {
         for (t, (repo, name)) in targets.iter().enumerate() {
             let m = backup_as(&vm, repo, name, &[]).json();
             let want = if round == 0 { "full" } else { "incremental" };
-            assert_eq!(m["kind"], want, "{name} in {}: {}", repo.display(), m["reason"]);
+            assert_eq!(
+                m["kind"],
+                want,
+                "{name} in {}: {}",
+                repo.display(),
+                m["reason"]
+            );
             points.push((t, m["id"].as_str().unwrap().to_string(), model.clone()));
         }
         let names = bitmaps_of(vm.qemu(), "drive0");
-        assert_eq!(names.len(), 5, "one checkpoint per repository and name: {names:?}");
+        assert_eq!(
+            names.len(),
+            5,
+            "one checkpoint per repository and name: {names:?}"
+        );
     }
     let inspect = bitback(&["inspect", "--qmp", vm.qemu().qmp.to_str().unwrap()]);
-    assert!(inspect.stdout.contains("bitback repo"), "{}", inspect.stdout);
+    assert!(
+        inspect.stdout.contains("bitback repo"),
+        "{}",
+        inspect.stdout
+    );
     assert!(inspect.stdout.contains("vm vm2"), "{}", inspect.stdout);
 
     // A repository that is gone: its checkpoint is removed on purpose.
@@ -187,12 +209,24 @@ fn a_different_machine_under_a_known_name_is_refused() {
     let state = std::fs::read(repo.join("vm1/state.json")).unwrap();
     let refused = backup(&b, &[]);
     assert_eq!(refused.code, Some(2), "{}", refused.stderr);
-    for needle in ["11111111-2222", "99999999-2222", "different machine", "--vm-replaced"] {
-        assert!(refused.stderr.contains(needle), "{needle}: {}", refused.stderr);
+    for needle in [
+        "11111111-2222",
+        "99999999-2222",
+        "different machine",
+        "--vm-replaced",
+    ] {
+        assert!(
+            refused.stderr.contains(needle),
+            "{needle}: {}",
+            refused.stderr
+        );
     }
     assert_eq!(std::fs::read(repo.join("vm1/state.json")).unwrap(), state);
     assert_eq!(list_ids(&repo, "vm1").len(), 1);
-    assert!(bitmaps_of(&b, "drive0").is_empty(), "nothing added to the other QEMU");
+    assert!(
+        bitmaps_of(&b, "drive0").is_empty(),
+        "nothing added to the other QEMU"
+    );
 
     let replaced = backup(&b, &["--vm-replaced"]).json();
     assert_eq!(replaced["kind"], "full");
@@ -298,9 +332,7 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     // Lock files change with every run that takes them.
     let mut out: Vec<(PathBuf, Vec<u8>)> = modes(dir)
         .into_iter()
-        .filter(|(p, _, is_dir)| {
-            !is_dir && !p.ends_with(".lock") && !p.ends_with(".readers")
-        })
+        .filter(|(p, _, is_dir)| !is_dir && !p.ends_with(".lock") && !p.ends_with(".readers"))
         .map(|(p, _, _)| {
             let bytes = std::fs::read(&p).unwrap_or_default();
             (p, bytes)
@@ -326,11 +358,19 @@ fn a_backup_file_with_an_external_data_file_is_refused_everywhere() {
     let out = dir.path().join("out.raw");
     let restored = vm.restore(&ids[2], &out, &["--no-verify"]);
     assert_ne!(restored.code, Some(0));
-    assert!(restored.stderr.contains("external data file"), "{}", restored.stderr);
+    assert!(
+        restored.stderr.contains("external data file"),
+        "{}",
+        restored.stderr
+    );
     assert!(!out.exists(), "nothing restored");
     let verified = vm.cli("verify", &[]);
     assert_eq!(verified.code, Some(1));
-    assert!(verified.stdout.contains("external data file"), "{}", verified.stdout);
+    assert!(
+        verified.stdout.contains("external data file"),
+        "{}",
+        verified.stdout
+    );
     let before = tree(&vm.repo);
     let consolidated = vm.cli("consolidate", &["--max-chain", "1"]);
     assert_ne!(consolidated.code, Some(0), "{}", consolidated.stdout);
@@ -341,7 +381,11 @@ fn a_backup_file_with_an_external_data_file_is_refused_everywhere() {
         &["--volume", "drive0", "--socket", socket.to_str().unwrap()],
     );
     assert_ne!(exported.code, Some(0));
-    assert!(exported.stderr.contains("external data file"), "{}", exported.stderr);
+    assert!(
+        exported.stderr.contains("external data file"),
+        "{}",
+        exported.stderr
+    );
 }
 
 #[test]
@@ -416,7 +460,11 @@ fn consolidate_refuses_a_chain_with_bit_rot() {
     let before = tree(&vm.repo);
     let consolidated = vm.cli("consolidate", &["--max-chain", "1"]);
     assert_ne!(consolidated.code, Some(0));
-    assert!(consolidated.stderr.contains("digest"), "{}", consolidated.stderr);
+    assert!(
+        consolidated.stderr.contains("digest"),
+        "{}",
+        consolidated.stderr
+    );
     assert_eq!(tree(&vm.repo), before);
 }
 
@@ -482,7 +530,12 @@ fn a_slow_or_failing_guest_agent_never_leaves_the_guest_frozen() {
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert_eq!(
         names(&slow),
-        ["guest-sync", "guest-fsfreeze-freeze", "guest-sync", "guest-fsfreeze-thaw"]
+        [
+            "guest-sync",
+            "guest-fsfreeze-freeze",
+            "guest-sync",
+            "guest-fsfreeze-thaw"
+        ]
     );
     assert!(
         !vm.repo.join("vm1").join("state.json").exists(),
@@ -490,14 +543,25 @@ fn a_slow_or_failing_guest_agent_never_leaves_the_guest_frozen() {
     );
 
     // A refused freeze is thawed too (it may have frozen some).
-    let refusing = scripted_agent(&socket("refuse"), Duration::ZERO, Some("guest-fsfreeze-freeze"));
+    let refusing = scripted_agent(
+        &socket("refuse"),
+        Duration::ZERO,
+        Some("guest-fsfreeze-freeze"),
+    );
     let qga = socket("refuse");
     let run = vm.run_backup(&["--quiesce", "--qga", qga.to_str().unwrap()]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert_eq!(names(&refusing).last().map(String::as_str), Some("guest-fsfreeze-thaw"));
+    assert_eq!(
+        names(&refusing).last().map(String::as_str),
+        Some("guest-fsfreeze-thaw")
+    );
 
     // A failed thaw: the backup is kept, but the run fails and says so.
-    let no_thaw = scripted_agent(&socket("nothaw"), Duration::ZERO, Some("guest-fsfreeze-thaw"));
+    let no_thaw = scripted_agent(
+        &socket("nothaw"),
+        Duration::ZERO,
+        Some("guest-fsfreeze-thaw"),
+    );
     let qga = socket("nothaw");
     let run = vm.run_backup(&["--quiesce", "--qga", qga.to_str().unwrap()]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
@@ -588,13 +652,22 @@ fn mangled_events_and_a_lost_transaction_reply_never_hang_a_backup() {
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), &[4 * MIB]);
     let upstream = vm.qemu().qmp.clone();
-    for (n, mangle) in [Mangle::StringData, Mangle::DropJobEvents].into_iter().enumerate() {
+    for (n, mangle) in [Mangle::StringData, Mangle::DropJobEvents]
+        .into_iter()
+        .enumerate()
+    {
         let socket = dir.path().join(format!("proxy-{n}.sock"));
         proxy(&socket, &upstream, mangle);
         vm.write(0, n as u64 * MIB, 64 << 10, 0x31 + n as u8);
         let run = vm.cli(
             "backup",
-            &["--qmp", socket.to_str().unwrap(), "--json", "--qmp-timeout", "20"],
+            &[
+                "--qmp",
+                socket.to_str().unwrap(),
+                "--json",
+                "--qmp-timeout",
+                "20",
+            ],
         );
         let m = run.json();
         vm.snapshot(m["id"].as_str().unwrap());
@@ -615,7 +688,9 @@ fn mangled_events_and_a_lost_transaction_reply_never_hang_a_backup() {
     assert_eq!(vm.qemu().must("query-jobs", Value::Null), json!([]));
     let bitmaps = bitmaps_of(vm.qemu(), "drive0");
     assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
-    let nodes = vm.qemu().must("query-named-block-nodes", json!({"flat": true}));
+    let nodes = vm
+        .qemu()
+        .must("query-named-block-nodes", json!({"flat": true}));
     assert!(
         !nodes.to_string().contains("-t0\""),
         "a target node was left: {nodes}"
@@ -647,9 +722,15 @@ fn small_things_operators_hit() {
     ]);
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("regular file"), "{}", run.stderr);
-    assert!(!fresh.exists(), "a failed connection created the repository");
+    assert!(
+        !fresh.exists(),
+        "a failed connection created the repository"
+    );
     // No socket at all, and an empty VM name: nothing created either.
-    for (qmp, name) in [(dir.path().join("none.sock"), "vm1"), (vm.qemu().qmp.clone(), "")] {
+    for (qmp, name) in [
+        (dir.path().join("none.sock"), "vm1"),
+        (vm.qemu().qmp.clone(), ""),
+    ] {
         let run = bitback(&[
             "backup",
             "--qmp",
@@ -679,6 +760,11 @@ fn small_things_operators_hit() {
     let run = vm.restore(&id, &out, &[]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!stale.exists());
-    assert!(same_content(&vm.points[0].1[0], "raw", &out.join("drive0.raw"), "raw"));
+    assert!(same_content(
+        &vm.points[0].1[0],
+        "raw",
+        &out.join("drive0.raw"),
+        "raw"
+    ));
     vm.quit();
 }

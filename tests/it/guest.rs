@@ -143,7 +143,11 @@ fn wait_for_guest_writes(qemu: &Qemu) {
             .iter()
             .filter(|n| matches!(n["node-name"].as_str(), Some("drive0" | "drive1")))
             .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
-            .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("bitback-")))
+            .filter(|b| {
+                b["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("bitback-"))
+            })
             .all(|b| b["count"].as_u64().unwrap_or(0) > 0);
         if dirty {
             return;

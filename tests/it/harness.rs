@@ -55,6 +55,24 @@ pub fn guest_files() -> (PathBuf, PathBuf) {
 }
 
 /// A TCP port free at the time of asking, for a QEMU to listen on.
+/// The major version of the qemu-system-x86_64 on PATH (7 for Debian
+/// 12's, 10 for bookworm-backports'), read from `--version`, not from QMP:
+/// the tests compare what bitback reads over QMP against it.
+pub fn qemu_major() -> u64 {
+    require("qemu-system-x86_64");
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .expect("running qemu-system-x86_64 --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read a version from {text:?}"))
+}
+
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
