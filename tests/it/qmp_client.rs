@@ -81,7 +81,7 @@ async fn concurrent_commands_get_their_own_replies() {
     for task in tasks {
         let (tag, reply) = task.await.unwrap();
         match tag {
-            u64::MAX => assert_eq!(reply, json!(10)),
+            u64::MAX => assert_eq!(reply, json!(crate::harness::qemu_major())),
             t if t > u64::MAX - 200 => {
                 let i = u64::MAX - 1 - t;
                 let text = reply.as_str().unwrap();
