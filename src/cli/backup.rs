@@ -216,7 +216,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         policy: Policy {
             force_full: args.full,
             full_every: args.full_every,
-            replaced: false,
+            replaced: args.vm_replaced,
         },
         include: args.volumes.clone(),
         exclude: args.exclude.clone(),
@@ -231,7 +231,6 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         stall_timeout: Duration::from_secs(args.stall_timeout),
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
-        replaced: args.vm_replaced,
         progress: !args.json && std::io::stderr().is_terminal(),
     };
     crate::qcow2::check_cluster_size(args.cluster_size)

@@ -66,9 +66,6 @@ pub struct BackupOptions {
     pub stall_timeout: Duration,
     /// How long the guest agent may take to freeze the guest.
     pub freeze_timeout: Duration,
-    /// The VM under this name was replaced by another machine: accept
-    /// the new identity (the backup is full).
-    pub replaced: bool,
     pub progress: bool,
 }
 
@@ -86,7 +83,6 @@ impl Default for BackupOptions {
             perf: Perf::default(),
             stall_timeout: Duration::from_secs(600),
             freeze_timeout: Duration::from_secs(30),
-            replaced: false,
             progress: false,
         }
     }
@@ -189,7 +185,13 @@ pub(crate) async fn backup_named(
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     let state = repo.load_state(vm)?;
     let identity = identity(qmp).await;
-    check_identity(vm, state.as_ref(), &identity, &volumes, opts.replaced)?;
+    check_identity(
+        vm,
+        state.as_ref(),
+        &identity,
+        &volumes,
+        opts.policy.replaced,
+    )?;
     let scope = Scope::new(&repo.ensure_id()?, vm);
     repo.clean_partials(lock, vm)?;
     if clean_stray_jobs(qmp, &scope).await? {
@@ -202,10 +204,8 @@ pub(crate) async fn backup_named(
     clean_stray_bitmaps(qmp, &scope, &mut volumes, active.as_deref()).await?;
 
     let parent_problem = last.and_then(|m| check_chain(repo, m).err());
-    let mut policy = opts.policy.clone();
-    policy.replaced |= opts.replaced;
     let plan = plan::plan(&Facts {
-        policy: &policy,
+        policy: &opts.policy,
         state: state.as_ref(),
         last,
         volumes: &volumes,

@@ -233,13 +233,7 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
             Ok(image) if image.header().size != v.virtual_size => {
                 Some("virtual size differs from the manifest".into())
             }
-            Ok(image) if image.header().has_data_file() || image.hc.data_file.is_some() => {
-                Some(format!(
-                    "names an external data file ({:?}); backup files never do, and bitback does not read one",
-                    image.hc.data_file.as_deref().unwrap_or("")
-                ))
-            }
-            Ok(_) => None,
+            Ok(image) => super::verify::data_file_problem(&image),
         };
         if let Some(problem) = problem {
             report.problems.push(super::verify::Problem {
@@ -277,8 +271,12 @@ fn restore_volume(
     };
     let threads = opts.threads.max(1);
     let result = match plan_copy(files)? {
-        Some((segments, sources)) => match opts.format {
-            Format::Raw => copy_native(
+        Some((segments, sources)) => {
+            let copy = match opts.format {
+                Format::Raw => copy_native,
+                Format::Qcow2 => copy_native_qcow2,
+            };
+            copy(
                 files,
                 sources,
                 &segments,
@@ -286,18 +284,9 @@ fn restore_volume(
                 size,
                 threads,
                 opts.progress,
-            ),
-            Format::Qcow2 => copy_native_qcow2(
-                files,
-                sources,
-                &segments,
-                &tmp,
-                size,
-                threads,
-                opts.progress,
-            ),
+            )
+            .map(|n| (n, "native".to_string()))
         }
-        .map(|n| (n, "native".to_string())),
         None => qemu_img_convert(top, &tmp, format).map(|_| {
             (
                 0,
@@ -458,11 +447,8 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File
         let file = open_chain_file(path)?;
         let image =
             Image::from_file(&file, path).with_context(|| format!("reading {}", path.display()))?;
-        if image.header().has_data_file() {
-            bail!(
-                "{} names an external data file; backup files never do, and bitback does not read one",
-                path.display()
-            );
+        if let Some(problem) = super::verify::data_file_problem(&image) {
+            bail!("{} {problem}", path.display());
         }
         if image.encrypted() {
             return Ok(None);

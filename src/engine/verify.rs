@@ -86,6 +86,18 @@ fn backup_dirs(repo: &Repo, vm: &str) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Why `image` must not be read, if it names an external data file:
+/// backup files never do, and one that does would lead reads (and
+/// `qemu-img`) to any file on the host.
+pub(super) fn data_file_problem(image: &Image) -> Option<String> {
+    (image.header().has_data_file() || image.hc.data_file.is_some()).then(|| {
+        format!(
+            "names an external data file ({:?}); backup files never do, and bitback does not read one",
+            image.hc.data_file.as_deref().unwrap_or("")
+        )
+    })
+}
+
 /// Checks one backup's files; pushes every problem found.
 pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
     let mut problem = |file: Option<&str>, text: String| {
@@ -120,14 +132,8 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
                 continue;
             }
         };
-        if image.header().has_data_file() || image.hc.data_file.is_some() {
-            problem(
-                file,
-                format!(
-                    "names an external data file ({:?}); backup files never do, and bitback does not read one",
-                    image.hc.data_file.as_deref().unwrap_or("")
-                ),
-            );
+        if let Some(text) = data_file_problem(&image) {
+            problem(file, text);
             continue;
         }
         if image.header().size != v.virtual_size {

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
+
+use crate::qmp::{Line, read_line};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
@@ -47,33 +49,6 @@ pub const MAX_LINE: usize = 64 << 10;
 
 /// How long the thaw after a freeze may wait for the agent to come back.
 const THAW_WAIT: Duration = Duration::from_secs(60);
-
-/// Reads one line of at most `cap` bytes (the newline excluded); `None` at
-/// the end of the stream.
-async fn read_line_capped<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    cap: usize,
-) -> Result<Option<Vec<u8>>, AgentError> {
-    let mut line = Vec::new();
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok((!line.is_empty()).then_some(line));
-        }
-        let (take, end) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        if line.len() + take > cap + 1 {
-            return Err(AgentError::LineTooLong);
-        }
-        line.extend_from_slice(&buf[..take]);
-        reader.consume(take);
-        if end {
-            return Ok(Some(line));
-        }
-    }
-}
 
 pub struct Agent {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -124,8 +99,12 @@ impl Agent {
         self.writer.write_all(line.as_bytes()).await?;
         let read = async {
             loop {
-                let Some(line) = read_line_capped(&mut self.reader, MAX_LINE).await? else {
-                    return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                let line = match read_line(&mut self.reader, MAX_LINE).await? {
+                    Line::Complete(line) => line,
+                    Line::TooLong => return Err(AgentError::LineTooLong),
+                    Line::Eof { .. } => {
+                        return Err(AgentError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
                 };
                 // The agent may send 0xff to resynchronise.
                 let start = line.iter().position(|&b| b != 0xff).unwrap_or(line.len());

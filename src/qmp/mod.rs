@@ -24,3 +24,4 @@ mod transport;
 pub use client::{Event, Events, Greeting, Options, QemuVersion, Qmp, Timestamp};
 pub use error::{Error, Result};
 pub use transport::{Endpoint, MAX_LINE};
+pub(crate) use transport::{Line, read_line};

@@ -198,16 +198,8 @@ impl Repo {
     /// The repository's id, if it has one yet.
     pub fn id(&self) -> Result<Option<String>> {
         let path = self.root.join(REPO_FILE);
-        let bytes = match read_nofollow(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    action: "reading",
-                    path,
-                    source,
-                });
-            }
+        let Some(bytes) = read_if_there(&path)? else {
+            return Ok(None);
         };
         let ident: RepoIdent = serde_json::from_slice(&bytes).map_err(|e| Error::BadRepo {
             path: path.clone(),
@@ -268,16 +260,8 @@ impl Repo {
 
     pub fn load_state(&self, vm: &str) -> Result<Option<VmState>> {
         let path = self.vm_dir(vm)?.join("state.json");
-        let bytes = match read_nofollow(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    action: "reading",
-                    path,
-                    source,
-                });
-            }
+        let Some(bytes) = read_if_there(&path)? else {
+            return Ok(None);
         };
         let state = VmState::parse(&bytes, vm).map_err(|reason| Error::BadState {
             path: path.clone(),
@@ -425,6 +409,19 @@ fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// [`read_nofollow`], with `None` for a file that is not there.
+fn read_if_there(path: &Path) -> Result<Option<Vec<u8>>> {
+    match read_nofollow(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io {
+            action: "reading",
+            path: path.into(),
+            source,
+        }),
+    }
 }
 
 /// Creates a new temp file for `name` in `dir` (never an existing file or

@@ -16,25 +16,15 @@ use serde_json::{Value, json};
 
 use crate::backup::Vm;
 use crate::harness::{
-    Disk, Kind, Qemu, bitback, bitback_env, create_qcow2, run, same_content, tempdir,
+    Disk, Kind, Qemu, backup_into, backup_into_env, bitback, create_qcow2, run, same_content,
+    tempdir,
 };
 
 const MIB: u64 = 1 << 20;
 
 /// `bitback backup --json` of `vm`'s QEMU into `repo` as `name`.
 fn backup_as(vm: &Vm, repo: &Path, name: &str, extra: &[&str]) -> crate::harness::Run {
-    let mut args = vec![
-        "backup",
-        "--qmp",
-        vm.qemu().qmp.to_str().unwrap(),
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        name,
-        "--json",
-    ];
-    args.extend(extra);
-    bitback(&args)
+    backup_into(&vm.qemu().qmp, repo, name, extra)
 }
 
 fn bitmaps_of(qemu: &Qemu, node: &str) -> Vec<String> {
@@ -49,20 +39,7 @@ fn bitmaps_of(qemu: &Qemu, node: &str) -> Vec<String> {
 }
 
 fn list_ids(repo: &Path, name: &str) -> Vec<String> {
-    bitback(&[
-        "list",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        name,
-        "--json",
-    ])
-    .json()
-    .as_array()
-    .unwrap()
-    .iter()
-    .map(|m| m["id"].as_str().unwrap().to_string())
-    .collect()
+    crate::harness::list_ids(repo, Some(name))
 }
 
 /// Every file and directory under `dir`, with its mode.
@@ -191,20 +168,7 @@ fn a_different_machine_under_a_known_name_is_refused() {
     };
     let a = start(&a_dir, "11111111-2222-3333-4444-555555555555", "web");
     let b = start(&b_dir, "99999999-2222-3333-4444-555555555555", "db");
-    let backup = |q: &Qemu, extra: &[&str]| {
-        let mut args = vec![
-            "backup",
-            "--qmp",
-            q.qmp.to_str().unwrap(),
-            "--repo",
-            repo.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--json",
-        ];
-        args.extend(extra);
-        bitback(&args)
-    };
+    let backup = |q: &Qemu, extra: &[&str]| backup_into(&q.qmp, &repo, "vm1", extra);
     assert_eq!(backup(&a, &[]).json()["kind"], "full");
     let state = std::fs::read(repo.join("vm1/state.json")).unwrap();
     let refused = backup(&b, &[]);
@@ -251,20 +215,8 @@ fn the_clock_stepping_back_keeps_ids_order_and_chains() {
     let mut ids = Vec::new();
     for (i, env) in [&[][..], &back[..], &back[..]].into_iter().enumerate() {
         vm.write(0, i as u64 * MIB, 4096, 0x60 + i as u8);
-        let mut args = vec![
-            "backup",
-            "--qmp",
-            vm.qemu().qmp.to_str().unwrap(),
-            "--repo",
-            repo.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--json",
-        ];
-        if i == 2 {
-            args.push("--full");
-        }
-        let m = bitback_env(&args, env).json();
+        let extra: &[&str] = if i == 2 { &["--full"] } else { &[] };
+        let m = backup_into_env(&vm.qemu().qmp, &repo, "vm1", extra, env).json();
         let want = ["full", "incremental", "full"][i];
         assert_eq!(m["kind"], want, "{}", m["reason"]);
         assert_eq!(m["seq"], i as u64 + 1);

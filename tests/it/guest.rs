@@ -121,13 +121,7 @@ fn backup(qemu: &Qemu, repo: &Path, env: Option<&str>) -> std::process::Output {
 }
 
 fn ids(repo: &Path) -> Vec<String> {
-    bitback(&["list", "--repo", repo.to_str().unwrap(), "--json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
+    crate::harness::list_ids(repo, None)
 }
 
 /// Waits until the guest has written to both disks since the last

@@ -569,6 +569,49 @@ pub fn bitback(args: &[&str]) -> Run {
     bitback_env(args, &[])
 }
 
+/// `bitback backup --json` of the QEMU at `qmp` into `repo` as `vm`, plus
+/// `extra` arguments.
+pub fn backup_into(qmp: &Path, repo: &Path, vm: &str, extra: &[&str]) -> Run {
+    backup_into_env(qmp, repo, vm, extra, &[])
+}
+
+/// [`backup_into`] with extra environment variables.
+pub fn backup_into_env(
+    qmp: &Path,
+    repo: &Path,
+    vm: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Run {
+    let mut args = vec![
+        "backup",
+        "--qmp",
+        qmp.to_str().unwrap(),
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        vm,
+        "--json",
+    ];
+    args.extend(extra);
+    bitback_env(&args, env)
+}
+
+/// The ids `bitback list` gives, oldest first: of `vm`, or of every VM.
+pub fn list_ids(repo: &Path, vm: Option<&str>) -> Vec<String> {
+    let mut args = vec!["list", "--repo", repo.to_str().unwrap(), "--json"];
+    if let Some(vm) = vm {
+        args.extend(["--vm", vm]);
+    }
+    bitback(&args)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// `bitback` with extra environment variables.
 pub fn bitback_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_bitback"))

@@ -13,13 +13,7 @@ use crate::harness::{bitback, same_content, tempdir};
 const MIB: u64 = 1 << 20;
 
 fn list_ids(vm: &Vm) -> Vec<String> {
-    bitback(&["list", "--repo", vm.repo.to_str().unwrap(), "--json"])
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
+    crate::harness::list_ids(&vm.repo, None)
 }
 
 fn same(a: &Path, b: &Path) -> bool {
