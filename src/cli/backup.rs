@@ -12,17 +12,20 @@ use super::qcow2::parse_size;
 use crate::engine::plan::Policy;
 use crate::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
 use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
-use crate::repo::{Manifest, Repo};
+use crate::repo::{BackupKind, Manifest, Repo};
 
 /// Back up a VM: every writable volume at one point in time.
 ///
-/// With --qmp, the VM is running: bitback adds a persistent checkpoint
-/// bitmap and starts a backup job per volume in one QMP transaction. The
-/// first backup of a VM is full; later ones are incremental (only the
-/// clusters written since the last backup) unless a rule forces a full, and
-/// the reason is printed. Without --qmp, the VM is stopped: bitback starts
-/// qemu-storage-daemon on the images given with --image (or those recorded
-/// at the last backup), which still hold the checkpoint bitmap.
+/// With --qmp, the VM is running: bitback adds a checkpoint bitmap and
+/// starts a backup job per volume in one QMP transaction. Each volume is
+/// full or incremental on its own (only the clusters written since the
+/// last backup), and the reason is printed per volume: a new, resized or
+/// replaced disk costs a full of that disk only. qcow2 v3 images keep the
+/// bitmap in the image; raw files, raw block devices and qcow2 v2 images
+/// keep it in QEMU's memory, so they take a full after QEMU restarts.
+/// Without --qmp, the VM is stopped: bitback starts qemu-storage-daemon on
+/// the images given with --image (or those recorded at the last backup);
+/// qcow2 v3 images still hold the checkpoint bitmap.
 ///
 /// Exit codes: 0 done, 1 the backup failed (nothing of it is kept, the
 /// previous checkpoint is intact), 2 bad usage or bad input.
@@ -146,9 +149,34 @@ pub(crate) struct BackupArgs {
     #[arg(long)]
     vm_replaced: bool,
 
+    /// Encrypt every backup file (LUKS in qcow2) with the key in FILE.
+    ///
+    /// The file's bytes, exactly, are the passphrase (a trailing newline
+    /// counts). The key reaches QEMU as a secret object over QMP, never on
+    /// a command line. Restore and export need the same file; verify does
+    /// not. All backups of a chain share one key: a backup with a
+    /// different key (or none) starts a new chain.
+    #[arg(long, value_name = "FILE")]
+    encrypt_key_file: Option<PathBuf>,
+
+    /// Back up encrypted volumes into unencrypted files.
+    ///
+    /// Without it, a VM with an encrypted volume is refused (exit 2) unless
+    /// --encrypt-key-file is given: the backup would hold the guest's data
+    /// in plaintext.
+    #[arg(long, conflicts_with = "encrypt_key_file")]
+    allow_plaintext: bool,
+
+    /// The key of the stopped VM's encrypted images (LUKS in qcow2 or raw
+    /// LUKS), as a file whose bytes are the passphrase. Running VMs need
+    /// none: their QEMU holds the key.
+    #[arg(long, value_name = "FILE", conflicts_with = "qmp")]
+    image_key_file: Option<PathBuf>,
+
     /// Print the backup's manifest as one JSON object: {id, vm, kind,
-    /// reason, chain, position, parent, checkpoint, time, volumes: [{name,
-    /// node, file, virtual_size, bytes_written, ...}], ...}.
+    /// reason, chain, position, parent, checkpoint, time, encryption,
+    /// volumes: [{name, node, kind, reason, disk, tracking, file,
+    /// virtual_size, bytes_written, ...}], ...}.
     #[arg(long)]
     json: bool,
 }
@@ -232,7 +260,20 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         stall_timeout: Duration::from_secs(args.stall_timeout),
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
         progress: !args.json && std::io::stderr().is_terminal(),
+        encrypt: args
+            .encrypt_key_file
+            .as_deref()
+            .map(engine::key::Key::from_file)
+            .transpose()
+            .map_err(|e| BadInput(format!("--encrypt-key-file: {e:#}")))?,
+        allow_plaintext: args.allow_plaintext,
     };
+    let image_key = args
+        .image_key_file
+        .as_deref()
+        .map(engine::key::Key::from_file)
+        .transpose()
+        .map_err(|e| BadInput(format!("--image-key-file: {e:#}")))?;
     crate::qcow2::check_cluster_size(args.cluster_size)
         .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
     // QEMU's rule for bitmap granularities.
@@ -267,7 +308,9 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        None => engine::backup_stopped(&repo, &lock, &opts, &images, cancel).await,
+        None => {
+            engine::backup_stopped(&repo, &lock, &opts, &images, image_key.as_ref(), cancel).await
+        }
     };
     let manifest = match result {
         Ok(manifest) => manifest,
@@ -294,31 +337,57 @@ fn remove_if_made(existed: bool, root: &std::path::Path) {
     }
 }
 
+fn kind_name(kind: BackupKind) -> &'static str {
+    match kind {
+        BackupKind::Full => "full",
+        BackupKind::Incremental => "incremental",
+    }
+}
+
+/// The point's kind, with how many of its volumes are full when some are.
+fn point_kind(m: &Manifest) -> String {
+    let fulls = m
+        .volumes
+        .iter()
+        .filter(|v| v.kind == BackupKind::Full)
+        .count();
+    match m.kind {
+        BackupKind::Incremental if fulls > 0 => format!("incremental ({fulls} full)"),
+        kind => kind_name(kind).to_string(),
+    }
+}
+
 fn render_backup(m: &Manifest) -> String {
     let mut out = format!(
-        "backup {} of vm {}: {} ({})\n",
+        "backup {} of vm {}: {}{}\n",
         m.id,
         m.vm,
-        match m.kind {
-            crate::repo::BackupKind::Full => "full",
-            crate::repo::BackupKind::Incremental => "incremental",
-        },
-        m.reason
+        point_kind(m),
+        if m.encryption.is_some() {
+            ", encrypted"
+        } else {
+            ""
+        }
     );
     let mut rows = vec![
-        ["VOLUME", "SIZE", "DATA", "FILE"]
+        ["VOLUME", "KIND", "TRACKING", "SIZE", "DATA", "FILE"]
             .map(String::from)
             .to_vec(),
     ];
     for v in &m.volumes {
         rows.push(vec![
             v.name.clone(),
+            kind_name(v.kind).to_string(),
+            v.tracking.map(|t| t.to_string()).unwrap_or("-".into()),
             bytes(v.virtual_size),
             bytes(v.bytes_written),
             v.file.clone(),
         ]);
     }
     out.push_str(&table(&rows));
+    for v in &m.volumes {
+        out.push_str(&format!("  {}: {}\n", v.name, v.reason));
+    }
     out
 }
 
@@ -349,7 +418,7 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         rows.push(vec![
             m.vm.clone(),
             m.id.clone(),
-            format!("{:?}", m.kind).to_lowercase(),
+            point_kind(m),
             m.chain.clone(),
             m.position.to_string(),
             m.parent.clone().unwrap_or_else(|| "-".into()),

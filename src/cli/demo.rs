@@ -93,6 +93,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
         exports: vec![json!({
             "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
         })],
+        objects: Vec::new(),
     };
     let daemon = Daemon::start(private_dir("demo-vm")?, &spec).await?;
     println!("2. qemu-storage-daemon serves it, standing in for a running VM");
@@ -167,6 +168,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             threads: 4,
             verify: true,
             progress: false,
+            key: None,
         },
     )?;
     println!(

@@ -12,8 +12,10 @@ use crate::repo::Repo;
 /// Restores are native, raw or qcow2: for each guest range, only the
 /// newest file of the chain that holds it is read, in large parallel
 /// reads, and zero ranges stay holes, so the time grows with the data, not
-/// with the chain's length. Chains with compressed or encrypted clusters go
-/// through `qemu-img convert` (and say so). The chain is
+/// with the chain's length. Chains with compressed clusters, and encrypted
+/// backups (--key-file), go through `qemu-img convert` (and say so). Each
+/// volume's chain starts at its last full, which may be newer than the
+/// point's chain start (a disk added or resized later). The chain is
 /// verified first (digests included unless --no-verify); a chain that
 /// fails is refused, naming the file. Existing files are never overwritten.
 #[derive(Debug, clap::Args)]
@@ -53,6 +55,11 @@ pub(crate) struct RestoreArgs {
     /// are still checked).
     #[arg(long)]
     no_verify: bool,
+    /// The key file of an encrypted backup (the one given to `backup
+    /// --encrypt-key-file`). Encrypted backups are decrypted by `qemu-img
+    /// convert`, which reads the key file as a secret object.
+    #[arg(long, value_name = "FILE", conflicts_with = "in_place")]
+    key_file: Option<PathBuf>,
     /// Print a JSON array of {volume, backup, path, virtual_size,
     /// chain_length, bytes_copied, method}.
     #[arg(long)]
@@ -116,6 +123,12 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 threads: args.threads as usize,
                 verify: !args.no_verify,
                 progress,
+                key: args
+                    .key_file
+                    .as_deref()
+                    .map(engine::key::Key::from_file)
+                    .transpose()
+                    .map_err(|e| BadInput(format!("--key-file: {e:#}")))?,
             },
         ),
         _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),

@@ -96,6 +96,9 @@ pub(crate) struct ExportArgs {
     /// Accept writes (into a throwaway overlay).
     #[arg(long)]
     writable: bool,
+    /// The key file of an encrypted backup; QEMU decrypts the chain.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
@@ -161,6 +164,12 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             volume: args.volume.clone(),
             listen,
             writable: args.writable,
+            key: args
+                .key_file
+                .as_deref()
+                .map(crate::engine::key::Key::from_file)
+                .transpose()
+                .map_err(|e| crate::engine::BadInput(format!("--key-file: {e:#}")))?,
         },
     )
     .await

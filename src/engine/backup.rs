@@ -31,11 +31,12 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::BadInput;
-use super::plan::{self, Facts, Plan, Policy};
+use super::key::Key;
+use super::plan::{self, Decision, Facts, Plan, Policy};
 use super::scope::Scope;
 use crate::qcow2::{self, CreateOptions, Image};
 use crate::qemu::agent::Agent;
-use crate::qemu::{self, Volume};
+use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 use crate::repo::{
     self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, StateVolume, VmIdentity,
@@ -67,6 +68,10 @@ pub struct BackupOptions {
     /// How long the guest agent may take to freeze the guest.
     pub freeze_timeout: Duration,
     pub progress: bool,
+    /// Write every backup file as a LUKS-encrypted qcow2 with this key.
+    pub encrypt: Option<Key>,
+    /// Back up encrypted volumes without encrypting the backup.
+    pub allow_plaintext: bool,
 }
 
 impl Default for BackupOptions {
@@ -84,6 +89,8 @@ impl Default for BackupOptions {
             stall_timeout: Duration::from_secs(600),
             freeze_timeout: Duration::from_secs(30),
             progress: false,
+            encrypt: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -183,6 +190,7 @@ pub(crate) async fn backup_named(
         );
     }
     let mut volumes = select_volumes(qmp, opts, renames).await?;
+    check_plaintext(opts, &volumes)?;
     let state = repo.load_state(vm)?;
     let identity = identity(qmp).await;
     check_identity(
@@ -203,14 +211,22 @@ pub(crate) async fn backup_named(
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
     clean_stray_bitmaps(qmp, &scope, &mut volumes, active.as_deref()).await?;
 
-    let parent_problem = last.and_then(|m| check_chain(repo, m).err());
+    let parent_problem = last.and_then(|m| {
+        super::chain::check_buildable(repo, m)
+            .and_then(|()| check_key(repo, m, opts.encrypt.as_ref()))
+            .err()
+    });
     let plan = plan::plan(&Facts {
         policy: &opts.policy,
         state: state.as_ref(),
         last,
         volumes: &volumes,
+        encrypted: opts.encrypt.is_some(),
         parent_problem,
     });
+    for (i, v) in plan.volumes.iter().enumerate() {
+        debug!(vm, volume = %v.volume, plan = %plan.volume_reason(i), "volume planned");
+    }
     info!(vm, plan = %plan.reason(), "planned");
     // Phase timings at debug (-v): where a backup's time goes.
     let started = std::time::Instant::now();
@@ -228,18 +244,16 @@ pub(crate) async fn backup_named(
     let checkpoint = scope.checkpoint(&id);
     let partial = repo.begin(lock, vm, &id)?;
     let mut undo = Undo::default();
-    let result = run_jobs(
+    let run = Run {
         qmp,
         opts,
-        &scope,
-        &volumes,
-        &plan,
-        &checkpoint,
-        partial.dir(),
-        &mut undo,
-        cancel.clone(),
-    )
-    .await;
+        scope: &scope,
+        volumes: &volumes,
+        plan: &plan,
+        checkpoint: &checkpoint,
+        dir: partial.dir(),
+    };
+    let result = run_jobs(&run, &mut undo, cancel.clone()).await;
     if let Err(e) = result {
         undo.rollback(qmp).await;
         // Dropping the partial removes its directory.
@@ -253,18 +267,7 @@ pub(crate) async fn backup_named(
         "copy jobs done, targets closed"
     );
 
-    let built = build_manifest(
-        qmp,
-        vm,
-        &id,
-        seq,
-        &now,
-        &plan,
-        &checkpoint,
-        &volumes,
-        partial.dir(),
-    )
-    .await;
+    let built = build_manifest(&run, &id, seq, &now).await;
     let manifest = match built {
         Ok(_) if *cancel.borrow() => {
             undo.rollback(qmp).await;
@@ -403,48 +406,46 @@ fn check_identity(
 }
 
 /// The manifest of the finished files: digests and data counts read back.
-#[allow(clippy::too_many_arguments)]
 async fn build_manifest(
-    qmp: &Qmp,
-    vm: &str,
+    run: &Run<'_>,
     id: &str,
     seq: u64,
     now: &repo::time::Utc,
-    plan: &Plan,
-    checkpoint: &str,
-    volumes: &[Volume],
-    dir: &Path,
 ) -> anyhow::Result<Manifest> {
-    let (kind, parent, chain, position) = match plan {
-        Plan::Full(_) => (BackupKind::Full, None, id.to_string(), 0),
-        Plan::Incremental {
-            parent,
-            chain,
-            position,
-            ..
-        } => (
+    let vm = run.opts.vm.as_str();
+    let plan = run.plan;
+    let (kind, parent, chain, position) = match &plan.base {
+        None => (BackupKind::Full, None, id.to_string(), 0),
+        Some(base) => (
             BackupKind::Incremental,
-            Some(parent.clone()),
-            chain.clone(),
-            *position,
+            Some(base.parent.clone()),
+            base.chain.clone(),
+            base.position,
         ),
     };
     let mut records = Vec::new();
-    for v in volumes {
-        let path = dir.join(VolumeRecord::file_name(&v.name));
+    for (i, v) in run.volumes.iter().enumerate() {
+        let path = run.dir.join(VolumeRecord::file_name(&v.name));
         let (digest, bytes_written) = digest_and_count(path.clone())
             .await
             .with_context(|| format!("reading back {}", path.display()))?;
+        let backing = run.backing(i);
         records.push(VolumeRecord {
             name: v.name.clone(),
             node: v.node_name.clone(),
             image_file: v.image_file.clone(),
             format: v.format.clone(),
             virtual_size: v.virtual_size,
+            kind: if backing.is_some() {
+                BackupKind::Incremental
+            } else {
+                BackupKind::Full
+            },
+            reason: plan.volume_reason(i),
+            disk: Some(v.kind),
+            tracking: Some(v.kind.tracking()),
             file: VolumeRecord::repo_file(vm, id, &v.name),
-            backing: parent
-                .as_ref()
-                .map(|p| VolumeRecord::backing_name(p, &v.name)),
+            backing,
             bytes_written,
             digest,
         });
@@ -459,11 +460,76 @@ async fn build_manifest(
         chain,
         position,
         parent,
-        checkpoint: checkpoint.to_string(),
+        checkpoint: run.checkpoint.to_string(),
         time: now.rfc3339(),
         volumes: records,
-        qemu_version: Some(qmp.greeting().version.to_string()),
+        qemu_version: Some(run.qmp.greeting().version.to_string()),
+        encryption: run.opts.encrypt.as_ref().map(|_| "luks".to_string()),
     })
+}
+
+/// Refuses to copy encrypted volumes into plaintext files unless asked to.
+fn check_plaintext(opts: &BackupOptions, volumes: &[Volume]) -> anyhow::Result<()> {
+    if opts.encrypt.is_some() || opts.allow_plaintext {
+        return Ok(());
+    }
+    let encrypted: Vec<&str> = volumes
+        .iter()
+        .filter(|v| v.encrypted)
+        .map(|v| v.name.as_str())
+        .collect();
+    if encrypted.is_empty() {
+        return Ok(());
+    }
+    Err(BadInput(format!(
+        "volume {} of vm {} is encrypted, and its backup would hold the guest's data in plaintext\n\
+         hint: encrypt the backup with --encrypt-key-file FILE, exclude the volume with --exclude, \
+         or accept plaintext backups with --allow-plaintext",
+        encrypted.join(", "),
+        opts.vm
+    ))
+    .into())
+}
+
+/// With a key: whether it opens the last backup's files (all files of an
+/// encrypted chain share one key; a new key needs a new chain). Reads one
+/// sector of the first volume through `qemu-io`, which derives the key as
+/// QEMU would (about as long as LUKS's iteration time, 2 s by default).
+fn check_key(repo: &Repo, last: &Manifest, key: Option<&Key>) -> Result<(), String> {
+    let (Some(key), Some(_)) = (key, &last.encryption) else {
+        return Ok(());
+    };
+    let Some(first) = last.volumes.first() else {
+        return Ok(());
+    };
+    let path = repo.root().join(&first.file);
+    let image = json!({
+        "driver": "qcow2",
+        "backing": null,
+        "read-only": true,
+        "encrypt": { "format": "luks", "key-secret": "k" },
+        "file": { "driver": "file", "filename": path, "read-only": true },
+    });
+    let out = std::process::Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!(
+            "secret,id=k,format=raw,file={}",
+            key.path().display().to_string().replace(',', ",,")
+        ))
+        .args(["-r", "-c", "read 0 512"])
+        .arg(format!("json:{image}"))
+        .output()
+        .map_err(|e| format!("running qemu-io to check the key (install qemu-utils): {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !stderr.contains("rror") {
+        return Ok(());
+    }
+    Err(format!(
+        "the key in {} does not open {} ({}); a new key starts a new chain",
+        key.path().display(),
+        first.file,
+        stderr.trim().lines().last().unwrap_or("qemu-io failed")
+    ))
 }
 
 /// The volumes to back up, named and filtered as asked.
@@ -603,27 +669,14 @@ async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {
     .map(drop)
 }
 
-/// Checks every file the next incremental would build on, as a restore
-/// would: the whole chain present, each file a qcow2 image of the recorded
-/// size with the backing name the layout gives it.
-fn check_chain(repo: &Repo, last: &Manifest) -> Result<(), String> {
-    let chain = super::restore::chain(repo, last).map_err(|e| format!("{e:#}"))?;
-    let mut report = super::verify::Report::default();
-    for link in &chain {
-        super::restore::verify_structure(repo, link, &mut report);
-    }
-    match report.problems.into_iter().next() {
-        Some(p) => Err(format!("{}: {}", p.file.unwrap_or(p.backup), p.problem)),
-        None => Ok(()),
-    }
-}
-
 /// What to take back in QEMU if the run fails after changing it.
 #[derive(Default)]
 struct Undo {
     jobs: Vec<String>,
     nodes: Vec<String>,
     fdsets: Vec<i64>,
+    /// QOM objects (the key's secret).
+    objects: Vec<String>,
     /// (node, bitmap) added by the transaction.
     bitmaps: Vec<(String, String)>,
     /// Set when the guest was frozen and the thaw failed: the backup may
@@ -658,7 +711,7 @@ impl Undo {
         for job in self.jobs.drain(..) {
             cancel_job(qmp, &job).await;
         }
-        for node in self.nodes.drain(..) {
+        for node in self.nodes.drain(..).rev() {
             if let Err(e) = qmp
                 .execute_raw("blockdev-del", json!({ "node-name": node }))
                 .await
@@ -670,6 +723,9 @@ impl Undo {
             let _ = qmp
                 .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
                 .await;
+        }
+        for id in self.objects.drain(..) {
+            let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
         }
         for (node, bitmap) in self.bitmaps.drain(..) {
             match remove_bitmap(qmp, &node, &bitmap).await {
@@ -686,91 +742,245 @@ impl Undo {
     }
 }
 
+/// What one run works with while it changes QEMU (steps 3 to 5).
+struct Run<'a> {
+    qmp: &'a Qmp,
+    opts: &'a BackupOptions,
+    scope: &'a Scope,
+    volumes: &'a [Volume],
+    plan: &'a Plan,
+    checkpoint: &'a str,
+    dir: &'a Path,
+}
+
+impl Run<'_> {
+    /// The backing name of volume `i`'s file, when it is incremental.
+    fn backing(&self, i: usize) -> Option<String> {
+        match (&self.plan.volumes[i].decision, &self.plan.base) {
+            (Decision::Incremental, Some(base)) => Some(VolumeRecord::backing_name(
+                &base.parent,
+                &self.volumes[i].name,
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// Steps 3 to 5: targets, transaction, jobs. On success the jobs are
 /// dismissed and the targets closed; `undo` holds only the new bitmaps.
-#[allow(clippy::too_many_arguments)]
-async fn run_jobs(
-    qmp: &Qmp,
-    opts: &BackupOptions,
-    scope: &Scope,
-    volumes: &[Volume],
-    plan: &Plan,
-    checkpoint: &str,
-    dir: &Path,
-    undo: &mut Undo,
-    cancel: Cancel,
-) -> anyhow::Result<()> {
-    let parent = match plan {
-        Plan::Incremental {
-            parent, checkpoint, ..
-        } => Some((parent.as_str(), checkpoint.as_str())),
-        Plan::Full(_) => None,
-    };
+async fn run_jobs(run: &Run<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow::Result<()> {
+    let jobs = prepare_targets(run, undo).await?;
+    if *cancel.borrow() {
+        bail!("interrupted before the backup started");
+    }
+    let mut events = run.qmp.subscribe();
+    start_transaction(run, undo).await?;
+    wait_jobs(run.qmp, run.opts, &mut events, &jobs, cancel).await?;
+    crate::fault::point("after-jobs");
+    close_targets(run.qmp, undo).await
+}
+
+/// Step 3: one target per volume, created and opened in QEMU with
+/// `backing: null`. Plain targets are created natively; encrypted ones by
+/// QEMU (`blockdev-create` with the key as a secret object sent over QMP)
+/// on a file bitback created. Returns the backup job ids.
+async fn prepare_targets(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
+    let (qmp, scope) = (run.qmp, run.scope);
     // qemu-storage-daemon has no add-fd: it opens targets by name.
     let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
-    let perf = opts.perf.for_qemu(qmp).await?;
-    let mut actions = Vec::new();
-    let mut jobs = Vec::new();
-    for (i, v) in volumes.iter().enumerate() {
-        let path = dir.join(VolumeRecord::file_name(&v.name));
-        let backing = parent.map(|(p, _)| VolumeRecord::backing_name(p, &v.name));
-        qcow2::create(
-            &path,
-            &CreateOptions {
-                size: v.virtual_size,
-                cluster_size: opts.cluster_size,
-                backing: backing.as_deref(),
-                backing_format: backing.as_ref().map(|_| "qcow2"),
-            },
-        )
-        .with_context(|| format!("creating {}", path.display()))?;
-        // QEMU resolves a relative name against its own working directory.
-        let mut filename = std::path::absolute(&path)
-            .with_context(|| format!("resolving {}", path.display()))?
-            .display()
-            .to_string();
-        if pass_fds {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let label = format!("bitback {}", path.display());
-            match qmp.add_fd(file.as_fd(), None, Some(&label)).await {
-                Ok(added) => {
-                    undo.fdsets.push(added.fdset_id);
-                    filename = format!("/dev/fdset/{}", added.fdset_id);
-                }
-                Err(e) if e.is_command_not_found() => {
-                    debug!("no add-fd in this QEMU: targets are opened by name");
-                    pass_fds = false;
-                }
-                Err(e) => return Err(anyhow!(e).context("passing the target to QEMU")),
-            }
+    let n = run.volumes.len();
+    let secret = match &run.opts.encrypt {
+        Some(key) => {
+            let id = scope.secret();
+            // One a killed run left behind.
+            let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
+            qmp.execute_raw(
+                "object-add",
+                json!({ "qom-type": "secret", "id": id, "data": key.base64(), "format": "base64" }),
+            )
+            .await
+            .context("handing the encryption key to QEMU")?;
+            undo.objects.push(id.clone());
+            Some(id)
         }
+        None => None,
+    };
+    let mut creating = Vec::new();
+    for (i, v) in run.volumes.iter().enumerate() {
+        let path = run.dir.join(VolumeRecord::file_name(&v.name));
+        let backing = run.backing(i);
+        if secret.is_some() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        } else {
+            qcow2::create(
+                &path,
+                &CreateOptions {
+                    size: v.virtual_size,
+                    cluster_size: run.opts.cluster_size,
+                    backing: backing.as_deref(),
+                    backing_format: backing.as_ref().map(|_| "qcow2"),
+                },
+            )
+            .with_context(|| format!("creating {}", path.display()))?;
+        }
+        let filename = target_filename(qmp, &path, &mut pass_fds, undo).await?;
         let node = scope.target_node(i);
-        qmp.execute_raw(
-            "blockdev-add",
+        let Some(secret) = &secret else {
             // no-flush: QEMU would fdatasync the target each time a new
             // L2 table depends on a refcount update (dozens of times on a
             // sparse disk); bitback syncs every file once, at the commit,
             // and a partial backup is discarded after a crash anyway.
+            qmp.execute_raw(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "backing": null,
+                    "cache": { "no-flush": true },
+                    "file": { "driver": "file", "filename": filename },
+                }),
+            )
+            .await
+            .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
+            undo.nodes.push(node);
+            continue;
+        };
+        let file_node = scope.target_node(n + i);
+        qmp.execute_raw(
+            "blockdev-add",
             json!({
-                "driver": "qcow2",
-                "node-name": node,
-                "backing": null,
+                "driver": "file", "node-name": file_node, "filename": filename,
                 "cache": { "no-flush": true },
-                "file": { "driver": "file", "filename": filename },
             }),
         )
         .await
-        .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
-        undo.nodes.push(node.clone());
+        .with_context(|| format!("opening the target file for volume {} in QEMU", v.name))?;
+        undo.nodes.push(file_node.clone());
+        let mut options = json!({
+            "driver": "qcow2",
+            "file": file_node,
+            "size": v.virtual_size,
+            "cluster-size": run.opts.cluster_size,
+            "encrypt": { "format": "luks", "key-secret": secret },
+        });
+        if let Some(backing) = &backing {
+            options["backing-file"] = backing.as_str().into();
+            options["backing-fmt"] = "qcow2".into();
+        }
+        let job = scope.job(n + i);
+        qmp.execute_raw(
+            "blockdev-create",
+            json!({ "job-id": job, "options": options }),
+        )
+        .await
+        .with_context(|| format!("creating the encrypted target for volume {}", v.name))?;
+        undo.jobs.push(job.clone());
+        creating.push(job);
+    }
+    if let Some(secret) = &secret {
+        wait_created(qmp, &creating, undo).await?;
+        for i in 0..n {
+            let node = scope.target_node(i);
+            qmp.execute_raw(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "backing": null,
+                    "file": scope.target_node(n + i),
+                    "encrypt": { "format": "luks", "key-secret": secret },
+                }),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the encrypted target for volume {} in QEMU",
+                    run.volumes[i].name
+                )
+            })?;
+            undo.nodes.push(node);
+        }
+    }
+    Ok((0..n).map(|i| scope.job(i)).collect())
+}
 
-        let job = scope.job(i);
-        jobs.push(job.clone());
+/// The name QEMU opens a target by: a passed fd where the monitor takes
+/// one, else the absolute path (QEMU resolves a relative name against its
+/// own working directory).
+async fn target_filename(
+    qmp: &Qmp,
+    path: &Path,
+    pass_fds: &mut bool,
+    undo: &mut Undo,
+) -> anyhow::Result<String> {
+    let absolute = std::path::absolute(path)
+        .with_context(|| format!("resolving {}", path.display()))?
+        .display()
+        .to_string();
+    if !*pass_fds {
+        return Ok(absolute);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let label = format!("bitback {}", path.display());
+    match qmp.add_fd(file.as_fd(), None, Some(&label)).await {
+        Ok(added) => {
+            undo.fdsets.push(added.fdset_id);
+            Ok(format!("/dev/fdset/{}", added.fdset_id))
+        }
+        Err(e) if e.is_command_not_found() => {
+            debug!("no add-fd in this QEMU: targets are opened by name");
+            *pass_fds = false;
+            Ok(absolute)
+        }
+        Err(e) => Err(anyhow!(e).context("passing the target to QEMU")),
+    }
+}
+
+/// Waits for `blockdev-create` jobs to conclude and dismisses them.
+async fn wait_created(qmp: &Qmp, jobs: &[String], undo: &mut Undo) -> anyhow::Result<()> {
+    // LUKS spends about 2 s deriving each key slot; a minute is plenty.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let seen = job_progress(qmp, jobs).await;
+        if seen.concluded.len() == jobs.len() {
+            for (job, error) in seen.concluded {
+                if let Some(error) = error {
+                    bail!("creating an encrypted target failed ({job}): {error}");
+                }
+                qmp.execute_raw("job-dismiss", json!({ "id": job }))
+                    .await
+                    .with_context(|| format!("dismissing job {job}"))?;
+                undo.jobs.retain(|j| j != &job);
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("creating the encrypted targets took more than 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Step 4: the new checkpoint on every volume and every copy, in one
+/// transaction, with the guest frozen around it when asked.
+async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()> {
+    let (qmp, opts) = (run.qmp, run.opts);
+    let perf = opts.perf.for_qemu(qmp).await?;
+    let mut actions = Vec::new();
+    for (i, v) in run.volumes.iter().enumerate() {
+        // Only qcow2 v3 can store a bitmap; every other kind gets one in
+        // QEMU's memory, which tracks changes while this QEMU lives.
+        let persistent = v.kind.tracking() == Tracking::Persistent;
         let mut bitmap =
-            json!({ "node": v.node_name, "name": checkpoint, "persistent": v.format == "qcow2" });
+            json!({ "node": v.node_name, "name": run.checkpoint, "persistent": persistent });
         if let Some(g) = opts.granularity {
             bitmap["granularity"] = g.into();
         }
@@ -786,12 +996,13 @@ async fn run_jobs(
             "full"
         };
         let mut data = json!({
-            "job-id": job, "device": v.node_name, "target": node,
+            "job-id": run.scope.job(i), "device": v.node_name, "target": run.scope.target_node(i),
             "sync": full_sync, "auto-dismiss": false,
         });
-        if let Some((_, active)) = parent {
+        if let (Decision::Incremental, Some(base)) = (&run.plan.volumes[i].decision, &run.plan.base)
+        {
             data["sync"] = "bitmap".into();
-            data["bitmap"] = active.into();
+            data["bitmap"] = base.checkpoint.as_str().into();
             data["bitmap-mode"] = "never".into();
         }
         if let Some(speed) = opts.rate_limit {
@@ -802,11 +1013,7 @@ async fn run_jobs(
         }
         actions.push(json!({ "type": "blockdev-backup", "data": data }));
     }
-    if *cancel.borrow() {
-        bail!("interrupted before the backup started");
-    }
 
-    let mut events = qmp.subscribe();
     let mut agent = match &opts.quiesce {
         Some(socket) => {
             let mut agent = Agent::connect(socket, Duration::from_secs(10)).await?;
@@ -843,38 +1050,39 @@ async fn run_jobs(
             }
         }
     }
-    match &started {
-        Ok(_) => {}
+    let applied = match &started {
+        Ok(_) => true,
         // QEMU refused it: a transaction is all or nothing.
-        Err(qmp::Error::Qemu { .. }) => {}
+        Err(qmp::Error::Qemu { .. }) => false,
         // No answer: it may have been applied; undo it by name.
         Err(e) => {
             warn!(vm = %opts.vm, error = %e, "the transaction's outcome is unknown; undoing it by name");
-            undo.jobs.extend(jobs.iter().cloned());
-            for v in volumes {
-                undo.bitmaps
-                    .push((v.node_name.clone(), checkpoint.to_string()));
-            }
+            true
+        }
+    };
+    if applied {
+        undo.jobs
+            .extend((0..run.volumes.len()).map(|i| run.scope.job(i)));
+        for v in run.volumes {
+            undo.bitmaps
+                .push((v.node_name.clone(), run.checkpoint.to_string()));
         }
     }
     started.context("starting the backup transaction")?;
-    undo.jobs.extend(jobs.iter().cloned());
-    for v in volumes {
-        undo.bitmaps
-            .push((v.node_name.clone(), checkpoint.to_string()));
-    }
     crate::fault::point("after-transaction");
+    Ok(())
+}
 
-    wait_jobs(qmp, opts, &mut events, &jobs, cancel).await?;
-    crate::fault::point("after-jobs");
-
-    // Success: the jobs are concluded; close the targets.
+/// After success: the jobs are concluded; dismiss them, close the
+/// targets, take back the passed fds and the key.
+async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
     for job in std::mem::take(&mut undo.jobs) {
         qmp.execute_raw("job-dismiss", json!({ "id": job }))
             .await
             .with_context(|| format!("dismissing job {job}"))?;
     }
-    for node in std::mem::take(&mut undo.nodes) {
+    // Format nodes before the file nodes under them.
+    for node in std::mem::take(&mut undo.nodes).into_iter().rev() {
         qmp.execute_raw("blockdev-del", json!({ "node-name": node }))
             .await
             .with_context(|| format!("closing target node {node}"))?;
@@ -885,6 +1093,11 @@ async fn run_jobs(
             .await
         {
             debug!(fdset, error = %e, "remove-fd");
+        }
+    }
+    for id in std::mem::take(&mut undo.objects) {
+        if let Err(e) = qmp.execute_raw("object-del", json!({ "id": id })).await {
+            warn!(object = %id, error = %e, "cannot remove the key from QEMU");
         }
     }
     Ok(())

@@ -31,6 +31,8 @@ pub struct ExportOptions {
     pub listen: Listen,
     /// Let clients write (into the throwaway overlay).
     pub writable: bool,
+    /// The key of an encrypted backup.
+    pub key: Option<super::key::Key>,
 }
 
 /// A running export; dropping it stops the daemon and removes the overlay.
@@ -59,7 +61,7 @@ impl Export {
 
 pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export> {
     let readers = repo.read_lock(&opts.vm, "export")?;
-    let (manifest, _chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), false)?;
+    let (manifest, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), false)?;
     let record = manifest
         .volumes
         .iter()
@@ -103,11 +105,33 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
             format!("nbd://{host}:{port}/{}", opts.volume),
         ),
     };
+    let mut blockdev = json!({
+        "driver": "qcow2", "node-name": "export0",
+        "file": {"driver": "file", "filename": overlay},
+    });
+    let mut objects = Vec::new();
+    match (&manifest.encryption, &opts.key) {
+        (None, _) => {}
+        (Some(_), Some(key)) => {
+            let files = super::chain::volume_files(repo, &chain, &record.name)?;
+            blockdev["backing"] = super::chain::encrypted_image(&files, "bitback-key");
+            objects.push(format!(
+                "secret,id=bitback-key,format=raw,file={}",
+                key.path().display().to_string().replace(',', ",,")
+            ));
+        }
+        (Some(_), None) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(BadInput(format!(
+                "backup {} is encrypted; give its key with --key-file FILE",
+                manifest.id
+            ))
+            .into());
+        }
+    }
     let spec = DaemonSpec {
-        blockdevs: vec![json!({
-            "driver": "qcow2", "node-name": "export0",
-            "file": {"driver": "file", "filename": overlay},
-        })],
+        blockdevs: vec![blockdev],
+        objects,
         nbd: Some(addr),
         exports: vec![json!({
             "type": "nbd", "id": "e0", "node-name": "export0",

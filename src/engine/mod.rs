@@ -5,7 +5,9 @@
 //! back into an image.
 
 mod backup;
+mod chain;
 mod export;
+pub mod key;
 pub mod plan;
 mod restore;
 mod retention;

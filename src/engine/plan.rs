@@ -1,18 +1,25 @@
-//! Full or incremental: a pure function of the facts.
+//! Full or incremental, decided per volume: a pure function of the facts.
 //!
-//! An incremental is safe only when the bitmap that recorded every write
-//! since the last backup is known good on every volume, and the last
-//! backup's files are there to build on. Anything else gives a full backup,
-//! with a reason an operator can act on. The rules, in the order checked:
-//! asked for full or incrementals off; no backup yet; no active checkpoint
-//! (cleared by a restore); the last backup is not the checkpoint's; the
-//! volume set changed; a volume's size or image file changed; the
-//! checkpoint bitmap is missing, inconsistent, disabled or busy on a
-//! volume; the chain is at its length limit; a parent file is unusable.
+//! An incremental of a volume is safe only when the bitmap that recorded
+//! every write to it since the last backup is known good, and the last
+//! backup's file of that volume is there to build on. Anything else gives
+//! a full of that volume, with a reason an operator can act on; the other
+//! volumes stay incremental. A point is still one transaction across all
+//! volumes, so every volume of it is the same instant.
+//!
+//! Rules for the whole point, in the order checked (each makes every
+//! volume full): asked for full or incrementals off; no backup yet; no
+//! active checkpoint (cleared by a restore); the last backup is not the
+//! checkpoint's; the backup's encryption differs from the last one's; the
+//! chain is at its length limit; the last backup's files are unusable.
+//! Then, per volume: new since the last backup; resized; its image file
+//! changed; its checkpoint bitmap is missing (for an image that keeps its
+//! bitmap in QEMU's memory only: QEMU restarted), inconsistent, disabled or
+//! busy. A point where every volume is full starts a new chain.
 
 use std::fmt;
 
-use crate::qemu::Volume;
+use crate::qemu::{DiskKind, Tracking, Volume};
 use crate::repo::{Manifest, VmState};
 
 /// What the operator asked for.
@@ -35,20 +42,43 @@ pub struct Facts<'a> {
     pub last: Option<&'a Manifest>,
     /// The volumes to back up now, in order, with their bitmaps.
     pub volumes: &'a [Volume],
+    /// Whether this backup's files are encrypted.
+    pub encrypted: bool,
     /// Why the last backup's files cannot be built on, if they cannot.
     pub parent_problem: Option<String>,
 }
 
+/// The decision for one point.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
+pub struct Plan {
+    /// What the incremental volumes build on; `None` when every volume is
+    /// full (the point starts a chain).
+    pub base: Option<Base>,
+    /// One decision per volume, in the order of [`Facts::volumes`].
+    pub volumes: Vec<VolumePlan>,
+}
+
+/// The backup an incremental point builds on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub parent: String,
+    /// The bitmap holding every change since `parent`.
+    pub checkpoint: String,
+    pub chain: String,
+    /// This point's position in the chain.
+    pub position: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePlan {
+    pub volume: String,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
     Full(FullReason),
-    Incremental {
-        parent: String,
-        /// The bitmap holding every change since `parent`.
-        checkpoint: String,
-        chain: String,
-        position: u32,
-    },
+    Incremental,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,9 +92,17 @@ pub enum FullReason {
         last: String,
         state_last: Option<String>,
     },
-    VolumeSetChanged {
-        before: Vec<String>,
-        now: Vec<String>,
+    EncryptionChanged {
+        now: bool,
+    },
+    ChainLimit {
+        length: u32,
+        limit: u32,
+    },
+    ParentUnusable(String),
+    NewVolume {
+        volume: String,
+        parent: String,
     },
     Resized {
         volume: String,
@@ -80,6 +118,11 @@ pub enum FullReason {
         volume: String,
         bitmap: String,
     },
+    /// A bitmap kept in memory only is gone: QEMU restarted.
+    MemoryBitmapLost {
+        volume: String,
+        kind: DiskKind,
+    },
     BitmapInconsistent {
         volume: String,
         bitmap: String,
@@ -92,11 +135,6 @@ pub enum FullReason {
         volume: String,
         bitmap: String,
     },
-    ChainLimit {
-        length: u32,
-        limit: u32,
-    },
-    ParentUnusable(String),
 }
 
 fn size(n: u64) -> String {
@@ -131,12 +169,23 @@ impl fmt::Display for FullReason {
                 "full: the newest backup {last} is not the one the checkpoint belongs to ({})",
                 state_last.as_deref().unwrap_or("none")
             ),
-            VolumeSetChanged { before, now } => write!(
+            EncryptionChanged { now: true } => write!(
                 f,
-                "full: the volume set changed ([{}] -> [{}])",
-                before.join(", "),
-                now.join(", ")
+                "full: backups are encrypted from now on (the last one was not)"
             ),
+            EncryptionChanged { now: false } => {
+                write!(f, "full: the last backup was encrypted and this one is not")
+            }
+            ChainLimit { length, limit } => write!(
+                f,
+                "full: the chain has {length} backups, its limit (--full-every {limit})"
+            ),
+            ParentUnusable(reason) => {
+                write!(f, "full: the last backup cannot be built on: {reason}")
+            }
+            NewVolume { volume, parent } => {
+                write!(f, "full: volume {volume} is new (not in backup {parent})")
+            }
             Resized {
                 volume,
                 before,
@@ -159,6 +208,17 @@ impl fmt::Display for FullReason {
                 f,
                 "full: checkpoint bitmap {bitmap} is missing on volume {volume}"
             ),
+            MemoryBitmapLost { volume, kind } => {
+                write!(
+                    f,
+                    "full: volume {volume} is a {}: changes are tracked in memory only, and QEMU restarted",
+                    kind.describe()
+                )?;
+                match kind.hint() {
+                    Some(hint) => write!(f, " ({hint})"),
+                    None => Ok(()),
+                }
+            }
             BitmapInconsistent { volume, bitmap } => write!(
                 f,
                 "full: checkpoint bitmap {bitmap} on volume {volume} is inconsistent (QEMU stopped without closing the image)"
@@ -171,37 +231,99 @@ impl fmt::Display for FullReason {
                 f,
                 "full: checkpoint bitmap {bitmap} on volume {volume} is busy (used by another job)"
             ),
-            ChainLimit { length, limit } => write!(
-                f,
-                "full: the chain has {length} backups, its limit (--full-every {limit})"
-            ),
-            ParentUnusable(reason) => {
-                write!(f, "full: the last backup cannot be built on: {reason}")
-            }
         }
     }
 }
 
 impl Plan {
+    /// Every volume full for one reason.
+    fn all_full(volumes: &[Volume], reason: FullReason) -> Plan {
+        Plan {
+            base: None,
+            volumes: volumes
+                .iter()
+                .map(|v| VolumePlan {
+                    volume: v.name.clone(),
+                    decision: Decision::Full(reason.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// True when no volume builds on an earlier backup.
+    pub fn is_full(&self) -> bool {
+        self.base.is_none()
+    }
+
+    /// One volume's decision, as text.
+    pub fn volume_reason(&self, index: usize) -> String {
+        match (&self.volumes[index].decision, &self.base) {
+            (Decision::Full(reason), _) => reason.to_string(),
+            (Decision::Incremental, Some(base)) => format!(
+                "incremental: changes since {}, tracked by bitmap {}",
+                base.parent, base.checkpoint
+            ),
+            (Decision::Incremental, None) => "incremental".into(),
+        }
+    }
+
+    /// The point's decision, as text: the shared reason when every volume
+    /// has the same, else the incremental base and which volumes are full.
     pub fn reason(&self) -> String {
-        match self {
-            Plan::Full(reason) => reason.to_string(),
-            Plan::Incremental {
-                parent, checkpoint, ..
-            } => format!("incremental: changes since {parent}, tracked by bitmap {checkpoint}"),
+        let reasons: Vec<String> = (0..self.volumes.len())
+            .map(|i| self.volume_reason(i))
+            .collect();
+        if reasons.windows(2).all(|w| w[0] == w[1])
+            && let Some(first) = reasons.first()
+        {
+            return first.clone();
+        }
+        let fulls: Vec<String> = self
+            .volumes
+            .iter()
+            .filter_map(|v| match &v.decision {
+                Decision::Full(r) => Some(format!("{} ({})", v.volume, r)),
+                Decision::Incremental => None,
+            })
+            .collect();
+        match &self.base {
+            Some(base) => format!(
+                "incremental: changes since {}, tracked by bitmap {}; full of {}",
+                base.parent,
+                base.checkpoint,
+                fulls.join("; ")
+            ),
+            None => format!("full: every volume needs one: {}", fulls.join("; ")),
         }
     }
 }
 
-/// Decides full or incremental.
+/// Decides full or incremental for each volume.
 pub fn plan(facts: &Facts) -> Plan {
-    match check(facts) {
-        Ok(plan) => plan,
-        Err(reason) => Plan::Full(reason),
+    let base = match check_point(facts) {
+        Ok(base) => base,
+        Err(reason) => return Plan::all_full(facts.volumes, reason),
+    };
+    let volumes: Vec<VolumePlan> = facts
+        .volumes
+        .iter()
+        .map(|live| VolumePlan {
+            volume: live.name.clone(),
+            decision: match check_volume(facts, &base, live) {
+                Ok(()) => Decision::Incremental,
+                Err(reason) => Decision::Full(reason),
+            },
+        })
+        .collect();
+    let any_incremental = volumes.iter().any(|v| v.decision == Decision::Incremental);
+    Plan {
+        base: any_incremental.then_some(base),
+        volumes,
     }
 }
 
-fn check(facts: &Facts) -> Result<Plan, FullReason> {
+/// The rules for the whole point; the base to build on if they pass.
+fn check_point(facts: &Facts) -> Result<Base, FullReason> {
     use FullReason::*;
     let policy = facts.policy;
     if policy.force_full {
@@ -222,46 +344,10 @@ fn check(facts: &Facts) -> Result<Plan, FullReason> {
             state_last: state.last_backup.clone(),
         });
     }
-
-    let before: Vec<String> = last.volumes.iter().map(|v| v.name.clone()).collect();
-    let now: Vec<String> = facts.volumes.iter().map(|v| v.name.clone()).collect();
-    if before != now {
-        return Err(VolumeSetChanged { before, now });
-    }
-    for (old, live) in last.volumes.iter().zip(facts.volumes) {
-        if old.virtual_size != live.virtual_size {
-            return Err(Resized {
-                volume: live.name.clone(),
-                before: old.virtual_size,
-                now: live.virtual_size,
-            });
-        }
-        if old.image_file != live.image_file {
-            return Err(ImageChanged {
-                volume: live.name.clone(),
-                before: old.image_file.clone(),
-                now: live.image_file.clone(),
-            });
-        }
-    }
-    for live in facts.volumes {
-        let named = |volume: &Volume| (volume.name.clone(), checkpoint.clone());
-        let Some(bitmap) = live.bitmaps.iter().find(|b| &b.name == checkpoint) else {
-            let (volume, bitmap) = named(live);
-            return Err(BitmapMissing { volume, bitmap });
-        };
-        if bitmap.inconsistent {
-            let (volume, bitmap) = named(live);
-            return Err(BitmapInconsistent { volume, bitmap });
-        }
-        if !bitmap.recording {
-            let (volume, bitmap) = named(live);
-            return Err(BitmapDisabled { volume, bitmap });
-        }
-        if bitmap.busy {
-            let (volume, bitmap) = named(live);
-            return Err(BitmapBusy { volume, bitmap });
-        }
+    if last.encryption.is_some() != facts.encrypted {
+        return Err(EncryptionChanged {
+            now: facts.encrypted,
+        });
     }
     if let Some(limit) = policy.full_every {
         let length = last.position + 1;
@@ -272,12 +358,64 @@ fn check(facts: &Facts) -> Result<Plan, FullReason> {
     if let Some(problem) = &facts.parent_problem {
         return Err(ParentUnusable(problem.clone()));
     }
-    Ok(Plan::Incremental {
+    Ok(Base {
         parent: last.id.clone(),
         checkpoint: checkpoint.clone(),
         chain: last.chain.clone(),
         position: last.position + 1,
     })
+}
+
+/// The rules for one volume, given a base that passed the point's rules.
+fn check_volume(facts: &Facts, base: &Base, live: &Volume) -> Result<(), FullReason> {
+    use FullReason::*;
+    let Some(old) = facts
+        .last
+        .and_then(|last| last.volumes.iter().find(|v| v.name == live.name))
+    else {
+        return Err(NewVolume {
+            volume: live.name.clone(),
+            parent: base.parent.clone(),
+        });
+    };
+    if old.virtual_size != live.virtual_size {
+        return Err(Resized {
+            volume: live.name.clone(),
+            before: old.virtual_size,
+            now: live.virtual_size,
+        });
+    }
+    if old.image_file != live.image_file {
+        return Err(ImageChanged {
+            volume: live.name.clone(),
+            before: old.image_file.clone(),
+            now: live.image_file.clone(),
+        });
+    }
+    let named = || (live.name.clone(), base.checkpoint.clone());
+    let Some(bitmap) = live.bitmaps.iter().find(|b| b.name == base.checkpoint) else {
+        if live.kind.tracking() == Tracking::Memory {
+            return Err(MemoryBitmapLost {
+                volume: live.name.clone(),
+                kind: live.kind,
+            });
+        }
+        let (volume, bitmap) = named();
+        return Err(BitmapMissing { volume, bitmap });
+    };
+    if bitmap.inconsistent {
+        let (volume, bitmap) = named();
+        return Err(BitmapInconsistent { volume, bitmap });
+    }
+    if !bitmap.recording {
+        let (volume, bitmap) = named();
+        return Err(BitmapDisabled { volume, bitmap });
+    }
+    if bitmap.busy {
+        let (volume, bitmap) = named();
+        return Err(BitmapBusy { volume, bitmap });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -310,21 +448,24 @@ mod tests {
             read_only: false,
             backing_file: None,
             device: None,
+            kind: DiskKind::Qcow2,
+            encrypted: false,
             bitmaps: bitmaps.iter().map(|b| bitmap(b)).collect(),
         }
     }
 
     fn manifest(id: &str, position: u32, volumes: &[Volume]) -> Manifest {
+        let kind = if position == 0 {
+            BackupKind::Full
+        } else {
+            BackupKind::Incremental
+        };
         Manifest {
             schema: MANIFEST_SCHEMA,
             id: id.into(),
             vm: "vm".into(),
             seq: u64::from(position) + 1,
-            kind: if position == 0 {
-                BackupKind::Full
-            } else {
-                BackupKind::Incremental
-            },
+            kind,
             reason: String::new(),
             chain: "c0".into(),
             position,
@@ -339,6 +480,10 @@ mod tests {
                     image_file: v.image_file.clone(),
                     format: v.format.clone(),
                     virtual_size: v.virtual_size,
+                    kind,
+                    reason: String::new(),
+                    disk: Some(v.kind),
+                    tracking: Some(v.kind.tracking()),
                     file: String::new(),
                     backing: None,
                     bytes_written: 0,
@@ -346,6 +491,7 @@ mod tests {
                 })
                 .collect(),
             qemu_version: None,
+            encryption: None,
         }
     }
 
@@ -367,6 +513,7 @@ mod tests {
         state: Option<VmState>,
         last: Option<Manifest>,
         volumes: Vec<Volume>,
+        encrypted: bool,
         parent_problem: Option<String>,
     }
 
@@ -381,6 +528,7 @@ mod tests {
                 state: Some(state("b3", &volumes)),
                 last: Some(manifest("b3", 2, &volumes)),
                 volumes,
+                encrypted: false,
                 parent_problem: None,
             }
         }
@@ -391,15 +539,30 @@ mod tests {
                 state: self.state.as_ref(),
                 last: self.last.as_ref(),
                 volumes: &self.volumes,
+                encrypted: self.encrypted,
                 parent_problem: self.parent_problem.clone(),
             })
         }
 
+        /// The reason every volume is full for (the point's own rules).
         fn full(&self) -> FullReason {
-            match self.plan() {
-                Plan::Full(reason) => reason,
-                other => panic!("expected full, got {other:?}"),
-            }
+            let plan = self.plan();
+            assert_eq!(plan.base, None, "expected a full point, got {plan:?}");
+            let reasons: Vec<&FullReason> = plan
+                .volumes
+                .iter()
+                .map(|v| match &v.decision {
+                    Decision::Full(r) => r,
+                    Decision::Incremental => panic!("an incremental volume in {plan:?}"),
+                })
+                .collect();
+            assert!(reasons.windows(2).all(|w| w[0] == w[1]), "{plan:?}");
+            reasons[0].clone()
+        }
+
+        /// The decision for volume `i`.
+        fn decision(&self, i: usize) -> Decision {
+            self.plan().volumes[i].decision.clone()
         }
 
         fn bitmap(&mut self, volume: usize) -> &mut Bitmap {
@@ -411,16 +574,27 @@ mod tests {
         }
     }
 
+    fn base() -> Base {
+        Base {
+            parent: "b3".into(),
+            checkpoint: "bitback-b3".into(),
+            chain: "c0".into(),
+            position: 3,
+        }
+    }
+
     #[test]
-    fn good_parent_gives_incremental() {
+    fn good_parent_gives_incremental_of_every_volume() {
+        let plan = World::good().plan();
+        assert_eq!(plan.base, Some(base()));
+        assert!(
+            plan.volumes
+                .iter()
+                .all(|v| v.decision == Decision::Incremental)
+        );
         assert_eq!(
-            World::good().plan(),
-            Plan::Incremental {
-                parent: "b3".into(),
-                checkpoint: "bitback-b3".into(),
-                chain: "c0".into(),
-                position: 3,
-            }
+            plan.reason(),
+            "incremental: changes since b3, tracked by bitmap bitback-b3"
         );
     }
 
@@ -437,6 +611,7 @@ mod tests {
         w.policy.force_full = true;
         assert_eq!(w.full(), FullReason::Requested);
         assert_eq!(w.full().to_string(), "full: requested (--full)");
+        assert_eq!(w.plan().reason(), "full: requested (--full)");
     }
 
     #[test]
@@ -480,30 +655,66 @@ mod tests {
     }
 
     #[test]
-    fn volume_added_removed_renamed_or_reordered() {
+    fn encryption_changed_either_way() {
         let mut w = World::good();
-        w.volumes.push(volume("disk2", GIB, &["bitback-b3"]));
-        assert!(matches!(w.full(), FullReason::VolumeSetChanged { .. }));
+        w.encrypted = true;
+        assert_eq!(w.full(), FullReason::EncryptionChanged { now: true });
+        let mut w = World::good();
+        w.last.as_mut().unwrap().encryption = Some("luks".into());
+        assert_eq!(w.full(), FullReason::EncryptionChanged { now: false });
+        w.encrypted = true;
+        assert_eq!(w.plan().base, Some(base()));
+    }
+
+    #[test]
+    fn a_new_volume_is_a_full_of_that_volume_only() {
+        let mut w = World::good();
+        w.volumes.push(volume("disk2", GIB, &[]));
+        let plan = w.plan();
+        assert_eq!(plan.base, Some(base()));
+        assert_eq!(plan.volumes[0].decision, Decision::Incremental);
+        assert_eq!(plan.volumes[1].decision, Decision::Incremental);
+        assert_eq!(
+            plan.volume_reason(2),
+            "full: volume disk2 is new (not in backup b3)"
+        );
+        assert_eq!(
+            plan.reason(),
+            "incremental: changes since b3, tracked by bitmap bitback-b3; full of disk2 (full: volume disk2 is new (not in backup b3))"
+        );
+    }
+
+    #[test]
+    fn a_removed_or_reordered_volume_keeps_the_others_incremental() {
         let mut w = World::good();
         w.volumes.pop();
-        assert!(matches!(w.full(), FullReason::VolumeSetChanged { .. }));
+        assert_eq!(w.plan().base, Some(base()));
+        assert_eq!(w.decision(0), Decision::Incremental);
         let mut w = World::good();
         w.volumes.swap(0, 1);
-        assert!(matches!(w.full(), FullReason::VolumeSetChanged { .. }));
+        assert!(
+            w.plan()
+                .volumes
+                .iter()
+                .all(|v| v.decision == Decision::Incremental)
+        );
+        // A renamed volume is a new one.
         let mut w = World::good();
         w.volumes[1].name = "data".into();
-        assert_eq!(
-            w.full().to_string(),
-            "full: the volume set changed ([disk0, disk1] -> [disk0, data])"
-        );
+        assert_eq!(w.decision(0), Decision::Incremental);
+        assert!(matches!(
+            w.decision(1),
+            Decision::Full(FullReason::NewVolume { .. })
+        ));
     }
 
     #[test]
     fn resized_volume() {
         let mut w = World::good();
         w.volumes[1].virtual_size = 2 * GIB;
+        assert_eq!(w.decision(0), Decision::Incremental);
         assert_eq!(
-            w.full().to_string(),
+            w.plan().volume_reason(1),
             "full: volume disk1 was resized (1 GiB -> 2 GiB)"
         );
     }
@@ -512,7 +723,11 @@ mod tests {
     fn image_file_changed() {
         let mut w = World::good();
         w.volumes[0].image_file = "/vms/disk0-snap.qcow2".into();
-        assert!(matches!(w.full(), FullReason::ImageChanged { .. }));
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::ImageChanged { .. })
+        ));
+        assert_eq!(w.decision(1), Decision::Incremental);
     }
 
     #[test]
@@ -520,21 +735,71 @@ mod tests {
         let mut w = World::good();
         w.volumes[1].bitmaps.retain(|b| b.name != "bitback-b3");
         assert_eq!(
-            w.full(),
-            FullReason::BitmapMissing {
+            w.decision(1),
+            Decision::Full(FullReason::BitmapMissing {
                 volume: "disk1".into(),
                 bitmap: "bitback-b3".into()
-            }
+            })
         );
+        assert_eq!(w.decision(0), Decision::Incremental);
         let mut w = World::good();
         w.bitmap(0).inconsistent = true;
-        assert!(matches!(w.full(), FullReason::BitmapInconsistent { .. }));
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::BitmapInconsistent { .. })
+        ));
         let mut w = World::good();
         w.bitmap(1).recording = false;
-        assert!(matches!(w.full(), FullReason::BitmapDisabled { .. }));
+        assert!(matches!(
+            w.decision(1),
+            Decision::Full(FullReason::BitmapDisabled { .. })
+        ));
         let mut w = World::good();
         w.bitmap(0).busy = true;
-        assert!(matches!(w.full(), FullReason::BitmapBusy { .. }));
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::BitmapBusy { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_tracked_volumes_say_why_after_a_restart() {
+        for (kind, text) in [
+            (
+                DiskKind::RawFile,
+                "full: volume disk1 is a raw image: changes are tracked in memory only, and QEMU restarted",
+            ),
+            (
+                DiskKind::RawDevice,
+                "full: volume disk1 is a raw block device: changes are tracked in memory only, and QEMU restarted",
+            ),
+            (
+                DiskKind::Qcow2V2,
+                "full: volume disk1 is a qcow2 v2 image: changes are tracked in memory only, and QEMU restarted (`qemu-img amend -f qcow2 -o compat=1.1 IMAGE` (VM stopped) lets it keep a persistent bitmap)",
+            ),
+        ] {
+            let mut w = World::good();
+            w.volumes[1].kind = kind;
+            // While its QEMU lives, the memory bitmap serves.
+            assert_eq!(w.decision(1), Decision::Incremental, "{kind:?}");
+            w.volumes[1].bitmaps.clear();
+            assert_eq!(w.plan().volume_reason(1), text);
+            assert_eq!(w.decision(0), Decision::Incremental);
+        }
+    }
+
+    #[test]
+    fn every_volume_full_for_its_own_reason_starts_a_chain() {
+        let mut w = World::good();
+        w.volumes[0].virtual_size += GIB;
+        w.volumes[1].bitmaps.clear();
+        let plan = w.plan();
+        assert_eq!(plan.base, None);
+        assert!(plan.is_full());
+        assert_eq!(
+            plan.reason(),
+            "full: every volume needs one: disk0 (full: volume disk0 was resized (10 GiB -> 11 GiB)); disk1 (full: checkpoint bitmap bitback-b3 is missing on volume disk1)"
+        );
     }
 
     #[test]
@@ -550,7 +815,7 @@ mod tests {
             }
         );
         w.policy.full_every = Some(4);
-        assert!(matches!(w.plan(), Plan::Incremental { position: 3, .. }));
+        assert_eq!(w.plan().base.map(|b| b.position), Some(3));
     }
 
     #[test]
@@ -561,7 +826,7 @@ mod tests {
     }
 
     #[test]
-    fn rules_in_combination_report_the_first_in_order() {
+    fn point_rules_come_before_volume_rules_and_in_order() {
         // Everything wrong at once: the request wins.
         let mut w = World::good();
         w.policy.force_full = true;
@@ -572,22 +837,36 @@ mod tests {
         assert_eq!(w.full(), FullReason::Requested);
         w.policy.force_full = false;
         assert_eq!(w.full(), FullReason::IncrementalsOff);
-        w.policy.full_every = Some(2);
-        // A resize is reported before the missing bitmap it also caused.
-        assert!(matches!(w.full(), FullReason::Resized { .. }));
-        w.volumes[0].virtual_size -= GIB;
-        assert!(matches!(w.full(), FullReason::BitmapMissing { .. }));
-        w.volumes[1].bitmaps.push(bitmap("bitback-b3"));
+        w.policy.full_every = Some(3);
         assert!(matches!(w.full(), FullReason::ChainLimit { .. }));
         w.policy.full_every = None;
         assert!(matches!(w.full(), FullReason::ParentUnusable(_)));
         w.parent_problem = None;
-        assert!(matches!(w.plan(), Plan::Incremental { .. }));
+        // Now each volume for its own reason.
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::Resized { .. })
+        ));
+        assert!(matches!(
+            w.decision(1),
+            Decision::Full(FullReason::BitmapMissing { .. })
+        ));
+        // A resize is reported before the missing bitmap it also caused.
+        w.volumes[0].bitmaps.clear();
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::Resized { .. })
+        ));
+        w.volumes[0].virtual_size -= GIB;
+        w.volumes[0].bitmaps.push(bitmap("bitback-b3"));
+        assert_eq!(w.decision(0), Decision::Incremental);
+        assert_eq!(w.plan().base, Some(base()));
     }
 
     #[test]
-    fn every_single_fault_forces_full() {
-        // Each fault alone, over every volume: never an incremental.
+    fn every_single_fault_makes_that_volume_full_and_only_it() {
+        // Each fault alone, over every volume: never an incremental of
+        // the faulty volume, always one of the other.
         type Fault = fn(&mut World, usize);
         let faults: &[Fault] = &[
             |w, i| w.volumes[i].virtual_size += 512,
@@ -597,12 +876,26 @@ mod tests {
             |w, i| w.bitmap(i).inconsistent = true,
             |w, i| w.bitmap(i).recording = false,
             |w, i| w.bitmap(i).busy = true,
+            |w, i| {
+                w.volumes[i].kind = DiskKind::RawFile;
+                w.volumes[i].bitmaps.clear()
+            },
         ];
         for (n, fault) in faults.iter().enumerate() {
             for i in 0..2 {
                 let mut w = World::good();
                 fault(&mut w, i);
-                assert!(matches!(w.plan(), Plan::Full(_)), "fault {n} on volume {i}");
+                let plan = w.plan();
+                assert!(
+                    matches!(plan.volumes[i].decision, Decision::Full(_)),
+                    "fault {n} on volume {i}"
+                );
+                assert_eq!(
+                    plan.volumes[1 - i].decision,
+                    Decision::Incremental,
+                    "fault {n} on volume {i}"
+                );
+                assert_eq!(plan.base, Some(base()), "fault {n} on volume {i}");
             }
         }
     }

@@ -26,6 +26,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::BadInput;
+use super::chain::{chain, verify_structure, volume_files};
+use super::key::Key;
 use super::verify::{Report, verify_backup};
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo};
@@ -53,6 +55,8 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// A progress bar on stderr.
     pub progress: bool,
+    /// The key of an encrypted backup.
+    pub key: Option<Key>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,26 +71,6 @@ pub struct Restored {
     pub bytes_copied: u64,
     /// `native` or `qemu-img convert` (and why).
     pub method: String,
-}
-
-/// The chain of `m`, full first.
-pub(super) fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
-    let mut out = vec![m.clone()];
-    let mut seen = std::collections::BTreeSet::from([m.id.clone()]);
-    while let Some(parent) = out.last().and_then(|m| m.parent.clone()) {
-        if !seen.insert(parent.clone()) {
-            bail!(
-                "backup {}'s chain loops: {parent} is its own ancestor (the manifests were changed by hand or tampered with)",
-                m.id
-            );
-        }
-        let parent = repo
-            .manifest(&m.vm, &parent)
-            .with_context(|| format!("backup {} needs its parent {parent}", m.id))?;
-        out.push(parent);
-    }
-    out.reverse();
-    Ok(out)
 }
 
 /// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
@@ -150,6 +134,17 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
             .into());
         }
     }
+    let key = match (&m.encryption, &opts.key) {
+        (Some(_), Some(key)) => Some(key),
+        (Some(_), None) => {
+            return Err(BadInput(format!(
+                "backup {} is encrypted; give its key with --key-file FILE",
+                m.id
+            ))
+            .into());
+        }
+        (None, _) => None,
+    };
     let selected: Vec<_> = m
         .volumes
         .iter()
@@ -191,18 +186,8 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
             ))
             .into());
         }
-        let files: Vec<PathBuf> = chain
-            .iter()
-            .map(|link| {
-                let record = link
-                    .volumes
-                    .iter()
-                    .find(|r| r.name == v.name)
-                    .with_context(|| format!("backup {} has no volume {}", link.id, v.name))?;
-                Ok(repo.root().join(&record.file))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let restored = restore_volume(&files, &target, opts, v.virtual_size)
+        let files = volume_files(repo, &chain, &v.name)?;
+        let restored = restore_volume(&files, &target, opts, v.virtual_size, key)
             .with_context(|| format!("restoring volume {} of backup {}", v.name, m.id))?;
         info!(volume = %v.name, path = %target.display(), method = %restored.1, "restored");
         out.push(Restored {
@@ -218,40 +203,13 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
     Ok(out)
 }
 
-/// Verification without digests: names, sizes, backing names, tables.
-pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
-    for v in &m.volumes {
-        let path = repo.root().join(&v.file);
-        let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-        let problem = match Image::open(&path) {
-            _ if link => Some("is a symlink; backup files must be plain files".into()),
-            Err(e) => Some(e.to_string()),
-            Ok(image) if image.hc.backing_file != v.backing => Some(format!(
-                "backing file is {:?}, the manifest says {:?}",
-                image.hc.backing_file, v.backing
-            )),
-            Ok(image) if image.header().size != v.virtual_size => {
-                Some("virtual size differs from the manifest".into())
-            }
-            Ok(image) => super::verify::data_file_problem(&image),
-        };
-        if let Some(problem) = problem {
-            report.problems.push(super::verify::Problem {
-                vm: m.vm.clone(),
-                backup: m.id.clone(),
-                file: Some(v.file.clone()),
-                problem,
-            });
-        }
-    }
-}
-
 /// Writes under a temp name, then renames into place.
 fn restore_volume(
     files: &[PathBuf],
     target: &Path,
     opts: &RestoreOptions,
     size: u64,
+    key: Option<&Key>,
 ) -> anyhow::Result<(u64, String)> {
     let dir = target
         .parent()
@@ -270,7 +228,11 @@ fn restore_volume(
         Format::Qcow2 => "qcow2",
     };
     let threads = opts.threads.max(1);
-    let result = match plan_copy(files)? {
+    let plan = match key {
+        Some(_) => None,
+        None => plan_copy(files)?,
+    };
+    let result = match plan {
         Some((segments, sources)) => {
             let copy = match opts.format {
                 Format::Raw => copy_native,
@@ -287,12 +249,20 @@ fn restore_volume(
             )
             .map(|n| (n, "native".to_string()))
         }
-        None => qemu_img_convert(top, &tmp, format).map(|_| {
-            (
-                0,
-                "qemu-img convert (the chain has compressed or encrypted clusters)".to_string(),
-            )
-        }),
+        None => match key {
+            Some(key) => qemu_img_convert_encrypted(files, key, &tmp, format).map(|_| {
+                (
+                    0,
+                    "qemu-img convert (the backup is encrypted: QEMU decrypts it)".to_string(),
+                )
+            }),
+            None => qemu_img_convert(top, &tmp, format).map(|_| {
+                (
+                    0,
+                    "qemu-img convert (the chain has compressed clusters)".to_string(),
+                )
+            }),
+        },
     };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -355,6 +325,38 @@ fn qemu_img_convert(top: &Path, out: &Path, format: &str) -> anyhow::Result<()> 
     let output = Command::new("qemu-img")
         .args(["convert", "-f", "qcow2", "-O", format])
         .arg(top)
+        .arg(out)
+        .output()
+        .context("running qemu-img convert (install qemu-utils)")?;
+    if !output.status.success() {
+        bail!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    File::open(out)?.sync_all()?;
+    Ok(())
+}
+
+/// Decrypts and converts an encrypted chain (full first): the key file is
+/// read by qemu-img as a secret object, each file's backing is the file
+/// before it, given explicitly.
+fn qemu_img_convert_encrypted(
+    files: &[PathBuf],
+    key: &Key,
+    out: &Path,
+    format: &str,
+) -> anyhow::Result<()> {
+    let image = super::chain::encrypted_image(files, "bitback-key");
+    let output = Command::new("qemu-img")
+        .arg("convert")
+        .arg("--object")
+        .arg(format!(
+            "secret,id=bitback-key,format=raw,file={}",
+            key.path().display().to_string().replace(',', ",,")
+        ))
+        .args(["-O", format])
+        .arg(format!("json:{image}"))
         .arg(out)
         .output()
         .context("running qemu-img convert (install qemu-utils)")?;
@@ -736,16 +738,14 @@ pub fn restore_in_place(
             .find(|v| &v.name == name)
             .ok_or_else(|| BadInput(format!("backup {} has no volume {name}", m.id)))?,
     };
-    let files: Vec<PathBuf> = chain
-        .iter()
-        .map(|link| {
-            link.volumes
-                .iter()
-                .find(|r| r.name == record.name)
-                .map(|r| repo.root().join(&r.file))
-                .with_context(|| format!("backup {} has no volume {}", link.id, record.name))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    if m.encryption.is_some() {
+        return Err(BadInput(format!(
+            "backup {} is encrypted; restore it to a file with --key-file, then copy that into the image",
+            m.id
+        ))
+        .into());
+    }
+    let files = volume_files(repo, &chain, &record.name)?;
     let top = files.last().context("empty chain")?;
 
     let image = OpenOptions::new()

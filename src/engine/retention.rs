@@ -194,9 +194,17 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
             .skip(1)
             .map(str::to_string)
             .collect();
+        if new_full.encryption.is_some() {
+            bail!(
+                "backup {} is encrypted: consolidation would need its key, and bitback does not \
+                 rewrite encrypted chains; nothing was changed\n\
+                 hint: limit encrypted chains with backup --full-every, and prune whole chains",
+                new_full.id
+            );
+        }
         // Rewriting bit rot as a freshly digested full would hide it.
         let mut check = super::verify::Report::default();
-        for link in super::restore::chain(repo, &new_full)? {
+        for link in super::chain::chain(repo, &new_full)? {
             super::verify::verify_backup(repo, &link, &mut check);
         }
         if let Some(p) = check.problems.first() {
@@ -256,7 +264,10 @@ fn make_full(repo: &Repo, m: &Manifest) -> anyhow::Result<()> {
     full.position = 0;
     full.chain = m.id.clone();
     full.reason = format!("consolidated: the point of {} rewritten as a full", m.id);
+    full.schema = repo::MANIFEST_SCHEMA;
     for v in &mut full.volumes {
+        v.kind = BackupKind::Full;
+        v.reason = full.reason.clone();
         let source = repo.root().join(&v.file);
         let target = aside.join(VolumeRecord::file_name(&v.name));
         convert_standalone(&source, &target)?;

@@ -58,6 +58,11 @@ impl Scope {
         format!("{}-j{i}", self.short())
     }
 
+    /// The id of the secret object that carries the backup key.
+    pub fn secret(&self) -> String {
+        format!("{}-k", self.short())
+    }
+
     /// Whether `name` is a checkpoint bitmap of this scope.
     pub fn owns_checkpoint(&self, name: &str) -> bool {
         owner(name).is_some_and(|o| {

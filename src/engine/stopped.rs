@@ -1,7 +1,13 @@
 //! Backing up a stopped VM: bitback starts qemu-storage-daemon on the
 //! images, runs the same backup as for a running VM, and quits the daemon
-//! cleanly so the new checkpoint bitmap is written into each image for the
-//! VM's next start.
+//! cleanly so the new checkpoint bitmap is written into each qcow2 v3
+//! image for the VM's next start.
+//!
+//! Each image is opened with the driver its first bytes and its file type
+//! call for: qcow2 (encrypted ones with the image key), raw LUKS, or raw;
+//! over `host_device` for a block device (LVM, DRBD, a loop device), over
+//! `file` otherwise. The image key goes to the daemon as a secret object
+//! over QMP, never on its command line.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +15,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::backup::{BackupOptions, Cancel, backup_named};
+use super::key::Key;
 use crate::qcow2;
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::{self, Manifest, Repo, VmLock};
@@ -27,6 +34,7 @@ pub async fn backup_stopped(
     lock: &VmLock,
     opts: &BackupOptions,
     images: &[StoppedImage],
+    image_key: Option<&Key>,
     cancel: Cancel,
 ) -> anyhow::Result<Manifest> {
     let images = if images.is_empty() {
@@ -59,23 +67,47 @@ pub async fn backup_stopped(
             path,
         });
     }
+    let mut blockdevs = Vec::new();
+    let mut needs_key = Vec::new();
+    for (i, image) in resolved.iter().enumerate() {
+        let (blockdev, encrypted) = blockdev(&format!("bb-v{i}"), &image.path)?;
+        if encrypted {
+            needs_key.push(image.volume.as_str());
+        }
+        blockdevs.push(blockdev);
+    }
+    if !needs_key.is_empty() && image_key.is_none() {
+        return Err(super::BadInput(format!(
+            "volume {} of the stopped vm is encrypted; give its key with --image-key-file FILE",
+            needs_key.join(", ")
+        ))
+        .into());
+    }
     let spec = DaemonSpec {
         qmp: true,
-        blockdevs: resolved
-            .iter()
-            .enumerate()
-            .map(|(i, image)| {
-                json!({
-                    "driver": "qcow2",
-                    "node-name": format!("bb-v{i}"),
-                    "file": { "driver": "file", "filename": image.path },
-                })
-            })
-            .collect(),
         ..DaemonSpec::default()
     };
     let daemon = Daemon::start(private_dir("qsd")?, &spec).await?;
     let qmp = daemon.qmp.clone().context("the daemon has no monitor")?;
+    if let Some(key) = image_key.filter(|_| !needs_key.is_empty()) {
+        qmp.execute_raw(
+            "object-add",
+            json!({ "qom-type": "secret", "id": KEY_ID, "data": key.base64(), "format": "base64" }),
+        )
+        .await
+        .context("handing the image key to qemu-storage-daemon")?;
+    }
+    for (blockdev, image) in blockdevs.into_iter().zip(&resolved) {
+        qmp.execute_raw("blockdev-add", blockdev)
+            .await
+            .with_context(|| {
+                format!(
+                    "opening image {} of volume {}",
+                    image.path.display(),
+                    image.volume
+                )
+            })?;
+    }
     let renames: Vec<(String, String)> = resolved
         .iter()
         .enumerate()
@@ -87,6 +119,56 @@ pub async fn backup_stopped(
     let manifest = result?;
     stopped.context("stopping qemu-storage-daemon (the new checkpoint may not be saved)")?;
     Ok(manifest)
+}
+
+/// The id of the image key's secret object in the daemon.
+const KEY_ID: &str = "bb-image-key";
+
+/// The `blockdev-add` arguments that open `path` as node `node`, and
+/// whether the image is encrypted.
+fn blockdev(node: &str, path: &Path) -> anyhow::Result<(serde_json::Value, bool)> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let protocol = if meta.file_type().is_block_device() {
+        "host_device"
+    } else {
+        "file"
+    };
+    let mut magic = [0u8; 6];
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let got = file
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let file = json!({ "driver": protocol, "filename": path });
+    if got >= 4 && magic[..4] == *b"QFI\xfb" {
+        let image =
+            qcow2::Image::open(path).with_context(|| format!("reading {}", path.display()))?;
+        if image.encrypted() {
+            return Ok((
+                json!({
+                    "driver": "qcow2", "node-name": node, "file": file,
+                    "encrypt": { "format": "luks", "key-secret": KEY_ID },
+                }),
+                true,
+            ));
+        }
+        return Ok((
+            json!({ "driver": "qcow2", "node-name": node, "file": file }),
+            false,
+        ));
+    }
+    if got == 6 && magic == *b"LUKS\xba\xbe" {
+        return Ok((
+            json!({ "driver": "luks", "node-name": node, "file": file, "key-secret": KEY_ID }),
+            true,
+        ));
+    }
+    Ok((
+        json!({ "driver": "raw", "node-name": node, "file": file }),
+        false,
+    ))
 }
 
 fn check_not_in_use(path: &Path) -> anyhow::Result<()> {

@@ -24,6 +24,8 @@ pub struct DaemonSpec {
     pub nbd: Option<Value>,
     /// `--export` values, as JSON.
     pub exports: Vec<Value>,
+    /// `--object` values (a secret read from a key file, never the key).
+    pub objects: Vec<String>,
 }
 
 /// A running daemon. Dropping it kills it (by pid) and removes its
@@ -61,6 +63,9 @@ impl Daemon {
                     socket.display()
                 ))
                 .args(["--monitor", "chardev=bitback-mon"]);
+        }
+        for object in &spec.objects {
+            cmd.arg("--object").arg(object);
         }
         for blockdev in &spec.blockdevs {
             cmd.arg("--blockdev").arg(blockdev.to_string());

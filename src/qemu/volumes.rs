@@ -67,7 +67,78 @@ pub struct Volume {
     pub backing_file: Option<String>,
     /// The guest device's QOM path, when the volume is a device.
     pub device: Option<String>,
+    /// What the image is, which decides how its changes can be tracked.
+    pub kind: DiskKind,
+    /// The image is encrypted (QEMU decrypts it for the guest).
+    pub encrypted: bool,
     pub bitmaps: Vec<Bitmap>,
+}
+
+/// The kinds of disk that matter for change tracking: only qcow2 v3 can
+/// store a dirty bitmap in the image; every other kind is tracked by a
+/// bitmap in QEMU's memory, which lives only as long as the QEMU process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// qcow2 version 3 (`compat=1.1`), on a file or a block device.
+    Qcow2,
+    /// qcow2 version 2 (`compat=0.10`): no room for bitmaps.
+    Qcow2V2,
+    /// A raw image in a file.
+    RawFile,
+    /// A raw block device: LVM, DRBD, a loop device, ...
+    RawDevice,
+    /// Any other format (luks, vmdk, ...).
+    Other,
+}
+
+/// How a volume's changes between backups are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tracking {
+    /// A bitmap stored in the image: survives QEMU restarts.
+    Persistent,
+    /// A bitmap in QEMU's memory: lost when the QEMU process ends.
+    Memory,
+}
+
+impl DiskKind {
+    pub fn tracking(self) -> Tracking {
+        match self {
+            DiskKind::Qcow2 => Tracking::Persistent,
+            _ => Tracking::Memory,
+        }
+    }
+
+    /// How an operator would name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DiskKind::Qcow2 => "qcow2 image",
+            DiskKind::Qcow2V2 => "qcow2 v2 image",
+            DiskKind::RawFile => "raw image",
+            DiskKind::RawDevice => "raw block device",
+            DiskKind::Other => "image of a format without persistent bitmaps",
+        }
+    }
+
+    /// What the operator can do to get persistent tracking, if anything.
+    pub fn hint(self) -> Option<&'static str> {
+        match self {
+            DiskKind::Qcow2V2 => Some(
+                "`qemu-img amend -f qcow2 -o compat=1.1 IMAGE` (VM stopped) lets it keep a persistent bitmap",
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Tracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tracking::Persistent => "persistent",
+            Tracking::Memory => "in memory",
+        })
+    }
 }
 
 /// A dirty bitmap on a volume's node.
@@ -112,6 +183,8 @@ struct NodeInfo {
     file: String,
     #[serde(default)]
     ro: bool,
+    #[serde(default)]
+    encrypted: bool,
     image: ImageInfo,
     /// Internal bitmaps (a running job's) have no name and are skipped.
     #[serde(rename = "dirty-bitmaps", default)]
@@ -126,6 +199,8 @@ struct ImageInfo {
     virtual_size: u64,
     #[serde(rename = "backing-filename", default)]
     backing_filename: Option<String>,
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +315,13 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
     let by_name: HashMap<&str, &NodeInfo> =
         nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
 
+    // The node a format node reads from (`file`, `host_device`, ...).
+    let protocol_of = |node: &NodeInfo| -> Option<&NodeInfo> {
+        graph
+            .file_child(&node.node_name)
+            .and_then(|child| by_name.get(child).copied())
+    };
+
     // Below filters, to the node that holds the image.
     let image_node = |top: &str| -> Option<&NodeInfo> {
         let mut name = top;
@@ -275,7 +357,8 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
                 })
                 .or_else(|| block.qdev.clone())
                 .unwrap_or_else(|| node.node_name.clone());
-            volumes.push(volume(name, node, block.qdev.clone())?);
+            let protocol = protocol_of(node);
+            volumes.push(volume(name, node, protocol, block.qdev.clone())?);
         }
         return Ok(volumes);
     }
@@ -302,34 +385,82 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
     names.sort_unstable();
     for name in names {
         if let Some(node) = by_name.get(name) {
-            volumes.push(volume(name.to_string(), node, None)?);
+            volumes.push(volume(name.to_string(), node, protocol_of(node), None)?);
         }
     }
     Ok(volumes)
 }
 
-fn volume(name: String, node: &NodeInfo, device: Option<String>) -> qmp::Result<Volume> {
+fn volume(
+    name: String,
+    node: &NodeInfo,
+    protocol: Option<&NodeInfo>,
+    device: Option<String>,
+) -> qmp::Result<Volume> {
     let bitmaps = node
         .dirty_bitmaps
         .iter()
         .filter(|raw| raw.get("name").is_some())
         .map(|raw| decode("query-named-block-nodes", raw.clone()))
         .collect::<qmp::Result<Vec<Bitmap>>>()?;
+    let mut image_file = if node.image.filename.is_empty() {
+        node.file.clone()
+    } else {
+        node.image.filename.clone()
+    };
+    // Options QEMU cannot put in a file name (an encryption secret, ...)
+    // make it `json:{...}`; the protocol node still has the plain path.
+    if image_file.starts_with("json:")
+        && let Some(p) = protocol.filter(|p| !p.file.is_empty() && !p.file.starts_with("json:"))
+    {
+        image_file = p.file.clone();
+    }
     Ok(Volume {
         name,
         node_name: node.node_name.clone(),
         format: node.drv.clone(),
-        image_file: if node.image.filename.is_empty() {
-            node.file.clone()
-        } else {
-            node.image.filename.clone()
-        },
+        kind: disk_kind(node, protocol, &image_file),
+        encrypted: node.encrypted,
+        image_file,
         virtual_size: node.image.virtual_size,
         read_only: node.ro,
         backing_file: node.image.backing_filename.clone(),
         device,
         bitmaps,
     })
+}
+
+fn disk_kind(node: &NodeInfo, protocol: Option<&NodeInfo>, image_file: &str) -> DiskKind {
+    match node.drv.as_str() {
+        "qcow2" => {
+            let compat = node
+                .image
+                .format_specific
+                .as_ref()
+                .and_then(|f| f.pointer("/data/compat"))
+                .and_then(Value::as_str);
+            if compat == Some("0.10") {
+                DiskKind::Qcow2V2
+            } else {
+                DiskKind::Qcow2
+            }
+        }
+        "raw" => {
+            let device = match protocol {
+                Some(p) => p.drv == "host_device",
+                // No block graph (an old QEMU): judge by the path.
+                None => std::fs::metadata(image_file)
+                    .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                    .unwrap_or(false),
+            };
+            if device {
+                DiskKind::RawDevice
+            } else {
+                DiskKind::RawFile
+            }
+        }
+        _ => DiskKind::Other,
+    }
 }
 
 #[cfg(test)]

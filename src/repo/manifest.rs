@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use super::check_name;
 
-pub const MANIFEST_SCHEMA: u32 = 1;
+/// 2: each volume records its own kind and reason (a point may hold fulls
+/// and incrementals), its tracking, and the backup its encryption.
+/// Schema 1 manifests still read: their volumes take the point's kind.
+pub const MANIFEST_SCHEMA: u32 = 2;
 pub const STATE_SCHEMA: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,14 @@ pub struct Manifest {
     pub volumes: Vec<VolumeRecord>,
     #[serde(default)]
     pub qemu_version: Option<String>,
+    /// `luks` when every file is a LUKS-encrypted qcow2 (restore needs the
+    /// key; verify does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+}
+
+fn full() -> BackupKind {
+    BackupKind::Full
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +63,18 @@ pub struct VolumeRecord {
     pub image_file: String,
     pub format: String,
     pub virtual_size: u64,
+    /// Full (a file of its own) or incremental (backed by the parent's).
+    #[serde(default = "full")]
+    pub kind: BackupKind,
+    /// Why this kind.
+    #[serde(default)]
+    pub reason: String,
+    /// What the image is (`qcow2`, `raw-file`, ...); unknown before schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<crate::qemu::DiskKind>,
+    /// How the changes after this backup are tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::qemu::Tracking>,
     /// The backup file, relative to the repository: `<vm>/<id>/<name>.qcow2`.
     pub file: String,
     /// The backing file name stored in it: `../<parent>/<name>.qcow2`.
@@ -81,12 +104,20 @@ impl Manifest {
     /// every name it holds must be safe, every file name the one the
     /// layout dictates (nothing that leaves the repository).
     pub fn parse(bytes: &[u8], vm: &str, id: &str) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if m.schema != MANIFEST_SCHEMA {
-            return Err(format!(
-                "schema {} is not {MANIFEST_SCHEMA}; a newer bitback may have written it",
-                m.schema
-            ));
+        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match m.schema {
+            1 => {
+                for v in &mut m.volumes {
+                    v.kind = m.kind;
+                    v.reason = m.reason.clone();
+                }
+            }
+            MANIFEST_SCHEMA => {}
+            other => {
+                return Err(format!(
+                    "schema {other} is not {MANIFEST_SCHEMA}; a newer bitback may have written it"
+                ));
+            }
         }
         if m.id != id || m.vm != vm {
             return Err(format!(
@@ -114,13 +145,20 @@ impl Manifest {
             if v.file != VolumeRecord::repo_file(vm, id, &v.name) {
                 return Err(format!("volume {} has file {:?}", v.name, v.file));
             }
-            let expected = m
-                .parent
-                .as_ref()
-                .map(|p| VolumeRecord::backing_name(p, &v.name));
-            if v.backing != expected {
+            let expected = match v.kind {
+                BackupKind::Full => None,
+                BackupKind::Incremental => m
+                    .parent
+                    .as_ref()
+                    .map(|p| VolumeRecord::backing_name(p, &v.name)),
+            };
+            if v.backing != expected || (v.kind == BackupKind::Incremental && expected.is_none()) {
                 return Err(format!("volume {} has backing {:?}", v.name, v.backing));
             }
+        }
+        if m.kind == BackupKind::Incremental && m.volumes.iter().all(|v| v.kind == BackupKind::Full)
+        {
+            return Err("an incremental backup whose every volume is full".into());
         }
         Ok(m)
     }

@@ -1,0 +1,119 @@
+//! Encryption keys, given as files: the file's bytes, exactly (a trailing
+//! newline included), are the LUKS passphrase. The same file opens the
+//! backups with `qemu-img --object secret,id=k,file=FILE,format=raw`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// The largest key file read: a passphrase, not a document.
+const MAX_KEY: u64 = 64 << 10;
+
+#[derive(Clone)]
+pub struct Key {
+    bytes: Vec<u8>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.path.display())
+    }
+}
+
+impl Key {
+    pub fn from_file(path: &Path) -> anyhow::Result<Key> {
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("reading key file {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("key file {} is not a regular file", path.display());
+        }
+        if meta.len() > MAX_KEY {
+            bail!(
+                "key file {} holds {} bytes; a key file holds at most {MAX_KEY}",
+                path.display(),
+                meta.len()
+            );
+        }
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading key file {}", path.display()))?;
+        if bytes.is_empty() {
+            bail!("key file {} is empty", path.display());
+        }
+        let path =
+            std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+        Ok(Key { bytes, path })
+    }
+
+    /// The file the key came from (absolute).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The key as QMP's `secret` object takes it with `format: base64`.
+    pub fn base64(&self) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::with_capacity(self.bytes.len().div_ceil(3) * 4);
+        for chunk in self.bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                chunk.get(1).copied().unwrap_or(0),
+                chunk.get(2).copied().unwrap_or(0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(bytes: &[u8]) -> Key {
+        Key {
+            bytes: bytes.to_vec(),
+            path: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn base64_of_every_tail_length() {
+        // RFC 4648's test vectors.
+        for (input, output) in [
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(key(input.as_bytes()).base64(), output, "{input}");
+        }
+        assert_eq!(key(&[0xff, 0xfe, 0x00]).base64(), "//4A");
+    }
+
+    #[test]
+    fn empty_and_huge_key_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("bitback-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(format!("{:#}", Key::from_file(&empty).unwrap_err()).contains("empty"));
+        let huge = dir.join("huge");
+        std::fs::write(&huge, vec![b'x'; MAX_KEY as usize + 1]).unwrap();
+        assert!(format!("{:#}", Key::from_file(&huge).unwrap_err()).contains("at most"));
+        let good = dir.join("good");
+        std::fs::write(&good, b"secret\n").unwrap();
+        assert_eq!(Key::from_file(&good).unwrap().base64(), "c2VjcmV0Cg==");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
