@@ -28,7 +28,10 @@ pub(crate) struct Args {
     ///
     /// Fields: version {major, minor, micro, package}, status, running, and
     /// volumes [{name, node_name, format, image_file, virtual_size (bytes),
-    /// read_only, backing_file, device, bitmaps [{name, recording, busy, persistent,
+    /// read_only, backing_file, device, kind (qcow2, qcow2-v2, raw-file,
+    /// raw-device, other), tracking (persistent: the checkpoint bitmap is
+    /// stored in the image; memory: in QEMU only, lost when it restarts),
+    /// encrypted, bitmaps [{name, recording, busy, persistent,
     /// inconsistent, granularity, count (dirty bytes), owner}]}]. `owner` is
     /// {repo_id, vm, backup} for bitback's checkpoints (repo_id and vm null
     /// for bitmaps from before repository ids), null for other bitmaps.
@@ -43,7 +46,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("inspecting QEMU at {}", args.qmp))?;
     if args.json {
         let mut value = serde_json::to_value(&info)?;
-        for volume in value["volumes"].as_array_mut().into_iter().flatten() {
+        for (volume, v) in value["volumes"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .zip(&info.volumes)
+        {
+            volume["tracking"] = serde_json::to_value(v.kind.tracking())?;
             for bitmap in volume["bitmaps"].as_array_mut().into_iter().flatten() {
                 let owner = bitmap["name"].as_str().and_then(scope::owner);
                 bitmap["owner"] = serde_json::to_value(owner)?;
@@ -70,15 +79,25 @@ fn render(info: &QemuInfo) -> String {
         return out;
     }
     let mut rows = vec![
-        ["VOLUME", "NODE", "FORMAT", "SIZE", "MODE", "IMAGE"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "VOLUME", "NODE", "KIND", "TRACKING", "SIZE", "MODE", "IMAGE",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for v in &info.volumes {
         rows.push(vec![
             v.name.clone(),
             v.node_name.clone(),
-            v.format.clone(),
+            format!(
+                "{}{}",
+                serde_json::to_value(v.kind)
+                    .ok()
+                    .and_then(|k| k.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                if v.encrypted { ",encrypted" } else { "" }
+            ),
+            v.kind.tracking().to_string(),
             bytes(v.virtual_size),
             if v.read_only { "ro" } else { "rw" }.into(),
             v.image_file.clone(),

@@ -70,6 +70,10 @@ pub struct BackupOptions {
     pub progress: bool,
     /// Write every backup file as a LUKS-encrypted qcow2 with this key.
     pub encrypt: Option<Key>,
+    /// LUKS key derivation time in milliseconds; `None` for QEMU's default
+    /// (2000). Every open of a file (the backup's own, a restore's) costs
+    /// about this long.
+    pub encrypt_iter_time: Option<u64>,
     /// Back up encrypted volumes without encrypting the backup.
     pub allow_plaintext: bool,
 }
@@ -90,6 +94,7 @@ impl Default for BackupOptions {
             freeze_timeout: Duration::from_secs(30),
             progress: false,
             encrypt: None,
+            encrypt_iter_time: None,
             allow_plaintext: false,
         }
     }
@@ -510,18 +515,18 @@ fn check_key(repo: &Repo, last: &Manifest, key: Option<&Key>) -> Result<(), Stri
         "encrypt": { "format": "luks", "key-secret": "k" },
         "file": { "driver": "file", "filename": path, "read-only": true },
     });
-    let out = std::process::Command::new("qemu-io")
-        .arg("--object")
-        .arg(format!(
-            "secret,id=k,format=raw,file={}",
-            key.path().display().to_string().replace(',', ",,")
-        ))
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.arg("--object")
+        .arg("secret,id=k,format=raw,file=/dev/stdin")
         .args(["-r", "-c", "read 0 512"])
-        .arg(format!("json:{image}"))
-        .output()
+        .arg(format!("json:{image}"));
+    let out = key
+        .feed(&mut cmd)
         .map_err(|e| format!("running qemu-io to check the key (install qemu-utils): {e}"))?;
+    // qemu-io reports a failed read on stdout and still exits 0.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() && !stderr.contains("rror") {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && !stdout.contains("failed") && stderr.trim().is_empty() {
         return Ok(());
     }
     Err(format!(
@@ -782,13 +787,35 @@ async fn run_jobs(run: &Run<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow::Res
 
 /// Step 3: one target per volume, created and opened in QEMU with
 /// `backing: null`. Plain targets are created natively; encrypted ones by
-/// QEMU (`blockdev-create` with the key as a secret object sent over QMP)
-/// on a file bitback created. Returns the backup job ids.
+/// `qemu-img create` processes (in parallel, outside the VM's QEMU, so the
+/// key derivation's calibration does not stall it), the key on their
+/// stdin; the VM's QEMU gets the key as a secret object over QMP. Returns
+/// the backup job ids.
 async fn prepare_targets(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
     let (qmp, scope) = (run.qmp, run.scope);
-    // qemu-storage-daemon has no add-fd: it opens targets by name.
-    let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
-    let n = run.volumes.len();
+    let paths: Vec<PathBuf> = run
+        .volumes
+        .iter()
+        .map(|v| run.dir.join(VolumeRecord::file_name(&v.name)))
+        .collect();
+    match &run.opts.encrypt {
+        Some(key) => create_encrypted(run, key, &paths).await?,
+        None => {
+            for (i, v) in run.volumes.iter().enumerate() {
+                let backing = run.backing(i);
+                qcow2::create(
+                    &paths[i],
+                    &CreateOptions {
+                        size: v.virtual_size,
+                        cluster_size: run.opts.cluster_size,
+                        backing: backing.as_deref(),
+                        backing_format: backing.as_ref().map(|_| "qcow2"),
+                    },
+                )
+                .with_context(|| format!("creating {}", paths[i].display()))?;
+            }
+        }
+    }
     let secret = match &run.opts.encrypt {
         Some(key) => {
             let id = scope.secret();
@@ -805,107 +832,82 @@ async fn prepare_targets(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<Vec<S
         }
         None => None,
     };
-    let mut creating = Vec::new();
+    // qemu-storage-daemon has no add-fd: it opens targets by name.
+    let mut pass_fds = matches!(qmp.endpoint(), Endpoint::Unix(_));
     for (i, v) in run.volumes.iter().enumerate() {
-        let path = run.dir.join(VolumeRecord::file_name(&v.name));
-        let backing = run.backing(i);
-        if secret.is_some() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-        } else {
-            qcow2::create(
-                &path,
-                &CreateOptions {
-                    size: v.virtual_size,
-                    cluster_size: run.opts.cluster_size,
-                    backing: backing.as_deref(),
-                    backing_format: backing.as_ref().map(|_| "qcow2"),
-                },
-            )
-            .with_context(|| format!("creating {}", path.display()))?;
-        }
-        let filename = target_filename(qmp, &path, &mut pass_fds, undo).await?;
+        let filename = target_filename(qmp, &paths[i], &mut pass_fds, undo).await?;
         let node = scope.target_node(i);
-        let Some(secret) = &secret else {
-            // no-flush: QEMU would fdatasync the target each time a new
-            // L2 table depends on a refcount update (dozens of times on a
-            // sparse disk); bitback syncs every file once, at the commit,
-            // and a partial backup is discarded after a crash anyway.
-            qmp.execute_raw(
-                "blockdev-add",
-                json!({
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "backing": null,
-                    "cache": { "no-flush": true },
-                    "file": { "driver": "file", "filename": filename },
-                }),
-            )
+        // no-flush: QEMU would fdatasync the target each time a new L2
+        // table depends on a refcount update (dozens of times on a sparse
+        // disk); bitback syncs every file once, at the commit, and a
+        // partial backup is discarded after a crash anyway.
+        let mut target = json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "backing": null,
+            "cache": { "no-flush": true },
+            "file": { "driver": "file", "filename": filename },
+        });
+        if let Some(secret) = &secret {
+            target["encrypt"] = json!({ "format": "luks", "key-secret": secret });
+        }
+        qmp.execute_raw("blockdev-add", target)
             .await
             .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
-            undo.nodes.push(node);
-            continue;
-        };
-        let file_node = scope.target_node(n + i);
-        qmp.execute_raw(
-            "blockdev-add",
-            json!({
-                "driver": "file", "node-name": file_node, "filename": filename,
-                "cache": { "no-flush": true },
-            }),
-        )
-        .await
-        .with_context(|| format!("opening the target file for volume {} in QEMU", v.name))?;
-        undo.nodes.push(file_node.clone());
-        let mut options = json!({
-            "driver": "qcow2",
-            "file": file_node,
-            "size": v.virtual_size,
-            "cluster-size": run.opts.cluster_size,
-            "encrypt": { "format": "luks", "key-secret": secret },
-        });
-        if let Some(backing) = &backing {
-            options["backing-file"] = backing.as_str().into();
-            options["backing-fmt"] = "qcow2".into();
-        }
-        let job = scope.job(n + i);
-        qmp.execute_raw(
-            "blockdev-create",
-            json!({ "job-id": job, "options": options }),
-        )
-        .await
-        .with_context(|| format!("creating the encrypted target for volume {}", v.name))?;
-        undo.jobs.push(job.clone());
-        creating.push(job);
+        undo.nodes.push(node);
     }
-    if let Some(secret) = &secret {
-        wait_created(qmp, &creating, undo).await?;
-        for i in 0..n {
-            let node = scope.target_node(i);
-            qmp.execute_raw(
-                "blockdev-add",
-                json!({
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "backing": null,
-                    "file": scope.target_node(n + i),
-                    "encrypt": { "format": "luks", "key-secret": secret },
-                }),
-            )
+    Ok((0..run.volumes.len()).map(|i| scope.job(i)).collect())
+}
+
+/// Creates the encrypted targets with `qemu-img create`, one process per
+/// volume at once. The key goes in on stdin (`file=/dev/stdin`): never on
+/// a command line, never in a file.
+async fn create_encrypted(run: &Run<'_>, key: &Key, paths: &[PathBuf]) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut children = Vec::new();
+    for (i, v) in run.volumes.iter().enumerate() {
+        let mut options = format!(
+            "encrypt.format=luks,encrypt.key-secret=k,cluster_size={}",
+            run.opts.cluster_size
+        );
+        if let Some(ms) = run.opts.encrypt_iter_time {
+            options.push_str(&format!(",encrypt.iter-time={ms}"));
+        }
+        let mut cmd = tokio::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2", "--object"])
+            .arg("secret,id=k,format=raw,file=/dev/stdin")
+            .args(["-o", &options]);
+        if let Some(backing) = run.backing(i) {
+            // Resolved against the new file's directory, as QEMU does.
+            cmd.args(["-b", &backing, "-F", "qcow2"]);
+        }
+        cmd.arg(&paths[i])
+            .arg(v.virtual_size.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .context("running qemu-img create (install qemu-utils)")?;
+        let mut stdin = child.stdin.take().context("qemu-img has no stdin")?;
+        stdin
+            .write_all(key.bytes())
             .await
-            .with_context(|| {
-                format!(
-                    "opening the encrypted target for volume {} in QEMU",
-                    run.volumes[i].name
-                )
-            })?;
-            undo.nodes.push(node);
+            .context("handing the key to qemu-img")?;
+        drop(stdin);
+        children.push((v.name.as_str(), child));
+    }
+    for (volume, child) in children {
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            bail!(
+                "creating the encrypted backup file of volume {volume} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
-    Ok((0..n).map(|i| scope.job(i)).collect())
+    Ok(())
 }
 
 /// The name QEMU opens a target by: a passed fd where the monitor takes
@@ -941,31 +943,6 @@ async fn target_filename(
             Ok(absolute)
         }
         Err(e) => Err(anyhow!(e).context("passing the target to QEMU")),
-    }
-}
-
-/// Waits for `blockdev-create` jobs to conclude and dismisses them.
-async fn wait_created(qmp: &Qmp, jobs: &[String], undo: &mut Undo) -> anyhow::Result<()> {
-    // LUKS spends about 2 s deriving each key slot; a minute is plenty.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let seen = job_progress(qmp, jobs).await;
-        if seen.concluded.len() == jobs.len() {
-            for (job, error) in seen.concluded {
-                if let Some(error) = error {
-                    bail!("creating an encrypted target failed ({job}): {error}");
-                }
-                qmp.execute_raw("job-dismiss", json!({ "id": job }))
-                    .await
-                    .with_context(|| format!("dismissing job {job}"))?;
-                undo.jobs.retain(|j| j != &job);
-            }
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("creating the encrypted targets took more than 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -45,6 +45,28 @@ impl Key {
         Ok(Key { bytes, path })
     }
 
+    /// The passphrase.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Runs `cmd` with the key on its stdin (for `file=/dev/stdin` secret
+    /// objects) and returns its output.
+    pub fn feed(&self, cmd: &mut std::process::Command) -> std::io::Result<std::process::Output> {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A tool that fails before reading its stdin closes the pipe;
+            // its output says why.
+            let _ = stdin.write_all(&self.bytes);
+        }
+        child.wait_with_output()
+    }
+
     /// The file the key came from (absolute).
     pub fn path(&self) -> &Path {
         &self.path

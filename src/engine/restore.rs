@@ -338,9 +338,9 @@ fn qemu_img_convert(top: &Path, out: &Path, format: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Decrypts and converts an encrypted chain (full first): the key file is
-/// read by qemu-img as a secret object, each file's backing is the file
-/// before it, given explicitly.
+/// Decrypts and converts an encrypted chain (full first): qemu-img reads
+/// the key from its stdin as a secret object; each file's backing is the
+/// file before it, given explicitly.
 fn qemu_img_convert_encrypted(
     files: &[PathBuf],
     key: &Key,
@@ -348,17 +348,15 @@ fn qemu_img_convert_encrypted(
     format: &str,
 ) -> anyhow::Result<()> {
     let image = super::chain::encrypted_image(files, "bitback-key");
-    let output = Command::new("qemu-img")
-        .arg("convert")
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("convert")
         .arg("--object")
-        .arg(format!(
-            "secret,id=bitback-key,format=raw,file={}",
-            key.path().display().to_string().replace(',', ",,")
-        ))
+        .arg("secret,id=bitback-key,format=raw,file=/dev/stdin")
         .args(["-O", format])
         .arg(format!("json:{image}"))
-        .arg(out)
-        .output()
+        .arg(out);
+    let output = key
+        .feed(&mut cmd)
         .context("running qemu-img convert (install qemu-utils)")?;
     if !output.status.success() {
         bail!(

@@ -303,8 +303,23 @@ fn full_every_starts_new_chains() {
     vm.check_all_points();
 }
 
+/// The kind and reason of each volume in a manifest.
+pub(crate) fn volume_kinds(m: &Value) -> Vec<(String, String)> {
+    m["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn a_bitmap_removed_by_hand_forces_full() {
+fn a_bitmap_removed_by_hand_forces_a_full_of_that_volume() {
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
     vm.write(0, 0, MIB, 0x11);
@@ -314,12 +329,24 @@ fn a_bitmap_removed_by_hand_forces_full() {
         json!({"node": "drive1", "name": first["checkpoint"]}),
     );
     vm.write(1, 0, 4096, 0x12);
+    vm.write(0, 2 * MIB, 4096, 0x14);
     let second = vm.backup(&[]);
-    assert_eq!(second["kind"], "full");
+    assert_eq!(second["kind"], "incremental");
+    let kinds = volume_kinds(&second);
+    assert_eq!(kinds[0].0, "incremental", "{kinds:?}");
+    assert_eq!(kinds[1].0, "full", "{kinds:?}");
+    assert!(kinds[1].1.contains("missing on volume drive1"), "{kinds:?}");
+    // The point's reason names the full volume.
     let reason = second["reason"].as_str().unwrap();
-    assert!(reason.contains("missing on volume drive1"), "{reason}");
+    assert!(reason.contains("full of drive1"), "{reason}");
+    // drive0's incremental holds only the new write; drive1's file is
+    // standalone.
+    assert!(second["volumes"][0]["bytes_written"].as_u64().unwrap() <= 64 << 10);
+    assert_eq!(second["volumes"][1]["backing"], Value::Null);
     vm.write(0, MIB, 4096, 0x13);
-    assert_eq!(vm.backup(&[])["kind"], "incremental");
+    let third = vm.backup(&[]);
+    assert_eq!(third["kind"], "incremental");
+    assert!(volume_kinds(&third).iter().all(|(k, _)| k == "incremental"));
     vm.quit();
     vm.check_all_points();
 }
@@ -435,7 +462,7 @@ fn a_resized_volume_forces_full() {
 }
 
 #[test]
-fn an_added_volume_forces_full() {
+fn an_added_volume_is_a_full_of_that_volume_alone() {
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), &[8 * MIB]);
     vm.write(0, 0, MIB, 0x31);
@@ -453,18 +480,24 @@ fn an_added_volume_forces_full() {
     });
     vm.write(1, MIB, 8192, 0x32);
     let m = vm.backup(&[]);
-    assert_eq!(m["kind"], "full");
-    assert_eq!(
-        m["reason"],
-        "full: the volume set changed ([drive0] -> [drive0, drive1])"
-    );
+    assert_eq!(m["kind"], "incremental");
+    let kinds = volume_kinds(&m);
+    assert_eq!(kinds[0].0, "incremental");
+    assert_eq!(kinds[1].0, "full");
+    assert!(kinds[1].1.contains("volume drive1 is new"), "{kinds:?}");
     vm.write(1, 0, 4096, 0x33);
     assert_eq!(vm.backup(&[])["kind"], "incremental");
-    // Excluding a volume changes the set too.
+    // Leaving a volume out keeps the other incremental; bringing it back
+    // makes it full again (it is not in the backup before).
     let only = vm.backup(&["--exclude", "drive1"]);
-    assert_eq!(only["kind"], "full");
+    assert_eq!(only["kind"], "incremental");
     assert_eq!(only["volumes"].as_array().unwrap().len(), 1);
     vm.points.pop();
+    vm.write(1, 2 * MIB, 4096, 0x34);
+    let back = vm.backup(&[]);
+    let kinds = volume_kinds(&back);
+    assert_eq!(kinds[0].0, "incremental");
+    assert_eq!(kinds[1].0, "full", "{kinds:?}");
     vm.quit();
     vm.check_all_points();
 }

@@ -237,20 +237,54 @@ pub enum Kind {
     Guest,
 }
 
-/// A disk to attach: the device id (Pc only), the node name, the image.
+/// A disk to attach: the device id (Pc only), the node name, the image,
+/// its format driver and extra options for the format node (such as
+/// `encrypt.key-secret=sec0`). A block device is opened with
+/// `host_device`, anything else with `file`.
 #[derive(Debug, Clone)]
 pub struct Disk {
     pub device: String,
     pub node: String,
     pub image: PathBuf,
+    pub format: String,
+    pub options: String,
 }
 
 impl Disk {
     pub fn new(device: &str, node: &str, image: &Path) -> Disk {
+        Disk::with_format(device, node, image, "qcow2", "")
+    }
+
+    pub fn with_format(
+        device: &str,
+        node: &str,
+        image: &Path,
+        format: &str,
+        options: &str,
+    ) -> Disk {
         Disk {
             device: device.into(),
             node: node.into(),
             image: image.into(),
+            format: format.into(),
+            options: options.into(),
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(&self.image) {
+            Ok(m) if m.file_type().is_block_device() => "host_device",
+            _ => "file",
+        }
+    }
+
+    /// The format node's options after its driver and file.
+    fn format_options(&self) -> String {
+        if self.options.is_empty() {
+            String::new()
+        } else {
+            format!(",{}", self.options)
         }
     }
 }
@@ -314,15 +348,18 @@ impl Qemu {
                 for (i, d) in disks.iter().enumerate() {
                     args.push("-blockdev".into());
                     args.push(format!(
-                        "driver=file,filename={},node-name=file{i},discard=unmap",
+                        "driver={},filename={},node-name=file{i},discard=unmap",
+                        d.protocol(),
                         d.image.display()
                     ));
                     args.push("-blockdev".into());
                     // discard=unmap: guest discards really free clusters,
                     // as on a VM with discard on (the default ignores them).
                     args.push(format!(
-                        "driver=qcow2,file=file{i},node-name={},discard=unmap",
-                        d.node
+                        "driver={},file=file{i},node-name={},discard=unmap{}",
+                        d.format,
+                        d.node,
+                        d.format_options()
                     ));
                     if kind == Kind::Pc || kind == Kind::Guest {
                         args.push("-device".into());
@@ -350,11 +387,17 @@ impl Qemu {
                 for (i, d) in disks.iter().enumerate() {
                     args.push("--blockdev".into());
                     args.push(format!(
-                        "driver=file,filename={},node-name=file{i}",
+                        "driver={},filename={},node-name=file{i}",
+                        d.protocol(),
                         d.image.display()
                     ));
                     args.push("--blockdev".into());
-                    args.push(format!("driver=qcow2,file=file{i},node-name={}", d.node));
+                    args.push(format!(
+                        "driver={},file=file{i},node-name={}{}",
+                        d.format,
+                        d.node,
+                        d.format_options()
+                    ));
                     args.push("--export".into());
                     args.push(format!(
                         "type=nbd,id=export{i},node-name={},name={},writable=on",

@@ -11,6 +11,7 @@ mod guest;
 mod harness;
 mod hostile;
 mod inspect;
+mod kinds;
 mod qcow2;
 mod qmp_client;
 mod restore;
