@@ -98,6 +98,7 @@ fn main() {
                     threads: 4,
                     verify: false,
                     progress: false,
+                    key: None,
                 },
             )
             .expect("native restore");
