@@ -235,3 +235,53 @@ impl VmState {
         Ok(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest as bitback 0.x (schema 1) wrote it: one kind per point.
+    const SCHEMA_1: &str = r#"{
+        "schema": 1, "id": "20261126T152252Z", "vm": "web1", "seq": 2,
+        "kind": "incremental", "reason": "incremental: changes since 20261126T140000Z",
+        "chain": "20261126T140000Z", "position": 1, "parent": "20261126T140000Z",
+        "checkpoint": "bitback-20261126T152252Z", "time": "2026-11-26T15:22:52Z",
+        "volumes": [{
+            "name": "disk0", "node": "drive0", "image_file": "/vms/web1.qcow2",
+            "format": "qcow2", "virtual_size": 1073741824,
+            "file": "web1/20261126T152252Z/disk0.qcow2",
+            "backing": "../20261126T140000Z/disk0.qcow2",
+            "bytes_written": 65536, "digest": "blake3:00"
+        }]
+    }"#;
+
+    #[test]
+    fn schema_1_manifests_read_with_the_points_kind_per_volume() {
+        let m = Manifest::parse(SCHEMA_1.as_bytes(), "web1", "20261126T152252Z").unwrap();
+        assert_eq!(m.volumes[0].kind, BackupKind::Incremental);
+        assert_eq!(m.volumes[0].reason, m.reason);
+        assert_eq!(m.volumes[0].tracking, None);
+        assert_eq!(m.encryption, None);
+    }
+
+    #[test]
+    fn per_volume_kinds_must_match_their_backing() {
+        let mut value: serde_json::Value = serde_json::from_str(SCHEMA_1).unwrap();
+        value["schema"] = MANIFEST_SCHEMA.into();
+        value["volumes"][0]["kind"] = "incremental".into();
+        let parse = |v: &serde_json::Value| {
+            Manifest::parse(v.to_string().as_bytes(), "web1", "20261126T152252Z")
+        };
+        assert!(parse(&value).is_ok());
+        // A full volume with a backing file, an incremental without one.
+        value["volumes"][0]["kind"] = "full".into();
+        assert!(parse(&value).unwrap_err().contains("backing"));
+        value["volumes"][0]["backing"] = serde_json::Value::Null;
+        // ... and then every volume of the incremental point is full.
+        assert!(parse(&value).unwrap_err().contains("every volume is full"));
+        value["volumes"][0]["kind"] = "incremental".into();
+        assert!(parse(&value).unwrap_err().contains("backing"));
+        value["schema"] = 3.into();
+        assert!(parse(&value).unwrap_err().contains("schema 3"));
+    }
+}

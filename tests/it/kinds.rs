@@ -582,6 +582,32 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
         }
     }
 
+    // export serves an encrypted point with the key, decrypted by QEMU.
+    let (id, files) = &vm.points[1];
+    let socket = d.join("export.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["export", "--repo", &repo, "--vm", "vm1", "--backup", id])
+        .args(["--volume", "sec", "--socket", socket.to_str().unwrap()])
+        .args(["--key-file", &key_arg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("export exited: {status}");
+        }
+        assert!(std::time::Instant::now() < deadline, "export did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let url = format!("nbd+unix:///sec?socket={}", socket.display());
+    let served = same_content(&files["sec"], "raw", Path::new(&url), "raw");
+    let pid = child.id().to_string();
+    run(Command::new("kill").args(["-TERM", &pid]));
+    let _ = child.wait();
+    assert!(served, "the export of point {id} differs from its model");
+
     // Another key cannot build on this chain: a full, saying why.
     let other_arg = other_key.display().to_string();
     write_text(&mut vm, "plain", 5 * MIB, 0x71);
