@@ -97,7 +97,7 @@ fn main() {
                     format: Format::Raw,
                     threads: 4,
                     verify: false,
-                    progress: false,
+                    progress: None,
                     key: None,
                 },
             )

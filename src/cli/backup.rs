@@ -246,7 +246,6 @@ fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
 }
 
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
     crate::repo::check_name("VM", &args.vm)?;
     let opts = BackupOptions {
         vm: args.vm.clone(),
@@ -268,7 +267,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         stall_timeout: Duration::from_secs(args.stall_timeout),
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
-        progress: !args.json && std::io::stderr().is_terminal(),
+        progress: super::output::progress_bar(!args.json),
         encrypt: args
             .encrypt_key_file
             .as_deref()
@@ -328,7 +327,9 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             // A run that failed before writing anything leaves nothing.
             lock.release_unused();
             remove_if_made(repo_existed, &args.repo);
-            return Err(e.context(format!("backup of vm {}", args.vm)));
+            return Err(e.context(engine::Operation::Backup {
+                vm: args.vm.clone(),
+            }));
         }
     };
     if args.json {

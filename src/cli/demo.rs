@@ -167,7 +167,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
             format: engine::Format::Raw,
             threads: 4,
             verify: true,
-            progress: false,
+            progress: None,
             key: None,
         },
     )?;

@@ -101,11 +101,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 )
             ))
     });
-    let is_backup = error.chain().any(|e| {
-        let text = e.to_string();
-        text.starts_with("backup of vm ") || text.starts_with("restore of vm ")
-    });
-    if ran && is_backup {
+    if ran && error.downcast_ref::<crate::engine::Operation>().is_some() {
         EXIT_FAILED
     } else {
         EXIT_ERROR

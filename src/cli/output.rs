@@ -47,6 +47,41 @@ pub(crate) fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A progress bar on stderr, drawn from the engine's progress reports;
+/// `None` when stderr is not a terminal or output is JSON.
+pub(crate) fn progress_bar(wanted: bool) -> Option<crate::engine::ProgressSink> {
+    use std::io::IsTerminal;
+    (wanted && std::io::stderr().is_terminal()).then(|| {
+        crate::engine::ProgressSink(std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0))))
+    })
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl crate::engine::Progress for Bar {
+    fn start(&self, what: &str, total: u64) {
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        self.0.set_message(what.to_string());
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

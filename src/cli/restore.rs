@@ -47,7 +47,7 @@ pub(crate) struct RestoreArgs {
     image: Option<PathBuf>,
     /// The output format.
     #[arg(long, value_enum)]
-    format: Option<Format>,
+    format: Option<FormatArg>,
     /// Copy threads for native restores.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
@@ -87,10 +87,16 @@ pub(crate) struct VerifyArgs {
     json: bool,
 }
 
+/// `--format`: the engine's [`Format`] as a command-line value.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
 pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    use std::io::IsTerminal;
     let repo = Repo::open(&args.repo)?;
-    let progress = !args.json && std::io::stderr().is_terminal();
+    let progress = super::output::progress_bar(!args.json);
     let restored = match (&args.image, &args.output) {
         (Some(image), _) if args.in_place => {
             if args.volumes.len() > 1 {
@@ -107,7 +113,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                     image: image.clone(),
                     threads: args.threads as usize,
                     verify: !args.no_verify,
-                    progress,
+                    progress: progress.clone(),
                 },
             )
             .map(|r| vec![r])
@@ -119,7 +125,10 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 backup: Some(args.backup.clone()),
                 volumes: args.volumes.clone(),
                 output: output.clone(),
-                format: args.format.unwrap_or(Format::Raw),
+                format: match args.format {
+                    Some(FormatArg::Qcow2) => Format::Qcow2,
+                    Some(FormatArg::Raw) | None => Format::Raw,
+                },
                 threads: args.threads as usize,
                 verify: !args.no_verify,
                 progress,
@@ -133,7 +142,11 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         ),
         _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),
     }
-    .map_err(|e| e.context(format!("restore of vm {}", args.vm)))?;
+    .map_err(|e| {
+        e.context(engine::Operation::Restore {
+            vm: args.vm.clone(),
+        })
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&restored)?);
         return Ok(ExitCode::SUCCESS);

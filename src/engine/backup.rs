@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -67,7 +66,7 @@ pub struct BackupOptions {
     pub stall_timeout: Duration,
     /// How long the guest agent may take to freeze the guest.
     pub freeze_timeout: Duration,
-    pub progress: bool,
+    pub progress: Option<super::ProgressSink>,
     /// Write every backup file as a LUKS-encrypted qcow2 with this key.
     pub encrypt: Option<Key>,
     /// LUKS key derivation time in milliseconds; `None` for QEMU's default
@@ -92,7 +91,7 @@ impl Default for BackupOptions {
             perf: Perf::default(),
             stall_timeout: Duration::from_secs(600),
             freeze_timeout: Duration::from_secs(30),
-            progress: false,
+            progress: None,
             encrypt: None,
             encrypt_iter_time: None,
             allow_plaintext: false,
@@ -1090,18 +1089,10 @@ async fn wait_jobs(
     jobs: &[String],
     mut cancel: Cancel,
 ) -> anyhow::Result<()> {
-    let bar = opts.progress.then(|| {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("backing up {}", opts.vm));
-        bar
-    });
+    let bar = opts.progress.as_ref().map(|p| &p.0);
+    if let Some(bar) = bar {
+        bar.start(&format!("backing up {}", opts.vm), 0);
+    }
     let mut done: std::collections::BTreeSet<String> = Default::default();
     let mut failure: Option<String> = None;
     let mut last_progress = (0u64, tokio::time::Instant::now());
@@ -1147,9 +1138,8 @@ async fn wait_jobs(
                         }
                     }
                 }
-                if let Some(bar) = &bar {
-                    bar.set_length(seen.total);
-                    bar.set_position(seen.current);
+                if let Some(bar) = bar {
+                    bar.update(seen.current, seen.total);
                 }
                 if seen.current != last_progress.0 {
                     last_progress = (seen.current, tokio::time::Instant::now());
@@ -1171,7 +1161,7 @@ async fn wait_jobs(
         }
     }
     if let Some(bar) = bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     match failure {
         Some(reason) => bail!("backup failed: {reason}"),

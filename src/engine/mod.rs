@@ -25,6 +25,43 @@ pub use retention::{Keep, Retention, consolidate, prune};
 pub use stopped::{StoppedImage, backup_stopped};
 pub use verify::{Problem, Report, Scope, verify};
 
+/// Where the engine reports the progress of long copies (the CLI draws
+/// bars from it; the engine draws nothing).
+pub trait Progress: Send + Sync {
+    /// A new phase: `what`, with `total` bytes to go (0 while unknown).
+    fn start(&self, what: &str, total: u64);
+    /// Bytes done so far, and the total (which may grow).
+    fn update(&self, done: u64, total: u64);
+    fn finish(&self);
+}
+
+/// A [`Progress`] as an option value.
+#[derive(Clone)]
+pub struct ProgressSink(pub std::sync::Arc<dyn Progress>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
+}
+
+/// What failed, as a typed error context: a backup or restore that ran
+/// (exit 1), as opposed to bad input or an unreachable QEMU (exit 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Backup { vm: String },
+    Restore { vm: String },
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operation::Backup { vm } => write!(f, "backup of vm {vm}"),
+            Operation::Restore { vm } => write!(f, "restore of vm {vm}"),
+        }
+    }
+}
+
 /// Input the user must fix (an unknown volume, a malformed argument):
 /// nothing was attempted.
 #[derive(Debug, thiserror::Error)]

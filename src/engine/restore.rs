@@ -32,7 +32,7 @@ use super::verify::{Report, verify_backup};
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
@@ -53,8 +53,7 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Check digests of every file in the chain first.
     pub verify: bool,
-    /// A progress bar on stderr.
-    pub progress: bool,
+    pub progress: Option<super::ProgressSink>,
     /// The key of an encrypted backup.
     pub key: Option<Key>,
 }
@@ -245,7 +244,7 @@ fn restore_volume(
                 &tmp,
                 size,
                 threads,
-                opts.progress,
+                opts.progress.as_ref(),
             )
             .map(|n| (n, "native".to_string()))
         }
@@ -497,7 +496,7 @@ fn copy_native(
     out: &Path,
     size: u64,
     threads: usize,
-    progress: bool,
+    progress: Option<&super::ProgressSink>,
 ) -> anyhow::Result<u64> {
     let output = OpenOptions::new()
         .write(true)
@@ -528,7 +527,7 @@ fn copy_native_qcow2(
     out: &Path,
     size: u64,
     threads: usize,
-    progress: bool,
+    progress: Option<&super::ProgressSink>,
 ) -> anyhow::Result<u64> {
     let cs = QCOW2_CLUSTER;
     let mut clusters: Vec<u64> = segments
@@ -588,7 +587,7 @@ fn copy_segments(
     segments: &[Segment],
     output: File,
     threads: usize,
-    progress: bool,
+    progress: Option<&super::ProgressSink>,
     dest: &(dyn Fn(u64) -> u64 + Sync),
 ) -> anyhow::Result<u64> {
     let mut chunks = Vec::new();
@@ -607,17 +606,11 @@ fn copy_segments(
     }
     // Read each file in host order: sequential on disk.
     chunks.sort_by_key(|c| (c.file, c.host));
-    let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::new(chunks.iter().map(|c| c.len).sum());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "restoring [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar
-    });
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let bar = progress.map(|p| &p.0);
+    if let Some(bar) = bar {
+        bar.start("restoring", total);
+    }
     let direct = reopen_direct(&output);
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
@@ -629,7 +622,6 @@ fn copy_segments(
                 let chunks = &chunks;
                 let next = &next;
                 let copied = &copied;
-                let bar = &bar;
                 scope.spawn(move || -> anyhow::Result<()> {
                     let (sources, output, direct) = &*shared;
                     // Aligned for O_DIRECT.
@@ -656,9 +648,9 @@ fn copy_segments(
                             },
                             _ => output.write_all_at(buf, at)?,
                         }
-                        copied.fetch_add(c.len, Ordering::Relaxed);
+                        let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
                         if let Some(bar) = bar {
-                            bar.inc(c.len);
+                            bar.update(done, total);
                         }
                     }
                 })
@@ -671,7 +663,7 @@ fn copy_segments(
         Ok(())
     })?;
     if let Some(bar) = bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     shared.1.sync_all()?;
     Ok(copied.load(Ordering::Relaxed))
@@ -709,7 +701,7 @@ pub struct InPlaceOptions {
     pub image: PathBuf,
     pub threads: usize,
     pub verify: bool,
-    pub progress: bool,
+    pub progress: Option<super::ProgressSink>,
 }
 
 /// Writes a backup point into an existing image (qcow2 through `qemu-img
@@ -821,7 +813,7 @@ pub fn restore_in_place(
             &segments,
             image.try_clone()?,
             opts.threads.max(1),
-            opts.progress,
+            opts.progress.as_ref(),
             &|guest| guest,
         )?;
         drop(lockout);

@@ -21,7 +21,6 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use serde::Serialize;
 use tracing::info;
 
@@ -85,39 +84,12 @@ fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes leftovers of interrupted deletions and consolidations.
-fn clean_leftovers(repo: &Repo, vm: &str) -> anyhow::Result<()> {
-    let dir = repo.vm_dir(vm)?;
-    for entry in std::fs::read_dir(&dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.')
-            && (name.ends_with(".deleting") || name.ends_with(".consolidating"))
-        {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("removing {}", entry.path().display()))?;
-            info!(vm, leftover = %name, "removed what an interrupted prune or consolidation left");
-        }
-    }
-    Ok(())
-}
-
-fn delete_backup(repo: &Repo, vm: &str, id: &str) -> anyhow::Result<()> {
-    let dir = repo.vm_dir(vm)?;
-    let doomed = dir.join(format!(".{id}.deleting"));
-    std::fs::rename(dir.join(id), &doomed).with_context(|| format!("deleting backup {id}"))?;
-    repo::sync_dir(&dir)?;
-    crate::fault::point("prune-renamed");
-    std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
-    Ok(())
-}
-
 /// Deletes every backup that neither `keep` nor a kept backup needs.
 pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention> {
     let vm = lock.vm();
     let _readers = repo.lock_readers(lock, "prune")?;
-    clean_leftovers(repo, vm)?;
-    let backups = renumber(repo, vm)?;
+    repo.clean_leftovers(lock, vm)?;
+    let backups = renumber(repo, lock)?;
     let mut kept: BTreeSet<&str> = BTreeSet::new();
     match keep {
         Keep::Chains(0) | Keep::Last(0) => bail!("keeping nothing is not pruning; keep at least 1"),
@@ -152,7 +124,7 @@ pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention
         if kept.contains(m.id.as_str()) {
             report.kept.push(m.id.clone());
         } else {
-            delete_backup(repo, vm, &m.id)?;
+            repo.delete_backup(lock, vm, &m.id)?;
             info!(vm, backup = %m.id, "pruned");
             report.deleted.push(m.id.clone());
         }
@@ -169,10 +141,10 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
         bail!("--max-chain must be at least 1");
     }
     let _readers = repo.lock_readers(lock, "consolidate")?;
-    clean_leftovers(repo, vm)?;
+    repo.clean_leftovers(lock, vm)?;
     let mut report = Retention::default();
     loop {
-        let backups = renumber(repo, vm)?;
+        let backups = renumber(repo, lock)?;
         // The deepest backup, by the parent links themselves (not the
         // stored numbers): one rewrite shortens its whole chain.
         let Some((deep, path)) = backups
@@ -215,21 +187,22 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
                 p.problem
             );
         }
-        make_full(repo, &new_full)?;
+        make_full(repo, lock, &new_full)?;
         report.consolidated.push(new_full.id.clone());
         // Newest first, as prune does.
         for id in older {
-            delete_backup(repo, vm, &id)?;
+            repo.delete_backup(lock, vm, &id)?;
             report.deleted.push(id);
         }
     }
-    report.kept = renumber(repo, vm)?.into_iter().map(|m| m.id).collect();
+    report.kept = renumber(repo, lock)?.into_iter().map(|m| m.id).collect();
     Ok(report)
 }
 
 /// Rewrites the chain and position of manifests whose parent links say
 /// otherwise (after a consolidation); returns the backups as they are now.
-fn renumber(repo: &Repo, vm: &str) -> anyhow::Result<Vec<Manifest>> {
+fn renumber(repo: &Repo, lock: &VmLock) -> anyhow::Result<Vec<Manifest>> {
+    let vm = lock.vm();
     let backups = repo.backups(vm)?;
     check_links(&backups)?;
     let mut changed = false;
@@ -241,8 +214,7 @@ fn renumber(repo: &Repo, vm: &str) -> anyhow::Result<Vec<Manifest>> {
             let mut updated = m.clone();
             updated.position = position;
             updated.chain = chain.to_string();
-            let bytes = serde_json::to_vec_pretty(&updated)?;
-            repo::write_atomic(&repo.vm_dir(vm)?.join(&m.id), "manifest.json", &bytes)?;
+            repo.rewrite_manifest(lock, &updated)?;
             changed = true;
         }
     }
@@ -254,10 +226,8 @@ fn renumber(repo: &Repo, vm: &str) -> anyhow::Result<Vec<Manifest>> {
 }
 
 /// Rewrites backup `m` as a full of the same point, swapped in atomically.
-fn make_full(repo: &Repo, m: &Manifest) -> anyhow::Result<()> {
-    let vm_dir = repo.vm_dir(&m.vm)?;
-    let aside = vm_dir.join(format!(".{}.consolidating", m.id));
-    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+fn make_full(repo: &Repo, lock: &VmLock, m: &Manifest) -> anyhow::Result<()> {
+    let replacement = repo.begin_replacement(lock, &m.vm, &m.id)?;
     let mut full = m.clone();
     full.kind = BackupKind::Full;
     full.parent = None;
@@ -269,31 +239,14 @@ fn make_full(repo: &Repo, m: &Manifest) -> anyhow::Result<()> {
         v.kind = BackupKind::Full;
         v.reason = full.reason.clone();
         let source = repo.root().join(&v.file);
-        let target = aside.join(VolumeRecord::file_name(&v.name));
+        let target = replacement.dir().join(VolumeRecord::file_name(&v.name));
         convert_standalone(&source, &target)?;
         v.backing = None;
         v.digest = digest_file(&target)?;
     }
-    for entry in std::fs::read_dir(&aside)? {
-        std::fs::File::open(entry?.path())?.sync_all()?;
-    }
-    let bytes = serde_json::to_vec_pretty(&full)?;
-    repo::write_atomic(&aside, "manifest.json", &bytes)?;
-    repo::sync_dir(&vm_dir)?;
-    crate::fault::point("consolidate-before-swap");
-    let live = vm_dir.join(&m.id);
-    renameat2(
-        AT_FDCWD,
-        &aside,
-        AT_FDCWD,
-        &live,
-        RenameFlags::RENAME_EXCHANGE,
-    )
-    .with_context(|| format!("swapping the consolidated {} into place", m.id))?;
-    repo::sync_dir(&vm_dir)?;
-    crate::fault::point("consolidate-after-swap");
-    // `aside` now holds the old incremental.
-    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    replacement
+        .swap(&full)
+        .with_context(|| format!("swapping the consolidated {} into place", m.id))?;
     info!(vm = %m.vm, backup = %m.id, "consolidated into a full");
     Ok(())
 }

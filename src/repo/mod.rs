@@ -9,6 +9,9 @@
 //!       manifest.json
 //!       <volume>.qcow2          backing file: ../<parent-id>/<volume>.qcow2
 //!     .<backup-id>.partial/     a backup being written; never read as one
+//!     .<backup-id>.deleting/    a backup being deleted (renamed first)
+//!     .<backup-id>.consolidating/  a backup's replacement, swapped in with
+//!                               renameat2(RENAME_EXCHANGE)
 //! ```
 //!
 //! Commit protocol: a backup is written into its `.partial` directory;
@@ -336,6 +339,73 @@ impl Repo {
         Ok(removed)
     }
 
+    /// Removes what interrupted deletions and rewrites left
+    /// (`.<id>.deleting`, `.<id>.consolidating`). Needs the lock.
+    pub fn clean_leftovers(&self, _lock: &VmLock, vm: &str) -> Result<Vec<String>> {
+        let dir = self.vm_dir(vm)?;
+        let mut removed = Vec::new();
+        for entry in read_dir(&dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.')
+                && (name.ends_with(".deleting") || name.ends_with(".consolidating"))
+            {
+                let path = entry.path();
+                fs::remove_dir_all(&path).map_err(|source| Error::Io {
+                    action: "removing",
+                    path: path.clone(),
+                    source,
+                })?;
+                info!(vm, leftover = %name, "removed what an interrupted prune or consolidation left");
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes backup `id` of `vm`: one rename to `.<id>.deleting` (after
+    /// which no reader sees it), then the removal. Needs the lock.
+    pub fn delete_backup(&self, _lock: &VmLock, vm: &str, id: &str) -> Result<()> {
+        check_name("backup", id)?;
+        let dir = self.vm_dir(vm)?;
+        let doomed = dir.join(format!(".{id}.deleting"));
+        fs::rename(dir.join(id), &doomed).map_err(|source| Error::Io {
+            action: "deleting backup",
+            path: dir.join(id),
+            source,
+        })?;
+        sync_dir(&dir)?;
+        crate::fault::point("prune-renamed");
+        fs::remove_dir_all(&doomed).map_err(|source| Error::Io {
+            action: "removing",
+            path: doomed,
+            source,
+        })
+    }
+
+    /// Rewrites the manifest of backup `id` in place (temp file, rename).
+    pub fn rewrite_manifest(&self, _lock: &VmLock, m: &Manifest) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(m).map_err(Error::Encoding)?;
+        write_atomic(&self.vm_dir(&m.vm)?.join(&m.id), "manifest.json", &bytes)
+    }
+
+    /// Starts a replacement of backup `id` of `vm`, written aside in
+    /// `.<id>.consolidating/` and swapped in by [`Replacement::swap`].
+    pub fn begin_replacement(&self, _lock: &VmLock, vm: &str, id: &str) -> Result<Replacement> {
+        check_name("backup", id)?;
+        let vm_dir = self.vm_dir(vm)?;
+        let dir = vm_dir.join(format!(".{id}.consolidating"));
+        fs::create_dir(&dir).map_err(|source| Error::Io {
+            action: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Replacement {
+            dir,
+            vm_dir,
+            id: id.to_string(),
+        })
+    }
+
     /// Starts writing backup `id` of `vm` in its `.partial` directory.
     pub fn begin(&self, _lock: &VmLock, vm: &str, id: &str) -> Result<Partial> {
         check_name("backup", id)?;
@@ -547,6 +617,63 @@ impl Drop for Partial {
                 warn!(dir = %self.dir.display(), error = %e, "cannot remove a partial backup; the next run will");
             }
         }
+    }
+}
+
+/// A backup's replacement being written aside. Dropped without
+/// [`Replacement::swap`], it is left for [`Repo::clean_leftovers`].
+#[derive(Debug)]
+pub struct Replacement {
+    dir: PathBuf,
+    vm_dir: PathBuf,
+    id: String,
+}
+
+impl Replacement {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Syncs every file, writes the manifest, and exchanges the directory
+    /// with the backup's in one `renameat2(RENAME_EXCHANGE)`: readers see
+    /// the old backup or the new one, never a mix. Then removes the old.
+    pub fn swap(self, manifest: &Manifest) -> Result<()> {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        for entry in read_dir(&self.dir)? {
+            let path = entry.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| Error::Io {
+                    action: "syncing",
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
+        write_atomic(&self.dir, "manifest.json", &bytes)?;
+        sync_dir(&self.vm_dir)?;
+        crate::fault::point("consolidate-before-swap");
+        let live = self.vm_dir.join(&self.id);
+        renameat2(
+            AT_FDCWD,
+            &self.dir,
+            AT_FDCWD,
+            &live,
+            RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| Error::Io {
+            action: "swapping the replacement into",
+            path: live.clone(),
+            source: e.into(),
+        })?;
+        sync_dir(&self.vm_dir)?;
+        crate::fault::point("consolidate-after-swap");
+        // The aside directory now holds the old backup.
+        fs::remove_dir_all(&self.dir).map_err(|source| Error::Io {
+            action: "removing",
+            path: self.dir.clone(),
+            source,
+        })
     }
 }
 
