@@ -3,6 +3,7 @@
 //! The modules, from the bottom up:
 //! - [`qmp`]: an async QMP client (commands, events, fd passing);
 //! - [`qemu`]: what bitback needs from a running QEMU (volumes, bitmaps);
+//! - [`libvirt`]: libvirt domains (their disks, a way in to their QMP);
 //! - `cli`: argument parsing and output, no logic.
 //!
 //! See the repository's README for the on-disk formats as they land.
@@ -12,6 +13,7 @@ pub mod cli;
 mod digest;
 pub mod engine;
 mod fault;
+pub mod libvirt;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;

@@ -11,7 +11,6 @@ use super::output::{bytes, table};
 use super::qcow2::parse_size;
 use crate::engine::plan::Policy;
 use crate::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
-use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
 use crate::repo::{BackupKind, Manifest, Repo};
 
 /// Back up a VM: every writable volume at one point in time.
@@ -31,12 +30,8 @@ use crate::repo::{BackupKind, Manifest, Repo};
 /// previous checkpoint is intact), 2 bad usage or bad input.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BackupArgs {
-    /// The running VM's QMP monitor: a unix socket path, or tcp:HOST:PORT.
-    ///
-    /// Over a unix socket, backup files are handed to QEMU as passed file
-    /// descriptors, so QEMU need not be able to open the repository itself.
-    #[arg(long, value_name = "SOCK")]
-    qmp: Option<String>,
+    #[command(flatten)]
+    target: super::monitor::Target,
 
     /// The repository directory (created if missing).
     #[arg(long, value_name = "DIR")]
@@ -50,7 +45,7 @@ pub(crate) struct BackupArgs {
     ///
     /// Without --qmp and without --image, the volumes recorded at the VM's
     /// last backup are used. Refused while a QEMU holds an image.
-    #[arg(long, value_name = "VOLUME=PATH", conflicts_with = "qmp")]
+    #[arg(long, value_name = "VOLUME=PATH", conflicts_with_all = ["qmp", "libvirt"])]
     image: Vec<String>,
 
     /// Take a full backup whatever the rules say.
@@ -204,6 +199,39 @@ pub(crate) struct ListArgs {
     json: bool,
 }
 
+/// The disks of a shut-off domain to back up: writable disks with a file
+/// or block device source, named by target device.
+fn stopped_domain_images(
+    domain: &str,
+    info: &crate::libvirt::DomainInfo,
+    exclude: &[String],
+) -> anyhow::Result<Vec<StoppedImage>> {
+    let mut images = Vec::new();
+    for disk in &info.disks {
+        if disk.device != "disk" || disk.read_only || exclude.contains(&disk.target) {
+            continue;
+        }
+        match (&disk.source, disk.kind.as_str()) {
+            (Some(path), "file" | "block") => images.push(StoppedImage {
+                volume: disk.target.clone(),
+                path: path.clone(),
+            }),
+            _ => {
+                return Err(BadInput(format!(
+                    "disk {} of domain {domain} is a {} disk; bitback backs up file and block disks \
+                     of a shut-off domain; leave it out with --exclude {}",
+                    disk.target, disk.kind, disk.target
+                ))
+                .into());
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(BadInput(format!("domain {domain} has no writable disk")).into());
+    }
+    Ok(images)
+}
+
 fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
     specs
         .iter()
@@ -294,8 +322,29 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let cancel = cancel_on_signals()?;
-    let images = parse_images(&args.image)?;
-    let endpoint = args.qmp.as_deref().map(Endpoint::parse).transpose()?;
+    let mut images = parse_images(&args.image)?;
+    let domain = args.target.domain();
+    let info = match &domain {
+        Some(domain) => Some(domain.info()?),
+        None => None,
+    };
+    // A shut-off domain: its disks, from its XML.
+    if let (Some(domain), Some(info)) = (&domain, &info)
+        && !info.running
+    {
+        if args.target.qmp.is_some() {
+            return Err(BadInput(format!(
+                "domain {} is shut off; it has no monitor to reach through --qmp",
+                domain.name
+            ))
+            .into());
+        }
+        images = stopped_domain_images(&domain.name, info, &args.exclude)?;
+    }
+    let running = match &info {
+        Some(info) => info.running,
+        None => args.target.qmp.is_some(),
+    };
     let repo_existed = args.repo.exists();
     let repo = Repo::create(&args.repo)?;
     // The lock first: a second run fails here at once.
@@ -306,20 +355,20 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
-    let result = match endpoint {
-        Some(endpoint) => {
-            let options = QmpOptions {
-                command_timeout: Duration::from_secs(args.qmp_timeout),
-                ..QmpOptions::default()
-            };
-            match Qmp::connect_with(endpoint, options).await {
-                Ok(qmp) => engine::backup(&qmp, &repo, &lock, &opts, cancel).await,
-                Err(e) => Err(e.into()),
+    let result = if running {
+        match args
+            .target
+            .connect(info.as_ref(), Duration::from_secs(args.qmp_timeout))
+            .await
+        {
+            Ok(monitor) => {
+                engine::backup_named(&monitor.qmp, &repo, &lock, &opts, cancel, &monitor.renames)
+                    .await
             }
+            Err(e) => Err(e),
         }
-        None => {
-            engine::backup_stopped(&repo, &lock, &opts, &images, image_key.as_ref(), cancel).await
-        }
+    } else {
+        engine::backup_stopped(&repo, &lock, &opts, &images, image_key.as_ref(), cancel).await
     };
     let manifest = match result {
         Ok(manifest) => manifest,

@@ -7,7 +7,6 @@ use anyhow::Context;
 use super::output::{bytes, table};
 use crate::engine::scope;
 use crate::qemu::{self, QemuInfo};
-use crate::qmp::Qmp;
 
 /// Show a running QEMU's version, run state, volumes and dirty bitmaps.
 ///
@@ -16,13 +15,11 @@ use crate::qmp::Qmp;
 /// are the named format nodes no other node uses). Changes nothing.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// The QMP monitor: a unix socket path, or tcp:HOST:PORT.
-    ///
     /// QEMU serves one QMP client per monitor socket at a time; give QEMU a
     /// second `-qmp` socket for bitback if something else already holds the
-    /// first.
-    #[arg(long, value_name = "SOCK")]
-    qmp: String,
+    /// first, or use --libvirt for a libvirt domain.
+    #[command(flatten)]
+    target: super::monitor::Target,
 
     /// Print one JSON object instead of a table.
     ///
@@ -40,10 +37,20 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let qmp = Qmp::connect(&args.qmp).await?;
-    let info = qemu::inspect(&qmp)
+    let monitor = connect(&args.target).await?;
+    let mut info = qemu::inspect(&monitor.qmp)
         .await
-        .with_context(|| format!("inspecting QEMU at {}", args.qmp))?;
+        .context("inspecting QEMU")?;
+    // A libvirt domain's volumes by the names its backups use.
+    for v in &mut info.volumes {
+        if let Some((_, name)) = monitor
+            .renames
+            .iter()
+            .find(|(node, _)| node == &v.node_name)
+        {
+            v.name = name.clone();
+        }
+    }
     if args.json {
         let mut value = serde_json::to_value(&info)?;
         for (volume, v) in value["volumes"]
@@ -150,6 +157,27 @@ fn render(info: &QemuInfo) -> String {
     out
 }
 
+/// Connects to the running VM `target` names.
+async fn connect(target: &super::monitor::Target) -> anyhow::Result<super::monitor::Monitor> {
+    let info = match target.domain() {
+        Some(domain) => {
+            let info = domain.info()?;
+            if !info.running {
+                return Err(crate::engine::BadInput(format!(
+                    "domain {} is shut off; inspect needs a running QEMU",
+                    domain.name
+                ))
+                .into());
+            }
+            Some(info)
+        }
+        None => None,
+    };
+    target
+        .connect(info.as_ref(), std::time::Duration::from_secs(30))
+        .await
+}
+
 /// Remove a checkpoint bitmap bitback made, on purpose.
 ///
 /// For a repository that is gone (or a VM name no longer backed up): its
@@ -159,9 +187,8 @@ fn render(info: &QemuInfo) -> String {
 /// their repository and VM is then full.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RemoveCheckpointArgs {
-    /// The QMP monitor: a unix socket path, or tcp:HOST:PORT.
-    #[arg(long, value_name = "SOCK")]
-    qmp: String,
+    #[command(flatten)]
+    target: super::monitor::Target,
 
     /// The bitmap's name, as `bitback inspect` shows it.
     #[arg(long, value_name = "BITMAP")]
@@ -180,8 +207,18 @@ pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Res
         ))
         .into());
     }
-    let qmp = Qmp::connect(&args.qmp).await?;
-    let volumes = qemu::list_volumes(&qmp).await?;
+    let monitor = connect(&args.target).await?;
+    let qmp = &monitor.qmp;
+    let mut volumes = qemu::list_volumes(qmp).await?;
+    for v in &mut volumes {
+        if let Some((_, name)) = monitor
+            .renames
+            .iter()
+            .find(|(node, _)| node == &v.node_name)
+        {
+            v.name = name.clone();
+        }
+    }
     let mut removed = 0;
     for v in &volumes {
         if args.volume.as_ref().is_some_and(|want| want != &v.name)

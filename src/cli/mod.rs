@@ -8,6 +8,7 @@
 mod backup;
 mod demo;
 mod inspect;
+mod monitor;
 mod output;
 mod qcow2;
 mod restore;

@@ -159,7 +159,7 @@ pub type Cancel = watch::Receiver<bool>;
 
 /// A volume as this run names it: the inventory's volume, or a stopped
 /// VM's volume renamed after its image mapping.
-pub(crate) type Renames<'a> = &'a [(String, String)];
+pub type Renames<'a> = &'a [(String, String)];
 
 /// Runs one backup; returns the committed manifest.
 ///
@@ -177,7 +177,7 @@ pub async fn backup(
 }
 
 /// Like [`backup`], with volumes renamed: `(node name, volume name)`.
-pub(crate) async fn backup_named(
+pub async fn backup_named(
     qmp: &Qmp,
     repo: &Repo,
     lock: &VmLock,

@@ -1,0 +1,299 @@
+//! libvirt domains: what a domain is (its XML, read with `virsh`) and a way
+//! in to a running one's QMP monitor without restarting it.
+//!
+//! libvirt holds a running domain's monitor. bitback reaches it through
+//! libvirt's own QMP proxy, `virt-qemu-qmp-proxy DOMAIN SOCKET`, started as
+//! a child on a socket in a private directory and ended by its pid: the
+//! proxy relays QMP over `virDomainQemuMonitorCommandWithFiles`, which
+//! carries file descriptors (libvirt 8.2 and newer), so backup files reach
+//! the unprivileged QEMU as passed fds. The alternative, an extra `-qmp`
+//! socket given to QEMU through `<qemu:commandline>`, needs the domain
+//! restarted once; bitback uses it when `--qmp` names it.
+//!
+//! Volumes of a libvirt domain are named by their target device (`vda`,
+//! `sdb`): stable across restarts and hotplug, the same for a running and
+//! a stopped domain, unlike libvirt's node names (`libvirt-2-format`),
+//! which change on every start.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tracing::info;
+
+/// The oldest libvirt whose QMP passthrough carries file descriptors.
+const FD_PASSING: (u64, u64) = (8, 2);
+
+/// A domain and the libvirt connection it lives on.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub name: String,
+    pub connect: String,
+}
+
+/// One disk of a domain, from its XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDisk {
+    /// `vda`, `sdb`, ...: the volume name.
+    pub target: String,
+    /// The device alias QEMU knows it by (`virtio-disk0`); running only.
+    pub alias: Option<String>,
+    /// `file`, `block`, `network`, `volume`.
+    pub kind: String,
+    /// `disk`, `cdrom`, `floppy`, `lun`.
+    pub device: String,
+    /// The file or block device; `None` for network disks and empty drives.
+    pub source: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+/// A domain's state and disks.
+#[derive(Debug, Clone)]
+pub struct DomainInfo {
+    pub uuid: Option<String>,
+    pub running: bool,
+    pub disks: Vec<DomainDisk>,
+}
+
+impl Domain {
+    /// Runs `virsh -c URI ARGS...` and returns its stdout.
+    fn virsh(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new("virsh")
+            .arg("-c")
+            .arg(&self.connect)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context(
+                "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
+            )?;
+        if !out.status.success() {
+            bail!(
+                "virsh {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The domain's state and disks (the live XML when it runs).
+    pub fn info(&self) -> anyhow::Result<DomainInfo> {
+        let state = self
+            .virsh(&["domstate", &self.name])
+            .with_context(|| format!("libvirt domain {} on {}", self.name, self.connect))?;
+        let running = !matches!(state.trim(), "shut off" | "crashed");
+        let xml = if running {
+            self.virsh(&["dumpxml", &self.name])?
+        } else {
+            self.virsh(&["dumpxml", "--inactive", &self.name])?
+        };
+        let mut info =
+            parse_xml(&xml).with_context(|| format!("the XML of domain {}", self.name))?;
+        info.running = running;
+        Ok(info)
+    }
+
+    /// Refuses a libvirt too old to pass file descriptors with QMP.
+    fn check_version(&self) -> anyhow::Result<()> {
+        let text = self.virsh(&["version"])?;
+        let version = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Using library: libvirt "))
+            .and_then(|v| {
+                let mut parts = v.trim().split('.').map(|p| p.parse::<u64>().ok());
+                Some((parts.next()??, parts.next()??))
+            });
+        match version {
+            Some(v) if v >= FD_PASSING => Ok(()),
+            Some((major, minor)) => bail!(
+                "libvirt {major}.{minor} cannot pass file descriptors through its QMP proxy; \
+                 bitback needs libvirt {}.{} or newer (virDomainQemuMonitorCommandWithFiles)\n\
+                 hint: give QEMU an extra QMP socket (<qemu:commandline>) and use --qmp",
+                FD_PASSING.0,
+                FD_PASSING.1
+            ),
+            None => bail!("cannot read libvirt's version from `virsh version`: {text}"),
+        }
+    }
+}
+
+/// Reads what bitback needs from a domain's XML.
+fn parse_xml(xml: &str) -> anyhow::Result<DomainInfo> {
+    let doc = roxmltree::Document::parse(xml).context("parsing the domain XML")?;
+    let root = doc.root_element();
+    let uuid = root
+        .children()
+        .find(|n| n.has_tag_name("uuid"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string());
+    let mut disks = Vec::new();
+    let devices = root.children().filter(|n| n.has_tag_name("devices"));
+    for disk in devices.flat_map(|d| d.children().filter(|n| n.has_tag_name("disk"))) {
+        let child = |tag: &str| disk.children().find(|n| n.has_tag_name(tag));
+        let Some(target) = child("target").and_then(|t| t.attribute("dev")) else {
+            continue;
+        };
+        let source = child("source")
+            .and_then(|s| s.attribute("file").or_else(|| s.attribute("dev")))
+            .map(PathBuf::from);
+        disks.push(DomainDisk {
+            target: target.to_string(),
+            alias: child("alias")
+                .and_then(|a| a.attribute("name"))
+                .map(str::to_string),
+            kind: disk.attribute("type").unwrap_or("file").to_string(),
+            device: disk.attribute("device").unwrap_or("disk").to_string(),
+            source,
+            read_only: child("readonly").is_some(),
+        });
+    }
+    Ok(DomainInfo {
+        uuid,
+        running: false,
+        disks,
+    })
+}
+
+/// libvirt's QMP proxy for one running domain, on a private socket. Killed
+/// by its pid, and its directory removed, when dropped.
+pub struct Proxy {
+    child: std::process::Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Proxy {
+    /// Starts `virt-qemu-qmp-proxy` for `domain` and waits until it listens.
+    pub fn start(domain: &Domain) -> anyhow::Result<Proxy> {
+        domain.check_version()?;
+        let dir = crate::qemu::daemon::private_dir("libvirt")?;
+        let socket = dir.join("qmp.sock");
+        let child = std::process::Command::new("virt-qemu-qmp-proxy")
+            .arg("--connect")
+            .arg(&domain.connect)
+            .arg(&domain.name)
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(anyhow::anyhow!(e).context(
+                    "starting virt-qemu-qmp-proxy (install libvirt-clients-qemu and python3-libvirt)",
+                ));
+            }
+        };
+        info!(pid = child.id(), domain = %domain.name, "started libvirt's QMP proxy");
+        let mut proxy = Proxy { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !proxy.socket.exists() {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                let mut text = String::new();
+                for pipe in [
+                    proxy
+                        .child
+                        .stdout
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+                    proxy
+                        .child
+                        .stderr
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    let mut pipe = pipe;
+                    let _ = pipe.read_to_string(&mut text);
+                }
+                bail!(
+                    "libvirt's QMP proxy for domain {} exited ({status}): {}",
+                    domain.name,
+                    text.trim()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "libvirt's QMP proxy for domain {} did not listen within 30 s",
+                    domain.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(proxy)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIVE: &str = r#"<domain type='qemu' id='3'>
+  <name>web1</name>
+  <uuid>0d9a6b52-35a4-4b1e-9a7e-1c2d3e4f5a6b</uuid>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/web1.qcow2' index='2'/>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source dev='/dev/vg0/web1-data' index='1'/>
+      <target dev='vdb' bus='virtio'/>
+      <alias name='virtio-disk1'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+      <alias name='sata0-0-0'/>
+    </disk>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn disks_of_a_live_domain() {
+        let info = parse_xml(LIVE).unwrap();
+        assert_eq!(
+            info.uuid.as_deref(),
+            Some("0d9a6b52-35a4-4b1e-9a7e-1c2d3e4f5a6b")
+        );
+        assert_eq!(info.disks.len(), 3);
+        assert_eq!(info.disks[0].target, "vda");
+        assert_eq!(info.disks[0].alias.as_deref(), Some("virtio-disk0"));
+        assert_eq!(
+            info.disks[1].source.as_deref(),
+            Some(Path::new("/dev/vg0/web1-data"))
+        );
+        assert_eq!(info.disks[1].kind, "block");
+        assert_eq!(info.disks[2].device, "cdrom");
+        assert!(info.disks[2].read_only);
+        assert_eq!(info.disks[2].source, None);
+    }
+
+    #[test]
+    fn garbage_xml_is_an_error() {
+        assert!(parse_xml("<domain><devices>").is_err());
+        assert!(parse_xml("not xml").is_err());
+    }
+}
