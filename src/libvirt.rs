@@ -95,27 +95,50 @@ impl Domain {
         Ok(info)
     }
 
-    /// Refuses a libvirt too old to pass file descriptors with QMP.
+    /// Refuses a libvirt too old to pass file descriptors with QMP. Reads
+    /// the client library's version (`virsh --version`; `virsh version`
+    /// would probe the hypervisor, seconds on a busy host): the proxy's
+    /// passthrough is a client call, and a daemon without it says so.
     fn check_version(&self) -> anyhow::Result<()> {
-        let text = self.virsh(&["version"])?;
-        let version = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Using library: libvirt "))
-            .and_then(|v| {
-                let mut parts = v.trim().split('.').map(|p| p.parse::<u64>().ok());
-                Some((parts.next()??, parts.next()??))
-            });
-        match version {
-            Some(v) if v >= FD_PASSING => Ok(()),
-            Some((major, minor)) => bail!(
-                "libvirt {major}.{minor} cannot pass file descriptors through its QMP proxy; \
+        let text = self.virsh(&["--version"])?;
+        let mut parts = text.trim().split('.').map(|p| p.parse::<u64>().ok());
+        let version = match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor),
+            _ => bail!("cannot read libvirt's version from `virsh --version`: {text}"),
+        };
+        if version < FD_PASSING {
+            bail!(
+                "libvirt {}.{} cannot pass file descriptors through its QMP proxy; \
                  bitback needs libvirt {}.{} or newer (virDomainQemuMonitorCommandWithFiles)\n\
                  hint: give QEMU an extra QMP socket (<qemu:commandline>) and use --qmp",
+                version.0,
+                version.1,
                 FD_PASSING.0,
                 FD_PASSING.1
-            ),
-            None => bail!("cannot read libvirt's version from `virsh version`: {text}"),
+            );
         }
+        Ok(())
+    }
+}
+
+/// How to run libvirt's QMP proxy: a Python script for the system's
+/// python3 (Debian's python3-libvirt is built for /usr/bin/python3; an
+/// `env python3` on PATH may be another one without the module).
+fn proxy_command() -> std::process::Command {
+    let script = std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("virt-qemu-qmp-proxy"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/virt-qemu-qmp-proxy"));
+    let python = Path::new("/usr/bin/python3");
+    if python.exists() {
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script);
+        cmd
+    } else {
+        std::process::Command::new(script)
     }
 }
 
@@ -170,7 +193,7 @@ impl Proxy {
         domain.check_version()?;
         let dir = crate::qemu::daemon::private_dir("libvirt")?;
         let socket = dir.join("qmp.sock");
-        let child = std::process::Command::new("virt-qemu-qmp-proxy")
+        let child = proxy_command()
             .arg("--connect")
             .arg(&domain.connect)
             .arg(&domain.name)

@@ -20,7 +20,7 @@ fn checksum(k: u64) -> u64 {
 
 /// The last record K of a consistent log on a raw disk image, `None` for a
 /// disk never written; an error describing the first inconsistency.
-fn check_log(image: &Path) -> Result<Option<u64>, String> {
+pub(crate) fn check_log(image: &Path) -> Result<Option<u64>, String> {
     let bytes = std::fs::read(image).map_err(|e| e.to_string())?;
     let mut records = Vec::new();
     for slot in 0..SLOTS {
@@ -68,20 +68,33 @@ fn check_log(image: &Path) -> Result<Option<u64>, String> {
 /// Restores every volume of backup `id` and checks both logs; returns the
 /// last record on each (-1 for a disk not written yet).
 fn check_point(repo: &Path, id: &str, out: &Path) -> (i64, i64) {
+    check_point_of(repo, "guest", id, ["disk0", "disk1"], out)
+}
+
+/// [`check_point`] for VM `vm` whose two disks (the first written first)
+/// are the volumes `names`.
+pub(crate) fn check_point_of(
+    repo: &Path,
+    vm: &str,
+    id: &str,
+    names: [&str; 2],
+    out: &Path,
+) -> (i64, i64) {
     let run = bitback(&[
         "restore",
         "--repo",
         repo.to_str().unwrap(),
         "--vm",
-        "guest",
+        vm,
         "--backup",
         id,
         "--output",
         out.to_str().unwrap(),
     ]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let a = check_log(&out.join("disk0.raw")).unwrap_or_else(|e| panic!("{id} disk0: {e}"));
-    let b = check_log(&out.join("disk1.raw")).unwrap_or_else(|e| panic!("{id} disk1: {e}"));
+    let [a, b] = names;
+    let a = check_log(&out.join(format!("{a}.raw"))).unwrap_or_else(|e| panic!("{id} {a}: {e}"));
+    let b = check_log(&out.join(format!("{b}.raw"))).unwrap_or_else(|e| panic!("{id} {b}: {e}"));
     std::fs::remove_dir_all(out).unwrap();
     let last = |k: Option<u64>| k.map_or(-1, |k| k as i64);
     let (a, b) = (last(a), last(b));

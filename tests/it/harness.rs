@@ -655,19 +655,53 @@ pub fn list_ids(repo: &Path, vm: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// `bitback` with extra environment variables.
+/// The longest any one bitback run in the tests may take: a run that
+/// hangs fails its test instead of hanging the suite.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// `bitback` with extra environment variables, killed (by its pid) and
+/// failed when it runs longer than [`RUN_LIMIT`].
 pub fn bitback_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_bitback"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
         .args(args)
         .envs(env.iter().copied())
         .env_remove("BITBACK_LOG")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running bitback");
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for bitback") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "bitback {} did not finish within {RUN_LIMIT:?}; killed (pid {})",
+                args.join(" "),
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 

@@ -12,6 +12,7 @@ mod harness;
 mod hostile;
 mod inspect;
 mod kinds;
+mod libvirt;
 mod qcow2;
 mod qmp_client;
 mod restore;
