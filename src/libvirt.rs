@@ -125,6 +125,12 @@ impl Domain {
 /// python3 (Debian's python3-libvirt is built for /usr/bin/python3; an
 /// `env python3` on PATH may be another one without the module).
 fn proxy_command() -> std::process::Command {
+    let mut cmd = proxy_command_line();
+    crate::qemu::daemon::die_with_parent(&mut cmd);
+    cmd
+}
+
+fn proxy_command_line() -> std::process::Command {
     let script = std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)

@@ -36,6 +36,24 @@ pub struct Daemon {
     pub qmp: Option<Qmp>,
 }
 
+/// Makes the child started by `cmd` get SIGTERM when bitback dies, even
+/// by SIGKILL (a wrapper's timeout): a helper left running would hold the
+/// VM's images locked (qemu-storage-daemon) or a libvirt connection open
+/// (the QMP proxy). Linux delivers it when the thread that spawned the
+/// child ends; bitback spawns from runtime threads that live as long as
+/// the process.
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, and
+    // calls only prctl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// A fresh private directory under the system temp dir.
 pub fn private_dir(purpose: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
@@ -55,7 +73,9 @@ impl Daemon {
     /// removed when the daemon goes) and waits until it listens.
     pub async fn start(dir: PathBuf, spec: &DaemonSpec) -> anyhow::Result<Daemon> {
         let socket = dir.join("qmp.sock");
-        let mut cmd = tokio::process::Command::new("qemu-storage-daemon");
+        let mut std_cmd = std::process::Command::new("qemu-storage-daemon");
+        die_with_parent(&mut std_cmd);
+        let mut cmd = tokio::process::Command::from(std_cmd);
         if spec.qmp {
             cmd.arg("--chardev")
                 .arg(format!(

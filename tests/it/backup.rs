@@ -1070,3 +1070,96 @@ fn a_damaged_parent_file_forces_full() {
     vm.quit();
     vm.check_all_points();
 }
+
+/// The pids of `pid`'s children (every thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let path = task.unwrap().path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+#[test]
+fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
+    let dir = tempdir();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, 32 * MIB, &[]);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M"])
+        .arg(&image));
+    let repo = dir.path().join("repo");
+    let spec = format!("disk0={}", image.display());
+    let bitback = Background::start(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "cold",
+        "--image",
+        &spec,
+        "--rate-limit",
+        "256K",
+    ]);
+    // Wait for the daemon bitback starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let daemon = loop {
+        let found = children(bitback.0.id()).into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim().starts_with("qemu-storage"))
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no qemu-storage-daemon appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A wrapper's timeout: SIGKILL, no chance to clean up.
+    bitback.signal("KILL");
+    let (code, _) = bitback.finish();
+    assert_eq!(code, None, "killed by a signal");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{daemon}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{daemon}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon {daemon} outlived the killed bitback by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The image is free for the VM again, and the next backup cleans up.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5b 0 64k"])
+        .arg(&image));
+    let next = bitback_run_json(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "cold",
+        "--image",
+        &spec,
+        "--json",
+    ]);
+    assert_eq!(next["kind"], "full");
+    let backup = repo
+        .join("cold")
+        .join(next["id"].as_str().unwrap())
+        .join("disk0.qcow2");
+    assert!(crate::harness::images_equal(&image, &backup));
+}
+
+fn bitback_run_json(args: &[&str]) -> Value {
+    bitback(args).json()
+}
