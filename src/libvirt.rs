@@ -101,24 +101,33 @@ impl Domain {
     /// passthrough is a client call, and a daemon without it says so.
     fn check_version(&self) -> anyhow::Result<()> {
         let text = self.virsh(&["--version"])?;
-        let mut parts = text.trim().split('.').map(|p| p.parse::<u64>().ok());
-        let version = match (parts.next().flatten(), parts.next().flatten()) {
-            (Some(major), Some(minor)) => (major, minor),
-            _ => bail!("cannot read libvirt's version from `virsh --version`: {text}"),
-        };
-        if version < FD_PASSING {
-            bail!(
-                "libvirt {}.{} cannot pass file descriptors through its QMP proxy; \
-                 bitback needs libvirt {}.{} or newer (virDomainQemuMonitorCommandWithFiles)\n\
-                 hint: give QEMU an extra QMP socket (<qemu:commandline>) and use --qmp",
-                version.0,
-                version.1,
-                FD_PASSING.0,
-                FD_PASSING.1
-            );
+        match version_problem(&text) {
+            Some(problem) => bail!("{problem}"),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// Why the libvirt of `virsh --version`'s output cannot carry fds with
+/// QMP, if it cannot.
+fn version_problem(text: &str) -> Option<String> {
+    let mut parts = text.trim().split('.').map(|p| p.parse::<u64>().ok());
+    let version = match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor),
+        _ => {
+            return Some(format!(
+                "cannot read libvirt's version from `virsh --version`: {text:?}"
+            ));
+        }
+    };
+    (version < FD_PASSING).then(|| {
+        format!(
+            "libvirt {}.{} cannot pass file descriptors through its QMP proxy; \
+             bitback needs libvirt {}.{} or newer (virDomainQemuMonitorCommandWithFiles)\n\
+             hint: give QEMU an extra QMP socket (<qemu:commandline>) and use --qmp",
+            version.0, version.1, FD_PASSING.0, FD_PASSING.1
+        )
+    })
 }
 
 /// How to run libvirt's QMP proxy: a Python script for the system's
@@ -318,6 +327,19 @@ mod tests {
         assert_eq!(info.disks[2].device, "cdrom");
         assert!(info.disks[2].read_only);
         assert_eq!(info.disks[2].source, None);
+    }
+
+    #[test]
+    fn libvirt_versions_without_fd_passing_are_named() {
+        assert_eq!(version_problem("11.3.0\n"), None);
+        assert_eq!(version_problem("8.2.0"), None);
+        let old = version_problem("8.1.0").unwrap();
+        assert!(
+            old.contains("libvirt 8.1") && old.contains("8.2 or newer"),
+            "{old}"
+        );
+        assert!(version_problem("7.0.0").unwrap().contains("libvirt 7.0"));
+        assert!(version_problem("nonsense").unwrap().contains("cannot read"));
     }
 
     #[test]
