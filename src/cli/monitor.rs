@@ -66,7 +66,7 @@ impl Target {
         info: Option<&DomainInfo>,
         timeout: Duration,
     ) -> anyhow::Result<Monitor> {
-        let options = QmpOptions {
+        let mut options = QmpOptions {
             command_timeout: timeout,
             ..QmpOptions::default()
         };
@@ -74,6 +74,11 @@ impl Target {
             (Some(qmp), _) => (Endpoint::parse(qmp)?, None),
             (None, Some(domain)) => {
                 let proxy = Proxy::start(&domain)?;
+                // The proxy greets only after asking libvirt for the
+                // hypervisor's version, which libvirt may re-probe: seconds,
+                // more on a busy host (measured 4 s idle, over 10 s under
+                // load).
+                options.connect_timeout = options.connect_timeout.max(Duration::from_secs(120));
                 (Endpoint::Unix(proxy.socket().to_path_buf()), Some(proxy))
             }
             (None, None) => {

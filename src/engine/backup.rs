@@ -253,9 +253,8 @@ pub async fn backup_named(
         opts,
         scope: &scope,
         volumes: &volumes,
-        plan: &plan,
-        checkpoint: &checkpoint,
-        dir: partial.dir(),
+        targets: Target::planned(&plan, &volumes, partial.dir()),
+        checkpoint: Some(&checkpoint),
     };
     let result = run_jobs(&run, &mut undo, cancel.clone()).await;
     if let Err(e) = result {
@@ -271,7 +270,7 @@ pub async fn backup_named(
         "copy jobs done, targets closed"
     );
 
-    let built = build_manifest(&run, &id, seq, &now).await;
+    let built = build_manifest(&run, &plan, &checkpoint, &id, seq, &now).await;
     let manifest = match built {
         Ok(_) if *cancel.borrow() => {
             undo.rollback(qmp).await;
@@ -412,12 +411,13 @@ fn check_identity(
 /// The manifest of the finished files: digests and data counts read back.
 async fn build_manifest(
     run: &Run<'_>,
+    plan: &Plan,
+    checkpoint: &str,
     id: &str,
     seq: u64,
     now: &repo::time::Utc,
 ) -> anyhow::Result<Manifest> {
     let vm = run.opts.vm.as_str();
-    let plan = run.plan;
     let (kind, parent, chain, position) = match &plan.base {
         None => (BackupKind::Full, None, id.to_string(), 0),
         Some(base) => (
@@ -429,11 +429,11 @@ async fn build_manifest(
     };
     let mut records = Vec::new();
     for (i, v) in run.volumes.iter().enumerate() {
-        let path = run.dir.join(VolumeRecord::file_name(&v.name));
+        let path = run.targets[i].path.clone();
         let (digest, bytes_written) = digest_and_count(path.clone())
             .await
             .with_context(|| format!("reading back {}", path.display()))?;
-        let backing = run.backing(i);
+        let backing = run.targets[i].backing.clone();
         records.push(VolumeRecord {
             name: v.name.clone(),
             node: v.node_name.clone(),
@@ -464,7 +464,7 @@ async fn build_manifest(
         chain,
         position,
         parent,
-        checkpoint: run.checkpoint.to_string(),
+        checkpoint: checkpoint.to_string(),
         time: now.rfc3339(),
         volumes: records,
         qemu_version: Some(run.qmp.greeting().version.to_string()),
@@ -746,27 +746,49 @@ impl Undo {
     }
 }
 
-/// What one run works with while it changes QEMU (steps 3 to 5).
-struct Run<'a> {
-    qmp: &'a Qmp,
-    opts: &'a BackupOptions,
-    scope: &'a Scope,
-    volumes: &'a [Volume],
-    plan: &'a Plan,
-    checkpoint: &'a str,
-    dir: &'a Path,
+/// What one run works with while it changes QEMU (steps 3 to 5): for each
+/// volume (in order) the file to write and how, and the bitmap the
+/// transaction adds on every volume.
+pub(crate) struct Run<'a> {
+    pub qmp: &'a Qmp,
+    pub opts: &'a BackupOptions,
+    pub scope: &'a Scope,
+    pub volumes: &'a [Volume],
+    pub targets: Vec<Target>,
+    /// The new checkpoint bitmap; `None` adds none (a copy that keeps no
+    /// record for a next incremental).
+    pub checkpoint: Option<&'a str>,
 }
 
-impl Run<'_> {
-    /// The backing name of volume `i`'s file, when it is incremental.
-    fn backing(&self, i: usize) -> Option<String> {
-        match (&self.plan.volumes[i].decision, &self.plan.base) {
-            (Decision::Incremental, Some(base)) => Some(VolumeRecord::backing_name(
-                &base.parent,
-                &self.volumes[i].name,
-            )),
-            _ => None,
-        }
+/// One volume's copy.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The new file (created by the run; it must not exist).
+    pub path: PathBuf,
+    /// The backing file name stored in it, for an incremental.
+    pub backing: Option<String>,
+    /// The bitmap an incremental copies (`sync=bitmap`); `None` for a full.
+    pub since: Option<String>,
+}
+
+impl Target {
+    /// The targets of a repository backup in `dir`, as `plan` decided.
+    fn planned(plan: &Plan, volumes: &[Volume], dir: &Path) -> Vec<Target> {
+        volumes
+            .iter()
+            .zip(&plan.volumes)
+            .map(|(v, p)| {
+                let base = match (&p.decision, &plan.base) {
+                    (Decision::Incremental, Some(base)) => Some(base),
+                    _ => None,
+                };
+                Target {
+                    path: dir.join(VolumeRecord::file_name(&v.name)),
+                    backing: base.map(|b| VolumeRecord::backing_name(&b.parent, &v.name)),
+                    since: base.map(|b| b.checkpoint.clone()),
+                }
+            })
+            .collect()
     }
 }
 
@@ -792,16 +814,12 @@ async fn run_jobs(run: &Run<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow::Res
 /// the backup job ids.
 async fn prepare_targets(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
     let (qmp, scope) = (run.qmp, run.scope);
-    let paths: Vec<PathBuf> = run
-        .volumes
-        .iter()
-        .map(|v| run.dir.join(VolumeRecord::file_name(&v.name)))
-        .collect();
+    let paths: Vec<PathBuf> = run.targets.iter().map(|t| t.path.clone()).collect();
     match &run.opts.encrypt {
         Some(key) => create_encrypted(run, key, &paths).await?,
         None => {
             for (i, v) in run.volumes.iter().enumerate() {
-                let backing = run.backing(i);
+                let backing = run.targets[i].backing.clone();
                 qcow2::create(
                     &paths[i],
                     &CreateOptions {
@@ -876,7 +894,7 @@ async fn create_encrypted(run: &Run<'_>, key: &Key, paths: &[PathBuf]) -> anyhow
         cmd.args(["create", "-q", "-f", "qcow2", "--object"])
             .arg("secret,id=k,format=raw,file=/dev/stdin")
             .args(["-o", &options]);
-        if let Some(backing) = run.backing(i) {
+        if let Some(backing) = &run.targets[i].backing {
             // Resolved against the new file's directory, as QEMU does.
             cmd.args(["-b", &backing, "-F", "qcow2"]);
         }
@@ -954,13 +972,15 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
     for (i, v) in run.volumes.iter().enumerate() {
         // Only qcow2 v3 can store a bitmap; every other kind gets one in
         // QEMU's memory, which tracks changes while this QEMU lives.
-        let persistent = v.kind.tracking() == Tracking::Persistent;
-        let mut bitmap =
-            json!({ "node": v.node_name, "name": run.checkpoint, "persistent": persistent });
-        if let Some(g) = opts.granularity {
-            bitmap["granularity"] = g.into();
+        if let Some(checkpoint) = run.checkpoint {
+            let persistent = v.kind.tracking() == Tracking::Persistent;
+            let mut bitmap =
+                json!({ "node": v.node_name, "name": checkpoint, "persistent": persistent });
+            if let Some(g) = opts.granularity {
+                bitmap["granularity"] = g.into();
+            }
+            actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
         }
-        actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
         // A full of an image without a backing file copies only what the
         // image allocates (sync=top): unallocated clusters read as zeros
         // and stay unallocated in the target. sync=full would write zeros
@@ -975,10 +995,9 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
             "job-id": run.scope.job(i), "device": v.node_name, "target": run.scope.target_node(i),
             "sync": full_sync, "auto-dismiss": false,
         });
-        if let (Decision::Incremental, Some(base)) = (&run.plan.volumes[i].decision, &run.plan.base)
-        {
+        if let Some(since) = &run.targets[i].since {
             data["sync"] = "bitmap".into();
-            data["bitmap"] = base.checkpoint.as_str().into();
+            data["bitmap"] = since.as_str().into();
             data["bitmap-mode"] = "never".into();
         }
         if let Some(speed) = opts.rate_limit {
@@ -1039,9 +1058,11 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
     if applied {
         undo.jobs
             .extend((0..run.volumes.len()).map(|i| run.scope.job(i)));
-        for v in run.volumes {
-            undo.bitmaps
-                .push((v.node_name.clone(), run.checkpoint.to_string()));
+        if let Some(checkpoint) = run.checkpoint {
+            for v in run.volumes {
+                undo.bitmaps
+                    .push((v.node_name.clone(), checkpoint.to_string()));
+            }
         }
     }
     started.context("starting the backup transaction")?;
