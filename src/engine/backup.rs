@@ -896,7 +896,7 @@ async fn create_encrypted(run: &Run<'_>, key: &Key, paths: &[PathBuf]) -> anyhow
             .args(["-o", &options]);
         if let Some(backing) = &run.targets[i].backing {
             // Resolved against the new file's directory, as QEMU does.
-            cmd.args(["-b", &backing, "-F", "qcow2"]);
+            cmd.args(["-b", backing, "-F", "qcow2"]);
         }
         cmd.arg(&paths[i])
             .arg(v.virtual_size.to_string())
