@@ -45,6 +45,8 @@ pub struct DomainDisk {
     pub device: String,
     /// The file or block device; `None` for network disks and empty drives.
     pub source: Option<PathBuf>,
+    /// A network disk's source name (`pool/volume` for rbd).
+    pub source_name: Option<String>,
     pub read_only: bool,
 }
 
@@ -93,6 +95,21 @@ impl Domain {
             parse_xml(&xml).with_context(|| format!("the XML of domain {}", self.name))?;
         info.running = running;
         Ok(info)
+    }
+
+    /// Freezes the guest's filesystems through libvirt's agent channel.
+    pub fn fs_freeze(&self) -> anyhow::Result<()> {
+        self.virsh(&["domfsfreeze", &self.name]).map(drop)
+    }
+
+    /// Thaws them.
+    pub fn fs_thaw(&self) -> anyhow::Result<()> {
+        self.virsh(&["domfsthaw", &self.name]).map(drop)
+    }
+
+    /// `virsh ARGS... DOMAIN`'s output, for records kept beside a backup.
+    pub fn virsh_text(&self, command: &str) -> anyhow::Result<String> {
+        self.virsh(&[command, &self.name])
     }
 
     /// Refuses a libvirt too old to pass file descriptors with QMP. Reads
@@ -184,6 +201,9 @@ fn parse_xml(xml: &str) -> anyhow::Result<DomainInfo> {
             kind: disk.attribute("type").unwrap_or("file").to_string(),
             device: disk.attribute("device").unwrap_or("disk").to_string(),
             source,
+            source_name: child("source")
+                .and_then(|s| s.attribute("name"))
+                .map(str::to_string),
             read_only: child("readonly").is_some(),
         });
     }

@@ -69,7 +69,11 @@ pub(crate) struct BackupArgs {
 
     /// Freeze the guest's filesystems (guest agent) around the moment the
     /// backup starts; they are thawed on every path out.
-    #[arg(long, requires = "qga")]
+    ///
+    /// Needs --qga, or --libvirt (then libvirt freezes and thaws through
+    /// the agent channel it holds: `virsh domfsfreeze`; a freeze that fails
+    /// is logged and the backup goes on unfrozen).
+    #[arg(long)]
     quiesce: bool,
 
     /// The guest agent's socket (`-chardev socket,path=...,id=qga0 -device
@@ -285,6 +289,11 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         include: args.volumes.clone(),
         exclude: args.exclude.clone(),
         quiesce: if args.quiesce { args.qga.clone() } else { None },
+        quiesce_libvirt: if args.quiesce && args.qga.is_none() {
+            args.target.domain()
+        } else {
+            None
+        },
         rate_limit: args.rate_limit,
         cluster_size: args.cluster_size,
         granularity: Some(args.granularity),
@@ -311,6 +320,9 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map(engine::key::Key::from_file)
         .transpose()
         .map_err(|e| BadInput(format!("--image-key-file: {e:#}")))?;
+    if args.quiesce && args.qga.is_none() && args.target.libvirt.is_none() {
+        return Err(BadInput("--quiesce needs --qga SOCK, or --libvirt DOMAIN".into()).into());
+    }
     crate::qcow2::check_cluster_size(args.cluster_size)
         .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
     // QEMU's rule for bitmap granularities.

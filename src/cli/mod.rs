@@ -9,6 +9,7 @@ mod backup;
 mod demo;
 mod inspect;
 mod monitor;
+mod nasbackup;
 mod output;
 mod qcow2;
 mod restore;
@@ -60,6 +61,7 @@ enum Command {
     Export(retention::ExportArgs),
     Inspect(inspect::Args),
     RemoveCheckpoint(inspect::RemoveCheckpointArgs),
+    Nasbackup(nasbackup::NasArgs),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
 }
@@ -145,6 +147,7 @@ pub fn main() -> ExitCode {
             Command::Export(args) => retention::export(args).await,
             Command::Inspect(args) => inspect::run(args).await,
             Command::RemoveCheckpoint(args) => inspect::remove_checkpoint(args).await,
+            Command::Nasbackup(args) => nasbackup::run(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }
     });

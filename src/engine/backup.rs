@@ -52,6 +52,12 @@ pub struct BackupOptions {
     pub exclude: Vec<String>,
     /// The guest agent socket, to freeze filesystems around the start.
     pub quiesce: Option<PathBuf>,
+    /// A libvirt domain whose filesystems libvirt freezes around the start
+    /// (`virsh domfsfreeze` / `domfsthaw`: libvirt holds the agent's
+    /// channel). A freeze that fails is logged and the copy goes on
+    /// unfrozen, as CloudStack's script does; a thaw that fails fails the
+    /// run.
+    pub quiesce_libvirt: Option<crate::libvirt::Domain>,
     /// Bytes per second per job; `None` for no limit.
     pub rate_limit: Option<u64>,
     /// Cluster size of the backup files.
@@ -85,6 +91,7 @@ impl Default for BackupOptions {
             include: Vec::new(),
             exclude: Vec::new(),
             quiesce: None,
+            quiesce_libvirt: None,
             rate_limit: None,
             cluster_size: 64 << 10,
             granularity: Some(64 << 10),
@@ -328,6 +335,45 @@ pub async fn backup_named(
         );
     }
     Ok(manifest)
+}
+
+/// Copies every volume into its own given file in one transaction, adding
+/// `checkpoint` (if any) on every volume: the run of a backup without a
+/// repository (CloudStack's layout, see `bitback nasbackup`). What an
+/// interrupted run of `scope` left in QEMU is removed first; on failure
+/// everything this run added is taken back and the files are the caller's
+/// to remove. Returns whether a thaw failed (the copies are good).
+pub async fn copy_to_files(
+    qmp: &Qmp,
+    opts: &BackupOptions,
+    scope: &Scope,
+    volumes: &[Volume],
+    targets: Vec<Target>,
+    checkpoint: Option<&str>,
+    cancel: Cancel,
+) -> anyhow::Result<Option<String>> {
+    if targets.len() != volumes.len() {
+        bail!(
+            "internal error: {} targets for {} volumes",
+            targets.len(),
+            volumes.len()
+        );
+    }
+    clean_stray_jobs(qmp, scope).await?;
+    let run = Run {
+        qmp,
+        opts,
+        scope,
+        volumes,
+        targets,
+        checkpoint,
+    };
+    let mut undo = Undo::default();
+    if let Err(e) = run_jobs(&run, &mut undo, cancel).await {
+        undo.rollback(qmp).await;
+        return Err(e);
+    }
+    Ok(undo.thaw_failure.take())
 }
 
 /// Who the QEMU says it is: `query-uuid` (unless all zeros) and
@@ -749,7 +795,7 @@ impl Undo {
 /// What one run works with while it changes QEMU (steps 3 to 5): for each
 /// volume (in order) the file to write and how, and the bitmap the
 /// transaction adds on every volume.
-pub(crate) struct Run<'a> {
+struct Run<'a> {
     pub qmp: &'a Qmp,
     pub opts: &'a BackupOptions,
     pub scope: &'a Scope,
@@ -762,7 +808,7 @@ pub(crate) struct Run<'a> {
 
 /// One volume's copy.
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
+pub struct Target {
     /// The new file (created by the run; it must not exist).
     pub path: PathBuf,
     /// The backing file name stored in it, for an incremental.
@@ -1032,10 +1078,30 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
         }
         None => None,
     };
+    let libvirt_frozen = match &opts.quiesce_libvirt {
+        Some(domain) => {
+            let domain = domain.clone();
+            match tokio::task::spawn_blocking(move || domain.fs_freeze()).await? {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(vm = %opts.vm, error = %format!("{e:#}"), "freezing the guest through libvirt failed; copying unfrozen");
+                    false
+                }
+            }
+        }
+        None => false,
+    };
     crate::fault::point("before-transaction");
     let started = qmp
         .execute_raw("transaction", json!({ "actions": actions }))
         .await;
+    if let (true, Some(domain)) = (libvirt_frozen, &opts.quiesce_libvirt) {
+        let domain = domain.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || domain.fs_thaw()).await? {
+            error!(vm = %opts.vm, error = %format!("{e:#}"), "thawing the guest through libvirt failed");
+            undo.thaw_failure = Some(format!("{e:#}"));
+        }
+    }
     if let Some(agent) = agent.as_mut() {
         match agent.thaw_after_freeze().await {
             Ok(n) => info!(vm = %opts.vm, filesystems = n, "guest filesystems thawed"),

@@ -16,7 +16,7 @@ mod stopped;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, Cancel, Perf, backup, backup_named};
+pub use backup::{BackupOptions, Cancel, Perf, Target, backup, backup_named, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,

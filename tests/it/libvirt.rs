@@ -17,7 +17,7 @@ use crate::harness::{bitback, create_qcow2, guest_files, list_ids, require, temp
 const MIB: u64 = 1 << 20;
 const URI: &str = "qemu:///system";
 
-fn virsh(args: &[&str]) -> std::process::Output {
+pub(crate) fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
         .arg("-c")
         .arg(URI)
@@ -26,7 +26,7 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .expect("running virsh")
 }
 
-fn must_virsh(args: &[&str]) -> String {
+pub(crate) fn must_virsh(args: &[&str]) -> String {
     let out = virsh(args);
     assert!(
         out.status.success(),
@@ -66,10 +66,13 @@ fn libvirt_up() {
 
 /// A libvirt domain of the test guest; destroyed (and undefined when
 /// defined) on drop.
-struct Domain {
-    name: String,
+pub(crate) struct Domain {
+    pub(crate) name: String,
     dir: PathBuf,
     persistent: bool,
+    /// The two disk images, as CloudStack names volumes (a UUID, no
+    /// extension).
+    pub(crate) disks: [PathBuf; 2],
 }
 
 impl Domain {
@@ -115,7 +118,10 @@ impl Domain {
     /// A directory libvirt-qemu can reach, with two fresh disks.
     fn prepare(dir: &Path) -> [PathBuf; 2] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let disks = [dir.join("a.qcow2"), dir.join("b.qcow2")];
+        let disks = [
+            dir.join("5a1d0c2e-0000-4000-8000-00000000000a"),
+            dir.join("5a1d0c2e-0000-4000-8000-00000000000b"),
+        ];
         for d in &disks {
             create_qcow2(d, 16 * MIB, &[]);
         }
@@ -132,7 +138,7 @@ impl Domain {
     }
 
     /// A transient domain, running, its guest writing.
-    fn create(dir: &Path, extra_socket: Option<&Path>) -> Domain {
+    pub(crate) fn create(dir: &Path, extra_socket: Option<&Path>) -> Domain {
         libvirt_up();
         let disks = Domain::prepare(dir);
         let name = Domain::name();
@@ -147,6 +153,7 @@ impl Domain {
             name,
             dir: dir.into(),
             persistent: false,
+            disks,
         };
         domain.wait_writing();
         domain
@@ -164,6 +171,7 @@ impl Domain {
             name,
             dir: dir.into(),
             persistent: true,
+            disks,
         }
     }
 
@@ -191,7 +199,7 @@ impl Domain {
     }
 
     /// Waits until the guest wrote `n` more records.
-    fn wait_records(&self, n: u64) {
+    pub(crate) fn wait_records(&self, n: u64) {
         let last = |text: &str| {
             text.lines()
                 .filter_map(|l| l.strip_prefix("bitback-guest: record "))
@@ -208,7 +216,7 @@ impl Domain {
         }
     }
 
-    fn destroy(&self) {
+    pub(crate) fn destroy(&self) {
         let _ = virsh(&["destroy", &self.name]);
     }
 

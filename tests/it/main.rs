@@ -13,6 +13,7 @@ mod hostile;
 mod inspect;
 mod kinds;
 mod libvirt;
+mod nasbackup;
 mod qcow2;
 mod qmp_client;
 mod restore;
