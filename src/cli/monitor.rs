@@ -85,7 +85,11 @@ impl Target {
                 return Err(BadInput("give --qmp SOCK or --libvirt DOMAIN".into()).into());
             }
         };
-        let qmp = Qmp::connect_with(endpoint, options).await?;
+        let qmp = if proxy.is_some() {
+            connect_to_proxy(endpoint, options).await?
+        } else {
+            Qmp::connect_with(endpoint, options).await?
+        };
         let renames = match info {
             Some(info) => renames(&qmp, info).await?,
             None => Vec::new(),
@@ -95,6 +99,24 @@ impl Target {
             renames,
             _proxy: proxy,
         })
+    }
+}
+
+/// Connects to libvirt's QMP proxy. Its socket file appears when it binds,
+/// a moment before it listens: a refused connection is tried again for a
+/// few seconds.
+async fn connect_to_proxy(endpoint: Endpoint, options: QmpOptions) -> anyhow::Result<Qmp> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Qmp::connect_with(endpoint.clone(), options.clone()).await {
+            Err(crate::qmp::Error::Connecting { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::guest::check_log;
-use crate::harness::{Run, bitback, qemu_img_info, run, tempdir};
+use crate::harness::{Run, bitback, qemu_img_info, require, run, tempdir};
 use crate::libvirt::Domain;
 
 /// Runs `bitback nasbackup ARGS`.
@@ -93,6 +93,20 @@ fn bitmaps(domain: &Domain) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// Every file under `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// Restores `file` (a chain top) the agent's way and checks the guest's log.
 fn restore_log(file: &Path, out: &Path) -> i64 {
     run(Command::new("qemu-img")
@@ -106,6 +120,9 @@ fn restore_log(file: &Path, out: &Path) -> i64 {
 
 #[test]
 fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
+    for tool in ["flock", "du", "mount", "umount"] {
+        require(tool);
+    }
     let dir = tempdir();
     let d = dir.path();
     let nas = d.join("nas");
@@ -289,11 +306,73 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         assert_eq!(list.len(), 4, "{disk}: {list:?}");
     }
 
+    // After a restore the orchestrator clears its active checkpoint and
+    // asks for a full again, then incrementals from it.
+    domain.wait_records(10);
+    let mut args = common(&t(11));
+    args.extend(["-M", "full", "--bitmap-new", "backup-11000"].map(String::from));
+    let again = call(args);
+    assert_eq!(again.code, Some(0), "{}{}", again.stdout, again.stderr);
+    domain.wait_records(10);
+    let mut args = common(&t(12));
+    args.extend(
+        [
+            "-M",
+            "incremental",
+            "--bitmap-new",
+            "backup-12000",
+            "--bitmap-parent",
+            "backup-11000",
+            "--parent-paths",
+        ]
+        .map(String::from),
+    );
+    args.push(format!(
+        "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
+        t(11),
+        vols[0],
+        t(11),
+        vols[1]
+    ));
+    let after = call(args.clone());
+    assert_eq!(after.code, Some(0), "{}{}", after.stdout, after.stderr);
+
+    // A second run while one holds the domain's lock (the agent gave up on
+    // it but did not kill it) is refused at once, and leaves nothing.
+    let lock_path =
+        std::path::Path::new("/run/lock").join(format!("bitback-nasbackup-{}.lock", domain.name));
+    let mut holder = Command::new("flock")
+        .arg(&lock_path)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lock_path.exists() {
+        assert!(std::time::Instant::now() < deadline, "flock did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut args = common(&t(13));
+    args.extend(["-M", "full", "--bitmap-new", "backup-13000"].map(String::from));
+    let locked = call(args);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(locked.code, Some(1), "{}", locked.stdout);
+    assert!(locked.stdout.contains("is running"), "{}", locked.stdout);
+    assert!(!nas.join(t(13)).exists());
+
+    // qemu-img check is clean on every file written.
+    for entry in walk_files(&nas) {
+        if entry.extension().is_some_and(|e| e == "qcow2") {
+            run(Command::new("qemu-img").args(["check", "-q"]).arg(&entry));
+        }
+    }
+
     // Every point restores the agent's way to consistent logs, the disks
     // within one record of each other.
     let out = d.join("restored.raw");
     let mut previous = -1;
-    for n in [0, 1, 2, 3, 10] {
+    for n in [0, 1, 2, 3, 10, 11, 12] {
         let dest = nas.join(t(n));
         let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
         let b = restore_log(&dest.join(format!("datadisk.{}.qcow2", vols[1])), &out);
