@@ -108,7 +108,7 @@ impl Target {
 async fn connect_to_proxy(endpoint: Endpoint, options: QmpOptions) -> anyhow::Result<Qmp> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match Qmp::connect_with(endpoint.clone(), options.clone()).await {
+        match Qmp::connect_with(endpoint.clone(), options).await {
             Err(crate::qmp::Error::Connecting { source, .. })
                 if source.kind() == std::io::ErrorKind::ConnectionRefused
                     && tokio::time::Instant::now() < deadline =>
