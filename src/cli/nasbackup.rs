@@ -294,8 +294,7 @@ fn under(root: &Path, relative: &str) -> Option<PathBuf> {
 
 /// Holds the per-domain lock for the run: the agent does not kill a run
 /// that timed out, and may start another.
-fn lock_domain(vm: &str) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
+fn lock_domain(vm: &str) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let dir = Path::new("/run/lock");
     let dir = if dir.is_dir() {
         dir.to_path_buf()
@@ -319,16 +318,12 @@ fn lock_domain(vm: &str) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock(2) on a descriptor this function owns.
-    let held =
-        unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
-    if held != 0 {
-        bail!(
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
             "another backup of domain {vm} is running (lock {})",
             path.display()
-        );
-    }
-    Ok(file)
+        )
+    })
 }
 
 async fn backup(o: &Options) -> anyhow::Result<ExitCode> {
