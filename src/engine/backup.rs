@@ -924,53 +924,84 @@ async fn prepare_targets(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<Vec<S
 
 /// Creates the encrypted targets with `qemu-img create`, one process per
 /// volume at once. The key goes in on stdin (`file=/dev/stdin`): never on
-/// a command line, never in a file.
+/// a command line, never in a file. QEMU 7.2's key-derivation calibration
+/// sometimes fails ("Unable to get accurate CPU usage"); such a volume is
+/// tried again, up to 3 times.
 async fn create_encrypted(run: &Run<'_>, key: &Key, paths: &[PathBuf]) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut children = Vec::new();
-    for (i, v) in run.volumes.iter().enumerate() {
-        let mut options = format!(
-            "encrypt.format=luks,encrypt.key-secret=k,cluster_size={}",
-            run.opts.cluster_size
-        );
-        if let Some(ms) = run.opts.encrypt_iter_time {
-            options.push_str(&format!(",encrypt.iter-time={ms}"));
+    let mut pending: Vec<usize> = (0..run.volumes.len()).collect();
+    for attempt in 1..=3 {
+        let mut children = Vec::new();
+        for &i in &pending {
+            children.push((i, spawn_create(run, key, i, &paths[i]).await?));
         }
-        let mut cmd = tokio::process::Command::new("qemu-img");
-        cmd.args(["create", "-q", "-f", "qcow2", "--object"])
-            .arg("secret,id=k,format=raw,file=/dev/stdin")
-            .args(["-o", &options]);
-        if let Some(backing) = &run.targets[i].backing {
-            // Resolved against the new file's directory, as QEMU does.
-            cmd.args(["-b", backing, "-F", "qcow2"]);
-        }
-        cmd.arg(&paths[i])
-            .arg(v.virtual_size.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .context("running qemu-img create (install qemu-utils)")?;
-        let mut stdin = child.stdin.take().context("qemu-img has no stdin")?;
-        stdin
-            .write_all(key.bytes())
-            .await
-            .context("handing the key to qemu-img")?;
-        drop(stdin);
-        children.push((v.name.as_str(), child));
-    }
-    for (volume, child) in children {
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
+        let mut again = Vec::new();
+        for (i, child) in children {
+            let out = child.wait_with_output().await?;
+            if out.status.success() {
+                continue;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if attempt < 3 && stderr.contains("Unable to get accurate CPU usage") {
+                debug!(volume = %run.volumes[i].name, "qemu-img's key calibration failed; trying again");
+                let _ = std::fs::remove_file(&paths[i]);
+                again.push(i);
+                continue;
+            }
             bail!(
-                "creating the encrypted backup file of volume {volume} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                "creating the encrypted backup file of volume {} failed: {}",
+                run.volumes[i].name,
+                stderr.trim()
             );
         }
+        if again.is_empty() {
+            return Ok(());
+        }
+        pending = again;
     }
     Ok(())
+}
+
+/// Starts `qemu-img create` of volume `i`'s encrypted target, the key
+/// written to its stdin.
+async fn spawn_create(
+    run: &Run<'_>,
+    key: &Key,
+    i: usize,
+    path: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    use tokio::io::AsyncWriteExt;
+    let v = &run.volumes[i];
+    let mut options = format!(
+        "encrypt.format=luks,encrypt.key-secret=k,cluster_size={}",
+        run.opts.cluster_size
+    );
+    if let Some(ms) = run.opts.encrypt_iter_time {
+        options.push_str(&format!(",encrypt.iter-time={ms}"));
+    }
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "--object"])
+        .arg("secret,id=k,format=raw,file=/dev/stdin")
+        .args(["-o", &options]);
+    if let Some(backing) = &run.targets[i].backing {
+        // Resolved against the new file's directory, as QEMU does.
+        cmd.args(["-b", backing, "-F", "qcow2"]);
+    }
+    cmd.arg(path)
+        .arg(v.virtual_size.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .context("running qemu-img create (install qemu-utils)")?;
+    let mut stdin = child.stdin.take().context("qemu-img has no stdin")?;
+    stdin
+        .write_all(key.bytes())
+        .await
+        .context("handing the key to qemu-img")?;
+    drop(stdin);
+    Ok(child)
 }
 
 /// The name QEMU opens a target by: a passed fd where the monitor takes

@@ -164,16 +164,32 @@ fn volumes(m: &Value) -> BTreeMap<String, (String, String, String, String)> {
         .collect()
 }
 
+/// A LUKS qcow2 image. QEMU 7.2's key-derivation calibration sometimes
+/// fails ("Unable to get accurate CPU usage"): tried up to 5 times.
 fn luks_qcow2(path: &Path, secret: &str) {
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "--object"])
-        .arg(format!("secret,id=sec0,data={secret}"))
-        .args([
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        ])
-        .arg(path)
-        .arg(SIZE.to_string()));
+    for attempt in 1..=5 {
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "--object"])
+            .arg(format!("secret,id=sec0,data={secret}"))
+            .args([
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            ])
+            .arg(path)
+            .arg(SIZE.to_string())
+            .output()
+            .expect("running qemu-img");
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            attempt < 5 && stderr.contains("Unable to get accurate CPU usage"),
+            "qemu-img create of {}: {stderr}",
+            path.display()
+        );
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 #[test]
