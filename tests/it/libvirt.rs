@@ -97,6 +97,7 @@ impl Domain {
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{}</kernel><initrd>{}</initrd>
     <cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>
+  <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
@@ -308,6 +309,35 @@ fn a_writing_libvirt_guest_through_the_proxy_and_an_extra_socket_is_one_chain() 
             ("vda".to_string(), "incremental".to_string()),
             ("vdb".to_string(), "incremental".to_string())
         ]
+    );
+    // A disk hot-plugged through libvirt: a full of that disk alone, named
+    // by its target.
+    let extra_disk = dir.path().join("5a1d0c2e-0000-4000-8000-00000000000c");
+    create_qcow2(&extra_disk, 8 * MIB, &[]);
+    must_virsh(&[
+        "attach-disk",
+        &domain.name,
+        extra_disk.to_str().unwrap(),
+        "vdc",
+        "--driver",
+        "qemu",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+        "--live",
+    ]);
+    domain.wait_records(10);
+    let plugged = domain.backup(&repo, &[]);
+    assert_eq!(
+        kinds(&plugged),
+        [
+            ("vda".to_string(), "incremental".to_string()),
+            ("vdb".to_string(), "incremental".to_string()),
+            ("vdc".to_string(), "full".to_string())
+        ],
+        "{}",
+        plugged["reason"]
     );
     // What libvirt records for each way in.
     let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", domain.name))
