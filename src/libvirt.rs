@@ -223,7 +223,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts `virt-qemu-qmp-proxy` for `domain` and waits until it listens.
+    /// Starts `virt-qemu-qmp-proxy` for `domain` and waits until its socket
+    /// appears. Call it on a runtime thread, not through `spawn_blocking`:
+    /// the proxy dies when the thread that spawned it ends
+    /// ([`crate::qemu::daemon::die_with_parent`]), and blocking-pool
+    /// threads end when idle.
     pub fn start(domain: &Domain) -> anyhow::Result<Proxy> {
         domain.check_version()?;
         let dir = crate::qemu::daemon::private_dir("libvirt")?;

@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::engine::{self, BackupOptions, Target};
-use crate::libvirt::{Domain, DomainDisk};
+use crate::libvirt::{Domain, DomainDisk, DomainInfo};
 use crate::qemu;
 
 /// Act as CloudStack's nasbackup.sh (the KVM agent's NAS backup script).
@@ -139,8 +139,14 @@ struct Mount {
 }
 
 impl Mount {
-    fn new(o: &Options) -> Result<Mount, String> {
-        let point = fresh_dir().map_err(|e| format!("Failed to create a mount point: {e}"))?;
+    /// Mounts the NAS; on failure prints why and gives the exit code.
+    fn new(o: &Options) -> Result<Mount, ExitCode> {
+        let failed = |message: String| {
+            println!("{message}");
+            ExitCode::from(1)
+        };
+        let point =
+            fresh_dir().map_err(|e| failed(format!("Failed to create a mount point: {e}")))?;
         let mut opts = o.mount_opts.clone();
         if o.nas_type == "cifs" {
             opts.push_str(",nobrl");
@@ -164,7 +170,7 @@ impl Mount {
             })
         } else {
             let _ = std::fs::remove_dir(&point);
-            Err(format!("Failed to mount {} store", o.nas_type))
+            Err(failed(format!("Failed to mount {} store", o.nas_type)))
         }
     }
 
@@ -189,6 +195,21 @@ impl Mount {
             ));
         }
         failed
+    }
+}
+
+impl Mount {
+    /// Releases the mount after the operation worked: success, or
+    /// `failed_code` (printing what failed) when the release did not.
+    fn finish(mut self, failed_code: u8) -> ExitCode {
+        let failed = self.release();
+        if failed.is_empty() {
+            return ExitCode::SUCCESS;
+        }
+        for line in failed {
+            println!("{line}");
+        }
+        ExitCode::from(failed_code)
     }
 }
 
@@ -338,13 +359,15 @@ async fn backup(o: &Options) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let running = !o.vm.is_empty() && domain.info().is_ok_and(|info| info.running);
+    // Not found (a stopped transient domain, an empty -v) means stopped.
+    let info = if o.vm.is_empty() {
+        None
+    } else {
+        domain.info().ok().filter(|info| info.running)
+    };
     let mut mount = match Mount::new(o) {
         Ok(mount) => mount,
-        Err(message) => {
-            println!("{message}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     let dest = match under(&mount.point, &o.path) {
         Some(dest) if !o.path.is_empty() => dest,
@@ -363,25 +386,16 @@ async fn backup(o: &Options) -> anyhow::Result<ExitCode> {
             &format!("Failed to create backup directory {}", dest.display()),
         ));
     }
-    let result = if running {
-        backup_running(o, &domain, &mount.point, &dest).await
-    } else {
-        backup_stopped(o, &dest)
+    let result = match &info {
+        Some(info) => backup_running(o, &domain, info, &mount.point, &dest).await,
+        None => backup_stopped(o, &dest),
     };
     match result {
         Ok(lines) => {
             for line in lines {
                 println!("{line}");
             }
-            let failed = mount.release();
-            if failed.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                for line in failed {
-                    println!("{line}");
-                }
-                Ok(ExitCode::from(EXIT_CLEANUP_FAILED))
-            }
+            Ok(mount.finish(EXIT_CLEANUP_FAILED))
         }
         Err(e) => Ok(fail(&mut mount, Some(&dest), &format!("{e:#}"))),
     }
@@ -389,11 +403,9 @@ async fn backup(o: &Options) -> anyhow::Result<ExitCode> {
 
 /// The domain's disks in `domblklist` order (device `disk`), with the
 /// name each backup file takes.
-fn domain_disks(domain: &Domain) -> anyhow::Result<Vec<(DomainDisk, String)>> {
-    let info = domain.info()?;
-    Ok(info
-        .disks
-        .into_iter()
+fn domain_disks(info: &DomainInfo) -> Vec<(&DomainDisk, String)> {
+    info.disks
+        .iter()
         .filter(|d| d.device == "disk")
         .map(|d| {
             let source = d
@@ -405,12 +417,13 @@ fn domain_disks(domain: &Domain) -> anyhow::Result<Vec<(DomainDisk, String)>> {
             let vol = vol_uuid(&source);
             (d, vol)
         })
-        .collect())
+        .collect()
 }
 
 async fn backup_running(
     o: &Options,
     domain: &Domain,
+    info: &DomainInfo,
     mount: &Path,
     dest: &Path,
 ) -> anyhow::Result<Vec<String>> {
@@ -429,14 +442,13 @@ async fn backup_running(
         "incremental" => bail!("incremental mode requires --bitmap-new and --bitmap-parent"),
         other => bail!("Unknown mode: {other}"),
     };
-    let disks = domain_disks(domain)?;
+    let disks = domain_disks(info);
     let target = super::monitor::Target {
         qmp: None,
         libvirt: Some(domain.name.clone()),
         connect: domain.connect.clone(),
     };
-    let info = domain.info()?;
-    let monitor = target.connect(Some(&info), Duration::from_secs(30)).await?;
+    let monitor = target.connect(Some(info), Duration::from_secs(30)).await?;
     let mut all = qemu::list_volumes(&monitor.qmp).await?;
     for v in &mut all {
         if let Some((_, name)) = monitor
@@ -622,10 +634,7 @@ fn du_sb(dir: &Path) -> anyhow::Result<u64> {
 fn delete(o: &Options) -> anyhow::Result<ExitCode> {
     let mut mount = match Mount::new(o) {
         Ok(mount) => mount,
-        Err(message) => {
-            println!("{message}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     let Some(dest) = under(&mount.point, &o.path).filter(|_| !o.path.is_empty()) else {
         return Ok(fail(
@@ -646,15 +655,7 @@ fn delete(o: &Options) -> anyhow::Result<ExitCode> {
             ));
         }
     }
-    let failed = mount.release();
-    if failed.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for line in failed {
-            println!("{line}");
-        }
-        Ok(ExitCode::from(1))
-    }
+    Ok(mount.finish(1))
 }
 
 /// Every path under `dir`, children first, `dir` last.
@@ -675,12 +676,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn stats(o: &Options) -> anyhow::Result<ExitCode> {
-    let mut mount = match Mount::new(o) {
+    let mount = match Mount::new(o) {
         Ok(mount) => mount,
-        Err(message) => {
-            println!("{message}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     let fs = nix::sys::statvfs::statvfs(&mount.point);
     println!("{}", mount.point.display());
@@ -691,15 +689,7 @@ fn stats(o: &Options) -> anyhow::Result<ExitCode> {
         let used = (fs.blocks() as u128 - fs.blocks_free() as u128) * unit / 1024;
         println!("{total} {used}");
     }
-    let failed = mount.release();
-    if failed.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for line in failed {
-            println!("{line}");
-        }
-        Ok(ExitCode::from(1))
-    }
+    Ok(mount.finish(1))
 }
 
 #[cfg(test)]

@@ -221,7 +221,6 @@ fn restore_volume(
     clean_restoring(dir);
     let tmp = dir.join(format!(".{name}.restoring-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let top = files.last().context("empty chain")?;
     let format = match opts.format {
         Format::Raw => "raw",
         Format::Qcow2 => "qcow2",
@@ -248,20 +247,15 @@ fn restore_volume(
             )
             .map(|n| (n, "native".to_string()))
         }
-        None => match key {
-            Some(key) => qemu_img_convert_encrypted(files, key, &tmp, format).map(|_| {
-                (
-                    0,
-                    "qemu-img convert (the backup is encrypted: QEMU decrypts it)".to_string(),
-                )
-            }),
-            None => qemu_img_convert(top, &tmp, format).map(|_| {
-                (
-                    0,
-                    "qemu-img convert (the chain has compressed clusters)".to_string(),
-                )
-            }),
-        },
+        None => {
+            let why = if key.is_some() {
+                "the backup is encrypted: QEMU decrypts it"
+            } else {
+                "the chain has compressed clusters"
+            };
+            qemu_img_convert(files, key, &tmp, format)
+                .map(|_| (0, format!("qemu-img convert ({why})")))
+        }
     };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -320,43 +314,36 @@ fn clean_restoring(dir: &Path) {
     }
 }
 
-fn qemu_img_convert(top: &Path, out: &Path, format: &str) -> anyhow::Result<()> {
-    let output = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", format])
-        .arg(top)
-        .arg(out)
-        .output()
-        .context("running qemu-img convert (install qemu-utils)")?;
-    if !output.status.success() {
-        bail!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    File::open(out)?.sync_all()?;
-    Ok(())
-}
-
-/// Decrypts and converts an encrypted chain (full first): qemu-img reads
-/// the key from its stdin as a secret object; each file's backing is the
-/// file before it, given explicitly.
-fn qemu_img_convert_encrypted(
+/// Converts a chain (full first) with `qemu-img convert`, synced. An
+/// encrypted chain is decrypted with `key`, which qemu-img reads from its
+/// stdin as a secret object, each file's backing given explicitly.
+fn qemu_img_convert(
     files: &[PathBuf],
-    key: &Key,
+    key: Option<&Key>,
     out: &Path,
     format: &str,
 ) -> anyhow::Result<()> {
-    let image = super::chain::encrypted_image(files, "bitback-key");
+    let top = files.last().context("empty chain")?;
     let mut cmd = Command::new("qemu-img");
-    cmd.arg("convert")
-        .arg("--object")
-        .arg("secret,id=bitback-key,format=raw,file=/dev/stdin")
-        .args(["-O", format])
-        .arg(format!("json:{image}"))
-        .arg(out);
-    let output = key
-        .feed(&mut cmd)
-        .context("running qemu-img convert (install qemu-utils)")?;
+    cmd.arg("convert");
+    match key {
+        Some(_) => {
+            let image = super::chain::encrypted_image(files, "bitback-key");
+            cmd.arg("--object")
+                .arg("secret,id=bitback-key,format=raw,file=/dev/stdin")
+                .args(["-O", format])
+                .arg(format!("json:{image}"));
+        }
+        None => {
+            cmd.args(["-f", "qcow2", "-O", format]).arg(top);
+        }
+    }
+    cmd.arg(out);
+    let output = match key {
+        Some(key) => key.feed(&mut cmd),
+        None => cmd.output(),
+    }
+    .context("running qemu-img convert (install qemu-utils)")?;
     if !output.status.success() {
         bail!(
             "qemu-img convert failed: {}",

@@ -384,8 +384,7 @@ impl Repo {
 
     /// Rewrites the manifest of backup `id` in place (temp file, rename).
     pub fn rewrite_manifest(&self, _lock: &VmLock, m: &Manifest) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(m).map_err(Error::Encoding)?;
-        write_atomic(&self.vm_dir(&m.vm)?.join(&m.id), "manifest.json", &bytes)
+        write_manifest(&self.vm_dir(&m.vm)?.join(&m.id), m)
     }
 
     /// Starts a replacement of backup `id` of `vm`, written aside in
@@ -568,6 +567,28 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Writes `manifest.json` in `dir` (temp file, fsync, rename).
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
+    write_atomic(dir, "manifest.json", &bytes)
+}
+
+/// Syncs every file in a backup directory being written, then writes its
+/// manifest: what must be durable before the directory becomes visible.
+fn seal(dir: &Path, manifest: &Manifest) -> Result<()> {
+    for entry in read_dir(dir)? {
+        let path = entry.path();
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| Error::Io {
+                action: "syncing",
+                path: path.clone(),
+                source,
+            })?;
+    }
+    write_manifest(dir, manifest)
+}
+
 /// A backup being written. Dropped without [`Partial::commit`], it deletes
 /// its directory.
 #[derive(Debug)]
@@ -586,18 +607,7 @@ impl Partial {
     /// Syncs every file, writes the manifest, and renames the directory to
     /// its id: the commit point.
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
-        for entry in read_dir(&self.dir)? {
-            let path = entry.path();
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|source| Error::Io {
-                    action: "syncing",
-                    path: path.clone(),
-                    source,
-                })?;
-        }
-        let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
-        write_atomic(&self.dir, "manifest.json", &bytes)?;
+        seal(&self.dir, manifest)?;
         let final_dir = self.vm_dir.join(&self.id);
         fs::rename(&self.dir, &final_dir).map_err(|source| Error::Io {
             action: "committing",
@@ -639,18 +649,7 @@ impl Replacement {
     /// the old backup or the new one, never a mix. Then removes the old.
     pub fn swap(self, manifest: &Manifest) -> Result<()> {
         use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-        for entry in read_dir(&self.dir)? {
-            let path = entry.path();
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|source| Error::Io {
-                    action: "syncing",
-                    path: path.clone(),
-                    source,
-                })?;
-        }
-        let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
-        write_atomic(&self.dir, "manifest.json", &bytes)?;
+        seal(&self.dir, manifest)?;
         sync_dir(&self.vm_dir)?;
         crate::fault::point("consolidate-before-swap");
         let live = self.vm_dir.join(&self.id);

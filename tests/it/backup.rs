@@ -1098,7 +1098,7 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
         .arg(&image));
     let repo = dir.path().join("repo");
     let spec = format!("disk0={}", image.display());
-    let bitback = Background::start(&[
+    let run_in_background = Background::start(&[
         "backup",
         "--repo",
         repo.to_str().unwrap(),
@@ -1112,7 +1112,7 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
     // Wait for the daemon bitback starts.
     let deadline = Instant::now() + Duration::from_secs(30);
     let daemon = loop {
-        let found = children(bitback.0.id()).into_iter().find(|pid| {
+        let found = children(run_in_background.0.id()).into_iter().find(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim().starts_with("qemu-storage"))
         });
@@ -1123,8 +1123,8 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
         std::thread::sleep(Duration::from_millis(20));
     };
     // A wrapper's timeout: SIGKILL, no chance to clean up.
-    bitback.signal("KILL");
-    let (code, _) = bitback.finish();
+    run_in_background.signal("KILL");
+    let (code, _) = run_in_background.finish();
     assert_eq!(code, None, "killed by a signal");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::path::Path::new(&format!("/proc/{daemon}")).exists()
@@ -1142,7 +1142,7 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x5b 0 64k"])
         .arg(&image));
-    let next = bitback_run_json(&[
+    let next = bitback(&[
         "backup",
         "--repo",
         repo.to_str().unwrap(),
@@ -1151,15 +1151,12 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
         "--image",
         &spec,
         "--json",
-    ]);
+    ])
+    .json();
     assert_eq!(next["kind"], "full");
     let backup = repo
         .join("cold")
         .join(next["id"].as_str().unwrap())
         .join("disk0.qcow2");
     assert!(crate::harness::images_equal(&image, &backup));
-}
-
-fn bitback_run_json(args: &[&str]) -> Value {
-    bitback(args).json()
 }

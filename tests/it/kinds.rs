@@ -58,6 +58,25 @@ struct Vm {
 }
 
 impl Vm {
+    /// Starts QEMU in `dir` with `disks`, each with a zero model of SIZE
+    /// bytes, and the secret of the LUKS images (`source-key`).
+    fn start_in(dir: &Path, disks: Vec<Disk>) -> Vm {
+        let mut vm = Vm {
+            dir: dir.into(),
+            repo: dir.join("repo"),
+            models: disks
+                .iter()
+                .map(|disk| (disk.node.clone(), vec![0; SIZE as usize]))
+                .collect(),
+            disks,
+            extra: vec!["-object".into(), "secret,id=sec0,data=source-key".into()],
+            qemu: None,
+            points: Vec::new(),
+        };
+        vm.start();
+        vm
+    }
+
     fn start(&mut self) {
         self.qemu = Some(Qemu::start_with(
             Kind::MachineNone,
@@ -164,6 +183,17 @@ fn volumes(m: &Value) -> BTreeMap<String, (String, String, String, String)> {
         .collect()
 }
 
+/// A LUKS qcow2 disk opened with the secret `Vm::start_in` gives QEMU.
+fn luks_disk(node: &str, image: &Path) -> Disk {
+    Disk::with_format(
+        node,
+        node,
+        image,
+        "qcow2",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+    )
+}
+
 /// A LUKS qcow2 image. QEMU 7.2's key-derivation calibration sometimes
 /// fails ("Unable to get accurate CPU usage"): tried up to 5 times.
 fn luks_qcow2(path: &Path, secret: &str) {
@@ -216,27 +246,9 @@ fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
         Disk::with_format("raw", "raw", &d.join("raw.img"), "raw", ""),
         Disk::with_format("dev", "dev", &device.device, "raw", ""),
         Disk::with_format("v2", "v2", &d.join("v2.qcow2"), "qcow2", ""),
-        Disk::with_format(
-            "luks",
-            "luks",
-            &d.join("luks.qcow2"),
-            "qcow2",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-        ),
+        luks_disk("luks", &d.join("luks.qcow2")),
     ];
-    let mut vm = Vm {
-        dir: d.into(),
-        repo: d.join("repo"),
-        models: disks
-            .iter()
-            .map(|disk| (disk.node.clone(), vec![0; SIZE as usize]))
-            .collect(),
-        disks,
-        extra: vec!["-object".into(), "secret,id=sec0,data=source-key".into()],
-        qemu: None,
-        points: Vec::new(),
-    };
-    vm.start();
+    let mut vm = Vm::start_in(d, disks);
 
     // inspect says how each volume is tracked.
     let qmp = vm.qemu().qmp.clone();
@@ -475,27 +487,9 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
     std::fs::write(&other_key, "another passphrase").unwrap();
     let disks = vec![
         Disk::with_format("plain", "plain", &d.join("plain.qcow2"), "qcow2", ""),
-        Disk::with_format(
-            "sec",
-            "sec",
-            &d.join("sec.qcow2"),
-            "qcow2",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-        ),
+        luks_disk("sec", &d.join("sec.qcow2")),
     ];
-    let mut vm = Vm {
-        dir: d.into(),
-        repo: d.join("repo"),
-        models: disks
-            .iter()
-            .map(|disk| (disk.node.clone(), vec![0; SIZE as usize]))
-            .collect(),
-        disks,
-        extra: vec!["-object".into(), "secret,id=sec0,data=source-key".into()],
-        qemu: None,
-        points: Vec::new(),
-    };
-    vm.start();
+    let mut vm = Vm::start_in(d, disks);
     let key_arg = key.display().to_string();
     // A short key derivation keeps the many opens of this test quick; the
     // default (2 s) is used once, for the new key below.
