@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tracing::info;
 
+/// The longest a virsh call may take (libvirt re-probing the hypervisor
+/// takes seconds; a stalled daemon forever).
+const VIRSH_LIMIT: Duration = Duration::from_secs(120);
+
 /// The oldest libvirt whose QMP passthrough carries file descriptors.
 const FD_PASSING: (u64, u64) = (8, 2);
 
@@ -61,23 +65,56 @@ pub struct DomainInfo {
 impl Domain {
     /// Runs `virsh -c URI ARGS...` and returns its stdout.
     fn virsh(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = std::process::Command::new("virsh")
+        self.virsh_within(args, VIRSH_LIMIT)
+    }
+
+    /// [`Domain::virsh`] with a time limit: a virsh still running after
+    /// `limit` (a stalled libvirtd or guest agent) is killed by its pid and
+    /// the call fails.
+    fn virsh_within(&self, args: &[&str], limit: Duration) -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut child = std::process::Command::new("virsh")
             .arg("-c")
             .arg(&self.connect)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context(
                 "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
             )?;
-        if !out.status.success() {
-            bail!(
-                "virsh {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        // virsh's output is small: read it after it exits, from threads so
+        // a full pipe cannot stall it meanwhile.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("virsh {} did not answer within {limit:?}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if !status.success() {
+            bail!("virsh {} failed: {}", args.join(" "), stderr.trim());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(stdout)
     }
 
     /// The domain's state and disks (the live XML when it runs).
@@ -97,12 +134,14 @@ impl Domain {
         Ok(info)
     }
 
-    /// Freezes the guest's filesystems through libvirt's agent channel.
-    pub fn fs_freeze(&self) -> anyhow::Result<()> {
-        self.virsh(&["domfsfreeze", &self.name]).map(drop)
+    /// Freezes the guest's filesystems through libvirt's agent channel,
+    /// giving up after `limit` (a stalled agent).
+    pub fn fs_freeze(&self, limit: Duration) -> anyhow::Result<()> {
+        self.virsh_within(&["domfsfreeze", &self.name], limit)
+            .map(drop)
     }
 
-    /// Thaws them.
+    /// Thaws them (harmless when they are not frozen).
     pub fn fs_thaw(&self) -> anyhow::Result<()> {
         self.virsh(&["domfsthaw", &self.name]).map(drop)
     }

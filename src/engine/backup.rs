@@ -54,9 +54,10 @@ pub struct BackupOptions {
     pub quiesce: Option<PathBuf>,
     /// A libvirt domain whose filesystems libvirt freezes around the start
     /// (`virsh domfsfreeze` / `domfsthaw`: libvirt holds the agent's
-    /// channel). A freeze that fails is logged and the copy goes on
-    /// unfrozen, as CloudStack's script does; a thaw that fails fails the
-    /// run.
+    /// channel). A freeze that fails or takes longer than
+    /// `freeze_timeout` is followed by a thaw and logged, and the copy goes
+    /// on unfrozen, as CloudStack's script does; a thaw that fails after
+    /// the copy started fails the run.
     pub quiesce_libvirt: Option<crate::libvirt::Domain>,
     /// Bytes per second per job; `None` for no limit.
     pub rate_limit: Option<u64>,
@@ -1111,8 +1112,20 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
     };
     let libvirt_frozen = match &opts.quiesce_libvirt {
         Some(domain) => {
-            let domain = domain.clone();
-            match tokio::task::spawn_blocking(move || domain.fs_freeze()).await? {
+            let (domain, limit) = (domain.clone(), opts.freeze_timeout);
+            let frozen = tokio::task::spawn_blocking(move || {
+                let frozen = domain.fs_freeze(limit);
+                // A freeze that failed or timed out may still complete in
+                // the guest: thaw whatever it did before going on unfrozen.
+                if frozen.is_err()
+                    && let Err(t) = domain.fs_thaw()
+                {
+                    error!(error = %format!("{t:#}"), "thawing after a failed freeze failed; the guest may be frozen");
+                }
+                frozen
+            })
+            .await?;
+            match frozen {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(vm = %opts.vm, error = %format!("{e:#}"), "freezing the guest through libvirt failed; copying unfrozen");

@@ -104,6 +104,7 @@ impl Domain {
       <source file='{}'/><target dev='vda' bus='virtio'/></disk>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='{}'/><target dev='vdb' bus='virtio'/></disk>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <serial type='file'><source path='{}'/><target port='0'/></serial>
   </devices>
   {extra}
@@ -419,6 +420,33 @@ fn libvirts_own_block_operations_keep_working_beside_bitback() {
         "{}",
         committed["reason"]
     );
+
+    // --quiesce through libvirt, whose agent channel nobody answers (the
+    // test guest runs no agent): the freeze fails within the limit, the
+    // backup goes on unfrozen and says so.
+    domain.wait_records(10);
+    let started = std::time::Instant::now();
+    let quiesced = bitback(&[
+        "backup",
+        "--libvirt",
+        &name,
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "dom",
+        "--json",
+        "--quiesce",
+        "--freeze-timeout",
+        "5",
+    ]);
+    let m = quiesced.json();
+    assert_eq!(m["kind"], "incremental", "{}", m["reason"]);
+    assert!(
+        quiesced.stderr.contains("copying unfrozen"),
+        "{}",
+        quiesced.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(120));
 
     // Pull vdb's base into its top: the same image stays, incremental.
     domain.wait_records(10);
