@@ -501,3 +501,35 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     print!("{}", table(&rows));
     Ok(ExitCode::SUCCESS)
 }
+
+/// Internal: thaws the guest if the bitback that started this dies while
+/// the guest may be frozen (see `engine::thaw_guard`). Not for operators.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ThawGuardArgs {
+    /// The guest agent's socket.
+    #[arg(long, conflicts_with = "libvirt", required_unless_present = "libvirt")]
+    qga: Option<PathBuf>,
+    /// The libvirt domain.
+    #[arg(long)]
+    libvirt: Option<String>,
+    /// The libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    connect: String,
+}
+
+pub(crate) async fn thaw_guard(args: ThawGuardArgs) -> anyhow::Result<ExitCode> {
+    use engine::thaw_guard::{Thawer, serve};
+    let thawer = match (args.qga, args.libvirt) {
+        (Some(socket), _) => Thawer::Agent(socket),
+        (None, Some(name)) => Thawer::Libvirt(crate::libvirt::Domain {
+            name,
+            connect: args.connect,
+        }),
+        (None, None) => return Err(BadInput("thaw-guard needs --qga or --libvirt".into()).into()),
+    };
+    Ok(if serve(thawer).await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILED)
+    })
+}

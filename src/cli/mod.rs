@@ -62,6 +62,8 @@ enum Command {
     Inspect(inspect::Args),
     RemoveCheckpoint(inspect::RemoveCheckpointArgs),
     Nasbackup(nasbackup::NasArgs),
+    #[command(hide = true)]
+    ThawGuard(backup::ThawGuardArgs),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
 }
@@ -148,6 +150,7 @@ pub fn main() -> ExitCode {
             Command::Inspect(args) => inspect::run(args).await,
             Command::RemoveCheckpoint(args) => inspect::remove_checkpoint(args).await,
             Command::Nasbackup(args) => nasbackup::run(args).await,
+            Command::ThawGuard(args) => backup::thaw_guard(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }
     });

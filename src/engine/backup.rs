@@ -33,6 +33,7 @@ use super::BadInput;
 use super::key::Key;
 use super::plan::{self, Decision, Facts, Plan, Policy};
 use super::scope::Scope;
+use super::thaw_guard::{ThawGuard, Thawer};
 use crate::qcow2::{self, CreateOptions, Image};
 use crate::qemu::agent::Agent;
 use crate::qemu::{self, Tracking, Volume};
@@ -1088,28 +1089,38 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
     }
 
     let mut agent = match &opts.quiesce {
-        Some(socket) => {
-            let mut agent = Agent::connect(socket, Duration::from_secs(10)).await?;
-            match agent.freeze(opts.freeze_timeout).await {
-                Ok(frozen) => {
-                    info!(vm = %opts.vm, filesystems = frozen, "guest filesystems frozen");
-                }
-                Err(e) => {
-                    // A freeze that failed or timed out may still complete
-                    // in the guest: thaw whatever it did.
-                    if let Err(t) = agent.thaw_after_freeze().await {
-                        bail!(
-                            "freezing the guest failed ({e}), and so did the thaw after it: {t}; \
-                             the guest's filesystems may still be frozen"
-                        );
-                    }
-                    return Err(anyhow!(e).context("freezing the guest's filesystems"));
-                }
-            }
-            Some(agent)
-        }
+        Some(socket) => Some(Agent::connect(socket, Duration::from_secs(10)).await?),
         None => None,
     };
+    // From before the freeze to after the thaw, a guard process thaws the
+    // guest if bitback dies in between.
+    let guard = match (&opts.quiesce, &opts.quiesce_libvirt) {
+        (Some(socket), _) => Some(ThawGuard::start(&Thawer::Agent(socket.clone()))?),
+        (None, Some(domain)) => Some(ThawGuard::start(&Thawer::Libvirt(domain.clone()))?),
+        (None, None) => None,
+    };
+    if let Some(agent) = agent.as_mut() {
+        match agent.freeze(opts.freeze_timeout).await {
+            Ok(frozen) => {
+                info!(vm = %opts.vm, filesystems = frozen, "guest filesystems frozen");
+            }
+            Err(e) => {
+                // A freeze that failed or timed out may still complete in
+                // the guest: thaw whatever it did.
+                if let Err(t) = agent.thaw_after_freeze().await {
+                    // The guard, unreleased, tries again.
+                    bail!(
+                        "freezing the guest failed ({e}), and so did the thaw after it: {t}; \
+                         the guest's filesystems may still be frozen"
+                    );
+                }
+                if let Some(guard) = guard {
+                    guard.release();
+                }
+                return Err(anyhow!(e).context("freezing the guest's filesystems"));
+            }
+        }
+    }
     let libvirt_frozen = match &opts.quiesce_libvirt {
         Some(domain) => {
             let (domain, limit) = (domain.clone(), opts.freeze_timeout);
@@ -1154,6 +1165,12 @@ async fn start_transaction(run: &Run<'_>, undo: &mut Undo) -> anyhow::Result<()>
                 undo.thaw_failure = Some(e.to_string());
             }
         }
+    }
+    drop(agent);
+    // Released once thawed; unreleased, the guard tries the thaw again
+    // (after this process let go of the agent's socket).
+    if let (Some(guard), None) = (guard, &undo.thaw_failure) {
+        guard.release();
     }
     let applied = match &started {
         Ok(_) => true,

@@ -13,6 +13,7 @@ mod restore;
 mod retention;
 pub mod scope;
 mod stopped;
+pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;

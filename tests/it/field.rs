@@ -526,6 +526,56 @@ fn a_slow_or_failing_guest_agent_never_leaves_the_guest_frozen() {
     vm.check_all_points();
 }
 
+#[test]
+fn a_bitback_killed_while_the_guest_is_frozen_leaves_it_thawed() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
+    vm.write(0, 0, 4096, 0x72);
+    let qga = dir.path().join("qga.sock");
+    let agent = scripted_agent(&qga, Duration::ZERO, None);
+    // SIGKILLed after the freeze, before the transaction: bitback cannot
+    // thaw; its guard does, on a connection of its own.
+    let killed = backup_into_env(
+        &vm.qemu().qmp,
+        &vm.repo,
+        "vm1",
+        &["--quiesce", "--qga", qga.to_str().unwrap()],
+        &[("BITBACK_FAULT", "before-transaction")],
+    );
+    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
+    assert_eq!(
+        names(&agent),
+        [
+            "guest-sync",
+            "guest-fsfreeze-freeze",
+            // The guard: its connection's sync, the thaw's.
+            "guest-sync",
+            "guest-sync",
+            "guest-fsfreeze-thaw"
+        ]
+    );
+    assert!(
+        killed.stderr.contains("guest thawed after bitback ended"),
+        "{}",
+        killed.stderr
+    );
+    // A backup that lives releases its guard: one thaw, bitback's own.
+    let before = names(&agent).len();
+    let m = vm.backup(&["--quiesce", "--qga", qga.to_str().unwrap()]);
+    assert_eq!(m["kind"], "full");
+    assert_eq!(
+        names(&agent)[before..],
+        [
+            "guest-sync",
+            "guest-fsfreeze-freeze",
+            "guest-sync",
+            "guest-fsfreeze-thaw"
+        ]
+    );
+    vm.quit();
+    vm.check_all_points();
+}
+
 /// Relays one QMP client to a real QEMU, changing what passes: event data
 /// re-encoded as a JSON string (as libvirt's QMP proxy sends it), job
 /// events dropped, or the reply to `transaction` swallowed. `add-fd` is

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::guest::check_point_of;
-use crate::harness::{bitback, create_qcow2, guest_files, list_ids, require, tempdir};
+use crate::harness::{bitback, bitback_env, create_qcow2, guest_files, list_ids, require, tempdir};
 
 const MIB: u64 = 1 << 20;
 const URI: &str = "qemu:///system";
@@ -112,6 +112,30 @@ fn libvirt_up() {
     });
 }
 
+/// The test guest's agent on its org.qemu.guest_agent.0 port (see
+/// fixtures/guest/init.sh).
+#[derive(Clone, Copy)]
+enum Agent {
+    /// Answers sync, ping, freeze (stopping the writer between records),
+    /// thaw and status.
+    On,
+    /// None: libvirt sees the channel disconnected.
+    Off,
+    /// Answers sync; a freeze never ends (a filesystem that cannot be
+    /// frozen), and nothing is answered after it.
+    Stall,
+}
+
+impl Agent {
+    fn mode(self) -> &'static str {
+        match self {
+            Agent::On => "on",
+            Agent::Off => "off",
+            Agent::Stall => "stall",
+        }
+    }
+}
+
 /// A libvirt domain of the test guest; destroyed (and undefined when
 /// defined) on drop.
 pub(crate) struct Domain {
@@ -126,7 +150,13 @@ pub(crate) struct Domain {
 impl Domain {
     /// The domain XML: the test guest on TCG, its two disks vda and vdb,
     /// its serial console to a file, optionally an extra QMP socket.
-    fn xml(name: &str, dir: &Path, disks: [&Path; 2], extra_socket: Option<&Path>) -> String {
+    fn xml(
+        name: &str,
+        dir: &Path,
+        disks: [&Path; 2],
+        extra_socket: Option<&Path>,
+        agent: Agent,
+    ) -> String {
         let (kernel, initrd) = guest_files();
         let extra = extra_socket
             .map(|s| {
@@ -144,7 +174,7 @@ impl Domain {
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{}</kernel><initrd>{}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>
+    <cmdline>console=ttyS0 panic=-1 quiet bitback.agent={}</cmdline></os>
   <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
@@ -159,6 +189,7 @@ impl Domain {
 </domain>",
             kernel.display(),
             initrd.display(),
+            agent.mode(),
             disks[0].display(),
             disks[1].display(),
             dir.join("serial.log").display(),
@@ -187,15 +218,21 @@ impl Domain {
         )
     }
 
-    /// A transient domain, running, its guest writing.
+    /// A transient domain, running, its guest writing, its guest agent
+    /// answering.
     pub(crate) fn create(dir: &Path, extra_socket: Option<&Path>) -> Domain {
+        Domain::create_with(dir, extra_socket, Agent::On)
+    }
+
+    /// [`Domain::create`] with the guest agent as `agent` says.
+    fn create_with(dir: &Path, extra_socket: Option<&Path>, agent: Agent) -> Domain {
         libvirt_up();
         let disks = Domain::prepare(dir);
         let name = Domain::name();
         let xml = dir.join("domain.xml");
         std::fs::write(
             &xml,
-            Domain::xml(&name, dir, [&disks[0], &disks[1]], extra_socket),
+            Domain::xml(&name, dir, [&disks[0], &disks[1]], extra_socket, agent),
         )
         .unwrap();
         must_virsh(&["create", xml.to_str().unwrap()]);
@@ -215,7 +252,8 @@ impl Domain {
         let disks = Domain::prepare(dir);
         let name = Domain::name();
         let xml = dir.join("domain.xml");
-        std::fs::write(&xml, Domain::xml(&name, dir, [&disks[0], &disks[1]], None)).unwrap();
+        let xml_text = Domain::xml(&name, dir, [&disks[0], &disks[1]], None, Agent::On);
+        std::fs::write(&xml, xml_text).unwrap();
         must_virsh(&["define", xml.to_str().unwrap()]);
         Domain {
             name,
@@ -430,7 +468,7 @@ fn a_shut_off_domain_is_backed_up_from_its_xml_and_continues_when_started() {
 #[test]
 fn libvirts_own_block_operations_keep_working_beside_bitback() {
     let dir = tempdir();
-    let domain = Domain::create(dir.path(), None);
+    let domain = Domain::create_with(dir.path(), None, Agent::Off);
     let d = dir.path();
     let repo = d.join("repo");
     let name = domain.name.clone();
@@ -470,8 +508,8 @@ fn libvirts_own_block_operations_keep_working_beside_bitback() {
     );
 
     // --quiesce through libvirt, whose agent channel nobody answers (the
-    // test guest runs no agent): the freeze fails within the limit, the
-    // backup goes on unfrozen and says so.
+    // guest runs no agent here): the freeze fails at once, the backup goes
+    // on unfrozen and says so.
     domain.wait_records(10);
     let started = std::time::Instant::now();
     let quiesced = bitback(&[
@@ -545,6 +583,131 @@ fn libvirts_own_block_operations_keep_working_beside_bitback() {
     domain.wait_records(10);
     assert_eq!(domain.backup(&repo, &[])["kind"], "incremental");
 
+    domain.destroy();
+    check_all_points(&repo, &d.join("out"));
+}
+
+/// The guest agent's own answer to guest-fsfreeze-status, through libvirt.
+fn freeze_status(domain: &Domain) -> String {
+    let out = must_virsh(&[
+        "qemu-agent-command",
+        &domain.name,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+    ]);
+    let reply: Value = serde_json::from_str(out.trim()).unwrap();
+    reply["return"].as_str().unwrap_or_default().to_string()
+}
+
+/// How many times the guest logged `event` ("frozen", "thawed").
+fn serial_count(domain: &Domain, event: &str) -> usize {
+    let text = std::fs::read_to_string(domain.dir.join("serial.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.trim() == format!("bitback-guest: {event}"))
+        .count()
+}
+
+#[test]
+fn quiesce_through_libvirt_is_one_frozen_instant_and_a_killed_bitback_leaves_the_guest_thawed() {
+    let dir = tempdir();
+    let d = dir.path();
+    let domain = Domain::create(d, None);
+    let repo = d.join("repo");
+    let quiesced = ["--quiesce"];
+
+    // The guest's agent stops its writer between records while frozen, so
+    // the point has both disks at the same record (unfrozen, vda may be one
+    // ahead).
+    let first = domain.backup(&repo, &quiesced);
+    assert_eq!(first["kind"], "full");
+    assert_eq!(
+        (
+            serial_count(&domain, "frozen"),
+            serial_count(&domain, "thawed")
+        ),
+        (1, 1)
+    );
+    assert_eq!(freeze_status(&domain), "thawed");
+    let id = first["id"].as_str().unwrap();
+    let (a, b) = check_point_of(&repo, "dom", id, ["vda", "vdb"], &d.join("out"));
+    assert_eq!(a, b, "a frozen point has both disks at one record");
+    assert!(a > 0);
+
+    // Killed by SIGKILL after the freeze, before the transaction: the thaw
+    // guard thaws the guest, and the guest writes on.
+    domain.wait_records(10);
+    let args = [
+        "backup",
+        "--libvirt",
+        &domain.name,
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "dom",
+        "--json",
+        "--quiesce",
+    ];
+    let killed = bitback_env(&args, &[("BITBACK_FAULT", "before-transaction")]);
+    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
+    assert!(
+        killed.stderr.contains("guest thawed after bitback ended"),
+        "{}",
+        killed.stderr
+    );
+    assert_eq!(
+        (
+            serial_count(&domain, "frozen"),
+            serial_count(&domain, "thawed")
+        ),
+        (2, 2)
+    );
+    assert_eq!(freeze_status(&domain), "thawed");
+    domain.wait_records(10);
+
+    // The next quiesced backup continues the chain.
+    let next = domain.backup(&repo, &quiesced);
+    assert_eq!(next["kind"], "incremental", "{}", next["reason"]);
+    assert_eq!(serial_count(&domain, "thawed"), 3);
+    let id = next["id"].as_str().unwrap();
+    let (a, b) = check_point_of(&repo, "dom", id, ["vda", "vdb"], &d.join("out"));
+    assert_eq!(a, b);
+    domain.destroy();
+    check_all_points(&repo, &d.join("out"));
+}
+
+#[test]
+fn a_freeze_that_never_ends_costs_a_bounded_wait_and_an_unfrozen_copy() {
+    // The guest's agent answers libvirt's sync, then never finishes the
+    // freeze: libvirt's own freeze call blocks for good and holds the
+    // domain's agent job, so the thaw after it waits 30 s for libvirt's
+    // lock and fails. bitback gives the freeze --freeze-timeout, goes on
+    // unfrozen and says so.
+    let dir = tempdir();
+    let d = dir.path();
+    let domain = Domain::create_with(d, None, Agent::Stall);
+    let repo = d.join("repo");
+    let started = Instant::now();
+    let run = bitback(&[
+        "backup",
+        "--libvirt",
+        &domain.name,
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "dom",
+        "--json",
+        "--quiesce",
+        "--freeze-timeout",
+        "3",
+    ]);
+    let m = run.json();
+    assert_eq!(m["kind"], "full");
+    assert!(run.stderr.contains("copying unfrozen"), "{}", run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "{:?}",
+        started.elapsed()
+    );
+    domain.wait_records(10);
     domain.destroy();
     check_all_points(&repo, &d.join("out"));
 }
