@@ -599,7 +599,7 @@ fn freeze_status(domain: &Domain) -> String {
 }
 
 /// How many times the guest logged `event` ("frozen", "thawed").
-fn serial_count(domain: &Domain, event: &str) -> usize {
+pub(crate) fn serial_count(domain: &Domain, event: &str) -> usize {
     let text = std::fs::read_to_string(domain.dir.join("serial.log")).unwrap_or_default();
     text.lines()
         .filter(|l| l.trim() == format!("bitback-guest: {event}"))

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use crate::guest::check_log;
 use crate::harness::{Run, bitback, qemu_img_info, require, run, tempdir};
-use crate::libvirt::Domain;
+use crate::libvirt::{Domain, serial_count};
 
 /// Runs `bitback nasbackup ARGS`.
 fn nasbackup(args: &[&str]) -> Run {
@@ -233,6 +233,11 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
             vols[1]
         );
         let mut args = common(&t(n));
+        if n == 2 {
+            // -q true: frozen through libvirt and the guest's agent.
+            let q = args.iter().position(|a| a == "-q").unwrap();
+            args[q + 1] = "true".into();
+        }
         args.extend([
             "-M".into(),
             "incremental".into(),
@@ -245,6 +250,14 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         ]);
         let incr = call(args);
         assert_eq!(incr.code, Some(0), "{}{}", incr.stdout, incr.stderr);
+        let frozen = usize::from(n >= 2);
+        assert_eq!(
+            (
+                serial_count(&domain, "frozen"),
+                serial_count(&domain, "thawed")
+            ),
+            (frozen, frozen)
+        );
         let dest = nas.join(t(n));
         assert_eq!(running_size(&incr.stdout), du_sb(&dest));
         for (i, role) in ["root", "datadisk"].iter().enumerate() {
