@@ -127,6 +127,9 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(cli.umask));
+    if matches!(cli.command, Command::Nasbackup(_)) {
+        nasbackup::private_mounts();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -132,6 +132,32 @@ pub(crate) async fn run(args: NasArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Gives this process a mount namespace of its own, private from the
+/// host's, before any thread starts (`unshare` moves only the calling
+/// thread). The NAS is then mounted in it alone, and a bitback killed
+/// mid-run leaves no mount behind: the namespace dies with its last
+/// process. QEMU never needs the mount (backup files reach it as passed
+/// descriptors); bitback's children (qemu-img, the libvirt proxy, virsh)
+/// share the namespace. Where it cannot be had (no CAP_SYS_ADMIN), the
+/// host's is used, as the script does.
+pub(crate) fn private_mounts() {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    let made = unshare(CloneFlags::CLONE_NEWNS).and_then(|()| {
+        // Mounts made here must not propagate back to the host.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+    });
+    if let Err(e) = made {
+        tracing::debug!(error = %e, "no private mount namespace; mounting in the host's");
+    }
+}
+
 /// The NAS, mounted on a fresh `/tmp/csbackup.XXXXX`.
 struct Mount {
     point: PathBuf,

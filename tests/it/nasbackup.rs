@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::guest::check_log;
-use crate::harness::{Run, bitback, qemu_img_info, require, run, tempdir};
+use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
 use crate::libvirt::{Domain, serial_count};
 
 /// Runs `bitback nasbackup ARGS`.
@@ -370,6 +370,32 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     assert!(locked.stdout.contains("is running"), "{}", locked.stdout);
     assert!(!nas.join(t(13)).exists());
 
+    // Killed (SIGKILL after the transaction): the NAS was mounted in
+    // bitback's own mount namespace, which died with it, so the host keeps
+    // no mount. Left: the empty mount point, and the partial backup
+    // directory, which the orchestrator records as a failed backup.
+    domain.wait_records(10);
+    let mut args = vec!["nasbackup".to_string()];
+    args.extend(common(&t(14)));
+    args.extend(["-M", "full", "--bitmap-new", "backup-14000"].map(String::from));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let killed = bitback_env(&argv, &[("BITBACK_FAULT", "after-transaction")]);
+    assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("csbackup."), "{mounts}");
+    for point in mount_points() {
+        if !before.contains(&point) {
+            std::fs::remove_dir(&point).expect("the left mount point is empty");
+        }
+    }
+    nothing_mounted(&before);
+    // The next run (the orchestrator's next backup) works.
+    let mut args = common(&t(15));
+    args.extend(["-M", "full", "--bitmap-new", "backup-15000"].map(String::from));
+    let next = call(args);
+    assert_eq!(next.code, Some(0), "{}{}", next.stdout, next.stderr);
+    nothing_mounted(&before);
+
     // qemu-img check is clean on every file written.
     for entry in walk_files(&nas) {
         if entry.extension().is_some_and(|e| e == "qcow2") {
@@ -381,7 +407,7 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     // within one record of each other.
     let out = d.join("restored.raw");
     let mut previous = -1;
-    for n in [0, 1, 2, 3, 10, 11, 12] {
+    for n in [0, 1, 2, 3, 10, 11, 12, 15] {
         let dest = nas.join(t(n));
         let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
         let b = restore_log(&dest.join(format!("datadisk.{}.qcow2", vols[1])), &out);
