@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::guest::check_point_of;
-use crate::harness::{bitback, bitback_env, create_qcow2, guest_files, list_ids, require, tempdir};
+use crate::harness::{
+    Run, bitback, bitback_env, create_qcow2, guest_files, list_ids, require, tempdir,
+};
 
 const MIB: u64 = 1 << 20;
 const URI: &str = "qemu:///system";
@@ -309,6 +311,12 @@ impl Domain {
     }
 
     fn backup(&self, repo: &Path, extra: &[&str]) -> Value {
+        self.run_backup(repo, extra, &[]).json()
+    }
+
+    /// `bitback backup --libvirt` of this domain into `repo` as VM `dom`,
+    /// with `extra` arguments and `env`, as it came out.
+    fn run_backup(&self, repo: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
         let mut args = vec![
             "backup",
             "--libvirt",
@@ -320,7 +328,7 @@ impl Domain {
             "--json",
         ];
         args.extend(extra);
-        bitback(&args).json()
+        bitback_env(&args, env)
     }
 }
 
@@ -512,19 +520,7 @@ fn libvirts_own_block_operations_keep_working_beside_bitback() {
     // on unfrozen and says so.
     domain.wait_records(10);
     let started = std::time::Instant::now();
-    let quiesced = bitback(&[
-        "backup",
-        "--libvirt",
-        &name,
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "dom",
-        "--json",
-        "--quiesce",
-        "--freeze-timeout",
-        "5",
-    ]);
+    let quiesced = domain.run_backup(&repo, &["--quiesce", "--freeze-timeout", "5"], &[]);
     let m = quiesced.json();
     assert_eq!(m["kind"], "incremental", "{}", m["reason"]);
     assert!(
@@ -635,18 +631,7 @@ fn quiesce_through_libvirt_is_one_frozen_instant_and_a_killed_bitback_leaves_the
     // Killed by SIGKILL after the freeze, before the transaction: the thaw
     // guard thaws the guest, and the guest writes on.
     domain.wait_records(10);
-    let args = [
-        "backup",
-        "--libvirt",
-        &domain.name,
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "dom",
-        "--json",
-        "--quiesce",
-    ];
-    let killed = bitback_env(&args, &[("BITBACK_FAULT", "before-transaction")]);
+    let killed = domain.run_backup(&repo, &quiesced, &[("BITBACK_FAULT", "before-transaction")]);
     assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
     assert!(
         killed.stderr.contains("guest thawed after bitback ended"),
@@ -686,19 +671,7 @@ fn a_freeze_that_never_ends_costs_a_bounded_wait_and_an_unfrozen_copy() {
     let domain = Domain::create_with(d, None, Agent::Stall);
     let repo = d.join("repo");
     let started = Instant::now();
-    let run = bitback(&[
-        "backup",
-        "--libvirt",
-        &domain.name,
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "dom",
-        "--json",
-        "--quiesce",
-        "--freeze-timeout",
-        "3",
-    ]);
+    let run = domain.run_backup(&repo, &["--quiesce", "--freeze-timeout", "3"], &[]);
     let m = run.json();
     assert_eq!(m["kind"], "full");
     assert!(run.stderr.contains("copying unfrozen"), "{}", run.stderr);
