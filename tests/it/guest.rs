@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{Disk, Kind, Qemu, bitback, create_qcow2, tempdir};
+use crate::harness::{
+    Disk, Kind, Qemu, backup_into, backup_into_env, bitback, create_qcow2, tempdir,
+};
 
 const MIB: u64 = 1 << 20;
 /// Slots in the guest's log (init.sh's N), 4 KiB each.
@@ -284,4 +286,87 @@ fn the_log_checker_catches_what_it_must() {
     bad.last_mut().unwrap().1 += 1;
     write(&bad);
     assert!(check_log(&path).is_err());
+}
+
+/// How many times the guest logged `event` ("frozen", "thawed").
+fn serial_count(qemu: &Qemu, event: &str) -> usize {
+    let text = std::fs::read_to_string(qemu.dir.join("serial.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.trim() == format!("bitback-guest: {event}"))
+        .count()
+}
+
+/// The guest agent's own answer to guest-fsfreeze-status, asked on a
+/// connection of the test's.
+fn freeze_status(qemu: &Qemu) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(qemu.qga()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"{\"execute\":\"guest-fsfreeze-status\"}\n")
+        .unwrap();
+    for line in BufReader::new(stream).lines() {
+        let line = line.expect("the guest agent answers within 30 s");
+        if let Ok(reply) = serde_json::from_str::<Value>(&line)
+            && let Some(status) = reply["return"].as_str()
+        {
+            return status.to_string();
+        }
+    }
+    panic!("the guest agent closed the connection");
+}
+
+#[test]
+fn quiesce_through_the_guests_agent_is_one_frozen_instant_and_a_kill_leaves_it_thawed() {
+    let dir = tempdir();
+    let qemu = guest(dir.path());
+    let repo = dir.path().join("repo");
+    let qga = qemu.qga();
+    let quiesce = ["--quiesce", "--qga", qga.to_str().unwrap()];
+
+    // The guest's agent stops its writer between records while frozen:
+    // the point has both disks at the same record.
+    wait_for_guest_writes(&qemu);
+    let first = backup_into(&qemu.qmp, &repo, "guest", &quiesce).json();
+    assert_eq!(
+        (serial_count(&qemu, "frozen"), serial_count(&qemu, "thawed")),
+        (1, 1)
+    );
+    let (a, b) = check_point(
+        &repo,
+        first["id"].as_str().unwrap(),
+        &dir.path().join("out"),
+    );
+    assert_eq!(a, b, "a frozen point has both disks at one record");
+
+    // SIGKILL after the freeze: bitback's guard thaws the guest.
+    wait_for_guest_writes(&qemu);
+    let killed = backup_into_env(
+        &qemu.qmp,
+        &repo,
+        "guest",
+        &quiesce,
+        &[("BITBACK_FAULT", "before-transaction")],
+    );
+    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
+    assert!(
+        killed.stderr.contains("guest thawed after bitback ended"),
+        "{}",
+        killed.stderr
+    );
+    assert_eq!(
+        (serial_count(&qemu, "frozen"), serial_count(&qemu, "thawed")),
+        (2, 2)
+    );
+    assert_eq!(freeze_status(&qemu), "thawed");
+
+    // The guest writes on, and the chain goes on from the first point.
+    wait_for_guest_writes(&qemu);
+    let next = backup_into(&qemu.qmp, &repo, "guest", &quiesce).json();
+    assert_eq!(next["kind"], "incremental", "{}", next["reason"]);
+    let (c, d) = check_point(&repo, next["id"].as_str().unwrap(), &dir.path().join("out"));
+    assert_eq!(c, d);
+    assert!(c > a, "the guest wrote on after the thaw");
 }

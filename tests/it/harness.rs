@@ -330,6 +330,16 @@ impl Qemu {
                         "-no-reboot".into(),
                         "-serial".into(),
                         format!("file:{}", dir.join("serial.log").display()),
+                        // The guest agent's port; the guest answers on it.
+                        "-device".into(),
+                        "virtio-serial".into(),
+                        "-chardev".into(),
+                        format!(
+                            "socket,id=qga0,path={},server=on,wait=off",
+                            dir.join("qga.sock").display()
+                        ),
+                        "-device".into(),
+                        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
                     ]);
                 } else {
                     args.extend(["-machine", "none"].map(String::from));
@@ -435,6 +445,11 @@ impl Qemu {
             qemu.wait_serial("bitback-guest: writing", Duration::from_secs(90));
         }
         qemu
+    }
+
+    /// The guest agent's socket of a `Kind::Guest` QEMU.
+    pub fn qga(&self) -> PathBuf {
+        self.dir.join("qga.sock")
     }
 
     /// Waits until the guest's serial log holds `text`.
