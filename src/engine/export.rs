@@ -61,7 +61,13 @@ impl Export {
 
 pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export> {
     let readers = repo.read_lock(&opts.vm, "export")?;
-    let (manifest, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), false)?;
+    let (manifest, chain) = resolve(
+        repo,
+        &opts.vm,
+        opts.backup.as_deref(),
+        false,
+        std::slice::from_ref(&opts.volume),
+    )?;
     let record = manifest
         .volumes
         .iter()

@@ -13,7 +13,7 @@
 //! The output is written under a temporary name in its directory, synced,
 //! and renamed: a failed restore leaves nothing that looks restored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::BadInput;
-use super::chain::{chain, verify_structure, volume_files};
+use super::chain::{chain, verify_structure, volume_files, volume_records};
 use super::key::Key;
 use super::verify::{Report, verify_backup};
 use crate::qcow2::{self, Image, Kind};
@@ -74,12 +74,15 @@ pub struct Restored {
 
 /// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
 /// full first, refused with the first problem found when it does not
-/// verify (digests only with `digests`).
+/// verify (digests only with `digests`). Only the files that `volumes`
+/// need count (every volume when empty): a damaged file of one volume does
+/// not keep the others from being restored.
 pub fn resolve(
     repo: &Repo,
     vm: &str,
     backup: Option<&str>,
     digests: bool,
+    volumes: &[String],
 ) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
     let m = match backup {
         Some(id) if id != "latest" => repo.manifest(vm, id)?,
@@ -89,6 +92,18 @@ pub fn resolve(
             .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
     };
     let chain = chain(repo, &m)?;
+    let mut needed = BTreeSet::new();
+    for v in m
+        .volumes
+        .iter()
+        .filter(|v| volumes.is_empty() || volumes.contains(&v.name))
+    {
+        needed.extend(
+            volume_records(&chain, &v.name)?
+                .into_iter()
+                .map(|r| r.file.clone()),
+        );
+    }
     let mut report = Report::default();
     for link in &chain {
         if digests {
@@ -97,6 +112,10 @@ pub fn resolve(
             verify_structure(repo, link, &mut report);
         }
     }
+    // A problem of no file (a missing parent) is the whole point's.
+    report
+        .problems
+        .retain(|p| p.file.as_ref().is_none_or(|f| needed.contains(f)));
     if let Some(p) = report.problems.first() {
         bail!(
             "backup {} cannot be restored: {}{}{}",
@@ -121,7 +140,13 @@ pub fn resolve(
 
 pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restored>> {
     let _readers = repo.read_lock(&opts.vm, "restore")?;
-    let (m, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), opts.verify)?;
+    let (m, chain) = resolve(
+        repo,
+        &opts.vm,
+        opts.backup.as_deref(),
+        opts.verify,
+        &opts.volumes,
+    )?;
     let names: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
     for wanted in &opts.volumes {
         if !names.contains(&wanted.as_str()) {
@@ -700,7 +725,13 @@ pub fn restore_in_place(
     lock: &crate::repo::VmLock,
     opts: &InPlaceOptions,
 ) -> anyhow::Result<Restored> {
-    let (m, chain) = resolve(repo, &opts.vm, opts.backup.as_deref(), opts.verify)?;
+    let (m, chain) = resolve(
+        repo,
+        &opts.vm,
+        opts.backup.as_deref(),
+        opts.verify,
+        opts.volume.as_slice(),
+    )?;
     let record = match (&opts.volume, m.volumes.as_slice()) {
         (None, [only]) => only,
         (None, _) => {

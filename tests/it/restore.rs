@@ -248,6 +248,47 @@ fn verify_catches_a_deleted_middle_file() {
 }
 
 #[test]
+fn a_damaged_file_of_one_volume_keeps_the_others_restorable() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut vm = Vm::new(d, &[4 * MIB, 4 * MIB]);
+    vm.write(0, 0, MIB, 0x31);
+    vm.write(1, 0, MIB, 0x41);
+    let full = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.write(0, MIB, MIB, 0x32);
+    vm.write(1, MIB, MIB, 0x42);
+    let top = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    // drive1's full loses its magic.
+    let damaged = vm.repo.join("vm1").join(&full).join("drive1.qcow2");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&damaged)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0; 4], 0).unwrap();
+    drop(file);
+
+    // drive0 is whole: it restores, with digests checked or not.
+    for extra in [&[][..], &["--no-verify"][..]] {
+        let out = d.join(format!("drive0{}.raw", extra.len()));
+        let mut args = vec!["--volume", "drive0"];
+        args.extend(extra);
+        let r = vm.restore(&top, &out, &args);
+        assert_eq!(r.code, Some(0), "{extra:?}: {}", r.stderr);
+        assert!(same_content(&out, "raw", &vm.points[1].1[0], "raw"));
+    }
+    // drive1, or every volume, is refused naming the damaged file.
+    let rel = format!("vm1/{full}/drive1.qcow2");
+    for args in [&["--volume", "drive1"][..], &[][..]] {
+        let out = d.join(format!("all{}", args.len()));
+        let r = vm.restore(&top, &out, args);
+        assert_ne!(r.code, Some(0), "{args:?}");
+        assert!(r.stderr.contains(&rel), "{args:?}: {}", r.stderr);
+        assert!(!out.exists(), "{args:?}: nothing written");
+    }
+}
+
+#[test]
 fn restore_never_overwrites_and_names_unknown_volumes() {
     let dir = tempdir();
     let (vm, _) = chain_of_three(dir.path());
