@@ -20,6 +20,7 @@
 //! 6. Digest the files, write the manifest, commit (rename), move the
 //!    state's active checkpoint, and only then remove the old bitmap.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -224,11 +225,15 @@ pub async fn backup_named(
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
     clean_stray_bitmaps(qmp, &scope, &mut volumes, active.as_deref()).await?;
 
-    let parent_problem = last.and_then(|m| {
-        super::chain::check_buildable(repo, m)
-            .and_then(|()| check_key(repo, m, opts.encrypt.as_ref()))
-            .err()
-    });
+    let buildable = last.map(|m| super::chain::check_buildable(repo, m));
+    let parent_problem = match (last, &buildable) {
+        (Some(m), Some(b)) => b
+            .point
+            .clone()
+            .or_else(|| check_key(repo, m, opts.encrypt.as_ref(), &b.volumes).err()),
+        _ => None,
+    };
+    let no_problems = BTreeMap::new();
     let plan = plan::plan(&Facts {
         policy: &opts.policy,
         state: state.as_ref(),
@@ -236,6 +241,7 @@ pub async fn backup_named(
         volumes: &volumes,
         encrypted: opts.encrypt.is_some(),
         parent_problem,
+        parent_volume_problems: buildable.as_ref().map_or(&no_problems, |b| &b.volumes),
     });
     for (i, v) in plan.volumes.iter().enumerate() {
         debug!(vm, volume = %v.volume, plan = %plan.volume_reason(i), "volume planned");
@@ -545,13 +551,20 @@ fn check_plaintext(opts: &BackupOptions, volumes: &[Volume]) -> anyhow::Result<(
 
 /// With a key: whether it opens the last backup's files (all files of an
 /// encrypted chain share one key; a new key needs a new chain). Reads one
-/// sector of the first volume through `qemu-io`, which derives the key as
-/// QEMU would (about as long as LUKS's iteration time, 2 s by default).
-fn check_key(repo: &Repo, last: &Manifest, key: Option<&Key>) -> Result<(), String> {
+/// sector of the first volume whose files are whole through `qemu-io`,
+/// which derives the key as QEMU would (about as long as LUKS's iteration
+/// time, 2 s by default).
+fn check_key(
+    repo: &Repo,
+    last: &Manifest,
+    key: Option<&Key>,
+    damaged: &BTreeMap<String, String>,
+) -> Result<(), String> {
     let (Some(key), Some(_)) = (key, &last.encryption) else {
         return Ok(());
     };
-    let Some(first) = last.volumes.first() else {
+    // A damaged file says nothing of the key: try the first whole one.
+    let Some(first) = last.volumes.iter().find(|v| !damaged.contains_key(&v.name)) else {
         return Ok(());
     };
     let path = repo.root().join(&first.file);

@@ -8,7 +8,7 @@
 //! link where the volume is full: a point may hold a full of one volume
 //! (new, resized, or its bitmap lost) beside incrementals of the others.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -85,41 +85,7 @@ pub(super) fn volume_files(
 /// cluster tables and digests on top.
 pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
     for v in &m.volumes {
-        let path = repo.root().join(&v.file);
-        let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-        let problem = match Image::open(&path) {
-            _ if link => Some("is a symlink; backup files must be plain files".into()),
-            Err(e) => Some(e.to_string()),
-            Ok(image) if image.hc.backing_file != v.backing => Some(format!(
-                "backing file is {:?}, the manifest says {:?}",
-                image.hc.backing_file, v.backing
-            )),
-            Ok(image) if image.header().size != v.virtual_size => {
-                Some("virtual size differs from the manifest".into())
-            }
-            Ok(image)
-                if image.hc.backing_format.as_deref() != v.backing.as_ref().map(|_| "qcow2") =>
-            {
-                Some(format!("backing format is {:?}", image.hc.backing_format))
-            }
-            Ok(image)
-                if image
-                    .full_backing_path()
-                    .is_some_and(|backing| !backing.exists()) =>
-            {
-                Some(format!(
-                    "backing file {} is missing",
-                    image.full_backing_path().unwrap_or_default().display()
-                ))
-            }
-            Ok(image) if image.encrypted() != m.encryption.is_some() => Some(format!(
-                "the file is {}encrypted, the manifest says it is {}",
-                if image.encrypted() { "" } else { "not " },
-                if m.encryption.is_some() { "" } else { "not" }
-            )),
-            Ok(image) => data_file_problem(&image),
-        };
-        if let Some(problem) = problem {
+        if let Some(problem) = record_problem(repo, m, v) {
             report.problems.push(Problem {
                 vm: m.vm.clone(),
                 backup: m.id.clone(),
@@ -130,18 +96,80 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
     }
 }
 
-/// Checks every file the next incremental would build on, as a restore
-/// would: the whole chain present, each file of the structure its manifest
-/// gives.
-pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Result<(), String> {
-    let chain = chain(repo, last).map_err(|e| format!("{e:#}"))?;
-    let mut report = Report::default();
-    for link in &chain {
-        verify_structure(repo, link, &mut report);
+/// The structural rules for one file of `m`: what is wrong with it, if
+/// anything.
+fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String> {
+    let path = repo.root().join(&v.file);
+    let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+    match Image::open(&path) {
+        _ if link => Some("is a symlink; backup files must be plain files".into()),
+        Err(e) => Some(e.to_string()),
+        Ok(image) if image.hc.backing_file != v.backing => Some(format!(
+            "backing file is {:?}, the manifest says {:?}",
+            image.hc.backing_file, v.backing
+        )),
+        Ok(image) if image.header().size != v.virtual_size => {
+            Some("virtual size differs from the manifest".into())
+        }
+        Ok(image) if image.hc.backing_format.as_deref() != v.backing.as_ref().map(|_| "qcow2") => {
+            Some(format!("backing format is {:?}", image.hc.backing_format))
+        }
+        Ok(image)
+            if image
+                .full_backing_path()
+                .is_some_and(|backing| !backing.exists()) =>
+        {
+            Some(format!(
+                "backing file {} is missing",
+                image.full_backing_path().unwrap_or_default().display()
+            ))
+        }
+        Ok(image) if image.encrypted() != m.encryption.is_some() => Some(format!(
+            "the file is {}encrypted, the manifest says it is {}",
+            if image.encrypted() { "" } else { "not " },
+            if m.encryption.is_some() { "" } else { "not" }
+        )),
+        Ok(image) => data_file_problem(&image),
     }
-    match report.problems.into_iter().next() {
-        Some(p) => Err(format!("{}: {}", p.file.unwrap_or(p.backup), p.problem)),
-        None => Ok(()),
+}
+
+/// What the next incremental could not build on, as a restore would
+/// check it: the point's problem (its chain cannot be followed), else,
+/// per volume of `last`, the first of that volume's own files that fails
+/// the structural rules. A volume with a problem takes a full alone.
+pub(super) struct Buildable {
+    pub point: Option<String>,
+    pub volumes: BTreeMap<String, String>,
+}
+
+pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
+    let chain = match chain(repo, last) {
+        Ok(chain) => chain,
+        Err(e) => {
+            return Buildable {
+                point: Some(format!("{e:#}")),
+                volumes: BTreeMap::new(),
+            };
+        }
+    };
+    let mut volumes = BTreeMap::new();
+    for v in &last.volumes {
+        let problem = match volume_records(&chain, &v.name) {
+            Err(e) => Some(format!("{e:#}")),
+            Ok(records) => records.into_iter().find_map(|r| {
+                let link = chain
+                    .iter()
+                    .find(|m| m.volumes.iter().any(|x| x.file == r.file))?;
+                record_problem(repo, link, r).map(|p| format!("{}: {p}", r.file))
+            }),
+        };
+        if let Some(problem) = problem {
+            volumes.insert(v.name.clone(), problem);
+        }
+    }
+    Buildable {
+        point: None,
+        volumes,
     }
 }
 

@@ -17,6 +17,7 @@
 //! bitmap in QEMU's memory only: QEMU restarted), inconsistent, disabled or
 //! busy. A point where every volume is full starts a new chain.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::qemu::{DiskKind, Tracking, Volume};
@@ -44,8 +45,11 @@ pub struct Facts<'a> {
     pub volumes: &'a [Volume],
     /// Whether this backup's files are encrypted.
     pub encrypted: bool,
-    /// Why the last backup's files cannot be built on, if they cannot.
+    /// Why the last backup cannot be built on at all, if it cannot.
     pub parent_problem: Option<String>,
+    /// Volumes of the last backup whose own files cannot be built on, and
+    /// why: each of them alone takes a full.
+    pub parent_volume_problems: &'a BTreeMap<String, String>,
 }
 
 /// The decision for one point.
@@ -100,6 +104,10 @@ pub enum FullReason {
         limit: u32,
     },
     ParentUnusable(String),
+    ParentFileUnusable {
+        volume: String,
+        problem: String,
+    },
     NewVolume {
         volume: String,
         parent: String,
@@ -183,6 +191,10 @@ impl fmt::Display for FullReason {
             ParentUnusable(reason) => {
                 write!(f, "full: the last backup cannot be built on: {reason}")
             }
+            ParentFileUnusable { volume, problem } => write!(
+                f,
+                "full: the last backup's files of volume {volume} cannot be built on: {problem}"
+            ),
             NewVolume { volume, parent } => {
                 write!(f, "full: volume {volume} is new (not in backup {parent})")
             }
@@ -378,6 +390,12 @@ fn check_volume(facts: &Facts, base: &Base, live: &Volume) -> Result<(), FullRea
             parent: base.parent.clone(),
         });
     };
+    if let Some(problem) = facts.parent_volume_problems.get(&live.name) {
+        return Err(ParentFileUnusable {
+            volume: live.name.clone(),
+            problem: problem.clone(),
+        });
+    }
     if old.virtual_size != live.virtual_size {
         return Err(Resized {
             volume: live.name.clone(),
@@ -515,6 +533,7 @@ mod tests {
         volumes: Vec<Volume>,
         encrypted: bool,
         parent_problem: Option<String>,
+        parent_volume_problems: BTreeMap<String, String>,
     }
 
     impl World {
@@ -530,6 +549,7 @@ mod tests {
                 volumes,
                 encrypted: false,
                 parent_problem: None,
+                parent_volume_problems: BTreeMap::new(),
             }
         }
 
@@ -541,6 +561,7 @@ mod tests {
                 volumes: &self.volumes,
                 encrypted: self.encrypted,
                 parent_problem: self.parent_problem.clone(),
+                parent_volume_problems: &self.parent_volume_problems,
             })
         }
 
@@ -826,6 +847,37 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_file_problem_is_that_volumes_alone_and_said() {
+        let mut w = World::good();
+        w.parent_volume_problems
+            .insert("disk1".into(), "vm/b3/disk1.qcow2: bad magic".into());
+        let plan = w.plan();
+        assert_eq!(plan.volumes[0].decision, Decision::Incremental);
+        assert_eq!(
+            plan.volumes[1].decision,
+            Decision::Full(FullReason::ParentFileUnusable {
+                volume: "disk1".into(),
+                problem: "vm/b3/disk1.qcow2: bad magic".into()
+            })
+        );
+        assert!(
+            plan.volume_reason(1)
+                .contains("vm/b3/disk1.qcow2: bad magic"),
+            "{}",
+            plan.volume_reason(1)
+        );
+        // Both damaged: every volume full, a new chain.
+        w.parent_volume_problems
+            .insert("disk0".into(), "vm/b3/disk0.qcow2: missing".into());
+        assert_eq!(w.plan().base, None);
+        // A volume new since the last backup has no parent file to blame.
+        w.parent_volume_problems.clear();
+        w.parent_volume_problems
+            .insert("disk2".into(), "not a volume of the last backup".into());
+        assert_eq!(w.plan().volumes[1].decision, Decision::Incremental);
+    }
+
+    #[test]
     fn point_rules_come_before_volume_rules_and_in_order() {
         // Everything wrong at once: the request wins.
         let mut w = World::good();
@@ -879,6 +931,11 @@ mod tests {
             |w, i| {
                 w.volumes[i].kind = DiskKind::RawFile;
                 w.volumes[i].bitmaps.clear()
+            },
+            |w, i| {
+                let name = w.volumes[i].name.clone();
+                w.parent_volume_problems
+                    .insert(name, "vm/b3/x.qcow2: bad magic".into());
             },
         ];
         for (n, fault) in faults.iter().enumerate() {

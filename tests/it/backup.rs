@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Disk, Kind, Qemu, Rng, bitback, create_qcow2, run, tempdir};
+use crate::harness::{Disk, Kind, Qemu, Rng, bitback, create_qcow2, run, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -1068,6 +1068,67 @@ fn a_damaged_parent_file_forces_full() {
     // Only the point whose chain is whole can be checked.
     vm.points.remove(0);
     vm.quit();
+    vm.check_all_points();
+}
+
+#[test]
+fn a_damaged_parent_file_is_a_full_of_that_volume_alone() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut vm = Vm::new(d, &[4 * MIB, 4 * MIB]);
+    vm.write(0, 0, MIB, 0x61);
+    vm.write(1, 0, MIB, 0x71);
+    let full = vm.backup(&[]);
+    vm.write(0, MIB, 4096, 0x62);
+    vm.write(1, MIB, 4096, 0x72);
+    vm.backup(&[]);
+    // drive1's full loses its magic; drive0's files are whole.
+    let rel = full["volumes"][1]["file"].as_str().unwrap().to_string();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(vm.repo.join(&rel))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0; 4], 0).unwrap();
+    drop(file);
+
+    vm.write(0, 2 * MIB, 4096, 0x63);
+    vm.write(1, 2 * MIB, 4096, 0x73);
+    let m = vm.backup(&[]);
+    assert_eq!(m["kind"], "incremental", "{m:#}");
+    assert_eq!(m["volumes"][0]["kind"], "incremental", "{m:#}");
+    assert_eq!(m["volumes"][1]["kind"], "full", "{m:#}");
+    let reason = m["volumes"][1]["reason"].as_str().unwrap();
+    assert!(reason.contains("cannot be built on"), "{reason}");
+    assert!(reason.contains(&rel), "{reason}");
+    vm.write(0, 3 * MIB, 4096, 0x64);
+    vm.write(1, 3 * MIB, 4096, 0x74);
+    let next = vm.backup(&[]);
+    assert_eq!(next["volumes"][1]["kind"], "incremental", "{next:#}");
+    vm.quit();
+
+    // The new points restore whole, natively: drive1 from its new full,
+    // drive0 through the old files.
+    for (id, models) in &vm.points[2..] {
+        let out = d.join(format!("restored-{id}"));
+        let r = vm.restore(id, &out, &[]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        for (i, model) in models.iter().enumerate() {
+            let got = out.join(format!("drive{i}.raw"));
+            assert!(same_content(&got, "raw", model, "raw"), "{id} drive{i}");
+        }
+    }
+    // verify still reports the damaged file, and only it.
+    let verified = vm.cli("verify", &["--json"]);
+    assert_eq!(verified.code, Some(1), "{}", verified.stdout);
+    let report: Value = serde_json::from_str(&verified.stdout).unwrap();
+    let files: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["file"].as_str())
+        .collect();
+    assert!(files.iter().all(|f| *f == rel), "{report:#}");
+    vm.points.drain(..2);
     vm.check_all_points();
 }
 
