@@ -133,6 +133,39 @@ fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String>
     }
 }
 
+/// Checks the files that `volumes` of `m` need along `chain` (every volume
+/// of `m` when empty): the structural rules, and the digests too with
+/// `digests`. A problem of another volume's file does not count; one of no
+/// file (a parent manifest missing) does.
+pub(super) fn check_needed(
+    repo: &Repo,
+    m: &Manifest,
+    chain: &[Manifest],
+    volumes: &[String],
+    digests: bool,
+) -> anyhow::Result<Report> {
+    let mut needed = BTreeSet::new();
+    for v in m
+        .volumes
+        .iter()
+        .filter(|v| volumes.is_empty() || volumes.contains(&v.name))
+    {
+        needed.extend(volume_records(chain, &v.name)?.into_iter().map(|r| r.file.clone()));
+    }
+    let mut report = Report::default();
+    for link in chain {
+        if digests {
+            super::verify::verify_backup(repo, link, &mut report);
+        } else {
+            verify_structure(repo, link, &mut report);
+        }
+    }
+    report
+        .problems
+        .retain(|p| p.file.as_ref().is_none_or(|f| needed.contains(f)));
+    Ok(report)
+}
+
 /// What the next incremental could not build on, as a restore would
 /// check it: the point's problem (its chain cannot be followed), else,
 /// per volume of `last`, the first of that volume's own files that fails

@@ -13,7 +13,7 @@
 //! The output is written under a temporary name in its directory, synced,
 //! and renamed: a failed restore leaves nothing that looks restored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::BadInput;
-use super::chain::{chain, verify_structure, volume_files, volume_records};
+use super::chain::{chain, check_needed, volume_files};
 use super::key::Key;
-use super::verify::{Report, verify_backup};
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo};
 
@@ -92,30 +91,7 @@ pub fn resolve(
             .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
     };
     let chain = chain(repo, &m)?;
-    let mut needed = BTreeSet::new();
-    for v in m
-        .volumes
-        .iter()
-        .filter(|v| volumes.is_empty() || volumes.contains(&v.name))
-    {
-        needed.extend(
-            volume_records(&chain, &v.name)?
-                .into_iter()
-                .map(|r| r.file.clone()),
-        );
-    }
-    let mut report = Report::default();
-    for link in &chain {
-        if digests {
-            verify_backup(repo, link, &mut report);
-        } else {
-            verify_structure(repo, link, &mut report);
-        }
-    }
-    // A problem of no file (a missing parent) is the whole point's.
-    report
-        .problems
-        .retain(|p| p.file.as_ref().is_none_or(|f| needed.contains(f)));
+    let report = check_needed(repo, &m, &chain, volumes, digests)?;
     if let Some(p) = report.problems.first() {
         bail!(
             "backup {} cannot be restored: {}{}{}",

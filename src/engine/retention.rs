@@ -175,10 +175,10 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
             );
         }
         // Rewriting bit rot as a freshly digested full would hide it.
-        let mut check = super::verify::Report::default();
-        for link in super::chain::chain(repo, &new_full)? {
-            super::verify::verify_backup(repo, &link, &mut check);
-        }
+        // Only the files the new full is made of count: a damaged file of a
+        // volume that a later full replaced is not read.
+        let chain = super::chain::chain(repo, &new_full)?;
+        let check = super::chain::check_needed(repo, &new_full, &chain, &[], true)?;
         if let Some(p) = check.problems.first() {
             bail!(
                 "backup {} cannot be consolidated: {}: {}; nothing was changed (run bitback verify)",

@@ -1128,6 +1128,10 @@ fn a_damaged_parent_file_is_a_full_of_that_volume_alone() {
         .filter_map(|p| p["file"].as_str())
         .collect();
     assert!(files.iter().all(|f| *f == rel), "{report:#}");
+    // Shortening the chain to 2 rewrites the third point as a full of both
+    // volumes: it reads no damaged file, and every point left restores.
+    let consolidated = vm.cli("consolidate", &["--max-chain", "2"]);
+    assert_eq!(consolidated.code, Some(0), "{}", consolidated.stderr);
     vm.points.drain(..2);
     vm.check_all_points();
 }
