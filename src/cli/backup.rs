@@ -72,7 +72,9 @@ pub(crate) struct BackupArgs {
     ///
     /// Needs --qga, or --libvirt (then libvirt freezes and thaws through
     /// the agent channel it holds: `virsh domfsfreeze`; a freeze that fails
-    /// is logged and the backup goes on unfrozen).
+    /// is logged and the backup goes on unfrozen). From the freeze to the
+    /// thaw a second bitback process waits beside this one and thaws the
+    /// guest if this one is killed.
     #[arg(long)]
     quiesce: bool,
 
