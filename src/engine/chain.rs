@@ -150,7 +150,11 @@ pub(super) fn check_needed(
         .iter()
         .filter(|v| volumes.is_empty() || volumes.contains(&v.name))
     {
-        needed.extend(volume_records(chain, &v.name)?.into_iter().map(|r| r.file.clone()));
+        needed.extend(
+            volume_records(chain, &v.name)?
+                .into_iter()
+                .map(|r| r.file.clone()),
+        );
     }
     let mut report = Report::default();
     for link in chain {
