@@ -7,14 +7,17 @@
 //!    directories, its checkpoint bitmaps other than the active one, its
 //!    target nodes and jobs; see [`super::scope`]: what other repositories
 //!    or VM names made is never touched).
-//! 2. Plan full or incremental from the facts.
+//! 2. Plan full or incremental per volume from the facts, after the
+//!    structural check of each volume's files along the chain.
 //! 3. Create each target natively (an incremental's backing file is
 //!    `../<parent>/<volume>.qcow2`), hand it to QEMU as a passed fd where
 //!    the monitor is a unix socket, and add it with `backing: null`.
 //! 4. One `transaction`: per volume, the new persistent checkpoint bitmap
 //!    and the `blockdev-backup` (full, or `sync=bitmap` from the active
 //!    checkpoint with `bitmap-mode=never`, so a failed job loses nothing).
-//!    With `--quiesce` the guest's filesystems are frozen just around it.
+//!    With `--quiesce` the guest's filesystems are frozen just around it,
+//!    and a thaw guard ([`super::thaw_guard`]) thaws them if bitback dies
+//!    in between.
 //! 5. Wait for every job; on any failure or a signal, cancel them all, drop
 //!    the targets and the new bitmap: the old checkpoint is untouched.
 //! 6. Digest the files, write the manifest, commit (rename), move the
