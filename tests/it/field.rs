@@ -542,7 +542,7 @@ fn a_bitback_killed_while_the_guest_is_frozen_leaves_it_thawed() {
         &["--quiesce", "--qga", qga.to_str().unwrap()],
         &[("BITBACK_FAULT", "before-transaction")],
     );
-    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
+    crate::guest::assert_killed_and_thawed(&killed);
     assert_eq!(
         names(&agent),
         [
@@ -553,11 +553,6 @@ fn a_bitback_killed_while_the_guest_is_frozen_leaves_it_thawed() {
             "guest-sync",
             "guest-fsfreeze-thaw"
         ]
-    );
-    assert!(
-        killed.stderr.contains("guest thawed after bitback ended"),
-        "{}",
-        killed.stderr
     );
     // A backup that lives releases its guard: one thaw, bitback's own.
     let before = names(&agent).len();

@@ -288,12 +288,24 @@ fn the_log_checker_catches_what_it_must() {
     assert!(check_log(&path).is_err());
 }
 
-/// How many times the guest logged `event` ("frozen", "thawed").
-fn serial_count(qemu: &Qemu, event: &str) -> usize {
-    let text = std::fs::read_to_string(qemu.dir.join("serial.log")).unwrap_or_default();
+/// How many times the guest whose serial log is in `dir` logged `event`
+/// ("frozen", "thawed").
+pub(crate) fn serial_count(dir: &Path, event: &str) -> usize {
+    let text = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
     text.lines()
         .filter(|l| l.trim() == format!("bitback-guest: {event}"))
         .count()
+}
+
+/// A bitback SIGKILLed while the guest was frozen, whose thaw guard then
+/// thawed the guest.
+pub(crate) fn assert_killed_and_thawed(killed: &crate::harness::Run) {
+    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
+    assert!(
+        killed.stderr.contains("guest thawed after bitback ended"),
+        "{}",
+        killed.stderr
+    );
 }
 
 /// The guest agent's own answer to guest-fsfreeze-status, asked on a
@@ -331,7 +343,10 @@ fn quiesce_through_the_guests_agent_is_one_frozen_instant_and_a_kill_leaves_it_t
     wait_for_guest_writes(&qemu);
     let first = backup_into(&qemu.qmp, &repo, "guest", &quiesce).json();
     assert_eq!(
-        (serial_count(&qemu, "frozen"), serial_count(&qemu, "thawed")),
+        (
+            serial_count(&qemu.dir, "frozen"),
+            serial_count(&qemu.dir, "thawed")
+        ),
         (1, 1)
     );
     let (a, b) = check_point(
@@ -350,14 +365,12 @@ fn quiesce_through_the_guests_agent_is_one_frozen_instant_and_a_kill_leaves_it_t
         &quiesce,
         &[("BITBACK_FAULT", "before-transaction")],
     );
-    assert_eq!(killed.code, None, "killed by a signal: {}", killed.stderr);
-    assert!(
-        killed.stderr.contains("guest thawed after bitback ended"),
-        "{}",
-        killed.stderr
-    );
+    assert_killed_and_thawed(&killed);
     assert_eq!(
-        (serial_count(&qemu, "frozen"), serial_count(&qemu, "thawed")),
+        (
+            serial_count(&qemu.dir, "frozen"),
+            serial_count(&qemu.dir, "thawed")
+        ),
         (2, 2)
     );
     assert_eq!(freeze_status(&qemu), "thawed");

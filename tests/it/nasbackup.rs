@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::guest::check_log;
+use crate::guest::serial_count;
 use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
-use crate::libvirt::{Domain, serial_count};
+use crate::libvirt::Domain;
 
 /// Runs `bitback nasbackup ARGS`.
 fn nasbackup(args: &[&str]) -> Run {
@@ -253,8 +254,8 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         let frozen = usize::from(n >= 2);
         assert_eq!(
             (
-                serial_count(&domain, "frozen"),
-                serial_count(&domain, "thawed")
+                serial_count(&domain.dir, "frozen"),
+                serial_count(&domain.dir, "thawed")
             ),
             (frozen, frozen)
         );
