@@ -4,10 +4,12 @@
 //! - [`qmp`]: an async QMP client (commands, events, fd passing);
 //! - [`qemu`]: what bitback needs from a running QEMU (volumes, bitmaps);
 //! - [`libvirt`]: libvirt domains (their disks, a way in to their QMP);
+//! - [`child`]: helper programs run with a time limit;
 //! - `cli`: argument parsing and output, no logic.
 //!
 //! See the repository's README for the on-disk formats as they land.
 
+pub mod child;
 #[doc(hidden)]
 pub mod cli;
 mod digest;

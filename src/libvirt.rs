@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use tracing::info;
 
 /// The longest a virsh call may take (libvirt re-probing the hypervisor
@@ -72,49 +72,25 @@ impl Domain {
     /// `limit` (a stalled libvirtd or guest agent) is killed by its pid and
     /// the call fails.
     fn virsh_within(&self, args: &[&str], limit: Duration) -> anyhow::Result<String> {
-        use std::io::Read;
-        let mut child = std::process::Command::new("virsh")
-            .arg("-c")
-            .arg(&self.connect)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context(
-                "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
-            )?;
-        // virsh's output is small: read it after it exits, from threads so
-        // a full pipe cannot stall it meanwhile.
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut text = Vec::new();
-                if let Some(mut pipe) = pipe {
-                    let _ = pipe.read_to_end(&mut text);
-                }
-                String::from_utf8_lossy(&text).into_owned()
-            })
-        };
-        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("virsh {} did not answer within {limit:?}", args.join(" "));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let stdout = stdout.join().unwrap_or_default();
-        let stderr = stderr.join().unwrap_or_default();
-        if !status.success() {
-            bail!("virsh {} failed: {}", args.join(" "), stderr.trim());
+        let out = crate::child::output_within(
+            std::process::Command::new("virsh")
+                .arg("-c")
+                .arg(&self.connect)
+                .args(args),
+            limit,
+        )
+        .context(
+            "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
+        )?
+        .ok_or_else(|| anyhow!("virsh {} did not answer within {limit:?}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "virsh {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        Ok(stdout)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The domain's state and disks (the live XML when it runs).

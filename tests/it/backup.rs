@@ -1163,7 +1163,7 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
         .arg(&image));
     let repo = dir.path().join("repo");
     let spec = format!("disk0={}", image.display());
-    let run_in_background = Background::start(&[
+    let args = [
         "backup",
         "--repo",
         repo.to_str().unwrap(),
@@ -1171,9 +1171,8 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
         "cold",
         "--image",
         &spec,
-        "--rate-limit",
-        "256K",
-    ]);
+    ];
+    let run_in_background = Background::start(&[&args[..], &["--rate-limit", "256K"]].concat());
     // Wait for the daemon bitback starts.
     let deadline = Instant::now() + Duration::from_secs(30);
     let daemon = loop {
@@ -1207,17 +1206,7 @@ fn a_killed_stopped_vm_backup_leaves_no_daemon_holding_the_image() {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x5b 0 64k"])
         .arg(&image));
-    let next = bitback(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "cold",
-        "--image",
-        &spec,
-        "--json",
-    ])
-    .json();
+    let next = bitback(&[&args[..], &["--json"]].concat()).json();
     assert_eq!(next["kind"], "full");
     let backup = repo
         .join("cold")

@@ -670,6 +670,15 @@ pub fn list_ids(repo: &Path, vm: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// The `name` of each object of the JSON array `list` (volumes, bitmaps).
+pub fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v["name"].as_str().expect("a name"))
+        .collect()
+}
+
 /// The longest any one bitback run in the tests may take: a run that
 /// hangs fails its test instead of hanging the suite.
 pub const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -677,46 +686,24 @@ pub const RUN_LIMIT: Duration = Duration::from_secs(300);
 /// `bitback` with extra environment variables, killed (by its pid) and
 /// failed when it runs longer than [`RUN_LIMIT`].
 pub fn bitback_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
-        .args(args)
-        .envs(env.iter().copied())
-        .env_remove("BITBACK_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running bitback");
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for bitback") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "bitback {} did not finish within {RUN_LIMIT:?}; killed (pid {})",
-                args.join(" "),
-                child.id()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let out = bitback::child::output_within(
+        Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("BITBACK_LOG"),
+        RUN_LIMIT,
+    )
+    .expect("running bitback")
+    .unwrap_or_else(|| {
+        panic!(
+            "bitback {} did not finish within {RUN_LIMIT:?}; killed",
+            args.join(" ")
+        )
+    });
     Run {
-        code: status.code(),
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

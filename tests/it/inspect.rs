@@ -78,12 +78,7 @@ fn check_two_volumes(kind: Kind) {
     dirty_known_ranges(&qemu, "drive1");
 
     let info = inspect_json(&qemu);
-    let names: Vec<&str> = info["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
+    let names = crate::harness::names(&info["volumes"]);
     let expected = match kind {
         Kind::Pc => ["disk0", "disk1"],
         _ => ["drive0", "drive1"],
@@ -177,12 +172,7 @@ fn check_sees_through_backup_job(kind: Kind) {
                "bitmap": "bm0", "bitmap-mode": "never", "speed": 1, "filter-node-name": "cbw0"}),
     );
     let info = inspect_json(&qemu);
-    let names: Vec<&str> = info["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
+    let names = crate::harness::names(&info["volumes"]);
     let first = if kind == Kind::Pc { "disk0" } else { "drive0" };
     assert_eq!(names.len(), 2, "{info:#}");
     assert_eq!(names[0], first, "{info:#}");

@@ -379,12 +379,7 @@ fn a_writing_libvirt_guest_through_the_proxy_and_an_extra_socket_is_one_chain() 
 
     // inspect names the volumes by target device.
     let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
-    let names: Vec<&str> = info["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
+    let names = crate::harness::names(&info["volumes"]);
     assert_eq!(names, ["vda", "vdb"]);
 
     let full = domain.backup(&repo, &[]);
@@ -542,12 +537,7 @@ fn libvirts_own_block_operations_keep_working_beside_bitback() {
     assert_eq!(domain.backup(&repo, &[])["kind"], "incremental");
     let info = bitback(&["inspect", "--libvirt", &name, "--json"]).json();
     for v in info["volumes"].as_array().unwrap() {
-        let bitmaps: Vec<&str> = v["bitmaps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["name"].as_str().unwrap())
-            .collect();
+        let bitmaps = crate::harness::names(&v["bitmaps"]);
         assert!(bitmaps.contains(&"cp1"), "{bitmaps:?}");
         assert_eq!(bitmaps.len(), 2, "{bitmaps:?}");
     }
