@@ -31,7 +31,17 @@ fn main() {
     let (dir, _disk, daemon) = sparse_disk("bitback-bench-enc-", size, data_mib << 20);
     let repo = dir.path().join("repo");
     let key = dir.path().join("bench.key");
-    std::fs::write(&key, "bench passphrase").expect("key file");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&key)
+            .and_then(|mut f| f.write_all(b"bench passphrase"))
+            .expect("key file");
+    }
     let key_arg = key.display().to_string();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut rows: Vec<(String, Duration, Duration)> = Vec::new();

@@ -58,7 +58,14 @@ pub struct DomainDisk {
 #[derive(Debug, Clone)]
 pub struct DomainInfo {
     pub uuid: Option<String>,
+    /// Has a QEMU process: running, paused, ... (not shut off or crashed).
     pub running: bool,
+    /// Paused (`virsh suspend`, or an I/O error): the guest runs no code,
+    /// so its agent cannot freeze anything.
+    pub paused: bool,
+    /// Has a guest agent channel (`org.qemu.guest_agent.0`) to freeze
+    /// through.
+    pub agent: bool,
     pub disks: Vec<DomainDisk>,
 }
 
@@ -107,6 +114,7 @@ impl Domain {
         let mut info =
             parse_xml(&xml).with_context(|| format!("the XML of domain {}", self.name))?;
         info.running = running;
+        info.paused = state.trim() == "paused";
         Ok(info)
     }
 
@@ -222,9 +230,20 @@ fn parse_xml(xml: &str) -> anyhow::Result<DomainInfo> {
             read_only: child("readonly").is_some(),
         });
     }
+    let agent = root
+        .children()
+        .filter(|n| n.has_tag_name("devices"))
+        .flat_map(|d| d.children().filter(|n| n.has_tag_name("channel")))
+        .any(|c| {
+            c.children().any(|t| {
+                t.has_tag_name("target") && t.attribute("name") == Some("org.qemu.guest_agent.0")
+            })
+        });
     Ok(DomainInfo {
         uuid,
         running: false,
+        paused: false,
+        agent,
         disks,
     })
 }

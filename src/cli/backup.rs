@@ -239,16 +239,27 @@ fn stopped_domain_images(
 }
 
 fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
-    specs
+    let images: Vec<StoppedImage> = specs
         .iter()
         .map(|spec| match spec.split_once('=') {
             Some((volume, path)) if !volume.is_empty() && !path.is_empty() => Ok(StoppedImage {
                 volume: volume.to_string(),
                 path: path.into(),
             }),
-            _ => Err(BadInput(format!("--image {spec:?}: expected VOLUME=PATH")).into()),
+            _ => Err(BadInput(format!("--image {spec:?}: expected VOLUME=PATH"))),
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // A usage error, found before anything starts.
+    for (i, image) in images.iter().enumerate() {
+        if images[..i].iter().any(|o| o.volume == image.volume) {
+            return Err(BadInput(format!(
+                "--image names volume {} twice; give each volume once",
+                image.volume
+            ))
+            .into());
+        }
+    }
+    Ok(images)
 }
 
 /// A receiver that turns true on SIGINT or SIGTERM. A second signal ends
@@ -297,6 +308,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             None
         },
         rate_limit: args.rate_limit,
+        compress: false,
         cluster_size: args.cluster_size,
         granularity: Some(args.granularity),
         perf: Perf {
@@ -534,4 +546,19 @@ pub(crate) async fn thaw_guard(args: ThawGuardArgs) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::from(super::EXIT_FAILED)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_named_twice_is_a_usage_error() {
+        let specs = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = parse_images(&specs(&["a=/x", "b=/y", "a=/z"])).unwrap_err();
+        assert!(e.is::<BadInput>(), "{e:#}");
+        assert!(format!("{e}").contains("volume a twice"), "{e}");
+        assert_eq!(parse_images(&specs(&["a=/x", "b=/y"])).unwrap().len(), 2);
+        assert!(parse_images(&specs(&["a"])).unwrap_err().is::<BadInput>());
+    }
 }

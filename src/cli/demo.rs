@@ -174,7 +174,7 @@ async fn demo(dir: &Path) -> anyhow::Result<()> {
     println!(
         "6. bitback restore: verified the chain ({} files), copied {} KiB natively to {}",
         done[0].chain_length,
-        done[0].bytes_copied >> 10,
+        done[0].bytes_copied.unwrap_or(0) >> 10,
         restored.display()
     );
     let compared = tool(

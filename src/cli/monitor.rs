@@ -115,7 +115,11 @@ async fn connect_to_proxy(endpoint: Endpoint, options: QmpOptions) -> anyhow::Re
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            other => return Ok(other?),
+            // Whatever goes wrong behind libvirt's proxy is no usage
+            // error of the caller's (exit 1, not 2).
+            other => {
+                return other.map_err(|e| anyhow::anyhow!("libvirt's QMP proxy: {e}"));
+            }
         }
     }
 }

@@ -161,7 +161,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             r.volume.clone(),
             r.backup.clone(),
             r.chain_length.to_string(),
-            bytes(r.bytes_copied),
+            r.bytes_copied.map_or_else(|| "-".to_string(), bytes),
             r.method.clone(),
             r.path.display().to_string(),
         ]);

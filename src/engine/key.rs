@@ -28,6 +28,18 @@ impl Key {
         if !meta.is_file() {
             bail!("key file {} is not a regular file", path.display());
         }
+        // As ssh does with a private key: a key others may read is refused,
+        // not used with a warning, since a warning in a nightly job's log
+        // is read by nobody while the key stays exposed.
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "key file {} has mode {mode:04o}: its group or others may use it, and it opens every backup
+                 hint: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
         if meta.len() > MAX_KEY {
             bail!(
                 "key file {} holds {} bytes; a key file holds at most {MAX_KEY}",

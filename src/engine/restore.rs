@@ -29,7 +29,7 @@ use super::BadInput;
 use super::chain::{chain, check_needed, volume_files};
 use super::key::Key;
 use crate::qcow2::{self, Image, Kind};
-use crate::repo::{Manifest, Repo};
+use crate::repo::{Manifest, Repo, VolumeRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,8 +65,10 @@ pub struct Restored {
     pub virtual_size: u64,
     /// Files in the chain, full to top.
     pub chain_length: usize,
-    /// Bytes of data copied (native restores).
-    pub bytes_copied: u64,
+    /// Bytes of data copied (native restores); `None` where qemu-img
+    /// copied and bitback did not count (encrypted or compressed chains,
+    /// a qcow2 image restored in place).
+    pub bytes_copied: Option<u64>,
     /// `native` or `qemu-img convert` (and why).
     pub method: String,
 }
@@ -164,10 +166,30 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         ))
         .into());
     }
+    // A directory this run creates goes again if the run fails (a wrong
+    // key, a full disk) and nothing was restored into it.
+    let made_dir = to_dir && !opts.output.exists();
     if to_dir {
         std::fs::create_dir_all(&opts.output)
             .with_context(|| format!("creating {}", opts.output.display()))?;
     }
+    let restored = restore_selected(repo, &m, &chain, &selected, opts, to_dir, key);
+    if restored.is_err() && made_dir {
+        let _ = std::fs::remove_dir(&opts.output);
+    }
+    restored
+}
+
+/// Restores each of `selected` into `opts.output`.
+fn restore_selected(
+    repo: &Repo,
+    m: &Manifest,
+    chain: &[Manifest],
+    selected: &[&VolumeRecord],
+    opts: &RestoreOptions,
+    to_dir: bool,
+    key: Option<&Key>,
+) -> anyhow::Result<Vec<Restored>> {
     let extension = match opts.format {
         Format::Raw => "raw",
         Format::Qcow2 => "qcow2",
@@ -186,7 +208,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
             ))
             .into());
         }
-        let files = volume_files(repo, &chain, &v.name)?;
+        let files = volume_files(repo, chain, &v.name)?;
         let restored = restore_volume(&files, &target, opts, v.virtual_size, key)
             .with_context(|| format!("restoring volume {} of backup {}", v.name, m.id))?;
         info!(volume = %v.name, path = %target.display(), method = %restored.1, "restored");
@@ -210,7 +232,7 @@ fn restore_volume(
     opts: &RestoreOptions,
     size: u64,
     key: Option<&Key>,
-) -> anyhow::Result<(u64, String)> {
+) -> anyhow::Result<(Option<u64>, String)> {
     let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -246,7 +268,7 @@ fn restore_volume(
                 threads,
                 opts.progress.as_ref(),
             )
-            .map(|n| (n, "native".to_string()))
+            .map(|n| (Some(n), "native".to_string()))
         }
         None => {
             let why = if key.is_some() {
@@ -255,7 +277,7 @@ fn restore_volume(
                 "the chain has compressed clusters"
             };
             qemu_img_convert(files, key, &tmp, format)
-                .map(|_| (0, format!("qemu-img convert ({why})")))
+                .map(|_| (None, format!("qemu-img convert ({why})")))
         }
     };
     if let Err(e) = result {
@@ -784,7 +806,7 @@ pub fn restore_in_place(
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        (0, "qemu-img convert -n (qcow2 image)".to_string())
+        (None, "qemu-img convert -n (qcow2 image)".to_string())
     } else if meta.is_file() {
         if meta.len() != record.virtual_size {
             bail!(
@@ -811,7 +833,7 @@ pub fn restore_in_place(
             &|guest| guest,
         )?;
         drop(lockout);
-        (copied, "native (raw image)".to_string())
+        (Some(copied), "native (raw image)".to_string())
     } else {
         bail!(
             "{} is neither a qcow2 image nor a regular raw file",

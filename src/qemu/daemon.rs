@@ -68,6 +68,11 @@ pub fn private_dir(purpose: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// How long a daemon may take to listen, plus [`START_LIMIT_PER_OBJECT`]
+/// for each secret (key) it is given.
+const START_LIMIT: Duration = Duration::from_secs(120);
+const START_LIMIT_PER_OBJECT: Duration = Duration::from_secs(60);
+
 impl Daemon {
     /// Starts the daemon in `dir` (which it owns from now on: it is
     /// removed when the daemon goes) and waits until it listens.
@@ -116,7 +121,12 @@ impl Daemon {
             dir,
             qmp: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // The daemon listens only once every image is open, and opening a
+        // LUKS image derives its key (about 2 s each at QEMU's default,
+        // many times that on a loaded host): a fixed 15 s failed five
+        // keyed images under load. The limit grows with the keys.
+        let limit = START_LIMIT + START_LIMIT_PER_OBJECT * spec.objects.len() as u32;
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 let mut stderr = String::new();
@@ -129,7 +139,10 @@ impl Daemon {
                 return Ok(daemon);
             }
             if Instant::now() > deadline {
-                bail!("qemu-storage-daemon did not come up within 15 s");
+                bail!(
+                    "qemu-storage-daemon (pid {}) did not come up within {limit:?}; it was stopped",
+                    daemon.child.id().unwrap_or(0)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

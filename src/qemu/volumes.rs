@@ -418,7 +418,12 @@ fn volume(
     Ok(Volume {
         name,
         node_name: node.node_name.clone(),
-        format: node.drv.clone(),
+        // A protocol node read directly is a raw image.
+        format: if PROTOCOL_DRIVERS.contains(&node.drv.as_str()) {
+            "raw".to_string()
+        } else {
+            node.drv.clone()
+        },
         kind: disk_kind(node, protocol, &image_file),
         encrypted: node.encrypted,
         image_file,
@@ -459,6 +464,10 @@ fn disk_kind(node: &NodeInfo, protocol: Option<&NodeInfo>, image_file: &str) -> 
                 DiskKind::RawFile
             }
         }
+        // No format node above the storage: a raw image (libvirt opens
+        // raw disks so, as `libvirt-N-storage` alone).
+        "file" => DiskKind::RawFile,
+        drv if PROTOCOL_DRIVERS.contains(&drv) => DiskKind::RawDevice,
         _ => DiskKind::Other,
     }
 }

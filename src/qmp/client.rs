@@ -498,6 +498,9 @@ fn decode<C: qapi_spec::Command>(reply: Value) -> Result<C::Ok> {
     })
 }
 
+/// Events a server may send before its greeting before it is given up on.
+const MAX_EVENTS_BEFORE_GREETING: usize = 1000;
+
 async fn read_greeting(reader: &mut LineReader) -> std::result::Result<Greeting, String> {
     #[derive(Deserialize)]
     struct Wire {
@@ -523,11 +526,32 @@ async fn read_greeting(reader: &mut LineReader) -> std::result::Result<Greeting,
         micro: u64,
     }
 
-    let line = match transport::read_line(reader, MAX_LINE).await {
-        Ok(Line::Complete(line)) => line,
-        Ok(Line::Eof { .. }) => return Err("it closed the connection without a greeting".into()),
-        Ok(Line::TooLong) => return Err("its first line is too long to be a greeting".into()),
-        Err(e) => return Err(format!("reading the greeting failed: {e}")),
+    // libvirt's QMP proxy can pass on an event of the domain before its
+    // greeting (seen with three clients of one domain at once): events
+    // come before the session and are dropped, up to a bound.
+    let mut skipped = 0;
+    let line = loop {
+        let line = match transport::read_line(reader, MAX_LINE).await {
+            Ok(Line::Complete(line)) => line,
+            Ok(Line::Eof { .. }) => {
+                return Err("it closed the connection without a greeting".into());
+            }
+            Ok(Line::TooLong) => return Err("its first line is too long to be a greeting".into()),
+            Err(e) => return Err(format!("reading the greeting failed: {e}")),
+        };
+        let event = serde_json::from_slice::<Value>(&line)
+            .ok()
+            .is_some_and(|v| v.get("event").is_some_and(Value::is_string));
+        if !event {
+            break line;
+        }
+        skipped += 1;
+        if skipped > MAX_EVENTS_BEFORE_GREETING {
+            return Err(format!(
+                "it sent over {MAX_EVENTS_BEFORE_GREETING} events and no greeting"
+            ));
+        }
+        debug!(event = %preview(&line), "event before the QMP greeting; dropped");
     };
     let wire: Wire = serde_json::from_slice(&line)
         .map_err(|_| format!("its first line is not a QMP greeting: {}", preview(&line)))?;

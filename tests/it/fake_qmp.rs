@@ -247,6 +247,50 @@ async fn a_socket_that_is_not_qmp_is_named_so() {
     assert!(err.to_string().contains("SSH-2.0"), "{err}");
 }
 
+/// libvirt's QMP proxy, with several clients of one domain, can deliver
+/// an event before its greeting (7 of 30 concurrent connects failed
+/// before): the events are dropped and the session goes on.
+#[tokio::test]
+async fn events_before_the_greeting_are_dropped() {
+    let dir = tempdir();
+    let path = serve(dir.path(), |mut peer| async move {
+        for status in ["running", "concluded"] {
+            peer.send_json(json!({
+                "event": "JOB_STATUS_CHANGE",
+                "data": {"status": status, "id": "other-tool"},
+                "timestamp": {"seconds": 1, "microseconds": 2}
+            }))
+            .await;
+        }
+        peer.negotiate().await;
+        let cmd = peer.command().await;
+        assert_eq!(cmd["execute"], "query-status");
+        peer.send_json(json!({"return": {"status": "running", "running": true}, "id": cmd["id"]}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    let qmp = connect(&path).await;
+    assert_eq!(qmp.greeting().version.major, 7);
+    let status = qmp.execute_raw("query-status", Value::Null).await.unwrap();
+    assert_eq!(status["status"], "running");
+}
+
+/// ... but a server that sends nothing but events is no QMP monitor.
+#[tokio::test]
+async fn endless_events_and_no_greeting_is_not_qmp() {
+    let dir = tempdir();
+    let path = serve(dir.path(), |mut peer| async move {
+        for _ in 0..1100 {
+            peer.send(b"{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n")
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    let err = Qmp::connect(path.to_str().unwrap()).await.err().unwrap();
+    assert!(matches!(err, Error::NotQmp { .. }), "{err}");
+    assert!(err.to_string().contains("no greeting"), "{err}");
+}
+
 #[tokio::test]
 async fn a_silent_socket_times_out_waiting_for_the_greeting() {
     let dir = tempdir();

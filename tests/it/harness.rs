@@ -80,6 +80,20 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// A key file as bitback accepts it: the text, readable by its owner
+/// alone.
+pub fn write_key(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("bitback-test-")

@@ -240,7 +240,7 @@ fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
     let device = LoopDevice::new(&d.join("dev.img"));
     luks_qcow2(&d.join("luks.qcow2"), "source-key");
     let source_key = d.join("source.key");
-    std::fs::write(&source_key, "source-key").unwrap();
+    write_key(&source_key, "source-key");
 
     let disks = vec![
         Disk::with_format("v3", "v3", &d.join("v3.qcow2"), "qcow2", ""),
@@ -483,9 +483,9 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
     create_qcow2(&d.join("plain.qcow2"), SIZE, &[]);
     luks_qcow2(&d.join("sec.qcow2"), "source-key");
     let key = d.join("backup.key");
-    std::fs::write(&key, "a backup passphrase\n").unwrap();
+    write_key(&key, "a backup passphrase\n");
     let other_key = d.join("other.key");
-    std::fs::write(&other_key, "another passphrase").unwrap();
+    write_key(&other_key, "another passphrase");
     let disks = vec![
         Disk::with_format("plain", "plain", &d.join("plain.qcow2"), "qcow2", ""),
         luks_disk("sec", &d.join("sec.qcow2")),
