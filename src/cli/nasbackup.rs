@@ -29,8 +29,8 @@ use anyhow::{Context, bail};
 
 use crate::engine::key::Key;
 use crate::engine::{self, BackupOptions, Target};
-use crate::qcow2::{self, Image};
 use crate::libvirt::{Domain, DomainDisk, DomainInfo};
+use crate::qcow2::{self, Image};
 use crate::qemu;
 
 /// Act as CloudStack's nasbackup.sh (the KVM agent's NAS backup script).
@@ -325,7 +325,10 @@ fn fail(mount: &mut Mount, dest: Option<&Dest>, message: &str) -> ExitCode {
 /// `VM/.` cannot stand for `VM`, nor `.` for the whole NAS.
 fn plain_parts(path: &str) -> Option<Vec<&str>> {
     let parts: Vec<&str> = path.split('/').collect();
-    let plain = !path.is_empty() && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != "..");
+    let plain = !path.is_empty()
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != "..");
     plain.then_some(parts)
 }
 
@@ -591,7 +594,10 @@ async fn backup(o: &Options) -> anyhow::Result<ExitCode> {
         }
     };
     let Some(parts) = plain_parts(&o.path) else {
-        println!("Bad backup path {:?}: give <instance>/<timestamp> under the NAS", o.path);
+        println!(
+            "Bad backup path {:?}: give <instance>/<timestamp> under the NAS",
+            o.path
+        );
         return Ok(ExitCode::from(1));
     };
     let domain = Domain {
@@ -657,7 +663,10 @@ fn domain_disks(info: &DomainInfo) -> anyhow::Result<Vec<(&DomainDisk, String)>>
 /// Why an incremental cannot be built on `bitmap` of `v`, if it cannot.
 fn bitmap_problem(v: &qemu::Volume, bitmap: &str) -> Option<String> {
     let Some(b) = v.bitmaps.iter().find(|b| b.name == bitmap) else {
-        return Some(format!("parent bitmap {bitmap} is missing on disk {}", v.name));
+        return Some(format!(
+            "parent bitmap {bitmap} is missing on disk {}",
+            v.name
+        ));
     };
     let state = if b.inconsistent {
         "inconsistent (QEMU stopped without saving it)"
@@ -668,7 +677,10 @@ fn bitmap_problem(v: &qemu::Volume, bitmap: &str) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!("parent bitmap {bitmap} on disk {} is {state}", v.name))
+    Some(format!(
+        "parent bitmap {bitmap} on disk {} is {state}",
+        v.name
+    ))
 }
 
 /// Why `path` cannot be an incremental's parent for a disk of
@@ -718,7 +730,10 @@ fn parent_problem(path: &Path, virtual_size: u64) -> Option<String> {
 /// all of them. A failure is logged, not fatal: the backup is written.
 async fn remove_bitmap(qmp: &crate::qmp::Qmp, volumes: &[qemu::Volume], bitmap: &str) -> bool {
     let mut all = true;
-    for v in volumes.iter().filter(|v| v.bitmaps.iter().any(|b| b.name == bitmap)) {
+    for v in volumes
+        .iter()
+        .filter(|v| v.bitmaps.iter().any(|b| b.name == bitmap))
+    {
         let removed = qmp
             .execute_raw(
                 "block-dirty-bitmap-remove",
@@ -774,7 +789,10 @@ fn verify_files(dest: &Path, key: Option<&Key>) -> anyhow::Result<()> {
         }
     }
     if !failed.is_empty() {
-        bail!("{}\nOne or more backup files failed verification", failed.join("\n"));
+        bail!(
+            "{}\nOne or more backup files failed verification",
+            failed.join("\n")
+        );
     }
     Ok(())
 }
@@ -925,7 +943,9 @@ async fn backup_running(
     // only costs every guest write.
     if let Some(old) = (mode == "incremental").then_some(o.bitmap_parent.as_str())
         && remove_bitmap(&monitor.qmp, &volumes, old).await
-        && volumes.iter().any(|v| v.bitmaps.iter().any(|b| b.name == old))
+        && volumes
+            .iter()
+            .any(|v| v.bitmaps.iter().any(|b| b.name == old))
     {
         lines.push("PARENT_BITMAP_DELETED=true".into());
     }
@@ -1094,12 +1114,21 @@ fn delete(o: &Options) -> anyhow::Result<ExitCode> {
     let dest = mount.point.join(parts[0]).join(parts[1]);
     match std::fs::symlink_metadata(&dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Ok(fail(&mut mount, None, &format!("rm: {}: {e}", dest.display()))),
+        Err(e) => {
+            return Ok(fail(
+                &mut mount,
+                None,
+                &format!("rm: {}: {e}", dest.display()),
+            ));
+        }
         Ok(m) if !m.is_dir() => {
             return Ok(fail(
                 &mut mount,
                 None,
-                &format!("{} is not a backup directory; nothing was removed", dest.display()),
+                &format!(
+                    "{} is not a backup directory; nothing was removed",
+                    dest.display()
+                ),
             ));
         }
         Ok(_) => {
@@ -1122,12 +1151,20 @@ fn delete(o: &Options) -> anyhow::Result<ExitCode> {
             files.sort();
             for file in files {
                 if let Err(e) = std::fs::remove_file(&file) {
-                    return Ok(fail(&mut mount, None, &format!("rm: {}: {e}", file.display())));
+                    return Ok(fail(
+                        &mut mount,
+                        None,
+                        &format!("rm: {}: {e}", file.display()),
+                    ));
                 }
                 println!("removed '{}'", file.display());
             }
             if let Err(e) = std::fs::remove_dir(&dest) {
-                return Ok(fail(&mut mount, None, &format!("rm: {}: {e}", dest.display())));
+                return Ok(fail(
+                    &mut mount,
+                    None,
+                    &format!("rm: {}: {e}", dest.display()),
+                ));
             }
             println!("removed directory '{}'", dest.display());
         }
@@ -1242,7 +1279,9 @@ mod tests {
     fn paths_are_plain_names_only() {
         assert_eq!(plain_parts("vm/2026.11.27"), Some(vec!["vm", "2026.11.27"]));
         assert_eq!(plain_parts("vm"), Some(vec!["vm"]));
-        for bad in ["", ".", "vm/.", "./vm", "vm/..", "/vm", "vm//t", "vm/t/", ".."] {
+        for bad in [
+            "", ".", "vm/.", "./vm", "vm/..", "/vm", "vm//t", "vm/t/", "..",
+        ] {
             assert_eq!(plain_parts(bad), None, "{bad:?}");
         }
     }

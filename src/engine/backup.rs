@@ -495,6 +495,9 @@ async fn build_manifest(
             .await
             .with_context(|| format!("reading back {}", path.display()))?;
         let backing = run.targets[i].backing.clone();
+        let file_size = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
         records.push(VolumeRecord {
             name: v.name.clone(),
             node: v.node_name.clone(),
@@ -513,6 +516,7 @@ async fn build_manifest(
             backing,
             bytes_written,
             digest,
+            file_size: Some(file_size),
         });
     }
     Ok(Manifest {

@@ -100,9 +100,16 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
 /// anything.
 fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String> {
     let path = repo.root().join(&v.file);
-    let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+    let meta = std::fs::symlink_metadata(&path);
+    let link = meta.as_ref().is_ok_and(|m| m.file_type().is_symlink());
+    let len = meta.as_ref().map(|m| m.len()).ok();
     match Image::open(&path) {
         _ if link => Some("is a symlink; backup files must be plain files".into()),
+        Ok(_) if v.file_size.is_some() && len != v.file_size => Some(format!(
+            "is {} bytes, the manifest says {}: truncated or written to since",
+            len.unwrap_or(0),
+            v.file_size.unwrap_or(0)
+        )),
         Err(e) => Some(e.to_string()),
         Ok(image) if image.hc.backing_file != v.backing => Some(format!(
             "backing file is {:?}, the manifest says {:?}",
@@ -198,7 +205,14 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
                 let link = chain
                     .iter()
                     .find(|m| m.volumes.iter().any(|x| x.file == r.file))?;
-                record_problem(repo, link, r).map(|p| format!("{}: {p}", r.file))
+                record_problem(repo, link, r)
+                    .or_else(|| {
+                        // What verify found (a flipped bit in data that
+                        // no structural check sees) counts too.
+                        repo.damage(&link.vm, &link.id, &r.name, &r.digest)
+                            .map(|p| format!("verify found it damaged: {p}"))
+                    })
+                    .map(|p| format!("{}: {p}", r.file))
             }),
         };
         if let Some(problem) = problem {

@@ -139,15 +139,30 @@ mod tests {
     fn empty_and_huge_key_files_are_refused() {
         let dir = std::env::temp_dir().join(format!("bitback-key-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let empty = dir.join("empty");
-        std::fs::write(&empty, b"").unwrap();
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let empty = write("empty", b"", 0o600);
         assert!(format!("{:#}", Key::from_file(&empty).unwrap_err()).contains("empty"));
-        let huge = dir.join("huge");
-        std::fs::write(&huge, vec![b'x'; MAX_KEY as usize + 1]).unwrap();
+        let huge = write("huge", &vec![b'x'; MAX_KEY as usize + 1], 0o600);
         assert!(format!("{:#}", Key::from_file(&huge).unwrap_err()).contains("at most"));
-        let good = dir.join("good");
-        std::fs::write(&good, b"secret\n").unwrap();
+        let good = write("good", b"secret\n", 0o600);
         assert_eq!(Key::from_file(&good).unwrap().base64(), "c2VjcmV0Cg==");
+        for mode in [0o640, 0o604, 0o644, 0o660] {
+            let loose = write("loose", b"secret\n", mode);
+            let e = format!("{:#}", Key::from_file(&loose).unwrap_err());
+            assert!(
+                e.contains(&format!("mode {mode:04o}")) && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        // The owner's own bits are the owner's business.
+        let read_only = write("read-only", b"secret\n", 0o400);
+        assert!(Key::from_file(&read_only).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

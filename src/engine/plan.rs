@@ -506,6 +506,7 @@ mod tests {
                     backing: None,
                     bytes_written: 0,
                     digest: String::new(),
+                    file_size: None,
                 })
                 .collect(),
             qemu_version: None,

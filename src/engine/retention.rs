@@ -243,6 +243,11 @@ fn make_full(repo: &Repo, lock: &VmLock, m: &Manifest) -> anyhow::Result<()> {
         convert_standalone(&source, &target)?;
         v.backing = None;
         v.digest = digest_file(&target)?;
+        v.file_size = Some(
+            std::fs::metadata(&target)
+                .with_context(|| format!("reading {}", target.display()))?
+                .len(),
+        );
     }
     replacement
         .swap(&full)

@@ -124,6 +124,13 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             problem: text,
         })
     };
+    // Data damage only a digest sees is recorded, so that the next backup
+    // does not build on it; structural damage every backup sees itself.
+    let mark = |volume: &str, digest: &str, text: &str| {
+        if let Err(e) = repo.mark_damaged(&m.vm, &m.id, volume, digest, text) {
+            tracing::warn!(vm = %m.vm, backup = %m.id, volume, error = %e, "could not record the damage found; the next backup does not know of it");
+        }
+    };
     let mut files = 0;
     for v in &m.volumes {
         files += 1;
@@ -146,14 +153,17 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             &image,
             |_| Ok(()),
         ) {
-            problem(file, format!("cluster map: {e}"));
+            let text = format!("cluster map: {e}");
+            mark(&v.name, &v.digest, &text);
+            problem(file, text);
         }
         match digest_file(&path) {
             Ok(digest) if digest == v.digest => {}
-            Ok(digest) => problem(
-                file,
-                format!("digest is {digest}, the manifest says {}", v.digest),
-            ),
+            Ok(digest) => {
+                let text = format!("digest is {digest}, the manifest says {}", v.digest);
+                mark(&v.name, &v.digest, &text);
+                problem(file, text)
+            }
             Err(e) => problem(file, format!("cannot read: {e}")),
         }
     }

@@ -83,6 +83,11 @@ pub struct VolumeRecord {
     pub bytes_written: u64,
     /// `blake3:<hex>` of the whole file, computed once the job finished.
     pub digest: String,
+    /// The file's length in bytes when it was committed: every backup
+    /// built on the file checks it (a truncated or appended file is seen
+    /// without reading data). Absent in manifests from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size: Option<u64>,
 }
 
 impl VolumeRecord {

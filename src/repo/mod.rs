@@ -12,6 +12,12 @@
 //!     .<backup-id>.deleting/    a backup being deleted (renamed first)
 //!     .<backup-id>.consolidating/  a backup's replacement, swapped in with
 //!                               renameat2(RENAME_EXCHANGE)
+//!     .damaged/<backup-id>.<volume>.json  a file verify (or a restore's
+//!                               check) found damaged: its digest then,
+//!                               and the problem. The next backup takes a
+//!                               full of that volume instead of building on
+//!                               it. One file per finding, written
+//!                               atomically, so readers may write it.
 //! ```
 //!
 //! Commit protocol: a backup is written into its `.partial` directory;
@@ -362,6 +368,59 @@ impl Repo {
         Ok(removed)
     }
 
+    /// Records that the file of `volume` in backup `id` of `vm`, whose
+    /// manifest digest is `digest`, was found damaged (`problem`). Taken
+    /// under a read lock: one file per finding, replaced atomically.
+    pub fn mark_damaged(
+        &self,
+        vm: &str,
+        id: &str,
+        volume: &str,
+        digest: &str,
+        problem: &str,
+    ) -> Result<()> {
+        check_name("backup", id)?;
+        check_name("volume", volume)?;
+        let dir = self.vm_dir(vm)?.join(DAMAGED);
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::Io {
+                    action: "creating",
+                    path: dir,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Symlink { path: dir });
+        }
+        let record = Damage {
+            digest: digest.to_string(),
+            problem: problem.to_string(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(Error::Encoding)?;
+        write_atomic(&dir, &format!("{id}.{volume}.json"), &bytes)
+    }
+
+    /// What was found wrong with the file of `volume` in backup `id`, if
+    /// a finding exists for the file as its manifest (digest `digest`)
+    /// describes it: a file rewritten since (consolidated) has a new
+    /// digest, and the old finding no longer counts.
+    pub fn damage(&self, vm: &str, id: &str, volume: &str, digest: &str) -> Option<String> {
+        let path = self
+            .vm_dir(vm)
+            .ok()?
+            .join(DAMAGED)
+            .join(format!("{id}.{volume}.json"));
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return None;
+        }
+        let text = fs::read(&path).ok()?;
+        let record: Damage = serde_json::from_slice(&text).ok()?;
+        (record.digest == digest).then_some(record.problem)
+    }
+
     /// Deletes backup `id` of `vm`: one rename to `.<id>.deleting` (after
     /// which no reader sees it), then the removal. Needs the lock.
     pub fn delete_backup(&self, _lock: &VmLock, vm: &str, id: &str) -> Result<()> {
@@ -375,6 +434,15 @@ impl Repo {
         })?;
         sync_dir(&dir)?;
         crate::fault::point("prune-renamed");
+        // Its findings go with it (ids are never reused; this is tidiness).
+        if let Ok(found) = fs::read_dir(dir.join(DAMAGED)) {
+            let prefix = format!("{id}.");
+            for entry in found.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         fs::remove_dir_all(&doomed).map_err(|source| Error::Io {
             action: "removing",
             path: doomed,
@@ -539,6 +607,16 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
             path: dir.into(),
             source,
         })
+}
+
+/// The directory of damage findings in a VM's directory.
+const DAMAGED: &str = ".damaged";
+
+/// One finding of [`Repo::mark_damaged`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Damage {
+    digest: String,
+    problem: String,
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {

@@ -1136,6 +1136,89 @@ fn a_damaged_parent_file_is_a_full_of_that_volume_alone() {
     vm.check_all_points();
 }
 
+/// Damage no structural check sees: a bit flipped inside a data cluster
+/// (found by verify's digests, recorded, and then known to the next
+/// backup) and a truncated newest file (the manifest's file size). Each
+/// makes a full of its volume alone; the point after restores right.
+#[test]
+fn a_flipped_bit_found_by_verify_or_a_truncated_file_is_a_full_of_that_volume() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut vm = Vm::new(d, &[4 * MIB, 4 * MIB]);
+    vm.write(0, 0, MIB, 0x61);
+    vm.write(1, 0, MIB, 0x71);
+    let full = vm.backup(&[]);
+    vm.write(0, MIB, 4096, 0x62);
+    vm.write(1, MIB, 4096, 0x72);
+    vm.backup(&[]);
+
+    // One bit of guest data in drive1's full, where qemu-img map says
+    // data lives: the file's structure stays whole.
+    let rel = full["volumes"][1]["file"].as_str().unwrap().to_string();
+    let path = vm.repo.join(&rel);
+    let map = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(&path));
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let offset = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"] == true && e["offset"].is_u64())
+        .unwrap()["offset"]
+        .as_u64()
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, offset + 100).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x10], offset + 100).unwrap();
+    drop(file);
+    run(Command::new("qemu-img").args(["check", "-q"]).arg(&path));
+
+    let verified = vm.cli("verify", &["--json"]);
+    assert_eq!(verified.code, Some(1), "{}", verified.stdout);
+    assert!(verified.stdout.contains(&rel), "{}", verified.stdout);
+    vm.write(0, 2 * MIB, 4096, 0x63);
+    vm.write(1, 2 * MIB, 4096, 0x73);
+    let m = vm.backup(&[]);
+    assert_eq!(m["volumes"][0]["kind"], "incremental", "{m:#}");
+    assert_eq!(m["volumes"][1]["kind"], "full", "{m:#}");
+    let reason = m["volumes"][1]["reason"].as_str().unwrap();
+    assert!(reason.contains("verify found it damaged"), "{reason}");
+    assert!(reason.contains(&rel), "{reason}");
+
+    // The newest file of drive0 loses its last cluster.
+    let newest = vm.repo.join(m["volumes"][0]["file"].as_str().unwrap());
+    let len = std::fs::metadata(&newest).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(len - 65536)
+        .unwrap();
+    vm.write(0, 3 * MIB, 4096, 0x64);
+    vm.write(1, 3 * MIB, 4096, 0x74);
+    let n = vm.backup(&[]);
+    assert_eq!(n["volumes"][0]["kind"], "full", "{n:#}");
+    let reason = n["volumes"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("truncated"), "{reason}");
+    assert_eq!(n["volumes"][1]["kind"], "incremental", "{n:#}");
+    vm.quit();
+
+    let (id, models) = vm.points.last().unwrap();
+    let out = d.join("restored");
+    let r = vm.restore(id, &out, &[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for (i, model) in models.iter().enumerate() {
+        let got = out.join(format!("drive{i}.raw"));
+        assert!(same_content(&got, "raw", model, "raw"), "{id} drive{i}");
+    }
+}
+
 /// The pids of `pid`'s children (every thread's).
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();

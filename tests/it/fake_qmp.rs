@@ -281,8 +281,10 @@ async fn endless_events_and_no_greeting_is_not_qmp() {
     let dir = tempdir();
     let path = serve(dir.path(), |mut peer| async move {
         for _ in 0..1100 {
-            peer.send(b"{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n")
-                .await;
+            peer.send(
+                b"{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n",
+            )
+            .await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     });

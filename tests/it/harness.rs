@@ -83,8 +83,8 @@ pub fn free_tcp_port() -> u16 {
 /// A key file as bitback accepts it: the text, readable by its owner
 /// alone.
 pub fn write_key(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .create_new(true)
         .write(true)
@@ -92,6 +92,33 @@ pub fn write_key(path: &Path, text: &str) {
         .open(path)
         .unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+/// A loop device over a file (root), detached when dropped.
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn new(file: &Path) -> LoopDevice {
+        require("losetup");
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            device.starts_with("/dev/"),
+            "losetup gave {device:?}; loop devices need root (this test runs as root in CI)"
+        );
+        LoopDevice { device }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.device)
+            .status();
+    }
 }
 
 pub fn tempdir() -> tempfile::TempDir {

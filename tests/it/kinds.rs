@@ -10,39 +10,12 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Disk, Kind, Qemu, bitback, create_qcow2, list_ids, qemu_img_info, require, run, same_content,
-    tempdir,
+    Disk, Kind, LoopDevice, Qemu, bitback, create_qcow2, list_ids, qemu_img_info, require, run,
+    same_content, tempdir, write_key,
 };
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 8 * MIB;
-
-/// A loop device over a file, detached when dropped.
-struct LoopDevice {
-    device: PathBuf,
-}
-
-impl LoopDevice {
-    fn new(file: &Path) -> LoopDevice {
-        require("losetup");
-        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
-        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        assert!(
-            device.starts_with("/dev/"),
-            "losetup gave {device:?}; loop devices need root (this test runs as root in CI)"
-        );
-        LoopDevice { device }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("--detach")
-            .arg(&self.device)
-            .status();
-    }
-}
 
 /// A VM of `-machine none` whose volumes are named after their nodes, with
 /// a model per volume.
@@ -561,6 +534,46 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
     ]);
     assert_eq!(refused.code, Some(2), "{}", refused.stderr);
     assert!(refused.stderr.contains("--key-file"), "{}", refused.stderr);
+    let restore_with = |key: &Path, out: &Path, json: bool| {
+        let mut args = vec![
+            "restore",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--output",
+            out.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        bitback(&args)
+    };
+    // A key file others may read is refused (as ssh refuses such a
+    // private key), before anything is made.
+    let loose = d.join("loose.key");
+    std::fs::write(&loose, "a backup passphrase\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let loose_out = d.join("loose/");
+    let refused = restore_with(&loose, &loose_out, false);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("mode 0644"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("chmod 600"), "{}", refused.stderr);
+    assert!(!loose_out.exists());
+    // The wrong key fails the restore and leaves no empty directory.
+    let wrong_out = d.join("wrong-key/");
+    let wrong = restore_with(&other_key, &wrong_out, false);
+    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
+    assert!(!wrong_out.exists());
+    // The right one: qemu-img copied, so no byte count is claimed.
+    let human_out = d.join("human/");
+    let human = restore_with(&key, &human_out, false);
+    assert_eq!(human.code, Some(0), "{}", human.stderr);
+    assert!(!human.stdout.contains(" 0 B "), "{}", human.stdout);
+    let json = restore_with(&key, &d.join("human-json/"), true).json();
+    assert_eq!(json[0]["bytes_copied"], Value::Null, "{json}");
     for (i, (id, files)) in vm.points.iter().enumerate() {
         let out = d.join(format!("restored-{i}/"));
         let restored = bitback(&[

@@ -117,7 +117,7 @@ fn libvirt_up() {
 /// The test guest's agent on its org.qemu.guest_agent.0 port (see
 /// fixtures/guest/init.sh).
 #[derive(Clone, Copy)]
-enum Agent {
+pub(crate) enum Agent {
     /// Answers sync, ping, freeze (stopping the writer between records),
     /// thaw and status.
     On,
@@ -126,6 +126,8 @@ enum Agent {
     /// Answers sync; a freeze never ends (a filesystem that cannot be
     /// frozen), and nothing is answered after it.
     Stall,
+    /// No agent channel in the domain at all (an agent not configured).
+    NoChannel,
 }
 
 impl Agent {
@@ -134,6 +136,7 @@ impl Agent {
             Agent::On => "on",
             Agent::Off => "off",
             Agent::Stall => "stall",
+            Agent::NoChannel => "off",
         }
     }
 }
@@ -198,15 +201,25 @@ impl Domain {
         )
     }
 
-    /// A directory libvirt-qemu can reach, with two fresh disks.
+    /// A directory libvirt-qemu can reach, with two fresh disks (vdb raw
+    /// when `raw_vdb`).
     fn prepare(dir: &Path) -> [PathBuf; 2] {
+        Domain::prepare_with(dir, false)
+    }
+
+    fn prepare_with(dir: &Path, raw_vdb: bool) -> [PathBuf; 2] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let disks = [
             dir.join("5a1d0c2e-0000-4000-8000-00000000000a"),
             dir.join("5a1d0c2e-0000-4000-8000-00000000000b"),
         ];
-        for d in &disks {
-            create_qcow2(d, 16 * MIB, &[]);
+        create_qcow2(&disks[0], 16 * MIB, &[]);
+        if raw_vdb {
+            let f = std::fs::File::create(&disks[1]).unwrap();
+            f.set_len(16 * MIB).unwrap();
+            std::fs::set_permissions(&disks[1], std::fs::Permissions::from_mode(0o666)).unwrap();
+        } else {
+            create_qcow2(&disks[1], 16 * MIB, &[]);
         }
         disks
     }
@@ -228,15 +241,39 @@ impl Domain {
 
     /// [`Domain::create`] with the guest agent as `agent` says.
     fn create_with(dir: &Path, extra_socket: Option<&Path>, agent: Agent) -> Domain {
+        Domain::create_shaped(dir, extra_socket, agent, false)
+    }
+
+    /// [`Domain::create_with`], vdb a raw file when `raw_vdb`.
+    pub(crate) fn create_shaped(
+        dir: &Path,
+        extra_socket: Option<&Path>,
+        agent: Agent,
+        raw_vdb: bool,
+    ) -> Domain {
         libvirt_up();
-        let disks = Domain::prepare(dir);
+        let disks = Domain::prepare_with(dir, raw_vdb);
         let name = Domain::name();
         let xml = dir.join("domain.xml");
-        std::fs::write(
-            &xml,
-            Domain::xml(&name, dir, [&disks[0], &disks[1]], extra_socket, agent),
-        )
-        .unwrap();
+        let mut text = Domain::xml(&name, dir, [&disks[0], &disks[1]], extra_socket, agent);
+        if raw_vdb {
+            let vdb = format!(
+                "<driver name='qemu' type='qcow2'/>\n      <source file='{}'",
+                disks[1].display()
+            );
+            let raw = format!(
+                "<driver name='qemu' type='raw'/>\n      <source file='{}'",
+                disks[1].display()
+            );
+            assert!(text.contains(&vdb));
+            text = text.replace(&vdb, &raw);
+        }
+        if matches!(agent, Agent::NoChannel) {
+            let channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+            assert!(text.contains(channel));
+            text = text.replace(channel, "");
+        }
+        std::fs::write(&xml, text).unwrap();
         must_virsh(&["create", xml.to_str().unwrap()]);
         let domain = Domain {
             name,

@@ -9,6 +9,7 @@
 //! accepts): this kernel has no NFS or CIFS client, and the mount and
 //! unmount go through the same code either way.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -477,4 +478,605 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     assert!(!dest.exists());
     assert!(nas.join(t(3)).exists());
     nothing_mounted(&before);
+}
+
+/// The lines of `stdout` the agent keeps after stripping the script's
+/// marker lines (LibvirtTakeBackupCommandWrapper.stripMarkerLines).
+fn without_markers(stdout: &str) -> String {
+    stdout
+        .lines()
+        .filter(|l| {
+            !l.contains("INCREMENTAL_FALLBACK=true") && !l.contains("PARENT_BITMAP_DELETED=true")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every file and directory under `dir`, with its size: what a run must
+/// leave as it found it.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out: Vec<(PathBuf, u64)> = walk_files(dir)
+        .into_iter()
+        .map(|p| {
+            let len = std::fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The node name of each of the domain's disks, by target.
+fn node_of(domain: &Domain, disk: &str) -> String {
+    let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
+    info["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == disk)
+        .unwrap_or_else(|| panic!("no volume {disk}: {info}"))["node_name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn virsh(args: &[&str]) -> String {
+    let out = run(Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Issue 18 through the agent's argument vectors, against a domain with a
+/// raw data disk and no guest agent channel: a parent the chain cannot
+/// build on (a bitmap gone from one disk, a truncated parent file) gives a
+/// full with INCREMENTAL_FALLBACK=true and exit 0, and the chain goes on;
+/// after each incremental only the newest bitmap is left; a paused domain
+/// is backed up and stays paused; a failed run removes only what it made;
+/// a delete names exactly one backup directory; -c -b -e --verify work.
+#[test]
+fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
+    for tool in ["du", "mount", "umount", "virsh"] {
+        require(tool);
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let nas = d.join("nas");
+    std::fs::create_dir(&nas).unwrap();
+    let nas_arg = nas.to_str().unwrap().to_string();
+    let before = mount_points();
+    let domain = Domain::create_shaped(d, None, crate::libvirt::Agent::NoChannel, true);
+    let vols: Vec<String> = domain
+        .disks
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let instance = "i-2-4-VM";
+    let t = |n: u32| format!("{instance}/2026.11.28.05.{n:02}.00");
+    let files_of = |n: u32| {
+        format!(
+            "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
+            t(n),
+            vols[0],
+            t(n),
+            vols[1]
+        )
+    };
+    let call = |path: &str, extra: &[&str]| -> Run {
+        let mut args = vec![
+            "-o",
+            "backup",
+            "-v",
+            &domain.name,
+            "-t",
+            "none",
+            "-s",
+            &nas_arg,
+            "-m",
+            "bind",
+            "-p",
+            path,
+            "-q",
+            "false",
+            "-d",
+            "",
+        ];
+        args.extend(extra);
+        nasbackup(&args)
+    };
+    let incremental = |n: u32, new: &str, parent: &str, parent_point: u32, extra: &[&str]| -> Run {
+        let parents = files_of(parent_point);
+        let mut args = vec![
+            "-M",
+            "incremental",
+            "--bitmap-new",
+            new,
+            "--bitmap-parent",
+            parent,
+            "--parent-paths",
+            &parents,
+        ];
+        args.extend(extra);
+        call(&t(n), &args)
+    };
+    let backing = |n: u32, role: usize| -> Option<String> {
+        let name = if role == 0 { "root" } else { "datadisk" };
+        let file = nas.join(t(n)).join(format!("{name}.{}.qcow2", vols[role]));
+        qemu_img_info(&file)["backing-filename"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let only_bitmap = |name: &str| {
+        for (disk, list) in bitmaps(&domain) {
+            assert_eq!(list, vec![name.to_string()], "disk {disk}");
+        }
+    };
+
+    // libvirt's raw disk is a raw file, as with plain QEMU (it was "other").
+    let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
+    let kinds: Vec<(String, String)> = info["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("vda".to_string(), "qcow2".to_string()),
+            ("vdb".to_string(), "raw-file".to_string())
+        ]
+    );
+
+    let full = call(&t(0), &["-M", "full", "--bitmap-new", "b-1"]);
+    assert_eq!(full.code, Some(0), "{}{}", full.stdout, full.stderr);
+    only_bitmap("b-1");
+
+    // -q true with no agent channel: said plainly, crash-consistent, and
+    // no thaw error. After the incremental only its own bitmap is left,
+    // and the size is given both ways.
+    domain.wait_records(10);
+    let incr = incremental(1, "b-2", "b-1", 0, &["-q", "true"]);
+    assert_eq!(incr.code, Some(0), "{}{}", incr.stdout, incr.stderr);
+    assert!(
+        !incr.stdout.contains("INCREMENTAL_FALLBACK"),
+        "{}",
+        incr.stdout
+    );
+    assert!(
+        incr.stdout.contains("PARENT_BITMAP_DELETED=true"),
+        "{}",
+        incr.stdout
+    );
+    assert!(
+        incr.stderr.contains("no guest agent channel"),
+        "{}",
+        incr.stderr
+    );
+    assert!(incr.stderr.contains("crash-consistent"), "{}", incr.stderr);
+    assert!(!incr.stderr.contains("thawing"), "{}", incr.stderr);
+    let size = running_size(&without_markers(&incr.stdout));
+    assert_eq!(size, du_sb(&nas.join(t(1))));
+    assert!(
+        incr.stdout
+            .contains(&format!("\nBACKUP_SIZE_TOTAL={size}\n")),
+        "{}",
+        incr.stdout
+    );
+    assert!(backing(1, 0).is_some() && backing(1, 1).is_some());
+    only_bitmap("b-2");
+
+    // The parent bitmap gone from one disk (as a raw disk's is after a
+    // QEMU restart): a full, exit 0, the marker; the stale parent bitmap
+    // goes too, and the chain goes on from the full.
+    let vdb = node_of(&domain, "vdb");
+    virsh(&[
+        "qemu-monitor-command",
+        &domain.name,
+        &format!(
+            r#"{{"execute":"block-dirty-bitmap-remove","arguments":{{"node":"{vdb}","name":"b-2"}}}}"#
+        ),
+    ]);
+    domain.wait_records(10);
+    let fell = incremental(2, "b-3", "b-2", 1, &[]);
+    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    assert!(
+        fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
+        "{}",
+        fell.stdout
+    );
+    assert!(
+        fell.stderr.contains("missing on disk vdb"),
+        "{}",
+        fell.stderr
+    );
+    assert_eq!((backing(2, 0), backing(2, 1)), (None, None));
+    assert_eq!(
+        running_size(&without_markers(&fell.stdout)),
+        du_sb(&nas.join(t(2)))
+    );
+    only_bitmap("b-3");
+    domain.wait_records(10);
+    let on = incremental(3, "b-4", "b-3", 2, &[]);
+    assert_eq!(on.code, Some(0), "{}{}", on.stdout, on.stderr);
+    assert!(!on.stdout.contains("INCREMENTAL_FALLBACK"), "{}", on.stdout);
+    assert_eq!(
+        backing(3, 0).as_deref(),
+        Some(format!("../2026.11.28.05.02.00/root.{}.qcow2", vols[0]).as_str())
+    );
+    only_bitmap("b-4");
+
+    // A truncated parent file: a full, not an incremental built on it.
+    let cut = nas.join(t(3)).join(format!("datadisk.{}.qcow2", vols[1]));
+    let cut_copy = d.join("cut-copy.qcow2");
+    std::fs::copy(&cut, &cut_copy).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(2 << 16)
+        .unwrap();
+    domain.wait_records(10);
+    let fell = incremental(4, "b-5", "b-4", 3, &[]);
+    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    assert!(
+        fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
+        "{}",
+        fell.stdout
+    );
+    assert!(fell.stderr.contains(&vols[1]), "{}", fell.stderr);
+    assert_eq!((backing(4, 0), backing(4, 1)), (None, None));
+    std::fs::copy(&cut_copy, &cut).unwrap();
+    only_bitmap("b-5");
+
+    // Paused: backed up like a running domain, and left paused; -q true
+    // does not try to freeze a guest that runs no code.
+    virsh(&["suspend", &domain.name]);
+    let paused = incremental(5, "b-6", "b-5", 4, &["-q", "true"]);
+    let state = virsh(&["domstate", &domain.name]);
+    virsh(&["resume", &domain.name]);
+    assert_eq!(paused.code, Some(0), "{}{}", paused.stdout, paused.stderr);
+    assert_eq!(state, "paused");
+    assert!(backing(5, 0).is_some());
+    only_bitmap("b-6");
+
+    // Failures remove only what the run made. Into a directory holding a
+    // backup, into the VM's directory, through `.`: refused, all kept.
+    let kept = snapshot(&nas);
+    for path in [
+        t(5),
+        instance.to_string(),
+        format!("{instance}/."),
+        ".".into(),
+    ] {
+        let refused = call(&path, &["-M", "full", "--bitmap-new", "b-x"]);
+        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path}");
+    }
+    // A run that fails in a directory it made removes that directory only.
+    let bad = call(&t(6), &["-M", "bogus"]);
+    assert_eq!(bad.code, Some(1), "{}", bad.stdout);
+    assert!(bad.stdout.contains("Unknown mode"), "{}", bad.stdout);
+    assert_eq!(snapshot(&nas), kept);
+    assert!(nas.join(instance).is_dir());
+    // An unknown domain leaves no directory for it.
+    let ghost = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "no-such-domain",
+        "-t",
+        "none",
+        "-s",
+        &nas_arg,
+        "-m",
+        "bind",
+        "-p",
+        "no-such-domain/2026.11.28.05.00.00",
+        "-q",
+        "false",
+        "-d",
+        "",
+    ]);
+    assert_eq!(ghost.code, Some(1), "{}", ghost.stdout);
+    assert!(!nas.join("no-such-domain").exists());
+    only_bitmap("b-6");
+
+    // A delete names one backup directory, nothing above it.
+    for path in [
+        ".",
+        instance,
+        &format!("{instance}/."),
+        &format!("{instance}/.."),
+        &format!("./{instance}"),
+    ] {
+        let refused = nasbackup(&[
+            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", path,
+        ]);
+        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path}");
+    }
+    nothing_mounted(&before);
+
+    // The open PR's options: -c (compressed clusters), -b (MiB/s), --verify.
+    domain.wait_records(10);
+    let packed = call(
+        &t(7),
+        &[
+            "-M",
+            "full",
+            "--bitmap-new",
+            "b-7",
+            "-c",
+            "-b",
+            "50",
+            "--verify",
+        ],
+    );
+    assert_eq!(packed.code, Some(0), "{}{}", packed.stdout, packed.stderr);
+    let root7 = nas.join(t(7)).join(format!("root.{}.qcow2", vols[0]));
+    let map = run(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(&root7));
+    assert!(
+        String::from_utf8_lossy(&map.stdout).contains("\"compressed\": true"),
+        "no compressed cluster in {}",
+        root7.display()
+    );
+    for bad in [&["-b", "fast"][..], &["-c", "-e", "/nonexistent"][..]] {
+        let mut extra = vec!["-M", "full", "--bitmap-new", "b-y"];
+        extra.extend(bad);
+        let refused = call(&t(8), &extra);
+        assert_eq!(refused.code, Some(1), "{bad:?}: {}", refused.stdout);
+        assert!(!nas.join(t(8)).exists());
+    }
+    // -e: a key others may read is refused; with mode 0600, LUKS files the
+    // same key file opens.
+    let key = d.join("passphrase");
+    std::fs::write(&key, "cloudstack passphrase").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key_arg = key.to_str().unwrap();
+    let loose = call(&t(8), &["-e", key_arg]);
+    assert_eq!(loose.code, Some(1), "{}", loose.stdout);
+    assert!(loose.stdout.contains("mode 0644"), "{}", loose.stdout);
+    assert!(!nas.join(t(8)).exists());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let refused = incremental(8, "b-8", "b-7", 7, &["-e", key_arg]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stdout);
+    let sealed = call(&t(8), &["-e", key_arg, "--verify"]);
+    assert_eq!(sealed.code, Some(0), "{}{}", sealed.stdout, sealed.stderr);
+    let root8 = nas.join(t(8)).join(format!("root.{}.qcow2", vols[0]));
+    assert_eq!(qemu_img_info(&root8)["encrypted"], true);
+
+    // Every point restores the agent's way; the encrypted one with the key.
+    let out = d.join("restored.raw");
+    let mut previous = -1;
+    for n in [0, 1, 2, 3, 4, 5, 7] {
+        let dest = nas.join(t(n));
+        let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
+        let b = restore_log(&dest.join(format!("datadisk.{}.qcow2", vols[1])), &out);
+        assert!(a == b || a == b + 1, "point {n}: vda at {a}, vdb at {b}");
+        assert!(a >= previous, "point {n} went back in the log");
+        previous = a;
+    }
+    run(Command::new("qemu-img")
+        .arg("convert")
+        .arg("--object")
+        .arg(format!("secret,id=sec0,file={key_arg}"))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+            root8.display()
+        ))
+        .args(["-O", "raw"])
+        .arg(&out));
+    let a = check_log(&out).unwrap().map_or(-1, |k| k as i64);
+    assert!(a >= previous);
+    std::fs::remove_file(&out).unwrap();
+
+    // Stopped, with a raw disk: the copies are full (the marker, for an
+    // incremental asked of a stopped VM), every other line a number, and
+    // no bitmap on the raw disk is said on stderr.
+    domain.destroy();
+    let disks = format!(
+        "{},{}",
+        domain.disks[0].display(),
+        domain.disks[1].display()
+    );
+    let stopped = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        &domain.name,
+        "-t",
+        "none",
+        "-s",
+        &nas_arg,
+        "-m",
+        "bind",
+        "-p",
+        &t(9),
+        "-q",
+        "false",
+        "-d",
+        &disks,
+        "-M",
+        "incremental",
+        "--bitmap-new",
+        "b-9",
+        "--bitmap-parent",
+        "b-6",
+        "--parent-paths",
+        &files_of(5),
+    ]);
+    assert_eq!(
+        stopped.code,
+        Some(0),
+        "{}{}",
+        stopped.stdout,
+        stopped.stderr
+    );
+    assert!(
+        stopped.stdout.contains("INCREMENTAL_FALLBACK=true"),
+        "{}",
+        stopped.stdout
+    );
+    assert!(
+        stopped.stderr.contains("no bitmap b-9 was made"),
+        "{}",
+        stopped.stderr
+    );
+    let files: u64 = std::fs::read_dir(nas.join(t(9)))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert_eq!(stopped_size(&without_markers(&stopped.stdout)), files);
+    assert!(qemu_img_info(&domain.disks[0]).to_string().contains("b-9"));
+
+    // A delete of one backup directory works.
+    let deleted = nasbackup(&[
+        "-o",
+        "delete",
+        "-t",
+        "none",
+        "-s",
+        &nas_arg,
+        "-m",
+        "bind",
+        "-p",
+        &t(9),
+    ]);
+    assert_eq!(
+        deleted.code,
+        Some(0),
+        "{}{}",
+        deleted.stdout,
+        deleted.stderr
+    );
+    assert!(!nas.join(t(9)).exists());
+    assert!(nas.join(t(8)).exists());
+    nothing_mounted(&before);
+}
+
+/// A LINSTOR volume still named by its legacy DRBD node (`/dev/drbdNNNN`,
+/// VMs started before CloudStack moved to `by-res` paths) gets the volume
+/// UUID of the udev `by-res` link that leads to the same device: the name
+/// CloudStack's restore looks for. A loop device stands in for DRBD, with
+/// a node and a link made as udev makes them.
+#[test]
+fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
+    for tool in ["du", "mount", "umount", "mknod"] {
+        require(tool);
+    }
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir = tempdir();
+    let d = dir.path();
+    let nas = d.join("nas");
+    std::fs::create_dir(&nas).unwrap();
+    let image = d.join("drbd.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5c 1M 64k"])
+        .arg(&image));
+    let looped = crate::harness::LoopDevice::new(&image);
+    let rdev = std::fs::metadata(&looped.device).unwrap().rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    // A minor no real DRBD here uses, unique per test process.
+    let node = PathBuf::from(format!("/dev/drbd{}", 60000 + std::process::id() % 5000));
+    let uuid = format!("5a1d0c2e-dbd0-4000-8000-{:012}", std::process::id());
+    let res = PathBuf::from(format!("/dev/drbd/by-res/cs-{uuid}"));
+    struct Cleanup(Vec<PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir(p));
+            }
+        }
+    }
+    let _cleanup = Cleanup(vec![node.clone(), res.join("0"), res.clone()]);
+    run(Command::new("mknod")
+        .arg(&node)
+        .args(["b", &major.to_string(), &minor.to_string()]));
+    assert!(
+        std::fs::metadata(&node)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    std::fs::create_dir_all(&res).unwrap();
+    std::os::unix::fs::symlink(
+        format!("../../../{}", node.file_name().unwrap().to_string_lossy()),
+        res.join("0"),
+    )
+    .unwrap();
+
+    let path = "i-9-9-VM/2026.11.29.00.00.00";
+    let stopped = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "i-9-9-VM",
+        "-t",
+        "none",
+        "-s",
+        nas.to_str().unwrap(),
+        "-m",
+        "bind",
+        "-p",
+        path,
+        "-q",
+        "false",
+        "-d",
+        node.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stopped.code,
+        Some(0),
+        "{}{}",
+        stopped.stdout,
+        stopped.stderr
+    );
+    let file = nas.join(path).join(format!("root.{uuid}.qcow2"));
+    assert!(file.is_file(), "{:?}", walk_files(&nas));
+    assert!(crate::harness::same_content(&image, "raw", &file, "qcow2"));
+
+    // A DRBD node with no by-res link: refused, nothing left, rather than
+    // a file named after the node.
+    std::fs::remove_file(res.join("0")).unwrap();
+    let path = "i-9-9-VM/2026.11.29.01.00.00";
+    let refused = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "i-9-9-VM",
+        "-t",
+        "none",
+        "-s",
+        nas.to_str().unwrap(),
+        "-m",
+        "bind",
+        "-p",
+        path,
+        "-q",
+        "false",
+        "-d",
+        node.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stdout);
+    assert!(
+        refused.stdout.contains("LINSTOR volume UUID"),
+        "{}",
+        refused.stdout
+    );
+    assert!(!nas.join(path).exists());
 }
