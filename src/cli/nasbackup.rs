@@ -4,21 +4,26 @@
 //! The contract, from CloudStack's KVM agent (LibvirtTakeBackupCommandWrapper,
 //! LibvirtDeleteBackupCommandWrapper, LibvirtGetBackupStatsCommandWrapper)
 //! and the script with the incremental options of apache/cloudstack PR 13074:
-//! - options come as `-x value` pairs; an unknown option prints
-//!   `Invalid option: X` and the usage, exit 1;
+//! - options come as `-x value` pairs (`-c` and `--verify` alone); an
+//!   unknown option prints `Invalid option: X` and the usage, exit 1;
 //! - `-o backup|delete|stats`; the NAS is mounted (`mount -t TYPE STORAGE
 //!   MOUNTPOINT -o OPTS`, cifs with `nobrl` added) on a fresh
 //!   `/tmp/csbackup.XXXXX` and unmounted on every path;
 //! - a backup writes `<mount>/<-p path>/root.<vol>.qcow2` for the first disk
 //!   and `datadisk.<vol>.qcow2` for the others (`<vol>`: the basename of the
 //!   disk's source; LINSTOR's `/dev/drbd/by-res/cs-<uuid>/0` gives `<uuid>`,
-//!   rbd's `pool/<uuid>` gives `<uuid>`), disks in `domblklist` order;
-//!   incrementals are backed by their `--parent-paths` entry made relative;
-//! - a running VM's backup prints its job text and, last, the backup
-//!   directory's size in bytes (`du -sb`); a stopped VM's prints one byte
-//!   count per file; the agent parses nothing else;
+//!   rbd's `pool/<uuid>` gives `<uuid>`, a legacy `/dev/drbdNNNN` the
+//!   UUID of its `by-res` link), disks in `domblklist` order;
+//!   incrementals are backed by their `--parent-paths` entry made
+//!   relative; one that cannot be built safely is a full, and stdout says
+//!   `INCREMENTAL_FALLBACK=true` (the agent then records a full);
+//! - a running VM's backup prints its job text, `BACKUP_SIZE_TOTAL=N`
+//!   (the open PR's agent) and, last, the backup directory's size in
+//!   bytes (`du -sb`, the merged agent); a stopped VM's prints one byte
+//!   count per file (the merged agent sums every line); marker lines are
+//!   stripped by the agent before it parses;
 //! - exit 0 done; 20 the cleanup after a failure failed; anything else
-//!   failed, with the backup directory removed;
+//!   failed, with what the run made removed (never more);
 //! - stats print the mount point, then total and used 1K blocks.
 
 use std::path::{Component, Path, PathBuf};
@@ -38,8 +43,12 @@ use crate::qemu;
 /// Takes exactly the script's options (-o backup|delete|stats, -v DOMAIN,
 /// -t TYPE, -s STORAGE, -m MOUNT_OPTIONS, -p PATH, -q true|false, -d
 /// PATHS, -M full|incremental|legacy-full, --bitmap-new NAME,
-/// --bitmap-parent NAME, --parent-paths P1,P2,..., -w MOUNT_TIMEOUT) and
-/// keeps its output and exit codes; see the README's CloudStack section.
+/// --bitmap-parent NAME, --parent-paths P1,P2,..., -w MOUNT_TIMEOUT, and
+/// the open PR's -c, -b MIB_PER_S, -e PASSFILE, --verify) and keeps its
+/// output and exit codes; see the README's CloudStack section. An
+/// incremental that cannot be built safely is a full with
+/// INCREMENTAL_FALLBACK=true. bitback's own: --size-marker (a stopped VM's
+/// output gets BACKUP_SIZE_TOTAL= too).
 #[derive(Debug, clap::Args)]
 #[command(disable_help_flag = true)]
 pub(crate) struct NasArgs {

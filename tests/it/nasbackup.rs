@@ -18,6 +18,14 @@ use crate::guest::serial_count;
 use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
 use crate::libvirt::Domain;
 
+/// Held by each test here: they check that no `/tmp/csbackup.*` is left,
+/// which another test's run in flight would make.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `bitback nasbackup ARGS`.
 fn nasbackup(args: &[&str]) -> Run {
     let mut all = vec!["nasbackup"];
@@ -122,6 +130,7 @@ fn restore_log(file: &Path, out: &Path) -> i64 {
 
 #[test]
 fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
+    let _serial = one_at_a_time();
     for tool in ["du", "mount", "umount"] {
         require(tool);
     }
@@ -274,7 +283,13 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         parent = n;
     }
 
-    // An incremental whose parent bitmap is gone: exit 1, nothing left.
+    // After the incrementals, each parent's bitmap went with it.
+    for (disk, list) in bitmaps(&domain) {
+        assert_eq!(list, vec!["backup-4000".to_string()], "{disk}");
+    }
+
+    // An incremental whose parent bitmap is gone: a full, exit 0, said
+    // with the script's marker (failing would lock the VM out).
     let mut args = common(&t(9));
     args.extend(
         [
@@ -295,30 +310,64 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         t(3),
         vols[1]
     ));
-    let refused = call(args.clone());
-    assert_eq!(refused.code, Some(1), "{}", refused.stdout);
-    assert!(refused.stdout.contains("backup-gone"), "{}", refused.stdout);
-    assert!(!nas.join(t(9)).exists());
-    // ... and one whose disk list no longer matches.
-    let pos = args.iter().position(|a| a == "backup-gone").unwrap();
-    args[pos] = "backup-4000".into();
-    let last = args.len() - 1;
-    args[last] = format!("{}/root.{}.qcow2", t(3), vols[0]);
-    let mismatch = call(args);
-    assert_eq!(mismatch.code, Some(1), "{}", mismatch.stdout);
+    let fell = call(args.clone());
+    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
     assert!(
-        mismatch.stdout.contains("no longer matches"),
+        fell.stdout.starts_with("INCREMENTAL_FALLBACK=true\n"),
+        "{}",
+        fell.stdout
+    );
+    assert!(fell.stderr.contains("backup-gone"), "{}", fell.stderr);
+    assert_eq!(
+        qemu_img_info(&nas.join(t(9)).join(format!("root.{}.qcow2", vols[0])))
+            .get("backing-filename"),
+        None
+    );
+    // ... and one whose disk list no longer matches: a full too.
+    let mut args = common(&t(8));
+    args.extend(
+        [
+            "-M",
+            "incremental",
+            "--bitmap-new",
+            "backup-8000",
+            "--bitmap-parent",
+            "backup-9000",
+            "--parent-paths",
+        ]
+        .map(String::from),
+    );
+    args.push(format!("{}/root.{}.qcow2", t(9), vols[0]));
+    let mismatch = call(args);
+    assert_eq!(
+        mismatch.code,
+        Some(0),
+        "{}{}",
+        mismatch.stdout,
+        mismatch.stderr
+    );
+    assert!(
+        mismatch.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
         mismatch.stdout
     );
-    assert!(!nas.join(t(9)).exists());
+    assert!(
+        mismatch.stderr.contains("no longer matches"),
+        "{}",
+        mismatch.stderr
+    );
     nothing_mounted(&before);
 
-    // legacy-full (no -M): a full, no bitmap.
+    // legacy-full (no -M): a full, no bitmap made or removed.
     let legacy = call(common(&t(10)));
     assert_eq!(legacy.code, Some(0), "{}{}", legacy.stdout, legacy.stderr);
-    for (disk, list) in bitmaps(&domain) {
-        assert_eq!(list.len(), 4, "{disk}: {list:?}");
+    for (disk, mut list) in bitmaps(&domain) {
+        list.sort();
+        assert_eq!(
+            list,
+            vec!["backup-4000".to_string(), "backup-8000".to_string()],
+            "{disk}"
+        );
     }
 
     // After a restore the orchestrator clears its active checkpoint and
@@ -537,6 +586,7 @@ fn virsh(args: &[&str]) -> String {
 /// a delete names exactly one backup directory; -c -b -e --verify work.
 #[test]
 fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
+    let _serial = one_at_a_time();
     for tool in ["du", "mount", "umount", "virsh"] {
         require(tool);
     }
@@ -972,6 +1022,7 @@ fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
 /// a node and a link made as udev makes them.
 #[test]
 fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
+    let _serial = one_at_a_time();
     for tool in ["du", "mount", "umount", "mknod"] {
         require(tool);
     }
