@@ -1100,6 +1100,44 @@ fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
     let file = nas.join(path).join(format!("root.{uuid}.qcow2"));
     assert!(file.is_file(), "{:?}", walk_files(&nas));
     assert!(crate::harness::same_content(&image, "raw", &file, "qcow2"));
+    // Every line a number, as the merged agent sums them...
+    assert_eq!(
+        stopped_size(&stopped.stdout),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    // ... and with --size-marker (for the open PR's agent) the total line
+    // too.
+    let path = "i-9-9-VM/2026.11.29.00.30.00";
+    let marked = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "i-9-9-VM",
+        "-t",
+        "none",
+        "-s",
+        nas.to_str().unwrap(),
+        "-m",
+        "bind",
+        "-p",
+        path,
+        "-q",
+        "false",
+        "-d",
+        node.to_str().unwrap(),
+        "--size-marker",
+    ]);
+    assert_eq!(marked.code, Some(0), "{}{}", marked.stdout, marked.stderr);
+    let total = std::fs::metadata(nas.join(path).join(format!("root.{uuid}.qcow2")))
+        .unwrap()
+        .len();
+    assert!(
+        marked
+            .stdout
+            .contains(&format!("BACKUP_SIZE_TOTAL={total}\n")),
+        "{}",
+        marked.stdout
+    );
 
     // A DRBD node with no by-res link: refused, nothing left, rather than
     // a file named after the node.
