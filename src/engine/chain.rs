@@ -100,16 +100,9 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
 /// anything.
 fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String> {
     let path = repo.root().join(&v.file);
-    let meta = std::fs::symlink_metadata(&path);
-    let link = meta.as_ref().is_ok_and(|m| m.file_type().is_symlink());
-    let len = meta.as_ref().map(|m| m.len()).ok();
+    let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
     match Image::open(&path) {
         _ if link => Some("is a symlink; backup files must be plain files".into()),
-        Ok(_) if v.file_size.is_some() && len != v.file_size => Some(format!(
-            "is {} bytes, the manifest says {}: truncated or written to since",
-            len.unwrap_or(0),
-            v.file_size.unwrap_or(0)
-        )),
         Err(e) => Some(e.to_string()),
         Ok(image) if image.hc.backing_file != v.backing => Some(format!(
             "backing file is {:?}, the manifest says {:?}",
@@ -206,6 +199,7 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
                     .iter()
                     .find(|m| m.volumes.iter().any(|x| x.file == r.file))?;
                 record_problem(repo, link, r)
+                    .or_else(|| size_problem(repo, r))
                     .or_else(|| {
                         // What verify found (a flipped bit in data that
                         // no structural check sees) counts too.
@@ -223,6 +217,18 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
         point: None,
         volumes,
     }
+}
+
+/// Whether the file of `r` still has the length its manifest recorded at
+/// the commit (a truncated or appended file), where one was recorded.
+/// Checked by backups before they build on a file; a restore leaves it to
+/// the digests (`--no-verify` reads a file that was replaced on purpose).
+fn size_problem(repo: &Repo, r: &VolumeRecord) -> Option<String> {
+    let recorded = r.file_size?;
+    let len = std::fs::metadata(repo.root().join(&r.file)).ok()?.len();
+    (len != recorded).then(|| {
+        format!("is {len} bytes, the manifest says {recorded}: truncated or written to since")
+    })
 }
 
 /// The image of an encrypted volume's files (full first) as one QEMU

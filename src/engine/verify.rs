@@ -57,7 +57,9 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                             problem: format!("{e:#}"),
                         });
                     }
-                    verify_backup(repo, &m, &mut report)
+                    let before = report.problems.len();
+                    verify_backup(repo, &m, &mut report);
+                    record_damage(repo, &m, &report.problems[before..]);
                 }
                 Err(e) => report.problems.push(Problem {
                     vm: vm.clone(),
@@ -69,6 +71,27 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Records the data damage verify found in `m`'s files (what only a
+/// digest or the cluster tables show), so that the next backup takes a
+/// full of the volume instead of building on it. Verify's only write.
+fn record_damage(repo: &Repo, m: &Manifest, problems: &[Problem]) {
+    for p in problems {
+        let Some(v) = p
+            .file
+            .as_ref()
+            .and_then(|f| m.volumes.iter().find(|v| &v.file == f))
+        else {
+            continue;
+        };
+        if !(p.problem.starts_with("digest is") || p.problem.starts_with("cluster map")) {
+            continue;
+        }
+        if let Err(e) = repo.mark_damaged(&m.vm, &m.id, &v.name, &v.digest, &p.problem) {
+            tracing::warn!(vm = %m.vm, backup = %m.id, volume = %v.name, error = %e, "could not record the damage found; the next backup does not know of it");
+        }
+    }
 }
 
 /// Backup directories of `vm` by name, whether or not their manifest reads.
@@ -124,13 +147,7 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             problem: text,
         })
     };
-    // Data damage only a digest sees is recorded, so that the next backup
-    // does not build on it; structural damage every backup sees itself.
-    let mark = |volume: &str, digest: &str, text: &str| {
-        if let Err(e) = repo.mark_damaged(&m.vm, &m.id, volume, digest, text) {
-            tracing::warn!(vm = %m.vm, backup = %m.id, volume, error = %e, "could not record the damage found; the next backup does not know of it");
-        }
-    };
+
     let mut files = 0;
     for v in &m.volumes {
         files += 1;
@@ -153,17 +170,14 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             &image,
             |_| Ok(()),
         ) {
-            let text = format!("cluster map: {e}");
-            mark(&v.name, &v.digest, &text);
-            problem(file, text);
+            problem(file, format!("cluster map: {e}"));
         }
         match digest_file(&path) {
             Ok(digest) if digest == v.digest => {}
-            Ok(digest) => {
-                let text = format!("digest is {digest}, the manifest says {}", v.digest);
-                mark(&v.name, &v.digest, &text);
-                problem(file, text)
-            }
+            Ok(digest) => problem(
+                file,
+                format!("digest is {digest}, the manifest says {}", v.digest),
+            ),
             Err(e) => problem(file, format!("cannot read: {e}")),
         }
     }

@@ -12,8 +12,8 @@
 //!     .<backup-id>.deleting/    a backup being deleted (renamed first)
 //!     .<backup-id>.consolidating/  a backup's replacement, swapped in with
 //!                               renameat2(RENAME_EXCHANGE)
-//!     .damaged/<backup-id>.<volume>.json  a file verify (or a restore's
-//!                               check) found damaged: its digest then,
+//!     .damaged/<backup-id>.<volume>.json  a file `verify` found damaged:
+//!                               its digest then,
 //!                               and the problem. The next backup takes a
 //!                               full of that volume instead of building on
 //!                               it. One file per finding, written
