@@ -226,12 +226,9 @@ pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Res
         {
             continue;
         }
-        qmp.execute_raw(
-            "block-dirty-bitmap-remove",
-            serde_json::json!({ "node": v.node_name, "name": args.name }),
-        )
-        .await
-        .with_context(|| format!("removing {} from volume {}", args.name, v.name))?;
+        crate::qemu::remove_bitmap(qmp, &v.node_name, &args.name)
+            .await
+            .with_context(|| format!("removing {} from volume {}", args.name, v.name))?;
         println!("removed {} from volume {}", args.name, v.name);
         removed += 1;
     }

@@ -720,8 +720,8 @@ fn parent_problem(path: &Path, virtual_size: u64) -> Option<String> {
                 image.header().size
             ));
         }
-        if image.header().has_data_file() || image.hc.data_file.is_some() {
-            return problem("names an external data file".into());
+        if let Some(p) = engine::data_file_problem(&image) {
+            return problem(p);
         }
         let walked = std::fs::File::open(&file)
             .map_err(|e| e.to_string())
@@ -743,13 +743,7 @@ async fn remove_bitmap(qmp: &crate::qmp::Qmp, volumes: &[qemu::Volume], bitmap: 
         .iter()
         .filter(|v| v.bitmaps.iter().any(|b| b.name == bitmap))
     {
-        let removed = qmp
-            .execute_raw(
-                "block-dirty-bitmap-remove",
-                serde_json::json!({ "node": v.node_name, "name": bitmap }),
-            )
-            .await;
-        if let Err(e) = removed {
+        if let Err(e) = qemu::remove_bitmap(qmp, &v.node_name, bitmap).await {
             tracing::warn!(disk = %v.name, bitmap, error = %e, "removing the parent bitmap failed; a later run may remove it");
             all = false;
         }
@@ -1121,64 +1115,48 @@ fn delete(o: &Options) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let dest = mount.point.join(parts[0]).join(parts[1]);
-    match std::fs::symlink_metadata(&dest) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Ok(fail(
-                &mut mount,
-                None,
-                &format!("rm: {}: {e}", dest.display()),
-            ));
-        }
-        Ok(m) if !m.is_dir() => {
-            return Ok(fail(
-                &mut mount,
-                None,
-                &format!(
-                    "{} is not a backup directory; nothing was removed",
-                    dest.display()
-                ),
-            ));
-        }
-        Ok(_) => {
-            let mut files = Vec::new();
-            for entry in std::fs::read_dir(&dest)? {
-                let entry = entry?;
-                if !entry.file_type()?.is_file() {
-                    return Ok(fail(
-                        &mut mount,
-                        None,
-                        &format!(
-                            "{} holds {}, which is not a backup file; nothing was removed",
-                            dest.display(),
-                            entry.path().display()
-                        ),
-                    ));
-                }
-                files.push(entry.path());
-            }
-            files.sort();
-            for file in files {
-                if let Err(e) = std::fs::remove_file(&file) {
-                    return Ok(fail(
-                        &mut mount,
-                        None,
-                        &format!("rm: {}: {e}", file.display()),
-                    ));
-                }
-                println!("removed '{}'", file.display());
-            }
-            if let Err(e) = std::fs::remove_dir(&dest) {
-                return Ok(fail(
-                    &mut mount,
-                    None,
-                    &format!("rm: {}: {e}", dest.display()),
-                ));
-            }
-            println!("removed directory '{}'", dest.display());
-        }
+    if let Err(message) = remove_backup_dir(&dest) {
+        return Ok(fail(&mut mount, None, &message));
     }
     Ok(mount.finish(1))
+}
+
+/// Removes backup directory `dest` (absent is fine), printing each removal
+/// as `rm -v` does. Anything but a directory of plain files is refused
+/// before anything is removed.
+fn remove_backup_dir(dest: &Path) -> Result<(), String> {
+    let rm = |path: &Path, e: std::io::Error| format!("rm: {}: {e}", path.display());
+    match std::fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(rm(dest, e)),
+        Ok(m) if !m.is_dir() => {
+            return Err(format!(
+                "{} is not a backup directory; nothing was removed",
+                dest.display()
+            ));
+        }
+        Ok(_) => {}
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dest).map_err(|e| rm(dest, e))? {
+        let entry = entry.map_err(|e| rm(dest, e))?;
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            return Err(format!(
+                "{} holds {}, which is not a backup file; nothing was removed",
+                dest.display(),
+                entry.path().display()
+            ));
+        }
+        files.push(entry.path());
+    }
+    files.sort();
+    for file in files {
+        std::fs::remove_file(&file).map_err(|e| rm(&file, e))?;
+        println!("removed '{}'", file.display());
+    }
+    std::fs::remove_dir(dest).map_err(|e| rm(dest, e))?;
+    println!("removed directory '{}'", dest.display());
+    Ok(())
 }
 
 fn stats(o: &Options) -> anyhow::Result<ExitCode> {

@@ -338,7 +338,7 @@ pub async fn backup_named(
                 info!(vm, volume = %v.name, bitmap = %old, "the previous checkpoint bitmap was already gone");
                 continue;
             }
-            if let Err(e) = remove_bitmap(qmp, &v.node_name, &old).await {
+            if let Err(e) = qemu::remove_bitmap(qmp, &v.node_name, &old).await {
                 warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint bitmap; the next backup of this vm removes it");
             }
         }
@@ -727,22 +727,13 @@ async fn clean_stray_bitmaps(
             .collect();
         for name in stray {
             info!(vm, volume = %v.name, bitmap = %name, "removing a checkpoint bitmap the repository does not use");
-            remove_bitmap(qmp, &v.node_name, &name)
+            qemu::remove_bitmap(qmp, &v.node_name, &name)
                 .await
                 .with_context(|| format!("removing stray bitmap {name} from volume {}", v.name))?;
             v.bitmaps.retain(|b| b.name != name);
         }
     }
     Ok(())
-}
-
-async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {
-    qmp.execute_raw(
-        "block-dirty-bitmap-remove",
-        json!({ "node": node, "name": name }),
-    )
-    .await
-    .map(drop)
 }
 
 /// What to take back in QEMU if the run fails after changing it.
@@ -804,7 +795,7 @@ impl Undo {
             let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
         }
         for (node, bitmap) in self.bitmaps.drain(..) {
-            match remove_bitmap(qmp, &node, &bitmap).await {
+            match qemu::remove_bitmap(qmp, &node, &bitmap).await {
                 Ok(()) => {}
                 // A transaction that timed out may not have applied.
                 Err(qmp::Error::Qemu { desc, .. }) if desc.contains("not found") => {

@@ -24,6 +24,7 @@ pub use restore::{
 };
 pub use retention::{Keep, Retention, consolidate, prune};
 pub use stopped::{StoppedImage, backup_stopped};
+pub(crate) use verify::data_file_problem;
 pub use verify::{Problem, Report, Scope, verify};
 
 /// Where the engine reports the progress of long copies (the CLI draws

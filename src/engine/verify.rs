@@ -112,7 +112,7 @@ fn backup_dirs(repo: &Repo, vm: &str) -> anyhow::Result<Vec<String>> {
 /// Why `image` must not be read, if it names an external data file:
 /// backup files never do, and one that does would lead reads (and
 /// `qemu-img`) to any file on the host.
-pub(super) fn data_file_problem(image: &Image) -> Option<String> {
+pub(crate) fn data_file_problem(image: &Image) -> Option<String> {
     (image.header().has_data_file() || image.hc.data_file.is_some()).then(|| {
         format!(
             "names an external data file ({:?}); backup files never do, and bitback does not read one",

@@ -24,6 +24,17 @@ pub struct QemuInfo {
     pub volumes: Vec<Volume>,
 }
 
+/// Removes dirty bitmap `name` from `node` (`block-dirty-bitmap-remove`;
+/// a persistent one leaves the image too).
+pub async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {
+    qmp.execute_raw(
+        "block-dirty-bitmap-remove",
+        serde_json::json!({ "node": node, "name": name }),
+    )
+    .await
+    .map(drop)
+}
+
 /// Gathers version, run state and volumes.
 pub async fn inspect(qmp: &Qmp) -> qmp::Result<QemuInfo> {
     let (status, running) = match qmp.execute_raw("query-status", Value::Null).await {

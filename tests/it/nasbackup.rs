@@ -16,7 +16,7 @@ use std::process::Command;
 use crate::guest::check_log;
 use crate::guest::serial_count;
 use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
-use crate::libvirt::Domain;
+use crate::libvirt::{Domain, must_virsh};
 
 /// Held by each test here: they check that no `/tmp/csbackup.*` is left,
 /// which another test's run in flight would make.
@@ -569,14 +569,6 @@ fn node_of(domain: &Domain, disk: &str) -> String {
         .to_string()
 }
 
-fn virsh(args: &[&str]) -> String {
-    let out = run(Command::new("virsh")
-        .arg("-c")
-        .arg("qemu:///system")
-        .args(args));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Issue 18 through the agent's argument vectors, against a domain with a
 /// raw data disk and no guest agent channel: a parent the chain cannot
 /// build on (a bitmap gone from one disk, a truncated parent file) gives a
@@ -726,7 +718,7 @@ fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
     // QEMU restart): a full, exit 0, the marker; the stale parent bitmap
     // goes too, and the chain goes on from the full.
     let vdb = node_of(&domain, "vdb");
-    virsh(&[
+    must_virsh(&[
         "qemu-monitor-command",
         &domain.name,
         &format!(
@@ -787,10 +779,10 @@ fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
 
     // Paused: backed up like a running domain, and left paused; -q true
     // does not try to freeze a guest that runs no code.
-    virsh(&["suspend", &domain.name]);
+    must_virsh(&["suspend", &domain.name]);
     let paused = incremental(5, "b-6", "b-5", 4, &["-q", "true"]);
-    let state = virsh(&["domstate", &domain.name]);
-    virsh(&["resume", &domain.name]);
+    let state = must_virsh(&["domstate", &domain.name]).trim().to_string();
+    must_virsh(&["resume", &domain.name]);
     assert_eq!(paused.code, Some(0), "{}{}", paused.stdout, paused.stderr);
     assert_eq!(state, "paused");
     assert!(backing(5, 0).is_some());
@@ -1071,25 +1063,19 @@ fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
     )
     .unwrap();
 
+    let nas_arg = nas.to_str().unwrap().to_string();
+    let node_arg = node.to_str().unwrap().to_string();
+    // The stopped VM's backup into `path`, the DRBD node its one disk.
+    let stopped_backup = |path: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-o", "backup", "-v", "i-9-9-VM", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p",
+            path, "-q", "false", "-d", &node_arg,
+        ];
+        args.extend(extra);
+        nasbackup(&args)
+    };
     let path = "i-9-9-VM/2026.11.29.00.00.00";
-    let stopped = nasbackup(&[
-        "-o",
-        "backup",
-        "-v",
-        "i-9-9-VM",
-        "-t",
-        "none",
-        "-s",
-        nas.to_str().unwrap(),
-        "-m",
-        "bind",
-        "-p",
-        path,
-        "-q",
-        "false",
-        "-d",
-        node.to_str().unwrap(),
-    ]);
+    let stopped = stopped_backup(path, &[]);
     assert_eq!(
         stopped.code,
         Some(0),
@@ -1108,25 +1094,7 @@ fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
     // ... and with --size-marker (for the open PR's agent) the total line
     // too.
     let path = "i-9-9-VM/2026.11.29.00.30.00";
-    let marked = nasbackup(&[
-        "-o",
-        "backup",
-        "-v",
-        "i-9-9-VM",
-        "-t",
-        "none",
-        "-s",
-        nas.to_str().unwrap(),
-        "-m",
-        "bind",
-        "-p",
-        path,
-        "-q",
-        "false",
-        "-d",
-        node.to_str().unwrap(),
-        "--size-marker",
-    ]);
+    let marked = stopped_backup(path, &["--size-marker"]);
     assert_eq!(marked.code, Some(0), "{}{}", marked.stdout, marked.stderr);
     let total = std::fs::metadata(nas.join(path).join(format!("root.{uuid}.qcow2")))
         .unwrap()
@@ -1143,24 +1111,7 @@ fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
     // a file named after the node.
     std::fs::remove_file(res.join("0")).unwrap();
     let path = "i-9-9-VM/2026.11.29.01.00.00";
-    let refused = nasbackup(&[
-        "-o",
-        "backup",
-        "-v",
-        "i-9-9-VM",
-        "-t",
-        "none",
-        "-s",
-        nas.to_str().unwrap(),
-        "-m",
-        "bind",
-        "-p",
-        path,
-        "-q",
-        "false",
-        "-d",
-        node.to_str().unwrap(),
-    ]);
+    let refused = stopped_backup(path, &[]);
     assert_eq!(refused.code, Some(1), "{}", refused.stdout);
     assert!(
         refused.stdout.contains("LINSTOR volume UUID"),
