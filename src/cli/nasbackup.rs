@@ -1033,32 +1033,34 @@ fn backup_stopped(o: &Options, extras: &Extras, dest: &Path) -> anyhow::Result<V
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        if !o.bitmap_new.is_empty() {
-            if is_qcow2_v3_file(disk) {
-                let out = Command::new("qemu-img")
-                    .args(["bitmap", "--add", disk, &o.bitmap_new])
-                    .output()
-                    .context("running qemu-img")?;
-                if !out.status.success() {
-                    bail!(
-                        "Failed to pre-seed bitmap {} on {disk}: {}",
-                        o.bitmap_new,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-            } else {
-                // Said on stderr: every stdout line must stay a number.
-                eprintln!(
-                    "no bitmap {} was made on {disk}: only a qcow2 v3 file keeps one while the VM is stopped; \
-                     the next incremental of this disk falls back to a full",
-                    o.bitmap_new
-                );
-            }
-        }
     }
     sync_dir_files(dest)?;
     if o.verify {
         verify_files(dest, extras.key.as_ref())?;
+    }
+    // The new bitmap only once every copy is written and checked: a run
+    // that fails leaves none on the sources.
+    for disk in o.disk_paths.split(',').filter(|_| !o.bitmap_new.is_empty()) {
+        if is_qcow2_v3_file(disk) {
+            let out = Command::new("qemu-img")
+                .args(["bitmap", "--add", disk, &o.bitmap_new])
+                .output()
+                .context("running qemu-img")?;
+            if !out.status.success() {
+                bail!(
+                    "Failed to pre-seed bitmap {} on {disk}: {}",
+                    o.bitmap_new,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        } else {
+            // Said on stderr: every stdout line must stay a number.
+            eprintln!(
+                "no bitmap {} was made on {disk}: only a qcow2 v3 file keeps one while the VM is stopped; \
+                 the next incremental of this disk falls back to a full",
+                o.bitmap_new
+            );
+        }
     }
     let mut sizes = Vec::new();
     files.sort();

@@ -1120,3 +1120,47 @@ fn a_legacy_drbd_device_is_named_by_its_volume_uuid() {
     );
     assert!(!nas.join(path).exists());
 }
+
+/// A stopped VM's backup that fails on its second disk leaves no new
+/// bitmap on the first (the bitmap goes on only once every copy is written
+/// and checked), and nothing on the NAS.
+#[test]
+fn a_failed_stopped_backup_leaves_no_bitmap_on_the_sources() {
+    let _serial = one_at_a_time();
+    for tool in ["du", "mount", "umount"] {
+        require(tool);
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let nas = d.join("nas");
+    std::fs::create_dir(&nas).unwrap();
+    let root = d.join("5a1d0c2e-0000-4000-8000-0000000000f1");
+    crate::harness::create_qcow2(&root, 4 << 20, &[]);
+    let disks = format!("{},{}", root.display(), d.join("missing-disk").display());
+    let path = "i-7-7-VM/2026.11.29.02.00.00";
+    let failed = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "i-7-7-VM",
+        "-t",
+        "none",
+        "-s",
+        nas.to_str().unwrap(),
+        "-m",
+        "bind",
+        "-p",
+        path,
+        "-q",
+        "false",
+        "-d",
+        &disks,
+        "-M",
+        "full",
+        "--bitmap-new",
+        "b-fail",
+    ]);
+    assert_eq!(failed.code, Some(1), "{}{}", failed.stdout, failed.stderr);
+    assert!(!qemu_img_info(&root).to_string().contains("b-fail"));
+    assert!(!nas.join("i-7-7-VM").exists());
+}
