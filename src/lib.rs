@@ -7,7 +7,7 @@
 //! - [`child`]: helper programs run with a time limit;
 //! - `cli`: argument parsing and output, no logic.
 //!
-//! See the repository's README for the on-disk formats as they land.
+//! docs/repository.md describes the on-disk formats.
 
 pub mod child;
 #[doc(hidden)]

@@ -45,7 +45,7 @@ use crate::qemu;
 /// PATHS, -M full|incremental|legacy-full, --bitmap-new NAME,
 /// --bitmap-parent NAME, --parent-paths P1,P2,..., -w MOUNT_TIMEOUT, and
 /// the open PR's -c, -b MIB_PER_S, -e PASSFILE, --verify) and keeps its
-/// output and exit codes; see the README's CloudStack section. An
+/// output and exit codes; see docs/cloudstack.md. An
 /// incremental that cannot be built safely is a full with
 /// INCREMENTAL_FALLBACK=true. bitback's own: --size-marker (a stopped VM's
 /// output gets BACKUP_SIZE_TOTAL= too).

@@ -388,7 +388,7 @@ impl Qemu {
                 args.extend(["-nodefaults", "-display", "none"].map(String::from));
                 // Extra arguments for every qemu-system run, e.g. firmware
                 // directories for an older QEMU extracted beside the
-                // installed one (README: running the suite on QEMU 7.2).
+                // installed one (CONTRIBUTING.md: running the suite on QEMU 7.2).
                 if let Ok(extra) = std::env::var("BITBACK_TEST_QEMU_ARGS") {
                     args.extend(extra.split_whitespace().map(String::from));
                 }
