@@ -13,6 +13,7 @@ pub mod child;
 #[doc(hidden)]
 pub mod cli;
 mod digest;
+pub mod disk;
 pub mod engine;
 mod fault;
 pub mod libvirt;

@@ -43,8 +43,8 @@ use crate::qemu::agent::Agent;
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 use crate::repo::{
-    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, StateVolume, VmIdentity,
-    VmLock, VmState, VolumeRecord,
+    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, VmIdentity, VmLock, VmState,
+    VolumeRecord,
 };
 
 /// What one backup run should do.
@@ -325,7 +325,7 @@ pub async fn backup_named(
         vm: vm.to_string(),
         active_checkpoint: Some(checkpoint.clone()),
         last_backup: Some(id.clone()),
-        volumes: volumes.iter().map(StateVolume::from).collect(),
+        volumes: volumes.iter().map(super::state_volume).collect(),
         last_seq: seq,
         identity: Some(identity),
     };

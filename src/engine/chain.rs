@@ -1,7 +1,7 @@
 //! Chains: which backups a point builds on, which files make up one
-//! volume's image at that point, and the one structural check every user
-//! of a chain applies (backup before building on it, restore and export
-//! before reading it, verify).
+//! volume's image at that point, and which of those files a backup, a
+//! restore or an export must check (the checks themselves are
+//! [`super::check`]'s).
 //!
 //! A point's chain follows `parent` links from it back to a full. A
 //! volume's files are the suffix of that chain that starts at the last
@@ -14,8 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::verify::{Problem, Report, data_file_problem};
-use crate::qcow2::Image;
+use super::check::{Report, record_problem, size_problem, verify_backup, verify_structure};
 use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// The chain of `m`, full first. Refuses loops and missing parents.
@@ -78,61 +77,6 @@ pub(super) fn volume_files(
         .collect())
 }
 
-/// The structural rules, without reading data: each file a plain qcow2
-/// image (no symlink) with the size, backing name and format the manifest
-/// gives, its backing file present, encrypted exactly when the manifest
-/// says so, and naming no external data file. [`super::verify`] adds the
-/// cluster tables and digests on top.
-pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
-    for v in &m.volumes {
-        if let Some(problem) = record_problem(repo, m, v) {
-            report.problems.push(Problem {
-                vm: m.vm.clone(),
-                backup: m.id.clone(),
-                file: Some(v.file.clone()),
-                problem,
-            });
-        }
-    }
-}
-
-/// The structural rules for one file of `m`: what is wrong with it, if
-/// anything.
-fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String> {
-    let path = repo.root().join(&v.file);
-    let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-    match Image::open(&path) {
-        _ if link => Some("is a symlink; backup files must be plain files".into()),
-        Err(e) => Some(e.to_string()),
-        Ok(image) if image.hc.backing_file != v.backing => Some(format!(
-            "backing file is {:?}, the manifest says {:?}",
-            image.hc.backing_file, v.backing
-        )),
-        Ok(image) if image.header().size != v.virtual_size => {
-            Some("virtual size differs from the manifest".into())
-        }
-        Ok(image) if image.hc.backing_format.as_deref() != v.backing.as_ref().map(|_| "qcow2") => {
-            Some(format!("backing format is {:?}", image.hc.backing_format))
-        }
-        Ok(image)
-            if image
-                .full_backing_path()
-                .is_some_and(|backing| !backing.exists()) =>
-        {
-            Some(format!(
-                "backing file {} is missing",
-                image.full_backing_path().unwrap_or_default().display()
-            ))
-        }
-        Ok(image) if image.encrypted() != m.encryption.is_some() => Some(format!(
-            "the file is {}encrypted, the manifest says it is {}",
-            if image.encrypted() { "" } else { "not " },
-            if m.encryption.is_some() { "" } else { "not" }
-        )),
-        Ok(image) => data_file_problem(&image),
-    }
-}
-
 /// Checks the files that `volumes` of `m` need along `chain` (every volume
 /// of `m` when empty): the structural rules, and the digests too with
 /// `digests`. Another volume's files are not read; a problem of no file (a
@@ -163,7 +107,7 @@ pub(super) fn check_needed(
         let mut link = link.clone();
         link.volumes.retain(|v| needed.contains(&v.file));
         if digests {
-            super::verify::verify_backup(repo, &link, &mut report);
+            verify_backup(repo, &link, &mut report);
         } else {
             verify_structure(repo, &link, &mut report);
         }
@@ -217,18 +161,6 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
         point: None,
         volumes,
     }
-}
-
-/// Whether the file of `r` still has the length its manifest recorded at
-/// the commit (a truncated or appended file), where one was recorded.
-/// Checked by backups before they build on a file; a restore leaves it to
-/// the digests (`--no-verify` reads a file that was replaced on purpose).
-fn size_problem(repo: &Repo, r: &VolumeRecord) -> Option<String> {
-    let recorded = r.file_size?;
-    let len = std::fs::metadata(repo.root().join(&r.file)).ok()?.len();
-    (len != recorded).then(|| {
-        format!("is {len} bytes, the manifest says {recorded}: truncated or written to since")
-    })
 }
 
 /// The image of an encrypted volume's files (full first) as one QEMU

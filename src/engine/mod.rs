@@ -6,6 +6,7 @@
 
 mod backup;
 mod chain;
+mod check;
 mod export;
 pub mod key;
 pub mod plan;
@@ -18,14 +19,26 @@ mod verify;
 
 pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, Cancel, Perf, Target, backup, backup_named, copy_to_files};
+pub(crate) use check::data_file_problem;
+pub use check::{Problem, Report};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
 };
 pub use retention::{Keep, Retention, consolidate, prune};
 pub use stopped::{StoppedImage, backup_stopped};
-pub(crate) use verify::data_file_problem;
-pub use verify::{Problem, Report, Scope, verify};
+pub use verify::{Scope, verify};
+
+/// What the VM's state records of a volume the run saw.
+pub(crate) fn state_volume(v: &crate::qemu::Volume) -> crate::repo::StateVolume {
+    crate::repo::StateVolume {
+        name: v.name.clone(),
+        node: v.node_name.clone(),
+        image_file: v.image_file.clone(),
+        format: v.format.clone(),
+        virtual_size: v.virtual_size,
+    }
+}
 
 /// Where the engine reports the progress of long copies (the CLI draws
 /// bars from it; the engine draws nothing).

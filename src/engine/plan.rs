@@ -440,7 +440,7 @@ fn check_volume(facts: &Facts, base: &Base, live: &Volume) -> Result<(), FullRea
 mod tests {
     use super::*;
     use crate::qemu::Bitmap;
-    use crate::repo::{BackupKind, MANIFEST_SCHEMA, STATE_SCHEMA, StateVolume, VolumeRecord};
+    use crate::repo::{BackupKind, MANIFEST_SCHEMA, STATE_SCHEMA, VolumeRecord};
 
     const GIB: u64 = 1 << 30;
 
@@ -520,7 +520,7 @@ mod tests {
             vm: "vm".into(),
             active_checkpoint: Some(format!("bitback-{last}")),
             last_backup: Some(last.into()),
-            volumes: volumes.iter().map(StateVolume::from).collect(),
+            volumes: volumes.iter().map(crate::engine::state_volume).collect(),
             last_seq: 0,
             identity: None,
         }

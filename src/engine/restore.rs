@@ -456,7 +456,7 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File
         let file = open_chain_file(path)?;
         let image =
             Image::from_file(&file, path).with_context(|| format!("reading {}", path.display()))?;
-        if let Some(problem) = super::verify::data_file_problem(&image) {
+        if let Some(problem) = super::check::data_file_problem(&image) {
             bail!("{} {problem}", path.display());
         }
         if image.encrypted() {

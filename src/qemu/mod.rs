@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::qmp::{self, QemuVersion, Qmp};
 
-pub use volumes::{Bitmap, DiskKind, Tracking, Volume, is_automatic_node_name, list_volumes};
+pub use crate::disk::{DiskKind, Tracking};
+pub use volumes::{Bitmap, Volume, is_automatic_node_name, list_volumes};
 
 /// A snapshot of one QEMU process, as `bitback inspect` shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -71,10 +71,10 @@ pub struct VolumeRecord {
     pub reason: String,
     /// What the image is (`qcow2`, `raw-file`, ...); unknown before schema 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<crate::qemu::DiskKind>,
+    pub disk: Option<crate::disk::DiskKind>,
     /// How the changes after this backup are tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tracking: Option<crate::qemu::Tracking>,
+    pub tracking: Option<crate::disk::Tracking>,
     /// The backup file, relative to the repository: `<vm>/<id>/<name>.qcow2`.
     pub file: String,
     /// The backing file name stored in it: `../<parent>/<name>.qcow2`.
@@ -205,18 +205,6 @@ pub struct StateVolume {
     pub image_file: String,
     pub format: String,
     pub virtual_size: u64,
-}
-
-impl From<&crate::qemu::Volume> for StateVolume {
-    fn from(v: &crate::qemu::Volume) -> StateVolume {
-        StateVolume {
-            name: v.name.clone(),
-            node: v.node_name.clone(),
-            image_file: v.image_file.clone(),
-            format: v.format.clone(),
-            virtual_size: v.virtual_size,
-        }
-    }
 }
 
 impl VmState {

@@ -1,0 +1,72 @@
+//! What a volume's image is and how its changes are tracked: found by the
+//! QEMU layer, recorded by the repository's manifests, decided on by the
+//! plan. Below all three, so that none defines it for the others.
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of disk that matter for change tracking: only qcow2 v3 can
+/// store a dirty bitmap in the image; every other kind is tracked by a
+/// bitmap in QEMU's memory, which lives only as long as the QEMU process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// qcow2 version 3 (`compat=1.1`), on a file or a block device.
+    Qcow2,
+    /// qcow2 version 2 (`compat=0.10`): no room for bitmaps.
+    Qcow2V2,
+    /// A raw image in a file.
+    RawFile,
+    /// A raw block device: LVM, DRBD, a loop device, ...
+    RawDevice,
+    /// Any other format (luks, vmdk, ...).
+    Other,
+}
+
+/// How a volume's changes between backups are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tracking {
+    /// A bitmap stored in the image: survives QEMU restarts.
+    Persistent,
+    /// A bitmap in QEMU's memory: lost when the QEMU process ends.
+    Memory,
+}
+
+impl DiskKind {
+    pub fn tracking(self) -> Tracking {
+        match self {
+            DiskKind::Qcow2 => Tracking::Persistent,
+            _ => Tracking::Memory,
+        }
+    }
+
+    /// How an operator would name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DiskKind::Qcow2 => "qcow2 image",
+            DiskKind::Qcow2V2 => "qcow2 v2 image",
+            DiskKind::RawFile => "raw image",
+            DiskKind::RawDevice => "raw block device",
+            DiskKind::Other => "image of a format without persistent bitmaps",
+        }
+    }
+
+    /// What the operator can do to get persistent tracking, if anything.
+    pub fn hint(self) -> Option<&'static str> {
+        match self {
+            DiskKind::Qcow2V2 => Some(
+                "`qemu-img amend -f qcow2 -o compat=1.1 IMAGE` (VM stopped) lets it keep a persistent bitmap",
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Tracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tracking::Persistent => "persistent",
+            Tracking::Memory => "in memory",
+        })
+    }
+}

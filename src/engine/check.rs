@@ -1,0 +1,169 @@
+//! The checks of one backup's files, shared by every user of a chain
+//! (backup before building on it, restore and export before reading it,
+//! consolidate, verify): the structural rules, which read no data, and
+//! the cluster tables and digests on top of them.
+
+use serde::Serialize;
+
+use crate::digest::file as digest_file;
+use crate::qcow2::{self, Image};
+use crate::repo::{Manifest, Repo, VolumeRecord};
+
+/// One thing wrong with one backup (or one of its files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub vm: String,
+    pub backup: String,
+    /// The file, relative to the repository, when the problem is a file's.
+    pub file: Option<String>,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub backups: usize,
+    pub files: usize,
+    pub problems: Vec<Problem>,
+}
+
+/// The structural rules, without reading data: each file a plain qcow2
+/// image (no symlink) with the size, backing name and format the manifest
+/// gives, its backing file present, encrypted exactly when the manifest
+/// says so, and naming no external data file. [`verify_backup`] adds the
+/// cluster tables and digests on top.
+pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
+    for v in &m.volumes {
+        if let Some(problem) = record_problem(repo, m, v) {
+            report.problems.push(Problem {
+                vm: m.vm.clone(),
+                backup: m.id.clone(),
+                file: Some(v.file.clone()),
+                problem,
+            });
+        }
+    }
+}
+
+/// The structural rules for one file of `m`: what is wrong with it, if
+/// anything.
+pub(super) fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Option<String> {
+    let path = repo.root().join(&v.file);
+    let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+    match Image::open(&path) {
+        _ if link => Some("is a symlink; backup files must be plain files".into()),
+        Err(e) => Some(e.to_string()),
+        Ok(image) if image.hc.backing_file != v.backing => Some(format!(
+            "backing file is {:?}, the manifest says {:?}",
+            image.hc.backing_file, v.backing
+        )),
+        Ok(image) if image.header().size != v.virtual_size => {
+            Some("virtual size differs from the manifest".into())
+        }
+        Ok(image) if image.hc.backing_format.as_deref() != v.backing.as_ref().map(|_| "qcow2") => {
+            Some(format!("backing format is {:?}", image.hc.backing_format))
+        }
+        Ok(image)
+            if image
+                .full_backing_path()
+                .is_some_and(|backing| !backing.exists()) =>
+        {
+            Some(format!(
+                "backing file {} is missing",
+                image.full_backing_path().unwrap_or_default().display()
+            ))
+        }
+        Ok(image) if image.encrypted() != m.encryption.is_some() => Some(format!(
+            "the file is {}encrypted, the manifest says it is {}",
+            if image.encrypted() { "" } else { "not " },
+            if m.encryption.is_some() { "" } else { "not" }
+        )),
+        Ok(image) => data_file_problem(&image),
+    }
+}
+
+/// Whether the file of `r` still has the length its manifest recorded at
+/// the commit (a truncated or appended file), where one was recorded.
+/// Checked by backups before they build on a file; a restore leaves it to
+/// the digests (`--no-verify` reads a file that was replaced on purpose).
+pub(super) fn size_problem(repo: &Repo, r: &VolumeRecord) -> Option<String> {
+    let recorded = r.file_size?;
+    let len = std::fs::metadata(repo.root().join(&r.file)).ok()?.len();
+    (len != recorded).then(|| {
+        format!("is {len} bytes, the manifest says {recorded}: truncated or written to since")
+    })
+}
+
+/// Why `image` must not be read, if it names an external data file:
+/// backup files never do, and one that does would lead reads (and
+/// `qemu-img`) to any file on the host.
+pub(crate) fn data_file_problem(image: &Image) -> Option<String> {
+    (image.header().has_data_file() || image.hc.data_file.is_some()).then(|| {
+        format!(
+            "names an external data file ({:?}); backup files never do, and bitback does not read one",
+            image.hc.data_file.as_deref().unwrap_or("")
+        )
+    })
+}
+
+/// Checks one backup's files; pushes every problem found.
+pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
+    if let Some(parent) = &m.parent
+        && let Err(e) = repo.manifest(&m.vm, parent)
+    {
+        report.problems.push(Problem {
+            vm: m.vm.clone(),
+            backup: m.id.clone(),
+            file: None,
+            problem: format!("parent backup {parent} is unusable: {e:#}"),
+        });
+    }
+    let before = report.problems.len();
+    verify_structure(repo, m, report);
+    let failed: Vec<String> = report.problems[before..]
+        .iter()
+        .filter_map(|p| p.file.clone())
+        .collect();
+    let mut problem = |file: Option<&str>, text: String| {
+        report.problems.push(Problem {
+            vm: m.vm.clone(),
+            backup: m.id.clone(),
+            file: file.map(str::to_string),
+            problem: text,
+        })
+    };
+
+    let mut files = 0;
+    for v in &m.volumes {
+        files += 1;
+        let file = Some(v.file.as_str());
+        let path = repo.root().join(&v.file);
+        let image = match Image::open(&path) {
+            Ok(image) if !failed.contains(&v.file) => image,
+            // Reported by the structural check; the cluster tables of a
+            // file that failed it are not read.
+            _ => continue,
+        };
+        if let Err(e) = qcow2::walk(
+            &match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    problem(file, format!("cannot open: {e}"));
+                    continue;
+                }
+            },
+            &image,
+            |_| Ok(()),
+        ) {
+            problem(file, format!("cluster map: {e}"));
+        }
+        match digest_file(&path) {
+            Ok(digest) if digest == v.digest => {}
+            Ok(digest) => problem(
+                file,
+                format!("digest is {digest}, the manifest says {}", v.digest),
+            ),
+            Err(e) => problem(file, format!("cannot read: {e}")),
+        }
+    }
+    report.files += files;
+}
