@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::output::{bytes, table};
 use super::qcow2::parse_size;
 use crate::engine::plan::Policy;
+use crate::engine::thaw_guard::Thawer;
 use crate::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
 use crate::repo::{BackupKind, Manifest, Repo};
 
@@ -301,11 +302,10 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         include: args.volumes.clone(),
         exclude: args.exclude.clone(),
-        quiesce: if args.quiesce { args.qga.clone() } else { None },
-        quiesce_libvirt: if args.quiesce && args.qga.is_none() {
-            args.target.domain()
-        } else {
-            None
+        quiesce: match (&args.qga, args.target.domain()) {
+            _ if !args.quiesce => None,
+            (Some(socket), _) => Some(Thawer::Agent(socket.clone())),
+            (None, domain) => domain.map(Thawer::Libvirt),
         },
         rate_limit: args.rate_limit,
         compress: false,

@@ -33,6 +33,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::engine::key::Key;
+use crate::engine::thaw_guard::Thawer;
 use crate::engine::{self, BackupOptions, Target};
 use crate::libvirt::{Domain, DomainDisk, DomainInfo};
 use crate::qcow2::{self, Image};
@@ -908,7 +909,7 @@ async fn backup_running(
     }
     let opts = BackupOptions {
         vm: domain.name.clone(),
-        quiesce_libvirt: (o.quiesce == "true").then(|| domain.clone()),
+        quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
         rate_limit: extras.rate,
         compress: o.compress,
         encrypt: extras.key.clone(),
@@ -917,16 +918,15 @@ async fn backup_running(
     let repo_id = blake3::hash(o.storage.as_bytes()).to_hex()[..8].to_string();
     let scope = engine::scope::Scope::new(&repo_id, &format!("nas-{}", domain.name));
     let (_tx, cancel) = tokio::sync::watch::channel(false);
-    let thaw = engine::copy_to_files(
-        &monitor.qmp,
-        &opts,
-        &scope,
-        &volumes,
+    let plan = engine::CopyPlan {
+        qmp: &monitor.qmp,
+        opts: &opts,
+        scope: &scope,
+        volumes: &volumes,
         targets,
         checkpoint,
-        cancel,
-    )
-    .await?;
+    };
+    let thaw = engine::copy_to_files(&plan, cancel).await?;
     if let Some(e) = thaw {
         bail!("Failed to thaw the filesystem for vm {}: {e}", domain.name);
     }

@@ -7,9 +7,11 @@
 mod backup;
 mod chain;
 mod check;
+mod copy;
 mod export;
 pub mod key;
 pub mod plan;
+mod quiesce;
 mod restore;
 mod retention;
 pub mod scope;
@@ -18,9 +20,10 @@ pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, Cancel, Perf, Target, backup, backup_named, copy_to_files};
+pub use backup::{BackupOptions, backup, backup_named};
 pub(crate) use check::data_file_problem;
 pub use check::{Problem, Report};
+pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,

@@ -253,22 +253,17 @@ fn restore_volume(
         Some(_) => None,
         None => plan_copy(files)?,
     };
+    let how = Copier {
+        threads,
+        progress: opts.progress.as_ref(),
+    };
     let result = match plan {
-        Some((segments, sources)) => {
+        Some(mapped) => {
             let copy = match opts.format {
                 Format::Raw => copy_native,
                 Format::Qcow2 => copy_native_qcow2,
             };
-            copy(
-                files,
-                sources,
-                &segments,
-                &tmp,
-                size,
-                threads,
-                opts.progress.as_ref(),
-            )
-            .map(|n| (Some(n), "native".to_string()))
+            copy(mapped, &tmp, size, &how).map(|n| (Some(n), "native".to_string()))
         }
         None => {
             let why = if key.is_some() {
@@ -445,10 +440,24 @@ fn open_chain_file(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-/// For each guest range, the newest file holding it, and the files opened
-/// once: the copy reads through the same handles the map was made from.
-/// `None` when a file needs `qemu-img` (compressed clusters, encryption).
-fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File>)>> {
+/// A chain mapped for a native copy: for each guest range the newest file
+/// holding it, and the files opened once (the copy reads through the same
+/// handles the map was made from).
+struct Mapped<'a> {
+    files: &'a [PathBuf],
+    handles: Vec<File>,
+    segments: Vec<Segment>,
+}
+
+/// How a native copy runs.
+struct Copier<'a> {
+    threads: usize,
+    progress: Option<&'a super::ProgressSink>,
+}
+
+/// Maps `files` (full first) for a native copy; `None` when a file needs
+/// `qemu-img` (compressed clusters, encryption).
+fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'_>>> {
     let mut covered = Covered::default();
     let mut segments = Vec::new();
     let mut handles: Vec<Option<File>> = files.iter().map(|_| None).collect();
@@ -492,37 +501,25 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<(Vec<Segment>, Vec<File
         handles[index] = Some(file);
     }
     let handles = handles.into_iter().flatten().collect();
-    Ok(Some((segments, handles)))
+    Ok(Some(Mapped {
+        files,
+        handles,
+        segments,
+    }))
 }
 
 /// Largest single read/write.
 const CHUNK: u64 = 4 << 20;
 
 /// Copies the segments into a new sparse raw file of `size` bytes.
-fn copy_native(
-    files: &[PathBuf],
-    sources: Vec<File>,
-    segments: &[Segment],
-    out: &Path,
-    size: u64,
-    threads: usize,
-    progress: Option<&super::ProgressSink>,
-) -> anyhow::Result<u64> {
+fn copy_native(mapped: Mapped, out: &Path, size: u64, how: &Copier) -> anyhow::Result<u64> {
     let output = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
     output.set_len(size)?;
-    copy_segments(
-        files,
-        sources,
-        segments,
-        output,
-        threads,
-        progress,
-        &|guest| guest,
-    )
+    copy_segments(mapped, output, how, &|guest| guest)
 }
 
 /// The cluster size of qcow2 restores.
@@ -530,17 +527,10 @@ const QCOW2_CLUSTER: u64 = 64 << 10;
 
 /// Copies the segments into a new qcow2 image: every guest cluster they
 /// touch is allocated, in guest order, and nothing else.
-fn copy_native_qcow2(
-    files: &[PathBuf],
-    sources: Vec<File>,
-    segments: &[Segment],
-    out: &Path,
-    size: u64,
-    threads: usize,
-    progress: Option<&super::ProgressSink>,
-) -> anyhow::Result<u64> {
+fn copy_native_qcow2(mapped: Mapped, out: &Path, size: u64, how: &Copier) -> anyhow::Result<u64> {
     let cs = QCOW2_CLUSTER;
-    let mut clusters: Vec<u64> = segments
+    let mut clusters: Vec<u64> = mapped
+        .segments
         .iter()
         .flat_map(|s| s.guest / cs..=(s.guest + s.len - 1) / cs)
         .collect();
@@ -565,7 +555,7 @@ fn copy_native_qcow2(
         let index = clusters.binary_search(&(guest / cs)).unwrap_or(0) as u64;
         data + index * cs + guest % cs
     };
-    copy_segments(files, sources, segments, output, threads, progress, &dest)
+    copy_segments(mapped, output, how, &dest)
 }
 
 /// Alignment of O_DIRECT writes: offset, length and buffer.
@@ -590,18 +580,19 @@ fn reopen_direct(file: &File) -> Option<File> {
 /// bytes are already zero. Aligned chunks go through an O_DIRECT handle
 /// where there is one, the rest (and all, where the filesystem refuses
 /// O_DIRECT) through `output`, which is synced at the end either way.
-#[allow(clippy::too_many_arguments)]
 fn copy_segments(
-    files: &[PathBuf],
-    sources: Vec<File>,
-    segments: &[Segment],
+    mapped: Mapped,
     output: File,
-    threads: usize,
-    progress: Option<&super::ProgressSink>,
+    how: &Copier,
     dest: &(dyn Fn(u64) -> u64 + Sync),
 ) -> anyhow::Result<u64> {
+    let Mapped {
+        files,
+        handles: sources,
+        segments,
+    } = mapped;
     let mut chunks = Vec::new();
-    for s in segments {
+    for s in &segments {
         let mut done = 0;
         while done < s.len {
             let len = CHUNK.min(s.len - done);
@@ -617,7 +608,7 @@ fn copy_segments(
     // Read each file in host order: sequential on disk.
     chunks.sort_by_key(|c| (c.file, c.host));
     let total: u64 = chunks.iter().map(|c| c.len).sum();
-    let bar = progress.map(|p| &p.0);
+    let bar = how.progress.map(|p| &p.0);
     if let Some(bar) = bar {
         bar.start("restoring", total);
     }
@@ -626,7 +617,7 @@ fn copy_segments(
     let copied = AtomicU64::new(0);
     let shared = Arc::new((sources, output, direct));
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..threads)
+        let workers: Vec<_> = (0..how.threads.max(1))
             .map(|_| {
                 let shared = shared.clone();
                 let chunks = &chunks;
@@ -816,22 +807,18 @@ pub fn restore_in_place(
                 record.virtual_size
             );
         }
-        let Some((segments, sources)) = plan_copy(&files)? else {
+        let Some(mapped) = plan_copy(&files)? else {
             bail!("the chain has compressed or encrypted clusters; restore to a file instead");
         };
         clear_checkpoint()?;
         // Every byte not copied must read as zero: empty the file first.
         image.set_len(0)?;
         image.set_len(record.virtual_size)?;
-        let copied = copy_segments(
-            &files,
-            sources,
-            &segments,
-            image.try_clone()?,
-            opts.threads.max(1),
-            opts.progress.as_ref(),
-            &|guest| guest,
-        )?;
+        let how = Copier {
+            threads: opts.threads.max(1),
+            progress: opts.progress.as_ref(),
+        };
+        let copied = copy_segments(mapped, image.try_clone()?, &how, &|guest| guest)?;
         drop(lockout);
         (Some(copied), "native (raw image)".to_string())
     } else {

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::backup::{BackupOptions, Cancel, backup_named};
+use super::backup::{BackupOptions, backup_named};
+use super::copy::Cancel;
 use super::key::Key;
 use crate::qcow2;
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
