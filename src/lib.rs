@@ -5,13 +5,10 @@
 //! - [`qemu`]: what bitback needs from a running QEMU (volumes, bitmaps);
 //! - [`libvirt`]: libvirt domains (their disks, a way in to their QMP);
 //! - [`child`]: helper programs run with a time limit;
-//! - `cli`: argument parsing and output, no logic.
 //!
 //! docs/repository.md describes the on-disk formats.
 
 pub mod child;
-#[doc(hidden)]
-pub mod cli;
 mod digest;
 pub mod disk;
 pub mod engine;

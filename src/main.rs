@@ -1,3 +1,7 @@
+//! The `bitback` command: argument parsing and output over the library.
+
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    bitback::cli::main()
+    cli::main()
 }

@@ -9,10 +9,10 @@ use tokio::sync::watch;
 
 use super::output::{bytes, table};
 use super::qcow2::parse_size;
-use crate::engine::plan::Policy;
-use crate::engine::thaw_guard::Thawer;
-use crate::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
-use crate::repo::{BackupKind, Manifest, Repo};
+use bitback::engine::plan::Policy;
+use bitback::engine::thaw_guard::Thawer;
+use bitback::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
+use bitback::repo::{BackupKind, Manifest, Repo};
 
 /// Back up a VM: every writable volume at one point in time.
 ///
@@ -210,7 +210,7 @@ pub(crate) struct ListArgs {
 /// or block device source, named by target device.
 fn stopped_domain_images(
     domain: &str,
-    info: &crate::libvirt::DomainInfo,
+    info: &bitback::libvirt::DomainInfo,
     exclude: &[String],
 ) -> anyhow::Result<Vec<StoppedImage>> {
     let mut images = Vec::new();
@@ -292,7 +292,7 @@ fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
 }
 
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
-    crate::repo::check_name("VM", &args.vm)?;
+    bitback::repo::check_name("VM", &args.vm)?;
     let opts = BackupOptions {
         vm: args.vm.clone(),
         policy: Policy {
@@ -307,6 +307,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             (Some(socket), _) => Some(Thawer::Agent(socket.clone())),
             (None, domain) => domain.map(Thawer::Libvirt),
         },
+        thaw_guard: Some(thaw_guard_command()),
         rate_limit: args.rate_limit,
         compress: false,
         cluster_size: args.cluster_size,
@@ -337,7 +338,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     if args.quiesce && args.qga.is_none() && args.target.libvirt.is_none() {
         return Err(BadInput("--quiesce needs --qga SOCK, or --libvirt DOMAIN".into()).into());
     }
-    crate::qcow2::check_cluster_size(args.cluster_size)
+    bitback::qcow2::check_cluster_size(args.cluster_size)
         .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
     // QEMU's rule for bitmap granularities.
     let g = args.granularity;
@@ -516,6 +517,16 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The thaw guard as this binary runs it: its own hidden `thaw-guard`
+/// command, through /proc/self/exe, which runs this very binary even if
+/// the file was replaced by an upgrade since bitback started.
+pub(crate) fn thaw_guard_command() -> engine::thaw_guard::GuardCommand {
+    engine::thaw_guard::GuardCommand {
+        program: "/proc/self/exe".into(),
+        args: vec!["thaw-guard".into()],
+    }
+}
+
 /// Internal: thaws the guest if the bitback that started this dies while
 /// the guest may be frozen (see `engine::thaw_guard`). Not for operators.
 #[derive(Debug, clap::Args)]
@@ -535,7 +546,7 @@ pub(crate) async fn thaw_guard(args: ThawGuardArgs) -> anyhow::Result<ExitCode> 
     use engine::thaw_guard::{Thawer, serve};
     let thawer = match (args.qga, args.libvirt) {
         (Some(socket), _) => Thawer::Agent(socket),
-        (None, Some(name)) => Thawer::Libvirt(crate::libvirt::Domain {
+        (None, Some(name)) => Thawer::Libvirt(bitback::libvirt::Domain {
             name,
             connect: args.connect,
         }),

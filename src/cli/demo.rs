@@ -10,10 +10,10 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::engine::{self, BackupOptions};
-use crate::qcow2::{self, CreateOptions};
-use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
-use crate::repo::{BackupKind, Repo};
+use bitback::engine::{self, BackupOptions};
+use bitback::qcow2::{self, CreateOptions};
+use bitback::qemu::daemon::{Daemon, DaemonSpec, private_dir};
+use bitback::repo::{BackupKind, Repo};
 
 /// Show bitback at work on a throwaway disk, then clean up.
 ///

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::output::{bytes, table};
-use crate::engine::scope;
-use crate::qemu::{self, QemuInfo};
+use bitback::engine::scope;
+use bitback::qemu::{self, QemuInfo};
 
 /// Show a running QEMU's version, run state, volumes and dirty bitmaps.
 ///
@@ -163,7 +163,7 @@ async fn connect(target: &super::monitor::Target) -> anyhow::Result<super::monit
         Some(domain) => {
             let info = domain.info()?;
             if !info.running {
-                return Err(crate::engine::BadInput(format!(
+                return Err(bitback::engine::BadInput(format!(
                     "domain {} is shut off; inspect needs a running QEMU",
                     domain.name
                 ))
@@ -201,7 +201,7 @@ pub(crate) struct RemoveCheckpointArgs {
 
 pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Result<ExitCode> {
     if scope::owner(&args.name).is_none() {
-        return Err(crate::engine::BadInput(format!(
+        return Err(bitback::engine::BadInput(format!(
             "{} is not a checkpoint bitmap bitback made; bitback removes only its own",
             args.name
         ))
@@ -226,14 +226,14 @@ pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Res
         {
             continue;
         }
-        crate::qemu::remove_bitmap(qmp, &v.node_name, &args.name)
+        bitback::qemu::remove_bitmap(qmp, &v.node_name, &args.name)
             .await
             .with_context(|| format!("removing {} from volume {}", args.name, v.name))?;
         println!("removed {} from volume {}", args.name, v.name);
         removed += 1;
     }
     if removed == 0 {
-        return Err(crate::engine::BadInput(format!(
+        return Err(bitback::engine::BadInput(format!(
             "no volume{} has bitmap {}",
             args.volume
                 .as_ref()

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
-use crate::qmp;
+use bitback::qmp;
 
 /// Incremental backups of running QEMU virtual machines, over QMP.
 ///
@@ -84,7 +84,7 @@ const EXIT_FAILED: u8 = 1;
 /// and failed.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let ran = error.chain().all(|e| {
-        !(e.is::<crate::engine::BadInput>()
+        !(e.is::<bitback::engine::BadInput>()
             || matches!(
                 e.downcast_ref::<qmp::Error>(),
                 Some(
@@ -96,17 +96,17 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 )
             )
             || matches!(
-                e.downcast_ref::<crate::repo::Error>(),
+                e.downcast_ref::<bitback::repo::Error>(),
                 Some(
-                    crate::repo::Error::BadName { .. }
-                        | crate::repo::Error::NotADirectory { .. }
-                        | crate::repo::Error::Symlink { .. }
-                        | crate::repo::Error::BadManifest { .. }
-                        | crate::repo::Error::BadState { .. }
+                    bitback::repo::Error::BadName { .. }
+                        | bitback::repo::Error::NotADirectory { .. }
+                        | bitback::repo::Error::Symlink { .. }
+                        | bitback::repo::Error::BadManifest { .. }
+                        | bitback::repo::Error::BadState { .. }
                 )
             ))
     });
-    if ran && error.downcast_ref::<crate::engine::Operation>().is_some() {
+    if ran && error.downcast_ref::<bitback::engine::Operation>().is_some() {
         EXIT_FAILED
     } else {
         EXIT_ERROR

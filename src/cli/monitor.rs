@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::engine::BadInput;
-use crate::libvirt::{Domain, DomainInfo, Proxy};
-use crate::qemu;
-use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
+use bitback::engine::BadInput;
+use bitback::libvirt::{Domain, DomainInfo, Proxy};
+use bitback::qemu;
+use bitback::qmp::{Endpoint, Options as QmpOptions, Qmp};
 
 /// Where the VM is, as the command line said.
 #[derive(Debug, Clone, clap::Args)]
@@ -109,7 +109,7 @@ async fn connect_to_proxy(endpoint: Endpoint, options: QmpOptions) -> anyhow::Re
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match Qmp::connect_with(endpoint.clone(), options).await {
-            Err(crate::qmp::Error::Connecting { source, .. })
+            Err(bitback::qmp::Error::Connecting { source, .. })
                 if source.kind() == std::io::ErrorKind::ConnectionRefused
                     && tokio::time::Instant::now() < deadline =>
             {

@@ -32,12 +32,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::engine::key::Key;
-use crate::engine::thaw_guard::Thawer;
-use crate::engine::{self, BackupOptions, Target};
-use crate::libvirt::{Domain, DomainDisk, DomainInfo};
-use crate::qcow2::{self, Image};
-use crate::qemu;
+use bitback::engine::key::Key;
+use bitback::engine::thaw_guard::Thawer;
+use bitback::engine::{self, BackupOptions, Target};
+use bitback::libvirt::{Domain, DomainDisk, DomainInfo};
+use bitback::qcow2::{self, Image};
+use bitback::qemu;
 
 /// Act as CloudStack's nasbackup.sh (the KVM agent's NAS backup script).
 ///
@@ -738,7 +738,7 @@ fn parent_problem(path: &Path, virtual_size: u64) -> Option<String> {
 
 /// Removes `bitmap` from every volume that has it; whether it went from
 /// all of them. A failure is logged, not fatal: the backup is written.
-async fn remove_bitmap(qmp: &crate::qmp::Qmp, volumes: &[qemu::Volume], bitmap: &str) -> bool {
+async fn remove_bitmap(qmp: &bitback::qmp::Qmp, volumes: &[qemu::Volume], bitmap: &str) -> bool {
     let mut all = true;
     for v in volumes
         .iter()
@@ -910,6 +910,7 @@ async fn backup_running(
     let opts = BackupOptions {
         vm: domain.name.clone(),
         quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
+        thaw_guard: Some(super::backup::thaw_guard_command()),
         rate_limit: extras.rate,
         compress: o.compress,
         encrypt: extras.key.clone(),
@@ -1079,7 +1080,7 @@ fn backup_stopped(o: &Options, extras: &Extras, dest: &Path) -> anyhow::Result<V
 
 fn is_qcow2_v3_file(path: &str) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
-        && crate::qcow2::Image::open(Path::new(path)).is_ok_and(|i| i.header().version >= 3)
+        && bitback::qcow2::Image::open(Path::new(path)).is_ok_and(|i| i.header().version >= 3)
 }
 
 fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {

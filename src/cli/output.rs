@@ -49,16 +49,16 @@ pub(crate) fn table(rows: &[Vec<String>]) -> String {
 
 /// A progress bar on stderr, drawn from the engine's progress reports;
 /// `None` when stderr is not a terminal or output is JSON.
-pub(crate) fn progress_bar(wanted: bool) -> Option<crate::engine::ProgressSink> {
+pub(crate) fn progress_bar(wanted: bool) -> Option<bitback::engine::ProgressSink> {
     use std::io::IsTerminal;
     (wanted && std::io::stderr().is_terminal()).then(|| {
-        crate::engine::ProgressSink(std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0))))
+        bitback::engine::ProgressSink(std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0))))
     })
 }
 
 struct Bar(indicatif::ProgressBar);
 
-impl crate::engine::Progress for Bar {
+impl bitback::engine::Progress for Bar {
     fn start(&self, what: &str, total: u64) {
         self.0.set_style(
             indicatif::ProgressStyle::with_template(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 use super::output::{bytes, table};
-use crate::qcow2::{self, CreateOptions, Image, Kind};
+use bitback::qcow2::{self, CreateOptions, Image, Kind};
 
 /// Read and edit qcow2 images without QEMU.
 ///

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::output::{bytes, table};
-use crate::engine::{self, BadInput, Format, InPlaceOptions, RestoreOptions, Scope};
-use crate::repo::Repo;
+use bitback::engine::{self, BadInput, Format, InPlaceOptions, RestoreOptions, Scope};
+use bitback::repo::Repo;
 
 /// Restore a backup point of a VM's volumes to image files.
 ///

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::engine::{self, ExportOptions, Keep, Listen, Retention};
-use crate::repo::Repo;
+use bitback::engine::{self, ExportOptions, Keep, Listen, Retention};
+use bitback::repo::Repo;
 
 /// Delete old backups, never one a kept backup builds on.
 ///
@@ -167,9 +167,9 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             key: args
                 .key_file
                 .as_deref()
-                .map(crate::engine::key::Key::from_file)
+                .map(bitback::engine::key::Key::from_file)
                 .transpose()
-                .map_err(|e| crate::engine::BadInput(format!("--key-file: {e:#}")))?,
+                .map_err(|e| bitback::engine::BadInput(format!("--key-file: {e:#}")))?,
         },
     )
     .await

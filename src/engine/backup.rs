@@ -63,6 +63,9 @@ pub struct BackupOptions {
     /// on unfrozen, as CloudStack's script does. A thaw that fails after
     /// the copy started fails the run. `None`: no freeze.
     pub quiesce: Option<super::thaw_guard::Thawer>,
+    /// How to start the thaw guard that stands by while the guest is
+    /// frozen; needed with `quiesce`.
+    pub thaw_guard: Option<super::thaw_guard::GuardCommand>,
     /// Bytes per second per job; `None` for no limit.
     pub rate_limit: Option<u64>,
     /// Write compressed clusters (`blockdev-backup compress=true`):
@@ -99,6 +102,7 @@ impl Default for BackupOptions {
             include: Vec::new(),
             exclude: Vec::new(),
             quiesce: None,
+            thaw_guard: None,
             rate_limit: None,
             compress: false,
             cluster_size: 64 << 10,

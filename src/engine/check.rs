@@ -96,7 +96,7 @@ pub(super) fn size_problem(repo: &Repo, r: &VolumeRecord) -> Option<String> {
 /// Why `image` must not be read, if it names an external data file:
 /// backup files never do, and one that does would lead reads (and
 /// `qemu-img`) to any file on the host.
-pub(crate) fn data_file_problem(image: &Image) -> Option<String> {
+pub fn data_file_problem(image: &Image) -> Option<String> {
     (image.header().has_data_file() || image.hc.data_file.is_some()).then(|| {
         format!(
             "names an external data file ({:?}); backup files never do, and bitback does not read one",

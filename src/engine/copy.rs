@@ -530,9 +530,14 @@ async fn start_transaction(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Resul
         actions.push(json!({ "type": "blockdev-backup", "data": data }));
     }
 
-    let frozen = match &opts.quiesce {
-        Some(thawer) => quiesce::freeze(thawer, &opts.vm, opts.freeze_timeout).await?,
-        None => None,
+    let frozen = match (&opts.quiesce, &opts.thaw_guard) {
+        (Some(thawer), Some(guard)) => {
+            quiesce::freeze(thawer, guard, &opts.vm, opts.freeze_timeout).await?
+        }
+        (Some(_), None) => bail!(
+            "internal error: quiescing needs a thaw guard command (BackupOptions::thaw_guard)"
+        ),
+        (None, _) => None,
     };
     crate::fault::point("before-transaction");
     let started = qmp

@@ -21,7 +21,7 @@ mod verify;
 
 pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, backup, backup_named};
-pub(crate) use check::data_file_problem;
+pub use check::data_file_problem;
 pub use check::{Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};

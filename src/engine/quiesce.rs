@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use tracing::{error, info, warn};
 
-use super::thaw_guard::{ThawGuard, Thawer};
+use super::thaw_guard::{GuardCommand, ThawGuard, Thawer};
 use crate::libvirt::Domain;
 use crate::qemu::agent::Agent;
 
@@ -34,13 +34,14 @@ enum How {
 /// when libvirt could not freeze it and the copy goes on unfrozen.
 pub(super) async fn freeze(
     thawer: &Thawer,
+    guard: &GuardCommand,
     vm: &str,
     limit: Duration,
 ) -> anyhow::Result<Option<Frozen>> {
     match thawer {
         Thawer::Agent(socket) => {
             let mut agent = Agent::connect(socket, Duration::from_secs(10)).await?;
-            let guard = ThawGuard::start(thawer)?;
+            let guard = ThawGuard::start(guard, thawer)?;
             match agent.freeze(limit).await {
                 Ok(n) => {
                     info!(vm, filesystems = n, "guest filesystems frozen");
@@ -63,7 +64,7 @@ pub(super) async fn freeze(
             }
         }
         Thawer::Libvirt(domain) => {
-            let guard = ThawGuard::start(thawer)?;
+            let guard = ThawGuard::start(guard, thawer)?;
             let frozen = {
                 let domain = domain.clone();
                 tokio::task::spawn_blocking(move || libvirt_freeze(&domain, limit)).await?

@@ -72,6 +72,17 @@ impl Thawer {
     }
 }
 
+/// How to start a guard: a program and its first arguments, which the
+/// thawer's own follow (`--qga SOCK`, or `--libvirt DOMAIN --connect
+/// URI`); the program must then run [`serve`]. The caller names it (the
+/// CLI: its own binary's hidden `thaw-guard` command), so that the library
+/// knows no command line of its front ends.
+#[derive(Debug, Clone)]
+pub struct GuardCommand {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+}
+
 /// A running guard; [`ThawGuard::release`] once the guest is thawed.
 /// Dropped unreleased, it closes the pipe and the guard thaws.
 pub struct ThawGuard {
@@ -80,13 +91,11 @@ pub struct ThawGuard {
 }
 
 impl ThawGuard {
-    /// Starts a guard for `thawer`, before the freeze.
-    pub fn start(thawer: &Thawer) -> anyhow::Result<ThawGuard> {
+    /// Starts a guard for `thawer` with `command`, before the freeze.
+    pub fn start(command: &GuardCommand, thawer: &Thawer) -> anyhow::Result<ThawGuard> {
         use std::os::unix::process::CommandExt;
-        // /proc/self/exe runs this very binary even if the file was
-        // replaced by an upgrade since bitback started.
-        let mut child = Command::new("/proc/self/exe")
-            .arg("thaw-guard")
+        let mut child = Command::new(&command.program)
+            .args(&command.args)
             .args(thawer.args())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
