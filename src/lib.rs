@@ -14,6 +14,8 @@ pub mod disk;
 pub mod engine;
 mod fault;
 pub mod libvirt;
+pub mod monitor;
+pub mod nasbackup;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;

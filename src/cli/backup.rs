@@ -206,39 +206,6 @@ pub(crate) struct ListArgs {
     json: bool,
 }
 
-/// The disks of a shut-off domain to back up: writable disks with a file
-/// or block device source, named by target device.
-fn stopped_domain_images(
-    domain: &str,
-    info: &bitback::libvirt::DomainInfo,
-    exclude: &[String],
-) -> anyhow::Result<Vec<StoppedImage>> {
-    let mut images = Vec::new();
-    for disk in &info.disks {
-        if disk.device != "disk" || disk.read_only || exclude.contains(&disk.target) {
-            continue;
-        }
-        match (&disk.source, disk.kind.as_str()) {
-            (Some(path), "file" | "block") => images.push(StoppedImage {
-                volume: disk.target.clone(),
-                path: path.clone(),
-            }),
-            _ => {
-                return Err(BadInput(format!(
-                    "disk {} of domain {domain} is a {} disk; bitback backs up file and block disks \
-                     of a shut-off domain; leave it out with --exclude {}",
-                    disk.target, disk.kind, disk.target
-                ))
-                .into());
-            }
-        }
-    }
-    if images.is_empty() {
-        return Err(BadInput(format!("domain {domain} has no writable disk")).into());
-    }
-    Ok(images)
-}
-
 fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
     let images: Vec<StoppedImage> = specs
         .iter()
@@ -340,14 +307,8 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     bitback::qcow2::check_cluster_size(args.cluster_size)
         .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
-    // QEMU's rule for bitmap granularities.
-    let g = args.granularity;
-    if !g.is_power_of_two() || !(512..=(2 << 30)).contains(&g) {
-        return Err(BadInput(format!(
-            "--granularity {g}: expected a power of two from 512 to 2G bytes"
-        ))
-        .into());
-    }
+    bitback::qemu::check_granularity(args.granularity)
+        .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let cancel = cancel_on_signals()?;
     let mut images = parse_images(&args.image)?;
     let domain = args.target.domain();
@@ -366,7 +327,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             ))
             .into());
         }
-        images = stopped_domain_images(&domain.name, info, &args.exclude)?;
+        images = engine::domain_images(&domain.name, info, &args.exclude)?;
     }
     let running = match &info {
         Some(info) => info.running,

@@ -42,15 +42,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .context("inspecting QEMU")?;
     // A libvirt domain's volumes by the names its backups use.
-    for v in &mut info.volumes {
-        if let Some((_, name)) = monitor
-            .renames
-            .iter()
-            .find(|(node, _)| node == &v.node_name)
-        {
-            v.name = name.clone();
-        }
-    }
+    info.volumes = qemu::named(std::mem::take(&mut info.volumes), &monitor.renames);
     if args.json {
         let mut value = serde_json::to_value(&info)?;
         for (volume, v) in value["volumes"]
@@ -207,32 +199,14 @@ pub(crate) async fn remove_checkpoint(args: RemoveCheckpointArgs) -> anyhow::Res
         ))
         .into());
     }
-    let monitor = connect(&args.target).await?;
-    let qmp = &monitor.qmp;
-    let mut volumes = qemu::list_volumes(qmp).await?;
-    for v in &mut volumes {
-        if let Some((_, name)) = monitor
-            .renames
-            .iter()
-            .find(|(node, _)| node == &v.node_name)
-        {
-            v.name = name.clone();
-        }
+    let mut monitor = connect(&args.target).await?;
+    let removed =
+        bitback::engine::remove_checkpoint(&mut monitor, &args.name, args.volume.as_deref())
+            .await?;
+    for volume in &removed {
+        println!("removed {} from volume {volume}", args.name);
     }
-    let mut removed = 0;
-    for v in &volumes {
-        if args.volume.as_ref().is_some_and(|want| want != &v.name)
-            || !v.bitmaps.iter().any(|b| b.name == args.name)
-        {
-            continue;
-        }
-        bitback::qemu::remove_bitmap(qmp, &v.node_name, &args.name)
-            .await
-            .with_context(|| format!("removing {} from volume {}", args.name, v.name))?;
-        println!("removed {} from volume {}", args.name, v.name);
-        removed += 1;
-    }
-    if removed == 0 {
+    if removed.is_empty() {
         return Err(bitback::engine::BadInput(format!(
             "no volume{} has bitmap {}",
             args.volume

@@ -499,10 +499,11 @@ fn check_key(
     let out = key
         .feed(&mut cmd)
         .map_err(|e| format!("running qemu-io to check the key (install qemu-utils): {e}"))?;
-    // qemu-io reports a failed read on stdout and still exits 0.
+    // qemu-io exits non-zero when it cannot open the image: a key that
+    // unlocks no key slot. (A failed read it reports on stdout and exits
+    // 0; opening is what tells the key.)
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if out.status.success() && !stdout.contains("failed") && stderr.trim().is_empty() {
+    if out.status.success() {
         return Ok(());
     }
     Err(format!(
@@ -519,19 +520,9 @@ async fn select_volumes(
     opts: &BackupOptions,
     renames: Renames<'_>,
 ) -> anyhow::Result<Vec<Volume>> {
-    let mut all = qemu::list_volumes(qmp).await?;
+    let mut all = qemu::named(qemu::list_volumes(qmp).await?, renames);
     // Backup targets (of any repository) are never volumes.
     all.retain(|v| !super::scope::is_target_node(&v.node_name));
-    if !renames.is_empty() {
-        all.retain(|v| renames.iter().any(|(node, _)| node == &v.node_name));
-        for v in &mut all {
-            if let Some((_, name)) = renames.iter().find(|(node, _)| node == &v.node_name) {
-                v.name = name.clone();
-            }
-        }
-        // The order given, not the daemon's.
-        all.sort_by_key(|v| renames.iter().position(|(node, _)| node == &v.node_name));
-    }
     let names: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
     for wanted in opts.include.iter().chain(&opts.exclude) {
         if !names.contains(&wanted.as_str()) {

@@ -17,6 +17,10 @@ pub struct Problem {
     /// The file, relative to the repository, when the problem is a file's.
     pub file: Option<String>,
     pub problem: String,
+    /// The file's data is damaged (its cluster tables or its digest), as
+    /// no structural check sees: what verify records for the next backup.
+    #[serde(skip)]
+    pub data_damage: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -39,6 +43,7 @@ pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
                 backup: m.id.clone(),
                 file: Some(v.file.clone()),
                 problem,
+                data_damage: false,
             });
         }
     }
@@ -115,6 +120,7 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             backup: m.id.clone(),
             file: None,
             problem: format!("parent backup {parent} is unusable: {e:#}"),
+            data_damage: false,
         });
     }
     let before = report.problems.len();
@@ -123,12 +129,13 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
         .iter()
         .filter_map(|p| p.file.clone())
         .collect();
-    let mut problem = |file: Option<&str>, text: String| {
+    let mut problem = |file: Option<&str>, text: String, data_damage: bool| {
         report.problems.push(Problem {
             vm: m.vm.clone(),
             backup: m.id.clone(),
             file: file.map(str::to_string),
             problem: text,
+            data_damage,
         })
     };
 
@@ -147,22 +154,23 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
             &match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
-                    problem(file, format!("cannot open: {e}"));
+                    problem(file, format!("cannot open: {e}"), false);
                     continue;
                 }
             },
             &image,
             |_| Ok(()),
         ) {
-            problem(file, format!("cluster map: {e}"));
+            problem(file, format!("cluster map: {e}"), true);
         }
         match digest_file(&path) {
             Ok(digest) if digest == v.digest => {}
             Ok(digest) => problem(
                 file,
                 format!("digest is {digest}, the manifest says {}", v.digest),
+                true,
             ),
-            Err(e) => problem(file, format!("cannot read: {e}")),
+            Err(e) => problem(file, format!("cannot read: {e}"), false),
         }
     }
     report.files += files;

@@ -147,8 +147,10 @@ async fn cancel_job(qmp: &Qmp, id: &str) {
     for _ in 0..600 {
         match qmp.execute_raw("job-dismiss", json!({ "id": id })).await {
             Ok(_) => return,
-            Err(e) if e.to_string().contains("not found") => return,
             Err(qmp::Error::Disconnected { .. }) => return,
+            // Refused: gone already (nothing to wait for), or not yet
+            // concluded (wait).
+            Err(_) if !job_exists(qmp, id).await => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -156,6 +158,19 @@ async fn cancel_job(qmp: &Qmp, id: &str) {
         job = id,
         "the job did not conclude within 30 s of its cancel"
     );
+}
+
+/// Whether QEMU lists job `id` (an unanswered query counts as yes: the
+/// caller then waits and asks again).
+async fn job_exists(qmp: &Qmp, id: &str) -> bool {
+    match qmp.execute_raw("query-jobs", Value::Null).await {
+        Ok(jobs) => jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|job| job["id"].as_str() == Some(id)),
+        Err(_) => true,
+    }
 }
 
 impl Undo {
@@ -179,13 +194,24 @@ impl Undo {
         for id in self.objects.drain(..) {
             let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
         }
+        if self.bitmaps.is_empty() {
+            return;
+        }
+        // A transaction that timed out may not have applied: only the
+        // bitmaps QEMU lists are removed.
+        let present = qemu::list_volumes(qmp).await.ok();
         for (node, bitmap) in self.bitmaps.drain(..) {
+            let listed = present.as_ref().is_none_or(|volumes| {
+                volumes
+                    .iter()
+                    .any(|v| v.node_name == node && v.bitmaps.iter().any(|b| b.name == bitmap))
+            });
+            if !listed {
+                debug!(%node, %bitmap, "the new checkpoint was never added");
+                continue;
+            }
             match qemu::remove_bitmap(qmp, &node, &bitmap).await {
                 Ok(()) => {}
-                // A transaction that timed out may not have applied.
-                Err(qmp::Error::Qemu { desc, .. }) if desc.contains("not found") => {
-                    debug!(%node, %bitmap, "the new checkpoint was never added")
-                }
                 Err(e) => {
                     warn!(%node, %bitmap, error = %e, "cannot remove the new checkpoint bitmap; the next backup of this vm removes it")
                 }
@@ -366,8 +392,8 @@ const CALIBRATION_TRIES: u32 = 10;
 /// volume at once. The key goes in on stdin (`file=/dev/stdin`): never on
 /// a command line, never in a file. QEMU 7.2's key-derivation calibration
 /// sometimes fails ("Unable to get accurate CPU usage"): its first timing
-/// round reads no CPU time. Such a volume is tried again, up to
-/// [`CALIBRATION_TRIES`] times.
+/// round reads no CPU time. A volume whose create failed is tried again,
+/// up to [`CALIBRATION_TRIES`] times.
 async fn create_encrypted(run: &CopyPlan<'_>, key: &Key, paths: &[PathBuf]) -> anyhow::Result<()> {
     let mut pending: Vec<usize> = (0..run.volumes.len()).collect();
     for attempt in 1..=CALIBRATION_TRIES {
@@ -382,8 +408,12 @@ async fn create_encrypted(run: &CopyPlan<'_>, key: &Key, paths: &[PathBuf]) -> a
                 continue;
             }
             let stderr = String::from_utf8_lossy(&out.stderr);
-            if attempt < CALIBRATION_TRIES && stderr.contains("Unable to get accurate CPU usage") {
-                debug!(volume = %run.volumes[i].name, "qemu-img's key calibration failed; trying again");
+            // Any failure is tried again: the calibration's is told from
+            // no other by anything but its message, and bitback decides
+            // nothing on a message's words. A failure that repeats (a full
+            // disk) costs the tries, the last one's stderr is reported.
+            if attempt < CALIBRATION_TRIES {
+                debug!(volume = %run.volumes[i].name, status = %out.status, stderr = %stderr.trim(), "qemu-img create of an encrypted target failed; trying again");
                 let _ = std::fs::remove_file(&paths[i]);
                 again.push(i);
                 continue;

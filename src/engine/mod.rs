@@ -29,8 +29,30 @@ pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
 };
 pub use retention::{Keep, Retention, consolidate, prune};
-pub use stopped::{StoppedImage, backup_stopped};
+pub use stopped::{StoppedImage, backup_stopped, domain_images};
 pub use verify::{Scope, verify};
+
+/// Removes checkpoint bitmap `name` from every volume of the VM behind
+/// `monitor` that has it (only from `volume`, when given); the volumes it
+/// went from.
+pub async fn remove_checkpoint(
+    monitor: &mut crate::monitor::Monitor,
+    name: &str,
+    volume: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let mut removed = Vec::new();
+    for v in monitor.volumes().await? {
+        if volume.is_some_and(|want| want != v.name) || !v.bitmaps.iter().any(|b| b.name == name) {
+            continue;
+        }
+        crate::qemu::remove_bitmap(&monitor.qmp, &v.node_name, name)
+            .await
+            .with_context(|| format!("removing {name} from volume {}", v.name))?;
+        removed.push(v.name);
+    }
+    Ok(removed)
+}
 
 /// What the VM's state records of a volume the run saw.
 pub(crate) fn state_volume(v: &crate::qemu::Volume) -> crate::repo::StateVolume {

@@ -188,3 +188,36 @@ fn check_not_in_use(path: &Path) -> anyhow::Result<()> {
         Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
     }
 }
+
+/// The disks of a shut-off domain to back up: writable disks with a file
+/// or block device source, named by target device.
+pub fn domain_images(
+    domain: &str,
+    info: &crate::libvirt::DomainInfo,
+    exclude: &[String],
+) -> anyhow::Result<Vec<StoppedImage>> {
+    let mut images = Vec::new();
+    for disk in &info.disks {
+        if disk.device != "disk" || disk.read_only || exclude.contains(&disk.target) {
+            continue;
+        }
+        match (&disk.source, disk.kind.as_str()) {
+            (Some(path), "file" | "block") => images.push(StoppedImage {
+                volume: disk.target.clone(),
+                path: path.clone(),
+            }),
+            _ => {
+                return Err(super::BadInput(format!(
+                    "disk {} of domain {domain} is a {} disk; bitback backs up file and block disks \
+                     of a shut-off domain; leave it out with --exclude {}",
+                    disk.target, disk.kind, disk.target
+                ))
+                .into());
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(super::BadInput(format!("domain {domain} has no writable disk")).into());
+    }
+    Ok(images)
+}

@@ -37,6 +37,7 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                             backup: id.clone(),
                             file: None,
                             problem: format!("{e:#}"),
+                            data_damage: false,
                         });
                     }
                     let before = report.problems.len();
@@ -48,6 +49,7 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                     backup: id.clone(),
                     file: None,
                     problem: format!("{e:#}"),
+                    data_damage: false,
                 }),
             }
         }
@@ -67,7 +69,7 @@ fn record_damage(repo: &Repo, m: &Manifest, problems: &[Problem]) {
         else {
             continue;
         };
-        if !(p.problem.starts_with("digest is") || p.problem.starts_with("cluster map")) {
+        if !p.data_damage {
             continue;
         }
         if let Err(e) = repo.mark_damaged(&m.vm, &m.id, &v.name, &v.digest, &p.problem) {

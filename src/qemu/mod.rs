@@ -25,6 +25,33 @@ pub struct QemuInfo {
     pub volumes: Vec<Volume>,
 }
 
+/// QEMU's rule for a dirty bitmap's granularity: a power of two from
+/// 512 bytes to 2 GiB.
+pub fn check_granularity(granularity: u64) -> Result<(), String> {
+    if granularity.is_power_of_two() && (512..=(2 << 30)).contains(&granularity) {
+        Ok(())
+    } else {
+        Err("expected a power of two from 512 to 2G bytes".into())
+    }
+}
+
+/// `volumes` named by `renames` (`(node name, volume name)`): only the
+/// renamed ones, in the order of `renames` (a libvirt domain's disks, a
+/// stopped VM's images as given). No renames: all, as they are.
+pub fn named(mut volumes: Vec<Volume>, renames: &[(String, String)]) -> Vec<Volume> {
+    if renames.is_empty() {
+        return volumes;
+    }
+    volumes.retain(|v| renames.iter().any(|(node, _)| node == &v.node_name));
+    for v in &mut volumes {
+        if let Some((_, name)) = renames.iter().find(|(node, _)| node == &v.node_name) {
+            v.name = name.clone();
+        }
+    }
+    volumes.sort_by_key(|v| renames.iter().position(|(node, _)| node == &v.node_name));
+    volumes
+}
+
 /// Removes dirty bitmap `name` from `node` (`block-dirty-bitmap-remove`;
 /// a persistent one leaves the image too).
 pub async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()> {

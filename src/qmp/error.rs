@@ -79,7 +79,33 @@ fn job_suffix(job: &Option<String>) -> String {
     }
 }
 
+/// QMP's error classes (qapi/error.json). Most refusals are
+/// `GenericError`: what QEMU refused is then known from the state, never
+/// from the message's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+    KvmMissingCap,
+    /// A class this bitback does not know (a newer QEMU).
+    Other,
+}
+
 impl Error {
+    /// The QMP error class when QEMU refused the command, typed.
+    pub fn class(&self) -> Option<ErrorClass> {
+        self.qemu_class().map(|class| match class {
+            "GenericError" => ErrorClass::GenericError,
+            "CommandNotFound" => ErrorClass::CommandNotFound,
+            "DeviceNotActive" => ErrorClass::DeviceNotActive,
+            "DeviceNotFound" => ErrorClass::DeviceNotFound,
+            "KVMMissingCap" => ErrorClass::KvmMissingCap,
+            _ => ErrorClass::Other,
+        })
+    }
+
     /// The QMP error class when QEMU refused the command.
     pub fn qemu_class(&self) -> Option<&str> {
         match self {
@@ -91,7 +117,7 @@ impl Error {
     /// True when QEMU does not know the command (an older QEMU, or
     /// qemu-storage-daemon lacking a system-emulator command).
     pub fn is_command_not_found(&self) -> bool {
-        self.qemu_class() == Some("CommandNotFound")
+        self.class() == Some(ErrorClass::CommandNotFound)
     }
 }
 

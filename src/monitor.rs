@@ -1,0 +1,146 @@
+//! Reaching a running VM's monitor: a QMP socket of its own, or a
+//! libvirt domain (through libvirt's QMP proxy, or through the extra QMP
+//! socket the domain was given), with the volumes named the way the VM's
+//! backups name them (a libvirt domain's by target device). Every front
+//! end asks here.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::engine::BadInput;
+use crate::libvirt::{Domain, DomainInfo, Proxy};
+use crate::qemu::{self, Volume};
+use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
+
+/// Where the VM's monitor is.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// A QMP socket: a unix socket path, or tcp:HOST:PORT. With a domain:
+    /// the extra socket the domain was given, used instead of the proxy.
+    pub qmp: Option<String>,
+    /// A libvirt domain.
+    pub domain: Option<Domain>,
+}
+
+/// A connection to a running VM's monitor. The proxy, if any, lives as
+/// long as this value (dropped after the connection).
+pub struct Monitor {
+    pub qmp: Qmp,
+    /// (node name, volume name) for a libvirt domain; empty otherwise.
+    pub renames: Vec<(String, String)>,
+    /// The volumes listed while connecting, handed out by the first
+    /// [`Monitor::volumes`].
+    listed: Option<Vec<Volume>>,
+    _proxy: Option<Proxy>,
+}
+
+impl Monitor {
+    /// The VM's volumes, named as its backups name them (a libvirt
+    /// domain's by target device; one the domain XML does not list is
+    /// left out).
+    pub async fn volumes(&mut self) -> anyhow::Result<Vec<Volume>> {
+        let all = match self.listed.take() {
+            Some(listed) => listed,
+            None => qemu::list_volumes(&self.qmp)
+                .await
+                .context("listing the VM's volumes")?,
+        };
+        Ok(qemu::named(all, &self.renames))
+    }
+}
+
+impl Target {
+    /// Connects to the running VM. `info` is the domain's XML, when the
+    /// target is a libvirt domain: its volumes are then named by target.
+    pub async fn connect(
+        &self,
+        info: Option<&DomainInfo>,
+        timeout: Duration,
+    ) -> anyhow::Result<Monitor> {
+        let mut options = QmpOptions {
+            command_timeout: timeout,
+            ..QmpOptions::default()
+        };
+        let (endpoint, proxy) = match (&self.qmp, self.domain.clone()) {
+            (Some(qmp), _) => (Endpoint::parse(qmp)?, None),
+            (None, Some(domain)) => {
+                let proxy = Proxy::start(&domain)?;
+                // The proxy greets only after asking libvirt for the
+                // hypervisor's version, which libvirt may re-probe: seconds,
+                // more on a busy host (measured 4 s idle, over 10 s under
+                // load).
+                options.connect_timeout = options.connect_timeout.max(Duration::from_secs(120));
+                (Endpoint::Unix(proxy.socket().to_path_buf()), Some(proxy))
+            }
+            (None, None) => {
+                return Err(BadInput(
+                    "give a QMP socket (--qmp SOCK) or a libvirt domain (--libvirt DOMAIN)".into(),
+                )
+                .into());
+            }
+        };
+        let qmp = if proxy.is_some() {
+            connect_to_proxy(endpoint, options).await?
+        } else {
+            Qmp::connect_with(endpoint, options).await?
+        };
+        let (renames, listed) = match info {
+            Some(info) => {
+                let volumes = qemu::list_volumes(&qmp)
+                    .await
+                    .context("listing the domain's volumes")?;
+                (renames(&volumes, info), Some(volumes))
+            }
+            None => (Vec::new(), None),
+        };
+        Ok(Monitor {
+            qmp,
+            renames,
+            listed,
+            _proxy: proxy,
+        })
+    }
+}
+
+/// Connects to libvirt's QMP proxy. Its socket file appears when it binds,
+/// a moment before it listens: a refused connection is tried again for a
+/// few seconds.
+async fn connect_to_proxy(endpoint: Endpoint, options: QmpOptions) -> anyhow::Result<Qmp> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Qmp::connect_with(endpoint.clone(), options).await {
+            Err(crate::qmp::Error::Connecting { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Whatever goes wrong behind libvirt's proxy is no usage
+            // error of the caller's (exit 1, not 2).
+            other => {
+                return other.map_err(|e| anyhow::anyhow!("libvirt's QMP proxy: {e}"));
+            }
+        }
+    }
+}
+
+/// Names a libvirt domain's volumes by target device: QEMU knows each
+/// disk by its libvirt alias (the qdev id), which the live XML maps to
+/// the target.
+fn renames(volumes: &[Volume], info: &DomainInfo) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for v in volumes {
+        match info
+            .disks
+            .iter()
+            .find(|d| d.alias.as_deref() == Some(v.name.as_str()))
+        {
+            Some(disk) => out.push((v.node_name.clone(), disk.target.clone())),
+            None => {
+                tracing::info!(volume = %v.name, "a volume the domain XML does not list; skipped")
+            }
+        }
+    }
+    out
+}
