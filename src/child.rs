@@ -6,6 +6,28 @@ use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A helper program that ran and failed: what it was, its exit status
+/// and what it said on stderr, as fields a caller can decide on.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} failed ({status}): {stderr}")]
+pub struct Failed {
+    pub program: String,
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+}
+
+/// `out` when its program succeeded, else the [`Failed`] it was.
+pub fn succeeded(program: impl Into<String>, out: Output) -> Result<Output, Failed> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    Err(Failed {
+        program: program.into(),
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
 /// Runs `cmd` (stdin from /dev/null) and collects its output; `None` when
 /// it was still running after `limit` and was killed. The pipes are read
 /// from threads while it runs, so a full pipe cannot stall it.

@@ -90,13 +90,7 @@ impl Domain {
             "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
         )?
         .ok_or_else(|| anyhow!("virsh {} did not answer within {limit:?}", args.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "virsh {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let out = crate::child::succeeded(format!("virsh {}", args.join(" ")), out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

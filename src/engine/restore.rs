@@ -362,12 +362,7 @@ fn qemu_img_convert(
         None => cmd.output(),
     }
     .context("running qemu-img convert (install qemu-utils)")?;
-    if !output.status.success() {
-        bail!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    crate::child::succeeded("qemu-img convert", output)?;
     File::open(out)?.sync_all()?;
     Ok(())
 }
@@ -791,12 +786,7 @@ pub fn restore_in_place(
             .arg(&opts.image)
             .output()
             .context("running qemu-img convert (install qemu-utils)")?;
-        if !out.status.success() {
-            bail!(
-                "qemu-img convert failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        crate::child::succeeded("qemu-img convert", out)?;
         (None, "qemu-img convert -n (qcow2 image)".to_string())
     } else if meta.is_file() {
         if meta.len() != record.virtual_size {

@@ -264,12 +264,7 @@ fn convert_standalone(source: &Path, target: &Path) -> anyhow::Result<()> {
         .arg(target)
         .output()
         .context("running qemu-img convert (install qemu-utils)")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img convert of {} failed: {}",
-            source.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    crate::child::succeeded("qemu-img convert", out)
+        .with_context(|| format!("converting {}", source.display()))?;
     Ok(())
 }

@@ -500,13 +500,8 @@ pub(super) fn backup_stopped(
             .output()
             .context("running qemu-img (install qemu-utils)")?;
         files.push(output.clone());
-        if !out.status.success() {
-            bail!(
-                "qemu-img convert failed for {disk} {}: {}",
-                output.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        crate::child::succeeded("qemu-img convert", out)
+            .with_context(|| format!("copying {disk} to {}", output.display()))?;
     }
     sync_dir_files(dest)?;
     if o.verify {
@@ -520,13 +515,8 @@ pub(super) fn backup_stopped(
                 .args(["bitmap", "--add", disk, &o.bitmap_new])
                 .output()
                 .context("running qemu-img")?;
-            if !out.status.success() {
-                bail!(
-                    "Failed to pre-seed bitmap {} on {disk}: {}",
-                    o.bitmap_new,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            crate::child::succeeded("qemu-img bitmap --add", out)
+                .with_context(|| format!("Failed to pre-seed bitmap {} on {disk}", o.bitmap_new))?;
         } else {
             // Said on stderr: every stdout line must stay a number.
             tracing::warn!(

@@ -28,10 +28,10 @@ pub enum Error {
     Locked { vm: String, holder: String },
 
     #[error("manifest {} is invalid: {reason}", path.display())]
-    BadManifest { path: PathBuf, reason: String },
+    BadManifest { path: PathBuf, reason: Invalid },
 
     #[error("state file {} is invalid: {reason}", path.display())]
-    BadState { path: PathBuf, reason: String },
+    BadState { path: PathBuf, reason: Invalid },
 
     #[error("repository file {} is invalid: {reason}", path.display())]
     BadRepo { path: PathBuf, reason: String },
@@ -41,6 +41,54 @@ pub enum Error {
 
     #[error("cannot encode JSON")]
     Encoding(#[source] serde_json::Error),
+}
+
+/// Why a manifest or a state file is refused (their bytes are never
+/// trusted).
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+
+    #[error("schema {found} is not {expected}; a newer bitback may have written it")]
+    Schema { found: u32, expected: u32 },
+
+    #[error("it names backup {vm}/{id} but lies in {dir}")]
+    Misplaced { vm: String, id: String, dir: String },
+
+    #[error("it belongs to vm {0:?}")]
+    OtherVm(String),
+
+    /// A name in it that could not be a path component.
+    #[error("{0}")]
+    Name(Box<Error>),
+
+    #[error("it names itself as its parent")]
+    OwnParent,
+
+    #[error("kind, parent, chain and position disagree")]
+    Disagrees,
+
+    #[error("it lists no volumes")]
+    NoVolumes,
+
+    #[error("volume {volume} has file {file:?}")]
+    File { volume: String, file: String },
+
+    #[error("volume {volume} has backing {backing:?}")]
+    Backing {
+        volume: String,
+        backing: Option<String>,
+    },
+
+    #[error("an incremental backup whose every volume is full")]
+    AllFull,
+}
+
+impl From<Error> for Invalid {
+    fn from(e: Error) -> Invalid {
+        Invalid::Name(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::check_name;
+use super::error::Invalid;
 
 /// 2: each volume records its own kind and reason (a point may hold fulls
 /// and incrementals), its tracking, and the backup its encryption.
@@ -108,8 +109,8 @@ impl Manifest {
     /// Parses and checks a manifest found at `<vm>/<id>/manifest.json`:
     /// every name it holds must be safe, every file name the one the
     /// layout dictates (nothing that leaves the repository).
-    pub fn parse(bytes: &[u8], vm: &str, id: &str) -> Result<Manifest, String> {
-        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn parse(bytes: &[u8], vm: &str, id: &str) -> Result<Manifest, Invalid> {
+        let mut m: Manifest = serde_json::from_slice(bytes)?;
         match m.schema {
             1 => {
                 for v in &mut m.volumes {
@@ -119,36 +120,41 @@ impl Manifest {
             }
             MANIFEST_SCHEMA => {}
             other => {
-                return Err(format!(
-                    "schema {other} is not {MANIFEST_SCHEMA}; a newer bitback may have written it"
-                ));
+                return Err(Invalid::Schema {
+                    found: other,
+                    expected: MANIFEST_SCHEMA,
+                });
             }
         }
         if m.id != id || m.vm != vm {
-            return Err(format!(
-                "it names backup {}/{} but lies in {vm}/{id}",
-                m.vm, m.id
-            ));
+            return Err(Invalid::Misplaced {
+                vm: m.vm,
+                id: m.id,
+                dir: format!("{vm}/{id}"),
+            });
         }
-        check_name("backup", &m.chain).map_err(|e| e.to_string())?;
+        check_name("backup", &m.chain)?;
         if let Some(parent) = &m.parent {
-            check_name("backup", parent).map_err(|e| e.to_string())?;
+            check_name("backup", parent)?;
             if parent == id {
-                return Err("it names itself as its parent".into());
+                return Err(Invalid::OwnParent);
             }
         }
         match (m.kind, &m.parent, m.position) {
             (BackupKind::Full, None, 0) if m.chain == m.id => {}
             (BackupKind::Incremental, Some(_), p) if p > 0 => {}
-            _ => return Err("kind, parent, chain and position disagree".into()),
+            _ => return Err(Invalid::Disagrees),
         }
         if m.volumes.is_empty() {
-            return Err("it lists no volumes".into());
+            return Err(Invalid::NoVolumes);
         }
         for v in &m.volumes {
-            check_name("volume", &v.name).map_err(|e| e.to_string())?;
+            check_name("volume", &v.name)?;
             if v.file != VolumeRecord::repo_file(vm, id, &v.name) {
-                return Err(format!("volume {} has file {:?}", v.name, v.file));
+                return Err(Invalid::File {
+                    volume: v.name.clone(),
+                    file: v.file.clone(),
+                });
             }
             let expected = match v.kind {
                 BackupKind::Full => None,
@@ -158,12 +164,15 @@ impl Manifest {
                     .map(|p| VolumeRecord::backing_name(p, &v.name)),
             };
             if v.backing != expected || (v.kind == BackupKind::Incremental && expected.is_none()) {
-                return Err(format!("volume {} has backing {:?}", v.name, v.backing));
+                return Err(Invalid::Backing {
+                    volume: v.name.clone(),
+                    backing: v.backing.clone(),
+                });
             }
         }
         if m.kind == BackupKind::Incremental && m.volumes.iter().all(|v| v.kind == BackupKind::Full)
         {
-            return Err("an incremental backup whose every volume is full".into());
+            return Err(Invalid::AllFull);
         }
         Ok(m)
     }
@@ -208,22 +217,22 @@ pub struct StateVolume {
 }
 
 impl VmState {
-    pub fn parse(bytes: &[u8], vm: &str) -> Result<VmState, String> {
-        let s: VmState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn parse(bytes: &[u8], vm: &str) -> Result<VmState, Invalid> {
+        let s: VmState = serde_json::from_slice(bytes)?;
         if s.schema != STATE_SCHEMA {
-            return Err(format!(
-                "schema {} is not {STATE_SCHEMA}; a newer bitback may have written it",
-                s.schema
-            ));
+            return Err(Invalid::Schema {
+                found: s.schema,
+                expected: STATE_SCHEMA,
+            });
         }
         if s.vm != vm {
-            return Err(format!("it belongs to vm {:?}", s.vm));
+            return Err(Invalid::OtherVm(s.vm));
         }
         for v in &s.volumes {
-            check_name("volume", &v.name).map_err(|e| e.to_string())?;
+            check_name("volume", &v.name)?;
         }
         if let Some(last) = &s.last_backup {
-            check_name("backup", last).map_err(|e| e.to_string())?;
+            check_name("backup", last)?;
         }
         Ok(s)
     }
@@ -268,13 +277,22 @@ mod tests {
         assert!(parse(&value).is_ok());
         // A full volume with a backing file, an incremental without one.
         value["volumes"][0]["kind"] = "full".into();
-        assert!(parse(&value).unwrap_err().contains("backing"));
+        assert!(matches!(
+            parse(&value).unwrap_err(),
+            Invalid::Backing { .. }
+        ));
         value["volumes"][0]["backing"] = serde_json::Value::Null;
         // ... and then every volume of the incremental point is full.
-        assert!(parse(&value).unwrap_err().contains("every volume is full"));
+        assert!(matches!(parse(&value).unwrap_err(), Invalid::AllFull));
         value["volumes"][0]["kind"] = "incremental".into();
-        assert!(parse(&value).unwrap_err().contains("backing"));
+        assert!(matches!(
+            parse(&value).unwrap_err(),
+            Invalid::Backing { .. }
+        ));
         value["schema"] = 3.into();
-        assert!(parse(&value).unwrap_err().contains("schema 3"));
+        assert!(matches!(
+            parse(&value).unwrap_err(),
+            Invalid::Schema { found: 3, .. }
+        ));
     }
 }

@@ -69,7 +69,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-pub use error::{Error, Result};
+pub use error::{Error, Invalid, Result};
 pub use lock::{ReadLock, VmLock};
 pub use manifest::{
     BackupKind, MANIFEST_SCHEMA, Manifest, STATE_SCHEMA, StateVolume, VmIdentity, VmState,
