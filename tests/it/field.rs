@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::backup::Vm;
+use crate::harness::Vm;
 use crate::harness::{
     Disk, Kind, Qemu, backup_into, backup_into_env, bitback, create_qcow2, run, same_content,
     tempdir,
@@ -542,7 +542,7 @@ fn a_bitback_killed_while_the_guest_is_frozen_leaves_it_thawed() {
         &["--quiesce", "--qga", qga.to_str().unwrap()],
         &[("BITBACK_FAULT", "before-transaction")],
     );
-    crate::guest::assert_killed_and_thawed(&killed);
+    crate::harness::guest::assert_killed_and_thawed(&killed);
     assert_eq!(
         names(&agent),
         [

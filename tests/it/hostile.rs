@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::backup::Vm;
+use crate::harness::Vm;
 use crate::harness::{bitback, run, tempdir};
 
 const MIB: u64 = 1 << 20;

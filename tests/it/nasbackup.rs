@@ -13,10 +13,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::guest::check_log;
-use crate::guest::serial_count;
+use crate::harness::domain::{Domain, must_virsh};
+use crate::harness::guest::check_log;
+use crate::harness::guest::serial_count;
 use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
-use crate::libvirt::{Domain, must_virsh};
 
 /// Held by each test here: they check that no `/tmp/csbackup.*` is left,
 /// which another test's run in flight would make.
@@ -541,14 +541,14 @@ fn without_markers(stdout: &str) -> String {
         .join("\n")
 }
 
-/// Every file and directory under `dir`, with its size: what a run must
-/// leave as it found it.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out: Vec<(PathBuf, u64)> = walk_files(dir)
+/// Every file under `dir` with its bytes: what a run must leave as it
+/// found it.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<(PathBuf, Vec<u8>)> = walk_files(dir)
         .into_iter()
         .map(|p| {
-            let len = std::fs::metadata(&p).unwrap().len();
-            (p, len)
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
         })
         .collect();
     out.sort();
@@ -574,10 +574,9 @@ fn node_of(domain: &Domain, disk: &str) -> String {
 /// build on (a bitmap gone from one disk, a truncated parent file) gives a
 /// full with INCREMENTAL_FALLBACK=true and exit 0, and the chain goes on;
 /// after each incremental only the newest bitmap is left; a paused domain
-/// is backed up and stays paused; a failed run removes only what it made;
-/// a delete names exactly one backup directory; -c -b -e --verify work.
+/// is backed up and stays paused; -c -b -e --verify work.
 #[test]
-fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
+fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
     let _serial = one_at_a_time();
     for tool in ["du", "mount", "umount", "virsh"] {
         require(tool);
@@ -588,7 +587,7 @@ fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
     std::fs::create_dir(&nas).unwrap();
     let nas_arg = nas.to_str().unwrap().to_string();
     let before = mount_points();
-    let domain = Domain::create_shaped(d, None, crate::libvirt::Agent::NoChannel, true);
+    let domain = Domain::create_shaped(d, None, crate::harness::domain::Agent::NoChannel, true);
     let vols: Vec<String> = domain
         .disks
         .iter()
@@ -787,64 +786,6 @@ fn the_drop_in_never_locks_a_vm_out_and_never_removes_what_it_did_not_make() {
     assert_eq!(state, "paused");
     assert!(backing(5, 0).is_some());
     only_bitmap("b-6");
-
-    // Failures remove only what the run made. Into a directory holding a
-    // backup, into the VM's directory, through `.`: refused, all kept.
-    let kept = snapshot(&nas);
-    for path in [
-        t(5),
-        instance.to_string(),
-        format!("{instance}/."),
-        ".".into(),
-    ] {
-        let refused = call(&path, &["-M", "full", "--bitmap-new", "b-x"]);
-        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
-        assert_eq!(snapshot(&nas), kept, "{path}");
-    }
-    // A run that fails in a directory it made removes that directory only.
-    let bad = call(&t(6), &["-M", "bogus"]);
-    assert_eq!(bad.code, Some(1), "{}", bad.stdout);
-    assert!(bad.stdout.contains("Unknown mode"), "{}", bad.stdout);
-    assert_eq!(snapshot(&nas), kept);
-    assert!(nas.join(instance).is_dir());
-    // An unknown domain leaves no directory for it.
-    let ghost = nasbackup(&[
-        "-o",
-        "backup",
-        "-v",
-        "no-such-domain",
-        "-t",
-        "none",
-        "-s",
-        &nas_arg,
-        "-m",
-        "bind",
-        "-p",
-        "no-such-domain/2026.11.28.05.00.00",
-        "-q",
-        "false",
-        "-d",
-        "",
-    ]);
-    assert_eq!(ghost.code, Some(1), "{}", ghost.stdout);
-    assert!(!nas.join("no-such-domain").exists());
-    only_bitmap("b-6");
-
-    // A delete names one backup directory, nothing above it.
-    for path in [
-        ".",
-        instance,
-        &format!("{instance}/."),
-        &format!("{instance}/.."),
-        &format!("./{instance}"),
-    ] {
-        let refused = nasbackup(&[
-            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", path,
-        ]);
-        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
-        assert_eq!(snapshot(&nas), kept, "{path}");
-    }
-    nothing_mounted(&before);
 
     // The open PR's options: -c (compressed clusters), -b (MiB/s), --verify.
     domain.wait_records(10);
@@ -1163,4 +1104,119 @@ fn a_failed_stopped_backup_leaves_no_bitmap_on_the_sources() {
     assert_eq!(failed.code, Some(1), "{}{}", failed.stdout, failed.stderr);
     assert!(!qemu_img_info(&root).to_string().contains("b-fail"));
     assert!(!nas.join("i-7-7-VM").exists());
+}
+
+/// Failures remove only what the run made, and a delete names exactly
+/// one backup directory: a NAS with two VMs' backups, and every refused
+/// or failing run leaves it byte for byte (no domain needed: all of this
+/// is decided before QEMU is asked anything).
+#[test]
+fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
+    let _serial = one_at_a_time();
+    for tool in ["du", "mount", "umount"] {
+        require(tool);
+    }
+    let dir = tempdir();
+    let nas = dir.path().join("nas");
+    let nas_arg = nas.to_str().unwrap().to_string();
+    let before = mount_points();
+    let instance = "i-5-5-VM";
+    for (vm, ts) in [
+        (instance, "2026.11.28.05.00.00"),
+        (instance, "2026.11.28.06.00.00"),
+        ("i-6-6-VM", "2026.11.28.05.00.00"),
+    ] {
+        let d = nas.join(vm).join(ts);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("root.a.qcow2"), vm.as_bytes()).unwrap();
+        std::fs::write(d.join("domain-config.xml"), ts.as_bytes()).unwrap();
+    }
+    let kept = snapshot(&nas);
+    let backup = |path: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-o",
+            "backup",
+            "-v",
+            "no-such-domain",
+            "-t",
+            "none",
+            "-s",
+            &nas_arg,
+            "-m",
+            "bind",
+            "-p",
+            path,
+            "-q",
+            "false",
+            "-d",
+            "",
+        ];
+        args.extend(extra);
+        nasbackup(&args)
+    };
+    // Into a directory holding a backup, into the VM's directory, through
+    // `.` or `..`: refused before anything is written.
+    let holding = format!("{instance}/2026.11.28.05.00.00");
+    for path in [
+        holding.as_str(),
+        instance,
+        &format!("{instance}/."),
+        &format!("{instance}/../i-6-6-VM"),
+        ".",
+    ] {
+        let refused = backup(path, &["-M", "full", "--bitmap-new", "b-x"]);
+        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path}");
+    }
+    // A run that fails (no disks for a domain that is not running) in a
+    // directory it made removes that directory, and only it; under a new
+    // VM directory, the VM directory too.
+    for path in [
+        format!("{instance}/2026.11.28.07.00.00"),
+        "no-such-domain/2026.11.28.05.00.00".to_string(),
+    ] {
+        let failed = backup(&path, &[]);
+        assert_eq!(failed.code, Some(1), "{path}: {}", failed.stdout);
+        assert!(failed.stdout.contains("no disk paths"), "{}", failed.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path}");
+    }
+    assert!(!nas.join("no-such-domain").exists());
+    assert!(nas.join(instance).is_dir());
+
+    // A delete names one backup directory, nothing above it.
+    for path in [
+        ".",
+        instance,
+        &format!("{instance}/."),
+        &format!("{instance}/.."),
+        &format!("./{instance}"),
+        "",
+    ] {
+        let refused = nasbackup(&[
+            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", path,
+        ]);
+        assert_eq!(refused.code, Some(1), "{path:?}: {}", refused.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path:?}");
+    }
+    // ... and removes it, printing what it removed as rm -v does.
+    let deleted = nasbackup(&[
+        "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", &holding,
+    ]);
+    assert_eq!(
+        deleted.code,
+        Some(0),
+        "{}{}",
+        deleted.stdout,
+        deleted.stderr
+    );
+    assert_eq!(
+        deleted.stdout.matches("removed").count(),
+        3,
+        "{}",
+        deleted.stdout
+    );
+    assert!(!nas.join(&holding).exists());
+    assert!(nas.join(instance).join("2026.11.28.06.00.00").is_dir());
+    assert!(nas.join("i-6-6-VM").is_dir());
+    nothing_mounted(&before);
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::backup::Vm;
+use crate::harness::Vm;
 use crate::harness::{Rng, bitback, run, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::backup::Vm;
+use crate::harness::Vm;
 use crate::harness::{bitback, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::backup::Vm;
+use crate::harness::Vm;
 use crate::harness::{Rng, bitback, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;

@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod domain;
+pub mod guest;
+pub mod vm;
+pub(crate) use vm::{Model, Vm};
+
 pub const INSTALL_HINT: &str = "install QEMU 10 from bookworm-backports as .ci/run does: \
      add the bookworm-backports suite, then `apt-get install -t bookworm-backports \
      qemu-system-x86 qemu-utils` (see README.md)";
