@@ -310,79 +310,23 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     bitback::qemu::check_granularity(args.granularity)
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let cancel = cancel_on_signals()?;
-    let mut images = parse_images(&args.image)?;
-    let domain = args.target.domain();
-    let info = match &domain {
-        Some(domain) => Some(domain.info()?),
-        None => None,
-    };
-    // A shut-off domain: its disks, from its XML.
-    if let (Some(domain), Some(info)) = (&domain, &info)
-        && !info.running
-    {
-        if args.target.qmp.is_some() {
-            return Err(BadInput(format!(
-                "domain {} is shut off; it has no monitor to reach through --qmp",
-                domain.name
-            ))
-            .into());
-        }
-        images = engine::domain_images(&domain.name, info, &args.exclude)?;
-    }
-    let running = match &info {
-        Some(info) => info.running,
-        None => args.target.qmp.is_some(),
-    };
-    let repo_existed = args.repo.exists();
-    let repo = Repo::create(&args.repo)?;
-    // The lock first: a second run fails here at once.
-    let lock = match repo.lock_vm(&args.vm, "backup") {
-        Ok(lock) => lock,
-        Err(e) => {
-            remove_if_made(repo_existed, &args.repo);
-            return Err(e.into());
-        }
-    };
-    let result = if running {
-        match args
-            .target
-            .connect(info.as_ref(), Duration::from_secs(args.qmp_timeout))
-            .await
-        {
-            Ok(monitor) => {
-                engine::backup_named(&monitor.qmp, &repo, &lock, &opts, cancel, &monitor.renames)
-                    .await
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        engine::backup_stopped(&repo, &lock, &opts, &images, image_key.as_ref(), cancel).await
-    };
-    let manifest = match result {
-        Ok(manifest) => manifest,
-        Err(e) => {
-            // A run that failed before writing anything leaves nothing.
-            lock.release_unused();
-            remove_if_made(repo_existed, &args.repo);
-            return Err(e.context(engine::Operation::Backup {
-                vm: args.vm.clone(),
-            }));
-        }
-    };
+    let images = parse_images(&args.image)?;
+    let manifest = engine::backup_vm(engine::BackupRun {
+        repo: &args.repo,
+        target: args.target.target(),
+        images,
+        image_key: image_key.as_ref(),
+        qmp_timeout: Duration::from_secs(args.qmp_timeout),
+        opts: &opts,
+        cancel,
+    })
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
         print!("{}", render_backup(&manifest));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Removes the repository directory if this run made it and it is still
-/// empty.
-fn remove_if_made(existed: bool, root: &std::path::Path) {
-    if !existed {
-        let _ = std::fs::remove_dir(root);
-    }
 }
 
 fn kind_name(kind: BackupKind) -> &'static str {

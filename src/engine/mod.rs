@@ -20,7 +20,7 @@ pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, backup, backup_named};
+pub use backup::{BackupOptions, BackupRun, backup, backup_named, backup_vm};
 pub use check::data_file_problem;
 pub use check::{Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
