@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
 use tracing::info;
 
 /// The longest a virsh call may take (libvirt re-probing the hypervisor
@@ -28,6 +27,58 @@ const VIRSH_LIMIT: Duration = Duration::from_secs(120);
 
 /// The oldest libvirt whose QMP passthrough carries file descriptors.
 const FD_PASSING: (u64, u64) = (8, 2);
+
+/// What can go wrong talking to libvirt.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)"
+    )]
+    RunningVirsh(#[source] std::io::Error),
+
+    #[error("virsh {command} did not answer within {limit:?}")]
+    VirshTimeout { command: String, limit: Duration },
+
+    /// virsh ran and failed: its status and stderr are the fields.
+    #[error(transparent)]
+    Virsh(#[from] crate::child::Failed),
+
+    #[error("libvirt domain {domain} on {connect}")]
+    Domain {
+        domain: String,
+        connect: String,
+        #[source]
+        source: Box<Error>,
+    },
+
+    #[error("the XML of domain {domain}")]
+    Xml {
+        domain: String,
+        #[source]
+        source: roxmltree::Error,
+    },
+
+    #[error("{0}")]
+    TooOld(String),
+
+    #[error("creating the proxy's private directory")]
+    ProxyDir(#[source] crate::qemu::daemon::Error),
+
+    #[error("starting virt-qemu-qmp-proxy (install libvirt-clients-qemu and python3-libvirt)")]
+    StartingProxy(#[source] std::io::Error),
+
+    #[error("libvirt's QMP proxy for domain {domain} exited ({status}): {output}")]
+    ProxyExited {
+        domain: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+
+    #[error("libvirt's QMP proxy for domain {domain} did not listen within {limit:?}")]
+    ProxyTimeout { domain: String, limit: Duration },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A domain and the libvirt connection it lives on.
 #[derive(Debug, Clone)]
@@ -71,14 +122,14 @@ pub struct DomainInfo {
 
 impl Domain {
     /// Runs `virsh -c URI ARGS...` and returns its stdout.
-    fn virsh(&self, args: &[&str]) -> anyhow::Result<String> {
+    fn virsh(&self, args: &[&str]) -> Result<String> {
         self.virsh_within(args, VIRSH_LIMIT)
     }
 
     /// [`Domain::virsh`] with a time limit: a virsh still running after
     /// `limit` (a stalled libvirtd or guest agent) is killed by its pid and
     /// the call fails.
-    fn virsh_within(&self, args: &[&str], limit: Duration) -> anyhow::Result<String> {
+    fn virsh_within(&self, args: &[&str], limit: Duration) -> Result<String> {
         let out = crate::child::output_within(
             std::process::Command::new("virsh")
                 .arg("-c")
@@ -86,27 +137,34 @@ impl Domain {
                 .args(args),
             limit,
         )
-        .context(
-            "running virsh (install libvirt-clients: apt-get install --no-install-recommends libvirt-clients)",
-        )?
-        .ok_or_else(|| anyhow!("virsh {} did not answer within {limit:?}", args.join(" ")))?;
+        .map_err(Error::RunningVirsh)?
+        .ok_or_else(|| Error::VirshTimeout {
+            command: args.join(" "),
+            limit,
+        })?;
         let out = crate::child::succeeded(format!("virsh {}", args.join(" ")), out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The domain's state and disks (the live XML when it runs).
-    pub fn info(&self) -> anyhow::Result<DomainInfo> {
+    pub fn info(&self) -> Result<DomainInfo> {
         let state = self
             .virsh(&["domstate", &self.name])
-            .with_context(|| format!("libvirt domain {} on {}", self.name, self.connect))?;
+            .map_err(|e| Error::Domain {
+                domain: self.name.clone(),
+                connect: self.connect.clone(),
+                source: Box::new(e),
+            })?;
         let running = !matches!(state.trim(), "shut off" | "crashed");
         let xml = if running {
             self.virsh(&["dumpxml", &self.name])?
         } else {
             self.virsh(&["dumpxml", "--inactive", &self.name])?
         };
-        let mut info =
-            parse_xml(&xml).with_context(|| format!("the XML of domain {}", self.name))?;
+        let mut info = parse_xml(&xml).map_err(|source| Error::Xml {
+            domain: self.name.clone(),
+            source,
+        })?;
         info.running = running;
         info.paused = state.trim() == "paused";
         Ok(info)
@@ -114,18 +172,18 @@ impl Domain {
 
     /// Freezes the guest's filesystems through libvirt's agent channel,
     /// giving up after `limit` (a stalled agent).
-    pub fn fs_freeze(&self, limit: Duration) -> anyhow::Result<()> {
+    pub fn fs_freeze(&self, limit: Duration) -> Result<()> {
         self.virsh_within(&["domfsfreeze", &self.name], limit)
             .map(drop)
     }
 
     /// Thaws them (harmless when they are not frozen).
-    pub fn fs_thaw(&self) -> anyhow::Result<()> {
+    pub fn fs_thaw(&self) -> Result<()> {
         self.virsh(&["domfsthaw", &self.name]).map(drop)
     }
 
     /// `virsh ARGS... DOMAIN`'s output, for records kept beside a backup.
-    pub fn virsh_text(&self, command: &str) -> anyhow::Result<String> {
+    pub fn virsh_text(&self, command: &str) -> Result<String> {
         self.virsh(&[command, &self.name])
     }
 
@@ -133,10 +191,10 @@ impl Domain {
     /// the client library's version (`virsh --version`; `virsh version`
     /// would probe the hypervisor, seconds on a busy host): the proxy's
     /// passthrough is a client call, and a daemon without it says so.
-    fn check_version(&self) -> anyhow::Result<()> {
+    fn check_version(&self) -> Result<()> {
         let text = self.virsh(&["--version"])?;
         match version_problem(&text) {
-            Some(problem) => bail!("{problem}"),
+            Some(problem) => Err(Error::TooOld(problem)),
             None => Ok(()),
         }
     }
@@ -192,8 +250,8 @@ fn proxy_command_line() -> std::process::Command {
 }
 
 /// Reads what bitback needs from a domain's XML.
-fn parse_xml(xml: &str) -> anyhow::Result<DomainInfo> {
-    let doc = roxmltree::Document::parse(xml).context("parsing the domain XML")?;
+fn parse_xml(xml: &str) -> std::result::Result<DomainInfo, roxmltree::Error> {
+    let doc = roxmltree::Document::parse(xml)?;
     let root = doc.root_element();
     let uuid = root
         .children()
@@ -256,9 +314,9 @@ impl Proxy {
     /// the proxy dies when the thread that spawned it ends
     /// ([`crate::qemu::daemon::die_with_parent`]), and blocking-pool
     /// threads end when idle.
-    pub fn start(domain: &Domain) -> anyhow::Result<Proxy> {
+    pub fn start(domain: &Domain) -> Result<Proxy> {
         domain.check_version()?;
-        let dir = crate::qemu::daemon::private_dir("libvirt")?;
+        let dir = crate::qemu::daemon::private_dir("libvirt").map_err(Error::ProxyDir)?;
         let socket = dir.join("qmp.sock");
         let child = proxy_command()
             .arg("--connect")
@@ -273,9 +331,7 @@ impl Proxy {
             Ok(child) => child,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(anyhow::anyhow!(e).context(
-                    "starting virt-qemu-qmp-proxy (install libvirt-clients-qemu and python3-libvirt)",
-                ));
+                return Err(Error::StartingProxy(e));
             }
         };
         info!(pid = child.id(), domain = %domain.name, "started libvirt's QMP proxy");
@@ -302,17 +358,17 @@ impl Proxy {
                     let mut pipe = pipe;
                     let _ = pipe.read_to_string(&mut text);
                 }
-                bail!(
-                    "libvirt's QMP proxy for domain {} exited ({status}): {}",
-                    domain.name,
-                    text.trim()
-                );
+                return Err(Error::ProxyExited {
+                    domain: domain.name.clone(),
+                    status,
+                    output: text.trim().to_string(),
+                });
             }
             if Instant::now() > deadline {
-                bail!(
-                    "libvirt's QMP proxy for domain {} did not listen within 30 s",
-                    domain.name
-                );
+                return Err(Error::ProxyTimeout {
+                    domain: domain.name.clone(),
+                    limit: Duration::from_secs(30),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }

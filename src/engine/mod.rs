@@ -85,21 +85,17 @@ impl std::fmt::Debug for ProgressSink {
     }
 }
 
-/// What failed, as a typed error context: a backup or restore that ran
-/// (exit 1), as opposed to bad input or an unreachable QEMU (exit 2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The engine's errors that a front end decides on (the CLI maps them to
+/// exit codes): what failed, as a typed context: a backup or restore that
+/// ran (exit 1), as opposed to [`BadInput`] or an unreachable QEMU (exit
+/// 2). The layers below have their own (`qmp::Error`, `repo::Error`,
+/// `libvirt::Error`, `qemu::daemon::Error`, `child::Failed`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Operation {
+    #[error("backup of vm {vm}")]
     Backup { vm: String },
+    #[error("restore of vm {vm}")]
     Restore { vm: String },
-}
-
-impl std::fmt::Display for Operation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Operation::Backup { vm } => write!(f, "backup of vm {vm}"),
-            Operation::Restore { vm } => write!(f, "restore of vm {vm}"),
-        }
-    }
 }
 
 /// Input the user must fix (an unknown volume, a malformed argument):

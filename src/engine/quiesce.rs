@@ -105,7 +105,7 @@ fn libvirt_freeze(domain: &Domain, limit: Duration) -> anyhow::Result<()> {
     {
         error!(error = %format!("{t:#}"), "thawing after a failed freeze failed; the guest may be frozen");
     }
-    frozen
+    Ok(frozen?)
 }
 
 impl Frozen {
@@ -127,7 +127,7 @@ impl Frozen {
                 let thawed = tokio::task::spawn_blocking(move || domain.fs_thaw())
                     .await
                     .context("thawing through libvirt")
-                    .and_then(|r| r);
+                    .and_then(|r| r.map_err(anyhow::Error::from));
                 match thawed {
                     Ok(()) => None,
                     Err(e) => {

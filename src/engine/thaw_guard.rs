@@ -66,7 +66,7 @@ impl Thawer {
             }
             Thawer::Libvirt(domain) => {
                 let domain = domain.clone();
-                tokio::task::spawn_blocking(move || domain.fs_thaw()).await?
+                Ok(tokio::task::spawn_blocking(move || domain.fs_thaw()).await??)
             }
         }
     }

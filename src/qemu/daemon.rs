@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
@@ -54,8 +53,37 @@ pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
+/// What can go wrong running qemu-storage-daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating {}", path.display())]
+    PrivateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("starting qemu-storage-daemon (install qemu-utils 7.2 or newer, which has it)")]
+    Starting(#[source] std::io::Error),
+
+    #[error("qemu-storage-daemon exited ({status}): {stderr}")]
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+
+    #[error("qemu-storage-daemon (pid {pid}) did not come up within {limit:?}; it was stopped")]
+    StartTimeout { pid: u32, limit: Duration },
+
+    #[error("qemu-storage-daemon did not quit within {limit:?}; it was killed")]
+    QuitTimeout { limit: Duration },
+
+    #[error("waiting for qemu-storage-daemon")]
+    Waiting(#[source] std::io::Error),
+}
+
 /// A fresh private directory under the system temp dir.
-pub fn private_dir(purpose: &str) -> anyhow::Result<PathBuf> {
+pub fn private_dir(purpose: &str) -> Result<PathBuf, Error> {
     let dir = std::env::temp_dir().join(format!(
         "bitback-{purpose}-{}-{}",
         std::process::id(),
@@ -64,8 +92,10 @@ pub fn private_dir(purpose: &str) -> anyhow::Result<PathBuf> {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Ok(dir),
+        Err(source) => Err(Error::PrivateDir { path: dir, source }),
+    }
 }
 
 /// How long a daemon may take to listen, plus [`START_LIMIT_PER_OBJECT`]
@@ -76,7 +106,7 @@ const START_LIMIT_PER_OBJECT: Duration = Duration::from_secs(60);
 impl Daemon {
     /// Starts the daemon in `dir` (which it owns from now on: it is
     /// removed when the daemon goes) and waits until it listens.
-    pub async fn start(dir: PathBuf, spec: &DaemonSpec) -> anyhow::Result<Daemon> {
+    pub async fn start(dir: PathBuf, spec: &DaemonSpec) -> Result<Daemon, Error> {
         let socket = dir.join("qmp.sock");
         let mut std_cmd = std::process::Command::new("qemu-storage-daemon");
         die_with_parent(&mut std_cmd);
@@ -110,9 +140,7 @@ impl Daemon {
             Ok(child) => child,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(anyhow::anyhow!(e).context(
-                    "starting qemu-storage-daemon (install qemu-utils 7.2 or newer, which has it)",
-                ));
+                return Err(Error::Starting(e));
             }
         };
         info!(pid = child.id(), "started qemu-storage-daemon");
@@ -133,16 +161,19 @@ impl Daemon {
                 if let Some(mut pipe) = daemon.child.stderr.take() {
                     let _ = pipe.read_to_string(&mut stderr).await;
                 }
-                bail!("qemu-storage-daemon exited ({status}): {}", stderr.trim());
+                return Err(Error::Exited {
+                    status,
+                    stderr: stderr.trim().to_string(),
+                });
             }
             if daemon.listening(spec, &socket).await {
                 return Ok(daemon);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "qemu-storage-daemon (pid {}) did not come up within {limit:?}; it was stopped",
-                    daemon.child.id().unwrap_or(0)
-                );
+                return Err(Error::StartTimeout {
+                    pid: daemon.child.id().unwrap_or(0),
+                    limit,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -179,24 +210,29 @@ impl Daemon {
     }
 
     /// Waits until the daemon exits on its own.
-    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        Ok(self.child.wait().await?)
+    pub async fn wait(&mut self) -> Result<std::process::ExitStatus, Error> {
+        self.child.wait().await.map_err(Error::Waiting)
     }
 
     /// Asks the daemon to quit (it closes its images cleanly, writing
     /// persistent bitmaps) and waits; kills it by pid if it does not exit.
-    pub async fn quit(mut self) -> anyhow::Result<()> {
+    pub async fn quit(mut self) -> Result<(), Error> {
         if let Some(qmp) = &self.qmp {
             let _ = qmp.execute_raw("quit", Value::Null).await;
         }
         match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => bail!("qemu-storage-daemon exited with {status}"),
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(status)) => Err(Error::Exited {
+                status,
+                stderr: String::new(),
+            }),
+            Ok(Err(e)) => Err(Error::Waiting(e)),
             Err(_) => {
                 warn!("qemu-storage-daemon did not quit; killing it");
                 let _ = self.child.kill().await;
-                bail!("qemu-storage-daemon did not quit within 60 s")
+                Err(Error::QuitTimeout {
+                    limit: Duration::from_secs(60),
+                })
             }
         }
     }
