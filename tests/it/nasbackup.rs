@@ -175,30 +175,6 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         nasbackup(&args)
     };
 
-    // stats: the mount point, then "total used" in 1K blocks.
-    let stats = nasbackup(&["-o", "stats", "-t", "none", "-s", &nas_arg, "-m", "bind"]);
-    assert_eq!(stats.code, Some(0), "{}{}", stats.stdout, stats.stderr);
-    let lines: Vec<&str> = stats.stdout.trim().lines().collect();
-    assert_eq!(lines.len(), 2, "{}", stats.stdout);
-    assert!(lines[0].starts_with(&format!("{}/csbackup.", std::env::temp_dir().display())));
-    let numbers: Vec<u64> = lines[1]
-        .split_whitespace()
-        .map(|n| n.parse().unwrap())
-        .collect();
-    assert_eq!(numbers.len(), 2);
-    assert!(numbers[0] >= numbers[1] && numbers[0] > 0);
-    nothing_mounted(&before);
-
-    // Bad options: usage, exit 1.
-    let bad = nasbackup(&["-o", "backup", "--frobnicate", "1"]);
-    assert_eq!(bad.code, Some(1));
-    assert!(
-        bad.stdout.contains("Invalid option: --frobnicate"),
-        "{}",
-        bad.stdout
-    );
-    assert!(bad.stdout.contains("Usage:"), "{}", bad.stdout);
-
     // A full with the bitmap the orchestrator named.
     let t = |n: u32| format!("{instance}/2026.11.27.05.{n:02}.00");
     let mut args = common(&t(0));
@@ -467,65 +443,6 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         previous = a;
     }
 
-    // A stopped VM (-d, the domain gone): full copies, one size per line,
-    // and the new bitmap pre-seeded on the qcow2 sources.
-    domain.destroy();
-    let disks = format!(
-        "{},{}",
-        domain.disks[0].display(),
-        domain.disks[1].display()
-    );
-    let mut args = common(&t(20));
-    let di = args.iter().position(|a| a == "-d").unwrap();
-    args[di + 1] = disks;
-    args.extend(["-M", "full", "--bitmap-new", "backup-20000"].map(String::from));
-    let stopped = call(args);
-    assert_eq!(
-        stopped.code,
-        Some(0),
-        "{}{}",
-        stopped.stdout,
-        stopped.stderr
-    );
-    let dest = nas.join(t(20));
-    let files: u64 = std::fs::read_dir(&dest)
-        .unwrap()
-        .flatten()
-        .map(|e| e.metadata().unwrap().len())
-        .sum();
-    assert_eq!(stopped_size(&stopped.stdout), files);
-    assert_eq!(stopped.stdout.trim().lines().count(), 2);
-    for disk in &domain.disks {
-        let info = qemu_img_info(disk);
-        let text = info.to_string();
-        assert!(text.contains("backup-20000"), "{text}");
-    }
-    let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
-    assert!(a >= previous);
-    nothing_mounted(&before);
-
-    // delete: the backup directory goes.
-    let deleted = nasbackup(&[
-        "-o",
-        "delete",
-        "-t",
-        "none",
-        "-s",
-        &nas_arg,
-        "-m",
-        "bind",
-        "-p",
-        &t(20),
-    ]);
-    assert_eq!(
-        deleted.code,
-        Some(0),
-        "{}{}",
-        deleted.stdout,
-        deleted.stderr
-    );
-    assert!(!dest.exists());
-    assert!(nas.join(t(3)).exists());
     nothing_mounted(&before);
 }
 
@@ -1218,5 +1135,148 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
     assert!(!nas.join(&holding).exists());
     assert!(nas.join(instance).join("2026.11.28.06.00.00").is_dir());
     assert!(nas.join("i-6-6-VM").is_dir());
+    nothing_mounted(&before);
+}
+
+/// The script's stats operation and its answer to bad options, with no
+/// domain.
+#[test]
+fn stats_and_bad_options_answer_as_the_script_does() {
+    let _serial = one_at_a_time();
+    for tool in ["mount", "umount"] {
+        require(tool);
+    }
+    let dir = tempdir();
+    let nas = dir.path().join("nas");
+    std::fs::create_dir(&nas).unwrap();
+    let nas_arg = nas.to_str().unwrap().to_string();
+    let before = mount_points();
+    // stats: the mount point, then "total used" in 1K blocks.
+    let stats = nasbackup(&["-o", "stats", "-t", "none", "-s", &nas_arg, "-m", "bind"]);
+    assert_eq!(stats.code, Some(0), "{}{}", stats.stdout, stats.stderr);
+    let lines: Vec<&str> = stats.stdout.trim().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", stats.stdout);
+    assert!(lines[0].starts_with(&format!("{}/csbackup.", std::env::temp_dir().display())));
+    let numbers: Vec<u64> = lines[1]
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(numbers.len(), 2);
+    assert!(numbers[0] >= numbers[1] && numbers[0] > 0);
+    nothing_mounted(&before);
+
+    // Bad options: usage, exit 1.
+    let bad = nasbackup(&["-o", "backup", "--frobnicate", "1"]);
+    assert_eq!(bad.code, Some(1));
+    assert!(
+        bad.stdout.contains("Invalid option: --frobnicate"),
+        "{}",
+        bad.stdout
+    );
+    assert!(bad.stdout.contains("Usage:"), "{}", bad.stdout);
+    nothing_mounted(&before);
+}
+
+/// A stopped VM's backup (`-d`, the domain not running): a full copy of
+/// each image, one byte count per line (what the merged agent sums), the
+/// new bitmap pre-seeded on the qcow2 sources, each copy equal to its
+/// image; then the agent's delete of that backup directory.
+#[test]
+fn a_stopped_vm_is_copied_whole_and_its_backup_deleted() {
+    let _serial = one_at_a_time();
+    for tool in ["du", "mount", "umount", "qemu-io"] {
+        require(tool);
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let nas = d.join("nas");
+    std::fs::create_dir(&nas).unwrap();
+    let nas_arg = nas.to_str().unwrap().to_string();
+    let before = mount_points();
+    let vols = [
+        "5a1d0c2e-0000-4000-8000-0000000000c1",
+        "5a1d0c2e-0000-4000-8000-0000000000c2",
+    ];
+    let disks: Vec<PathBuf> = vols.iter().map(|v| d.join(v)).collect();
+    for (i, disk) in disks.iter().enumerate() {
+        crate::harness::create_qcow2(disk, 8 << 20, &[]);
+        run(Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} 1M 256k", 0x31 + i),
+            ])
+            .arg(disk));
+    }
+    let other = nas.join("other-vm/2026.11.29.03.00.00");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("root.x.qcow2"), b"kept").unwrap();
+    let path = "i-8-8-VM/2026.11.29.03.00.00";
+    let list = format!("{},{}", disks[0].display(), disks[1].display());
+    let stopped = nasbackup(&[
+        "-o",
+        "backup",
+        "-v",
+        "i-8-8-VM",
+        "-t",
+        "none",
+        "-s",
+        &nas_arg,
+        "-m",
+        "bind",
+        "-p",
+        path,
+        "-q",
+        "false",
+        "-d",
+        &list,
+        "-M",
+        "full",
+        "--bitmap-new",
+        "backup-20000",
+    ]);
+    assert_eq!(
+        stopped.code,
+        Some(0),
+        "{}{}",
+        stopped.stdout,
+        stopped.stderr
+    );
+    let dest = nas.join(path);
+    let files: u64 = std::fs::read_dir(&dest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert_eq!(stopped_size(&stopped.stdout), files);
+    assert_eq!(stopped.stdout.trim().lines().count(), 2);
+    for (i, disk) in disks.iter().enumerate() {
+        assert!(qemu_img_info(disk).to_string().contains("backup-20000"));
+        let role = if i == 0 { "root" } else { "datadisk" };
+        let copy = dest.join(format!("{role}.{}.qcow2", vols[i]));
+        assert!(
+            crate::harness::same_content(disk, "qcow2", &copy, "qcow2"),
+            "{} differs from {}",
+            copy.display(),
+            disk.display()
+        );
+    }
+    nothing_mounted(&before);
+
+    // delete: the backup directory goes, nothing else.
+    let deleted = nasbackup(&[
+        "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", path,
+    ]);
+    assert_eq!(
+        deleted.code,
+        Some(0),
+        "{}{}",
+        deleted.stdout,
+        deleted.stderr
+    );
+    assert!(!dest.exists());
+    assert!(nas.join("i-8-8-VM").is_dir());
+    assert_eq!(std::fs::read(other.join("root.x.qcow2")).unwrap(), b"kept");
     nothing_mounted(&before);
 }
