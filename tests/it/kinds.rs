@@ -196,10 +196,10 @@ fn luks_qcow2(path: &Path, secret: &str) {
     }
 }
 
-#[test]
-fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
-    let dir = tempdir();
-    let d = dir.path();
+/// A VM of the five kinds of disk (qcow2 v3, raw file, raw block device
+/// on a loop device, qcow2 v2, LUKS in qcow2), each with a zero model;
+/// the loop device and the LUKS source's key file with it.
+fn five_kinds(d: &Path) -> (Vm, LoopDevice, PathBuf) {
     create_qcow2(&d.join("v3.qcow2"), SIZE, &[]);
     create_qcow2(&d.join("v2.qcow2"), SIZE, &["-o", "compat=0.10"]);
     std::fs::File::create(d.join("raw.img"))
@@ -222,8 +222,16 @@ fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
         Disk::with_format("v2", "v2", &d.join("v2.qcow2"), "qcow2", ""),
         luks_disk("luks", &d.join("luks.qcow2")),
     ];
-    let mut vm = Vm::start_in(d, disks);
+    (Vm::start_in(d, disks), device, source_key)
+}
 
+/// What bitback says of the five kinds before any backup: how each is
+/// tracked, and that an encrypted volume is not copied to plaintext unasked.
+#[test]
+fn five_kinds_of_disk_are_told_apart_and_encryption_is_not_dropped_unasked() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (mut vm, _device, _source_key) = five_kinds(d);
     // inspect says how each volume is tracked.
     let qmp = vm.qemu().qmp.clone();
     let info = bitback(&["inspect", "--qmp", qmp.to_str().unwrap(), "--json"]).json();
@@ -275,6 +283,15 @@ fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
     }
     assert!(!vm.repo.exists() || list_ids(&vm.repo, Some("vm1")).is_empty());
 
+    vm.quit();
+}
+
+#[test]
+fn five_kinds_of_disk_full_incremental_restart_hotplug_and_stopped() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (mut vm, device, source_key) = five_kinds(d);
+    vm.write_all(0);
     let plain = ["--allow-plaintext"];
     let full = vm.backup(&plain);
     assert_eq!(full["kind"], "full");
@@ -521,59 +538,8 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
     let verified = bitback(&["verify", "--repo", &repo]);
     assert_eq!(verified.code, Some(0), "{}", verified.stdout);
 
-    // restore needs it, and then equals the model at every point.
-    let out = d.join("no-key/");
-    let refused = bitback(&[
-        "restore",
-        "--repo",
-        &repo,
-        "--vm",
-        "vm1",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
-    assert!(refused.stderr.contains("--key-file"), "{}", refused.stderr);
-    let restore_with = |key: &Path, out: &Path, json: bool| {
-        let mut args = vec![
-            "restore",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--output",
-            out.to_str().unwrap(),
-            "--key-file",
-            key.to_str().unwrap(),
-        ];
-        if json {
-            args.push("--json");
-        }
-        bitback(&args)
-    };
-    // A key file others may read is refused (as ssh refuses such a
-    // private key), before anything is made.
-    let loose = d.join("loose.key");
-    std::fs::write(&loose, "a backup passphrase\n").unwrap();
-    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let loose_out = d.join("loose/");
-    let refused = restore_with(&loose, &loose_out, false);
-    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
-    assert!(refused.stderr.contains("mode 0644"), "{}", refused.stderr);
-    assert!(refused.stderr.contains("chmod 600"), "{}", refused.stderr);
-    assert!(!loose_out.exists());
-    // The wrong key fails the restore and leaves no empty directory.
-    let wrong_out = d.join("wrong-key/");
-    let wrong = restore_with(&other_key, &wrong_out, false);
-    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
-    assert!(!wrong_out.exists());
-    // The right one: qemu-img copied, so no byte count is claimed.
-    let human_out = d.join("human/");
-    let human = restore_with(&key, &human_out, false);
-    assert_eq!(human.code, Some(0), "{}", human.stderr);
-    assert!(!human.stdout.contains(" 0 B "), "{}", human.stdout);
-    let json = restore_with(&key, &d.join("human-json/"), true).json();
-    assert_eq!(json[0]["bytes_copied"], Value::Null, "{json}");
+    // restore needs it (see the next test for the key's refusals), and
+    // then equals the model at every point.
     for (i, (id, files)) in vm.points.iter().enumerate() {
         let out = d.join(format!("restored-{i}/"));
         let restored = bitback(&[
@@ -668,4 +634,88 @@ fn encrypted_backups_hold_no_plaintext_and_restore_with_the_key() {
     );
     assert_eq!(plain.get("encryption"), None);
     vm.quit();
+}
+
+/// The key a restore of an encrypted backup is given: none, one others
+/// may read, the wrong one (each refused, nothing made), and the right one
+/// (qemu-img decrypts, so no byte count is claimed).
+#[test]
+fn an_encrypted_restore_refuses_every_key_but_its_own() {
+    require("qemu-io");
+    let dir = tempdir();
+    let d = dir.path();
+    create_qcow2(&d.join("plain.qcow2"), SIZE, &[]);
+    let key = d.join("backup.key");
+    write_key(&key, "a backup passphrase\n");
+    let other_key = d.join("other.key");
+    write_key(&other_key, "another passphrase");
+    let mut vm = Vm::start_in(
+        d,
+        vec![Disk::with_format(
+            "plain",
+            "plain",
+            &d.join("plain.qcow2"),
+            "qcow2",
+            "",
+        )],
+    );
+    vm.write("plain", 0, 65536, 0x41);
+    let key_arg = key.display().to_string();
+    let full = vm.backup(&["--encrypt-key-file", &key_arg, "--encrypt-iter-time", "100"]);
+    assert_eq!(full["encryption"], "luks");
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    // No key.
+    let out = d.join("no-key/");
+    let refused = bitback(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--key-file"), "{}", refused.stderr);
+    let restore_with = |key: &Path, out: &Path, json: bool| {
+        let mut args = vec![
+            "restore",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--output",
+            out.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        bitback(&args)
+    };
+    // A key file others may read is refused (as ssh refuses such a
+    // private key), before anything is made.
+    let loose = d.join("loose.key");
+    std::fs::write(&loose, "a backup passphrase\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let loose_out = d.join("loose/");
+    let refused = restore_with(&loose, &loose_out, false);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("mode 0644"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("chmod 600"), "{}", refused.stderr);
+    assert!(!loose_out.exists());
+    // The wrong key fails the restore and leaves no empty directory.
+    let wrong_out = d.join("wrong-key/");
+    let wrong = restore_with(&other_key, &wrong_out, false);
+    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
+    assert!(!wrong_out.exists());
+    // The right one: qemu-img copied, so no byte count is claimed.
+    let human_out = d.join("human/");
+    let human = restore_with(&key, &human_out, false);
+    assert_eq!(human.code, Some(0), "{}", human.stderr);
+    assert!(!human.stdout.contains(" 0 B "), "{}", human.stdout);
+    let json = restore_with(&key, &d.join("human-json/"), true).json();
+    assert_eq!(json[0]["bytes_copied"], Value::Null, "{json}");
 }
