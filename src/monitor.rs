@@ -8,10 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::engine::BadInput;
 use crate::libvirt::{Domain, DomainInfo, Proxy};
 use crate::qemu::{self, Volume};
 use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
+
+/// A [`Target`] that names neither a socket nor a domain: the caller's
+/// input to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("give a QMP socket (--qmp SOCK) or a libvirt domain (--libvirt DOMAIN)")]
+pub struct NoTarget;
 
 /// Where the VM's monitor is.
 #[derive(Debug, Clone, Default)]
@@ -74,10 +79,7 @@ impl Target {
                 (Endpoint::Unix(proxy.socket().to_path_buf()), Some(proxy))
             }
             (None, None) => {
-                return Err(BadInput(
-                    "give a QMP socket (--qmp SOCK) or a libvirt domain (--libvirt DOMAIN)".into(),
-                )
-                .into());
+                return Err(NoTarget.into());
             }
         };
         let qmp = if proxy.is_some() {

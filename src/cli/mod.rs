@@ -85,6 +85,7 @@ const EXIT_FAILED: u8 = 1;
 fn exit_code(error: &anyhow::Error) -> u8 {
     let ran = error.chain().all(|e| {
         !(e.is::<bitback::engine::BadInput>()
+            || e.is::<bitback::monitor::NoTarget>()
             || matches!(
                 e.downcast_ref::<qmp::Error>(),
                 Some(
