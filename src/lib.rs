@@ -9,6 +9,7 @@
 //! docs/repository.md describes the on-disk formats.
 
 pub mod child;
+pub mod demo;
 mod digest;
 pub mod disk;
 pub mod engine;
