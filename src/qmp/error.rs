@@ -12,7 +12,7 @@ pub enum Error {
         source: io::Error,
     },
 
-    #[error("{endpoint} is a {kind}, not a socket; --qmp needs QEMU's QMP socket")]
+    #[error("{endpoint} is a {kind}, not a socket; a QMP monitor is QEMU's -qmp unix:PATH socket")]
     NotASocket {
         endpoint: String,
         kind: &'static str,
