@@ -85,9 +85,30 @@ pub(crate) struct BackupArgs {
     qga: Option<PathBuf>,
 
     /// Limit each volume's copy to this many bytes per second (K, M, G
-    /// suffixes).
-    #[arg(long, value_name = "RATE", value_parser = parse_size)]
-    rate_limit: Option<u64>,
+    /// suffixes: 50M, 1G).
+    ///
+    /// The limit holds back the backup job's own reads and writes. Without
+    /// --fleecing it cannot hold back the copies of old data that guest
+    /// writes cause: those go to the repository at once.
+    #[arg(long, visible_alias = "rate-limit", value_name = "RATE", value_parser = parse_size)]
+    speed_limit: Option<u64>,
+
+    /// Fleecing: old data that guest writes displace during the backup goes
+    /// to a scratch image in DIR instead of straight to the repository.
+    ///
+    /// While a backup runs, a guest write to a cluster not yet copied waits
+    /// until the old data is stored. Without fleecing it is stored in the
+    /// repository, so a slow NAS slows the guest; with it, in DIR, and the
+    /// copy to the repository reads it from there at its own pace. Choose a
+    /// local, fast filesystem (the host's SSD, a tmpfs with room), not the
+    /// repository. DIR needs room for at most what the guest overwrites
+    /// during the run (never more than the volumes' size); if it fills up,
+    /// the backup fails and the guest's writes go on. The scratch images
+    /// (`bitback-*-f<N>.qcow2`) are removed after every run; one a killed run
+    /// left is removed by the next run with the same DIR. Encrypted volumes
+    /// are never fleeced (their old data would lie in DIR in the clear).
+    #[arg(long, value_name = "DIR")]
+    fleecing: Option<PathBuf>,
 
     /// Cluster size of the backup files (512 to 2M, a power of two).
     ///
@@ -275,7 +296,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             (None, domain) => domain.map(Thawer::Libvirt),
         },
         thaw_guard: Some(thaw_guard_command()),
-        rate_limit: args.rate_limit,
+        rate_limit: args.speed_limit,
         compress: false,
         cluster_size: args.cluster_size,
         granularity: Some(args.granularity),
@@ -295,7 +316,17 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| BadInput(format!("--encrypt-key-file: {e:#}")))?,
         encrypt_iter_time: args.encrypt_iter_time,
         allow_plaintext: args.allow_plaintext,
+        fleecing: args.fleecing.clone(),
     };
+    if let Some(dir) = &args.fleecing {
+        if !dir.is_dir() {
+            return Err(BadInput(format!(
+                "--fleecing {}: not a directory (give a directory on local, fast storage)",
+                dir.display()
+            ))
+            .into());
+        }
+    }
     let image_key = args
         .image_key_file
         .as_deref()

@@ -52,7 +52,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Demo(demo::DemoArgs),
-    Backup(backup::BackupArgs),
+    Backup(Box<backup::BackupArgs>),
     List(backup::ListArgs),
     Restore(restore::RestoreArgs),
     Verify(restore::VerifyArgs),
@@ -144,7 +144,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Backup(args) => backup::backup(args).await,
+            Command::Backup(args) => backup::backup(*args).await,
             Command::List(args) => backup::list(args),
             Command::Restore(args) => restore::restore(args),
             Command::Verify(args) => restore::verify(args),

@@ -92,6 +92,11 @@ pub struct BackupOptions {
     pub encrypt_iter_time: Option<u64>,
     /// Back up encrypted volumes without encrypting the backup.
     pub allow_plaintext: bool,
+    /// Fleecing: the old data of guest writes during the copy goes to a
+    /// scratch image in this directory (local, fast storage) instead of to
+    /// the repository, so a slow repository does not slow the guest. It
+    /// holds at most what the guest overwrites during the run.
+    pub fleecing: Option<PathBuf>,
 }
 
 impl Default for BackupOptions {
@@ -114,6 +119,7 @@ impl Default for BackupOptions {
             encrypt: None,
             encrypt_iter_time: None,
             allow_plaintext: false,
+            fleecing: None,
         }
     }
 }

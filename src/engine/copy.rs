@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::BackupOptions;
+use super::guard::{self, Guard, Way};
 use super::key::Key;
 use super::quiesce;
 use super::scope::Scope;
@@ -96,29 +97,48 @@ pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result
         found = true;
         cancel_job(qmp, id).await;
     }
+    if let Err(e) = guard::remove_stray(qmp, scope).await {
+        warn!(vm, error = %e, "cannot take out a guard left by an interrupted run");
+    }
     let nodes = qmp
         .execute_raw("query-named-block-nodes", json!({ "flat": true }))
         .await?;
-    for node in nodes.as_array().into_iter().flatten() {
-        if let Some(name) = node["node-name"]
-            .as_str()
-            .filter(|n| scope.owns_node_or_job(n))
+    let mut owned: Vec<&str> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|node| node["node-name"].as_str())
+        .filter(|n| scope.owns_node_or_job(n))
+        .collect();
+    // Filters before the nodes they write (targets, fleecing images).
+    owned.sort_by_key(|n| !n.rsplit_once('-').is_some_and(|(_, k)| k.starts_with('c')));
+    for name in owned {
+        info!(
+            vm,
+            node = name,
+            "removing a node left by an interrupted run"
+        );
+        found = true;
+        if let Err(e) = qmp
+            .execute_raw("blockdev-del", json!({ "node-name": name }))
+            .await
         {
-            info!(
-                vm,
-                node = name,
-                "removing a target node left by an interrupted run"
-            );
-            found = true;
-            if let Err(e) = qmp
-                .execute_raw("blockdev-del", json!({ "node-name": name }))
-                .await
-            {
-                warn!(vm, node = name, error = %e, "cannot remove a stray target node");
-            }
+            warn!(vm, node = name, error = %e, "cannot remove a stray node");
         }
     }
     Ok(found)
+}
+
+/// Removes the fleecing files (QEMU has closed them, or keeps only an
+/// open descriptor to an unlinked file).
+fn remove_scratch(files: &mut Vec<PathBuf>) {
+    for file in files.drain(..) {
+        if let Err(e) = std::fs::remove_file(&file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(file = %file.display(), error = %e, "cannot remove a fleecing image");
+            }
+        }
+    }
 }
 
 /// What to take back in QEMU if the run fails after changing it.
@@ -131,6 +151,10 @@ struct Undo {
     objects: Vec<String>,
     /// (node, bitmap) added by the transaction.
     bitmaps: Vec<(String, String)>,
+    /// Guards standing under devices, taken out before the nodes.
+    guards: Vec<Guard>,
+    /// Fleecing files the run created, removed once QEMU let them go.
+    scratch: Vec<PathBuf>,
     /// Set when the guest was frozen and the thaw failed: the backup may
     /// go on, but must not report success.
     thaw_failure: Option<String>,
@@ -178,6 +202,11 @@ impl Undo {
         for job in self.jobs.drain(..) {
             cancel_job(qmp, &job).await;
         }
+        for guard in self.guards.drain(..) {
+            if let Err(e) = guard.remove(qmp).await {
+                warn!(device = %guard.qdev, error = %e, "cannot take out the guard; the next backup of this vm does");
+            }
+        }
         for node in self.nodes.drain(..).rev() {
             if let Err(e) = qmp
                 .execute_raw("blockdev-del", json!({ "node-name": node }))
@@ -194,6 +223,7 @@ impl Undo {
         for id in self.objects.drain(..) {
             let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
         }
+        remove_scratch(&mut self.scratch);
         if self.bitmaps.is_empty() {
             return;
         }
@@ -301,15 +331,121 @@ pub async fn copy_to_files(plan: &CopyPlan<'_>, cancel: Cancel) -> anyhow::Resul
 /// Steps 3 to 5: targets, transaction, jobs. On success the jobs are
 /// dismissed and the targets closed; `undo` holds only the new bitmaps.
 async fn run_jobs(run: &CopyPlan<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow::Result<()> {
+    let ways = guard::survey(run.qmp, run.volumes).await?;
+    for (v, way) in run.volumes.iter().zip(&ways) {
+        if let Way::Direct { why: Some(why) } = way {
+            warn!(volume = %v.name, "copied through QEMU's own filter, which fails the guest's write when the backup cannot take its old data: {why}");
+        }
+    }
     let jobs = prepare_targets(run, undo).await?;
+    let fleece = prepare_fleecing(run, &ways, undo).await?;
     if *cancel.borrow() {
         bail!("interrupted before the backup started");
     }
     let mut events = run.qmp.subscribe();
-    start_transaction(run, undo).await?;
-    wait_jobs(run.qmp, run.opts, &mut events, &jobs, cancel).await?;
+    start_transaction(run, &ways, &fleece, undo).await?;
+    if let Err(e) = wait_jobs(run.qmp, run.opts, &mut events, &jobs, cancel).await {
+        if undo.guards.is_empty() {
+            return Err(e);
+        }
+        return Err(e.context(guarded_failure(run)));
+    }
     crate::fault::point("after-jobs");
     close_targets(run.qmp, undo).await
+}
+
+/// What a failed guarded run tells: the guest was spared, and how much
+/// room the places the old data went to have left.
+fn guarded_failure(run: &CopyPlan<'_>) -> String {
+    let mut dirs: Vec<PathBuf> = run
+        .targets
+        .iter()
+        .filter_map(|t| t.path.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.extend(run.opts.fleecing.clone());
+    dirs.dedup();
+    let room: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| {
+            let s = nix::sys::statvfs::statvfs(d).ok()?;
+            let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+            Some(format!("{} has {} MiB free", d.display(), free >> 20))
+        })
+        .collect();
+    format!(
+        "the backup broke, not the guest: bitback's filter drops the point when old data cannot be \
+         copied (a full or failing repository or fleecing directory, or a copy slower than {} s), \
+         and the guest's writes went on ({})",
+        guard::CBW_TIMEOUT,
+        room.join("; ")
+    )
+}
+
+/// With `--fleecing DIR`: a scratch image per guarded volume, in DIR,
+/// opened in QEMU; what the filter copies goes there instead of to the
+/// target. Encrypted volumes get none: their old data would lie in DIR
+/// in the clear. Fleecing files an interrupted run of the scope left in
+/// DIR are removed first. Returns the fleecing node per volume.
+async fn prepare_fleecing(
+    run: &CopyPlan<'_>,
+    ways: &[Way],
+    undo: &mut Undo,
+) -> anyhow::Result<Vec<Option<String>>> {
+    let mut nodes = vec![None; run.volumes.len()];
+    let Some(dir) = &run.opts.fleecing else {
+        return Ok(nodes);
+    };
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the fleecing directory {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if run.scope.owns_fleece_file(&name.to_string_lossy()) {
+            info!(file = %entry.path().display(), "removing a fleecing image left by an interrupted run");
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    let mut pass_fds = matches!(run.qmp.endpoint(), Endpoint::Unix(_));
+    for (i, v) in run.volumes.iter().enumerate() {
+        if !ways[i].is_guarded() {
+            continue;
+        }
+        if v.encrypted {
+            warn!(volume = %v.name, "no fleecing for an encrypted volume: its old data would lie in the fleecing directory in the clear");
+            continue;
+        }
+        let node = run.scope.fleece(i);
+        let path = dir.join(format!("{node}.qcow2"));
+        qcow2::create(
+            &path,
+            &CreateOptions {
+                size: v.virtual_size,
+                cluster_size: run.opts.cluster_size,
+                backing: None,
+                backing_format: None,
+            },
+        )
+        .with_context(|| format!("creating the fleecing image {}", path.display()))?;
+        undo.scratch.push(path.clone());
+        let filename = target_filename(run.qmp, &path, &mut pass_fds, undo).await?;
+        run.qmp
+            .execute_raw(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "backing": null,
+                    "discard": "unmap",
+                    "cache": { "no-flush": true },
+                    "file": { "driver": "file", "filename": filename, "discard": "unmap" },
+                }),
+            )
+            .await
+            .with_context(|| format!("opening the fleecing image of volume {} in QEMU", v.name))?;
+        undo.nodes.push(node.clone());
+        nodes[i] = Some(node);
+    }
+    Ok(nodes)
 }
 
 /// Step 3: one target per volume, created and opened in QEMU with
@@ -512,10 +648,27 @@ async fn target_filename(
 }
 
 /// Step 4: the new checkpoint on every volume and every copy, in one
-/// transaction, with the guest frozen around it when asked.
-async fn start_transaction(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<()> {
+/// transaction, with the guest frozen around it when asked. Guarded
+/// volumes ([`guard`]) get their filter first, their devices moved onto it,
+/// all with the VM paused when it runs, so that the moves and the
+/// transaction fall on one point.
+async fn start_transaction(
+    run: &CopyPlan<'_>,
+    ways: &[Way],
+    fleece: &[Option<String>],
+    undo: &mut Undo,
+) -> anyhow::Result<()> {
     let (qmp, opts) = (run.qmp, run.opts);
     let perf = opts.perf.for_qemu(qmp).await?;
+    let guards: Vec<Option<Guard>> = run
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match &ways[i] {
+            Way::Guarded { qdev } => Some(Guard::new(run.scope, i, v, qdev)),
+            Way::Direct { .. } => None,
+        })
+        .collect();
     let mut actions = Vec::new();
     for (i, v) in run.volumes.iter().enumerate() {
         // Only qcow2 v3 can store a bitmap; every other kind gets one in
@@ -533,19 +686,27 @@ async fn start_transaction(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Resul
         // image allocates (sync=top): unallocated clusters read as zeros
         // and stay unallocated in the target. sync=full would write zeros
         // for every one of them, which on a sparse 1 TiB disk costs more
-        // than the data.
-        let full_sync = if v.backing_file.is_none() {
+        // than the data. A guarded volume's job reads the snapshot-access
+        // node, where every cluster counts as allocated: sync=full, and
+        // what reads as zeros becomes zero clusters (table entries only).
+        let full_sync = if v.backing_file.is_none() && guards[i].is_none() {
             "top"
         } else {
             "full"
         };
+        let source = guards[i]
+            .as_ref()
+            .map_or(v.node_name.as_str(), Guard::source);
         let mut data = json!({
-            "job-id": run.scope.job(i), "device": v.node_name, "target": run.scope.target_node(i),
+            "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
             "sync": full_sync, "auto-dismiss": false,
         });
         if let Some(since) = &run.targets[i].since {
             data["sync"] = "bitmap".into();
-            data["bitmap"] = since.as_str().into();
+            data["bitmap"] = match &guards[i] {
+                Some(guard) => guard.copy_bitmap().into(),
+                None => since.as_str().into(),
+            };
             data["bitmap-mode"] = "never".into();
         }
         if let Some(speed) = opts.rate_limit {
@@ -569,19 +730,42 @@ async fn start_transaction(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Resul
         ),
         (None, _) => None,
     };
+    // Before the pause: a kill in the pause's milliseconds would leave the
+    // VM paused.
     crate::fault::point("before-transaction");
-    let started = qmp
-        .execute_raw("transaction", json!({ "actions": actions }))
-        .await;
+    let guarded = guards.iter().any(Option::is_some);
+    let paused = match guarded {
+        true => pause(qmp).await,
+        false => Ok(None),
+    };
+    let started = match &paused {
+        Ok(_) => match insert_guards(run, &guards, fleece, undo).await {
+            Ok(()) => qmp
+                .execute_raw("transaction", json!({ "actions": actions }))
+                .await
+                .map_err(Failure::Transaction),
+            Err(e) => Err(Failure::Guard(e)),
+        },
+        Err(e) => Err(Failure::Guard(anyhow!("pausing the vm for the point: {e}"))),
+    };
+    let resumed = match paused {
+        Ok(Some(since)) => {
+            let resumed = qmp.execute_raw("cont", Value::Null).await;
+            info!(vm = %opts.vm, ms = since.elapsed().as_millis() as u64, devices = undo.guards.len(), "vm paused for the point");
+            resumed.map(drop)
+        }
+        _ => Ok(()),
+    };
     if let Some(frozen) = frozen {
         undo.thaw_failure = frozen.thaw(&opts.vm).await;
     }
     let applied = match &started {
         Ok(_) => true,
-        // QEMU refused it: a transaction is all or nothing.
-        Err(qmp::Error::Qemu { .. }) => false,
+        // QEMU refused it (a transaction is all or nothing), or it was
+        // never sent.
+        Err(Failure::Transaction(qmp::Error::Qemu { .. })) | Err(Failure::Guard(_)) => false,
         // No answer: it may have been applied; undo it by name.
-        Err(e) => {
+        Err(Failure::Transaction(e)) => {
             warn!(vm = %opts.vm, error = %e, "the transaction's outcome is unknown; undoing it by name");
             true
         }
@@ -596,8 +780,57 @@ async fn start_transaction(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Resul
             }
         }
     }
-    started.context("starting the backup transaction")?;
+    resumed.context(
+        "resuming the vm after the point failed: it stays paused until resumed (virsh resume, or QMP cont)",
+    )?;
+    match started {
+        Ok(_) => {}
+        Err(Failure::Transaction(e)) => {
+            return Err(anyhow!(e).context("starting the backup transaction"));
+        }
+        Err(Failure::Guard(e)) => {
+            return Err(e.context("setting up bitback's filter under the devices"));
+        }
+    }
     crate::fault::point("after-transaction");
+    Ok(())
+}
+
+/// Why the point was not taken.
+enum Failure {
+    Guard(anyhow::Error),
+    Transaction(qmp::Error),
+}
+
+/// Pauses a running VM; `Some(when)` if it was paused here.
+async fn pause(qmp: &Qmp) -> anyhow::Result<Option<std::time::Instant>> {
+    if !guard::running(qmp).await? {
+        return Ok(None);
+    }
+    let since = std::time::Instant::now();
+    qmp.execute_raw("stop", Value::Null).await?;
+    Ok(Some(since))
+}
+
+/// Puts each guard in place (the VM paused or not running); each is in
+/// `undo` before it changes anything.
+async fn insert_guards(
+    run: &CopyPlan<'_>,
+    guards: &[Option<Guard>],
+    fleece: &[Option<String>],
+    undo: &mut Undo,
+) -> anyhow::Result<()> {
+    for (i, guard) in guards.iter().enumerate() {
+        let Some(guard) = guard else { continue };
+        undo.guards.push(guard.clone());
+        let target = fleece[i]
+            .clone()
+            .unwrap_or_else(|| run.scope.target_node(i));
+        guard
+            .insert(run.qmp, &target, run.targets[i].since.as_deref())
+            .await
+            .with_context(|| format!("volume {}", run.volumes[i].name))?;
+    }
     Ok(())
 }
 
@@ -608,6 +841,13 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
         qmp.execute_raw("job-dismiss", json!({ "id": job }))
             .await
             .with_context(|| format!("dismissing job {job}"))?;
+    }
+    while let Some(guard) = undo.guards.first().cloned() {
+        guard
+            .remove(qmp)
+            .await
+            .with_context(|| format!("taking bitback's filter out from under {}", guard.qdev))?;
+        undo.guards.remove(0);
     }
     // Format nodes before the file nodes under them.
     for node in std::mem::take(&mut undo.nodes).into_iter().rev() {
@@ -628,6 +868,7 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
             warn!(object = %id, error = %e, "cannot remove the key from QEMU");
         }
     }
+    remove_scratch(&mut undo.scratch);
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod chain;
 mod check;
 mod copy;
 mod export;
+mod guard;
 pub mod key;
 pub mod plan;
 mod quiesce;

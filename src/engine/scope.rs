@@ -7,7 +7,11 @@
 //!   name parse back unambiguously although VM names may hold `-`;
 //! - target nodes and jobs: `bitback-<repo id>-<vm hash>-t<i>` / `-j<i>`,
 //!   where the hash is 8 hex digits of BLAKE3 of the VM name: node names
-//!   hold at most 31 bytes and only letters, digits and `-._`.
+//!   hold at most 31 bytes and only letters, digits and `-._`; the guard's
+//!   nodes (see [`super::guard`]) end in `-c<i>` (its copy-before-write
+//!   filter), `-a<i>` (the point's snapshot-access node) and `-f<i>` (the
+//!   fleecing image), and a fleecing file is named as its node, plus
+//!   `.qcow2`.
 //!
 //! Bitmaps named `bitback-<backup id>` were made by bitback before scoping;
 //! a state that still names one as its checkpoint keeps using it once, and
@@ -58,6 +62,30 @@ impl Scope {
         format!("{}-j{i}", self.short())
     }
 
+    /// Volume `i`'s copy-before-write filter.
+    pub fn guard_filter(&self, i: usize) -> String {
+        format!("{}-c{i}", self.short())
+    }
+
+    /// Volume `i`'s snapshot-access node (the point the job reads).
+    pub fn guard_access(&self, i: usize) -> String {
+        format!("{}-a{i}", self.short())
+    }
+
+    /// Volume `i`'s fleecing image node; the file is this plus `.qcow2`.
+    pub fn fleece(&self, i: usize) -> String {
+        format!("{}-f{i}", self.short())
+    }
+
+    /// Whether `file_name` is a fleecing image of this scope.
+    pub fn owns_fleece_file(&self, file_name: &str) -> bool {
+        file_name
+            .strip_suffix(".qcow2")
+            .and_then(|n| n.strip_prefix(&self.short()))
+            .and_then(|rest| rest.strip_prefix("-f"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
     /// The id of the secret object that carries the backup key.
     pub fn secret(&self) -> String {
         format!("{}-k", self.short())
@@ -70,25 +98,29 @@ impl Scope {
         })
     }
 
-    /// Whether `name` is a target node or job id of this scope.
+    /// Whether `name` is a node (target, guard, fleecing) or job id of
+    /// this scope.
     pub fn owns_node_or_job(&self, name: &str) -> bool {
         name.strip_prefix(&self.short())
-            .and_then(|rest| rest.strip_prefix("-t").or_else(|| rest.strip_prefix("-j")))
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_prefix(['t', 'j', 'c', 'a', 'f']))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 }
 
-/// Whether `name` is a backup target node of any scope (or of a bitback
-/// from before scopes): never a volume.
+/// Whether `name` is a node a backup adds (a target, a guard's filter or
+/// snapshot-access node, a fleecing image) of any scope, or a target of a
+/// bitback from before scopes: never a volume.
 pub fn is_target_node(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(PREFIX) else {
         return false;
     };
-    let index = rest
-        .rsplit_once("-t")
-        .map(|(_, n)| n)
-        .or_else(|| rest.strip_prefix('t'));
-    index.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    let digits = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    if rest.strip_prefix('t').is_some_and(digits) {
+        return true;
+    }
+    rest.rsplit_once('-')
+        .is_some_and(|(_, last)| last.strip_prefix(['t', 'c', 'a', 'f']).is_some_and(digits))
 }
 
 /// The owner of a bitmap bitback made, or `None` for any other name.
@@ -162,7 +194,13 @@ mod tests {
     #[test]
     fn node_names_fit_qemu() {
         let long = Scope::new("0123abcd", &"v".repeat(128));
-        for name in [long.target_node(99), long.job(99)] {
+        for name in [
+            long.target_node(99),
+            long.job(99),
+            long.guard_filter(99),
+            long.guard_access(99),
+            long.fleece(99),
+        ] {
             assert!(name.len() <= 31, "{name}");
             assert!(
                 name.bytes()
@@ -171,5 +209,20 @@ mod tests {
             assert!(long.owns_node_or_job(&name));
         }
         assert!(!long.owns_node_or_job(&format!("{}x", long.job(1))));
+        for node in [
+            long.target_node(1),
+            long.guard_filter(1),
+            long.guard_access(1),
+            long.fleece(1),
+        ] {
+            assert!(is_target_node(&node), "{node}");
+        }
+        assert!(!is_target_node(&long.job(1)));
+        assert!(!is_target_node("bitback-notes"));
+        assert!(long.owns_fleece_file(&format!("{}.qcow2", long.fleece(3))));
+        assert!(!long.owns_fleece_file(&long.fleece(3)));
+        assert!(
+            !Scope::new("0123abcd", "w").owns_fleece_file(&format!("{}.qcow2", long.fleece(3)))
+        );
     }
 }

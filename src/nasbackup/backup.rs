@@ -22,6 +22,8 @@ pub(super) struct Extras {
     /// Bytes per second per disk (`-b`, MiB/s).
     rate: Option<u64>,
     key: Option<Key>,
+    /// `--fleecing DIR`.
+    fleecing: Option<std::path::PathBuf>,
     /// The thaw guard to start when quiescing (the caller's command).
     guard: GuardCommand,
 }
@@ -50,6 +52,15 @@ impl Extras {
                 }
             },
         };
+        let fleecing = match o.fleecing.as_str() {
+            "" => None,
+            dir if Path::new(dir).is_dir() => Some(Path::new(dir).to_path_buf()),
+            dir => {
+                return Err(format!(
+                    "Invalid fleecing directory {dir:?}: give a directory on local, fast storage"
+                ));
+            }
+        };
         let key = match o.encrypt.as_str() {
             "" => None,
             path => Some(
@@ -60,6 +71,7 @@ impl Extras {
         Ok(Extras {
             rate,
             key,
+            fleecing,
             guard: guard.clone(),
         })
     }
@@ -383,6 +395,7 @@ pub(super) async fn backup_running(
         rate_limit: extras.rate,
         compress: o.compress,
         encrypt: extras.key.clone(),
+        fleecing: extras.fleecing.clone(),
         ..BackupOptions::default()
     };
     let repo_id = blake3::hash(o.storage.as_bytes()).to_hex()[..8].to_string();

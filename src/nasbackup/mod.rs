@@ -81,11 +81,15 @@ struct Options {
     /// `--size-marker` (bitback's own): a stopped VM's output gets the
     /// open PR's `BACKUP_SIZE_TOTAL=` line too.
     size_marker: bool,
+    /// `--fleecing DIR` (bitback's own): old data displaced by guest
+    /// writes during the copy goes to a scratch image in DIR, not to the
+    /// NAS (see `bitback backup --fleecing`).
+    fleecing: String,
 }
 
 const USAGE: &str = "
 Usage: bitback nasbackup -o <operation> -v|--vm <domain name> -t <storage type> -s <storage address> -m <mount options> -p <backup path> -d <disks path> -q|--quiesce <true|false> [-c] [-b <MiB/s>] [-e <passphrase file>] [--verify]
-         [-M|--mode <full|incremental|legacy-full>] [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>]
+         [--fleecing <local dir>] [-M|--mode <full|incremental|legacy-full>] [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>]
 ";
 
 fn usage(out: &mut Vec<String>) -> u8 {
@@ -134,6 +138,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--parent-paths" => &mut o.parent_paths,
             "-b" | "--bandwidth" => &mut o.bandwidth,
             "-e" | "--encrypt" => &mut o.encrypt,
+            "--fleecing" => &mut o.fleecing,
             // Newer agents pass the mount timeout; mount(8) has its own.
             "-w" | "--mount-timeout" => {
                 i += 2;

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::harness::Vm;
-use crate::harness::{bitback, run, tempdir};
+use crate::harness::{Tmpfs, bitback, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -191,36 +191,12 @@ fn links_out_of_the_repository_are_refused() {
     vm.quit();
 }
 
-/// Root can mount a small tmpfs; without it this test cannot run.
-fn small_tmpfs(at: &Path, size: &str) {
-    std::fs::create_dir_all(at).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(at)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mounting a tmpfs needs root (as CI runs): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_target_filesystem_fails_cleanly_and_the_next_backup_is_right() {
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), &[32 * MIB]);
     let mount = dir.path().join("small");
-    small_tmpfs(&mount, "8M");
-    let _unmount = Unmount(mount.clone());
+    let tmpfs = Tmpfs::mount(&mount, "8M");
     vm.repo = mount.join("repo");
     vm.write(0, 0, 20 * MIB, 0x31);
     let failed = backup_run(&vm);
@@ -243,9 +219,7 @@ fn a_full_target_filesystem_fails_cleanly_and_the_next_backup_is_right() {
     assert!(names.is_empty(), "{names:?}");
 
     // Space freed: the next backup is right.
-    run(Command::new("mount")
-        .args(["-o", "remount,size=96M"])
-        .arg(&mount));
+    tmpfs.resize("96M");
     let m = vm.backup(&[]);
     assert_eq!(m["kind"], "full");
     vm.write(0, 24 * MIB, MIB, 0x32);

@@ -7,6 +7,7 @@
 mod backup;
 mod fake_qmp;
 mod field;
+mod guard;
 mod guest;
 mod harness;
 mod hostile;

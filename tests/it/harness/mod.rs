@@ -126,6 +126,40 @@ impl Drop for LoopDevice {
     }
 }
 
+/// A small tmpfs mounted at a path (root only, as CI runs), unmounted
+/// when dropped: a filesystem that fills up.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (as CI runs): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.into())
+    }
+
+    /// Gives the filesystem a new size.
+    pub fn resize(&self, size: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("bitback-test-")
@@ -577,6 +611,22 @@ impl Qemu {
                     .arg(url));
             }
         }
+    }
+
+    /// Writes through guest device `device` (a virtio-blk-pci id), above
+    /// any filter under it, as a guest's write goes. QEMU 10 returns no
+    /// qemu-io output: a write that failed shows in the image's contents.
+    pub fn qemu_io_device(&self, device: &str, cmd: &str) {
+        let path = format!("/machine/peripheral/{device}/virtio-backend");
+        let out = self.must(
+            "human-monitor-command",
+            json!({ "command-line": format!("qemu-io -d {path} \"{cmd}\"") }),
+        );
+        let out = out.as_str().unwrap_or_default();
+        assert!(
+            !out.contains("Error") && !out.contains("failed"),
+            "qemu-io -d {path} {cmd:?}: {out}"
+        );
     }
 
     pub fn add_bitmap(&self, node: &str, name: &str, persistent: bool) {

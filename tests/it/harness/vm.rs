@@ -24,12 +24,26 @@ pub(crate) struct Vm {
     pub(crate) disks: Vec<Disk>,
     pub(crate) models: Vec<Model>,
     pub(crate) qemu: Option<Qemu>,
+    /// `Kind::MachineNone` (writes go to the nodes) or `Kind::Pc` (a
+    /// device per volume, and writes go through the devices, as a guest's
+    /// do).
+    pub(crate) kind: Kind,
     /// (backup id, model files per volume)
     pub(crate) points: Vec<(String, Vec<PathBuf>)>,
 }
 
 impl Vm {
     pub(crate) fn new(dir: &Path, sizes: &[u64]) -> Vm {
+        Vm::of_kind(Kind::MachineNone, dir, sizes)
+    }
+
+    /// A VM whose volumes are guest devices (`-machine pc -S`, no guest),
+    /// written through the devices.
+    pub(crate) fn with_devices(dir: &Path, sizes: &[u64]) -> Vm {
+        Vm::of_kind(Kind::Pc, dir, sizes)
+    }
+
+    fn of_kind(kind: Kind, dir: &Path, sizes: &[u64]) -> Vm {
         let mut disks = Vec::new();
         let mut models = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
@@ -47,6 +61,7 @@ impl Vm {
             disks,
             models,
             qemu: None,
+            kind,
             points: Vec::new(),
         };
         vm.start();
@@ -54,7 +69,7 @@ impl Vm {
     }
 
     pub(crate) fn start(&mut self) {
-        self.qemu = Some(Qemu::start(Kind::MachineNone, &self.dir, &self.disks));
+        self.qemu = Some(Qemu::start(self.kind, &self.dir, &self.disks));
     }
 
     pub(crate) fn qemu(&self) -> &Qemu {
@@ -62,10 +77,11 @@ impl Vm {
     }
 
     pub(crate) fn write(&mut self, volume: usize, offset: u64, len: u64, pattern: u8) {
-        self.qemu().qemu_io(
-            &self.models[volume].node,
-            &format!("write -P {pattern:#x} {offset} {len}"),
-        );
+        let cmd = format!("write -P {pattern:#x} {offset} {len}");
+        match self.kind {
+            Kind::Pc => self.qemu().qemu_io_device(&self.disks[volume].device, &cmd),
+            _ => self.qemu().qemu_io(&self.models[volume].node, &cmd),
+        }
         self.models[volume].bytes[offset as usize..(offset + len) as usize].fill(pattern);
     }
 
@@ -147,9 +163,17 @@ impl Vm {
                     .repo
                     .join("vm1")
                     .join(id)
-                    .join(format!("drive{i}.qcow2"));
+                    .join(format!("{}.qcow2", self.volume(i)));
                 assert_compare(model, &backup);
             }
+        }
+    }
+
+    /// Volume `i`'s name in the repository: its device, or its node.
+    pub(crate) fn volume(&self, i: usize) -> &str {
+        match self.kind {
+            Kind::Pc => &self.disks[i].device,
+            _ => &self.models[i].node,
         }
     }
 

@@ -1,0 +1,392 @@
+//! The guest's guard: a backup's failure lands on the backup, never on a
+//! guest write.
+//!
+//! QEMU's `blockdev-backup` puts its own copy-before-write filter under
+//! the guest's disk, and that filter fails the guest's write when the old
+//! data cannot reach the target (a full repository, an I/O error): the
+//! guest sees an error, or with `werror=enospc` the whole VM pauses. Its
+//! `on-cbw-error` cannot be set (QEMU 7.2 to 10.0). So for a volume that a
+//! guest device writes, bitback builds the graph itself:
+//!
+//! ```text
+//!  device -> [copy-before-write -c<i>] -> volume node
+//!                 | target                  ^
+//!                 v                         | (not yet copied)
+//!      fleecing image -f<i> (--fleecing)    |
+//!      or the backup's target -t<i>   [snapshot-access -a<i>] <- backup job
+//! ```
+//!
+//! The filter runs with `on-cbw-error=break-snapshot` and a
+//! [`CBW_TIMEOUT`]: a copy that fails or hangs drops the point (the job
+//! then fails reading it) and the guest's write goes on. The device is
+//! moved onto the filter with `qom-set drive` (QEMU has no
+//! `blockdev-replace` up to 10.0), which only moves a device: a volume
+//! that anything else writes (an NBD export, a second device, a job) keeps
+//! QEMU's own filter, and the run says so.
+//!
+//! The point is the moment the device moves. With the VM running, bitback
+//! pauses it (`stop`) for the few commands that move every device and add
+//! the checkpoint bitmaps, so all volumes share one point, and resumes it
+//! (`cont`) on every path it lives through. A SIGKILL in those
+//! milliseconds leaves the VM paused: not covered.
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tracing::{debug, info, warn};
+
+use super::scope::Scope;
+use crate::qemu::Volume;
+use crate::qmp::{self, Qmp};
+
+/// How long a guest write may wait for its old data to reach the filter's
+/// target before that copy gives up, the point is dropped and the write
+/// goes on (QEMU's `cbw-timeout`, in seconds).
+pub(super) const CBW_TIMEOUT: u64 = 30;
+
+/// The name of the bitmap on a snapshot-access node that an incremental
+/// copies (a copy of the checkpoint at the point; it goes with the node).
+const COPY_BITMAP: &str = "bitback-copy";
+
+/// How a volume is copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Way {
+    /// Through bitback's filter, moving the device at this QOM path.
+    Guarded { qdev: String },
+    /// Through `blockdev-backup`'s own filter, for the reason given (none
+    /// when nothing but the job uses the volume).
+    Direct { why: Option<String> },
+}
+
+impl Way {
+    pub(super) fn is_guarded(&self) -> bool {
+        matches!(self, Way::Guarded { .. })
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Graph {
+    nodes: Vec<GraphNode>,
+    edges: Vec<GraphEdge>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct GraphNode {
+    id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct GraphEdge {
+    parent: u64,
+    child: u64,
+    name: String,
+    #[serde(default)]
+    perm: Vec<String>,
+}
+
+async fn graph(qmp: &Qmp) -> anyhow::Result<Option<Graph>> {
+    match qmp
+        .execute_raw("x-debug-query-block-graph", Value::Null)
+        .await
+    {
+        Ok(value) => Ok(Some(
+            serde_json::from_value(value).context("reading x-debug-query-block-graph")?,
+        )),
+        Err(e) if e.is_command_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Graph {
+    fn id(&self, name: &str) -> Option<u64> {
+        self.nodes
+            .iter()
+            .find(|n| n.kind == "block-driver" && n.name == name)
+            .map(|n| n.id)
+    }
+
+    fn node(&self, id: u64) -> Option<&GraphNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The parents of node `name` that may write it: (kind, name).
+    fn writers(&self, name: &str) -> Vec<(&str, &str)> {
+        let Some(id) = self.id(name) else {
+            return Vec::new();
+        };
+        self.edges
+            .iter()
+            .filter(|e| e.child == id && e.perm.iter().any(|p| p == "write"))
+            .filter_map(|e| self.node(e.parent))
+            .map(|n| (n.kind.as_str(), n.name.as_str()))
+            .collect()
+    }
+
+    /// The node under filter `name`'s `file` edge.
+    fn file_child(&self, name: &str) -> Option<&str> {
+        let id = self.id(name)?;
+        self.edges
+            .iter()
+            .find(|e| e.parent == id && e.name == "file")
+            .and_then(|e| self.node(e.child))
+            .map(|n| n.name.as_str())
+    }
+}
+
+/// For each volume, how it can be copied: guarded when exactly one guest
+/// device writes its node directly (no filter between), and nothing else
+/// writes it.
+pub(super) async fn survey(qmp: &Qmp, volumes: &[Volume]) -> anyhow::Result<Vec<Way>> {
+    let Some(graph) = graph(qmp).await? else {
+        let why = "this QEMU has no x-debug-query-block-graph to check who writes the volume";
+        return Ok(volumes
+            .iter()
+            .map(|_| Way::Direct {
+                why: Some(why.into()),
+            })
+            .collect());
+    };
+    Ok(volumes.iter().map(|v| way(&graph, v)).collect())
+}
+
+fn way(graph: &Graph, v: &Volume) -> Way {
+    let writers = graph.writers(&v.node_name);
+    match writers.as_slice() {
+        [] => Way::Direct { why: None },
+        [("block-backend", qdev)] if v.device.as_deref() == Some(*qdev) => Way::Guarded {
+            qdev: qdev.to_string(),
+        },
+        [("block-backend", qdev)] if qdev.starts_with('/') => Way::Direct {
+            why: Some(format!(
+                "its device {qdev} reaches it through another node (a filter): moving the device would drop that node"
+            )),
+        },
+        _ => {
+            let names: Vec<String> = writers
+                .iter()
+                .map(|(kind, name)| {
+                    if name.is_empty() {
+                        format!("an unnamed {kind} (an export?)")
+                    } else {
+                        format!("{kind} {name}")
+                    }
+                })
+                .collect();
+            Way::Direct {
+                why: Some(format!(
+                    "it is written by more than one guest device, or by something else ({})",
+                    names.join(", ")
+                )),
+            }
+        }
+    }
+}
+
+/// One guarded volume's graph, while it stands.
+#[derive(Debug, Clone)]
+pub(super) struct Guard {
+    pub qdev: String,
+    /// The volume's node, where the device goes back to.
+    pub node: String,
+    pub filter: String,
+    pub access: String,
+}
+
+impl Guard {
+    pub(super) fn new(scope: &Scope, i: usize, v: &Volume, qdev: &str) -> Guard {
+        Guard {
+            qdev: qdev.to_string(),
+            node: v.node_name.clone(),
+            filter: scope.guard_filter(i),
+            access: scope.guard_access(i),
+        }
+    }
+
+    /// The node the backup job reads.
+    pub(super) fn source(&self) -> &str {
+        &self.access
+    }
+
+    /// The bitmap an incremental's job copies, on [`Guard::source`].
+    pub(super) fn copy_bitmap(&self) -> &'static str {
+        COPY_BITMAP
+    }
+
+    /// Adds the filter over the volume's node (old data to `target`), moves
+    /// the device onto it (the point), and adds the snapshot-access node
+    /// the job reads; with `since`, also the bitmap the incremental copies
+    /// (the checkpoint as it is at the point) and the filter copies only
+    /// that bitmap's clusters. Must run with the VM paused or not running,
+    /// so that no guest write falls between the filter and the move. On
+    /// failure, what it added is left for [`Guard::remove`].
+    pub(super) async fn insert(
+        &self,
+        qmp: &Qmp,
+        target: &str,
+        since: Option<&str>,
+    ) -> qmp::Result<()> {
+        let mut filter = json!({
+            "driver": "copy-before-write",
+            "node-name": self.filter,
+            "file": self.node,
+            "target": target,
+            "on-cbw-error": "break-snapshot",
+            "cbw-timeout": CBW_TIMEOUT,
+        });
+        if let Some(since) = since {
+            filter["bitmap"] = json!({ "node": self.node, "name": since });
+        }
+        qmp.execute_raw("blockdev-add", filter).await?;
+        qmp.execute_raw(
+            "qom-set",
+            json!({ "path": self.qdev, "property": "drive", "value": self.filter }),
+        )
+        .await?;
+        qmp.execute_raw(
+            "blockdev-add",
+            json!({ "driver": "snapshot-access", "node-name": self.access, "file": self.filter }),
+        )
+        .await?;
+        if let Some(since) = since {
+            qmp.execute_raw(
+                "block-dirty-bitmap-add",
+                json!({ "node": self.access, "name": COPY_BITMAP, "persistent": false }),
+            )
+            .await?;
+            qmp.execute_raw(
+                "block-dirty-bitmap-merge",
+                json!({ "node": self.access, "target": COPY_BITMAP,
+                        "bitmaps": [{ "node": self.node, "name": since }] }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the guard out (after its job has ended): the snapshot-access
+    /// node, then the device back onto the volume's node, then the filter.
+    /// Each step that fails is logged; the next run of the scope finishes
+    /// it ([`remove_stray`]).
+    pub(super) async fn remove(&self, qmp: &Qmp) -> anyhow::Result<()> {
+        let _ = qmp
+            .execute_raw("blockdev-del", json!({ "node-name": self.access }))
+            .await;
+        move_back(qmp, &self.qdev, &self.filter, &self.node).await?;
+        if let Err(e) = qmp
+            .execute_raw("blockdev-del", json!({ "node-name": self.filter }))
+            .await
+        {
+            if node_exists(qmp, &self.filter).await {
+                bail!("cannot remove the guard's filter {}: {e}", self.filter);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves device `qdev` from `filter` back to `node`, if it is on `filter`.
+/// Never sets a device to the node it already has: QEMU 10.0 aborts on
+/// that.
+async fn move_back(qmp: &Qmp, qdev: &str, filter: &str, node: &str) -> anyhow::Result<()> {
+    let on = qmp
+        .execute_raw("qom-get", json!({ "path": qdev, "property": "drive" }))
+        .await
+        .with_context(|| format!("asking which node device {qdev} uses"))?;
+    if on.as_str() != Some(filter) {
+        debug!(qdev, on = %on, "device not on the guard's filter");
+        return Ok(());
+    }
+    qmp.execute_raw(
+        "qom-set",
+        json!({ "path": qdev, "property": "drive", "value": node }),
+    )
+    .await
+    .with_context(|| format!("moving device {qdev} back onto {node}"))?;
+    Ok(())
+}
+
+async fn node_exists(qmp: &Qmp, name: &str) -> bool {
+    match qmp
+        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
+        .await
+    {
+        Ok(nodes) => nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["node-name"].as_str() == Some(name)),
+        Err(_) => true,
+    }
+}
+
+/// Takes out the guards an interrupted run of `scope` left: snapshot-access
+/// nodes first, then each device back from a filter onto the node under
+/// it. The filters and other nodes are the caller's to delete after.
+pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
+        .await?;
+    let owned: Vec<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| scope.owns_node_or_job(n))
+        .map(str::to_string)
+        .collect();
+    for node in owned.iter().filter(|n| is_access(n)) {
+        info!(
+            node,
+            "removing a snapshot-access node left by an interrupted run"
+        );
+        let _ = qmp
+            .execute_raw("blockdev-del", json!({ "node-name": node }))
+            .await;
+    }
+    let Some(graph) = graph(qmp).await? else {
+        return Ok(());
+    };
+    let blocks = qmp.execute_raw("query-block", Value::Null).await?;
+    for block in blocks.as_array().into_iter().flatten() {
+        let (Some(qdev), Some(on)) = (
+            block["qdev"].as_str(),
+            block["inserted"]["node-name"].as_str(),
+        ) else {
+            continue;
+        };
+        if !owned.iter().any(|n| n == on) {
+            continue;
+        }
+        let Some(under) = graph.file_child(on) else {
+            warn!(
+                qdev,
+                node = on,
+                "a device sits on a node of an interrupted run with nothing under it; left as it is"
+            );
+            continue;
+        };
+        info!(
+            qdev,
+            filter = on,
+            node = under,
+            "moving a device back from the filter an interrupted run left"
+        );
+        move_back(qmp, qdev, on, under).await?;
+    }
+    Ok(())
+}
+
+/// Whether `name` (a node of the scope) is a snapshot-access node.
+fn is_access(name: &str) -> bool {
+    name.rsplit_once('-')
+        .is_some_and(|(_, last)| last.starts_with('a'))
+}
+
+/// Whether the VM runs (and so must be paused for a point on several
+/// devices at once).
+pub(super) async fn running(qmp: &Qmp) -> anyhow::Result<bool> {
+    let status = qmp.execute_raw("query-status", Value::Null).await?;
+    Ok(status["running"].as_bool().unwrap_or(false))
+}

@@ -1,0 +1,334 @@
+//! The guest comes first: a repository or fleecing directory that fills up
+//! breaks the backup, never a guest write; fleecing points equal the disk
+//! at the backup's start; a killed fleecing run is cleaned up by the next.
+//!
+//! The guest's writes go through its device (HMP `qemu-io -d`), above
+//! bitback's filter, as a guest's do; that every one of them landed is
+//! judged by `qemu-img compare` of the disk with its raw model after QEMU
+//! quit. Before bitback had its own filter, the writes that met a full
+//! repository failed (`No space left on device`) and the compare differs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Tmpfs, Vm, same_content, tempdir};
+
+const MIB: u64 = 1 << 20;
+
+/// `bitback backup` of `vm` started in the background, with `extra`.
+fn spawn_backup(vm: &Vm, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["backup", "--qmp"])
+        .arg(&vm.qemu().qmp)
+        .arg("--repo")
+        .arg(&vm.repo)
+        .args(["--vm", "vm1", "--json"])
+        .args(extra)
+        .env_remove("BITBACK_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bitback")
+}
+
+/// Waits until the backup's job runs in QEMU.
+fn wait_for_job(vm: &Vm, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = vm.qemu().must("query-block-jobs", Value::Null);
+        if jobs.as_array().is_some_and(|j| !j.is_empty()) {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("bitback ended ({status}) before its job was seen");
+        }
+        assert!(Instant::now() < deadline, "no backup job within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Ended {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn wait(child: Child) -> Ended {
+    let out = child.wait_with_output().unwrap();
+    Ended {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Nothing of a run is left in QEMU: no node or job of bitback's, and
+/// every device on its own node again.
+fn assert_nothing_left(vm: &Vm) {
+    let qemu = vm.qemu();
+    let nodes: Vec<String> = qemu
+        .must("query-named-block-nodes", json!({ "flat": true }))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        nodes.iter().all(|n| !n.starts_with("bitback-")),
+        "{nodes:?}"
+    );
+    let jobs = qemu.must("query-jobs", Value::Null);
+    assert_eq!(jobs, json!([]));
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let on = qemu.must(
+            "qom-get",
+            json!({ "path": format!("/machine/peripheral/{}/virtio-backend", disk.device), "property": "drive" }),
+        );
+        assert_eq!(on, json!(format!("drive{i}")));
+    }
+}
+
+fn bitmaps(vm: &Vm) -> Vec<String> {
+    let blocks = vm.qemu().must("query-block", Value::Null);
+    blocks[0]["inserted"]["dirty-bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Writes `count` MiB of `pattern` through the device from `from` on,
+/// one MiB at a time (each a guest write that must land).
+fn guest_writes(vm: &mut Vm, from: u64, count: u64, pattern: u8) {
+    for i in 0..count {
+        vm.write(0, from + i * MIB, MIB, pattern);
+    }
+}
+
+/// After QEMU quit: the disk holds every write (its model).
+fn assert_disk_is_model(vm: &Vm) {
+    let model = vm.dir.join("disk-now.raw");
+    std::fs::write(&model, &vm.models[0].bytes).unwrap();
+    assert!(
+        same_content(&model, "raw", &vm.disks[0].image, "qcow2"),
+        "a guest write was lost: the disk differs from its model"
+    );
+}
+
+/// While QEMU runs: the guest's writes are flushed through the device and
+/// the image (read beside QEMU, `qemu-img compare -U`) equals its model.
+fn assert_writes_landed(vm: &Vm) {
+    vm.qemu().qemu_io_device(&vm.disks[0].device, "flush");
+    let model = vm.dir.join("disk-now.raw");
+    std::fs::write(&model, &vm.models[0].bytes).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .arg(&model)
+        .arg(&vm.disks[0].image)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "guest writes were lost: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Records backup `id` as holding `bytes` (the models at its point).
+fn record_point(vm: &mut Vm, id: &str, bytes: Vec<u8>) {
+    let path = vm.dir.join(format!("model-{id}-0.raw"));
+    std::fs::write(&path, bytes).unwrap();
+    vm.points.push((id.to_string(), vec![path]));
+}
+
+/// A 64 MiB volume with 48 MiB of data, on a device.
+fn vm_with_data(dir: &Path) -> Vm {
+    let mut vm = Vm::with_devices(dir, &[64 * MIB]);
+    guest_writes(&mut vm, 0, 48, 0x11);
+    vm
+}
+
+/// The repository (or, with `fleecing`, the fleecing directory) is a
+/// small tmpfs that the old data of 24 MiB of guest writes overflows
+/// while a slow copy runs: every write lands, the run fails naming the
+/// cause, nothing is left in QEMU, the previous checkpoint is whole, and
+/// once there is room the next backup is right (incremental where it
+/// can be).
+fn fills_up(incremental: bool, fleecing: bool) {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let small = dir.path().join("small");
+    let tmpfs = Tmpfs::mount(&small, if fleecing { "8M" } else { "16M" });
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    if !fleecing {
+        vm.repo = small.join("repo");
+        if incremental {
+            tmpfs.resize("96M");
+        }
+    }
+    let mut extra = vec!["--speed-limit", "2M"];
+    let fleece_dir = if fleecing { &small } else { &scratch };
+    if fleecing {
+        extra.extend(["--fleecing", fleece_dir.to_str().unwrap()]);
+    }
+    let mut before = Vec::new();
+    if incremental {
+        let first = vm.backup(&[]);
+        assert_eq!(first["kind"], "full");
+        before = bitmaps(&vm);
+        assert_eq!(before.len(), 1, "{before:?}");
+        // Every cluster dirty since: the incremental copies 48 MiB.
+        guest_writes(&mut vm, 0, 48, 0x22);
+        if !fleecing {
+            // 16 MiB left: the old data of the writes below overflows it.
+            let used = fs_used(&small);
+            tmpfs.resize(&format!("{}M", (used >> 20) + 16));
+        }
+    }
+
+    let mut child = spawn_backup(&vm, &extra);
+    wait_for_job(&vm, &mut child);
+    // Old data not yet copied (the copy runs from offset 0 at 2 MiB/s).
+    guest_writes(&mut vm, 24 * MIB, 24, 0x33);
+    let ended = wait(child);
+    assert_writes_landed(&vm);
+    assert_eq!(ended.code, Some(1), "{}\n{}", ended.stdout, ended.stderr);
+    assert!(
+        ended.stderr.contains("the backup broke, not the guest"),
+        "{}",
+        ended.stderr
+    );
+    assert_nothing_left(&vm);
+    assert_eq!(bitmaps(&vm), before, "the checkpoints changed");
+    let strays: Vec<_> = std::fs::read_dir(fleece_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".qcow2"))
+        .collect();
+    assert!(strays.is_empty(), "fleecing images left: {strays:?}");
+
+    // Room again: the next backup is right.
+    tmpfs.resize("256M");
+    let next = vm.backup(&[]);
+    let expected = if incremental { "incremental" } else { "full" };
+    assert_eq!(next["kind"], expected, "{next}");
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+}
+
+fn fs_used(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=used", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's used bytes")
+}
+
+#[test]
+fn a_repository_that_fills_up_during_a_full_fails_the_backup_not_a_guest_write() {
+    fills_up(false, false);
+}
+
+#[test]
+fn a_repository_that_fills_up_during_an_incremental_fails_the_backup_not_a_guest_write() {
+    fills_up(true, false);
+}
+
+#[test]
+fn a_fleecing_directory_that_fills_up_fails_the_backup_not_a_guest_write() {
+    fills_up(false, true);
+}
+
+#[test]
+fn a_fleecing_incremental_whose_directory_fills_up_keeps_its_checkpoint() {
+    fills_up(true, true);
+}
+
+/// With fleecing, a point taken while the guest writes equals the disk at
+/// the backup's start, full and incremental; the old data went to the
+/// fleecing directory, which is empty again after each run.
+#[test]
+fn a_fleecing_point_is_the_disk_at_the_start_while_the_guest_writes() {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let fleece = dir.path().join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let fleece_arg = fleece.to_str().unwrap().to_string();
+    for (round, pattern) in [(0, 0x44u8), (1, 0x55)] {
+        let at_start = vm.models[0].bytes.clone();
+        let mut child = spawn_backup(&vm, &["--speed-limit", "4M", "--fleecing", &fleece_arg]);
+        wait_for_job(&vm, &mut child);
+        guest_writes(&mut vm, 8 * MIB, 40, pattern);
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+        let kind = if round == 0 { "full" } else { "incremental" };
+        assert_eq!(manifest["kind"], kind, "{manifest}");
+        record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
+        assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
+        assert_nothing_left(&vm);
+    }
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+}
+
+/// bitback killed (SIGKILL) in the middle of a fleecing backup: the guard
+/// stays under the device and the guest's writes still land; the next run
+/// takes it out, removes the fleecing image, and is right.
+#[test]
+fn a_killed_fleecing_backup_is_cleaned_up_by_the_next_run() {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let fleece = dir.path().join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let fleece_arg = fleece.to_str().unwrap().to_string();
+    vm.backup(&[]);
+    guest_writes(&mut vm, 0, 8, 0x66);
+
+    let mut child = spawn_backup(&vm, &["--speed-limit", "1M", "--fleecing", &fleece_arg]);
+    wait_for_job(&vm, &mut child);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let left: Vec<PathBuf> = std::fs::read_dir(&fleece)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left.len(), 1, "the killed run's fleecing image: {left:?}");
+    // The guest goes on writing, through what the killed run left.
+    guest_writes(&mut vm, 16 * MIB, 8, 0x77);
+
+    let next = vm.backup(&["--fleecing", &fleece_arg]);
+    assert_eq!(next["kind"], "incremental", "{next}");
+    assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
+    assert_nothing_left(&vm);
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+}
+
+/// `--fleecing` must name a directory; `--speed-limit` takes suffixes.
+#[test]
+fn fleecing_needs_a_directory() {
+    let dir = tempdir();
+    let vm = Vm::with_devices(dir.path(), &[MIB]);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let run = vm.run_backup(&["--fleecing", file.to_str().unwrap(), "--speed-limit", "5M"]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--fleecing"), "{}", run.stderr);
+    assert!(!vm.repo.join("vm1").exists());
+}
