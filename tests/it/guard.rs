@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::harness::slowfs::SlowFs;
 use crate::harness::{Tmpfs, Vm, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
@@ -331,4 +332,34 @@ fn fleecing_needs_a_directory() {
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("--fleecing"), "{}", run.stderr);
     assert!(!vm.repo.join("vm1").exists());
+}
+
+/// A slow repository (8 MB/s past the page cache, slowfs): with fleecing,
+/// a full and an incremental taken while the guest writes equal the disk
+/// at their starts.
+#[test]
+fn a_slow_repository_with_fleecing_keeps_each_point() {
+    let dir = tempdir();
+    let mut vm = Vm::with_devices(dir.path(), &[64 * MIB]);
+    guest_writes(&mut vm, 0, 32, 0x11);
+    let slow = SlowFs::mount(&dir.path().join("nas-store"), &dir.path().join("nas"), 8 << 20);
+    vm.repo = slow.mountpoint.join("repo");
+    let fleece = dir.path().join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let fleece_arg = fleece.to_str().unwrap().to_string();
+    for (kind, pattern) in [("full", 0x21u8), ("incremental", 0x22)] {
+        let at_start = vm.models[0].bytes.clone();
+        let mut child = spawn_backup(&vm, &["--fleecing", &fleece_arg]);
+        wait_for_job(&vm, &mut child);
+        guest_writes(&mut vm, 8 * MIB, 24, pattern);
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+        assert_eq!(manifest["kind"], kind, "{manifest}");
+        record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
+    }
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+    drop(slow);
 }

@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 
 pub mod domain;
 pub mod guest;
+#[path = "../../../fixtures/slowfs/mount.rs"]
+pub mod slowfs;
 pub mod vm;
 pub(crate) use vm::{Model, Vm};
 
