@@ -342,7 +342,11 @@ fn a_slow_repository_with_fleecing_keeps_each_point() {
     let dir = tempdir();
     let mut vm = Vm::with_devices(dir.path(), &[64 * MIB]);
     guest_writes(&mut vm, 0, 32, 0x11);
-    let slow = SlowFs::mount(&dir.path().join("nas-store"), &dir.path().join("nas"), 8 << 20);
+    let slow = SlowFs::mount(
+        &dir.path().join("nas-store"),
+        &dir.path().join("nas"),
+        8 << 20,
+    );
     vm.repo = slow.mountpoint.join("repo");
     let fleece = dir.path().join("fleece");
     std::fs::create_dir_all(&fleece).unwrap();
