@@ -191,6 +191,16 @@ pub(crate) struct BackupArgs {
     #[arg(long, value_name = "MS", requires = "encrypt_key_file", value_parser = clap::value_parser!(u64).range(1..=600_000))]
     encrypt_iter_time: Option<u64>,
 
+    /// Write compressed clusters (QEMU's compression, deflate): smaller
+    /// files, more CPU in QEMU during the copy. Not with --encrypt-key-file.
+    ///
+    /// A compressed cluster cannot be written twice, so the old data of
+    /// guest writes during the copy goes to a fleecing image: in
+    /// --fleecing DIR, or else in the temporary directory ($TMPDIR or
+    /// /tmp). Restores of compressed chains go through qemu-img.
+    #[arg(long, conflicts_with = "encrypt_key_file")]
+    compress: bool,
+
     /// Back up encrypted volumes into unencrypted files.
     ///
     /// Without it, a VM with an encrypted volume is refused (exit 2) unless
@@ -297,7 +307,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         thaw_guard: Some(thaw_guard_command()),
         rate_limit: args.speed_limit,
-        compress: false,
+        compress: args.compress,
         cluster_size: args.cluster_size,
         granularity: Some(args.granularity),
         perf: Perf {

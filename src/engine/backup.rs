@@ -332,7 +332,7 @@ pub async fn backup_named(
         "copy jobs done, targets closed"
     );
 
-    let built = build_manifest(&run, &plan, &checkpoint, &id, seq, &now).await;
+    let built = build_manifest(&run, &plan, copied.guards(), &checkpoint, &id, seq, &now).await;
     let manifest = match built {
         Ok(_) if *cancel.borrow() => {
             copied.take_back(qmp).await;
@@ -474,6 +474,7 @@ fn check_identity(
 async fn build_manifest(
     run: &CopyPlan<'_>,
     plan: &Plan,
+    guards: &[Option<&'static str>],
     checkpoint: &str,
     id: &str,
     seq: u64,
@@ -518,6 +519,7 @@ async fn build_manifest(
             bytes_written,
             digest,
             file_size: Some(file_size),
+            guard: guards.get(i).copied().flatten().map(str::to_string),
         });
     }
     Ok(Manifest {

@@ -280,9 +280,16 @@ pub struct Target {
 /// whether the thaw after the transaction failed.
 pub(super) struct Copied {
     undo: Undo,
+    guards: Vec<Option<&'static str>>,
 }
 
 impl Copied {
+    /// Per volume, what stood between the guest's writes and the copy
+    /// (the manifest's `guard`).
+    pub(super) fn guards(&self) -> &[Option<&'static str>] {
+        &self.guards
+    }
+
     /// Set when the guest was frozen and the thaw failed: the copies are
     /// good, but the run must not report success.
     pub(super) fn thaw_failure(&mut self) -> Option<String> {
@@ -301,7 +308,7 @@ impl Copied {
 pub(super) async fn copy(plan: &CopyPlan<'_>, cancel: Cancel) -> anyhow::Result<Copied> {
     let mut undo = Undo::default();
     match run_jobs(plan, &mut undo, cancel).await {
-        Ok(()) => Ok(Copied { undo }),
+        Ok(guards) => Ok(Copied { undo, guards }),
         Err(e) => {
             undo.rollback(plan.qmp).await;
             Err(e)
@@ -330,8 +337,25 @@ pub async fn copy_to_files(plan: &CopyPlan<'_>, cancel: Cancel) -> anyhow::Resul
 
 /// Steps 3 to 5: targets, transaction, jobs. On success the jobs are
 /// dismissed and the targets closed; `undo` holds only the new bitmaps.
-async fn run_jobs(run: &CopyPlan<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow::Result<()> {
-    let ways = guard::survey(run.qmp, run.volumes).await?;
+async fn run_jobs(
+    run: &CopyPlan<'_>,
+    undo: &mut Undo,
+    cancel: Cancel,
+) -> anyhow::Result<Vec<Option<&'static str>>> {
+    let mut ways = guard::survey(run.qmp, run.volumes).await?;
+    if run.opts.compress {
+        // A compressed cluster cannot be written twice (QEMU fails the
+        // second write), so the filter's copies cannot go to the target
+        // the job writes: they need a fleecing image, which an encrypted
+        // volume's old data must not go to.
+        for (v, way) in run.volumes.iter().zip(ways.iter_mut()) {
+            if v.encrypted && way.is_guarded() {
+                *way = Way::Direct {
+                    why: Some("a compressed backup of an encrypted volume: its old data cannot go to a fleecing image in the clear, nor twice into a compressed file".into()),
+                };
+            }
+        }
+    }
     for (v, way) in run.volumes.iter().zip(&ways) {
         if let Way::Direct { why: Some(why) } = way {
             warn!(volume = %v.name, "copied through QEMU's own filter, which fails the guest's write when the backup cannot take its old data: {why}");
@@ -351,7 +375,17 @@ async fn run_jobs(run: &CopyPlan<'_>, undo: &mut Undo, cancel: Cancel) -> anyhow
         return Err(e.context(guarded_failure(run)));
     }
     crate::fault::point("after-jobs");
-    close_targets(run.qmp, undo).await
+    close_targets(run.qmp, undo).await?;
+    Ok(ways
+        .iter()
+        .zip(&fleece)
+        .map(|(way, fleece)| match (way, fleece) {
+            (Way::Guarded { .. }, Some(_)) => Some("fleecing"),
+            (Way::Guarded { .. }, None) => Some("bitback"),
+            (Way::Direct { why: Some(_) }, _) => Some("qemu"),
+            (Way::Direct { why: None }, _) => None,
+        })
+        .collect())
 }
 
 /// What a failed guarded run tells: the guest was spared, and how much
@@ -363,6 +397,9 @@ fn guarded_failure(run: &CopyPlan<'_>) -> String {
         .filter_map(|t| t.path.parent().map(Path::to_path_buf))
         .collect();
     dirs.extend(run.opts.fleecing.clone());
+    if run.opts.compress && run.opts.fleecing.is_none() {
+        dirs.push(std::env::temp_dir());
+    }
     dirs.dedup();
     let room: Vec<String> = dirs
         .iter()
@@ -392,9 +429,19 @@ async fn prepare_fleecing(
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<Option<String>>> {
     let mut nodes = vec![None; run.volumes.len()];
-    let Some(dir) = &run.opts.fleecing else {
-        return Ok(nodes);
+    let dir = match (&run.opts.fleecing, run.opts.compress) {
+        (Some(dir), _) => dir.clone(),
+        // A compressed cluster cannot be written twice: the filter's
+        // copies go to a fleecing image, in the temporary directory when
+        // none is given.
+        (None, true) if ways.iter().any(Way::is_guarded) => {
+            let dir = std::env::temp_dir();
+            info!(dir = %dir.display(), "a compressed backup fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
+            dir
+        }
+        (None, _) => return Ok(nodes),
     };
+    let dir = &dir;
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("reading the fleecing directory {}", dir.display()))?;
     for entry in entries.flatten() {

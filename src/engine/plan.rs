@@ -507,6 +507,7 @@ mod tests {
                     bytes_written: 0,
                     digest: String::new(),
                     file_size: None,
+                    guard: None,
                 })
                 .collect(),
             qemu_version: None,

@@ -198,12 +198,17 @@ fn classify<F: FnMut(Extent) -> Result<()>>(
         let host = l2e & ((1u64 << x) - 1);
         let sectors = ((l2e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
         let compressed_length = sectors * 512 - (host & 511);
+        // The length counts whole sectors, an upper bound: the data may end
+        // inside the last one, and a file QEMU wrote ends where its last
+        // compressed cluster's data ends (reads past it give zeros). So the
+        // range may reach into the file's last, partial sector, no further.
         check_within(
             "compressed cluster",
             host,
             compressed_length.min(cluster_size),
-            image.file_len,
+            image.file_len.next_multiple_of(512),
         )?;
+        check_within("compressed cluster", host, 1, image.file_len)?;
         return out.push(Extent {
             start: guest,
             length: len,

@@ -89,6 +89,14 @@ pub struct VolumeRecord {
     /// without reading data). Absent in manifests from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_size: Option<u64>,
+    /// What stood between the guest's writes and the copy: `bitback` (its
+    /// own filter: old data that could not be copied broke the backup, not
+    /// the guest's write), `fleecing` (the same, with the old data in the
+    /// fleecing directory), or `qemu` (QEMU's own filter, which fails the
+    /// guest's write instead; the run's log says why). Absent when nothing
+    /// but the backup used the volume, and in manifests from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
 }
 
 impl VolumeRecord {

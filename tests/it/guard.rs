@@ -278,6 +278,7 @@ fn a_fleecing_point_is_the_disk_at_the_start_while_the_guest_writes() {
         let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
         let kind = if round == 0 { "full" } else { "incremental" };
         assert_eq!(manifest["kind"], kind, "{manifest}");
+        assert_eq!(manifest["volumes"][0]["guard"], "fleecing", "{manifest}");
         record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
         assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
         assert_nothing_left(&vm);
@@ -366,4 +367,163 @@ fn a_slow_repository_with_fleecing_keeps_each_point() {
     assert_disk_is_model(&vm);
     vm.check_all_points();
     drop(slow);
+}
+
+/// Every disk kind under a device, guarded and fleeced at once: a qcow2
+/// v3, a qcow2 v2, a raw file and a raw block device (a loop device), a
+/// full and an incremental each taken while the guest writes all four;
+/// every point equals the disks at its start.
+#[test]
+fn every_disk_kind_is_guarded_and_fleeced_at_one_point() {
+    use crate::harness::{Disk, Kind, LoopDevice, Qemu, create_qcow2, run};
+    const SIZE: u64 = 16 * MIB;
+    let dir = tempdir();
+    let d = dir.path();
+    create_qcow2(&d.join("v3.qcow2"), SIZE, &[]);
+    create_qcow2(&d.join("v2.qcow2"), SIZE, &["-o", "compat=0.10"]);
+    for raw in ["raw.img", "dev.img"] {
+        run(Command::new("truncate")
+            .args(["-s", &SIZE.to_string()])
+            .arg(d.join(raw)));
+    }
+    let device = LoopDevice::new(&d.join("dev.img"));
+    let disks = vec![
+        Disk::with_format("v3", "v3", &d.join("v3.qcow2"), "qcow2", ""),
+        Disk::with_format("v2", "v2", &d.join("v2.qcow2"), "qcow2", ""),
+        Disk::with_format("raw", "raw", &d.join("raw.img"), "raw", ""),
+        Disk::with_format("dev", "dev", &device.device, "raw", ""),
+    ];
+    let qemu = Qemu::start(Kind::Pc, d, &disks);
+    let repo = d.join("repo");
+    let fleece = d.join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let mut models: Vec<Vec<u8>> = vec![vec![0; SIZE as usize]; disks.len()];
+    let write = |qemu: &Qemu, models: &mut Vec<Vec<u8>>, i: usize, at: u64, pattern: u8| {
+        qemu.qemu_io_device(&disks[i].device, &format!("write -P {pattern} {at} 1M"));
+        models[i][at as usize..(at + MIB) as usize].fill(pattern);
+    };
+    for (i, _) in disks.iter().enumerate() {
+        for at in 0..8 {
+            write(&qemu, &mut models, i, at * MIB, 0x10 + i as u8);
+        }
+    }
+    let mut points = Vec::new();
+    for (round, kind) in ["full", "incremental"].into_iter().enumerate() {
+        let at_start = models.clone();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(["backup", "--qmp"])
+            .arg(&qemu.qmp)
+            .arg("--repo")
+            .arg(&repo)
+            .args([
+                "--vm",
+                "kinds",
+                "--json",
+                "--speed-limit",
+                "2M",
+                "--fleecing",
+            ])
+            .arg(&fleece)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while qemu
+            .must("query-block-jobs", Value::Null)
+            .as_array()
+            .is_some_and(|j| j.is_empty())
+        {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "bitback ended before its jobs ran"
+            );
+            assert!(Instant::now() < deadline, "no backup job within 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (i, _) in disks.iter().enumerate() {
+            for at in 4..12 {
+                write(
+                    &qemu,
+                    &mut models,
+                    i,
+                    at * MIB,
+                    0x40 + (round * 4 + i) as u8,
+                );
+            }
+        }
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+        assert_eq!(manifest["kind"], kind, "{manifest}");
+        for v in manifest["volumes"].as_array().unwrap() {
+            assert_eq!(v["guard"], "fleecing", "{v}");
+        }
+        points.push((manifest["id"].as_str().unwrap().to_string(), at_start));
+    }
+    qemu.quit();
+    for (id, models) in points {
+        for (i, disk) in disks.iter().enumerate() {
+            let model = d.join(format!("model-{id}-{i}.raw"));
+            std::fs::write(&model, &models[i]).unwrap();
+            let backup = repo
+                .join("kinds")
+                .join(&id)
+                .join(format!("{}.qcow2", disk.device));
+            assert!(
+                same_content(&model, "raw", &backup, "qcow2"),
+                "{} differs from the disk at its point",
+                backup.display()
+            );
+        }
+    }
+    drop(device);
+}
+
+/// A compressed backup while the guest writes data not yet copied: the
+/// old data goes to a fleecing image in the temporary directory (a
+/// compressed cluster cannot be written twice, so never into the target),
+/// the file holds compressed clusters, and the point is the disk at its
+/// start.
+#[test]
+fn a_compressed_backup_fleeces_and_keeps_its_point() {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let at_start = vm.models[0].bytes.clone();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["backup", "--qmp"])
+        .arg(&vm.qemu().qmp)
+        .arg("--repo")
+        .arg(&vm.repo)
+        .args(["--vm", "vm1", "--json", "--compress", "--speed-limit", "4M"])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_job(&vm, &mut child);
+    guest_writes(&mut vm, 0, 48, 0x5c);
+    let ended = wait(child);
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+    assert_eq!(manifest["volumes"][0]["guard"], "fleecing", "{manifest}");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    let id = manifest["id"].as_str().unwrap();
+    record_point(&mut vm, id, at_start);
+    let file = vm.repo.join("vm1").join(id).join("disk0.qcow2");
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&map.stdout).contains("\"compressed\": true"),
+        "no compressed cluster in {}",
+        file.display()
+    );
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
 }

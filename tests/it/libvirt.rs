@@ -30,6 +30,16 @@ fn kinds(m: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Each volume's `guard` in a manifest.
+fn guards(m: &Value) -> Vec<String> {
+    m["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["guard"].as_str().unwrap_or("none").to_string())
+        .collect()
+}
+
 /// Every point of the repository restores to consistent logs on vda and
 /// vdb, and the guest advanced between points.
 fn check_all_points(repo: &Path, out: &Path) {
@@ -59,6 +69,8 @@ fn a_writing_libvirt_guest_through_the_proxy_and_an_extra_socket_is_one_chain() 
 
     let full = domain.backup(&repo, &[]);
     assert_eq!(full["kind"], "full");
+    // bitback's own filter stood under libvirt's devices.
+    assert_eq!(guards(&full), ["bitback", "bitback"], "{full}");
     domain.wait_records(20);
     // The extra socket continues the chain the proxy started...
     let extra_arg = extra.display().to_string();
@@ -93,7 +105,17 @@ fn a_writing_libvirt_guest_through_the_proxy_and_an_extra_socket_is_one_chain() 
         "--live",
     ]);
     domain.wait_records(10);
-    let plugged = domain.backup(&repo, &[]);
+    // With fleecing (a directory only root can enter: QEMU, running as
+    // libvirt-qemu, gets the scratch images as passed descriptors).
+    let fleece = dir.path().join("fleece");
+    std::fs::create_dir(&fleece).unwrap();
+    let plugged = domain.backup(&repo, &["--fleecing", fleece.to_str().unwrap()]);
+    assert_eq!(
+        guards(&plugged),
+        ["fleecing", "fleecing", "fleecing"],
+        "{plugged}"
+    );
+    assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
     assert_eq!(
         kinds(&plugged),
         [

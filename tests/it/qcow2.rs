@@ -808,3 +808,27 @@ fn mutated_headers_never_panic() {
         "only {parsed} of {iterations} parsed"
     );
 }
+
+/// QEMU ends a file where its last compressed cluster's data ends, inside
+/// a sector, while the cluster's length counts whole sectors: the map
+/// accepts it (it refused such files once, and so every backup QEMU
+/// compressed), and a cluster that starts past the end is still refused.
+#[test]
+fn a_compressed_cluster_ending_the_file_inside_a_sector_maps() {
+    let dir = tempdir();
+    let path = dir.path().join("c.qcow2");
+    create_qcow2(&path, 1 << 20, &[]);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -c -P 0x11 0 64k"])
+        .arg(&path));
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_ne!(len % 512, 0, "the file should end inside a sector");
+    let map = bitback_json(&["qcow2", "map", path.to_str().unwrap(), "--json"]);
+    assert_eq!(map[0]["kind"], "compressed", "{map}");
+    // Cut inside the cluster's first byte range: the start is gone.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(map[0]["offset"].as_u64().unwrap()).unwrap();
+    let cut = bitback(&["qcow2", "map", path.to_str().unwrap(), "--json"]);
+    assert_eq!(cut.code, Some(2), "{}", cut.stdout);
+    assert!(cut.stderr.contains("past the end"), "{}", cut.stderr);
+}
