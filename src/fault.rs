@@ -2,7 +2,8 @@
 //! phase when `BITBACK_FAULT` names it, so tests can prove what a crash at
 //! that point leaves behind. Release builds ignore the variable.
 //!
-//! Phases: `before-transaction`, `after-transaction` (bitmaps added, jobs
+//! Phases: `before-transaction`, `paused` (the VM paused for the guard's
+//! point), `after-transaction` (bitmaps added, jobs
 //! started), `mid-copy` (a progress poll saw a job still running), `after-jobs`,
 //! `before-commit`, `after-commit` (before the old bitmap is removed),
 //! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`.

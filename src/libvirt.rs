@@ -182,6 +182,16 @@ impl Domain {
         self.virsh(&["domfsthaw", &self.name]).map(drop)
     }
 
+    /// Resumes the domain if libvirt says it is paused (a domain that runs,
+    /// or is shut off, is left as it is).
+    pub fn resume_if_paused(&self) -> Result<()> {
+        let state = self.virsh(&["domstate", &self.name])?;
+        if state.trim() == "paused" {
+            self.virsh(&["resume", &self.name])?;
+        }
+        Ok(())
+    }
+
     /// `virsh ARGS... DOMAIN`'s output, for records kept beside a backup.
     pub fn virsh_text(&self, command: &str) -> Result<String> {
         self.virsh(&[command, &self.name])

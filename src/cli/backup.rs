@@ -306,6 +306,15 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             (None, domain) => domain.map(Thawer::Libvirt),
         },
         thaw_guard: Some(thaw_guard_command()),
+        // Who resumes the VM should this process die while it is paused
+        // for the point: libvirt, or the QMP socket once it is free.
+        resume: match (args.target.domain(), &args.target.qmp) {
+            (Some(domain), _) => Some(Thawer::ResumeLibvirt(domain)),
+            (None, Some(qmp)) if !qmp.starts_with("tcp:") => {
+                Some(Thawer::ResumeQmp(PathBuf::from(qmp)))
+            }
+            (None, _) => None,
+        },
         rate_limit: args.speed_limit,
         compress: args.compress,
         cluster_size: args.cluster_size,
@@ -478,25 +487,42 @@ pub(crate) fn thaw_guard_command() -> engine::thaw_guard::GuardCommand {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ThawGuardArgs {
     /// The guest agent's socket.
-    #[arg(long, conflicts_with = "libvirt", required_unless_present = "libvirt")]
+    #[arg(long, conflicts_with_all = ["libvirt", "resume_qmp"], required_unless_present_any = ["libvirt", "resume_qmp"])]
     qga: Option<PathBuf>,
     /// The libvirt domain.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume_qmp")]
     libvirt: Option<String>,
     /// The libvirt connection URI.
     #[arg(long, default_value = "qemu:///system")]
     connect: String,
+    /// Resume the domain (paused for a backup's point), not thaw it.
+    #[arg(long, requires = "libvirt")]
+    resume: bool,
+    /// Resume the VM behind this QMP socket (paused for a backup's point).
+    #[arg(long, value_name = "SOCK")]
+    resume_qmp: Option<PathBuf>,
 }
 
 pub(crate) async fn thaw_guard(args: ThawGuardArgs) -> anyhow::Result<ExitCode> {
     use engine::thaw_guard::{Thawer, serve};
-    let thawer = match (args.qga, args.libvirt) {
-        (Some(socket), _) => Thawer::Agent(socket),
-        (None, Some(name)) => Thawer::Libvirt(bitback::libvirt::Domain {
-            name,
-            connect: args.connect,
-        }),
-        (None, None) => return Err(BadInput("thaw-guard needs --qga or --libvirt".into()).into()),
+    let thawer = match (args.qga, args.libvirt, args.resume_qmp) {
+        (Some(socket), _, _) => Thawer::Agent(socket),
+        (None, Some(name), _) => {
+            let domain = bitback::libvirt::Domain {
+                name,
+                connect: args.connect,
+            };
+            match args.resume {
+                true => Thawer::ResumeLibvirt(domain),
+                false => Thawer::Libvirt(domain),
+            }
+        }
+        (None, None, Some(socket)) => Thawer::ResumeQmp(socket),
+        (None, None, None) => {
+            return Err(
+                BadInput("thaw-guard needs --qga, --libvirt or --resume-qmp".into()).into(),
+            );
+        }
     };
     Ok(if serve(thawer).await {
         ExitCode::SUCCESS

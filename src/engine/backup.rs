@@ -66,6 +66,11 @@ pub struct BackupOptions {
     /// How to start the thaw guard that stands by while the guest is
     /// frozen; needed with `quiesce`.
     pub thaw_guard: Option<super::thaw_guard::GuardCommand>,
+    /// How a guard resumes the VM (`ResumeQmp` or `ResumeLibvirt`) should
+    /// bitback die in the milliseconds it pauses the VM for the point (see
+    /// the guard's filter, `engine::guard`); started with `thaw_guard`.
+    /// `None`: no guard then (a kill there leaves the VM paused).
+    pub resume: Option<super::thaw_guard::Thawer>,
     /// Bytes per second per job; `None` for no limit.
     pub rate_limit: Option<u64>,
     /// Write compressed clusters (`blockdev-backup compress=true`):
@@ -108,6 +113,7 @@ impl Default for BackupOptions {
             exclude: Vec::new(),
             quiesce: None,
             thaw_guard: None,
+            resume: None,
             rate_limit: None,
             compress: false,
             cluster_size: 64 << 10,

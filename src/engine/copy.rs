@@ -21,6 +21,7 @@ use super::guard::{self, Guard, Way};
 use super::key::Key;
 use super::quiesce;
 use super::scope::Scope;
+use super::thaw_guard::ThawGuard;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
@@ -786,7 +787,7 @@ async fn start_transaction(
     crate::fault::point("before-transaction");
     let guarded = guards.iter().any(Option::is_some);
     let paused = match guarded {
-        true => pause(qmp).await,
+        true => pause(qmp, opts).await,
         false => Ok(None),
     };
     let started = match &paused {
@@ -800,9 +801,13 @@ async fn start_transaction(
         Err(e) => Err(Failure::Guard(anyhow!("pausing the vm for the point: {e}"))),
     };
     let resumed = match paused {
-        Ok(Some(since)) => {
+        Ok(Some(paused)) => {
             let resumed = qmp.execute_raw("cont", Value::Null).await;
-            info!(vm = %opts.vm, ms = since.elapsed().as_millis() as u64, devices = undo.guards.len(), "vm paused for the point");
+            info!(vm = %opts.vm, ms = paused.since.elapsed().as_millis() as u64, devices = undo.guards.len(), "vm paused for the point");
+            // Released once resumed; dropped unreleased, the guard tries.
+            if let (Ok(_), Some(guard)) = (&resumed, paused.guard) {
+                guard.release();
+            }
             resumed.map(drop)
         }
         _ => Ok(()),
@@ -862,14 +867,31 @@ enum Failure {
     Transaction(qmp::Error),
 }
 
-/// Pauses a running VM; `Some(when)` if it was paused here.
-async fn pause(qmp: &Qmp) -> anyhow::Result<Option<std::time::Instant>> {
+/// A VM paused for the point: since when, and the guard that resumes it
+/// should bitback die before it does.
+struct Paused {
+    since: std::time::Instant,
+    guard: Option<ThawGuard>,
+}
+
+/// Pauses a running VM, with a guard standing by when the options name
+/// one; `Some` if it was paused here.
+async fn pause(qmp: &Qmp, opts: &BackupOptions) -> anyhow::Result<Option<Paused>> {
     if !guard::running(qmp).await? {
         return Ok(None);
     }
+    let guard = match (&opts.resume, &opts.thaw_guard) {
+        (Some(resume), Some(command)) => Some(ThawGuard::start(command, resume)?),
+        _ => None,
+    };
     let since = std::time::Instant::now();
-    qmp.execute_raw("stop", Value::Null).await?;
-    Ok(Some(since))
+    if let Err(e) = qmp.execute_raw("stop", Value::Null).await {
+        // Unanswered, the stop may have happened: the guard (unreleased,
+        // dropped) resumes the VM if it did.
+        return Err(e.into());
+    }
+    crate::fault::point("paused");
+    Ok(Some(Paused { since, guard }))
 }
 
 /// Puts each guard in place (the VM paused or not running); each is in

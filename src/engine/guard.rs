@@ -27,8 +27,10 @@
 //! The point is the moment the device moves. With the VM running, bitback
 //! pauses it (`stop`) for the few commands that move every device and add
 //! the checkpoint bitmaps, so all volumes share one point, and resumes it
-//! (`cont`) on every path it lives through. A SIGKILL in those
-//! milliseconds leaves the VM paused: not covered.
+//! (`cont`) on every path it lives through. Should it die in those
+//! milliseconds (SIGKILL), a guard process started beside it (the thaw
+//! guard's, [`super::thaw_guard`]) resumes the VM: `cont` on the QMP
+//! socket once bitback's connection is gone, or `virsh resume`.
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};

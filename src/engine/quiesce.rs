@@ -81,6 +81,9 @@ pub(super) async fn freeze(
                 }
             }
         }
+        Thawer::ResumeQmp(_) | Thawer::ResumeLibvirt(_) => {
+            bail!("internal error: a resuming guard cannot freeze the guest")
+        }
     }
 }
 

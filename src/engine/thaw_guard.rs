@@ -34,13 +34,21 @@ const RELEASE: &[u8] = b"thawed\n";
 /// How long a guard keeps trying to thaw.
 const THAW_FOR: Duration = Duration::from_secs(120);
 
-/// Who thaws the guest.
+/// What a guard undoes, and through whom: a freeze (the guest's
+/// filesystems thawed) or a pause (the VM that bitback paused for a
+/// backup's point resumed; see [`super::guard`]).
 #[derive(Debug, Clone)]
 pub enum Thawer {
-    /// The guest agent's socket (`--qga`).
+    /// Thaw through the guest agent's socket (`--qga`).
     Agent(PathBuf),
-    /// libvirt, through the agent channel it holds (`virsh domfsthaw`).
+    /// Thaw through libvirt, by the agent channel it holds (`virsh
+    /// domfsthaw`).
     Libvirt(Domain),
+    /// Resume through this QMP socket (`cont`), once bitback's connection
+    /// is gone.
+    ResumeQmp(PathBuf),
+    /// Resume through libvirt (`virsh resume`).
+    ResumeLibvirt(Domain),
 }
 
 impl Thawer {
@@ -52,6 +60,14 @@ impl Thawer {
                 domain.name.clone().into(),
                 "--connect".into(),
                 domain.connect.clone().into(),
+            ],
+            Thawer::ResumeQmp(socket) => vec!["--resume-qmp".into(), socket.into()],
+            Thawer::ResumeLibvirt(domain) => vec![
+                "--libvirt".into(),
+                domain.name.clone().into(),
+                "--connect".into(),
+                domain.connect.clone().into(),
+                "--resume".into(),
             ],
         }
     }
@@ -67,6 +83,23 @@ impl Thawer {
             Thawer::Libvirt(domain) => {
                 let domain = domain.clone();
                 Ok(tokio::task::spawn_blocking(move || domain.fs_thaw()).await??)
+            }
+            Thawer::ResumeQmp(socket) => {
+                let qmp = crate::qmp::Qmp::connect(&socket.display().to_string()).await?;
+                let status = qmp
+                    .execute_raw("query-status", serde_json::Value::Null)
+                    .await?;
+                // Only a VM the backup paused ("paused" by `stop`); one
+                // that runs, or stopped for another reason (an I/O error,
+                // a migration), is left as it is.
+                if status["status"].as_str() == Some("paused") {
+                    qmp.execute_raw("cont", serde_json::Value::Null).await?;
+                }
+                Ok(())
+            }
+            Thawer::ResumeLibvirt(domain) => {
+                let domain = domain.clone();
+                Ok(tokio::task::spawn_blocking(move || domain.resume_if_paused()).await??)
             }
         }
     }
@@ -151,13 +184,13 @@ pub async fn serve(thawer: Thawer) -> bool {
     }
     warn!(
         ?thawer,
-        "bitback ended while the guest may be frozen; thawing it"
+        "bitback ended while the guest may be frozen or paused; thawing or resuming it"
     );
     let deadline = Instant::now() + THAW_FOR;
     loop {
         match thawer.thaw().await {
             Ok(()) => {
-                warn!(?thawer, "guest thawed after bitback ended");
+                warn!(?thawer, "guest thawed or resumed after bitback ended");
                 return true;
             }
             // An agent that answers with a refusal will refuse again; a
@@ -170,7 +203,7 @@ pub async fn serve(thawer: Thawer) -> bool {
                 error!(
                     ?thawer,
                     error = %format!("{e:#}"),
-                    "thawing the guest failed; its filesystems may still be frozen"
+                    "thawing or resuming the guest failed; it may still be frozen or paused"
                 );
                 return false;
             }

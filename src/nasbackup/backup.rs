@@ -392,6 +392,7 @@ pub(super) async fn backup_running(
         vm: domain.name.clone(),
         quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
         thaw_guard: Some(extras.guard.clone()),
+        resume: Some(Thawer::ResumeLibvirt(domain.clone())),
         rate_limit: extras.rate,
         compress: o.compress,
         encrypt: extras.key.clone(),

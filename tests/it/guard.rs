@@ -527,3 +527,53 @@ fn a_compressed_backup_fleeces_and_keeps_its_point() {
     assert_disk_is_model(&vm);
     vm.check_all_points();
 }
+
+/// bitback killed in the milliseconds the VM is paused for the point: the
+/// guard it started beside itself resumes the VM, and the next run takes
+/// out what the killed one left and is right.
+#[test]
+fn a_kill_while_the_vm_is_paused_for_the_point_leaves_it_running() {
+    let dir = tempdir();
+    let mut vm = Vm::with_devices(dir.path(), &[16 * MIB]);
+    guest_writes(&mut vm, 0, 8, 0x12);
+    // Running (its firmware finds nothing to boot and waits): a running VM
+    // is paused for the point.
+    vm.qemu().must("cont", Value::Null);
+    assert_eq!(vm.backup(&[])["kind"], "full");
+    let status = |vm: &Vm| vm.qemu().must("query-status", Value::Null)["status"].clone();
+    let out = crate::harness::bitback_env(
+        &[
+            "backup",
+            "--qmp",
+            vm.qemu().qmp.to_str().unwrap(),
+            "--repo",
+            vm.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--json",
+        ],
+        &[("BITBACK_FAULT", "paused")],
+    );
+    assert_eq!(
+        out.code, None,
+        "bitback was to die by SIGKILL: {}",
+        out.stderr
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&vm) != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the VM stayed {} after bitback died while it was paused",
+            status(&vm)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    guest_writes(&mut vm, 2 * MIB, 4, 0x13);
+    let next = vm.backup(&[]);
+    assert_eq!(next["kind"], "incremental", "{next}");
+    assert_eq!(status(&vm), "running");
+    assert_nothing_left(&vm);
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+}
