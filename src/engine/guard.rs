@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::scope::Scope;
 use crate::qemu::Volume;
+use crate::qemu::graph::{self, Graph};
 use crate::qmp::{self, Qmp};
 
 /// How long a guest write may wait for its old data to reach the filter's
@@ -65,83 +66,11 @@ impl Way {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Graph {
-    nodes: Vec<GraphNode>,
-    edges: Vec<GraphEdge>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct GraphNode {
-    id: u64,
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct GraphEdge {
-    parent: u64,
-    child: u64,
-    name: String,
-    #[serde(default)]
-    perm: Vec<String>,
-}
-
-async fn graph(qmp: &Qmp) -> anyhow::Result<Option<Graph>> {
-    match qmp
-        .execute_raw("x-debug-query-block-graph", Value::Null)
-        .await
-    {
-        Ok(value) => Ok(Some(
-            serde_json::from_value(value).context("reading x-debug-query-block-graph")?,
-        )),
-        Err(e) if e.is_command_not_found() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-impl Graph {
-    fn id(&self, name: &str) -> Option<u64> {
-        self.nodes
-            .iter()
-            .find(|n| n.kind == "block-driver" && n.name == name)
-            .map(|n| n.id)
-    }
-
-    fn node(&self, id: u64) -> Option<&GraphNode> {
-        self.nodes.iter().find(|n| n.id == id)
-    }
-
-    /// The parents of node `name` that may write it: (kind, name).
-    fn writers(&self, name: &str) -> Vec<(&str, &str)> {
-        let Some(id) = self.id(name) else {
-            return Vec::new();
-        };
-        self.edges
-            .iter()
-            .filter(|e| e.child == id && e.perm.iter().any(|p| p == "write"))
-            .filter_map(|e| self.node(e.parent))
-            .map(|n| (n.kind.as_str(), n.name.as_str()))
-            .collect()
-    }
-
-    /// The node under filter `name`'s `file` edge.
-    fn file_child(&self, name: &str) -> Option<&str> {
-        let id = self.id(name)?;
-        self.edges
-            .iter()
-            .find(|e| e.parent == id && e.name == "file")
-            .and_then(|e| self.node(e.child))
-            .map(|n| n.name.as_str())
-    }
-}
-
 /// For each volume, how it can be copied: guarded when exactly one guest
 /// device writes its node directly (no filter between), and nothing else
 /// writes it.
 pub(super) async fn survey(qmp: &Qmp, volumes: &[Volume]) -> anyhow::Result<Vec<Way>> {
-    let Some(graph) = graph(qmp).await? else {
+    let Some(graph) = graph::query(qmp).await? else {
         let why = "this QEMU has no x-debug-query-block-graph to check who writes the volume";
         return Ok(volumes
             .iter()
@@ -347,7 +276,7 @@ pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()>
             .execute_raw("blockdev-del", json!({ "node-name": node }))
             .await;
     }
-    let Some(graph) = graph(qmp).await? else {
+    let Some(graph) = graph::query(qmp).await? else {
         return Ok(());
     };
     let blocks = qmp.execute_raw("query-block", Value::Null).await?;

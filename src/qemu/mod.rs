@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod graph;
 pub mod schema;
 mod volumes;
 

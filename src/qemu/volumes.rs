@@ -10,12 +10,13 @@
 //! Replies are decoded leniently into bitback's own structs: a field or enum
 //! value from a newer QEMU is ignored, never an error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::debug;
 
+use super::graph::Graph;
 use crate::disk::DiskKind;
 use crate::qmp::{self, Qmp};
 
@@ -137,67 +138,6 @@ struct ImageInfo {
     format_specific: Option<Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct Graph {
-    nodes: Vec<GraphNode>,
-    edges: Vec<GraphEdge>,
-}
-
-#[derive(Debug, Deserialize)]
-struct GraphNode {
-    id: u64,
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct GraphEdge {
-    parent: u64,
-    child: u64,
-    name: String,
-}
-
-impl Graph {
-    fn driver_node_id(&self, name: &str) -> Option<u64> {
-        self.nodes
-            .iter()
-            .find(|n| n.kind == "block-driver" && n.name == name)
-            .map(|n| n.id)
-    }
-
-    fn node_name(&self, id: u64) -> Option<&str> {
-        self.nodes
-            .iter()
-            .find(|n| n.id == id)
-            .map(|n| n.name.as_str())
-    }
-
-    /// Nodes that are never a volume of their own: those under another
-    /// driver node (a format's file, a backing image, a filter's child) and
-    /// a job's target.
-    fn children(&self) -> HashSet<&str> {
-        let kind: HashMap<u64, &str> = self.nodes.iter().map(|n| (n.id, n.kind.as_str())).collect();
-        self.edges
-            .iter()
-            .filter(|e| match kind.get(&e.parent) {
-                Some(&"block-driver") => true,
-                Some(&"block-job") => e.name == "target",
-                _ => false,
-            })
-            .filter_map(|e| self.node_name(e.child))
-            .collect()
-    }
-
-    fn file_child(&self, node: &str) -> Option<&str> {
-        let id = self.driver_node_id(node)?;
-        self.edges
-            .iter()
-            .find(|e| e.parent == id && e.name == "file")
-            .and_then(|e| self.node_name(e.child))
-    }
-}
-
 fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> qmp::Result<T> {
     serde_json::from_value(value).map_err(|source| qmp::Error::UnexpectedReply {
         command: command.to_string(),
@@ -235,16 +175,12 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
         qmp.execute_raw("query-named-block-nodes", json!({ "flat": true }))
             .await?,
     )?;
-    let graph = match qmp
-        .execute_raw("x-debug-query-block-graph", Value::Null)
-        .await
-    {
-        Ok(value) => decode("x-debug-query-block-graph", value)?,
-        Err(e) if e.is_command_not_found() => {
+    let graph = match super::graph::query(qmp).await? {
+        Some(graph) => graph,
+        None => {
             debug!("no x-debug-query-block-graph: filters are not walked");
             Graph::default()
         }
-        Err(e) => return Err(e),
     };
     let by_name: HashMap<&str, &NodeInfo> =
         nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();

@@ -141,11 +141,53 @@ fn assert_writes_landed(vm: &Vm) {
     );
 }
 
+/// A fleecing directory in `dir`, and its path as an argument.
+fn fleece_dir(dir: &Path) -> (PathBuf, String) {
+    let fleece = dir.join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let arg = fleece.to_str().unwrap().to_string();
+    (fleece, arg)
+}
+
+/// Ends the scenario: QEMU quits, the disk holds every guest write, and
+/// every recorded point equals its model.
+fn finish(mut vm: Vm) {
+    vm.quit();
+    assert_disk_is_model(&vm);
+    vm.check_all_points();
+}
+
 /// Records backup `id` as holding `bytes` (the models at its point).
 fn record_point(vm: &mut Vm, id: &str, bytes: Vec<u8>) {
     let path = vm.dir.join(format!("model-{id}-0.raw"));
     std::fs::write(&path, bytes).unwrap();
     vm.points.push((id.to_string(), vec![path]));
+}
+
+/// A backup with `extra` during which the guest writes `count` MiB of
+/// `pattern` from `from` on: it must succeed, with the `kind` and each
+/// volume's `guard` given; it is recorded as a point holding the disk as
+/// it was at its start. Returns the manifest.
+fn backup_while_writing(
+    vm: &mut Vm,
+    extra: &[&str],
+    (from, count, pattern): (u64, u64, u8),
+    kind: &str,
+    guard: &str,
+) -> Value {
+    let at_start = vm.models[0].bytes.clone();
+    let mut child = spawn_backup(vm, extra);
+    wait_for_job(vm, &mut child);
+    guest_writes(vm, from, count, pattern);
+    let ended = wait(child);
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+    assert_eq!(manifest["kind"], kind, "{manifest}");
+    for v in manifest["volumes"].as_array().unwrap() {
+        assert_eq!(v["guard"], guard, "{manifest}");
+    }
+    record_point(vm, manifest["id"].as_str().unwrap(), at_start);
+    manifest
 }
 
 /// A 64 MiB volume with 48 MiB of data, on a device.
@@ -220,9 +262,7 @@ fn fills_up(incremental: bool, fleecing: bool) {
     let next = vm.backup(&[]);
     let expected = if incremental { "incremental" } else { "full" };
     assert_eq!(next["kind"], expected, "{next}");
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
 }
 
 fn fs_used(path: &Path) -> u64 {
@@ -265,27 +305,14 @@ fn a_fleecing_incremental_whose_directory_fills_up_keeps_its_checkpoint() {
 fn a_fleecing_point_is_the_disk_at_the_start_while_the_guest_writes() {
     let dir = tempdir();
     let mut vm = vm_with_data(dir.path());
-    let fleece = dir.path().join("fleece");
-    std::fs::create_dir_all(&fleece).unwrap();
-    let fleece_arg = fleece.to_str().unwrap().to_string();
-    for (round, pattern) in [(0, 0x44u8), (1, 0x55)] {
-        let at_start = vm.models[0].bytes.clone();
-        let mut child = spawn_backup(&vm, &["--speed-limit", "4M", "--fleecing", &fleece_arg]);
-        wait_for_job(&vm, &mut child);
-        guest_writes(&mut vm, 8 * MIB, 40, pattern);
-        let ended = wait(child);
-        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
-        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
-        let kind = if round == 0 { "full" } else { "incremental" };
-        assert_eq!(manifest["kind"], kind, "{manifest}");
-        assert_eq!(manifest["volumes"][0]["guard"], "fleecing", "{manifest}");
-        record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
+    let (fleece, fleece_arg) = fleece_dir(dir.path());
+    for (kind, pattern) in [("full", 0x44u8), ("incremental", 0x55)] {
+        let extra = ["--speed-limit", "4M", "--fleecing", &fleece_arg];
+        backup_while_writing(&mut vm, &extra, (8 * MIB, 40, pattern), kind, "fleecing");
         assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
         assert_nothing_left(&vm);
     }
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
 }
 
 /// bitback killed (SIGKILL) in the middle of a fleecing backup: the guard
@@ -295,9 +322,7 @@ fn a_fleecing_point_is_the_disk_at_the_start_while_the_guest_writes() {
 fn a_killed_fleecing_backup_is_cleaned_up_by_the_next_run() {
     let dir = tempdir();
     let mut vm = vm_with_data(dir.path());
-    let fleece = dir.path().join("fleece");
-    std::fs::create_dir_all(&fleece).unwrap();
-    let fleece_arg = fleece.to_str().unwrap().to_string();
+    let (fleece, fleece_arg) = fleece_dir(dir.path());
     vm.backup(&[]);
     guest_writes(&mut vm, 0, 8, 0x66);
 
@@ -317,9 +342,7 @@ fn a_killed_fleecing_backup_is_cleaned_up_by_the_next_run() {
     assert_eq!(next["kind"], "incremental", "{next}");
     assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
     assert_nothing_left(&vm);
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
 }
 
 /// `--fleecing` must name a directory; `--speed-limit` takes suffixes.
@@ -349,23 +372,12 @@ fn a_slow_repository_with_fleecing_keeps_each_point() {
         8 << 20,
     );
     vm.repo = slow.mountpoint.join("repo");
-    let fleece = dir.path().join("fleece");
-    std::fs::create_dir_all(&fleece).unwrap();
-    let fleece_arg = fleece.to_str().unwrap().to_string();
+    let (_, fleece_arg) = fleece_dir(dir.path());
     for (kind, pattern) in [("full", 0x21u8), ("incremental", 0x22)] {
-        let at_start = vm.models[0].bytes.clone();
-        let mut child = spawn_backup(&vm, &["--fleecing", &fleece_arg]);
-        wait_for_job(&vm, &mut child);
-        guest_writes(&mut vm, 8 * MIB, 24, pattern);
-        let ended = wait(child);
-        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
-        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
-        assert_eq!(manifest["kind"], kind, "{manifest}");
-        record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
+        let extra = ["--fleecing", &fleece_arg];
+        backup_while_writing(&mut vm, &extra, (8 * MIB, 24, pattern), kind, "fleecing");
     }
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
     drop(slow);
 }
 
@@ -523,9 +535,7 @@ fn a_compressed_backup_fleeces_and_keeps_its_point() {
         "no compressed cluster in {}",
         file.display()
     );
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
 }
 
 /// bitback killed in the milliseconds the VM is paused for the point: the
@@ -541,17 +551,11 @@ fn a_kill_while_the_vm_is_paused_for_the_point_leaves_it_running() {
     vm.qemu().must("cont", Value::Null);
     assert_eq!(vm.backup(&[])["kind"], "full");
     let status = |vm: &Vm| vm.qemu().must("query-status", Value::Null)["status"].clone();
-    let out = crate::harness::bitback_env(
-        &[
-            "backup",
-            "--qmp",
-            vm.qemu().qmp.to_str().unwrap(),
-            "--repo",
-            vm.repo.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--json",
-        ],
+    let out = crate::harness::backup_into_env(
+        &vm.qemu().qmp,
+        &vm.repo,
+        "vm1",
+        &[],
         &[("BITBACK_FAULT", "paused")],
     );
     assert_eq!(
@@ -573,7 +577,5 @@ fn a_kill_while_the_vm_is_paused_for_the_point_leaves_it_running() {
     assert_eq!(next["kind"], "incremental", "{next}");
     assert_eq!(status(&vm), "running");
     assert_nothing_left(&vm);
-    vm.quit();
-    assert_disk_is_model(&vm);
-    vm.check_all_points();
+    finish(vm);
 }
