@@ -85,36 +85,7 @@ pub fn check_cluster_size(size: u64) -> Result<()> {
 /// caller writes them; every other guest cluster is unallocated.
 pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64]) -> Result<u64> {
     let cs = opts.cluster_size;
-    check_cluster_size(cs)?;
-    if opts.backing.is_none() && opts.backing_format.is_some() {
-        return Err(Error::FormatWithoutBacking);
-    }
-    for (value, what) in [
-        (opts.backing, "backing file name"),
-        (opts.backing_format, "backing format"),
-    ] {
-        if value.is_some_and(|v| v.is_empty() || v.contains('\0')) {
-            return Err(Error::BadName { what });
-        }
-    }
-    if opts.size % 512 != 0 {
-        // QEMU counts in 512-byte sectors and would drop the remainder.
-        return Err(Error::BadSize {
-            size: opts.size,
-            reason: "not a multiple of 512 bytes".into(),
-        });
-    }
-    let cluster_bits = cs.trailing_zeros();
-    let l1_entries = opts.size.div_ceil(cs / 8 * cs);
-    if l1_entries > MAX_L1_ENTRIES || opts.size > i64::MAX as u64 {
-        return Err(Error::BadSize {
-            size: opts.size,
-            reason: format!(
-                "{cs}-byte clusters address at most {} bytes",
-                MAX_L1_ENTRIES * (cs / 8) * cs
-            ),
-        });
-    }
+    let l1_entries = check(opts)?;
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let per_l2 = cs / 8;
     let guest_clusters = opts.size.div_ceil(cs);
@@ -132,19 +103,7 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
     let l2_clusters = l2_indices.len() as u64;
     let data_clusters = clusters.len() as u64;
 
-    // Refcount blocks must cover every cluster, themselves and the
-    // refcount table included: grow both until they do.
-    let refs_per_block = cs * 8 / (1 << REFCOUNT_ORDER);
-    let (mut rt, mut rb) = (1u64, 1u64);
-    loop {
-        let total = 1 + rt + rb + l1_clusters + l2_clusters + data_clusters;
-        let need_rb = total.div_ceil(refs_per_block);
-        let need_rt = (need_rb * 8).div_ceil(cs);
-        if (need_rb, need_rt) == (rb, rt) {
-            break;
-        }
-        (rb, rt) = (need_rb, need_rt);
-    }
+    let (rt, rb) = refcount_clusters(cs, 1 + l1_clusters + l2_clusters + data_clusters);
     let total = 1 + rt + rb + l1_clusters + l2_clusters + data_clusters;
     let rt_offset = cs;
     let rb_offset = (1 + rt) * cs;
@@ -152,42 +111,9 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
     let l2_offset = l1_offset + l1_clusters * cs;
     let data_offset = l2_offset + l2_clusters * cs;
 
-    let mut h = vec![0u8; HEADER_LENGTH];
-    h[0..4].copy_from_slice(&header::MAGIC.to_be_bytes());
-    h[4..8].copy_from_slice(&3u32.to_be_bytes());
-    h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
-    h[24..32].copy_from_slice(&opts.size.to_be_bytes());
-    h[36..40].copy_from_slice(&(l1_entries as u32).to_be_bytes());
-    h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
-    h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
-    h[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
-    h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
-    h[100..104].copy_from_slice(&(HEADER_LENGTH as u32).to_be_bytes());
+    let header_cluster = header_cluster(opts, l1_entries, l1_offset, rt_offset, rt)?;
 
-    let mut extensions = Vec::new();
-    if let Some(format) = opts.backing_format {
-        extensions.push(Extension {
-            kind: ext::BACKING_FORMAT,
-            data: format.as_bytes().to_vec(),
-        });
-    }
-    // The feature-name table helps other tools name bits; it is left out
-    // when a small cluster has no room for it.
-    let mut with_names = extensions.clone();
-    with_names.push(feature_table());
-    let header_cluster = header::serialize(&h, &with_names, opts.backing, cs)
-        .or_else(|_| header::serialize(&h, &extensions, opts.backing, cs))?;
-
-    let mut table = vec![0u8; (rt * cs) as usize];
-    for i in 0..rb {
-        let at = (i * 8) as usize;
-        table[at..at + 8].copy_from_slice(&(rb_offset + i * cs).to_be_bytes());
-    }
-    let mut blocks = vec![0u8; (rb * cs) as usize];
-    for cluster in 0..total {
-        let at = (cluster * 2) as usize;
-        blocks[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
-    }
+    let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
 
     let file = OpenOptions::new()
         .write(true)
@@ -237,4 +163,114 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
         });
     }
     Ok(data_offset)
+}
+
+/// Checks what to create; the number of L1 entries its size needs.
+pub(super) fn check(opts: &CreateOptions) -> Result<u64> {
+    let cs = opts.cluster_size;
+    check_cluster_size(cs)?;
+    if opts.backing.is_none() && opts.backing_format.is_some() {
+        return Err(Error::FormatWithoutBacking);
+    }
+    for (value, what) in [
+        (opts.backing, "backing file name"),
+        (opts.backing_format, "backing format"),
+    ] {
+        if value.is_some_and(|v| v.is_empty() || v.contains('\0')) {
+            return Err(Error::BadName { what });
+        }
+    }
+    if opts.size % 512 != 0 {
+        // QEMU counts in 512-byte sectors and would drop the remainder.
+        return Err(Error::BadSize {
+            size: opts.size,
+            reason: "not a multiple of 512 bytes".into(),
+        });
+    }
+    let l1_entries = opts.size.div_ceil(cs / 8 * cs);
+    if l1_entries > MAX_L1_ENTRIES || opts.size > i64::MAX as u64 {
+        return Err(Error::BadSize {
+            size: opts.size,
+            reason: format!(
+                "{cs}-byte clusters address at most {} bytes",
+                MAX_L1_ENTRIES * (cs / 8) * cs
+            ),
+        });
+    }
+    Ok(l1_entries)
+}
+
+/// How many refcount-table and refcount-block clusters cover `others`
+/// clusters plus themselves.
+pub(super) fn refcount_clusters(cs: u64, others: u64) -> (u64, u64) {
+    let refs_per_block = cs * 8 / (1 << REFCOUNT_ORDER);
+    let (mut rt, mut rb) = (1u64, 1u64);
+    loop {
+        let total = others + rt + rb;
+        let need_rb = total.div_ceil(refs_per_block);
+        let need_rt = (need_rb * 8).div_ceil(cs);
+        if (need_rb, need_rt) == (rb, rt) {
+            return (rt, rb);
+        }
+        (rb, rt) = (need_rb, need_rt);
+    }
+}
+
+/// The refcount table (`rt` clusters, pointing at `rb` blocks from
+/// `rb_offset`) and blocks giving clusters `0..total` a refcount of 1.
+pub(super) fn refcounts(
+    cs: u64,
+    rt: u64,
+    rb: u64,
+    rb_offset: u64,
+    total: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut table = vec![0u8; (rt * cs) as usize];
+    for i in 0..rb {
+        let at = (i * 8) as usize;
+        table[at..at + 8].copy_from_slice(&(rb_offset + i * cs).to_be_bytes());
+    }
+    let mut blocks = vec![0u8; (rb * cs) as usize];
+    for cluster in 0..total {
+        let at = (cluster * 2) as usize;
+        blocks[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    (table, blocks)
+}
+
+/// The first cluster of a new v3 image: the header, its extensions and
+/// the backing file name.
+pub(super) fn header_cluster(
+    opts: &CreateOptions,
+    l1_entries: u64,
+    l1_offset: u64,
+    rt_offset: u64,
+    rt: u64,
+) -> Result<Vec<u8>> {
+    let cs = opts.cluster_size;
+    let mut h = vec![0u8; HEADER_LENGTH];
+    h[0..4].copy_from_slice(&header::MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[20..24].copy_from_slice(&cs.trailing_zeros().to_be_bytes());
+    h[24..32].copy_from_slice(&opts.size.to_be_bytes());
+    h[36..40].copy_from_slice(&(l1_entries as u32).to_be_bytes());
+    h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+    h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
+    h[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
+    h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
+    h[100..104].copy_from_slice(&(HEADER_LENGTH as u32).to_be_bytes());
+
+    let mut extensions = Vec::new();
+    if let Some(format) = opts.backing_format {
+        extensions.push(Extension {
+            kind: ext::BACKING_FORMAT,
+            data: format.as_bytes().to_vec(),
+        });
+    }
+    // The feature-name table helps other tools name bits; it is left out
+    // when a small cluster has no room for it.
+    let mut with_names = extensions.clone();
+    with_names.push(feature_table());
+    header::serialize(&h, &with_names, opts.backing, cs)
+        .or_else(|_| header::serialize(&h, &extensions, opts.backing, cs))
 }

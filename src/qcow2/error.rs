@@ -31,6 +31,14 @@ pub enum Error {
     #[error("{} already exists", path.display())]
     AlreadyExists { path: PathBuf },
 
+    #[error("{len} bytes at offset {offset} reach past the image's end ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+
+    #[error(
+        "a write covers part of the {cluster_size}-byte cluster at offset {offset}, which this image does not hold yet and its backing file may: the rest of the cluster is unknown"
+    )]
+    PartialOverBacking { offset: u64, cluster_size: u64 },
+
     #[error("not a qcow2 image: magic is {found:#010x}")]
     BadMagic { found: u32 },
 

@@ -29,6 +29,7 @@ mod image;
 mod luks;
 mod map;
 mod rebase;
+mod stream;
 
 pub use bitmaps::BitmapEntry;
 pub use create::{CreateOptions, check_cluster_size, create, create_with_clusters};
@@ -37,6 +38,7 @@ pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};
 pub use map::{Extent, Kind, map, walk};
 pub use rebase::set_backing;
+pub use stream::Stream;
 
 /// Holds QEMU off an image while alive (an OFD write lock over the bytes
 /// QEMU locks); `Error::InUse` when a QEMU holds it now.
