@@ -5,6 +5,7 @@
 //! - [`qemu`]: what bitback needs from a running QEMU (volumes, bitmaps);
 //! - [`libvirt`]: libvirt domains (their disks, a way in to their QMP);
 //! - [`child`]: helper programs run with a time limit;
+//! - [`nbd`]: an NBD server, so that a backup job's target can be bitback;
 //!
 //! docs/repository.md describes the on-disk formats.
 
@@ -17,6 +18,7 @@ mod fault;
 pub mod libvirt;
 pub mod monitor;
 pub mod nasbackup;
+pub mod nbd;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;

@@ -15,6 +15,7 @@ mod inspect;
 mod kinds;
 mod libvirt;
 mod nasbackup;
+mod nbd;
 mod qcow2;
 mod qmp_client;
 mod restore;
