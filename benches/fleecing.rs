@@ -21,77 +21,24 @@ mod slowfs;
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BITBACK, env_u64, run};
+use common::{BITBACK, Monitor, env_u64, run};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
-/// A one-client QMP session (the bench's own; bitback gets the other socket).
-struct Monitor {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Monitor {
-    fn connect(path: &Path) -> Monitor {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("QMP {}: {e}", path.display()),
-            }
-        };
-        let mut m = Monitor {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        m.line();
-        m.call("qmp_capabilities", Value::Null);
-        m
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP said {line:?}: {e}"))
-    }
-
-    fn call(&mut self, command: &str, arguments: Value) -> Value {
-        let mut msg = json!({ "execute": command });
-        if !arguments.is_null() {
-            msg["arguments"] = arguments;
-        }
-        writeln!(self.writer, "{msg}").unwrap();
-        loop {
-            let reply = self.line();
-            if reply.get("event").is_some() {
-                continue;
-            }
-            if let Some(ret) = reply.get("return") {
-                return ret.clone();
-            }
-            panic!("{command}: {reply}");
-        }
-    }
-
-    fn guest_write(&mut self, offset: u64, pattern: u8) {
-        let out = self.call(
-            "human-monitor-command",
-            json!({ "command-line": format!(
-                "qemu-io -d /machine/peripheral/disk0/virtio-backend \"write -P {pattern} {offset} 1M\""
-            ) }),
-        );
-        assert!(!out.as_str().unwrap_or_default().contains("rror"), "{out}");
-    }
+/// A guest write of 1 MiB through the device, above the backup's filter.
+fn guest_write(monitor: &mut Monitor, offset: u64, pattern: u8) {
+    let out = monitor.call(
+        "human-monitor-command",
+        json!({ "command-line": format!(
+            "qemu-io -d /machine/peripheral/disk0/virtio-backend \"write -P {pattern} {offset} 1M\""
+        ) }),
+    );
+    assert!(!out.as_str().unwrap_or_default().contains("rror"), "{out}");
 }
 
 struct Qemu {
@@ -218,7 +165,11 @@ fn main() {
             // not reached: the upper half of the data.
             let start = Instant::now();
             for i in 0..writes {
-                monitor.guest_write(data / 2 + i * MIB, (round * 3 + m as u64) as u8 % 250 + 1);
+                guest_write(
+                    &mut monitor,
+                    data / 2 + i * MIB,
+                    (round * 3 + m as u64) as u8 % 250 + 1,
+                );
             }
             let took = start.elapsed().as_secs_f64();
             times[m].push(took);

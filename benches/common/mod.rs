@@ -3,11 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The release binary the end-to-end benchmarks time.
 pub const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
@@ -237,4 +239,73 @@ pub fn bitback_restore(repo: &Path, vm: &str, id: Option<&str>, out: &Path) -> (
     }
     let (t, rss, _) = run_measured(cmd.args(["--no-verify", "--output"]).arg(out));
     (t, rss)
+}
+
+/// A one-client QMP session (the bench's own; bitback gets the other socket).
+pub struct Monitor {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events read while waiting for replies.
+    events: Vec<Value>,
+}
+
+impl Monitor {
+    pub fn connect(path: &Path) -> Monitor {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        let mut m = Monitor {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            events: Vec::new(),
+        };
+        m.line();
+        m.call("qmp_capabilities", Value::Null);
+        m
+    }
+
+    fn line(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP said {line:?}: {e}"))
+    }
+
+    pub fn call(&mut self, command: &str, arguments: Value) -> Value {
+        let mut msg = json!({ "execute": command });
+        if !arguments.is_null() {
+            msg["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{msg}").unwrap();
+        loop {
+            let reply = self.line();
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return ret.clone();
+            }
+            panic!("{command}: {reply}");
+        }
+    }
+
+    /// Waits for event `name` (one already read counts); returns its data.
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i)["data"].clone();
+        }
+        loop {
+            let msg = self.line();
+            if msg["event"] == name {
+                return msg["data"].clone();
+            }
+        }
+    }
 }

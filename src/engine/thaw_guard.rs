@@ -72,6 +72,11 @@ impl Thawer {
         }
     }
 
+    /// Whether this guard resumes a paused VM (rather than thaws).
+    fn resumes(&self) -> bool {
+        matches!(self, Thawer::ResumeQmp(_) | Thawer::ResumeLibvirt(_))
+    }
+
     /// One thaw attempt.
     async fn thaw(&self) -> anyhow::Result<()> {
         match self {
@@ -182,15 +187,24 @@ pub async fn serve(thawer: Thawer) -> bool {
     if released {
         return true;
     }
-    warn!(
-        ?thawer,
-        "bitback ended while the guest may be frozen or paused; thawing or resuming it"
-    );
+    match thawer.resumes() {
+        false => warn!(
+            ?thawer,
+            "bitback ended while the guest may be frozen; thawing it"
+        ),
+        true => warn!(
+            ?thawer,
+            "bitback ended while the vm may be paused; resuming it"
+        ),
+    }
     let deadline = Instant::now() + THAW_FOR;
     loop {
         match thawer.thaw().await {
             Ok(()) => {
-                warn!(?thawer, "guest thawed or resumed after bitback ended");
+                match thawer.resumes() {
+                    false => warn!(?thawer, "guest thawed after bitback ended"),
+                    true => warn!(?thawer, "vm resumed after bitback ended"),
+                }
                 return true;
             }
             // An agent that answers with a refusal will refuse again; a
@@ -203,7 +217,7 @@ pub async fn serve(thawer: Thawer) -> bool {
                 error!(
                     ?thawer,
                     error = %format!("{e:#}"),
-                    "thawing or resuming the guest failed; it may still be frozen or paused"
+                    "thawing or resuming failed; the guest may still be frozen, or the vm paused"
                 );
                 return false;
             }
