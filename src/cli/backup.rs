@@ -110,6 +110,16 @@ pub(crate) struct BackupArgs {
     #[arg(long, value_name = "DIR")]
     fleecing: Option<PathBuf>,
 
+    /// Where the backup job's bytes go: `file` (QEMU writes each qcow2
+    /// file; the default) or `nbd` (QEMU's NBD client sends them to
+    /// bitback's own NBD server, and bitback writes the file).
+    ///
+    /// `nbd` is the coming data path (the base of compression and
+    /// incrementals by content); it writes plain backups with clusters up
+    /// to 64K, and falls back to `file` for the rest, saying so.
+    #[arg(long, value_name = "PATH", default_value = "file", value_parser = ["file", "nbd"])]
+    data_path: String,
+
     /// Cluster size of the backup files (512 to 2M, a power of two).
     ///
     /// QEMU copies in units of max(64K, this), so a larger size makes
@@ -336,6 +346,10 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         encrypt_iter_time: args.encrypt_iter_time,
         allow_plaintext: args.allow_plaintext,
         fleecing: args.fleecing.clone(),
+        data_path: match args.data_path.as_str() {
+            "nbd" => engine::DataPath::Nbd,
+            _ => engine::DataPath::File,
+        },
     };
     if let Some(dir) = &args.fleecing {
         if !dir.is_dir() {

@@ -102,6 +102,20 @@ pub struct BackupOptions {
     /// the repository, so a slow repository does not slow the guest. It
     /// holds at most what the guest overwrites during the run.
     pub fleecing: Option<PathBuf>,
+    /// Where the job's bytes go: QEMU writes the files (`File`), or
+    /// bitback's NBD server receives them and writes the files (`Nbd`).
+    pub data_path: DataPath,
+}
+
+/// Where a backup job's bytes go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataPath {
+    /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).
+    #[default]
+    File,
+    /// QEMU's `nbd` driver sends them to bitback's NBD server, and bitback
+    /// writes the file (`engine::nbd_target`).
+    Nbd,
 }
 
 impl Default for BackupOptions {
@@ -126,6 +140,7 @@ impl Default for BackupOptions {
             encrypt_iter_time: None,
             allow_plaintext: false,
             fleecing: None,
+            data_path: DataPath::File,
         }
     }
 }

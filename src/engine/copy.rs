@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use super::BackupOptions;
 use super::guard::{self, Guard, Way};
 use super::key::Key;
+use super::nbd_target;
 use super::quiesce;
 use super::scope::Scope;
 use super::thaw_guard::ThawGuard;
@@ -156,6 +157,8 @@ struct Undo {
     guards: Vec<Guard>,
     /// Fleecing files the run created, removed once QEMU let them go.
     scratch: Vec<PathBuf>,
+    /// bitback's NBD servers behind NBD targets, ended after the nodes.
+    servers: Vec<nbd_target::Server>,
     /// Set when the guest was frozen and the thaw failed: the backup may
     /// go on, but must not report success.
     thaw_failure: Option<String>,
@@ -215,6 +218,9 @@ impl Undo {
             {
                 warn!(%node, error = %e, "cannot remove a target node; the next backup of this vm removes it");
             }
+        }
+        for server in self.servers.drain(..) {
+            server.abort();
         }
         for fdset in self.fdsets.drain(..) {
             let _ = qmp
@@ -505,6 +511,24 @@ async fn prepare_fleecing(
 async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
     let (qmp, scope) = (run.qmp, run.scope);
     let paths: Vec<PathBuf> = run.targets.iter().map(|t| t.path.clone()).collect();
+    if nbd_path(run.opts) {
+        for (i, v) in run.volumes.iter().enumerate() {
+            let backing = run.targets[i].backing.clone();
+            let node = scope.target_node(i);
+            let opts = CreateOptions {
+                size: v.virtual_size,
+                cluster_size: run.opts.cluster_size,
+                backing: backing.as_deref(),
+                backing_format: backing.as_ref().map(|_| "qcow2"),
+            };
+            let server = nbd_target::open(qmp, &node, &paths[i], &opts)
+                .await
+                .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
+            undo.servers.push(server);
+            undo.nodes.push(node);
+        }
+        return Ok((0..run.volumes.len()).map(|i| scope.job(i)).collect());
+    }
     match &run.opts.encrypt {
         Some(key) => create_encrypted(run, key, &paths).await?,
         None => {
@@ -564,6 +588,27 @@ async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<
         undo.nodes.push(node);
     }
     Ok((0..run.volumes.len()).map(|i| scope.job(i)).collect())
+}
+
+/// Whether this run's targets are bitback's NBD servers: asked for, and
+/// what the streaming writer does (no encryption, no compression yet; a
+/// cluster no larger than the job's 64 KiB copy unit, so that a job never
+/// writes part of a cluster it has not written).
+fn nbd_path(opts: &BackupOptions) -> bool {
+    if opts.data_path != super::DataPath::Nbd {
+        return false;
+    }
+    let why = if opts.encrypt.is_some() {
+        "encrypted backups"
+    } else if opts.compress {
+        "compressed backups"
+    } else if opts.cluster_size > 64 << 10 {
+        "clusters above 64 KiB"
+    } else {
+        return true;
+    };
+    warn!("the NBD data path does not write {why} yet: QEMU writes the files");
+    false
 }
 
 /// How many times a `qemu-img create` of an encrypted target is tried when
@@ -951,6 +996,14 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
         }
     }
     remove_scratch(&mut undo.scratch);
+    // The NBD targets' clients are gone with their nodes: each file gets
+    // its tables.
+    for server in std::mem::take(&mut undo.servers) {
+        let node = server.node.clone();
+        let stream = server.finish().await?;
+        let len = nbd_target::complete(stream).await?;
+        debug!(node, bytes = len, "NBD target complete");
+    }
     Ok(())
 }
 

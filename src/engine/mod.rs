@@ -11,6 +11,7 @@ mod copy;
 mod export;
 mod guard;
 pub mod key;
+mod nbd_target;
 pub mod plan;
 mod quiesce;
 mod restore;
@@ -21,7 +22,7 @@ pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, BackupRun, backup, backup_named, backup_vm};
+pub use backup::{BackupOptions, BackupRun, DataPath, backup, backup_named, backup_vm};
 pub use check::data_file_problem;
 pub use check::{Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};

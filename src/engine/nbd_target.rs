@@ -1,0 +1,161 @@
+//! The NBD data path: a backup job's target is QEMU's `nbd` driver talking
+//! to bitback's own NBD server ([`crate::nbd`]), and bitback writes the
+//! backup file itself with a streaming qcow2 writer ([`qcow2::Stream`]).
+//! QEMU still decides what to copy (the job, its bitmaps, the one
+//! transaction); only where the bytes go changes.
+//!
+//! QEMU reaches the server through a connected socket passed over QMP
+//! (`getfd`, then `server: {type: fd}`), so an unprivileged QEMU (libvirt's)
+//! needs no path; a qemu-storage-daemon, which has no `getfd`, connects to
+//! a socket in a private directory instead. The file is complete once QEMU
+//! closed the node (its client disconnects) and [`Server::finish`] wrote
+//! the tables.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::nbd::{self, Served};
+use crate::qcow2::{self, CreateOptions, Stream};
+use crate::qmp::{Endpoint, Qmp};
+
+/// The export's name (one export per connection).
+const EXPORT: &str = "disk";
+
+/// One target's server, from the node's opening to the file's end.
+pub(super) struct Server {
+    pub node: String,
+    handle: JoinHandle<(Result<Served, nbd::Error>, Stream)>,
+    /// The private directory of a listening socket (qemu-storage-daemon).
+    socket_dir: Option<PathBuf>,
+}
+
+/// Creates `path` as a streaming image of `opts`, starts serving it, and
+/// opens it in QEMU as node `node` (driver `nbd`).
+pub(super) async fn open(
+    qmp: &Qmp,
+    node: &str,
+    path: &Path,
+    opts: &CreateOptions<'_>,
+) -> anyhow::Result<Server> {
+    let stream =
+        Stream::create(path, opts).with_context(|| format!("creating {}", path.display()))?;
+    let pass_fd = matches!(qmp.endpoint(), Endpoint::Unix(_));
+    let (conn, server_addr, socket_dir) = if pass_fd {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .context("making the socket pair for QEMU's NBD client")?;
+        match qmp.getfd(node, theirs.as_fd()).await {
+            Ok(()) => {
+                ours.set_nonblocking(true)?;
+                let conn = tokio::net::UnixStream::from_std(ours)?;
+                (
+                    Connection::Ready(conn),
+                    json!({ "type": "fd", "str": node }),
+                    None,
+                )
+            }
+            Err(e) if e.is_command_not_found() => listen(node)?,
+            Err(e) => return Err(anyhow!(e).context("passing the NBD socket to QEMU")),
+        }
+    } else {
+        listen(node)?
+    };
+    let handle = tokio::spawn(async move {
+        let mut stream = stream;
+        let conn = match conn {
+            Connection::Ready(conn) => Ok(conn),
+            Connection::Listening(listener) => listener.accept().await.map(|(c, _)| c),
+        };
+        let served = match conn {
+            Ok(conn) => nbd::serve(conn, EXPORT, &mut stream).await,
+            Err(e) => Err(nbd::Error::Io(e)),
+        };
+        (served, stream)
+    });
+    let server = Server {
+        node: node.to_string(),
+        handle,
+        socket_dir,
+    };
+    let added = qmp
+        .execute_raw(
+            "blockdev-add",
+            json!({ "driver": "nbd", "node-name": node, "export": EXPORT, "server": server_addr }),
+        )
+        .await;
+    if let Err(e) = added {
+        server.abort();
+        return Err(anyhow!(e).context("opening the NBD target in QEMU"));
+    }
+    Ok(server)
+}
+
+enum Connection {
+    Ready(tokio::net::UnixStream),
+    Listening(tokio::net::UnixListener),
+}
+
+/// A listening socket in a new private directory.
+fn listen(node: &str) -> anyhow::Result<(Connection, serde_json::Value, Option<PathBuf>)> {
+    let dir = std::env::temp_dir().join(format!("bitback-nbd-{}-{node}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let socket = dir.join("nbd.sock");
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    Ok((
+        Connection::Listening(listener),
+        json!({ "type": "unix", "path": socket }),
+        Some(dir),
+    ))
+}
+
+impl Server {
+    /// After QEMU closed the node: waits for the connection's end and
+    /// completes the file (tables, header, sync). Fails when the
+    /// connection broke or a request failed: the file is then not a
+    /// complete backup.
+    pub(super) async fn finish(self) -> anyhow::Result<qcow2::Stream> {
+        let node = self.node.clone();
+        let (served, stream) =
+            match tokio::time::timeout(std::time::Duration::from_secs(60), self.handle).await {
+                Ok(joined) => joined.context("the NBD server task")?,
+                Err(_) => bail!("QEMU did not disconnect from the NBD target {node} within 60 s"),
+            };
+        if let Some(dir) = &self.socket_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let served = served.with_context(|| format!("the NBD connection of {node}"))?;
+        if served.failed > 0 {
+            bail!(
+                "{} requests to the NBD target {node} failed; the file is not complete",
+                served.failed
+            );
+        }
+        Ok(stream)
+    }
+
+    /// Ends the server without a file (the run failed).
+    pub(super) fn abort(&self) {
+        self.handle.abort();
+        if let Some(dir) = &self.socket_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Writes the tables of a finished stream (blocking I/O, off the runtime's
+/// threads).
+pub(super) async fn complete(stream: Stream) -> anyhow::Result<u64> {
+    let path = stream.path().to_path_buf();
+    tokio::task::spawn_blocking(move || stream.finish())
+        .await?
+        .with_context(|| format!("completing {}", path.display()))
+}
