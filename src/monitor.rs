@@ -83,6 +83,9 @@ impl Target {
             }
         };
         let qmp = if proxy.is_some() {
+            // The proxy passes descriptors with add-fd only; a getfd
+            // through it ends the connection (libvirt 11.3).
+            options.named_fds = false;
             connect_to_proxy(endpoint, options).await?
         } else {
             Qmp::connect_with(endpoint, options).await?

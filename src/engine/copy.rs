@@ -511,7 +511,7 @@ async fn prepare_fleecing(
 async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
     let (qmp, scope) = (run.qmp, run.scope);
     let paths: Vec<PathBuf> = run.targets.iter().map(|t| t.path.clone()).collect();
-    if nbd_path(run.opts) {
+    if nbd_path(run.opts, qmp) {
         for (i, v) in run.volumes.iter().enumerate() {
             let backing = run.targets[i].backing.clone();
             let node = scope.target_node(i);
@@ -594,20 +594,22 @@ async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<
 /// what the streaming writer does (no encryption, no compression yet; a
 /// cluster no larger than the job's 64 KiB copy unit, so that a job never
 /// writes part of a cluster it has not written).
-fn nbd_path(opts: &BackupOptions) -> bool {
+fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
     if opts.data_path != super::DataPath::Nbd {
         return false;
     }
-    let why = if opts.encrypt.is_some() {
-        "encrypted backups"
+    let why = if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
+        "libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)"
+    } else if opts.encrypt.is_some() {
+        "bitback does not write encrypted backups yet"
     } else if opts.compress {
-        "compressed backups"
+        "bitback does not write compressed backups yet"
     } else if opts.cluster_size > 64 << 10 {
-        "clusters above 64 KiB"
+        "bitback writes clusters of at most 64 KiB"
     } else {
         return true;
     };
-    warn!("the NBD data path does not write {why} yet: QEMU writes the files");
+    warn!("--data-path nbd: {why}; QEMU writes the files");
     false
 }
 

@@ -30,6 +30,9 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// The default wait for a command's reply.
     pub command_timeout: Duration,
+    /// Whether the other end takes a descriptor with `getfd` (QEMU does;
+    /// libvirt's QMP proxy passes descriptors with `add-fd` only).
+    pub named_fds: bool,
 }
 
 impl Default for Options {
@@ -37,6 +40,7 @@ impl Default for Options {
         Options {
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(30),
+            named_fds: true,
         }
     }
 }
@@ -344,6 +348,12 @@ impl Qmp {
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
+    }
+
+    /// Whether a descriptor can be passed with `getfd` here (see
+    /// [`Options::named_fds`]).
+    pub fn named_fds(&self) -> bool {
+        self.inner.can_pass_fds && self.inner.options.named_fds
     }
 
     /// Receives every event from now on. Subscribe before sending the

@@ -74,11 +74,21 @@ fn a_writing_libvirt_guest_through_the_proxy_and_an_extra_socket_is_one_chain() 
     domain.wait_records(20);
     // The extra socket continues the chain the proxy started...
     let extra_arg = extra.display().to_string();
-    let second = domain.backup(&repo, &["--qmp", &extra_arg]);
+    // Through the extra socket, QEMU itself takes the NBD socket: the
+    // bytes go through bitback's server to libvirt's unprivileged QEMU.
+    let second = domain.backup(&repo, &["--qmp", &extra_arg, "--data-path", "nbd"]);
     assert_eq!(second["kind"], "incremental", "{}", second["reason"]);
     domain.wait_records(20);
-    // ... and the proxy the chain the extra socket continued.
-    let third = domain.backup(&repo, &[]);
+    // ... and the proxy the chain the extra socket continued; asked for
+    // the NBD data path, it says the proxy cannot pass the socket and
+    // QEMU writes the files.
+    let nbd = domain.run_backup(&repo, &["--data-path", "nbd"], &[]);
+    assert!(
+        nbd.stderr.contains("libvirt's QMP proxy cannot pass"),
+        "{}",
+        nbd.stderr
+    );
+    let third = nbd.json();
     assert_eq!(third["kind"], "incremental", "{}", third["reason"]);
     assert_eq!(
         kinds(&third),
