@@ -105,7 +105,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     E: Export + ?Sized,
 {
-    let (mut rx, mut tx) = tokio::io::split(conn);
+    let (rx, tx) = tokio::io::split(conn);
+    // Buffered both ways: a request's header and payload come out of one
+    // read, and the replies to a batch of requests go in one write.
+    let mut rx = tokio::io::BufReader::with_capacity(4 << 20, rx);
+    let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
     handshake(&mut rx, &mut tx, name, export.size()).await?;
     transmission(&mut rx, &mut tx, export).await
 }
@@ -140,6 +144,7 @@ where
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     tx.write_all(&hello).await?;
+    tx.flush().await?;
     let client_flags = rx.read_u32().await?;
     if client_flags & u32::from(FLAG_FIXED_NEWSTYLE) == 0 {
         return Err(Error::Protocol(
@@ -148,6 +153,7 @@ where
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
     loop {
+        tx.flush().await?;
         if rx.read_u64().await? != IHAVEOPT {
             return Err(Error::Protocol("an option without IHAVEOPT".into()));
         }
@@ -174,10 +180,12 @@ where
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 tx.write_all(&out).await?;
+                tx.flush().await?;
                 return Ok(());
             }
             OPT_ABORT => {
                 let _ = reply_opt(tx, option, REP_ACK, &[]).await;
+                let _ = tx.flush().await;
                 return Err(Error::Aborted);
             }
             OPT_LIST => {
@@ -208,6 +216,7 @@ where
                 }
                 reply_opt(tx, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
+                    tx.flush().await?;
                     return Ok(());
                 }
             }
@@ -256,7 +265,11 @@ fn errno(e: &io::Error) -> u32 {
     }
 }
 
-async fn transmission<R, W, E>(rx: &mut R, tx: &mut W, export: &mut E) -> Result<Served, Error>
+async fn transmission<R, W, E>(
+    rx: &mut tokio::io::BufReader<R>,
+    tx: &mut W,
+    export: &mut E,
+) -> Result<Served, Error>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -266,11 +279,19 @@ where
     let size = export.size();
     let mut payload = Vec::new();
     loop {
+        // Replies wait in the buffer while more requests are buffered;
+        // before waiting for the client, they go.
+        if rx.buffer().is_empty() {
+            tx.flush().await?;
+        }
         let mut head = [0u8; 28];
         match rx.read_exact(&mut head).await {
             Ok(_) => {}
             // A client that closes between requests has disconnected.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(served),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let _ = tx.flush().await;
+                return Ok(served);
+            }
             Err(e) => return Err(e.into()),
         }
         let magic = u32::from_be_bytes(head[0..4].try_into().unwrap());
@@ -337,7 +358,10 @@ where
                 let result = export.flush();
                 answer(tx, handle, result, &mut served).await?;
             }
-            CMD_DISC => return Ok(served),
+            CMD_DISC => {
+                tx.flush().await?;
+                return Ok(served);
+            }
             // Unknown, or known but not offered (CACHE, BLOCK_STATUS,
             // RESIZE): none carries a payload to skip.
             _ => {

@@ -161,14 +161,34 @@ impl Stream {
         host
     }
 
-    /// Stores `data` at guest `offset`.
+    /// Stores `data` at guest `offset`. New whole clusters that follow
+    /// each other are appended with one write.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let mut done = 0usize;
+        // A run of new whole clusters not yet written: (host, data start).
+        let mut run: Option<(u64, usize)> = None;
         for p in self.pieces(offset, data.len() as u64)? {
             let part = &data[done..done + p.len];
-            done += p.len;
             let entry = self.entry(p.cluster);
             let host = entry & OFFSET_MASK;
+            if host == 0 && p.whole {
+                let host = self.allocate();
+                self.set(p.cluster, host | COPIED);
+                match run {
+                    Some((start, from)) if start + (done - from) as u64 == host => {}
+                    Some((start, from)) => {
+                        self.write_at(&data[from..done], start)?;
+                        run = Some((host, done));
+                    }
+                    None => run = Some((host, done)),
+                }
+                done += p.len;
+                continue;
+            }
+            if let Some((start, from)) = run.take() {
+                self.write_at(&data[from..done], start)?;
+            }
+            done += p.len;
             match (host != 0, entry & ZERO != 0, p.whole) {
                 // Data where it lies: overwritten in place.
                 (true, false, _) | (true, true, true) => {
@@ -181,11 +201,7 @@ impl Stream {
                     self.write_at(&self.padded(&p, part), host)?;
                     self.set(p.cluster, host | COPIED);
                 }
-                (false, _, true) => {
-                    let host = self.allocate();
-                    self.write_at(part, host)?;
-                    self.set(p.cluster, host | COPIED);
-                }
+                (false, _, true) => unreachable!("a new whole cluster joins the run"),
                 (false, zero, false) => {
                     if !zero && self.backing.is_some() {
                         return Err(self.partial(p.cluster));
@@ -195,6 +211,9 @@ impl Stream {
                     self.set(p.cluster, host | COPIED);
                 }
             }
+        }
+        if let Some((start, from)) = run {
+            self.write_at(&data[from..done], start)?;
         }
         Ok(())
     }
