@@ -67,7 +67,7 @@ fn nbd_target(monitor: &mut Monitor, dir: &Path, out: &Path, size: u64) -> Durat
         let _guard = runtime.enter();
         tokio::net::UnixListener::bind(&socket).unwrap()
     };
-    let mut image = Stream::create(
+    let image = Stream::create(
         out,
         &CreateOptions {
             size,
@@ -76,9 +76,9 @@ fn nbd_target(monitor: &mut Monitor, dir: &Path, out: &Path, size: u64) -> Durat
     )
     .unwrap();
     let server = std::thread::spawn(move || {
-        let served = runtime.block_on(async {
+        let (served, image) = runtime.block_on(async {
             let (conn, _) = listener.accept().await.unwrap();
-            bitback::nbd::serve(conn, "disk", &mut image).await
+            bitback::nbd::serve(conn, "disk", image).await
         });
         served.expect("the NBD connection");
         image.finish().unwrap();

@@ -99,19 +99,24 @@ pub struct Served {
     pub failed: u64,
 }
 
-/// Serves `export` under `name` on `conn` until the client disconnects.
-pub async fn serve<C, E>(conn: C, name: &str, export: &mut E) -> Result<Served, Error>
+/// Serves `export` under `name` on `conn` until the client disconnects;
+/// gives the export back with how the connection ended. Requests are read
+/// while earlier ones are carried out (on a thread of their own, in
+/// order), and replies go back in that order.
+pub async fn serve<C, E>(conn: C, name: &str, export: E) -> (Result<Served, Error>, E)
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    E: Export + ?Sized,
+    E: Export + Send + 'static,
 {
     let (rx, tx) = tokio::io::split(conn);
     // Buffered both ways: a request's header and payload come out of one
     // read, and the replies to a batch of requests go in one write.
     let mut rx = tokio::io::BufReader::with_capacity(4 << 20, rx);
     let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
-    handshake(&mut rx, &mut tx, name, export.size()).await?;
-    transmission(&mut rx, &mut tx, export).await
+    if let Err(e) = handshake(&mut rx, &mut tx, name, export.size()).await {
+        return (Err(e), export);
+    }
+    transmission(rx, tx, export).await
 }
 
 async fn reply_opt<W: AsyncWrite + Unpin>(
@@ -265,33 +270,105 @@ fn errno(e: &io::Error) -> u32 {
     }
 }
 
+/// One request, as the worker carries it out.
+enum Op {
+    Write {
+        handle: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zeroes {
+        handle: u64,
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        handle: u64,
+        offset: u64,
+        len: u64,
+    },
+    Flush {
+        handle: u64,
+    },
+    Read {
+        handle: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// Answered with this error, nothing done.
+    Refuse {
+        handle: u64,
+        error: u32,
+    },
+}
+
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Vec<u8>,
+}
+
 async fn transmission<R, W, E>(
-    rx: &mut tokio::io::BufReader<R>,
-    tx: &mut W,
-    export: &mut E,
-) -> Result<Served, Error>
+    mut rx: tokio::io::BufReader<R>,
+    mut tx: W,
+    export: E,
+) -> (Result<Served, Error>, E)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    E: Export + ?Sized,
+    E: Export + Send + 'static,
 {
-    let mut served = Served::default();
     let size = export.size();
-    let mut payload = Vec::new();
-    loop {
-        // Replies wait in the buffer while more requests are buffered;
-        // before waiting for the client, they go.
-        if rx.buffer().is_empty() {
+    let (ops, mut todo) = tokio::sync::mpsc::channel::<Op>(64);
+    let (replies, mut answered) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut export = export;
+        let mut served = Served::default();
+        while let Some(op) = todo.blocking_recv() {
+            let reply = carry_out(&mut export, op, &mut served);
+            if replies.send(reply).is_err() {
+                break;
+            }
+        }
+        (export, served)
+    });
+    let reader = read_requests(&mut rx, size, ops);
+    let writer = async {
+        while let Some(r) = answered.recv().await {
+            reply(&mut tx, r.error, r.handle, &r.data).await?;
+            while let Ok(r) = answered.try_recv() {
+                reply(&mut tx, r.error, r.handle, &r.data).await?;
+            }
             tx.flush().await?;
         }
+        tx.flush().await
+    };
+    let (read, wrote) = tokio::join!(reader, writer);
+    let (export, served) = match worker.await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    let result = match (read, wrote) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(Error::Io(e)),
+        (Ok(()), Ok(())) => Ok(served),
+    };
+    (result, export)
+}
+
+/// Reads requests until the client's `DISC` or close, handing each to the
+/// worker. Ends with an error where the framing cannot be followed.
+async fn read_requests<R: AsyncRead + Unpin>(
+    rx: &mut tokio::io::BufReader<R>,
+    size: u64,
+    ops: tokio::sync::mpsc::Sender<Op>,
+) -> Result<(), Error> {
+    loop {
         let mut head = [0u8; 28];
         match rx.read_exact(&mut head).await {
             Ok(_) => {}
             // A client that closes between requests has disconnected.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                let _ = tx.flush().await;
-                return Ok(served);
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         let magic = u32::from_be_bytes(head[0..4].try_into().unwrap());
@@ -305,84 +382,136 @@ where
         let in_range = offset
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= size);
-        match kind {
+        let op = match kind {
             CMD_WRITE => {
                 if len > MAX_PAYLOAD {
                     return Err(Error::Protocol(format!("a write of {len} bytes")));
                 }
-                payload.resize(len as usize, 0);
-                rx.read_exact(&mut payload).await?;
-                if !in_range {
-                    served.failed += 1;
-                    reply(tx, ENOSPC, handle, &[]).await?;
-                    continue;
-                }
-                let result = export.write(offset, &payload);
-                served.writes += 1;
-                served.bytes_written += u64::from(len);
-                answer(tx, handle, result, &mut served).await?;
-            }
-            CMD_READ => {
-                if len > MAX_PAYLOAD {
-                    return Err(Error::Protocol(format!("a read of {len} bytes")));
-                }
-                if !in_range {
-                    served.failed += 1;
-                    reply(tx, EINVAL, handle, &[]).await?;
-                    continue;
-                }
-                payload.resize(len as usize, 0);
-                match export.read(offset, &mut payload) {
-                    Ok(()) => reply(tx, 0, handle, &payload).await?,
-                    Err(e) => {
-                        served.failed += 1;
-                        reply(tx, errno(&e), handle, &[]).await?;
-                    }
+                let mut data = vec![0u8; len as usize];
+                rx.read_exact(&mut data).await?;
+                match in_range {
+                    true => Op::Write {
+                        handle,
+                        offset,
+                        data,
+                    },
+                    false => Op::Refuse {
+                        handle,
+                        error: ENOSPC,
+                    },
                 }
             }
-            CMD_WRITE_ZEROES | CMD_TRIM => {
-                if !in_range {
-                    served.failed += 1;
-                    reply(tx, ENOSPC, handle, &[]).await?;
-                    continue;
-                }
-                let result = if kind == CMD_TRIM {
-                    export.trim(offset, u64::from(len))
-                } else {
-                    served.zero_bytes += u64::from(len);
-                    export.write_zeroes(offset, u64::from(len))
-                };
-                answer(tx, handle, result, &mut served).await?;
+            CMD_READ if len > MAX_PAYLOAD => {
+                return Err(Error::Protocol(format!("a read of {len} bytes")));
             }
-            CMD_FLUSH => {
-                let result = export.flush();
-                answer(tx, handle, result, &mut served).await?;
-            }
-            CMD_DISC => {
-                tx.flush().await?;
-                return Ok(served);
-            }
+            CMD_READ if in_range => Op::Read {
+                handle,
+                offset,
+                len,
+            },
+            CMD_READ => Op::Refuse {
+                handle,
+                error: EINVAL,
+            },
+            CMD_WRITE_ZEROES | CMD_TRIM if !in_range => Op::Refuse {
+                handle,
+                error: ENOSPC,
+            },
+            CMD_WRITE_ZEROES => Op::Zeroes {
+                handle,
+                offset,
+                len: u64::from(len),
+            },
+            CMD_TRIM => Op::Trim {
+                handle,
+                offset,
+                len: u64::from(len),
+            },
+            CMD_FLUSH => Op::Flush { handle },
+            CMD_DISC => return Ok(()),
             // Unknown, or known but not offered (CACHE, BLOCK_STATUS,
             // RESIZE): none carries a payload to skip.
-            _ => {
-                served.failed += 1;
-                reply(tx, EINVAL, handle, &[]).await?;
-            }
+            _ => Op::Refuse {
+                handle,
+                error: EINVAL,
+            },
+        };
+        if ops.send(op).await.is_err() {
+            return Ok(());
         }
     }
 }
 
-async fn answer<W: AsyncWrite + Unpin>(
-    tx: &mut W,
-    handle: u64,
-    result: io::Result<()>,
-    served: &mut Served,
-) -> io::Result<()> {
-    match result {
-        Ok(()) => reply(tx, 0, handle, &[]).await,
+/// Carries out one request on the worker's thread.
+fn carry_out<E: Export + ?Sized>(export: &mut E, op: Op, served: &mut Served) -> Reply {
+    let done = |handle: u64, result: io::Result<()>, served: &mut Served| match result {
+        Ok(()) => Reply {
+            handle,
+            error: 0,
+            data: Vec::new(),
+        },
         Err(e) => {
             served.failed += 1;
-            reply(tx, errno(&e), handle, &[]).await
+            Reply {
+                handle,
+                error: errno(&e),
+                data: Vec::new(),
+            }
+        }
+    };
+    match op {
+        Op::Write {
+            handle,
+            offset,
+            data,
+        } => {
+            served.writes += 1;
+            served.bytes_written += data.len() as u64;
+            done(handle, export.write(offset, &data), served)
+        }
+        Op::Zeroes {
+            handle,
+            offset,
+            len,
+        } => {
+            served.zero_bytes += len;
+            done(handle, export.write_zeroes(offset, len), served)
+        }
+        Op::Trim {
+            handle,
+            offset,
+            len,
+        } => done(handle, export.trim(offset, len), served),
+        Op::Flush { handle } => done(handle, export.flush(), served),
+        Op::Read {
+            handle,
+            offset,
+            len,
+        } => {
+            let mut data = vec![0u8; len as usize];
+            match export.read(offset, &mut data) {
+                Ok(()) => Reply {
+                    handle,
+                    error: 0,
+                    data,
+                },
+                Err(e) => {
+                    served.failed += 1;
+                    Reply {
+                        handle,
+                        error: errno(&e),
+                        data: Vec::new(),
+                    }
+                }
+            }
+        }
+        Op::Refuse { handle, error } => {
+            served.failed += 1;
+            Reply {
+                handle,
+                error,
+                data: Vec::new(),
+            }
         }
     }
 }

@@ -65,16 +65,14 @@ pub(super) async fn open(
         listen(node)?
     };
     let handle = tokio::spawn(async move {
-        let mut stream = stream;
         let conn = match conn {
             Connection::Ready(conn) => Ok(conn),
             Connection::Listening(listener) => listener.accept().await.map(|(c, _)| c),
         };
-        let served = match conn {
-            Ok(conn) => nbd::serve(conn, EXPORT, &mut stream).await,
-            Err(e) => Err(nbd::Error::Io(e)),
-        };
-        (served, stream)
+        match conn {
+            Ok(conn) => nbd::serve(conn, EXPORT, stream).await,
+            Err(e) => (Err(nbd::Error::Io(e)), stream),
+        }
     });
     let server = Server {
         node: node.to_string(),

@@ -37,7 +37,7 @@ fn serve_one(
         let _guard = runtime.enter();
         tokio::net::UnixListener::bind(&socket).unwrap()
     };
-    let mut image = Stream::create(
+    let image = Stream::create(
         path,
         &CreateOptions {
             size,
@@ -47,9 +47,9 @@ fn serve_one(
     .unwrap();
     let client_socket = socket.clone();
     let client = std::thread::spawn(move || client(&client_socket));
-    let served = runtime.block_on(async {
+    let (served, image) = runtime.block_on(async {
         let (conn, _) = listener.accept().await.unwrap();
-        nbd::serve(conn, "disk", &mut image).await
+        nbd::serve(conn, "disk", image).await
     });
     client.join().expect("the client panicked");
     image.finish().unwrap();
