@@ -202,6 +202,21 @@ pub fn qemu_img_info(path: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("qemu-img info prints JSON")
 }
 
+/// Whether a qcow2 image holds compressed clusters, from `qemu-img
+/// check`'s summary (`... 12.50% compressed clusters`), which QEMU 7.2
+/// prints too (its `qemu-img map` has no `compressed` field).
+pub fn has_compressed_clusters(path: &Path) -> bool {
+    let out = run(Command::new("qemu-img").args(["check", "-U"]).arg(path));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let share = text
+        .split(',')
+        .find(|part| part.contains("compressed clusters"))
+        .and_then(|part| part.trim().split('%').next())
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no compressed share in qemu-img check's output: {text}"));
+    share > 0.0
+}
+
 /// `qemu-img compare` of two qcow2 images (chains followed).
 pub fn images_equal(a: &Path, b: &Path) -> bool {
     same_content(a, "qcow2", b, "qcow2")
