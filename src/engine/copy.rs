@@ -374,7 +374,14 @@ async fn run_jobs(
         bail!("interrupted before the backup started");
     }
     let mut events = run.qmp.subscribe();
-    start_transaction(run, &ways, &fleece, undo).await?;
+    let guarded = start_transaction(run, &ways, &fleece, undo).await?;
+    for (way, guarded) in ways.iter_mut().zip(guarded) {
+        if way.is_guarded() && !guarded {
+            *way = Way::Direct {
+                why: Some("bitback's filter could not be put under the device".into()),
+            };
+        }
+    }
     if let Err(e) = wait_jobs(run.qmp, run.opts, &mut events, &jobs, cancel).await {
         if undo.guards.is_empty() {
             return Err(e);
@@ -752,14 +759,14 @@ async fn start_transaction(
     ways: &[Way],
     fleece: &[Option<String>],
     undo: &mut Undo,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<bool>> {
     let (qmp, opts) = (run.qmp, run.opts);
     let mut perf = opts.perf.clone();
     if fleece.iter().any(Option::is_some) && perf.max_workers.is_none() {
         perf.max_workers = Some(FLEECING_WORKERS);
     }
     let perf = perf.for_qemu(qmp).await?;
-    let guards: Vec<Option<Guard>> = run
+    let mut guards: Vec<Option<Guard>> = run
         .volumes
         .iter()
         .enumerate()
@@ -768,58 +775,6 @@ async fn start_transaction(
             Way::Direct { .. } => None,
         })
         .collect();
-    let mut actions = Vec::new();
-    for (i, v) in run.volumes.iter().enumerate() {
-        // Only qcow2 v3 can store a bitmap; every other kind gets one in
-        // QEMU's memory, which tracks changes while this QEMU lives.
-        if let Some(checkpoint) = run.checkpoint {
-            let persistent = v.kind.tracking() == Tracking::Persistent;
-            let mut bitmap =
-                json!({ "node": v.node_name, "name": checkpoint, "persistent": persistent });
-            if let Some(g) = opts.granularity {
-                bitmap["granularity"] = g.into();
-            }
-            actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
-        }
-        // A full of an image without a backing file copies only what the
-        // image allocates (sync=top): unallocated clusters read as zeros
-        // and stay unallocated in the target. sync=full would write zeros
-        // for every one of them, which on a sparse 1 TiB disk costs more
-        // than the data. A guarded volume's job reads the snapshot-access
-        // node, where every cluster counts as allocated: sync=full, and
-        // what reads as zeros becomes zero clusters (table entries only).
-        let full_sync = if v.backing_file.is_none() && guards[i].is_none() {
-            "top"
-        } else {
-            "full"
-        };
-        let source = guards[i]
-            .as_ref()
-            .map_or(v.node_name.as_str(), Guard::source);
-        let mut data = json!({
-            "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
-            "sync": full_sync, "auto-dismiss": false,
-        });
-        if let Some(since) = &run.targets[i].since {
-            data["sync"] = "bitmap".into();
-            data["bitmap"] = match &guards[i] {
-                Some(guard) => guard.copy_bitmap().into(),
-                None => since.as_str().into(),
-            };
-            data["bitmap-mode"] = "never".into();
-        }
-        if let Some(speed) = opts.rate_limit {
-            data["speed"] = speed.into();
-        }
-        if opts.compress {
-            data["compress"] = true.into();
-        }
-        if let Some(perf) = &perf {
-            data["x-perf"] = perf.clone();
-        }
-        actions.push(json!({ "type": "blockdev-backup", "data": data }));
-    }
-
     let frozen = match (&opts.quiesce, &opts.thaw_guard) {
         (Some(thawer), Some(guard)) => {
             quiesce::freeze(thawer, guard, &opts.vm, opts.freeze_timeout).await?
@@ -838,11 +793,13 @@ async fn start_transaction(
         false => Ok(None),
     };
     let started = match &paused {
-        Ok(_) => match insert_guards(run, &guards, fleece, undo).await {
-            Ok(()) => qmp
-                .execute_raw("transaction", json!({ "actions": actions }))
-                .await
-                .map_err(Failure::Transaction),
+        Ok(_) => match insert_guards(run, &mut guards, fleece, undo).await {
+            Ok(()) => {
+                let actions = backup_actions(run, &guards, &perf);
+                qmp.execute_raw("transaction", json!({ "actions": actions }))
+                    .await
+                    .map_err(Failure::Transaction)
+            }
             Err(e) => Err(Failure::Guard(e)),
         },
         Err(e) => Err(Failure::Guard(anyhow!("pausing the vm for the point: {e}"))),
@@ -896,7 +853,7 @@ async fn start_transaction(
         }
     }
     crate::fault::point("after-transaction");
-    Ok(())
+    Ok(guards.iter().map(Option::is_some).collect())
 }
 
 /// Parallel copy requests per job with fleecing, unless `--max-workers`
@@ -907,6 +864,70 @@ async fn start_transaction(
 /// repository took 2.2 s with fleecing; with 16, 0.096 s; with 4, 0.046 s
 /// (0.033 s with no backup; `cargo bench --bench fleecing`).
 const FLEECING_WORKERS: u64 = 8;
+
+/// The transaction's actions: the new checkpoint on every volume and a
+/// `blockdev-backup` per volume, from the guard's snapshot-access node
+/// where the volume has one.
+fn backup_actions(
+    run: &CopyPlan<'_>,
+    guards: &[Option<Guard>],
+    perf: &Option<Value>,
+) -> Vec<Value> {
+    let opts = run.opts;
+    let mut actions = Vec::new();
+    for (i, v) in run.volumes.iter().enumerate() {
+        // Only qcow2 v3 can store a bitmap; every other kind gets one in
+        // QEMU's memory, which tracks changes while this QEMU lives.
+        if let Some(checkpoint) = run.checkpoint {
+            let persistent = v.kind.tracking() == Tracking::Persistent;
+            let mut bitmap =
+                json!({ "node": v.node_name, "name": checkpoint, "persistent": persistent });
+            if let Some(g) = opts.granularity {
+                bitmap["granularity"] = g.into();
+            }
+            actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
+        }
+        // A full of an image without a backing file copies only what the
+        // image allocates (sync=top): unallocated clusters read as zeros
+        // and stay unallocated in the target. sync=full would write zeros
+        // for every one of them, which on a sparse 1 TiB disk costs more
+        // than the data. A guarded volume's job reads the snapshot-access
+        // node, where every cluster counts as allocated: sync=full, and
+        // what reads as zeros becomes zero clusters (table entries only).
+        let full_sync = if v.backing_file.is_none() && guards[i].is_none() {
+            "top"
+        } else {
+            "full"
+        };
+        let source = guards[i]
+            .as_ref()
+            .map_or(v.node_name.as_str(), Guard::source);
+        let mut data = json!({
+            "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
+            "sync": full_sync, "auto-dismiss": false,
+        });
+        if let Some(since) = &run.targets[i].since {
+            data["sync"] = "bitmap".into();
+            data["bitmap"] = match &guards[i] {
+                Some(guard) => guard.copy_bitmap().into(),
+                None => since.as_str().into(),
+            };
+            data["bitmap-mode"] = "never".into();
+        }
+        if let Some(speed) = opts.rate_limit {
+            data["speed"] = speed.into();
+        }
+        if opts.compress {
+            data["compress"] = true.into();
+        }
+        if let Some(perf) = &perf {
+            data["x-perf"] = perf.clone();
+        }
+        actions.push(json!({ "type": "blockdev-backup", "data": data }));
+    }
+
+    actions
+}
 
 /// Why the point was not taken.
 enum Failure {
@@ -942,23 +963,37 @@ async fn pause(qmp: &Qmp, opts: &BackupOptions) -> anyhow::Result<Option<Paused>
 }
 
 /// Puts each guard in place (the VM paused or not running); each is in
-/// `undo` before it changes anything.
+/// `undo` before it changes anything. A guard that cannot be put in place
+/// (a device QEMU will not move, say) is taken out again and its volume
+/// copied through QEMU's own filter, with a warning; one that cannot be
+/// taken out either fails the run.
 async fn insert_guards(
     run: &CopyPlan<'_>,
-    guards: &[Option<Guard>],
+    guards: &mut [Option<Guard>],
     fleece: &[Option<String>],
     undo: &mut Undo,
 ) -> anyhow::Result<()> {
-    for (i, guard) in guards.iter().enumerate() {
-        let Some(guard) = guard else { continue };
+    for (i, slot) in guards.iter_mut().enumerate() {
+        let Some(guard) = slot.clone() else { continue };
         undo.guards.push(guard.clone());
         let target = fleece[i]
             .clone()
             .unwrap_or_else(|| run.scope.target_node(i));
-        guard
+        let Err(e) = guard
             .insert(run.qmp, &target, run.targets[i].since.as_deref())
             .await
-            .with_context(|| format!("volume {}", run.volumes[i].name))?;
+        else {
+            continue;
+        };
+        let volume = &run.volumes[i].name;
+        if let Err(out) = guard.remove(run.qmp).await {
+            return Err(anyhow!(e)
+                .context(format!("volume {volume}"))
+                .context(format!("and taking it out again failed: {out:#}")));
+        }
+        undo.guards.pop();
+        warn!(volume = %volume, error = %e, "bitback's filter could not be put under the device; copied through QEMU's own filter, which fails the guest's write when the backup cannot take its old data");
+        *slot = None;
     }
     Ok(())
 }
