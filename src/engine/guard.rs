@@ -125,10 +125,21 @@ pub(super) struct Guard {
     pub access: String,
 }
 
+/// The QOM path of a device as `query-block` names it: a path already, or
+/// a bare id (NVMe devices, for one, are named so) under
+/// `/machine/peripheral`.
+fn qom_path(qdev: &str) -> String {
+    if qdev.starts_with('/') {
+        qdev.to_string()
+    } else {
+        format!("/machine/peripheral/{qdev}")
+    }
+}
+
 impl Guard {
     pub(super) fn new(scope: &Scope, i: usize, v: &Volume, qdev: &str) -> Guard {
         Guard {
-            qdev: qdev.to_string(),
+            qdev: qom_path(qdev),
             node: v.node_name.clone(),
             filter: scope.guard_filter(i),
             access: scope.guard_access(i),
@@ -221,10 +232,18 @@ impl Guard {
 /// Never sets a device to the node it already has: QEMU 10.0 aborts on
 /// that.
 async fn move_back(qmp: &Qmp, qdev: &str, filter: &str, node: &str) -> anyhow::Result<()> {
-    let on = qmp
+    let on = match qmp
         .execute_raw("qom-get", json!({ "path": qdev, "property": "drive" }))
         .await
-        .with_context(|| format!("asking which node device {qdev} uses"))?;
+    {
+        Ok(on) => on,
+        // No device there: none to move back (an insert that failed
+        // before moving it).
+        Err(e) if e.class() == Some(crate::qmp::ErrorClass::DeviceNotFound) => return Ok(()),
+        Err(e) => {
+            return Err(anyhow::anyhow!(e).context(format!("asking which node device {qdev} uses")));
+        }
+    };
     if on.as_str() != Some(filter) {
         debug!(qdev, on = %on, "device not on the guard's filter");
         return Ok(());
@@ -304,7 +323,7 @@ pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()>
             node = under,
             "moving a device back from the filter an interrupted run left"
         );
-        move_back(qmp, qdev, on, under).await?;
+        move_back(qmp, &qom_path(qdev), on, under).await?;
     }
     Ok(())
 }

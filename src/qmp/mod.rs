@@ -22,6 +22,6 @@ mod error;
 mod transport;
 
 pub use client::{Event, Events, Greeting, Options, QemuVersion, Qmp, Timestamp};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use transport::{Endpoint, MAX_LINE};
 pub(crate) use transport::{Line, read_line};

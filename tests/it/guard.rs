@@ -574,3 +574,92 @@ fn a_kill_while_the_vm_is_paused_for_the_point_leaves_it_running() {
     assert_nothing_left(&vm);
     finish(vm);
 }
+
+/// An NVMe disk, which `query-block` names by its bare id: guarded too,
+/// and its point taken while the guest writes is the disk at the start.
+#[test]
+fn an_nvme_disk_is_guarded() {
+    use crate::harness::{Kind, Qemu, create_qcow2};
+    let dir = tempdir();
+    let d = dir.path();
+    let image = d.join("nvme.qcow2");
+    create_qcow2(&image, 16 * MIB, &[]);
+    let extra: Vec<String> = [
+        "-blockdev".to_string(),
+        format!(
+            "driver=file,filename={},node-name=nvmefile",
+            image.display()
+        ),
+        "-blockdev".into(),
+        "driver=qcow2,file=nvmefile,node-name=nvmedisk".into(),
+        "-device".into(),
+        "nvme,serial=bitback1,drive=nvmedisk,id=nvme0".into(),
+    ]
+    .into();
+    let qemu = Qemu::start_with(Kind::Pc, d, &[], &extra);
+    let mut model = vec![0u8; 16 * MIB as usize];
+    let write = |qemu: &Qemu, model: &mut Vec<u8>, at: u64, pattern: u8| {
+        let out = qemu.must(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": format!("qemu-io -d nvme0 \"write -P {pattern} {at} 1M\"") }),
+        );
+        assert!(!out.as_str().unwrap_or_default().contains("rror"), "{out}");
+        model[at as usize..(at + MIB) as usize].fill(pattern);
+    };
+    for at in 0..12 {
+        write(&qemu, &mut model, at * MIB, 0x31);
+    }
+    let repo = d.join("repo");
+    let at_start = model.clone();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["backup", "--qmp"])
+        .arg(&qemu.qmp)
+        .arg("--repo")
+        .arg(&repo)
+        .args(["--vm", "nv", "--json", "--speed-limit", "2M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while qemu
+        .must("query-block-jobs", Value::Null)
+        .as_array()
+        .is_some_and(|j| j.is_empty())
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bitback ended before its job ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for at in 4..12 {
+        write(&qemu, &mut model, at * MIB, 0x32);
+    }
+    let ended = wait(child);
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+    assert_eq!(manifest["volumes"][0]["guard"], "bitback", "{manifest}");
+    let on = qemu.must(
+        "qom-get",
+        serde_json::json!({ "path": "/machine/peripheral/nvme0", "property": "drive" }),
+    );
+    assert_eq!(on, "nvmedisk");
+    qemu.quit();
+    let point = d.join("point.raw");
+    std::fs::write(&point, &at_start).unwrap();
+    let id = manifest["id"].as_str().unwrap();
+    let file = repo.join("nv").join(id).join(format!(
+        "{}.qcow2",
+        manifest["volumes"][0]["name"].as_str().unwrap()
+    ));
+    assert!(
+        same_content(&point, "raw", &file, "qcow2"),
+        "the point differs from the disk at its start"
+    );
+    let now = d.join("now.raw");
+    std::fs::write(&now, &model).unwrap();
+    assert!(
+        same_content(&now, "raw", &image, "qcow2"),
+        "a guest write was lost"
+    );
+}
