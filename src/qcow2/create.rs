@@ -115,17 +115,7 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
 
     let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
 
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|source| match source.kind() {
-            ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
-            _ => Error::Opening {
-                path: path.into(),
-                source,
-            },
-        })?;
+    let file = create_new(path)?;
     let written = (|| {
         file.set_len(total * cs)?;
         file.write_all_at(&header_cluster, 0)?;
@@ -273,4 +263,20 @@ pub(super) fn header_cluster(
     with_names.push(feature_table());
     header::serialize(&h, &with_names, opts.backing, cs)
         .or_else(|_| header::serialize(&h, &extensions, opts.backing, cs))
+}
+
+/// Opens `path` for reading and writing, creating it; it must not exist.
+pub(super) fn create_new(path: &Path) -> Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
+            _ => Error::Opening {
+                path: path.into(),
+                source,
+            },
+        })
 }

@@ -19,12 +19,13 @@
 //! written (what the file will hold), nothing per byte of data.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::ErrorKind;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::create::{CreateOptions, check, header_cluster, refcount_clusters, refcounts};
+use super::create::{
+    CreateOptions, check, create_new, header_cluster, refcount_clusters, refcounts,
+};
 use super::error::{Error, Result};
 
 const COPIED: u64 = 1 << 63;
@@ -64,18 +65,7 @@ impl Stream {
     /// Creates `path` (which must not exist) for an image of `opts`.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Stream> {
         let l1_entries = check(opts)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
-                _ => Error::Opening {
-                    path: path.into(),
-                    source,
-                },
-            })?;
+        let file = create_new(path)?;
         Ok(Stream {
             file,
             path: path.into(),

@@ -74,18 +74,7 @@ fn a_guarded_point_through_the_nbd_server_is_the_disk_at_its_start() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        while vm
-            .qemu()
-            .must("query-block-jobs", Value::Null)
-            .as_array()
-            .is_some_and(|j| j.is_empty())
-        {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "bitback ended before its job ran"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        vm.qemu().wait_for_job(&mut child);
         // Old data the copy has not reached: the filter copies it through
         // the NBD server, and the job reads it back from there.
         for at in 8..24 {

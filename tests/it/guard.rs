@@ -37,18 +37,7 @@ fn spawn_backup(vm: &Vm, extra: &[&str]) -> Child {
 
 /// Waits until the backup's job runs in QEMU.
 fn wait_for_job(vm: &Vm, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let jobs = vm.qemu().must("query-block-jobs", Value::Null);
-        if jobs.as_array().is_some_and(|j| !j.is_empty()) {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("bitback ended ({status}) before its job was seen");
-        }
-        assert!(Instant::now() < deadline, "no backup job within 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    vm.qemu().wait_for_job(child);
 }
 
 struct Ended {
@@ -440,19 +429,7 @@ fn every_disk_kind_is_guarded_and_fleeced_at_one_point() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while qemu
-            .must("query-block-jobs", Value::Null)
-            .as_array()
-            .is_some_and(|j| j.is_empty())
-        {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "bitback ended before its jobs ran"
-            );
-            assert!(Instant::now() < deadline, "no backup job within 120 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        qemu.wait_for_job(&mut child);
         for (i, _) in disks.iter().enumerate() {
             for at in 4..12 {
                 write(
@@ -621,17 +598,7 @@ fn an_nvme_disk_is_guarded() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    while qemu
-        .must("query-block-jobs", Value::Null)
-        .as_array()
-        .is_some_and(|j| j.is_empty())
-    {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "bitback ended before its job ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    qemu.wait_for_job(&mut child);
     for at in 4..12 {
         write(&qemu, &mut model, at * MIB, 0x32);
     }

@@ -653,6 +653,23 @@ impl Qemu {
         );
     }
 
+    /// Waits until a block job runs in QEMU, while `child` (the bitback
+    /// that starts it) still runs.
+    pub fn wait_for_job(&self, child: &mut std::process::Child) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let jobs = self.must("query-block-jobs", Value::Null);
+            if jobs.as_array().is_some_and(|j| !j.is_empty()) {
+                return;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("bitback ended ({status}) before its job was seen");
+            }
+            assert!(Instant::now() < deadline, "no backup job within 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until QEMU runs no block job.
     pub fn wait_jobs_done(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
