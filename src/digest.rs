@@ -33,6 +33,18 @@ pub fn file(path: &Path) -> std::io::Result<String> {
 }
 
 fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<blake3::Hash> {
+    hash_with(file, len, piece, threads, &[])
+}
+
+/// [`hash`], where `known[i]`, when set, is piece `i`'s chaining value
+/// already (that piece is not read).
+fn hash_with(
+    file: &File,
+    len: u64,
+    piece: u64,
+    threads: usize,
+    known: &[Option<ChainingValue>],
+) -> std::io::Result<blake3::Hash> {
     debug_assert!(piece.is_power_of_two() && piece >= 1024);
     if len <= piece {
         let mut hasher = blake3::Hasher::new();
@@ -40,7 +52,11 @@ fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<bl
         return Ok(hasher.finalize());
     }
     let pieces = len.div_ceil(piece) as usize;
-    let cvs = Mutex::new(vec![[0u8; 32]; pieces]);
+    let cvs = Mutex::new(
+        (0..pieces)
+            .map(|i| known.get(i).copied().flatten().unwrap_or([0u8; 32]))
+            .collect::<Vec<_>>(),
+    );
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads.clamp(1, pieces))
@@ -50,6 +66,9 @@ fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<bl
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= pieces {
                             return Ok(());
+                        }
+                        if known.get(i).is_some_and(Option::is_some) {
+                            continue;
                         }
                         let start = i as u64 * piece;
                         let mut hasher = blake3::Hasher::new();
@@ -73,6 +92,120 @@ fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<bl
         &merged(&cvs, left, len - left, piece),
         Mode::Hash,
     ))
+}
+
+/// A file's digest computed as it is written: bytes appended at its end
+/// in order are hashed as they come, a 64 MiB piece at a time; at the end
+/// only the pieces that were not (the first, which holds a header written
+/// last, and any rewritten in place) are read back.
+pub(crate) struct InFlight {
+    /// The piece size (a power of two): [`PIECE`], smaller in tests.
+    piece: u64,
+    cvs: Vec<Option<ChainingValue>>,
+    /// The piece being fed, and the bytes fed into it.
+    current: Option<(usize, blake3::Hasher, u64)>,
+    /// The end of what was appended.
+    end: u64,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            piece: PIECE,
+            cvs: Vec::new(),
+            current: None,
+            end: 0,
+        }
+    }
+}
+
+impl InFlight {
+    /// `data` was written at `offset`: appended (at the end so far) or
+    /// over earlier bytes, whose piece is then read back at the end.
+    pub(crate) fn written(&mut self, offset: u64, data: &[u8]) {
+        if offset != self.end {
+            let last = (offset + data.len() as u64).min(self.end.max(offset + 1)) - 1;
+            for i in (offset / self.piece)..=(last / self.piece) {
+                self.spoil(i as usize);
+            }
+            if offset + data.len() as u64 <= self.end {
+                return;
+            }
+            // Overlapping the end: the tail is an append past a spoiled
+            // piece; the feed stops.
+            self.current = None;
+            self.end = offset + data.len() as u64;
+            return;
+        }
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let i = (at / self.piece) as usize;
+            let piece_end = (i as u64 + 1) * self.piece;
+            let n = rest.len().min((piece_end - at) as usize);
+            let start = at;
+            match &mut self.current {
+                Some((j, hasher, fed)) if *j == i && i as u64 * self.piece + *fed == start => {
+                    hasher.update(&rest[..n]);
+                    *fed += n as u64;
+                }
+                // A piece is fed only from its first byte on.
+                _ if start == i as u64 * self.piece && i > 0 => {
+                    let mut hasher = blake3::Hasher::new();
+                    hasher.set_input_offset(start);
+                    hasher.update(&rest[..n]);
+                    self.current = Some((i, hasher, n as u64));
+                }
+                _ => self.current = None,
+            }
+            if let Some((j, _, fed)) = &self.current
+                && *j == i
+                && *fed == self.piece
+            {
+                let (_, hasher, _) = self.current.take().unwrap();
+                if self.cvs.len() <= i {
+                    self.cvs.resize(i + 1, None);
+                }
+                self.cvs[i] = Some(hasher.finalize_non_root());
+            }
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        self.end = at;
+    }
+
+    fn spoil(&mut self, i: usize) {
+        if let Some(cv) = self.cvs.get_mut(i) {
+            *cv = None;
+        }
+        if self.current.as_ref().is_some_and(|(j, _, _)| *j == i) {
+            self.current = None;
+        }
+    }
+
+    /// `blake3:<hex>` of the whole file (`len` bytes), reading back only
+    /// what was not hashed in flight. Returns it with the bytes read.
+    pub(crate) fn finish(mut self, file: &File, len: u64) -> std::io::Result<(String, u64)> {
+        // The last piece, fed to the file's end, is complete too.
+        if let Some((i, hasher, fed)) = self.current.take()
+            && i as u64 * self.piece + fed == len
+            && len > self.piece
+        {
+            if self.cvs.len() <= i {
+                self.cvs.resize(i + 1, None);
+            }
+            self.cvs[i] = Some(hasher.finalize_non_root());
+        }
+        let pieces = len.div_ceil(self.piece) as usize;
+        self.cvs.resize(pieces, None);
+        let read: u64 = (0..pieces)
+            .filter(|&i| self.cvs[i].is_none())
+            .map(|i| self.piece.min(len - i as u64 * self.piece))
+            .sum();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let hash = hash_with(file, len, self.piece, threads, &self.cvs)?;
+        Ok((format!("blake3:{}", hash.to_hex()), read))
+    }
 }
 
 /// The chaining value of the subtree over `len` bytes at `start`, from the
@@ -150,6 +283,86 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn in_flight_equals_one_pass_over_appends_rewrites_and_a_late_header() {
+        let piece = 4096u64;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        for round in 0..40 {
+            let mut flight = InFlight {
+                piece,
+                ..InFlight::default()
+            };
+            let mut content: Vec<u8> = Vec::new();
+            let header = 512usize;
+            content.resize(header, 0);
+            // Appends of odd sizes, some rewrites behind the end.
+            for _ in 0..(5 + rnd() % 30) {
+                let n = 1 + (rnd() % 6000) as usize;
+                let bytes: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
+                if rnd() % 4 == 0 && content.len() > header + n {
+                    let at = header + (rnd() as usize % (content.len() - header - n));
+                    content[at..at + n].copy_from_slice(&bytes);
+                    flight.written(at as u64, &bytes);
+                } else {
+                    let at = content.len();
+                    content.extend_from_slice(&bytes);
+                    flight.written(at as u64, &bytes);
+                }
+            }
+            // The header, written last at 0.
+            let head: Vec<u8> = (0..header).map(|_| rnd() as u8).collect();
+            content[..header].copy_from_slice(&head);
+            flight.written(0, &head);
+            std::fs::write(&path, &content).unwrap();
+            let f = File::open(&path).unwrap();
+            let (digest, read) = flight.finish(&f, content.len() as u64).unwrap();
+            assert_eq!(
+                digest,
+                format!("blake3:{}", blake3::hash(&content).to_hex()),
+                "round {round}, {} bytes",
+                content.len()
+            );
+            assert!(read <= content.len() as u64);
+        }
+    }
+
+    #[test]
+    fn in_flight_reads_back_only_what_it_could_not_hash() {
+        let piece = 4096u64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let content: Vec<u8> = (0..10 * piece).map(|i| (i * 7 % 251) as u8).collect();
+        let mut flight = InFlight {
+            piece,
+            ..InFlight::default()
+        };
+        // Everything after the first piece appended in order, then the
+        // first piece, then one rewrite in piece 5.
+        flight.written(0, &vec![0u8; piece as usize]);
+        flight.written(piece, &content[piece as usize..]);
+        flight.written(0, &content[..piece as usize]);
+        flight.written(
+            5 * piece + 10,
+            &content[(5 * piece + 10) as usize..(5 * piece + 20) as usize],
+        );
+        std::fs::write(&path, &content).unwrap();
+        let f = File::open(&path).unwrap();
+        let (digest, read) = flight.finish(&f, content.len() as u64).unwrap();
+        assert_eq!(
+            digest,
+            format!("blake3:{}", blake3::hash(&content).to_hex())
+        );
+        assert_eq!(read, 2 * piece, "the first piece and the rewritten one");
     }
 
     #[test]

@@ -353,7 +353,16 @@ pub async fn backup_named(
         "copy jobs done, targets closed"
     );
 
-    let built = build_manifest(&run, &plan, copied.guards(), &checkpoint, &id, seq, &now).await;
+    let built = build_manifest(
+        &run,
+        &plan,
+        (copied.guards(), copied.finished()),
+        &checkpoint,
+        &id,
+        seq,
+        &now,
+    )
+    .await;
     let manifest = match built {
         Ok(_) if *cancel.borrow() => {
             copied.take_back(qmp).await;
@@ -495,7 +504,7 @@ fn check_identity(
 async fn build_manifest(
     run: &CopyPlan<'_>,
     plan: &Plan,
-    guards: &[Option<&'static str>],
+    (guards, finished): (&[Option<&'static str>], &[qcow2::Finished]),
     checkpoint: &str,
     id: &str,
     seq: u64,
@@ -514,9 +523,14 @@ async fn build_manifest(
     let mut records = Vec::new();
     for (i, v) in run.volumes.iter().enumerate() {
         let path = run.targets[i].path.clone();
-        let (digest, bytes_written) = digest_and_count(path.clone())
-            .await
-            .with_context(|| format!("reading back {}", path.display()))?;
+        // Written by bitback: digested as it was written. Written by QEMU:
+        // read back.
+        let (digest, bytes_written) = match finished.get(i) {
+            Some(done) => (done.digest.clone(), done.data_bytes),
+            None => digest_and_count(path.clone())
+                .await
+                .with_context(|| format!("reading back {}", path.display()))?,
+        };
         let backing = run.targets[i].backing.clone();
         let file_size = std::fs::metadata(&path)
             .with_context(|| format!("reading {}", path.display()))?

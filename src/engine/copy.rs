@@ -288,6 +288,9 @@ pub struct Target {
 pub(super) struct Copied {
     undo: Undo,
     guards: Vec<Option<&'static str>>,
+    /// What bitback wrote itself (the NBD path), per volume in order;
+    /// empty when QEMU wrote the files.
+    finished: Vec<qcow2::Finished>,
 }
 
 impl Copied {
@@ -295,6 +298,11 @@ impl Copied {
     /// (the manifest's `guard`).
     pub(super) fn guards(&self) -> &[Option<&'static str>] {
         &self.guards
+    }
+
+    /// The files bitback wrote, with their digests computed in flight.
+    pub(super) fn finished(&self) -> &[qcow2::Finished] {
+        &self.finished
     }
 
     /// Set when the guest was frozen and the thaw failed: the copies are
@@ -315,7 +323,11 @@ impl Copied {
 pub(super) async fn copy(plan: &CopyPlan<'_>, cancel: Cancel) -> anyhow::Result<Copied> {
     let mut undo = Undo::default();
     match run_jobs(plan, &mut undo, cancel).await {
-        Ok(guards) => Ok(Copied { undo, guards }),
+        Ok((guards, finished)) => Ok(Copied {
+            undo,
+            guards,
+            finished,
+        }),
         Err(e) => {
             undo.rollback(plan.qmp).await;
             Err(e)
@@ -348,7 +360,7 @@ async fn run_jobs(
     run: &CopyPlan<'_>,
     undo: &mut Undo,
     cancel: Cancel,
-) -> anyhow::Result<Vec<Option<&'static str>>> {
+) -> anyhow::Result<(Vec<Option<&'static str>>, Vec<qcow2::Finished>)> {
     let mut ways = guard::survey(run.qmp, run.volumes).await?;
     if run.opts.compress {
         // A compressed cluster cannot be written twice (QEMU fails the
@@ -389,8 +401,8 @@ async fn run_jobs(
         return Err(e.context(guarded_failure(run)));
     }
     crate::fault::point("after-jobs");
-    close_targets(run.qmp, undo).await?;
-    Ok(ways
+    let finished = close_targets(run.qmp, undo).await?;
+    let guards = ways
         .iter()
         .zip(&fleece)
         .map(|(way, fleece)| match (way, fleece) {
@@ -399,7 +411,8 @@ async fn run_jobs(
             (Way::Direct { why: Some(_) }, _) => Some("qemu"),
             (Way::Direct { why: None }, _) => None,
         })
-        .collect())
+        .collect();
+    Ok((guards, finished))
 }
 
 /// What a failed guarded run tells: the guest was spared, and how much
@@ -1000,7 +1013,7 @@ async fn insert_guards(
 
 /// After success: the jobs are concluded; dismiss them, close the
 /// targets, take back the passed fds and the key.
-async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
+async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::Finished>> {
     for job in std::mem::take(&mut undo.jobs) {
         qmp.execute_raw("job-dismiss", json!({ "id": job }))
             .await
@@ -1035,13 +1048,20 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<()> {
     remove_scratch(&mut undo.scratch);
     // The NBD targets' clients are gone with their nodes: each file gets
     // its tables.
+    let mut finished = Vec::new();
     for server in std::mem::take(&mut undo.servers) {
         let node = server.node.clone();
         let stream = server.finish().await?;
-        let len = nbd_target::complete(stream).await?;
-        debug!(node, bytes = len, "NBD target complete");
+        let done = nbd_target::complete(stream).await?;
+        debug!(
+            node,
+            bytes = done.len,
+            read_back = done.read_back,
+            "NBD target complete"
+        );
+        finished.push(done);
     }
-    Ok(())
+    Ok(finished)
 }
 
 /// Waits until every job has ended; fails on any error, stall or signal.

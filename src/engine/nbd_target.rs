@@ -149,9 +149,9 @@ impl Server {
     }
 }
 
-/// Writes the tables of a finished stream (blocking I/O, off the runtime's
-/// threads).
-pub(super) async fn complete(stream: Stream) -> anyhow::Result<u64> {
+/// Writes the tables of a finished stream and completes its digest
+/// (blocking I/O, off the runtime's threads).
+pub(super) async fn complete(stream: Stream) -> anyhow::Result<qcow2::Finished> {
     let path = stream.path().to_path_buf();
     tokio::task::spawn_blocking(move || stream.finish())
         .await?

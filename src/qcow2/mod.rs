@@ -38,7 +38,7 @@ pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};
 pub use map::{Extent, Kind, map, walk};
 pub use rebase::set_backing;
-pub use stream::Stream;
+pub use stream::{Finished, Stream};
 
 /// Holds QEMU off an image while alive (an OFD write lock over the bytes
 /// QEMU locks); `Error::InUse` when a QEMU holds it now.

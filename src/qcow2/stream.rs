@@ -48,6 +48,23 @@ pub struct Stream {
     next: u64,
     /// Guest bytes of data clusters (zero clusters not counted).
     data_clusters: u64,
+    /// The file's digest, computed as it is written.
+    digest: crate::digest::InFlight,
+}
+
+/// A finished image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// The file's length in bytes.
+    pub len: u64,
+    /// `blake3:<hex>` of the whole file, as the manifests record it.
+    pub digest: String,
+    /// Guest bytes the image holds as data (zero clusters not counted).
+    pub data_bytes: u64,
+    /// Bytes of the file read back to complete the digest (the first 64
+    /// MiB, which hold the header written last, and any piece written
+    /// over in place).
+    pub read_back: u64,
 }
 
 /// What a guest range of one cluster is, within the image.
@@ -77,6 +94,7 @@ impl Stream {
             l2: BTreeMap::new(),
             next: opts.cluster_size,
             data_clusters: 0,
+            digest: Default::default(),
         })
     }
 
@@ -135,13 +153,15 @@ impl Stream {
             .or_insert_with(|| vec![0; per as usize])[(cluster % per) as usize] = entry;
     }
 
-    fn write_at(&self, data: &[u8], at: u64) -> Result<()> {
+    fn write_at(&mut self, data: &[u8], at: u64) -> Result<()> {
         self.file
             .write_all_at(data, at)
             .map_err(|source| Error::Writing {
                 what: "a data cluster",
                 source,
-            })
+            })?;
+        self.digest.written(at, data);
+        Ok(())
     }
 
     fn allocate(&mut self) -> u64 {
@@ -274,8 +294,8 @@ impl Stream {
     }
 
     /// Writes the tables and the header after the data and syncs the
-    /// file: the image is complete. Returns its length in bytes.
-    pub fn finish(self) -> Result<u64> {
+    /// file: the image is complete. Returns its length, digest and data.
+    pub fn finish(mut self) -> Result<Finished> {
         let cs = self.cs;
         let l1_clusters = (self.l1_entries * 8).div_ceil(cs);
         let l2_count = self.l2.len() as u64;
@@ -296,21 +316,31 @@ impl Stream {
         let header = header_cluster(&opts, self.l1_entries, l1_offset, rt_offset, rt)?;
         let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
         let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
-        let written = (|| {
-            for (j, (index, entries)) in self.l2.iter().enumerate() {
-                let at = l2_offset + j as u64 * cs;
-                let mut raw = Vec::with_capacity(cs as usize);
-                for e in entries {
-                    raw.extend_from_slice(&e.to_be_bytes());
+        let mut data_bytes = 0u64;
+        let mut tables = Vec::new();
+        for (j, (index, entries)) in self.l2.iter().enumerate() {
+            let at = l2_offset + j as u64 * cs;
+            let mut raw = Vec::with_capacity(cs as usize);
+            for (k, e) in entries.iter().enumerate() {
+                raw.extend_from_slice(&e.to_be_bytes());
+                if e & OFFSET_MASK != 0 && e & ZERO == 0 {
+                    let guest = (index * (cs / 8) + k as u64) * cs;
+                    data_bytes += cs.min(self.size - guest);
                 }
-                self.file.write_all_at(&raw, at)?;
-                let slot = (*index * 8) as usize;
-                l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
             }
-            self.file.write_all_at(&l1, l1_offset)?;
-            self.file.write_all_at(&table, rt_offset)?;
-            self.file.write_all_at(&blocks, rb_offset)?;
-            self.file.write_all_at(&header, 0)?;
+            tables.push((raw, at));
+            let slot = (*index * 8) as usize;
+            l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
+        }
+        tables.push((l1, l1_offset));
+        tables.push((table, rt_offset));
+        tables.push((blocks, rb_offset));
+        tables.push((header, 0));
+        let written = (|| {
+            for (bytes, at) in &tables {
+                self.file.write_all_at(bytes, *at)?;
+                self.digest.written(*at, bytes);
+            }
             self.file.set_len(total * cs)?;
             self.file.sync_all()
         })();
@@ -318,7 +348,22 @@ impl Stream {
             what: "the image's tables",
             source,
         })?;
-        Ok(total * cs)
+        let len = total * cs;
+        let (digest, read_back) =
+            self.digest
+                .finish(&self.file, len)
+                .map_err(|source| Error::Reading {
+                    what: "the image, for its digest",
+                    offset: 0,
+                    len,
+                    source,
+                })?;
+        Ok(Finished {
+            len,
+            digest,
+            data_bytes,
+            read_back,
+        })
     }
 
     /// The file being written.

@@ -938,8 +938,13 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             );
         }
         assert!(image.write(size - 512, &[0u8; 1024]).is_err());
-        let len = image.finish().unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        let done = image.finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), done.len);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            done.digest,
+            format!("blake3:{}", blake3::hash(&bytes).to_hex())
+        );
         run(Command::new("qemu-img").args(["check", "-q"]).arg(&path));
         let raw = dir.path().join(format!("model-{round}.raw"));
         std::fs::write(&raw, &model).unwrap();
@@ -955,6 +960,7 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             .filter(|e| e["data"] == true && e["depth"] == 0)
             .map(|e| e["length"].as_u64().unwrap())
             .sum();
+        assert_eq!(done.data_bytes, data_bytes, "round {round}: data bytes");
         let most = written.len() as u64 * cs;
         assert!(
             data_bytes <= most,
