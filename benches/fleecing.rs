@@ -111,10 +111,7 @@ fn main() {
         writes * MIB < data / 2,
         "BITBACK_BENCH_WRITES MiB must stay under half the data"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("bitback-bench-fleecing-")
-        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-        .expect("temp dir");
+    let dir = common::bench_dir("bitback-bench-fleecing-");
     let disk = dir.path().join("disk.qcow2");
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

@@ -102,8 +102,8 @@ pub(crate) struct InFlight {
     /// The piece size (a power of two): [`PIECE`], smaller in tests.
     piece: u64,
     cvs: Vec<Option<ChainingValue>>,
-    /// The piece being fed, and the bytes fed into it.
-    current: Option<(usize, blake3::Hasher, u64)>,
+    /// The piece being fed (from its first byte, without a gap).
+    current: Option<(usize, blake3::Hasher)>,
     /// The end of what was appended.
     end: u64,
 }
@@ -120,65 +120,67 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-    /// `data` was written at `offset`: appended (at the end so far) or
-    /// over earlier bytes, whose piece is then read back at the end.
+    /// `data` was written at `offset`: appended (at the end so far), or
+    /// over earlier bytes or past a gap, whose pieces are then read back.
     pub(crate) fn written(&mut self, offset: u64, data: &[u8]) {
+        let Some(last) = (offset + data.len() as u64).checked_sub(1) else {
+            return;
+        };
         if offset != self.end {
-            let last = (offset + data.len() as u64).min(self.end.max(offset + 1)) - 1;
-            for i in (offset / self.piece)..=(last / self.piece) {
+            if offset > self.end {
+                // A gap the feed did not see.
+                self.current = None;
+            }
+            for i in offset / self.piece..=last / self.piece {
                 self.spoil(i as usize);
             }
-            if offset + data.len() as u64 <= self.end {
-                return;
-            }
-            // Overlapping the end: the tail is an append past a spoiled
-            // piece; the feed stops.
-            self.current = None;
-            self.end = offset + data.len() as u64;
+            self.end = self.end.max(last + 1);
             return;
         }
+        // Appended: fed piece by piece. A piece is fed only from its first
+        // byte on (the first piece never: its header comes last), and the
+        // feed stays contiguous, since anything else drops it.
         let mut at = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
+        for chunk in split_at_pieces(offset, data, self.piece) {
             let i = (at / self.piece) as usize;
-            let piece_end = (i as u64 + 1) * self.piece;
-            let n = rest.len().min((piece_end - at) as usize);
-            let start = at;
-            match &mut self.current {
-                Some((j, hasher, fed)) if *j == i && i as u64 * self.piece + *fed == start => {
-                    hasher.update(&rest[..n]);
-                    *fed += n as u64;
-                }
-                // A piece is fed only from its first byte on.
-                _ if start == i as u64 * self.piece && i > 0 => {
-                    let mut hasher = blake3::Hasher::new();
-                    hasher.set_input_offset(start);
-                    hasher.update(&rest[..n]);
-                    self.current = Some((i, hasher, n as u64));
-                }
-                _ => self.current = None,
+            if at % self.piece == 0 && i > 0 {
+                let mut hasher = blake3::Hasher::new();
+                hasher.set_input_offset(at);
+                self.current = Some((i, hasher));
             }
-            if let Some((j, _, fed)) = &self.current
-                && *j == i
-                && *fed == self.piece
-            {
-                let (_, hasher, _) = self.current.take().unwrap();
+            match &mut self.current {
+                Some((j, hasher)) if *j == i => {
+                    hasher.update(chunk);
+                }
+                _ => {}
+            }
+            at += chunk.len() as u64;
+            if at % self.piece == 0 {
+                self.complete(i);
+            }
+        }
+        self.end = at;
+    }
+
+    /// Piece `i`'s feed, if it is the one fed, is done.
+    fn complete(&mut self, i: usize) {
+        if let Some((j, hasher)) = self.current.take() {
+            if j == i {
                 if self.cvs.len() <= i {
                     self.cvs.resize(i + 1, None);
                 }
                 self.cvs[i] = Some(hasher.finalize_non_root());
+            } else {
+                self.current = Some((j, hasher));
             }
-            at += n as u64;
-            rest = &rest[n..];
         }
-        self.end = at;
     }
 
     fn spoil(&mut self, i: usize) {
         if let Some(cv) = self.cvs.get_mut(i) {
             *cv = None;
         }
-        if self.current.as_ref().is_some_and(|(j, _, _)| *j == i) {
+        if self.current.as_ref().is_some_and(|(j, _)| *j == i) {
             self.current = None;
         }
     }
@@ -186,15 +188,10 @@ impl InFlight {
     /// `blake3:<hex>` of the whole file (`len` bytes), reading back only
     /// what was not hashed in flight. Returns it with the bytes read.
     pub(crate) fn finish(mut self, file: &File, len: u64) -> std::io::Result<(String, u64)> {
-        // The last piece, fed to the file's end, is complete too.
-        if let Some((i, hasher, fed)) = self.current.take()
-            && i as u64 * self.piece + fed == len
-            && len > self.piece
-        {
-            if self.cvs.len() <= i {
-                self.cvs.resize(i + 1, None);
-            }
-            self.cvs[i] = Some(hasher.finalize_non_root());
+        // The last piece, fed to the file's end, is complete too (a file
+        // of one piece is hashed whole: a root, not a subtree).
+        if self.end == len && len > self.piece {
+            self.complete(((len - 1) / self.piece) as usize);
         }
         let pieces = len.div_ceil(self.piece) as usize;
         self.cvs.resize(pieces, None);
@@ -206,6 +203,22 @@ impl InFlight {
         let hash = hash_with(file, len, self.piece, threads, &self.cvs)?;
         Ok((format!("blake3:{}", hash.to_hex()), read))
     }
+}
+
+/// `data`, written at `offset`, cut where pieces of `piece` bytes end.
+fn split_at_pieces(offset: u64, data: &[u8], piece: u64) -> impl Iterator<Item = &[u8]> {
+    let mut at = offset;
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = rest.len().min((piece - at % piece) as usize);
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        at += n as u64;
+        Some(chunk)
+    })
 }
 
 /// The chaining value of the subtree over `len` bytes at `start`, from the

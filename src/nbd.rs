@@ -364,18 +364,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
     ops: tokio::sync::mpsc::Sender<Op>,
 ) -> Result<(), Error> {
     loop {
-        let mut head = [0u8; 28];
-        match rx.read_exact(&mut head).await {
-            Ok(_) => {}
+        let magic = match rx.read_u32().await {
+            Ok(magic) => magic,
             // A client that closes between requests has disconnected.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
-        }
-        let magic = u32::from_be_bytes(head[0..4].try_into().unwrap());
-        let kind = u16::from_be_bytes(head[6..8].try_into().unwrap());
-        let handle = u64::from_be_bytes(head[8..16].try_into().unwrap());
-        let offset = u64::from_be_bytes(head[16..24].try_into().unwrap());
-        let len = u32::from_be_bytes(head[24..28].try_into().unwrap());
+        };
+        let _flags = rx.read_u16().await?;
+        let kind = rx.read_u16().await?;
+        let handle = rx.read_u64().await?;
+        let offset = rx.read_u64().await?;
+        let len = rx.read_u32().await?;
         if magic != REQUEST_MAGIC {
             return Err(Error::Protocol(format!("a request with magic {magic:#x}")));
         }

@@ -186,14 +186,20 @@ pub fn run_measured(cmd: &mut Command) -> (Duration, u64, String) {
     )
 }
 
+/// A new directory under BITBACK_BENCH_DIR (default /var/tmp) named after
+/// `prefix`, removed when dropped.
+pub fn bench_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("temp dir")
+}
+
 /// A sparse qcow2 disk of `size` bytes holding `data` bytes spread over it,
 /// served by qemu-storage-daemon, in a new directory under
 /// BITBACK_BENCH_DIR (default /var/tmp) named after `prefix`.
 pub fn sparse_disk(prefix: &str, size: u64, data: u64) -> (tempfile::TempDir, PathBuf, Daemon) {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(std::env::var("BITBACK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-        .expect("temp dir");
+    let dir = bench_dir(prefix);
     let disk = dir.path().join("disk.qcow2");
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

@@ -473,7 +473,10 @@ async fn prepare_fleecing(
         .with_context(|| format!("reading the fleecing directory {}", dir.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if run.scope.owns_fleece_file(&name.to_string_lossy()) {
+        // Only plain files of this repository's and VM's names: what a
+        // killed run of this scope left.
+        let plain = entry.file_type().is_ok_and(|t| t.is_file());
+        if plain && run.scope.owns_fleece_file(&name.to_string_lossy()) {
             info!(file = %entry.path().display(), "removing a fleecing image left by an interrupted run");
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing {}", entry.path().display()))?;

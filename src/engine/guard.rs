@@ -208,14 +208,21 @@ impl Guard {
     }
 
     /// Takes the guard out (after its job has ended): the snapshot-access
-    /// node, then the device back onto the volume's node, then the filter.
-    /// Each step that fails is logged; the next run of the scope finishes
-    /// it ([`remove_stray`]).
+    /// node, then the device back onto what sits under the filter now,
+    /// then the filter. Under the filter is the volume's node, unless a
+    /// backup of another repository started since: its job's own filter
+    /// then sits there, and the device must stay above it, or that
+    /// backup's point would change under it.
     pub(super) async fn remove(&self, qmp: &Qmp) -> anyhow::Result<()> {
         let _ = qmp
             .execute_raw("blockdev-del", json!({ "node-name": self.access }))
             .await;
-        move_back(qmp, &self.qdev, &self.filter, &self.node).await?;
+        let graph = graph::query(qmp).await?;
+        let under = graph
+            .as_ref()
+            .and_then(|g| g.file_child(&self.filter))
+            .unwrap_or(&self.node);
+        move_back(qmp, &self.qdev, &self.filter, under).await?;
         if let Err(e) = qmp
             .execute_raw("blockdev-del", json!({ "node-name": self.filter }))
             .await

@@ -630,3 +630,83 @@ fn an_nvme_disk_is_guarded() {
         "a guest write was lost"
     );
 }
+
+/// The same VM backed up into two repositories at once: the first run's
+/// guard stands under the device, so the second copies through QEMU's own
+/// filter, stacked under the first's. The first ends while the second
+/// still copies, and the guest writes on: the device goes back onto the
+/// second job's filter, not past it, and each point is the disk at its
+/// start.
+#[test]
+fn two_repositories_at_once_each_keep_their_point() {
+    let dir = tempdir();
+    let mut vm = Vm::with_devices(dir.path(), &[32 * MIB]);
+    guest_writes(&mut vm, 0, 16, 0x11);
+    // QEMU serves one client per monitor socket: a third one for the
+    // second repository's run.
+    let third = dir.path().join("third.sock");
+    vm.quit();
+    vm.qemu = Some(crate::harness::Qemu::start_with(
+        crate::harness::Kind::Pc,
+        &vm.dir,
+        &vm.disks,
+        &[
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", third.display()),
+        ],
+    ));
+    let offsite = dir.path().join("offsite");
+    let at_start = vm.models[0].bytes.clone();
+    let mut local = spawn_backup(&vm, &["--speed-limit", "8M"]);
+    wait_for_job(&vm, &mut local);
+    let mut remote = Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["backup", "--qmp"])
+        .arg(&third)
+        .arg("--repo")
+        .arg(&offsite)
+        .args(["--vm", "vm1", "--json", "--speed-limit", "1M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vm
+        .qemu()
+        .must("query-block-jobs", Value::Null)
+        .as_array()
+        .map_or(0, Vec::len)
+        < 2
+    {
+        assert!(
+            remote.try_wait().unwrap().is_none(),
+            "the second run ended before its job ran"
+        );
+        assert!(Instant::now() < deadline, "no second job within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = wait(local);
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    // The first is done; the second still copies (1 MiB/s over 16 MiB).
+    guest_writes(&mut vm, 12 * MIB, 4, 0x22);
+    let second = wait(remote);
+    assert_eq!(second.code, Some(0), "{}", second.stderr);
+    let m1: Value = serde_json::from_str(&first.stdout).unwrap();
+    let m2: Value = serde_json::from_str(&second.stdout).unwrap();
+    assert_eq!(m1["volumes"][0]["guard"], "bitback", "{m1}");
+    assert_eq!(m2["volumes"][0]["guard"], "qemu", "{m2}");
+    assert_nothing_left(&vm);
+    let point = dir.path().join("point.raw");
+    std::fs::write(&point, &at_start).unwrap();
+    for (repo, m) in [(&vm.repo, &m1), (&offsite, &m2)] {
+        let file = repo
+            .join("vm1")
+            .join(m["id"].as_str().unwrap())
+            .join("disk0.qcow2");
+        assert!(
+            same_content(&point, "raw", &file, "qcow2"),
+            "{} differs from the disk at its start",
+            file.display()
+        );
+    }
+    finish(vm);
+}
