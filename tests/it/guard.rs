@@ -193,6 +193,11 @@ fn vm_with_data(dir: &Path) -> Vm {
 /// once there is room the next backup is right (incremental where it
 /// can be).
 fn fills_up(incremental: bool, fleecing: bool) {
+    fills_up_with(incremental, fleecing, &[]);
+}
+
+/// [`fills_up`], with `data_path` arguments for every backup of it.
+fn fills_up_with(incremental: bool, fleecing: bool, data_path: &[&str]) {
     let dir = tempdir();
     let mut vm = vm_with_data(dir.path());
     let small = dir.path().join("small");
@@ -206,13 +211,14 @@ fn fills_up(incremental: bool, fleecing: bool) {
         }
     }
     let mut extra = vec!["--speed-limit", "2M"];
+    extra.extend(data_path);
     let fleece_dir = if fleecing { &small } else { &scratch };
     if fleecing {
         extra.extend(["--fleecing", fleece_dir.to_str().unwrap()]);
     }
     let mut before = Vec::new();
     if incremental {
-        let first = vm.backup(&[]);
+        let first = vm.backup(data_path);
         assert_eq!(first["kind"], "full");
         before = bitmaps(&vm);
         assert_eq!(before.len(), 1, "{before:?}");
@@ -248,7 +254,7 @@ fn fills_up(incremental: bool, fleecing: bool) {
 
     // Room again: the next backup is right.
     tmpfs.resize("256M");
-    let next = vm.backup(&[]);
+    let next = vm.backup(data_path);
     let expected = if incremental { "incremental" } else { "full" };
     assert_eq!(next["kind"], expected, "{next}");
     finish(vm);
@@ -275,6 +281,13 @@ fn a_repository_that_fills_up_during_a_full_fails_the_backup_not_a_guest_write()
 #[test]
 fn a_repository_that_fills_up_during_an_incremental_fails_the_backup_not_a_guest_write() {
     fills_up(true, false);
+}
+
+/// The same through bitback's NBD server: the writer's ENOSPC reaches
+/// QEMU as the NBD reply, and the filter drops the point.
+#[test]
+fn a_repository_that_fills_up_under_the_nbd_data_path_fails_the_backup_not_a_guest_write() {
+    fills_up_with(true, false, &["--data-path", "nbd"]);
 }
 
 #[test]
