@@ -10,6 +10,7 @@
 //! docs/repository.md describes the on-disk formats.
 
 pub mod child;
+pub mod cluster_map;
 pub mod demo;
 mod digest;
 pub mod disk;

@@ -111,7 +111,7 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
     let l2_offset = l1_offset + l1_clusters * cs;
     let data_offset = l2_offset + l2_clusters * cs;
 
-    let header_cluster = header_cluster(opts, l1_entries, l1_offset, rt_offset, rt)?;
+    let header_cluster = header_cluster(opts, None, l1_entries, l1_offset, rt_offset, rt)?;
 
     let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
 
@@ -215,6 +215,18 @@ pub(super) fn refcounts(
     rb_offset: u64,
     total: u64,
 ) -> (Vec<u8>, Vec<u8>) {
+    refcounts_with(cs, rt, rb, rb_offset, total, &|_| 1)
+}
+
+/// [`refcounts`], cluster `c` counting `count(c)`.
+pub(super) fn refcounts_with(
+    cs: u64,
+    rt: u64,
+    rb: u64,
+    rb_offset: u64,
+    total: u64,
+    count: &dyn Fn(u64) -> u16,
+) -> (Vec<u8>, Vec<u8>) {
     let mut table = vec![0u8; (rt * cs) as usize];
     for i in 0..rb {
         let at = (i * 8) as usize;
@@ -223,7 +235,7 @@ pub(super) fn refcounts(
     let mut blocks = vec![0u8; (rb * cs) as usize];
     for cluster in 0..total {
         let at = (cluster * 2) as usize;
-        blocks[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+        blocks[at..at + 2].copy_from_slice(&count(cluster).to_be_bytes());
     }
     (table, blocks)
 }
@@ -232,6 +244,7 @@ pub(super) fn refcounts(
 /// the backing file name.
 pub(super) fn header_cluster(
     opts: &CreateOptions,
+    compression: Option<super::Compression>,
     l1_entries: u64,
     l1_offset: u64,
     rt_offset: u64,
@@ -249,6 +262,10 @@ pub(super) fn header_cluster(
     h[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
     h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
     h[100..104].copy_from_slice(&(HEADER_LENGTH as u32).to_be_bytes());
+    if let Some(c) = compression.filter(|&c| c != super::Compression::Deflate) {
+        h[72..80].copy_from_slice(&header::incompat::COMPRESSION.to_be_bytes());
+        h[104] = c.type_byte();
+    }
 
     let mut extensions = Vec::new();
     if let Some(format) = opts.backing_format {

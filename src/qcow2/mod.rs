@@ -22,6 +22,7 @@
 //! holds the image), and [`create`] (an empty v3 image).
 
 mod bitmaps;
+mod compress;
 mod create;
 mod error;
 mod header;
@@ -32,6 +33,7 @@ mod rebase;
 mod stream;
 
 pub use bitmaps::BitmapEntry;
+pub use compress::{Compression, Compressor, decompress};
 pub use create::{CreateOptions, check_cluster_size, create, create_with_clusters};
 pub use error::{Error, Result};
 pub use header::{Header, HeaderCluster};

@@ -23,12 +23,15 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::compress::{self, Compression, Compressor};
 use super::create::{
-    CreateOptions, check, create_new, header_cluster, refcount_clusters, refcounts,
+    CreateOptions, check, create_new, header_cluster, refcount_clusters, refcounts_with,
 };
 use super::error::{Error, Result};
+use crate::cluster_map;
 
 const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0 (v3): the cluster reads as zeros.
 const ZERO: u64 = 1;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -44,12 +47,21 @@ pub struct Stream {
     l1_entries: u64,
     /// L1 index -> that L2 table's entries, as they will be stored.
     l2: BTreeMap<u64, Vec<u64>>,
-    /// Where the next data cluster goes.
+    /// Where the next host cluster goes.
     next: u64,
-    /// Guest bytes of data clusters (zero clusters not counted).
+    /// Guest clusters given data (zero clusters not counted).
     data_clusters: u64,
     /// The file's digest, computed as it is written.
     digest: crate::digest::InFlight,
+    /// zstd clusters, when the image is compressed.
+    compressor: Option<Compressor>,
+    /// Where the next compressed cluster's bytes go: inside the last host
+    /// cluster allocated (`< next`), or nowhere yet (`>= next`).
+    cursor: u64,
+    /// Compressed bytes not yet written, ending at `cursor`.
+    pending: Vec<u8>,
+    /// The per-cluster digest map, when one is kept.
+    map: Option<cluster_map::Writer>,
 }
 
 /// A finished image.
@@ -65,6 +77,8 @@ pub struct Finished {
     /// MiB, which hold the header written last, and any piece written
     /// over in place).
     pub read_back: u64,
+    /// The per-cluster digest map, when one was kept.
+    pub map: Option<cluster_map::Written>,
 }
 
 /// What a guest range of one cluster is, within the image.
@@ -76,6 +90,25 @@ struct Piece {
     /// The range covers the whole cluster (the disk's end counts as its
     /// end).
     whole: bool,
+}
+
+/// What an L2 entry says of its cluster.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Nothing: the backing file shows through (zeros without one).
+    Empty,
+    /// Zeros, no host cluster.
+    Zero,
+    /// A host cluster (its bytes, or zeros when `zero`).
+    Data { host: u64, zero: bool },
+    /// A compressed cluster.
+    Compressed,
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 impl Stream {
@@ -95,7 +128,35 @@ impl Stream {
             next: opts.cluster_size,
             data_clusters: 0,
             digest: Default::default(),
+            compressor: None,
+            cursor: u64::MAX,
+            pending: Vec::new(),
+            map: None,
         })
+    }
+
+    /// Stores clusters compressed with zstd at `level` (those that shrink;
+    /// the others as they are). Call before the first write.
+    pub fn compress(&mut self, level: i32) -> Result<()> {
+        let c = Compressor::new(level).map_err(|source| Error::Writing {
+            what: "a zstd compressor",
+            source,
+        })?;
+        self.compressor = Some(c);
+        Ok(())
+    }
+
+    /// Keeps a per-cluster digest map at `path` (which must not exist).
+    /// Call before the first write.
+    pub fn keep_map(&mut self, path: &Path) -> Result<()> {
+        let w = cluster_map::Writer::create(path, self.cs, self.size).map_err(|source| {
+            Error::Opening {
+                path: path.into(),
+                source,
+            }
+        })?;
+        self.map = Some(w);
+        Ok(())
     }
 
     /// The image's virtual size.
@@ -139,11 +200,28 @@ impl Stream {
         Ok(out)
     }
 
+    /// The guest length of `cluster` (the disk's last may be short).
+    fn cluster_len(&self, cluster: u64) -> usize {
+        (self.size - cluster * self.cs).min(self.cs) as usize
+    }
+
     fn entry(&self, cluster: u64) -> u64 {
         let per = self.cs / 8;
         self.l2
             .get(&(cluster / per))
             .map_or(0, |t| t[(cluster % per) as usize])
+    }
+
+    fn slot(&self, cluster: u64) -> Slot {
+        let e = self.entry(cluster);
+        if e & COMPRESSED != 0 {
+            return Slot::Compressed;
+        }
+        match (e & OFFSET_MASK, e & ZERO != 0) {
+            (0, false) => Slot::Empty,
+            (0, true) => Slot::Zero,
+            (host, zero) => Slot::Data { host, zero },
+        }
     }
 
     fn set(&mut self, cluster: u64, entry: u64) {
@@ -164,25 +242,134 @@ impl Stream {
         Ok(())
     }
 
-    fn allocate(&mut self) -> u64 {
+    /// A new host cluster for plain data. A compressed cluster being
+    /// filled is closed first (its tail written as zeros), so the file
+    /// grows without gaps.
+    fn allocate(&mut self) -> Result<u64> {
+        self.close_compressed()?;
         let host = self.next;
         self.next += self.cs;
+        self.cursor = u64::MAX;
+        Ok(host)
+    }
+
+    fn close_compressed(&mut self) -> Result<()> {
+        if self.cursor < self.next {
+            let pad = (self.next - self.cursor) as usize;
+            self.pending.resize(self.pending.len() + pad, 0);
+            self.cursor = self.next;
+        }
+        self.flush_pending()
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.pending);
+        let at = self.cursor.min(self.next) - bytes.len() as u64;
+        self.write_at(&bytes, at)?;
+        self.pending = bytes;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn record(&mut self, cluster: u64, bytes: &[u8]) -> Result<()> {
+        if let Some(map) = &mut self.map {
+            map.record(cluster, bytes)
+                .map_err(|source| Error::Writing {
+                    what: "the cluster map",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn record_zeros(&mut self, cluster: u64) -> Result<()> {
+        let len = self.cluster_len(cluster);
+        if let Some(map) = &mut self.map {
+            map.record_zeros(cluster, len)
+                .map_err(|source| Error::Writing {
+                    what: "the cluster map",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Gives `cluster` (whose slot holds no host cluster of its own to
+    /// write over) the whole-cluster `bytes`: zeros as a zero cluster or a
+    /// hole, else compressed where that shrinks it, else a new cluster.
+    fn store(&mut self, cluster: u64, bytes: &[u8]) -> Result<()> {
+        if all_zero(bytes) {
+            let entry = if self.backing.is_some() { ZERO } else { 0 };
+            self.set(cluster, entry);
+            return self.record_zeros(cluster);
+        }
+        self.record(cluster, bytes)?;
         self.data_clusters += 1;
-        host
+        let cs = self.cs as usize;
+        let packed = match &mut self.compressor {
+            // QEMU decompresses a whole cluster, the disk's last too.
+            Some(c) if bytes.len() < cs => {
+                let mut whole = bytes.to_vec();
+                whole.resize(cs, 0);
+                c.append(&whole, cs, &mut self.pending)
+            }
+            Some(c) => c.append(bytes, cs, &mut self.pending),
+            None => None,
+        };
+        if let Some(len) = packed {
+            let len = len as u64;
+            if self.cursor >= self.next {
+                // A new host cluster for compressed bytes (nothing is
+                // pending: pending bytes belong to an open one).
+                self.cursor = self.next;
+                self.next += self.cs;
+            }
+            let off = self.cursor;
+            if off + len > self.next {
+                // Into the next host cluster, which follows: no gap.
+                self.next += self.cs;
+            }
+            self.cursor = off + len;
+            let bits = self.cs.trailing_zeros() as u64;
+            let x = 62 - (bits - 8);
+            let extra = ((off + len - 1) >> 9) - (off >> 9);
+            self.set(cluster, COMPRESSED | (extra << x) | off);
+            return Ok(());
+        }
+        let host = self.allocate()?;
+        self.write_at(bytes, host)?;
+        self.set(cluster, host | COPIED);
+        Ok(())
+    }
+
+    /// The whole of `cluster` as this image alone holds it.
+    fn cluster_bytes(&mut self, cluster: u64) -> Result<Vec<u8>> {
+        self.flush_pending()?;
+        let mut buf = vec![0u8; self.cluster_len(cluster)];
+        self.read(cluster * self.cs, &mut buf)?;
+        Ok(buf)
     }
 
     /// Stores `data` at guest `offset`. New whole clusters that follow
-    /// each other are appended with one write.
+    /// each other are appended with one write (compressed ones with one
+    /// write of all their bytes).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let mut done = 0usize;
-        // A run of new whole clusters not yet written: (host, data start).
+        // A run of new plain clusters not yet written: (host, data start).
         let mut run: Option<(u64, usize)> = None;
+        let plain = self.compressor.is_none();
         for p in self.pieces(offset, data.len() as u64)? {
             let part = &data[done..done + p.len];
-            let entry = self.entry(p.cluster);
-            let host = entry & OFFSET_MASK;
-            if host == 0 && p.whole {
-                let host = self.allocate();
+            let slot = self.slot(p.cluster);
+            let fresh = p.whole && !matches!(slot, Slot::Data { .. });
+            if fresh && plain && !all_zero(part) {
+                self.record(p.cluster, part)?;
+                self.data_clusters += 1;
+                let host = self.next;
+                self.next += self.cs;
                 self.set(p.cluster, host | COPIED);
                 match run {
                     Some((start, from)) if start + (done - from) as u64 == host => {}
@@ -199,38 +386,55 @@ impl Stream {
                 self.write_at(&data[from..done], start)?;
             }
             done += p.len;
-            match (host != 0, entry & ZERO != 0, p.whole) {
-                // Data where it lies: overwritten in place.
-                (true, false, _) | (true, true, true) => {
-                    self.write_at(part, host + p.at as u64)?;
+            if fresh {
+                self.store(p.cluster, part)?;
+                continue;
+            }
+            match slot {
+                Slot::Data { host, zero } => {
+                    if zero && !p.whole {
+                        // Its old bytes must read as zeros.
+                        let buf = self.padded(&p, part);
+                        self.write_at(&buf, host)?;
+                    } else {
+                        self.write_at(part, host + p.at as u64)?;
+                    }
                     self.set(p.cluster, host | COPIED);
+                    if p.whole {
+                        self.record(p.cluster, part)?;
+                    } else if self.map.is_some() {
+                        let buf = self.cluster_bytes(p.cluster)?;
+                        self.record(p.cluster, &buf)?;
+                    }
                 }
-                // An allocated zero cluster, partly written: its old
-                // bytes must read as zeros.
-                (true, true, false) => {
-                    self.write_at(&self.padded(&p, part), host)?;
-                    self.set(p.cluster, host | COPIED);
+                Slot::Compressed => {
+                    let mut buf = self.cluster_bytes(p.cluster)?;
+                    buf[p.at..p.at + p.len].copy_from_slice(part);
+                    self.data_clusters -= 1;
+                    self.store(p.cluster, &buf)?;
                 }
-                (false, _, true) => unreachable!("a new whole cluster joins the run"),
-                (false, zero, false) => {
-                    if !zero && self.backing.is_some() {
+                Slot::Zero => {
+                    let buf = self.padded(&p, part);
+                    self.store(p.cluster, &buf)?;
+                }
+                Slot::Empty => {
+                    if self.backing.is_some() {
                         return Err(self.partial(p.cluster));
                     }
-                    let host = self.allocate();
-                    self.write_at(&self.padded(&p, part), host)?;
-                    self.set(p.cluster, host | COPIED);
+                    let buf = self.padded(&p, part);
+                    self.store(p.cluster, &buf)?;
                 }
             }
         }
         if let Some((start, from)) = run {
             self.write_at(&data[from..done], start)?;
         }
-        Ok(())
+        self.flush_pending()
     }
 
-    /// A whole cluster of zeros with `part` at its place.
+    /// The cluster's guest bytes: zeros with `part` at its place.
     fn padded(&self, p: &Piece, part: &[u8]) -> Vec<u8> {
-        let mut buf = vec![0u8; self.cs as usize];
+        let mut buf = vec![0u8; self.cluster_len(p.cluster)];
         buf[p.at..p.at + part.len()].copy_from_slice(part);
         buf
     }
@@ -245,27 +449,46 @@ impl Stream {
     /// Makes guest `offset..offset + len` read as zeros.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         for p in self.pieces(offset, len)? {
-            let entry = self.entry(p.cluster);
-            let host = entry & OFFSET_MASK;
-            let zero = entry & ZERO != 0;
-            match (host != 0, p.whole) {
-                (true, true) => self.set(p.cluster, host | COPIED | ZERO),
-                (true, false) if !zero => {
-                    self.write_at(&vec![0u8; p.len], host + p.at as u64)?;
+            let slot = self.slot(p.cluster);
+            if p.whole {
+                match slot {
+                    Slot::Data { host, .. } => self.set(p.cluster, host | COPIED | ZERO),
+                    Slot::Compressed => {
+                        self.data_clusters -= 1;
+                        let entry = if self.backing.is_some() { ZERO } else { 0 };
+                        self.set(p.cluster, entry);
+                    }
+                    Slot::Empty | Slot::Zero => {
+                        let entry = if self.backing.is_some() { ZERO } else { 0 };
+                        self.set(p.cluster, entry);
+                    }
                 }
-                (true, false) => {}
-                (false, true) => match self.backing {
-                    Some(_) => self.set(p.cluster, ZERO),
-                    None => self.set(p.cluster, 0),
-                },
-                (false, false) => {
-                    if !zero && self.backing.is_some() {
+                self.record_zeros(p.cluster)?;
+                continue;
+            }
+            match slot {
+                Slot::Data { host, zero: false } => {
+                    self.write_at(&vec![0u8; p.len], host + p.at as u64)?;
+                    if self.map.is_some() {
+                        let buf = self.cluster_bytes(p.cluster)?;
+                        self.record(p.cluster, &buf)?;
+                    }
+                }
+                Slot::Data { zero: true, .. } | Slot::Zero => {}
+                Slot::Compressed => {
+                    let mut buf = self.cluster_bytes(p.cluster)?;
+                    buf[p.at..p.at + p.len].fill(0);
+                    self.data_clusters -= 1;
+                    self.store(p.cluster, &buf)?;
+                }
+                Slot::Empty => {
+                    if self.backing.is_some() {
                         return Err(self.partial(p.cluster));
                     }
                 }
             }
         }
-        Ok(())
+        self.flush_pending()
     }
 
     /// Reads guest `offset..offset + buf.len()` of this image alone: what
@@ -276,6 +499,12 @@ impl Stream {
             let out = &mut buf[done..done + p.len];
             done += p.len;
             let entry = self.entry(p.cluster);
+            if entry & COMPRESSED != 0 {
+                let mut whole = vec![0u8; self.cs as usize];
+                self.read_compressed(entry, &mut whole)?;
+                out.copy_from_slice(&whole[p.at..p.at + p.len]);
+                continue;
+            }
             let host = entry & OFFSET_MASK;
             if host == 0 || entry & ZERO != 0 {
                 out.fill(0);
@@ -293,9 +522,35 @@ impl Stream {
         Ok(())
     }
 
+    fn read_compressed(&self, entry: u64, out: &mut [u8]) -> Result<()> {
+        let bits = self.cs.trailing_zeros() as u64;
+        let x = 62 - (bits - 8);
+        let off = entry & ((1 << x) - 1);
+        let sectors = ((entry & !COMPRESSED) >> x) + 1;
+        // Bytes past what was written are not there yet (the pending
+        // ones are written before any read).
+        let end = ((off & !511) + sectors * 512).min(self.cursor.min(self.next));
+        let mut packed = vec![0u8; (end - off) as usize];
+        self.file
+            .read_exact_at(&mut packed, off)
+            .map_err(|source| Error::Reading {
+                what: "a compressed cluster",
+                offset: off,
+                len: end - off,
+                source,
+            })?;
+        compress::decompress(Compression::Zstd, &packed, out).map_err(|source| Error::Reading {
+            what: "a compressed cluster",
+            offset: off,
+            len: end - off,
+            source,
+        })
+    }
+
     /// Writes the tables and the header after the data and syncs the
     /// file: the image is complete. Returns its length, digest and data.
     pub fn finish(mut self) -> Result<Finished> {
+        self.close_compressed()?;
         let cs = self.cs;
         let l1_clusters = (self.l1_entries * 8).div_ceil(cs);
         let l2_count = self.l2.len() as u64;
@@ -313,8 +568,22 @@ impl Stream {
             backing: self.backing.as_deref(),
             backing_format: self.backing_format.as_deref(),
         };
-        let header = header_cluster(&opts, self.l1_entries, l1_offset, rt_offset, rt)?;
-        let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
+        let compression = self.compressor.as_ref().map(|_| Compression::Zstd);
+        let header = header_cluster(
+            &opts,
+            compression,
+            self.l1_entries,
+            l1_offset,
+            rt_offset,
+            rt,
+        )?;
+        let data_refs = self.data_refcounts(head)?;
+        let (table, blocks) = refcounts_with(cs, rt, rb, rb_offset, total, &|c| {
+            data_refs
+                .as_ref()
+                .and_then(|r| r.get(c as usize).copied())
+                .unwrap_or(1)
+        });
         let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
         let mut data_bytes = 0u64;
         let mut tables = Vec::new();
@@ -323,7 +592,7 @@ impl Stream {
             let mut raw = Vec::with_capacity(cs as usize);
             for (k, e) in entries.iter().enumerate() {
                 raw.extend_from_slice(&e.to_be_bytes());
-                if e & OFFSET_MASK != 0 && e & ZERO == 0 {
+                if e & COMPRESSED != 0 || (e & OFFSET_MASK != 0 && e & ZERO == 0) {
                     let guest = (index * (cs / 8) + k as u64) * cs;
                     data_bytes += cs.min(self.size - guest);
                 }
@@ -358,12 +627,57 @@ impl Stream {
                     len,
                     source,
                 })?;
+        let map = match self.map.take() {
+            Some(m) => Some(m.finish().map_err(|source| Error::Writing {
+                what: "the cluster map",
+                source,
+            })?),
+            None => None,
+        };
         Ok(Finished {
             len,
             digest,
             data_bytes,
             read_back,
+            map,
         })
+    }
+
+    /// The refcounts of host clusters `0..head` (header and data) of a
+    /// compressed image: a host cluster counts once per compressed cluster
+    /// whose sectors touch it, as `qemu-img check` counts them (a cluster
+    /// left with only replaced compressed bytes counts 0, free). `None`
+    /// for a plain image, whose every such cluster counts 1.
+    fn data_refcounts(&self, head: u64) -> Result<Option<Vec<u16>>> {
+        if self.compressor.is_none() {
+            return Ok(None);
+        }
+        let cs = self.cs;
+        let x = 62 - (cs.trailing_zeros() as u64 - 8);
+        let mut refs = vec![0u16; head as usize];
+        refs[0] = 1;
+        let mut add = |c: u64| -> Result<()> {
+            let r = &mut refs[c as usize];
+            *r = r.checked_add(1).ok_or(Error::Writing {
+                what: "a refcount",
+                source: std::io::Error::other("more than 65535 compressed clusters in one cluster"),
+            })?;
+            Ok(())
+        };
+        for e in self.l2.values().flatten() {
+            if e & COMPRESSED != 0 {
+                let off = e & ((1 << x) - 1);
+                let sectors = ((e & !COMPRESSED) >> x) + 1;
+                let first = (off & !511) / cs;
+                let last = ((off & !511) + sectors * 512 - 1) / cs;
+                for c in first..=last {
+                    add(c)?;
+                }
+            } else if e & OFFSET_MASK != 0 {
+                add((e & OFFSET_MASK) / cs)?;
+            }
+        }
+        Ok(Some(refs))
     }
 
     /// The file being written.

@@ -835,16 +835,20 @@ fn a_compressed_cluster_ending_the_file_inside_a_sector_maps() {
 
 /// The streaming writer against qemu-img: random sequences of whole,
 /// repeated, partial and zero writes in any order, with and without a
-/// backing file, on sizes that end inside a cluster; every image is
-/// `qemu-img check` clean, equals its raw model (`qemu-img compare`, the
-/// backing file shown through), holds no data cluster it was not written,
-/// and reads back (before it is finished) what was written.
+/// backing file, plain and zstd-compressed, on sizes that end inside a
+/// cluster; every image is `qemu-img check` clean, equals its raw model
+/// (`qemu-img compare`, the backing file shown through), holds no data
+/// cluster it was not written, reads back (before it is finished) what
+/// was written, and its cluster map holds the model's digest of every
+/// cluster it holds.
 #[test]
 fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
     let mut rng = Rng::from_env_or(0x5eed_0021);
     let dir = tempdir();
-    for round in 0..12u64 {
+    let mut compressed_rounds = 0;
+    for round in 0..18u64 {
         let cs: u64 = [512, 4096, 65536][rng.below(3) as usize];
+        let compress = round % 3 == 2;
         let size = (1 + rng.below(4)) * MIB + rng.below(cs / 512) * 512;
         let clusters = size.div_ceil(cs);
         let with_backing = round % 2 == 1;
@@ -879,6 +883,11 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             },
         )
         .unwrap();
+        if compress {
+            image.compress(3).unwrap();
+        }
+        let map_path = dir.path().join(format!("stream-{round}.map"));
+        image.keep_map(&map_path).unwrap();
         // Clusters this image holds (written or zeroed): where partial
         // writes may go when a backing file could show through.
         let mut held = std::collections::BTreeSet::new();
@@ -917,8 +926,13 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
                     held.insert(target);
                     written.insert(target);
                 }
-                _ => {
-                    let data: Vec<u8> = (0..end - start).map(|_| rng.next() as u8).collect();
+                kind => {
+                    // Random, compressible, or zeros written as data.
+                    let data: Vec<u8> = match kind {
+                        2 => (0..end - start).map(|_| rng.next() as u8).collect(),
+                        3 => (0..end - start).map(|_| (rng.next() % 3) as u8).collect(),
+                        _ => vec![0; (end - start) as usize],
+                    };
                     image.write(start, &data).unwrap();
                     model[start as usize..end as usize].copy_from_slice(&data);
                     held.extend(first..first + count);
@@ -946,6 +960,24 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             format!("blake3:{}", blake3::hash(&bytes).to_hex())
         );
         run(Command::new("qemu-img").args(["check", "-q"]).arg(&path));
+        let info = qemu_img_json("info", &path);
+        let kind = &info["format-specific"]["data"]["compression-type"];
+        assert_eq!(kind, if compress { "zstd" } else { "zlib" }, "{info}");
+        let cmap = bitback::cluster_map::Map::read(&map_path).unwrap();
+        assert_eq!(
+            Some(&cmap.clusters.len()),
+            Some(&held.len()),
+            "round {round}"
+        );
+        for (&c, d) in &cmap.clusters {
+            let start = (c * cs) as usize;
+            let end = (((c + 1) * cs).min(size)) as usize;
+            assert_eq!(
+                *d,
+                bitback::cluster_map::digest(&model[start..end]),
+                "round {round}: cluster {c}'s digest"
+            );
+        }
         let raw = dir.path().join(format!("model-{round}.raw"));
         std::fs::write(&raw, &model).unwrap();
         assert!(
@@ -961,10 +993,19 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             .map(|e| e["length"].as_u64().unwrap())
             .sum();
         assert_eq!(done.data_bytes, data_bytes, "round {round}: data bytes");
+        if compress {
+            compressed_rounds += map
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["compressed"] == true)
+                .count();
+        }
         let most = written.len() as u64 * cs;
         assert!(
             data_bytes <= most,
             "round {round}: {data_bytes} bytes of data for {most} written"
         );
     }
+    assert!(compressed_rounds > 0, "no cluster was stored compressed");
 }

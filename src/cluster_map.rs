@@ -1,0 +1,222 @@
+//! Per-cluster digest maps: what each guest cluster of a backup file holds,
+//! as 128 bits of BLAKE3 of its bytes, written beside the file as the file
+//! is written.
+//!
+//! A map describes one file, not the chain: it has a record for every
+//! guest cluster the backup job wrote into that file (data or zeros), and
+//! none for what the file leaves to its backing file. The volume at a
+//! point is the chain's maps laid over each other, full first, as qemu
+//! lays the files. A cluster's digest is over its guest bytes (the disk's
+//! last cluster may be shorter than the cluster size), whatever the file
+//! stores (plain, compressed, or a zero cluster).
+//!
+//! The file (`<volume>.map` beside `<volume>.qcow2`), little-endian:
+//!
+//! ```text
+//!  0   magic "BBCMAP01"
+//!  8   cluster size (u64)
+//!  16  virtual size (u64)
+//!  24  reserved, 0 (u64)
+//!  32  records: cluster index (u64) + digest (16 bytes), 24 bytes each,
+//!      in the order the clusters were written; a later record of a
+//!      cluster replaces an earlier one
+//! ```
+//!
+//! Appending in write order keeps nothing in memory while a backup runs,
+//! and a chain's maps concatenate (parent first) into the map of the
+//! files merged.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+pub const MAGIC: &[u8; 8] = b"BBCMAP01";
+const HEADER: usize = 32;
+const RECORD: usize = 24;
+
+/// 128 bits of BLAKE3.
+pub type Digest = [u8; 16];
+
+/// The digest of one cluster's guest bytes.
+pub fn digest(bytes: &[u8]) -> Digest {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
+    out
+}
+
+/// The map file beside a backup file: `x.qcow2` -> `x.map`.
+pub fn path_for(file: &Path) -> PathBuf {
+    file.with_extension("map")
+}
+
+/// A map being written, record by record.
+pub struct Writer {
+    out: BufWriter<File>,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    records: u64,
+    cluster_size: u64,
+    /// The digest of a whole cluster of zeros.
+    zeros: Digest,
+}
+
+/// A finished map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub path: PathBuf,
+    /// `blake3:<hex>` of the map file.
+    pub digest: String,
+    pub records: u64,
+}
+
+impl Writer {
+    /// Creates `path` (which must not exist).
+    pub fn create(path: &Path, cluster_size: u64, size: u64) -> std::io::Result<Writer> {
+        let file = File::options().write(true).create_new(true).open(path)?;
+        let mut w = Writer {
+            out: BufWriter::with_capacity(256 << 10, file),
+            path: path.into(),
+            hasher: blake3::Hasher::new(),
+            records: 0,
+            cluster_size,
+            zeros: digest(&vec![0u8; cluster_size as usize]),
+        };
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&cluster_size.to_le_bytes());
+        header[16..24].copy_from_slice(&size.to_le_bytes());
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.out.write_all(bytes)
+    }
+
+    /// Guest cluster `cluster` now holds `bytes` (its whole guest range).
+    pub fn record(&mut self, cluster: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.record_digest(cluster, digest(bytes))
+    }
+
+    /// Guest cluster `cluster` now reads as zeros; `len` is its guest
+    /// length.
+    pub fn record_zeros(&mut self, cluster: u64, len: usize) -> std::io::Result<()> {
+        let d = if len as u64 == self.cluster_size {
+            self.zeros
+        } else {
+            digest(&vec![0u8; len])
+        };
+        self.record_digest(cluster, d)
+    }
+
+    fn record_digest(&mut self, cluster: u64, d: Digest) -> std::io::Result<()> {
+        let mut rec = [0u8; RECORD];
+        rec[..8].copy_from_slice(&cluster.to_le_bytes());
+        rec[8..].copy_from_slice(&d);
+        self.records += 1;
+        self.put(&rec)
+    }
+
+    /// Flushes and syncs the map.
+    pub fn finish(self) -> std::io::Result<Written> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(Written {
+            path: self.path,
+            digest: format!("blake3:{}", self.hasher.finalize().to_hex()),
+            records: self.records,
+        })
+    }
+}
+
+/// A map read back: the newest digest of each cluster it records.
+#[derive(Debug, Clone, Default)]
+pub struct Map {
+    pub cluster_size: u64,
+    pub size: u64,
+    pub clusters: HashMap<u64, Digest>,
+}
+
+impl Map {
+    /// Reads and checks a map file (hostile: every record is checked
+    /// against the header's geometry).
+    pub fn read(path: &Path) -> anyhow::Result<Map> {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
+        Map::parse(&bytes).with_context(|| format!("{} is not a cluster map", path.display()))
+    }
+
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<Map> {
+        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+            bail!("no map header");
+        }
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let (cluster_size, size) = (word(8), word(16));
+        if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
+            bail!("cluster size {cluster_size} is not a power of two from 512 B to 2 MiB");
+        }
+        let body = &bytes[HEADER..];
+        if body.len() % RECORD != 0 {
+            bail!("the records end inside a record ({} bytes)", body.len());
+        }
+        let clusters_in_disk = size.div_ceil(cluster_size);
+        let mut clusters = HashMap::with_capacity(body.len() / RECORD);
+        for rec in body.chunks_exact(RECORD) {
+            let cluster = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+            if cluster >= clusters_in_disk {
+                bail!("cluster {cluster} is past the disk's end ({clusters_in_disk} clusters)");
+            }
+            clusters.insert(cluster, rec[8..].try_into().expect("16 bytes"));
+        }
+        Ok(Map {
+            cluster_size,
+            size,
+            clusters,
+        })
+    }
+
+    /// The guest length of cluster `c` (the last may be short).
+    pub fn cluster_len(&self, c: u64) -> usize {
+        (self.size - c * self.cluster_size).min(self.cluster_size) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_records_win_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.map");
+        let mut w = Writer::create(&path, 512, 512 * 3 + 512).unwrap();
+        w.record(0, &[1u8; 512]).unwrap();
+        w.record_zeros(3, 512).unwrap();
+        w.record(0, &[2u8; 512]).unwrap();
+        let done = w.finish().unwrap();
+        assert_eq!(done.records, 3);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            done.digest,
+            format!("blake3:{}", blake3::hash(&bytes).to_hex())
+        );
+        let map = Map::read(&path).unwrap();
+        assert_eq!(map.clusters.len(), 2);
+        assert_eq!(map.clusters[&0], digest(&[2u8; 512]));
+        assert_eq!(map.clusters[&3], digest(&[0u8; 512]));
+
+        let mut past = bytes.clone();
+        past[HEADER..HEADER + 8].copy_from_slice(&4u64.to_le_bytes());
+        assert!(Map::parse(&past).is_err());
+        assert!(Map::parse(&bytes[..bytes.len() - 1]).is_err());
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        assert!(Map::parse(&magic).is_err());
+    }
+}
