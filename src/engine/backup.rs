@@ -73,9 +73,13 @@ pub struct BackupOptions {
     pub resume: Option<super::thaw_guard::Thawer>,
     /// Bytes per second per job; `None` for no limit.
     pub rate_limit: Option<u64>,
-    /// Write compressed clusters (`blockdev-backup compress=true`):
-    /// smaller files, more CPU in QEMU; not with encryption.
+    /// Write compressed clusters: zstd at `compress_level` written by
+    /// bitback on the NBD data path, deflate written by QEMU
+    /// (`blockdev-backup compress=true`) on the file path; not with
+    /// encryption.
     pub compress: bool,
+    /// zstd's level (1 to 19) on the NBD data path.
+    pub compress_level: i32,
     /// Cluster size of the backup files.
     pub cluster_size: u64,
     /// Granularity of the new checkpoint bitmap; `None` lets QEMU choose
@@ -105,13 +109,20 @@ pub struct BackupOptions {
     /// Where the job's bytes go: QEMU writes the files (`File`), or
     /// bitback's NBD server receives them and writes the files (`Nbd`).
     pub data_path: DataPath,
+    /// On the NBD data path, a per-cluster digest map beside each file
+    /// (`<volume>.map`, [`crate::cluster_map`]).
+    pub cluster_maps: bool,
 }
 
 /// Where a backup job's bytes go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DataPath {
-    /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).
+    /// The faster path that gives what the run asks for: `Nbd` for a
+    /// compressed run (zstd, its level), `File` for the others (measured
+    /// faster: benches/README.md).
     #[default]
+    Auto,
+    /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).
     File,
     /// QEMU's `nbd` driver sends them to bitback's NBD server, and bitback
     /// writes the file (`engine::nbd_target`).
@@ -130,6 +141,7 @@ impl Default for BackupOptions {
             resume: None,
             rate_limit: None,
             compress: false,
+            compress_level: 3,
             cluster_size: 64 << 10,
             granularity: Some(64 << 10),
             perf: Perf::default(),
@@ -140,7 +152,8 @@ impl Default for BackupOptions {
             encrypt_iter_time: None,
             allow_plaintext: false,
             fleecing: None,
-            data_path: DataPath::File,
+            data_path: DataPath::Auto,
+            cluster_maps: true,
         }
     }
 }
@@ -555,6 +568,14 @@ async fn build_manifest(
             digest,
             file_size: Some(file_size),
             guard: guards.get(i).copied().flatten().map(str::to_string),
+            cluster_map: finished
+                .get(i)
+                .and_then(|done| done.map.as_ref())
+                .map(|map| repo::MapRecord {
+                    file: VolumeRecord::map_file(vm, id, &v.name),
+                    digest: map.digest.clone(),
+                    records: map.records,
+                }),
         });
     }
     Ok(Manifest {

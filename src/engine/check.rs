@@ -111,6 +111,28 @@ pub fn data_file_problem(image: &Image) -> Option<String> {
 }
 
 /// Checks one backup's files; pushes every problem found.
+/// A file's cluster map: its digest as recorded, and its records against
+/// the file (which passed its own digest).
+fn check_map(
+    repo: &Repo,
+    record: &crate::repo::MapRecord,
+    path: &std::path::Path,
+    image: &Image,
+) -> anyhow::Result<()> {
+    let map_path = repo.root().join(&record.file);
+    let digest =
+        digest_file(&map_path).map_err(|e| anyhow::anyhow!("cluster map: cannot read: {e}"))?;
+    if digest != record.digest {
+        anyhow::bail!(
+            "cluster map: digest is {digest}, the manifest says {}",
+            record.digest
+        );
+    }
+    let map = crate::cluster_map::Map::read(&map_path)?;
+    let file = std::fs::File::open(path)?;
+    crate::cluster_map::check(&file, image, &map).map_err(|e| e.context("cluster map"))
+}
+
 pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
     if let Some(parent) = &m.parent
         && let Err(e) = repo.manifest(&m.vm, parent)
@@ -165,12 +187,23 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report) {
         }
         match digest_file(&path) {
             Ok(digest) if digest == v.digest => {}
-            Ok(digest) => problem(
-                file,
-                format!("digest is {digest}, the manifest says {}", v.digest),
-                true,
-            ),
-            Err(e) => problem(file, format!("cannot read: {e}"), false),
+            Ok(digest) => {
+                problem(
+                    file,
+                    format!("digest is {digest}, the manifest says {}", v.digest),
+                    true,
+                );
+                continue;
+            }
+            Err(e) => {
+                problem(file, format!("cannot read: {e}"), false);
+                continue;
+            }
+        }
+        if let Some(record) = &v.cluster_map
+            && let Err(e) = check_map(repo, record, &path, &image)
+        {
+            problem(Some(record.file.as_str()), format!("{e:#}"), false);
         }
     }
     report.files += files;

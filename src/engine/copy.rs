@@ -362,7 +362,8 @@ async fn run_jobs(
     cancel: Cancel,
 ) -> anyhow::Result<(Vec<Option<&'static str>>, Vec<qcow2::Finished>)> {
     let mut ways = guard::survey(run.qmp, run.volumes).await?;
-    if run.opts.compress {
+    let nbd = nbd_path(run.opts, run.qmp);
+    if run.opts.compress && !nbd {
         // A compressed cluster cannot be written twice (QEMU fails the
         // second write), so the filter's copies cannot go to the target
         // the job writes: they need a fleecing image, which an encrypted
@@ -380,13 +381,13 @@ async fn run_jobs(
             warn!(volume = %v.name, "copied through QEMU's own filter, which fails the guest's write when the backup cannot take its old data: {why}");
         }
     }
-    let jobs = prepare_targets(run, undo).await?;
-    let fleece = prepare_fleecing(run, &ways, undo).await?;
+    let jobs = prepare_targets(run, nbd, undo).await?;
+    let fleece = prepare_fleecing(run, &ways, nbd, undo).await?;
     if *cancel.borrow() {
         bail!("interrupted before the backup started");
     }
     let mut events = run.qmp.subscribe();
-    let guarded = start_transaction(run, &ways, &fleece, undo).await?;
+    let guarded = start_transaction(run, &ways, &fleece, nbd, undo).await?;
     for (way, guarded) in ways.iter_mut().zip(guarded) {
         if way.is_guarded() && !guarded {
             *way = Way::Direct {
@@ -453,14 +454,16 @@ fn guarded_failure(run: &CopyPlan<'_>) -> String {
 async fn prepare_fleecing(
     run: &CopyPlan<'_>,
     ways: &[Way],
+    nbd: bool,
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<Option<String>>> {
     let mut nodes = vec![None; run.volumes.len()];
-    let dir = match (&run.opts.fleecing, run.opts.compress) {
+    let dir = match (&run.opts.fleecing, run.opts.compress && !nbd) {
         (Some(dir), _) => dir.clone(),
-        // A compressed cluster cannot be written twice: the filter's
+        // QEMU cannot write a compressed cluster twice: the filter's
         // copies go to a fleecing image, in the temporary directory when
-        // none is given.
+        // none is given. (bitback's writer can: on the NBD path they go
+        // to the target.)
         (None, true) if ways.iter().any(Way::is_guarded) => {
             let dir = std::env::temp_dir();
             info!(dir = %dir.display(), "a compressed backup fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
@@ -531,10 +534,14 @@ async fn prepare_fleecing(
 /// key derivation's calibration does not stall it), the key on their
 /// stdin; the VM's QEMU gets the key as a secret object over QMP. Returns
 /// the backup job ids.
-async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<Vec<String>> {
+async fn prepare_targets(
+    run: &CopyPlan<'_>,
+    nbd: bool,
+    undo: &mut Undo,
+) -> anyhow::Result<Vec<String>> {
     let (qmp, scope) = (run.qmp, run.scope);
     let paths: Vec<PathBuf> = run.targets.iter().map(|t| t.path.clone()).collect();
-    if nbd_path(run.opts, qmp) {
+    if nbd {
         for (i, v) in run.volumes.iter().enumerate() {
             let backing = run.targets[i].backing.clone();
             let node = scope.target_node(i);
@@ -544,7 +551,11 @@ async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<
                 backing: backing.as_deref(),
                 backing_format: backing.as_ref().map(|_| "qcow2"),
             };
-            let server = nbd_target::open(qmp, &node, &paths[i], &opts)
+            let writer = nbd_target::Writer {
+                compress: run.opts.compress.then_some(run.opts.compress_level),
+                map: run.opts.cluster_maps,
+            };
+            let server = nbd_target::open(qmp, &node, &paths[i], &opts, &writer)
                 .await
                 .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
             undo.servers.push(server);
@@ -613,26 +624,32 @@ async fn prepare_targets(run: &CopyPlan<'_>, undo: &mut Undo) -> anyhow::Result<
     Ok((0..run.volumes.len()).map(|i| scope.job(i)).collect())
 }
 
-/// Whether this run's targets are bitback's NBD servers: asked for, and
-/// what the streaming writer does (no encryption, no compression yet; a
-/// cluster no larger than the job's 64 KiB copy unit, so that a job never
-/// writes part of a cluster it has not written).
+/// Whether this run's targets are bitback's NBD servers: asked for (or,
+/// by default, a compressed run: zstd at the asked level, and no second
+/// copy of guest writes' old data), and what the streaming writer does (no
+/// encryption yet; a cluster no larger than the job's 64 KiB copy unit,
+/// so that a job never writes part of a cluster it has not written).
 fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
-    if opts.data_path != super::DataPath::Nbd {
-        return false;
-    }
+    let asked = match opts.data_path {
+        super::DataPath::File => return false,
+        super::DataPath::Nbd => true,
+        super::DataPath::Auto if opts.compress => false,
+        super::DataPath::Auto => return false,
+    };
     let why = if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
         "libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)"
     } else if opts.encrypt.is_some() {
         "bitback does not write encrypted backups yet"
-    } else if opts.compress {
-        "bitback does not write compressed backups yet"
     } else if opts.cluster_size > 64 << 10 {
         "bitback writes clusters of at most 64 KiB"
     } else {
         return true;
     };
-    warn!("--data-path nbd: {why}; QEMU writes the files");
+    if asked {
+        warn!("--data-path nbd: {why}; QEMU writes the files");
+    } else {
+        info!("{why}: QEMU writes the compressed files (deflate)");
+    }
     false
 }
 
@@ -774,6 +791,7 @@ async fn start_transaction(
     run: &CopyPlan<'_>,
     ways: &[Way],
     fleece: &[Option<String>],
+    nbd: bool,
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<bool>> {
     let (qmp, opts) = (run.qmp, run.opts);
@@ -811,7 +829,7 @@ async fn start_transaction(
     let started = match &paused {
         Ok(_) => match insert_guards(run, &mut guards, fleece, undo).await {
             Ok(()) => {
-                let actions = backup_actions(run, &guards, &perf);
+                let actions = backup_actions(run, &guards, &perf, nbd);
                 qmp.execute_raw("transaction", json!({ "actions": actions }))
                     .await
                     .map_err(Failure::Transaction)
@@ -888,6 +906,7 @@ fn backup_actions(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
     perf: &Option<Value>,
+    nbd: bool,
 ) -> Vec<Value> {
     let opts = run.opts;
     let mut actions = Vec::new();
@@ -933,7 +952,8 @@ fn backup_actions(
         if let Some(speed) = opts.rate_limit {
             data["speed"] = speed.into();
         }
-        if opts.compress {
+        // On the NBD path bitback compresses.
+        if opts.compress && !nbd {
             data["compress"] = true.into();
         }
         if let Some(perf) = &perf {

@@ -19,6 +19,7 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+use crate::cluster_map;
 use crate::nbd::{self, Served};
 use crate::qcow2::{self, CreateOptions, Stream};
 use crate::qmp::{Endpoint, Qmp};
@@ -34,16 +35,35 @@ pub(super) struct Server {
     socket_dir: Option<PathBuf>,
 }
 
-/// Creates `path` as a streaming image of `opts`, starts serving it, and
-/// opens it in QEMU as node `node` (driver `nbd`).
+/// How bitback writes a target.
+pub(super) struct Writer {
+    /// zstd clusters at this level.
+    pub compress: Option<i32>,
+    /// A per-cluster digest map beside the file.
+    pub map: bool,
+}
+
+/// Creates `path` as a streaming image of `opts` (with its cluster map
+/// beside it, [`cluster_map::path_for`], when asked), starts serving it,
+/// and opens it in QEMU as node `node` (driver `nbd`).
 pub(super) async fn open(
     qmp: &Qmp,
     node: &str,
     path: &Path,
     opts: &CreateOptions<'_>,
+    writer: &Writer,
 ) -> anyhow::Result<Server> {
-    let stream =
+    let mut stream =
         Stream::create(path, opts).with_context(|| format!("creating {}", path.display()))?;
+    if let Some(level) = writer.compress {
+        stream.compress(level)?;
+    }
+    if writer.map {
+        let map = cluster_map::path_for(path);
+        stream
+            .keep_map(&map)
+            .with_context(|| format!("creating {}", map.display()))?;
+    }
     let pass_fd = matches!(qmp.endpoint(), Endpoint::Unix(_));
     let (conn, server_addr, socket_dir) = if pass_fd {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()

@@ -508,6 +508,7 @@ mod tests {
                     digest: String::new(),
                     file_size: None,
                     guard: None,
+                    cluster_map: None,
                 })
                 .collect(),
             qemu_version: None,

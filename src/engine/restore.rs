@@ -7,8 +7,9 @@
 //! holes in a sparse output file. qcow2 output is written natively too: the
 //! clusters the copy will fill are allocated up front, in guest order, and
 //! the data lands in them. The cost grows with the data, not with the
-//! chain's length. Chains the native reader does not handle (compressed
-//! clusters, encryption) go through `qemu-img convert`, and say so.
+//! chain's length. Compressed clusters (deflate or zstd) are decompressed
+//! by the copy threads. Encrypted chains go through `qemu-img convert`,
+//! and say so.
 //!
 //! The output is written under a temporary name in its directory, synced,
 //! and renamed: a failed restore leaves nothing that looks restored.
@@ -265,15 +266,12 @@ fn restore_volume(
             };
             copy(mapped, &tmp, size, &how).map(|n| (Some(n), "native".to_string()))
         }
-        None => {
-            let why = if key.is_some() {
-                "the backup is encrypted: QEMU decrypts it"
-            } else {
-                "the chain has compressed clusters"
-            };
-            qemu_img_convert(files, key, &tmp, format)
-                .map(|_| (None, format!("qemu-img convert ({why})")))
-        }
+        None => qemu_img_convert(files, key, &tmp, format).map(|_| {
+            (
+                None,
+                "qemu-img convert (the backup is encrypted: QEMU decrypts it)".to_string(),
+            )
+        }),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -374,6 +372,17 @@ struct Segment {
     len: u64,
     file: usize,
     host: u64,
+    /// A compressed cluster at `host`: its bytes are decompressed and the
+    /// segment's part of them copied.
+    packed: Option<Packed>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed {
+    /// The compressed bytes' length bound (whole sectors).
+    len: u64,
+    /// Where the segment starts within the cluster.
+    skip: u64,
 }
 
 /// Guest ranges already decided by a newer file: start -> end, disjoint.
@@ -442,6 +451,9 @@ struct Mapped<'a> {
     files: &'a [PathBuf],
     handles: Vec<File>,
     segments: Vec<Segment>,
+    /// Each file's compression type and cluster size (for its compressed
+    /// clusters).
+    packing: Vec<(qcow2::Compression, u64)>,
 }
 
 /// How a native copy runs.
@@ -451,11 +463,12 @@ struct Copier<'a> {
 }
 
 /// Maps `files` (full first) for a native copy; `None` when a file needs
-/// `qemu-img` (compressed clusters, encryption).
+/// `qemu-img` (encryption).
 fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'_>>> {
     let mut covered = Covered::default();
     let mut segments = Vec::new();
     let mut handles: Vec<Option<File>> = files.iter().map(|_| None).collect();
+    let mut packing = vec![(qcow2::Compression::Deflate, 0); files.len()];
     for (index, path) in files.iter().enumerate().rev() {
         let file = open_chain_file(path)?;
         let image =
@@ -466,33 +479,43 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'_>>> {
         if image.encrypted() {
             return Ok(None);
         }
-        let mut compressed = false;
+        let h = image.header();
+        packing[index] = (
+            qcow2::Compression::from_type_byte(h.compression_type)?,
+            h.cluster_size(),
+        );
         qcow2::walk(&file, &image, |e| {
             if e.kind == Kind::Unallocated {
                 return Ok(());
             }
-            if e.kind == Kind::Compressed {
-                compressed = true;
-                return Ok(());
-            }
             let end = e.start + e.length;
             for (s, t) in covered.gaps(e.start, end) {
-                if let (Kind::Data, Some(host)) = (e.kind, e.offset) {
-                    segments.push(Segment {
+                match (e.kind, e.offset) {
+                    (Kind::Data, Some(host)) => segments.push(Segment {
                         guest: s,
                         len: t - s,
                         file: index,
                         host: host + (s - e.start),
-                    });
+                        packed: None,
+                    }),
+                    // One cluster each.
+                    (Kind::Compressed, Some(host)) => segments.push(Segment {
+                        guest: s,
+                        len: t - s,
+                        file: index,
+                        host,
+                        packed: Some(Packed {
+                            len: e.compressed_length.unwrap_or(0),
+                            skip: s - e.start,
+                        }),
+                    }),
+                    _ => {}
                 }
             }
             covered.insert(e.start, end);
             Ok(())
         })
         .with_context(|| format!("mapping {}", path.display()))?;
-        if compressed {
-            return Ok(None);
-        }
         handles[index] = Some(file);
     }
     let handles = handles.into_iter().flatten().collect();
@@ -500,6 +523,7 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'_>>> {
         files,
         handles,
         segments,
+        packing,
     }))
 }
 
@@ -585,9 +609,14 @@ fn copy_segments(
         files,
         handles: sources,
         segments,
+        packing,
     } = mapped;
     let mut chunks = Vec::new();
     for s in &segments {
+        if s.packed.is_some() {
+            chunks.push(*s);
+            continue;
+        }
         let mut done = 0;
         while done < s.len {
             let len = CHUNK.min(s.len - done);
@@ -596,6 +625,7 @@ fn copy_segments(
                 len,
                 file: s.file,
                 host: s.host + done,
+                packed: None,
             });
             done += len;
         }
@@ -616,6 +646,7 @@ fn copy_segments(
             .map(|_| {
                 let shared = shared.clone();
                 let chunks = &chunks;
+                let packing = &packing;
                 let next = &next;
                 let copied = &copied;
                 scope.spawn(move || -> anyhow::Result<()> {
@@ -624,15 +655,27 @@ fn copy_segments(
                     let mut raw = vec![0u8; (CHUNK + DIRECT_ALIGN) as usize];
                     let skip = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
                     let buf = &mut raw[skip..skip + CHUNK as usize];
+                    let mut scratch = (Vec::new(), Vec::new());
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(c) = chunks.get(i) else {
                             return Ok(());
                         };
                         let buf = &mut buf[..c.len as usize];
-                        sources[c.file]
-                            .read_exact_at(buf, c.host)
-                            .with_context(|| format!("reading {}", files[c.file].display()))?;
+                        match c.packed {
+                            None => sources[c.file]
+                                .read_exact_at(buf, c.host)
+                                .with_context(|| format!("reading {}", files[c.file].display()))?,
+                            Some(p) => unpack(
+                                &sources[c.file],
+                                c,
+                                p,
+                                packing[c.file],
+                                &mut scratch,
+                                buf,
+                            )
+                            .with_context(|| format!("reading {}", files[c.file].display()))?,
+                        }
                         let at = dest(c.guest);
                         let aligned = at % DIRECT_ALIGN == 0 && c.len % DIRECT_ALIGN == 0;
                         match direct {
@@ -663,6 +706,38 @@ fn copy_segments(
     }
     shared.1.sync_all()?;
     Ok(copied.load(Ordering::Relaxed))
+}
+
+/// Decompresses the cluster of segment `c` and copies its part into `out`.
+/// `scratch` holds the compressed bytes and the cluster between calls.
+fn unpack(
+    source: &File,
+    c: &Segment,
+    p: Packed,
+    (kind, cs): (qcow2::Compression, u64),
+    scratch: &mut (Vec<u8>, Vec<u8>),
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let (packed, cluster) = scratch;
+    packed.resize(p.len as usize, 0);
+    // The bound counts whole sectors; the file may end inside the last.
+    let mut got = 0;
+    while got < packed.len() {
+        match source.read_at(&mut packed[got..], c.host + got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    cluster.resize(cs as usize, 0);
+    qcow2::decompress(kind, &packed[..got], cluster).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("the compressed cluster at {}: {e}", c.host),
+        )
+    })?;
+    let skip = p.skip as usize;
+    out.copy_from_slice(&cluster[skip..skip + out.len()]);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -798,7 +873,7 @@ pub fn restore_in_place(
             );
         }
         let Some(mapped) = plan_copy(&files)? else {
-            bail!("the chain has compressed or encrypted clusters; restore to a file instead");
+            bail!("the chain is encrypted; restore it to a file instead");
         };
         clear_checkpoint()?;
         // Every byte not copied must read as zero: empty the file first.

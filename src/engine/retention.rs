@@ -242,6 +242,8 @@ fn make_full(repo: &Repo, lock: &VmLock, m: &Manifest) -> anyhow::Result<()> {
         let target = replacement.dir().join(VolumeRecord::file_name(&v.name));
         convert_standalone(&source, &target)?;
         v.backing = None;
+        // The rewritten file's clusters are not the ones mapped.
+        v.cluster_map = None;
         v.digest = digest_file(&target)?;
         v.file_size = Some(
             std::fs::metadata(&target)

@@ -397,6 +397,8 @@ pub(super) async fn backup_running(
         compress: o.compress,
         encrypt: extras.key.clone(),
         fleecing: extras.fleecing.clone(),
+        // CloudStack's layout has no place for them.
+        cluster_maps: false,
         ..BackupOptions::default()
     };
     let repo_id = blake3::hash(o.storage.as_bytes()).to_hex()[..8].to_string();

@@ -97,9 +97,29 @@ pub struct VolumeRecord {
     /// but the backup used the volume, and in manifests from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<String>,
+    /// The per-cluster digest map written with the file (the NBD data
+    /// path, [`crate::cluster_map`]); absent for files QEMU wrote, files
+    /// a consolidation rewrote, and in manifests from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_map: Option<MapRecord>,
+}
+
+/// A volume's per-cluster digest map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapRecord {
+    /// Relative to the repository: `<vm>/<id>/<name>.map`.
+    pub file: String,
+    /// `blake3:<hex>` of the map file.
+    pub digest: String,
+    /// How many records it holds (clusters written, rewrites included).
+    pub records: u64,
 }
 
 impl VolumeRecord {
+    pub fn map_file(vm: &str, id: &str, volume: &str) -> String {
+        format!("{vm}/{id}/{volume}.map")
+    }
+
     pub fn file_name(volume: &str) -> String {
         format!("{volume}.qcow2")
     }
@@ -162,6 +182,14 @@ impl Manifest {
                 return Err(Invalid::File {
                     volume: v.name.clone(),
                     file: v.file.clone(),
+                });
+            }
+            if let Some(map) = &v.cluster_map
+                && map.file != VolumeRecord::map_file(vm, id, &v.name)
+            {
+                return Err(Invalid::File {
+                    volume: v.name.clone(),
+                    file: map.file.clone(),
                 });
             }
             let expected = match v.kind {

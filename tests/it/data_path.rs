@@ -144,3 +144,100 @@ fn a_stopped_vm_and_a_killed_copy_through_the_nbd_server() {
     check_files(&vm);
     vm.check_all_points();
 }
+
+/// `--compress` (the NBD path by default): bitback writes zstd clusters
+/// that qemu-img reads, a cluster map beside each file that holds the
+/// model's digest of every cluster the file holds, restores decompress
+/// natively, and verify checks the maps (and catches a changed one).
+#[test]
+fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
+    use bitback::cluster_map::{Map, digest};
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[16 * MIB, 4 * MIB + 512 * 5]);
+    let mut rng = Rng::from_env();
+    for at in 0..6 {
+        vm.write(0, at * 2 * MIB, MIB, 0x50 + at as u8);
+    }
+    vm.random_writes(&mut rng, 8);
+    let levels: [&[&str]; 3] = [
+        &["--compress"],
+        &["--compress-level", "9"],
+        &["--compress", "--full"],
+    ];
+    for (round, extra) in levels.into_iter().enumerate() {
+        if round > 0 {
+            vm.random_writes(&mut rng, 6);
+            vm.write(1, MIB, MIB, 0x60 + round as u8);
+            vm.write(0, round as u64 * 3 * MIB, MIB, 0x70 + round as u8);
+        }
+        let m = vm.backup(extra);
+        let id = m["id"].as_str().unwrap();
+        for (i, v) in m["volumes"].as_array().unwrap().iter().enumerate() {
+            let file = vm.repo.join(v["file"].as_str().unwrap());
+            let info: Value = serde_json::from_slice(
+                &run(Command::new("qemu-img")
+                    .args(["info", "--output=json", "-U"])
+                    .arg(&file))
+                .stdout,
+            )
+            .unwrap();
+            assert_eq!(
+                info["format-specific"]["data"]["compression-type"], "zstd",
+                "{info}"
+            );
+            // Volume 0 holds patterns, which shrink.
+            if i == 0 {
+                assert!(crate::harness::has_compressed_clusters(&file));
+            }
+            // The map: every record is the model's cluster at this point.
+            let rel = v["cluster_map"]["file"].as_str().expect("a cluster map");
+            let map = Map::read(&vm.repo.join(rel)).unwrap();
+            let records = v["cluster_map"]["records"].as_u64().unwrap();
+            assert!(records >= map.clusters.len() as u64, "{v}");
+            assert!(!map.clusters.is_empty(), "round {round}: an empty map");
+            let model = &vm.models[i].bytes;
+            for (&c, d) in &map.clusters {
+                let start = (c * map.cluster_size) as usize;
+                let end = (start + map.cluster_len(c)).min(model.len());
+                assert_eq!(
+                    *d,
+                    digest(&model[start..end]),
+                    "{id} volume {i} cluster {c}"
+                );
+            }
+        }
+    }
+    check_files(&vm);
+    vm.quit();
+    vm.check_all_points();
+    for (id, models) in &vm.points {
+        for (i, model) in models.iter().enumerate() {
+            let out = dir.path().join(format!("restored-{id}-{i}.raw"));
+            let r = vm.restore(id, &out, &["--volume", vm.volume(i), "--json"]);
+            assert_eq!(r.code, Some(0), "{}", r.stderr);
+            assert!(r.stdout.contains("\"native\""), "{}", r.stdout);
+            assert!(crate::harness::same_content(&out, "raw", model, "raw"));
+        }
+    }
+    let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
+    assert_eq!(verified.code, Some(0), "{}", verified.stderr);
+    // A map changed on the NAS is caught, named by its file.
+    let (id, _) = &vm.points[1];
+    let map = vm
+        .repo
+        .join("vm1")
+        .join(id)
+        .join(format!("{}.map", vm.volume(0)));
+    let mut bytes = std::fs::read(&map).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&map, &bytes).unwrap();
+    let caught = bitback(&["verify", "--repo", vm.repo.to_str().unwrap(), "--json"]);
+    assert_eq!(caught.code, Some(1), "{}", caught.stderr);
+    assert!(
+        caught.stdout.contains(&format!("{}.map", vm.volume(0)))
+            && caught.stdout.contains("cluster map"),
+        "{}",
+        caught.stdout
+    );
+}
