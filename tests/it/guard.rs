@@ -482,44 +482,68 @@ fn every_disk_kind_is_guarded_and_fleeced_at_one_point() {
     drop(device);
 }
 
-/// A compressed backup while the guest writes data not yet copied: the
-/// old data goes to a fleecing image in the temporary directory (a
-/// compressed cluster cannot be written twice, so never into the target),
-/// the file holds compressed clusters, and the point is the disk at its
-/// start.
+/// A compressed backup while the guest writes data not yet copied, on
+/// both data paths. Where QEMU writes the file (deflate), the old data
+/// goes to a fleecing image in the temporary directory (QEMU cannot write
+/// a compressed cluster twice); where bitback does (zstd, the default),
+/// to the target through bitback's filter, and the clusters the job then
+/// copies again are written again. Either way the file holds compressed
+/// clusters, nothing is left in the temporary directory, and the point is
+/// the disk at its start.
 #[test]
-fn a_compressed_backup_fleeces_and_keeps_its_point() {
+fn a_compressed_backup_keeps_its_point_on_both_data_paths() {
     let dir = tempdir();
     let mut vm = vm_with_data(dir.path());
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let at_start = vm.models[0].bytes.clone();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
-        .args(["backup", "--qmp"])
-        .arg(&vm.qemu().qmp)
-        .arg("--repo")
-        .arg(&vm.repo)
-        .args(["--vm", "vm1", "--json", "--compress", "--speed-limit", "4M"])
-        .env("TMPDIR", &tmp)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_job(&vm, &mut child);
-    guest_writes(&mut vm, 0, 48, 0x5c);
-    let ended = wait(child);
-    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
-    let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
-    assert_eq!(manifest["volumes"][0]["guard"], "fleecing", "{manifest}");
-    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
-    let id = manifest["id"].as_str().unwrap();
-    record_point(&mut vm, id, at_start);
-    let file = vm.repo.join("vm1").join(id).join("disk0.qcow2");
-    assert!(
-        crate::harness::has_compressed_clusters(&file),
-        "no compressed cluster in {}",
-        file.display()
-    );
+    for (round, (path, guard, kind)) in [("nbd", "bitback", "zstd"), ("file", "fleecing", "zlib")]
+        .into_iter()
+        .enumerate()
+    {
+        let at_start = vm.models[0].bytes.clone();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(["backup", "--qmp"])
+            .arg(&vm.qemu().qmp)
+            .arg("--repo")
+            .arg(&vm.repo)
+            .args(["--vm", "vm1", "--json", "--compress", "--speed-limit", "4M"])
+            .args(["--data-path", path, "--full"])
+            .env("TMPDIR", &tmp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_job(&vm, &mut child);
+        guest_writes(&mut vm, 0, 48, 0x5c + round as u8);
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+        assert_eq!(manifest["volumes"][0]["guard"], guard, "{manifest}");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+        let id = manifest["id"].as_str().unwrap();
+        record_point(&mut vm, id, at_start);
+        let file = vm.repo.join("vm1").join(id).join("disk0.qcow2");
+        assert!(
+            crate::harness::has_compressed_clusters(&file),
+            "no compressed cluster in {}",
+            file.display()
+        );
+        let info = crate::harness::run(
+            Command::new("qemu-img")
+                .args(["info", "-U", "--output=json"])
+                .arg(&file),
+        );
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(
+            info["format-specific"]["data"]["compression-type"], kind,
+            "{info}"
+        );
+        crate::harness::run(
+            Command::new("qemu-img")
+                .args(["check", "-U", "-q"])
+                .arg(&file),
+        );
+    }
     finish(vm);
 }
 
