@@ -16,7 +16,8 @@
 //! BITBACK_BENCH_DATA_GIB (4) GiB of data in 16 MiB pieces spread over it,
 //! each a copy of one 16 MiB block of bytes drawn from 16 letters (zstd
 //! makes about half of it; neither all zeros nor noise).
-//! BITBACK_BENCH_REPEAT (3) rounds.
+//! BITBACK_BENCH_REPEAT (3) rounds; BITBACK_BENCH_WAYS (e.g. `0,1`) picks
+//! bitback's ways by number (the table's order), baselines always run.
 
 mod common;
 
@@ -62,6 +63,9 @@ struct Runs {
 }
 
 fn median(v: &[Duration]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     let mut v = v.to_vec();
     v.sort();
     v[v.len() / 2].as_secs_f64()
@@ -165,6 +169,9 @@ fn main() {
             .collect::<Vec<_>>(),
     );
 
+    let picked: Vec<usize> = std::env::var("BITBACK_BENCH_WAYS")
+        .map(|v| v.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| (0..WAYS.len()).collect());
     let mut runs = vec![Runs::default(); WAYS.len()];
     let (mut plain, mut zstd, mut direct) = (Vec::new(), Vec::new(), Vec::new());
     let mut zstd_bytes = 0;
@@ -194,6 +201,9 @@ fn main() {
                 };
                 eprintln!("round {round}: {name:<46} {:.2} s", t.as_secs_f64());
                 let _ = std::fs::remove_file(&out);
+                continue;
+            }
+            if !picked.contains(&which) {
                 continue;
             }
             let way = &WAYS[which];
@@ -251,6 +261,9 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (way, r) in WAYS.iter().zip(&runs) {
+        if r.full.is_empty() {
+            continue;
+        }
         let (f, i) = (median(&r.full), median(&r.incremental));
         println!(
             "| {} | {f:.2} s | {:.2}x | {:.2}x | {i:.2} s | {:.2}x | {} MiB | {} MiB |",

@@ -12,6 +12,7 @@
 pub mod child;
 pub mod cluster_map;
 pub mod demo;
+mod direct;
 mod digest;
 pub mod disk;
 pub mod engine;

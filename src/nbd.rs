@@ -275,7 +275,7 @@ enum Op {
     Write {
         handle: u64,
         offset: u64,
-        data: Vec<u8>,
+        data: Payload,
     },
     Zeroes {
         handle: u64,
@@ -300,6 +300,33 @@ enum Op {
         handle: u64,
         error: u32,
     },
+}
+
+/// A write's bytes, starting on a 4 KiB boundary in memory, so that an
+/// export can hand them to an O_DIRECT descriptor as they are.
+struct Payload {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+/// The alignment of [`Payload`]s.
+pub const PAYLOAD_ALIGN: usize = 4096;
+
+impl Payload {
+    fn new(len: usize) -> Payload {
+        let buf = vec![0u8; len + PAYLOAD_ALIGN];
+        let start = buf.as_ptr().align_offset(PAYLOAD_ALIGN);
+        Payload { buf, start, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
 }
 
 struct Reply {
@@ -386,8 +413,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 if len > MAX_PAYLOAD {
                     return Err(Error::Protocol(format!("a write of {len} bytes")));
                 }
-                let mut data = vec![0u8; len as usize];
-                rx.read_exact(&mut data).await?;
+                let mut data = Payload::new(len as usize);
+                rx.read_exact(data.bytes_mut()).await?;
                 match in_range {
                     true => Op::Write {
                         handle,
@@ -465,8 +492,8 @@ fn carry_out<E: Export + ?Sized>(export: &mut E, op: Op, served: &mut Served) ->
             data,
         } => {
             served.writes += 1;
-            served.bytes_written += data.len() as u64;
-            done(handle, export.write(offset, &data), served)
+            served.bytes_written += data.bytes().len() as u64;
+            done(handle, export.write(offset, data.bytes()), served)
         }
         Op::Zeroes {
             handle,

@@ -577,23 +577,7 @@ fn copy_native_qcow2(mapped: Mapped, out: &Path, size: u64, how: &Copier) -> any
     copy_segments(mapped, output, how, &dest)
 }
 
-/// Alignment of O_DIRECT writes: offset, length and buffer.
-const DIRECT_ALIGN: u64 = 4096;
-
-/// A second handle on `file` that writes around the page cache (O_DIRECT),
-/// where the filesystem allows it. A restore writes each byte once: through
-/// the page cache it would only evict the host's useful pages, and on the
-/// machines measured here the kernel spent 3 to 4 times longer finding
-/// pages for a buffered write than the device took for a direct one.
-fn reopen_direct(file: &File) -> Option<File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()
-}
+const DIRECT_ALIGN: u64 = crate::direct::ALIGN;
 
 /// Writes the segments into `output` at `dest(guest offset)`; the other
 /// bytes are already zero. Aligned chunks go through an O_DIRECT handle
@@ -637,7 +621,7 @@ fn copy_segments(
     if let Some(bar) = bar {
         bar.start("restoring", total);
     }
-    let direct = reopen_direct(&output);
+    let direct = crate::direct::reopen(&output);
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let shared = Arc::new((sources, output, direct));

@@ -62,6 +62,9 @@ pub struct Stream {
     pending: Vec<u8>,
     /// The per-cluster digest map, when one is kept.
     map: Option<cluster_map::Writer>,
+    /// An O_DIRECT handle on the file, for aligned writes, where the
+    /// filesystem takes it.
+    direct: Option<File>,
 }
 
 /// A finished image.
@@ -116,7 +119,9 @@ impl Stream {
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Stream> {
         let l1_entries = check(opts)?;
         let file = create_new(path)?;
+        let direct = crate::direct::reopen(&file);
         Ok(Stream {
+            direct,
             file,
             path: path.into(),
             size: opts.size,
@@ -231,13 +236,26 @@ impl Stream {
             .or_insert_with(|| vec![0; per as usize])[(cluster % per) as usize] = entry;
     }
 
+    /// Writes `data` at `at`: around the page cache when it is aligned
+    /// for that (runs of plain clusters from an aligned buffer), through
+    /// it otherwise.
     fn write_at(&mut self, data: &[u8], at: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, at)
-            .map_err(|source| Error::Writing {
-                what: "a data cluster",
-                source,
-            })?;
+        let written = match &self.direct {
+            Some(direct) if crate::direct::aligned(data, at) => {
+                match direct.write_all_at(data, at) {
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        self.direct = None;
+                        self.file.write_all_at(data, at)
+                    }
+                    other => other,
+                }
+            }
+            _ => self.file.write_all_at(data, at),
+        };
+        written.map_err(|source| Error::Writing {
+            what: "a data cluster",
+            source,
+        })?;
         self.digest.written(at, data);
         Ok(())
     }
