@@ -12,8 +12,8 @@
 pub mod child;
 pub mod cluster_map;
 pub mod demo;
-mod direct;
 mod digest;
+mod direct;
 pub mod disk;
 pub mod engine;
 mod fault;

@@ -111,17 +111,18 @@ pub(crate) struct BackupArgs {
     fleecing: Option<PathBuf>,
 
     /// Where the backup job's bytes go: `nbd` (QEMU's NBD client sends
-    /// them to bitback's own NBD server, and bitback writes the file:
-    /// zstd compression, a digest computed in flight, a per-cluster digest
-    /// map beside each file), `file` (QEMU writes each qcow2 file), or
-    /// `auto` (the default: `nbd` for --compress, `file` otherwise, which
-    /// measures faster for plain backups; see benches/README.md).
+    /// them to bitback's own NBD server, and bitback writes the file: zstd
+    /// compression, a digest computed in flight, a per-cluster digest map
+    /// beside each file, writes around the page cache), `file` (QEMU
+    /// writes each qcow2 file, bitback reads it back for its digest), or
+    /// `auto` (the default: `nbd` wherever it can, which measures faster;
+    /// see benches/README.md).
     ///
-    /// `nbd` writes unencrypted backups with clusters up to 64K, and falls
-    /// back to `file` for the rest, saying so; through libvirt's QMP proxy
-    /// (which cannot pass QEMU a socket) it needs the domain's extra QMP
-    /// socket.
-    #[arg(long, value_name = "PATH", default_value = "auto", value_parser = ["auto", "file", "nbd"])]
+    /// `nbd` writes unencrypted backups with clusters up to 64K; an
+    /// encrypted backup, larger clusters, or libvirt's QMP proxy (which
+    /// cannot pass QEMU a socket: give the domain an extra QMP socket)
+    /// take `file`, and the run says so.
+    #[arg(long, value_name = "PATH", default_value = "auto", value_parser = ["auto", "file", "nbd"], env = "BITBACK_DATA_PATH")]
     data_path: String,
 
     /// Cluster size of the backup files (512 to 2M, a power of two).

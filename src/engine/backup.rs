@@ -117,9 +117,8 @@ pub struct BackupOptions {
 /// Where a backup job's bytes go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DataPath {
-    /// The faster path that gives what the run asks for: `Nbd` for a
-    /// compressed run (zstd, its level), `File` for the others (measured
-    /// faster: benches/README.md).
+    /// `Nbd` where bitback's writer does what the run asks and QEMU can
+    /// reach it (it measures faster: benches/README.md), else `File`.
     #[default]
     Auto,
     /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use serde_json::json;
 use tokio::task::JoinHandle;
+use tracing::warn;
 
 use crate::cluster_map;
 use crate::nbd::{self, Served};
@@ -79,7 +80,14 @@ pub(super) async fn open(
                 )
             }
             Err(e) if e.is_command_not_found() => listen(node)?,
-            Err(e) => return Err(anyhow!(e).context("passing the NBD socket to QEMU")),
+            Err(e @ crate::qmp::Error::Disconnected { .. }) => {
+                return Err(anyhow!(e).context("passing the NBD socket to QEMU"));
+            }
+            // A relay that drops passed descriptors: QEMU connects by path.
+            Err(e) => {
+                warn!(node, error = %e, "QEMU did not take the NBD socket (getfd); it connects to one in a private directory instead");
+                listen(node)?
+            }
         }
     } else {
         listen(node)?

@@ -608,6 +608,8 @@ fn sigterm_cancels_and_a_second_run_meets_the_lock() {
         "vm1",
         "--rate-limit",
         "64K",
+        "--data-path",
+        "file",
     ]);
     wait_for_job(vm.qemu());
     // The target went to QEMU as a passed fd, not by name.

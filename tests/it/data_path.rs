@@ -160,9 +160,9 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
     }
     vm.random_writes(&mut rng, 8);
     let levels: [&[&str]; 3] = [
-        &["--compress"],
-        &["--compress-level", "9"],
-        &["--compress", "--full"],
+        &["--compress", "--data-path", "nbd"],
+        &["--compress-level", "9", "--data-path", "nbd"],
+        &["--compress", "--full", "--data-path", "nbd"],
     ];
     for (round, extra) in levels.into_iter().enumerate() {
         if round > 0 {
