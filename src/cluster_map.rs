@@ -113,7 +113,8 @@ impl Writer {
         self.record_digest(cluster, d)
     }
 
-    fn record_digest(&mut self, cluster: u64, d: Digest) -> std::io::Result<()> {
+    /// Guest cluster `cluster` now holds bytes whose digest is `d`.
+    pub fn record_digest(&mut self, cluster: u64, d: Digest) -> std::io::Result<()> {
         let mut rec = [0u8; RECORD];
         rec[..8].copy_from_slice(&cluster.to_le_bytes());
         rec[8..].copy_from_slice(&d);
@@ -184,6 +185,79 @@ impl Map {
     /// The guest length of cluster `c` (the last may be short).
     pub fn cluster_len(&self, c: u64) -> usize {
         (self.size - c * self.cluster_size).min(self.cluster_size) as usize
+    }
+}
+
+/// What a volume held at a backup point, cluster by cluster: the maps of
+/// its chain laid over each other, full first. A cluster no map records
+/// reads as zeros (the full has no backing file).
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    map: Map,
+    zeros: Digest,
+}
+
+impl Baseline {
+    /// The maps of a chain's files, full first. All must be of one
+    /// geometry.
+    pub fn overlay(maps: impl IntoIterator<Item = Map>) -> anyhow::Result<Baseline> {
+        let mut maps = maps.into_iter();
+        let Some(mut base) = maps.next() else {
+            bail!("no map to build on");
+        };
+        for m in maps {
+            if (m.cluster_size, m.size) != (base.cluster_size, base.size) {
+                bail!(
+                    "the chain's maps disagree on the geometry ({} B clusters of {} B, then {} B of {} B)",
+                    base.cluster_size,
+                    base.size,
+                    m.cluster_size,
+                    m.size
+                );
+            }
+            base.clusters.extend(m.clusters);
+        }
+        let zeros = digest(&vec![0u8; base.cluster_size as usize]);
+        Ok(Baseline { map: base, zeros })
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.map.cluster_size
+    }
+
+    pub fn size(&self) -> u64 {
+        self.map.size
+    }
+
+    /// The digest of cluster `c` all zeros.
+    fn zeros_of(&self, c: u64) -> Digest {
+        match self.map.cluster_len(c) {
+            len if len as u64 == self.map.cluster_size => self.zeros,
+            len => digest(&vec![0u8; len]),
+        }
+    }
+
+    /// The digest of what cluster `c` held.
+    pub fn get(&self, c: u64) -> Digest {
+        match self.map.clusters.get(&c) {
+            Some(d) => *d,
+            None => self.zeros_of(c),
+        }
+    }
+
+    /// Whether cluster `c` held zeros.
+    pub fn is_zero(&self, c: u64) -> bool {
+        self.get(c) == self.zeros_of(c)
+    }
+
+    /// Clusters recorded (the data a full of this point would hold, at
+    /// most).
+    pub fn len(&self) -> usize {
+        self.map.clusters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.clusters.is_empty()
     }
 }
 

@@ -65,6 +65,12 @@ pub struct Stream {
     /// An O_DIRECT handle on the file, for aligned writes, where the
     /// filesystem takes it.
     direct: Option<File>,
+    /// What the backing chain holds, cluster by cluster: a whole cluster
+    /// written with the same content (or zeros where it held zeros) is
+    /// not stored (an incremental by content).
+    baseline: Option<std::sync::Arc<cluster_map::Baseline>>,
+    /// Bytes of data received (writes, not zero writes).
+    received: u64,
 }
 
 /// A finished image.
@@ -82,6 +88,8 @@ pub struct Finished {
     pub read_back: u64,
     /// The per-cluster digest map, when one was kept.
     pub map: Option<cluster_map::Written>,
+    /// Bytes of data the writer was sent (zero writes not counted).
+    pub received: u64,
 }
 
 /// What a guest range of one cluster is, within the image.
@@ -134,6 +142,8 @@ impl Stream {
             data_clusters: 0,
             digest: Default::default(),
             compressor: None,
+            baseline: None,
+            received: 0,
             cursor: u64::MAX,
             pending: Vec::new(),
             map: None,
@@ -162,6 +172,43 @@ impl Stream {
         })?;
         self.map = Some(w);
         Ok(())
+    }
+
+    /// Stores only what differs from `baseline` (what the backing chain
+    /// holds): a whole cluster this image has not stored, written with
+    /// the baseline's content, or zeroed where the baseline holds zeros,
+    /// stays unallocated. Call before the first write.
+    pub fn only_changes(&mut self, baseline: std::sync::Arc<cluster_map::Baseline>) -> Result<()> {
+        if self.backing.is_none()
+            || baseline.cluster_size() != self.cs
+            || baseline.size() != self.size
+        {
+            return Err(Error::BadSize {
+                size: self.size,
+                reason: format!(
+                    "a baseline of {} B clusters of {} B for an image of {} B clusters{}",
+                    baseline.cluster_size(),
+                    baseline.size(),
+                    self.cs,
+                    if self.backing.is_none() {
+                        " without a backing file"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        self.baseline = Some(baseline);
+        Ok(())
+    }
+
+    /// Whether `cluster`, not stored here, holds `digest` in the baseline.
+    fn unchanged(&self, cluster: u64, slot: Slot, digest: Option<cluster_map::Digest>) -> bool {
+        match (&self.baseline, slot, digest) {
+            (Some(b), Slot::Empty, Some(d)) => b.get(cluster) == d,
+            (Some(b), Slot::Empty, None) => b.is_zero(cluster),
+            _ => false,
+        }
     }
 
     /// The image's virtual size.
@@ -303,6 +350,23 @@ impl Stream {
         Ok(())
     }
 
+    fn record_digest(&mut self, cluster: u64, d: cluster_map::Digest) -> Result<()> {
+        if let Some(map) = &mut self.map {
+            map.record_digest(cluster, d)
+                .map_err(|source| Error::Writing {
+                    what: "the cluster map",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The digest of a whole cluster's bytes, when a map or a baseline
+    /// needs it.
+    fn digest_for(&self, bytes: &[u8]) -> Option<cluster_map::Digest> {
+        (self.map.is_some() || self.baseline.is_some()).then(|| cluster_map::digest(bytes))
+    }
+
     fn record_zeros(&mut self, cluster: u64) -> Result<()> {
         let len = self.cluster_len(cluster);
         if let Some(map) = &mut self.map {
@@ -319,12 +383,22 @@ impl Stream {
     /// write over) the whole-cluster `bytes`: zeros as a zero cluster or a
     /// hole, else compressed where that shrinks it, else a new cluster.
     fn store(&mut self, cluster: u64, bytes: &[u8]) -> Result<()> {
+        let slot = self.slot(cluster);
         if all_zero(bytes) {
+            if self.unchanged(cluster, slot, None) {
+                return Ok(());
+            }
             let entry = if self.backing.is_some() { ZERO } else { 0 };
             self.set(cluster, entry);
             return self.record_zeros(cluster);
         }
-        self.record(cluster, bytes)?;
+        let d = self.digest_for(bytes);
+        if self.unchanged(cluster, slot, d) {
+            return Ok(());
+        }
+        if let Some(d) = d {
+            self.record_digest(cluster, d)?;
+        }
         self.data_clusters += 1;
         let cs = self.cs as usize;
         let packed = match &mut self.compressor {
@@ -379,12 +453,23 @@ impl Stream {
         // A run of new plain clusters not yet written: (host, data start).
         let mut run: Option<(u64, usize)> = None;
         let plain = self.compressor.is_none();
+        self.received += data.len() as u64;
         for p in self.pieces(offset, data.len() as u64)? {
             let part = &data[done..done + p.len];
             let slot = self.slot(p.cluster);
             let fresh = p.whole && !matches!(slot, Slot::Data { .. });
             if fresh && plain && !all_zero(part) {
-                self.record(p.cluster, part)?;
+                let d = self.digest_for(part);
+                if self.unchanged(p.cluster, slot, d) {
+                    if let Some((start, from)) = run.take() {
+                        self.write_at(&data[from..done], start)?;
+                    }
+                    done += p.len;
+                    continue;
+                }
+                if let Some(d) = d {
+                    self.record_digest(p.cluster, d)?;
+                }
                 self.data_clusters += 1;
                 let host = self.next;
                 self.next += self.cs;
@@ -469,6 +554,9 @@ impl Stream {
         for p in self.pieces(offset, len)? {
             let slot = self.slot(p.cluster);
             if p.whole {
+                if self.unchanged(p.cluster, slot, None) {
+                    continue;
+                }
                 match slot {
                     Slot::Data { host, .. } => self.set(p.cluster, host | COPIED | ZERO),
                     Slot::Compressed => {
@@ -658,6 +746,7 @@ impl Stream {
             data_bytes,
             read_back,
             map,
+            received: self.received,
         })
     }
 
