@@ -12,7 +12,7 @@ use super::qcow2::parse_size;
 use bitback::engine::plan::Policy;
 use bitback::engine::thaw_guard::Thawer;
 use bitback::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
-use bitback::repo::{BackupKind, Manifest, Repo};
+use bitback::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// Back up a VM: every writable volume at one point in time.
 ///
@@ -416,16 +416,30 @@ fn kind_name(kind: BackupKind) -> &'static str {
     }
 }
 
-/// The point's kind, with how many of its volumes are full when some are.
+/// The point's kind, with how many of its volumes are full, and how many
+/// were found by content, when some are.
 fn point_kind(m: &Manifest) -> String {
-    let fulls = m
-        .volumes
-        .iter()
-        .filter(|v| v.kind == BackupKind::Full)
-        .count();
-    match m.kind {
-        BackupKind::Incremental if fulls > 0 => format!("incremental ({fulls} full)"),
-        kind => kind_name(kind).to_string(),
+    let count = |f: &dyn Fn(&VolumeRecord) -> bool| m.volumes.iter().filter(|v| f(v)).count();
+    let fulls = count(&|v| v.kind == BackupKind::Full);
+    let content = count(&|v| v.changes.as_deref() == Some("content"));
+    let mut notes = Vec::new();
+    if m.kind == BackupKind::Incremental && fulls > 0 {
+        notes.push(format!("{fulls} full"));
+    }
+    if content > 0 {
+        notes.push(format!("{content} by content"));
+    }
+    match notes.is_empty() {
+        true => kind_name(m.kind).to_string(),
+        false => format!("{} ({})", kind_name(m.kind), notes.join(", ")),
+    }
+}
+
+/// A volume's kind, and how its changes were found when not by bitmap.
+fn volume_kind(v: &VolumeRecord) -> String {
+    match v.changes.as_deref() {
+        Some("content") => "incremental by content".into(),
+        _ => kind_name(v.kind).into(),
     }
 }
 
@@ -442,16 +456,17 @@ fn render_backup(m: &Manifest) -> String {
         }
     );
     let mut rows = vec![
-        ["VOLUME", "KIND", "TRACKING", "SIZE", "DATA", "FILE"]
+        ["VOLUME", "KIND", "TRACKING", "SIZE", "READ", "DATA", "FILE"]
             .map(String::from)
             .to_vec(),
     ];
     for v in &m.volumes {
         rows.push(vec![
             v.name.clone(),
-            kind_name(v.kind).to_string(),
+            volume_kind(v),
             v.tracking.map(|t| t.to_string()).unwrap_or("-".into()),
             bytes(v.virtual_size),
+            v.bytes_read.map_or("-".into(), bytes),
             bytes(v.bytes_written),
             v.file.clone(),
         ]);

@@ -27,6 +27,9 @@
 //! the repository run around them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cluster_map::Baseline;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -314,7 +317,8 @@ pub async fn backup_named(
         _ => None,
     };
     let no_problems = BTreeMap::new();
-    let plan = plan::plan(&Facts {
+    let no_content = BTreeMap::new();
+    let mut facts = Facts {
         policy: &opts.policy,
         state: state.as_ref(),
         last,
@@ -322,7 +326,22 @@ pub async fn backup_named(
         encrypted: opts.encrypt.is_some(),
         parent_problem,
         parent_volume_problems: buildable.as_ref().map_or(&no_problems, |b| &b.volumes),
-    });
+        content: &no_content,
+    };
+    let mut plan = plan::plan(&facts);
+    // Volumes whose bitmap alone failed them: by content, if they can be.
+    let baselines = match last {
+        Some(last) => content_baselines(repo, opts, qmp, &plan, last),
+        None => BTreeMap::new(),
+    };
+    let content: BTreeMap<String, Result<(), String>> = baselines
+        .iter()
+        .map(|(v, b)| (v.clone(), b.as_ref().map(|_| ()).map_err(Clone::clone)))
+        .collect();
+    if !content.is_empty() {
+        facts.content = &content;
+        plan = plan::plan(&facts);
+    }
     for (i, v) in plan.volumes.iter().enumerate() {
         debug!(vm, volume = %v.volume, plan = %plan.volume_reason(i), "volume planned");
     }
@@ -347,7 +366,7 @@ pub async fn backup_named(
         opts,
         scope: &scope,
         volumes: &volumes,
-        targets: planned_targets(&plan, &volumes, partial.dir()),
+        targets: planned_targets(&plan, &volumes, partial.dir(), &baselines),
         checkpoint: Some(&checkpoint),
     };
     let mut copied = match copy::copy(&run, cancel.clone()).await {
@@ -567,6 +586,15 @@ async fn build_manifest(
             digest,
             file_size: Some(file_size),
             guard: guards.get(i).copied().flatten().map(str::to_string),
+            changes: Some(
+                match plan.volumes[i].decision {
+                    Decision::Full(_) => "full",
+                    Decision::Incremental => "bitmap",
+                    Decision::Content(_) => "content",
+                }
+                .to_string(),
+            ),
+            bytes_read: finished.get(i).map(|done| done.received),
             cluster_map: finished
                 .get(i)
                 .and_then(|done| done.map.as_ref())
@@ -746,20 +774,69 @@ async fn clean_stray_bitmaps(
     Ok(())
 }
 
+/// The baselines of the volumes `plan` made full only for a lost bitmap:
+/// the last backup's chain's cluster maps, or why there are none.
+fn content_baselines(
+    repo: &Repo,
+    opts: &BackupOptions,
+    qmp: &Qmp,
+    plan: &Plan,
+    last: &Manifest,
+) -> BTreeMap<String, Result<Arc<Baseline>, String>> {
+    let lost: Vec<&str> = plan
+        .volumes
+        .iter()
+        .filter(|v| matches!(&v.decision, Decision::Full(r) if r.is_bitmap_loss()))
+        .map(|v| v.volume.as_str())
+        .collect();
+    if lost.is_empty() {
+        return BTreeMap::new();
+    }
+    let chain = match copy::writes_natively(opts, qmp) {
+        Err(why) => Err(why),
+        Ok(()) => super::chain::chain(repo, last).map_err(|e| format!("{e:#}")),
+    };
+    lost.into_iter()
+        .map(|volume| {
+            let baseline = chain.as_ref().map_err(Clone::clone).and_then(|chain| {
+                super::content::baseline(repo, chain, volume, opts.cluster_size)
+            });
+            (volume.to_string(), baseline)
+        })
+        .collect()
+}
+
 /// The targets of a repository backup in `dir`, as `plan` decided.
-fn planned_targets(plan: &Plan, volumes: &[Volume], dir: &Path) -> Vec<Target> {
+fn planned_targets(
+    plan: &Plan,
+    volumes: &[Volume],
+    dir: &Path,
+    baselines: &BTreeMap<String, Result<Arc<Baseline>, String>>,
+) -> Vec<Target> {
     volumes
         .iter()
         .zip(&plan.volumes)
         .map(|(v, p)| {
-            let base = match (&p.decision, &plan.base) {
-                (Decision::Incremental, Some(base)) => Some(base),
-                _ => None,
-            };
-            Target {
-                path: dir.join(VolumeRecord::file_name(&v.name)),
-                backing: base.map(|b| VolumeRecord::backing_name(&b.parent, &v.name)),
-                since: base.map(|b| b.checkpoint.clone()),
+            let path = dir.join(VolumeRecord::file_name(&v.name));
+            match (&p.decision, &plan.base) {
+                (Decision::Incremental, Some(base)) => Target {
+                    path,
+                    backing: Some(VolumeRecord::backing_name(&base.parent, &v.name)),
+                    since: Some(base.checkpoint.clone()),
+                    baseline: None,
+                },
+                (Decision::Content(_), Some(base)) => Target {
+                    path,
+                    backing: Some(VolumeRecord::backing_name(&base.parent, &v.name)),
+                    since: None,
+                    baseline: baselines.get(&v.name).and_then(|b| b.as_ref().ok()).cloned(),
+                },
+                _ => Target {
+                    path,
+                    backing: None,
+                    since: None,
+                    baseline: None,
+                },
             }
         })
         .collect()

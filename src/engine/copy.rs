@@ -280,6 +280,9 @@ pub struct Target {
     pub backing: Option<String>,
     /// The bitmap an incremental copies (`sync=bitmap`); `None` for a full.
     pub since: Option<String>,
+    /// An incremental by content: the whole volume is copied (`sync=full`)
+    /// and only clusters that differ from this are stored (the NBD path).
+    pub baseline: Option<std::sync::Arc<crate::cluster_map::Baseline>>,
 }
 
 /// What a finished copy left in QEMU: the new checkpoint bitmaps (taken
@@ -363,6 +366,9 @@ async fn run_jobs(
 ) -> anyhow::Result<(Vec<Option<&'static str>>, Vec<qcow2::Finished>)> {
     let mut ways = guard::survey(run.qmp, run.volumes).await?;
     let nbd = nbd_path(run.opts, run.qmp);
+    if !nbd && run.targets.iter().any(|t| t.baseline.is_some()) {
+        bail!("internal error: an incremental by content needs bitback to write the files");
+    }
     if run.opts.compress && !nbd {
         // A compressed cluster cannot be written twice (QEMU fails the
         // second write), so the filter's copies cannot go to the target
@@ -554,6 +560,7 @@ async fn prepare_targets(
             let writer = nbd_target::Writer {
                 compress: run.opts.compress.then_some(run.opts.compress_level),
                 map: run.opts.cluster_maps,
+                baseline: run.targets[i].baseline.clone(),
             };
             let server = nbd_target::open(qmp, &node, &paths[i], &opts, &writer)
                 .await
@@ -635,13 +642,7 @@ fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
         super::DataPath::Nbd => true,
         super::DataPath::Auto => false,
     };
-    let why = if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
-        "libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)"
-    } else if opts.encrypt.is_some() {
-        "bitback does not write encrypted backups yet"
-    } else if opts.cluster_size > 64 << 10 {
-        "bitback writes clusters of at most 64 KiB"
-    } else {
+    let Some(why) = nbd_impossible(opts, qmp) else {
         return true;
     };
     if asked {
@@ -652,6 +653,30 @@ fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
         info!("{why}: QEMU writes the files");
     }
     false
+}
+
+/// Whether bitback writes this run's files (the NBD data path).
+pub(super) fn writes_natively(opts: &BackupOptions, qmp: &Qmp) -> Result<(), String> {
+    if opts.data_path == super::DataPath::File {
+        return Err("QEMU writes the files (--data-path file)".into());
+    }
+    match nbd_impossible(opts, qmp) {
+        Some(why) => Err(format!("QEMU writes the files: {why}")),
+        None => Ok(()),
+    }
+}
+
+/// Why bitback's writer cannot take this run's bytes, if it cannot.
+fn nbd_impossible(opts: &BackupOptions, qmp: &Qmp) -> Option<&'static str> {
+    if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
+        Some("libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)")
+    } else if opts.encrypt.is_some() {
+        Some("bitback does not write encrypted backups")
+    } else if opts.cluster_size > 64 << 10 {
+        Some("bitback writes clusters of at most 64 KiB")
+    } else {
+        None
+    }
 }
 
 /// How many times a `qemu-img create` of an encrypted target is tried when
@@ -930,7 +955,8 @@ fn backup_actions(
         // than the data. A guarded volume's job reads the snapshot-access
         // node, where every cluster counts as allocated: sync=full, and
         // what reads as zeros becomes zero clusters (table entries only).
-        let full_sync = if v.backing_file.is_none() && guards[i].is_none() {
+        let by_content = run.targets[i].baseline.is_some();
+        let full_sync = if v.backing_file.is_none() && guards[i].is_none() && !by_content {
             "top"
         } else {
             "full"

@@ -7,6 +7,7 @@
 mod backup;
 mod chain;
 mod check;
+mod content;
 mod copy;
 mod export;
 mod guard;

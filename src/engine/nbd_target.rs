@@ -42,6 +42,9 @@ pub(super) struct Writer {
     pub compress: Option<i32>,
     /// A per-cluster digest map beside the file.
     pub map: bool,
+    /// Store only clusters that differ from this (an incremental by
+    /// content).
+    pub baseline: Option<std::sync::Arc<crate::cluster_map::Baseline>>,
 }
 
 /// Creates `path` as a streaming image of `opts` (with its cluster map
@@ -58,6 +61,9 @@ pub(super) async fn open(
         Stream::create(path, opts).with_context(|| format!("creating {}", path.display()))?;
     if let Some(level) = writer.compress {
         stream.compress(level)?;
+    }
+    if let Some(baseline) = &writer.baseline {
+        stream.only_changes(baseline.clone())?;
     }
     if writer.map {
         let map = cluster_map::path_for(path);

@@ -16,6 +16,12 @@
 //! changed; its checkpoint bitmap is missing (for an image that keeps its
 //! bitmap in QEMU's memory only: QEMU restarted), inconsistent, disabled or
 //! busy. A point where every volume is full starts a new chain.
+//!
+//! A volume whose only fault is its bitmap (lost with QEMU, missing,
+//! inconsistent, not recording, busy) is an incremental by content when
+//! its last backup's chain has cluster maps that verify
+//! ([`Facts::content`]): it is read whole, and only clusters whose content
+//! differs are stored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,6 +56,10 @@ pub struct Facts<'a> {
     /// Volumes of the last backup whose own files cannot be built on, and
     /// why: each of them alone takes a full.
     pub parent_volume_problems: &'a BTreeMap<String, String>,
+    /// Per volume, whether its changes can be found by content (the last
+    /// backup's chain has cluster maps that verify, and this run writes
+    /// the files), or why not. A volume not named is not asked about.
+    pub content: &'a BTreeMap<String, Result<(), String>>,
 }
 
 /// The decision for one point.
@@ -83,6 +93,9 @@ pub struct VolumePlan {
 pub enum Decision {
     Full(FullReason),
     Incremental,
+    /// The bitmap is lost (why): the volume is read whole and only the
+    /// clusters whose content differs from the last backup's are stored.
+    Content(FullReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +156,33 @@ pub enum FullReason {
         volume: String,
         bitmap: String,
     },
+    /// A lost bitmap, and no incremental by content either.
+    NoContent {
+        lost: Box<FullReason>,
+        why: String,
+    },
+}
+
+impl FullReason {
+    /// Whether the volume is full only because its bitmap cannot be used
+    /// (its changes could still be found by content).
+    pub fn is_bitmap_loss(&self) -> bool {
+        use FullReason::*;
+        matches!(
+            self,
+            MemoryBitmapLost { .. }
+                | BitmapMissing { .. }
+                | BitmapInconsistent { .. }
+                | BitmapDisabled { .. }
+                | BitmapBusy { .. }
+        )
+    }
+
+    /// The reason without its leading "full: ".
+    fn lost_text(&self) -> String {
+        let text = self.to_string();
+        text.strip_prefix("full: ").unwrap_or(&text).to_string()
+    }
 }
 
 fn size(n: u64) -> String {
@@ -243,6 +283,7 @@ impl fmt::Display for FullReason {
                 f,
                 "full: checkpoint bitmap {bitmap} on volume {volume} is busy (used by another job)"
             ),
+            NoContent { lost, why } => write!(f, "{lost}; not by content: {why}"),
         }
     }
 }
@@ -276,6 +317,14 @@ impl Plan {
                 base.parent, base.checkpoint
             ),
             (Decision::Incremental, None) => "incremental".into(),
+            (Decision::Content(lost), Some(base)) => format!(
+                "incremental by content: changes since {} found by reading the volume whole ({})",
+                base.parent,
+                lost.lost_text()
+            ),
+            (Decision::Content(lost), None) => {
+                format!("incremental by content ({})", lost.lost_text())
+            }
         }
     }
 
@@ -295,16 +344,32 @@ impl Plan {
             .iter()
             .filter_map(|v| match &v.decision {
                 Decision::Full(r) => Some(format!("{} ({})", v.volume, r)),
-                Decision::Incremental => None,
+                Decision::Incremental | Decision::Content(_) => None,
             })
             .collect();
+        let contents: Vec<&str> = self
+            .volumes
+            .iter()
+            .filter(|v| matches!(v.decision, Decision::Content(_)))
+            .map(|v| v.volume.as_str())
+            .collect();
         match &self.base {
-            Some(base) => format!(
-                "incremental: changes since {}, tracked by bitmap {}; full of {}",
-                base.parent,
-                base.checkpoint,
-                fulls.join("; ")
-            ),
+            Some(base) => {
+                let mut parts = vec![format!(
+                    "incremental: changes since {}, tracked by bitmap {}",
+                    base.parent, base.checkpoint
+                )];
+                if !contents.is_empty() {
+                    parts.push(format!(
+                        "found by content on {} (bitmap lost)",
+                        contents.join(", ")
+                    ));
+                }
+                if !fulls.is_empty() {
+                    parts.push(format!("full of {}", fulls.join("; ")));
+                }
+                parts.join("; ")
+            }
             None => format!("full: every volume needs one: {}", fulls.join("; ")),
         }
     }
@@ -323,11 +388,21 @@ pub fn plan(facts: &Facts) -> Plan {
             volume: live.name.clone(),
             decision: match check_volume(facts, &base, live) {
                 Ok(()) => Decision::Incremental,
+                Err(lost) if lost.is_bitmap_loss() => match facts.content.get(&live.name) {
+                    Some(Ok(())) => Decision::Content(lost),
+                    Some(Err(why)) => Decision::Full(FullReason::NoContent {
+                        lost: Box::new(lost),
+                        why: why.clone(),
+                    }),
+                    None => Decision::Full(lost),
+                },
                 Err(reason) => Decision::Full(reason),
             },
         })
         .collect();
-    let any_incremental = volumes.iter().any(|v| v.decision == Decision::Incremental);
+    let any_incremental = volumes
+        .iter()
+        .any(|v| matches!(v.decision, Decision::Incremental | Decision::Content(_)));
     Plan {
         base: any_incremental.then_some(base),
         volumes,
@@ -509,6 +584,8 @@ mod tests {
                     file_size: None,
                     guard: None,
                     cluster_map: None,
+                    changes: None,
+                    bytes_read: None,
                 })
                 .collect(),
             qemu_version: None,
@@ -537,6 +614,7 @@ mod tests {
         encrypted: bool,
         parent_problem: Option<String>,
         parent_volume_problems: BTreeMap<String, String>,
+        content: BTreeMap<String, Result<(), String>>,
     }
 
     impl World {
@@ -553,6 +631,7 @@ mod tests {
                 encrypted: false,
                 parent_problem: None,
                 parent_volume_problems: BTreeMap::new(),
+                content: BTreeMap::new(),
             }
         }
 
@@ -565,6 +644,7 @@ mod tests {
                 encrypted: self.encrypted,
                 parent_problem: self.parent_problem.clone(),
                 parent_volume_problems: &self.parent_volume_problems,
+                content: &self.content,
             })
         }
 
@@ -577,7 +657,7 @@ mod tests {
                 .iter()
                 .map(|v| match &v.decision {
                     Decision::Full(r) => r,
-                    Decision::Incremental => panic!("an incremental volume in {plan:?}"),
+                    _ => panic!("an incremental volume in {plan:?}"),
                 })
                 .collect();
             assert!(reasons.windows(2).all(|w| w[0] == w[1]), "{plan:?}");
@@ -958,5 +1038,48 @@ mod tests {
                 assert_eq!(plan.base, Some(base()), "fault {n} on volume {i}");
             }
         }
+    }
+
+    #[test]
+    fn a_lost_bitmap_is_found_by_content_where_the_maps_allow() {
+        let mut w = World::good();
+        w.volumes[0].bitmaps.clear();
+        w.bitmap(1).inconsistent = true;
+        // Not asked about: full, as before.
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::BitmapMissing { .. })
+        ));
+        w.content.insert("disk0".into(), Ok(()));
+        w.content
+            .insert("disk1".into(), Err("its file has no cluster map".into()));
+        let plan = w.plan();
+        assert!(matches!(
+            plan.volumes[0].decision,
+            Decision::Content(FullReason::BitmapMissing { .. })
+        ));
+        assert!(matches!(
+            &plan.volumes[1].decision,
+            Decision::Full(FullReason::NoContent { lost, .. })
+                if matches!(**lost, FullReason::BitmapInconsistent { .. })
+        ));
+        assert_eq!(plan.base.as_ref().map(|b| b.parent.as_str()), Some("b3"));
+        assert!(
+            plan.volume_reason(0).starts_with("incremental by content: changes since b3"),
+            "{}",
+            plan.volume_reason(0)
+        );
+        assert!(
+            plan.volume_reason(1).ends_with("not by content: its file has no cluster map"),
+            "{}",
+            plan.volume_reason(1)
+        );
+        assert!(plan.reason().contains("found by content on disk0"), "{}", plan.reason());
+        // A resize is never found by content.
+        w.volumes[0].virtual_size += GIB;
+        assert!(matches!(
+            w.decision(0),
+            Decision::Full(FullReason::Resized { .. })
+        ));
     }
 }

@@ -382,10 +382,13 @@ pub(super) async fn backup_running(
                 Some(bitmap.to_string()),
             ),
         };
+        // Never by content: CloudStack takes a fallback for a full that
+        // stands alone.
         targets.push(Target {
             path,
             backing,
             since,
+            baseline: None,
         });
     }
     let opts = BackupOptions {

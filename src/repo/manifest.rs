@@ -102,6 +102,16 @@ pub struct VolumeRecord {
     /// a consolidation rewrote, and in manifests from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_map: Option<MapRecord>,
+    /// How the changes stored were found: `bitmap` (the checkpoint's
+    /// dirty bitmap), `content` (the volume read whole and compared with
+    /// the parent's cluster maps: the bitmap was lost), or `full`. Absent
+    /// in manifests from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<String>,
+    /// Bytes of data QEMU sent bitback to find them (the NBD path; zero
+    /// ranges not counted); `bytes_written` is what the file stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_read: Option<u64>,
 }
 
 /// A volume's per-cluster digest map.
