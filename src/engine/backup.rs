@@ -798,9 +798,10 @@ fn content_baselines(
     };
     lost.into_iter()
         .map(|volume| {
-            let baseline = chain.as_ref().map_err(Clone::clone).and_then(|chain| {
-                super::content::baseline(repo, chain, volume, opts.cluster_size)
-            });
+            let baseline = chain
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|chain| super::content::baseline(repo, chain, volume, opts.cluster_size));
             (volume.to_string(), baseline)
         })
         .collect()
@@ -829,7 +830,10 @@ fn planned_targets(
                     path,
                     backing: Some(VolumeRecord::backing_name(&base.parent, &v.name)),
                     since: None,
-                    baseline: baselines.get(&v.name).and_then(|b| b.as_ref().ok()).cloned(),
+                    baseline: baselines
+                        .get(&v.name)
+                        .and_then(|b| b.as_ref().ok())
+                        .cloned(),
                 },
                 _ => Target {
                     path,

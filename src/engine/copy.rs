@@ -669,7 +669,9 @@ pub(super) fn writes_natively(opts: &BackupOptions, qmp: &Qmp) -> Result<(), Str
 /// Why bitback's writer cannot take this run's bytes, if it cannot.
 fn nbd_impossible(opts: &BackupOptions, qmp: &Qmp) -> Option<&'static str> {
     if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
-        Some("libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)")
+        Some(
+            "libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)",
+        )
     } else if opts.encrypt.is_some() {
         Some("bitback does not write encrypted backups")
     } else if opts.cluster_size > 64 << 10 {

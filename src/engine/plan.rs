@@ -1065,16 +1065,22 @@ mod tests {
         ));
         assert_eq!(plan.base.as_ref().map(|b| b.parent.as_str()), Some("b3"));
         assert!(
-            plan.volume_reason(0).starts_with("incremental by content: changes since b3"),
+            plan.volume_reason(0)
+                .starts_with("incremental by content: changes since b3"),
             "{}",
             plan.volume_reason(0)
         );
         assert!(
-            plan.volume_reason(1).ends_with("not by content: its file has no cluster map"),
+            plan.volume_reason(1)
+                .ends_with("not by content: its file has no cluster map"),
             "{}",
             plan.volume_reason(1)
         );
-        assert!(plan.reason().contains("found by content on disk0"), "{}", plan.reason());
+        assert!(
+            plan.reason().contains("found by content on disk0"),
+            "{}",
+            plan.reason()
+        );
         // A resize is never found by content.
         w.volumes[0].virtual_size += GIB;
         assert!(matches!(

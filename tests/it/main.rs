@@ -5,6 +5,7 @@
 //! missing.
 
 mod backup;
+mod content;
 mod data_path;
 mod fake_qmp;
 mod field;

@@ -45,16 +45,25 @@ impl Vm {
 
     fn of_kind(kind: Kind, dir: &Path, sizes: &[u64]) -> Vm {
         let mut disks = Vec::new();
-        let mut models = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
             let image = dir.join(format!("disk{i}.qcow2"));
             create_qcow2(&image, size, &[]);
             disks.push(Disk::new(&format!("disk{i}"), &format!("drive{i}"), &image));
-            models.push(Model {
+        }
+        Vm::from_disks(kind, dir, disks, sizes)
+    }
+
+    /// A VM of `disks` (images the caller made, of `sizes`, all zeros),
+    /// whose nodes are `drive0`, `drive1`, ...
+    pub(crate) fn from_disks(kind: Kind, dir: &Path, disks: Vec<Disk>, sizes: &[u64]) -> Vm {
+        let models = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| Model {
                 node: format!("drive{i}"),
                 bytes: vec![0; size as usize],
-            });
-        }
+            })
+            .collect();
         let mut vm = Vm {
             dir: dir.into(),
             repo: dir.join("repo"),
@@ -200,6 +209,14 @@ impl Vm {
     pub(crate) fn quit(&mut self) {
         if let Some(qemu) = self.qemu.take() {
             qemu.quit();
+        }
+    }
+
+    /// QEMU dies by SIGKILL: nothing is closed, persistent bitmaps are
+    /// left in use (inconsistent at the next start).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut qemu) = self.qemu.take() {
+            qemu.kill();
         }
     }
 }
