@@ -47,6 +47,11 @@ impl Drop for Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, disk: &Path) -> Daemon {
+        Daemon::start_format(dir, disk, "qcow2")
+    }
+
+    /// Serves `disk` of `format` (`qcow2` or `raw`) as node `disk0`.
+    pub fn start_format(dir: &Path, disk: &Path, format: &str) -> Daemon {
         let qmp = dir.join("qmp.sock");
         let nbd = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&qmp);
@@ -63,7 +68,8 @@ impl Daemon {
                 "driver=file,filename={},node-name=file0",
                 disk.display()
             ))
-            .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
+            .arg("--blockdev")
+            .arg(format!("driver={format},file=file0,node-name=disk0"))
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
             .args([
