@@ -369,17 +369,22 @@ async fn run_jobs(
     if !nbd && run.targets.iter().any(|t| t.baseline.is_some()) {
         bail!("internal error: an incremental by content needs bitback to write the files");
     }
-    if run.opts.compress && !nbd {
-        // A compressed cluster cannot be written twice (QEMU fails the
-        // second write), so the filter's copies cannot go to the target
-        // the job writes: they need a fleecing image, which an encrypted
-        // volume's old data must not go to.
-        for (v, way) in run.volumes.iter().zip(ways.iter_mut()) {
-            if v.encrypted && way.is_guarded() {
-                *way = Way::Direct {
-                    why: Some("a compressed backup of an encrypted volume: its old data cannot go to a fleecing image in the clear, nor twice into a compressed file".into()),
-                };
-            }
+    // QEMU cannot write a compressed cluster twice, and an incremental by
+    // content keeps nothing it finds unchanged for the job to read back:
+    // the filter's copies need a fleecing image, which an encrypted
+    // volume's old data must not go to.
+    for (i, (v, way)) in run.volumes.iter().zip(ways.iter_mut()).enumerate() {
+        if !(v.encrypted && way.is_guarded()) {
+            continue;
+        }
+        if run.opts.compress && !nbd {
+            *way = Way::Direct {
+                why: Some("a compressed backup of an encrypted volume: its old data cannot go to a fleecing image in the clear, nor twice into a compressed file".into()),
+            };
+        } else if run.targets[i].baseline.is_some() {
+            *way = Way::Direct {
+                why: Some("an incremental by content of an encrypted volume: its old data cannot go to a fleecing image in the clear".into()),
+            };
         }
     }
     for (v, way) in run.volumes.iter().zip(&ways) {
@@ -464,15 +469,18 @@ async fn prepare_fleecing(
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<Option<String>>> {
     let mut nodes = vec![None; run.volumes.len()];
-    let dir = match (&run.opts.fleecing, run.opts.compress && !nbd) {
+    // QEMU cannot write a compressed cluster twice, and an incremental by
+    // content does not keep what it finds unchanged, which the job would
+    // read back where the filter copied it: the filter's copies go to a
+    // fleecing image, in the temporary directory when none is given.
+    // (Plain and compressed targets bitback writes take them.)
+    let by_content = run.targets.iter().any(|t| t.baseline.is_some());
+    let dir = match (&run.opts.fleecing, (run.opts.compress && !nbd) || by_content) {
         (Some(dir), _) => dir.clone(),
-        // QEMU cannot write a compressed cluster twice: the filter's
-        // copies go to a fleecing image, in the temporary directory when
-        // none is given. (bitback's writer can: on the NBD path they go
-        // to the target.)
         (None, true) if ways.iter().any(Way::is_guarded) => {
             let dir = std::env::temp_dir();
-            info!(dir = %dir.display(), "a compressed backup fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
+            let what = if by_content { "an incremental by content" } else { "a compressed backup" };
+            info!(dir = %dir.display(), "{what} fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
             dir
         }
         (None, _) => return Ok(nodes),

@@ -611,6 +611,22 @@ impl Stream {
                 out.copy_from_slice(&whole[p.at..p.at + p.len]);
                 continue;
             }
+            // A cluster left to the backing file (an incremental by
+            // content found it unchanged) holds data this writer never
+            // kept: reading it here as zeros would be wrong.
+            if entry == 0
+                && let Some(b) = &self.baseline
+                && !b.is_zero(p.cluster)
+            {
+                return Err(Error::Reading {
+                    what: "a cluster left to the backing file",
+                    offset: p.cluster * self.cs,
+                    len: p.len as u64,
+                    source: std::io::Error::other(
+                        "an incremental by content does not keep unchanged clusters",
+                    ),
+                });
+            }
             let host = entry & OFFSET_MASK;
             if host == 0 || entry & ZERO != 0 {
                 out.fill(0);

@@ -747,3 +747,30 @@ fn two_repositories_at_once_each_keep_their_point() {
     }
     finish(vm);
 }
+
+/// An incremental by content of a guarded volume (its bitmap lost with a
+/// killed QEMU) while the guest overwrites data not yet copied: the
+/// filter's copies go to a fleecing image (bitback's writer keeps nothing
+/// it finds unchanged, so the job could not read them back from the
+/// target), nothing changed before the point so the file stores nothing,
+/// and the point is the disk at its start.
+#[test]
+fn a_guarded_incremental_by_content_fleeces_and_keeps_its_point() {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let full = vm.backup(&["--data-path", "nbd"]);
+    assert_eq!(full["kind"], "full");
+    vm.kill();
+    vm.start();
+    let m = backup_while_writing(
+        &mut vm,
+        &["--data-path", "nbd", "--speed-limit", "8M"],
+        (0, 40, 0x66),
+        "incremental",
+        "fleecing",
+    );
+    let v = &m["volumes"][0];
+    assert_eq!(v["changes"], "content", "{m}");
+    assert_eq!(v["bytes_written"], 0, "{m}");
+    finish(vm);
+}
