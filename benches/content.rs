@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Rng, bench_dir, bitback_backup, env_u64, random_writes, run};
+use common::{Daemon, Rng, bench_dir, bitback_backup, env_u64, median, random_writes, run};
 use serde_json::json;
 
 /// Reads every data extent of `path` once.
@@ -45,12 +45,6 @@ fn read_data(path: &Path) -> (Duration, u64) {
     (start.elapsed(), total)
 }
 
-fn median(v: &[Duration]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort();
-    v[v.len() / 2].as_secs_f64()
-}
-
 fn main() {
     let size = env_u64("BITBACK_BENCH_VIRTUAL_GIB", 64) << 30;
     let data = env_u64("BITBACK_BENCH_DATA_GIB", 4) << 30;
@@ -62,13 +56,25 @@ fn main() {
     File::create(&disk).unwrap().set_len(size).unwrap();
     let source = d.join("block.bin");
     let mut rng = Rng(0xc0_47e7);
-    let block: Vec<u8> = (0..16 << 20).map(|_| b'a' + (rng.next() % 16) as u8).collect();
+    let block: Vec<u8> = (0..16 << 20)
+        .map(|_| b'a' + (rng.next() % 16) as u8)
+        .collect();
     std::fs::write(&source, &block).unwrap();
-    eprintln!("writing {} MiB of data over a {} MiB raw disk", data >> 20, size >> 20);
+    eprintln!(
+        "writing {} MiB of data over a {} MiB raw disk",
+        data >> 20,
+        size >> 20
+    );
     let pieces = (data >> 24).max(1);
     let stride = size / pieces;
     let writes: Vec<String> = (0..pieces)
-        .map(|i| format!("write -s {} {} 16M", source.display(), (i * stride) >> 16 << 16))
+        .map(|i| {
+            format!(
+                "write -s {} {} 16M",
+                source.display(),
+                (i * stride) >> 16 << 16
+            )
+        })
         .collect();
     for batch in writes.chunks(256) {
         let mut cmd = Command::new("qemu-io");
@@ -100,7 +106,11 @@ fn main() {
                     assert_eq!(m["volumes"][0]["changes"], "content", "{m}");
                     content_bytes = m["volumes"][0]["bytes_written"].as_u64().unwrap();
                     rss = rss.max(r);
-                    eprintln!("round {round}: by content {:.2} s, {} MiB stored", t.as_secs_f64(), content_bytes >> 20);
+                    eprintln!(
+                        "round {round}: by content {:.2} s, {} MiB stored",
+                        t.as_secs_f64(),
+                        content_bytes >> 20
+                    );
                     content.push(t);
                     // The chain against the disk, read by qemu-img.
                     if round == 0 {
@@ -111,7 +121,10 @@ fn main() {
                             .arg(&top)
                             .status()
                             .unwrap();
-                        assert!(same.success(), "the content incremental differs from the disk");
+                        assert!(
+                            same.success(),
+                            "the content incremental differs from the disk"
+                        );
                     }
                 }
                 1 => {
@@ -119,14 +132,22 @@ fn main() {
                     let _ = std::fs::remove_dir_all(&other);
                     let (t, _, m) = bitback_backup(&daemon, &other, "vm", &["--full"]);
                     full_bytes = m["volumes"][0]["bytes_written"].as_u64().unwrap();
-                    eprintln!("round {round}: full       {:.2} s, {} MiB stored", t.as_secs_f64(), full_bytes >> 20);
+                    eprintln!(
+                        "round {round}: full       {:.2} s, {} MiB stored",
+                        t.as_secs_f64(),
+                        full_bytes >> 20
+                    );
                     full.push(t);
                     std::fs::remove_dir_all(&other).unwrap();
                 }
                 _ => {
                     let (t, n) = read_data(&disk);
                     read_bytes = n;
-                    eprintln!("round {round}: read once  {:.2} s, {} MiB", t.as_secs_f64(), n >> 20);
+                    eprintln!(
+                        "round {round}: read once  {:.2} s, {} MiB",
+                        t.as_secs_f64(),
+                        n >> 20
+                    );
                     read.push(t);
                 }
             }
@@ -143,9 +164,20 @@ fn main() {
     println!();
     println!("| | time | vs reading the data once | stored |");
     println!("|---|---|---|---|");
-    println!("| incremental by content | {c:.2} s | {:.2}x | {} MiB |", c / r, content_bytes >> 20);
-    println!("| full of the same volume | {f:.2} s | {:.2}x | {} MiB |", f / r, full_bytes >> 20);
-    println!("| reading the data once | {r:.2} s | 1.00x | ({} MiB read) |", read_bytes >> 20);
+    println!(
+        "| incremental by content | {c:.2} s | {:.2}x | {} MiB |",
+        c / r,
+        content_bytes >> 20
+    );
+    println!(
+        "| full of the same volume | {f:.2} s | {:.2}x | {} MiB |",
+        f / r,
+        full_bytes >> 20
+    );
+    println!(
+        "| reading the data once | {r:.2} s | 1.00x | ({} MiB read) |",
+        read_bytes >> 20
+    );
     println!("peak RSS of the content incremental: {} MiB", rss >> 20);
     let secs = |v: &[Duration]| v.iter().map(|t| t.as_secs_f64()).collect::<Vec<_>>();
     println!(

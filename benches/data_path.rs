@@ -26,7 +26,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Monitor, Rng, bench_dir, bitback_backup, env_u64, fsync, random_writes, run};
+use common::{
+    Daemon, Monitor, Rng, bench_dir, bitback_backup, env_u64, fsync, median, random_writes, run,
+};
 use serde_json::{Value, json};
 
 struct Way {
@@ -60,15 +62,6 @@ struct Runs {
     rss: u64,
     full_bytes: u64,
     incremental_bytes: u64,
-}
-
-fn median(v: &[Duration]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = v.to_vec();
-    v.sort();
-    v[v.len() / 2].as_secs_f64()
 }
 
 /// Writes `bytes` with O_DIRECT in 4 MiB requests and syncs: what the

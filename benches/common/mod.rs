@@ -321,3 +321,13 @@ impl Monitor {
         }
     }
 }
+
+/// The median of `v` in seconds (NaN when empty).
+pub fn median(v: &[Duration]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}

@@ -475,11 +475,18 @@ async fn prepare_fleecing(
     // fleecing image, in the temporary directory when none is given.
     // (Plain and compressed targets bitback writes take them.)
     let by_content = run.targets.iter().any(|t| t.baseline.is_some());
-    let dir = match (&run.opts.fleecing, (run.opts.compress && !nbd) || by_content) {
+    let dir = match (
+        &run.opts.fleecing,
+        (run.opts.compress && !nbd) || by_content,
+    ) {
         (Some(dir), _) => dir.clone(),
         (None, true) if ways.iter().any(Way::is_guarded) => {
             let dir = std::env::temp_dir();
-            let what = if by_content { "an incremental by content" } else { "a compressed backup" };
+            let what = if by_content {
+                "an incremental by content"
+            } else {
+                "a compressed backup"
+            };
             info!(dir = %dir.display(), "{what} fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
             dir
         }

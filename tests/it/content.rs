@@ -42,19 +42,6 @@ fn found(m: &Value, i: usize, how: &str, most: u64) {
     assert!(stored <= most, "volume {i} stores {stored} bytes: {v:#}");
 }
 
-fn check_files(vm: &Vm) {
-    for (id, _) in &vm.points {
-        for i in 0..vm.models.len() {
-            let file = vm
-                .repo
-                .join("vm1")
-                .join(id)
-                .join(format!("{}.qcow2", vm.volume(i)));
-            run(Command::new("qemu-img").args(["check", "-q"]).arg(&file));
-        }
-    }
-}
-
 /// A clean restart loses the raw volume's bitmap (by content), not the
 /// v3 one's (by bitmap); a SIGKILL of QEMU loses the v3 bitmap too (both
 /// by content); after each, the next backup is by
@@ -122,7 +109,7 @@ fn a_restart_and_a_killed_qemu_cost_a_read_not_a_full() {
     found(&next, 0, "bitmap", 24 * MIB);
     found(&next, 1, "bitmap", 24 * MIB);
     vm.quit();
-    check_files(&vm);
+    vm.check_files();
     vm.check_all_points();
     let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
     assert_eq!(verified.code, Some(0), "{}", verified.stderr);
@@ -191,7 +178,7 @@ fn maps_that_do_not_verify_resizes_and_the_file_path_give_fulls() {
     assert_eq!(record(&resized, 0)["changes"], "full");
     assert!(reason.contains("resized"), "{reason}");
     vm.quit();
-    check_files(&vm);
+    vm.check_files();
     vm.check_all_points();
 }
 
@@ -239,6 +226,6 @@ fn a_stopped_raw_image_is_an_incremental_by_content() {
         found(&m, 0, "content", 128 << 10);
         vm.snapshot(m["id"].as_str().unwrap());
     }
-    check_files(&vm);
+    vm.check_files();
     vm.check_all_points();
 }

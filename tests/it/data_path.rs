@@ -13,20 +13,6 @@ use crate::harness::{Rng, Vm, backup_into_env, bitback, run, tempdir};
 const MIB: u64 = 1 << 20;
 const NBD: [&str; 2] = ["--data-path", "nbd"];
 
-/// Every file of every recorded point is `qemu-img check` clean.
-fn check_files(vm: &Vm) {
-    for (id, _) in &vm.points {
-        for i in 0..vm.models.len() {
-            let file = vm
-                .repo
-                .join("vm1")
-                .join(id)
-                .join(format!("{}.qcow2", vm.volume(i)));
-            run(Command::new("qemu-img").args(["check", "-q"]).arg(&file));
-        }
-    }
-}
-
 #[test]
 fn a_full_and_incrementals_through_bitbacks_nbd_server_match_their_models() {
     let dir = tempdir();
@@ -46,7 +32,7 @@ fn a_full_and_incrementals_through_bitbacks_nbd_server_match_their_models() {
     assert_eq!(vm.backup(&[])["kind"], "incremental");
     vm.random_writes(&mut rng, 6);
     assert_eq!(vm.backup(&NBD)["kind"], "incremental");
-    check_files(&vm);
+    vm.check_files();
     vm.quit();
     vm.check_all_points();
     let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
@@ -94,7 +80,7 @@ fn a_guarded_point_through_the_nbd_server_is_the_disk_at_its_start() {
         std::fs::write(&model, &at_start).unwrap();
         vm.points.push((id, vec![model]));
     }
-    check_files(&vm);
+    vm.check_files();
     vm.quit();
     vm.check_all_points();
 }
@@ -141,7 +127,7 @@ fn a_stopped_vm_and_a_killed_copy_through_the_nbd_server() {
     .json();
     assert_eq!(stopped["kind"], "incremental", "{stopped:#}");
     vm.snapshot(stopped["id"].as_str().unwrap());
-    check_files(&vm);
+    vm.check_files();
     vm.check_all_points();
 }
 
@@ -207,7 +193,7 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
             }
         }
     }
-    check_files(&vm);
+    vm.check_files();
     vm.quit();
     vm.check_all_points();
     for (id, models) in &vm.points {

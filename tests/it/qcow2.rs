@@ -993,13 +993,9 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             .map(|e| e["length"].as_u64().unwrap())
             .sum();
         assert_eq!(done.data_bytes, data_bytes, "round {round}: data bytes");
-        if compress {
-            compressed_rounds += map
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["compressed"] == true)
-                .count();
+        // (QEMU 7.2's map has no "compressed"; check's summary does.)
+        if compress && data_bytes > 0 && crate::harness::has_compressed_clusters(&path) {
+            compressed_rounds += 1;
         }
         let most = written.len() as u64 * cs;
         assert!(

@@ -164,6 +164,24 @@ impl Vm {
         self.points.push((id.to_string(), files));
     }
 
+    /// Every file of every recorded point is `qemu-img check` clean.
+    pub(crate) fn check_files(&self) {
+        for (id, _) in &self.points {
+            for i in 0..self.models.len() {
+                let file = self
+                    .repo
+                    .join("vm1")
+                    .join(id)
+                    .join(format!("{}.qcow2", self.volume(i)));
+                crate::harness::run(
+                    std::process::Command::new("qemu-img")
+                        .args(["check", "-q"])
+                        .arg(&file),
+                );
+            }
+        }
+    }
+
     /// Every recorded point of every volume equals its model.
     pub(crate) fn check_all_points(&self) {
         for (id, files) in &self.points {
