@@ -85,6 +85,13 @@ pub(crate) struct VerifyArgs {
     /// Print {backups, files, problems: [{vm, backup, file, problem}]}.
     #[arg(long)]
     json: bool,
+    /// Also compare each cluster map (written beside a file on the NBD
+    /// data path) with its file, cluster by cluster: a check of the
+    /// writer, which reads every file's data a second time. Without it
+    /// each map is checked against the digest its manifest recorded,
+    /// which catches any change since it was written.
+    #[arg(long)]
+    map_clusters: bool,
 }
 
 /// `--format`: the engine's [`Format`] as a command-line value.
@@ -177,6 +184,7 @@ pub(crate) fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         &Scope {
             vm: args.vm.clone(),
             backup: args.backup.clone(),
+            map_clusters: args.map_clusters,
         },
     )?;
     if args.json {

@@ -107,7 +107,7 @@ pub(super) fn check_needed(
         let mut link = link.clone();
         link.volumes.retain(|v| needed.contains(&v.file));
         if digests {
-            verify_backup(repo, &link, &mut report);
+            verify_backup(repo, &link, &mut report, false);
         } else {
             verify_structure(repo, &link, &mut report);
         }

@@ -13,6 +13,10 @@ use crate::repo::{Manifest, Repo};
 pub struct Scope {
     pub vm: Option<String>,
     pub backup: Option<String>,
+    /// Compare each cluster map with its file, cluster by cluster (reads
+    /// the files' data again); without it a map is checked against its
+    /// recorded digest.
+    pub map_clusters: bool,
 }
 
 pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
@@ -41,7 +45,7 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                         });
                     }
                     let before = report.problems.len();
-                    verify_backup(repo, &m, &mut report);
+                    verify_backup(repo, &m, &mut report, scope.map_clusters);
                     record_damage(repo, &m, &report.problems[before..]);
                 }
                 Err(e) => report.problems.push(Problem {

@@ -205,7 +205,12 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
             assert!(crate::harness::same_content(&out, "raw", model, "raw"));
         }
     }
-    let verified = bitback(&["verify", "--repo", vm.repo.to_str().unwrap()]);
+    let verified = bitback(&[
+        "verify",
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--map-clusters",
+    ]);
     assert_eq!(verified.code, Some(0), "{}", verified.stderr);
     // A map changed on the NAS is caught, named by its file.
     let (id, _) = &vm.points[1];
