@@ -162,6 +162,18 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Whether this run of the suite finds a lost bitmap's changes by content
+/// (bitback writes the files: the default data path), or takes a full
+/// (`BITBACK_DATA_PATH=file`, QEMU writes them).
+pub fn by_content() -> bool {
+    std::env::var("BITBACK_DATA_PATH").as_deref() != Ok("file")
+}
+
+/// The kind of a volume whose bitmap was lost, in this run of the suite.
+pub fn lost_bitmap_kind() -> &'static str {
+    if by_content() { "incremental" } else { "full" }
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("bitback-test-")
