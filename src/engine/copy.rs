@@ -167,6 +167,12 @@ struct Undo {
 /// Cancels job `id` and dismisses it once it has concluded, so its nodes
 /// can be removed; gives up (logging) after 30 s.
 async fn cancel_job(qmp: &Qmp, id: &str) {
+    // A rate-limited job may sleep for a long while before it sees the
+    // cancel (block-copy waits out its limit; with a dead target it waits
+    // for the next request to fail): lifting the limit wakes it.
+    let _ = qmp
+        .execute_raw("block-job-set-speed", json!({ "device": id, "speed": 0 }))
+        .await;
     let _ = qmp
         .execute_raw("job-cancel", json!({ "id": id, "force": true }))
         .await;

@@ -232,3 +232,40 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
         caught.stdout
     );
 }
+
+/// bitback killed mid-copy on a guarded volume over the NBD path, with
+/// guest writes before and after: the next run takes out the job, the
+/// guard and the NBD nodes the killed one left, and continues the chain,
+/// within seconds. (The killed run's job, rate-limited, slept out its
+/// limit before it saw its cancel or its dead target; the cleanup lifts
+/// the limit first.)
+#[test]
+fn a_killed_guarded_copy_through_the_nbd_server_is_cleaned_up() {
+    let dir = tempdir();
+    let mut vm = Vm::with_devices(dir.path(), &[16 * MIB, 8 * MIB]);
+    vm.write(0, 0, 4 * MIB, 0x21);
+    vm.write(1, 0, 2 * MIB, 0x22);
+    vm.backup(&NBD);
+    vm.write(0, 8 * MIB, MIB, 0x23);
+    vm.write(1, 4 * MIB, MIB, 0x24);
+    let killed = backup_into_env(
+        &vm.qemu().qmp,
+        &vm.repo,
+        "vm1",
+        &["--data-path", "nbd", "--speed-limit", "16K"],
+        &[("BITBACK_FAULT", "mid-copy")],
+    );
+    assert_eq!(killed.code, None, "{}", killed.stderr);
+    vm.write(0, 12 * MIB, MIB, 0x25);
+    let started = std::time::Instant::now();
+    let next = vm.backup(&NBD);
+    assert_eq!(next["kind"], "incremental", "{next}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "cleaning up took {:?}",
+        started.elapsed()
+    );
+    vm.quit();
+    vm.check_files();
+    vm.check_all_points();
+}
