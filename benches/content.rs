@@ -19,7 +19,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Rng, bench_dir, bitback_backup, env_u64, median, random_writes, run};
+use common::{
+    Daemon, Rng, bench_dir, bitback_backup, env_u64, letter_writes, median, qemu_io, random_writes,
+    run,
+};
 use serde_json::json;
 
 /// Reads every data extent of `path` once.
@@ -56,36 +59,13 @@ fn main() {
     let d = dir.path();
     let disk = d.join("disk.raw");
     File::create(&disk).unwrap().set_len(size).unwrap();
-    let source = d.join("block.bin");
-    let mut rng = Rng(0xc0_47e7);
-    let block: Vec<u8> = (0..16 << 20)
-        .map(|_| b'a' + (rng.next() % 16) as u8)
-        .collect();
-    std::fs::write(&source, &block).unwrap();
+    let writes = letter_writes(d, 0xc0_47e7, size, data);
     eprintln!(
         "writing {} MiB of data over a {} MiB raw disk",
         data >> 20,
         size >> 20
     );
-    let pieces = (data >> 24).max(1);
-    let stride = size / pieces;
-    let writes: Vec<String> = (0..pieces)
-        .map(|i| {
-            format!(
-                "write -s {} {} 16M",
-                source.display(),
-                (i * stride) >> 16 << 16
-            )
-        })
-        .collect();
-    for batch in writes.chunks(256) {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw"]);
-        for c in batch {
-            cmd.args(["-c", c]);
-        }
-        run(cmd.arg(&disk).stdout(std::process::Stdio::null()));
-    }
+    qemu_io("raw", disk.to_str().unwrap(), &writes);
 
     let (mut content, mut full, mut read) = (Vec::new(), Vec::new(), Vec::new());
     let mut through_qemu = Vec::new();

@@ -27,7 +27,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Daemon, Monitor, Rng, bench_dir, bitback_backup, env_u64, fsync, median, random_writes, run,
+    Daemon, Monitor, Rng, bench_dir, bitback_backup, env_u64, fsync, letter_writes, median,
+    random_writes, run,
 };
 use serde_json::{Value, json};
 
@@ -136,31 +137,14 @@ fn main() {
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&disk)
         .arg(size.to_string()));
-    let source = d.join("block.bin");
-    let mut rng = Rng(0x0da7_a9a7);
-    let block: Vec<u8> = (0..16 << 20)
-        .map(|_| b'a' + (rng.next() % 16) as u8)
-        .collect();
-    std::fs::write(&source, &block).unwrap();
+    let writes = letter_writes(d, 0x0da7_a9a7, size, data);
     let daemon = Daemon::start(d, &disk);
     eprintln!(
         "writing {} MiB of data over a {} MiB disk",
         data >> 20,
         size >> 20
     );
-    let pieces = (data >> 24).max(1);
-    let stride = size / pieces;
-    daemon.write(
-        &(0..pieces)
-            .map(|i| {
-                format!(
-                    "write -s {} {} 16M",
-                    source.display(),
-                    (i * stride) >> 16 << 16
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
+    daemon.write(&writes);
 
     let picked: Vec<usize> = std::env::var("BITBACK_BENCH_WAYS")
         .map(|v| v.split(',').filter_map(|w| w.trim().parse().ok()).collect())

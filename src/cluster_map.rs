@@ -47,6 +47,30 @@ pub fn digest(bytes: &[u8]) -> Digest {
     out
 }
 
+/// The digest of a cluster of zeros, of its guest length: a whole
+/// cluster's computed once.
+#[derive(Debug, Clone, Copy)]
+struct Zeros {
+    cluster_size: u64,
+    whole: Digest,
+}
+
+impl Zeros {
+    fn new(cluster_size: u64) -> Zeros {
+        Zeros {
+            cluster_size,
+            whole: digest(&vec![0u8; cluster_size as usize]),
+        }
+    }
+
+    fn of(&self, len: usize) -> Digest {
+        match len as u64 == self.cluster_size {
+            true => self.whole,
+            false => digest(&vec![0u8; len]),
+        }
+    }
+}
+
 /// The map file beside a backup file: `x.qcow2` -> `x.map`.
 pub fn path_for(file: &Path) -> PathBuf {
     file.with_extension("map")
@@ -58,9 +82,7 @@ pub struct Writer {
     path: PathBuf,
     hasher: blake3::Hasher,
     records: u64,
-    cluster_size: u64,
-    /// The digest of a whole cluster of zeros.
-    zeros: Digest,
+    zeros: Zeros,
 }
 
 /// A finished map.
@@ -81,8 +103,7 @@ impl Writer {
             path: path.into(),
             hasher: blake3::Hasher::new(),
             records: 0,
-            cluster_size,
-            zeros: digest(&vec![0u8; cluster_size as usize]),
+            zeros: Zeros::new(cluster_size),
         };
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
@@ -105,12 +126,7 @@ impl Writer {
     /// Guest cluster `cluster` now reads as zeros; `len` is its guest
     /// length.
     pub fn record_zeros(&mut self, cluster: u64, len: usize) -> std::io::Result<()> {
-        let d = if len as u64 == self.cluster_size {
-            self.zeros
-        } else {
-            digest(&vec![0u8; len])
-        };
-        self.record_digest(cluster, d)
+        self.record_digest(cluster, self.zeros.of(len))
     }
 
     /// Guest cluster `cluster` now holds bytes whose digest is `d`.
@@ -194,7 +210,7 @@ impl Map {
 #[derive(Debug, Clone)]
 pub struct Baseline {
     map: Map,
-    zeros: Digest,
+    zeros: Zeros,
 }
 
 impl Baseline {
@@ -217,7 +233,7 @@ impl Baseline {
             }
             base.clusters.extend(m.clusters);
         }
-        let zeros = digest(&vec![0u8; base.cluster_size as usize]);
+        let zeros = Zeros::new(base.cluster_size);
         Ok(Baseline { map: base, zeros })
     }
 
@@ -231,10 +247,7 @@ impl Baseline {
 
     /// The digest of cluster `c` all zeros.
     fn zeros_of(&self, c: u64) -> Digest {
-        match self.map.cluster_len(c) {
-            len if len as u64 == self.map.cluster_size => self.zeros,
-            len => digest(&vec![0u8; len]),
-        }
+        self.zeros.of(self.map.cluster_len(c))
     }
 
     /// The digest of what cluster `c` held.

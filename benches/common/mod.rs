@@ -91,17 +91,46 @@ impl Daemon {
         Daemon { child, qmp, url }
     }
 
-    /// Writes through the NBD export, 256 qemu-io commands a process.
+    /// Writes through the NBD export.
     pub fn write(&self, commands: &[String]) {
-        for batch in commands.chunks(256) {
-            let mut cmd = Command::new("qemu-io");
-            cmd.args(["-f", "raw"]);
-            for c in batch {
-                cmd.args(["-c", c]);
-            }
-            run(cmd.arg(&self.url).stdout(Stdio::null()));
-        }
+        qemu_io("raw", &self.url, commands);
     }
+}
+
+/// Runs qemu-io `commands` on `target` of `format`, 256 a process.
+pub fn qemu_io(format: &str, target: &str, commands: &[String]) {
+    for batch in commands.chunks(256) {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", format]);
+        for c in batch {
+            cmd.args(["-c", c]);
+        }
+        run(cmd.arg(target).stdout(Stdio::null()));
+    }
+}
+
+/// The qemu-io commands that write `data` bytes in 16 MiB pieces spread
+/// over a `size`-byte disk, each a copy of one block of bytes drawn from
+/// 16 letters (zstd makes about half of it), which is written to
+/// `dir/block.bin` from `seed`.
+pub fn letter_writes(dir: &Path, seed: u64, size: u64, data: u64) -> Vec<String> {
+    let source = dir.join("block.bin");
+    let mut rng = Rng(seed);
+    let block: Vec<u8> = (0..16 << 20)
+        .map(|_| b'a' + (rng.next() % 16) as u8)
+        .collect();
+    std::fs::write(&source, &block).expect("writing the data block");
+    let pieces = (data >> 24).max(1);
+    let stride = size / pieces;
+    (0..pieces)
+        .map(|i| {
+            format!(
+                "write -s {} {} 16M",
+                source.display(),
+                (i * stride) >> 16 << 16
+            )
+        })
+        .collect()
 }
 
 /// xorshift64: the same dirty offsets on every run.

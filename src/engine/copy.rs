@@ -375,21 +375,18 @@ async fn run_jobs(
     if !nbd && run.targets.iter().any(|t| t.baseline.is_some()) {
         bail!("internal error: an incremental by content needs bitback to write the files");
     }
-    // QEMU cannot write a compressed cluster twice, and an incremental by
-    // content keeps nothing it finds unchanged for the job to read back:
-    // the filter's copies need a fleecing image, which an encrypted
-    // volume's old data must not go to.
+    // Where the filter's copies need a fleecing image, an encrypted
+    // volume's old data must not go there in the clear: it keeps QEMU's
+    // filter.
     for (i, (v, way)) in run.volumes.iter().zip(ways.iter_mut()).enumerate() {
-        if !(v.encrypted && way.is_guarded()) {
-            continue;
-        }
-        if run.opts.compress && !nbd {
+        if let Some(why) = needs_scratch(run, nbd, i)
+            && v.encrypted
+            && way.is_guarded()
+        {
             *way = Way::Direct {
-                why: Some("a compressed backup of an encrypted volume: its old data cannot go to a fleecing image in the clear, nor twice into a compressed file".into()),
-            };
-        } else if run.targets[i].baseline.is_some() {
-            *way = Way::Direct {
-                why: Some("an incremental by content of an encrypted volume: its old data cannot go to a fleecing image in the clear".into()),
+                why: Some(format!(
+                    "{why} of an encrypted volume: its old data cannot go to a fleecing image in the clear"
+                )),
             };
         }
     }
@@ -463,6 +460,21 @@ fn guarded_failure(run: &CopyPlan<'_>) -> String {
     )
 }
 
+/// What makes volume `i`'s filter copies need a fleecing image even
+/// without `--fleecing`, if anything: QEMU cannot write a compressed
+/// cluster twice, and an incremental by content keeps nothing it finds
+/// unchanged for the job to read back from the target. (Plain and
+/// compressed targets bitback writes take the copies.)
+fn needs_scratch(run: &CopyPlan<'_>, nbd: bool, i: usize) -> Option<&'static str> {
+    if run.opts.compress && !nbd {
+        Some("a compressed backup")
+    } else if run.targets[i].baseline.is_some() {
+        Some("an incremental by content")
+    } else {
+        None
+    }
+}
+
 /// With `--fleecing DIR`: a scratch image per guarded volume, in DIR,
 /// opened in QEMU; what the filter copies goes there instead of to the
 /// target. Encrypted volumes get none: their old data would lie in DIR
@@ -475,24 +487,11 @@ async fn prepare_fleecing(
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<Option<String>>> {
     let mut nodes = vec![None; run.volumes.len()];
-    // QEMU cannot write a compressed cluster twice, and an incremental by
-    // content does not keep what it finds unchanged, which the job would
-    // read back where the filter copied it: the filter's copies go to a
-    // fleecing image, in the temporary directory when none is given.
-    // (Plain and compressed targets bitback writes take them.)
-    let by_content = run.targets.iter().any(|t| t.baseline.is_some());
-    let dir = match (
-        &run.opts.fleecing,
-        (run.opts.compress && !nbd) || by_content,
-    ) {
+    let scratch = (0..run.volumes.len()).find_map(|i| needs_scratch(run, nbd, i));
+    let dir = match (&run.opts.fleecing, scratch) {
         (Some(dir), _) => dir.clone(),
-        (None, true) if ways.iter().any(Way::is_guarded) => {
+        (None, Some(what)) if ways.iter().any(Way::is_guarded) => {
             let dir = std::env::temp_dir();
-            let what = if by_content {
-                "an incremental by content"
-            } else {
-                "a compressed backup"
-            };
             info!(dir = %dir.display(), "{what} fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
             dir
         }

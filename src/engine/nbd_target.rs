@@ -133,12 +133,25 @@ enum Connection {
 
 /// A listening socket in a new private directory.
 fn listen(node: &str) -> anyhow::Result<(Connection, serde_json::Value, Option<PathBuf>)> {
-    let dir = std::env::temp_dir().join(format!("bitback-nbd-{}-{node}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    // A new directory only: one of this name that is there already (a
+    // dead process's with our pid, or planted) is not ours to remove.
+    let base = std::env::temp_dir().join(format!("bitback-nbd-{}-{node}", std::process::id()));
+    let mut attempt = 0u32;
+    let dir = loop {
+        let dir = match attempt {
+            0 => base.clone(),
+            n => base.with_extension(n.to_string()),
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow!(e).context(format!("creating {}", dir.display())));
+            }
+        }
+    };
     let socket = dir.join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("listening on {}", socket.display()))?;

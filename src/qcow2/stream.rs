@@ -339,44 +339,41 @@ impl Stream {
         Ok(())
     }
 
+    /// Records `cluster`'s bytes in the map, when one is kept.
     fn record(&mut self, cluster: u64, bytes: &[u8]) -> Result<()> {
-        if let Some(map) = &mut self.map {
-            map.record(cluster, bytes)
-                .map_err(|source| Error::Writing {
-                    what: "the cluster map",
-                    source,
-                })?;
+        match self.map {
+            Some(_) => self.record_digest(cluster, cluster_map::digest(bytes)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    fn record_zeros(&mut self, cluster: u64) -> Result<()> {
+        let len = self.cluster_len(cluster);
+        self.map_write(|map| map.record_zeros(cluster, len))
     }
 
     fn record_digest(&mut self, cluster: u64, d: cluster_map::Digest) -> Result<()> {
-        if let Some(map) = &mut self.map {
-            map.record_digest(cluster, d)
-                .map_err(|source| Error::Writing {
-                    what: "the cluster map",
-                    source,
-                })?;
+        self.map_write(|map| map.record_digest(cluster, d))
+    }
+
+    /// One write to the map, when one is kept.
+    fn map_write(
+        &mut self,
+        write: impl FnOnce(&mut cluster_map::Writer) -> std::io::Result<()>,
+    ) -> Result<()> {
+        match &mut self.map {
+            Some(map) => write(map).map_err(|source| Error::Writing {
+                what: "the cluster map",
+                source,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The digest of a whole cluster's bytes, when a map or a baseline
     /// needs it.
     fn digest_for(&self, bytes: &[u8]) -> Option<cluster_map::Digest> {
         (self.map.is_some() || self.baseline.is_some()).then(|| cluster_map::digest(bytes))
-    }
-
-    fn record_zeros(&mut self, cluster: u64) -> Result<()> {
-        let len = self.cluster_len(cluster);
-        if let Some(map) = &mut self.map {
-            map.record_zeros(cluster, len)
-                .map_err(|source| Error::Writing {
-                    what: "the cluster map",
-                    source,
-                })?;
-        }
-        Ok(())
     }
 
     /// Gives `cluster` (whose slot holds no host cluster of its own to
