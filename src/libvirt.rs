@@ -121,6 +121,35 @@ pub struct DomainInfo {
 }
 
 impl Domain {
+    /// The user and group the domain's QEMU runs as, from libvirt's pid
+    /// file (the system daemon's only: `qemu:///system`); `None` when not
+    /// found or not a QEMU.
+    pub fn qemu_owner(&self) -> Option<crate::qmp::SocketOwner> {
+        use std::os::unix::fs::MetadataExt;
+        if !matches!(
+            self.connect.as_str(),
+            "qemu:///system" | "qemu+unix:///system"
+        ) {
+            return None;
+        }
+        let pid_file = Path::new("/run/libvirt/qemu").join(format!("{}.pid", self.name));
+        let pid: u32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).ok()?;
+        if !comm.starts_with("qemu") {
+            return None;
+        }
+        let meta = std::fs::metadata(&proc_dir).ok()?;
+        Some(crate::qmp::SocketOwner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
     /// Runs `virsh -c URI ARGS...` and returns its stdout.
     fn virsh(&self, args: &[&str]) -> Result<String> {
         self.virsh_within(args, VIRSH_LIMIT)

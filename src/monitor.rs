@@ -10,7 +10,8 @@ use anyhow::Context;
 
 use crate::libvirt::{Domain, DomainInfo, Proxy};
 use crate::qemu::{self, Volume};
-use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
+use crate::qmp::{Endpoint, Options as QmpOptions, Qmp, SocketOwner};
+use tracing::info;
 
 /// A [`Target`] that names neither a socket nor a domain: the caller's
 /// input to fix.
@@ -86,7 +87,17 @@ impl Target {
             // The proxy passes descriptors with add-fd only; a getfd
             // through it ends the connection (libvirt 11.3).
             options.named_fds = false;
-            connect_to_proxy(endpoint, options).await?
+            let mut qmp = connect_to_proxy(endpoint, options).await?;
+            if let Some(owner) = self.domain.as_ref().and_then(Domain::qemu_owner) {
+                match reaches_sockets(&qmp, owner).await {
+                    Ok(()) => qmp.set_socket_owner(owner),
+                    Err(e) => info!(
+                        error = format!("{e:#}"),
+                        "QEMU cannot connect to a socket bitback listens on"
+                    ),
+                }
+            }
+            qmp
         } else {
             Qmp::connect_with(endpoint, options).await?
         };
@@ -106,6 +117,40 @@ impl Target {
             _proxy: proxy,
         })
     }
+}
+
+/// Whether QEMU, running as `owner`, can connect to a socket bitback
+/// listens on in a directory of `owner`'s (a MAC policy may forbid it):
+/// QEMU connects a client character device to one, which is then removed.
+async fn reaches_sockets(qmp: &Qmp, owner: SocketOwner) -> anyhow::Result<()> {
+    let name = format!("bitback-probe-{}", std::process::id());
+    let dir = qemu::daemon::socket_dir(&name, Some(owner))?;
+    let socket = dir.join("probe.sock");
+    let tried = async {
+        let _listener = std::os::unix::net::UnixListener::bind(&socket)
+            .with_context(|| format!("listening on {}", socket.display()))?;
+        qemu::daemon::give_socket(&socket, owner)?;
+        let backend = serde_json::json!({
+            "type": "socket",
+            "data": {
+                "addr": { "type": "unix", "data": { "path": socket } },
+                "server": false,
+            }
+        });
+        qmp.execute_raw(
+            "chardev-add",
+            serde_json::json!({ "id": name, "backend": backend }),
+        )
+        .await
+        .context("QEMU connecting to a probe socket")?;
+        qmp.execute_raw("chardev-remove", serde_json::json!({ "id": name }))
+            .await
+            .context("removing the probe's character device")?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    tried
 }
 
 /// Connects to libvirt's QMP proxy. Its socket file appears when it binds,

@@ -688,9 +688,12 @@ pub(super) fn writes_natively(opts: &BackupOptions, qmp: &Qmp) -> Result<(), Str
 
 /// Why bitback's writer cannot take this run's bytes, if it cannot.
 fn nbd_impossible(opts: &BackupOptions, qmp: &Qmp) -> Option<&'static str> {
-    if matches!(qmp.endpoint(), Endpoint::Unix(_)) && !qmp.named_fds() {
+    if matches!(qmp.endpoint(), Endpoint::Unix(_))
+        && !qmp.named_fds()
+        && qmp.socket_owner().is_none()
+    {
         Some(
-            "libvirt's QMP proxy cannot pass QEMU a socket (getfd; give the domain an extra QMP socket for it)",
+            "libvirt's QMP proxy cannot pass QEMU a socket (getfd), and QEMU could not connect to one in a directory of its user's (give the domain an extra QMP socket)",
         )
     } else if opts.encrypt.is_some() {
         Some("bitback does not write encrypted backups")

@@ -7,12 +7,13 @@
 //! QEMU reaches the server through a connected socket passed over QMP
 //! (`getfd`, then `server: {type: fd}`), so an unprivileged QEMU (libvirt's)
 //! needs no path; a qemu-storage-daemon, which has no `getfd`, connects to
-//! a socket in a private directory instead. The file is complete once QEMU
+//! a socket in a private directory instead, and so does libvirt's QEMU
+//! behind libvirt's QMP proxy (which passes no socket), the directory then
+//! given to QEMU's user. The file is complete once QEMU
 //! closed the node (its client disconnects) and [`Server::finish`] wrote
 //! the tables.
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
@@ -23,7 +24,8 @@ use tracing::warn;
 use crate::cluster_map;
 use crate::nbd::{self, Served};
 use crate::qcow2::{self, CreateOptions, Stream};
-use crate::qmp::{Endpoint, Qmp};
+use crate::qemu::daemon;
+use crate::qmp::Qmp;
 
 /// The export's name (one export per connection).
 const EXPORT: &str = "disk";
@@ -71,8 +73,7 @@ pub(super) async fn open(
             .keep_map(&map)
             .with_context(|| format!("creating {}", map.display()))?;
     }
-    let pass_fd = matches!(qmp.endpoint(), Endpoint::Unix(_));
-    let (conn, server_addr, socket_dir) = if pass_fd {
+    let (conn, server_addr, socket_dir) = if qmp.named_fds() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .context("making the socket pair for QEMU's NBD client")?;
         match qmp.getfd(node, theirs.as_fd()).await {
@@ -85,18 +86,18 @@ pub(super) async fn open(
                     None,
                 )
             }
-            Err(e) if e.is_command_not_found() => listen(node)?,
+            Err(e) if e.is_command_not_found() => listen(node, None)?,
             Err(e @ crate::qmp::Error::Disconnected { .. }) => {
                 return Err(anyhow!(e).context("passing the NBD socket to QEMU"));
             }
             // A relay that drops passed descriptors: QEMU connects by path.
             Err(e) => {
                 warn!(node, error = %e, "QEMU did not take the NBD socket (getfd); it connects to one in a private directory instead");
-                listen(node)?
+                listen(node, None)?
             }
         }
     } else {
-        listen(node)?
+        listen(node, qmp.socket_owner())?
     };
     let handle = tokio::spawn(async move {
         let conn = match conn {
@@ -131,35 +132,33 @@ enum Connection {
     Listening(tokio::net::UnixListener),
 }
 
-/// A listening socket in a new private directory.
-fn listen(node: &str) -> anyhow::Result<(Connection, serde_json::Value, Option<PathBuf>)> {
-    // A new directory only: one of this name that is there already (a
-    // dead process's with our pid, or planted) is not ours to remove.
-    let base = std::env::temp_dir().join(format!("bitback-nbd-{}-{node}", std::process::id()));
-    let mut attempt = 0u32;
-    let dir = loop {
-        let dir = match attempt {
-            0 => base.clone(),
-            n => base.with_extension(n.to_string()),
-        };
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => break dir,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(anyhow!(e).context(format!("creating {}", dir.display())));
-            }
-        }
-    };
+/// A listening socket in a new private directory, which QEMU can reach
+/// when its user is `owner` (libvirt's QEMU behind its QMP proxy).
+fn listen(
+    node: &str,
+    owner: Option<crate::qmp::SocketOwner>,
+) -> anyhow::Result<(Connection, serde_json::Value, Option<PathBuf>)> {
+    let dir = daemon::socket_dir(&format!("bitback-nbd-{}-{node}", std::process::id()), owner)?;
     let socket = dir.join("nbd.sock");
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("listening on {}", socket.display()))?;
-    Ok((
-        Connection::Listening(listener),
-        json!({ "type": "unix", "path": socket }),
-        Some(dir),
-    ))
+    let listened = tokio::net::UnixListener::bind(&socket)
+        .map_err(anyhow::Error::from)
+        .and_then(|listener| {
+            if let Some(owner) = owner {
+                daemon::give_socket(&socket, owner)?;
+            }
+            Ok(listener)
+        });
+    match listened {
+        Ok(listener) => Ok((
+            Connection::Listening(listener),
+            json!({ "type": "unix", "path": socket }),
+            Some(dir),
+        )),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e.context(format!("listening on {}", socket.display())))
+        }
+    }
 }
 
 impl Server {

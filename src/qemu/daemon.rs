@@ -98,6 +98,43 @@ pub fn private_dir(purpose: &str) -> Result<PathBuf, Error> {
     }
 }
 
+/// A new directory `<temp>/<name>` (or `<name>.N` when that name is
+/// taken) of mode 0700 for a socket QEMU connects to, owned by `owner`
+/// when given (an unprivileged QEMU's user), else by us. Only a new one:
+/// a directory there already (a dead process's with our pid, or planted)
+/// is not ours to use or remove.
+pub fn socket_dir(name: &str, owner: Option<crate::qmp::SocketOwner>) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir().join(name);
+    let mut attempt = 0u32;
+    let dir = loop {
+        let dir = match attempt {
+            0 => base.clone(),
+            n => base.with_extension(n.to_string()),
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(source) => return Err(Error::PrivateDir { path: dir, source }),
+        }
+    };
+    if let Some(owner) = owner
+        && let Err(source) = std::os::unix::fs::chown(&dir, Some(owner.uid), Some(owner.gid))
+    {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(Error::PrivateDir { path: dir, source });
+    }
+    Ok(dir)
+}
+
+/// Gives a socket bitback listens on to `owner` (see [`socket_dir`]): QEMU
+/// needs write permission on the socket to connect.
+pub fn give_socket(path: &Path, owner: crate::qmp::SocketOwner) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))
+}
+
 /// How long a daemon may take to listen, plus [`START_LIMIT_PER_OBJECT`]
 /// for each secret (key) it is given.
 const START_LIMIT: Duration = Duration::from_secs(120);

@@ -239,6 +239,17 @@ enum Incoming {
 #[derive(Clone)]
 pub struct Qmp {
     inner: Arc<Inner>,
+    /// Who a socket QEMU connects to must belong to (see
+    /// [`Qmp::set_socket_owner`]).
+    socket_owner: Option<SocketOwner>,
+}
+
+/// The user and group a QEMU process runs as: a socket it is to connect to
+/// lives in a directory of theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 struct Inner {
@@ -337,6 +348,7 @@ impl Qmp {
                 hub,
                 next_id: AtomicU64::new(1),
             }),
+            socket_owner: None,
         };
         qmp.execute_raw("qmp_capabilities", Value::Null).await?;
         Ok(qmp)
@@ -354,6 +366,18 @@ impl Qmp {
     /// [`Options::named_fds`]).
     pub fn named_fds(&self) -> bool {
         self.inner.can_pass_fds && self.inner.options.named_fds
+    }
+
+    /// Says that QEMU, which cannot take a passed socket here, connects to
+    /// one in a directory owned by `owner` (libvirt's unprivileged QEMU
+    /// behind its QMP proxy, once it was seen to reach one).
+    pub fn set_socket_owner(&mut self, owner: SocketOwner) {
+        self.socket_owner = Some(owner);
+    }
+
+    /// See [`Qmp::set_socket_owner`].
+    pub fn socket_owner(&self) -> Option<SocketOwner> {
+        self.socket_owner
     }
 
     /// Receives every event from now on. Subscribe before sending the

@@ -21,7 +21,7 @@ mod client;
 mod error;
 mod transport;
 
-pub use client::{Event, Events, Greeting, Options, QemuVersion, Qmp, Timestamp};
+pub use client::{Event, Events, Greeting, Options, QemuVersion, Qmp, SocketOwner, Timestamp};
 pub use error::{Error, ErrorClass, Result};
 pub use transport::{Endpoint, MAX_LINE};
 pub(crate) use transport::{Line, read_line};

@@ -252,16 +252,7 @@ impl Domain {
         let xml = dir.join("domain.xml");
         let mut text = Domain::xml(&name, dir, [&disks[0], &disks[1]], extra_socket, agent);
         if raw_vdb {
-            let vdb = format!(
-                "<driver name='qemu' type='qcow2'/>\n      <source file='{}'",
-                disks[1].display()
-            );
-            let raw = format!(
-                "<driver name='qemu' type='raw'/>\n      <source file='{}'",
-                disks[1].display()
-            );
-            assert!(text.contains(&vdb));
-            text = text.replace(&vdb, &raw);
+            text = Domain::raw_vdb(text, &disks[1]);
         }
         if matches!(agent, Agent::NoChannel) {
             let channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
@@ -280,13 +271,30 @@ impl Domain {
         domain
     }
 
-    /// A defined domain, shut off.
-    pub(crate) fn define(dir: &Path) -> Domain {
+    /// `text` with vdb (`disk`) a raw file.
+    fn raw_vdb(text: String, disk: &Path) -> String {
+        let vdb = format!(
+            "<driver name='qemu' type='qcow2'/>\n      <source file='{}'",
+            disk.display()
+        );
+        let raw = format!(
+            "<driver name='qemu' type='raw'/>\n      <source file='{}'",
+            disk.display()
+        );
+        assert!(text.contains(&vdb));
+        text.replace(&vdb, &raw)
+    }
+
+    /// A defined domain, shut off, vdb a raw file when `raw_vdb`.
+    pub(crate) fn define(dir: &Path, raw_vdb: bool) -> Domain {
         libvirt_up();
-        let disks = Domain::prepare(dir);
+        let disks = Domain::prepare_with(dir, raw_vdb);
         let name = Domain::name();
         let xml = dir.join("domain.xml");
-        let xml_text = Domain::xml(&name, dir, [&disks[0], &disks[1]], None, Agent::On);
+        let mut xml_text = Domain::xml(&name, dir, [&disks[0], &disks[1]], None, Agent::On);
+        if raw_vdb {
+            xml_text = Domain::raw_vdb(xml_text, &disks[1]);
+        }
         std::fs::write(&xml, xml_text).unwrap();
         must_virsh(&["define", xml.to_str().unwrap()]);
         Domain {
