@@ -303,23 +303,60 @@ enum Op {
 }
 
 /// A write's bytes, starting on a 4 KiB boundary in memory, so that an
-/// export can hand them to an O_DIRECT descriptor as they are.
+/// export can hand them to an O_DIRECT descriptor as they are. Its buffer
+/// goes back to the connection's [`Buffers`] when dropped.
 struct Payload {
     buf: Vec<u8>,
     start: usize,
     len: usize,
+    buffers: Buffers,
 }
 
 /// The alignment of [`Payload`]s.
 pub const PAYLOAD_ALIGN: usize = 4096;
 
-impl Payload {
-    fn new(len: usize) -> Payload {
-        let buf = vec![0u8; len + PAYLOAD_ALIGN];
-        let start = buf.as_ptr().align_offset(PAYLOAD_ALIGN);
-        Payload { buf, start, len }
-    }
+/// Write buffers a connection used and may use again: a backup job sends
+/// gigabytes in requests of one size, and a new buffer for each costs
+/// zeroing it and faulting its pages in.
+#[derive(Clone, Default)]
+struct Buffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
+impl Buffers {
+    /// At most this many are kept (QEMU's NBD client has 16 requests in
+    /// flight).
+    const KEPT: usize = 32;
+
+    fn take(&self, len: usize) -> Payload {
+        let want = len + PAYLOAD_ALIGN;
+        let reused = {
+            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            kept.iter()
+                .position(|b| b.len() >= want)
+                .map(|i| kept.swap_remove(i))
+        };
+        // A kept buffer's old bytes are overwritten before they are read.
+        let buf = reused.unwrap_or_else(|| vec![0u8; want]);
+        let start = buf.as_ptr().align_offset(PAYLOAD_ALIGN);
+        Payload {
+            buf,
+            start,
+            len,
+            buffers: self.clone(),
+        }
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut kept = self.buffers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < Buffers::KEPT {
+            kept.push(buf);
+        }
+    }
+}
+
+impl Payload {
     fn bytes(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
     }
@@ -390,6 +427,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     size: u64,
     ops: tokio::sync::mpsc::Sender<Op>,
 ) -> Result<(), Error> {
+    let buffers = Buffers::default();
     loop {
         let magic = match rx.read_u32().await {
             Ok(magic) => magic,
@@ -413,7 +451,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 if len > MAX_PAYLOAD {
                     return Err(Error::Protocol(format!("a write of {len} bytes")));
                 }
-                let mut data = Payload::new(len as usize);
+                let mut data = buffers.take(len as usize);
                 rx.read_exact(data.bytes_mut()).await?;
                 match in_range {
                     true => Op::Write {

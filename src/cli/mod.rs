@@ -9,6 +9,7 @@ mod backup;
 mod demo;
 mod inspect;
 mod monitor;
+mod mount;
 mod nasbackup;
 mod output;
 mod qcow2;
@@ -55,6 +56,8 @@ enum Command {
     Backup(Box<backup::BackupArgs>),
     List(backup::ListArgs),
     Restore(restore::RestoreArgs),
+    Mount(mount::MountArgs),
+    Umount(mount::UmountArgs),
     Verify(restore::VerifyArgs),
     Prune(retention::PruneArgs),
     Consolidate(retention::ConsolidateArgs),
@@ -146,7 +149,9 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Backup(args) => backup::backup(*args).await,
             Command::List(args) => backup::list(args),
-            Command::Restore(args) => restore::restore(args),
+            Command::Restore(args) => restore::restore(args).await,
+            Command::Mount(args) => mount::mount(args).await,
+            Command::Umount(args) => mount::umount(args).await,
             Command::Verify(args) => restore::verify(args),
             Command::Prune(args) => retention::prune(args),
             Command::Consolidate(args) => retention::consolidate(args),

@@ -21,11 +21,11 @@ use bitback::repo::Repo;
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
     /// The repository directory.
-    #[arg(long, value_name = "DIR")]
-    repo: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "finish")]
+    repo: Option<PathBuf>,
     /// The VM whose backup to restore.
-    #[arg(long, value_name = "NAME")]
-    vm: String,
+    #[arg(long, value_name = "NAME", required_unless_present = "finish")]
+    vm: Option<String>,
     /// The backup id, or `latest`.
     #[arg(long, value_name = "ID", default_value = "latest")]
     backup: String,
@@ -33,9 +33,33 @@ pub(crate) struct RestoreArgs {
     #[arg(long = "volume", value_name = "NAME")]
     volumes: Vec<String>,
     /// The output file (one volume) or directory (then each volume goes to
-    /// <DIR>/<volume>.raw or .qcow2).
-    #[arg(long, value_name = "PATH", required_unless_present = "in_place")]
+    /// <DIR>/<volume>.raw or .qcow2; with --live, <DIR>/<volume>.qcow2).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["in_place", "finish"])]
     output: Option<PathBuf>,
+    /// Return in seconds, whatever the size: each volume becomes an empty
+    /// qcow2 image, <DIR>/<volume>.qcow2, whose backing file is the point
+    /// served read-only over NBD by a qemu-storage-daemon that runs on
+    /// after bitback. Start the VM on the images at once: it reads what it
+    /// has not written from the backup, through the chain (slower than a
+    /// local disk). Then run `bitback restore --finish --qmp SOCK` (or
+    /// --libvirt DOMAIN) to copy the rest in and end the export. If the
+    /// export's daemon dies before that, the VM gets read errors on data
+    /// not yet restored. The VM's read lock is held meanwhile: prune and
+    /// consolidate refuse.
+    #[arg(long, requires = "output", conflicts_with_all = ["in_place", "format", "finish"])]
+    live: bool,
+    /// Replace images that exist, with --live.
+    #[arg(long, requires = "live")]
+    force: bool,
+    /// In the running VM (--qmp or --libvirt), stream the backup's data
+    /// into every image a live restore made (block-stream), wait, drop the
+    /// images' backing, and end each export no image needs any more. The
+    /// guest's writes meanwhile are kept. Safe to run again after a kill:
+    /// a stream still running is waited for, a finished one recognised.
+    #[arg(long, conflicts_with_all = ["in_place", "format", "live", "output"])]
+    finish: bool,
+    #[command(flatten)]
+    target: super::monitor::Target,
     /// Write into a stopped VM's own image (--image) instead of a new
     /// file: a qcow2 image through `qemu-img convert -n`, a raw file
     /// natively. Refused while a QEMU holds the image. Clears the VM's
@@ -101,20 +125,38 @@ enum FormatArg {
     Qcow2,
 }
 
-pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&args.repo)?;
+pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if args.finish {
+        return finish(&args).await;
+    }
+    if (args.target.qmp.is_some() || args.target.libvirt.is_some()) && !args.live {
+        return Err(BadInput("--qmp and --libvirt go with --finish".into()).into());
+    }
+    let (Some(repo), Some(vm)) = (&args.repo, &args.vm) else {
+        return Err(BadInput("give --repo DIR and --vm NAME".into()).into());
+    };
+    let repo = Repo::open(repo)?;
+    let key = args
+        .key_file
+        .as_deref()
+        .map(engine::key::Key::from_file)
+        .transpose()
+        .map_err(|e| BadInput(format!("--key-file: {e:#}")))?;
+    if args.live {
+        return live(&args, &repo, vm, key).await;
+    }
     let progress = super::output::progress_bar(!args.json);
     let restored = match (&args.image, &args.output) {
         (Some(image), _) if args.in_place => {
             if args.volumes.len() > 1 {
                 return Err(BadInput("--in-place restores one volume".into()).into());
             }
-            let lock = repo.lock_vm(&args.vm, "restore")?;
+            let lock = repo.lock_vm(vm, "restore")?;
             engine::restore_in_place(
                 &repo,
                 &lock,
                 &InPlaceOptions {
-                    vm: args.vm.clone(),
+                    vm: vm.to_string(),
                     backup: Some(args.backup.clone()),
                     volume: args.volumes.first().cloned(),
                     image: image.clone(),
@@ -128,7 +170,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         (_, Some(output)) => engine::restore(
             &repo,
             &RestoreOptions {
-                vm: args.vm.clone(),
+                vm: vm.to_string(),
                 backup: Some(args.backup.clone()),
                 volumes: args.volumes.clone(),
                 output: output.clone(),
@@ -139,21 +181,12 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 threads: args.threads as usize,
                 verify: !args.no_verify,
                 progress,
-                key: args
-                    .key_file
-                    .as_deref()
-                    .map(engine::key::Key::from_file)
-                    .transpose()
-                    .map_err(|e| BadInput(format!("--key-file: {e:#}")))?,
+                key,
             },
         ),
         _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),
     }
-    .map_err(|e| {
-        e.context(engine::Operation::Restore {
-            vm: args.vm.clone(),
-        })
-    })?;
+    .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&restored)?);
         return Ok(ExitCode::SUCCESS);
@@ -174,6 +207,98 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         ]);
     }
     print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --live`: the images and the export, reported.
+async fn live(
+    args: &RestoreArgs,
+    repo: &Repo,
+    vm: &str,
+    key: Option<engine::key::Key>,
+) -> anyhow::Result<ExitCode> {
+    let Some(output) = &args.output else {
+        return Err(BadInput("--live needs --output DIR".into()).into());
+    };
+    if args.target.qmp.is_some() || args.target.libvirt.is_some() {
+        return Err(BadInput("--qmp and --libvirt go with --finish".into()).into());
+    }
+    let served = engine::restore_live(
+        repo,
+        &engine::LiveOptions {
+            vm: vm.to_string(),
+            backup: Some(args.backup.clone()),
+            volumes: args.volumes.clone(),
+            output: output.clone(),
+            images: Vec::new(),
+            force: args.force,
+            key,
+            owner: None,
+        },
+    )
+    .await
+    .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&served)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![
+        ["VOLUME", "SIZE", "IMAGE", "READS FROM"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for f in &served.files {
+        rows.push(vec![
+            f.volume.clone(),
+            bytes(f.virtual_size),
+            f.path.display().to_string(),
+            f.export.clone().unwrap_or_default(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    println!(
+        "backup {} of vm {} is served by qemu-storage-daemon pid {} ({}); start the VM on these images, then run: bitback restore --finish --qmp SOCK",
+        served.backup,
+        served.vm,
+        served.pid,
+        served.runtime.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --finish`: streams the live images in the running VM.
+async fn finish(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    if args.target.qmp.is_none() && args.target.libvirt.is_none() {
+        return Err(BadInput(
+            "--finish needs the running VM: --qmp SOCK or --libvirt DOMAIN".into(),
+        )
+        .into());
+    }
+    let monitor = args
+        .target
+        .connect(None, std::time::Duration::from_secs(30))
+        .await?;
+    let bar = super::output::progress_bar(!args.json);
+    let report = engine::finish(&monitor.qmp, bar.as_ref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if report.volumes.is_empty() {
+        println!("no image of this VM reads from a live restore's export");
+    }
+    for v in &report.volumes {
+        println!("{}: {} ({})", v.node, v.image, v.how);
+    }
+    for r in &report.ended {
+        println!("ended the export in {}", r.display());
+    }
+    for r in &report.kept {
+        println!(
+            "the export in {} serves on: another image still reads from it",
+            r.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

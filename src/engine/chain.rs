@@ -167,14 +167,24 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
 /// image spec: each file opened with the secret `secret`, the backing of
 /// each the explicit file before it (never a name found in a file).
 pub(super) fn encrypted_image(files: &[PathBuf], secret: &str) -> Value {
+    chain_image(files, Some(secret))
+}
+
+/// A volume's files (full first) as one read-only QEMU image spec, the
+/// backing of each the explicit file before it (never a name found in a
+/// file), each opened with the secret `secret` when encrypted.
+pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> Value {
     let mut image = Value::Null;
     for file in files {
         image = json!({
             "driver": "qcow2",
-            "encrypt": { "format": "luks", "key-secret": secret },
-            "file": { "driver": "file", "filename": file },
+            "read-only": true,
+            "file": { "driver": "file", "filename": file, "read-only": true },
             "backing": image,
         });
+        if let Some(secret) = secret {
+            image["encrypt"] = json!({ "format": "luks", "key-secret": secret });
+        }
     }
     image
 }

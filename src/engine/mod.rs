@@ -9,9 +9,12 @@ mod chain;
 mod check;
 mod content;
 mod copy;
+pub mod detached;
 mod export;
 mod guard;
 pub mod key;
+mod live;
+mod mount;
 mod nbd_target;
 pub mod plan;
 mod quiesce;
@@ -28,6 +31,8 @@ pub use check::data_file_problem;
 pub use check::{Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};
+pub use live::{FinishReport, Finished, LiveOptions, finish, restore_live};
+pub use mount::{MountOptions, Served, ServedFile, mount, umount};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
 };

@@ -87,7 +87,7 @@ fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
 /// Deletes every backup that neither `keep` nor a kept backup needs.
 pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention> {
     let vm = lock.vm();
-    let _readers = repo.lock_readers(lock, "prune")?;
+    let _readers = lock_readers(repo, lock, "prune")?;
     repo.clean_leftovers(lock, vm)?;
     let backups = renumber(repo, lock)?;
     let mut kept: BTreeSet<&str> = BTreeSet::new();
@@ -140,7 +140,7 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
     if max_chain == 0 {
         bail!("--max-chain must be at least 1");
     }
-    let _readers = repo.lock_readers(lock, "consolidate")?;
+    let _readers = lock_readers(repo, lock, "consolidate")?;
     repo.clean_leftovers(lock, vm)?;
     let mut report = Retention::default();
     loop {
@@ -269,4 +269,25 @@ fn convert_standalone(source: &Path, target: &Path) -> anyhow::Result<()> {
     crate::child::succeeded("qemu-img convert", out)
         .with_context(|| format!("converting {}", source.display()))?;
     Ok(())
+}
+
+/// [`Repo::lock_readers`], its refusal naming this host's mounts and live
+/// restores of the VM, which hold the lock after bitback exited.
+fn lock_readers(
+    repo: &Repo,
+    lock: &VmLock,
+    purpose: &str,
+) -> crate::repo::Result<crate::repo::ReadLock> {
+    repo.lock_readers(lock, purpose).map_err(|e| match e {
+        crate::repo::Error::InUse { vm, holder } => {
+            let held = super::detached::holders(repo.root(), &vm);
+            let holder = if held.is_empty() {
+                holder
+            } else {
+                held.join("; ")
+            };
+            crate::repo::Error::InUse { vm, holder }
+        }
+        e => e,
+    })
 }

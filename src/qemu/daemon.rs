@@ -27,6 +27,87 @@ pub struct DaemonSpec {
     pub objects: Vec<String>,
 }
 
+impl DaemonSpec {
+    /// The daemon's arguments, with a monitor on `qmp` when given.
+    fn args(&self, qmp: Option<&Path>) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(socket) = qmp {
+            args.push("--chardev".to_string());
+            args.push(format!(
+                "socket,path={},server=on,wait=off,id=bitback-mon",
+                socket.display().to_string().replace(',', ",,")
+            ));
+            args.push("--monitor".into());
+            args.push("chardev=bitback-mon".into());
+        }
+        for object in &self.objects {
+            args.push("--object".into());
+            args.push(object.clone());
+        }
+        for blockdev in &self.blockdevs {
+            args.push("--blockdev".into());
+            args.push(blockdev.to_string());
+        }
+        if let Some(addr) = &self.nbd {
+            args.push("--nbd-server".into());
+            args.push(json!({ "addr": addr }).to_string());
+        }
+        for export in &self.exports {
+            args.push("--export".into());
+            args.push(export.to_string());
+        }
+        args
+    }
+}
+
+/// Starts a daemon that outlives bitback (`--daemonize`: its own session,
+/// no death signal from us), its monitor at `<dir>/qmp.sock` and its pid
+/// in `<dir>/daemon.pid`, and returns its pid once it serves (QEMU's
+/// parent process exits then). `inherit` is a descriptor the daemon keeps
+/// open for its life (a lock).
+pub fn start_detached(
+    dir: &Path,
+    spec: &DaemonSpec,
+    inherit: Option<std::os::fd::RawFd>,
+) -> Result<u32, Error> {
+    use std::os::unix::process::CommandExt;
+    let pid_file = dir.join("daemon.pid");
+    let mut cmd = std::process::Command::new("qemu-storage-daemon");
+    cmd.arg("--daemonize")
+        .arg("--pidfile")
+        .arg(&pid_file)
+        .args(spec.args(Some(&dir.join("qmp.sock"))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(fd) = inherit {
+        // SAFETY: the closure runs in the child between fork and exec, and
+        // calls only fcntl(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().map_err(Error::Starting)?;
+    if !out.status.success() {
+        return Err(Error::Exited {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let text = std::fs::read_to_string(&pid_file).map_err(Error::Waiting)?;
+    text.trim().parse().map_err(|_| {
+        Error::Waiting(std::io::Error::other(format!(
+            "{} holds {text:?}, not a pid",
+            pid_file.display()
+        )))
+    })
+}
+
 /// A running daemon. Dropping it kills it (by pid) and removes its
 /// directory; [`Daemon::quit`] asks it to close its images cleanly first.
 pub struct Daemon {
@@ -147,28 +228,8 @@ impl Daemon {
         let socket = dir.join("qmp.sock");
         let mut std_cmd = std::process::Command::new("qemu-storage-daemon");
         die_with_parent(&mut std_cmd);
+        std_cmd.args(spec.args(spec.qmp.then_some(socket.as_path())));
         let mut cmd = tokio::process::Command::from(std_cmd);
-        if spec.qmp {
-            cmd.arg("--chardev")
-                .arg(format!(
-                    "socket,path={},server=on,wait=off,id=bitback-mon",
-                    socket.display()
-                ))
-                .args(["--monitor", "chardev=bitback-mon"]);
-        }
-        for object in &spec.objects {
-            cmd.arg("--object").arg(object);
-        }
-        for blockdev in &spec.blockdevs {
-            cmd.arg("--blockdev").arg(blockdev.to_string());
-        }
-        if let Some(addr) = &spec.nbd {
-            cmd.arg("--nbd-server")
-                .arg(json!({ "addr": addr }).to_string());
-        }
-        for export in &spec.exports {
-            cmd.arg("--export").arg(export.to_string());
-        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

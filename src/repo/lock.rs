@@ -119,6 +119,13 @@ pub struct ReadLock {
 }
 
 impl ReadLock {
+    /// The lock's descriptor: a process that inherits it holds the lock
+    /// as long as it keeps it open.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._file.as_fd()
+    }
+
     pub(crate) fn acquire(
         vm: &str,
         dir: &Path,

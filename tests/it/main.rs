@@ -14,6 +14,7 @@ mod guest;
 mod harness;
 mod hostile;
 mod inspect;
+mod instant;
 mod kinds;
 mod libvirt;
 mod nasbackup;

@@ -108,8 +108,20 @@ pub struct LoopDevice {
 
 impl LoopDevice {
     pub fn new(file: &Path) -> LoopDevice {
+        LoopDevice::with(file, &[])
+    }
+
+    /// A read-only loop device over `file`.
+    pub fn read_only(file: &Path) -> LoopDevice {
+        LoopDevice::with(file, &["--read-only"])
+    }
+
+    fn with(file: &Path, extra: &[&str]) -> LoopDevice {
         require("losetup");
-        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .args(extra)
+            .arg(file));
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         assert!(
             device.starts_with("/dev/"),

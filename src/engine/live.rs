@@ -1,0 +1,435 @@
+//! Live restores: `restore --live` returns in seconds with one empty qcow2
+//! image per volume whose backing file is the point, served read-only over
+//! NBD by a qemu-storage-daemon that runs on after bitback
+//! ([`super::detached`]); a VM starts on the images at once and reads what
+//! it has not written from the backup. `restore --finish` then streams
+//! the backup's data into the images in the running VM (`block-stream`),
+//! which drops their backing, and ends the export once no image needs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::detached::{self, Kind, State};
+use super::key::Key;
+use super::mount::{Point, Served, ServedFile, target_dir};
+use super::{BadInput, ProgressSink};
+use crate::qcow2::{self, CreateOptions};
+use crate::qemu::daemon::DaemonSpec;
+use crate::qmp::{Qmp, SocketOwner};
+use crate::repo::Repo;
+
+/// What to restore live.
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    pub vm: String,
+    pub backup: Option<String>,
+    pub volumes: Vec<String>,
+    /// The directory that gets `<volume>.qcow2` (made when missing), or,
+    /// with `images`, only the key of the export.
+    pub output: PathBuf,
+    /// The image path of each volume, instead of `<output>/<volume>.qcow2`
+    /// (a libvirt domain's disk paths).
+    pub images: Vec<(String, PathBuf)>,
+    /// Replace images that exist.
+    pub force: bool,
+    pub key: Option<Key>,
+    /// The user the VM's QEMU runs as, when not bitback's: the socket and
+    /// images are given to it.
+    pub owner: Option<SocketOwner>,
+}
+
+/// The NBD URL of `volume` on `socket`: a backing file name QEMU opens.
+fn export_url(volume: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{volume}?socket={}", socket.display())
+}
+
+/// The socket of an export URL [`export_url`] wrote, if it is one.
+fn socket_of(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("nbd+unix:///")?;
+    let (_, query) = rest.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("socket="))
+        .map(PathBuf::from)
+}
+
+/// Creates the images and starts the export; returns at once.
+pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
+    detached::clean_all_dead();
+    let lock = repo.read_lock(&opts.vm, "restore --live")?;
+    let point = Point::open(
+        repo,
+        &opts.vm,
+        opts.backup.as_deref(),
+        &opts.volumes,
+        opts.key.as_ref(),
+    )?;
+    let (target, made_target) = target_dir(&opts.output)?;
+    let runtime = match detached::make_dir(Kind::Live, &target) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            if made_target {
+                let _ = std::fs::remove_dir(&target);
+            }
+            return Err(e);
+        }
+    };
+    let socket = runtime.join("nbd.sock");
+    let mut made: Vec<PathBuf> = Vec::new();
+    let undo = |made: &[PathBuf]| {
+        for f in made {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(&runtime);
+        if made_target {
+            let _ = std::fs::remove_dir(&target);
+        }
+    };
+    let mut files = Vec::new();
+    let mut exports = Vec::new();
+    for (i, (name, size)) in point.volumes.iter().enumerate() {
+        let path = opts
+            .images
+            .iter()
+            .find(|(v, _)| v == name)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| target.join(format!("{name}.qcow2")));
+        let url = export_url(name, &socket);
+        if let Err(e) = new_image(&path, *size, &url, opts) {
+            undo(&made);
+            return Err(e);
+        }
+        made.push(path.clone());
+        exports.push(json!({
+            "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
+            "name": name, "writable": false,
+        }));
+        files.push(ServedFile {
+            volume: name.clone(),
+            path,
+            virtual_size: *size,
+            export: Some(url),
+        });
+    }
+    let spec = DaemonSpec {
+        blockdevs: point.blockdevs.clone(),
+        objects: point.objects.clone(),
+        nbd: Some(json!({ "type": "unix", "path": socket })),
+        exports,
+        ..DaemonSpec::default()
+    };
+    let state = State {
+        kind: Kind::Live,
+        repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
+        vm: opts.vm.clone(),
+        backup: point.manifest.id.clone(),
+        volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
+        target: target.clone(),
+        files: made.clone(),
+        made_target,
+        pid: 0,
+        started: detached::now(),
+    };
+    let state = match detached::start(&runtime, &spec, lock, state) {
+        Ok(state) => state,
+        Err(e) => {
+            undo(&made);
+            return Err(e);
+        }
+    };
+    if let Some(owner) = opts.owner
+        && let Err(e) = crate::qemu::daemon::give_socket(&socket, owner)
+    {
+        let _ = detached::stop(&runtime, &state).await;
+        undo(&made);
+        return Err(
+            anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display()))
+        );
+    }
+    info!(backup = %state.backup, pid = state.pid, "live restore ready");
+    Ok(Served {
+        vm: opts.vm.clone(),
+        backup: state.backup.clone(),
+        files,
+        pid: state.pid,
+        runtime,
+        socket: Some(socket),
+    })
+}
+
+/// An empty qcow2 image at `path` backed by the export `url`.
+fn new_image(path: &Path, size: u64, url: &str, opts: &LiveOptions) -> anyhow::Result<()> {
+    if path.exists() || path.is_symlink() {
+        if !opts.force {
+            return Err(BadInput(format!(
+                "{} exists; give --force to replace it",
+                path.display()
+            ))
+            .into());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    qcow2::create(
+        path,
+        &CreateOptions {
+            size,
+            backing: Some(url),
+            backing_format: Some("raw"),
+            ..CreateOptions::default()
+        },
+    )
+    .with_context(|| format!("creating {}", path.display()))?;
+    if let Some(owner) = opts.owner {
+        crate::qemu::daemon::give_socket(path, owner)
+            .with_context(|| format!("giving {} to QEMU's user", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One volume `--finish` streamed, or found streamed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finished {
+    /// The QEMU node (or device) streamed.
+    pub node: String,
+    /// The image's file.
+    pub image: String,
+    /// `streamed`, or `waited` (a stream already running was waited for).
+    pub how: &'static str,
+}
+
+/// What `--finish` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinishReport {
+    pub volumes: Vec<Finished>,
+    /// Exports ended (runtime directories), each once no image needs it.
+    pub ended: Vec<PathBuf>,
+    /// This VM's exports still needed by an image (a failed stream, or an
+    /// image of the same restore that this VM does not have open).
+    pub kept: Vec<PathBuf>,
+}
+
+/// A device of the VM whose image is backed by a bitback live export.
+struct Backed {
+    node: String,
+    image: String,
+    runtime: PathBuf,
+}
+
+/// The VM's images backed by a live export under [`detached::base`]: its
+/// qcow2 nodes whose header names one as backing file (a VM's devices and
+/// a qemu-storage-daemon's nodes alike).
+async fn backed_images(qmp: &Qmp) -> anyhow::Result<Vec<Backed>> {
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
+        .await?;
+    let base = detached::base();
+    let mut found = Vec::new();
+    for n in nodes.as_array().into_iter().flatten() {
+        if n["drv"] != "qcow2" {
+            continue;
+        }
+        let Some(backing) = n["backing_file"].as_str() else {
+            continue;
+        };
+        let Some(socket) = socket_of(backing) else {
+            continue;
+        };
+        let Some(runtime) = socket.parent().filter(|p| p.starts_with(&base)) else {
+            continue;
+        };
+        let Some(node) = n["node-name"].as_str() else {
+            continue;
+        };
+        found.push(Backed {
+            node: node.to_string(),
+            image: n["image"]["filename"]
+                .as_str()
+                .or_else(|| n["file"].as_str())
+                .unwrap_or_default()
+                .to_string(),
+            runtime: runtime.to_path_buf(),
+        });
+    }
+    Ok(found)
+}
+
+/// The job id `--finish` streams `node` with.
+fn job_id(node: &str) -> String {
+    format!("bitback-stream-{node}")
+}
+
+/// Streams every image of the VM behind `qmp` that a live export backs,
+/// waits, and ends each export no image needs any more, showing the
+/// streams' bytes on `progress`.
+pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Result<FinishReport> {
+    detached::clean_all_dead();
+    let backed = backed_images(qmp).await?;
+    let mut events = qmp.subscribe();
+    let running = qmp.execute_raw("query-block-jobs", Value::Null).await?;
+    let running: Vec<String> = running
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["device"].as_str().map(String::from))
+        .collect();
+    let mut volumes = Vec::new();
+    for b in &backed {
+        let alive = detached::read(&b.runtime)
+            .map(|s| detached::alive(&s, &b.runtime))
+            .unwrap_or(false);
+        if !alive {
+            bail!(
+                "{} reads its not-yet-restored data from a live export that is gone ({}): \
+                 the VM gets read errors there, and the image cannot be completed from it; \
+                 restore the point again with bitback restore",
+                b.image,
+                b.runtime.display()
+            );
+        }
+        let id = job_id(&b.node);
+        if running.contains(&id) {
+            volumes.push(Finished {
+                node: b.node.clone(),
+                image: b.image.clone(),
+                how: "waited",
+            });
+            continue;
+        }
+        qmp.execute_raw(
+            "block-stream",
+            json!({ "job-id": id, "device": b.node, "auto-dismiss": true }),
+        )
+        .await
+        .with_context(|| format!("starting the stream of {}", b.image))?;
+        volumes.push(Finished {
+            node: b.node.clone(),
+            image: b.image.clone(),
+            how: "streamed",
+        });
+    }
+    if let Some(p) = progress {
+        p.0.start("streaming the backup into the images", 0);
+    }
+    // Wait for every job: by events, with a poll of the job list for
+    // progress (and for an end whose event came before we listened).
+    let mut pending: Vec<String> = volumes.iter().map(|v| job_id(&v.node)).collect();
+    let mut failures = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while !pending.is_empty() {
+        tokio::select! {
+            event = events.next(Duration::from_secs(3600)) => {
+                let event = event.context("waiting for the streams")?;
+                if event.name == "BLOCK_JOB_COMPLETED" || event.name == "BLOCK_JOB_CANCELLED" {
+                    let device = event.data["device"].as_str().unwrap_or_default().to_string();
+                    if let Some(at) = pending.iter().position(|p| *p == device) {
+                        pending.swap_remove(at);
+                        if event.name == "BLOCK_JOB_CANCELLED" {
+                            failures.push(format!("{device}: cancelled"));
+                        } else if let Some(error) = event.data["error"].as_str() {
+                            failures.push(format!("{device}: {error}"));
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let jobs = qmp.execute_raw("query-block-jobs", Value::Null).await?;
+                let jobs = jobs.as_array().cloned().unwrap_or_default();
+                let (mut done, mut all) = (0u64, 0u64);
+                for j in &jobs {
+                    if pending.iter().any(|p| j["device"].as_str() == Some(p)) {
+                        done += j["offset"].as_u64().unwrap_or(0);
+                        all += j["len"].as_u64().unwrap_or(0);
+                    }
+                }
+                if let Some(p) = progress {
+                    p.0.update(done, all);
+                }
+                pending.retain(|p| jobs.iter().any(|j| j["device"].as_str() == Some(p)));
+            }
+        }
+    }
+    if let Some(p) = progress {
+        p.0.finish();
+    }
+    // What is still backed by an export: a failed stream, or one whose end
+    // went unseen and failed.
+    let left = backed_images(qmp).await?;
+    for b in &left {
+        if !failures.iter().any(|f| f.starts_with(&job_id(&b.node))) {
+            failures.push(format!(
+                "{}: still backed by the export after its stream",
+                job_id(&b.node)
+            ));
+        }
+    }
+    // Every live export no image needs any more ends: this VM's, and one
+    // whose stream finished while no bitback watched.
+    let (mut ended, mut kept) = (Vec::new(), Vec::new());
+    for (runtime, state) in detached::all() {
+        if state.kind != Kind::Live {
+            continue;
+        }
+        if needed(&state, &runtime) {
+            if backed.iter().any(|b| b.runtime == runtime) {
+                kept.push(runtime);
+            }
+        } else {
+            detached::stop(&runtime, &state).await?;
+            ended.push(runtime);
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "streaming failed: {}; the images keep their backing, and the export serves on: run bitback restore --finish again",
+            failures.join("; ")
+        );
+    }
+    Ok(FinishReport {
+        volumes,
+        ended,
+        kept,
+    })
+}
+
+/// Whether an image of a live restore still reads from its export (its
+/// header names the export as backing file).
+fn needed(state: &State, runtime: &Path) -> bool {
+    let socket = runtime.join("nbd.sock");
+    state.files.iter().any(|image| {
+        match qcow2::Image::open(image).map(|i| i.hc.backing_file) {
+            Ok(Some(backing)) => socket_of(&backing).is_some_and(|s| s == socket),
+            Ok(None) => false,
+            Err(e) => {
+                // An image gone or unreadable: not ours to judge; keep the
+                // export for whoever still uses it.
+                warn!(image = %image.display(), error = %e, "cannot read a live image's header");
+                image.exists()
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_urls_name_their_socket() {
+        let url = export_url("vda", Path::new("/run/bitback/live-0123/nbd.sock"));
+        assert_eq!(
+            url,
+            "nbd+unix:///vda?socket=/run/bitback/live-0123/nbd.sock"
+        );
+        assert_eq!(
+            socket_of(&url).as_deref(),
+            Some(Path::new("/run/bitback/live-0123/nbd.sock"))
+        );
+        assert_eq!(socket_of("/var/lib/images/base.qcow2"), None);
+        assert_eq!(socket_of("nbd+unix:///vda"), None);
+    }
+}

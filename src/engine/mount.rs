@@ -1,0 +1,281 @@
+//! `bitback mount`: a backup point's volumes as read-only files, one
+//! `<volume>.raw` per volume, each the volume's whole virtual disk at that
+//! point, read through its chain by a qemu-storage-daemon that serves on
+//! after bitback exits (FUSE exports; [`super::detached`]). `umount` ends
+//! it and removes what `mount` made.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::BadInput;
+use super::detached::{self, Kind, State};
+use super::key::Key;
+use super::restore::resolve;
+use crate::qemu::daemon::DaemonSpec;
+use crate::repo::{Manifest, Repo};
+
+/// What to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub vm: String,
+    /// A backup id; the newest when `None` or `latest`.
+    pub backup: Option<String>,
+    /// Only these volumes; all of the point's when empty.
+    pub volumes: Vec<String>,
+    /// The directory that gets the files (made when missing).
+    pub dir: PathBuf,
+    /// The key of an encrypted backup.
+    pub key: Option<Key>,
+}
+
+/// A point being served: what `mount` and `restore --live` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Served {
+    pub vm: String,
+    pub backup: String,
+    /// (volume, file): the FUSE files, or the live images.
+    pub files: Vec<ServedFile>,
+    /// The daemon's pid: it runs on after bitback.
+    pub pid: u32,
+    /// Its runtime directory (state, sockets, pid file).
+    pub runtime: PathBuf,
+    /// The live exports' NBD socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedFile {
+    pub volume: String,
+    pub path: PathBuf,
+    pub virtual_size: u64,
+    /// The NBD URL a live image reads its not-yet-restored data from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+}
+
+/// The point's volumes chosen by `wanted` (all when empty), each with its
+/// QEMU node (`vol<i>`, its chain opened read-only) and the daemon's
+/// secret objects. Refuses an unknown volume and an encrypted point
+/// without its key.
+pub(super) struct Point {
+    pub manifest: Manifest,
+    pub volumes: Vec<(String, u64)>,
+    pub blockdevs: Vec<Value>,
+    pub objects: Vec<String>,
+}
+
+impl Point {
+    pub(super) fn open(
+        repo: &Repo,
+        vm: &str,
+        backup: Option<&str>,
+        wanted: &[String],
+        key: Option<&Key>,
+    ) -> anyhow::Result<Point> {
+        let (manifest, chain) = resolve(repo, vm, backup, false, wanted)?;
+        for w in wanted {
+            if !manifest.volumes.iter().any(|v| &v.name == w) {
+                return Err(BadInput(format!(
+                    "backup {} has no volume {w}; it has: {}",
+                    manifest.id,
+                    manifest
+                        .volumes
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .into());
+            }
+        }
+        let secret = match (&manifest.encryption, key) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some("bitback-key"),
+            (Some(_), None) => {
+                return Err(BadInput(format!(
+                    "backup {} is encrypted; give its key with --key-file FILE",
+                    manifest.id
+                ))
+                .into());
+            }
+        };
+        let mut volumes = Vec::new();
+        let mut blockdevs = Vec::new();
+        for v in manifest
+            .volumes
+            .iter()
+            .filter(|v| wanted.is_empty() || wanted.contains(&v.name))
+        {
+            let files = super::chain::volume_files(repo, &chain, &v.name)?;
+            let mut image = super::chain::chain_image(&files, secret);
+            image["node-name"] = json!(format!("vol{}", volumes.len()));
+            blockdevs.push(image);
+            volumes.push((v.name.clone(), v.virtual_size));
+        }
+        let objects = match (secret, key) {
+            (Some(secret), Some(key)) => vec![format!(
+                "secret,id={secret},format=raw,file={}",
+                key.path().display().to_string().replace(',', ",,")
+            )],
+            _ => Vec::new(),
+        };
+        Ok(Point {
+            manifest,
+            volumes,
+            blockdevs,
+            objects,
+        })
+    }
+}
+
+/// An absolute form of `dir`, made when missing: (path, made).
+pub(super) fn target_dir(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
+    let made = match std::fs::create_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if !dir.is_dir() {
+                return Err(BadInput(format!("{} is not a directory", dir.display())).into());
+            }
+            false
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("creating {}", dir.display()))),
+    };
+    let path =
+        std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    Ok((path, made))
+}
+
+/// Mounts a point: returns once every `<dir>/<volume>.raw` serves the
+/// volume's bytes.
+pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
+    detached::clean_all_dead();
+    let lock = repo.read_lock(&opts.vm, "mount")?;
+    let point = Point::open(
+        repo,
+        &opts.vm,
+        opts.backup.as_deref(),
+        &opts.volumes,
+        opts.key.as_ref(),
+    )?;
+    let (target, made_target) = target_dir(&opts.dir)?;
+    let runtime = match detached::make_dir(Kind::Mount, &target) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            if made_target {
+                let _ = std::fs::remove_dir(&target);
+            }
+            return Err(e);
+        }
+    };
+    let mut made: Vec<PathBuf> = Vec::new();
+    let undo = |made: &[PathBuf]| {
+        for f in made {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(&runtime);
+        if made_target {
+            let _ = std::fs::remove_dir(&target);
+        }
+    };
+    let mut exports = Vec::new();
+    for (i, (name, _)) in point.volumes.iter().enumerate() {
+        let file = target.join(format!("{name}.raw"));
+        // The export replaces a file that must exist; a file there already
+        // is someone's, never taken over.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+        {
+            Ok(_) => made.push(file.clone()),
+            Err(e) => {
+                undo(&made);
+                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    BadInput(format!(
+                        "{} exists; mount into an empty directory",
+                        file.display()
+                    ))
+                    .into()
+                } else {
+                    anyhow::Error::from(e).context(format!("creating {}", file.display()))
+                });
+            }
+        }
+        exports.push(json!({
+            "type": "fuse", "id": format!("e{i}"), "node-name": format!("vol{i}"),
+            "mountpoint": file, "writable": false,
+        }));
+    }
+    let spec = DaemonSpec {
+        blockdevs: point.blockdevs.clone(),
+        objects: point.objects.clone(),
+        exports,
+        ..DaemonSpec::default()
+    };
+    let state = State {
+        kind: Kind::Mount,
+        repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
+        vm: opts.vm.clone(),
+        backup: point.manifest.id.clone(),
+        volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
+        target: target.clone(),
+        files: made.clone(),
+        made_target,
+        pid: 0,
+        started: detached::now(),
+    };
+    let state = match detached::start(&runtime, &spec, lock, state) {
+        Ok(state) => state,
+        Err(e) => {
+            undo(&made);
+            return Err(e);
+        }
+    };
+    Ok(Served {
+        vm: opts.vm.clone(),
+        backup: state.backup.clone(),
+        files: point
+            .volumes
+            .iter()
+            .zip(&made)
+            .map(|((volume, size), path)| ServedFile {
+                volume: volume.clone(),
+                path: path.clone(),
+                virtual_size: *size,
+                export: None,
+            })
+            .collect(),
+        pid: state.pid,
+        runtime,
+        socket: None,
+    })
+}
+
+/// Ends the mount at `dir`: its daemon, its files, the directory if
+/// `mount` made it; a mount whose daemon died is cleaned up the same way.
+/// Cleans up after any other dead daemon too. Returns what was mounted.
+pub async fn umount(dir: &Path) -> anyhow::Result<State> {
+    let target =
+        std::fs::canonicalize(dir).map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
+    let runtime = detached::dir_for(Kind::Mount, &target);
+    let state = detached::read(&runtime);
+    detached::clean_all_dead();
+    let state = match state {
+        Ok(state) => state,
+        Err(_) => {
+            return Err(BadInput(format!(
+                "nothing is mounted at {} by bitback on this host",
+                target.display()
+            ))
+            .into());
+        }
+    };
+    if runtime.exists() {
+        detached::stop(&runtime, &state).await?;
+    }
+    Ok(state)
+}

@@ -1,0 +1,615 @@
+//! Restores in seconds: `bitback mount` (a point's volumes as read-only
+//! FUSE files) and `restore --live` / `--finish` (a VM running on a point
+//! at once, then streamed to stand alone), with real qemu-storage-daemon
+//! exports, real FUSE mounts and loop devices, and real QEMU; judged by
+//! models, `qemu-img compare`, `qemu-img info` and `qemu-img check`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{
+    Disk, Kind, LoopDevice, Rng, Run, Vm, bitback_env, require, run, same_content, tempdir,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// A runtime directory of its own for each test (`BITBACK_RUNTIME_DIR`):
+/// tests running at once never see each other's daemons. Whatever a
+/// failed test left serving is ended by its pid when this is dropped.
+struct Runtime {
+    dir: tempfile::TempDir,
+}
+
+impl Runtime {
+    fn new() -> Runtime {
+        Runtime { dir: tempdir() }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `bitback ARGS` with this runtime directory.
+    fn run(&self, args: &[&str]) -> Run {
+        bitback_env(
+            args,
+            &[("BITBACK_RUNTIME_DIR", self.path().to_str().unwrap())],
+        )
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitback"));
+        cmd.env("BITBACK_RUNTIME_DIR", self.path())
+            .env_remove("BITBACK_LOG");
+        cmd
+    }
+
+    /// The runtime directories of daemons serving now.
+    fn entries(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for dir in self.entries() {
+            let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
+                continue;
+            };
+            let state: Value = serde_json::from_str(&text).unwrap_or_default();
+            if let Some(pid) = state["pid"].as_u64() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains("qemu-storage-daemon") {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+            if state["kind"] == "mount" {
+                for f in state["files"].as_array().into_iter().flatten() {
+                    let _ = Command::new("umount")
+                        .arg("-l")
+                        .arg(f.as_str().unwrap_or_default())
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until process `pid` is gone (a zombie's parent reaps it).
+fn wait_gone(pid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill9(pid: u64) {
+    run(Command::new("kill").args(["-9", &pid.to_string()]));
+    wait_gone(pid);
+}
+
+fn paths(served: &Value) -> Vec<PathBuf> {
+    served["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| PathBuf::from(f["path"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_mounted_point_reads_as_its_model_and_umount_leaves_nothing() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let mut vm = Vm::new(dir.path(), &[12 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    vm.random_writes(&mut rng, 10);
+    let first = vm.backup(&[]);
+    vm.random_writes(&mut rng, 10);
+    vm.backup(&[]);
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let id1 = first["id"].as_str().unwrap();
+
+    let mnt = dir.path().join("mnt");
+    let m = rt
+        .run(&[
+            "mount",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--backup",
+            id1,
+            "--json",
+            mnt.to_str().unwrap(),
+        ])
+        .json();
+    assert_eq!(m["backup"], id1);
+    let files = paths(&m);
+    assert_eq!(files, [mnt.join("drive0.raw"), mnt.join("drive1.raw")]);
+    for (i, file) in files.iter().enumerate() {
+        assert!(
+            same_content(file, "raw", &vm.points[0].1[i], "raw"),
+            "{} differs from its model",
+            file.display()
+        );
+        // Root passes any permission check: the export itself refuses.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &[1u8; 512]));
+        assert!(written.is_err(), "{} took a write", file.display());
+    }
+    let pid1 = m["pid"].as_u64().unwrap();
+    assert!(alive(pid1));
+
+    // One place, one mount.
+    let again = rt.run(&[
+        "mount",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(again.code, Some(2), "{}", again.stderr);
+    assert!(again.stderr.contains("served already"), "{}", again.stderr);
+
+    // The newest point, one volume, in a directory that was there.
+    let mnt2 = dir.path().join("mnt2");
+    std::fs::create_dir(&mnt2).unwrap();
+    let m2 = rt
+        .run(&[
+            "mount",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--volume",
+            "drive1",
+            "--json",
+            mnt2.to_str().unwrap(),
+        ])
+        .json();
+    assert_eq!(paths(&m2), [mnt2.join("drive1.raw")]);
+    assert!(same_content(
+        &mnt2.join("drive1.raw"),
+        "raw",
+        &vm.points[1].1[1],
+        "raw"
+    ));
+
+    // Prune refuses while mounted, naming the mount.
+    let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
+    let refused = rt.run(&prune);
+    assert_ne!(refused.code, Some(0), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("bitback mount of backup") && refused.stderr.contains("umount"),
+        "{}",
+        refused.stderr
+    );
+
+    // umount leaves nothing: no daemon, no file, no directory it made.
+    let out = rt.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_gone(pid1);
+    assert!(!mnt.exists(), "umount left {}", mnt.display());
+    let out = rt.run(&["umount", "--json", mnt2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.json()["backup"], m2["backup"]);
+    wait_gone(m2["pid"].as_u64().unwrap());
+    assert_eq!(std::fs::read_dir(&mnt2).unwrap().count(), 0);
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    let pruned = rt.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+}
+
+#[test]
+fn a_mount_whose_daemon_died_is_cleaned_up_by_the_next_mount() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
+    vm.write(0, MIB, MIB, 0x41);
+    vm.backup(&[]);
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let mnt = dir.path().join("mnt");
+    let m = rt
+        .run(&[
+            "mount",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--json",
+            mnt.to_str().unwrap(),
+        ])
+        .json();
+    kill9(m["pid"].as_u64().unwrap());
+    // The dead daemon's FUSE file answers nothing.
+    assert!(std::fs::read(mnt.join("drive0.raw")).is_err());
+
+    let mnt2 = dir.path().join("mnt2");
+    let m2 = rt
+        .run(&[
+            "mount",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--json",
+            mnt2.to_str().unwrap(),
+        ])
+        .json();
+    assert!(!mnt.exists(), "the dead mount's directory is left");
+    assert!(same_content(
+        &mnt2.join("drive0.raw"),
+        "raw",
+        &vm.points[0].1[0],
+        "raw"
+    ));
+    assert_eq!(rt.entries().len(), 1);
+    let gone = rt.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(gone.code, Some(2), "{}", gone.stderr);
+    let out = rt.run(&["umount", mnt2.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_gone(m2["pid"].as_u64().unwrap());
+    assert!(rt.entries().is_empty());
+
+    // The same after a kill, by umount itself.
+    let m3 = rt
+        .run(&[
+            "mount",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--json",
+            mnt.to_str().unwrap(),
+        ])
+        .json();
+    kill9(m3["pid"].as_u64().unwrap());
+    let out = rt.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(!mnt.exists());
+    assert!(rt.entries().is_empty());
+}
+
+#[test]
+fn a_file_inside_an_ext4_volume_is_read_back_through_a_loop_device() {
+    require("mkfs.ext4");
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    let mut rng = Rng::from_env();
+    let text: Vec<u8> = (0..300 * 1024).map(|_| rng.next() as u8).collect();
+    std::fs::write(tree.join("etc/precious.bin"), &text).unwrap();
+    let disk = dir.path().join("ext4.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&disk));
+    let disks = vec![Disk::with_format("disk0", "drive0", &disk, "raw", "")];
+    let mut vm = Vm::from_disks(Kind::MachineNone, dir.path(), disks, &[64 * MIB]);
+    vm.backup(&[]);
+    vm.quit();
+
+    let mnt = dir.path().join("mnt");
+    let m = rt
+        .run(&[
+            "mount",
+            "--repo",
+            vm.repo.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--json",
+            mnt.to_str().unwrap(),
+        ])
+        .json();
+    let fs = dir.path().join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    {
+        let device = LoopDevice::read_only(&mnt.join("drive0.raw"));
+        run(Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&device.device)
+            .arg(&fs));
+        let back = std::fs::read(fs.join("etc/precious.bin"));
+        let _ = Command::new("umount").arg(&fs).status();
+        assert_eq!(back.expect("reading the file back"), text);
+    }
+    let out = rt.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_gone(m["pid"].as_u64().unwrap());
+    assert!(!mnt.exists());
+}
+
+/// The backing file an image's header names.
+fn backing_of(image: &Path) -> Option<String> {
+    let out = run(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["backing-filename"].as_str().map(String::from)
+}
+
+/// A VM of two volumes with most of the first written, backed up once;
+/// returns it (quit) and the backup's id.
+fn point(dir: &Path, big: u64) -> (Vm, String) {
+    let mut vm = Vm::new(dir, &[big, 8 * MIB]);
+    vm.write(0, 0, big - 8 * MIB, 0x51);
+    let mut rng = Rng::from_env();
+    vm.random_writes(&mut rng, 12);
+    let id = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    (vm, id)
+}
+
+/// A QEMU on the live images, its models the point's.
+fn vm_on(dir: &Path, images: &[PathBuf], source: &Vm) -> Vm {
+    std::fs::create_dir_all(dir).unwrap();
+    let disks = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| Disk::new(&format!("disk{i}"), &format!("drive{i}"), image))
+        .collect();
+    let sizes: Vec<u64> = source.models.iter().map(|m| m.bytes.len() as u64).collect();
+    let mut vm = Vm::from_disks(Kind::MachineNone, dir, disks, &sizes);
+    for (i, model) in vm.models.iter_mut().enumerate() {
+        model.bytes = std::fs::read(&source.points[0].1[i]).unwrap();
+    }
+    vm
+}
+
+/// Every image stands alone and holds its model; qemu-img check is clean.
+fn assert_restored(vm: &mut Vm, images: &[PathBuf]) {
+    vm.quit();
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(
+            backing_of(image),
+            None,
+            "{} keeps a backing file",
+            image.display()
+        );
+        let model = vm.dir.join(format!("model-{i}.raw"));
+        std::fs::write(&model, &vm.models[i].bytes).unwrap();
+        assert!(
+            same_content(image, "qcow2", &model, "raw"),
+            "{} differs from the point plus the VM's writes",
+            image.display()
+        );
+        run(Command::new("qemu-img").arg("check").arg(image));
+    }
+}
+
+#[test]
+fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let (vm, id) = point(dir.path(), 48 * MIB);
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let out = dir.path().join("live");
+    let live = rt
+        .run(&[
+            "restore",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--backup",
+            &id,
+            "--live",
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .json();
+    let images = paths(&live);
+    assert_eq!(images, [out.join("drive0.qcow2"), out.join("drive1.qcow2")]);
+    let socket = live["socket"].as_str().unwrap();
+    assert!(socket.starts_with(rt.path().to_str().unwrap()), "{socket}");
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(
+            backing_of(image).unwrap(),
+            format!("nbd+unix:///drive{i}?socket={socket}")
+        );
+        // Before any VM: the image reads as the point, through the export.
+        assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
+    }
+    // A restore into images that exist is refused without --force.
+    let twice = rt.run(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--live",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(twice.code, Some(2), "{}", twice.stderr);
+
+    let mut vm2 = vm_on(&dir.path().join("vm2"), &images, &vm);
+    vm2.write(0, 5 * MIB + 512, 70_000, 0x77);
+    vm2.write(1, 0, 4096, 0x78);
+    let mut finishing = rt
+        .command()
+        .args(["restore", "--finish", "--json", "--qmp"])
+        .arg(&vm2.qemu().qmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Writes while the streams run are kept.
+    vm2.write(0, 30 * MIB, MIB, 0x79);
+    vm2.write(1, 6 * MIB, 2 * MIB, 0x7a);
+    vm2.zero(0, 2 * MIB, MIB);
+    let done = wait_output(&mut finishing);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let hows: Vec<&str> = report["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["how"].as_str().unwrap())
+        .collect();
+    assert_eq!(hows, ["streamed", "streamed"], "{report}");
+    assert_eq!(report["ended"].as_array().unwrap().len(), 1, "{report}");
+    wait_gone(live["pid"].as_u64().unwrap());
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    // Run again: nothing to do, and it says so.
+    let again = rt.run(&[
+        "restore",
+        "--finish",
+        "--json",
+        "--qmp",
+        vm2.qemu().qmp.to_str().unwrap(),
+    ]);
+    assert_eq!(again.json()["volumes"], serde_json::json!([]));
+    assert_restored(&mut vm2, &images);
+}
+
+fn wait_output(child: &mut std::process::Child) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bitback restore --finish ran over 300 s; killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    std::process::Output {
+        status: child.wait().unwrap(),
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let (vm, id) = point(dir.path(), 160 * MIB);
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let restore_live = |out: &Path| {
+        rt.run(&[
+            "restore",
+            "--repo",
+            &repo,
+            "--vm",
+            "vm1",
+            "--backup",
+            &id,
+            "--live",
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .json()
+    };
+
+    let out = dir.path().join("live");
+    let live = restore_live(&out);
+    let images = paths(&live);
+    let mut vm2 = vm_on(&dir.path().join("vm2"), &images, &vm);
+    vm2.write(0, 100 * MIB, 2 * MIB, 0x66);
+    // bitback is killed while the streams run; QEMU's jobs go on.
+    let mut finishing = rt
+        .command()
+        .args(["restore", "--finish", "--qmp"])
+        .arg(&vm2.qemu().qmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = vm2.qemu().must("query-block-jobs", Value::Null);
+        if !jobs.as_array().unwrap().is_empty() {
+            break;
+        }
+        if finishing.try_wait().unwrap().is_some() {
+            let out = wait_output(&mut finishing);
+            panic!(
+                "bitback restore --finish ended before a stream was seen: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "no stream started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    finishing.kill().unwrap();
+    finishing.wait().unwrap();
+    vm2.write(0, 150 * MIB, MIB, 0x67);
+    let again = rt.run(&[
+        "restore",
+        "--finish",
+        "--json",
+        "--qmp",
+        vm2.qemu().qmp.to_str().unwrap(),
+    ]);
+    let report = again.json();
+    assert_eq!(report["ended"].as_array().unwrap().len(), 1, "{report}");
+    wait_gone(live["pid"].as_u64().unwrap());
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    assert_restored(&mut vm2, &images);
+
+    // The export's daemon dies under a VM: --finish says what that means.
+    let out = dir.path().join("live2");
+    let live = restore_live(&out);
+    let images = paths(&live);
+    let vm3 = vm_on(&dir.path().join("vm3"), &images, &vm);
+    kill9(live["pid"].as_u64().unwrap());
+    let failed = rt.run(&[
+        "restore",
+        "--finish",
+        "--qmp",
+        vm3.qemu().qmp.to_str().unwrap(),
+    ]);
+    assert_ne!(failed.code, Some(0));
+    assert!(
+        failed.stderr.contains("export that is gone") && failed.stderr.contains("read errors"),
+        "{}",
+        failed.stderr
+    );
+}
