@@ -103,6 +103,8 @@ pub struct DomainDisk {
     /// A network disk's source name (`pool/volume` for rbd).
     pub source_name: Option<String>,
     pub read_only: bool,
+    /// The image format QEMU opens it as (`<driver type=...>`).
+    pub format: Option<String>,
 }
 
 /// A domain's state and disks.
@@ -148,6 +150,25 @@ impl Domain {
             uid: meta.uid(),
             gid: meta.gid(),
         })
+    }
+
+    /// Starts the defined, shut-off domain.
+    pub fn start(&self) -> Result<()> {
+        self.virsh(&["start", &self.name]).map(drop)
+    }
+
+    /// The user and group libvirt runs this domain's QEMU as: its DAC base
+    /// label for the domain's type, from `virsh capabilities`; `None` when
+    /// libvirt names none (no DAC driver).
+    pub fn qemu_user(&self) -> Option<crate::qmp::SocketOwner> {
+        let xml = self.virsh(&["dumpxml", "--inactive", &self.name]).ok()?;
+        let kind = roxmltree::Document::parse(&xml)
+            .ok()?
+            .root_element()
+            .attribute("type")
+            .unwrap_or("kvm")
+            .to_string();
+        dac_label(&self.virsh(&["capabilities"]).ok()?, &kind)
     }
 
     /// Runs `virsh -c URI ARGS...` and returns its stdout.
@@ -288,6 +309,26 @@ fn proxy_command_line() -> std::process::Command {
     }
 }
 
+/// The DAC base label for domains of type `kind` in libvirt's
+/// capabilities XML (`<baselabel type='qemu'>+64055:+994</baselabel>`).
+fn dac_label(capabilities: &str, kind: &str) -> Option<crate::qmp::SocketOwner> {
+    let doc = roxmltree::Document::parse(capabilities).ok()?;
+    let dac = doc.descendants().find(|n| {
+        n.has_tag_name("secmodel")
+            && n.children()
+                .any(|m| m.has_tag_name("model") && m.text() == Some("dac"))
+    })?;
+    let label = dac
+        .children()
+        .find(|n| n.has_tag_name("baselabel") && n.attribute("type") == Some(kind))?
+        .text()?;
+    let (uid, gid) = label.trim().split_once(':')?;
+    Some(crate::qmp::SocketOwner {
+        uid: uid.trim_start_matches('+').parse().ok()?,
+        gid: gid.trim_start_matches('+').parse().ok()?,
+    })
+}
+
 /// Reads what bitback needs from a domain's XML.
 fn parse_xml(xml: &str) -> std::result::Result<DomainInfo, roxmltree::Error> {
     let doc = roxmltree::Document::parse(xml)?;
@@ -319,6 +360,9 @@ fn parse_xml(xml: &str) -> std::result::Result<DomainInfo, roxmltree::Error> {
                 .and_then(|s| s.attribute("name"))
                 .map(str::to_string),
             read_only: child("readonly").is_some(),
+            format: child("driver")
+                .and_then(|d| d.attribute("type"))
+                .map(str::to_string),
         });
     }
     let agent = root
@@ -430,6 +474,24 @@ impl Drop for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dac_label_of_a_domain_type_is_read_from_the_capabilities() {
+        let caps = "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>\
+            <secmodel><model>dac</model><doi>0</doi>\
+            <baselabel type='kvm'>+64055:+994</baselabel>\
+            <baselabel type='qemu'>+64056:+995</baselabel></secmodel></host></capabilities>";
+        assert_eq!(
+            dac_label(caps, "qemu"),
+            Some(crate::qmp::SocketOwner {
+                uid: 64056,
+                gid: 995
+            })
+        );
+        assert_eq!(dac_label(caps, "kvm").map(|o| o.uid), Some(64055));
+        assert_eq!(dac_label(caps, "xen"), None);
+        assert_eq!(dac_label("<capabilities/>", "kvm"), None);
+    }
 
     const LIVE: &str = r#"<domain type='qemu' id='3'>
   <name>web1</name>

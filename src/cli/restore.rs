@@ -34,7 +34,7 @@ pub(crate) struct RestoreArgs {
     volumes: Vec<String>,
     /// The output file (one volume) or directory (then each volume goes to
     /// <DIR>/<volume>.raw or .qcow2; with --live, <DIR>/<volume>.qcow2).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["in_place", "finish"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["in_place", "finish", "libvirt"])]
     output: Option<PathBuf>,
     /// Return in seconds, whatever the size: each volume becomes an empty
     /// qcow2 image, <DIR>/<volume>.qcow2, whose backing file is the point
@@ -46,9 +46,14 @@ pub(crate) struct RestoreArgs {
     /// export's daemon dies before that, the VM gets read errors on data
     /// not yet restored. The VM's read lock is held meanwhile: prune and
     /// consolidate refuse.
-    #[arg(long, requires = "output", conflicts_with_all = ["in_place", "format", "finish"])]
+    ///
+    /// With --libvirt DOMAIN (a defined, shut-off domain; no --output):
+    /// the images are made at the domain's qcow2 file disk paths, the
+    /// domain is started on them, and the streams run to their end, as
+    /// --finish does: one command, the domain running within seconds.
+    #[arg(long, conflicts_with_all = ["in_place", "format", "finish"])]
     live: bool,
-    /// Replace images that exist, with --live.
+    /// Replace images that exist, with --live: the files there are deleted.
     #[arg(long, requires = "live")]
     force: bool,
     /// In the running VM (--qmp or --libvirt), stream the backup's data
@@ -129,8 +134,10 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     if args.finish {
         return finish(&args).await;
     }
-    if (args.target.qmp.is_some() || args.target.libvirt.is_some()) && !args.live {
-        return Err(BadInput("--qmp and --libvirt go with --finish".into()).into());
+    if args.target.qmp.is_some() || (args.target.libvirt.is_some() && !args.live) {
+        return Err(
+            BadInput("--qmp goes with --finish, --libvirt with --finish or --live".into()).into(),
+        );
     }
     let (Some(repo), Some(vm)) = (&args.repo, &args.vm) else {
         return Err(BadInput("give --repo DIR and --vm NAME".into()).into());
@@ -217,27 +224,25 @@ async fn live(
     vm: &str,
     key: Option<engine::key::Key>,
 ) -> anyhow::Result<ExitCode> {
-    let Some(output) = &args.output else {
-        return Err(BadInput("--live needs --output DIR".into()).into());
+    let opts = engine::LiveOptions {
+        vm: vm.to_string(),
+        backup: Some(args.backup.clone()),
+        volumes: args.volumes.clone(),
+        output: args.output.clone().unwrap_or_default(),
+        images: Vec::new(),
+        force: args.force,
+        key,
+        owner: None,
     };
-    if args.target.qmp.is_some() || args.target.libvirt.is_some() {
-        return Err(BadInput("--qmp and --libvirt go with --finish".into()).into());
+    if let Some(domain) = args.target.domain() {
+        return live_domain(args, repo, &opts, &domain).await;
     }
-    let served = engine::restore_live(
-        repo,
-        &engine::LiveOptions {
-            vm: vm.to_string(),
-            backup: Some(args.backup.clone()),
-            volumes: args.volumes.clone(),
-            output: output.clone(),
-            images: Vec::new(),
-            force: args.force,
-            key,
-            owner: None,
-        },
-    )
-    .await
-    .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
+    if args.output.is_none() {
+        return Err(BadInput("--live needs --output DIR (or --libvirt DOMAIN)".into()).into());
+    }
+    let served = engine::restore_live(repo, &opts)
+        .await
+        .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&served)?);
         return Ok(ExitCode::SUCCESS);
@@ -266,6 +271,60 @@ async fn live(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `restore --live --libvirt`: the domain started on the point, streamed.
+async fn live_domain(
+    args: &RestoreArgs,
+    repo: &Repo,
+    opts: &engine::LiveOptions,
+    domain: &bitback::libvirt::Domain,
+) -> anyhow::Result<ExitCode> {
+    let bar = super::output::progress_bar(!args.json);
+    let json = args.json;
+    let (served, report) = engine::restore_live_domain(repo, opts, domain, bar.as_ref(), |s| {
+        if !json {
+            eprintln!(
+                "domain {} runs on backup {} (export: qemu-storage-daemon pid {}); streaming the rest in",
+                domain.name, s.backup, s.pid
+            );
+        }
+    })
+    .await
+    .map_err(|e| {
+        e.context(engine::Operation::Restore {
+            vm: opts.vm.clone(),
+        })
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "live": served, "finish": report }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_finished(&report);
+    println!("domain {} runs on its restored images", domain.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `--finish` did, for people.
+fn print_finished(report: &engine::FinishReport) {
+    if report.volumes.is_empty() {
+        println!("no image of this VM reads from a live restore's export");
+    }
+    for v in &report.volumes {
+        println!("{}: {} ({}; it stands alone now)", v.node, v.image, v.how);
+    }
+    for r in &report.ended {
+        println!("ended the export in {}", r.display());
+    }
+    for r in &report.kept {
+        println!(
+            "the export in {} serves on: another image still reads from it",
+            r.display()
+        );
+    }
+}
+
 /// `restore --finish`: streams the live images in the running VM.
 async fn finish(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     if args.target.qmp.is_none() && args.target.libvirt.is_none() {
@@ -284,21 +343,7 @@ async fn finish(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if report.volumes.is_empty() {
-        println!("no image of this VM reads from a live restore's export");
-    }
-    for v in &report.volumes {
-        println!("{}: {} ({})", v.node, v.image, v.how);
-    }
-    for r in &report.ended {
-        println!("ended the export in {}", r.display());
-    }
-    for r in &report.kept {
-        println!(
-            "the export in {} serves on: another image still reads from it",
-            r.display()
-        );
-    }
+    print_finished(&report);
     Ok(ExitCode::SUCCESS)
 }
 

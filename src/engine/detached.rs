@@ -90,15 +90,18 @@ pub fn dir_for(kind: Kind, target: &Path) -> PathBuf {
     base().join(format!("{tag}-{}", &digest.to_hex()[..16]))
 }
 
-/// Makes the runtime directory for `target`, new (mode 0755: a VM's QEMU,
-/// perhaps another user, connects to a live export's socket there).
+/// Makes the runtime directory for `target`, new (mode 0711 under a base
+/// of 0755, whatever the umask: a VM's QEMU, perhaps another user,
+/// connects to a live export's socket there; nobody else lists it).
 /// Cleans up first what a dead daemon left there.
 pub fn make_dir(kind: Kind, target: &Path) -> anyhow::Result<PathBuf> {
     let base = base();
+    use std::os::unix::fs::PermissionsExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&base)
+        .and_then(|()| std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)))
         .with_context(|| format!("creating {}", base.display()))?;
     let dir = dir_for(kind, target);
     if dir.exists() {
@@ -123,8 +126,9 @@ pub fn make_dir(kind: Kind, target: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     std::fs::DirBuilder::new()
-        .mode(0o755)
+        .mode(0o711)
         .create(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
         .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

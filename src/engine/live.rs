@@ -18,6 +18,7 @@ use super::detached::{self, Kind, State};
 use super::key::Key;
 use super::mount::{Point, Served, ServedFile, target_dir};
 use super::{BadInput, ProgressSink};
+use crate::libvirt::Domain;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::DaemonSpec;
 use crate::qmp::{Qmp, SocketOwner};
@@ -70,7 +71,20 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         opts.key.as_ref(),
     )?;
     let (target, made_target) = target_dir(&opts.output)?;
-    let runtime = match detached::make_dir(Kind::Live, &target) {
+    let image_of = |name: &str| {
+        opts.images
+            .iter()
+            .find(|(v, _)| v == name)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| target.join(format!("{name}.qcow2")))
+    };
+    // One export per set of images: keyed by the first image's path.
+    let key = point
+        .volumes
+        .first()
+        .map(|(name, _)| image_of(name))
+        .unwrap_or_else(|| target.clone());
+    let runtime = match detached::make_dir(Kind::Live, &key) {
         Ok(runtime) => runtime,
         Err(e) => {
             if made_target {
@@ -90,15 +104,23 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             let _ = std::fs::remove_dir(&target);
         }
     };
+    if !opts.images.is_empty()
+        && let Some((name, _)) = point
+            .volumes
+            .iter()
+            .find(|(name, _)| !opts.images.iter().any(|(v, _)| v == name))
+    {
+        undo(&[]);
+        return Err(BadInput(format!(
+            "volume {name} of backup {} has no qcow2 file disk to become (a live restore makes qcow2 images; restore it with bitback restore, or give --volume for the others)",
+            point.manifest.id
+        ))
+        .into());
+    }
     let mut files = Vec::new();
     let mut exports = Vec::new();
     for (i, (name, size)) in point.volumes.iter().enumerate() {
-        let path = opts
-            .images
-            .iter()
-            .find(|(v, _)| v == name)
-            .map(|(_, p)| p.clone())
-            .unwrap_or_else(|| target.join(format!("{name}.qcow2")));
+        let path = image_of(name);
         let url = export_url(name, &socket);
         if let Err(e) = new_image(&path, *size, &url, opts) {
             undo(&made);
@@ -160,6 +182,60 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         runtime,
         socket: Some(socket),
     })
+}
+
+/// `restore --live --libvirt DOMAIN`: the point's volumes become images
+/// at the shut-off domain's disk paths (its qcow2 file disks, named by
+/// target device), the domain starts on them (`started` is told), and the
+/// streams run to their end ([`finish`]).
+pub async fn restore_live_domain(
+    repo: &Repo,
+    opts: &LiveOptions,
+    domain: &Domain,
+    progress: Option<&ProgressSink>,
+    started: impl FnOnce(&Served),
+) -> anyhow::Result<(Served, FinishReport)> {
+    let info = domain.info()?;
+    if info.running {
+        return Err(BadInput(format!(
+            "domain {} is running; a live restore starts it on the backup: shut it off first",
+            domain.name
+        ))
+        .into());
+    }
+    let images: Vec<(String, PathBuf)> = info
+        .disks
+        .iter()
+        .filter(|d| d.device == "disk" && d.kind == "file" && d.format.as_deref() == Some("qcow2"))
+        .filter_map(|d| d.source.clone().map(|s| (d.target.clone(), s)))
+        .collect();
+    let output = images
+        .first()
+        .and_then(|(_, p)| p.parent())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| BadInput(format!("domain {} has no qcow2 file disk", domain.name)))?;
+    let opts = LiveOptions {
+        output,
+        images,
+        owner: domain.qemu_user(),
+        ..opts.clone()
+    };
+    let served = restore_live(repo, &opts).await?;
+    if let Err(e) = domain.start() {
+        return Err(anyhow::Error::from(e).context(format!(
+            "starting domain {} on the restored images (they and the export stay: fix it, start the domain, then run bitback restore --finish --libvirt {})",
+            domain.name, domain.name
+        )));
+    }
+    started(&served);
+    let monitor = crate::monitor::Target {
+        qmp: None,
+        domain: Some(domain.clone()),
+    }
+    .connect(None, Duration::from_secs(30))
+    .await?;
+    let report = finish(&monitor.qmp, progress).await?;
+    Ok((served, report))
 }
 
 /// An empty qcow2 image at `path` backed by the export `url`.

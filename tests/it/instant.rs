@@ -19,21 +19,21 @@ const MIB: u64 = 1 << 20;
 /// A runtime directory of its own for each test (`BITBACK_RUNTIME_DIR`):
 /// tests running at once never see each other's daemons. Whatever a
 /// failed test left serving is ended by its pid when this is dropped.
-struct Runtime {
+pub(crate) struct Runtime {
     dir: tempfile::TempDir,
 }
 
 impl Runtime {
-    fn new() -> Runtime {
+    pub(crate) fn new() -> Runtime {
         Runtime { dir: tempdir() }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// `bitback ARGS` with this runtime directory.
-    fn run(&self, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, args: &[&str]) -> Run {
         bitback_env(
             args,
             &[("BITBACK_RUNTIME_DIR", self.path().to_str().unwrap())],
@@ -48,7 +48,7 @@ impl Runtime {
     }
 
     /// The runtime directories of daemons serving now.
-    fn entries(&self) -> Vec<PathBuf> {
+    pub(crate) fn entries(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.path())
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -4,7 +4,8 @@
 //! through an extra socket; libvirt's own block operations in between.
 //! Every point restores to consistent prefixes of the guest's log.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -389,4 +390,78 @@ fn a_freeze_that_never_ends_costs_a_bounded_wait_and_an_unfrozen_copy() {
     domain.wait_records(10);
     domain.destroy();
     check_all_points(&repo, &d.join("out"));
+}
+
+#[test]
+fn a_shut_off_domain_is_restored_live_in_one_command() {
+    let dir = tempdir();
+    let rt = crate::instant::Runtime::new();
+    // libvirt-qemu reaches the export's socket through the runtime
+    // directory.
+    std::fs::set_permissions(rt.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let domain = Domain::define(dir.path(), false);
+    domain.start();
+    domain.wait_records(20);
+    let repo = dir.path().join("repo");
+    let point = domain.backup(&repo, &[]);
+    domain.wait_records(20);
+    domain.destroy();
+
+    // The domain's disks are there: replacing them takes --force.
+    let args = [
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "dom",
+        "--live",
+        "--libvirt",
+        &domain.name,
+        "--json",
+    ];
+    let exists = rt.run(&args);
+    assert_eq!(exists.code, Some(2), "{}", exists.stderr);
+    assert!(exists.stderr.contains("--force"), "{}", exists.stderr);
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let done = rt.run(&forced).json();
+    assert_eq!(done["live"]["backup"], point["id"]);
+    let images: Vec<PathBuf> = done["live"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| PathBuf::from(f["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(images, domain.disks);
+    let hows: Vec<&str> = done["finish"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["how"].as_str().unwrap())
+        .collect();
+    assert_eq!(hows, ["streamed", "streamed"], "{done}");
+    assert_eq!(
+        done["finish"]["ended"].as_array().unwrap().len(),
+        1,
+        "{done}"
+    );
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    for image in &images {
+        let info = crate::harness::qemu_img_info(image);
+        assert!(info["backing-filename"].is_null(), "{info}");
+    }
+    // The guest runs on the point and writes on.
+    domain.wait_records(20);
+    let again = domain.run_backup(&repo, &[], &[]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    // Running, it is refused: a live restore starts the domain itself.
+    let refused = rt.run(&forced);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("is running"), "{}", refused.stderr);
+    domain.destroy();
+    // Each point restores to consistent logs (the guest, booted again on
+    // the restored point, starts its log over: no order between them).
+    for id in list_ids(&repo, Some("dom")) {
+        check_point_of(&repo, "dom", &id, ["vda", "vdb"], &dir.path().join("out"));
+    }
 }
