@@ -61,8 +61,8 @@ pub struct State {
 }
 
 /// Where runtime directories live: `$BITBACK_RUNTIME_DIR`, else
-/// `/run/bitback` for root, else `$XDG_RUNTIME_DIR/bitback`, else
-/// `<temp>/bitback-<uid>`.
+/// `/run/bitback-exports` for root, else `$XDG_RUNTIME_DIR/bitback-exports`,
+/// else `<temp>/bitback-exports-<uid>`.
 pub fn base() -> PathBuf {
     if let Some(dir) = std::env::var_os("BITBACK_RUNTIME_DIR") {
         return PathBuf::from(dir);
@@ -71,11 +71,11 @@ pub fn base() -> PathBuf {
     // Our effective uid: the owner of /proc/self.
     let uid = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
     if uid == 0 {
-        return PathBuf::from("/run/bitback");
+        return PathBuf::from("/run/bitback-exports");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => PathBuf::from(dir).join("bitback"),
-        None => std::env::temp_dir().join(format!("bitback-{uid}")),
+        Some(dir) => PathBuf::from(dir).join("bitback-exports"),
+        None => std::env::temp_dir().join(format!("bitback-exports-{uid}")),
     }
 }
 
@@ -90,19 +90,22 @@ pub fn dir_for(kind: Kind, target: &Path) -> PathBuf {
     base().join(format!("{tag}-{}", &digest.to_hex()[..16]))
 }
 
-/// Makes the runtime directory for `target`, new (mode 0711 under a base
-/// of 0755, whatever the umask: a VM's QEMU, perhaps another user,
-/// connects to a live export's socket there; nobody else lists it).
+/// Makes the runtime directory for `target`, new (mode 0711, whatever the
+/// umask, under a base made 0755 when bitback makes it: a VM's QEMU,
+/// perhaps another user, connects to a live export's socket there; nobody
+/// else lists it).
 /// Cleans up first what a dead daemon left there.
 pub fn make_dir(kind: Kind, target: &Path) -> anyhow::Result<PathBuf> {
     let base = base();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&base)
-        .and_then(|()| std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)))
-        .with_context(|| format!("creating {}", base.display()))?;
+    if !base.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&base)
+            .and_then(|()| std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)))
+            .with_context(|| format!("creating {}", base.display()))?;
+    }
     let dir = dir_for(kind, target);
     if dir.exists() {
         match read(&dir) {
