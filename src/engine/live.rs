@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::detached::{self, Kind, State};
 use super::key::Key;
-use super::mount::{Point, Served, ServedFile, target_dir};
+use super::mount::{Point, Served, ServedFile, Serving};
 use super::{BadInput, ProgressSink};
 use crate::libvirt::Domain;
 use crate::qcow2::{self, CreateOptions};
@@ -70,8 +70,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         &opts.volumes,
         opts.key.as_ref(),
     )?;
-    let (target, made_target) = target_dir(&opts.output)?;
-    let image_of = |name: &str| {
+    let image_of = |target: &Path, name: &str| {
         opts.images
             .iter()
             .find(|(v, _)| v == name)
@@ -79,54 +78,34 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             .unwrap_or_else(|| target.join(format!("{name}.qcow2")))
     };
     // One export per set of images: keyed by the first image's path.
-    let key = point
-        .volumes
-        .first()
-        .map(|(name, _)| image_of(name))
-        .unwrap_or_else(|| target.clone());
-    let runtime = match detached::make_dir(Kind::Live, &key) {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            if made_target {
-                let _ = std::fs::remove_dir(&target);
-            }
-            return Err(e);
-        }
-    };
-    let socket = runtime.join("nbd.sock");
-    let mut made: Vec<PathBuf> = Vec::new();
-    let undo = |made: &[PathBuf]| {
-        for f in made {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(&runtime);
-        if made_target {
-            let _ = std::fs::remove_dir(&target);
-        }
-    };
+    let mut serving = Serving::begin(Kind::Live, &opts.output, |target| {
+        point
+            .volumes
+            .first()
+            .map(|(name, _)| image_of(target, name))
+            .unwrap_or_else(|| target.to_path_buf())
+    })?;
+    let socket = serving.runtime.join("nbd.sock");
     if !opts.images.is_empty()
         && let Some((name, _)) = point
             .volumes
             .iter()
             .find(|(name, _)| !opts.images.iter().any(|(v, _)| v == name))
     {
-        undo(&[]);
-        return Err(BadInput(format!(
+        return Err(serving.undo(BadInput(format!(
             "volume {name} of backup {} has no qcow2 file disk to become (a live restore makes qcow2 images; restore it with bitback restore, or give --volume for the others)",
             point.manifest.id
-        ))
-        .into());
+        )).into()));
     }
     let mut files = Vec::new();
     let mut exports = Vec::new();
     for (i, (name, size)) in point.volumes.iter().enumerate() {
-        let path = image_of(name);
+        let path = image_of(&serving.target, name);
         let url = export_url(name, &socket);
         if let Err(e) = new_image(&path, *size, &url, opts) {
-            undo(&made);
-            return Err(e);
+            return Err(serving.undo(e));
         }
-        made.push(path.clone());
+        serving.made.push(path.clone());
         exports.push(json!({
             "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
             "name": name, "writable": false,
@@ -139,39 +118,18 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         });
     }
     let spec = DaemonSpec {
-        blockdevs: point.blockdevs.clone(),
-        objects: point.objects.clone(),
         nbd: Some(json!({ "type": "unix", "path": socket })),
         exports,
         ..DaemonSpec::default()
     };
-    let state = State {
-        kind: Kind::Live,
-        repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
-        vm: opts.vm.clone(),
-        backup: point.manifest.id.clone(),
-        volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
-        target: target.clone(),
-        files: made.clone(),
-        made_target,
-        pid: 0,
-        started: detached::now(),
-    };
-    let state = match detached::start(&runtime, &spec, lock, state) {
-        Ok(state) => state,
-        Err(e) => {
-            undo(&made);
-            return Err(e);
-        }
-    };
+    let state = serving.start(repo, &opts.vm, &point, spec, lock)?;
     if let Some(owner) = opts.owner
         && let Err(e) = crate::qemu::daemon::give_socket(&socket, owner)
     {
-        let _ = detached::stop(&runtime, &state).await;
-        undo(&made);
-        return Err(
-            anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display()))
-        );
+        let _ = detached::stop(&serving.runtime, &state).await;
+        return Err(serving.undo(
+            anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display())),
+        ));
     }
     info!(backup = %state.backup, pid = state.pid, "live restore ready");
     Ok(Served {
@@ -179,7 +137,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         backup: state.backup.clone(),
         files,
         pid: state.pid,
-        runtime,
+        runtime: serving.runtime,
         socket: Some(socket),
     })
 }

@@ -149,6 +149,85 @@ pub(super) fn target_dir(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
     Ok((path, made))
 }
 
+/// A serve being set up: its target directory, its runtime directory and
+/// the files made so far, all removed again by [`Serving::undo`].
+pub(super) struct Serving {
+    kind: Kind,
+    pub target: PathBuf,
+    made_target: bool,
+    pub runtime: PathBuf,
+    pub made: Vec<PathBuf>,
+}
+
+impl Serving {
+    /// The target directory `dir` (made when missing) and a new runtime
+    /// directory keyed by `key(target)`.
+    pub(super) fn begin(
+        kind: Kind,
+        dir: &Path,
+        key: impl FnOnce(&Path) -> PathBuf,
+    ) -> anyhow::Result<Serving> {
+        let (target, made_target) = target_dir(dir)?;
+        match detached::make_dir(kind, &key(&target)) {
+            Ok(runtime) => Ok(Serving {
+                kind,
+                target,
+                made_target,
+                runtime,
+                made: Vec::new(),
+            }),
+            Err(e) => {
+                if made_target {
+                    let _ = std::fs::remove_dir(&target);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes what was made; returns `e`.
+    pub(super) fn undo(&self, e: anyhow::Error) -> anyhow::Error {
+        for f in &self.made {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime);
+        if self.made_target {
+            let _ = std::fs::remove_dir(&self.target);
+        }
+        e
+    }
+
+    /// Starts the daemon serving `point` as `spec` says (its blockdevs and
+    /// objects are the point's), holding `lock`, and records its state.
+    pub(super) fn start(
+        &self,
+        repo: &Repo,
+        vm: &str,
+        point: &Point,
+        spec: DaemonSpec,
+        lock: Option<crate::repo::ReadLock>,
+    ) -> anyhow::Result<State> {
+        let spec = DaemonSpec {
+            blockdevs: point.blockdevs.clone(),
+            objects: point.objects.clone(),
+            ..spec
+        };
+        let state = State {
+            kind: self.kind,
+            repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
+            vm: vm.to_string(),
+            backup: point.manifest.id.clone(),
+            volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
+            target: self.target.clone(),
+            files: self.made.clone(),
+            made_target: self.made_target,
+            pid: 0,
+            started: detached::now(),
+        };
+        detached::start(&self.runtime, &spec, lock, state).map_err(|e| self.undo(e))
+    }
+}
+
 /// Mounts a point: returns once every `<dir>/<volume>.raw` serves the
 /// volume's bytes.
 pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
@@ -161,29 +240,10 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         &opts.volumes,
         opts.key.as_ref(),
     )?;
-    let (target, made_target) = target_dir(&opts.dir)?;
-    let runtime = match detached::make_dir(Kind::Mount, &target) {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            if made_target {
-                let _ = std::fs::remove_dir(&target);
-            }
-            return Err(e);
-        }
-    };
-    let mut made: Vec<PathBuf> = Vec::new();
-    let undo = |made: &[PathBuf]| {
-        for f in made {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(&runtime);
-        if made_target {
-            let _ = std::fs::remove_dir(&target);
-        }
-    };
+    let mut serving = Serving::begin(Kind::Mount, &opts.dir, Path::to_path_buf)?;
     let mut exports = Vec::new();
     for (i, (name, _)) in point.volumes.iter().enumerate() {
-        let file = target.join(format!("{name}.raw"));
+        let file = serving.target.join(format!("{name}.raw"));
         // The export replaces a file that must exist; a file there already
         // is someone's, never taken over.
         match std::fs::OpenOptions::new()
@@ -191,18 +251,19 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
             .create_new(true)
             .open(&file)
         {
-            Ok(_) => made.push(file.clone()),
+            Ok(_) => serving.made.push(file.clone()),
             Err(e) => {
-                undo(&made);
-                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    BadInput(format!(
-                        "{} exists; mount into an empty directory",
-                        file.display()
-                    ))
-                    .into()
-                } else {
-                    anyhow::Error::from(e).context(format!("creating {}", file.display()))
-                });
+                return Err(
+                    serving.undo(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        BadInput(format!(
+                            "{} exists; mount into an empty directory",
+                            file.display()
+                        ))
+                        .into()
+                    } else {
+                        anyhow::Error::from(e).context(format!("creating {}", file.display()))
+                    }),
+                );
             }
         }
         exports.push(json!({
@@ -211,37 +272,17 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         }));
     }
     let spec = DaemonSpec {
-        blockdevs: point.blockdevs.clone(),
-        objects: point.objects.clone(),
         exports,
         ..DaemonSpec::default()
     };
-    let state = State {
-        kind: Kind::Mount,
-        repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
-        vm: opts.vm.clone(),
-        backup: point.manifest.id.clone(),
-        volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
-        target: target.clone(),
-        files: made.clone(),
-        made_target,
-        pid: 0,
-        started: detached::now(),
-    };
-    let state = match detached::start(&runtime, &spec, lock, state) {
-        Ok(state) => state,
-        Err(e) => {
-            undo(&made);
-            return Err(e);
-        }
-    };
+    let state = serving.start(repo, &opts.vm, &point, spec, lock)?;
     Ok(Served {
         vm: opts.vm.clone(),
         backup: state.backup.clone(),
         files: point
             .volumes
             .iter()
-            .zip(&made)
+            .zip(&serving.made)
             .map(|((volume, size), path)| ServedFile {
                 volume: volume.clone(),
                 path: path.clone(),
@@ -250,7 +291,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
             })
             .collect(),
         pid: state.pid,
-        runtime,
+        runtime: serving.runtime,
         socket: None,
     })
 }

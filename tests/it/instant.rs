@@ -292,6 +292,58 @@ fn a_mount_whose_daemon_died_is_cleaned_up_by_the_next_mount() {
 }
 
 #[test]
+fn compressed_and_encrypted_points_mount_and_an_encrypted_one_needs_its_key() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    let mut rng = Rng::from_env();
+    vm.write(0, 0, 3 * MIB, 0x61);
+    vm.random_writes(&mut rng, 6);
+    let compressed = vm.backup(&["--compress"]);
+    vm.random_writes(&mut rng, 6);
+    let key = dir.path().join("key");
+    crate::harness::write_key(&key, "a passphrase of the backups");
+    let key = key.to_str().unwrap().to_string();
+    let encrypted = vm.backup(&["--encrypt-key-file", &key]);
+    assert_eq!(encrypted["kind"], "full");
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let mount = |id: &str, at: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "mount", "--repo", &repo, "--vm", "vm1", "--backup", id, "--json",
+        ];
+        args.extend(extra);
+        args.push(at.to_str().unwrap());
+        rt.run(&args)
+    };
+    for (n, (m, extra)) in [
+        (&compressed, vec![]),
+        (&encrypted, vec!["--key-file", key.as_str()]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = m["id"].as_str().unwrap();
+        let at = dir.path().join(format!("mnt{n}"));
+        if n == 1 {
+            let refused = mount(id, &at, &[]);
+            assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+            assert!(refused.stderr.contains("--key-file"), "{}", refused.stderr);
+            assert!(!at.exists(), "a refused mount left {}", at.display());
+        }
+        let served = mount(id, &at, &extra).json();
+        assert!(
+            same_content(&at.join("drive0.raw"), "raw", &vm.points[n].1[0], "raw"),
+            "point {n} differs from its model"
+        );
+        let out = rt.run(&["umount", at.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        wait_gone(served["pid"].as_u64().unwrap());
+    }
+    assert!(rt.entries().is_empty());
+}
+
+#[test]
 fn a_file_inside_an_ext4_volume_is_read_back_through_a_loop_device() {
     require("mkfs.ext4");
     let dir = tempdir();
@@ -600,6 +652,24 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     let images = paths(&live);
     let vm3 = vm_on(&dir.path().join("vm3"), &images, &vm);
     kill9(live["pid"].as_u64().unwrap());
+    // The VM reads errors where its image holds nothing yet (read here
+    // through an NBD export of its disk, with qemu-io's own client).
+    let reads = dir.path().join("vm3-reads.sock");
+    vm3.qemu().must(
+        "nbd-server-start",
+        serde_json::json!({ "addr": { "type": "unix", "data": { "path": reads } } }),
+    );
+    vm3.qemu().must(
+        "block-export-add",
+        serde_json::json!({ "type": "nbd", "id": "reads", "node-name": "drive0" }),
+    );
+    let read = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 64k"])
+        .arg(format!("nbd+unix:///drive0?socket={}", reads.display()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&read.stdout) + String::from_utf8_lossy(&read.stderr);
+    assert!(said.contains("read failed"), "{said}");
     let failed = rt.run(&[
         "restore",
         "--finish",
