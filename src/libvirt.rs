@@ -105,6 +105,9 @@ pub struct DomainDisk {
     pub read_only: bool,
     /// The image format QEMU opens it as (`<driver type=...>`).
     pub format: Option<String>,
+    /// The unix socket of its backing image, when that is an NBD export
+    /// (a live restore's, running only).
+    pub backing_socket: Option<PathBuf>,
 }
 
 /// A domain's state and disks.
@@ -150,6 +153,19 @@ impl Domain {
             uid: meta.uid(),
             gid: meta.gid(),
         })
+    }
+
+    /// Starts libvirt's own stream of disk `target` from its backing chain
+    /// (`virsh blockpull`; libvirt then keeps its view of the chain).
+    pub fn blockpull(&self, target: &str) -> Result<()> {
+        self.virsh(&["blockpull", &self.name, target]).map(drop)
+    }
+
+    /// The block job on disk `target`: (bytes done, bytes in all), or
+    /// `None` when it has none.
+    pub fn blockjob(&self, target: &str) -> Result<Option<(u64, u64)>> {
+        let text = self.virsh(&["blockjob", &self.name, target, "--raw"])?;
+        Ok(block_job(&text))
     }
 
     /// Starts the defined, shut-off domain.
@@ -309,6 +325,17 @@ fn proxy_command_line() -> std::process::Command {
     }
 }
 
+/// `virsh blockjob --raw`'s answer: (cur, end), or `None` for "No current
+/// block job".
+fn block_job(text: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("cur=")?, field("end=")?))
+}
+
 /// The DAC base label for domains of type `kind` in libvirt's
 /// capabilities XML (`<baselabel type='qemu'>+64055:+994</baselabel>`).
 fn dac_label(capabilities: &str, kind: &str) -> Option<crate::qmp::SocketOwner> {
@@ -363,6 +390,13 @@ fn parse_xml(xml: &str) -> std::result::Result<DomainInfo, roxmltree::Error> {
             format: child("driver")
                 .and_then(|d| d.attribute("type"))
                 .map(str::to_string),
+            backing_socket: child("backingStore")
+                .and_then(|b| b.children().find(|n| n.has_tag_name("source")))
+                .filter(|s| s.attribute("protocol") == Some("nbd"))
+                .and_then(|s| s.children().find(|n| n.has_tag_name("host")))
+                .filter(|h| h.attribute("transport") == Some("unix"))
+                .and_then(|h| h.attribute("socket"))
+                .map(PathBuf::from),
         });
     }
     let agent = root
@@ -474,6 +508,13 @@ impl Drop for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_jobs_are_read_from_virshs_raw_answer() {
+        let raw = " type=Pull\n bandwidth=0\n cur=1048576\n end=67108864\n";
+        assert_eq!(block_job(raw), Some((1 << 20, 64 << 20)));
+        assert_eq!(block_job("No current block job for vda\n"), None);
+    }
 
     #[test]
     fn the_dac_label_of_a_domain_type_is_read_from_the_capabilities() {

@@ -57,8 +57,9 @@ pub(crate) struct RestoreArgs {
     #[arg(long, requires = "live")]
     force: bool,
     /// In the running VM (--qmp or --libvirt), stream the backup's data
-    /// into every image a live restore made (block-stream), wait, drop the
-    /// images' backing, and end each export no image needs any more. The
+    /// into every image a live restore made (QEMU's block-stream; libvirt's
+    /// blockpull with --libvirt), wait, drop the images' backing, and end
+    /// each export no image needs any more. The
     /// guest's writes meanwhile are kept. Safe to run again after a kill:
     /// a stream still running is waited for, a finished one recognised.
     #[arg(long, conflicts_with_all = ["in_place", "format", "live", "output"])]
@@ -333,12 +334,19 @@ async fn finish(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let monitor = args
-        .target
-        .connect(None, std::time::Duration::from_secs(30))
-        .await?;
     let bar = super::output::progress_bar(!args.json);
-    let report = engine::finish(&monitor.qmp, bar.as_ref()).await?;
+    let report = match (&args.target.qmp, args.target.domain()) {
+        // A domain through its extra socket, or any VM: QEMU's streams.
+        (Some(_), _) | (None, None) => {
+            let monitor = args
+                .target
+                .connect(None, std::time::Duration::from_secs(30))
+                .await?;
+            engine::finish(&monitor.qmp, bar.as_ref()).await?
+        }
+        // Through libvirt: libvirt's own, so its view of the chains follows.
+        (None, Some(domain)) => engine::finish_domain(&domain, bar.as_ref()).await?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

@@ -186,13 +186,7 @@ pub async fn restore_live_domain(
         )));
     }
     started(&served);
-    let monitor = crate::monitor::Target {
-        qmp: None,
-        domain: Some(domain.clone()),
-    }
-    .connect(None, Duration::from_secs(30))
-    .await?;
-    let report = finish(&monitor.qmp, progress).await?;
+    let report = finish_domain(domain, progress).await?;
     Ok((served, report))
 }
 
@@ -313,18 +307,7 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
         .collect();
     let mut volumes = Vec::new();
     for b in &backed {
-        let alive = detached::read(&b.runtime)
-            .map(|s| detached::alive(&s, &b.runtime))
-            .unwrap_or(false);
-        if !alive {
-            bail!(
-                "{} reads its not-yet-restored data from a live export that is gone ({}): \
-                 the VM gets read errors there, and the image cannot be completed from it; \
-                 restore the point again with bitback restore",
-                b.image,
-                b.runtime.display()
-            );
-        }
+        b.serving()?;
         let id = job_id(&b.node);
         if running.contains(&id) {
             volumes.push(Finished {
@@ -401,8 +384,43 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
             ));
         }
     }
-    // Every live export no image needs any more ends: this VM's, and one
-    // whose stream finished while no bitback watched.
+    let (ended, kept) = end_exports(&backed).await?;
+    if !failures.is_empty() {
+        bail!(
+            "streaming failed: {}; the images keep their backing, and the export serves on: run bitback restore --finish again",
+            failures.join("; ")
+        );
+    }
+    Ok(FinishReport {
+        volumes,
+        ended,
+        kept,
+    })
+}
+
+impl Backed {
+    /// Fails, saying what it means, when the export it reads from is gone.
+    fn serving(&self) -> anyhow::Result<()> {
+        let alive = detached::read(&self.runtime)
+            .map(|s| detached::alive(&s, &self.runtime))
+            .unwrap_or(false);
+        if !alive {
+            bail!(
+                "{} reads its not-yet-restored data from a live export that is gone ({}): \
+                 the VM gets read errors there, and the image cannot be completed from it; \
+                 restore the point again with bitback restore",
+                self.image,
+                self.runtime.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Ends every live export no image needs any more: the streamed ones', and
+/// one whose stream finished while no bitback watched. Returns (ended,
+/// kept): kept are those of `backed` an image still reads from.
+async fn end_exports(backed: &[Backed]) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let (mut ended, mut kept) = (Vec::new(), Vec::new());
     for (runtime, state) in detached::all() {
         if state.kind != Kind::Live {
@@ -417,10 +435,93 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
             ended.push(runtime);
         }
     }
-    if !failures.is_empty() {
+    Ok((ended, kept))
+}
+
+/// [`finish`] for a libvirt domain, with libvirt's own streams (`virsh
+/// blockpull`), so that libvirt's view of each disk's chain follows.
+pub async fn finish_domain(
+    domain: &Domain,
+    progress: Option<&ProgressSink>,
+) -> anyhow::Result<FinishReport> {
+    detached::clean_all_dead();
+    let base = detached::base();
+    let backed_disks = |info: &crate::libvirt::DomainInfo| -> Vec<Backed> {
+        info.disks
+            .iter()
+            .filter_map(|d| {
+                let runtime = d.backing_socket.as_ref()?.parent()?;
+                runtime.starts_with(&base).then(|| Backed {
+                    node: d.target.clone(),
+                    image: d
+                        .source
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    runtime: runtime.to_path_buf(),
+                })
+            })
+            .collect()
+    };
+    let info = domain.info()?;
+    if !info.running {
+        return Err(BadInput(format!(
+            "domain {} is not running; start it on its images first",
+            domain.name
+        ))
+        .into());
+    }
+    let backed = backed_disks(&info);
+    let mut volumes = Vec::new();
+    for b in &backed {
+        b.serving()?;
+        let how = if domain.blockjob(&b.node)?.is_some() {
+            "waited"
+        } else {
+            domain
+                .blockpull(&b.node)
+                .with_context(|| format!("starting the stream of {}", b.image))?;
+            "streamed"
+        };
+        volumes.push(Finished {
+            node: b.node.clone(),
+            image: b.image.clone(),
+            how,
+        });
+    }
+    if let Some(p) = progress {
+        p.0.start("streaming the backup into the images", 0);
+    }
+    loop {
+        let (mut done, mut all, mut running) = (0, 0, false);
+        for b in &backed {
+            if let Some((cur, end)) = domain.blockjob(&b.node)? {
+                running = true;
+                done += cur;
+                all += end;
+            }
+        }
+        if let Some(p) = progress {
+            p.0.update(done, all);
+        }
+        if !running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(p) = progress {
+        p.0.finish();
+    }
+    // A stream that failed leaves its disk backed by the export.
+    let left = backed_disks(&domain.info()?);
+    let (ended, kept) = end_exports(&backed).await?;
+    if !left.is_empty() {
         bail!(
-            "streaming failed: {}; the images keep their backing, and the export serves on: run bitback restore --finish again",
-            failures.join("; ")
+            "streaming failed for {}: the disks keep their backing, and the export serves on: run bitback restore --finish again (virsh domblkerror and the domain's log say more)",
+            left.iter()
+                .map(|b| b.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(FinishReport {

@@ -31,7 +31,9 @@ pub use check::data_file_problem;
 pub use check::{Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};
-pub use live::{FinishReport, Finished, LiveOptions, finish, restore_live, restore_live_domain};
+pub use live::{
+    FinishReport, Finished, LiveOptions, finish, finish_domain, restore_live, restore_live_domain,
+};
 pub use mount::{MountOptions, Served, ServedFile, mount, umount};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,

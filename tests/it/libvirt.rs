@@ -450,6 +450,9 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
         let info = crate::harness::qemu_img_info(image);
         assert!(info["backing-filename"].is_null(), "{info}");
     }
+    // libvirt streamed (blockpull): its own view of the chains followed.
+    let xml = must_virsh(&["dumpxml", &domain.name]);
+    assert!(!xml.contains("protocol='nbd'"), "{xml}");
     // The guest runs on the point and writes on.
     domain.wait_records(20);
     let again = domain.run_backup(&repo, &[], &[]);
