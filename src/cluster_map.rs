@@ -251,6 +251,16 @@ impl Baseline {
         let Some(mut base) = maps.next() else {
             bail!("no map to build on");
         };
+        let zeros = Zeros::new(base.cluster_size);
+        let zeros_of = |map: &Map, c: u64| zeros.of(map.cluster_len(c));
+        // Only data is kept: a cluster not recorded reads as zeros, so a
+        // sparse disk's baseline is the size of its data.
+        let mut data = Clusters::with_capacity_and_hasher(base.clusters.len(), Default::default());
+        for (c, d) in std::mem::take(&mut base.clusters) {
+            if d != zeros_of(&base, c) {
+                data.insert(c, d);
+            }
+        }
         for m in maps {
             if (m.cluster_size, m.size) != (base.cluster_size, base.size) {
                 bail!(
@@ -261,9 +271,15 @@ impl Baseline {
                     m.size
                 );
             }
-            base.clusters.extend(m.clusters);
+            for (c, d) in m.clusters {
+                if d == zeros_of(&base, c) {
+                    data.remove(&c);
+                } else {
+                    data.insert(c, d);
+                }
+            }
         }
-        let zeros = Zeros::new(base.cluster_size);
+        base.clusters = data;
         Ok(Baseline { map: base, zeros })
     }
 

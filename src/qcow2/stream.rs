@@ -347,6 +347,17 @@ impl Stream {
         }
     }
 
+    /// Records that `cluster`, which was `slot`, now reads as zeros. A
+    /// full's cluster that never held anything needs no record: a cluster
+    /// a map does not record reads as zeros, and a sparse disk's map stays
+    /// the size of its data.
+    fn zeroed(&mut self, cluster: u64, slot: Slot) -> Result<()> {
+        if self.backing.is_none() && matches!(slot, Slot::Empty) {
+            return Ok(());
+        }
+        self.record_zeros(cluster)
+    }
+
     fn record_zeros(&mut self, cluster: u64) -> Result<()> {
         let len = self.cluster_len(cluster);
         self.map_write(|map| map.record_zeros(cluster, len))
@@ -387,7 +398,7 @@ impl Stream {
             }
             let entry = if self.backing.is_some() { ZERO } else { 0 };
             self.set(cluster, entry);
-            return self.record_zeros(cluster);
+            return self.zeroed(cluster, slot);
         }
         let d = self.digest_for(bytes);
         if self.unchanged(cluster, slot, d) {
@@ -566,7 +577,7 @@ impl Stream {
                         self.set(p.cluster, entry);
                     }
                 }
-                self.record_zeros(p.cluster)?;
+                self.zeroed(p.cluster, slot)?;
                 continue;
             }
             match slot {
