@@ -17,17 +17,19 @@ use bitback::repo::Repo;
 /// every read goes through the chain, so it costs what reading the backup
 /// files costs (on a NAS, a network read).
 ///
-/// To get files back, attach a volume read-only and mount its filesystem:
+/// To get files back, attach a volume read-only and mount its filesystem
+/// (noload: no journal replay on a read-only device):
 ///
-///   losetup -f -P -r --show DIR/vda.raw      # prints /dev/loopN
-///   mount -o ro /dev/loopNp1 /mnt            # or /dev/loopN without partitions
-///   vgchange -ay; mount -o ro /dev/VG/LV /mnt   # LVM inside a guest disk
+///   losetup -f -P -r --show DIR/vda.raw          # prints /dev/loopN
+///   mount -o ro,noload /dev/loopNp1 /mnt         # /dev/loopN without partitions
+///   vgchange -ay; mount -o ro,noload /dev/VG/LV /mnt   # LVM inside the disk
 ///
 /// then undo it (umount /mnt; losetup -d /dev/loopN) before `bitback
 /// umount DIR`. While mounted, the VM's read lock is held: prune and
 /// consolidate refuse, naming the mount. A mount whose daemon died is
 /// cleaned up by the next mount or umount.
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub(crate) struct MountArgs {
     /// The repository directory.
     #[arg(long, value_name = "DIR")]

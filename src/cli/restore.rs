@@ -12,12 +12,16 @@ use bitback::repo::Repo;
 /// Restores are native, raw or qcow2: for each guest range, only the
 /// newest file of the chain that holds it is read, in large parallel
 /// reads, and zero ranges stay holes, so the time grows with the data, not
-/// with the chain's length. Chains with compressed clusters, and encrypted
-/// backups (--key-file), go through `qemu-img convert` (and say so). Each
-/// volume's chain starts at its last full, which may be newer than the
-/// point's chain start (a disk added or resized later). The chain is
-/// verified first (digests included unless --no-verify); a chain that
-/// fails is refused, naming the file. Existing files are never overwritten.
+/// with the chain's length. Compressed clusters (deflate, zstd) are
+/// decompressed natively; encrypted backups (--key-file) go through
+/// `qemu-img convert` (and say so). Each volume's chain starts at its last
+/// full, which may be newer than the point's chain start (a disk added or
+/// resized later). The chain is verified first (digests included unless
+/// --no-verify); a chain that fails is refused, naming the file. Existing
+/// files are never overwritten.
+///
+/// --live returns in seconds instead: the VM starts on images backed by
+/// the point, and --finish completes them while it runs.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
     /// The repository directory.

@@ -430,8 +430,14 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     assert_eq!(next.code, Some(0), "{}{}", next.stdout, next.stderr);
     nothing_mounted(&before);
 
-    // qemu-img check is clean on every file written.
+    // qemu-img check is clean on every file of a backup that ended. (The
+    // killed run's file is not one: on bitback's data path its header is
+    // written last, so it may not even be a qcow2 image.)
+    let killed_dir = nas.join(t(14));
     for entry in walk_files(&nas) {
+        if entry.starts_with(&killed_dir) {
+            continue;
+        }
         if entry.extension().is_some_and(|e| e == "qcow2") {
             run(Command::new("qemu-img").args(["check", "-q"]).arg(&entry));
         }
