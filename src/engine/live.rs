@@ -102,7 +102,11 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     for (i, (name, size)) in point.volumes.iter().enumerate() {
         let path = image_of(&serving.target, name);
         let url = export_url(name, &socket);
-        if let Err(e) = new_image(&path, *size, &url, opts) {
+        let data = match super::restore::data_ranges(&point.files[i]) {
+            Ok(data) => data,
+            Err(e) => return Err(serving.undo(e)),
+        };
+        if let Err(e) = new_image(&path, *size, &url, data.as_deref(), opts) {
             return Err(serving.undo(e));
         }
         serving.made.push(path.clone());
@@ -190,8 +194,17 @@ pub async fn restore_live_domain(
     Ok((served, report))
 }
 
-/// An empty qcow2 image at `path` backed by the export `url`.
-fn new_image(path: &Path, size: u64, url: &str, opts: &LiveOptions) -> anyhow::Result<()> {
+/// An empty qcow2 image at `path` backed by the export `url`, with a zero
+/// cluster wherever the point holds no data (`data`: its data ranges,
+/// when known): the VM reads those as zeros without asking the export, and
+/// the stream, which skips what the image holds, copies only data.
+fn new_image(
+    path: &Path,
+    size: u64,
+    url: &str,
+    data: Option<&[(u64, u64)]>,
+    opts: &LiveOptions,
+) -> anyhow::Result<()> {
     if path.exists() || path.is_symlink() {
         if !opts.force {
             return Err(BadInput(format!(
@@ -202,20 +215,58 @@ fn new_image(path: &Path, size: u64, url: &str, opts: &LiveOptions) -> anyhow::R
         }
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
-    qcow2::create(
-        path,
-        &CreateOptions {
-            size,
-            backing: Some(url),
-            backing_format: Some("raw"),
-            ..CreateOptions::default()
-        },
-    )
-    .with_context(|| format!("creating {}", path.display()))?;
+    let create = CreateOptions {
+        size,
+        backing: Some(url),
+        backing_format: Some("raw"),
+        ..CreateOptions::default()
+    };
+    let made = match data {
+        None => qcow2::create(path, &create).map_err(anyhow::Error::from),
+        Some(data) => zeroed_image(path, &create, data),
+    };
+    made.with_context(|| format!("creating {}", path.display()))?;
     if let Some(owner) = opts.owner {
         crate::qemu::daemon::give_socket(path, owner)
             .with_context(|| format!("giving {} to QEMU's user", path.display()))?;
     }
+    Ok(())
+}
+
+/// [`new_image`]'s image with zero clusters: every whole cluster outside
+/// `data` (sorted, disjoint guest ranges).
+fn zeroed_image(path: &Path, create: &CreateOptions, data: &[(u64, u64)]) -> anyhow::Result<()> {
+    // At most this much per call: the writer lists a range's clusters.
+    const STEP: u64 = 1 << 30;
+    let cs = create.cluster_size;
+    let mut image = qcow2::Stream::create(path, create)?;
+    let mut at = 0;
+    let gaps = data
+        .iter()
+        .map(|&(start, end)| {
+            let gap = (at, start);
+            at = end;
+            gap
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .chain(std::iter::once((at, create.size)));
+    for (start, end) in gaps {
+        // Whole clusters only: a cluster data shares reads from the export.
+        // The disk's last cluster may be short; a gap to the end takes it.
+        let mut from = start.div_ceil(cs) * cs;
+        let to = if end == create.size {
+            end
+        } else {
+            end / cs * cs
+        };
+        while from < to {
+            let n = (to - from).min(STEP);
+            image.write_zeroes(from, n)?;
+            from += n;
+        }
+    }
+    image.finish()?;
     Ok(())
 }
 

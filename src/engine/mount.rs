@@ -64,6 +64,8 @@ pub struct ServedFile {
 pub(super) struct Point {
     pub manifest: Manifest,
     pub volumes: Vec<(String, u64)>,
+    /// Each volume's files, full first.
+    pub files: Vec<Vec<PathBuf>>,
     pub blockdevs: Vec<Value>,
     pub objects: Vec<String>,
 }
@@ -104,6 +106,7 @@ impl Point {
             }
         };
         let mut volumes = Vec::new();
+        let mut chains = Vec::new();
         let mut blockdevs = Vec::new();
         for v in manifest
             .volumes
@@ -115,6 +118,7 @@ impl Point {
             image["node-name"] = json!(format!("vol{}", volumes.len()));
             blockdevs.push(image);
             volumes.push((v.name.clone(), v.virtual_size));
+            chains.push(files);
         }
         let objects = match (secret, key) {
             (Some(secret), Some(key)) => vec![format!(
@@ -126,6 +130,7 @@ impl Point {
         Ok(Point {
             manifest,
             volumes,
+            files: chains,
             blockdevs,
             objects,
         })

@@ -527,6 +527,29 @@ fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'_>>> {
     }))
 }
 
+/// The guest ranges of a chain (`files`, full first) that hold data,
+/// sorted and merged: what a restore of it copies. `None` for an encrypted
+/// chain (its metadata is not read natively).
+pub(super) fn data_ranges(files: &[PathBuf]) -> anyhow::Result<Option<Vec<(u64, u64)>>> {
+    let Some(mapped) = plan_copy(files)? else {
+        return Ok(None);
+    };
+    let mut ranges: Vec<(u64, u64)> = mapped
+        .segments
+        .iter()
+        .map(|s| (s.guest, s.guest + s.len))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Ok(Some(merged))
+}
+
 /// Largest single read/write.
 const CHUNK: u64 = 4 << 20;
 

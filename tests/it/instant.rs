@@ -489,6 +489,27 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
         // Before any VM: the image reads as the point, through the export.
         assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
     }
+    // Where the point holds no data the images hold zero clusters of their
+    // own: the VM reads them without the export, the stream skips them.
+    let local_zeros: u64 = images
+        .iter()
+        .map(|image| {
+            let out = run(Command::new("qemu-img")
+                .args(["map", "-U", "--output=json"])
+                .arg(image));
+            let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+            map.as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["depth"] == 0 && e["zero"] == true)
+                .map(|e| e["length"].as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(
+        local_zeros >= 4 * MIB,
+        "{local_zeros} bytes of zero clusters"
+    );
     // A restore into images that exist is refused without --force.
     let twice = rt.run(&[
         "restore",
