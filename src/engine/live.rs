@@ -61,14 +61,13 @@ fn socket_of(url: &str) -> Option<PathBuf> {
 
 /// Creates the images and starts the export; returns at once.
 pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
-    detached::clean_all_dead();
-    let lock = repo.read_lock(&opts.vm, "restore --live")?;
-    let point = Point::open(
+    let (lock, point) = Point::locked(
         repo,
         &opts.vm,
         opts.backup.as_deref(),
         &opts.volumes,
         opts.key.as_ref(),
+        "restore --live",
     )?;
     let image_of = |target: &Path, name: &str| {
         opts.images

@@ -71,7 +71,22 @@ pub(super) struct Point {
 }
 
 impl Point {
-    pub(super) fn open(
+    /// [`Point::open`] under the VM's read lock (for `purpose`), after
+    /// cleaning up what dead daemons left.
+    pub(super) fn locked(
+        repo: &Repo,
+        vm: &str,
+        backup: Option<&str>,
+        wanted: &[String],
+        key: Option<&Key>,
+        purpose: &str,
+    ) -> anyhow::Result<(Option<crate::repo::ReadLock>, Point)> {
+        detached::clean_all_dead();
+        let lock = repo.read_lock(vm, purpose)?;
+        Ok((lock, Point::open(repo, vm, backup, wanted, key)?))
+    }
+
+    fn open(
         repo: &Repo,
         vm: &str,
         backup: Option<&str>,
@@ -236,14 +251,13 @@ impl Serving {
 /// Mounts a point: returns once every `<dir>/<volume>.raw` serves the
 /// volume's bytes.
 pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
-    detached::clean_all_dead();
-    let lock = repo.read_lock(&opts.vm, "mount")?;
-    let point = Point::open(
+    let (lock, point) = Point::locked(
         repo,
         &opts.vm,
         opts.backup.as_deref(),
         &opts.volumes,
         opts.key.as_ref(),
+        "mount",
     )?;
     let mut serving = Serving::begin(Kind::Mount, &opts.dir, Path::to_path_buf)?;
     let mut exports = Vec::new();

@@ -220,6 +220,20 @@ fn a_mounted_point_reads_as_its_model_and_umount_leaves_nothing() {
     assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
 }
 
+/// `bitback mount --json` of the newest point of `vm1` in `repo` at `at`.
+fn mount_at(rt: &Runtime, repo: &str, at: &Path) -> Value {
+    rt.run(&[
+        "mount",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--json",
+        at.to_str().unwrap(),
+    ])
+    .json()
+}
+
 #[test]
 fn a_mount_whose_daemon_died_is_cleaned_up_by_the_next_mount() {
     let dir = tempdir();
@@ -230,33 +244,13 @@ fn a_mount_whose_daemon_died_is_cleaned_up_by_the_next_mount() {
     vm.quit();
     let repo = vm.repo.to_str().unwrap().to_string();
     let mnt = dir.path().join("mnt");
-    let m = rt
-        .run(&[
-            "mount",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--json",
-            mnt.to_str().unwrap(),
-        ])
-        .json();
+    let m = mount_at(&rt, &repo, &mnt);
     kill9(m["pid"].as_u64().unwrap());
     // The dead daemon's FUSE file answers nothing.
     assert!(std::fs::read(mnt.join("drive0.raw")).is_err());
 
     let mnt2 = dir.path().join("mnt2");
-    let m2 = rt
-        .run(&[
-            "mount",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--json",
-            mnt2.to_str().unwrap(),
-        ])
-        .json();
+    let m2 = mount_at(&rt, &repo, &mnt2);
     assert!(!mnt.exists(), "the dead mount's directory is left");
     assert!(same_content(
         &mnt2.join("drive0.raw"),
@@ -273,17 +267,7 @@ fn a_mount_whose_daemon_died_is_cleaned_up_by_the_next_mount() {
     assert!(rt.entries().is_empty());
 
     // The same after a kill, by umount itself.
-    let m3 = rt
-        .run(&[
-            "mount",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--json",
-            mnt.to_str().unwrap(),
-        ])
-        .json();
+    let m3 = mount_at(&rt, &repo, &mnt);
     kill9(m3["pid"].as_u64().unwrap());
     let out = rt.run(&["umount", mnt.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
