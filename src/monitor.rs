@@ -129,7 +129,7 @@ async fn reaches_sockets(qmp: &Qmp, owner: SocketOwner) -> anyhow::Result<()> {
     let tried = async {
         let _listener = std::os::unix::net::UnixListener::bind(&socket)
             .with_context(|| format!("listening on {}", socket.display()))?;
-        qemu::daemon::give_socket(&socket, owner)?;
+        qemu::daemon::give_to(&socket, owner)?;
         let backend = serde_json::json!({
             "type": "socket",
             "data": {

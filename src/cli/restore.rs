@@ -60,6 +60,12 @@ pub(crate) struct RestoreArgs {
     /// Replace images that exist, with --live: the files there are deleted.
     #[arg(long, requires = "live")]
     force: bool,
+    /// With --live: the user (and group) the VM's QEMU runs as, by name or
+    /// number, when it is not root: the images and the export's socket are
+    /// given to it (else only root can use them). --libvirt finds libvirt's
+    /// user itself.
+    #[arg(long, value_name = "USER[:GROUP]", requires = "live", conflicts_with = "libvirt", value_parser = parse_owner)]
+    owner: Option<bitback::qmp::SocketOwner>,
     /// In the running VM (--qmp or --libvirt), stream the backup's data
     /// into every image a live restore made (QEMU's block-stream; libvirt's
     /// blockpull with --libvirt), wait, drop the images' backing, and end
@@ -222,6 +228,47 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--owner USER[:GROUP]`: names looked up in /etc/passwd and /etc/group,
+/// numbers taken as they are; the group defaults to the user's.
+fn parse_owner(text: &str) -> Result<bitback::qmp::SocketOwner, String> {
+    let (user, group) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    // name:password:id:gid... lines.
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        std::fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                (fields.first() == Some(&name) && fields.len() > 3)
+                    .then(|| Some((fields[2].parse().ok()?, fields[3].parse().unwrap_or(0))))?
+            })
+    };
+    let (uid, user_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, None),
+        Err(_) => {
+            let (uid, gid) = lookup("/etc/passwd", user)
+                .ok_or_else(|| format!("no user {user:?} in /etc/passwd"))?;
+            (uid, Some(gid))
+        }
+    };
+    let gid = match group {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                lookup("/etc/group", g)
+                    .ok_or_else(|| format!("no group {g:?} in /etc/group"))?
+                    .0
+            }
+        },
+        None => user_gid
+            .ok_or_else(|| format!("give the group of user id {uid} too: --owner {uid}:GID"))?,
+    };
+    Ok(bitback::qmp::SocketOwner { uid, gid })
+}
+
 /// `restore --live`: the images and the export, reported.
 async fn live(
     args: &RestoreArgs,
@@ -237,7 +284,7 @@ async fn live(
         images: Vec::new(),
         force: args.force,
         key,
-        owner: None,
+        owner: args.owner,
     };
     if let Some(domain) = args.target.domain() {
         return live_domain(args, repo, &opts, &domain).await;

@@ -85,6 +85,11 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             .unwrap_or_else(|| target.to_path_buf())
     })?;
     let socket = serving.runtime.join("nbd.sock");
+    if let Some(owner) = opts.owner
+        && let Err(e) = serving.give_target(owner)
+    {
+        return Err(serving.undo(e));
+    }
     if !opts.images.is_empty()
         && let Some((name, _)) = point
             .volumes
@@ -127,7 +132,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     };
     let state = serving.start(repo, &opts.vm, &point, spec, lock)?;
     if let Some(owner) = opts.owner
-        && let Err(e) = crate::qemu::daemon::give_socket(&socket, owner)
+        && let Err(e) = crate::qemu::daemon::give_to(&socket, owner)
     {
         let _ = detached::stop(&serving.runtime, &state).await;
         return Err(serving.undo(
@@ -226,7 +231,7 @@ fn new_image(
     };
     made.with_context(|| format!("creating {}", path.display()))?;
     if let Some(owner) = opts.owner {
-        crate::qemu::daemon::give_socket(path, owner)
+        crate::qemu::daemon::give_to(path, owner)
             .with_context(|| format!("giving {} to QEMU's user", path.display()))?;
     }
     Ok(())

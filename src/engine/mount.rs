@@ -205,6 +205,16 @@ impl Serving {
         }
     }
 
+    /// Gives the target directory to `owner` when bitback made it (a VM's
+    /// QEMU of that user reaches the images in it).
+    pub(super) fn give_target(&self, owner: crate::qmp::SocketOwner) -> anyhow::Result<()> {
+        if self.made_target {
+            crate::qemu::daemon::give_to(&self.target, owner)
+                .with_context(|| format!("giving {} to QEMU's user", self.target.display()))?;
+        }
+        Ok(())
+    }
+
     /// Removes what was made; returns `e`.
     pub(super) fn undo(&self, e: anyhow::Error) -> anyhow::Error {
         for f in &self.made {

@@ -144,7 +144,7 @@ fn listen(
         .map_err(anyhow::Error::from)
         .and_then(|listener| {
             if let Some(owner) = owner {
-                daemon::give_socket(&socket, owner)?;
+                daemon::give_to(&socket, owner)?;
             }
             Ok(listener)
         });

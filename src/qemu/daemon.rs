@@ -210,9 +210,10 @@ pub fn socket_dir(name: &str, owner: Option<crate::qmp::SocketOwner>) -> Result<
     Ok(dir)
 }
 
-/// Gives a socket bitback listens on to `owner` (see [`socket_dir`]): QEMU
-/// needs write permission on the socket to connect.
-pub fn give_socket(path: &Path, owner: crate::qmp::SocketOwner) -> std::io::Result<()> {
+/// Gives a file bitback made to `owner`, an unprivileged QEMU's user: a
+/// socket it listens on (QEMU needs write permission on a socket to
+/// connect; see [`socket_dir`]), an image, a directory.
+pub fn give_to(path: &Path, owner: crate::qmp::SocketOwner) -> std::io::Result<()> {
     std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))
 }
 

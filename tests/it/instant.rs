@@ -4,6 +4,7 @@
 //! exports, real FUSE mounts and loop devices, and real QEMU; judged by
 //! models, `qemu-img compare`, `qemu-img info` and `qemu-img check`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -687,4 +688,64 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
         "{}",
         failed.stderr
     );
+}
+
+#[test]
+fn a_live_restore_is_given_to_the_user_its_qemu_runs_as() {
+    require("setpriv");
+    let dir = tempdir();
+    let rt = Runtime::new();
+    // An unprivileged user reaches the images and the runtime directory.
+    for d in [dir.path(), rt.path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (vm, id) = point(dir.path(), 16 * MIB);
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let model = vm.points[0].1[0].clone();
+    std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // What user nobody (65534) sees of an image, through its export.
+    let as_nobody = |image: &Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["qemu-img", "compare", "-f", "qcow2", "-F", "raw"])
+            .arg(image)
+            .arg(&model)
+            .output()
+            .unwrap()
+    };
+    let live = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "restore", "--repo", &repo, "--vm", "vm1", "--backup", &id, "--live", "--volume",
+            "drive0", "--json", "--output",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        rt.run(&args).json()
+    };
+    let given = live(&dir.path().join("given"), &["--owner", "nobody"]);
+    let image = &paths(&given)[0];
+    let seen = as_nobody(image);
+    assert!(
+        seen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    // Without --owner only root can use them.
+    let kept = live(&dir.path().join("kept"), &[]);
+    let seen = as_nobody(&paths(&kept)[0]);
+    assert!(!seen.status.success());
+    let bad = rt.run(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--live",
+        "--output",
+        "x",
+        "--owner",
+        "no-such-user",
+    ]);
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("no user"), "{}", bad.stderr);
 }
