@@ -246,8 +246,10 @@ fn a_killed_guarded_copy_through_the_nbd_server_is_cleaned_up() {
     vm.write(0, 0, 4 * MIB, 0x21);
     vm.write(1, 0, 2 * MIB, 0x22);
     vm.backup(&NBD);
-    vm.write(0, 8 * MIB, MIB, 0x23);
-    vm.write(1, 4 * MIB, MIB, 0x24);
+    // Several chunks each: after the first, the speed limit holds the job
+    // back (a job of one chunk could end before any poll saw it run).
+    vm.write(0, 8 * MIB, 4 * MIB, 0x23);
+    vm.write(1, 4 * MIB, 3 * MIB, 0x24);
     let killed = backup_into_env(
         &vm.qemu().qmp,
         &vm.repo,
@@ -257,14 +259,11 @@ fn a_killed_guarded_copy_through_the_nbd_server_is_cleaned_up() {
     );
     assert_eq!(killed.code, None, "{}", killed.stderr);
     vm.write(0, 12 * MIB, MIB, 0x25);
-    let started = std::time::Instant::now();
+    // The killed run's job, held back by its limit, is cancelled at once:
+    // a cleanup that waited it out gave up and met its nodes ("Duplicate
+    // nodes"), and this backup failed.
     let next = vm.backup(&NBD);
     assert_eq!(next["kind"], "incremental", "{next}");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(20),
-        "cleaning up took {:?}",
-        started.elapsed()
-    );
     vm.quit();
     vm.check_files();
     vm.check_all_points();
