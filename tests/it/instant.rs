@@ -495,6 +495,15 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
         local_zeros >= 4 * MIB,
         "{local_zeros} bytes of zero clusters"
     );
+    // Prune refuses while the export serves, naming it.
+    let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
+    let refused = rt.run(&prune);
+    assert_ne!(refused.code, Some(0), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("a live restore of backup"),
+        "{}",
+        refused.stderr
+    );
     // A restore into images that exist is refused without --force.
     let twice = rt.run(&[
         "restore",
@@ -549,6 +558,8 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
         vm2.qemu().qmp.to_str().unwrap(),
     ]);
     assert_eq!(again.json()["volumes"], serde_json::json!([]));
+    let pruned = rt.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
     assert_restored(&mut vm2, &images);
 }
 
