@@ -6,7 +6,8 @@
 //! point), `after-transaction` (bitmaps added, jobs
 //! started), `mid-copy` (a progress poll saw a job still running), `after-jobs`,
 //! `before-commit`, `after-commit` (before the old bitmap is removed),
-//! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`.
+//! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`,
+//! `serve-before-daemon` (a mount or live restore, its files made).
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {

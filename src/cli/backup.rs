@@ -351,12 +351,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         stall_timeout: Duration::from_secs(args.stall_timeout),
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
         progress: super::output::progress_bar(!args.json),
-        encrypt: args
-            .encrypt_key_file
-            .as_deref()
-            .map(engine::key::Key::from_file)
-            .transpose()
-            .map_err(|e| BadInput(format!("--encrypt-key-file: {e:#}")))?,
+        encrypt: super::output::key_file(args.encrypt_key_file.as_deref(), "--encrypt-key-file")?,
         encrypt_iter_time: args.encrypt_iter_time,
         allow_plaintext: args.allow_plaintext,
         fleecing: args.fleecing.clone(),
@@ -376,12 +371,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             .into());
         }
     }
-    let image_key = args
-        .image_key_file
-        .as_deref()
-        .map(engine::key::Key::from_file)
-        .transpose()
-        .map_err(|e| BadInput(format!("--image-key-file: {e:#}")))?;
+    let image_key = super::output::key_file(args.image_key_file.as_deref(), "--image-key-file")?;
     if args.quiesce && args.qga.is_none() && args.target.libvirt.is_none() {
         return Err(BadInput("--quiesce needs --qga SOCK, or --libvirt DOMAIN".into()).into());
     }

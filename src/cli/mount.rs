@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::output::{bytes, table};
-use bitback::engine::{self, BadInput, MountOptions};
+use bitback::engine::{self, MountOptions};
 use bitback::repo::Repo;
 
 /// Serve a backup point's volumes as read-only files, for file-level
@@ -69,12 +69,7 @@ pub(crate) struct UmountArgs {
 
 pub(crate) async fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&args.repo)?;
-    let key = args
-        .key_file
-        .as_deref()
-        .map(engine::key::Key::from_file)
-        .transpose()
-        .map_err(|e| BadInput(format!("--key-file: {e:#}")))?;
+    let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
     let served = engine::mount(
         &repo,
         &MountOptions {

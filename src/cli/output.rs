@@ -82,6 +82,17 @@ impl bitback::engine::Progress for Bar {
     }
 }
 
+/// Reads the key file a `flag` option names, if given; a bad one is the
+/// caller's input to fix.
+pub(crate) fn key_file(
+    path: Option<&std::path::Path>,
+    flag: &str,
+) -> anyhow::Result<Option<bitback::engine::key::Key>> {
+    path.map(bitback::engine::key::Key::from_file)
+        .transpose()
+        .map_err(|e| bitback::engine::BadInput(format!("{flag}: {e:#}")).into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

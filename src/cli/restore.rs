@@ -154,12 +154,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         return Err(BadInput("give --repo DIR and --vm NAME".into()).into());
     };
     let repo = Repo::open(repo)?;
-    let key = args
-        .key_file
-        .as_deref()
-        .map(engine::key::Key::from_file)
-        .transpose()
-        .map_err(|e| BadInput(format!("--key-file: {e:#}")))?;
+    let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
     if args.live {
         return live(&args, &repo, vm, key).await;
     }

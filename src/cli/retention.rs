@@ -164,12 +164,7 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             volume: args.volume.clone(),
             listen,
             writable: args.writable,
-            key: args
-                .key_file
-                .as_deref()
-                .map(bitback::engine::key::Key::from_file)
-                .transpose()
-                .map_err(|e| bitback::engine::BadInput(format!("--key-file: {e:#}")))?,
+            key: super::output::key_file(args.key_file.as_deref(), "--key-file")?,
         },
     )
     .await

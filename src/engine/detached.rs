@@ -12,6 +12,7 @@
 //! leftovers cleaned up by the next `mount`, `umount` or `--finish`.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,14 +49,20 @@ pub struct State {
     pub volumes: Vec<String>,
     /// The mount directory, or the live images' directory (absolute).
     pub target: PathBuf,
-    /// The files bitback made in `target`: the FUSE mount points (removed
-    /// by `umount`), or the live images (the VM's from then on: never
+    /// The files it serves in `target`: the FUSE mount points (removed by
+    /// `umount`), or the live images (the VM's from then on: never
     /// removed).
     pub files: Vec<PathBuf>,
+    /// Files bitback made that it serves only once set up (live images,
+    /// made aside and then renamed into place): removed when the set-up
+    /// did not end.
+    #[serde(default)]
+    pub pending: Vec<PathBuf>,
     /// bitback made `target` (a mount removes it again when empty).
     pub made_target: bool,
-    /// The daemon's pid.
-    pub pid: u32,
+    /// The pid of the bitback that set it up (it may be starting the
+    /// daemon: the directory is in use while it runs).
+    pub starter: u32,
     /// When it started (RFC 3339, UTC).
     pub started: String,
 }
@@ -90,14 +97,14 @@ pub fn dir_for(kind: Kind, target: &Path) -> PathBuf {
     base().join(format!("{tag}-{}", &digest.to_hex()[..16]))
 }
 
-/// Makes the runtime directory for `target`, new (mode 0711, whatever the
-/// umask, under a base made 0755 when bitback makes it: a VM's QEMU,
-/// perhaps another user, connects to a live export's socket there; nobody
-/// else lists it).
-/// Cleans up first what a dead daemon left there.
-pub fn make_dir(kind: Kind, target: &Path) -> anyhow::Result<PathBuf> {
-    let base = base();
+/// Makes the runtime directory for `key` with `state` in it, new (mode
+/// 0711, whatever the umask, under a base made 0755 when bitback makes it:
+/// a VM's QEMU, perhaps another user, connects to a live export's socket
+/// there; nobody else lists it). One left by a run no longer in use is
+/// cleaned up first; one in use is refused.
+pub fn make_dir(kind: Kind, key: &Path, state: &State) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
+    let base = base();
     if !base.is_dir() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -106,34 +113,72 @@ pub fn make_dir(kind: Kind, target: &Path) -> anyhow::Result<PathBuf> {
             .and_then(|()| std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)))
             .with_context(|| format!("creating {}", base.display()))?;
     }
-    let dir = dir_for(kind, target);
-    if dir.exists() {
-        match read(&dir) {
-            Ok(state) if alive(&state, &dir) => bail!(BadInput(format!(
-                "{} is served already, by qemu-storage-daemon pid {} (backup {} of vm {}); end it first{}",
+    let dir = dir_for(kind, key);
+    // Made aside with its state, then renamed into place: the directory
+    // never exists without a state.
+    let aside = base.join(format!(
+        ".new-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o711)
+        .create(&aside)
+        .and_then(|()| std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o711)))
+        .with_context(|| format!("creating {}", aside.display()))?;
+    let placed = write(&aside, state).and_then(|()| place(&aside, &dir, kind, &state.target));
+    if placed.is_err() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+    placed.map(|()| dir)
+}
+
+/// Renames `aside` to `dir`, never over one in use: one no longer in use
+/// is cleaned up and the rename tried once more.
+fn place(aside: &Path, dir: &Path, kind: Kind, target: &Path) -> anyhow::Result<()> {
+    for _ in 0..2 {
+        let renamed = nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            aside,
+            nix::fcntl::AT_FDCWD,
+            dir,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!("creating {}", dir.display())));
+            }
+        }
+        let Ok(old) = read(dir) else {
+            bail!(BadInput(format!(
+                "{} is there without a state bitback can read; remove it to serve {} there",
+                dir.display(),
+                target.display()
+            )));
+        };
+        if in_use(&old, dir) {
+            let by = match daemon(dir) {
+                Some(pid) => format!("qemu-storage-daemon pid {pid}"),
+                None => format!("bitback pid {}, setting it up", old.starter),
+            };
+            bail!(BadInput(format!(
+                "{} is served already, by {by} (backup {} of vm {}); end it first{}",
                 target.display(),
-                state.pid,
-                state.backup,
-                state.vm,
+                old.backup,
+                old.vm,
                 match kind {
                     Kind::Mount => format!(" (bitback umount {})", target.display()),
                     Kind::Live => " (bitback restore --finish)".to_string(),
                 }
-            ))),
-            Ok(state) => clean_dead(&dir, &state),
-            Err(_) => {
-                // A directory with no readable state: a start that died
-                // before writing it.
-                let _ = std::fs::remove_dir_all(&dir);
-            }
+            )));
         }
+        clean_dead(dir, &old);
     }
-    std::fs::DirBuilder::new()
-        .mode(0o711)
-        .create(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
-        .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    bail!("{} could not be made", dir.display())
 }
 
 /// Reads a runtime directory's state.
@@ -143,7 +188,8 @@ pub fn read(dir: &Path) -> anyhow::Result<State> {
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn write(dir: &Path, state: &State) -> anyhow::Result<()> {
+/// Writes `state` into `dir` (atomically: aside, then renamed).
+pub fn write(dir: &Path, state: &State) -> anyhow::Result<()> {
     let path = dir.join(STATE);
     let tmp = dir.join(".state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
@@ -166,27 +212,44 @@ pub fn all() -> Vec<(PathBuf, State)> {
     found
 }
 
-/// Whether the state's daemon still runs: its pid is a
-/// qemu-storage-daemon whose pid file is in `dir`.
-pub fn alive(state: &State, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", state.pid)) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+/// The pid of the daemon serving from `dir`, while it runs: the pid in
+/// its pid file, if that process is a qemu-storage-daemon started with
+/// that pid file (a pid used again is not taken for it).
+pub fn daemon(dir: &Path) -> Option<u32> {
     let pid_file = dir.join("daemon.pid");
-    args.first()
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args
+        .first()
         .is_some_and(|a| a.ends_with(b"qemu-storage-daemon"))
         && args
             .iter()
-            .any(|a| *a == pid_file.as_os_str().as_encoded_bytes())
+            .any(|a| *a == pid_file.as_os_str().as_encoded_bytes());
+    ours.then_some(pid)
+}
+
+/// Whether a runtime directory is in use: its daemon runs, or the bitback
+/// that set it up still runs (and may be starting it).
+pub fn in_use(state: &State, dir: &Path) -> bool {
+    daemon(dir).is_some() || {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", state.starter)).unwrap_or_default();
+        let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        Path::new(std::ffi::OsStr::from_bytes(program))
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"bitback"))
+    }
 }
 
 /// What a dead daemon left: its FUSE mounts (detached), the mount points
-/// bitback made, and its runtime directory. Live images stay: they are
-/// the VM's.
+/// bitback made, files of a set-up that did not end, and its runtime
+/// directory. Live images stay: they are the VM's.
 pub fn clean_dead(dir: &Path, state: &State) {
     warn!(
-        pid = state.pid,
         target = %state.target.display(),
         "the daemon serving backup {} of vm {} is gone; cleaning up after it",
         state.backup,
@@ -199,6 +262,9 @@ pub fn clean_dead(dir: &Path, state: &State) {
 /// Detaches and removes a mount's FUSE files, and its directory when
 /// bitback made it and it is empty.
 fn remove_mount_points(state: &State) {
+    for file in &state.pending {
+        let _ = std::fs::remove_file(file);
+    }
     if state.kind != Kind::Mount {
         return;
     }
@@ -213,41 +279,23 @@ fn remove_mount_points(state: &State) {
     }
 }
 
-/// Starts the daemon of `spec` in `dir`, holding `lock`, and records
-/// `state` (its pid filled in). On failure nothing is left in `dir`.
-pub fn start(
-    dir: &Path,
-    spec: &DaemonSpec,
-    lock: Option<ReadLock>,
-    mut state: State,
-) -> anyhow::Result<State> {
+/// Starts the daemon of `spec` in `dir`, holding `lock`; returns its pid.
+pub fn start(dir: &Path, spec: &DaemonSpec, lock: Option<ReadLock>) -> anyhow::Result<u32> {
     let fd = lock.as_ref().map(|l| l.as_fd().as_raw_fd());
-    match daemon::start_detached(dir, spec, fd) {
-        Ok(pid) => {
-            state.pid = pid;
-            // The daemon holds the lock from now on; releasing it here
-            // (flock's unlock on drop) would release it for the daemon
-            // too, so the descriptor is closed when bitback exits instead.
-            std::mem::forget(lock);
-            info!(pid, dir = %dir.display(), "qemu-storage-daemon serves on after bitback");
-            if let Err(e) = write(dir, &state) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                return Err(e);
-            }
-            Ok(state)
-        }
-        Err(e) => Err(anyhow::Error::from(e).context("starting qemu-storage-daemon")),
-    }
+    let pid = daemon::start_detached(dir, spec, fd).context("starting qemu-storage-daemon")?;
+    // The daemon holds the lock from now on; releasing it here (flock's
+    // unlock on drop) would release it for the daemon too, so the
+    // descriptor is closed when bitback exits instead.
+    std::mem::forget(lock);
+    info!(pid, dir = %dir.display(), "qemu-storage-daemon serves on after bitback");
+    Ok(pid)
 }
 
 /// Ends a runtime directory's daemon (QMP `quit`, then SIGTERM, then
 /// SIGKILL, each by its pid, checked first) and removes what it served:
 /// the mount points of a mount, the runtime directory.
 pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
-    if alive(state, dir) {
+    if let Some(pid) = daemon(dir) {
         let socket = dir.join("qmp.sock");
         let quit = async {
             let qmp = Qmp::connect_with(Endpoint::Unix(socket), QmpOptions::default()).await?;
@@ -259,24 +307,24 @@ pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")))
         {
             warn!(
-                pid = state.pid,
+                pid,
                 error = format!("{e:#}"),
                 "the daemon did not take quit; signalling it"
             );
         }
-        let pid = nix::unistd::Pid::from_raw(state.pid as i32);
+        let target = nix::unistd::Pid::from_raw(pid as i32);
         let mut signal = nix::sys::signal::Signal::SIGTERM;
         let mut waited = Duration::ZERO;
-        while alive(state, dir) {
+        while daemon(dir) == Some(pid) {
             if waited == Duration::from_secs(5) {
-                let _ = nix::sys::signal::kill(pid, signal);
+                let _ = nix::sys::signal::kill(target, signal);
             }
             if waited == Duration::from_secs(20) {
                 signal = nix::sys::signal::Signal::SIGKILL;
-                let _ = nix::sys::signal::kill(pid, signal);
+                let _ = nix::sys::signal::kill(target, signal);
             }
             if waited > Duration::from_secs(30) {
-                bail!("qemu-storage-daemon pid {} did not end", state.pid);
+                bail!("qemu-storage-daemon pid {pid} did not end");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             waited += Duration::from_millis(50);
@@ -287,10 +335,11 @@ pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cleans up after every dead daemon under [`base`].
+/// Cleans up after every runtime directory under [`base`] no longer in
+/// use.
 pub fn clean_all_dead() {
     for (dir, state) in all() {
-        if !alive(&state, &dir) {
+        if !in_use(&state, &dir) {
             clean_dead(&dir, &state);
         }
     }
@@ -302,20 +351,19 @@ pub fn holders(repo: &Path, vm: &str) -> Vec<String> {
     let repo = std::fs::canonicalize(repo).unwrap_or_else(|_| repo.to_path_buf());
     all()
         .into_iter()
-        .filter(|(dir, s)| s.repo == repo && s.vm == vm && alive(s, dir))
-        .map(|(_, s)| match s.kind {
+        .filter(|(_, s)| s.repo == repo && s.vm == vm)
+        .filter_map(|(dir, s)| Some((daemon(&dir)?, s)))
+        .map(|(pid, s)| match s.kind {
             Kind::Mount => format!(
-                "bitback mount of backup {} at {} (qemu-storage-daemon pid {}; bitback umount {})",
+                "bitback mount of backup {} at {} (qemu-storage-daemon pid {pid}; bitback umount {})",
                 s.backup,
                 s.target.display(),
-                s.pid,
                 s.target.display()
             ),
             Kind::Live => format!(
-                "a live restore of backup {} into {} (qemu-storage-daemon pid {}; bitback restore --finish)",
+                "a live restore of backup {} into {} (qemu-storage-daemon pid {pid}; bitback restore --finish)",
                 s.backup,
                 s.target.display(),
-                s.pid
             ),
         })
         .collect()

@@ -77,13 +77,20 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             .unwrap_or_else(|| target.join(format!("{name}.qcow2")))
     };
     // One export per set of images: keyed by the first image's path.
-    let mut serving = Serving::begin(Kind::Live, &opts.output, |target| {
-        point
-            .volumes
-            .first()
-            .map(|(name, _)| image_of(target, name))
-            .unwrap_or_else(|| target.to_path_buf())
-    })?;
+    let mut serving = Serving::begin(
+        Kind::Live,
+        &opts.output,
+        |target| {
+            point
+                .volumes
+                .first()
+                .map(|(name, _)| image_of(target, name))
+                .unwrap_or_else(|| target.to_path_buf())
+        },
+        repo,
+        &opts.vm,
+        &point,
+    )?;
     let socket = serving.runtime.join("nbd.sock");
     if let Some(owner) = opts.owner
         && let Err(e) = serving.give_target(owner)
@@ -101,19 +108,23 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             point.manifest.id
         )).into()));
     }
+    // Each image is made aside and renamed into place once the export
+    // serves: a failure before that leaves what was there (even with
+    // --force) as it was.
     let mut files = Vec::new();
+    let mut placing = Vec::new();
     let mut exports = Vec::new();
     for (i, (name, size)) in point.volumes.iter().enumerate() {
         let path = image_of(&serving.target, name);
+        let aside = aside_of(&path);
         let url = export_url(name, &socket);
-        let data = match super::restore::data_ranges(&point.files[i]) {
-            Ok(data) => data,
-            Err(e) => return Err(serving.undo(e)),
-        };
-        if let Err(e) = new_image(&path, *size, &url, data.as_deref(), opts) {
+        let made = super::restore::data_ranges(&point.files[i])
+            .and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
+        if let Err(e) = made.and_then(|()| serving.record(&aside, true)) {
+            let _ = std::fs::remove_file(&aside);
             return Err(serving.undo(e));
         }
-        serving.made.push(path.clone());
+        placing.push((aside, path.clone()));
         exports.push(json!({
             "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
             "name": name, "writable": false,
@@ -130,21 +141,32 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         exports,
         ..DaemonSpec::default()
     };
-    let state = serving.start(repo, &opts.vm, &point, spec, lock)?;
+    let pid = serving.start(&point, spec, lock)?;
     if let Some(owner) = opts.owner
         && let Err(e) = crate::qemu::daemon::give_to(&socket, owner)
     {
-        let _ = detached::stop(&serving.runtime, &state).await;
+        let _ = detached::stop(&serving.runtime, &serving.state).await;
         return Err(serving.undo(
             anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display())),
         ));
     }
-    info!(backup = %state.backup, pid = state.pid, "live restore ready");
+    for (aside, path) in &placing {
+        place(aside, path, opts.force)
+            .and_then(|()| serving.placed(aside, path))
+            .with_context(|| {
+                format!(
+                    "placing {} (the export serves on in {}: bitback restore --finish ends it once no image needs it)",
+                    path.display(),
+                    serving.runtime.display()
+                )
+            })?;
+    }
+    info!(backup = %point.manifest.id, pid, "live restore ready");
     Ok(Served {
         vm: opts.vm.clone(),
-        backup: state.backup.clone(),
+        backup: point.manifest.id.clone(),
         files,
-        pid: state.pid,
+        pid,
         runtime: serving.runtime,
         socket: Some(socket),
     })
@@ -198,26 +220,25 @@ pub async fn restore_live_domain(
     Ok((served, report))
 }
 
-/// An empty qcow2 image at `path` backed by the export `url`, with a zero
+/// An empty qcow2 image at `aside` (to become `path`, which must not exist
+/// unless --force) backed by the export `url`, with a zero
 /// cluster wherever the point holds no data (`data`: its data ranges,
 /// when known): the VM reads those as zeros without asking the export, and
 /// the stream, which skips what the image holds, copies only data.
 fn new_image(
     path: &Path,
+    aside: &Path,
     size: u64,
     url: &str,
     data: Option<&[(u64, u64)]>,
     opts: &LiveOptions,
 ) -> anyhow::Result<()> {
-    if path.exists() || path.is_symlink() {
-        if !opts.force {
-            return Err(BadInput(format!(
-                "{} exists; give --force to replace it",
-                path.display()
-            ))
-            .into());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    if !opts.force && (path.exists() || path.is_symlink()) {
+        return Err(BadInput(format!(
+            "{} exists; give --force to replace it",
+            path.display()
+        ))
+        .into());
     }
     let create = CreateOptions {
         size,
@@ -226,15 +247,37 @@ fn new_image(
         ..CreateOptions::default()
     };
     let made = match data {
-        None => qcow2::create(path, &create).map_err(anyhow::Error::from),
-        Some(data) => zeroed_image(path, &create, data),
+        None => qcow2::create(aside, &create).map_err(anyhow::Error::from),
+        Some(data) => zeroed_image(aside, &create, data),
     };
-    made.with_context(|| format!("creating {}", path.display()))?;
+    made.with_context(|| format!("creating {}", aside.display()))?;
     if let Some(owner) = opts.owner {
-        crate::qemu::daemon::give_to(path, owner)
-            .with_context(|| format!("giving {} to QEMU's user", path.display()))?;
+        crate::qemu::daemon::give_to(aside, owner)
+            .with_context(|| format!("giving {} to QEMU's user", aside.display()))?;
     }
     Ok(())
+}
+
+/// Where an image is made before it is placed: beside it, hidden.
+fn aside_of(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.bitback-live"))
+}
+
+/// Renames `aside` to `path`: over a file there only when `force`.
+fn place(aside: &Path, path: &Path, force: bool) -> anyhow::Result<()> {
+    let flags = match force {
+        true => nix::fcntl::RenameFlags::empty(),
+        false => nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    };
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        aside,
+        nix::fcntl::AT_FDCWD,
+        path,
+        flags,
+    )
+    .map_err(|e| anyhow::Error::from(std::io::Error::from(e)))
 }
 
 /// [`new_image`]'s image with zero clusters: every whole cluster outside
@@ -244,18 +287,13 @@ fn zeroed_image(path: &Path, create: &CreateOptions, data: &[(u64, u64)]) -> any
     const STEP: u64 = 1 << 30;
     let cs = create.cluster_size;
     let mut image = qcow2::Stream::create(path, create)?;
-    let mut at = 0;
-    let gaps = data
+    // The gaps between data ranges, and after the last.
+    let starts = std::iter::once(0).chain(data.iter().map(|&(_, end)| end));
+    let ends = data
         .iter()
-        .map(|&(start, end)| {
-            let gap = (at, start);
-            at = end;
-            gap
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .chain(std::iter::once((at, create.size)));
-    for (start, end) in gaps {
+        .map(|&(start, _)| start)
+        .chain(std::iter::once(create.size));
+    for (start, end) in starts.zip(ends) {
         // Whole clusters only: a cluster data shares reads from the export.
         // The disk's last cluster may be short; a gap to the end takes it.
         let mut from = start.div_ceil(cs) * cs;
@@ -456,10 +494,7 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
 impl Backed {
     /// Fails, saying what it means, when the export it reads from is gone.
     fn serving(&self) -> anyhow::Result<()> {
-        let alive = detached::read(&self.runtime)
-            .map(|s| detached::alive(&s, &self.runtime))
-            .unwrap_or(false);
-        if !alive {
+        if detached::daemon(&self.runtime).is_none() {
             bail!(
                 "{} reads its not-yet-restored data from a live export that is gone ({}): \
                  the VM gets read errors there, and the image cannot be completed from it; \

@@ -170,31 +170,44 @@ pub(super) fn target_dir(dir: &Path) -> anyhow::Result<(PathBuf, bool)> {
 }
 
 /// A serve being set up: its target directory, its runtime directory and
-/// the files made so far, all removed again by [`Serving::undo`].
+/// its state, which records each file as it is made, so that
+/// [`Serving::undo`] (or the next run, after a kill) removes them again.
 pub(super) struct Serving {
-    kind: Kind,
     pub target: PathBuf,
-    made_target: bool,
     pub runtime: PathBuf,
-    pub made: Vec<PathBuf>,
+    pub state: State,
 }
 
 impl Serving {
     /// The target directory `dir` (made when missing) and a new runtime
-    /// directory keyed by `key(target)`.
+    /// directory keyed by `key(target)`, with the state of serving `point`.
     pub(super) fn begin(
         kind: Kind,
         dir: &Path,
         key: impl FnOnce(&Path) -> PathBuf,
+        repo: &Repo,
+        vm: &str,
+        point: &Point,
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
-        match detached::make_dir(kind, &key(&target)) {
+        let state = State {
+            kind,
+            repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
+            vm: vm.to_string(),
+            backup: point.manifest.id.clone(),
+            volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
+            target: target.clone(),
+            files: Vec::new(),
+            pending: Vec::new(),
+            made_target,
+            starter: std::process::id(),
+            started: detached::now(),
+        };
+        match detached::make_dir(kind, &key(&target), &state) {
             Ok(runtime) => Ok(Serving {
-                kind,
                 target,
-                made_target,
                 runtime,
-                made: Vec::new(),
+                state,
             }),
             Err(e) => {
                 if made_target {
@@ -205,56 +218,58 @@ impl Serving {
         }
     }
 
+    /// Records `file`, just made: served (`pending` false) or made aside.
+    pub(super) fn record(&mut self, file: &Path, pending: bool) -> anyhow::Result<()> {
+        match pending {
+            true => self.state.pending.push(file.to_path_buf()),
+            false => self.state.files.push(file.to_path_buf()),
+        }
+        detached::write(&self.runtime, &self.state)
+    }
+
+    /// Records that `aside` is served as `file` now.
+    pub(super) fn placed(&mut self, aside: &Path, file: &Path) -> anyhow::Result<()> {
+        self.state.pending.retain(|p| p != aside);
+        self.record(file, false)
+    }
+
     /// Gives the target directory to `owner` when bitback made it (a VM's
     /// QEMU of that user reaches the images in it).
     pub(super) fn give_target(&self, owner: crate::qmp::SocketOwner) -> anyhow::Result<()> {
-        if self.made_target {
+        if self.state.made_target {
             crate::qemu::daemon::give_to(&self.target, owner)
                 .with_context(|| format!("giving {} to QEMU's user", self.target.display()))?;
         }
         Ok(())
     }
 
-    /// Removes what was made; returns `e`.
+    /// Removes what was made (before the set-up ended); returns `e`.
     pub(super) fn undo(&self, e: anyhow::Error) -> anyhow::Error {
-        for f in &self.made {
+        for f in self.state.files.iter().chain(&self.state.pending) {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir_all(&self.runtime);
-        if self.made_target {
+        if self.state.made_target {
             let _ = std::fs::remove_dir(&self.target);
         }
         e
     }
 
     /// Starts the daemon serving `point` as `spec` says (its blockdevs and
-    /// objects are the point's), holding `lock`, and records its state.
+    /// objects are the point's), holding `lock`; returns its pid.
     pub(super) fn start(
         &self,
-        repo: &Repo,
-        vm: &str,
         point: &Point,
         spec: DaemonSpec,
         lock: Option<crate::repo::ReadLock>,
-    ) -> anyhow::Result<State> {
+    ) -> anyhow::Result<u32> {
         let spec = DaemonSpec {
             blockdevs: point.blockdevs.clone(),
             objects: point.objects.clone(),
             ..spec
         };
-        let state = State {
-            kind: self.kind,
-            repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
-            vm: vm.to_string(),
-            backup: point.manifest.id.clone(),
-            volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
-            target: self.target.clone(),
-            files: self.made.clone(),
-            made_target: self.made_target,
-            pid: 0,
-            started: detached::now(),
-        };
-        detached::start(&self.runtime, &spec, lock, state).map_err(|e| self.undo(e))
+        crate::fault::point("serve-before-daemon");
+        detached::start(&self.runtime, &spec, lock).map_err(|e| self.undo(e))
     }
 }
 
@@ -269,7 +284,14 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         opts.key.as_ref(),
         "mount",
     )?;
-    let mut serving = Serving::begin(Kind::Mount, &opts.dir, Path::to_path_buf)?;
+    let mut serving = Serving::begin(
+        Kind::Mount,
+        &opts.dir,
+        Path::to_path_buf,
+        repo,
+        &opts.vm,
+        &point,
+    )?;
     let mut exports = Vec::new();
     for (i, (name, _)) in point.volumes.iter().enumerate() {
         let file = serving.target.join(format!("{name}.raw"));
@@ -280,7 +302,12 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
             .create_new(true)
             .open(&file)
         {
-            Ok(_) => serving.made.push(file.clone()),
+            Ok(_) => {
+                if let Err(e) = serving.record(&file, false) {
+                    let _ = std::fs::remove_file(&file);
+                    return Err(serving.undo(e));
+                }
+            }
             Err(e) => {
                 return Err(
                     serving.undo(if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -304,14 +331,14 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         exports,
         ..DaemonSpec::default()
     };
-    let state = serving.start(repo, &opts.vm, &point, spec, lock)?;
+    let pid = serving.start(&point, spec, lock)?;
     Ok(Served {
         vm: opts.vm.clone(),
-        backup: state.backup.clone(),
+        backup: point.manifest.id.clone(),
         files: point
             .volumes
             .iter()
-            .zip(&serving.made)
+            .zip(&serving.state.files)
             .map(|((volume, size), path)| ServedFile {
                 volume: volume.clone(),
                 path: path.clone(),
@@ -319,7 +346,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
                 export: None,
             })
             .collect(),
-        pid: state.pid,
+        pid,
         runtime: serving.runtime,
         socket: None,
     })

@@ -64,7 +64,8 @@ impl Drop for Runtime {
                 continue;
             };
             let state: Value = serde_json::from_str(&text).unwrap_or_default();
-            if let Some(pid) = state["pid"].as_u64() {
+            let pid = std::fs::read_to_string(dir.join("daemon.pid")).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<u64>() {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 if String::from_utf8_lossy(&cmdline).contains("qemu-storage-daemon") {
                     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -391,6 +392,26 @@ fn backing_of(image: &Path) -> Option<String> {
     info["backing-filename"].as_str().map(String::from)
 }
 
+/// `bitback restore --live --json` of backup `id` of `vm1` in `repo` into
+/// `out`, plus `extra`, as JSON.
+fn live_at(rt: &Runtime, repo: &str, id: &str, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "restore",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--backup",
+        id,
+        "--live",
+        "--json",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    rt.run(&args).json()
+}
+
 /// A VM of two volumes with most of the first written, backed up once;
 /// returns it (quit) and the backup's id.
 fn point(dir: &Path, big: u64) -> (Vm, String) {
@@ -447,21 +468,7 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
     let (vm, id) = point(dir.path(), 48 * MIB);
     let repo = vm.repo.to_str().unwrap().to_string();
     let out = dir.path().join("live");
-    let live = rt
-        .run(&[
-            "restore",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--backup",
-            &id,
-            "--live",
-            "--output",
-            out.to_str().unwrap(),
-            "--json",
-        ])
-        .json();
+    let live = live_at(&rt, &repo, &id, &out, &[]);
     let images = paths(&live);
     assert_eq!(images, [out.join("drive0.qcow2"), out.join("drive1.qcow2")]);
     let socket = live["socket"].as_str().unwrap();
@@ -600,22 +607,7 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     let rt = Runtime::new();
     let (vm, id) = point(dir.path(), 160 * MIB);
     let repo = vm.repo.to_str().unwrap().to_string();
-    let restore_live = |out: &Path| {
-        rt.run(&[
-            "restore",
-            "--repo",
-            &repo,
-            "--vm",
-            "vm1",
-            "--backup",
-            &id,
-            "--live",
-            "--output",
-            out.to_str().unwrap(),
-            "--json",
-        ])
-        .json()
-    };
+    let restore_live = |out: &Path| live_at(&rt, &repo, &id, out, &[]);
 
     let out = dir.path().join("live");
     let live = restore_live(&out);
@@ -725,13 +717,9 @@ fn a_live_restore_is_given_to_the_user_its_qemu_runs_as() {
             .unwrap()
     };
     let live = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "restore", "--repo", &repo, "--vm", "vm1", "--backup", &id, "--live", "--volume",
-            "drive0", "--json", "--output",
-        ];
-        args.push(out.to_str().unwrap());
-        args.extend(extra);
-        rt.run(&args).json()
+        let mut with = vec!["--volume", "drive0"];
+        with.extend(extra);
+        live_at(&rt, &repo, &id, out, &with)
     };
     let given = live(&dir.path().join("given"), &["--owner", "nobody"]);
     let image = &paths(&given)[0];
@@ -759,4 +747,51 @@ fn a_live_restore_is_given_to_the_user_its_qemu_runs_as() {
     ]);
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("no user"), "{}", bad.stderr);
+}
+
+#[test]
+fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let (vm, id) = point(dir.path(), 16 * MIB);
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let out = dir.path().join("live");
+    std::fs::create_dir(&out).unwrap();
+    // What stands where the images go: a VM's disk, say.
+    let there = out.join("drive0.qcow2");
+    std::fs::write(&there, b"the disk that was there").unwrap();
+    let args = [
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--backup",
+        &id,
+        "--live",
+        "--force",
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let killed = bitback_env(
+        &args,
+        &[
+            ("BITBACK_RUNTIME_DIR", rt.path().to_str().unwrap()),
+            ("BITBACK_FAULT", "serve-before-daemon"),
+        ],
+    );
+    assert_eq!(killed.code, None, "{}", killed.stderr);
+    assert_eq!(std::fs::read(&there).unwrap(), b"the disk that was there");
+    // The next run cleans up what the killed one made, and only that.
+    let live = rt.run(&args).json();
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["drive0.qcow2", "drive1.qcow2"], "{live}");
+    assert!(same_content(&there, "qcow2", &vm.points[0].1[0], "raw"));
+    assert_eq!(rt.entries().len(), 1);
 }
