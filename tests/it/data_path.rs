@@ -144,6 +144,9 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
     for at in 0..6 {
         vm.write(0, at * 2 * MIB, MIB, 0x50 + at as u8);
     }
+    // Both volumes hold data before the first full, whatever the seed: a
+    // full's map records only the clusters that hold data.
+    vm.write(1, 0, 64 * 1024 + 512, 0x5f);
     vm.random_writes(&mut rng, 8);
     let levels: [&[&str]; 3] = [
         &["--compress", "--data-path", "nbd"],
@@ -182,6 +185,17 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
             assert!(records >= map.clusters.len() as u64, "{v}");
             assert!(!map.clusters.is_empty(), "round {round}: an empty map");
             let model = &vm.models[i].bytes;
+            // A full's map holds every cluster of the model with data.
+            if v["kind"] == "full" {
+                for (c, bytes) in model.chunks(map.cluster_size as usize).enumerate() {
+                    if bytes.iter().any(|&b| b != 0) {
+                        assert!(
+                            map.clusters.contains_key(&(c as u64)),
+                            "{id} volume {i}: data cluster {c} not in the full's map"
+                        );
+                    }
+                }
+            }
             for (&c, d) in &map.clusters {
                 let start = (c * map.cluster_size) as usize;
                 let end = (start + map.cluster_len(c)).min(model.len());
