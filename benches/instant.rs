@@ -22,7 +22,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BITBACK, bitback_backup, bitback_restore, env_u64, median, run, sparse_disk};
+use common::{
+    BITBACK, bitback_backup, bitback_restore, env_u64, median, run, run_measured, sparse_disk,
+};
 use serde_json::{Value, json};
 
 /// Runs bitback with the bench's runtime directory; returns (time, JSON).
@@ -110,6 +112,7 @@ fn main() {
     let (mut live, mut mount, mut plain, mut stream) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut before, mut during, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    let mut live_rss = 0u64;
     for round in 0..rounds {
         // A plain restore of the same point.
         let out = d.join("restored.raw");
@@ -138,22 +141,22 @@ fn main() {
 
         // Live: ready, read before, during and after the stream.
         let out = d.join("live");
-        let (t, served) = timed_json(
-            &runtime,
-            &[
-                "restore",
-                "--repo",
-                &repo_s,
-                "--vm",
-                "vm",
-                "--live",
-                "--output",
-                out.to_str().unwrap(),
-                "--json",
-            ],
+        let (t, rss, served) = run_measured(
+            Command::new(BITBACK)
+                .args(["restore", "--repo", &repo_s, "--vm", "vm", "--live"])
+                .arg("--output")
+                .arg(&out)
+                .arg("--json")
+                .env("BITBACK_RUNTIME_DIR", &runtime),
         );
-        eprintln!("round {round}: live ready {:.3} s", t.as_secs_f64());
+        let served: Value = serde_json::from_str(&served).expect("JSON");
+        eprintln!(
+            "round {round}: live ready {:.3} s, peak RSS {} MiB",
+            t.as_secs_f64(),
+            rss >> 20
+        );
         live.push(t);
+        live_rss = live_rss.max(rss);
         let image = std::path::PathBuf::from(served["files"][0]["path"].as_str().unwrap());
         let (mut vm, qmp, url) = start_vm(d, &image);
         let r = read_rate(&url, size, data, read);
@@ -208,6 +211,10 @@ fn main() {
     );
     println!("| mount | {m:.3} s | {:.4}x |", m / p);
     println!(
+        "| (peak RSS of restore --live: {} MiB) | | |",
+        live_rss >> 20
+    );
+    println!(
         "| restore --finish (the stream, the VM running) | {s:.2} s | {:.2}x |",
         s / p
     );
@@ -224,7 +231,7 @@ fn main() {
         "{}",
         json!({ "bench": "instant", "virtual_gib": size >> 30, "data_gib": data >> 30,
                 "plain_s": secs(&plain), "live_s": secs(&live), "mount_s": secs(&mount),
-                "stream_s": secs(&stream), "read_mib": read >> 20,
+                "stream_s": secs(&stream), "read_mib": read >> 20, "live_peak_rss": live_rss,
                 "read_before_mib_s": before, "read_during_mib_s": during, "read_after_mib_s": after })
     );
 }

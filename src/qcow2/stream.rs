@@ -16,7 +16,8 @@
 //! read, so it refuses such a write (a backup job writes whole clusters
 //! of its cluster size, which the backup files share; the disk's last,
 //! short cluster counts as whole). Memory: the L2 tables of the ranges
-//! written (what the file will hold), nothing per byte of data.
+//! written (what the file will hold), nothing per byte of data; a table
+//! whose entries are all alike (a range only zeroed) holds one entry.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -46,7 +47,7 @@ pub struct Stream {
     backing_format: Option<String>,
     l1_entries: u64,
     /// L1 index -> that L2 table's entries, as they will be stored.
-    l2: BTreeMap<u64, Vec<u64>>,
+    l2: BTreeMap<u64, Table>,
     /// Where the next host cluster goes.
     next: u64,
     /// Guest clusters given data (zero clusters not counted).
@@ -101,6 +102,50 @@ struct Piece {
     /// The range covers the whole cluster (the disk's end counts as its
     /// end).
     whole: bool,
+}
+
+/// One L2 table's entries, as they will be stored: all alike (a range
+/// only zeroed: a terabyte of zero clusters is 128 MiB of such tables in
+/// the file, and a few KiB here), or each its own.
+enum Table {
+    Same(u64),
+    Each(Vec<u64>),
+}
+
+impl Table {
+    fn get(&self, k: usize) -> u64 {
+        match self {
+            Table::Same(e) => *e,
+            Table::Each(v) => v[k],
+        }
+    }
+
+    /// Sets entry `k` of `per`.
+    fn set(&mut self, k: usize, entry: u64, per: usize) {
+        match self {
+            Table::Same(e) if *e == entry => {}
+            Table::Same(e) => {
+                let mut v = vec![*e; per];
+                v[k] = entry;
+                *self = Table::Each(v);
+            }
+            Table::Each(v) => v[k] = entry,
+        }
+    }
+
+    /// Holds one entry when all are alike.
+    fn compact(&mut self) {
+        if let Table::Each(v) = self
+            && v.iter().all(|&e| e == v[0])
+        {
+            *self = Table::Same(v[0]);
+        }
+    }
+
+    /// The `per` entries, in order.
+    fn entries(&self, per: usize) -> impl Iterator<Item = u64> + '_ {
+        (0..per).map(|k| self.get(k))
+    }
 }
 
 /// What an L2 entry says of its cluster.
@@ -261,7 +306,7 @@ impl Stream {
         let per = self.cs / 8;
         self.l2
             .get(&(cluster / per))
-            .map_or(0, |t| t[(cluster % per) as usize])
+            .map_or(0, |t| t.get((cluster % per) as usize))
     }
 
     fn slot(&self, cluster: u64) -> Slot {
@@ -278,9 +323,11 @@ impl Stream {
 
     fn set(&mut self, cluster: u64, entry: u64) {
         let per = self.cs / 8;
-        self.l2
-            .entry(cluster / per)
-            .or_insert_with(|| vec![0; per as usize])[(cluster % per) as usize] = entry;
+        self.l2.entry(cluster / per).or_insert(Table::Same(0)).set(
+            (cluster % per) as usize,
+            entry,
+            per as usize,
+        );
     }
 
     /// Writes `data` at `at`: around the page cache when it is aligned
@@ -559,7 +606,12 @@ impl Stream {
 
     /// Makes guest `offset..offset + len` read as zeros.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        for p in self.pieces(offset, len)? {
+        let pieces = self.pieces(offset, len)?;
+        let per = self.cs / 8;
+        let tables = (pieces.first())
+            .zip(pieces.last())
+            .map(|(first, last)| first.cluster / per..=last.cluster / per);
+        for p in pieces {
             let slot = self.slot(p.cluster);
             if p.whole {
                 if self.unchanged(p.cluster, slot, None) {
@@ -601,6 +653,10 @@ impl Stream {
                     }
                 }
             }
+        }
+        // Tables this left all alike hold one entry again.
+        for (_, t) in tables.map_or_else(Default::default, |r| self.l2.range_mut(r)) {
+            t.compact();
         }
         self.flush_pending()
     }
@@ -716,29 +772,34 @@ impl Stream {
         });
         let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
         let mut data_bytes = 0u64;
-        let mut tables = Vec::new();
-        for (j, (index, entries)) in self.l2.iter().enumerate() {
-            let at = l2_offset + j as u64 * cs;
-            let mut raw = Vec::with_capacity(cs as usize);
-            for (k, e) in entries.iter().enumerate() {
-                raw.extend_from_slice(&e.to_be_bytes());
-                if e & COMPRESSED != 0 || (e & OFFSET_MASK != 0 && e & ZERO == 0) {
-                    let guest = (index * (cs / 8) + k as u64) * cs;
-                    data_bytes += cs.min(self.size - guest);
-                }
-            }
-            tables.push((raw, at));
-            let slot = (*index * 8) as usize;
-            l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
-        }
-        tables.push((l1, l1_offset));
-        tables.push((table, rt_offset));
-        tables.push((blocks, rb_offset));
-        tables.push((header, 0));
+        let per = (cs / 8) as usize;
         let written = (|| {
-            for (bytes, at) in &tables {
-                self.file.write_all_at(bytes, *at)?;
-                self.digest.written(*at, bytes);
+            // The L2 tables one at a time: memory for one table's bytes,
+            // not for all of them.
+            let mut raw = Vec::with_capacity(cs as usize);
+            for (j, (index, entries)) in self.l2.iter().enumerate() {
+                let at = l2_offset + j as u64 * cs;
+                raw.clear();
+                for (k, e) in entries.entries(per).enumerate() {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                    if e & COMPRESSED != 0 || (e & OFFSET_MASK != 0 && e & ZERO == 0) {
+                        let guest = (index * per as u64 + k as u64) * cs;
+                        data_bytes += cs.min(self.size - guest);
+                    }
+                }
+                self.file.write_all_at(&raw, at)?;
+                self.digest.written(at, &raw);
+                let slot = (*index * 8) as usize;
+                l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
+            }
+            for (bytes, at) in [
+                (&l1, l1_offset),
+                (&table, rt_offset),
+                (&blocks, rb_offset),
+                (&header, 0),
+            ] {
+                self.file.write_all_at(bytes, at)?;
+                self.digest.written(at, bytes);
             }
             self.file.set_len(total * cs)?;
             self.file.sync_all()
@@ -795,7 +856,8 @@ impl Stream {
             })?;
             Ok(())
         };
-        for e in self.l2.values().flatten() {
+        let per = (cs / 8) as usize;
+        for e in self.l2.values().flat_map(|t| t.entries(per)) {
             if e & COMPRESSED != 0 {
                 let off = e & ((1 << x) - 1);
                 let sectors = ((e & !COMPRESSED) >> x) + 1;

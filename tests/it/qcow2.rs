@@ -899,6 +899,18 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
             let end = ((first + count) * cs).min(size);
             match rng.below(5) {
                 0 => {
+                    // Often over whole L2 tables (those the writer holds
+                    // as one entry), which later writes may land in.
+                    let (start, end) = if rng.below(2) == 0 {
+                        let per = cs / 8;
+                        let table = rng.below(clusters.div_ceil(per));
+                        let first = (table * per).saturating_sub(rng.below(3));
+                        let last = ((table + 1 + rng.below(2)) * per + rng.below(3)).min(clusters);
+                        (first * cs, (last * cs).min(size))
+                    } else {
+                        (start, end)
+                    };
+                    let (first, count) = (start / cs, (end - start).div_ceil(cs));
                     image.write_zeroes(start, end - start).unwrap();
                     model[start as usize..end as usize].fill(0);
                     held.extend(first..first + count);
