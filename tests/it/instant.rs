@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{
-    Disk, Kind, LoopDevice, Rng, Run, Vm, bitback_env, require, run, same_content, tempdir,
+    Disk, Kind, LoopDevice, Rng, Run, Tmpfs, Vm, bitback_env, require, run, same_content, tempdir,
 };
 
 const MIB: u64 = 1 << 20;
@@ -793,5 +793,63 @@ fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() 
     names.sort();
     assert_eq!(names, ["drive0.qcow2", "drive1.qcow2"], "{live}");
     assert!(same_content(&there, "qcow2", &vm.points[0].1[0], "raw"));
+    assert_eq!(rt.entries().len(), 1);
+}
+
+/// A live restore into a filesystem that fills up while it makes the
+/// images fails with the reason and leaves what stood there, no image made
+/// aside and no export serving; given room, the same command works.
+#[test]
+fn a_live_restore_that_runs_out_of_space_leaves_the_files_there_and_no_export() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let (vm, id) = point(dir.path(), 16 * MIB);
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let out = dir.path().join("small");
+    // Room for one image's tables (five 64 KiB clusters), not two.
+    let tmpfs = Tmpfs::mount(&out, "448k");
+    let there = out.join("drive0.qcow2");
+    std::fs::write(&there, b"the disk that was there").unwrap();
+    let args = [
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--backup",
+        &id,
+        "--live",
+        "--force",
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let failed = rt.run(&args);
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    // The second image is the one that does not fit: the first, made
+    // aside, is removed too.
+    assert!(
+        failed.stderr.contains("drive1.qcow2") && failed.stderr.contains("No space left on device"),
+        "{}",
+        failed.stderr
+    );
+    assert_eq!(std::fs::read(&there).unwrap(), b"the disk that was there");
+    assert_eq!(names(), ["drive0.qcow2"]);
+    // No export serves, and nothing of it is left.
+    assert_eq!(rt.entries(), Vec::<PathBuf>::new());
+    tmpfs.resize("16M");
+    let live = rt.run(&args).json();
+    assert_eq!(names(), ["drive0.qcow2", "drive1.qcow2"], "{live}");
+    for (i, image) in paths(&live).iter().enumerate() {
+        assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
+    }
     assert_eq!(rt.entries().len(), 1);
 }
