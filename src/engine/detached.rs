@@ -10,6 +10,12 @@
 //! refuse while it serves, and the lock ends when it does, however it
 //! ends. A daemon that died is found by the pid check here and its
 //! leftovers cleaned up by the next `mount`, `umount` or `--finish`.
+//!
+//! Each serve also leaves a lease in the repository, beside the lock:
+//! `<vm>/.serving/<host>--<runtime dir>.json` ([`Lease`]). A prune on
+//! another host, refused by the lock, names the holder from it; where a
+//! NAS's locks do not reach across hosts, the lease alone keeps that prune
+//! off (see [`leases_in_the_way`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -65,6 +71,166 @@ pub struct State {
     pub starter: u32,
     /// When it started (RFC 3339, UTC).
     pub started: String,
+    /// Its lease in the repository, when it has one.
+    #[serde(default)]
+    pub lease: Option<PathBuf>,
+}
+
+/// A lease: a serve of a point on some host, noted in the VM's directory
+/// of the repository for prunes on every host to see.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lease {
+    /// The host serving ([`host`]).
+    pub host: String,
+    pub kind: Kind,
+    pub backup: String,
+    /// The mount directory or the live images' directory, on that host.
+    pub target: PathBuf,
+    /// The runtime directory, on that host.
+    pub runtime: PathBuf,
+    pub started: String,
+}
+
+/// This host's name in leases: `$BITBACK_HOST`, else the kernel's host
+/// name (hosts that share a name, containers say, set `BITBACK_HOST`).
+pub fn host() -> String {
+    std::env::var("BITBACK_HOST")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Where the serve from `runtime` on this host keeps its lease, in the VM
+/// directory `vm_dir`.
+pub fn lease_path(vm_dir: &Path, runtime: &Path) -> PathBuf {
+    let host: String = host()
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
+            _ => '_',
+        })
+        .collect();
+    let name = runtime
+        .file_name()
+        .map_or_else(|| "serve".into(), |n| n.to_string_lossy().into_owned());
+    vm_dir.join(LEASES).join(format!("{host}--{name}.json"))
+}
+
+const LEASES: &str = ".serving";
+
+/// Writes the lease of `state` (served from `runtime`) at `path`. `false`
+/// when the repository cannot be written by this user (read-only: no
+/// prune of it runs here either).
+pub fn take_lease(path: &Path, runtime: &Path, state: &State) -> anyhow::Result<bool> {
+    let lease = Lease {
+        host: host(),
+        kind: state.kind,
+        backup: state.backup.clone(),
+        target: state.target.clone(),
+        runtime: runtime.to_path_buf(),
+        started: state.started.clone(),
+    };
+    let dir = path.parent().expect("a lease is in a directory");
+    let tmp = path.with_extension("json.tmp");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&lease)?))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    match written {
+        Ok(()) => Ok(true),
+        Err(e)
+            if e.raw_os_error() == Some(nix::libc::EROFS)
+                || e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Ok(false)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(anyhow::Error::from(e).context(format!("writing the lease {}", path.display())))
+        }
+    }
+}
+
+/// A lease that keeps a prune or consolidation off.
+pub struct InTheWay {
+    /// It is this host's.
+    pub here: bool,
+    /// What serves, where, and how to end it: for an error message.
+    pub what: String,
+}
+
+/// The leases in VM directory `vm_dir` that keep a prune or consolidation
+/// off: every other host's (this host cannot tell whether that serve
+/// still runs; a NAS's locks may not reach across hosts), and this host's
+/// whose serve is in use. This host's leases whose serve ended are
+/// removed.
+pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
+    let Ok(entries) = std::fs::read_dir(vm_dir.join(LEASES)) else {
+        return Vec::new();
+    };
+    let here = host();
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut found = Vec::new();
+    for path in paths {
+        let lease: Lease = match std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        {
+            Ok(lease) => lease,
+            Err(e) => {
+                found.push(InTheWay {
+                    here: false,
+                    what: format!(
+                        "a lease bitback cannot read ({e:#}); remove {} if nothing serves this VM's backups",
+                        path.display()
+                    ),
+                });
+                continue;
+            }
+        };
+        if lease.host == here {
+            let serving = read(&lease.runtime).is_ok_and(|state| {
+                state.lease.as_deref() == Some(path.as_path()) && in_use(&state, &lease.runtime)
+            });
+            if !serving {
+                info!(lease = %path.display(), "removing the lease of a serve that ended on this host");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        }
+        let what = format!(
+            "{} of backup {} at {} on host {} since {} (its lease {}; end it there{})",
+            match lease.kind {
+                Kind::Mount => "bitback mount",
+                Kind::Live => "a live restore",
+            },
+            lease.backup,
+            lease.target.display(),
+            lease.host,
+            lease.started,
+            path.display(),
+            if lease.host == here {
+                String::new()
+            } else {
+                format!(
+                    ", or remove the lease if host {} no longer serves it",
+                    lease.host
+                )
+            }
+        );
+        found.push(InTheWay {
+            here: lease.host == here,
+            what,
+        });
+    }
+    found
 }
 
 /// Where runtime directories live: `$BITBACK_RUNTIME_DIR`, else
@@ -255,13 +421,17 @@ pub fn clean_dead(dir: &Path, state: &State) {
         state.backup,
         state.vm
     );
-    remove_mount_points(state);
+    remove_made(state);
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Detaches and removes a mount's FUSE files, and its directory when
-/// bitback made it and it is empty.
-fn remove_mount_points(state: &State) {
+/// Removes what a serve made outside its runtime directory: its lease, the
+/// files of a set-up that did not end, and a mount's FUSE files
+/// (detached) and its directory when bitback made it and it is empty.
+fn remove_made(state: &State) {
+    if let Some(lease) = &state.lease {
+        let _ = std::fs::remove_file(lease);
+    }
     for file in &state.pending {
         let _ = std::fs::remove_file(file);
     }
@@ -330,7 +500,7 @@ pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
             waited += Duration::from_millis(50);
         }
     }
-    remove_mount_points(state);
+    remove_made(state);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }

@@ -180,7 +180,8 @@ pub(super) struct Serving {
 
 impl Serving {
     /// The target directory `dir` (made when missing) and a new runtime
-    /// directory keyed by `key(target)`, with the state of serving `point`.
+    /// directory keyed by `key(target)`, with the state of serving `point`,
+    /// and its lease in the repository.
     pub(super) fn begin(
         kind: Kind,
         dir: &Path,
@@ -190,6 +191,8 @@ impl Serving {
         point: &Point,
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
+        let key = key(&target);
+        let lease = detached::lease_path(&repo.vm_dir(vm)?, &detached::dir_for(kind, &key));
         let state = State {
             kind,
             repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
@@ -202,20 +205,35 @@ impl Serving {
             made_target,
             starter: std::process::id(),
             started: detached::now(),
+            lease: Some(lease.clone()),
         };
-        match detached::make_dir(kind, &key(&target), &state) {
-            Ok(runtime) => Ok(Serving {
-                target,
-                runtime,
-                state,
-            }),
+        let runtime = match detached::make_dir(kind, &key, &state) {
+            Ok(runtime) => runtime,
             Err(e) => {
                 if made_target {
                     let _ = std::fs::remove_dir(&target);
                 }
-                Err(e)
+                return Err(e);
             }
+        };
+        let mut serving = Serving {
+            target,
+            runtime,
+            state,
+        };
+        match detached::take_lease(&lease, &serving.runtime, &serving.state) {
+            Ok(true) => {}
+            // A repository this user cannot write: no prune runs from here
+            // either, and the lock keeps others off.
+            Ok(false) => {
+                serving.state.lease = None;
+                if let Err(e) = detached::write(&serving.runtime, &serving.state) {
+                    return Err(serving.undo(e));
+                }
+            }
+            Err(e) => return Err(serving.undo(e)),
         }
+        Ok(serving)
     }
 
     /// Records `file`, just made: served (`pending` false) or made aside.
@@ -246,6 +264,9 @@ impl Serving {
     /// Removes what was made (before the set-up ended); returns `e`.
     pub(super) fn undo(&self, e: anyhow::Error) -> anyhow::Error {
         for f in self.state.files.iter().chain(&self.state.pending) {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(f) = &self.state.lease {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir_all(&self.runtime);

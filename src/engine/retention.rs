@@ -271,23 +271,42 @@ fn convert_standalone(source: &Path, target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// [`Repo::lock_readers`], its refusal naming this host's mounts and live
-/// restores of the VM, which hold the lock after bitback exited.
+/// [`Repo::lock_readers`], its refusal naming the serves that hold the
+/// lock after bitback exited: this host's mounts and live restores, and
+/// other hosts' from their leases. A lease of another host refuses too
+/// when the lock was had: the repository's locks may not reach across
+/// hosts (some NAS setups), or that host stopped without ending its serve,
+/// which the refusal says how to clear.
 fn lock_readers(
     repo: &Repo,
     lock: &VmLock,
     purpose: &str,
 ) -> crate::repo::Result<crate::repo::ReadLock> {
-    repo.lock_readers(lock, purpose).map_err(|e| match e {
-        crate::repo::Error::InUse { vm, holder } => {
-            let held = super::detached::holders(repo.root(), &vm);
+    let vm = lock.vm();
+    let vm_dir = repo.vm_dir(vm)?;
+    let leases = || super::detached::leases_in_the_way(&vm_dir);
+    match repo.lock_readers(lock, purpose) {
+        Ok(readers) => {
+            let leases = leases();
+            if leases.is_empty() {
+                return Ok(readers);
+            }
+            let held: Vec<String> = leases.into_iter().map(|l| l.what).collect();
+            Err(crate::repo::Error::InUse {
+                vm: vm.to_string(),
+                holder: held.join("; "),
+            })
+        }
+        Err(crate::repo::Error::InUse { vm, holder }) => {
+            let mut held = super::detached::holders(repo.root(), &vm);
+            held.extend(leases().into_iter().filter(|l| !l.here).map(|l| l.what));
             let holder = if held.is_empty() {
                 holder
             } else {
                 held.join("; ")
             };
-            crate::repo::Error::InUse { vm, holder }
+            Err(crate::repo::Error::InUse { vm, holder })
         }
-        e => e,
-    })
+        Err(e) => Err(e),
+    }
 }

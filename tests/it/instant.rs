@@ -22,11 +22,25 @@ const MIB: u64 = 1 << 20;
 /// failed test left serving is ended by its pid when this is dropped.
 pub(crate) struct Runtime {
     dir: tempfile::TempDir,
+    /// The host name bitback gives itself (`BITBACK_HOST`), when set.
+    host: Option<String>,
 }
 
 impl Runtime {
     pub(crate) fn new() -> Runtime {
-        Runtime { dir: tempdir() }
+        Runtime {
+            dir: tempdir(),
+            host: None,
+        }
+    }
+
+    /// A runtime of its own on "host" `name`: what another host sharing
+    /// the repository sees (its own runtime directory, its own name).
+    pub(crate) fn on_host(name: &str) -> Runtime {
+        Runtime {
+            dir: tempdir(),
+            host: Some(name.into()),
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -35,10 +49,11 @@ impl Runtime {
 
     /// `bitback ARGS` with this runtime directory.
     pub(crate) fn run(&self, args: &[&str]) -> Run {
-        bitback_env(
-            args,
-            &[("BITBACK_RUNTIME_DIR", self.path().to_str().unwrap())],
-        )
+        let mut env = vec![("BITBACK_RUNTIME_DIR", self.path().to_str().unwrap())];
+        if let Some(host) = &self.host {
+            env.push(("BITBACK_HOST", host));
+        }
+        bitback_env(args, &env)
     }
 
     fn command(&self) -> Command {
@@ -852,4 +867,91 @@ fn a_live_restore_that_runs_out_of_space_leaves_the_files_there_and_no_export() 
         assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
     }
     assert_eq!(rt.entries().len(), 1);
+}
+
+/// A serve leaves a lease in the repository: a prune on another host is
+/// refused naming the host and the serve; once that serve is gone (its
+/// daemon killed: a host that went down), the other host's prune is still
+/// refused by the lease, and says which file to remove; the serving host's
+/// own prune removes its dead lease and runs.
+#[test]
+fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
+    let dir = tempdir();
+    let alpha = Runtime::on_host("alpha");
+    let beta = Runtime::on_host("beta");
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    // The last a full, so a prune keeping one point removes two.
+    for round in 0..3u8 {
+        vm.write(0, round as u64 * MIB, MIB, 0x30 + round);
+        vm.backup(if round == 2 { &["--full"] } else { &[] });
+    }
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let leases = vm.repo.join("vm1/.serving");
+    let lease_files = || -> Vec<PathBuf> {
+        std::fs::read_dir(&leases)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let count = |rt: &Runtime| {
+        rt.run(&["list", "--repo", &repo, "--vm", "vm1", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let mnt = dir.path().join("mnt");
+    let served = mount_at(&alpha, &repo, &mnt);
+    let lease = lease_files();
+    assert_eq!(lease.len(), 1, "{lease:?}");
+    let name = lease[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("alpha--mount-"), "{name}");
+
+    // Refused on beta while alpha serves, naming alpha's serve.
+    let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
+    let refused = beta.run(&prune);
+    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("bitback mount of backup")
+            && refused.stderr.contains("on host alpha")
+            && refused.stderr.contains(mnt.to_str().unwrap()),
+        "{}",
+        refused.stderr
+    );
+
+    // alpha goes down with its serve: the lock is gone, the lease stays.
+    kill9(served["pid"].as_u64().unwrap());
+    let refused = beta.run(&prune);
+    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("on host alpha")
+            && refused.stderr.contains(lease[0].to_str().unwrap())
+            && refused.stderr.contains("no longer serves it"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(count(&beta), 3, "a refused prune removed backups");
+    // The operator does as told: beta's prune runs.
+    std::fs::remove_file(&lease[0]).unwrap();
+    let pruned = beta.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    assert_eq!(count(&beta), 1);
+
+    // On alpha: a new mount (the dead one cleaned up first), its daemon
+    // killed; alpha's own prune removes its dead lease and runs.
+    let served = mount_at(&alpha, &repo, &mnt);
+    assert_eq!(lease_files().len(), 1);
+    assert!(same_content(
+        &mnt.join("drive0.raw"),
+        "raw",
+        &vm.points[2].1[0],
+        "raw"
+    ));
+    kill9(served["pid"].as_u64().unwrap());
+    let pruned = alpha.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    assert_eq!(lease_files(), Vec::<PathBuf>::new());
+    let out = alpha.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(alpha.entries().is_empty(), "{:?}", alpha.entries());
 }
