@@ -196,8 +196,16 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
             }
         };
         if lease.host == here {
+            // The serve's own lease (however the repository's path was
+            // spelled), and in use.
             let serving = read(&lease.runtime).is_ok_and(|state| {
-                state.lease.as_deref() == Some(path.as_path()) && in_use(&state, &lease.runtime)
+                let same = |l: &Path| {
+                    matches!(
+                        (std::fs::canonicalize(l), std::fs::canonicalize(&path)),
+                        (Ok(a), Ok(b)) if a == b
+                    )
+                };
+                state.lease.as_deref().is_some_and(same) && in_use(&state, &lease.runtime)
             });
             if !serving {
                 info!(lease = %path.display(), "removing the lease of a serve that ended on this host");

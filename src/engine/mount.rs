@@ -192,10 +192,12 @@ impl Serving {
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
         let key = key(&target);
-        let lease = detached::lease_path(&repo.vm_dir(vm)?, &detached::dir_for(kind, &key));
+        let root = std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
+        repo.vm_dir(vm)?;
+        let lease = detached::lease_path(&root.join(vm), &detached::dir_for(kind, &key));
         let state = State {
             kind,
-            repo: std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf()),
+            repo: root,
             vm: vm.to_string(),
             backup: point.manifest.id.clone(),
             volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),

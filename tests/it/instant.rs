@@ -919,6 +919,28 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
         refused.stderr
     );
 
+    // On alpha too, however the repository's path is spelled; the lease
+    // of a serve that runs stays.
+    let link = dir.path().join("repo-link");
+    std::os::unix::fs::symlink(&vm.repo, &link).unwrap();
+    let spelled = link.to_str().unwrap();
+    let refused = alpha.run(&[
+        "prune",
+        "--repo",
+        &spelled,
+        "--vm",
+        "vm1",
+        "--keep-last",
+        "1",
+    ]);
+    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("bitback umount"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(lease_files(), lease);
+
     // alpha goes down with its serve: the lock is gone, the lease stays.
     kill9(served["pid"].as_u64().unwrap());
     let refused = beta.run(&prune);
