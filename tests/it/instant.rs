@@ -927,7 +927,7 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
     let refused = alpha.run(&[
         "prune",
         "--repo",
-        &spelled,
+        spelled,
         "--vm",
         "vm1",
         "--keep-last",
