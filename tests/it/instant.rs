@@ -764,6 +764,30 @@ fn a_live_restore_is_given_to_the_user_its_qemu_runs_as() {
     assert!(bad.stderr.contains("no user"), "{}", bad.stderr);
 }
 
+/// `restore --live --force --json` of backup `id` of `vm1` in `repo` into
+/// `out`, where something stands already as `drive0.qcow2` (a VM's disk,
+/// say): the arguments, and that file.
+fn over_a_disk(repo: &str, id: &str, out: &Path) -> (Vec<String>, PathBuf) {
+    let there = out.join("drive0.qcow2");
+    std::fs::write(&there, b"the disk that was there").unwrap();
+    let args = [
+        "restore", "--repo", repo, "--vm", "vm1", "--backup", id, "--live", "--force", "--json",
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--output".into(), out.to_str().unwrap().into()]);
+    (args, there)
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() {
     let dir = tempdir();
@@ -772,23 +796,8 @@ fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() 
     let repo = vm.repo.to_str().unwrap().to_string();
     let out = dir.path().join("live");
     std::fs::create_dir(&out).unwrap();
-    // What stands where the images go: a VM's disk, say.
-    let there = out.join("drive0.qcow2");
-    std::fs::write(&there, b"the disk that was there").unwrap();
-    let args = [
-        "restore",
-        "--repo",
-        &repo,
-        "--vm",
-        "vm1",
-        "--backup",
-        &id,
-        "--live",
-        "--force",
-        "--output",
-        out.to_str().unwrap(),
-        "--json",
-    ];
+    let (args, there) = over_a_disk(&repo, &id, &out);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let killed = bitback_env(
         &args,
         &[
@@ -800,13 +809,7 @@ fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() 
     assert_eq!(std::fs::read(&there).unwrap(), b"the disk that was there");
     // The next run cleans up what the killed one made, and only that.
     let live = rt.run(&args).json();
-    let names: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let mut names = names;
-    names.sort();
-    assert_eq!(names, ["drive0.qcow2", "drive1.qcow2"], "{live}");
+    assert_eq!(names_in(&out), ["drive0.qcow2", "drive1.qcow2"], "{live}");
     assert!(same_content(&there, "qcow2", &vm.points[0].1[0], "raw"));
     assert_eq!(rt.entries().len(), 1);
 }
@@ -823,30 +826,8 @@ fn a_live_restore_that_runs_out_of_space_leaves_the_files_there_and_no_export() 
     let out = dir.path().join("small");
     // Room for one image's tables (five 64 KiB clusters), not two.
     let tmpfs = Tmpfs::mount(&out, "448k");
-    let there = out.join("drive0.qcow2");
-    std::fs::write(&there, b"the disk that was there").unwrap();
-    let args = [
-        "restore",
-        "--repo",
-        &repo,
-        "--vm",
-        "vm1",
-        "--backup",
-        &id,
-        "--live",
-        "--force",
-        "--output",
-        out.to_str().unwrap(),
-        "--json",
-    ];
-    let names = || {
-        let mut names: Vec<String> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
+    let (args, there) = over_a_disk(&repo, &id, &out);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let failed = rt.run(&args);
     assert_eq!(failed.code, Some(1), "{}", failed.stderr);
     // The second image is the one that does not fit: the first, made
@@ -857,12 +838,12 @@ fn a_live_restore_that_runs_out_of_space_leaves_the_files_there_and_no_export() 
         failed.stderr
     );
     assert_eq!(std::fs::read(&there).unwrap(), b"the disk that was there");
-    assert_eq!(names(), ["drive0.qcow2"]);
+    assert_eq!(names_in(&out), ["drive0.qcow2"]);
     // No export serves, and nothing of it is left.
     assert_eq!(rt.entries(), Vec::<PathBuf>::new());
     tmpfs.resize("16M");
     let live = rt.run(&args).json();
-    assert_eq!(names(), ["drive0.qcow2", "drive1.qcow2"], "{live}");
+    assert_eq!(names_in(&out), ["drive0.qcow2", "drive1.qcow2"], "{live}");
     for (i, image) in paths(&live).iter().enumerate() {
         assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
     }
