@@ -737,6 +737,9 @@ impl Stream {
     /// file: the image is complete. Returns its length, digest and data.
     pub fn finish(mut self) -> Result<Finished> {
         self.close_compressed()?;
+        // A table of nothing (zeros written where no backing file shows
+        // through: a full's holes) reads as no table at all.
+        self.l2.retain(|_, t| !matches!(t, Table::Same(0)));
         let cs = self.cs;
         let l1_clusters = (self.l1_entries * 8).div_ceil(cs);
         let l2_count = self.l2.len() as u64;

@@ -833,6 +833,66 @@ fn a_compressed_cluster_ending_the_file_inside_a_sector_maps() {
     assert!(cut.stderr.contains("past the end"), "{}", cut.stderr);
 }
 
+/// Zeros over a large range cost the streaming writer no table: written
+/// where nothing shows through (a full's holes), they leave no L2 table
+/// in the file; over a backing file, the zero clusters' tables are
+/// written, one per 512 MiB, and both images read as qemu-img says.
+#[test]
+fn the_streaming_writer_keeps_no_table_for_zeros_where_nothing_shows_through() {
+    let dir = tempdir();
+    let cs = 65536;
+    let size = 4 << 30;
+    for backing in [None, Some("base.qcow2")] {
+        let path = dir
+            .path()
+            .join(format!("zeros-{}.qcow2", backing.is_some()));
+        let mut image = qcow2::Stream::create(
+            &path,
+            &CreateOptions {
+                size,
+                cluster_size: cs,
+                backing,
+                backing_format: backing.map(|_| "qcow2"),
+            },
+        )
+        .unwrap();
+        image.write(0, &vec![0x5a; cs as usize]).unwrap();
+        let mut at = cs;
+        while at < size {
+            let n = (size - at).min(1 << 30);
+            image.write_zeroes(at, n).unwrap();
+            at += n;
+        }
+        let done = image.finish().unwrap();
+        // Header, one data cluster, L1, refcount table and block, and the
+        // L2 tables: one (the data's) without a backing file, eight with.
+        let tables = if backing.is_some() { 8 } else { 1 };
+        assert_eq!(done.len, (5 + tables) * cs, "backing {backing:?}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), done.len);
+        if backing.is_some() {
+            create_qcow2(&dir.path().join("base.qcow2"), size, &[]);
+            run(Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x33 0 8M"])
+                .arg(dir.path().join("base.qcow2")));
+        }
+        run(Command::new("qemu-img").args(["check", "-q"]).arg(&path));
+        let map = qemu_img_json("map", &path);
+        let data: Vec<&Value> = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .collect();
+        // Only the written cluster holds data: the backing file's 8 MiB
+        // are hidden by zero clusters.
+        assert_eq!(data.len(), 1, "{map}");
+        assert_eq!(
+            (data[0]["start"].as_u64(), data[0]["length"].as_u64()),
+            (Some(0), Some(cs))
+        );
+    }
+}
+
 /// The streaming writer against qemu-img: random sequences of whole,
 /// repeated, partial and zero writes in any order, with and without a
 /// backing file, plain and zstd-compressed, on sizes that end inside a
