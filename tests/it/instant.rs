@@ -807,11 +807,20 @@ fn a_live_restore_killed_while_setting_up_leaves_the_files_there_as_they_were() 
     );
     assert_eq!(killed.code, None, "{}", killed.stderr);
     assert_eq!(std::fs::read(&there).unwrap(), b"the disk that was there");
+    // Its lease is left too; a prune on this host sees that nothing
+    // serves, removes it and runs.
+    let leases = vm.repo.join("vm1/.serving");
+    assert_eq!(names_in(&leases).len(), 1);
+    let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
+    let pruned = rt.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    assert_eq!(names_in(&leases), Vec::<String>::new());
     // The next run cleans up what the killed one made, and only that.
     let live = rt.run(&args).json();
     assert_eq!(names_in(&out), ["drive0.qcow2", "drive1.qcow2"], "{live}");
     assert!(same_content(&there, "qcow2", &vm.points[0].1[0], "raw"));
     assert_eq!(rt.entries().len(), 1);
+    assert_eq!(names_in(&leases).len(), 1);
 }
 
 /// A live restore into a filesystem that fills up while it makes the
