@@ -7,7 +7,9 @@
 //! started), `mid-copy` (a progress poll saw a job still running), `after-jobs`,
 //! `before-commit`, `after-commit` (before the old bitmap is removed),
 //! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`,
-//! `serve-before-daemon` (a mount or live restore, its files made).
+//! `serve-before-daemon` (a mount or live restore, its files made),
+//! `live-domain-started` (a domain started on live images, before its
+//! streams).
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {

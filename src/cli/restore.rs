@@ -47,9 +47,10 @@ pub(crate) struct RestoreArgs {
     /// has not written from the backup, through the chain (slower than a
     /// local disk). Then run `bitback restore --finish --qmp SOCK` (or
     /// --libvirt DOMAIN) to copy the rest in and end the export. If the
-    /// export's daemon dies before that, the VM gets read errors on data
-    /// not yet restored. The VM's read lock is held meanwhile: prune and
-    /// consolidate refuse.
+    /// export's daemon dies before that (the host restarted, say), the VM
+    /// gets read errors on data not yet restored until --resume serves it
+    /// again. The VM's read lock is held meanwhile: prune and consolidate
+    /// refuse.
     ///
     /// With --libvirt DOMAIN (a defined, shut-off domain; no --output):
     /// the images are made at the domain's qcow2 file disk paths, the
@@ -60,6 +61,16 @@ pub(crate) struct RestoreArgs {
     /// Replace images that exist, with --live: the files there are deleted.
     #[arg(long, requires = "live")]
     force: bool,
+    /// With --live: serve again the point that the images in --output DIR
+    /// (or the --libvirt domain's disks) read from, when its export ended
+    /// before --finish completed them (the host restarted, the daemon was
+    /// killed). No image is touched: what the guest wrote stays. The point
+    /// is the one the images name. Then start the VM (a running one
+    /// reconnects at its next read) and run --finish; with --libvirt, the
+    /// domain is started if it is shut off and the streams run to their
+    /// end.
+    #[arg(long, requires = "live", conflicts_with_all = ["force", "volumes"])]
+    resume: bool,
     /// With --live: the user (and group) the VM's QEMU runs as, by name or
     /// number, when it is not root: the images and the export's socket are
     /// given to it (else only root can use them). --libvirt finds libvirt's
@@ -280,6 +291,7 @@ async fn live(
         force: args.force,
         key,
         owner: args.owner,
+        resume: args.resume,
     };
     if let Some(domain) = args.target.domain() {
         return live_domain(args, repo, &opts, &domain).await;

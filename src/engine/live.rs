@@ -42,11 +42,45 @@ pub struct LiveOptions {
     /// The user the VM's QEMU runs as, when not bitback's: the socket and
     /// images are given to it.
     pub owner: Option<SocketOwner>,
+    /// Serve again the point that images a live restore made read from
+    /// (their export ended before they were streamed): no image is made.
+    pub resume: bool,
 }
 
-/// The NBD URL of `volume` on `socket`: a backing file name QEMU opens.
-fn export_url(volume: &str, socket: &Path) -> String {
-    format!("nbd+unix:///{volume}?socket={}", socket.display())
+/// The export name of `volume` of backup `backup` of `vm`: it names the
+/// point, so that a resume serves the one an image reads.
+fn export_name(vm: &str, backup: &str, volume: &str) -> String {
+    format!("{vm}/{backup}/{volume}")
+}
+
+/// The NBD URL of export `name` on `socket`: a backing file name QEMU
+/// opens.
+fn export_url(name: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", socket.display())
+}
+
+/// What a live image's backing file names: the point's volume it reads,
+/// and the export's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reads {
+    vm: String,
+    backup: String,
+    volume: String,
+    socket: PathBuf,
+}
+
+/// [`Reads`] of a backing file name [`export_url`] wrote, if it is one.
+fn reads_of(url: &str) -> Option<Reads> {
+    let socket = socket_of(url)?;
+    let (name, _) = url.strip_prefix("nbd+unix:///")?.split_once('?')?;
+    let mut parts = name.splitn(3, '/');
+    let (vm, backup, volume) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(Reads {
+        vm: vm.into(),
+        backup: backup.into(),
+        volume: volume.into(),
+        socket,
+    })
 }
 
 /// The socket of an export URL [`export_url`] wrote, if it is one.
@@ -61,6 +95,9 @@ fn socket_of(url: &str) -> Option<PathBuf> {
 
 /// Creates the images and starts the export; returns at once.
 pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
+    if opts.resume {
+        return resume(repo, opts).await;
+    }
     let (lock, point) = Point::locked(
         repo,
         &opts.vm,
@@ -113,11 +150,10 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     // --force) as it was.
     let mut files = Vec::new();
     let mut placing = Vec::new();
-    let mut exports = Vec::new();
     for (i, (name, size)) in point.volumes.iter().enumerate() {
         let path = image_of(&serving.target, name);
         let aside = aside_of(&path);
-        let url = export_url(name, &socket);
+        let url = export_url(&export_name(&opts.vm, &point.manifest.id, name), &socket);
         let made = super::restore::data_ranges(&point.files[i])
             .and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
         if let Err(e) = made.and_then(|()| serving.record(&aside, true)) {
@@ -125,10 +161,6 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             return Err(serving.undo(e));
         }
         placing.push((aside, path.clone()));
-        exports.push(json!({
-            "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
-            "name": name, "writable": false,
-        }));
         files.push(ServedFile {
             volume: name.clone(),
             path,
@@ -136,20 +168,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             export: Some(url),
         });
     }
-    let spec = DaemonSpec {
-        nbd: Some(json!({ "type": "unix", "path": socket })),
-        exports,
-        ..DaemonSpec::default()
-    };
-    let pid = serving.start(&point, spec, lock)?;
-    if let Some(owner) = opts.owner
-        && let Err(e) = crate::qemu::daemon::give_to(&socket, owner)
-    {
-        let _ = detached::stop(&serving.runtime, &serving.state).await;
-        return Err(serving.undo(
-            anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display())),
-        ));
-    }
+    let pid = serve(&serving, &point, &opts.vm, opts.owner, lock).await?;
     for (aside, path) in &placing {
         place(aside, path, opts.force)
             .and_then(|()| serving.placed(aside, path))
@@ -172,6 +191,200 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     })
 }
 
+/// Starts the daemon of a live restore: an NBD export of each volume of
+/// `point` on the runtime directory's socket, given to `owner`; returns
+/// its pid. Undoes the set-up when it fails.
+async fn serve(
+    serving: &Serving,
+    point: &Point,
+    vm: &str,
+    owner: Option<SocketOwner>,
+    lock: Option<crate::repo::ReadLock>,
+) -> anyhow::Result<u32> {
+    let socket = serving.runtime.join("nbd.sock");
+    let exports = point
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            json!({
+                "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
+                "name": export_name(vm, &point.manifest.id, name), "writable": false,
+            })
+        })
+        .collect();
+    let spec = DaemonSpec {
+        nbd: Some(json!({ "type": "unix", "path": socket })),
+        exports,
+        ..DaemonSpec::default()
+    };
+    let pid = serving.start(point, spec, lock)?;
+    if let Some(owner) = owner
+        && let Err(e) = crate::qemu::daemon::give_to(&socket, owner)
+    {
+        let _ = detached::stop(&serving.runtime, &serving.state).await;
+        return Err(serving.undo(
+            anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display())),
+        ));
+    }
+    Ok(pid)
+}
+
+/// `restore --live --resume`: serves again, at the socket their backing
+/// file names, the point that images a live restore made read from, when
+/// its export ended before they were streamed (the host restarted, the
+/// daemon was killed). The images stay as they are, with whatever the
+/// guest wrote: start the VM on them (a running QEMU reconnects at its
+/// next read), then run `--finish`. The point is the one the images name;
+/// a `--backup` that differs is refused.
+async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
+    let candidates: Vec<PathBuf> = if opts.images.is_empty() {
+        let entries = std::fs::read_dir(&opts.output)
+            .with_context(|| format!("reading {}", opts.output.display()))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+            .collect();
+        found.sort();
+        found
+    } else {
+        opts.images.iter().map(|(_, p)| p.clone()).collect()
+    };
+    // The images that read from a bitback live export.
+    let mut images: Vec<(PathBuf, Reads, u64)> = Vec::new();
+    for path in candidates {
+        let Ok(image) = qcow2::Image::open(&path) else {
+            continue;
+        };
+        if let Some(reads) = image.hc.backing_file.as_deref().and_then(reads_of) {
+            images.push((path, reads, image.hc.header.size));
+        }
+    }
+    let Some((_, first, _)) = images.first() else {
+        return Err(BadInput(format!(
+            "no qcow2 image in {} reads from a bitback live export: nothing to resume (streamed already, or not made by restore --live)",
+            opts.output.display()
+        ))
+        .into());
+    };
+    let first = first.clone();
+    if images
+        .iter()
+        .any(|(_, r, _)| (&r.vm, &r.backup, &r.socket) != (&first.vm, &first.backup, &first.socket))
+    {
+        return Err(BadInput(format!(
+            "the images read from more than one live restore: {}; resume each from a directory of its own",
+            images
+                .iter()
+                .map(|(p, r, _)| format!("{} ({} of backup {} of vm {}, {})", p.display(), r.volume, r.backup, r.vm, r.socket.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into());
+    }
+    if first.vm != opts.vm {
+        return Err(BadInput(format!(
+            "the images read from vm {}, not {}: give --vm {}",
+            first.vm, opts.vm, first.vm
+        ))
+        .into());
+    }
+    if let Some(b) = opts.backup.as_deref().filter(|b| *b != "latest")
+        && b != first.backup
+    {
+        return Err(BadInput(format!(
+            "the images read from backup {}, not {b}: a resume serves the backup they read (leave out --backup)",
+            first.backup
+        ))
+        .into());
+    }
+    let wanted: Vec<String> = images.iter().map(|(_, r, _)| r.volume.clone()).collect();
+    let (lock, point) = Point::locked(
+        repo,
+        &opts.vm,
+        Some(&first.backup),
+        &wanted,
+        opts.key.as_ref(),
+        "restore --live --resume",
+    )?;
+    let image_of = |name: &str| {
+        images
+            .iter()
+            .find(|(_, r, _)| r.volume == name)
+            .expect("every volume wanted has its image")
+    };
+    for (name, size) in &point.volumes {
+        let (path, _, image_size) = image_of(name);
+        if image_size != size {
+            return Err(BadInput(format!(
+                "{} holds {image_size} bytes, volume {name} of backup {} {size}: not the image its restore made",
+                path.display(),
+                point.manifest.id
+            ))
+            .into());
+        }
+    }
+    // The runtime directory is keyed as the live restore keyed it: by
+    // its first image's path.
+    let first_image = image_of(&point.volumes[0].0).0.clone();
+    let serving = Serving::begin(
+        Kind::Live,
+        &opts.output,
+        |target| match opts.images.is_empty() {
+            true => target.join(first_image.file_name().unwrap_or_default()),
+            false => first_image.clone(),
+        },
+        repo,
+        &opts.vm,
+        &point,
+    )?;
+    let socket = serving.runtime.join("nbd.sock");
+    if socket != first.socket {
+        return Err(serving.undo(
+            BadInput(format!(
+                "the images read from {}, and this run would serve at {}: resume on the host that made them, with the BITBACK_RUNTIME_DIR it had",
+                first.socket.display(),
+                socket.display()
+            ))
+            .into(),
+        ));
+    }
+    let pid = serve(&serving, &point, &opts.vm, opts.owner, lock).await?;
+    let mut serving = serving;
+    let mut files = Vec::new();
+    for (name, size) in &point.volumes {
+        let (path, _, _) = image_of(name);
+        // Recorded once served: the images are the VM's, never removed.
+        serving.record(path, false).with_context(|| {
+            format!(
+                "recording {} (the export serves in {})",
+                path.display(),
+                serving.runtime.display()
+            )
+        })?;
+        files.push(ServedFile {
+            volume: name.clone(),
+            path: path.clone(),
+            virtual_size: *size,
+            export: Some(export_url(
+                &export_name(&opts.vm, &point.manifest.id, name),
+                &socket,
+            )),
+        });
+    }
+    info!(backup = %point.manifest.id, pid, "live restore served again");
+    Ok(Served {
+        vm: opts.vm.clone(),
+        backup: point.manifest.id.clone(),
+        files,
+        pid,
+        runtime: serving.runtime,
+        socket: Some(socket),
+    })
+}
+
 /// `restore --live --libvirt DOMAIN`: the point's volumes become images
 /// at the shut-off domain's disk paths (its qcow2 file disks, named by
 /// target device), the domain starts on them (`started` is told), and the
@@ -184,7 +397,7 @@ pub async fn restore_live_domain(
     started: impl FnOnce(&Served),
 ) -> anyhow::Result<(Served, FinishReport)> {
     let info = domain.info()?;
-    if info.running {
+    if info.running && !opts.resume {
         return Err(BadInput(format!(
             "domain {} is running; a live restore starts it on the backup: shut it off first",
             domain.name
@@ -209,13 +422,17 @@ pub async fn restore_live_domain(
         ..opts.clone()
     };
     let served = restore_live(repo, &opts).await?;
-    if let Err(e) = domain.start() {
+    if info.running {
+        // A resume: the running QEMU reconnects to the export at its next
+        // read.
+    } else if let Err(e) = domain.start() {
         return Err(anyhow::Error::from(e).context(format!(
             "starting domain {} on the restored images (they and the export stay: fix it, start the domain, then run bitback restore --finish --libvirt {})",
             domain.name, domain.name
         )));
     }
     started(&served);
+    crate::fault::point("live-domain-started");
     let report = finish_domain(domain, progress).await?;
     Ok((served, report))
 }
@@ -384,12 +601,67 @@ fn job_id(node: &str) -> String {
     format!("bitback-stream-{node}")
 }
 
+/// How many times `--finish` streams again what is still backed by an
+/// export that serves, and the first wait before it (doubled each time).
+/// QEMU's NBD client reconnects to an export served again (`--resume`) in
+/// the background, after a first request failed; a stream that met that
+/// failure succeeds once it has.
+const ROUNDS: u32 = 6;
+const FIRST_WAIT: Duration = Duration::from_secs(1);
+
 /// Streams every image of the VM behind `qmp` that a live export backs,
 /// waits, and ends each export no image needs any more, showing the
-/// streams' bytes on `progress`.
+/// streams' bytes on `progress`. A stream that fails while its export
+/// serves is run again (see [`ROUNDS`]).
 pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Result<FinishReport> {
     detached::clean_all_dead();
     let backed = backed_images(qmp).await?;
+    let mut volumes: Vec<Finished> = Vec::new();
+    let mut wait = FIRST_WAIT;
+    let mut round = 1;
+    let failures = loop {
+        let todo = backed_images(qmp).await?;
+        let (streamed, failures) = stream_round(qmp, &todo, progress).await?;
+        for f in streamed {
+            if !volumes.iter().any(|v| v.node == f.node) {
+                volumes.push(f);
+            }
+        }
+        let left = backed_images(qmp).await?;
+        if failures.is_empty() || round == ROUNDS || left.iter().any(|b| b.serving().is_err()) {
+            break failures;
+        }
+        warn!(
+            failures = failures.join("; "),
+            "a stream failed while its export serves (QEMU may be reconnecting to it); streaming again in {} s",
+            wait.as_secs()
+        );
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        round += 1;
+    };
+    let (ended, kept) = end_exports(&backed).await?;
+    if !failures.is_empty() {
+        bail!(
+            "streaming failed: {}; the images keep their backing, and the export serves on: run bitback restore --finish again",
+            failures.join("; ")
+        );
+    }
+    Ok(FinishReport {
+        volumes,
+        ended,
+        kept,
+    })
+}
+
+/// One round of [`finish`]: streams each of `backed` (a stream running
+/// already is waited for) and waits for all; returns what was streamed and
+/// the failures (an image still backed after its stream among them).
+async fn stream_round(
+    qmp: &Qmp,
+    backed: &[Backed],
+    progress: Option<&ProgressSink>,
+) -> anyhow::Result<(Vec<Finished>, Vec<String>)> {
     let mut events = qmp.subscribe();
     let running = qmp.execute_raw("query-block-jobs", Value::Null).await?;
     let running: Vec<String> = running
@@ -399,7 +671,7 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
         .filter_map(|j| j["device"].as_str().map(String::from))
         .collect();
     let mut volumes = Vec::new();
-    for b in &backed {
+    for b in backed {
         b.serving()?;
         let id = job_id(&b.node);
         if running.contains(&id) {
@@ -477,18 +749,7 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
             ));
         }
     }
-    let (ended, kept) = end_exports(&backed).await?;
-    if !failures.is_empty() {
-        bail!(
-            "streaming failed: {}; the images keep their backing, and the export serves on: run bitback restore --finish again",
-            failures.join("; ")
-        );
-    }
-    Ok(FinishReport {
-        volumes,
-        ended,
-        kept,
-    })
+    Ok((volumes, failures))
 }
 
 impl Backed {
@@ -497,10 +758,16 @@ impl Backed {
         if detached::daemon(&self.runtime).is_none() {
             bail!(
                 "{} reads its not-yet-restored data from a live export that is gone ({}): \
-                 the VM gets read errors there, and the image cannot be completed from it; \
-                 restore the point again with bitback restore",
+                 the VM gets read errors there until bitback restore --live --resume --repo REPO \
+                 --vm VM --output {} (or --libvirt DOMAIN) serves it again (what the guest \
+                 wrote stays); then run \
+                 --finish again",
                 self.image,
-                self.runtime.display()
+                self.runtime.display(),
+                Path::new(&self.image)
+                    .parent()
+                    .unwrap_or(Path::new("DIR"))
+                    .display()
             );
         }
         Ok(())
@@ -562,48 +829,71 @@ pub async fn finish_domain(
         .into());
     }
     let backed = backed_disks(&info);
-    let mut volumes = Vec::new();
-    for b in &backed {
-        b.serving()?;
-        let how = if domain.blockjob(&b.node)?.is_some() {
-            "waited"
-        } else {
-            domain
-                .blockpull(&b.node)
-                .with_context(|| format!("starting the stream of {}", b.image))?;
-            "streamed"
-        };
-        volumes.push(Finished {
-            node: b.node.clone(),
-            image: b.image.clone(),
-            how,
-        });
-    }
-    if let Some(p) = progress {
-        p.0.start("streaming the backup into the images", 0);
-    }
-    loop {
-        let (mut done, mut all, mut running) = (0, 0, false);
-        for b in &backed {
-            if let Some((cur, end)) = domain.blockjob(&b.node)? {
-                running = true;
-                done += cur;
-                all += end;
+    let mut volumes: Vec<Finished> = Vec::new();
+    let mut wait = FIRST_WAIT;
+    let mut round = 1;
+    // Rounds, as `finish` runs them: a stream that failed leaves its disk
+    // backed by the export.
+    let left = loop {
+        let todo = backed_disks(&domain.info()?);
+        for b in &todo {
+            b.serving()?;
+            let how = if domain.blockjob(&b.node)?.is_some() {
+                "waited"
+            } else {
+                domain
+                    .blockpull(&b.node)
+                    .with_context(|| format!("starting the stream of {}", b.image))?;
+                "streamed"
+            };
+            if !volumes.iter().any(|v| v.node == b.node) {
+                volumes.push(Finished {
+                    node: b.node.clone(),
+                    image: b.image.clone(),
+                    how,
+                });
             }
         }
         if let Some(p) = progress {
-            p.0.update(done, all);
+            p.0.start("streaming the backup into the images", 0);
         }
-        if !running {
-            break;
+        loop {
+            let (mut done, mut all, mut running) = (0, 0, false);
+            for b in &todo {
+                if let Some((cur, end)) = domain.blockjob(&b.node)? {
+                    running = true;
+                    done += cur;
+                    all += end;
+                }
+            }
+            if let Some(p) = progress {
+                p.0.update(done, all);
+            }
+            if !running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    if let Some(p) = progress {
-        p.0.finish();
-    }
-    // A stream that failed leaves its disk backed by the export.
-    let left = backed_disks(&domain.info()?);
+        if let Some(p) = progress {
+            p.0.finish();
+        }
+        let left = backed_disks(&domain.info()?);
+        if left.is_empty() || round == ROUNDS || left.iter().any(|b| b.serving().is_err()) {
+            break left;
+        }
+        warn!(
+            disks = left
+                .iter()
+                .map(|b| b.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            "a stream failed while its export serves (QEMU may be reconnecting to it); streaming again in {} s",
+            wait.as_secs()
+        );
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        round += 1;
+    };
     let (ended, kept) = end_exports(&backed).await?;
     if !left.is_empty() {
         bail!(
@@ -644,16 +934,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn export_urls_name_their_socket() {
-        let url = export_url("vda", Path::new("/run/bitback/live-0123/nbd.sock"));
+    fn export_urls_name_their_point_and_socket() {
+        let name = export_name("vm1", "20261130T225843Z", "vda");
+        let url = export_url(&name, Path::new("/run/bitback/live-0123/nbd.sock"));
         assert_eq!(
             url,
-            "nbd+unix:///vda?socket=/run/bitback/live-0123/nbd.sock"
+            "nbd+unix:///vm1/20261130T225843Z/vda?socket=/run/bitback/live-0123/nbd.sock"
         );
         assert_eq!(
             socket_of(&url).as_deref(),
             Some(Path::new("/run/bitback/live-0123/nbd.sock"))
         );
+        assert_eq!(
+            reads_of(&url),
+            Some(Reads {
+                vm: "vm1".into(),
+                backup: "20261130T225843Z".into(),
+                volume: "vda".into(),
+                socket: "/run/bitback/live-0123/nbd.sock".into(),
+            })
+        );
+        // An export name without the point (an older bitback's) is no
+        // point to resume.
+        assert_eq!(reads_of("nbd+unix:///vda?socket=/run/x/nbd.sock"), None);
         assert_eq!(socket_of("/var/lib/images/base.qcow2"), None);
         assert_eq!(socket_of("nbd+unix:///vda"), None);
     }

@@ -56,7 +56,7 @@ impl Runtime {
         bitback_env(args, &env)
     }
 
-    fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitback"));
         cmd.env("BITBACK_RUNTIME_DIR", self.path())
             .env_remove("BITBACK_LOG");
@@ -491,7 +491,7 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
     for (i, image) in images.iter().enumerate() {
         assert_eq!(
             backing_of(image).unwrap(),
-            format!("nbd+unix:///drive{i}?socket={socket}")
+            format!("nbd+unix:///vm1/{id}/drive{i}?socket={socket}")
         );
         // Before any VM: the image reads as the point, through the export.
         assert!(same_content(image, "qcow2", &vm.points[0].1[i], "raw"));
@@ -670,11 +670,15 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     assert!(rt.entries().is_empty(), "{:?}", rt.entries());
     assert_restored(&mut vm2, &images);
 
-    // The export's daemon dies under a VM: --finish says what that means.
+    // The export's daemon dies under a VM (a host restart would end it
+    // too): --finish says what that means, and --resume serves the point
+    // again at the same socket, the images and the guest's writes as they
+    // were.
     let out = dir.path().join("live2");
     let live = restore_live(&out);
     let images = paths(&live);
-    let vm3 = vm_on(&dir.path().join("vm3"), &images, &vm);
+    let mut vm3 = vm_on(&dir.path().join("vm3"), &images, &vm);
+    vm3.write(0, 20 * MIB, MIB, 0x68);
     kill9(live["pid"].as_u64().unwrap());
     // The VM reads errors where its image holds nothing yet (read here
     // through an NBD export of its disk, with qemu-io's own client).
@@ -687,24 +691,85 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
         "block-export-add",
         serde_json::json!({ "type": "nbd", "id": "reads", "node-name": "drive0" }),
     );
-    let read = Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c", "read 0 64k"])
-        .arg(format!("nbd+unix:///drive0?socket={}", reads.display()))
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&read.stdout) + String::from_utf8_lossy(&read.stderr);
+    let read_start = || {
+        let read = Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 0x51 0 64k"])
+            .arg(format!("nbd+unix:///drive0?socket={}", reads.display()))
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&read.stdout),
+            String::from_utf8_lossy(&read.stderr)
+        )
+    };
+    let said = read_start();
     assert!(said.contains("read failed"), "{said}");
-    let failed = rt.run(&[
+    let qmp = vm3.qemu().qmp.clone();
+    let finish = [
         "restore",
         "--finish",
+        "--json",
         "--qmp",
-        vm3.qemu().qmp.to_str().unwrap(),
-    ]);
+        qmp.to_str().unwrap(),
+    ];
+    let failed = rt.run(&finish);
     assert_ne!(failed.code, Some(0));
     assert!(
-        failed.stderr.contains("export that is gone") && failed.stderr.contains("read errors"),
+        failed.stderr.contains("export that is gone")
+            && failed.stderr.contains("read errors")
+            && failed.stderr.contains("--resume"),
         "{}",
         failed.stderr
+    );
+
+    let resume = |extra: &[&str]| {
+        let mut args = vec![
+            "restore", "--repo", &repo, "--vm", "vm1", "--live", "--resume", "--json", "--output",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        rt.run(&args)
+    };
+    // Another backup than the one the images read is refused.
+    let wrong = resume(&["--backup", "20200101T000000Z"]);
+    assert_eq!(wrong.code, Some(2), "{}", wrong.stdout);
+    assert!(wrong.stderr.contains(&id), "{}", wrong.stderr);
+    let resumed = resume(&[]).json();
+    assert_eq!(resumed["backup"].as_str(), Some(id.as_str()));
+    assert_eq!(resumed["socket"], live["socket"], "{resumed}");
+    assert_eq!(paths(&resumed), images);
+    assert_ne!(resumed["pid"], live["pid"]);
+    // Served already: a second resume is refused.
+    let again = resume(&[]);
+    assert_eq!(again.code, Some(2), "{}", again.stdout);
+    assert!(again.stderr.contains("served already"), "{}", again.stderr);
+    // The running QEMU reconnects at its next read.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let said = read_start();
+        if !said.contains("failed") && !said.contains("error") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM still cannot read: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    vm3.write(0, 30 * MIB, MIB, 0x69);
+    let report = rt.run(&finish).json();
+    assert!(report.is_object(), "{report}");
+    wait_gone(resumed["pid"].as_u64().unwrap());
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    assert_restored(&mut vm3, &images);
+    // Nothing is left to resume.
+    let nothing = resume(&[]);
+    assert_eq!(nothing.code, Some(2), "{}", nothing.stdout);
+    assert!(
+        nothing.stderr.contains("nothing to resume"),
+        "{}",
+        nothing.stderr
     );
 }
 

@@ -468,3 +468,83 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
         check_point_of(&repo, "dom", &id, ["vda", "vdb"], &dir.path().join("out"));
     }
 }
+
+/// bitback and the export's daemon die once a live restore of a domain
+/// has started it, before the streams (a host in trouble): the domain runs
+/// on, its disks reading from an export that is gone. `restore --live
+/// --resume --libvirt DOMAIN` serves the same point again at the same
+/// socket and streams to the end (libvirt's QEMU reconnects): the disks
+/// stand alone, libvirt's XML follows, and the guest backs up again.
+#[test]
+fn a_domain_whose_live_export_died_is_resumed_and_streamed() {
+    let dir = tempdir();
+    let rt = crate::instant::Runtime::new();
+    std::fs::set_permissions(rt.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let domain = Domain::define(dir.path(), false);
+    domain.start();
+    domain.wait_records(20);
+    let repo = dir.path().join("repo");
+    let point = domain.backup(&repo, &[]);
+    domain.destroy();
+
+    let args = [
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "dom",
+        "--live",
+        "--libvirt",
+        &domain.name,
+        "--json",
+    ];
+    let killed = rt
+        .command()
+        .args(args)
+        .arg("--force")
+        .env("BITBACK_FAULT", "live-domain-started")
+        .output()
+        .unwrap();
+    assert_eq!(
+        killed.status.code(),
+        None,
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let served: Vec<PathBuf> = rt.entries();
+    assert_eq!(served.len(), 1, "{served:?}");
+    let pid = std::fs::read_to_string(served[0].join("daemon.pid")).unwrap();
+    let pid = pid.trim().to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("qemu-storage-daemon"));
+    crate::harness::run(Command::new("kill").args(["-9", &pid]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the daemon did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let xml = must_virsh(&["dumpxml", &domain.name]);
+    assert!(xml.contains("protocol='nbd'"), "{xml}");
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let done = rt.run(&resume).json();
+    assert_eq!(done["live"]["backup"], point["id"]);
+    assert_eq!(
+        done["finish"]["ended"].as_array().unwrap().len(),
+        1,
+        "{done}"
+    );
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    for image in &domain.disks {
+        let info = crate::harness::qemu_img_info(image);
+        assert!(info["backing-filename"].is_null(), "{info}");
+        crate::harness::run(Command::new("qemu-img").args(["check", "-U"]).arg(image));
+    }
+    let xml = must_virsh(&["dumpxml", &domain.name]);
+    assert!(!xml.contains("protocol='nbd'"), "{xml}");
+    domain.wait_records(20);
+    let again = domain.run_backup(&repo, &[], &[]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    domain.destroy();
+}
