@@ -89,6 +89,10 @@ pub struct Lease {
     /// The runtime directory, on that host.
     pub runtime: PathBuf,
     pub started: String,
+    /// The files it serves: a live restore's images, which need the point
+    /// until they are streamed, whether or not the export still runs.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
 }
 
 /// This host's name in leases: `$BITBACK_HOST`, else the kernel's host
@@ -132,6 +136,7 @@ pub fn take_lease(path: &Path, runtime: &Path, state: &State) -> anyhow::Result<
         target: state.target.clone(),
         runtime: runtime.to_path_buf(),
         started: state.started.clone(),
+        files: state.files.clone(),
     };
     let dir = path.parent().expect("a lease is in a directory");
     let tmp = path.with_extension("json.tmp");
@@ -207,6 +212,25 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
                 };
                 state.lease.as_deref().is_some_and(same) && in_use(&state, &lease.runtime)
             });
+            // A live restore's images not yet streamed need the point even
+            // with their export gone (a host restart ends it).
+            if !serving && lease.kind == Kind::Live && still_read(&lease.files, &lease.runtime) {
+                found.push(InTheWay {
+                    here: true,
+                    what: format!(
+                        "a live restore of backup {} whose images ({}) still read from it through an export that is gone (its lease {}; serve it again with bitback restore --live --resume, then --finish; or remove the lease if those images are no longer needed)",
+                        lease.backup,
+                        lease
+                            .files
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        path.display()
+                    ),
+                });
+                continue;
+            }
             if !serving {
                 info!(lease = %path.display(), "removing the lease of a serve that ended on this host");
                 let _ = std::fs::remove_file(&path);
@@ -420,8 +444,10 @@ pub fn in_use(state: &State, dir: &Path) -> bool {
 }
 
 /// What a dead daemon left: its FUSE mounts (detached), the mount points
-/// bitback made, files of a set-up that did not end, and its runtime
-/// directory. Live images stay: they are the VM's.
+/// bitback made, files of a set-up that did not end, its lease, and its
+/// runtime directory. Live images stay: they are the VM's; and while they
+/// still read from the point, so does the lease, which keeps prunes off
+/// until they are streamed (after `--resume`).
 pub fn clean_dead(dir: &Path, state: &State) {
     warn!(
         target = %state.target.display(),
@@ -429,8 +455,44 @@ pub fn clean_dead(dir: &Path, state: &State) {
         state.backup,
         state.vm
     );
-    remove_made(state);
+    if state.kind == Kind::Live && still_read(&state.files, dir) {
+        let state = State {
+            lease: None,
+            ..state.clone()
+        };
+        remove_made(&state);
+    } else {
+        remove_made(state);
+    }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The socket of a live export's URL (`nbd+unix:///NAME?socket=PATH`),
+/// if it is one.
+pub fn socket_of(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("nbd+unix:///")?;
+    let (_, query) = rest.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("socket="))
+        .map(PathBuf::from)
+}
+
+/// Whether any of `images` still reads from the live export of runtime
+/// directory `runtime` (its header names the export as backing file). An
+/// image that cannot be read counts while it exists: not ours to judge.
+pub fn still_read(images: &[PathBuf], runtime: &Path) -> bool {
+    let socket = runtime.join("nbd.sock");
+    images.iter().any(
+        |image| match crate::qcow2::Image::open(image).map(|i| i.hc.backing_file) {
+            Ok(Some(backing)) => socket_of(&backing).is_some_and(|s| s == socket),
+            Ok(None) => false,
+            Err(e) => {
+                warn!(image = %image.display(), error = %e, "cannot read a live image's header");
+                image.exists()
+            }
+        },
+    )
 }
 
 /// Removes what a serve made outside its runtime directory: its lease, the

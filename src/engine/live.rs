@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::detached::{self, Kind, State};
+use super::detached::{self, Kind, State, socket_of};
 use super::key::Key;
 use super::mount::{Point, Served, ServedFile, Serving};
 use super::{BadInput, ProgressSink};
@@ -81,16 +81,6 @@ fn reads_of(url: &str) -> Option<Reads> {
         volume: volume.into(),
         socket,
     })
-}
-
-/// The socket of an export URL [`export_url`] wrote, if it is one.
-fn socket_of(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("nbd+unix:///")?;
-    let (_, query) = rest.split_once('?')?;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("socket="))
-        .map(PathBuf::from)
 }
 
 /// Creates the images and starts the export; returns at once.
@@ -911,22 +901,9 @@ pub async fn finish_domain(
     })
 }
 
-/// Whether an image of a live restore still reads from its export (its
-/// header names the export as backing file).
+/// Whether an image of a live restore still reads from its export.
 fn needed(state: &State, runtime: &Path) -> bool {
-    let socket = runtime.join("nbd.sock");
-    state.files.iter().any(|image| {
-        match qcow2::Image::open(image).map(|i| i.hc.backing_file) {
-            Ok(Some(backing)) => socket_of(&backing).is_some_and(|s| s == socket),
-            Ok(None) => false,
-            Err(e) => {
-                // An image gone or unreadable: not ours to judge; keep the
-                // export for whoever still uses it.
-                warn!(image = %image.display(), error = %e, "cannot read a live image's header");
-                image.exists()
-            }
-        }
-    })
+    detached::still_read(&state.files, runtime)
 }
 
 #[cfg(test)]

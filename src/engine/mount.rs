@@ -238,13 +238,18 @@ impl Serving {
         Ok(serving)
     }
 
-    /// Records `file`, just made: served (`pending` false) or made aside.
+    /// Records `file`, just made: served (`pending` false: in the lease
+    /// too) or made aside.
     pub(super) fn record(&mut self, file: &Path, pending: bool) -> anyhow::Result<()> {
         match pending {
             true => self.state.pending.push(file.to_path_buf()),
             false => self.state.files.push(file.to_path_buf()),
         }
-        detached::write(&self.runtime, &self.state)
+        detached::write(&self.runtime, &self.state)?;
+        if let (false, Some(lease)) = (pending, &self.state.lease) {
+            detached::take_lease(lease, &self.runtime, &self.state)?;
+        }
+        Ok(())
     }
 
     /// Records that `aside` is served as `file` now.

@@ -723,6 +723,16 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
         failed.stderr
     );
 
+    // The images still need the point: a prune is refused, pointing to
+    // --resume, though the export is gone (as a host restart leaves it).
+    let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
+    let refused = rt.run(&prune);
+    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("export that is gone") && refused.stderr.contains("--resume"),
+        "{}",
+        refused.stderr
+    );
     let resume = |extra: &[&str]| {
         let mut args = vec![
             "restore", "--repo", &repo, "--vm", "vm1", "--live", "--resume", "--json", "--output",
@@ -763,6 +773,13 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     wait_gone(resumed["pid"].as_u64().unwrap());
     assert!(rt.entries().is_empty(), "{:?}", rt.entries());
     assert_restored(&mut vm3, &images);
+    // The images stand alone: the lease is gone, and a prune runs.
+    assert_eq!(
+        names_in(&vm.repo.join("vm1/.serving")),
+        Vec::<String>::new()
+    );
+    let pruned = rt.run(&prune);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
     // Nothing is left to resume.
     let nothing = resume(&[]);
     assert_eq!(nothing.code, Some(2), "{}", nothing.stdout);
