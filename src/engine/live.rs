@@ -599,6 +599,39 @@ fn job_id(node: &str) -> String {
 const ROUNDS: u32 = 6;
 const FIRST_WAIT: Duration = Duration::from_secs(1);
 
+/// The rounds of a `--finish`.
+struct Rounds {
+    round: u32,
+    wait: Duration,
+}
+
+impl Rounds {
+    fn new() -> Rounds {
+        Rounds {
+            round: 1,
+            wait: FIRST_WAIT,
+        }
+    }
+
+    /// After a round that left `left` backed (`failed` says how): waits
+    /// and says to stream again, unless the rounds are over or an export
+    /// is gone (nothing to reconnect to).
+    async fn again(&mut self, left: &[Backed], failed: String) -> bool {
+        if left.is_empty() || self.round == ROUNDS || left.iter().any(|b| b.serving().is_err()) {
+            return false;
+        }
+        warn!(
+            failed,
+            "a stream failed while its export serves (QEMU may be reconnecting to it); streaming again in {} s",
+            self.wait.as_secs()
+        );
+        tokio::time::sleep(self.wait).await;
+        self.wait *= 2;
+        self.round += 1;
+        true
+    }
+}
+
 /// Streams every image of the VM behind `qmp` that a live export backs,
 /// waits, and ends each export no image needs any more, showing the
 /// streams' bytes on `progress`. A stream that fails while its export
@@ -607,8 +640,7 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
     detached::clean_all_dead();
     let backed = backed_images(qmp).await?;
     let mut volumes: Vec<Finished> = Vec::new();
-    let mut wait = FIRST_WAIT;
-    let mut round = 1;
+    let mut rounds = Rounds::new();
     let failures = loop {
         let todo = backed_images(qmp).await?;
         let (streamed, failures) = stream_round(qmp, &todo, progress).await?;
@@ -618,17 +650,9 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
             }
         }
         let left = backed_images(qmp).await?;
-        if failures.is_empty() || round == ROUNDS || left.iter().any(|b| b.serving().is_err()) {
+        if failures.is_empty() || !rounds.again(&left, failures.join("; ")).await {
             break failures;
         }
-        warn!(
-            failures = failures.join("; "),
-            "a stream failed while its export serves (QEMU may be reconnecting to it); streaming again in {} s",
-            wait.as_secs()
-        );
-        tokio::time::sleep(wait).await;
-        wait *= 2;
-        round += 1;
     };
     let (ended, kept) = end_exports(&backed).await?;
     if !failures.is_empty() {
@@ -820,8 +844,7 @@ pub async fn finish_domain(
     }
     let backed = backed_disks(&info);
     let mut volumes: Vec<Finished> = Vec::new();
-    let mut wait = FIRST_WAIT;
-    let mut round = 1;
+    let mut rounds = Rounds::new();
     // Rounds, as `finish` runs them: a stream that failed leaves its disk
     // backed by the export.
     let left = loop {
@@ -868,21 +891,14 @@ pub async fn finish_domain(
             p.0.finish();
         }
         let left = backed_disks(&domain.info()?);
-        if left.is_empty() || round == ROUNDS || left.iter().any(|b| b.serving().is_err()) {
+        let failed = left
+            .iter()
+            .map(|b| b.node.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !rounds.again(&left, failed).await {
             break left;
         }
-        warn!(
-            disks = left
-                .iter()
-                .map(|b| b.node.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            "a stream failed while its export serves (QEMU may be reconnecting to it); streaming again in {} s",
-            wait.as_secs()
-        );
-        tokio::time::sleep(wait).await;
-        wait *= 2;
-        round += 1;
     };
     let (ended, kept) = end_exports(&backed).await?;
     if !left.is_empty() {
