@@ -1025,6 +1025,23 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
         refused.stderr
     );
     assert_eq!(count(&beta), 3, "a refused prune removed backups");
+    // consolidate, the other deleter, is refused alike.
+    let refused = beta.run(&[
+        "consolidate",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--max-chain",
+        "1",
+    ]);
+    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("on host alpha"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(count(&beta), 3, "a refused consolidate removed backups");
     // The operator does as told: beta's prune runs.
     std::fs::remove_file(&lease[0]).unwrap();
     let pruned = beta.run(&prune);
