@@ -392,23 +392,25 @@ fn a_freeze_that_never_ends_costs_a_bounded_wait_and_an_unfrozen_copy() {
     check_all_points(&repo, &d.join("out"));
 }
 
-#[test]
-fn a_shut_off_domain_is_restored_live_in_one_command() {
-    let dir = tempdir();
+/// A domain that wrote, backed up once and shut off, with a runtime
+/// directory libvirt-qemu reaches the export's socket through: the
+/// runtime, the domain, the repository and the backup's manifest.
+fn backed_up_and_shut_off(dir: &Path) -> (crate::instant::Runtime, Domain, PathBuf, Value) {
     let rt = crate::instant::Runtime::new();
-    // libvirt-qemu reaches the export's socket through the runtime
-    // directory.
     std::fs::set_permissions(rt.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let domain = Domain::define(dir.path(), false);
+    let domain = Domain::define(dir, false);
     domain.start();
     domain.wait_records(20);
-    let repo = dir.path().join("repo");
+    let repo = dir.join("repo");
     let point = domain.backup(&repo, &[]);
     domain.wait_records(20);
     domain.destroy();
+    (rt, domain, repo, point)
+}
 
-    // The domain's disks are there: replacing them takes --force.
-    let args = [
+/// `restore --live --libvirt DOMAIN --json` of `dom` in `repo`.
+fn live_args<'a>(repo: &'a Path, domain: &'a Domain) -> Vec<&'a str> {
+    vec![
         "restore",
         "--repo",
         repo.to_str().unwrap(),
@@ -418,7 +420,15 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
         "--libvirt",
         &domain.name,
         "--json",
-    ];
+    ]
+}
+
+#[test]
+fn a_shut_off_domain_is_restored_live_in_one_command() {
+    let dir = tempdir();
+    let (rt, domain, repo, point) = backed_up_and_shut_off(dir.path());
+    // The domain's disks are there: replacing them takes --force.
+    let args = live_args(&repo, &domain);
     let exists = rt.run(&args);
     assert_eq!(exists.code, Some(2), "{}", exists.stderr);
     assert!(exists.stderr.contains("--force"), "{}", exists.stderr);
@@ -478,29 +488,11 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
 #[test]
 fn a_domain_whose_live_export_died_is_resumed_and_streamed() {
     let dir = tempdir();
-    let rt = crate::instant::Runtime::new();
-    std::fs::set_permissions(rt.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let domain = Domain::define(dir.path(), false);
-    domain.start();
-    domain.wait_records(20);
-    let repo = dir.path().join("repo");
-    let point = domain.backup(&repo, &[]);
-    domain.destroy();
-
-    let args = [
-        "restore",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "dom",
-        "--live",
-        "--libvirt",
-        &domain.name,
-        "--json",
-    ];
+    let (rt, domain, repo, point) = backed_up_and_shut_off(dir.path());
+    let args = live_args(&repo, &domain);
     let killed = rt
         .command()
-        .args(args)
+        .args(&args)
         .arg("--force")
         .env("BITBACK_FAULT", "live-domain-started")
         .output()
@@ -526,7 +518,7 @@ fn a_domain_whose_live_export_died_is_resumed_and_streamed() {
     let xml = must_virsh(&["dumpxml", &domain.name]);
     assert!(xml.contains("protocol='nbd'"), "{xml}");
 
-    let mut resume = args.to_vec();
+    let mut resume = args.clone();
     resume.push("--resume");
     let done = rt.run(&resume).json();
     assert_eq!(done["live"]["backup"], point["id"]);
