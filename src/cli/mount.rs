@@ -118,3 +118,117 @@ pub(crate) async fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// What serves backup points on this host, and what a repository's leases
+/// say.
+///
+/// Lists this host's mounts and live restores (their runtime directories:
+/// serving, setting up, or gone with their daemon). With --repo, also the
+/// leases each serve leaves in the repository (<vm>/.serving/), which keep
+/// prunes off on every host: serving, needs-resume (a live restore whose
+/// export is gone while its images still read from the point: `bitback
+/// restore --live --resume`), ended (removed by the next prune), or
+/// other-host.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServingArgs {
+    /// Also list this repository's leases.
+    #[arg(long, value_name = "DIR")]
+    repo: Option<PathBuf>,
+    /// Only this VM's serves and leases.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Print {serves: [...], leases: [...]}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
+    let serves: Vec<_> = engine::detached::serves()
+        .into_iter()
+        .filter(|s| args.vm.as_ref().is_none_or(|vm| *vm == s.state.vm))
+        .collect();
+    let mut leases = Vec::new();
+    if let Some(root) = &args.repo {
+        let repo = Repo::open(root)?;
+        let vms = match &args.vm {
+            Some(vm) => vec![vm.clone()],
+            None => repo.vms()?,
+        };
+        for vm in vms {
+            for found in engine::detached::leases(&repo.vm_dir(&vm)?) {
+                leases.push((vm.clone(), found));
+            }
+        }
+    }
+    if args.json {
+        let leases: Vec<_> = leases
+            .iter()
+            .map(|(vm, l)| serde_json::json!({ "vm": vm, "lease": l }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "serves": serves, "leases": leases })
+            )?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let kind = |k: engine::detached::Kind| match k {
+        engine::detached::Kind::Mount => "mount",
+        engine::detached::Kind::Live => "live",
+    };
+    if serves.is_empty() {
+        println!("nothing serves on this host");
+    } else {
+        let mut rows = vec![
+            ["KIND", "VM", "BACKUP", "AT", "STATUS", "PID"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for s in &serves {
+            rows.push(vec![
+                kind(s.state.kind).into(),
+                s.state.vm.clone(),
+                s.state.backup.clone(),
+                s.state.target.display().to_string(),
+                s.status.into(),
+                s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        print!("{}", table(&rows));
+    }
+    if args.repo.is_some() {
+        if leases.is_empty() {
+            println!("no lease in the repository");
+        } else {
+            let mut rows = vec![
+                ["VM", "HOST", "KIND", "BACKUP", "AT", "STATUS", "LEASE"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for (vm, l) in &leases {
+                let status = serde_json::to_value(l.status)?;
+                let (host, k, backup, at) = match &l.lease {
+                    Some(x) => (
+                        x.host.clone(),
+                        kind(x.kind).to_string(),
+                        x.backup.clone(),
+                        x.target.display().to_string(),
+                    ),
+                    None => Default::default(),
+                };
+                rows.push(vec![
+                    vm.clone(),
+                    host,
+                    k,
+                    backup,
+                    at,
+                    status.as_str().unwrap_or_default().to_string(),
+                    l.path.display().to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -166,12 +166,38 @@ pub struct InTheWay {
     pub what: String,
 }
 
-/// The leases in VM directory `vm_dir` that keep a prune or consolidation
-/// off: every other host's (this host cannot tell whether that serve
-/// still runs; a NAS's locks may not reach across hosts), and this host's
-/// whose serve is in use. This host's leases whose serve ended are
-/// removed.
-pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
+/// What a lease stands for now, as this host can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseStatus {
+    /// This host's, and its serve runs (or is being set up).
+    Serving,
+    /// This host's live restore, its export gone, whose images still read
+    /// from the point: `restore --live --resume` serves it again.
+    NeedsResume,
+    /// This host's, and its serve ended: nothing needs it.
+    Ended,
+    /// Another host's: this host cannot tell whether it still serves.
+    OtherHost,
+    /// A lease bitback cannot read.
+    Unreadable,
+}
+
+/// A lease found in a repository, with its status.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoundLease {
+    pub path: PathBuf,
+    pub status: LeaseStatus,
+    /// `None` when it cannot be read.
+    #[serde(flatten)]
+    pub lease: Option<Lease>,
+    /// Why it cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The leases in VM directory `vm_dir`, each with its status.
+pub fn leases(vm_dir: &Path) -> Vec<FoundLease> {
     let Ok(entries) = std::fs::read_dir(vm_dir.join(LEASES)) else {
         return Vec::new();
     };
@@ -182,87 +208,161 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     paths.sort();
-    let mut found = Vec::new();
-    for path in paths {
-        let lease: Lease = match std::fs::read(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| Ok(serde_json::from_slice(&b)?))
-        {
-            Ok(lease) => lease,
-            Err(e) => {
-                found.push(InTheWay {
-                    here: false,
-                    what: format!(
-                        "a lease bitback cannot read ({e:#}); remove {} if nothing serves this VM's backups",
-                        path.display()
-                    ),
-                });
-                continue;
+    paths
+        .into_iter()
+        .map(|path| {
+            let read = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice::<Lease>(&b)?));
+            match read {
+                Ok(lease) => FoundLease {
+                    status: status_of(&path, &lease, &here),
+                    path,
+                    lease: Some(lease),
+                    error: None,
+                },
+                Err(e) => FoundLease {
+                    path,
+                    status: LeaseStatus::Unreadable,
+                    lease: None,
+                    error: Some(format!("{e:#}")),
+                },
             }
+        })
+        .collect()
+}
+
+fn status_of(path: &Path, lease: &Lease, here: &str) -> LeaseStatus {
+    if lease.host != here {
+        return LeaseStatus::OtherHost;
+    }
+    // The serve's own lease (however the repository's path was spelled),
+    // and in use.
+    let serving = read(&lease.runtime).is_ok_and(|state| {
+        let same = |l: &Path| {
+            matches!(
+                (std::fs::canonicalize(l), std::fs::canonicalize(path)),
+                (Ok(a), Ok(b)) if a == b
+            )
         };
-        if lease.host == here {
-            // The serve's own lease (however the repository's path was
-            // spelled), and in use.
-            let serving = read(&lease.runtime).is_ok_and(|state| {
-                let same = |l: &Path| {
-                    matches!(
-                        (std::fs::canonicalize(l), std::fs::canonicalize(&path)),
-                        (Ok(a), Ok(b)) if a == b
-                    )
-                };
-                state.lease.as_deref().is_some_and(same) && in_use(&state, &lease.runtime)
-            });
-            // A live restore's images not yet streamed need the point even
-            // with their export gone (a host restart ends it).
-            if !serving && lease.kind == Kind::Live && still_read(&lease.files, &lease.runtime) {
-                found.push(InTheWay {
-                    here: true,
-                    what: format!(
-                        "a live restore of backup {} whose images ({}) still read from it through an export that is gone (its lease {}; serve it again with bitback restore --live --resume, then --finish; or remove the lease if those images are no longer needed)",
-                        lease.backup,
-                        lease
-                            .files
-                            .iter()
-                            .map(|f| f.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        path.display()
-                    ),
-                });
-                continue;
-            }
-            if !serving {
+        state.lease.as_deref().is_some_and(same) && in_use(&state, &lease.runtime)
+    });
+    if serving {
+        LeaseStatus::Serving
+    } else if lease.kind == Kind::Live && still_read(&lease.files, &lease.runtime) {
+        // A live restore's images not yet streamed need the point even
+        // with their export gone (a host restart ends it).
+        LeaseStatus::NeedsResume
+    } else {
+        LeaseStatus::Ended
+    }
+}
+
+/// The leases in VM directory `vm_dir` that keep a prune or consolidation
+/// off: every other host's (this host cannot tell whether that serve
+/// still runs; a NAS's locks may not reach across hosts), and this host's
+/// whose serve is in use or whose images still need the point. This
+/// host's leases whose serve ended are removed.
+pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
+    let mut found = Vec::new();
+    for FoundLease {
+        path,
+        status,
+        lease,
+        error,
+    } in leases(vm_dir)
+    {
+        let (here, what) = match (status, lease) {
+            (LeaseStatus::Ended, _) => {
                 info!(lease = %path.display(), "removing the lease of a serve that ended on this host");
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-        }
-        let what = format!(
-            "{} of backup {} at {} on host {} since {} (its lease {}; end it there{})",
-            match lease.kind {
-                Kind::Mount => "bitback mount",
-                Kind::Live => "a live restore",
-            },
-            lease.backup,
-            lease.target.display(),
-            lease.host,
-            lease.started,
-            path.display(),
-            if lease.host == here {
-                String::new()
-            } else {
+            (LeaseStatus::Unreadable, _) | (_, None) => (
+                false,
                 format!(
-                    ", or remove the lease if host {} no longer serves it",
-                    lease.host
-                )
+                    "a lease bitback cannot read ({}); remove {} if nothing serves this VM's backups",
+                    error.unwrap_or_default(),
+                    path.display()
+                ),
+            ),
+            (LeaseStatus::NeedsResume, Some(lease)) => (
+                true,
+                format!(
+                    "a live restore of backup {} whose images ({}) still read from it through an export that is gone (its lease {}; serve it again with bitback restore --live --resume, then --finish; or remove the lease if those images are no longer needed)",
+                    lease.backup,
+                    lease
+                        .files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    path.display()
+                ),
+            ),
+            (status, Some(lease)) => {
+                let here = status == LeaseStatus::Serving;
+                let what = format!(
+                    "{} of backup {} at {} on host {} since {} (its lease {}; end it there{})",
+                    match lease.kind {
+                        Kind::Mount => "bitback mount",
+                        Kind::Live => "a live restore",
+                    },
+                    lease.backup,
+                    lease.target.display(),
+                    lease.host,
+                    lease.started,
+                    path.display(),
+                    if here {
+                        String::new()
+                    } else {
+                        format!(
+                            ", or remove the lease if host {} no longer serves it",
+                            lease.host
+                        )
+                    }
+                );
+                (here, what)
             }
-        );
-        found.push(InTheWay {
-            here: lease.host == here,
-            what,
-        });
+        };
+        found.push(InTheWay { here, what });
     }
     found
+}
+
+/// A serve of this host (a runtime directory under [`base`]), for
+/// `bitback serving`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Serve {
+    pub runtime: PathBuf,
+    /// `serving`, `setting-up` (its bitback still runs) or `gone` (its
+    /// daemon died: the next mount, umount or --finish cleans up).
+    pub status: &'static str,
+    /// The daemon's pid, while it runs.
+    pub pid: Option<u32>,
+    #[serde(flatten)]
+    pub state: State,
+}
+
+/// This host's serves, as their runtime directories say.
+pub fn serves() -> Vec<Serve> {
+    all()
+        .into_iter()
+        .map(|(runtime, state)| {
+            let pid = daemon(&runtime);
+            let status = match (pid, in_use(&state, &runtime)) {
+                (Some(_), _) => "serving",
+                (None, true) => "setting-up",
+                (None, false) => "gone",
+            };
+            Serve {
+                runtime,
+                status,
+                pid,
+                state,
+            }
+        })
+        .collect()
 }
 
 /// Where runtime directories live: `$BITBACK_RUNTIME_DIR`, else

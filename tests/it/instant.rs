@@ -733,6 +733,13 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
         "{}",
         refused.stderr
     );
+    let serving = rt
+        .run(&["serving", "--repo", &repo, "--vm", "vm1", "--json"])
+        .json();
+    assert_eq!(
+        serving["leases"][0]["lease"]["status"], "needs-resume",
+        "{serving}"
+    );
     let resume = |extra: &[&str]| {
         let mut args = vec![
             "restore", "--repo", &repo, "--vm", "vm1", "--live", "--resume", "--json", "--output",
@@ -978,6 +985,40 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
     assert_eq!(lease.len(), 1, "{lease:?}");
     let name = lease[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.starts_with("alpha--mount-"), "{name}");
+    // `serving` shows the mount on alpha, and its lease as each host sees
+    // it.
+    let status = |rt: &Runtime| {
+        let out = rt.run(&["serving", "--repo", &repo, "--json"]).json();
+        let leases: Vec<String> = out["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["lease"]["status"].as_str().unwrap().to_string())
+            .collect();
+        let serves: Vec<String> = out["serves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["status"].as_str().unwrap().to_string())
+            .collect();
+        (serves, leases)
+    };
+    assert_eq!(
+        status(&alpha),
+        (vec!["serving".into()], vec!["serving".into()])
+    );
+    assert_eq!(status(&beta), (vec![], vec!["other-host".into()]));
+    let shown = alpha.run(&["serving", "--repo", &repo]);
+    assert_eq!(shown.code, Some(0), "{}", shown.stderr);
+    for word in [
+        "mount",
+        "serving",
+        "alpha",
+        mnt.to_str().unwrap(),
+        lease[0].to_str().unwrap(),
+    ] {
+        assert!(shown.stdout.contains(word), "{word}: {}", shown.stdout);
+    }
 
     // Refused on beta while alpha serves, naming alpha's serve.
     let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
@@ -1015,6 +1056,7 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
 
     // alpha goes down with its serve: the lock is gone, the lease stays.
     kill9(served["pid"].as_u64().unwrap());
+    assert_eq!(status(&alpha), (vec!["gone".into()], vec!["ended".into()]));
     let refused = beta.run(&prune);
     assert_eq!(refused.code, Some(2), "{}", refused.stdout);
     assert!(
