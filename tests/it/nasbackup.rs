@@ -19,11 +19,20 @@ use crate::harness::guest::serial_count;
 use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
 
 /// Held by each test here: they check that no `/tmp/csbackup.*` is left,
-/// which another test's run in flight would make.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+/// which another test's run in flight would make. A flock, not a mutex:
+/// `cargo test` runs tests as threads of one process, nextest each in a
+/// process of its own, and each open of the file is a lock of its own.
+fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("bitback-test-nasbackup.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap()
 }
 
 /// Runs `bitback nasbackup ARGS`.
