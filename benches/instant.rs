@@ -23,7 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    BITBACK, bitback_backup, bitback_restore, env_u64, median, run, run_measured, sparse_disk,
+    BITBACK, Daemon, bitback_backup, bitback_restore, env_u64, median, run, run_measured,
+    sparse_disk,
 };
 use serde_json::{Value, json};
 
@@ -41,50 +42,13 @@ fn timed_json(runtime: &Path, args: &[&str]) -> (Duration, Value) {
     (t, serde_json::from_slice(&out.stdout).expect("JSON"))
 }
 
-/// A VM on `image`: qemu-storage-daemon with a monitor at `qmp` and the
-/// disk exported read-only at `nbd` (name `disk0`).
-fn start_vm(dir: &Path, image: &Path) -> (std::process::Child, std::path::PathBuf, String) {
-    let qmp = dir.join("vm-qmp.sock");
-    let nbd = dir.join("vm-nbd.sock");
-    let _ = std::fs::remove_file(&qmp);
-    let _ = std::fs::remove_file(&nbd);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=m0",
-            qmp.display()
-        ))
-        .args(["--monitor", "chardev=m0"])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
-            image.display()
-        ))
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-        .args(["--export", "type=nbd,id=e0,node-name=disk0,name=disk0"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("starting qemu-storage-daemon");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(qmp.exists() && nbd.exists()) {
-        assert!(Instant::now() < deadline, "the VM did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = format!(
-        "driver=nbd,server.type=unix,server.path={},export=disk0",
-        nbd.display()
-    );
-    (child, qmp, url)
-}
-
 /// Reads the first `len` bytes of the disk's data (the 16 MiB pieces
 /// [`common::spread_writes`] wrote over `size` bytes with `data` in all)
 /// from the VM's disk, in one qemu-io; returns MiB/s.
 fn read_rate(url: &str, size: u64, data: u64, len: u64) -> f64 {
     let stride = size / (data >> 24).max(1);
     let mut cmd = Command::new("qemu-io");
-    cmd.args(["-r", "--image-opts", url]);
+    cmd.args(["-r", "-f", "raw", url]);
     for i in 0..(len >> 24).max(1) {
         cmd.arg("-c")
             .arg(format!("read {} 16M", (i * stride) >> 16 << 16));
@@ -158,14 +122,17 @@ fn main() {
         live.push(t);
         live_rss = live_rss.max(rss);
         let image = std::path::PathBuf::from(served["files"][0]["path"].as_str().unwrap());
-        let (mut vm, qmp, url) = start_vm(d, &image);
+        // The VM: a qemu-storage-daemon on the live image, its disk
+        // exported for the reads below.
+        let vm = Daemon::start(d, &image);
+        let url = vm.url.clone();
         let r = read_rate(&url, size, data, read);
         eprintln!("round {round}: guest reads before the stream {r:.0} MiB/s");
         before.push(r);
         let start = Instant::now();
         let mut finish = Command::new(BITBACK)
             .args(["restore", "--finish", "--json", "--qmp"])
-            .arg(&qmp)
+            .arg(&vm.qmp)
             .env("BITBACK_RUNTIME_DIR", &runtime)
             .stdout(Stdio::null())
             .spawn()
@@ -180,8 +147,7 @@ fn main() {
         let r = read_rate(&url, size, data, read);
         eprintln!("round {round}: guest reads after the stream {r:.0} MiB/s");
         after.push(r);
-        let _ = vm.kill();
-        let _ = vm.wait();
+        drop(vm);
         std::fs::remove_dir_all(&out).unwrap();
     }
     let rate = |v: &[f64]| {
@@ -210,10 +176,11 @@ fn main() {
         l / p
     );
     println!("| mount | {m:.3} s | {:.4}x |", m / p);
-    println!(
-        "| (peak RSS of restore --live: {} MiB) | | |",
-        live_rss >> 20
-    );
+    // run_measured samples every 20 ms: a run shorter than that shows 0.
+    match live_rss {
+        0 => println!("| (peak RSS of restore --live: each run too short to sample) | | |"),
+        rss => println!("| (peak RSS of restore --live: {} MiB) | | |", rss >> 20),
+    }
     println!(
         "| restore --finish (the stream, the VM running) | {s:.2} s | {:.2}x |",
         s / p
