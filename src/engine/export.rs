@@ -72,19 +72,7 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
         .volumes
         .iter()
         .find(|v| v.name == opts.volume)
-        .ok_or_else(|| {
-            BadInput(format!(
-                "backup {} has no volume {}; it has: {}",
-                manifest.id,
-                opts.volume,
-                manifest
-                    .volumes
-                    .iter()
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+        .context("the volume resolve found")?;
     let top = std::fs::canonicalize(repo.root().join(&record.file))?;
     let top_name = top.to_str().context("backup path is not UTF-8")?;
     let dir = private_dir("export")?;

@@ -94,21 +94,6 @@ impl Point {
         key: Option<&Key>,
     ) -> anyhow::Result<Point> {
         let (manifest, chain) = resolve(repo, vm, backup, false, wanted)?;
-        for w in wanted {
-            if !manifest.volumes.iter().any(|v| &v.name == w) {
-                return Err(BadInput(format!(
-                    "backup {} has no volume {w}; it has: {}",
-                    manifest.id,
-                    manifest
-                        .volumes
-                        .iter()
-                        .map(|v| v.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-                .into());
-            }
-        }
         let secret = match (&manifest.encryption, key) {
             (None, _) => None,
             (Some(_), Some(_)) => Some("bitback-key"),

@@ -93,6 +93,20 @@ pub fn resolve(
             .pop()
             .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
     };
+    for wanted in volumes {
+        if !m.volumes.iter().any(|v| &v.name == wanted) {
+            return Err(BadInput(format!(
+                "backup {} has no volume {wanted}; it has: {}",
+                m.id,
+                m.volumes
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+    }
     let chain = chain(repo, &m)?;
     let report = check_needed(repo, &m, &chain, volumes, digests)?;
     if let Some(p) = report.problems.first() {
@@ -126,17 +140,6 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         opts.verify,
         &opts.volumes,
     )?;
-    let names: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
-    for wanted in &opts.volumes {
-        if !names.contains(&wanted.as_str()) {
-            return Err(BadInput(format!(
-                "backup {} has no volume {wanted}; it has: {}",
-                m.id,
-                names.join(", ")
-            ))
-            .into());
-        }
-    }
     let key = match (&m.encryption, &opts.key) {
         (Some(_), Some(key)) => Some(key),
         (Some(_), None) => {
@@ -810,7 +813,7 @@ pub fn restore_in_place(
         (Some(name), volumes) => volumes
             .iter()
             .find(|v| &v.name == name)
-            .ok_or_else(|| BadInput(format!("backup {} has no volume {name}", m.id)))?,
+            .context("the volume resolve found")?,
     };
     if m.encryption.is_some() {
         return Err(BadInput(format!(
