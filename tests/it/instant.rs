@@ -185,8 +185,7 @@ fn a_mounted_point_reads_as_its_model_and_umount_leaves_nothing() {
         "vm1",
         mnt.to_str().unwrap(),
     ]);
-    assert_eq!(again.code, Some(2), "{}", again.stderr);
-    assert!(again.stderr.contains("served already"), "{}", again.stderr);
+    assert_refused(&again, &["served already"]);
 
     // The newest point, one volume, in a directory that was there.
     let mnt2 = dir.path().join("mnt2");
@@ -328,8 +327,7 @@ fn compressed_and_encrypted_points_mount_and_an_encrypted_one_needs_its_key() {
         let at = dir.path().join(format!("mnt{n}"));
         if n == 1 {
             let refused = mount(id, &at, &[]);
-            assert_eq!(refused.code, Some(2), "{}", refused.stderr);
-            assert!(refused.stderr.contains("--key-file"), "{}", refused.stderr);
+            assert_refused(&refused, &["--key-file"]);
             assert!(!at.exists(), "a refused mount left {}", at.display());
         }
         let served = mount(id, &at, &extra).json();
@@ -399,6 +397,15 @@ fn a_file_inside_an_ext4_volume_is_read_back_through_a_loop_device() {
 }
 
 /// The backing file an image's header names.
+/// `run` was refused as bad input (exit 2), its error naming each of
+/// `words`.
+fn assert_refused(run: &Run, words: &[&str]) {
+    assert_eq!(run.code, Some(2), "{}{}", run.stdout, run.stderr);
+    for word in words {
+        assert!(run.stderr.contains(word), "{word}: {}", run.stderr);
+    }
+}
+
 fn backing_of(image: &Path) -> Option<String> {
     let out = run(Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -727,12 +734,7 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     // --resume, though the export is gone (as a host restart leaves it).
     let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
     let refused = rt.run(&prune);
-    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
-    assert!(
-        refused.stderr.contains("export that is gone") && refused.stderr.contains("--resume"),
-        "{}",
-        refused.stderr
-    );
+    assert_refused(&refused, &["export that is gone", "--resume"]);
     let serving = rt
         .run(&["serving", "--repo", &repo, "--vm", "vm1", "--json"])
         .json();
@@ -750,8 +752,7 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     };
     // Another backup than the one the images read is refused.
     let wrong = resume(&["--backup", "20200101T000000Z"]);
-    assert_eq!(wrong.code, Some(2), "{}", wrong.stdout);
-    assert!(wrong.stderr.contains(&id), "{}", wrong.stderr);
+    assert_refused(&wrong, &[id.as_str()]);
     let resumed = resume(&[]).json();
     assert_eq!(resumed["backup"].as_str(), Some(id.as_str()));
     assert_eq!(resumed["socket"], live["socket"], "{resumed}");
@@ -759,8 +760,7 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     assert_ne!(resumed["pid"], live["pid"]);
     // Served already: a second resume is refused.
     let again = resume(&[]);
-    assert_eq!(again.code, Some(2), "{}", again.stdout);
-    assert!(again.stderr.contains("served already"), "{}", again.stderr);
+    assert_refused(&again, &["served already"]);
     // The running QEMU reconnects at its next read.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -789,12 +789,7 @@ fn finish_runs_again_after_a_kill_and_says_when_the_export_is_gone() {
     assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
     // Nothing is left to resume.
     let nothing = resume(&[]);
-    assert_eq!(nothing.code, Some(2), "{}", nothing.stdout);
-    assert!(
-        nothing.stderr.contains("nothing to resume"),
-        "{}",
-        nothing.stderr
-    );
+    assert_refused(&nothing, &["nothing to resume"]);
 }
 
 #[test]
@@ -849,8 +844,7 @@ fn a_live_restore_is_given_to_the_user_its_qemu_runs_as() {
         "--owner",
         "no-such-user",
     ]);
-    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
-    assert!(bad.stderr.contains("no user"), "{}", bad.stderr);
+    assert_refused(&bad, &["no user"]);
 }
 
 /// `restore --live --force --json` of backup `id` of `vm1` in `repo` into
@@ -1023,13 +1017,13 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
     // Refused on beta while alpha serves, naming alpha's serve.
     let prune = ["prune", "--repo", &repo, "--vm", "vm1", "--keep-last", "1"];
     let refused = beta.run(&prune);
-    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
-    assert!(
-        refused.stderr.contains("bitback mount of backup")
-            && refused.stderr.contains("on host alpha")
-            && refused.stderr.contains(mnt.to_str().unwrap()),
-        "{}",
-        refused.stderr
+    assert_refused(
+        &refused,
+        &[
+            "bitback mount of backup",
+            "on host alpha",
+            mnt.to_str().unwrap(),
+        ],
     );
 
     // On alpha too, however the repository's path is spelled; the lease
@@ -1046,25 +1040,20 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
         "--keep-last",
         "1",
     ]);
-    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
-    assert!(
-        refused.stderr.contains("bitback umount"),
-        "{}",
-        refused.stderr
-    );
+    assert_refused(&refused, &["bitback umount"]);
     assert_eq!(lease_files(), lease);
 
     // alpha goes down with its serve: the lock is gone, the lease stays.
     kill9(served["pid"].as_u64().unwrap());
     assert_eq!(status(&alpha), (vec!["gone".into()], vec!["ended".into()]));
     let refused = beta.run(&prune);
-    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
-    assert!(
-        refused.stderr.contains("on host alpha")
-            && refused.stderr.contains(lease[0].to_str().unwrap())
-            && refused.stderr.contains("no longer serves it"),
-        "{}",
-        refused.stderr
+    assert_refused(
+        &refused,
+        &[
+            "on host alpha",
+            lease[0].to_str().unwrap(),
+            "no longer serves it",
+        ],
     );
     assert_eq!(count(&beta), 3, "a refused prune removed backups");
     // consolidate, the other deleter, is refused alike.
@@ -1077,12 +1066,7 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
         "--max-chain",
         "1",
     ]);
-    assert_eq!(refused.code, Some(2), "{}", refused.stdout);
-    assert!(
-        refused.stderr.contains("on host alpha"),
-        "{}",
-        refused.stderr
-    );
+    assert_refused(&refused, &["on host alpha"]);
     assert_eq!(count(&beta), 3, "a refused consolidate removed backups");
     // The operator does as told: beta's prune runs.
     std::fs::remove_file(&lease[0]).unwrap();
