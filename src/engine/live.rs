@@ -542,6 +542,7 @@ pub struct FinishReport {
 }
 
 /// A device of the VM whose image is backed by a bitback live export.
+#[derive(Clone)]
 struct Backed {
     node: String,
     image: String,
@@ -641,18 +642,18 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
     let backed = backed_images(qmp).await?;
     let mut volumes: Vec<Finished> = Vec::new();
     let mut rounds = Rounds::new();
+    let mut todo = backed.clone();
     let failures = loop {
-        let todo = backed_images(qmp).await?;
-        let (streamed, failures) = stream_round(qmp, &todo, progress).await?;
+        let (streamed, failures, left) = stream_round(qmp, &todo, progress).await?;
         for f in streamed {
             if !volumes.iter().any(|v| v.node == f.node) {
                 volumes.push(f);
             }
         }
-        let left = backed_images(qmp).await?;
         if failures.is_empty() || !rounds.again(&left, failures.join("; ")).await {
             break failures;
         }
+        todo = left;
     };
     let (ended, kept) = end_exports(&backed).await?;
     if !failures.is_empty() {
@@ -669,13 +670,14 @@ pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Resul
 }
 
 /// One round of [`finish`]: streams each of `backed` (a stream running
-/// already is waited for) and waits for all; returns what was streamed and
-/// the failures (an image still backed after its stream among them).
+/// already is waited for) and waits for all; returns what was streamed,
+/// the failures (an image still backed after its stream among them), and
+/// the images still backed.
 async fn stream_round(
     qmp: &Qmp,
     backed: &[Backed],
     progress: Option<&ProgressSink>,
-) -> anyhow::Result<(Vec<Finished>, Vec<String>)> {
+) -> anyhow::Result<(Vec<Finished>, Vec<String>, Vec<Backed>)> {
     let mut events = qmp.subscribe();
     let running = qmp.execute_raw("query-block-jobs", Value::Null).await?;
     let running: Vec<String> = running
@@ -727,7 +729,7 @@ async fn stream_round(
             ));
         }
     }
-    Ok((volumes, failures))
+    Ok((volumes, failures, left))
 }
 
 /// Waits for the block jobs `pending` to end: by events, with a poll of
@@ -867,8 +869,8 @@ pub async fn finish_domain(
     let mut rounds = Rounds::new();
     // Rounds, as `finish` runs them: a stream that failed leaves its disk
     // backed by the export.
+    let mut todo = backed.clone();
     let left = loop {
-        let todo = backed_disks(&domain.info()?);
         // One stream at a time, those running already (a --finish killed
         // before) first. libvirt's QEMU 10.0.2 crashed once in CI (a
         // segfault in bdrv_refresh_filename, on an implicit node without
@@ -915,6 +917,7 @@ pub async fn finish_domain(
         if !rounds.again(&left, failed).await {
             break left;
         }
+        todo = left;
     };
     let (ended, kept) = end_exports(&backed).await?;
     if !left.is_empty() {
