@@ -555,15 +555,7 @@ pub fn clean_dead(dir: &Path, state: &State) {
         state.backup,
         state.vm
     );
-    if state.kind == Kind::Live && still_read(&state.files, dir) {
-        let state = State {
-            lease: None,
-            ..state.clone()
-        };
-        remove_made(&state);
-    } else {
-        remove_made(state);
-    }
+    remove_made(state, dir);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -595,11 +587,14 @@ pub fn still_read(images: &[PathBuf], runtime: &Path) -> bool {
     )
 }
 
-/// Removes what a serve made outside its runtime directory: its lease, the
-/// files of a set-up that did not end, and a mount's FUSE files
-/// (detached) and its directory when bitback made it and it is empty.
-fn remove_made(state: &State) {
-    if let Some(lease) = &state.lease {
+/// Removes what the serve from `dir` made outside it: its lease (unless
+/// its live images still read from the point), the files of a set-up that
+/// did not end, and a mount's FUSE files (detached) and its directory when
+/// bitback made it and it is empty.
+fn remove_made(state: &State, dir: &Path) {
+    if let Some(lease) = &state.lease
+        && !(state.kind == Kind::Live && still_read(&state.files, dir))
+    {
         let _ = std::fs::remove_file(lease);
     }
     for file in &state.pending {
@@ -670,7 +665,7 @@ pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
             waited += Duration::from_millis(50);
         }
     }
-    remove_made(state);
+    remove_made(state, dir);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
 }
