@@ -177,8 +177,8 @@ impl Serving {
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
         let key = key(&target);
+        // The VM's name was checked when its point was opened.
         let root = std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
-        repo.vm_dir(vm)?;
         let lease = detached::lease_path(&root.join(vm), &detached::dir_for(kind, &key));
         let state = State {
             kind,
