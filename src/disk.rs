@@ -70,3 +70,48 @@ impl std::fmt::Display for Tracking {
         })
     }
 }
+
+/// Who holds the file at `path` open: `pid (command)` of every process
+/// with a descriptor on it, and `a QEMU (image lock)` when a process this
+/// host cannot see (another mount namespace's, another NFS client's) holds
+/// QEMU's image lock on it. Empty when nothing does, or `path` is no
+/// regular file. A running VM's disk is never replaced or removed while
+/// this says anything.
+pub fn holders(path: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Vec::new();
+    };
+    if !meta.is_file() {
+        return Vec::new();
+    }
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino));
+        if holds {
+            let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
+            found.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    if found.is_empty()
+        && let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+        && crate::qcow2::qemu_holds(&file)
+    {
+        found.push("a QEMU (image lock)".into());
+    }
+    found
+}

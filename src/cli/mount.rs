@@ -46,6 +46,12 @@ pub(crate) struct MountArgs {
     /// The key file of an encrypted backup.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Serve the point even where what is known says not to: a file
+    /// `bitback verify` found damaged, or one whose length is not the one
+    /// recorded at its backup. Without it such a point is refused, naming
+    /// the file. The files' structure is checked either way.
+    #[arg(long)]
+    no_verify: bool,
     /// Print {vm, backup, files: [{volume, path, virtual_size}], pid,
     /// runtime}.
     #[arg(long)]
@@ -78,6 +84,7 @@ pub(crate) async fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
             volumes: args.volumes.clone(),
             dir: args.dir.clone(),
             key,
+            checks: engine::Checks::serving(!args.no_verify),
         },
     )
     .await?;

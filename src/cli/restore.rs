@@ -103,7 +103,9 @@ pub(crate) struct RestoreArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
     /// Skip checking the chain's digests (names, sizes and backing files
-    /// are still checked).
+    /// are still checked). With --live: serve the point even where what
+    /// is known says not to (a file `bitback verify` found damaged, or
+    /// whose length is not the one recorded), which is refused otherwise.
     #[arg(long)]
     no_verify: bool,
     /// The key file of an encrypted backup (the one given to `backup
@@ -292,6 +294,7 @@ async fn live(
         key,
         owner: args.owner,
         resume: args.resume,
+        checks: engine::Checks::serving(!args.no_verify),
     };
     if let Some(domain) = args.target.domain() {
         return live_domain(args, repo, &opts, &domain).await;

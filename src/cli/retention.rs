@@ -99,6 +99,12 @@ pub(crate) struct ExportArgs {
     /// The key file of an encrypted backup; QEMU decrypts the chain.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Serve the point even where what is known says not to: a file
+    /// `bitback verify` found damaged, or one whose length is not the one
+    /// recorded at its backup. Without it such a point is refused, naming
+    /// the file. The files' structure is checked either way.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
@@ -165,6 +171,7 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             listen,
             writable: args.writable,
             key: super::output::key_file(args.key_file.as_deref(), "--key-file")?,
+            checks: engine::Checks::serving(!args.no_verify),
         },
     )
     .await

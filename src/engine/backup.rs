@@ -432,8 +432,15 @@ pub async fn backup_named(
     };
     repo.save_state(lock, &state)?;
 
-    // The new checkpoint is active: the old one can go.
-    if let Some(old) = active.filter(|old| old != &checkpoint) {
+    // The new checkpoint is active: the old one can go, if it is ours. One
+    // named for another repository id is the checkpoint of the repository
+    // this one was copied from, which may still build on it.
+    let old = active.filter(|old| old != &checkpoint);
+    if let Some(foreign) = old.as_deref().filter(|old| {
+        super::scope::owner(old).is_some_and(|o| o.repo_id.is_some() && !scope.owns_checkpoint(old))
+    }) {
+        info!(vm, bitmap = %foreign, "the previous checkpoint belongs to the repository this one was copied from; it is left to that repository");
+    } else if let Some(old) = old {
         for v in &volumes {
             if !v.bitmaps.iter().any(|b| b.name == old) {
                 info!(vm, volume = %v.name, bitmap = %old, "the previous checkpoint bitmap was already gone");

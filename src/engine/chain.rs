@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::check::{Report, record_problem, size_problem, verify_backup, verify_structure};
+use super::check::{Checks, Problem, Report, known_problem, verify_backup, verify_structure};
 use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// The chain of `m`, full first. Refuses loops and missing parents.
@@ -78,15 +78,14 @@ pub(super) fn volume_files(
 }
 
 /// Checks the files that `volumes` of `m` need along `chain` (every volume
-/// of `m` when empty): the structural rules, and the digests too with
-/// `digests`. Another volume's files are not read; a problem of no file (a
-/// parent manifest missing) counts.
+/// of `m` when empty), as much as `checks` says. Another volume's files
+/// are not read; a problem of no file (a parent manifest missing) counts.
 pub(super) fn check_needed(
     repo: &Repo,
     m: &Manifest,
     chain: &[Manifest],
     volumes: &[String],
-    digests: bool,
+    checks: Checks,
 ) -> anyhow::Result<Report> {
     let mut needed = BTreeSet::new();
     for v in m
@@ -106,10 +105,22 @@ pub(super) fn check_needed(
         // does not digest a large one).
         let mut link = link.clone();
         link.volumes.retain(|v| needed.contains(&v.file));
-        if digests {
-            verify_backup(repo, &link, &mut report, false);
-        } else {
-            verify_structure(repo, &link, &mut report);
+        match checks {
+            Checks::Digests => verify_backup(repo, &link, &mut report, false),
+            Checks::Structure => verify_structure(repo, &link, &mut report),
+            Checks::Known => {
+                for v in &link.volumes {
+                    if let Some(problem) = known_problem(repo, &link, v) {
+                        report.problems.push(Problem {
+                            vm: link.vm.clone(),
+                            backup: link.id.clone(),
+                            file: Some(v.file.clone()),
+                            problem,
+                            data_damage: false,
+                        });
+                    }
+                }
+            }
         }
     }
     Ok(report)
@@ -142,15 +153,7 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
                 let link = chain
                     .iter()
                     .find(|m| m.volumes.iter().any(|x| x.file == r.file))?;
-                record_problem(repo, link, r)
-                    .or_else(|| size_problem(repo, r))
-                    .or_else(|| {
-                        // What verify found (a flipped bit in data that
-                        // no structural check sees) counts too.
-                        repo.damage(&link.vm, &link.id, &r.name, &r.digest)
-                            .map(|p| format!("verify found it damaged: {p}"))
-                    })
-                    .map(|p| format!("{}: {p}", r.file))
+                known_problem(repo, link, r).map(|p| format!("{}: {p}", r.file))
             }),
         };
         if let Some(problem) = problem {

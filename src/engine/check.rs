@@ -87,6 +87,54 @@ pub(super) fn record_problem(repo: &Repo, m: &Manifest, v: &VolumeRecord) -> Opt
     }
 }
 
+/// How much of a chain is checked before it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// The structural rules only (`--no-verify`): what reading the chain
+    /// needs to be safe, no more.
+    Structure,
+    /// What is known without reading data: the structural rules, each
+    /// file's length as recorded at the commit, and what `verify` found
+    /// damaged. What serving a point in seconds checks.
+    Known,
+    /// Every file's digest read (which also catches all that is known).
+    Digests,
+}
+
+impl Checks {
+    /// A restore's checks: the digests, or with `--no-verify` the
+    /// structure alone.
+    pub fn reading(verify: bool) -> Checks {
+        if verify {
+            Checks::Digests
+        } else {
+            Checks::Structure
+        }
+    }
+
+    /// A serve's checks (mount, live restore, export): what is known, or
+    /// with `--no-verify` the structure alone.
+    pub fn serving(verify: bool) -> Checks {
+        if verify {
+            Checks::Known
+        } else {
+            Checks::Structure
+        }
+    }
+}
+
+/// What is known to be wrong with file `r` of `link` without reading its
+/// data: the structural rules, its recorded length, and what `verify`
+/// found (a flipped bit in data that no structural check sees).
+pub(super) fn known_problem(repo: &Repo, link: &Manifest, r: &VolumeRecord) -> Option<String> {
+    record_problem(repo, link, r)
+        .or_else(|| size_problem(repo, r))
+        .or_else(|| {
+            repo.damage(&link.vm, &link.id, &r.name, &r.digest)
+                .map(|p| format!("verify found it damaged: {p}"))
+        })
+}
+
 /// Whether the file of `r` still has the length its manifest recorded at
 /// the commit (a truncated or appended file), where one was recorded.
 /// Checked by backups before they build on a file; a restore leaves it to

@@ -33,6 +33,8 @@ pub struct ExportOptions {
     pub writable: bool,
     /// The key of an encrypted backup.
     pub key: Option<super::key::Key>,
+    /// What is checked before the point is served.
+    pub checks: super::check::Checks,
 }
 
 /// A running export; dropping it stops the daemon and removes the overlay.
@@ -65,7 +67,7 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
         repo,
         &opts.vm,
         opts.backup.as_deref(),
-        false,
+        opts.checks,
         std::slice::from_ref(&opts.volume),
     )?;
     let record = manifest

@@ -89,6 +89,13 @@ fn way(graph: &Graph, v: &Volume) -> Way {
         [("block-backend", qdev)] if v.device.as_deref() == Some(*qdev) => Way::Guarded {
             qdev: qdev.to_string(),
         },
+        // A `-drive` disk: the graph names the device's backend by its id.
+        [("block-backend", name)] if v.backend.as_deref() == Some(*name) => match &v.device {
+            Some(qdev) => Way::Guarded { qdev: qdev.clone() },
+            None => Way::Direct {
+                why: Some(format!("its backend {name} has no guest device to move")),
+            },
+        },
         [("block-backend", qdev)] if qdev.starts_with('/') => Way::Direct {
             why: Some(format!(
                 "its device {qdev} reaches it through another node (a filter): moving the device would drop that node"

@@ -45,6 +45,8 @@ pub struct LiveOptions {
     /// Serve again the point that images a live restore made read from
     /// (their export ended before they were streamed): no image is made.
     pub resume: bool,
+    /// What is checked before the point is served.
+    pub checks: super::check::Checks,
 }
 
 /// The export name of `volume` of backup `backup` of `vm`: it names the
@@ -95,6 +97,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         &opts.volumes,
         opts.key.as_ref(),
         "restore --live",
+        opts.checks,
     )?;
     let image_of = |target: &Path, name: &str| {
         opts.images
@@ -298,6 +301,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
         &wanted,
         opts.key.as_ref(),
         "restore --live --resume",
+        opts.checks,
     )?;
     let image_of = |name: &str| {
         images
@@ -447,6 +451,7 @@ fn new_image(
         ))
         .into());
     }
+    refuse_held(path)?;
     let create = CreateOptions {
         size,
         backing: Some(url),
@@ -471,8 +476,27 @@ fn aside_of(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.bitback-live"))
 }
 
-/// Renames `aside` to `path`: over a file there only when `force`.
+/// Refuses to replace a file a process holds open (a running VM's disk,
+/// which would go on writing to a deleted file), even with --force.
+fn refuse_held(path: &Path) -> anyhow::Result<()> {
+    let holders = crate::disk::holders(path);
+    if holders.is_empty() {
+        return Ok(());
+    }
+    Err(BadInput(format!(
+        "{} is held open by {}; a disk in use is never replaced, --force or not (stop the VM first)",
+        path.display(),
+        holders.join(", ")
+    ))
+    .into())
+}
+
+/// Renames `aside` to `path`: over a file there only when `force`, and
+/// never over one a process holds open.
 fn place(aside: &Path, path: &Path, force: bool) -> anyhow::Result<()> {
+    if force {
+        refuse_held(path)?;
+    }
     let flags = match force {
         true => nix::fcntl::RenameFlags::empty(),
         false => nix::fcntl::RenameFlags::RENAME_NOREPLACE,

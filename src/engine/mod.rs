@@ -28,7 +28,7 @@ mod verify;
 pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, BackupRun, DataPath, backup, backup_named, backup_vm};
 pub use check::data_file_problem;
-pub use check::{Problem, Report};
+pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
 pub use export::{Export, ExportOptions, Listen, export};
 pub use live::{

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Value, json};
+use tracing::warn;
 
 use super::BadInput;
+use super::check::Checks;
 use super::detached::{self, Kind, State};
 use super::key::Key;
 use super::restore::resolve;
@@ -29,6 +31,8 @@ pub struct MountOptions {
     pub dir: PathBuf,
     /// The key of an encrypted backup.
     pub key: Option<Key>,
+    /// What is checked before the point is served.
+    pub checks: Checks,
 }
 
 /// A point being served: what `mount` and `restore --live` report.
@@ -80,10 +84,11 @@ impl Point {
         wanted: &[String],
         key: Option<&Key>,
         purpose: &str,
+        checks: Checks,
     ) -> anyhow::Result<(Option<crate::repo::ReadLock>, Point)> {
         detached::clean_all_dead();
         let lock = repo.read_lock(vm, purpose)?;
-        Ok((lock, Point::open(repo, vm, backup, wanted, key)?))
+        Ok((lock, Point::open(repo, vm, backup, wanted, key, checks)?))
     }
 
     fn open(
@@ -92,8 +97,15 @@ impl Point {
         backup: Option<&str>,
         wanted: &[String],
         key: Option<&Key>,
+        checks: Checks,
     ) -> anyhow::Result<Point> {
-        let (manifest, chain) = resolve(repo, vm, backup, false, wanted)?;
+        if checks == Checks::Structure {
+            warn!(
+                vm,
+                "--no-verify: serving the point without honouring verify's damage records or the files' recorded lengths (their structure is still checked)"
+            );
+        }
+        let (manifest, chain) = resolve(repo, vm, backup, checks, wanted)?;
         let secret = match (&manifest.encryption, key) {
             (None, _) => None,
             (Some(_), Some(_)) => Some("bitback-key"),
@@ -296,6 +308,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         &opts.volumes,
         opts.key.as_ref(),
         "mount",
+        opts.checks,
     )?;
     let mut serving = Serving::begin(
         Kind::Mount,

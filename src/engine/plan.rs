@@ -541,6 +541,7 @@ mod tests {
             read_only: false,
             backing_file: None,
             device: None,
+            backend: None,
             kind: DiskKind::Qcow2,
             encrypted: false,
             bitmaps: bitmaps.iter().map(|b| bitmap(b)).collect(),

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use super::BadInput;
 use super::chain::{chain, check_needed, volume_files};
+use super::check::Checks;
 use super::key::Key;
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo, VolumeRecord};
@@ -83,7 +84,7 @@ pub fn resolve(
     repo: &Repo,
     vm: &str,
     backup: Option<&str>,
-    digests: bool,
+    checks: Checks,
     volumes: &[String],
 ) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
     let m = match backup {
@@ -108,7 +109,7 @@ pub fn resolve(
         }
     }
     let chain = chain(repo, &m)?;
-    let report = check_needed(repo, &m, &chain, volumes, digests)?;
+    let report = check_needed(repo, &m, &chain, volumes, checks)?;
     if let Some(p) = report.problems.first() {
         bail!(
             "backup {} cannot be restored: {}{}{}",
@@ -137,7 +138,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         repo,
         &opts.vm,
         opts.backup.as_deref(),
-        opts.verify,
+        Checks::reading(opts.verify),
         &opts.volumes,
     )?;
     let key = match (&m.encryption, &opts.key) {
@@ -798,7 +799,7 @@ pub fn restore_in_place(
         repo,
         &opts.vm,
         opts.backup.as_deref(),
-        opts.verify,
+        Checks::reading(opts.verify),
         opts.volume.as_slice(),
     )?;
     let record = match (&opts.volume, m.volumes.as_slice()) {

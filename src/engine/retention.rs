@@ -178,7 +178,13 @@ pub fn consolidate(repo: &Repo, lock: &VmLock, max_chain: u32) -> anyhow::Result
         // Only the files the new full is made of count: a damaged file of a
         // volume that a later full replaced is not read.
         let chain = super::chain::chain(repo, &new_full)?;
-        let check = super::chain::check_needed(repo, &new_full, &chain, &[], true)?;
+        let check = super::chain::check_needed(
+            repo,
+            &new_full,
+            &chain,
+            &[],
+            super::check::Checks::Digests,
+        )?;
         if let Some(p) = check.problems.first() {
             bail!(
                 "backup {} cannot be consolidated: {}: {}; nothing was changed (run bitback verify)",

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::layout::{Dest, file_name, plain_parts, relative, under, vol_uuid};
+use super::layout::{
+    Dest, backup_parts, file_name, open_file_beneath, parent_parts, relative, vol_uuid,
+};
 use super::mount::{Mount, lock_domain};
 use super::{EXIT_CLEANUP_FAILED, Options, fail};
 use crate::engine::key::Key;
@@ -89,7 +91,7 @@ pub(super) async fn backup(
             return Ok(1);
         }
     };
-    let Some(parts) = plain_parts(&o.path) else {
+    let Some(parts) = backup_parts(&o.path) else {
         say!(
             out,
             "Bad backup path {:?}: give <instance>/<timestamp> under the NAS",
@@ -180,47 +182,52 @@ pub(super) fn bitmap_problem(v: &qemu::Volume, bitmap: &str) -> Option<String> {
     ))
 }
 
-/// Why `path` cannot be an incremental's parent for a disk of
-/// `virtual_size` bytes, if it cannot: it and every file of its backing
-/// chain must be a plain qcow2 image whose cluster tables stay within the
-/// file (a truncated file fails here), of the disk's size. Data is not
-/// read: a flipped bit inside a cluster is not seen.
-pub(super) fn parent_problem(path: &Path, virtual_size: u64) -> Option<String> {
-    let mut next = Some(path.to_path_buf());
+/// Why `name` (relative to the NAS root `mount`) cannot be an
+/// incremental's parent for a disk of `virtual_size` bytes of `instance`,
+/// if it cannot; else its parts. It and every file of its backing chain
+/// must be a backup file of the instance, reached with no symlink on the
+/// way (a planted link could lead to another VM's data), a plain qcow2
+/// image whose cluster tables stay within the file (a truncated file fails
+/// here), of the disk's size. Data is not read: a flipped bit inside a
+/// cluster is not seen.
+pub(super) fn parent_problem(
+    mount: &Path,
+    instance: &str,
+    name: &str,
+    virtual_size: u64,
+) -> Result<Vec<String>, String> {
+    let first = parent_parts(instance, None, name).map_err(|e| format!("parent path {e}"))?;
+    let mut next = Some(first.clone());
     let mut seen = Vec::new();
-    while let Some(file) = next.take() {
-        if seen.contains(&file) || seen.len() > 1000 {
-            return Some(format!("the backing chain of {} loops", path.display()));
+    while let Some(parts) = next.take() {
+        let file = mount.join(parts.join("/"));
+        if seen.contains(&parts) || seen.len() > 1000 {
+            return Err(format!("the backing chain of {name} loops"));
         }
-        let problem = |text: String| Some(format!("parent file {}: {text}", file.display()));
-        match std::fs::symlink_metadata(&file) {
-            Err(e) => return problem(e.to_string()),
-            Ok(m) if !m.is_file() => return problem("not a regular file".into()),
-            Ok(_) => {}
-        }
-        let image = match Image::open(&file) {
-            Ok(image) => image,
-            Err(e) => return problem(e.to_string()),
-        };
+        let problem = |text: String| format!("parent file {}: {text}", file.display());
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let opened = open_file_beneath(mount, &refs).map_err(|e| format!("parent file {e}"))?;
+        let image = Image::from_file(&opened, &file).map_err(|e| problem(e.to_string()))?;
         if image.header().size != virtual_size {
-            return problem(format!(
+            return Err(problem(format!(
                 "its virtual size is {}, the disk's {virtual_size}",
                 image.header().size
-            ));
+            )));
         }
         if let Some(p) = engine::data_file_problem(&image) {
-            return problem(p);
+            return Err(problem(p));
         }
-        let walked = std::fs::File::open(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|f| qcow2::walk(&f, &image, |_| Ok(())).map_err(|e| e.to_string()));
-        if let Err(e) = walked {
-            return problem(format!("cluster map: {e}"));
+        qcow2::walk(&opened, &image, |_| Ok(()))
+            .map_err(|e| problem(format!("cluster map: {e}")))?;
+        if let Some(backing) = image.hc.backing_file.as_deref() {
+            next = Some(
+                parent_parts(instance, Some(&parts), backing)
+                    .map_err(|e| problem(format!("backing file {e}")))?,
+            );
         }
-        next = image.full_backing_path();
-        seen.push(file);
+        seen.push(parts);
     }
-    None
+    Ok(first)
 }
 
 /// Removes `bitmap` from every volume that has it; whether it went from
@@ -316,6 +323,8 @@ pub(super) async fn backup_running(
         other => bail!("Unknown mode: {other}"),
     };
     let disks = domain_disks(info)?;
+    // `-p` was checked to be `<instance>/<timestamp>`.
+    let instance = o.path.split('/').next().unwrap_or_default();
     let target = crate::monitor::Target {
         qmp: None,
         domain: Some(domain.clone()),
@@ -353,14 +362,9 @@ pub(super) async fn backup_running(
             ));
         } else {
             for (i, v) in volumes.iter().enumerate() {
-                match under(mount, parents[i]) {
-                    None => problems.push(format!("parent path {:?} leaves the NAS", parents[i])),
-                    Some(abs) => {
-                        if let Some(p) = parent_problem(&abs, v.virtual_size) {
-                            problems.push(p);
-                        }
-                        parent_files.push(abs);
-                    }
+                match parent_problem(mount, instance, parents[i], v.virtual_size) {
+                    Err(p) => problems.push(p),
+                    Ok(parts) => parent_files.push(mount.join(parts.join("/"))),
                 }
             }
         }

@@ -38,7 +38,7 @@ mod layout;
 mod mount;
 
 use crate::engine::thaw_guard::GuardCommand;
-use layout::{Dest, plain_parts, remove_backup_dir};
+use layout::{Dest, backup_parts, remove_backup_dir};
 use mount::Mount;
 pub use mount::private_mounts;
 
@@ -206,7 +206,7 @@ fn fail(mount: &mut Mount, dest: Option<&Dest>, message: &str, out: &mut Vec<Str
 /// else (`.`, `VM`, `VM/.`, a path with a directory inside) is refused
 /// with nothing removed: `rm -rf` of such a path would wipe other backups.
 fn delete(o: &Options, out: &mut Vec<String>) -> anyhow::Result<u8> {
-    let Some(parts) = plain_parts(&o.path).filter(|p| p.len() == 2) else {
+    let Some(parts) = backup_parts(&o.path) else {
         say!(
             out,
             "Bad backup path {:?}: a delete names one backup directory, <instance>/<timestamp>",
@@ -218,8 +218,7 @@ fn delete(o: &Options, out: &mut Vec<String>) -> anyhow::Result<u8> {
         Ok(mount) => mount,
         Err(code) => return Ok(code),
     };
-    let dest = mount.point.join(parts[0]).join(parts[1]);
-    if let Err(message) = remove_backup_dir(&dest, out) {
+    if let Err(message) = remove_backup_dir(&mount.point, parts[0], parts[1], out) {
         return Ok(fail(&mut mount, None, &message, out));
     }
     Ok(mount.finish(1, out))

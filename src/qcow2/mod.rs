@@ -47,3 +47,9 @@ pub use stream::{Finished, Stream};
 pub fn lock_out_qemu(file: &std::fs::File) -> Result<rebase::QemuLockout<'_>> {
     rebase::QemuLockout::take(file)
 }
+
+/// Whether a QEMU holds the image open now (a lock on the bytes QEMU
+/// locks), asked without taking a lock: a file open read-only will do.
+pub fn qemu_holds(file: &std::fs::File) -> bool {
+    rebase::qemu_holds(file)
+}

@@ -36,6 +36,14 @@ fn qemu_range_lock(kind: libc::c_int) -> libc::flock {
     }
 }
 
+/// Whether any lock conflicts with a write lock over QEMU's lock bytes:
+/// a QEMU holds the image.
+pub(super) fn qemu_holds(file: &File) -> bool {
+    let mut probe = qemu_range_lock(libc::F_WRLCK);
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).is_ok()
+        && probe.l_type != libc::F_UNLCK as libc::c_short
+}
+
 /// An OFD write lock over QEMU's lock bytes: no QEMU holds the image while
 /// it lives, and none can open it.
 pub struct QemuLockout<'a> {

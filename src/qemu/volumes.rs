@@ -69,6 +69,11 @@ pub struct Volume {
     pub backing_file: Option<String>,
     /// The guest device's QOM path, when the volume is a device.
     pub device: Option<String>,
+    /// The name of the device's block backend when it has one of its own:
+    /// a disk given with `-drive` (its id), which QEMU's graph shows in
+    /// place of the device's QOM path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// What the image is, which decides how its changes can be tracked.
     pub kind: DiskKind,
     /// The image is encrypted (QEMU decrypts it for the guest).
@@ -228,7 +233,10 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
                 .or_else(|| block.qdev.clone())
                 .unwrap_or_else(|| node.node_name.clone());
             let protocol = protocol_of(node);
-            volumes.push(volume(name, node, protocol, block.qdev.clone())?);
+            let mut v = volume(name, node, protocol, block.qdev.clone())?;
+            v.backend =
+                (block.qdev.is_some() && !block.device.is_empty()).then(|| block.device.clone());
+            volumes.push(v);
         }
         return Ok(volumes);
     }
@@ -301,6 +309,7 @@ fn volume(
         read_only: node.ro,
         backing_file: node.image.backing_filename.clone(),
         device,
+        backend: None,
         bitmaps,
     })
 }

@@ -30,7 +30,11 @@
 //! digits made with the repository. Every name bitback creates inside a
 //! QEMU carries it (and the VM name), so one VM backed up into several
 //! repositories, or under several `--vm` names, keeps one independent chain
-//! and checkpoint per repository and name.
+//! and checkpoint per repository and name. The file also records the
+//! inode of the directory the id was made in: a copy of the repository
+//! (`cp -a`, rsync) finds itself elsewhere on its first backup and takes
+//! an id of its own (`copied_from` names the old one), so a repository and
+//! its copy never share checkpoint names nor remove each other's bitmaps.
 //!
 //! Locking, per VM:
 //!
@@ -204,13 +208,13 @@ impl Repo {
         }
     }
 
-    /// The repository's id, if it has one yet.
-    pub fn id(&self) -> Result<Option<String>> {
+    /// The repository's identity file, if it has one yet.
+    fn ident(&self) -> Result<Option<RepoIdent>> {
         let path = self.root.join(REPO_FILE);
         let Some(bytes) = read_if_there(&path)? else {
             return Ok(None);
         };
-        let ident: RepoIdent = serde_json::from_slice(&bytes).map_err(|e| Error::BadRepo {
+        let mut ident: RepoIdent = serde_json::from_slice(&bytes).map_err(|e| Error::BadRepo {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -220,27 +224,95 @@ impl Repo {
                 reason: format!("id {:?} is not {REPO_ID_LEN} hex digits", ident.id),
             });
         }
-        Ok(Some(ident.id.to_ascii_lowercase()))
+        ident.id.make_ascii_lowercase();
+        Ok(Some(ident))
+    }
+
+    /// The repository's id, if it has one yet.
+    pub fn id(&self) -> Result<Option<String>> {
+        Ok(self.ident()?.map(|i| i.id))
+    }
+
+    /// Where the repository lives: its directory's inode number. A copy
+    /// (`cp -a`, rsync, a restored NAS snapshot in another directory) has
+    /// another; a rename within the filesystem, a remount or another
+    /// host's NFS or CIFS mount keep it.
+    fn home(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&self.root)
+            .map(|m| m.ino())
+            .map_err(|source| Error::Io {
+                action: "reading",
+                path: self.root.clone(),
+                source,
+            })
     }
 
     /// The repository's id, made (8 random hex digits) if it has none.
     /// Two runs racing to make it agree: the first link wins.
+    ///
+    /// A repository found in another directory than the one its id was
+    /// made in is a copy: it gets an id of its own, said with a warning,
+    /// so that it and the repository it was copied from never take each
+    /// other's checkpoint bitmaps for their own (the same names at the
+    /// same second, or each one's stray clean-up removing the other's).
     pub fn ensure_id(&self) -> Result<String> {
-        if let Some(id) = self.id()? {
-            return Ok(id);
+        let home = self.home()?;
+        let Some(ident) = self.ident()? else {
+            return self.make_id(home);
+        };
+        match ident.home {
+            Some(h) if h == home => Ok(ident.id),
+            // Made before homes were recorded: this is its home.
+            None => {
+                let id = ident.id.clone();
+                self.write_ident(&RepoIdent {
+                    home: Some(home),
+                    ..ident
+                })?;
+                Ok(id)
+            }
+            Some(_) => {
+                let id = random_id()?;
+                warn!(
+                    repo = %self.root.display(),
+                    was = %ident.id,
+                    id,
+                    "this repository was copied from another (its id was made in another directory); \
+                     it now has an id of its own, and leaves the checkpoint bitmaps of the repository \
+                     it was copied from to that repository"
+                );
+                self.write_ident(&RepoIdent {
+                    schema: ident.schema,
+                    id,
+                    home: Some(home),
+                    copied_from: Some(ident.id),
+                })?;
+                // Two runs that found the copy at once: the last rename's
+                // id stands, and both use it.
+                match self.ident()? {
+                    Some(now) if now.home == Some(home) => Ok(now.id),
+                    _ => Err(Error::BadRepo {
+                        path: self.root.join(REPO_FILE),
+                        reason: "it changed while being given a new id".into(),
+                    }),
+                }
+            }
         }
-        let mut raw = [0u8; REPO_ID_LEN / 2];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
-            .map_err(|source| Error::Io {
-                action: "reading random bytes from",
-                path: "/dev/urandom".into(),
-                source,
-            })?;
-        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    }
+
+    fn write_ident(&self, ident: &RepoIdent) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(ident).map_err(Error::Encoding)?;
+        write_atomic(&self.root, REPO_FILE, &bytes)
+    }
+
+    fn make_id(&self, home: u64) -> Result<String> {
+        let id = random_id()?;
         let bytes = serde_json::to_vec_pretty(&RepoIdent {
             schema: 1,
             id: id.clone(),
+            home: Some(home),
+            copied_from: None,
         })
         .map_err(Error::Encoding)?;
         let (tmp, _file) = write_temp(&self.root, REPO_FILE, &bytes)?;
@@ -522,6 +594,26 @@ pub const REPO_ID_LEN: usize = 8;
 struct RepoIdent {
     schema: u32,
     id: String,
+    /// The inode of the repository's directory when the id was made or
+    /// first seen ([`Repo::home`]); absent in repositories from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    home: Option<u64>,
+    /// The id of the repository this one was copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    copied_from: Option<String>,
+}
+
+/// A new repository id: [`REPO_ID_LEN`] random hex digits.
+fn random_id() -> Result<String> {
+    let mut raw = [0u8; REPO_ID_LEN / 2];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .map_err(|source| Error::Io {
+            action: "reading random bytes from",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Newest last: by sequence, then (for manifests written before sequences)

@@ -765,3 +765,99 @@ fn small_things_operators_hit() {
     ));
     vm.quit();
 }
+
+/// A repository and its `cp -a` copy (the usual seed of an off-site
+/// copy), backed up in turn and at once: the copy takes an id of its own
+/// on its first run and says so, neither removes or reuses the other's
+/// checkpoint, so every incremental of both is by bitmap, and every point
+/// of both equals the disk at its time. (Before, the two shared an id:
+/// each run removed the other's bitmap as stray, and two runs in the same
+/// second made one bitmap name for two points, so an incremental of the
+/// copy was built on the original's later checkpoint and lost writes.)
+#[test]
+fn a_copied_repository_gets_its_own_id_and_both_chains_stay_right() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    let ra = dir.path().join("ra");
+    let rb = dir.path().join("rb");
+    let mut points: Vec<(PathBuf, String, PathBuf)> = Vec::new();
+    let mut round = 0u64;
+    let mut write = |vm: &mut Vm| -> PathBuf {
+        round += 1;
+        vm.write(
+            0,
+            (round % 7) * MIB + 512 * round,
+            96 << 10,
+            0x30 + round as u8,
+        );
+        let model = dir.path().join(format!("model-{round}.raw"));
+        std::fs::write(&model, &vm.models[0].bytes).unwrap();
+        model
+    };
+    let model = write(&mut vm);
+    let full = backup_as(&vm, &ra, "vm1", &[]).json();
+    assert_eq!(full["kind"], "full");
+    points.push((ra.clone(), full["id"].as_str().unwrap().into(), model));
+    run(Command::new("cp").arg("-a").arg(&ra).arg(&rb));
+    let id_of = |repo: &Path| -> String {
+        let text = std::fs::read_to_string(repo.join(".bitback.json")).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let original = id_of(&ra);
+    assert_eq!(id_of(&rb), original);
+
+    // In turn: the copy, the original, the copy again.
+    for (i, repo) in [&rb, &ra, &rb, &ra].into_iter().enumerate() {
+        let model = write(&mut vm);
+        let run = backup_as(&vm, repo, "vm1", &[]);
+        if i == 0 {
+            assert!(run.stderr.contains("copied"), "{}", run.stderr);
+        }
+        let m = run.json();
+        assert_eq!(m["kind"], "incremental", "{m:#}");
+        assert_eq!(m["volumes"][0]["changes"], "bitmap", "{m:#}");
+        points.push((repo.clone(), m["id"].as_str().unwrap().into(), model));
+    }
+    assert_eq!(id_of(&ra), original, "the original keeps its id");
+    assert_ne!(id_of(&rb), original, "the copy has an id of its own");
+
+    // At once, twice: the same second, the same backup id in both.
+    for _ in 0..2 {
+        let model = write(&mut vm);
+        let spawn = |repo: &Path| {
+            let qmp = vm.qemu().qmp.clone();
+            let repo = repo.to_path_buf();
+            std::thread::spawn(move || backup_into(&qmp, &repo, "vm1", &[]))
+        };
+        let (a, b) = (spawn(&ra), spawn(&rb));
+        for (repo, run) in [(&ra, a.join().unwrap()), (&rb, b.join().unwrap())] {
+            let m = run.json();
+            assert_eq!(m["kind"], "incremental", "{m:#}");
+            points.push((
+                repo.clone(),
+                m["id"].as_str().unwrap().into(),
+                model.clone(),
+            ));
+        }
+    }
+    // Whatever the runs at once found (a bitmap busy in the other's job
+    // is read by content), both are by bitmap again after them.
+    for repo in [&ra, &rb] {
+        let model = write(&mut vm);
+        let m = backup_as(&vm, repo, "vm1", &[]).json();
+        assert_eq!(m["volumes"][0]["changes"], "bitmap", "{m:#}");
+        points.push((repo.clone(), m["id"].as_str().unwrap().into(), model));
+    }
+    vm.quit();
+    for (repo, id, model) in &points {
+        let file = repo.join("vm1").join(id).join("drive0.qcow2");
+        assert!(
+            same_content(model, "raw", &file, "qcow2"),
+            "{}: backup {id} differs from its model",
+            repo.display()
+        );
+    }
+}

@@ -778,3 +778,91 @@ fn a_guarded_incremental_by_content_fleeces_and_keeps_its_point() {
     assert_eq!(v["bytes_written"], 0, "{m}");
     finish(vm);
 }
+
+/// Disks given the older way, with `-drive` (plain QEMU scripts,
+/// appliances, older management layers): QEMU's graph names the device's
+/// backend by its drive id, not by the device. Each is still the guest's
+/// own disk: bitback's filter goes under its device, so a repository that
+/// fills up breaks the backup and every guest write lands (before, every
+/// one took QEMU's own filter, and writes failed with "No space left on
+/// device"). The guest's writes go through the device's backend by its
+/// name, above any filter, as a guest's do.
+#[test]
+fn disks_given_with_drive_are_guarded_when_the_repository_fills_up() {
+    use crate::harness::{Kind, Qemu, create_qcow2, run};
+    let configs: [(&str, &[&str]); 4] = [
+        (
+            "if=none",
+            &["-device", "virtio-blk-pci,drive=drive0,id=disk0"],
+        ),
+        ("if=virtio", &[]),
+        ("if=none", &["-device", "ide-hd,drive=drive0,id=disk0"]),
+        (
+            "if=none",
+            &[
+                "-device",
+                "virtio-scsi-pci,id=scsi0",
+                "-device",
+                "scsi-hd,drive=drive0,id=disk0",
+            ],
+        ),
+    ];
+    for (drive, devices) in configs {
+        let dir = tempdir();
+        let image = dir.path().join("disk.qcow2");
+        create_qcow2(&image, 64 * MIB, &[]);
+        let mut extra = vec![
+            "-drive".to_string(),
+            format!("file={},format=qcow2,{drive},id=drive0", image.display()),
+        ];
+        extra.extend(devices.iter().map(|s| s.to_string()));
+        let qemu = Qemu::start_with(Kind::Pc, dir.path(), &[], &extra);
+        let mut model = vec![0u8; 64 * MIB as usize];
+        let mut write = |from: u64, count: u64, pattern: u8| {
+            for i in 0..count {
+                let at = from + i * MIB;
+                qemu.qemu_io("drive0", &format!("write -P {pattern:#x} {at} {MIB}"));
+                model[at as usize..(at + MIB) as usize].fill(pattern);
+            }
+        };
+        write(0, 48, 0x11);
+        let small = dir.path().join("small");
+        let _tmpfs = Tmpfs::mount(&small, "16M");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(["backup", "--qmp"])
+            .arg(&qemu.qmp)
+            .arg("--repo")
+            .arg(small.join("repo"))
+            .args(["--vm", "vm1", "--json", "--speed-limit", "2M"])
+            .env_remove("BITBACK_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        qemu.wait_for_job(&mut child);
+        write(24 * MIB, 24, 0x33);
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(1), "{drive} {devices:?}: {}", ended.stderr);
+        assert!(
+            ended.stderr.contains("the backup broke, not the guest"),
+            "{drive} {devices:?}: {}",
+            ended.stderr
+        );
+        assert!(
+            !ended.stderr.contains("QEMU's own filter"),
+            "{drive} {devices:?}: {}",
+            ended.stderr
+        );
+        qemu.quit();
+        let raw = dir.path().join("model.raw");
+        std::fs::write(&raw, &model).unwrap();
+        let out = run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(&raw)
+            .arg(&image));
+        assert!(
+            out.status.success(),
+            "{drive} {devices:?}: a guest write was lost"
+        );
+    }
+}

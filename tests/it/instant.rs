@@ -589,6 +589,31 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
     assert_eq!(again.json()["volumes"], serde_json::json!([]));
     let pruned = rt.run(&prune);
     assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    // The VM runs on the images now: a live restore over them is refused,
+    // --force or not, naming the holder; the files stay the VM's (the
+    // same inodes, nothing made beside them).
+    use std::os::unix::fs::MetadataExt;
+    let inodes = |images: &[PathBuf]| -> Vec<u64> {
+        images
+            .iter()
+            .map(|i| std::fs::metadata(i).unwrap().ino())
+            .collect()
+    };
+    let before = (inodes(&images), names_in(&out));
+    let over = rt.run(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--live",
+        "--force",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_refused(&over, &["held open", "qemu"]);
+    assert_eq!((inodes(&images), names_in(&out)), before);
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
     assert_restored(&mut vm2, &images);
 }
 
@@ -1091,4 +1116,127 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
     let out = alpha.run(&["umount", mnt.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(alpha.entries().is_empty(), "{:?}", alpha.entries());
+}
+
+/// The host offset of the first data cluster of qcow2 `file`.
+fn first_data_offset(file: &Path) -> u64 {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(file));
+    let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"] == true && e["depth"] == 0 && e["offset"].is_u64())
+        .and_then(|e| e["offset"].as_u64())
+        .expect("a data cluster")
+}
+
+/// What is known of a point is honoured by every way of serving it: one
+/// data byte flipped in its full, found by `verify`, and (another point) a
+/// truncated file, found by nobody yet. `mount`, `restore --live` and
+/// `export` refuse each, naming the file, and serve nothing; `--no-verify`
+/// serves the flipped byte, and says what it skips.
+#[test]
+fn a_point_known_damaged_is_served_by_no_path_unless_told() {
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    vm.write(0, 0, 2 * MIB, 0x61);
+    let rotten = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let file = vm.repo.join("vm1").join(&rotten).join("drive0.qcow2");
+    let at = first_data_offset(&file);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[at as usize + 100] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let verified = rt.run(&["verify", "--repo", &repo]);
+    assert_eq!(verified.code, Some(1), "{}", verified.stdout);
+
+    let refused = |args: &[&str]| {
+        let run = rt.run(args);
+        assert_ne!(run.code, Some(0), "{args:?}: {}", run.stdout);
+        assert!(
+            run.stderr.contains("damaged") && run.stderr.contains("drive0.qcow2"),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    };
+    let mnt = dir.path().join("mnt");
+    let live = dir.path().join("live");
+    let sock = dir.path().join("export.sock");
+    let base = ["--repo", repo.as_str(), "--vm", "vm1"];
+    let with = |command: &[&str], extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        args.extend(base.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    for args in [
+        with(&["mount"], &[mnt.to_str().unwrap()]),
+        with(
+            &["restore"],
+            &["--live", "--output", live.to_str().unwrap()],
+        ),
+        with(
+            &["export"],
+            &["--volume", "drive0", "--socket", sock.to_str().unwrap()],
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&args);
+    }
+    assert!(!live.join("drive0.qcow2").exists());
+    assert!(!sock.exists());
+
+    // --no-verify serves it, flipped byte and all, and says so.
+    let told = rt.run(&[
+        "mount",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        "--no-verify",
+        "--json",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(told.code, Some(0), "{}", told.stderr);
+    assert!(told.stderr.contains("--no-verify"), "{}", told.stderr);
+    let served = std::fs::read(mnt.join("drive0.raw")).unwrap();
+    assert_ne!(
+        &served[..2 * MIB as usize],
+        &vec![0x61u8; 2 * MIB as usize][..]
+    );
+    let out = rt.run(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    // A file cut short since its backup: refused unverified too.
+    let two = dir.path().join("two");
+    std::fs::create_dir_all(&two).unwrap();
+    let mut vm = Vm::new(&two, &[8 * MIB]);
+    vm.write(0, 0, MIB, 0x62);
+    let cut = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let file = vm.repo.join("vm1").join(&cut).join("drive0.qcow2");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 512)
+        .unwrap();
+    let run = rt.run(&[
+        "mount",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm1",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_ne!(run.code, Some(0), "{}", run.stdout);
+    assert!(run.stderr.contains("truncated"), "{}", run.stderr);
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
 }

@@ -35,11 +35,30 @@ fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
         .unwrap()
 }
 
-/// Runs `bitback nasbackup ARGS`.
-fn nasbackup(args: &[&str]) -> Run {
+/// The temp directory (TMPDIR) of this process's nasbackup runs, where
+/// they make their `csbackup.XXXXX` mount points: the checks here look at
+/// what these runs made, never at the rest of `/tmp`, where a real agent's
+/// run on the same host may come and go.
+fn run_tmp() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bitback-nas-tests.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `bitback nasbackup ARGS` (with [`run_tmp`] as its TMPDIR), plus
+/// environment `env`.
+fn nasbackup_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut all = vec!["nasbackup"];
     all.extend(args);
-    bitback(&all)
+    let tmp = run_tmp();
+    let mut env = env.to_vec();
+    env.push(("TMPDIR", tmp.to_str().unwrap()));
+    bitback_env(&all, &env)
+}
+
+/// Runs `bitback nasbackup ARGS`.
+fn nasbackup(args: &[&str]) -> Run {
+    nasbackup_env(args, &[])
 }
 
 /// The agent's parse of a running VM's backup output: the last line is the
@@ -70,15 +89,17 @@ fn du_sb(dir: &Path) -> u64 {
         .unwrap()
 }
 
-/// No csbackup mount is left, and no mount point directory.
+/// No csbackup mount of these runs is left, and no mount point directory.
 fn nothing_mounted(before: &[PathBuf]) {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(!mounts.contains("csbackup."), "{mounts}");
-    assert_eq!(mount_points(), before, "a /tmp/csbackup.* was left behind");
+    let ours = format!("{}/csbackup.", run_tmp().display());
+    assert!(!mounts.contains(&ours), "{mounts}");
+    assert_eq!(mount_points(), before, "a csbackup.* was left behind");
 }
 
+/// The mount points these runs made and left.
 fn mount_points() -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+    let mut out: Vec<PathBuf> = std::fs::read_dir(run_tmp())
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -422,7 +443,7 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     args.extend(common(&t(14)));
     args.extend(["-M", "full", "--bitmap-new", "backup-14000"].map(String::from));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let killed = bitback_env(&argv, &[("BITBACK_FAULT", "after-transaction")]);
+    let killed = nasbackup_env(&argv[1..], &[("BITBACK_FAULT", "after-transaction")]);
     assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains("csbackup."), "{mounts}");
@@ -725,6 +746,30 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
     assert_eq!(state, "paused");
     assert!(backing(5, 0).is_some());
     only_bitmap("b-6");
+
+    // The parent's timestamp directory replaced by a symlink to the same
+    // files in another VM's directory: never built on (it could be any
+    // VM's data), a full.
+    let real = nas.join(t(5));
+    let elsewhere = nas.join("i-9-9-VM");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let moved = elsewhere.join("moved");
+    std::fs::rename(&real, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &real).unwrap();
+    domain.wait_records(10);
+    let fell = incremental(6, "b-6x", "b-6", 5, &[]);
+    std::fs::remove_file(&real).unwrap();
+    std::fs::rename(&moved, &real).unwrap();
+    std::fs::remove_dir(&elsewhere).unwrap();
+    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    assert!(
+        fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
+        "{}",
+        fell.stdout
+    );
+    assert!(fell.stderr.contains("symlink"), "{}", fell.stderr);
+    assert_eq!((backing(6, 0), backing(6, 1)), (None, None));
+    only_bitmap("b-6x");
 
     // The open PR's options: -c (compressed clusters), -b (MiB/s), --verify.
     domain.wait_records(10);
@@ -1154,6 +1199,61 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
     assert!(!nas.join(&holding).exists());
     assert!(nas.join(instance).join("2026.11.28.06.00.00").is_dir());
     assert!(nas.join("i-6-6-VM").is_dir());
+
+    // Symlinks planted on the NAS lead nowhere: an instance directory
+    // linked to a host directory or to another VM's, a timestamp linked
+    // to another VM's backup. Delete refuses them with nothing removed;
+    // a backup through them writes nothing there.
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(host.join("keep")).unwrap();
+    std::fs::write(host.join("keep/file"), b"the host's").unwrap();
+    std::os::unix::fs::symlink(&host, nas.join("i-7-7-VM")).unwrap();
+    std::os::unix::fs::symlink("i-6-6-VM", nas.join("i-8-8-VM")).unwrap();
+    std::os::unix::fs::symlink(
+        "../i-6-6-VM/2026.11.28.05.00.00",
+        nas.join(instance).join("2026.11.28.08.00.00"),
+    )
+    .unwrap();
+    let kept = snapshot(&nas);
+    let host_kept = snapshot(&host);
+    for path in [
+        "i-7-7-VM/keep".to_string(),
+        "i-8-8-VM/2026.11.28.05.00.00".to_string(),
+        format!("{instance}/2026.11.28.08.00.00"),
+    ] {
+        let refused = nasbackup(&[
+            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", &path,
+        ]);
+        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
+        assert!(
+            refused.stdout.contains("symlink"),
+            "{path}: {}",
+            refused.stdout
+        );
+        assert_eq!(snapshot(&nas), kept, "{path}");
+        assert_eq!(snapshot(&host), host_kept, "{path}");
+    }
+    for path in [
+        "i-7-7-VM/2026.11.28.09.00.00",
+        "i-8-8-VM/2026.11.28.09.00.00",
+    ] {
+        let refused = backup(path, &["-M", "full", "--bitmap-new", "b-x"]);
+        assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
+        assert_eq!(snapshot(&nas), kept, "{path}");
+        assert_eq!(snapshot(&host), host_kept, "{path}");
+    }
+    // A three-part path, which no delete would remove, is no backup path.
+    let refused = backup(
+        &format!("{instance}/x/2026.11.28.09.00.00"),
+        &["-M", "full", "--bitmap-new", "b-x"],
+    );
+    assert_eq!(refused.code, Some(1), "{}", refused.stdout);
+    assert!(
+        refused.stdout.contains("Bad backup path"),
+        "{}",
+        refused.stdout
+    );
+    assert_eq!(snapshot(&nas), kept);
     nothing_mounted(&before);
 }
 
