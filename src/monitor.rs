@@ -99,7 +99,31 @@ impl Target {
             }
             qmp
         } else {
-            Qmp::connect_with(endpoint, options).await?
+            let qmp = Qmp::connect_with(endpoint.clone(), options).await?;
+            if matches!(endpoint, Endpoint::Unix(_)) && qmp.named_fds() && !takes_getfd(&qmp).await
+            {
+                // A relay that ends the connection on getfd: libvirt's QMP
+                // proxy, given as a plain socket. Connect again, and pass
+                // descriptors the way it takes them.
+                info!(
+                    "the monitor dropped the connection on getfd (libvirt's QMP proxy?); connecting again, passing descriptors with add-fd"
+                );
+                drop(qmp);
+                options.named_fds = false;
+                let mut qmp = connect_to_proxy(endpoint, options).await?;
+                if let Some(owner) = libvirt_qemu_user(&qmp).await {
+                    match reaches_sockets(&qmp, owner).await {
+                        Ok(()) => qmp.set_socket_owner(owner),
+                        Err(e) => info!(
+                            error = format!("{e:#}"),
+                            "QEMU cannot connect to a socket bitback listens on"
+                        ),
+                    }
+                }
+                qmp
+            } else {
+                qmp
+            }
         };
         let (renames, listed) = match info {
             Some(info) => {
@@ -151,6 +175,43 @@ async fn reaches_sockets(qmp: &Qmp, owner: SocketOwner) -> anyhow::Result<()> {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     tried
+}
+
+/// Whether the monitor takes a socket with `getfd`, as the NBD data path
+/// passes one: one end of a fresh socket pair is passed under a probe
+/// name and closed again. `false` only when the connection ended on it,
+/// as libvirt's QMP proxy ends it (it cannot relay a socket).
+async fn takes_getfd(qmp: &Qmp) -> bool {
+    use std::os::fd::AsFd;
+    let Ok((_ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return true;
+    };
+    let name = format!("bitback-probe-{}", std::process::id());
+    match qmp.getfd(&name, theirs.as_fd()).await {
+        Ok(()) => {
+            let _ = qmp
+                .execute_raw("closefd", serde_json::json!({ "fdname": name }))
+                .await;
+            true
+        }
+        Err(crate::qmp::Error::Disconnected { .. }) => false,
+        Err(_) => true,
+    }
+}
+
+/// The user a libvirt QEMU runs as, found from its name (`query-name`,
+/// which libvirt sets to the domain's) and libvirt's pid file.
+async fn libvirt_qemu_user(qmp: &Qmp) -> Option<SocketOwner> {
+    let named = qmp
+        .execute_raw("query-name", serde_json::Value::Null)
+        .await
+        .ok()?;
+    let name = named.get("name")?.as_str()?;
+    Domain {
+        name: name.to_string(),
+        connect: "qemu:///system".into(),
+    }
+    .qemu_owner()
 }
 
 /// Connects to libvirt's QMP proxy. Its socket file appears when it binds,

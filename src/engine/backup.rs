@@ -198,6 +198,7 @@ pub async fn backup_vm(run: BackupRun<'_>) -> anyhow::Result<Manifest> {
         opts,
         cancel,
     } = run;
+    crate::qemu::daemon::clean_dead_runs();
     let info = match &target.domain {
         Some(domain) => Some(domain.info()?),
         None => None,

@@ -131,6 +131,16 @@ pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result
     Ok(found)
 }
 
+/// Removes the run's scratch directory, once its images are gone.
+fn remove_scratch_dir(dir: &mut Option<PathBuf>) {
+    if let Some(dir) = dir.take()
+        && let Err(e) = std::fs::remove_dir(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %dir.display(), error = %e, "cannot remove the scratch directory");
+    }
+}
+
 /// Removes the fleecing files (QEMU has closed them, or keeps only an
 /// open descriptor to an unlinked file).
 fn remove_scratch(files: &mut Vec<PathBuf>) {
@@ -157,6 +167,8 @@ struct Undo {
     guards: Vec<Guard>,
     /// Fleecing files the run created, removed once QEMU let them go.
     scratch: Vec<PathBuf>,
+    /// The run's own directory of scratch images, removed after them.
+    scratch_dir: Option<PathBuf>,
     /// bitback's NBD servers behind NBD targets, ended after the nodes.
     servers: Vec<nbd_target::Server>,
     /// Set when the guest was frozen and the thaw failed: the backup may
@@ -237,6 +249,7 @@ impl Undo {
             let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
         }
         remove_scratch(&mut self.scratch);
+        remove_scratch_dir(&mut self.scratch_dir);
         if self.bitmaps.is_empty() {
             return;
         }
@@ -409,7 +422,12 @@ async fn run_jobs(
             };
         }
     }
+    let interrupted = cancel.clone();
     if let Err(e) = wait_jobs(run.qmp, run.opts, &mut events, &jobs, cancel).await {
+        if *interrupted.borrow() {
+            // Asked to stop (SIGINT, SIGTERM): nothing broke.
+            return Err(e.context("cancelled by a signal; nothing of this backup is kept"));
+        }
         if undo.guards.is_empty() {
             return Err(e);
         }
@@ -443,18 +461,39 @@ fn guarded_failure(run: &CopyPlan<'_>) -> String {
         dirs.push(std::env::temp_dir());
     }
     dirs.dedup();
-    let room: Vec<String> = dirs
-        .iter()
-        .filter_map(|d| {
-            let s = nix::sys::statvfs::statvfs(d).ok()?;
-            let free = s.blocks_available() as u64 * s.fragment_size() as u64;
-            Some(format!("{} has {} MiB free", d.display(), free >> 20))
-        })
-        .collect();
+    // What each place says now: its free room, or why it cannot say.
+    let mut cause = None;
+    let mut room = Vec::new();
+    for d in &dirs {
+        match nix::sys::statvfs::statvfs(d) {
+            Ok(s) => {
+                let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+                room.push(format!("{} has {} MiB free", d.display(), free >> 20));
+                // Less than one large copy request (QEMU's chunks go up
+                // to 64 MiB): the copy met a full filesystem.
+                if free < 64 << 20 {
+                    cause.get_or_insert(format!("no space left on {}", d.display()));
+                }
+            }
+            Err(e) => {
+                room.push(format!("{}: {e}", d.display()));
+                cause.get_or_insert(match e {
+                    nix::errno::Errno::ENOTCONN
+                    | nix::errno::Errno::ESTALE
+                    | nix::errno::Errno::ENOENT => {
+                        format!("the filesystem of {} is gone ({e})", d.display())
+                    }
+                    e => format!("{} fails ({e})", d.display()),
+                });
+            }
+        }
+    }
+    let cause = cause
+        .unwrap_or_else(|| "a copy of old data failed or was slower than the filter waits".into());
     format!(
-        "the backup broke, not the guest: bitback's filter drops the point when old data cannot be \
-         copied (a full or failing repository or fleecing directory, or a copy slower than {} s), \
-         and the guest's writes went on ({})",
+        "the backup broke, not the guest: {cause}. bitback's filter drops the point when old data \
+         cannot be copied (a full or failing repository or fleecing directory, or a copy slower \
+         than {} s), and the guest's writes went on ({})",
         guard::CBW_TIMEOUT,
         room.join("; ")
     )
@@ -491,7 +530,11 @@ async fn prepare_fleecing(
     let dir = match (&run.opts.fleecing, scratch) {
         (Some(dir), _) => dir.clone(),
         (None, Some(what)) if ways.iter().any(Way::is_guarded) => {
-            let dir = std::env::temp_dir();
+            // A directory of the run's own: a shared temp dir's names
+            // could be taken ahead by any local user.
+            let dir = crate::qemu::daemon::run_dir("scratch")
+                .context("making a directory for the scratch images")?;
+            undo.scratch_dir = Some(dir.clone());
             info!(dir = %dir.display(), "{what} fleeces: old data of guest writes goes to a scratch image here (--fleecing DIR to choose)");
             dir
         }
@@ -502,10 +545,18 @@ async fn prepare_fleecing(
         .with_context(|| format!("reading the fleecing directory {}", dir.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        // Only plain files of this repository's and VM's names: what a
-        // killed run of this scope left.
+        // Only plain files of this repository's and VM's names that are
+        // qcow2 images no process holds: what a killed run of this scope
+        // left. Anything else of such a name is left where it is (the
+        // image's creation below then fails, naming it).
         let plain = entry.file_type().is_ok_and(|t| t.is_file());
         if plain && run.scope.owns_fleece_file(&name.to_string_lossy()) {
+            let path = entry.path();
+            let held = crate::disk::holders(&path);
+            if !held.is_empty() || qcow2::Image::open(&path).is_err() {
+                warn!(file = %path.display(), holders = ?held, "a file of a fleecing image's name that is no image left by a run, or is held open; it is left alone");
+                continue;
+            }
             info!(file = %entry.path().display(), "removing a fleecing image left by an interrupted run");
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing {}", entry.path().display()))?;
@@ -1130,6 +1181,7 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
         }
     }
     remove_scratch(&mut undo.scratch);
+    remove_scratch_dir(&mut undo.scratch_dir);
     // The NBD targets' clients are gone with their nodes: each file gets
     // its tables.
     let mut finished = Vec::new();

@@ -110,6 +110,7 @@ pub(super) async fn backup(
             return Ok(1);
         }
     };
+    crate::qemu::daemon::clean_dead_runs();
     // Not found (a stopped transient domain, an empty -v) means stopped; a
     // paused domain is backed up like a running one (QMP answers while it
     // is paused) and stays paused.

@@ -179,6 +179,93 @@ pub fn private_dir(purpose: &str) -> Result<PathBuf, Error> {
     }
 }
 
+/// A new directory of this run's own under the system temp dir, mode
+/// 0700, named `bitback-<purpose>-<pid>-<16 random hex digits>`: no other
+/// local user can guess its name ahead, plant a file or link in it, or
+/// read what it holds. `mkdir` never follows a planted link. A killed
+/// run's is removed by a later run ([`clean_dead_runs`]).
+pub fn run_dir(purpose: &str) -> Result<PathBuf, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::DirBuilderExt;
+    let mut raw = [0u8; 8];
+    let mut made = None;
+    for _ in 0..10 {
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .map_err(|source| Error::PrivateDir {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let dir =
+            std::env::temp_dir().join(format!("bitback-{purpose}-{}-{hex}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                made = Some(dir);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(Error::PrivateDir { path: dir, source }),
+        }
+    }
+    made.ok_or_else(|| Error::PrivateDir {
+        path: std::env::temp_dir(),
+        source: std::io::Error::other("no free random name"),
+    })
+}
+
+/// The temp-dir names of a run's own directories, each followed by the
+/// run's pid: its libvirt proxy's socket, its NBD sockets, its scratch
+/// images, a probe's socket.
+const RUN_DIRS: [&str; 4] = [
+    "bitback-libvirt-",
+    "bitback-nbd-",
+    "bitback-scratch-",
+    "bitback-probe-",
+];
+
+/// Removes what runs that died (SIGKILL) left in the temp dir: a
+/// directory of [`RUN_DIRS`]'s names whose run is gone, and in it only
+/// sockets and plain files, never through a link. One whose pid lives
+/// (a run going on, or a pid taken again) is left alone.
+pub fn clean_dead_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = RUN_DIRS
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .and_then(|rest| rest.split(['-', '.']).next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id()
+            || Path::new(&format!("/proc/{pid}")).exists()
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        for file in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            use std::os::unix::fs::FileTypeExt;
+            if file.file_type().is_ok_and(|t| t.is_file() || t.is_socket()) {
+                let _ = std::fs::remove_file(file.path());
+            }
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), pid, "removed what a killed bitback left")
+            }
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "a dead run's directory stays")
+            }
+        }
+    }
+}
+
 /// A new directory `<temp>/<name>` (or `<name>.N` when that name is
 /// taken) of mode 0700 for a socket QEMU connects to, owned by `owner`
 /// when given (an unprivileged QEMU's user), else by us. Only a new one:

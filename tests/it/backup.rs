@@ -647,6 +647,8 @@ fn sigterm_cancels_and_a_second_run_meets_the_lock() {
     let (code, stderr) = slow.finish();
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stderr.contains("cancelled by a signal"), "{stderr}");
+    assert!(!stderr.contains("the backup broke"), "{stderr}");
     assert_eq!(
         bitmap_names(vm.qemu(), "drive0"),
         vec![full["checkpoint"].as_str().unwrap().to_string()]

@@ -239,7 +239,9 @@ fn fills_up_with(incremental: bool, fleecing: bool, data_path: &[&str]) {
     assert_writes_landed(&vm);
     assert_eq!(ended.code, Some(1), "{}\n{}", ended.stdout, ended.stderr);
     assert!(
-        ended.stderr.contains("the backup broke, not the guest"),
+        ended
+            .stderr
+            .contains("the backup broke, not the guest: no space left on"),
         "{}",
         ended.stderr
     );

@@ -459,6 +459,14 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     let next = call(args);
     assert_eq!(next.code, Some(0), "{}{}", next.stdout, next.stderr);
     nothing_mounted(&before);
+    // ... and removed the killed run's sockets' directories.
+    let left: Vec<_> = std::fs::read_dir(run_tmp())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bitback-"))
+        .collect();
+    assert!(left.is_empty(), "a killed run's leftovers: {left:?}");
 
     // qemu-img check is clean on every file of a backup that ended. (The
     // killed run's file is not one: on bitback's data path its header is
@@ -1275,7 +1283,7 @@ fn stats_and_bad_options_answer_as_the_script_does() {
     assert_eq!(stats.code, Some(0), "{}{}", stats.stdout, stats.stderr);
     let lines: Vec<&str> = stats.stdout.trim().lines().collect();
     assert_eq!(lines.len(), 2, "{}", stats.stdout);
-    assert!(lines[0].starts_with(&format!("{}/csbackup.", std::env::temp_dir().display())));
+    assert!(lines[0].starts_with(&format!("{}/csbackup.", run_tmp().display())));
     let numbers: Vec<u64> = lines[1]
         .split_whitespace()
         .map(|n| n.parse().unwrap())
