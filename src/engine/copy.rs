@@ -467,7 +467,7 @@ fn guarded_failure(run: &CopyPlan<'_>) -> String {
     for d in &dirs {
         match nix::sys::statvfs::statvfs(d) {
             Ok(s) => {
-                let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+                let free = s.blocks_available() * s.fragment_size();
                 room.push(format!("{} has {} MiB free", d.display(), free >> 20));
                 // Less than one large copy request (QEMU's chunks go up
                 // to 64 MiB): the copy met a full filesystem.
