@@ -57,6 +57,24 @@ pub async fn run(keep: Option<&Path>, say: &mut dyn FnMut(String)) -> anyhow::Re
     result
 }
 
+/// Ends the demo's NBD export and waits until it is gone (its removal
+/// completes in the background).
+async fn end_export(qmp: &crate::qmp::Qmp) -> anyhow::Result<()> {
+    qmp.execute_raw("block-export-del", json!({ "id": "e0" }))
+        .await
+        .context("ending the disk's export")?;
+    for _ in 0..200 {
+        let exports = qmp
+            .execute_raw("query-block-exports", serde_json::Value::Null)
+            .await?;
+        if exports.as_array().is_none_or(|e| e.is_empty()) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the disk's export did not end within 2 s")
+}
+
 async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     let disk = dir.join("disk0.qcow2");
     let repo_dir = dir.join("repo");
@@ -121,9 +139,22 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
             "68 KiB more",
         ),
     ];
+    // The writes go in over an NBD export, which is there only while they
+    // do: a volume something else writes during a copy keeps QEMU's own
+    // filter (bitback's goes under guest devices only), and the demo's
+    // "guest" writes between backups.
+    let export = json!({
+        "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
+    });
     let mut last = None;
     for (i, (pattern, what)) in rounds.iter().enumerate() {
+        if i > 0 {
+            qmp.execute_raw("block-export-add", export.clone())
+                .await
+                .context("exporting the disk for the writes")?;
+        }
         write(pattern)?;
+        end_export(&qmp).await?;
         say!(say, "   guest writes: {what}");
         let m = engine::backup(&qmp, &repo, &lock, &opts, cancel.clone()).await?;
         let data: u64 = m.volumes.iter().map(|v| v.bytes_written).sum();

@@ -115,3 +115,28 @@ pub fn holders(path: &std::path::Path) -> Vec<String> {
     }
     found
 }
+
+/// The loop devices whose backing file is `path` (`/dev/loopN`), as the
+/// kernel records them: a loop device holds its file without a
+/// descriptor any process shows.
+pub fn loop_devices_on(path: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if std::path::Path::new(backing.trim_end_matches('\n')) == path {
+            found.push(format!("/dev/{name}"));
+        }
+    }
+    found.sort();
+    found
+}

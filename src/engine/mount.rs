@@ -397,6 +397,24 @@ pub async fn umount(dir: &Path) -> anyhow::Result<State> {
             .into());
         }
     };
+    // A loop device on a served file would read nothing once it goes.
+    let busy: Vec<String> = state
+        .files
+        .iter()
+        .flat_map(|f| {
+            crate::disk::loop_devices_on(f)
+                .into_iter()
+                .map(move |dev| format!("{} by {dev}", f.display()))
+        })
+        .collect();
+    if !busy.is_empty() {
+        return Err(BadInput(format!(
+            "{} is still used: {}; unmount what the loop device holds and detach it (losetup -d) first",
+            target.display(),
+            busy.join(", ")
+        ))
+        .into());
+    }
     if runtime.exists() {
         detached::stop(&runtime, &state).await?;
     }

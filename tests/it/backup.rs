@@ -837,6 +837,15 @@ fn demo_proves_its_restore() {
         run.stdout
     );
     assert!(run.stdout.contains("incremental"), "{}", run.stdout);
+    // The first impression: no warning about a filter that fails guest
+    // writes, and logs to a pipe in plain text.
+    assert!(!run.stderr.contains("WARN"), "{}", run.stderr);
+    assert!(!run.stderr.contains('\x1b'), "{}", run.stderr);
+    // With -v the log has lines, and no colour codes in them.
+    let logged = bitback(&["demo", "-v"]);
+    assert_eq!(logged.code, Some(0), "{}", logged.stderr);
+    assert!(logged.stderr.contains(" INFO "), "{}", logged.stderr);
+    assert!(!logged.stderr.contains('\x1b'), "{:?}", logged.stderr);
 }
 
 /// A full of a volume whose image has a backing file (a template) must

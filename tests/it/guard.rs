@@ -868,3 +868,74 @@ fn disks_given_with_drive_are_guarded_when_the_repository_fills_up() {
         );
     }
 }
+
+/// Scratch images (a compressed backup that QEMU writes keeps the old
+/// data of guest writes in one) go in a directory of the run's own,
+/// 0700 with a random name, never at a name any local user can take
+/// ahead in the shared temp dir: a link to nowhere and a FIFO planted at
+/// the names the scratch images once had change nothing, and each run
+/// leaves nothing behind.
+#[test]
+fn planted_scratch_names_in_the_temp_dir_do_not_stop_backups() {
+    let dir = tempdir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut vm = Vm::with_devices(dir.path(), &[8 * MIB]);
+    guest_writes(&mut vm, 0, 4, 0x21);
+    let env = [("TMPDIR", tmp.to_str().unwrap())];
+    let args = ["--compress", "--data-path", "file"];
+    let full = crate::harness::backup_into_env(&vm.qemu().qmp, &vm.repo, "vm1", &args, &env);
+    assert_eq!(full.json()["kind"], "full");
+    let id: Value =
+        serde_json::from_str(&std::fs::read_to_string(vm.repo.join(".bitback.json")).unwrap())
+            .unwrap();
+    let scope = bitback::engine::scope::Scope::new(id["id"].as_str().unwrap(), "vm1");
+    std::os::unix::fs::symlink(
+        "/nonexistent",
+        tmp.join(format!("{}.qcow2", scope.fleece(0))),
+    )
+    .unwrap();
+    let fifo = tmp.join(format!("{}.qcow2", scope.fleece(1)));
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    let planted = |tmp: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = planted(&tmp);
+    for round in 0..2u8 {
+        guest_writes(&mut vm, MIB, 2, 0x30 + round);
+        let at_start = vm.models[0].bytes.clone();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(["backup", "--qmp"])
+            .arg(&vm.qemu().qmp)
+            .arg("--repo")
+            .arg(&vm.repo)
+            .args(["--vm", "vm1", "--json", "--speed-limit", "4M"])
+            .args(args)
+            .envs(env)
+            .env_remove("BITBACK_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_job(&vm, &mut child);
+        guest_writes(&mut vm, 0, 2, 0x40 + round);
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let m: Value = serde_json::from_str(&ended.stdout).unwrap();
+        // The old data went to the run's scratch image.
+        assert_eq!(m["volumes"][0]["guard"], "fleecing", "{m}");
+        record_point(&mut vm, m["id"].as_str().unwrap(), at_start);
+        assert_eq!(planted(&tmp), before, "the run left or took a name");
+    }
+    finish(vm);
+}
+
+fn run_ok(cmd: &mut Command) {
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "{cmd:?}: {status}");
+}

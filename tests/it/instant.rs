@@ -389,6 +389,11 @@ fn a_file_inside_an_ext4_volume_is_read_back_through_a_loop_device() {
         let back = std::fs::read(fs.join("etc/precious.bin"));
         let _ = Command::new("umount").arg(&fs).status();
         assert_eq!(back.expect("reading the file back"), text);
+        // While the loop device is on the served file, umount refuses,
+        // naming it (the device would read nothing once the file goes).
+        let refused = rt.run(&["umount", mnt.to_str().unwrap()]);
+        assert_refused(&refused, &[device.device.to_str().unwrap(), "losetup -d"]);
+        assert!(mnt.join("drive0.raw").exists());
     }
     let out = rt.run(&["umount", mnt.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
