@@ -851,6 +851,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_copy_takes_an_id_of_its_own_and_a_move_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let repo = Repo::create(&a).unwrap();
+        let id = repo.ensure_id().unwrap();
+        assert_eq!(repo.ensure_id().unwrap(), id);
+        // Moved within the filesystem: the same directory, the same id.
+        let moved = dir.path().join("moved");
+        fs::rename(&a, &moved).unwrap();
+        assert_eq!(Repo::open(&moved).unwrap().ensure_id().unwrap(), id);
+        // Copied: another directory, so an id of its own, recorded with
+        // the one it was copied from; the original keeps its id.
+        let copy = dir.path().join("copy");
+        fs::create_dir(&copy).unwrap();
+        fs::copy(moved.join(REPO_FILE), copy.join(REPO_FILE)).unwrap();
+        let copied = Repo::open(&copy).unwrap();
+        let new = copied.ensure_id().unwrap();
+        assert_ne!(new, id);
+        assert_eq!(copied.ensure_id().unwrap(), new);
+        assert_eq!(
+            copied.ident().unwrap().unwrap().copied_from,
+            Some(id.clone())
+        );
+        assert_eq!(Repo::open(&moved).unwrap().ensure_id().unwrap(), id);
+        // A repository from before homes were recorded adopts its own.
+        fs::write(
+            copy.join(REPO_FILE),
+            format!("{{\"schema\": 1, \"id\": \"{id}\"}}"),
+        )
+        .unwrap();
+        assert_eq!(copied.ensure_id().unwrap(), id);
+        assert!(copied.ident().unwrap().unwrap().home.is_some());
+    }
+
+    #[test]
     fn names() {
         for good in [
             "web1",
