@@ -88,15 +88,8 @@ impl Target {
             // through it ends the connection (libvirt 11.3).
             options.named_fds = false;
             let mut qmp = connect_to_proxy(endpoint, options).await?;
-            if let Some(owner) = self.domain.as_ref().and_then(Domain::qemu_owner) {
-                match reaches_sockets(&qmp, owner).await {
-                    Ok(()) => qmp.set_socket_owner(owner),
-                    Err(e) => info!(
-                        error = format!("{e:#}"),
-                        "QEMU cannot connect to a socket bitback listens on"
-                    ),
-                }
-            }
+            let owner = self.domain.as_ref().and_then(Domain::qemu_owner);
+            adopt_owner(&mut qmp, owner).await;
             qmp
         } else {
             let qmp = Qmp::connect_with(endpoint.clone(), options).await?;
@@ -111,15 +104,8 @@ impl Target {
                 drop(qmp);
                 options.named_fds = false;
                 let mut qmp = connect_to_proxy(endpoint, options).await?;
-                if let Some(owner) = libvirt_qemu_user(&qmp).await {
-                    match reaches_sockets(&qmp, owner).await {
-                        Ok(()) => qmp.set_socket_owner(owner),
-                        Err(e) => info!(
-                            error = format!("{e:#}"),
-                            "QEMU cannot connect to a socket bitback listens on"
-                        ),
-                    }
-                }
+                let owner = libvirt_qemu_user(&qmp).await;
+                adopt_owner(&mut qmp, owner).await;
                 qmp
             } else {
                 qmp
@@ -140,6 +126,21 @@ impl Target {
             listed,
             _proxy: proxy,
         })
+    }
+}
+
+/// Lets bitback's sockets be given to `owner`, the user a QEMU behind
+/// libvirt's proxy runs as, once a probe showed QEMU can connect to one.
+async fn adopt_owner(qmp: &mut Qmp, owner: Option<SocketOwner>) {
+    let Some(owner) = owner else {
+        return;
+    };
+    match reaches_sockets(qmp, owner).await {
+        Ok(()) => qmp.set_socket_owner(owner),
+        Err(e) => info!(
+            error = format!("{e:#}"),
+            "QEMU cannot connect to a socket bitback listens on"
+        ),
     }
 }
 

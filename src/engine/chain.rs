@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::check::{Checks, Problem, Report, known_problem, verify_backup, verify_structure};
+use super::check::{Checks, Report, known_problem, verify_backup, verify_known, verify_structure};
 use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// The chain of `m`, full first. Refuses loops and missing parents.
@@ -108,19 +108,7 @@ pub(super) fn check_needed(
         match checks {
             Checks::Digests => verify_backup(repo, &link, &mut report, false),
             Checks::Structure => verify_structure(repo, &link, &mut report),
-            Checks::Known => {
-                for v in &link.volumes {
-                    if let Some(problem) = known_problem(repo, &link, v) {
-                        report.problems.push(Problem {
-                            vm: link.vm.clone(),
-                            backup: link.id.clone(),
-                            file: Some(v.file.clone()),
-                            problem,
-                            data_damage: false,
-                        });
-                    }
-                }
-            }
+            Checks::Known => verify_known(repo, &link, &mut report),
         }
     }
     Ok(report)

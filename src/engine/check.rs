@@ -37,8 +37,23 @@ pub struct Report {
 /// says so, and naming no external data file. [`verify_backup`] adds the
 /// cluster tables and digests on top.
 pub(super) fn verify_structure(repo: &Repo, m: &Manifest, report: &mut Report) {
+    push_problems(m, report, |v| record_problem(repo, m, v));
+}
+
+/// [`verify_structure`] plus what else is known without reading data
+/// ([`known_problem`]).
+pub(super) fn verify_known(repo: &Repo, m: &Manifest, report: &mut Report) {
+    push_problems(m, report, |v| known_problem(repo, m, v));
+}
+
+/// Pushes what `problem` finds wrong with each file of `m`.
+fn push_problems(
+    m: &Manifest,
+    report: &mut Report,
+    problem: impl Fn(&VolumeRecord) -> Option<String>,
+) {
     for v in &m.volumes {
-        if let Some(problem) = record_problem(repo, m, v) {
+        if let Some(problem) = problem(v) {
             report.problems.push(Problem {
                 vm: m.vm.clone(),
                 backup: m.id.clone(),
