@@ -939,3 +939,36 @@ fn run_ok(cmd: &mut Command) {
     let status = cmd.status().unwrap();
     assert!(status.success(), "{cmd:?}: {status}");
 }
+
+/// A repository whose filesystem goes away mid-backup (its FUSE server
+/// killed: ENOTCONN): the backup breaks and says the filesystem is gone,
+/// every guest write lands.
+#[test]
+fn a_repository_whose_filesystem_goes_away_says_so_and_spares_the_guest() {
+    let dir = tempdir();
+    let mut vm = vm_with_data(dir.path());
+    let mut slow = SlowFs::mount(
+        &dir.path().join("nas-store"),
+        &dir.path().join("nas"),
+        4 << 20,
+    );
+    vm.repo = slow.mountpoint.join("repo");
+    let mut child = spawn_backup(&vm, &["--speed-limit", "2M"]);
+    wait_for_job(&vm, &mut child);
+    slow.kill();
+    guest_writes(&mut vm, 24 * MIB, 8, 0x44);
+    let ended = wait(child);
+    assert_eq!(ended.code, Some(1), "{}", ended.stderr);
+    assert!(
+        ended
+            .stderr
+            .contains("the backup broke, not the guest: the filesystem of"),
+        "{}",
+        ended.stderr
+    );
+    assert!(ended.stderr.contains("is gone"), "{}", ended.stderr);
+    assert_writes_landed(&vm);
+    drop(slow);
+    vm.quit();
+    assert_disk_is_model(&vm);
+}
