@@ -128,7 +128,43 @@ pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result
             warn!(vm, node = name, error = %e, "cannot remove a stray node");
         }
     }
+    clean_stray_fdsets(qmp, scope).await;
     Ok(found)
+}
+
+/// Removes the descriptors an interrupted run passed to QEMU (`add-fd`,
+/// labelled `bitback <path>`) once nothing uses them: those of this
+/// scope's fleecing images, and those of files that are gone (a dead
+/// run's targets, whose partial directory was removed). QEMU would
+/// otherwise hold those files open for as long as it runs.
+async fn clean_stray_fdsets(qmp: &Qmp, scope: &Scope) {
+    let Ok(fdsets) = qmp.execute_raw("query-fdsets", Value::Null).await else {
+        return;
+    };
+    for set in fdsets.as_array().into_iter().flatten() {
+        let Some(id) = set["fdset-id"].as_i64() else {
+            continue;
+        };
+        let stray = set["fds"].as_array().into_iter().flatten().any(|fd| {
+            let Some(path) = fd["opaque"]
+                .as_str()
+                .and_then(|o| o.strip_prefix("bitback "))
+            else {
+                return false;
+            };
+            let path = Path::new(path);
+            let fleece = path
+                .file_name()
+                .is_some_and(|n| scope.owns_fleece_file(&n.to_string_lossy()));
+            fleece || std::fs::symlink_metadata(path).is_err()
+        });
+        if stray {
+            debug!(vm = %scope.vm, fdset = id, "removing descriptors left by an interrupted run");
+            let _ = qmp
+                .execute_raw("remove-fd", json!({ "fdset-id": id }))
+                .await;
+        }
+    }
 }
 
 /// Removes the run's scratch directory, once its images are gone.
