@@ -86,6 +86,9 @@ pub fn holders(path: &std::path::Path) -> Vec<String> {
         return Vec::new();
     }
     let (dev, ino) = (meta.dev(), meta.ino());
+    let Some(name) = path.file_name() else {
+        return Vec::new();
+    };
     let mut found = Vec::new();
     let me = std::process::id().to_string();
     for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -96,9 +99,12 @@ pub fn holders(path: &std::path::Path) -> Vec<String> {
         let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
             continue;
         };
-        let holds = fds
-            .flatten()
-            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino));
+        // Only a descriptor whose path ends in the same name is stat'ed:
+        // a stat of every open file would wait on any hung NFS mount.
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.file_name() == Some(name))
+                && std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+        });
         if holds {
             let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
             found.push(format!("{pid} ({})", comm.trim()));
