@@ -309,6 +309,11 @@ impl Baseline {
         self.get(c) == self.zeros_of(c)
     }
 
+    /// The clusters that held data (any order).
+    pub fn data_clusters(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map.clusters.keys().copied()
+    }
+
     /// Clusters recorded (the data a full of this point would hold, at
     /// most).
     pub fn len(&self) -> usize {

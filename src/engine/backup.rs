@@ -806,10 +806,9 @@ fn content_baselines(
     };
     lost.into_iter()
         .map(|volume| {
-            let baseline = chain
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|chain| super::content::baseline(repo, chain, volume, opts.cluster_size));
+            let baseline = chain.as_ref().map_err(Clone::clone).and_then(|chain| {
+                super::content::baseline(repo, chain, volume, Some(opts.cluster_size))
+            });
             (volume.to_string(), baseline)
         })
         .collect()

@@ -16,12 +16,13 @@ use crate::cluster_map::{Baseline, Map};
 use crate::repo::{Manifest, Repo};
 
 /// The baseline of `volume` at the top of `chain` (full first): the maps
-/// of its files, each verified. `Err` says why there is none.
+/// of its files, each verified, of `cluster_size` (any, when `None`: the
+/// full's). `Err` says why there is none.
 pub(super) fn baseline(
     repo: &Repo,
     chain: &[Manifest],
     volume: &str,
-    cluster_size: u64,
+    cluster_size: Option<u64>,
 ) -> Result<Arc<Baseline>, String> {
     let records = super::chain::volume_records(chain, volume).map_err(|e| format!("{e:#}"))?;
     let mut maps = Vec::with_capacity(records.len());
@@ -42,6 +43,7 @@ pub(super) fn baseline(
             ));
         }
         let read = Map::read(&path).map_err(|e| format!("{e:#}"))?;
+        let cluster_size = cluster_size.unwrap_or(read.cluster_size);
         if read.cluster_size != cluster_size || read.size != r.virtual_size {
             return Err(format!(
                 "the cluster map {} is of {} B clusters of {} B; this backup writes {} B clusters of {} B",

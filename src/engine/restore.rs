@@ -30,6 +30,7 @@ use super::BadInput;
 use super::chain::{chain, check_needed, volume_files};
 use super::check::Checks;
 use super::key::Key;
+use crate::cluster_map::Baseline;
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo, VolumeRecord};
 
@@ -52,7 +53,9 @@ pub struct RestoreOptions {
     pub format: Format,
     /// Copy threads for native restores.
     pub threads: usize,
-    /// Check digests of every file in the chain first.
+    /// Prove what is copied: each cluster against the chain's cluster
+    /// maps as it is copied, or (chains without maps) every file's digest
+    /// first.
     pub verify: bool,
     pub progress: Option<super::ProgressSink>,
     /// The key of an encrypted backup.
@@ -110,6 +113,12 @@ pub fn resolve(
     }
     let chain = chain(repo, &m)?;
     let report = check_needed(repo, &m, &chain, volumes, checks)?;
+    refuse_problems(&m, &report)?;
+    Ok((m, chain))
+}
+
+/// Refuses backup `m` with the first problem of `report`, if any.
+fn refuse_problems(m: &Manifest, report: &super::Report) -> anyhow::Result<()> {
     if let Some(p) = report.problems.first() {
         bail!(
             "backup {} cannot be restored: {}{}{}",
@@ -129,16 +138,52 @@ pub fn resolve(
             }
         );
     }
-    Ok((m, chain))
+    Ok(())
+}
+
+/// How a restore proves what it copies, per volume: each cluster it reads
+/// checked in flight against the chain's cluster maps (read once, while
+/// copying), where every file of the volume's chain has a map; otherwise
+/// every file's digest read before the copy. Returns the maps' baselines
+/// of the volumes checked in flight.
+fn in_flight_checks(
+    repo: &Repo,
+    m: &Manifest,
+    chain: &[Manifest],
+    selected: &[&VolumeRecord],
+) -> anyhow::Result<BTreeMap<String, Arc<Baseline>>> {
+    let mut baselines = BTreeMap::new();
+    let mut digests = Vec::new();
+    for v in selected {
+        let baseline = match m.encryption {
+            Some(_) => Err("the backup is encrypted".to_string()),
+            None => super::content::baseline(repo, chain, &v.name, None),
+        };
+        match baseline {
+            Ok(b) => {
+                baselines.insert(v.name.clone(), b);
+            }
+            Err(why) => {
+                info!(volume = %v.name, "digests read before the copy: {why}");
+                digests.push(v.name.clone());
+            }
+        }
+    }
+    if !digests.is_empty() {
+        refuse_problems(m, &check_needed(repo, m, chain, &digests, Checks::Digests)?)?;
+    }
+    Ok(baselines)
 }
 
 pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restored>> {
     let _readers = repo.read_lock(&opts.vm, "restore")?;
+    // What is known, first; the data is proven while it is copied
+    // (in_flight_checks).
     let (m, chain) = resolve(
         repo,
         &opts.vm,
         opts.backup.as_deref(),
-        Checks::reading(opts.verify),
+        Checks::serving(opts.verify),
         &opts.volumes,
     )?;
     let key = match (&m.encryption, &opts.key) {
@@ -178,14 +223,20 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         std::fs::create_dir_all(&opts.output)
             .with_context(|| format!("creating {}", opts.output.display()))?;
     }
-    let restored = restore_selected(repo, &m, &chain, &selected, opts, to_dir, key);
+    let baselines = match opts.verify {
+        true => in_flight_checks(repo, &m, &chain, &selected)?,
+        false => BTreeMap::new(),
+    };
+    let restored = restore_selected(repo, &m, &chain, &selected, opts, to_dir, key, &baselines);
     if restored.is_err() && made_dir {
         let _ = std::fs::remove_dir(&opts.output);
     }
     restored
 }
 
-/// Restores each of `selected` into `opts.output`.
+/// Restores each of `selected` into `opts.output`, checking each cluster
+/// of the volumes in `baselines` against them as it is copied.
+#[allow(clippy::too_many_arguments)]
 fn restore_selected(
     repo: &Repo,
     m: &Manifest,
@@ -194,6 +245,7 @@ fn restore_selected(
     opts: &RestoreOptions,
     to_dir: bool,
     key: Option<&Key>,
+    baselines: &BTreeMap<String, Arc<Baseline>>,
 ) -> anyhow::Result<Vec<Restored>> {
     let extension = match opts.format {
         Format::Raw => "raw",
@@ -214,7 +266,8 @@ fn restore_selected(
             .into());
         }
         let files = volume_files(repo, chain, &v.name)?;
-        let restored = restore_volume(&files, &target, opts, v.virtual_size, key)
+        let check = baselines.get(&v.name).map(Arc::as_ref);
+        let restored = restore_volume(&files, &target, opts, v.virtual_size, key, check)
             .with_context(|| format!("restoring volume {} of backup {}", v.name, m.id))?;
         info!(volume = %v.name, path = %target.display(), method = %restored.1, "restored");
         out.push(Restored {
@@ -237,6 +290,7 @@ fn restore_volume(
     opts: &RestoreOptions,
     size: u64,
     key: Option<&Key>,
+    check: Option<&Baseline>,
 ) -> anyhow::Result<(Option<u64>, String)> {
     let dir = target
         .parent()
@@ -261,6 +315,7 @@ fn restore_volume(
     let how = Copier {
         threads,
         progress: opts.progress.as_ref(),
+        check,
     };
     let result = match plan {
         Some(mapped) => {
@@ -464,6 +519,10 @@ struct Mapped<'a> {
 struct Copier<'a> {
     threads: usize,
     progress: Option<&'a super::ProgressSink>,
+    /// The chain's cluster maps laid over each other: every cluster read
+    /// is checked against them, and every cluster they hold data for must
+    /// be read.
+    check: Option<&'a Baseline>,
 }
 
 /// Maps `files` (full first) for a native copy; `None` when a file needs
@@ -649,8 +708,11 @@ fn copy_segments(
         bar.start("restoring", total);
     }
     let direct = crate::direct::reopen(&output);
+    let direct_sources: Vec<Option<File>> =
+        sources.iter().map(crate::direct::reopen_read).collect();
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
+    let seen = Seen::new(how.check);
     let shared = Arc::new((sources, output, direct));
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let workers: Vec<_> = (0..how.threads.max(1))
@@ -658,8 +720,10 @@ fn copy_segments(
                 let shared = shared.clone();
                 let chunks = &chunks;
                 let packing = &packing;
+                let direct_sources = &direct_sources;
                 let next = &next;
                 let copied = &copied;
+                let seen = &seen;
                 scope.spawn(move || -> anyhow::Result<()> {
                     let (sources, output, direct) = &*shared;
                     // Aligned for O_DIRECT.
@@ -674,9 +738,13 @@ fn copy_segments(
                         };
                         let buf = &mut buf[..c.len as usize];
                         match c.packed {
-                            None => sources[c.file]
-                                .read_exact_at(buf, c.host)
-                                .with_context(|| format!("reading {}", files[c.file].display()))?,
+                            None => read_chunk(
+                                &sources[c.file],
+                                direct_sources[c.file].as_ref(),
+                                buf,
+                                c.host,
+                            )
+                            .with_context(|| format!("reading {}", files[c.file].display()))?,
                             Some(p) => unpack(
                                 &sources[c.file],
                                 c,
@@ -686,6 +754,10 @@ fn copy_segments(
                                 buf,
                             )
                             .with_context(|| format!("reading {}", files[c.file].display()))?,
+                        }
+                        if let Some(check) = how.check {
+                            seen.check(check, c, buf)
+                                .with_context(|| format!("reading {}", files[c.file].display()))?;
                         }
                         let at = dest(c.guest);
                         let aligned = at % DIRECT_ALIGN == 0 && c.len % DIRECT_ALIGN == 0;
@@ -715,8 +787,85 @@ fn copy_segments(
     if let Some(bar) = bar {
         bar.finish();
     }
+    if let Some(check) = how.check {
+        seen.all_read(check).with_context(|| {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            format!("checking what {} hold", names.join(", "))
+        })?;
+    }
     shared.1.sync_all()?;
     Ok(copied.load(Ordering::Relaxed))
+}
+
+/// Reads `buf` at `at` of a chain file: around the page cache where the
+/// read is aligned and the file takes O_DIRECT, else through it.
+fn read_chunk(file: &File, direct: Option<&File>, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    match direct {
+        Some(direct) if crate::direct::aligned(buf, at) => match direct.read_exact_at(buf, at) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => file.read_exact_at(buf, at),
+            other => other,
+        },
+        _ => file.read_exact_at(buf, at),
+    }
+}
+
+/// The guest clusters a checked copy has read, one bit each.
+struct Seen(Vec<AtomicU64>);
+
+impl Seen {
+    fn new(check: Option<&Baseline>) -> Seen {
+        let clusters = check.map_or(0, |b| b.size().div_ceil(b.cluster_size()));
+        Seen(
+            (0..clusters.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Checks each cluster of chunk `c` (its bytes `buf`) against what
+    /// the maps recorded, and notes it read.
+    fn check(&self, maps: &Baseline, c: &Segment, buf: &[u8]) -> anyhow::Result<()> {
+        let cs = maps.cluster_size();
+        if c.guest % cs != 0 || (c.len % cs != 0 && c.guest + c.len != maps.size()) {
+            bail!(
+                "its data at guest offset {} ({} bytes) does not fall on the cluster map's {cs} B clusters",
+                c.guest,
+                c.len
+            );
+        }
+        for (i, bytes) in buf.chunks(cs as usize).enumerate() {
+            let cluster = c.guest / cs + i as u64;
+            if crate::cluster_map::digest(bytes) != maps.get(cluster) {
+                bail!(
+                    "guest cluster {cluster} (offset {}) does not hold what its cluster map recorded: the file is damaged (bitback verify names it)",
+                    cluster * cs
+                );
+            }
+            let slot = self
+                .0
+                .get((cluster / 64) as usize)
+                .context("a cluster past the disk's end")?;
+            slot.fetch_or(1 << (cluster % 64), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Every cluster the maps hold data for was read: no file's tables
+    /// hid one (a cluster they mark as zeros or unallocated).
+    fn all_read(&self, maps: &Baseline) -> anyhow::Result<()> {
+        for cluster in maps.data_clusters() {
+            let read = self
+                .0
+                .get((cluster / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (cluster % 64)) != 0);
+            if !read {
+                bail!(
+                    "guest cluster {cluster} held data at the backup, but no file of the chain gives it: a file's tables are damaged (bitback verify names it)"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Decompresses the cluster of segment `c` and copies its part into `out`.
@@ -890,9 +1039,12 @@ pub fn restore_in_place(
         // Every byte not copied must read as zero: empty the file first.
         image.set_len(0)?;
         image.set_len(record.virtual_size)?;
+        // Checked before (the digests of the chain): a mismatch found
+        // while copying would leave the VM's disk half written.
         let how = Copier {
             threads: opts.threads.max(1),
             progress: opts.progress.as_ref(),
+            check: None,
         };
         let copied = copy_segments(mapped, image.try_clone()?, &how, &|guest| guest)?;
         drop(lockout);

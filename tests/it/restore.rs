@@ -445,11 +445,85 @@ fn compressed_chains_restore_natively() {
             "point {point} as {format}"
         );
     }
-    // With digests checked, the rewritten file is caught.
+    // Checked, the rewritten files are caught (their lengths are not the
+    // recorded ones), naming one.
     let caught = vm.cli(
         "restore",
         &["--output", dir.path().join("x.raw").to_str().unwrap()],
     );
     assert_eq!(caught.code, Some(1), "{}", caught.stderr);
-    assert!(caught.stderr.contains("digest"), "{}", caught.stderr);
+    assert!(
+        caught.stderr.contains("written to since") && caught.stderr.contains("drive0.qcow2"),
+        "{}",
+        caught.stderr
+    );
+}
+
+/// A restore proves what it copies with no verify run before: a data
+/// byte flipped in the full, and (another chain) a cluster the full's
+/// tables were made to hide (discarded behind bitback's back), are both
+/// refused, naming the file, and leave no output; `--no-verify` copies
+/// the flipped byte. On the default data path each cluster is checked
+/// against the chain's cluster maps as it is copied; with QEMU writing
+/// the files (no maps), every file's digest is read first.
+#[test]
+fn a_restore_refuses_damage_no_verify_has_found_yet() {
+    let dir = tempdir();
+    for damage in ["flipped byte", "hidden cluster"] {
+        let d = dir.path().join(damage.replace(' ', "-"));
+        std::fs::create_dir(&d).unwrap();
+        let (vm, ids) = chain_of_three(&d);
+        let full = file_of(&vm, &ids[0]);
+        let map = run(Command::new("qemu-img")
+            .args(["map", "--output=json"])
+            .arg(&full));
+        let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+        let data = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["data"] == true && e["offset"].is_u64())
+            .expect("a data cluster in the full")
+            .clone();
+        match damage {
+            "flipped byte" => {
+                let at = data["offset"].as_u64().unwrap() + 300;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&full)
+                    .unwrap();
+                let mut byte = [0u8];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, at).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x40], at).unwrap();
+            }
+            _ => {
+                let start = data["start"].as_u64().unwrap();
+                run(Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c"])
+                    .arg(format!("discard {start} 65536"))
+                    .arg(&full));
+            }
+        }
+        let out = d.join("out.raw");
+        let refused = vm.restore(ids.last().unwrap(), &out, &[]);
+        assert_eq!(refused.code, Some(1), "{damage}: {}", refused.stderr);
+        assert!(
+            refused.stderr.contains("drive0.qcow2"),
+            "{damage}: {}",
+            refused.stderr
+        );
+        assert!(!out.exists(), "{damage}: an output was left");
+        let names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("restoring"))
+            .collect();
+        assert!(names.is_empty(), "{damage}: {names:?}");
+        if damage == "flipped byte" {
+            let told = vm.restore(ids.last().unwrap(), &out, &["--no-verify"]);
+            assert_eq!(told.code, Some(0), "{}", told.stderr);
+            assert!(!same_content(&out, "raw", &vm.points[2].1[0], "raw"));
+        }
+    }
 }
