@@ -8,8 +8,8 @@
 //! stands under it). The disk (64 GiB virtual, 4 GiB of data in 16 MiB
 //! pieces spread over it) is written before QEMU starts; each
 //! incremental's 64 MiB go through the device (HMP `qemu-io -d`).
-//! Rounds alternate which tool goes first; every timing ends with an
-//! fsync of what the tool wrote (`sync`). Best and median of
+//! Rounds alternate which tool goes first; every operation starts from
+//! cold caches (as root) and its timing ends with `sync`. Best and median of
 //! BITBACK_BENCH_REPEAT (3) rounds.
 //!
 //! qmpbackup is not shipped with bitback: give a checkout of its public
@@ -267,6 +267,7 @@ fn main() {
             [false, true]
         };
         for ours in order {
+            drop_caches();
             if ours {
                 full.bitback.push(timed(&mut bitback_backup(&repo)));
             } else {
@@ -288,16 +289,18 @@ fn main() {
             round as u64 + 7,
         ));
         for ours in order {
+            drop_caches();
             if ours {
                 inc.bitback.push(timed(&mut bitback_backup(&repo)));
             } else {
                 inc.peer.push(timed(&mut peer_backup("inc", &target)));
             }
         }
-        // Restores of the newest point to raw, each from cold caches (as
-        // a restore days later reads the NAS) where this user may drop
-        // them: bitback wrote its files around the page cache, QEMU wrote
-        // qmpbackup's through it.
+        // Restores of the newest point to raw. Every operation starts from
+        // cold caches where this user may drop them (root): the disk as a
+        // nightly backup finds it, the files as a restore days later
+        // does; bitback writes its files around the page cache, QEMU
+        // wrote qmpbackup's through it.
         for ours in order {
             let out = d.join("restored.raw");
             let _ = std::fs::remove_file(&out);
@@ -347,7 +350,7 @@ fn main() {
     );
     let cold = drop_caches();
     println!(
-        "restores from {} caches",
+        "every operation from {} caches",
         if cold {
             "cold"
         } else {
