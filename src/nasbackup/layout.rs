@@ -192,7 +192,7 @@ impl Dest {
                     remove_files(&dir, &path)?;
                     unlinkat(&parent, parts[depth], UnlinkatFlags::RemoveDir)?;
                 }
-                Err(_) if !path.exists() && path.symlink_metadata().is_err() => {}
+                Err(_) if path.symlink_metadata().is_err() => {}
                 Err(e) => return Err(std::io::Error::other(e)),
             }
         }

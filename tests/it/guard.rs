@@ -21,13 +21,20 @@ const MIB: u64 = 1 << 20;
 
 /// `bitback backup` of `vm` started in the background, with `extra`.
 fn spawn_backup(vm: &Vm, extra: &[&str]) -> Child {
+    spawn_backup_at(&vm.qemu().qmp, &vm.repo, extra, &[])
+}
+
+/// `bitback backup --json` of the QEMU at `qmp` into `repo` as vm1,
+/// started in the background, with `extra` arguments and `env`.
+fn spawn_backup_at(qmp: &Path, repo: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_bitback"))
         .args(["backup", "--qmp"])
-        .arg(&vm.qemu().qmp)
+        .arg(qmp)
         .arg("--repo")
-        .arg(&vm.repo)
+        .arg(repo)
         .args(["--vm", "vm1", "--json"])
         .args(extra)
+        .envs(env.iter().copied())
         .env_remove("BITBACK_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -830,17 +837,12 @@ fn disks_given_with_drive_are_guarded_when_the_repository_fills_up() {
         write(0, 48, 0x11);
         let small = dir.path().join("small");
         let _tmpfs = Tmpfs::mount(&small, "16M");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
-            .args(["backup", "--qmp"])
-            .arg(&qemu.qmp)
-            .arg("--repo")
-            .arg(small.join("repo"))
-            .args(["--vm", "vm1", "--json", "--speed-limit", "2M"])
-            .env_remove("BITBACK_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_backup_at(
+            &qemu.qmp,
+            &small.join("repo"),
+            &["--speed-limit", "2M"],
+            &[],
+        );
         qemu.wait_for_job(&mut child);
         write(24 * MIB, 24, 0x33);
         let ended = wait(child);
@@ -909,19 +911,9 @@ fn planted_scratch_names_in_the_temp_dir_do_not_stop_backups() {
     for round in 0..2u8 {
         guest_writes(&mut vm, MIB, 2, 0x30 + round);
         let at_start = vm.models[0].bytes.clone();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bitback"))
-            .args(["backup", "--qmp"])
-            .arg(&vm.qemu().qmp)
-            .arg("--repo")
-            .arg(&vm.repo)
-            .args(["--vm", "vm1", "--json", "--speed-limit", "4M"])
-            .args(args)
-            .envs(env)
-            .env_remove("BITBACK_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut extra = vec!["--speed-limit", "4M"];
+        extra.extend(args);
+        let mut child = spawn_backup_at(&vm.qemu().qmp, &vm.repo, &extra, &env);
         wait_for_job(&vm, &mut child);
         guest_writes(&mut vm, 0, 2, 0x40 + round);
         let ended = wait(child);
