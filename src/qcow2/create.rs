@@ -111,7 +111,7 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
     let l2_offset = l1_offset + l1_clusters * cs;
     let data_offset = l2_offset + l2_clusters * cs;
 
-    let header_cluster = header_cluster(opts, None, l1_entries, l1_offset, rt_offset, rt)?;
+    let header_cluster = header_cluster(opts, None, l1_entries, l1_offset, rt_offset, rt, &[])?;
 
     let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
 
@@ -240,8 +240,8 @@ pub(super) fn refcounts_with(
     (table, blocks)
 }
 
-/// The first cluster of a new v3 image: the header, its extensions and
-/// the backing file name.
+/// The first cluster of a new v3 image: the header, its extensions (with
+/// `more` after the backing format) and the backing file name.
 pub(super) fn header_cluster(
     opts: &CreateOptions,
     compression: Option<super::Compression>,
@@ -249,6 +249,7 @@ pub(super) fn header_cluster(
     l1_offset: u64,
     rt_offset: u64,
     rt: u64,
+    more: &[Extension],
 ) -> Result<Vec<u8>> {
     let cs = opts.cluster_size;
     let mut h = vec![0u8; HEADER_LENGTH];
@@ -274,6 +275,7 @@ pub(super) fn header_cluster(
             data: format.as_bytes().to_vec(),
         });
     }
+    extensions.extend_from_slice(more);
     // The feature-name table helps other tools name bits; it is left out
     // when a small cluster has no room for it.
     let mut with_names = extensions.clone();

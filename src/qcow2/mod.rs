@@ -29,6 +29,7 @@ mod header;
 mod image;
 mod luks;
 mod map;
+mod mask;
 mod rebase;
 mod stream;
 
@@ -39,6 +40,7 @@ pub use error::{Error, Result};
 pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};
 pub use map::{Extent, Kind, map, walk};
+pub use mask::create_mask;
 pub use rebase::set_backing;
 pub use stream::{Finished, Stream};
 

@@ -765,6 +765,7 @@ impl Stream {
             l1_offset,
             rt_offset,
             rt,
+            &[],
         )?;
         let data_refs = self.data_refcounts(head)?;
         let (table, blocks) = refcounts_with(cs, rt, rb, rb_offset, total, &|c| {

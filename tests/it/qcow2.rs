@@ -1196,3 +1196,86 @@ fn an_incremental_by_content_stores_only_changed_clusters() {
     assert_eq!(stored, want, "what the image holds itself");
     assert!(done.received >= want);
 }
+
+/// The ranges a bitmap has set, as QEMU reads them: the image exported by
+/// qemu-storage-daemon with the bitmap, mapped by `qemu-img map` through
+/// `x-dirty-bitmap` (a set bit reads as "no data").
+fn bitmap_ranges_by_qemu(dir: &Path, image: &Path, name: &str) -> Vec<(u64, u64)> {
+    require("qemu-storage-daemon");
+    let socket = dir.join(format!("{}.sock", image.file_name().unwrap().display()));
+    let mut daemon = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=f,read-only=on",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,file=f,node-name=m,read-only=on"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+        .arg("--export")
+        .arg(format!("type=nbd,id=e,node-name=m,name=m,bitmaps.0={name}"))
+        .spawn()
+        .expect("starting qemu-storage-daemon (apt-get install qemu-system-x86)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts"])
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=m,x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+            socket.display()
+        ))
+        .output()
+        .unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_mask_image_hands_qemu_exactly_its_ranges() {
+    let dir = tempdir();
+    let mut rng = Rng::from_env();
+    let size = 6 << 30;
+    for granularity in [64 << 10, 1 << 20] {
+        let image = dir.path().join(format!("mask-{granularity}.qcow2"));
+        let mut ranges: Vec<(u64, u64)> = (0..200)
+            .map(|_| (rng.below(size), 1 + rng.below(8 * MIB)))
+            .collect();
+        ranges.push((size - 1, 1));
+        let covered =
+            qcow2::create_mask(&image, size, "alloc", granularity, ranges.clone()).unwrap();
+        qemu_img_check_clean(&image);
+        // The model: every granule a range touches.
+        let mut bits = vec![false; (size / granularity) as usize];
+        for (start, len) in &ranges {
+            let end = (start + len).min(size);
+            for b in start / granularity..end.div_ceil(granularity) {
+                bits[b as usize] = true;
+            }
+        }
+        let mut model = Vec::new();
+        for (b, set) in bits.iter().enumerate() {
+            let at = b as u64 * granularity;
+            match model.last_mut() {
+                Some((start, len)) if *set && *start + *len == at => *len += granularity,
+                _ if *set => model.push((at, granularity)),
+                _ => {}
+            }
+        }
+        assert_eq!(covered, model.iter().map(|r| r.1).sum::<u64>());
+        assert_eq!(bitmap_ranges_by_qemu(dir.path(), &image, "alloc"), model);
+    }
+}
