@@ -146,3 +146,94 @@ pub fn loop_devices_on(path: &std::path::Path) -> Vec<String> {
     found.sort();
     found
 }
+
+/// How many backing files [`mark_allocated`] follows before it gives up.
+const MAX_CHAIN: usize = 64;
+
+/// Sets in `mask` every range of the volume whose image is `path` (QEMU's
+/// format driver `format`, `size` bytes) that may hold data: what any
+/// qcow2 layer of its chain maps (data, compressed or zero clusters), and
+/// what a raw file at the bottom holds (`SEEK_DATA`). Never less than the
+/// image holds as it is read: an allocated range stays allocated until the
+/// guest discards it. `Ok(false)` when the image cannot say (a raw block
+/// device, another format): the caller copies the whole disk.
+pub fn mark_allocated(
+    path: &std::path::Path,
+    format: &str,
+    size: u64,
+    mask: &mut crate::qcow2::Mask,
+) -> anyhow::Result<bool> {
+    use crate::qcow2::{Error, Image, Kind};
+    use anyhow::{Context, bail};
+    match format {
+        "qcow2" => {}
+        "raw" => return mark_raw(path, size, mask),
+        _ => return Ok(false),
+    }
+    let mut image = Image::open(path).with_context(|| format!("reading {}", path.display()))?;
+    if image.header().size != size {
+        bail!(
+            "{} holds {} bytes, QEMU's node {size}: not the image QEMU has open",
+            path.display(),
+            image.header().size
+        );
+    }
+    for _ in 0..MAX_CHAIN {
+        let file = std::fs::File::open(&image.path)
+            .with_context(|| format!("opening {}", image.path.display()))?;
+        crate::qcow2::walk(&file, &image, |e| {
+            if e.kind != Kind::Unallocated {
+                mask.set(e.start, e.length);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("reading the cluster map of {}", image.path.display()))?;
+        let Some(backing) = image.full_backing_path() else {
+            return Ok(true);
+        };
+        // As QEMU opens it: the format the image names, else probed.
+        image = match image.hc.backing_format.as_deref() {
+            Some("qcow2") => Image::open(&backing)?,
+            Some("raw") => return mark_raw(&backing, size, mask),
+            Some(_) => return Ok(false),
+            None => match Image::open(&backing) {
+                Ok(image) => image,
+                Err(Error::BadMagic { .. }) => return mark_raw(&backing, size, mask),
+                Err(e) => return Err(e.into()),
+            },
+        };
+    }
+    bail!(
+        "{}: a backing chain longer than {MAX_CHAIN}",
+        path.display()
+    )
+}
+
+/// [`mark_allocated`] of a raw file: its data ranges (`SEEK_DATA`), within
+/// the disk's `size`. A block device says nothing (`Ok(false)`).
+fn mark_raw(
+    path: &std::path::Path,
+    size: u64,
+    mask: &mut crate::qcow2::Mask,
+) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    use nix::unistd::{Whence, lseek};
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if !file.metadata()?.is_file() {
+        return Ok(false);
+    }
+    let mut at: i64 = 0;
+    let end = size.min(file.metadata()?.len()) as i64;
+    while at < end {
+        let start = match lseek(&file, at, Whence::SeekData) {
+            Ok(start) => start,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e).with_context(|| format!("seeking data in {}", path.display())),
+        };
+        let stop = lseek(&file, start, Whence::SeekHole)
+            .with_context(|| format!("seeking a hole in {}", path.display()))?;
+        mask.set(start as u64, (stop.min(end) - start).max(0) as u64);
+        at = stop;
+    }
+    Ok(true)
+}

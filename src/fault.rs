@@ -10,12 +10,38 @@
 //! `serve-before-daemon` (a mount or live restore, its files made),
 //! `live-domain-started` (a domain started on live images, before its
 //! streams).
+//!
+//! [`hold`] waits instead, so that a test can act at that moment, at any
+//! of those phases and at `before-mask` (a guarded full's point taken, its
+//! mask not yet read).
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {
+    hold(phase);
     if cfg!(debug_assertions) && std::env::var("BITBACK_FAULT").is_ok_and(|wanted| wanted == phase)
     {
         tracing::error!(phase, "BITBACK_FAULT: killing bitback here");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Waits here if this is a debug build and `BITBACK_HOLD=<phase>:<file>`:
+/// creates `<file>.held`, then waits until `<file>` exists (at most two
+/// minutes). Release builds ignore the variable.
+pub(crate) fn hold(phase: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Ok(wanted) = std::env::var("BITBACK_HOLD") else {
+        return;
+    };
+    let Some(file) = wanted.strip_prefix(phase).and_then(|r| r.strip_prefix(':')) else {
+        return;
+    };
+    tracing::warn!(phase, file, "BITBACK_HOLD: waiting for the file");
+    let _ = std::fs::write(format!("{file}.held"), b"");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::path::Path::new(file).exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -23,7 +23,7 @@ use super::nbd_target;
 use super::quiesce;
 use super::scope::Scope;
 use super::thaw_guard::ThawGuard;
-use crate::qcow2::{self, CreateOptions};
+use crate::qcow2::{self, CreateOptions, Mask};
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 
@@ -893,30 +893,45 @@ async fn target_filename(
     pass_fds: &mut bool,
     undo: &mut Undo,
 ) -> anyhow::Result<String> {
+    let (filename, fdset) = qemu_filename(qmp, path, true, pass_fds).await?;
+    undo.fdsets.extend(fdset);
+    Ok(filename)
+}
+
+/// [`target_filename`] of a file QEMU opens for reading (`writable`
+/// false) or for writing too, and the fd set it was passed in, if it was.
+async fn qemu_filename(
+    qmp: &Qmp,
+    path: &Path,
+    writable: bool,
+    pass_fds: &mut bool,
+) -> anyhow::Result<(String, Option<i64>)> {
     let absolute = std::path::absolute(path)
         .with_context(|| format!("resolving {}", path.display()))?
         .display()
         .to_string();
     if !*pass_fds {
-        return Ok(absolute);
+        return Ok((absolute, None));
     }
+    // QEMU takes from a set only a descriptor of the access mode it opens
+    // with.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(writable)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     let label = format!("bitback {}", path.display());
     match qmp.add_fd(file.as_fd(), None, Some(&label)).await {
-        Ok(added) => {
-            undo.fdsets.push(added.fdset_id);
-            Ok(format!("/dev/fdset/{}", added.fdset_id))
-        }
+        Ok(added) => Ok((
+            format!("/dev/fdset/{}", added.fdset_id),
+            Some(added.fdset_id),
+        )),
         Err(e) if e.is_command_not_found() => {
-            debug!("no add-fd in this QEMU: targets are opened by name");
+            debug!("no add-fd in this QEMU: files are opened by name");
             *pass_fds = false;
-            Ok(absolute)
+            Ok((absolute, None))
         }
-        Err(e) => Err(anyhow!(e).context("passing the target to QEMU")),
+        Err(e) => Err(anyhow!(e).context(format!("passing {} to QEMU", path.display()))),
     }
 }
 
@@ -967,17 +982,40 @@ async fn start_transaction(
         true => pause(qmp, opts).await,
         false => Ok(None),
     };
+    // A VM that does not run is flushed too: a mask is read from the
+    // images' metadata on disk ([`start_masked_fulls`]).
+    let flushed_stopped = match (&paused, guarded) {
+        (Ok(None), true) => flush_stopped(qmp).await,
+        _ => false,
+    };
+    let later = |guards: &[Option<Guard>]| -> Vec<bool> {
+        (0..guards.len())
+            .map(|i| guards[i].is_some() && masked(run, i))
+            .collect()
+    };
     let started = match &paused {
         Ok(_) => match insert_guards(run, &mut guards, fleece, undo).await {
             Ok(()) => {
-                let actions = backup_actions(run, &guards, &perf, nbd);
-                qmp.execute_raw("transaction", json!({ "actions": actions }))
-                    .await
-                    .map_err(Failure::Transaction)
+                let actions = backup_actions(run, &guards, &perf, nbd, &later(&guards));
+                if actions.is_empty() {
+                    Ok(Value::Null)
+                } else {
+                    qmp.execute_raw("transaction", json!({ "actions": actions }))
+                        .await
+                        .map_err(Failure::Transaction)
+                }
             }
             Err(e) => Err(Failure::Guard(e)),
         },
         Err(e) => Err(Failure::Guard(anyhow!("pausing the vm for the point: {e}"))),
+    };
+    // Every cluster allocated up to the point is in the images' metadata
+    // on disk: the VM was paused for the point (`stop` flushes), or did
+    // not run, was flushed, and still does not run (nothing wrote since).
+    let flushed = match &paused {
+        Ok(Some(_)) => true,
+        Ok(None) => flushed_stopped && !guard::running(qmp).await.unwrap_or(true),
+        Err(_) => false,
     };
     let resumed = match paused {
         Ok(Some(paused)) => {
@@ -1028,6 +1066,7 @@ async fn start_transaction(
         }
     }
     crate::fault::point("after-transaction");
+    start_masked_fulls(run, &guards, fleece, &perf, nbd, flushed).await?;
     Ok(guards.iter().map(Option::is_some).collect())
 }
 
@@ -1046,14 +1085,23 @@ const FLEECING_WORKERS: u64 = 8;
 /// (benches/README.md, incrementals by content).
 const CONTENT_CHUNK: u64 = 4 << 20;
 
+/// Whether volume `i`, when guarded, is a full whose job starts after the
+/// point with what the volume holds ([`start_masked_fulls`]): a full not
+/// by content (that one reads every cluster to compare it).
+fn masked(run: &CopyPlan<'_>, i: usize) -> bool {
+    run.targets[i].since.is_none() && run.targets[i].baseline.is_none()
+}
+
 /// The transaction's actions: the new checkpoint on every volume and a
 /// `blockdev-backup` per volume, from the guard's snapshot-access node
-/// where the volume has one.
+/// where the volume has one; a guarded full's job is left out (`later`),
+/// to start once the point is taken ([`start_masked_fulls`]).
 fn backup_actions(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
     perf: &Option<Value>,
     nbd: bool,
+    later: &[bool],
 ) -> Vec<Value> {
     let opts = run.opts;
     let mut actions = Vec::new();
@@ -1069,48 +1117,183 @@ fn backup_actions(
             }
             actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
         }
-        // A full of an image without a backing file copies only what the
-        // image allocates (sync=top): unallocated clusters read as zeros
-        // and stay unallocated in the target. sync=full would write zeros
-        // for every one of them, which on a sparse 1 TiB disk costs more
-        // than the data. A guarded volume's job reads the snapshot-access
-        // node, where every cluster counts as allocated: sync=full, and
-        // what reads as zeros becomes zero clusters (table entries only).
-        let by_content = run.targets[i].baseline.is_some();
-        let full_sync = if v.backing_file.is_none() && guards[i].is_none() && !by_content {
-            "top"
-        } else {
-            "full"
-        };
-        let source = guards[i]
-            .as_ref()
-            .map_or(v.node_name.as_str(), Guard::source);
-        let mut data = json!({
-            "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
-            "sync": full_sync, "auto-dismiss": false,
-        });
-        if let Some(since) = &run.targets[i].since {
-            data["sync"] = "bitmap".into();
-            data["bitmap"] = match &guards[i] {
-                Some(guard) => guard.copy_bitmap().into(),
-                None => since.as_str().into(),
-            };
-            data["bitmap-mode"] = "never".into();
+        if !later[i] {
+            let data = backup_job(run, guards, perf, nbd, i);
+            actions.push(json!({ "type": "blockdev-backup", "data": data }));
         }
-        if let Some(speed) = opts.rate_limit {
-            data["speed"] = speed.into();
-        }
-        // On the NBD path bitback compresses.
-        if opts.compress && !nbd {
-            data["compress"] = true.into();
-        }
-        if let Some(perf) = &perf {
-            data["x-perf"] = perf.clone();
-        }
-        actions.push(json!({ "type": "blockdev-backup", "data": data }));
     }
-
     actions
+}
+
+/// The `blockdev-backup` arguments of volume `i`.
+fn backup_job(
+    run: &CopyPlan<'_>,
+    guards: &[Option<Guard>],
+    perf: &Option<Value>,
+    nbd: bool,
+    i: usize,
+) -> Value {
+    let (opts, v) = (run.opts, &run.volumes[i]);
+    // A full of an image without a backing file copies only what the
+    // image allocates (sync=top): unallocated clusters read as zeros and
+    // stay unallocated in the target. sync=full would write zeros for
+    // every one of them, which on a sparse 1 TiB disk costs more than the
+    // data. A guarded volume's job reads the snapshot-access node, where
+    // every cluster counts as allocated: sync=full, narrowed to what the
+    // volume holds where bitback can tell ([`start_masked_fulls`]).
+    let by_content = run.targets[i].baseline.is_some();
+    let full_sync = if v.backing_file.is_none() && guards[i].is_none() && !by_content {
+        "top"
+    } else {
+        "full"
+    };
+    let source = guards[i]
+        .as_ref()
+        .map_or(v.node_name.as_str(), Guard::source);
+    let mut data = json!({
+        "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
+        "sync": full_sync, "auto-dismiss": false,
+    });
+    if let Some(since) = &run.targets[i].since {
+        data["sync"] = "bitmap".into();
+        data["bitmap"] = match &guards[i] {
+            Some(guard) => guard.copy_bitmap().into(),
+            None => since.as_str().into(),
+        };
+        data["bitmap-mode"] = "never".into();
+    }
+    if let Some(speed) = opts.rate_limit {
+        data["speed"] = speed.into();
+    }
+    // On the NBD path bitback compresses.
+    if opts.compress && !nbd {
+        data["compress"] = true.into();
+    }
+    if let Some(perf) = perf {
+        data["x-perf"] = perf.clone();
+    }
+    data
+}
+
+/// Starts the jobs of the guarded fulls left out of the transaction, the
+/// point being taken (the guards stand). Each copies what its volume may
+/// hold ([`Guard::load_mask`]) where bitback can read that from the
+/// image, the images having been `flushed` at the point; else (a raw
+/// block device, an image bitback cannot open, a VM resumed by someone
+/// else during the point) the whole virtual size, as QEMU alone would.
+async fn start_masked_fulls(
+    run: &CopyPlan<'_>,
+    guards: &[Option<Guard>],
+    fleece: &[Option<String>],
+    perf: &Option<Value>,
+    nbd: bool,
+    flushed: bool,
+) -> anyhow::Result<()> {
+    for (i, guard) in guards.iter().enumerate() {
+        let Some(guard) = guard.as_ref().filter(|_| masked(run, i)) else {
+            continue;
+        };
+        let v = &run.volumes[i];
+        let mut data = backup_job(run, guards, perf, nbd, i);
+        let loaded = match flushed {
+            true => load_mask(run, i, guard, fleece[i].as_deref()).await,
+            false => Err(anyhow!(
+                "the vm's images were not flushed at the point (it runs, and bitback did not pause it)"
+            )),
+        };
+        match loaded {
+            Ok(Some(covered)) => {
+                debug!(volume = %v.name, covered, "the full copies what the volume may hold");
+                data["sync"] = "bitmap".into();
+                data["bitmap"] = guard.copy_bitmap().into();
+                data["bitmap-mode"] = "never".into();
+            }
+            Ok(None) => {
+                debug!(volume = %v.name, "the image does not say what it holds: the full reads the whole disk")
+            }
+            Err(e) => {
+                info!(volume = %v.name, error = %format!("{e:#}"), "cannot tell what the volume holds: the full reads the whole disk")
+            }
+        }
+        run.qmp
+            .execute_raw("blockdev-backup", data)
+            .await
+            .with_context(|| format!("starting the backup job of volume {}", v.name))?;
+    }
+    Ok(())
+}
+
+/// Volume `i`'s mask: what its image may hold, read now (after the
+/// point), written as a mask image in a directory of the run's own,
+/// opened in QEMU for the moment [`Guard::load_mask`] takes, then removed.
+/// The bytes it covers; `None` when the image does not say.
+async fn load_mask(
+    run: &CopyPlan<'_>,
+    i: usize,
+    guard: &Guard,
+    fleece: Option<&str>,
+) -> anyhow::Result<Option<u64>> {
+    let v = &run.volumes[i];
+    crate::fault::hold("before-mask");
+    let granularity = Mask::granularity_for(v.virtual_size);
+    let mut mask = Mask::new(v.virtual_size, granularity)?;
+    let (path, format, size) = (
+        PathBuf::from(&v.image_file),
+        v.format.clone(),
+        v.virtual_size,
+    );
+    let (mask, known) = tokio::task::spawn_blocking(move || {
+        crate::disk::mark_allocated(&path, &format, size, &mut mask).map(|known| (mask, known))
+    })
+    .await??;
+    if !known {
+        return Ok(None);
+    }
+    let mut dir = Some(
+        crate::qemu::daemon::run_dir("mask").context("making a directory for the mask image")?,
+    );
+    let file = dir
+        .as_ref()
+        .map(|d| d.join("mask.qcow2"))
+        .unwrap_or_default();
+    let mut fdset = None;
+    let loaded = async {
+        mask.write(&file, guard::MASK_BITMAP)?;
+        let mut pass_fds = matches!(run.qmp.endpoint(), Endpoint::Unix(_));
+        let filename;
+        (filename, fdset) = qemu_filename(run.qmp, &file, false, &mut pass_fds).await?;
+        let node = run.scope.mask_node(i);
+        run.qmp
+            .execute_raw(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2", "node-name": node, "read-only": true,
+                    "file": { "driver": "file", "filename": filename },
+                }),
+            )
+            .await
+            .context("opening the mask image in QEMU")?;
+        let merged = guard.load_mask(run.qmp, &node, granularity, fleece).await;
+        if let Err(e) = run
+            .qmp
+            .execute_raw("blockdev-del", json!({ "node-name": node }))
+            .await
+        {
+            warn!(%node, error = %e, "cannot remove the mask image's node; the next backup of this vm removes it");
+        }
+        merged.context("merging the mask into the job's bitmap")?;
+        anyhow::Ok(mask.covered())
+    }
+    .await;
+    if let Some(fdset) = fdset {
+        let _ = run
+            .qmp
+            .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
+            .await;
+    }
+    let _ = std::fs::remove_file(&file);
+    remove_scratch_dir(&mut dir);
+    loaded.map(Some)
 }
 
 /// Why the point was not taken.
@@ -1146,6 +1329,23 @@ async fn pause(qmp: &Qmp, opts: &BackupOptions) -> anyhow::Result<Option<Paused>
     Ok(Some(Paused { since, guard }))
 }
 
+/// Flushes a VM that does not run, so that its images' metadata on disk
+/// holds every cluster allocated so far: QMP `stop` drains and flushes
+/// every node, and leaves a paused or never started VM's state as it was.
+/// False where that is not known: an incoming or finished migration
+/// (another QEMU writes the images), or a `stop` that failed.
+async fn flush_stopped(qmp: &Qmp) -> bool {
+    let Ok(status) = qmp.execute_raw("query-status", Value::Null).await else {
+        return false;
+    };
+    if status["running"].as_bool() != Some(false)
+        || matches!(status["status"].as_str(), Some("inmigrate" | "postmigrate"))
+    {
+        return false;
+    }
+    qmp.execute_raw("stop", Value::Null).await.is_ok()
+}
+
 /// Puts each guard in place (the VM paused or not running); each is in
 /// `undo` before it changes anything. A guard that cannot be put in place
 /// (a device QEMU will not move, say) is taken out again and its volume
@@ -1163,8 +1363,10 @@ async fn insert_guards(
         let target = fleece[i]
             .clone()
             .unwrap_or_else(|| run.scope.target_node(i));
+        let record = (masked(run, i) && fleece[i].is_some())
+            .then(|| Mask::granularity_for(run.volumes[i].virtual_size));
         let Err(e) = guard
-            .insert(run.qmp, &target, run.targets[i].since.as_deref())
+            .insert(run.qmp, &target, run.targets[i].since.as_deref(), record)
             .await
         else {
             continue;

@@ -46,9 +46,17 @@ use crate::qmp::{self, Qmp};
 /// goes on (QEMU's `cbw-timeout`, in seconds).
 pub(super) const CBW_TIMEOUT: u64 = 30;
 
-/// The name of the bitmap on a snapshot-access node that an incremental
-/// copies (a copy of the checkpoint at the point; it goes with the node).
+/// The name of the bitmap on a snapshot-access node that the job copies:
+/// for an incremental, a copy of the checkpoint at the point; for a full,
+/// what the volume may hold ([`Guard::load_mask`]). It goes with the node.
 const COPY_BITMAP: &str = "bitback-copy";
+
+/// The bitmap on a fleecing image that records what the filter copied
+/// there during a guarded full ([`Guard::load_mask`]).
+const FLEECED_BITMAP: &str = "bitback-fleeced";
+
+/// The name of the one bitmap in a mask image.
+pub(super) const MASK_BITMAP: &str = "bitback-mask";
 
 /// How a volume is copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +175,10 @@ impl Guard {
     /// the device onto it (the point), and adds the snapshot-access node
     /// the job reads; with `since`, also the bitmap the incremental copies
     /// (the checkpoint as it is at the point) and the filter copies only
-    /// that bitmap's clusters. Must run with the VM paused or not running,
+    /// that bitmap's clusters. With `record` (a full whose filter copies to
+    /// a fleecing image `target`), a bitmap of that granularity on
+    /// `target` records what the filter copies, for
+    /// [`Guard::load_mask`]. Must run with the VM paused or not running,
     /// so that no guest write falls between the filter and the move. On
     /// failure, what it added is left for [`Guard::remove`].
     pub(super) async fn insert(
@@ -175,7 +186,16 @@ impl Guard {
         qmp: &Qmp,
         target: &str,
         since: Option<&str>,
+        record: Option<u64>,
     ) -> qmp::Result<()> {
+        if let Some(granularity) = record {
+            qmp.execute_raw(
+                "block-dirty-bitmap-add",
+                json!({ "node": target, "name": FLEECED_BITMAP,
+                        "granularity": granularity, "persistent": false }),
+            )
+            .await?;
+        }
         let mut filter = json!({
             "driver": "copy-before-write",
             "node-name": self.filter,
@@ -183,6 +203,10 @@ impl Guard {
             "target": target,
             "on-cbw-error": "break-snapshot",
             "cbw-timeout": CBW_TIMEOUT,
+            // The guest's discards go on to the volume, which decides by
+            // its own `discard` option (QEMU's default would drop them
+            // here while the guard stands).
+            "discard": "unmap",
         });
         if let Some(since) = since {
             filter["bitmap"] = json!({ "node": self.node, "name": since });
@@ -211,6 +235,46 @@ impl Guard {
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// For a guarded full: the bitmap the job copies, on the
+    /// snapshot-access node, made from the mask image open as node `mask`
+    /// (every range the volume may hold, read after the point) and, with
+    /// `fleece` (the fleecing image the filter copies to, whose bitmap
+    /// [`Guard::insert`] added), what the filter has copied there. With
+    /// that bitmap, the job (`sync=bitmap`) copies what the volume holds,
+    /// not its whole virtual size: a snapshot-access node reports every
+    /// cluster allocated.
+    ///
+    /// Why no cluster of the point is missed: the mask is read after the
+    /// point, and QEMU frees a cluster only for a guest discard or zero
+    /// write, which passes the filter, which first copies the old data to
+    /// its target. Without fleecing that target is the backup's; with it,
+    /// the fleecing image, whose bitmap is merged after the mask was read,
+    /// so it holds every copy made before then.
+    pub(super) async fn load_mask(
+        &self,
+        qmp: &Qmp,
+        mask: &str,
+        granularity: u64,
+        fleece: Option<&str>,
+    ) -> qmp::Result<()> {
+        qmp.execute_raw(
+            "block-dirty-bitmap-add",
+            json!({ "node": self.access, "name": COPY_BITMAP,
+                    "granularity": granularity, "persistent": false }),
+        )
+        .await?;
+        let mut sources = vec![json!({ "node": mask, "name": MASK_BITMAP })];
+        if let Some(fleece) = fleece {
+            sources.push(json!({ "node": fleece, "name": FLEECED_BITMAP }));
+        }
+        qmp.execute_raw(
+            "block-dirty-bitmap-merge",
+            json!({ "node": self.access, "target": COPY_BITMAP, "bitmaps": sources }),
+        )
+        .await?;
         Ok(())
     }
 

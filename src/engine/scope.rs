@@ -11,7 +11,8 @@
 //!   nodes (see [`super::guard`]) end in `-c<i>` (its copy-before-write
 //!   filter), `-a<i>` (the point's snapshot-access node) and `-f<i>` (the
 //!   fleecing image), and a fleecing file is named as its node, plus
-//!   `.qcow2`.
+//!   `.qcow2`; `-m<i>` is the image that hands QEMU what a guarded full
+//!   copies (for a moment, see [`super::guard::Guard::load_mask`]).
 //!
 //! Bitmaps named `bitback-<backup id>` were made by bitback before scoping;
 //! a state that still names one as its checkpoint keeps using it once, and
@@ -77,6 +78,12 @@ impl Scope {
         format!("{}-f{i}", self.short())
     }
 
+    /// Volume `i`'s mask image node, open for the moment its bitmap is
+    /// merged.
+    pub fn mask_node(&self, i: usize) -> String {
+        format!("{}-m{i}", self.short())
+    }
+
     /// Whether `file_name` is a fleecing image of this scope.
     pub fn owns_fleece_file(&self, file_name: &str) -> bool {
         file_name
@@ -98,18 +105,18 @@ impl Scope {
         })
     }
 
-    /// Whether `name` is a node (target, guard, fleecing) or job id of
-    /// this scope.
+    /// Whether `name` is a node (target, guard, fleecing, mask) or job id
+    /// of this scope.
     pub fn owns_node_or_job(&self, name: &str) -> bool {
         name.strip_prefix(&self.short())
             .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|rest| rest.strip_prefix(['t', 'j', 'c', 'a', 'f']))
+            .and_then(|rest| rest.strip_prefix(['t', 'j', 'c', 'a', 'f', 'm']))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 }
 
 /// Whether `name` is a node a backup adds (a target, a guard's filter or
-/// snapshot-access node, a fleecing image) of any scope, or a target of a
+/// snapshot-access node, a fleecing image, a mask) of any scope, or a target of a
 /// bitback from before scopes: never a volume.
 pub fn is_target_node(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(PREFIX) else {
@@ -119,8 +126,10 @@ pub fn is_target_node(name: &str) -> bool {
     if rest.strip_prefix('t').is_some_and(digits) {
         return true;
     }
-    rest.rsplit_once('-')
-        .is_some_and(|(_, last)| last.strip_prefix(['t', 'c', 'a', 'f']).is_some_and(digits))
+    rest.rsplit_once('-').is_some_and(|(_, last)| {
+        last.strip_prefix(['t', 'c', 'a', 'f', 'm'])
+            .is_some_and(digits)
+    })
 }
 
 /// The owner of a bitmap bitback made, or `None` for any other name.
@@ -200,6 +209,7 @@ mod tests {
             long.guard_filter(99),
             long.guard_access(99),
             long.fleece(99),
+            long.mask_node(99),
         ] {
             assert!(name.len() <= 31, "{name}");
             assert!(
@@ -214,6 +224,7 @@ mod tests {
             long.guard_filter(1),
             long.guard_access(1),
             long.fleece(1),
+            long.mask_node(1),
         ] {
             assert!(is_target_node(&node), "{node}");
         }

@@ -55,8 +55,16 @@ impl Source for File {
         FileExt::read_exact_at(self, buf, offset)
     }
 
+    /// A regular file's length, or a block device's (a qcow2 image on an
+    /// LVM volume), which its metadata gives as 0.
     fn size(&self) -> std::io::Result<u64> {
-        Ok(self.metadata()?.len())
+        let meta = self.metadata()?;
+        if meta.is_file() {
+            return Ok(meta.len());
+        }
+        use std::io::Seek;
+        let mut file = self;
+        file.seek(std::io::SeekFrom::End(0))
     }
 }
 

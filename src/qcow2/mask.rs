@@ -24,10 +24,87 @@ use super::header::{Extension, autoclear, ext};
 const TYPE_DIRTY_TRACKING: u8 = 1;
 const CLUSTER_SIZE: u64 = 64 << 10;
 
-/// Creates `path` (which must not exist): an empty image of `size` bytes
-/// whose one bitmap `name`, of `granularity` bytes per bit (a power of two
-/// from 512 B to 2 GiB), has every bit set that covers a byte of
-/// `ranges` (start, length). Returns how many bytes the set bits cover.
+/// A bitmap of a disk of `size` bytes, one bit per `granularity` bytes,
+/// built in memory (2 MiB for 1 TiB at 64 KiB) and written as an image
+/// with [`Mask::write`].
+#[derive(Debug, Clone)]
+pub struct Mask {
+    size: u64,
+    granularity: u64,
+    bits: Vec<u8>,
+    covered: u64,
+}
+
+/// The most bits a mask [`Mask::granularity_for`] chooses: 8 MiB of
+/// bitmap.
+const MAX_BITS: u64 = 64 << 20;
+
+impl Mask {
+    /// An empty mask; `granularity` a power of two from 512 B to 2 GiB.
+    pub fn new(size: u64, granularity: u64) -> Result<Mask> {
+        if !granularity.is_power_of_two() || !(512..=(1 << 31)).contains(&granularity) {
+            return Err(Error::BadSize {
+                size: granularity,
+                reason: "a bitmap granularity is a power of two from 512 B to 2 GiB".into(),
+            });
+        }
+        let bits = size.div_ceil(granularity);
+        if bits > 8 * MAX_BITS {
+            return Err(Error::BadSize {
+                size,
+                reason: format!("a mask of {granularity}-byte granules would be too large"),
+            });
+        }
+        Ok(Mask {
+            size,
+            granularity,
+            bits: vec![0u8; bits.div_ceil(8) as usize],
+            covered: 0,
+        })
+    }
+
+    /// 64 KiB (a qcow2 cluster and QEMU's backup unit), or coarser for a
+    /// disk so large that the bitmap would pass 8 MiB (above 4 TiB).
+    pub fn granularity_for(size: u64) -> u64 {
+        (size.div_ceil(MAX_BITS)).next_power_of_two().max(64 << 10)
+    }
+
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// Sets every bit that covers a byte of `start..start + len` (clipped
+    /// to the disk).
+    pub fn set(&mut self, start: u64, len: u64) {
+        let end = start.saturating_add(len).min(self.size);
+        if start >= end {
+            return;
+        }
+        let g = self.granularity;
+        for bit in start / g..end.div_ceil(g) {
+            let byte = &mut self.bits[(bit / 8) as usize];
+            let flag = 1u8 << (bit % 8);
+            if *byte & flag == 0 {
+                *byte |= flag;
+                self.covered += g.min(self.size - bit * g);
+            }
+        }
+    }
+
+    /// The bytes the set bits cover.
+    pub fn covered(&self) -> u64 {
+        self.covered
+    }
+
+    /// Creates `path` (which must not exist): an empty image of the mask's
+    /// size whose one bitmap `name` is this mask.
+    pub fn write(&self, path: &Path, name: &str) -> Result<()> {
+        write(path, self.size, name, self.granularity, &self.bits)
+    }
+}
+
+/// [`Mask::new`], [`Mask::set`] for each of `ranges` (start, length), then
+/// [`Mask::write`]; how many bytes the set bits cover.
 pub fn create_mask(
     path: &Path,
     size: u64,
@@ -35,6 +112,15 @@ pub fn create_mask(
     granularity: u64,
     ranges: impl IntoIterator<Item = (u64, u64)>,
 ) -> Result<u64> {
+    let mut mask = Mask::new(size, granularity)?;
+    for (start, len) in ranges {
+        mask.set(start, len);
+    }
+    mask.write(path, name)?;
+    Ok(mask.covered())
+}
+
+fn write(path: &Path, size: u64, name: &str, granularity: u64, bitmap: &[u8]) -> Result<()> {
     let cs = CLUSTER_SIZE;
     let opts = CreateOptions {
         size,
@@ -42,34 +128,10 @@ pub fn create_mask(
         ..CreateOptions::default()
     };
     let l1_entries = check(&opts)?;
-    if !granularity.is_power_of_two() || !(512..=(1 << 31)).contains(&granularity) {
-        return Err(Error::BadSize {
-            size: granularity,
-            reason: "a bitmap granularity is a power of two from 512 B to 2 GiB".into(),
-        });
-    }
     if name.is_empty() || name.len() > super::bitmaps::MAX_NAME || name.contains('\0') {
         return Err(Error::BadName {
             what: "bitmap name",
         });
-    }
-
-    let bits = size.div_ceil(granularity);
-    let mut bitmap = vec![0u8; bits.div_ceil(8) as usize];
-    let mut covered = 0u64;
-    for (start, len) in ranges {
-        let end = start.saturating_add(len).min(size);
-        if start >= end {
-            continue;
-        }
-        for bit in start / granularity..end.div_ceil(granularity) {
-            let byte = &mut bitmap[(bit / 8) as usize];
-            let mask = 1u8 << (bit % 8);
-            if *byte & mask == 0 {
-                *byte |= mask;
-                covered += granularity.min(size - bit * granularity);
-            }
-        }
     }
     // One table entry per cluster of bitmap data; only clusters with a bit
     // set are written.
@@ -155,7 +217,7 @@ pub fn create_mask(
             source,
         });
     }
-    Ok(covered)
+    Ok(())
 }
 
 #[cfg(test)]

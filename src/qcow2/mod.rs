@@ -40,7 +40,7 @@ pub use error::{Error, Result};
 pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};
 pub use map::{Extent, Kind, map, walk};
-pub use mask::create_mask;
+pub use mask::{Mask, create_mask};
 pub use rebase::set_backing;
 pub use stream::{Finished, Stream};
 

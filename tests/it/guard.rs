@@ -964,3 +964,107 @@ fn a_repository_whose_filesystem_goes_away_says_so_and_spares_the_guest() {
     vm.quit();
     assert_disk_is_model(&vm);
 }
+
+/// A guarded full copies only what the volume may hold, read from its
+/// image after the point. What the guest discards after the point
+/// (through the device, the volume with `discard=unmap`) before that read
+/// is still in the backup: the filter copied it first, to the target
+/// or to the fleecing image (whose record is merged into the job's
+/// bitmap). Held between the point and the read (`BITBACK_HOLD`), the
+/// guest discards half the data and writes over some of the freed room;
+/// every point restores to the disk as it was at the start. On a 1 TiB
+/// volume the same full copies its 48 MiB, not its virtual size (QEMU's
+/// job says).
+#[test]
+fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
+    use crate::harness::{Disk, Kind, create_qcow2};
+    // A v3 image marks a discarded cluster as zeros, which the mask
+    // counts; a v2 image frees it outright, which only the filter's copy
+    // (to the target, or to the fleecing image) keeps.
+    for (compat, fleecing) in [
+        ("1.1", false),
+        ("0.10", false),
+        ("0.10", true),
+        ("1.1", true),
+    ] {
+        let dir = tempdir();
+        let image = dir.path().join("disk0.qcow2");
+        create_qcow2(&image, 64 * MIB, &["-o", &format!("compat={compat}")]);
+        let disk = Disk::with_format("disk0", "drive0", &image, "qcow2", "discard=unmap");
+        let mut vm = Vm::from_disks(Kind::Pc, dir.path(), vec![disk], &[64 * MIB]);
+        guest_writes(&mut vm, 0, 48, 0x11);
+        let at_start = vm.models[0].bytes.clone();
+        let go = dir.path().join("go");
+        let hold = format!("before-mask:{}", go.display());
+        let (_fleece, fleece_arg) = fleece_dir(dir.path());
+        let mut extra = vec![];
+        if fleecing {
+            extra.extend(["--fleecing", fleece_arg.as_str()]);
+        }
+        let child = spawn_backup_at(&vm.qemu().qmp, &vm.repo, &extra, &[("BITBACK_HOLD", &hold)]);
+        let held = go.with_file_name("go.held");
+        let until = Instant::now() + Duration::from_secs(60);
+        while !held.exists() {
+            assert!(Instant::now() < until, "bitback never reached the mask");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let device = vm.disks[0].device.clone();
+        vm.qemu()
+            .qemu_io_device(&device, &format!("discard 0 {}", 24 * MIB));
+        vm.models[0].bytes[..(24 * MIB) as usize].fill(0);
+        vm.qemu().qemu_io_device(&device, "flush");
+        let before = Command::new("qemu-img")
+            .args(["map", "--output=json", "-U"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let map: Value = serde_json::from_slice(&before.stdout).unwrap();
+        assert!(
+            map.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["start"] == 0 && e["data"] == false),
+            "the discard freed nothing, so the test proves nothing: {map}"
+        );
+        guest_writes(&mut vm, 56, 4, 0x22);
+        std::fs::write(&go, b"").unwrap();
+        let ended = wait(child);
+        assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+        let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+        let guard = if fleecing { "fleecing" } else { "bitback" };
+        assert_eq!(manifest["volumes"][0]["guard"], guard, "{manifest}");
+        record_point(&mut vm, manifest["id"].as_str().unwrap(), at_start);
+        assert_nothing_left(&vm);
+        finish(vm);
+    }
+
+    let dir = tempdir();
+    let image = dir.path().join("disk0.qcow2");
+    create_qcow2(&image, 1 << 40, &[]);
+    let disk = Disk::new("disk0", "drive0", &image);
+    let qemu = crate::harness::Qemu::start(Kind::Pc, dir.path(), &[disk]);
+    for at in [0, 300 << 30, (1 << 40) - 16 * MIB] {
+        qemu.qemu_io_device("disk0", &format!("write -P 0x33 {at} {}", 16 * MIB));
+    }
+    // QEMU's own count of what the job copies, asked while bitback holds
+    // with the job concluded.
+    let repo = dir.path().join("repo");
+    let go = dir.path().join("go");
+    let hold = format!("after-jobs:{}", go.display());
+    let child = spawn_backup_at(&qemu.qmp, &repo, &[], &[("BITBACK_HOLD", &hold)]);
+    let held = go.with_file_name("go.held");
+    let until = Instant::now() + Duration::from_secs(120);
+    while !held.exists() {
+        assert!(Instant::now() < until, "bitback never finished the job");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let jobs = qemu.must("query-jobs", json!({}));
+    std::fs::write(&go, b"").unwrap();
+    assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
+    assert_eq!(jobs[0]["total-progress"], 48 * MIB, "{jobs}");
+    let ended = wait(child);
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
+    assert_eq!(manifest["volumes"][0]["guard"], "bitback", "{manifest}");
+    qemu.quit();
+}
