@@ -115,9 +115,26 @@ fn wait_gone(pid: u64) {
     }
 }
 
+/// Kills `pid` and waits until it and its children (a serve's
+/// qemu-storage-daemon, which holds the repository's read lock it
+/// inherited until it notices its parent died) are gone.
 fn kill9(pid: u64) {
+    let children: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect();
     run(Command::new("kill").args(["-9", &pid.to_string()]));
     wait_gone(pid);
+    for child in children {
+        wait_gone(child);
+    }
 }
 
 fn paths(served: &Value) -> Vec<PathBuf> {
