@@ -1202,7 +1202,10 @@ fn an_incremental_by_content_stores_only_changed_clusters() {
 /// `x-dirty-bitmap` (a set bit reads as "no data").
 fn bitmap_ranges_by_qemu(dir: &Path, image: &Path, name: &str) -> Vec<(u64, u64)> {
     require("qemu-storage-daemon");
-    let socket = dir.join(format!("{}.sock", image.file_name().unwrap().display()));
+    let socket = dir.join(format!(
+        "{}.sock",
+        image.file_name().unwrap().to_string_lossy()
+    ));
     let mut daemon = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
