@@ -75,7 +75,28 @@ pub trait Export {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// Work on each write's bytes that needs nothing of the export's state
+    /// (a backup file's per-cluster digests), for a thread of its own to
+    /// do ahead of [`Export::write_prepared`], overlapping the export's
+    /// work on the writes before; none by default.
+    fn prepare(&self) -> Option<Prepare> {
+        None
+    }
+    /// [`Export::write`], with what [`Export::prepare`]'s function gave
+    /// for these bytes.
+    fn write_prepared(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        _prepared: &[[u8; 16]],
+    ) -> io::Result<()> {
+        self.write(offset, data)
+    }
 }
+
+/// See [`Export::prepare`]: from a write's offset and bytes, 16-byte
+/// values the export takes with them.
+pub type Prepare = std::sync::Arc<dyn Fn(u64, &[u8]) -> Vec<[u8; 16]> + Send + Sync>;
 
 /// Why a connection ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +297,8 @@ enum Op {
         handle: u64,
         offset: u64,
         data: Payload,
+        /// What [`Export::prepare`]'s function gave, if there is one.
+        prepared: Vec<[u8; 16]>,
     },
     Zeroes {
         handle: u64,
@@ -384,6 +407,30 @@ where
 {
     let size = export.size();
     let (ops, mut todo) = tokio::sync::mpsc::channel::<Op>(64);
+    // With a preparer, requests pass through its thread first.
+    let (ops, preparer) = match export.prepare() {
+        Some(prepare) => {
+            let (raw, mut incoming) = tokio::sync::mpsc::channel::<Op>(64);
+            let stage = tokio::task::spawn_blocking(move || {
+                while let Some(mut op) = incoming.blocking_recv() {
+                    if let Op::Write {
+                        offset,
+                        data,
+                        prepared,
+                        ..
+                    } = &mut op
+                    {
+                        *prepared = prepare(*offset, data.bytes());
+                    }
+                    if ops.blocking_send(op).is_err() {
+                        break;
+                    }
+                }
+            });
+            (raw, Some(stage))
+        }
+        None => (ops, None),
+    };
     let (replies, mut answered) = tokio::sync::mpsc::unbounded_channel::<Reply>();
     let worker = tokio::task::spawn_blocking(move || {
         let mut export = export;
@@ -408,6 +455,12 @@ where
         tx.flush().await
     };
     let (read, wrote) = tokio::join!(reader, writer);
+    if let Some(Err(e)) = match preparer {
+        Some(stage) => Some(stage.await),
+        None => None,
+    } {
+        std::panic::resume_unwind(e.into_panic());
+    }
     let (export, served) = match worker.await {
         Ok(done) => done,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -458,6 +511,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                         handle,
                         offset,
                         data,
+                        prepared: Vec::new(),
                     },
                     false => Op::Refuse {
                         handle,
@@ -528,10 +582,12 @@ fn carry_out<E: Export + ?Sized>(export: &mut E, op: Op, served: &mut Served) ->
             handle,
             offset,
             data,
+            prepared,
         } => {
             served.writes += 1;
             served.bytes_written += data.bytes().len() as u64;
-            done(handle, export.write(offset, data.bytes()), served)
+            let written = export.write_prepared(offset, data.bytes(), &prepared);
+            done(handle, written, served)
         }
         Op::Zeroes {
             handle,
@@ -587,6 +643,20 @@ impl Export for crate::qcow2::Stream {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         crate::qcow2::Stream::write(self, offset, data).map_err(into_io)
+    }
+
+    fn prepare(&self) -> Option<Prepare> {
+        let digester = self.digester()?;
+        Some(std::sync::Arc::new(digester))
+    }
+
+    fn write_prepared(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        prepared: &[[u8; 16]],
+    ) -> io::Result<()> {
+        crate::qcow2::Stream::write_prepared(self, offset, data, prepared).map_err(into_io)
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {

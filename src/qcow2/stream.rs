@@ -271,32 +271,66 @@ impl Stream {
     }
 
     fn pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= self.size)
-            .ok_or(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            })?;
-        let cs = self.cs;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let cluster = pos / cs;
-            let start = cluster * cs;
-            let stop = (start + cs).min(end);
-            out.push(Piece {
-                cluster,
-                at: (pos - start) as usize,
-                len: (stop - pos) as usize,
-                whole: pos == start && stop == (start + cs).min(self.size),
-            });
-            pos = stop;
-        }
-        Ok(out)
+        pieces(self.cs, self.size, offset, len)
     }
 
+    /// A function that gives, for a write's offset and bytes, the digest
+    /// of each whole cluster it covers, in [`Stream::write_prepared`]'s
+    /// order, where this image keeps a map or compares with a baseline:
+    /// work that needs nothing of the image's state, so that a thread of
+    /// its own can do it ahead of the writes.
+    pub fn digester(
+        &self,
+    ) -> Option<impl Fn(u64, &[u8]) -> Vec<cluster_map::Digest> + Send + Sync + 'static> {
+        if self.map.is_none() && self.baseline.is_none() {
+            return None;
+        }
+        let (cs, size) = (self.cs, self.size);
+        Some(move |offset: u64, data: &[u8]| {
+            let Ok(pieces) = pieces(cs, size, offset, data.len() as u64) else {
+                return Vec::new();
+            };
+            let mut at = 0usize;
+            pieces
+                .iter()
+                .map(|p| {
+                    let part = &data[at..at + p.len];
+                    at += p.len;
+                    match p.whole && !all_zero(part) {
+                        true => cluster_map::digest(part),
+                        false => [0u8; 16],
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+/// `offset..offset + len` of a disk of `size` bytes cut at its clusters of
+/// `cs` bytes.
+fn pieces(cs: u64, size: u64, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    let end = offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or(Error::OutOfRange { offset, len, size })?;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let cluster = pos / cs;
+        let start = cluster * cs;
+        let stop = (start + cs).min(end);
+        out.push(Piece {
+            cluster,
+            at: (pos - start) as usize,
+            len: (stop - pos) as usize,
+            whole: pos == start && stop == (start + cs).min(size),
+        });
+        pos = stop;
+    }
+    Ok(out)
+}
+
+impl Stream {
     /// The guest length of `cluster` (the disk's last may be short).
     fn cluster_len(&self, cluster: u64) -> usize {
         (self.size - cluster * self.cs).min(self.cs) as usize
@@ -504,17 +538,33 @@ impl Stream {
     /// each other are appended with one write (compressed ones with one
     /// write of all their bytes).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_prepared(offset, data, &[])
+    }
+
+    /// [`Stream::write`], given what [`Stream::digester`]'s function gave
+    /// for these bytes (empty: the digests are computed here).
+    pub fn write_prepared(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        digests: &[cluster_map::Digest],
+    ) -> Result<()> {
         let mut done = 0usize;
         // A run of new plain clusters not yet written: (host, data start).
         let mut run: Option<(u64, usize)> = None;
         let plain = self.compressor.is_none();
         self.received += data.len() as u64;
-        for p in self.pieces(offset, data.len() as u64)? {
+        let pieces = self.pieces(offset, data.len() as u64)?;
+        let given = (digests.len() == pieces.len()).then_some(digests);
+        for (k, p) in pieces.into_iter().enumerate() {
             let part = &data[done..done + p.len];
             let slot = self.slot(p.cluster);
             let fresh = p.whole && !matches!(slot, Slot::Data { .. });
             if fresh && plain && !all_zero(part) {
-                let d = self.digest_for(part);
+                let d = match given {
+                    Some(given) if self.map.is_some() || self.baseline.is_some() => Some(given[k]),
+                    _ => self.digest_for(part),
+                };
                 if self.unchanged(p.cluster, slot, d) {
                     if let Some((start, from)) = run.take() {
                         self.write_at(&data[from..done], start)?;
