@@ -96,8 +96,13 @@ fn hash_with(
 
 /// A file's digest computed as it is written: bytes appended at its end
 /// in order are hashed as they come, a 64 MiB piece at a time; at the end
-/// only the pieces that were not (the first, which holds a header written
-/// last, and any rewritten in place) are read back.
+/// only the pieces that were not (any rewritten in place) are read back.
+///
+/// A file whose first `head` bytes are written last (a qcow2 header) has
+/// its first piece hashed in flight too, as BLAKE3 subtrees `[head,
+/// 2 head)`, `[2 head, 4 head)`, ... up to the piece's end: only the head
+/// is read back. A small file (a short incremental) is then hashed
+/// without reading back more than its head.
 pub(crate) struct InFlight {
     /// The piece size (a power of two): [`PIECE`], smaller in tests.
     piece: u64,
@@ -106,6 +111,20 @@ pub(crate) struct InFlight {
     current: Option<(usize, blake3::Hasher)>,
     /// The end of what was appended.
     end: u64,
+    /// The first piece's subtrees after the head (0: none kept).
+    head: Head,
+}
+
+/// The first piece, hashed in flight after its head: the complete
+/// subtrees in order, and the one being fed.
+#[derive(Default)]
+struct Head {
+    /// A power of two from 1 KiB to the piece size; 0 when unused.
+    len: u64,
+    blocks: Vec<ChainingValue>,
+    current: Option<blake3::Hasher>,
+    /// A write into the piece other than an append: read it back whole.
+    spoiled: bool,
 }
 
 impl Default for InFlight {
@@ -115,11 +134,96 @@ impl Default for InFlight {
             cvs: Vec::new(),
             current: None,
             end: 0,
+            head: Head::default(),
         }
     }
 }
 
 impl InFlight {
+    /// For a file whose first `head` bytes are written last, its bytes
+    /// after them appended from `head` on. A `head` that is no power of
+    /// two from 1 KiB to a piece hashes the first piece at the end.
+    pub(crate) fn with_head(head: u64) -> InFlight {
+        let mut flight = InFlight::default();
+        if head.is_power_of_two() && (1024..=flight.piece).contains(&head) {
+            flight.head.len = head;
+            flight.end = head;
+        }
+        flight
+    }
+
+    /// Feeds appended bytes at `at` (within the first piece) to its
+    /// subtrees.
+    fn feed_head(&mut self, mut at: u64, mut rest: &[u8]) {
+        while !rest.is_empty() && !self.head.spoiled {
+            let start = self.head.len << self.head.blocks.len();
+            let end = (2 * start).min(self.piece);
+            if at < start || at >= end {
+                self.head.spoiled = true;
+                return;
+            }
+            let hasher = self.head.current.get_or_insert_with(|| {
+                let mut h = blake3::Hasher::new();
+                h.set_input_offset(start);
+                h
+            });
+            let n = (rest.len() as u64).min(end - at) as usize;
+            hasher.update(&rest[..n]);
+            at += n as u64;
+            rest = &rest[n..];
+            if at == end
+                && let Some(done) = self.head.current.take()
+            {
+                self.head.blocks.push(done.finalize_non_root());
+            }
+        }
+    }
+
+    /// The first piece's value from its head's bytes and its subtrees,
+    /// where they cover it to `len` (the file's length): the piece's
+    /// chaining value in a longer file, the root of a file of one piece.
+    fn head_value(&mut self, file: &File, len: u64) -> std::io::Result<Option<HeadValue>> {
+        let head = self.head.len;
+        let piece_end = len.min(self.piece);
+        if head == 0 || self.head.spoiled || len <= head || self.end.min(self.piece) != piece_end {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; head as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&bytes);
+        let head_cv = hasher.finalize_non_root();
+        let partial = self.head.current.take().map(|h| h.finalize_non_root());
+        // Folds the head and the first `n` blocks: the value of [0, head << n).
+        let fold = |n: usize| {
+            self.head.blocks[..n].iter().fold(head_cv, |acc, cv| {
+                merge_subtrees_non_root(&acc, cv, Mode::Hash)
+            })
+        };
+        if len > self.piece {
+            return Ok(Some(HeadValue::Piece(fold(self.head.blocks.len()))));
+        }
+        // One piece: the root over [0, left) and [left, len), where left is
+        // the start of the last block (complete or not).
+        let (left, right) = match partial {
+            Some(cv) => (fold(self.head.blocks.len()), cv),
+            None => {
+                let Some((last, rest)) = self.head.blocks.split_last() else {
+                    return Ok(None);
+                };
+                let left = rest.iter().fold(head_cv, |acc, cv| {
+                    merge_subtrees_non_root(&acc, cv, Mode::Hash)
+                });
+                (left, *last)
+            }
+        };
+        Ok(Some(HeadValue::Root(merge_subtrees_root(
+            &left,
+            &right,
+            Mode::Hash,
+        ))))
+    }
+
     /// `data` was written at `offset`: appended (at the end so far), or
     /// over earlier bytes or past a gap, whose pieces are then read back.
     pub(crate) fn written(&mut self, offset: u64, data: &[u8]) {
@@ -127,6 +231,10 @@ impl InFlight {
             return;
         };
         if offset != self.end {
+            // The head, written last, is read back at the end anyway.
+            if self.head.len > 0 && last < self.head.len {
+                return;
+            }
             if offset > self.end {
                 // A gap the feed did not see.
                 self.current = None;
@@ -143,6 +251,11 @@ impl InFlight {
         let mut at = offset;
         for chunk in split_at_pieces(offset, data, self.piece) {
             let i = (at / self.piece) as usize;
+            if i == 0 && self.head.len > 0 {
+                self.feed_head(at, chunk);
+                at += chunk.len() as u64;
+                continue;
+            }
             if at % self.piece == 0 && i > 0 {
                 let mut hasher = blake3::Hasher::new();
                 hasher.set_input_offset(at);
@@ -177,6 +290,9 @@ impl InFlight {
     }
 
     fn spoil(&mut self, i: usize) {
+        if i == 0 {
+            self.head.spoiled = true;
+        }
         if let Some(cv) = self.cvs.get_mut(i) {
             *cv = None;
         }
@@ -195,14 +311,33 @@ impl InFlight {
         }
         let pieces = len.div_ceil(self.piece) as usize;
         self.cvs.resize(pieces, None);
+        match self.head_value(file, len)? {
+            Some(HeadValue::Root(hash)) => {
+                return Ok((format!("blake3:{}", hash.to_hex()), self.head.len));
+            }
+            Some(HeadValue::Piece(cv)) => self.cvs[0] = Some(cv),
+            None => {}
+        }
         let read: u64 = (0..pieces)
             .filter(|&i| self.cvs[i].is_none())
             .map(|i| self.piece.min(len - i as u64 * self.piece))
             .sum();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let hash = hash_with(file, len, self.piece, threads, &self.cvs)?;
+        // The head's bytes were read for the first piece's value.
+        let read = match self.cvs[0].is_some() && self.head.len > 0 && !self.head.spoiled {
+            true => read + self.head.len,
+            false => read,
+        };
         Ok((format!("blake3:{}", hash.to_hex()), read))
     }
+}
+
+/// What the first piece's subtrees give: its chaining value, or the
+/// whole file's root when the file is that piece.
+enum HeadValue {
+    Piece(ChainingValue),
+    Root(blake3::Hash),
 }
 
 /// `data`, written at `offset`, cut where pieces of `piece` bytes end.
@@ -376,6 +511,66 @@ mod tests {
             format!("blake3:{}", blake3::hash(&content).to_hex())
         );
         assert_eq!(read, 2 * piece, "the first piece and the rewritten one");
+    }
+
+    #[test]
+    fn in_flight_with_a_head_reads_back_only_the_head() {
+        let piece = 16384u64;
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        for head in [1024u64, 2048, 4096, 16384] {
+            let h = head as usize;
+            // Every boundary of the head's subtrees and the pieces, and
+            // around them.
+            let mut lengths = vec![h + 1, 2 * h, 2 * h + 1, 3 * h, 4 * h - 1, 4 * h];
+            for p in [1u64, 2, 3, 5] {
+                let at = (p * piece) as usize;
+                lengths.extend([at - 1, at, at + 1, at + h]);
+            }
+            for (round, &len) in lengths.iter().enumerate() {
+                if len <= h {
+                    continue;
+                }
+                let content: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+                let mut flight = InFlight {
+                    piece,
+                    ..InFlight::default()
+                };
+                flight.head.len = head;
+                flight.end = head;
+                let rewrite = round % 3 == 2 && len.min(piece as usize) > h;
+                let mut at = h;
+                while at < len {
+                    let n = (1 + (rnd() % 3000) as usize).min(len - at);
+                    flight.written(at as u64, &content[at..at + n]);
+                    at += n;
+                }
+                if rewrite {
+                    // A rewrite in the first piece: read back, still right.
+                    let at = h + (rnd() as usize % (len.min(piece as usize) - h));
+                    flight.written(at as u64, &content[at..at + 1]);
+                }
+                flight.written(0, &content[..h]);
+                std::fs::write(&path, &content).unwrap();
+                let f = File::open(&path).unwrap();
+                let (digest, read) = flight.finish(&f, len as u64).unwrap();
+                assert_eq!(
+                    digest,
+                    format!("blake3:{}", blake3::hash(&content).to_hex()),
+                    "head {head}, {len} bytes, rewrite {rewrite}"
+                );
+                if !rewrite {
+                    assert_eq!(read, head, "head {head}, {len} bytes");
+                }
+            }
+        }
     }
 
     #[test]

@@ -185,7 +185,8 @@ impl Stream {
             l2: BTreeMap::new(),
             next: opts.cluster_size,
             data_clusters: 0,
-            digest: Default::default(),
+            // The header cluster is written last.
+            digest: crate::digest::InFlight::with_head(opts.cluster_size),
             compressor: None,
             baseline: None,
             received: 0,
