@@ -982,9 +982,13 @@ async fn start_transaction(
         true => pause(qmp, opts).await,
         false => Ok(None),
     };
-    // A VM that does not run is flushed too: a mask is read from the
-    // images' metadata on disk ([`start_masked_fulls`]).
-    let flushed_stopped = match (&paused, guarded) {
+    // A VM that does not run is flushed too where a guarded full reads
+    // its mask from the images' metadata on disk ([`start_masked_fulls`]).
+    let masks = guards
+        .iter()
+        .enumerate()
+        .any(|(i, g)| g.is_some() && masked(run, i));
+    let flushed_stopped = match (&paused, masks) {
         (Ok(None), true) => flush_stopped(qmp).await,
         _ => false,
     };
