@@ -388,6 +388,16 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A xorshift generator: test bytes without a crate.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
     #[test]
     fn equals_one_sequential_pass_at_every_boundary() {
         let piece = 4096;
@@ -436,13 +446,7 @@ mod tests {
     #[test]
     fn in_flight_equals_one_pass_over_appends_rewrites_and_a_late_header() {
         let piece = 4096u64;
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
         for round in 0..40 {
@@ -516,13 +520,7 @@ mod tests {
     #[test]
     fn in_flight_with_a_head_reads_back_only_the_head() {
         let piece = 16384u64;
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rnd = xorshift(0x1234_5678_9abc_def1u64);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
         for head in [1024u64, 2048, 4096, 16384] {
