@@ -155,12 +155,15 @@ const MAX_CHAIN: usize = 64;
 /// qcow2 layer of its chain maps (data, compressed or zero clusters), and
 /// what a raw file at the bottom holds (`SEEK_DATA`). Never less than the
 /// image holds as it is read: an allocated range stays allocated until the
-/// guest discards it. `Ok(false)` when the image cannot say (a raw block
-/// device, another format): the caller copies the whole disk.
+/// guest discards it. The backing files followed must be `chain`, the
+/// ones QEMU opened, in order. `Ok(false)` when the image cannot say (a
+/// raw block device, another format, a chain other than QEMU's): the
+/// caller copies the whole disk.
 pub fn mark_allocated(
     path: &std::path::Path,
     format: &str,
     size: u64,
+    chain: &[String],
     mask: &mut crate::qcow2::Mask,
 ) -> anyhow::Result<bool> {
     use crate::qcow2::{Error, Image, Kind};
@@ -178,7 +181,7 @@ pub fn mark_allocated(
             image.header().size
         );
     }
-    for _ in 0..MAX_CHAIN {
+    for depth in 0..MAX_CHAIN {
         let file = std::fs::File::open(&image.path)
             .with_context(|| format!("opening {}", image.path.display()))?;
         crate::qcow2::walk(&file, &image, |e| {
@@ -189,16 +192,23 @@ pub fn mark_allocated(
         })
         .with_context(|| format!("reading the cluster map of {}", image.path.display()))?;
         let Some(backing) = image.full_backing_path() else {
-            return Ok(true);
+            return Ok(chain.len() == depth);
         };
+        if chain.get(depth).map(std::path::Path::new) != Some(backing.as_path()) {
+            return Ok(false);
+        }
+        // A raw file ends the chain.
+        let bottom = chain.len() == depth + 1;
         // As QEMU opens it: the format the image names, else probed.
         image = match image.hc.backing_format.as_deref() {
             Some("qcow2") => Image::open(&backing)?,
-            Some("raw") => return mark_raw(&backing, size, mask),
+            Some("raw") if bottom => return mark_raw(&backing, size, mask),
+            Some("raw") => return Ok(false),
             Some(_) => return Ok(false),
             None => match Image::open(&backing) {
                 Ok(image) => image,
-                Err(Error::BadMagic { .. }) => return mark_raw(&backing, size, mask),
+                Err(Error::BadMagic { .. }) if bottom => return mark_raw(&backing, size, mask),
+                Err(Error::BadMagic { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             },
         };

@@ -24,6 +24,7 @@ use super::quiesce;
 use super::scope::Scope;
 use super::thaw_guard::ThawGuard;
 use crate::qcow2::{self, CreateOptions, Mask};
+use crate::qemu::graph;
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 
@@ -1227,6 +1228,35 @@ async fn start_masked_fulls(
     Ok(())
 }
 
+/// The files of the backing chain QEMU opened under `node`, in order (its
+/// graph's `backing` edges, each node's file name): a `-blockdev` graph
+/// may give a backing node other than the one the image names.
+async fn backing_chain(qmp: &Qmp, node: &str) -> anyhow::Result<Vec<String>> {
+    let graph = graph::query(qmp)
+        .await?
+        .context("this QEMU shows no block graph")?;
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
+        .await?;
+    let filename = |name: &str| {
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["node-name"].as_str() == Some(name))
+            .and_then(|n| n["image"]["filename"].as_str())
+            .map(str::to_string)
+    };
+    let mut chain = Vec::new();
+    let mut at = node.to_string();
+    while let Some(backing) = graph.child(&at, "backing") {
+        chain.push(filename(backing).with_context(|| format!("node {backing} has no file name"))?);
+        at = backing.to_string();
+        anyhow::ensure!(chain.len() <= 64, "a backing chain longer than 64");
+    }
+    Ok(chain)
+}
+
 /// Volume `i`'s mask: what its image may hold, read now (after the
 /// point), written as a mask image in a directory of the run's own,
 /// opened in QEMU for the moment [`Guard::load_mask`] takes, then removed.
@@ -1241,13 +1271,15 @@ async fn load_mask(
     crate::fault::hold("before-mask");
     let granularity = Mask::granularity_for(v.virtual_size);
     let mut mask = Mask::new(v.virtual_size, granularity)?;
+    let chain = backing_chain(run.qmp, &v.node_name).await?;
     let (path, format, size) = (
         PathBuf::from(&v.image_file),
         v.format.clone(),
         v.virtual_size,
     );
     let (mask, known) = tokio::task::spawn_blocking(move || {
-        crate::disk::mark_allocated(&path, &format, size, &mut mask).map(|known| (mask, known))
+        crate::disk::mark_allocated(&path, &format, size, &chain, &mut mask)
+            .map(|known| (mask, known))
     })
     .await??;
     if !known {

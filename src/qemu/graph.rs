@@ -85,10 +85,15 @@ impl Graph {
 
     /// The node under `node`'s `file` edge.
     pub fn file_child(&self, node: &str) -> Option<&str> {
+        self.child(node, "file")
+    }
+
+    /// The node under `node`'s edge named `role` (`file`, `backing`).
+    pub fn child(&self, node: &str, role: &str) -> Option<&str> {
         let id = self.driver_node_id(node)?;
         self.edges
             .iter()
-            .find(|e| e.parent == id && e.name == "file")
+            .find(|e| e.parent == id && e.name == role)
             .and_then(|e| self.node_name(e.child))
     }
 

@@ -972,9 +972,9 @@ fn a_repository_whose_filesystem_goes_away_says_so_and_spares_the_guest() {
 /// or to the fleecing image (whose record is merged into the job's
 /// bitmap). Held between the point and the read (`BITBACK_HOLD`), the
 /// guest discards half the data and writes over some of the freed room;
-/// every point restores to the disk as it was at the start. On a 1 TiB
-/// volume the same full copies its 48 MiB, not its virtual size (QEMU's
-/// job says).
+/// every point restores to the disk as it was at the start. A 1 TiB
+/// overlay's full copies its chain's 48 MiB, not its virtual size (QEMU's
+/// job says), and restores to the disk.
 #[test]
 fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
     use crate::harness::{Disk, Kind, create_qcow2};
@@ -1038,12 +1038,23 @@ fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
         finish(vm);
     }
 
+    // 1 TiB: an overlay (backing name relative, as QEMU resolves it) over
+    // a base holding 16 MiB; the guest writes 32 MiB more.
     let dir = tempdir();
+    let base = dir.path().join("base.qcow2");
+    create_qcow2(&base, 1 << 40, &[]);
+    crate::harness::run(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        &format!("write -P 0x44 {} {}", 300u64 << 30, 16 * MIB),
+        base.to_str().unwrap(),
+    ]));
     let image = dir.path().join("disk0.qcow2");
-    create_qcow2(&image, 1 << 40, &[]);
+    create_qcow2(&image, 1 << 40, &["-b", "base.qcow2", "-F", "qcow2"]);
     let disk = Disk::new("disk0", "drive0", &image);
     let qemu = crate::harness::Qemu::start(Kind::Pc, dir.path(), &[disk]);
-    for at in [0, 300 << 30, (1 << 40) - 16 * MIB] {
+    for at in [0, (1 << 40) - 16 * MIB] {
         qemu.qemu_io_device("disk0", &format!("write -P 0x33 {at} {}", 16 * MIB));
     }
     // QEMU's own count of what the job copies, asked while bitback holds
@@ -1067,4 +1078,19 @@ fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
     let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
     assert_eq!(manifest["volumes"][0]["guard"], "bitback", "{manifest}");
     qemu.quit();
+    let out = dir.path().join("restored.raw");
+    let restored = crate::harness::bitback(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(restored.code, Some(0), "{}", restored.stderr);
+    assert!(
+        same_content(&out, "raw", &image, "qcow2"),
+        "the restored 1 TiB point differs from the disk"
+    );
 }
