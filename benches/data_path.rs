@@ -133,10 +133,7 @@ fn main() {
     let dir = bench_dir("bitback-data-path-");
     let d = dir.path();
     let disk = d.join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
+    common::create_qcow2(&disk, size);
     let writes = letter_writes(d, 0x0da7_a9a7, size, data);
     let daemon = Daemon::start(d, &disk);
     eprintln!(

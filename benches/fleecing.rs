@@ -56,16 +56,7 @@ fn start_qemu(dir: &Path, disk: &Path) -> (Qemu, PathBuf, Monitor) {
     let qmp = dir.join("qmp.sock");
     let control = dir.join("control.sock");
     let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "pc",
-            "-S",
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
+        .args(common::PC_VM)
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .arg("-qmp")
@@ -113,10 +104,7 @@ fn main() {
     );
     let dir = common::bench_dir("bitback-bench-fleecing-");
     let disk = dir.path().join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg((2 * data).to_string()));
+    common::create_qcow2(&disk, 2 * data);
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", &format!("write -P 17 0 {data}")])
         .arg(&disk)

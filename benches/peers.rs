@@ -55,16 +55,7 @@ impl Vm {
         let [control, bitback, peer] =
             ["control", "bitback", "peer"].map(|n| dir.join(format!("{n}.sock")));
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "pc",
-            "-S",
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-        ]);
+        cmd.args(common::PC_VM);
         for socket in [&control, &bitback, &peer] {
             cmd.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", socket.display()));
@@ -195,10 +186,7 @@ fn main() {
     let dir = common::bench_dir("bitback-peers-");
     let d = dir.path();
     let disk = d.join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
+    common::create_qcow2(&disk, size);
     eprintln!(
         "writing {} MiB of data over a {} GiB disk",
         data >> 20,

@@ -205,17 +205,11 @@ impl InFlight {
         }
         // One piece: the root over [0, left) and [left, len), where left is
         // the start of the last block (complete or not).
-        let (left, right) = match partial {
-            Some(cv) => (fold(self.head.blocks.len()), cv),
-            None => {
-                let Some((last, rest)) = self.head.blocks.split_last() else {
-                    return Ok(None);
-                };
-                let left = rest.iter().fold(head_cv, |acc, cv| {
-                    merge_subtrees_non_root(&acc, cv, Mode::Hash)
-                });
-                (left, *last)
-            }
+        let n = self.head.blocks.len();
+        let (left, right) = match (partial, self.head.blocks.last()) {
+            (Some(cv), _) => (fold(n), cv),
+            (None, Some(last)) => (fold(n - 1), *last),
+            (None, None) => return Ok(None),
         };
         Ok(Some(HeadValue::Root(merge_subtrees_root(
             &left,

@@ -12,13 +12,7 @@ pub const ALIGN: u64 = 4096;
 /// A second handle on `file` that writes with O_DIRECT; `None` where the
 /// filesystem refuses it (tmpfs, some FUSE mounts).
 pub fn reopen(file: &File) -> Option<File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()
+    reopen_with(file, OpenOptions::new().write(true))
 }
 
 /// Whether `data` written at `at` meets O_DIRECT's alignment.
@@ -33,10 +27,14 @@ pub fn aligned(data: &[u8], at: u64) -> bool {
 /// once: a cold file read through the page cache, by several threads at
 /// once, cost the kernel several times the device's time here.
 pub fn reopen_read(file: &File) -> Option<File> {
+    reopen_with(file, OpenOptions::new().read(true))
+}
+
+/// `file` opened again through /proc with `options` and O_DIRECT.
+fn reopen_with(file: &File, options: &mut OpenOptions) -> Option<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .read(true)
+    options
         .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .ok()

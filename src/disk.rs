@@ -203,7 +203,6 @@ pub fn mark_allocated(
         image = match image.hc.backing_format.as_deref() {
             Some("qcow2") => Image::open(&backing)?,
             Some("raw") if bottom => return mark_raw(&backing, size, mask),
-            Some("raw") => return Ok(false),
             Some(_) => return Ok(false),
             None => match Image::open(&backing) {
                 Ok(image) => image,

@@ -455,10 +455,9 @@ where
         tx.flush().await
     };
     let (read, wrote) = tokio::join!(reader, writer);
-    if let Some(Err(e)) = match preparer {
-        Some(stage) => Some(stage.await),
-        None => None,
-    } {
+    if let Some(stage) = preparer
+        && let Err(e) = stage.await
+    {
         std::panic::resume_unwind(e.into_panic());
     }
     let (export, served) = match worker.await {

@@ -14,6 +14,27 @@ use serde_json::{Value, json};
 /// The release binary the end-to-end benchmarks time.
 pub const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
 
+/// A VM without a guest for the devices' sake: `qemu-system-x86_64`'s
+/// arguments before its monitors and disks.
+pub const PC_VM: [&str; 8] = [
+    "-machine",
+    "pc",
+    "-S",
+    "-accel",
+    "tcg",
+    "-nodefaults",
+    "-display",
+    "none",
+];
+
+/// An empty qcow2 image of `size` bytes at `path` (`qemu-img create`).
+pub fn create_qcow2(path: &Path, size: u64) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string()));
+}
+
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -236,10 +257,7 @@ pub fn bench_dir(prefix: &str) -> tempfile::TempDir {
 pub fn sparse_disk(prefix: &str, size: u64, data: u64) -> (tempfile::TempDir, PathBuf, Daemon) {
     let dir = bench_dir(prefix);
     let disk = dir.path().join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(size.to_string()));
+    create_qcow2(&disk, size);
     let daemon = Daemon::start(dir.path(), &disk);
     eprintln!(
         "writing {} MiB of data over a {} MiB disk",

@@ -983,20 +983,17 @@ async fn start_transaction(
         true => pause(qmp, opts).await,
         false => Ok(None),
     };
-    // A VM that does not run is flushed too where a guarded full reads
-    // its mask from the images' metadata on disk ([`start_masked_fulls`]).
-    let masks = guards
-        .iter()
-        .enumerate()
-        .any(|(i, g)| g.is_some() && masked(run, i));
-    let flushed_stopped = match (&paused, masks) {
-        (Ok(None), true) => flush_stopped(qmp).await,
-        _ => false,
-    };
+    // The guarded fulls, whose jobs start after the point.
     let later = |guards: &[Option<Guard>]| -> Vec<bool> {
         (0..guards.len())
             .map(|i| guards[i].is_some() && masked(run, i))
             .collect()
+    };
+    // A VM that does not run is flushed too where a guarded full reads
+    // its mask from the images' metadata on disk ([`start_masked_fulls`]).
+    let flushed_stopped = match &paused {
+        Ok(None) if later(&guards).contains(&true) => flush_stopped(qmp).await,
+        _ => false,
     };
     let started = match &paused {
         Ok(_) => match insert_guards(run, &mut guards, fleece, undo).await {
@@ -1285,13 +1282,9 @@ async fn load_mask(
     if !known {
         return Ok(None);
     }
-    let mut dir = Some(
-        crate::qemu::daemon::run_dir("mask").context("making a directory for the mask image")?,
-    );
-    let file = dir
-        .as_ref()
-        .map(|d| d.join("mask.qcow2"))
-        .unwrap_or_default();
+    let dir =
+        crate::qemu::daemon::run_dir("mask").context("making a directory for the mask image")?;
+    let file = dir.join("mask.qcow2");
     let mut fdset = None;
     let loaded = async {
         mask.write(&file, guard::MASK_BITMAP)?;
@@ -1328,7 +1321,7 @@ async fn load_mask(
             .await;
     }
     let _ = std::fs::remove_file(&file);
-    remove_scratch_dir(&mut dir);
+    remove_scratch_dir(&mut Some(dir));
     loaded.map(Some)
 }
 

@@ -115,8 +115,7 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
 
     let (table, blocks) = refcounts(cs, rt, rb, rb_offset, total);
 
-    let file = create_new(path)?;
-    let written = (|| {
+    write_new(path, "the new image", |file| {
         file.set_len(total * cs)?;
         file.write_all_at(&header_cluster, 0)?;
         file.write_all_at(&table, rt_offset)?;
@@ -143,16 +142,24 @@ pub fn create_with_clusters(path: &Path, opts: &CreateOptions, clusters: &[u64])
             }
         }
         file.sync_all()
-    })();
-    if let Err(source) = written {
+    })?;
+    Ok(data_offset)
+}
+
+/// Creates `path` (which must not exist) and writes it with `write`; on a
+/// failed write the file is removed, the error naming `what` it held.
+pub(super) fn write_new(
+    path: &Path,
+    what: &'static str,
+    write: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    let file = create_new(path)?;
+    if let Err(source) = write(&file) {
         drop(file);
         let _ = std::fs::remove_file(path);
-        return Err(Error::Writing {
-            what: "the new image",
-            source,
-        });
+        return Err(Error::Writing { what, source });
     }
-    Ok(data_offset)
+    Ok(())
 }
 
 /// Checks what to create; the number of L1 entries its size needs.

@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::create::{
-    CreateOptions, check, create_new, header_cluster, refcount_clusters, refcounts,
+    CreateOptions, check, header_cluster, refcount_clusters, refcounts, write_new,
 };
 use super::error::{Error, Result};
 use super::header::{Extension, autoclear, ext};
@@ -195,8 +195,7 @@ fn write(path: &Path, size: u64, name: &str, granularity: u64, bitmap: &[u8]) ->
     }
     let (rtable, rblocks) = refcounts(cs, rt, rb, rb_offset, total);
 
-    let file = create_new(path)?;
-    let written = (|| {
+    write_new(path, "the bitmap image", |file| {
         file.set_len(total * cs)?;
         file.write_all_at(&header, 0)?;
         file.write_all_at(&rtable, rt_offset)?;
@@ -208,16 +207,7 @@ fn write(path: &Path, size: u64, name: &str, granularity: u64, bitmap: &[u8]) ->
             file.write_all_at(chunk, data_offset + j as u64 * cs)?;
         }
         Ok(())
-    })();
-    if let Err(source) = written {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(Error::Writing {
-            what: "the bitmap image",
-            source,
-        });
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
