@@ -174,33 +174,43 @@ pub fn data_file_problem(image: &Image) -> Option<String> {
     })
 }
 
-/// Checks one backup's files; pushes every problem found.
 /// A file's cluster map: its digest as recorded (which catches any change
 /// to it since it was written), and with `clusters` its records against
-/// the file's clusters (which passed the file's own digest): a check of
-/// the writer, reading the file's data again.
+/// the file's clusters. Under a whole-file digest that is a check of the
+/// writer, reading the data again; under a layout digest it is the proof
+/// of the data, read once.
 fn check_map(
     repo: &Repo,
     record: &crate::repo::MapRecord,
     path: &std::path::Path,
     image: &Image,
     clusters: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), MapFailure> {
     let map_path = repo.root().join(&record.file);
-    let digest =
-        digest_file(&map_path).map_err(|e| anyhow::anyhow!("cluster map: cannot read: {e}"))?;
+    let digest = digest_file(&map_path)
+        .map_err(|e| MapFailure::Map(anyhow::anyhow!("cluster map: cannot read: {e}")))?;
     if digest != record.digest {
-        anyhow::bail!(
+        return Err(MapFailure::Map(anyhow::anyhow!(
             "cluster map: digest is {digest}, the manifest says {}",
             record.digest
-        );
+        )));
     }
-    let map = Map::read(&map_path)?;
+    let map = Map::read(&map_path).map_err(MapFailure::Map)?;
     if !clusters {
         return Ok(());
     }
-    let file = std::fs::File::open(path)?;
-    map_against_file(&file, image, &map).map_err(|e| e.context("cluster map"))
+    std::fs::File::open(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|file| map_against_file(&file, image, &map))
+        .map_err(|e| MapFailure::Clusters(e.context("cluster map")))
+}
+
+/// What [`check_map`] found wrong.
+enum MapFailure {
+    /// The map itself: unreadable, or not what the manifest recorded.
+    Map(anyhow::Error),
+    /// The file's clusters and the map disagree.
+    Clusters(anyhow::Error),
 }
 
 /// Checks `map` against the qcow2 image in `file`, read alone (its backing
@@ -283,7 +293,7 @@ fn map_against_file(file: &std::fs::File, image: &Image, map: &Map) -> anyhow::R
             match map.clusters.get(&c) {
                 None => anyhow::bail!("the map has no record of cluster {c}, which the file holds"),
                 Some(d) if *d != digest(bytes) => {
-                    anyhow::bail!("cluster {c} does not hold what the map records")
+                    anyhow::bail!("cluster {c}: its digest is not the one the map records")
                 }
                 Some(_) => {}
             }
@@ -302,8 +312,11 @@ fn map_against_file(file: &std::fs::File, image: &Image, map: &Map) -> anyhow::R
     Ok(())
 }
 
-/// `map_clusters`: compare each cluster map with its file cluster by
-/// cluster too (see [`check_map`]).
+/// Checks one backup's files; pushes every problem found. Every byte of
+/// each file is proven: by its whole-file digest, or by its layout digest
+/// and its cluster map read against its data. `map_clusters`: compare the
+/// cluster maps of whole-file digests with their files too (see
+/// [`check_map`]).
 pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_clusters: bool) {
     if let Some(parent) = &m.parent
         && let Err(e) = repo.manifest(&m.vm, parent)
@@ -356,7 +369,16 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
         ) {
             problem(file, format!("cluster map: {e}"), true);
         }
-        match digest_file(&path) {
+        // A layout digest leaves the data to the cluster map: the map's
+        // clusters are read against the file's whatever was asked.
+        let layout = v.digest.starts_with(qcow2::LAYOUT_DIGEST);
+        let digest = match layout {
+            true => std::fs::File::open(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| Ok(qcow2::layout_digest(&f, &image)?.0)),
+            false => digest_file(&path).map_err(anyhow::Error::from),
+        };
+        match digest {
             Ok(digest) if digest == v.digest => {}
             Ok(digest) => {
                 problem(
@@ -367,14 +389,31 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
                 continue;
             }
             Err(e) => {
-                problem(file, format!("cannot read: {e}"), false);
+                problem(file, format!("cannot read: {e:#}"), false);
                 continue;
             }
         }
-        if let Some(record) = &v.cluster_map
-            && let Err(e) = check_map(repo, record, &path, &image, map_clusters)
-        {
-            problem(Some(record.file.as_str()), format!("{e:#}"), false);
+        match &v.cluster_map {
+            // With a layout digest the map is the data's only proof: a
+            // map that cannot be trusted, or a cluster unlike its record,
+            // is damage to the volume's data. Under a whole-file digest
+            // (which proved the data) a disagreement is the writer's.
+            Some(record) => match check_map(repo, record, &path, &image, map_clusters || layout) {
+                Ok(()) => {}
+                Err(MapFailure::Map(e)) => {
+                    problem(Some(record.file.as_str()), format!("{e:#}"), layout)
+                }
+                Err(MapFailure::Clusters(e)) if layout => problem(file, format!("{e:#}"), true),
+                Err(MapFailure::Clusters(e)) => {
+                    problem(Some(record.file.as_str()), format!("{e:#}"), false)
+                }
+            },
+            None if layout => problem(
+                file,
+                "its digest leaves the data to a cluster map, and the manifest names none".into(),
+                true,
+            ),
+            None => {}
         }
     }
     report.files += files;

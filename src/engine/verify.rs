@@ -62,15 +62,16 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
 }
 
 /// Records the data damage verify found in `m`'s files (what only a
-/// digest or the cluster tables show), so that the next backup takes a
+/// digest or the cluster tables show; a file's cluster map when its
+/// layout digest leaves the data's proof to it), so that the next backup takes a
 /// full of the volume instead of building on it. Verify's only write.
 fn record_damage(repo: &Repo, m: &Manifest, problems: &[Problem]) {
     for p in problems {
-        let Some(v) = p
-            .file
-            .as_ref()
-            .and_then(|f| m.volumes.iter().find(|v| &v.file == f))
-        else {
+        let Some(v) = p.file.as_ref().and_then(|f| {
+            m.volumes
+                .iter()
+                .find(|v| &v.file == f || v.cluster_map.as_ref().is_some_and(|map| &map.file == f))
+        }) else {
             continue;
         };
         if !p.data_damage {

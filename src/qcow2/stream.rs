@@ -52,8 +52,10 @@ pub struct Stream {
     next: u64,
     /// Guest clusters given data (zero clusters not counted).
     data_clusters: u64,
-    /// The file's digest, computed as it is written.
-    digest: crate::digest::InFlight,
+    /// The whole file's digest, computed as it is written; `None` when a
+    /// cluster map is kept, which proves the data, and the file's layout
+    /// is digested at the end instead ([`super::layout`]).
+    digest: Option<crate::digest::InFlight>,
     /// zstd clusters, when the image is compressed.
     compressor: Option<Compressor>,
     /// Where the next compressed cluster's bytes go: inside the last host
@@ -79,13 +81,15 @@ pub struct Stream {
 pub struct Finished {
     /// The file's length in bytes.
     pub len: u64,
-    /// `blake3:<hex>` of the whole file, as the manifests record it.
+    /// As the manifests record it: `blake3:<hex>` of the whole file, or
+    /// with a cluster map `blake3-layout:<hex>` of all but its data
+    /// ([`super::layout`]), the map proving the data.
     pub digest: String,
     /// Guest bytes the image holds as data (zero clusters not counted).
     pub data_bytes: u64,
-    /// Bytes of the file read back to complete the digest (the first 64
-    /// MiB, which hold the header written last, and any piece written
-    /// over in place).
+    /// Bytes of the file read back to complete the digest: for a whole
+    /// file's, the header cluster written last and any piece written over
+    /// in place; for a layout digest, the bytes outside the data.
     pub read_back: u64,
     /// The per-cluster digest map, when one was kept.
     pub map: Option<cluster_map::Written>,
@@ -186,7 +190,7 @@ impl Stream {
             next: opts.cluster_size,
             data_clusters: 0,
             // The header cluster is written last.
-            digest: crate::digest::InFlight::with_head(opts.cluster_size),
+            digest: Some(crate::digest::InFlight::with_head(opts.cluster_size)),
             compressor: None,
             baseline: None,
             received: 0,
@@ -217,6 +221,7 @@ impl Stream {
             }
         })?;
         self.map = Some(w);
+        self.digest = None;
         Ok(())
     }
 
@@ -385,7 +390,9 @@ impl Stream {
             what: "a data cluster",
             source,
         })?;
-        self.digest.written(at, data);
+        if let Some(d) = &mut self.digest {
+            d.written(at, data);
+        }
         Ok(())
     }
 
@@ -843,7 +850,9 @@ impl Stream {
                     }
                 }
                 self.file.write_all_at(&raw, at)?;
-                self.digest.written(at, &raw);
+                if let Some(d) = &mut self.digest {
+                    d.written(at, &raw);
+                }
                 let slot = (*index * 8) as usize;
                 l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
             }
@@ -854,7 +863,9 @@ impl Stream {
                 (&header, 0),
             ] {
                 self.file.write_all_at(bytes, at)?;
-                self.digest.written(at, bytes);
+                if let Some(d) = &mut self.digest {
+                    d.written(at, bytes);
+                }
             }
             self.file.set_len(total * cs)?;
             self.file.sync_all()
@@ -864,15 +875,16 @@ impl Stream {
             source,
         })?;
         let len = total * cs;
-        let (digest, read_back) =
-            self.digest
-                .finish(&self.file, len)
-                .map_err(|source| Error::Reading {
-                    what: "the image, for its digest",
-                    offset: 0,
-                    len,
-                    source,
-                })?;
+        let (digest, read_back) = match self.digest.take() {
+            Some(flight) => flight.finish(&self.file, len),
+            None => self.layout_digest(),
+        }
+        .map_err(|source| Error::Reading {
+            what: "the image, for its digest",
+            offset: 0,
+            len,
+            source,
+        })?;
         let map = match self.map.take() {
             Some(m) => Some(m.finish().map_err(|source| Error::Writing {
                 what: "the cluster map",
@@ -926,6 +938,12 @@ impl Stream {
             }
         }
         Ok(Some(refs))
+    }
+
+    /// The finished file's layout digest, read back from it.
+    fn layout_digest(&self) -> std::io::Result<(String, u64)> {
+        let image = super::Image::open(&self.path).map_err(std::io::Error::other)?;
+        super::layout::layout_digest(&self.file, &image).map_err(std::io::Error::other)
     }
 
     /// The file being written.

@@ -83,6 +83,11 @@ pub enum Invalid {
 
     #[error("an incremental backup whose every volume is full")]
     AllFull,
+
+    #[error(
+        "volume {volume} has digest {digest:?}: neither a whole file's (blake3:) nor a layout digest (blake3-layout:) with a cluster map"
+    )]
+    Digest { volume: String, digest: String },
 }
 
 impl From<Error> for Invalid {

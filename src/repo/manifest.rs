@@ -9,7 +9,10 @@ use super::error::Invalid;
 /// 2: each volume records its own kind and reason (a point may hold fulls
 /// and incrementals), its tracking, and the backup its encryption.
 /// Schema 1 manifests still read: their volumes take the point's kind.
-pub const MANIFEST_SCHEMA: u32 = 2;
+/// 3: a file's digest may be a layout digest (`blake3-layout:`), its data
+/// proven by its cluster map; an older bitback would take that for
+/// damage, so it refuses the manifest instead. Schema 2 reads as it is.
+pub const MANIFEST_SCHEMA: u32 = 3;
 pub const STATE_SCHEMA: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +85,10 @@ pub struct VolumeRecord {
     pub backing: Option<String>,
     /// Guest bytes of data this file holds (zero clusters not counted).
     pub bytes_written: u64,
-    /// `blake3:<hex>` of the whole file, computed once the job finished.
+    /// `blake3:<hex>` of the whole file; or, for a file written with a
+    /// cluster map, `blake3-layout:<hex>` of all its bytes but its data
+    /// (`qcow2::layout_digest`), the map proving the data. Computed as
+    /// the file was written, or once the job finished.
     pub digest: String,
     /// The file's length in bytes when it was committed: every backup
     /// built on the file checks it (a truncated or appended file is seen
@@ -156,7 +162,7 @@ impl Manifest {
                     v.reason = m.reason.clone();
                 }
             }
-            MANIFEST_SCHEMA => {}
+            2 | MANIFEST_SCHEMA => {}
             other => {
                 return Err(Invalid::Schema {
                     found: other,
@@ -200,6 +206,13 @@ impl Manifest {
                 return Err(Invalid::File {
                     volume: v.name.clone(),
                     file: map.file.clone(),
+                });
+            }
+            let layout = v.digest.starts_with(crate::qcow2::LAYOUT_DIGEST);
+            if !(layout || v.digest.starts_with("blake3:")) || (layout && v.cluster_map.is_none()) {
+                return Err(Invalid::Digest {
+                    volume: v.name.clone(),
+                    digest: v.digest.clone(),
                 });
             }
             let expected = match v.kind {
@@ -335,10 +348,26 @@ mod tests {
             parse(&value).unwrap_err(),
             Invalid::Backing { .. }
         ));
-        value["schema"] = 3.into();
+        value["schema"] = 4.into();
         assert!(matches!(
             parse(&value).unwrap_err(),
-            Invalid::Schema { found: 3, .. }
+            Invalid::Schema { found: 4, .. }
         ));
+    }
+
+    #[test]
+    fn a_layout_digest_needs_a_cluster_map() {
+        let mut value: serde_json::Value = serde_json::from_str(SCHEMA_1).unwrap();
+        value["schema"] = MANIFEST_SCHEMA.into();
+        value["volumes"][0]["kind"] = "incremental".into();
+        let parse = |v: &serde_json::Value| {
+            Manifest::parse(v.to_string().as_bytes(), "web1", "20261126T152252Z")
+        };
+        value["volumes"][0]["digest"] = "blake3-layout:00".into();
+        assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));
+        value["volumes"][0]["cluster_map"] = serde_json::json!({"file": "web1/20261126T152252Z/disk0.map", "digest": "blake3:00", "records": 1});
+        parse(&value).unwrap();
+        value["volumes"][0]["digest"] = "sha256:00".into();
+        assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));
     }
 }

@@ -190,6 +190,32 @@ fn verify_catches_a_flipped_byte_in_a_data_cluster() {
     assert_caught(&vm, &ids, &file, "digest");
 }
 
+/// Bytes no reader of the image looks at (the header cluster's unused
+/// tail) and the file's last bytes (a refcount block where bitback wrote
+/// the file) are covered too: by the whole file's digest, or by the
+/// layout digest bitback's own writer records beside the cluster map.
+#[test]
+fn verify_catches_a_flipped_byte_outside_the_data() {
+    for place in ["header", "tail"] {
+        let dir = tempdir();
+        let (vm, ids) = chain_of_three(dir.path());
+        let file = file_of(&vm, &ids[1]);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let cs = 1usize << u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        let at = match place {
+            "header" => cs - 100,
+            _ => bytes.len() - 100,
+        };
+        bytes[at] ^= 0x04;
+        std::fs::write(&file, &bytes).unwrap();
+        if place == "header" {
+            // Unused: QEMU finds nothing wrong.
+            run(Command::new("qemu-img").args(["check", "-q"]).arg(&file));
+        }
+        assert_caught(&vm, &ids, &file, "digest");
+    }
+}
+
 #[test]
 fn verify_catches_a_truncated_file() {
     let dir = tempdir();
