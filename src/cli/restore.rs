@@ -142,11 +142,12 @@ pub(crate) struct VerifyArgs {
     /// Print {backups, files, problems: [{vm, backup, file, problem}]}.
     #[arg(long)]
     json: bool,
-    /// Also compare each cluster map (written beside a file on the NBD
-    /// data path) with its file, cluster by cluster: a check of the
-    /// writer, which reads every file's data a second time. Without it
-    /// each map is checked against the digest its manifest recorded,
-    /// which catches any change since it was written.
+    /// Also compare the cluster maps of files with a whole-file digest
+    /// with their files, cluster by cluster: a check of the writer, which
+    /// reads their data a second time. A file bitback wrote with a map
+    /// (a layout digest) is always checked so, once: the map proves its
+    /// data. Every map is checked against the digest its manifest
+    /// recorded.
     #[arg(long)]
     map_clusters: bool,
 }
