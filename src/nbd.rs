@@ -132,7 +132,7 @@ where
     let (rx, tx) = tokio::io::split(conn);
     // Buffered both ways: a request's header and payload come out of one
     // read, and the replies to a batch of requests go in one write.
-    let mut rx = tokio::io::BufReader::with_capacity(4 << 20, rx);
+    let mut rx = tokio::io::BufReader::with_capacity(16 << 10, rx);
     let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
     if let Err(e) = handshake(&mut rx, &mut tx, name, export.size()).await {
         return (Err(e), export);

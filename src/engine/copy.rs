@@ -1414,7 +1414,10 @@ async fn insert_guards(
 }
 
 /// After success: the jobs are concluded; dismiss them, close the
-/// targets, take back the passed fds and the key.
+/// targets, take back the passed fds and the key. Once the guards are out
+/// (bitback's filter writes old data into its target), the NBD targets
+/// close: the files get their tables and syncs side by side, while the
+/// rest is taken back.
 async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::Finished>> {
     for job in std::mem::take(&mut undo.jobs) {
         qmp.execute_raw("job-dismiss", json!({ "id": job }))
@@ -1427,6 +1430,26 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
             .await
             .with_context(|| format!("taking bitback's filter out from under {}", guard.qdev))?;
         undo.guards.remove(0);
+    }
+    let mut finishing = Vec::new();
+    while let Some(node) = undo.servers.first().map(|s| s.node.clone()) {
+        qmp.execute_raw("blockdev-del", json!({ "node-name": node }))
+            .await
+            .with_context(|| format!("closing target node {node}"))?;
+        undo.nodes.retain(|n| *n != node);
+        let server = undo.servers.remove(0);
+        // The node's client is gone with it: the connection ends.
+        finishing.push(tokio::spawn(async move {
+            let stream = server.finish().await?;
+            let done = nbd_target::complete(stream).await?;
+            debug!(
+                node,
+                bytes = done.len,
+                read_back = done.read_back,
+                "NBD target complete"
+            );
+            anyhow::Ok(done)
+        }));
     }
     // Format nodes before the file nodes under them.
     for node in std::mem::take(&mut undo.nodes).into_iter().rev() {
@@ -1449,20 +1472,9 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
     }
     remove_scratch(&mut undo.scratch);
     remove_scratch_dir(&mut undo.scratch_dir);
-    // The NBD targets' clients are gone with their nodes: each file gets
-    // its tables.
     let mut finished = Vec::new();
-    for server in std::mem::take(&mut undo.servers) {
-        let node = server.node.clone();
-        let stream = server.finish().await?;
-        let done = nbd_target::complete(stream).await?;
-        debug!(
-            node,
-            bytes = done.len,
-            read_back = done.read_back,
-            "NBD target complete"
-        );
-        finished.push(done);
+    for task in finishing {
+        finished.push(task.await.context("completing an NBD target")??);
     }
     Ok(finished)
 }

@@ -177,6 +177,13 @@ impl Server {
             let _ = std::fs::remove_dir_all(dir);
         }
         let served = served.with_context(|| format!("the NBD connection of {node}"))?;
+        tracing::debug!(
+            node,
+            writes = served.writes,
+            bytes = served.bytes_written,
+            zero_bytes = served.zero_bytes,
+            "NBD connection closed"
+        );
         if served.failed > 0 {
             bail!(
                 "{} requests to the NBD target {node} failed; the file is not complete",
