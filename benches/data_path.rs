@@ -43,7 +43,7 @@ const WAYS: [Way; 4] = [
         args: &["--data-path", "file"],
     },
     Way {
-        name: "nbd (bitback writes, digest + map in flight)",
+        name: "nbd (bitback writes, map in flight, layout digest)",
         args: &["--data-path", "nbd"],
     },
     Way {

@@ -12,7 +12,7 @@ use super::qcow2::parse_size;
 use bitback::engine::plan::Policy;
 use bitback::engine::thaw_guard::Thawer;
 use bitback::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
-use bitback::repo::{BackupKind, Manifest, Repo, VolumeRecord};
+use bitback::repo::{BackupKind, Changes, Manifest, Repo, VolumeRecord};
 
 /// Back up a VM: every writable volume at one point in time.
 ///
@@ -112,8 +112,9 @@ pub(crate) struct BackupArgs {
 
     /// Where the backup job's bytes go: `nbd` (QEMU's NBD client sends
     /// them to bitback's own NBD server, and bitback writes the file: zstd
-    /// compression, a digest computed in flight, a per-cluster digest map
-    /// beside each file, writes around the page cache), `file` (QEMU
+    /// compression, a per-cluster digest map beside each file computed in
+    /// flight (each byte hashed once; the file's digest covers the rest),
+    /// writes around the page cache), `file` (QEMU
     /// writes each qcow2 file, bitback reads it back for its digest), or
     /// `auto` (the default: `nbd` wherever it can, which measures faster;
     /// see benches/README.md).
@@ -411,7 +412,7 @@ fn kind_name(kind: BackupKind) -> &'static str {
 fn point_kind(m: &Manifest) -> String {
     let count = |f: &dyn Fn(&VolumeRecord) -> bool| m.volumes.iter().filter(|v| f(v)).count();
     let fulls = count(&|v| v.kind == BackupKind::Full);
-    let content = count(&|v| v.changes.as_deref() == Some("content"));
+    let content = count(&|v| v.changes == Some(Changes::Content));
     let mut notes = Vec::new();
     if m.kind == BackupKind::Incremental && fulls > 0 {
         notes.push(format!("{fulls} full"));
@@ -427,8 +428,8 @@ fn point_kind(m: &Manifest) -> String {
 
 /// A volume's kind, and how its changes were found when not by bitmap.
 fn volume_kind(v: &VolumeRecord) -> String {
-    match v.changes.as_deref() {
-        Some("content") => "incremental by content".into(),
+    match v.changes {
+        Some(Changes::Content) => "incremental by content".into(),
         _ => kind_name(v.kind).into(),
     }
 }

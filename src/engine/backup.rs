@@ -543,7 +543,7 @@ fn check_identity(
 async fn build_manifest(
     run: &CopyPlan<'_>,
     plan: &Plan,
-    (guards, finished): (&[Option<&'static str>], &[qcow2::Finished]),
+    (guards, finished): (&[Option<repo::Guard>], &[qcow2::Finished]),
     checkpoint: &str,
     id: &str,
     seq: u64,
@@ -593,15 +593,12 @@ async fn build_manifest(
             bytes_written,
             digest,
             file_size: Some(file_size),
-            guard: guards.get(i).copied().flatten().map(str::to_string),
-            changes: Some(
-                match plan.volumes[i].decision {
-                    Decision::Full(_) => "full",
-                    Decision::Incremental => "bitmap",
-                    Decision::Content(_) => "content",
-                }
-                .to_string(),
-            ),
+            guard: guards.get(i).copied().flatten(),
+            changes: Some(match plan.volumes[i].decision {
+                Decision::Full(_) => repo::Changes::Full,
+                Decision::Incremental => repo::Changes::Bitmap,
+                Decision::Content(_) => repo::Changes::Content,
+            }),
             bytes_read: finished.get(i).map(|done| done.received),
             cluster_map: finished
                 .get(i)
@@ -627,7 +624,7 @@ async fn build_manifest(
         time: now.rfc3339(),
         volumes: records,
         qemu_version: Some(run.qmp.greeting().version.to_string()),
-        encryption: run.opts.encrypt.as_ref().map(|_| "luks".to_string()),
+        encryption: run.opts.encrypt.as_ref().map(|_| repo::Encryption::Luks),
     })
 }
 

@@ -346,7 +346,7 @@ pub struct Target {
 /// whether the thaw after the transaction failed.
 pub(super) struct Copied {
     undo: Undo,
-    guards: Vec<Option<&'static str>>,
+    guards: Vec<Option<crate::repo::Guard>>,
     /// What bitback wrote itself (the NBD path), per volume in order;
     /// empty when QEMU wrote the files.
     finished: Vec<qcow2::Finished>,
@@ -355,7 +355,7 @@ pub(super) struct Copied {
 impl Copied {
     /// Per volume, what stood between the guest's writes and the copy
     /// (the manifest's `guard`).
-    pub(super) fn guards(&self) -> &[Option<&'static str>] {
+    pub(super) fn guards(&self) -> &[Option<crate::repo::Guard>] {
         &self.guards
     }
 
@@ -419,7 +419,7 @@ async fn run_jobs(
     run: &CopyPlan<'_>,
     undo: &mut Undo,
     cancel: Cancel,
-) -> anyhow::Result<(Vec<Option<&'static str>>, Vec<qcow2::Finished>)> {
+) -> anyhow::Result<(Vec<Option<crate::repo::Guard>>, Vec<qcow2::Finished>)> {
     let mut ways = guard::survey(run.qmp, run.volumes).await?;
     let nbd = nbd_path(run.opts, run.qmp);
     if !nbd && run.targets.iter().any(|t| t.baseline.is_some()) {
@@ -476,9 +476,9 @@ async fn run_jobs(
         .iter()
         .zip(&fleece)
         .map(|(way, fleece)| match (way, fleece) {
-            (Way::Guarded { .. }, Some(_)) => Some("fleecing"),
-            (Way::Guarded { .. }, None) => Some("bitback"),
-            (Way::Direct { why: Some(_) }, _) => Some("qemu"),
+            (Way::Guarded { .. }, Some(_)) => Some(crate::repo::Guard::Fleecing),
+            (Way::Guarded { .. }, None) => Some(crate::repo::Guard::Bitback),
+            (Way::Direct { why: Some(_) }, _) => Some(crate::repo::Guard::Qemu),
             (Way::Direct { why: None }, _) => None,
         })
         .collect();

@@ -765,7 +765,7 @@ mod tests {
         w.encrypted = true;
         assert_eq!(w.full(), FullReason::EncryptionChanged { now: true });
         let mut w = World::good();
-        w.last.as_mut().unwrap().encryption = Some("luks".into());
+        w.last.as_mut().unwrap().encryption = Some(crate::repo::Encryption::Luks);
         assert_eq!(w.full(), FullReason::EncryptionChanged { now: false });
         w.encrypted = true;
         assert_eq!(w.plan().base, Some(base()));

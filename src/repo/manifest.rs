@@ -51,7 +51,41 @@ pub struct Manifest {
     /// `luks` when every file is a LUKS-encrypted qcow2 (restore needs the
     /// key; verify does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encryption: Option<String>,
+    pub encryption: Option<Encryption>,
+}
+
+/// How a backup's files are encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    /// LUKS-encrypted qcow2 (QEMU's `encrypt.format=luks`).
+    Luks,
+}
+
+/// What stood between the guest's writes and a volume's copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Guard {
+    /// bitback's own copy-before-write filter: old data that could not be
+    /// copied broke the backup, not the guest's write.
+    Bitback,
+    /// The same, with the old data in the fleecing directory.
+    Fleecing,
+    /// QEMU's own filter, which fails the guest's write instead.
+    Qemu,
+}
+
+/// How the changes a volume's file stores were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Changes {
+    /// The checkpoint's dirty bitmap.
+    Bitmap,
+    /// The volume read whole and compared with the parent's cluster maps
+    /// (the bitmap was lost).
+    Content,
+    /// None: the file is a full.
+    Full,
 }
 
 fn full() -> BackupKind {
@@ -102,7 +136,7 @@ pub struct VolumeRecord {
     /// guest's write instead; the run's log says why). Absent when nothing
     /// but the backup used the volume, and in manifests from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guard: Option<String>,
+    pub guard: Option<Guard>,
     /// The per-cluster digest map written with the file (the NBD data
     /// path, [`crate::cluster_map`]); absent for files QEMU wrote, files
     /// a consolidation rewrote, and in manifests from before it.
@@ -113,7 +147,7 @@ pub struct VolumeRecord {
     /// the parent's cluster maps: the bitmap was lost), or `full`. Absent
     /// in manifests from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changes: Option<String>,
+    pub changes: Option<Changes>,
     /// Bytes of data QEMU sent bitback to find them (the NBD path; zero
     /// ranges not counted); `bytes_written` is what the file stores.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -76,8 +76,8 @@ use tracing::{info, warn};
 pub use error::{Error, Invalid, Result};
 pub use lock::{ReadLock, VmLock};
 pub use manifest::{
-    BackupKind, MANIFEST_SCHEMA, Manifest, MapRecord, STATE_SCHEMA, StateVolume, VmIdentity,
-    VmState, VolumeRecord,
+    BackupKind, Changes, Encryption, Guard, MANIFEST_SCHEMA, Manifest, MapRecord, STATE_SCHEMA,
+    StateVolume, VmIdentity, VmState, VolumeRecord,
 };
 
 /// The longest VM or volume name: it becomes a file name, with room to spare.
