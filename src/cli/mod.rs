@@ -84,34 +84,11 @@ const EXIT_ERROR: u8 = 2;
 /// Exit status when a backup (or a check) ran and failed.
 const EXIT_FAILED: u8 = 1;
 
-/// 2 for bad usage or input (nothing was attempted), 1 when a backup ran
-/// and failed.
+/// 2 for bad usage or input (nothing was attempted), 1 when a backup or
+/// restore ran and failed, 2 for any other failure.
 fn exit_code(error: &anyhow::Error) -> u8 {
-    let ran = error.chain().all(|e| {
-        !(e.is::<bitback::engine::BadInput>()
-            || e.is::<bitback::monitor::NoTarget>()
-            || matches!(
-                e.downcast_ref::<qmp::Error>(),
-                Some(
-                    qmp::Error::Connecting { .. }
-                        | qmp::Error::NotQmp { .. }
-                        | qmp::Error::NotASocket { .. }
-                        | qmp::Error::GreetingTimeout { .. }
-                        | qmp::Error::BadEndpoint(_)
-                )
-            )
-            || matches!(
-                e.downcast_ref::<bitback::repo::Error>(),
-                Some(
-                    bitback::repo::Error::BadName { .. }
-                        | bitback::repo::Error::NotADirectory { .. }
-                        | bitback::repo::Error::Symlink { .. }
-                        | bitback::repo::Error::BadManifest { .. }
-                        | bitback::repo::Error::BadState { .. }
-                )
-            ))
-    });
-    if ran && error.downcast_ref::<bitback::engine::Operation>().is_some() {
+    let failed = error.downcast_ref::<bitback::engine::Operation>().is_some();
+    if failed && !bitback::engine::nothing_attempted(error) {
         EXIT_FAILED
     } else {
         EXIT_ERROR

@@ -198,7 +198,7 @@ pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
                 s.state.vm.clone(),
                 s.state.backup.clone(),
                 s.state.target.display().to_string(),
-                s.status.into(),
+                s.status.name().into(),
                 s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             ]);
         }

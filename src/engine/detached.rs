@@ -335,13 +335,34 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Serve {
     pub runtime: PathBuf,
-    /// `serving`, `setting-up` (its bitback still runs) or `gone` (its
-    /// daemon died: the next mount, umount or --finish cleans up).
-    pub status: &'static str,
+    pub status: ServeStatus,
     /// The daemon's pid, while it runs.
     pub pid: Option<u32>,
     #[serde(flatten)]
     pub state: State,
+}
+
+/// What a serve of this host is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServeStatus {
+    /// Its daemon runs.
+    Serving,
+    /// No daemon yet, and the bitback setting it up still runs.
+    SettingUp,
+    /// Its daemon died: the next mount, umount or `--finish` cleans up.
+    Gone,
+}
+
+impl ServeStatus {
+    /// As `bitback serving` prints it (the JSON's value).
+    pub fn name(self) -> &'static str {
+        match self {
+            ServeStatus::Serving => "serving",
+            ServeStatus::SettingUp => "setting-up",
+            ServeStatus::Gone => "gone",
+        }
+    }
 }
 
 /// This host's serves, as their runtime directories say.
@@ -351,9 +372,9 @@ pub fn serves() -> Vec<Serve> {
         .map(|(runtime, state)| {
             let pid = daemon(&runtime);
             let status = match (pid, in_use(&state, &runtime)) {
-                (Some(_), _) => "serving",
-                (None, true) => "setting-up",
-                (None, false) => "gone",
+                (Some(_), _) => ServeStatus::Serving,
+                (None, true) => ServeStatus::SettingUp,
+                (None, false) => ServeStatus::Gone,
             };
             Serve {
                 runtime,
@@ -707,4 +728,20 @@ pub fn holders(repo: &Path, vm: &str) -> Vec<String> {
 /// The current time for [`State::started`].
 pub fn now() -> String {
     crate::repo::time::Utc::now().rfc3339()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeStatus;
+
+    #[test]
+    fn serve_statuses_print_as_their_json() {
+        for status in [
+            ServeStatus::Serving,
+            ServeStatus::SettingUp,
+            ServeStatus::Gone,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.name());
+        }
+    }
 }

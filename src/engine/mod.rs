@@ -108,6 +108,21 @@ pub enum Operation {
     Restore { vm: String },
 }
 
+/// Whether `error` says nothing was attempted: input the user must fix
+/// ([`BadInput`], no monitor named), a monitor never reached, or a
+/// repository that cannot be used as given. Each error type says which of
+/// its own kinds are input.
+pub fn nothing_attempted(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.is::<BadInput>()
+            || e.is::<crate::monitor::NoTarget>()
+            || e.downcast_ref::<crate::qmp::Error>()
+                .is_some_and(crate::qmp::Error::is_input)
+            || e.downcast_ref::<crate::repo::Error>()
+                .is_some_and(crate::repo::Error::is_input)
+    })
+}
+
 /// Input the user must fix (an unknown volume, a malformed argument):
 /// nothing was attempted.
 #[derive(Debug, thiserror::Error)]

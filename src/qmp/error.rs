@@ -94,6 +94,20 @@ pub enum ErrorClass {
 }
 
 impl Error {
+    /// Whether the monitor was never reached (no such socket, not a QMP
+    /// monitor, a bad endpoint, no greeting): the input to fix, nothing
+    /// was attempted.
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Connecting { .. }
+                | Error::NotQmp { .. }
+                | Error::NotASocket { .. }
+                | Error::GreetingTimeout { .. }
+                | Error::BadEndpoint(_)
+        )
+    }
+
     /// The QMP error class when QEMU refused the command, typed.
     pub fn class(&self) -> Option<ErrorClass> {
         self.qemu_class().map(|class| match class {

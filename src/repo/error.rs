@@ -43,6 +43,22 @@ pub enum Error {
     Encoding(#[source] serde_json::Error),
 }
 
+impl Error {
+    /// Whether the repository, as given, cannot be used (a bad name, not a
+    /// directory, a symlink, a manifest or state file that does not
+    /// read): the input to fix, nothing was attempted.
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            Error::BadName { .. }
+                | Error::NotADirectory { .. }
+                | Error::Symlink { .. }
+                | Error::BadManifest { .. }
+                | Error::BadState { .. }
+        )
+    }
+}
+
 /// Why a manifest or a state file is refused (their bytes are never
 /// trusted).
 #[derive(Debug, thiserror::Error)]
