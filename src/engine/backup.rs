@@ -287,6 +287,54 @@ pub async fn backup_named(
             lock.vm()
         );
     }
+    let ready = get_ready(qmp, repo, lock, opts, renames).await?;
+    let planned = plan_backup(qmp, repo, opts, &ready);
+    let (manifest, thawed) =
+        copy_and_commit(qmp, repo, lock, opts, cancel, &ready, &planned).await?;
+    let checkpoint = manifest.checkpoint.clone();
+    let state = VmState {
+        schema: STATE_SCHEMA,
+        vm: vm.to_string(),
+        active_checkpoint: Some(checkpoint.clone()),
+        last_backup: Some(manifest.id.clone()),
+        volumes: ready.volumes.iter().map(super::state_volume).collect(),
+        last_seq: manifest.seq,
+        identity: Some(ready.identity.clone()),
+    };
+    repo.save_state(lock, &state)?;
+    retire_checkpoint(qmp, &ready, &checkpoint).await;
+    if let Some(e) = thawed {
+        bail!(
+            "backup {} is committed, but thawing the guest failed: {e}; \
+             the guest's filesystems may still be frozen (run guest-fsfreeze-thaw through its agent)",
+            manifest.id
+        );
+    }
+    Ok(manifest)
+}
+
+/// What a run knows before it plans: its volumes, the VM's state and
+/// identity, its scope, the VM's backups and its active checkpoint, with
+/// what earlier runs left (partial directories, jobs, bitmaps) cleaned.
+struct Ready {
+    volumes: Vec<Volume>,
+    state: Option<VmState>,
+    identity: VmIdentity,
+    scope: Scope,
+    backups: Vec<Manifest>,
+    active: Option<String>,
+}
+
+/// The checks and the cleanup before a plan: the volumes asked for, the
+/// VM still the one the repository knows, strays of earlier runs gone.
+async fn get_ready(
+    qmp: &Qmp,
+    repo: &Repo,
+    lock: &VmLock,
+    opts: &BackupOptions,
+    renames: Renames<'_>,
+) -> anyhow::Result<Ready> {
+    let vm = opts.vm.as_str();
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     check_plaintext(opts, &volumes)?;
     let state = repo.load_state(vm)?;
@@ -305,10 +353,29 @@ pub async fn backup_named(
         volumes = select_volumes(qmp, opts, renames).await?;
     }
     let backups = repo.backups(vm)?;
-    let last = backups.last();
     let active = state.as_ref().and_then(|s| s.active_checkpoint.clone());
     clean_stray_bitmaps(qmp, &scope, &mut volumes, active.as_deref()).await?;
+    Ok(Ready {
+        volumes,
+        state,
+        identity,
+        scope,
+        backups,
+        active,
+    })
+}
 
+/// A run's plan (the chain rules) and, per volume going by content, its
+/// baseline (the parent chain's cluster maps) or why it has none.
+struct Planned {
+    plan: Plan,
+    baselines: Baselines,
+}
+
+/// The volumes' plan, with the baselines of the volumes that go by
+/// content.
+fn plan_backup(qmp: &Qmp, repo: &Repo, opts: &BackupOptions, ready: &Ready) -> Planned {
+    let last = ready.backups.last();
     let buildable = last.map(|m| super::chain::check_buildable(repo, m));
     let parent_problem = match (last, &buildable) {
         (Some(m), Some(b)) => b
@@ -321,9 +388,9 @@ pub async fn backup_named(
     let no_content = BTreeMap::new();
     let mut facts = Facts {
         policy: &opts.policy,
-        state: state.as_ref(),
+        state: ready.state.as_ref(),
         last,
-        volumes: &volumes,
+        volumes: &ready.volumes,
         encrypted: opts.encrypt.is_some(),
         parent_problem,
         parent_volume_problems: buildable.as_ref().map_or(&no_problems, |b| &b.volumes),
@@ -343,51 +410,62 @@ pub async fn backup_named(
         facts.content = &content;
         plan = plan::plan(&facts);
     }
+    let vm = opts.vm.as_str();
     for (i, v) in plan.volumes.iter().enumerate() {
         debug!(vm, volume = %v.volume, plan = %plan.volume_reason(i), "volume planned");
     }
     info!(vm, plan = %plan.reason(), "planned");
+    Planned { plan, baselines }
+}
+
+type Baselines = BTreeMap<String, Result<Arc<Baseline>, String>>;
+
+/// Copies the point into a partial backup directory and commits it: the
+/// committed manifest, and a thaw that failed (the backup stands, the
+/// run must not report success). Anything that fails before the commit
+/// takes the new checkpoint back and leaves no backup.
+async fn copy_and_commit(
+    qmp: &Qmp,
+    repo: &Repo,
+    lock: &VmLock,
+    opts: &BackupOptions,
+    cancel: Cancel,
+    ready: &Ready,
+    Planned { plan, baselines }: &Planned,
+) -> anyhow::Result<(Manifest, Option<String>)> {
+    let vm = opts.vm.as_str();
     // Phase timings at debug (-v): where a backup's time goes.
     let started = std::time::Instant::now();
-
+    let lap = |what: &str| debug!(vm, ms = started.elapsed().as_millis() as u64, "{what}");
     let now = repo::time::Utc::now();
-    let newest_id = backups.iter().map(|m| m.id.as_str()).max();
+    let newest_id = ready.backups.iter().map(|m| m.id.as_str()).max();
     let id = repo.new_backup_id(vm, &now, newest_id)?;
-    let seq = backups
+    let seq = ready
+        .backups
         .iter()
         .map(|m| m.seq)
-        .chain(state.as_ref().map(|s| s.last_seq))
+        .chain(ready.state.as_ref().map(|s| s.last_seq))
         .max()
         .unwrap_or(0)
         + 1;
-    let checkpoint = scope.checkpoint(&id);
+    let checkpoint = ready.scope.checkpoint(&id);
     let partial = repo.begin(lock, vm, &id)?;
     let run = CopyPlan {
         qmp,
         opts,
-        scope: &scope,
-        volumes: &volumes,
-        targets: planned_targets(&plan, &volumes, partial.dir(), &baselines),
+        scope: &ready.scope,
+        volumes: &ready.volumes,
+        targets: planned_targets(plan, &ready.volumes, partial.dir(), baselines),
         checkpoint: Some(&checkpoint),
     };
-    let mut copied = match copy::copy(&run, cancel.clone()).await {
-        Ok(copied) => copied,
-        Err(e) => {
-            // Dropping the partial removes its directory.
-            drop(partial);
-            return Err(e);
-        }
-    };
+    // On failure, dropping the partial removes its directory.
+    let mut copied = copy::copy(&run, cancel.clone()).await?;
     let thawed = copied.thaw_failure();
-    debug!(
-        vm,
-        ms = started.elapsed().as_millis() as u64,
-        "copy jobs done, targets closed"
-    );
+    lap("copy jobs done, targets closed");
 
     let built = build_manifest(
         &run,
-        &plan,
+        plan,
         (copied.guards(), copied.finished()),
         &checkpoint,
         &id,
@@ -406,59 +484,39 @@ pub async fn backup_named(
             return Err(e);
         }
     };
-    debug!(
-        vm,
-        ms = started.elapsed().as_millis() as u64,
-        "files read back and digested"
-    );
+    lap("files read back and digested");
     crate::fault::point("before-commit");
     if let Err(e) = partial.commit(&manifest) {
         copied.take_back(qmp).await;
         return Err(e.into());
     }
-    debug!(
-        vm,
-        ms = started.elapsed().as_millis() as u64,
-        "committed (files synced, renamed)"
-    );
+    lap("committed (files synced, renamed)");
     crate::fault::point("after-commit");
-    let state = VmState {
-        schema: STATE_SCHEMA,
-        vm: vm.to_string(),
-        active_checkpoint: Some(checkpoint.clone()),
-        last_backup: Some(id.clone()),
-        volumes: volumes.iter().map(super::state_volume).collect(),
-        last_seq: seq,
-        identity: Some(identity),
-    };
-    repo.save_state(lock, &state)?;
+    Ok((manifest, thawed))
+}
 
-    // The new checkpoint is active: the old one can go, if it is ours. One
-    // named for another repository id is the checkpoint of the repository
-    // this one was copied from, which may still build on it.
-    let old = active.filter(|old| old != &checkpoint);
-    if let Some(foreign) = old.as_deref().filter(|old| {
-        super::scope::owner(old).is_some_and(|o| o.repo_id.is_some() && !scope.owns_checkpoint(old))
+/// Once the new checkpoint is active, the old one goes, if it is ours.
+/// One named for another repository id is the checkpoint of the
+/// repository this one was copied from, which may still build on it.
+async fn retire_checkpoint(qmp: &Qmp, ready: &Ready, checkpoint: &str) {
+    let vm = ready.scope.vm.as_str();
+    let old = ready.active.as_deref().filter(|old| *old != checkpoint);
+    if let Some(foreign) = old.filter(|old| {
+        super::scope::owner(old)
+            .is_some_and(|o| o.repo_id.is_some() && !ready.scope.owns_checkpoint(old))
     }) {
         info!(vm, bitmap = %foreign, "the previous checkpoint belongs to the repository this one was copied from; it is left to that repository");
     } else if let Some(old) = old {
-        for v in &volumes {
+        for v in &ready.volumes {
             if !v.bitmaps.iter().any(|b| b.name == old) {
                 info!(vm, volume = %v.name, bitmap = %old, "the previous checkpoint bitmap was already gone");
                 continue;
             }
-            if let Err(e) = qemu::remove_bitmap(qmp, &v.node_name, &old).await {
+            if let Err(e) = qemu::remove_bitmap(qmp, &v.node_name, old).await {
                 warn!(vm, volume = %v.name, bitmap = %old, error = %e, "cannot remove the previous checkpoint bitmap; the next backup of this vm removes it");
             }
         }
     }
-    if let Some(e) = thawed {
-        bail!(
-            "backup {id} is committed, but thawing the guest failed: {e}; \
-             the guest's filesystems may still be frozen (run guest-fsfreeze-thaw through its agent)"
-        );
-    }
-    Ok(manifest)
 }
 
 /// Who the QEMU says it is: `query-uuid` (unless all zeros) and
