@@ -308,24 +308,8 @@ pub(super) async fn backup_running(
     mount: &Path,
     dest: &Path,
 ) -> anyhow::Result<Vec<String>> {
-    let mode = if o.mode.is_empty() {
-        "legacy-full"
-    } else {
-        o.mode.as_str()
-    };
-    let (checkpoint, mut parent) = match mode {
-        "legacy-full" => (None, None),
-        "full" if !o.bitmap_new.is_empty() => (Some(o.bitmap_new.as_str()), None),
-        "incremental" if !o.bitmap_new.is_empty() && !o.bitmap_parent.is_empty() => {
-            (Some(o.bitmap_new.as_str()), Some(o.bitmap_parent.as_str()))
-        }
-        "full" => bail!("full mode requires --bitmap-new"),
-        "incremental" => bail!("incremental mode requires --bitmap-new and --bitmap-parent"),
-        other => bail!("Unknown mode: {other}"),
-    };
+    let (mode, checkpoint, mut parent) = mode(o)?;
     let disks = domain_disks(info)?;
-    // `-p` was checked to be `<instance>/<timestamp>`.
-    let instance = o.path.split('/').next().unwrap_or_default();
     let target = crate::monitor::Target {
         qmp: None,
         domain: Some(domain.clone()),
@@ -340,62 +324,36 @@ pub(super) async fn backup_running(
             .with_context(|| format!("QEMU has no volume for disk {}", disk.target))?;
         volumes.push(v.clone());
     }
-    let parents: Vec<&str> = if o.parent_paths.is_empty() {
-        Vec::new()
-    } else {
-        o.parent_paths.split(',').collect()
-    };
     let mut lines = Vec::new();
     // An incremental that cannot be built safely is a full, said with the
     // script's marker: failing instead would leave the orchestrator asking
     // for the same incremental at every later backup.
     let mut parent_files = Vec::new();
     if let Some(bitmap) = parent {
-        let mut problems: Vec<String> = volumes
-            .iter()
-            .filter_map(|v| bitmap_problem(v, bitmap))
-            .collect();
-        if parents.len() != disks.len() {
-            problems.push(format!(
-                "--parent-paths lists {} files for {} disks: the disk list no longer matches",
-                parents.len(),
-                disks.len()
-            ));
-        } else {
-            for (i, v) in volumes.iter().enumerate() {
-                match parent_problem(mount, instance, parents[i], v.virtual_size) {
-                    Err(p) => problems.push(p),
-                    Ok(parts) => parent_files.push(mount.join(parts.join("/"))),
+        match parents_to_build_on(o, mount, &volumes, bitmap) {
+            Ok(files) => parent_files = files,
+            Err(problems) => {
+                for p in &problems {
+                    tracing::warn!("incremental: {p}; falling back to full");
                 }
+                lines.push("INCREMENTAL_FALLBACK=true".to_string());
+                parent = None;
             }
-        }
-        if !problems.is_empty() {
-            for p in &problems {
-                tracing::warn!("incremental: {p}; falling back to full");
-            }
-            lines.push("INCREMENTAL_FALLBACK=true".to_string());
-            parent = None;
         }
     }
-    let mut targets = Vec::new();
-    for (i, ((_, vol), _)) in disks.iter().zip(&volumes).enumerate() {
-        let path = dest.join(file_name(i, vol));
-        let (backing, since) = match parent {
-            None => (None, None),
-            Some(bitmap) => (
-                Some(relative(dest, &parent_files[i]).display().to_string()),
-                Some(bitmap.to_string()),
-            ),
-        };
-        // Never by content: CloudStack takes a fallback for a full that
-        // stands alone.
-        targets.push(Target {
-            path,
-            backing,
-            since,
+    let targets = disks
+        .iter()
+        .zip(&volumes)
+        .enumerate()
+        .map(|(i, ((_, vol), _))| Target {
+            path: dest.join(file_name(i, vol)),
+            backing: parent.map(|_| relative(dest, &parent_files[i]).display().to_string()),
+            since: parent.map(str::to_string),
+            // Never by content: CloudStack takes a fallback for a full
+            // that stands alone.
             baseline: None,
-        });
-    }
+        })
+        .collect();
     let opts = BackupOptions {
         vm: domain.name.clone(),
         quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
@@ -438,7 +396,7 @@ pub(super) async fn backup_running(
     // The orchestrator names the parent bitmap; once the new one tracks
     // the changes (after an incremental, or a full that replaced one) it
     // only costs every guest write.
-    if let Some(old) = (mode == "incremental").then_some(o.bitmap_parent.as_str())
+    if let Some(old) = (mode == Mode::Incremental).then_some(o.bitmap_parent.as_str())
         && remove_bitmap(&monitor.qmp, &volumes, old).await
         && volumes
             .iter()
@@ -447,7 +405,79 @@ pub(super) async fn backup_running(
         lines.push("PARENT_BITMAP_DELETED=true".into());
     }
     drop(monitor);
-    // The domain's records beside the disks, as the script keeps them.
+    lines.extend(finish_dest(domain, dest, parent.is_some())?);
+    Ok(lines)
+}
+
+/// What the orchestrator asked for (`-M`): CloudStack's modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No mode given: a full without bitmaps (the script's first
+    /// version).
+    LegacyFull,
+    /// A full that starts bitmap `--bitmap-new`.
+    Full,
+    /// The changes since `--bitmap-parent`, starting `--bitmap-new`.
+    Incremental,
+}
+
+/// The mode, the bitmap the backup starts, and the one it builds on.
+fn mode(o: &Options) -> anyhow::Result<(Mode, Option<&str>, Option<&str>)> {
+    let new = (!o.bitmap_new.is_empty()).then_some(o.bitmap_new.as_str());
+    let parent = (!o.bitmap_parent.is_empty()).then_some(o.bitmap_parent.as_str());
+    match o.mode.as_str() {
+        "" | "legacy-full" => Ok((Mode::LegacyFull, None, None)),
+        "full" if new.is_some() => Ok((Mode::Full, new, None)),
+        "incremental" if new.is_some() && parent.is_some() => Ok((Mode::Incremental, new, parent)),
+        "full" => bail!("full mode requires --bitmap-new"),
+        "incremental" => bail!("incremental mode requires --bitmap-new and --bitmap-parent"),
+        other => bail!("Unknown mode: {other}"),
+    }
+}
+
+/// The parents' files, one per volume in order, when an incremental can
+/// build on them: every volume still has `bitmap`, and `--parent-paths`
+/// names a usable file of each volume's size. Otherwise every problem.
+fn parents_to_build_on(
+    o: &Options,
+    mount: &Path,
+    volumes: &[crate::qemu::Volume],
+    bitmap: &str,
+) -> Result<Vec<PathBuf>, Vec<String>> {
+    // `-p` was checked to be `<instance>/<timestamp>`.
+    let instance = o.path.split('/').next().unwrap_or_default();
+    let parents: Vec<&str> = match o.parent_paths.is_empty() {
+        true => Vec::new(),
+        false => o.parent_paths.split(',').collect(),
+    };
+    let mut problems: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| bitmap_problem(v, bitmap))
+        .collect();
+    let mut files = Vec::new();
+    if parents.len() != volumes.len() {
+        problems.push(format!(
+            "--parent-paths lists {} files for {} disks: the disk list no longer matches",
+            parents.len(),
+            volumes.len()
+        ));
+    } else {
+        for (v, parent) in volumes.iter().zip(&parents) {
+            match parent_problem(mount, instance, parent, v.virtual_size) {
+                Err(p) => problems.push(p),
+                Ok(parts) => files.push(mount.join(parts.join("/"))),
+            }
+        }
+    }
+    match problems.is_empty() {
+        true => Ok(files),
+        false => Err(problems),
+    }
+}
+
+/// The domain's records beside the disks, as the script keeps them, the
+/// directory synced, and the script's closing lines with its size.
+fn finish_dest(domain: &Domain, dest: &Path, incremental: bool) -> anyhow::Result<Vec<String>> {
     for (file, command) in [
         ("domain-config.xml", "dumpxml"),
         ("dominfo.xml", "dominfo"),
@@ -460,23 +490,18 @@ pub(super) async fn backup_running(
     }
     sync_dir_files(dest)?;
     let size = du_sb(dest)?;
-    lines.extend([
+    Ok(vec![
         "Job type:         Completed".into(),
         "Operation:        Backup".into(),
         format!(
             "Mode:             {}",
-            if parent.is_some() {
-                "incremental"
-            } else {
-                "full"
-            }
+            if incremental { "incremental" } else { "full" }
         ),
         // The open PR's agent reads this line; the merged one reads the
         // last line, the size alone.
         format!("BACKUP_SIZE_TOTAL={size}"),
         size.to_string(),
-    ]);
-    Ok(lines)
+    ])
 }
 
 /// Full copies of a stopped VM's disks with `qemu-img convert` (files,
