@@ -75,6 +75,23 @@ async fn end_export(qmp: &crate::qmp::Qmp) -> anyhow::Result<()> {
     anyhow::bail!("the disk's export did not end within 2 s")
 }
 
+/// The demo's stand-in VM: a qemu-storage-daemon with a monitor, serving
+/// `disk` as node `disk0` and exporting it writable at `nbd_socket`.
+fn demo_vm(disk: &Path, nbd_socket: &Path) -> DaemonSpec {
+    DaemonSpec {
+        qmp: true,
+        blockdevs: vec![json!({
+            "driver": "qcow2", "node-name": "disk0",
+            "file": {"driver": "file", "filename": disk},
+        })],
+        nbd: Some(json!({"type": "unix", "path": nbd_socket})),
+        exports: vec![json!({
+            "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
+        })],
+        objects: Vec::new(),
+    }
+}
+
 async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     let disk = dir.join("disk0.qcow2");
     let repo_dir = dir.join("repo");
@@ -88,19 +105,7 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
         },
     )?;
 
-    let spec = DaemonSpec {
-        qmp: true,
-        blockdevs: vec![json!({
-            "driver": "qcow2", "node-name": "disk0",
-            "file": {"driver": "file", "filename": disk},
-        })],
-        nbd: Some(json!({"type": "unix", "path": nbd_socket})),
-        exports: vec![json!({
-            "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
-        })],
-        objects: Vec::new(),
-    };
-    let daemon = Daemon::start(private_dir("demo-vm")?, &spec).await?;
+    let daemon = Daemon::start(private_dir("demo-vm")?, &demo_vm(&disk, &nbd_socket)).await?;
     say!(
         say,
         "2. qemu-storage-daemon serves it, standing in for a running VM"
@@ -178,12 +183,24 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     drop(qmp);
     daemon.quit().await?;
 
+    restore_and_compare(&repo, dir, &disk, &last.id, say)
+}
+
+/// Restores backup `id` to a raw file in `dir` and compares it with the
+/// disk (`qemu-img compare`, a tool bitback shares no code with).
+fn restore_and_compare(
+    repo: &Repo,
+    dir: &Path,
+    disk: &Path,
+    id: &str,
+    say: &mut dyn FnMut(String),
+) -> anyhow::Result<()> {
     let restored = dir.join("restored.raw");
     let done = engine::restore(
-        &repo,
+        repo,
         &engine::RestoreOptions {
             vm: "demo".into(),
-            backup: Some(last.id.clone()),
+            backup: Some(id.to_string()),
             volumes: Vec::new(),
             output: restored.clone(),
             format: engine::Format::Raw,
@@ -203,7 +220,7 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     let compared = tool(
         Command::new("qemu-img")
             .args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(&disk)
+            .arg(disk)
             .arg(&restored),
         "qemu-img compare of the disk and the restore",
     )?;

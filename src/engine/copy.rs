@@ -949,14 +949,7 @@ async fn start_transaction(
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<bool>> {
     let (qmp, opts) = (run.qmp, run.opts);
-    let mut perf = opts.perf.clone();
-    if fleece.iter().any(Option::is_some) && perf.max_workers.is_none() {
-        perf.max_workers = Some(FLEECING_WORKERS);
-    }
-    if run.targets.iter().any(|t| t.baseline.is_some()) && perf.max_chunk.is_none() {
-        perf.max_chunk = Some(CONTENT_CHUNK);
-    }
-    let perf = perf.for_qemu(qmp).await?;
+    let perf = job_perf(run, fleece).for_qemu(qmp).await?;
     let mut guards: Vec<Option<Guard>> = run
         .volumes
         .iter()
@@ -1020,41 +1013,13 @@ async fn start_transaction(
         Err(_) => false,
     };
     let resumed = match paused {
-        Ok(Some(paused)) => {
-            let resumed = qmp.execute_raw("cont", Value::Null).await;
-            info!(vm = %opts.vm, ms = paused.since.elapsed().as_millis() as u64, devices = undo.guards.len(), "vm paused for the point");
-            // Released once resumed; dropped unreleased, the guard tries.
-            if let (Ok(_), Some(guard)) = (&resumed, paused.guard) {
-                guard.release();
-            }
-            resumed.map(drop)
-        }
+        Ok(Some(paused)) => resume(qmp, opts, paused, undo.guards.len()).await,
         _ => Ok(()),
     };
     if let Some(frozen) = frozen {
         undo.thaw_failure = frozen.thaw(&opts.vm).await;
     }
-    let applied = match &started {
-        Ok(_) => true,
-        // QEMU refused it (a transaction is all or nothing), or it was
-        // never sent.
-        Err(Failure::Transaction(qmp::Error::Qemu { .. })) | Err(Failure::Guard(_)) => false,
-        // No answer: it may have been applied; undo it by name.
-        Err(Failure::Transaction(e)) => {
-            warn!(vm = %opts.vm, error = %e, "the transaction's outcome is unknown; undoing it by name");
-            true
-        }
-    };
-    if applied {
-        undo.jobs
-            .extend((0..run.volumes.len()).map(|i| run.scope.job(i)));
-        if let Some(checkpoint) = run.checkpoint {
-            for v in run.volumes {
-                undo.bitmaps
-                    .push((v.node_name.clone(), checkpoint.to_string()));
-            }
-        }
-    }
+    record_applied(run, &started, undo);
     resumed.context(
         "resuming the vm after the point failed: it stays paused until resumed (virsh resume, or QMP cont)",
     )?;
@@ -1329,6 +1294,61 @@ async fn load_mask(
 enum Failure {
     Guard(anyhow::Error),
     Transaction(qmp::Error),
+}
+
+/// The jobs' `x-perf` as asked, with the run's own defaults: fewer
+/// workers with fleecing, larger chunks for a volume read by content.
+fn job_perf(run: &CopyPlan<'_>, fleece: &[Option<String>]) -> Perf {
+    let mut perf = run.opts.perf.clone();
+    if fleece.iter().any(Option::is_some) && perf.max_workers.is_none() {
+        perf.max_workers = Some(FLEECING_WORKERS);
+    }
+    if run.targets.iter().any(|t| t.baseline.is_some()) && perf.max_chunk.is_none() {
+        perf.max_chunk = Some(CONTENT_CHUNK);
+    }
+    perf
+}
+
+/// Resumes the VM paused for the point; the guard standing by is released
+/// once it runs (dropped unreleased, the guard tries).
+async fn resume(
+    qmp: &Qmp,
+    opts: &BackupOptions,
+    paused: Paused,
+    devices: usize,
+) -> Result<(), qmp::Error> {
+    let resumed = qmp.execute_raw("cont", Value::Null).await;
+    info!(vm = %opts.vm, ms = paused.since.elapsed().as_millis() as u64, devices, "vm paused for the point");
+    if let (Ok(_), Some(guard)) = (&resumed, paused.guard) {
+        guard.release();
+    }
+    resumed.map(drop)
+}
+
+/// Records in `undo` what a transaction that may have been applied made:
+/// its jobs and the new checkpoint's bitmaps, to be taken back by name.
+fn record_applied(run: &CopyPlan<'_>, started: &Result<Value, Failure>, undo: &mut Undo) {
+    let applied = match started {
+        Ok(_) => true,
+        // QEMU refused it (a transaction is all or nothing), or it was
+        // never sent.
+        Err(Failure::Transaction(qmp::Error::Qemu { .. })) | Err(Failure::Guard(_)) => false,
+        // No answer: it may have been applied; undo it by name.
+        Err(Failure::Transaction(e)) => {
+            warn!(vm = %run.opts.vm, error = %e, "the transaction's outcome is unknown; undoing it by name");
+            true
+        }
+    };
+    if applied {
+        undo.jobs
+            .extend((0..run.volumes.len()).map(|i| run.scope.job(i)));
+        if let Some(checkpoint) = run.checkpoint {
+            for v in run.volumes {
+                undo.bitmaps
+                    .push((v.node_name.clone(), checkpoint.to_string()));
+            }
+        }
+    }
 }
 
 /// A VM paused for the point: since when, and the guard that resumes it

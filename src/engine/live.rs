@@ -223,14 +223,15 @@ async fn serve(
     Ok(pid)
 }
 
-/// `restore --live --resume`: serves again, at the socket their backing
-/// file names, the point that images a live restore made read from, when
-/// its export ended before they were streamed (the host restarted, the
-/// daemon was killed). The images stay as they are, with whatever the
-/// guest wrote: start the VM on them (a running QEMU reconnects at its
-/// next read), then run `--finish`. The point is the one the images name;
-/// a `--backup` that differs is refused.
-async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
+/// An image that reads from a live export: its path, what it reads, its
+/// virtual size.
+type ImageReading = (PathBuf, Reads, u64);
+
+/// The images a resume serves again: those of `opts` (or the qcow2
+/// images in its output directory) that read from a bitback live export,
+/// each with what it reads and its size, and the first one's export. All
+/// must read from one live restore, of the VM and backup asked for.
+fn images_to_resume(opts: &LiveOptions) -> anyhow::Result<(Vec<ImageReading>, Reads)> {
     let candidates: Vec<PathBuf> = if opts.images.is_empty() {
         let entries = std::fs::read_dir(&opts.output)
             .with_context(|| format!("reading {}", opts.output.display()))?;
@@ -246,7 +247,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
         opts.images.iter().map(|(_, p)| p.clone()).collect()
     };
     // The images that read from a bitback live export.
-    let mut images: Vec<(PathBuf, Reads, u64)> = Vec::new();
+    let mut images: Vec<ImageReading> = Vec::new();
     for path in candidates {
         let Ok(image) = qcow2::Image::open(&path) else {
             continue;
@@ -293,6 +294,18 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
         ))
         .into());
     }
+    Ok((images, first))
+}
+
+/// `restore --live --resume`: serves again, at the socket their backing
+/// file names, the point that images a live restore made read from, when
+/// its export ended before they were streamed (the host restarted, the
+/// daemon was killed). The images stay as they are, with whatever the
+/// guest wrote: start the VM on them (a running QEMU reconnects at its
+/// next read), then run `--finish`. The point is the one the images name;
+/// a `--backup` that differs is refused.
+async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
+    let (images, first) = images_to_resume(opts)?;
     let wanted: Vec<String> = images.iter().map(|(_, r, _)| r.volume.clone()).collect();
     let (lock, point) = Point::locked(
         repo,
@@ -855,6 +868,28 @@ async fn end_exports(backed: &[Backed]) -> anyhow::Result<(Vec<PathBuf>, Vec<Pat
     Ok((ended, kept))
 }
 
+/// Waits until the stream of disk `node` of `domain` ends, showing its
+/// progress.
+async fn wait_for_stream(
+    domain: &Domain,
+    node: &str,
+    progress: Option<&ProgressSink>,
+) -> anyhow::Result<()> {
+    if let Some(p) = progress {
+        p.0.start("streaming the backup into the images", 0);
+    }
+    while let Some((done, all)) = domain.blockjob(node)? {
+        if let Some(p) = progress {
+            p.0.update(done, all);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(p) = progress {
+        p.0.finish();
+    }
+    Ok(())
+}
+
 /// [`finish`] for a libvirt domain, with libvirt's own streams (`virsh
 /// blockpull`), so that libvirt's view of each disk's chain follows.
 pub async fn finish_domain(
@@ -919,18 +954,7 @@ pub async fn finish_domain(
                     how: if running { "waited" } else { "streamed" },
                 });
             }
-            if let Some(p) = progress {
-                p.0.start("streaming the backup into the images", 0);
-            }
-            while let Some((done, all)) = domain.blockjob(&b.node)? {
-                if let Some(p) = progress {
-                    p.0.update(done, all);
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            if let Some(p) = progress {
-                p.0.finish();
-            }
+            wait_for_stream(domain, &b.node, progress).await?;
         }
         let left = backed_disks(&domain.info()?);
         let failed = left

@@ -694,27 +694,7 @@ fn copy_segments(
         segments,
         packing,
     } = mapped;
-    let mut chunks = Vec::new();
-    for s in &segments {
-        if s.packed.is_some() {
-            chunks.push(*s);
-            continue;
-        }
-        let mut done = 0;
-        while done < s.len {
-            let len = CHUNK.min(s.len - done);
-            chunks.push(Segment {
-                guest: s.guest + done,
-                len,
-                file: s.file,
-                host: s.host + done,
-                packed: None,
-            });
-            done += len;
-        }
-    }
-    // Read each file in host order: sequential on disk.
-    chunks.sort_by_key(|c| (c.file, c.host));
+    let chunks = chunks_of(&segments);
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let bar = how.progress.map(|p| &p.0);
     if let Some(bar) = bar {
@@ -772,17 +752,7 @@ fn copy_segments(
                             seen.check(check, c, buf)
                                 .with_context(|| format!("reading {}", files[c.file].display()))?;
                         }
-                        let at = dest(c.guest);
-                        let aligned = at % DIRECT_ALIGN == 0 && c.len % DIRECT_ALIGN == 0;
-                        match direct {
-                            Some(direct) if aligned => match direct.write_all_at(buf, at) {
-                                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                                    output.write_all_at(buf, at)?
-                                }
-                                other => other?,
-                            },
-                            _ => output.write_all_at(buf, at)?,
-                        }
+                        write_out(output, direct.as_ref(), buf, dest(c.guest))?;
                         let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
                         if let Some(bar) = bar {
                             bar.update(done, total);
@@ -808,6 +778,46 @@ fn copy_segments(
     }
     shared.1.sync_all()?;
     Ok(copied.load(Ordering::Relaxed))
+}
+
+/// The copy's units: each segment of plain data cut into chunks of at
+/// most [`CHUNK`] (a compressed cluster is one), in each file's host
+/// order, so that every file is read sequentially.
+fn chunks_of(segments: &[Segment]) -> Vec<Segment> {
+    let mut chunks = Vec::new();
+    for s in segments {
+        if s.packed.is_some() {
+            chunks.push(*s);
+            continue;
+        }
+        let mut done = 0;
+        while done < s.len {
+            let len = CHUNK.min(s.len - done);
+            chunks.push(Segment {
+                guest: s.guest + done,
+                len,
+                file: s.file,
+                host: s.host + done,
+                packed: None,
+            });
+            done += len;
+        }
+    }
+    chunks.sort_by_key(|c| (c.file, c.host));
+    chunks
+}
+
+/// Writes `buf` at `at` of the output: around the page cache where it is
+/// aligned and the file takes O_DIRECT, else through it.
+fn write_out(output: &File, direct: Option<&File>, buf: &[u8], at: u64) -> std::io::Result<()> {
+    let aligned = at % DIRECT_ALIGN == 0 && buf.len() as u64 % DIRECT_ALIGN == 0;
+    match direct {
+        Some(direct) if aligned => match direct.write_all_at(buf, at) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => output.write_all_at(buf, at),
+            other => other,
+        },
+        _ => output.write_all_at(buf, at),
+    }
 }
 
 /// Reads `buf` at `at` of a chain file: around the page cache where the
@@ -948,6 +958,47 @@ pub struct InPlaceOptions {
     pub progress: Option<super::ProgressSink>,
 }
 
+/// The volume of `m` an in-place restore writes: the one named, or its
+/// only one. An encrypted backup is refused (its key never meets a VM's
+/// image here).
+fn in_place_record<'m>(m: &'m Manifest, volume: Option<&str>) -> anyhow::Result<&'m VolumeRecord> {
+    let record = match (volume, m.volumes.as_slice()) {
+        (None, [only]) => only,
+        (None, _) => {
+            return Err(BadInput(format!(
+                "backup {} has several volumes; name one with --volume",
+                m.id
+            ))
+            .into());
+        }
+        (Some(name), volumes) => volumes
+            .iter()
+            .find(|v| v.name == name)
+            .context("the volume resolve found")?,
+    };
+    if m.encryption.is_some() {
+        return Err(BadInput(format!(
+            "backup {} is encrypted; restore it to a file with --key-file, then copy that into the image",
+            m.id
+        ))
+        .into());
+    }
+    Ok(record)
+}
+
+/// Converts chain top `top` into the existing qcow2 image at `image`
+/// (`qemu-img convert -n`, which takes the image's lock itself).
+fn convert_into(top: &Path, image: &Path) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "qcow2", "-O", "qcow2"])
+        .arg(top)
+        .arg(image)
+        .output()
+        .context("running qemu-img convert (install qemu-utils)")?;
+    crate::child::succeeded("qemu-img convert", out)?;
+    Ok(())
+}
+
 /// Writes a backup point into an existing image (qcow2 through `qemu-img
 /// convert -n`, a raw file natively), refusing while a QEMU holds it, then
 /// clears the VM's active checkpoint: the disk no longer matches any
@@ -964,27 +1015,7 @@ pub fn restore_in_place(
         Checks::reading(opts.verify),
         opts.volume.as_slice(),
     )?;
-    let record = match (&opts.volume, m.volumes.as_slice()) {
-        (None, [only]) => only,
-        (None, _) => {
-            return Err(BadInput(format!(
-                "backup {} has several volumes; name one with --volume",
-                m.id
-            ))
-            .into());
-        }
-        (Some(name), volumes) => volumes
-            .iter()
-            .find(|v| &v.name == name)
-            .context("the volume resolve found")?,
-    };
-    if m.encryption.is_some() {
-        return Err(BadInput(format!(
-            "backup {} is encrypted; restore it to a file with --key-file, then copy that into the image",
-            m.id
-        ))
-        .into());
-    }
+    let record = in_place_record(&m, opts.volume.as_deref())?;
     let files = volume_files(repo, &chain, &record.name)?;
     let top = files.last().context("empty chain")?;
 
@@ -1028,13 +1059,7 @@ pub fn restore_in_place(
         // qemu-img takes its own lock.
         drop(lockout);
         drop(image);
-        let out = Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "qcow2", "-O", "qcow2"])
-            .arg(top)
-            .arg(&opts.image)
-            .output()
-            .context("running qemu-img convert (install qemu-utils)")?;
-        crate::child::succeeded("qemu-img convert", out)?;
+        convert_into(top, &opts.image)?;
         (None, "qemu-img convert -n (qcow2 image)".to_string())
     } else if meta.is_file() {
         if meta.len() != record.virtual_size {

@@ -354,19 +354,7 @@ pub(super) async fn backup_running(
             baseline: None,
         })
         .collect();
-    let opts = BackupOptions {
-        vm: domain.name.clone(),
-        quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
-        thaw_guard: Some(extras.guard.clone()),
-        resume: Some(Thawer::ResumeLibvirt(domain.clone())),
-        rate_limit: extras.rate,
-        compress: o.compress,
-        encrypt: extras.key.clone(),
-        fleecing: extras.fleecing.clone(),
-        // CloudStack's layout has no place for them.
-        cluster_maps: false,
-        ..BackupOptions::default()
-    };
+    let opts = nas_options(o, extras, domain);
     let repo_id = blake3::hash(o.storage.as_bytes()).to_hex()[..8].to_string();
     let scope = engine::scope::Scope::new(&repo_id, &format!("nas-{}", domain.name));
     let (_tx, cancel) = tokio::sync::watch::channel(false);
@@ -407,6 +395,25 @@ pub(super) async fn backup_running(
     drop(monitor);
     lines.extend(finish_dest(domain, dest, parent.is_some())?);
     Ok(lines)
+}
+
+/// The copy's options for the script's: quiescing through libvirt, the
+/// domain resumed by libvirt should bitback die with it paused, no
+/// cluster maps.
+fn nas_options(o: &Options, extras: &Extras, domain: &Domain) -> BackupOptions {
+    BackupOptions {
+        vm: domain.name.clone(),
+        quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
+        thaw_guard: Some(extras.guard.clone()),
+        resume: Some(Thawer::ResumeLibvirt(domain.clone())),
+        rate_limit: extras.rate,
+        compress: o.compress,
+        encrypt: extras.key.clone(),
+        fleecing: extras.fleecing.clone(),
+        // CloudStack's layout has no place for them.
+        cluster_maps: false,
+        ..BackupOptions::default()
+    }
 }
 
 /// What the orchestrator asked for (`-M`): CloudStack's modes.
