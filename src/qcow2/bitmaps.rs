@@ -38,6 +38,49 @@ pub struct BitmapEntry {
     pub extra_data: Vec<u8>,
 }
 
+/// A bitmap's table, as its directory entry places it.
+struct Table {
+    offset: u64,
+    /// Entries of 8 bytes.
+    size: u32,
+}
+
+impl Table {
+    /// Why the table cannot be a bitmap's of a `size`-byte image at
+    /// `granularity`: too large or empty, not on a cluster, past the
+    /// file's end, or too small to cover the image.
+    fn check(
+        &self,
+        granularity: u64,
+        size: u64,
+        cluster_size: u64,
+        file_len: u64,
+    ) -> std::result::Result<(), String> {
+        let (offset, entries) = (self.offset, self.size);
+        if entries == 0 || entries > MAX_TABLE_SIZE {
+            return Err(format!("table of {entries} entries"));
+        }
+        if offset == 0 || offset % cluster_size != 0 {
+            return Err(format!("table offset {offset:#x} is not a cluster"));
+        }
+        let end = offset.checked_add(u64::from(entries) * 8);
+        if end.is_none_or(|end| end > file_len) {
+            return Err(format!(
+                "table at {offset:#x} runs past the end of the file"
+            ));
+        }
+        let covered = u64::from(entries)
+            .saturating_mul(cluster_size * 8)
+            .saturating_mul(granularity);
+        if covered < size {
+            return Err(format!(
+                "table of {entries} entries covers {covered} bytes of a {size}-byte image"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Parses `nb` entries from the directory bytes, checking each against the
 /// image: `size` (virtual), `cluster_size` and `file_len`.
 pub fn parse_directory(
@@ -96,29 +139,14 @@ pub fn parse_directory(
         if flags & !KNOWN_FLAGS != 0 {
             return Err(bad(format!("unknown flags {flags:#x}")));
         }
-        if table_size == 0 || table_size > MAX_TABLE_SIZE {
-            return Err(bad(format!("table of {table_size} entries")));
-        }
-        if table_offset == 0 || table_offset % cluster_size != 0 {
-            return Err(bad(format!(
-                "table offset {table_offset:#x} is not a cluster"
-            )));
-        }
-        let table_end = table_offset.checked_add(u64::from(table_size) * 8);
-        if table_end.is_none_or(|end| end > file_len) {
-            return Err(bad(format!(
-                "table at {table_offset:#x} runs past the end of the file"
-            )));
-        }
         let granularity = 1u64 << granularity_bits;
-        let covered = u64::from(table_size)
-            .saturating_mul(cluster_size * 8)
-            .saturating_mul(granularity);
-        if covered < size {
-            return Err(bad(format!(
-                "table of {table_size} entries covers {covered} bytes of a {size}-byte image"
-            )));
-        }
+        let table = Table {
+            offset: table_offset,
+            size: table_size,
+        };
+        table
+            .check(granularity, size, cluster_size, file_len)
+            .map_err(bad)?;
         if entries.iter().any(|other| other.name == name) {
             return Err(bad(format!("name {name:?} appears twice")));
         }

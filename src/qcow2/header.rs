@@ -164,6 +164,34 @@ pub struct HeaderCluster {
     pub crypto: Option<CryptoExtension>,
 }
 
+impl Header {
+    /// The fixed fields' own rules: the refcount order the version
+    /// allows, a known encryption method, a compression type that agrees
+    /// with its feature bit.
+    fn check_fields(&self) -> Result<()> {
+        let refcount_ok = match self.version {
+            2 => self.refcount_order == 4,
+            _ => self.refcount_order <= 6,
+        };
+        if !refcount_ok {
+            return Err(Error::BadRefcountOrder {
+                order: self.refcount_order,
+                version: self.version,
+            });
+        }
+        if self.crypt_method > CRYPT_LUKS {
+            return Err(Error::BadCryptMethod {
+                method: self.crypt_method,
+            });
+        }
+        let compression_flag = self.incompatible_features & incompat::COMPRESSION != 0;
+        match (self.compression_type, compression_flag) {
+            (0, false) | (1, true) => Ok(()),
+            (found, _) => Err(Error::BadCompressionType { found }),
+        }
+    }
+}
+
 /// Parses the header cluster. `buf` holds the start of the file, at least
 /// the first cluster or the whole file when it is shorter; `file_len` is
 /// the file's length, for bounds checks.
@@ -232,27 +260,7 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<HeaderCluster> {
             h.compression_type = buf[COMPRESSION_TYPE_OFFSET];
         }
     }
-    let refcount_ok = if version == 2 {
-        h.refcount_order == 4
-    } else {
-        h.refcount_order <= 6
-    };
-    if !refcount_ok {
-        return Err(Error::BadRefcountOrder {
-            order: h.refcount_order,
-            version,
-        });
-    }
-    if h.crypt_method > CRYPT_LUKS {
-        return Err(Error::BadCryptMethod {
-            method: h.crypt_method,
-        });
-    }
-    let compression_flag = h.incompatible_features & incompat::COMPRESSION != 0;
-    match (h.compression_type, compression_flag) {
-        (0, false) | (1, true) => {}
-        (found, _) => return Err(Error::BadCompressionType { found }),
-    }
+    h.check_fields()?;
 
     // Extensions live between the fixed header and the backing name (or
     // the end of the first cluster).

@@ -163,6 +163,35 @@ pub fn walk<S: Source + ?Sized>(
     merger.finish()
 }
 
+/// The extent of compressed cluster `l2e` at `guest` (`len` bytes), its
+/// host range checked against the file.
+fn compressed(image: &Image, guest: u64, len: u64, l2e: u64) -> Result<Extent> {
+    let h = image.header();
+    // Host offset in the low x bits, then (sectors - 1) above it.
+    let x = 62 - (h.cluster_bits - 8);
+    let host = l2e & ((1u64 << x) - 1);
+    let sectors = ((l2e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
+    let compressed_length = sectors * 512 - (host & 511);
+    // The length counts whole sectors, an upper bound: the data may end
+    // inside the last one, and a file QEMU wrote ends where its last
+    // compressed cluster's data ends (reads past it give zeros). So the
+    // range may reach into the file's last, partial sector, no further.
+    check_within(
+        "compressed cluster",
+        host,
+        compressed_length.min(h.cluster_size()),
+        image.file_len.next_multiple_of(512),
+    )?;
+    check_within("compressed cluster", host, 1, image.file_len)?;
+    Ok(Extent {
+        start: guest,
+        length: len,
+        kind: Kind::Compressed,
+        offset: Some(host),
+        compressed_length: Some(compressed_length),
+    })
+}
+
 fn classify<F: FnMut(Extent) -> Result<()>>(
     image: &Image,
     guest: u64,
@@ -193,29 +222,7 @@ fn classify<F: FnMut(Extent) -> Result<()>>(
         if bitmap.is_some_and(|b| b != 0) {
             return Err(bad("compressed cluster with a subcluster bitmap".into()));
         }
-        // Host offset in the low x bits, then (sectors - 1) above it.
-        let x = 62 - (h.cluster_bits - 8);
-        let host = l2e & ((1u64 << x) - 1);
-        let sectors = ((l2e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
-        let compressed_length = sectors * 512 - (host & 511);
-        // The length counts whole sectors, an upper bound: the data may end
-        // inside the last one, and a file QEMU wrote ends where its last
-        // compressed cluster's data ends (reads past it give zeros). So the
-        // range may reach into the file's last, partial sector, no further.
-        check_within(
-            "compressed cluster",
-            host,
-            compressed_length.min(cluster_size),
-            image.file_len.next_multiple_of(512),
-        )?;
-        check_within("compressed cluster", host, 1, image.file_len)?;
-        return out.push(Extent {
-            start: guest,
-            length: len,
-            kind: Kind::Compressed,
-            offset: Some(host),
-            compressed_length: Some(compressed_length),
-        });
+        return out.push(compressed(image, guest, len, l2e)?);
     }
 
     let host = l2e & L2E_OFFSET_MASK;

@@ -833,44 +833,25 @@ impl Stream {
                 .unwrap_or(1)
         });
         let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
-        let mut data_bytes = 0u64;
-        let per = (cs / 8) as usize;
-        let written = (|| {
-            // The L2 tables one at a time: memory for one table's bytes,
-            // not for all of them.
-            let mut raw = Vec::with_capacity(cs as usize);
-            for (j, (index, entries)) in self.l2.iter().enumerate() {
-                let at = l2_offset + j as u64 * cs;
-                raw.clear();
-                for (k, e) in entries.entries(per).enumerate() {
-                    raw.extend_from_slice(&e.to_be_bytes());
-                    if e & COMPRESSED != 0 || (e & OFFSET_MASK != 0 && e & ZERO == 0) {
-                        let guest = (index * per as u64 + k as u64) * cs;
-                        data_bytes += cs.min(self.size - guest);
+        let written = self
+            .write_l2_tables(l2_offset, &mut l1)
+            .and_then(|data_bytes| {
+                for (bytes, at) in [
+                    (&l1, l1_offset),
+                    (&table, rt_offset),
+                    (&blocks, rb_offset),
+                    (&header, 0),
+                ] {
+                    self.file.write_all_at(bytes, at)?;
+                    if let Some(d) = &mut self.digest {
+                        d.written(at, bytes);
                     }
                 }
-                self.file.write_all_at(&raw, at)?;
-                if let Some(d) = &mut self.digest {
-                    d.written(at, &raw);
-                }
-                let slot = (*index * 8) as usize;
-                l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
-            }
-            for (bytes, at) in [
-                (&l1, l1_offset),
-                (&table, rt_offset),
-                (&blocks, rb_offset),
-                (&header, 0),
-            ] {
-                self.file.write_all_at(bytes, at)?;
-                if let Some(d) = &mut self.digest {
-                    d.written(at, bytes);
-                }
-            }
-            self.file.set_len(total * cs)?;
-            self.file.sync_all()
-        })();
-        written.map_err(|source| Error::Writing {
+                self.file.set_len(total * cs)?;
+                self.file.sync_all()?;
+                Ok(data_bytes)
+            });
+        let data_bytes = written.map_err(|source| Error::Writing {
             what: "the image's tables",
             source,
         })?;
@@ -900,6 +881,34 @@ impl Stream {
             map,
             received: self.received,
         })
+    }
+
+    /// Writes the L2 tables from `l2_offset` on, one at a time (memory for
+    /// one table's bytes, not all), each entered in `l1`; returns the
+    /// guest bytes the image holds as data.
+    fn write_l2_tables(&mut self, l2_offset: u64, l1: &mut [u8]) -> std::io::Result<u64> {
+        let cs = self.cs;
+        let per = (cs / 8) as usize;
+        let mut data_bytes = 0u64;
+        let mut raw = Vec::with_capacity(cs as usize);
+        for (j, (index, entries)) in self.l2.iter().enumerate() {
+            let at = l2_offset + j as u64 * cs;
+            raw.clear();
+            for (k, e) in entries.entries(per).enumerate() {
+                raw.extend_from_slice(&e.to_be_bytes());
+                if e & COMPRESSED != 0 || (e & OFFSET_MASK != 0 && e & ZERO == 0) {
+                    let guest = (index * per as u64 + k as u64) * cs;
+                    data_bytes += cs.min(self.size - guest);
+                }
+            }
+            self.file.write_all_at(&raw, at)?;
+            if let Some(d) = &mut self.digest {
+                d.written(at, &raw);
+            }
+            let slot = (*index * 8) as usize;
+            l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
+        }
+        Ok(data_bytes)
     }
 
     /// The refcounts of host clusters `0..head` (header and data) of a
