@@ -150,7 +150,7 @@ pub(crate) struct ServingArgs {
 }
 
 pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
-    let serves: Vec<_> = engine::detached::serves()
+    let serves: Vec<_> = engine::serve::runtime::serves()
         .into_iter()
         .filter(|s| args.vm.as_ref().is_none_or(|vm| *vm == s.state.vm))
         .collect();
@@ -162,7 +162,7 @@ pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
             None => repo.vms()?,
         };
         for vm in vms {
-            for found in engine::detached::leases(&repo.vm_dir(&vm)?) {
+            for found in engine::serve::runtime::leases(&repo.vm_dir(&vm)?) {
                 leases.push((vm.clone(), found));
             }
         }
@@ -180,9 +180,9 @@ pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let kind = |k: engine::detached::Kind| match k {
-        engine::detached::Kind::Mount => "mount",
-        engine::detached::Kind::Live => "live",
+    let kind = |k: engine::serve::runtime::Kind| match k {
+        engine::serve::runtime::Kind::Mount => "mount",
+        engine::serve::runtime::Kind::Live => "live",
     };
     if serves.is_empty() {
         println!("nothing serves on this host");

@@ -9,18 +9,15 @@ mod chain;
 mod check;
 mod content;
 mod copy;
-pub mod detached;
-mod export;
 mod guard;
 pub mod key;
-mod live;
-mod mount;
 mod nbd_target;
 pub mod plan;
 mod quiesce;
 mod restore;
 mod retention;
 pub mod scope;
+pub mod serve;
 mod stopped;
 pub mod thaw_guard;
 mod verify;
@@ -30,15 +27,14 @@ pub use backup::{BackupOptions, BackupRun, DataPath, backup, backup_named, backu
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
-pub use export::{Export, ExportOptions, Listen, export};
-pub use live::{
-    FinishReport, Finished, LiveOptions, finish, finish_domain, restore_live, restore_live_domain,
-};
-pub use mount::{MountOptions, Served, ServedFile, mount, umount};
 pub use restore::{
     Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
 };
 pub use retention::{Keep, Retention, consolidate, prune};
+pub use serve::{
+    Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,
+    ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,
+};
 pub use stopped::{StoppedImage, backup_stopped, domain_images};
 pub use verify::{Scope, verify};
 

@@ -290,7 +290,7 @@ fn lock_readers(
 ) -> crate::repo::Result<crate::repo::ReadLock> {
     let vm = lock.vm();
     let vm_dir = repo.vm_dir(vm)?;
-    let leases = || super::detached::leases_in_the_way(&vm_dir);
+    let leases = || super::serve::runtime::leases_in_the_way(&vm_dir);
     match repo.lock_readers(lock, purpose) {
         Ok(readers) => {
             let leases = leases();
@@ -304,7 +304,7 @@ fn lock_readers(
             })
         }
         Err(crate::repo::Error::InUse { vm, holder }) => {
-            let mut held = super::detached::holders(repo.root(), &vm);
+            let mut held = super::serve::runtime::holders(repo.root(), &vm);
             held.extend(leases().into_iter().filter(|l| !l.here).map(|l| l.what));
             let holder = if held.is_empty() {
                 holder

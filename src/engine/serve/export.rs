@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tracing::info;
 
-use super::BadInput;
-use super::restore::resolve;
+use crate::engine::BadInput;
+use crate::engine::restore::resolve;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::Repo;
@@ -32,9 +32,9 @@ pub struct ExportOptions {
     /// Let clients write (into the throwaway overlay).
     pub writable: bool,
     /// The key of an encrypted backup.
-    pub key: Option<super::key::Key>,
+    pub key: Option<crate::engine::key::Key>,
     /// What is checked before the point is served.
-    pub checks: super::check::Checks,
+    pub checks: crate::engine::check::Checks,
 }
 
 /// A running export; dropping it stops the daemon and removes the overlay.
@@ -109,8 +109,8 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
     match (&manifest.encryption, &opts.key) {
         (None, _) => {}
         (Some(_), Some(key)) => {
-            let files = super::chain::volume_files(repo, &chain, &record.name)?;
-            blockdev["backing"] = super::chain::encrypted_image(&files, "bitback-key");
+            let files = crate::engine::chain::volume_files(repo, &chain, &record.name)?;
+            blockdev["backing"] = crate::engine::chain::encrypted_image(&files, "bitback-key");
             objects.push(format!(
                 "secret,id=bitback-key,format=raw,file={}",
                 key.path().display().to_string().replace(',', ",,")

@@ -1,7 +1,7 @@
 //! `bitback mount`: a backup point's volumes as read-only files, one
 //! `<volume>.raw` per volume, each the volume's whole virtual disk at that
 //! point, read through its chain by a qemu-storage-daemon that serves on
-//! after bitback exits (FUSE exports; [`super::detached`]). `umount` ends
+//! after bitback exits (FUSE exports; [`super::runtime`]). `umount` ends
 //! it and removes what `mount` made.
 
 use std::path::{Path, PathBuf};
@@ -11,11 +11,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::BadInput;
-use super::check::Checks;
-use super::detached::{self, Kind, State};
-use super::key::Key;
-use super::restore::resolve;
+use super::runtime::{self, Kind, State};
+use crate::engine::BadInput;
+use crate::engine::check::Checks;
+use crate::engine::key::Key;
+use crate::engine::restore::resolve;
 use crate::qemu::daemon::DaemonSpec;
 use crate::repo::{Manifest, Repo};
 
@@ -86,7 +86,7 @@ impl Point {
         purpose: &str,
         checks: Checks,
     ) -> anyhow::Result<(Option<crate::repo::ReadLock>, Point)> {
-        detached::clean_all_dead();
+        runtime::clean_all_dead();
         let lock = repo.read_lock(vm, purpose)?;
         Ok((lock, Point::open(repo, vm, backup, wanted, key, checks)?))
     }
@@ -125,8 +125,8 @@ impl Point {
             .iter()
             .filter(|v| wanted.is_empty() || wanted.contains(&v.name))
         {
-            let files = super::chain::volume_files(repo, &chain, &v.name)?;
-            let mut image = super::chain::chain_image(&files, secret);
+            let files = crate::engine::chain::volume_files(repo, &chain, &v.name)?;
+            let mut image = crate::engine::chain::chain_image(&files, secret);
             image["node-name"] = json!(format!("vol{}", volumes.len()));
             blockdevs.push(image);
             volumes.push((v.name.clone(), v.virtual_size));
@@ -191,7 +191,7 @@ impl Serving {
         let key = key(&target);
         // The VM's name was checked when its point was opened.
         let root = std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
-        let lease = detached::lease_path(&root.join(vm), &detached::dir_for(kind, &key));
+        let lease = runtime::lease_path(&root.join(vm), &runtime::dir_for(kind, &key));
         let state = State {
             kind,
             repo: root,
@@ -203,10 +203,10 @@ impl Serving {
             pending: Vec::new(),
             made_target,
             starter: std::process::id(),
-            started: detached::now(),
+            started: runtime::now(),
             lease: Some(lease.clone()),
         };
-        let runtime = match detached::make_dir(kind, &key, &state) {
+        let runtime = match runtime::make_dir(kind, &key, &state) {
             Ok(runtime) => runtime,
             Err(e) => {
                 if made_target {
@@ -220,13 +220,13 @@ impl Serving {
             runtime,
             state,
         };
-        match detached::take_lease(&lease, &serving.runtime, &serving.state) {
+        match runtime::take_lease(&lease, &serving.runtime, &serving.state) {
             Ok(true) => {}
             // A repository this user cannot write: no prune runs from here
             // either, and the lock keeps others off.
             Ok(false) => {
                 serving.state.lease = None;
-                if let Err(e) = detached::write(&serving.runtime, &serving.state) {
+                if let Err(e) = runtime::write(&serving.runtime, &serving.state) {
                     return Err(serving.undo(e));
                 }
             }
@@ -242,9 +242,9 @@ impl Serving {
             true => self.state.pending.push(file.to_path_buf()),
             false => self.state.files.push(file.to_path_buf()),
         }
-        detached::write(&self.runtime, &self.state)?;
+        runtime::write(&self.runtime, &self.state)?;
         if let (false, Some(lease)) = (pending, &self.state.lease) {
-            detached::take_lease(lease, &self.runtime, &self.state)?;
+            runtime::take_lease(lease, &self.runtime, &self.state)?;
         }
         Ok(())
     }
@@ -294,7 +294,7 @@ impl Serving {
             ..spec
         };
         crate::fault::point("serve-before-daemon");
-        detached::start(&self.runtime, &spec, lock).map_err(|e| self.undo(e))
+        runtime::start(&self.runtime, &spec, lock).map_err(|e| self.undo(e))
     }
 }
 
@@ -384,9 +384,9 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
 pub async fn umount(dir: &Path) -> anyhow::Result<State> {
     let target =
         std::fs::canonicalize(dir).map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
-    let runtime = detached::dir_for(Kind::Mount, &target);
-    let state = detached::read(&runtime);
-    detached::clean_all_dead();
+    let runtime = runtime::dir_for(Kind::Mount, &target);
+    let state = runtime::read(&runtime);
+    runtime::clean_all_dead();
     let state = match state {
         Ok(state) => state,
         Err(_) => {
@@ -416,7 +416,7 @@ pub async fn umount(dir: &Path) -> anyhow::Result<State> {
         .into());
     }
     if runtime.exists() {
-        detached::stop(&runtime, &state).await?;
+        runtime::stop(&runtime, &state).await?;
     }
     Ok(state)
 }

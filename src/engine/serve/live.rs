@@ -1,7 +1,7 @@
 //! Live restores: `restore --live` returns in seconds with one empty qcow2
 //! image per volume whose backing file is the point, served read-only over
 //! NBD by a qemu-storage-daemon that runs on after bitback
-//! ([`super::detached`]); a VM starts on the images at once and reads what
+//! ([`super::runtime`]); a VM starts on the images at once and reads what
 //! it has not written from the backup. `restore --finish` then streams
 //! the backup's data into the images in the running VM (`block-stream`),
 //! which drops their backing, and ends the export once no image needs it.
@@ -14,10 +14,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::detached::{self, Kind, State, socket_of};
-use super::key::Key;
 use super::mount::{Point, Served, ServedFile, Serving};
-use super::{BadInput, ProgressSink};
+use super::runtime::{self, Kind, State, socket_of};
+use crate::engine::key::Key;
+use crate::engine::{BadInput, ProgressSink};
 use crate::libvirt::Domain;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::DaemonSpec;
@@ -46,7 +46,7 @@ pub struct LiveOptions {
     /// (their export ended before they were streamed): no image is made.
     pub resume: bool,
     /// What is checked before the point is served.
-    pub checks: super::check::Checks,
+    pub checks: crate::engine::check::Checks,
 }
 
 /// The export name of `volume` of backup `backup` of `vm`: it names the
@@ -147,7 +147,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         let path = image_of(&serving.target, name);
         let aside = aside_of(&path);
         let url = export_url(&export_name(&opts.vm, &point.manifest.id, name), &socket);
-        let made = super::restore::data_ranges(&point.files[i])
+        let made = crate::engine::restore::data_ranges(&point.files[i])
             .and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
         if let Err(e) = made.and_then(|()| serving.record(&aside, true)) {
             let _ = std::fs::remove_file(&aside);
@@ -215,7 +215,7 @@ async fn serve(
     if let Some(owner) = owner
         && let Err(e) = crate::qemu::daemon::give_to(&socket, owner)
     {
-        let _ = detached::stop(&serving.runtime, &serving.state).await;
+        let _ = runtime::stop(&serving.runtime, &serving.state).await;
         return Err(serving.undo(
             anyhow::Error::from(e).context(format!("giving {} to QEMU's user", socket.display())),
         ));
@@ -586,14 +586,14 @@ struct Backed {
     runtime: PathBuf,
 }
 
-/// The VM's images backed by a live export under [`detached::base`]: its
+/// The VM's images backed by a live export under [`runtime::base`]: its
 /// qcow2 nodes whose header names one as backing file (a VM's devices and
 /// a qemu-storage-daemon's nodes alike).
 async fn backed_images(qmp: &Qmp) -> anyhow::Result<Vec<Backed>> {
     let nodes = qmp
         .execute_raw("query-named-block-nodes", json!({ "flat": true }))
         .await?;
-    let base = detached::base();
+    let base = runtime::base();
     let mut found = Vec::new();
     for n in nodes.as_array().into_iter().flatten() {
         if n["drv"] != "qcow2" {
@@ -675,7 +675,7 @@ impl Rounds {
 /// streams' bytes on `progress`. A stream that fails while its export
 /// serves is run again (see [`ROUNDS`]).
 pub async fn finish(qmp: &Qmp, progress: Option<&ProgressSink>) -> anyhow::Result<FinishReport> {
-    detached::clean_all_dead();
+    runtime::clean_all_dead();
     let backed = backed_images(qmp).await?;
     let mut volumes: Vec<Finished> = Vec::new();
     let mut rounds = Rounds::new();
@@ -828,7 +828,7 @@ async fn wait_jobs(
 impl Backed {
     /// Fails, saying what it means, when the export it reads from is gone.
     fn serving(&self) -> anyhow::Result<()> {
-        if detached::daemon(&self.runtime).is_none() {
+        if runtime::daemon(&self.runtime).is_none() {
             bail!(
                 "{} reads its not-yet-restored data from a live export that is gone ({}): \
                  the VM gets read errors there until bitback restore --live --resume --repo REPO \
@@ -852,7 +852,7 @@ impl Backed {
 /// kept): kept are those of `backed` an image still reads from.
 async fn end_exports(backed: &[Backed]) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let (mut ended, mut kept) = (Vec::new(), Vec::new());
-    for (runtime, state) in detached::all() {
+    for (runtime, state) in runtime::all() {
         if state.kind != Kind::Live {
             continue;
         }
@@ -861,7 +861,7 @@ async fn end_exports(backed: &[Backed]) -> anyhow::Result<(Vec<PathBuf>, Vec<Pat
                 kept.push(runtime);
             }
         } else {
-            detached::stop(&runtime, &state).await?;
+            runtime::stop(&runtime, &state).await?;
             ended.push(runtime);
         }
     }
@@ -896,8 +896,8 @@ pub async fn finish_domain(
     domain: &Domain,
     progress: Option<&ProgressSink>,
 ) -> anyhow::Result<FinishReport> {
-    detached::clean_all_dead();
-    let base = detached::base();
+    runtime::clean_all_dead();
+    let base = runtime::base();
     let backed_disks = |info: &crate::libvirt::DomainInfo| -> Vec<Backed> {
         info.disks
             .iter()
@@ -986,7 +986,7 @@ pub async fn finish_domain(
 
 /// Whether an image of a live restore still reads from its export.
 fn needed(state: &State, runtime: &Path) -> bool {
-    detached::still_read(&state.files, runtime)
+    runtime::still_read(&state.files, runtime)
 }
 
 #[cfg(test)]
