@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use super::BadInput;
 use super::check::{Checks, Report, known_problem, verify_backup, verify_known, verify_structure};
 use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
@@ -178,4 +179,67 @@ pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> Value {
         }
     }
     image
+}
+
+/// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
+/// full first, refused with the first problem found when it does not
+/// verify (digests only with `digests`). Only the files that `volumes`
+/// need count (every volume when empty): a damaged file of one volume does
+/// not keep the others from being restored.
+pub fn resolve(
+    repo: &Repo,
+    vm: &str,
+    backup: Option<&str>,
+    checks: Checks,
+    volumes: &[String],
+) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
+    let m = match backup {
+        Some(id) if id != "latest" => repo.manifest(vm, id)?,
+        _ => repo
+            .backups(vm)?
+            .pop()
+            .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
+    };
+    for wanted in volumes {
+        if !m.volumes.iter().any(|v| &v.name == wanted) {
+            return Err(BadInput(format!(
+                "backup {} has no volume {wanted}; it has: {}",
+                m.id,
+                m.volumes
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+    }
+    let chain = chain(repo, &m)?;
+    let report = check_needed(repo, &m, &chain, volumes, checks)?;
+    refuse_problems(&m, &report)?;
+    Ok((m, chain))
+}
+
+/// Refuses backup `m` with the first problem of `report`, if any.
+pub(super) fn refuse_problems(m: &Manifest, report: &Report) -> anyhow::Result<()> {
+    if let Some(p) = report.problems.first() {
+        bail!(
+            "backup {} cannot be restored: {}{}{}",
+            m.id,
+            p.file
+                .as_deref()
+                .map(|f| format!("{f}: "))
+                .unwrap_or_default(),
+            p.problem,
+            if report.problems.len() > 1 {
+                format!(
+                    " (and {} more problems; run bitback verify)",
+                    report.problems.len() - 1
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
 }

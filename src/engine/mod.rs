@@ -24,12 +24,11 @@ mod verify;
 
 pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, BackupRun, DataPath, backup, backup_named, backup_vm};
+pub use chain::resolve;
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
-pub use restore::{
-    Format, InPlaceOptions, RestoreOptions, Restored, resolve, restore, restore_in_place,
-};
+pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
 pub use retention::{Keep, Retention, consolidate, prune};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,

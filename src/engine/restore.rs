@@ -27,7 +27,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::BadInput;
-use super::chain::{chain, check_needed, volume_files};
+use super::chain::{check_needed, refuse_problems, resolve, volume_files};
 use super::check::Checks;
 use super::key::Key;
 use crate::cluster_map::Baseline;
@@ -76,69 +76,6 @@ pub struct Restored {
     pub bytes_copied: Option<u64>,
     /// `native` or `qemu-img convert` (and why).
     pub method: String,
-}
-
-/// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
-/// full first, refused with the first problem found when it does not
-/// verify (digests only with `digests`). Only the files that `volumes`
-/// need count (every volume when empty): a damaged file of one volume does
-/// not keep the others from being restored.
-pub fn resolve(
-    repo: &Repo,
-    vm: &str,
-    backup: Option<&str>,
-    checks: Checks,
-    volumes: &[String],
-) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
-    let m = match backup {
-        Some(id) if id != "latest" => repo.manifest(vm, id)?,
-        _ => repo
-            .backups(vm)?
-            .pop()
-            .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
-    };
-    for wanted in volumes {
-        if !m.volumes.iter().any(|v| &v.name == wanted) {
-            return Err(BadInput(format!(
-                "backup {} has no volume {wanted}; it has: {}",
-                m.id,
-                m.volumes
-                    .iter()
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-            .into());
-        }
-    }
-    let chain = chain(repo, &m)?;
-    let report = check_needed(repo, &m, &chain, volumes, checks)?;
-    refuse_problems(&m, &report)?;
-    Ok((m, chain))
-}
-
-/// Refuses backup `m` with the first problem of `report`, if any.
-fn refuse_problems(m: &Manifest, report: &super::Report) -> anyhow::Result<()> {
-    if let Some(p) = report.problems.first() {
-        bail!(
-            "backup {} cannot be restored: {}{}{}",
-            m.id,
-            p.file
-                .as_deref()
-                .map(|f| format!("{f}: "))
-                .unwrap_or_default(),
-            p.problem,
-            if report.problems.len() > 1 {
-                format!(
-                    " (and {} more problems; run bitback verify)",
-                    report.problems.len() - 1
-                )
-            } else {
-                String::new()
-            }
-        );
-    }
-    Ok(())
 }
 
 /// The most cluster map records a restore lays over each other in memory
@@ -923,28 +860,6 @@ fn unpack(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Covered;
-
-    #[test]
-    fn gaps_and_inserts() {
-        let mut c = Covered::default();
-        assert_eq!(c.gaps(0, 100), vec![(0, 100)]);
-        c.insert(10, 20);
-        c.insert(30, 40);
-        assert_eq!(c.gaps(0, 100), vec![(0, 10), (20, 30), (40, 100)]);
-        assert_eq!(c.gaps(15, 35), vec![(20, 30)]);
-        assert_eq!(c.gaps(12, 18), vec![]);
-        c.insert(15, 35);
-        assert_eq!(c.gaps(0, 100), vec![(0, 10), (40, 100)]);
-        c.insert(40, 50);
-        c.insert(0, 10);
-        assert_eq!(c.gaps(0, 100), vec![(50, 100)]);
-        assert_eq!(c.0.len(), 1);
-    }
-}
-
 /// Restoring into a stopped VM's own image.
 #[derive(Debug, Clone)]
 pub struct InPlaceOptions {
@@ -1103,4 +1018,26 @@ pub fn restore_in_place(
         bytes_copied: copied,
         method,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Covered;
+
+    #[test]
+    fn gaps_and_inserts() {
+        let mut c = Covered::default();
+        assert_eq!(c.gaps(0, 100), vec![(0, 100)]);
+        c.insert(10, 20);
+        c.insert(30, 40);
+        assert_eq!(c.gaps(0, 100), vec![(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(c.gaps(15, 35), vec![(20, 30)]);
+        assert_eq!(c.gaps(12, 18), vec![]);
+        c.insert(15, 35);
+        assert_eq!(c.gaps(0, 100), vec![(0, 10), (40, 100)]);
+        c.insert(40, 50);
+        c.insert(0, 10);
+        assert_eq!(c.gaps(0, 100), vec![(50, 100)]);
+        assert_eq!(c.0.len(), 1);
+    }
 }

@@ -13,9 +13,9 @@ use tracing::warn;
 
 use super::runtime::{self, Kind, State};
 use crate::engine::BadInput;
+use crate::engine::chain::resolve;
 use crate::engine::check::Checks;
 use crate::engine::key::Key;
-use crate::engine::restore::resolve;
 use crate::qemu::daemon::DaemonSpec;
 use crate::repo::{Manifest, Repo};
 
