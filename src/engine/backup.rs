@@ -37,9 +37,9 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use super::BadInput;
 use super::copy::{self, Cancel, CopyPlan, Perf, Target, clean_stray_jobs};
 use super::key::Key;
+use super::outcome::BadInput;
 use super::plan::{self, Decision, Facts, Plan, Policy};
 use super::scope::Scope;
 use crate::qcow2::{self, Image};
@@ -95,7 +95,7 @@ pub struct BackupOptions {
     pub stall_timeout: Duration,
     /// How long the guest agent may take to freeze the guest.
     pub freeze_timeout: Duration,
-    pub progress: Option<super::ProgressSink>,
+    pub progress: Option<super::progress::ProgressSink>,
     /// Write every backup file as a LUKS-encrypted qcow2 with this key.
     pub encrypt: Option<Key>,
     /// LUKS key derivation time in milliseconds; `None` for QEMU's default
@@ -249,7 +249,7 @@ pub async fn backup_vm(run: BackupRun<'_>) -> anyhow::Result<Manifest> {
         // A run that failed before writing anything leaves nothing.
         lock.release_unused();
         remove_if_made();
-        e.context(super::Operation::Backup {
+        e.context(super::outcome::Operation::Backup {
             vm: opts.vm.clone(),
         })
     })
@@ -297,7 +297,7 @@ pub async fn backup_named(
         vm: vm.to_string(),
         active_checkpoint: Some(checkpoint.clone()),
         last_backup: Some(manifest.id.clone()),
-        volumes: ready.volumes.iter().map(super::state_volume).collect(),
+        volumes: ready.volumes.iter().map(state_volume).collect(),
         last_seq: manifest.seq,
         identity: Some(ready.identity.clone()),
     };
@@ -921,4 +921,15 @@ async fn digest_and_count(path: PathBuf) -> anyhow::Result<(String, u64)> {
         Ok((crate::digest::file(&path)?, held))
     })
     .await?
+}
+
+/// What the VM's state records of a volume the run saw.
+pub(super) fn state_volume(v: &crate::qemu::Volume) -> crate::repo::StateVolume {
+    crate::repo::StateVolume {
+        name: v.name.clone(),
+        node: v.node_name.clone(),
+        image_file: v.image_file.clone(),
+        format: v.format.clone(),
+        virtual_size: v.virtual_size,
+    }
 }

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::BadInput;
 use super::check::{Checks, Report, known_problem, verify_backup, verify_known, verify_structure};
+use super::outcome::BadInput;
 use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// The chain of `m`, full first. Refuses loops and missing parents.

@@ -12,7 +12,9 @@ mod copy;
 mod guard;
 pub mod key;
 mod nbd_target;
+mod outcome;
 pub mod plan;
+mod progress;
 mod quiesce;
 mod restore;
 mod retention;
@@ -28,6 +30,8 @@ pub use chain::resolve;
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
+pub use outcome::{BadInput, Operation, nothing_attempted};
+pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
 pub use retention::{Keep, Retention, consolidate, prune};
 pub use serve::{
@@ -58,68 +62,3 @@ pub async fn remove_checkpoint(
     }
     Ok(removed)
 }
-
-/// What the VM's state records of a volume the run saw.
-pub(crate) fn state_volume(v: &crate::qemu::Volume) -> crate::repo::StateVolume {
-    crate::repo::StateVolume {
-        name: v.name.clone(),
-        node: v.node_name.clone(),
-        image_file: v.image_file.clone(),
-        format: v.format.clone(),
-        virtual_size: v.virtual_size,
-    }
-}
-
-/// Where the engine reports the progress of long copies (the CLI draws
-/// bars from it; the engine draws nothing).
-pub trait Progress: Send + Sync {
-    /// A new phase: `what`, with `total` bytes to go (0 while unknown).
-    fn start(&self, what: &str, total: u64);
-    /// Bytes done so far, and the total (which may grow).
-    fn update(&self, done: u64, total: u64);
-    fn finish(&self);
-}
-
-/// A [`Progress`] as an option value.
-#[derive(Clone)]
-pub struct ProgressSink(pub std::sync::Arc<dyn Progress>);
-
-impl std::fmt::Debug for ProgressSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProgressSink")
-    }
-}
-
-/// The engine's errors that a front end decides on (the CLI maps them to
-/// exit codes): what failed, as a typed context: a backup or restore that
-/// ran (exit 1), as opposed to [`BadInput`] or an unreachable QEMU (exit
-/// 2). The layers below have their own (`qmp::Error`, `repo::Error`,
-/// `libvirt::Error`, `qemu::daemon::Error`, `child::Failed`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Operation {
-    #[error("backup of vm {vm}")]
-    Backup { vm: String },
-    #[error("restore of vm {vm}")]
-    Restore { vm: String },
-}
-
-/// Whether `error` says nothing was attempted: input the user must fix
-/// ([`BadInput`], no monitor named), a monitor never reached, or a
-/// repository that cannot be used as given. Each error type says which of
-/// its own kinds are input.
-pub fn nothing_attempted(error: &anyhow::Error) -> bool {
-    error.chain().any(|e| {
-        e.is::<BadInput>()
-            || e.is::<crate::monitor::NoTarget>()
-            || e.downcast_ref::<crate::qmp::Error>()
-                .is_some_and(crate::qmp::Error::is_input)
-            || e.downcast_ref::<crate::repo::Error>()
-                .is_some_and(crate::repo::Error::is_input)
-    })
-}
-
-/// Input the user must fix (an unknown volume, a malformed argument):
-/// nothing was attempted.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);

@@ -600,7 +600,10 @@ mod tests {
             vm: "vm".into(),
             active_checkpoint: Some(format!("bitback-{last}")),
             last_backup: Some(last.into()),
-            volumes: volumes.iter().map(crate::engine::state_volume).collect(),
+            volumes: volumes
+                .iter()
+                .map(crate::engine::backup::state_volume)
+                .collect(),
             last_seq: 0,
             identity: None,
         }

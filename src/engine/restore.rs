@@ -26,10 +26,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::BadInput;
 use super::chain::{check_needed, refuse_problems, resolve, volume_files};
 use super::check::Checks;
 use super::key::Key;
+use super::outcome::BadInput;
 use crate::cluster_map::Baseline;
 use crate::qcow2::{self, Image, Kind};
 use crate::repo::{Manifest, Repo, VolumeRecord};
@@ -57,7 +57,7 @@ pub struct RestoreOptions {
     /// maps as it is copied, or (chains without maps) every file's digest
     /// first.
     pub verify: bool,
-    pub progress: Option<super::ProgressSink>,
+    pub progress: Option<super::progress::ProgressSink>,
     /// The key of an encrypted backup.
     pub key: Option<Key>,
 }
@@ -468,7 +468,7 @@ struct Mapped<'a> {
 /// How a native copy runs.
 struct Copier<'a> {
     threads: usize,
-    progress: Option<&'a super::ProgressSink>,
+    progress: Option<&'a super::progress::ProgressSink>,
     /// The chain's cluster maps laid over each other: every cluster read
     /// is checked against them, and every cluster they hold data for must
     /// be read.
@@ -870,7 +870,7 @@ pub struct InPlaceOptions {
     pub image: PathBuf,
     pub threads: usize,
     pub verify: bool,
-    pub progress: Option<super::ProgressSink>,
+    pub progress: Option<super::progress::ProgressSink>,
 }
 
 /// The volume of `m` an in-place restore writes: the one named, or its

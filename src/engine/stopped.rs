@@ -78,7 +78,7 @@ pub async fn backup_stopped(
         blockdevs.push(blockdev);
     }
     if !needs_key.is_empty() && image_key.is_none() {
-        return Err(super::BadInput(format!(
+        return Err(super::outcome::BadInput(format!(
             "volume {} of the stopped vm is encrypted; give its key with --image-key-file FILE",
             needs_key.join(", ")
         ))
@@ -207,7 +207,7 @@ pub fn domain_images(
                 path: path.clone(),
             }),
             _ => {
-                return Err(super::BadInput(format!(
+                return Err(super::outcome::BadInput(format!(
                     "disk {} of domain {domain} is a {} disk; bitback backs up file and block disks \
                      of a shut-off domain; leave it out with --exclude {}",
                     disk.target, disk.kind, disk.target
@@ -217,7 +217,9 @@ pub fn domain_images(
         }
     }
     if images.is_empty() {
-        return Err(super::BadInput(format!("domain {domain} has no writable disk")).into());
+        return Err(
+            super::outcome::BadInput(format!("domain {domain} has no writable disk")).into(),
+        );
     }
     Ok(images)
 }

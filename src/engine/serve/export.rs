@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tracing::info;
 
-use crate::engine::BadInput;
 use crate::engine::chain::resolve;
+use crate::engine::outcome::BadInput;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::Repo;

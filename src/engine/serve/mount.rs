@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::runtime::{self, Kind, State};
-use crate::engine::BadInput;
 use crate::engine::chain::resolve;
 use crate::engine::check::Checks;
 use crate::engine::key::Key;
+use crate::engine::outcome::BadInput;
 use crate::qemu::daemon::DaemonSpec;
 use crate::repo::{Manifest, Repo};
 

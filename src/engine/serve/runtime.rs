@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::engine::BadInput;
+use crate::engine::outcome::BadInput;
 use crate::qemu::daemon::{self, DaemonSpec};
 use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
 use crate::repo::ReadLock;
