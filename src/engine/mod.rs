@@ -18,6 +18,7 @@ mod progress;
 mod quiesce;
 mod restore;
 mod retention;
+mod run;
 pub mod scope;
 pub mod serve;
 mod stopped;
@@ -25,7 +26,7 @@ pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, BackupRun, DataPath, backup, backup_named, backup_vm};
+pub use backup::{BackupOptions, DataPath, backup, backup_named};
 pub use chain::resolve;
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
@@ -34,6 +35,7 @@ pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
 pub use retention::{Keep, Retention, consolidate, prune};
+pub use run::{BackupRun, backup_vm};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,
     ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,
