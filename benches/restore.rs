@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::{Rng, env_u64, fsync, random_writes, run, sparse_disk};
 
-use bitback::engine::{self, BackupOptions, Format, RestoreOptions};
+use bitback::engine::{self, BackupOptions, CopyOptions, Format, RestoreOptions};
 use bitback::qmp::Qmp;
 use bitback::repo::Repo;
 use serde_json::json;
@@ -44,7 +44,10 @@ fn main() {
     let repo_dir = dir.path().join("repo");
     let repo = Repo::create(&repo_dir).expect("repo");
     let opts = BackupOptions {
-        vm: "bench".into(),
+        copy: CopyOptions {
+            vm: "bench".into(),
+            ..CopyOptions::default()
+        },
         ..BackupOptions::default()
     };
     let mut ids = Vec::new();

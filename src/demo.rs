@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::engine::{self, BackupOptions};
+use crate::engine::{self, BackupOptions, CopyOptions};
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::{BackupKind, Repo};
@@ -125,7 +125,10 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
 
     let repo = Repo::create(&repo_dir)?;
     let opts = BackupOptions {
-        vm: "demo".into(),
+        copy: CopyOptions {
+            vm: "demo".into(),
+            ..CopyOptions::default()
+        },
         ..BackupOptions::default()
     };
     let (_tx, cancel) = watch::channel(false);

@@ -11,7 +11,7 @@ use super::output::{bytes, table};
 use super::qcow2::parse_size;
 use bitback::engine::plan::Policy;
 use bitback::engine::thaw_guard::Thawer;
-use bitback::engine::{self, BackupOptions, BadInput, Perf, StoppedImage};
+use bitback::engine::{self, BackupOptions, BadInput, CopyOptions, Perf, StoppedImage};
 use bitback::repo::{BackupKind, Changes, Manifest, Repo, VolumeRecord};
 
 /// Back up a VM: every writable volume at one point in time.
@@ -316,7 +316,6 @@ fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     bitback::repo::check_name("VM", &args.vm)?;
     let opts = BackupOptions {
-        vm: args.vm.clone(),
         policy: Policy {
             force_full: args.full,
             full_every: args.full_every,
@@ -324,44 +323,51 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         include: args.volumes.clone(),
         exclude: args.exclude.clone(),
-        quiesce: match (&args.qga, args.target.domain()) {
-            _ if !args.quiesce => None,
-            (Some(socket), _) => Some(Thawer::Agent(socket.clone())),
-            (None, domain) => domain.map(Thawer::Libvirt),
-        },
-        thaw_guard: Some(thaw_guard_command()),
-        // Who resumes the VM should this process die while it is paused
-        // for the point: libvirt, or the QMP socket once it is free.
-        resume: match (args.target.domain(), &args.target.qmp) {
-            (Some(domain), _) => Some(Thawer::ResumeLibvirt(domain)),
-            (None, Some(qmp)) if !qmp.starts_with("tcp:") => {
-                Some(Thawer::ResumeQmp(PathBuf::from(qmp)))
-            }
-            (None, _) => None,
-        },
-        rate_limit: args.speed_limit,
-        compress: args.compress || args.compress_level.is_some(),
-        compress_level: args.compress_level.unwrap_or(3),
-        cluster_size: args.cluster_size,
-        granularity: Some(args.granularity),
-        perf: Perf {
-            max_workers: args.max_workers,
-            max_chunk: args.max_chunk,
-            use_copy_range: args.copy_range.then_some(true),
-        },
-        stall_timeout: Duration::from_secs(args.stall_timeout),
-        freeze_timeout: Duration::from_secs(args.freeze_timeout),
-        progress: super::output::progress_bar(!args.json),
-        encrypt: super::output::key_file(args.encrypt_key_file.as_deref(), "--encrypt-key-file")?,
-        encrypt_iter_time: args.encrypt_iter_time,
         allow_plaintext: args.allow_plaintext,
-        fleecing: args.fleecing.clone(),
-        data_path: match args.data_path.as_str() {
-            "nbd" => engine::DataPath::Nbd,
-            "file" => engine::DataPath::File,
-            _ => engine::DataPath::Auto,
+        copy: CopyOptions {
+            vm: args.vm.clone(),
+            quiesce: match (&args.qga, args.target.domain()) {
+                _ if !args.quiesce => None,
+                (Some(socket), _) => Some(Thawer::Agent(socket.clone())),
+                (None, domain) => domain.map(Thawer::Libvirt),
+            },
+            thaw_guard: Some(thaw_guard_command()),
+            // Who resumes the VM should this process die while it is
+            // paused for the point: libvirt, or the QMP socket once it is
+            // free.
+            resume: match (args.target.domain(), &args.target.qmp) {
+                (Some(domain), _) => Some(Thawer::ResumeLibvirt(domain)),
+                (None, Some(qmp)) if !qmp.starts_with("tcp:") => {
+                    Some(Thawer::ResumeQmp(PathBuf::from(qmp)))
+                }
+                (None, _) => None,
+            },
+            rate_limit: args.speed_limit,
+            compress: args.compress || args.compress_level.is_some(),
+            compress_level: args.compress_level.unwrap_or(3),
+            cluster_size: args.cluster_size,
+            granularity: Some(args.granularity),
+            perf: Perf {
+                max_workers: args.max_workers,
+                max_chunk: args.max_chunk,
+                use_copy_range: args.copy_range.then_some(true),
+            },
+            stall_timeout: Duration::from_secs(args.stall_timeout),
+            freeze_timeout: Duration::from_secs(args.freeze_timeout),
+            progress: super::output::progress_bar(!args.json),
+            encrypt: super::output::key_file(
+                args.encrypt_key_file.as_deref(),
+                "--encrypt-key-file",
+            )?,
+            encrypt_iter_time: args.encrypt_iter_time,
+            fleecing: args.fleecing.clone(),
+            data_path: match args.data_path.as_str() {
+                "nbd" => engine::DataPath::Nbd,
+                "file" => engine::DataPath::File,
+                _ => engine::DataPath::Auto,
+            },
+            cluster_maps: true,
         },
-        cluster_maps: true,
     };
     if let Some(dir) = &args.fleecing {
         if !dir.is_dir() {

@@ -31,13 +31,12 @@ use std::sync::Arc;
 
 use crate::cluster_map::Baseline;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use super::copy::{self, Cancel, CopyPlan, Perf, Target, clean_stray_jobs};
+use super::copy::{self, Cancel, CopyOptions, CopyPlan, Target, clean_stray_jobs};
 use super::key::Key;
 use super::outcome::BadInput;
 use super::plan::{self, Decision, Facts, Plan, Policy};
@@ -51,112 +50,22 @@ use crate::repo::{
 };
 
 /// What one backup run should do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
-    pub vm: String,
     pub policy: Policy,
     /// Only these volumes (empty: all writable ones).
     pub include: Vec<String>,
     pub exclude: Vec<String>,
-    /// How to freeze the guest's filesystems around the transaction (and
-    /// thaw them): through the guest agent's socket, where a failed freeze
-    /// fails the backup, or through libvirt (`virsh domfsfreeze` /
-    /// `domfsthaw`), where a freeze that fails or takes longer than
-    /// `freeze_timeout` is followed by a thaw and logged and the copy goes
-    /// on unfrozen, as CloudStack's script does. A thaw that fails after
-    /// the copy started fails the run. `None`: no freeze.
-    pub quiesce: Option<super::thaw_guard::Thawer>,
-    /// How to start the thaw guard that stands by while the guest is
-    /// frozen; needed with `quiesce`.
-    pub thaw_guard: Option<super::thaw_guard::GuardCommand>,
-    /// How a guard resumes the VM (`ResumeQmp` or `ResumeLibvirt`) should
-    /// bitback die in the milliseconds it pauses the VM for the point (see
-    /// the guard's filter, `engine::guard`); started with `thaw_guard`.
-    /// `None`: no guard then (a kill there leaves the VM paused).
-    pub resume: Option<super::thaw_guard::Thawer>,
-    /// Bytes per second per job; `None` for no limit.
-    pub rate_limit: Option<u64>,
-    /// Write compressed clusters: zstd at `compress_level` written by
-    /// bitback on the NBD data path, deflate written by QEMU
-    /// (`blockdev-backup compress=true`) on the file path; not with
-    /// encryption.
-    pub compress: bool,
-    /// zstd's level (1 to 19) on the NBD data path.
-    pub compress_level: i32,
-    /// Cluster size of the backup files.
-    pub cluster_size: u64,
-    /// Granularity of the new checkpoint bitmap; `None` lets QEMU choose
-    /// (the image's cluster size, clamped to 4 KiB..64 KiB). Default 64 KiB:
-    /// QEMU copies at least 64 KiB units, so finer granules copy no less.
-    pub granularity: Option<u64>,
-    /// Tuning of QEMU's copy (`x-perf`); unset fields keep QEMU's defaults.
-    pub perf: Perf,
-    /// Fail when no job makes progress for this long.
-    pub stall_timeout: Duration,
-    /// How long the guest agent may take to freeze the guest.
-    pub freeze_timeout: Duration,
-    pub progress: Option<super::progress::ProgressSink>,
-    /// Write every backup file as a LUKS-encrypted qcow2 with this key.
-    pub encrypt: Option<Key>,
-    /// LUKS key derivation time in milliseconds; `None` for QEMU's default
-    /// (2000). Every open of a file (the backup's own, a restore's) costs
-    /// about this long.
-    pub encrypt_iter_time: Option<u64>,
     /// Back up encrypted volumes without encrypting the backup.
     pub allow_plaintext: bool,
-    /// Fleecing: the old data of guest writes during the copy goes to a
-    /// scratch image in this directory (local, fast storage) instead of to
-    /// the repository, so a slow repository does not slow the guest. It
-    /// holds at most what the guest overwrites during the run.
-    pub fleecing: Option<PathBuf>,
-    /// Where the job's bytes go: QEMU writes the files (`File`), or
-    /// bitback's NBD server receives them and writes the files (`Nbd`).
-    pub data_path: DataPath,
-    /// On the NBD data path, a per-cluster digest map beside each file
-    /// (`<volume>.map`, [`crate::cluster_map`]).
-    pub cluster_maps: bool,
+    /// How the copy runs (the VM's name among it).
+    pub copy: CopyOptions,
 }
 
-/// Where a backup job's bytes go.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum DataPath {
-    /// `Nbd` where bitback's writer does what the run asks and QEMU can
-    /// reach it (it measures faster: benches/README.md), else `File`.
-    #[default]
-    Auto,
-    /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).
-    File,
-    /// QEMU's `nbd` driver sends them to bitback's NBD server, and bitback
-    /// writes the file (`engine::nbd_target`).
-    Nbd,
-}
-
-impl Default for BackupOptions {
-    fn default() -> Self {
-        BackupOptions {
-            vm: String::new(),
-            policy: Policy::default(),
-            include: Vec::new(),
-            exclude: Vec::new(),
-            quiesce: None,
-            thaw_guard: None,
-            resume: None,
-            rate_limit: None,
-            compress: false,
-            compress_level: 3,
-            cluster_size: 64 << 10,
-            granularity: Some(64 << 10),
-            perf: Perf::default(),
-            stall_timeout: Duration::from_secs(600),
-            freeze_timeout: Duration::from_secs(30),
-            progress: None,
-            encrypt: None,
-            encrypt_iter_time: None,
-            allow_plaintext: false,
-            fleecing: None,
-            data_path: DataPath::Auto,
-            cluster_maps: true,
-        }
+impl BackupOptions {
+    /// The VM's name in the repository.
+    pub fn vm(&self) -> &str {
+        &self.copy.vm
     }
 }
 
@@ -188,7 +97,7 @@ pub async fn backup_named(
     cancel: Cancel,
     renames: Renames<'_>,
 ) -> anyhow::Result<Manifest> {
-    let vm = opts.vm.as_str();
+    let vm = opts.vm();
     repo::check_name("VM", vm)?;
     if lock.vm() != vm {
         bail!(
@@ -243,7 +152,7 @@ async fn get_ready(
     opts: &BackupOptions,
     renames: Renames<'_>,
 ) -> anyhow::Result<Ready> {
-    let vm = opts.vm.as_str();
+    let vm = opts.vm();
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     check_plaintext(opts, &volumes)?;
     let state = repo.load_state(vm)?;
@@ -290,7 +199,7 @@ fn plan_backup(qmp: &Qmp, repo: &Repo, opts: &BackupOptions, ready: &Ready) -> P
         (Some(m), Some(b)) => b
             .point
             .clone()
-            .or_else(|| check_key(repo, m, opts.encrypt.as_ref(), &b.volumes).err()),
+            .or_else(|| check_key(repo, m, opts.copy.encrypt.as_ref(), &b.volumes).err()),
         _ => None,
     };
     let no_problems = BTreeMap::new();
@@ -300,7 +209,7 @@ fn plan_backup(qmp: &Qmp, repo: &Repo, opts: &BackupOptions, ready: &Ready) -> P
         state: ready.state.as_ref(),
         last,
         volumes: &ready.volumes,
-        encrypted: opts.encrypt.is_some(),
+        encrypted: opts.copy.encrypt.is_some(),
         parent_problem,
         parent_volume_problems: buildable.as_ref().map_or(&no_problems, |b| &b.volumes),
         content: &no_content,
@@ -319,7 +228,7 @@ fn plan_backup(qmp: &Qmp, repo: &Repo, opts: &BackupOptions, ready: &Ready) -> P
         facts.content = &content;
         plan = plan::plan(&facts);
     }
-    let vm = opts.vm.as_str();
+    let vm = opts.vm();
     for (i, v) in plan.volumes.iter().enumerate() {
         debug!(vm, volume = %v.volume, plan = %plan.volume_reason(i), "volume planned");
     }
@@ -342,7 +251,7 @@ async fn copy_and_commit(
     ready: &Ready,
     Planned { plan, baselines }: &Planned,
 ) -> anyhow::Result<(Manifest, Option<String>)> {
-    let vm = opts.vm.as_str();
+    let vm = opts.vm();
     // Phase timings at debug (-v): where a backup's time goes.
     let started = std::time::Instant::now();
     let lap = |what: &str| debug!(vm, ms = started.elapsed().as_millis() as u64, "{what}");
@@ -361,7 +270,7 @@ async fn copy_and_commit(
     let partial = repo.begin(lock, vm, &id)?;
     let run = CopyPlan {
         qmp,
-        opts,
+        opts: &opts.copy,
         scope: &ready.scope,
         volumes: &ready.volumes,
         targets: planned_targets(plan, &ready.volumes, partial.dir(), baselines),
@@ -597,7 +506,7 @@ async fn build_manifest(
 
 /// Refuses to copy encrypted volumes into plaintext files unless asked to.
 fn check_plaintext(opts: &BackupOptions, volumes: &[Volume]) -> anyhow::Result<()> {
-    if opts.encrypt.is_some() || opts.allow_plaintext {
+    if opts.copy.encrypt.is_some() || opts.allow_plaintext {
         return Ok(());
     }
     let encrypted: Vec<&str> = volumes
@@ -613,7 +522,7 @@ fn check_plaintext(opts: &BackupOptions, volumes: &[Volume]) -> anyhow::Result<(
          hint: encrypt the backup with --encrypt-key-file FILE, exclude the volume with --exclude, \
          or accept plaintext backups with --allow-plaintext",
         encrypted.join(", "),
-        opts.vm
+        opts.vm()
     ))
     .into())
 }
@@ -681,7 +590,7 @@ async fn select_volumes(
         if !names.contains(&wanted.as_str()) {
             return Err(BadInput(format!(
                 "vm {} has no volume {wanted}; its volumes are: {}",
-                opts.vm,
+                opts.vm(),
                 names.join(", ")
             ))
             .into());
@@ -714,7 +623,7 @@ async fn select_volumes(
         selected.push(v);
     }
     if selected.is_empty() {
-        return Err(BadInput(format!("no volume to back up in vm {}", opts.vm)).into());
+        return Err(BadInput(format!("no volume to back up in vm {}", opts.vm())).into());
     }
     Ok(selected)
 }
@@ -764,14 +673,14 @@ fn content_baselines(
     if lost.is_empty() {
         return BTreeMap::new();
     }
-    let chain = match copy::writes_natively(opts, qmp) {
+    let chain = match copy::writes_natively(&opts.copy, qmp) {
         Err(why) => Err(why),
         Ok(()) => super::chain::chain(repo, last).map_err(|e| format!("{e:#}")),
     };
     lost.into_iter()
         .map(|volume| {
             let baseline = chain.as_ref().map_err(Clone::clone).and_then(|chain| {
-                super::content::baseline(repo, chain, volume, Some(opts.cluster_size))
+                super::content::baseline(repo, chain, volume, Some(opts.copy.cluster_size))
             });
             (volume.to_string(), baseline)
         })

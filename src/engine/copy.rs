@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::BackupOptions;
 use super::guard::{self, Guard, Way};
 use super::key::Key;
 use super::nbd_target;
@@ -27,6 +26,109 @@ use crate::qcow2::{self, CreateOptions, Mask};
 use crate::qemu::graph;
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
+
+/// How a point's copy runs: the guest's freeze and pause, QEMU's jobs
+/// and the targets they write. Nothing of the chain rules (a front end
+/// such as nasbackup states what it wants here, and only here).
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// The VM's name (its repository's, for logs and messages).
+    pub vm: String,
+    /// How to freeze the guest's filesystems around the transaction (and
+    /// thaw them): through the guest agent's socket, where a failed freeze
+    /// fails the backup, or through libvirt (`virsh domfsfreeze` /
+    /// `domfsthaw`), where a freeze that fails or takes longer than
+    /// `freeze_timeout` is followed by a thaw and logged and the copy goes
+    /// on unfrozen, as CloudStack's script does. A thaw that fails after
+    /// the copy started fails the run. `None`: no freeze.
+    pub quiesce: Option<super::thaw_guard::Thawer>,
+    /// How to start the thaw guard that stands by while the guest is
+    /// frozen; needed with `quiesce`.
+    pub thaw_guard: Option<super::thaw_guard::GuardCommand>,
+    /// How a guard resumes the VM (`ResumeQmp` or `ResumeLibvirt`) should
+    /// bitback die in the milliseconds it pauses the VM for the point (see
+    /// the guard's filter, `engine::guard`); started with `thaw_guard`.
+    /// `None`: no guard then (a kill there leaves the VM paused).
+    pub resume: Option<super::thaw_guard::Thawer>,
+    /// Bytes per second per job; `None` for no limit.
+    pub rate_limit: Option<u64>,
+    /// Write compressed clusters: zstd at `compress_level` written by
+    /// bitback on the NBD data path, deflate written by QEMU
+    /// (`blockdev-backup compress=true`) on the file path; not with
+    /// encryption.
+    pub compress: bool,
+    /// zstd's level (1 to 19) on the NBD data path.
+    pub compress_level: i32,
+    /// Cluster size of the backup files.
+    pub cluster_size: u64,
+    /// Granularity of the new checkpoint bitmap; `None` lets QEMU choose
+    /// (the image's cluster size, clamped to 4 KiB..64 KiB). Default 64 KiB:
+    /// QEMU copies at least 64 KiB units, so finer granules copy no less.
+    pub granularity: Option<u64>,
+    /// Tuning of QEMU's copy (`x-perf`); unset fields keep QEMU's defaults.
+    pub perf: Perf,
+    /// Fail when no job makes progress for this long.
+    pub stall_timeout: Duration,
+    /// How long the guest agent may take to freeze the guest.
+    pub freeze_timeout: Duration,
+    pub progress: Option<super::progress::ProgressSink>,
+    /// Write every backup file as a LUKS-encrypted qcow2 with this key.
+    pub encrypt: Option<Key>,
+    /// LUKS key derivation time in milliseconds; `None` for QEMU's default
+    /// (2000). Every open of a file (the backup's own, a restore's) costs
+    /// about this long.
+    pub encrypt_iter_time: Option<u64>,
+    /// Fleecing: the old data of guest writes during the copy goes to a
+    /// scratch image in this directory (local, fast storage) instead of to
+    /// the repository, so a slow repository does not slow the guest. It
+    /// holds at most what the guest overwrites during the run.
+    pub fleecing: Option<PathBuf>,
+    /// Where the job's bytes go: QEMU writes the files (`File`), or
+    /// bitback's NBD server receives them and writes the files (`Nbd`).
+    pub data_path: DataPath,
+    /// On the NBD data path, a per-cluster digest map beside each file
+    /// (`<volume>.map`, [`crate::cluster_map`]).
+    pub cluster_maps: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            vm: String::new(),
+            quiesce: None,
+            thaw_guard: None,
+            resume: None,
+            rate_limit: None,
+            compress: false,
+            compress_level: 3,
+            cluster_size: 64 << 10,
+            granularity: Some(64 << 10),
+            perf: Perf::default(),
+            stall_timeout: Duration::from_secs(600),
+            freeze_timeout: Duration::from_secs(30),
+            progress: None,
+            encrypt: None,
+            encrypt_iter_time: None,
+            fleecing: None,
+            data_path: DataPath::Auto,
+            cluster_maps: true,
+        }
+    }
+}
+
+/// Where a backup job's bytes go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataPath {
+    /// `Nbd` where bitback's writer does what the run asks and QEMU can
+    /// reach it (it measures faster: benches/README.md), else `File`.
+    #[default]
+    Auto,
+    /// QEMU writes each qcow2 file (a qcow2 node over a passed fd).
+    File,
+    /// QEMU's `nbd` driver sends them to bitback's NBD server, and bitback
+    /// writes the file (`engine::nbd_target`).
+    Nbd,
+}
 
 /// `blockdev-backup`'s `x-perf` tuning (QEMU 6.0 and newer; an unstable
 /// interface, so each field is passed only when set and the QEMU's schema
@@ -318,7 +420,7 @@ impl Undo {
 /// transaction adds on every volume.
 pub struct CopyPlan<'a> {
     pub qmp: &'a Qmp,
-    pub opts: &'a BackupOptions,
+    pub opts: &'a CopyOptions,
     pub scope: &'a Scope,
     pub volumes: &'a [Volume],
     pub targets: Vec<Target>,
@@ -744,11 +846,11 @@ async fn prepare_targets(
 /// writer does what the run asks (no encryption; a cluster no larger than
 /// the job's 64 KiB copy unit, so that a job never writes part of a
 /// cluster it has not written) and QEMU can reach the server.
-fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
+fn nbd_path(opts: &CopyOptions, qmp: &Qmp) -> bool {
     let asked = match opts.data_path {
-        super::DataPath::File => return false,
-        super::DataPath::Nbd => true,
-        super::DataPath::Auto => false,
+        DataPath::File => return false,
+        DataPath::Nbd => true,
+        DataPath::Auto => false,
     };
     let Some(why) = nbd_impossible(opts, qmp) else {
         return true;
@@ -764,8 +866,8 @@ fn nbd_path(opts: &BackupOptions, qmp: &Qmp) -> bool {
 }
 
 /// Whether bitback writes this run's files (the NBD data path).
-pub(super) fn writes_natively(opts: &BackupOptions, qmp: &Qmp) -> Result<(), String> {
-    if opts.data_path == super::DataPath::File {
+pub(super) fn writes_natively(opts: &CopyOptions, qmp: &Qmp) -> Result<(), String> {
+    if opts.data_path == DataPath::File {
         return Err("QEMU writes the files (--data-path file)".into());
     }
     match nbd_impossible(opts, qmp) {
@@ -775,7 +877,7 @@ pub(super) fn writes_natively(opts: &BackupOptions, qmp: &Qmp) -> Result<(), Str
 }
 
 /// Why bitback's writer cannot take this run's bytes, if it cannot.
-fn nbd_impossible(opts: &BackupOptions, qmp: &Qmp) -> Option<&'static str> {
+fn nbd_impossible(opts: &CopyOptions, qmp: &Qmp) -> Option<&'static str> {
     if matches!(qmp.endpoint(), Endpoint::Unix(_))
         && !qmp.named_fds()
         && qmp.socket_owner().is_none()
@@ -963,9 +1065,9 @@ async fn start_transaction(
         (Some(thawer), Some(guard)) => {
             quiesce::freeze(thawer, guard, &opts.vm, opts.freeze_timeout).await?
         }
-        (Some(_), None) => bail!(
-            "internal error: quiescing needs a thaw guard command (BackupOptions::thaw_guard)"
-        ),
+        (Some(_), None) => {
+            bail!("internal error: quiescing needs a thaw guard command (CopyOptions::thaw_guard)")
+        }
         (None, _) => None,
     };
     // Before the pause: a kill in the pause's milliseconds would leave the
@@ -1313,7 +1415,7 @@ fn job_perf(run: &CopyPlan<'_>, fleece: &[Option<String>]) -> Perf {
 /// once it runs (dropped unreleased, the guard tries).
 async fn resume(
     qmp: &Qmp,
-    opts: &BackupOptions,
+    opts: &CopyOptions,
     paused: Paused,
     devices: usize,
 ) -> Result<(), qmp::Error> {
@@ -1360,7 +1462,7 @@ struct Paused {
 
 /// Pauses a running VM, with a guard standing by when the options name
 /// one; `Some` if it was paused here.
-async fn pause(qmp: &Qmp, opts: &BackupOptions) -> anyhow::Result<Option<Paused>> {
+async fn pause(qmp: &Qmp, opts: &CopyOptions) -> anyhow::Result<Option<Paused>> {
     if !guard::running(qmp).await? {
         return Ok(None);
     }
@@ -1504,7 +1606,7 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
 /// (a proxy that mangles events, a lost line), from `query-jobs`.
 async fn wait_jobs(
     qmp: &Qmp,
-    opts: &BackupOptions,
+    opts: &CopyOptions,
     events: &mut Events,
     jobs: &[String],
     mut cancel: Cancel,

@@ -26,11 +26,11 @@ pub mod thaw_guard;
 mod verify;
 
 pub use crate::digest::file as digest_file;
-pub use backup::{BackupOptions, DataPath, backup, backup_named};
+pub use backup::{BackupOptions, backup, backup_named};
 pub use chain::resolve;
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
-pub use copy::{Cancel, CopyPlan, Perf, Target, copy_to_files};
+pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Target, copy_to_files};
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};

@@ -75,7 +75,7 @@ pub async fn backup_vm(run: BackupRun<'_>) -> anyhow::Result<Manifest> {
     };
     let repo = Repo::create(root)?;
     // The lock first: a second run fails here at once.
-    let lock = match repo.lock_vm(&opts.vm, "backup") {
+    let lock = match repo.lock_vm(opts.vm(), "backup") {
         Ok(lock) => lock,
         Err(e) => {
             remove_if_made();
@@ -97,7 +97,7 @@ pub async fn backup_vm(run: BackupRun<'_>) -> anyhow::Result<Manifest> {
         lock.release_unused();
         remove_if_made();
         e.context(Operation::Backup {
-            vm: opts.vm.clone(),
+            vm: opts.vm().to_string(),
         })
     })
 }

@@ -39,10 +39,10 @@ pub async fn backup_stopped(
     cancel: Cancel,
 ) -> anyhow::Result<Manifest> {
     let images = if images.is_empty() {
-        let state = repo.load_state(&opts.vm)?.with_context(|| {
+        let state = repo.load_state(opts.vm())?.with_context(|| {
             format!(
                 "vm {} has no recorded volumes; name its images with --image VOLUME=PATH",
-                opts.vm
+                opts.vm()
             )
         })?;
         state

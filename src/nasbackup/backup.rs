@@ -13,7 +13,7 @@ use super::mount::{Mount, lock_domain};
 use super::{EXIT_CLEANUP_FAILED, Options, fail};
 use crate::engine::key::Key;
 use crate::engine::thaw_guard::{GuardCommand, Thawer};
-use crate::engine::{self, BackupOptions, Target};
+use crate::engine::{self, CopyOptions, Target};
 use crate::libvirt::{Domain, DomainDisk, DomainInfo};
 use crate::qcow2::{self, Image};
 use crate::qemu;
@@ -400,8 +400,8 @@ pub(super) async fn backup_running(
 /// The copy's options for the script's: quiescing through libvirt, the
 /// domain resumed by libvirt should bitback die with it paused, no
 /// cluster maps.
-fn nas_options(o: &Options, extras: &Extras, domain: &Domain) -> BackupOptions {
-    BackupOptions {
+fn nas_options(o: &Options, extras: &Extras, domain: &Domain) -> CopyOptions {
+    CopyOptions {
         vm: domain.name.clone(),
         quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
         thaw_guard: Some(extras.guard.clone()),
@@ -412,7 +412,7 @@ fn nas_options(o: &Options, extras: &Extras, domain: &Domain) -> BackupOptions {
         fleecing: extras.fleecing.clone(),
         // CloudStack's layout has no place for them.
         cluster_maps: false,
-        ..BackupOptions::default()
+        ..CopyOptions::default()
     }
 }
 
