@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::engine::{self, BackupOptions, CopyOptions};
 use crate::qcow2::{self, CreateOptions};
+use crate::qemu::commands;
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::{BackupKind, Repo};
 
@@ -60,7 +61,7 @@ pub async fn run(keep: Option<&Path>, say: &mut dyn FnMut(String)) -> anyhow::Re
 /// Ends the demo's NBD export and waits until it is gone (its removal
 /// completes in the background).
 async fn end_export(qmp: &crate::qmp::Qmp) -> anyhow::Result<()> {
-    qmp.execute_raw("block-export-del", json!({ "id": "e0" }))
+    commands::delete_export(qmp, "e0")
         .await
         .context("ending the disk's export")?;
     for _ in 0..200 {

@@ -23,6 +23,7 @@ use super::quiesce;
 use super::scope::Scope;
 use super::thaw_guard::ThawGuard;
 use crate::qcow2::{self, CreateOptions, Mask};
+use crate::qemu::commands;
 use crate::qemu::graph;
 use crate::qemu::{self, Tracking, Volume};
 use crate::qmp::{self, Endpoint, Events, Qmp};
@@ -224,10 +225,7 @@ pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result
             "removing a node left by an interrupted run"
         );
         found = true;
-        if let Err(e) = qmp
-            .execute_raw("blockdev-del", json!({ "node-name": name }))
-            .await
-        {
+        if let Err(e) = commands::delete_node(qmp, name).await {
             warn!(vm, node = name, error = %e, "cannot remove a stray node");
         }
     }
@@ -263,9 +261,7 @@ async fn clean_stray_fdsets(qmp: &Qmp, scope: &Scope) {
         });
         if stray {
             debug!(vm = %scope.vm, fdset = id, "removing descriptors left by an interrupted run");
-            let _ = qmp
-                .execute_raw("remove-fd", json!({ "fdset-id": id }))
-                .await;
+            let _ = commands::remove_fdset(qmp, id).await;
         }
     }
 }
@@ -321,16 +317,12 @@ async fn cancel_job(qmp: &Qmp, id: &str) {
     // A rate-limited job may sleep for a long while before it sees the
     // cancel (block-copy waits out its limit; with a dead target it waits
     // for the next request to fail): lifting the limit wakes it.
-    let _ = qmp
-        .execute_raw("block-job-set-speed", json!({ "device": id, "speed": 0 }))
-        .await;
-    let _ = qmp
-        .execute_raw("job-cancel", json!({ "id": id, "force": true }))
-        .await;
+    let _ = commands::set_job_speed(qmp, id, 0).await;
+    let _ = commands::cancel_job(qmp, id).await;
     // A cancelled job takes a moment to conclude before it can be
     // dismissed.
     for _ in 0..600 {
-        match qmp.execute_raw("job-dismiss", json!({ "id": id })).await {
+        match commands::dismiss_job(qmp, id).await {
             Ok(_) => return,
             Err(qmp::Error::Disconnected { .. }) => return,
             // Refused: gone already (nothing to wait for), or not yet
@@ -369,10 +361,7 @@ impl Undo {
             }
         }
         for node in self.nodes.drain(..).rev() {
-            if let Err(e) = qmp
-                .execute_raw("blockdev-del", json!({ "node-name": node }))
-                .await
-            {
+            if let Err(e) = commands::delete_node(qmp, &node).await {
                 warn!(%node, error = %e, "cannot remove a target node; the next backup of this vm removes it");
             }
         }
@@ -380,12 +369,10 @@ impl Undo {
             server.abort();
         }
         for fdset in self.fdsets.drain(..) {
-            let _ = qmp
-                .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
-                .await;
+            let _ = commands::remove_fdset(qmp, fdset).await;
         }
         for id in self.objects.drain(..) {
-            let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
+            let _ = commands::delete_object(qmp, &id).await;
         }
         remove_scratch(&mut self.scratch);
         remove_scratch_dir(&mut self.scratch_dir);
@@ -802,7 +789,7 @@ async fn prepare_targets(
         Some(key) => {
             let id = scope.secret();
             // One a killed run left behind.
-            let _ = qmp.execute_raw("object-del", json!({ "id": id })).await;
+            let _ = commands::delete_object(qmp, &id).await;
             qmp.execute_raw(
                 "object-add",
                 json!({ "qom-type": "secret", "id": id, "data": key.base64(), "format": "base64" }),
@@ -1370,11 +1357,7 @@ async fn load_mask(
             .await
             .context("opening the mask image in QEMU")?;
         let merged = guard.load_mask(run.qmp, &node, granularity, fleece).await;
-        if let Err(e) = run
-            .qmp
-            .execute_raw("blockdev-del", json!({ "node-name": node }))
-            .await
-        {
+        if let Err(e) = commands::delete_node(run.qmp, &node).await {
             warn!(%node, error = %e, "cannot remove the mask image's node; the next backup of this vm removes it");
         }
         merged.context("merging the mask into the job's bitmap")?;
@@ -1382,10 +1365,7 @@ async fn load_mask(
     }
     .await;
     if let Some(fdset) = fdset {
-        let _ = run
-            .qmp
-            .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
-            .await;
+        let _ = commands::remove_fdset(run.qmp, fdset).await;
     }
     let _ = std::fs::remove_file(&file);
     remove_scratch_dir(&mut Some(dir));
@@ -1419,7 +1399,7 @@ async fn resume(
     paused: Paused,
     devices: usize,
 ) -> Result<(), qmp::Error> {
-    let resumed = qmp.execute_raw("cont", Value::Null).await;
+    let resumed = commands::cont(qmp).await;
     info!(vm = %opts.vm, ms = paused.since.elapsed().as_millis() as u64, devices, "vm paused for the point");
     if let (Ok(_), Some(guard)) = (&resumed, paused.guard) {
         guard.release();
@@ -1471,7 +1451,7 @@ async fn pause(qmp: &Qmp, opts: &CopyOptions) -> anyhow::Result<Option<Paused>> 
         _ => None,
     };
     let since = std::time::Instant::now();
-    if let Err(e) = qmp.execute_raw("stop", Value::Null).await {
+    if let Err(e) = commands::stop(qmp).await {
         // Unanswered, the stop may have happened: the guard (unreleased,
         // dropped) resumes the VM if it did.
         return Err(e.into());
@@ -1494,7 +1474,7 @@ async fn flush_stopped(qmp: &Qmp) -> bool {
     {
         return false;
     }
-    qmp.execute_raw("stop", Value::Null).await.is_ok()
+    commands::stop(qmp).await.is_ok()
 }
 
 /// Puts each guard in place (the VM paused or not running); each is in
@@ -1542,7 +1522,7 @@ async fn insert_guards(
 /// rest is taken back.
 async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::Finished>> {
     for job in std::mem::take(&mut undo.jobs) {
-        qmp.execute_raw("job-dismiss", json!({ "id": job }))
+        commands::dismiss_job(qmp, &job)
             .await
             .with_context(|| format!("dismissing job {job}"))?;
     }
@@ -1555,7 +1535,7 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
     }
     let mut finishing = Vec::new();
     while let Some(node) = undo.servers.first().map(|s| s.node.clone()) {
-        qmp.execute_raw("blockdev-del", json!({ "node-name": node }))
+        commands::delete_node(qmp, &node)
             .await
             .with_context(|| format!("closing target node {node}"))?;
         undo.nodes.retain(|n| *n != node);
@@ -1575,20 +1555,17 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
     }
     // Format nodes before the file nodes under them.
     for node in std::mem::take(&mut undo.nodes).into_iter().rev() {
-        qmp.execute_raw("blockdev-del", json!({ "node-name": node }))
+        commands::delete_node(qmp, &node)
             .await
             .with_context(|| format!("closing target node {node}"))?;
     }
     for fdset in std::mem::take(&mut undo.fdsets) {
-        if let Err(e) = qmp
-            .execute_raw("remove-fd", json!({ "fdset-id": fdset }))
-            .await
-        {
+        if let Err(e) = commands::remove_fdset(qmp, fdset).await {
             debug!(fdset, error = %e, "remove-fd");
         }
     }
     for id in std::mem::take(&mut undo.objects) {
-        if let Err(e) = qmp.execute_raw("object-del", json!({ "id": id })).await {
+        if let Err(e) = commands::delete_object(qmp, &id).await {
             warn!(object = %id, error = %e, "cannot remove the key from QEMU");
         }
     }

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::scope::Scope;
 use crate::qemu::Volume;
+use crate::qemu::commands;
 use crate::qemu::graph::{self, Graph};
 use crate::qmp::{self, Qmp};
 
@@ -285,19 +286,14 @@ impl Guard {
     /// then sits there, and the device must stay above it, or that
     /// backup's point would change under it.
     pub(super) async fn remove(&self, qmp: &Qmp) -> anyhow::Result<()> {
-        let _ = qmp
-            .execute_raw("blockdev-del", json!({ "node-name": self.access }))
-            .await;
+        let _ = commands::delete_node(qmp, &self.access).await;
         let graph = graph::query(qmp).await?;
         let under = graph
             .as_ref()
             .and_then(|g| g.file_child(&self.filter))
             .unwrap_or(&self.node);
         move_back(qmp, &self.qdev, &self.filter, under).await?;
-        if let Err(e) = qmp
-            .execute_raw("blockdev-del", json!({ "node-name": self.filter }))
-            .await
-        {
+        if let Err(e) = commands::delete_node(qmp, &self.filter).await {
             if node_exists(qmp, &self.filter).await {
                 bail!("cannot remove the guard's filter {}: {e}", self.filter);
             }
@@ -369,9 +365,7 @@ pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()>
             node,
             "removing a snapshot-access node left by an interrupted run"
         );
-        let _ = qmp
-            .execute_raw("blockdev-del", json!({ "node-name": node }))
-            .await;
+        let _ = commands::delete_node(qmp, node).await;
     }
     let Some(graph) = graph::query(qmp).await? else {
         return Ok(());

@@ -28,6 +28,7 @@ use tracing::{error, warn};
 
 use crate::libvirt::Domain;
 use crate::qemu::agent::{Agent, AgentError};
+use crate::qemu::commands;
 
 /// What bitback writes when the guest is thawed.
 const RELEASE: &[u8] = b"thawed\n";
@@ -98,7 +99,7 @@ impl Thawer {
                 // that runs, or stopped for another reason (an I/O error,
                 // a migration), is left as it is.
                 if status["status"].as_str() == Some("paused") {
-                    qmp.execute_raw("cont", serde_json::Value::Null).await?;
+                    commands::cont(&qmp).await?;
                 }
                 Ok(())
             }

@@ -2,6 +2,7 @@
 //! state, its volumes and their dirty bitmaps.
 
 pub mod agent;
+pub mod commands;
 pub mod daemon;
 pub mod graph;
 pub mod schema;

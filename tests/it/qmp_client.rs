@@ -418,3 +418,83 @@ async fn fds_cannot_be_passed_over_tcp() {
     qmp.execute(qapi_qmp::query_version {}).await.unwrap();
     drop(qemu);
 }
+
+/// The commands bitback sends to take things apart, typed by QEMU's schema,
+/// are accepted by a real QEMU: a rate-limited backup job is cancelled (it
+/// ends as cancelled within seconds, not by copying on), dismissed, and its
+/// target node, an fd set and a secret go. (A raw `job-cancel` once
+/// carried a `force` that QEMU refused every time.)
+#[tokio::test]
+async fn typed_teardown_commands_cancel_a_job_and_take_its_parts_away() {
+    use bitback::qemu::commands;
+    let dir = tempdir();
+    let disks = one_disk(dir.path(), 64 * MIB);
+    let qemu = Qemu::start(Kind::MachineNone, dir.path(), &disks);
+    qemu.qemu_io("drive0", "write -P 0x5a 0 64M");
+    let qmp = connect(&qemu).await;
+    qmp.execute_raw(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "target0", "size": 64 * MIB}),
+    )
+    .await
+    .unwrap();
+    let mut events = qmp.subscribe();
+    // 1 MiB/s: the copy would take a minute.
+    qmp.execute_raw(
+        "blockdev-backup",
+        json!({"job-id": "job0", "device": "drive0", "target": "target0",
+               "sync": "full", "speed": MIB, "auto-dismiss": false}),
+    )
+    .await
+    .unwrap();
+    commands::cancel_job(&qmp, "job0")
+        .await
+        .expect("QEMU takes job-cancel");
+    let ended = loop {
+        let event = events
+            .next_for_job("job0", Duration::from_secs(10))
+            .await
+            .expect("the cancelled job's events");
+        if event.name.starts_with("BLOCK_JOB_") {
+            break event;
+        }
+    };
+    assert_eq!(ended.name, "BLOCK_JOB_CANCELLED", "{ended:?}");
+    commands::dismiss_job(&qmp, "job0")
+        .await
+        .expect("QEMU takes job-dismiss");
+    commands::delete_node(&qmp, "target0")
+        .await
+        .expect("QEMU takes blockdev-del");
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    assert!(
+        !nodes.to_string().contains("target0"),
+        "the target node is still there: {nodes}"
+    );
+    // A refused command keeps QEMU's answer.
+    let gone = commands::dismiss_job(&qmp, "job0").await.unwrap_err();
+    assert!(matches!(gone, Error::Qemu { .. }), "{gone}");
+
+    let file = OpenOptions::new().read(true).open(&disks[0].image).unwrap();
+    let set = qmp.add_fd(file.as_fd(), None, None).await.unwrap();
+    commands::remove_fdset(&qmp, set.fdset_id)
+        .await
+        .expect("QEMU takes remove-fd");
+    let sets = qmp.execute_raw("query-fdsets", Value::Null).await.unwrap();
+    assert_eq!(sets, json!([]), "{sets}");
+    qmp.execute_raw(
+        "object-add",
+        json!({"qom-type": "secret", "id": "k0", "data": "c2VjcmV0", "format": "base64"}),
+    )
+    .await
+    .unwrap();
+    commands::delete_object(&qmp, "k0")
+        .await
+        .expect("QEMU takes object-del");
+    let again = commands::delete_object(&qmp, "k0").await.unwrap_err();
+    assert!(matches!(again, Error::Qemu { .. }), "{again}");
+    commands::quit(&qmp).await.expect("QEMU takes quit");
+}

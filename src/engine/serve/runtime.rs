@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::engine::outcome::BadInput;
+use crate::qemu::commands;
 use crate::qemu::daemon::{self, DaemonSpec};
 use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
 use crate::repo::ReadLock;
@@ -655,7 +656,7 @@ pub async fn stop(dir: &Path, state: &State) -> anyhow::Result<()> {
         let socket = dir.join("qmp.sock");
         let quit = async {
             let qmp = Qmp::connect_with(Endpoint::Unix(socket), QmpOptions::default()).await?;
-            qmp.execute_raw("quit", serde_json::Value::Null).await?;
+            commands::quit(&qmp).await?;
             anyhow::Ok(())
         };
         if let Err(e) = tokio::time::timeout(Duration::from_secs(10), quit)
