@@ -63,6 +63,7 @@
 //! digits and `-_.+@:`.
 
 mod error;
+pub mod leases;
 mod lock;
 mod manifest;
 pub mod time;

@@ -271,7 +271,7 @@ impl Serving {
             let _ = std::fs::remove_file(f);
         }
         if let Some(f) = &self.state.lease {
-            let _ = std::fs::remove_file(f);
+            crate::repo::leases::remove_lease(f);
         }
         let _ = std::fs::remove_dir_all(&self.runtime);
         if self.state.made_target {

@@ -31,7 +31,7 @@ use crate::engine::outcome::BadInput;
 use crate::qemu::commands;
 use crate::qemu::daemon::{self, DaemonSpec};
 use crate::qmp::{Endpoint, Options as QmpOptions, Qmp};
-use crate::repo::ReadLock;
+use crate::repo::{ReadLock, leases};
 
 const STATE: &str = "state.json";
 
@@ -111,20 +111,11 @@ pub fn host() -> String {
 /// Where the serve from `runtime` on this host keeps its lease, in the VM
 /// directory `vm_dir`.
 pub fn lease_path(vm_dir: &Path, runtime: &Path) -> PathBuf {
-    let host: String = host()
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
-            _ => '_',
-        })
-        .collect();
     let name = runtime
         .file_name()
         .map_or_else(|| "serve".into(), |n| n.to_string_lossy().into_owned());
-    vm_dir.join(LEASES).join(format!("{host}--{name}.json"))
+    leases::lease_file(vm_dir, &host(), &name)
 }
-
-const LEASES: &str = ".serving";
 
 /// Writes the lease of `state` (served from `runtime`) at `path`. `false`
 /// when the repository cannot be written by this user (read-only: no
@@ -139,24 +130,8 @@ pub fn take_lease(path: &Path, runtime: &Path, state: &State) -> anyhow::Result<
         started: state.started.clone(),
         files: state.files.clone(),
     };
-    let dir = path.parent().expect("a lease is in a directory");
-    let tmp = path.with_extension("json.tmp");
-    let written = std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&lease)?))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    match written {
-        Ok(()) => Ok(true),
-        Err(e)
-            if e.raw_os_error() == Some(nix::libc::EROFS)
-                || e.kind() == std::io::ErrorKind::PermissionDenied =>
-        {
-            Ok(false)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(anyhow::Error::from(e).context(format!("writing the lease {}", path.display())))
-        }
-    }
+    leases::write_lease(path, &serde_json::to_vec_pretty(&lease)?)
+        .with_context(|| format!("writing the lease {}", path.display()))
 }
 
 /// A lease that keeps a prune or consolidation off.
@@ -199,17 +174,8 @@ pub struct FoundLease {
 
 /// The leases in VM directory `vm_dir`, each with its status.
 pub fn leases(vm_dir: &Path) -> Vec<FoundLease> {
-    let Ok(entries) = std::fs::read_dir(vm_dir.join(LEASES)) else {
-        return Vec::new();
-    };
     let here = host();
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
-    paths
+    leases::lease_files(vm_dir)
         .into_iter()
         .map(|path| {
             let read = std::fs::read(&path)
@@ -276,7 +242,7 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
         let (here, what) = match (status, lease) {
             (LeaseStatus::Ended, _) => {
                 info!(lease = %path.display(), "removing the lease of a serve that ended on this host");
-                let _ = std::fs::remove_file(&path);
+                leases::remove_lease(&path);
                 continue;
             }
             (LeaseStatus::Unreadable, _) | (_, None) => (
@@ -617,7 +583,7 @@ fn remove_made(state: &State, dir: &Path) {
     if let Some(lease) = &state.lease
         && !(state.kind == Kind::Live && still_read(&state.files, dir))
     {
-        let _ = std::fs::remove_file(lease);
+        leases::remove_lease(lease);
     }
     for file in &state.pending {
         let _ = std::fs::remove_file(file);
