@@ -22,6 +22,42 @@ pub fn aligned(data: &[u8], at: u64) -> bool {
         && data.as_ptr().align_offset(ALIGN as usize) == 0
 }
 
+/// Writes `buf` at `at` of `file`: through `direct` (its O_DIRECT handle)
+/// where the write is aligned and the filesystem takes it, else through
+/// the page cache.
+pub fn write_all_at(
+    file: &File,
+    direct: Option<&File>,
+    buf: &[u8],
+    at: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match direct {
+        Some(direct) if aligned(buf, at) => match direct.write_all_at(buf, at) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => file.write_all_at(buf, at),
+            other => other,
+        },
+        _ => file.write_all_at(buf, at),
+    }
+}
+
+/// Reads `buf` at `at` of `file`, as [`write_all_at`] writes.
+pub fn read_exact_at(
+    file: &File,
+    direct: Option<&File>,
+    buf: &mut [u8],
+    at: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match direct {
+        Some(direct) if aligned(buf, at) => match direct.read_exact_at(buf, at) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => file.read_exact_at(buf, at),
+            other => other,
+        },
+        _ => file.read_exact_at(buf, at),
+    }
+}
+
 /// A second handle on `file` that reads with O_DIRECT; `None` where the
 /// filesystem refuses it. A restore reads each byte of a backup file
 /// once: a cold file read through the page cache, by several threads at

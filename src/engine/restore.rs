@@ -668,7 +668,7 @@ fn copy_segments(
                         };
                         let buf = &mut buf[..c.len as usize];
                         match c.packed {
-                            None => read_chunk(
+                            None => crate::direct::read_exact_at(
                                 &sources[c.file],
                                 direct_sources[c.file].as_ref(),
                                 buf,
@@ -689,7 +689,7 @@ fn copy_segments(
                             seen.check(check, c, buf)
                                 .with_context(|| format!("reading {}", files[c.file].display()))?;
                         }
-                        write_out(output, direct.as_ref(), buf, dest(c.guest))?;
+                        crate::direct::write_all_at(output, direct.as_ref(), buf, dest(c.guest))?;
                         let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
                         if let Some(bar) = bar {
                             bar.update(done, total);
@@ -742,31 +742,6 @@ fn chunks_of(segments: &[Segment]) -> Vec<Segment> {
     }
     chunks.sort_by_key(|c| (c.file, c.host));
     chunks
-}
-
-/// Writes `buf` at `at` of the output: around the page cache where it is
-/// aligned and the file takes O_DIRECT, else through it.
-fn write_out(output: &File, direct: Option<&File>, buf: &[u8], at: u64) -> std::io::Result<()> {
-    let aligned = at % DIRECT_ALIGN == 0 && buf.len() as u64 % DIRECT_ALIGN == 0;
-    match direct {
-        Some(direct) if aligned => match direct.write_all_at(buf, at) {
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => output.write_all_at(buf, at),
-            other => other,
-        },
-        _ => output.write_all_at(buf, at),
-    }
-}
-
-/// Reads `buf` at `at` of a chain file: around the page cache where the
-/// read is aligned and the file takes O_DIRECT, else through it.
-fn read_chunk(file: &File, direct: Option<&File>, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-    match direct {
-        Some(direct) if crate::direct::aligned(buf, at) => match direct.read_exact_at(buf, at) {
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => file.read_exact_at(buf, at),
-            other => other,
-        },
-        _ => file.read_exact_at(buf, at),
-    }
 }
 
 /// The guest clusters a checked copy has read, one bit each.

@@ -949,9 +949,10 @@ impl Stream {
         Ok(Some(refs))
     }
 
-    /// The finished file's layout digest, read back from it.
+    /// The finished file's layout digest, read back from it (through the
+    /// handle it was written with, not its name).
     fn layout_digest(&self) -> std::io::Result<(String, u64)> {
-        let image = super::Image::open(&self.path).map_err(std::io::Error::other)?;
+        let image = super::Image::parse(&self.file, &self.path).map_err(std::io::Error::other)?;
         super::layout::layout_digest(&self.file, &image).map_err(std::io::Error::other)
     }
 
