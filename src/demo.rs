@@ -7,14 +7,14 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::qemu::blockdev::{Address, Export, Node, Qcow2};
 use anyhow::Context;
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::engine::{self, BackupOptions, CopyOptions};
 use crate::qcow2::{self, CreateOptions};
-use crate::qemu::commands;
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
+use crate::qemu::{commands, query};
 use crate::repo::{BackupKind, Repo};
 
 macro_rules! say {
@@ -65,10 +65,7 @@ async fn end_export(qmp: &crate::qmp::Qmp) -> anyhow::Result<()> {
         .await
         .context("ending the disk's export")?;
     for _ in 0..200 {
-        let exports = qmp
-            .execute_raw("query-block-exports", serde_json::Value::Null)
-            .await?;
-        if exports.as_array().is_none_or(|e| e.is_empty()) {
+        if query::export_ids(qmp).await?.is_empty() {
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -78,17 +75,24 @@ async fn end_export(qmp: &crate::qmp::Qmp) -> anyhow::Result<()> {
 
 /// The demo's stand-in VM: a qemu-storage-daemon with a monitor, serving
 /// `disk` as node `disk0` and exporting it writable at `nbd_socket`.
+/// The demo disk as an NBD export (the "guest" writes through it).
+fn disk_export() -> Export {
+    Export::Nbd {
+        id: "e0".into(),
+        node_name: "disk0".into(),
+        name: "disk0".into(),
+        writable: true,
+    }
+}
+
 fn demo_vm(disk: &Path, nbd_socket: &Path) -> DaemonSpec {
     DaemonSpec {
         qmp: true,
-        blockdevs: vec![json!({
-            "driver": "qcow2", "node-name": "disk0",
-            "file": {"driver": "file", "filename": disk},
-        })],
-        nbd: Some(json!({"type": "unix", "path": nbd_socket})),
-        exports: vec![json!({
-            "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
-        })],
+        blockdevs: vec![Qcow2::over(Node::file(disk)).named("disk0").node()],
+        nbd: Some(Address::Unix {
+            path: nbd_socket.to_path_buf(),
+        }),
+        exports: vec![disk_export()],
         objects: Vec::new(),
     }
 }
@@ -152,13 +156,10 @@ async fn demo(dir: &Path, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     // do: a volume something else writes during a copy keeps QEMU's own
     // filter (bitback's goes under guest devices only), and the demo's
     // "guest" writes between backups.
-    let export = json!({
-        "type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true,
-    });
     let mut last = None;
     for (i, (pattern, what)) in rounds.iter().enumerate() {
         if i > 0 {
-            qmp.execute_raw("block-export-add", export.clone())
+            commands::add_export(&qmp, &disk_export())
                 .await
                 .context("exporting the disk for the writes")?;
         }

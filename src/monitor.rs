@@ -155,20 +155,10 @@ async fn reaches_sockets(qmp: &Qmp, owner: SocketOwner) -> anyhow::Result<()> {
         let _listener = std::os::unix::net::UnixListener::bind(&socket)
             .with_context(|| format!("listening on {}", socket.display()))?;
         qemu::daemon::give_to(&socket, owner)?;
-        let backend = serde_json::json!({
-            "type": "socket",
-            "data": {
-                "addr": { "type": "unix", "data": { "path": socket } },
-                "server": false,
-            }
-        });
-        qmp.execute_raw(
-            "chardev-add",
-            serde_json::json!({ "id": name, "backend": backend }),
-        )
-        .await
-        .context("QEMU connecting to a probe socket")?;
-        qmp.execute_raw("chardev-remove", serde_json::json!({ "id": name }))
+        qemu::commands::add_socket_chardev(qmp, &name, &socket)
+            .await
+            .context("QEMU connecting to a probe socket")?;
+        qemu::commands::remove_chardev(qmp, &name)
             .await
             .context("removing the probe's character device")?;
         anyhow::Ok(())
@@ -190,9 +180,7 @@ async fn takes_getfd(qmp: &Qmp) -> bool {
     let name = format!("bitback-probe-{}", std::process::id());
     match qmp.getfd(&name, theirs.as_fd()).await {
         Ok(()) => {
-            let _ = qmp
-                .execute_raw("closefd", serde_json::json!({ "fdname": name }))
-                .await;
+            let _ = qemu::commands::close_fd(qmp, &name).await;
             true
         }
         Err(crate::qmp::Error::Disconnected { .. }) => false,
@@ -203,13 +191,9 @@ async fn takes_getfd(qmp: &Qmp) -> bool {
 /// The user a libvirt QEMU runs as, found from its name (`query-name`,
 /// which libvirt sets to the domain's) and libvirt's pid file.
 async fn libvirt_qemu_user(qmp: &Qmp) -> Option<SocketOwner> {
-    let named = qmp
-        .execute_raw("query-name", serde_json::Value::Null)
-        .await
-        .ok()?;
-    let name = named.get("name")?.as_str()?;
+    let (_, name) = qemu::query::identity(qmp).await;
     Domain {
-        name: name.to_string(),
+        name: name?,
         connect: "qemu:///system".into(),
     }
     .qemu_owner()

@@ -168,16 +168,22 @@ pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if args.json {
+        #[derive(serde::Serialize)]
+        struct Lease<'a, L> {
+            vm: &'a str,
+            lease: &'a L,
+        }
+        #[derive(serde::Serialize)]
+        struct Listing<S, L> {
+            serves: S,
+            leases: L,
+        }
         let leases: Vec<_> = leases
             .iter()
-            .map(|(vm, l)| serde_json::json!({ "vm": vm, "lease": l }))
+            .map(|(vm, lease)| Lease { vm, lease })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "serves": serves, "leases": leases })
-            )?
-        );
+        let listing = Listing { serves, leases };
+        println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(ExitCode::SUCCESS);
     }
     let kind = |k: engine::serve::runtime::Kind| match k {

@@ -242,10 +242,15 @@ fn bitmaps(args: BitmapsArgs) -> anyhow::Result<ExitCode> {
         });
     }
     if args.json {
-        let value = serde_json::json!({
-            "consistent": image.bitmaps_consistent(),
-            "bitmaps": image.bitmaps,
-        });
+        #[derive(serde::Serialize)]
+        struct Bitmaps<'a> {
+            consistent: bool,
+            bitmaps: &'a [qcow2::BitmapEntry],
+        }
+        let value = Bitmaps {
+            consistent: image.bitmaps_consistent(),
+            bitmaps: &image.bitmaps,
+        };
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }

@@ -362,10 +362,16 @@ async fn live_domain(
         })
     })?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "live": served, "finish": report }))?
-        );
+        #[derive(serde::Serialize)]
+        struct Live<S, F> {
+            live: S,
+            finish: F,
+        }
+        let value = Live {
+            live: served,
+            finish: report,
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     print_finished(&report);

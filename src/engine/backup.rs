@@ -33,7 +33,6 @@ use crate::cluster_map::Baseline;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use super::copy::{self, Cancel, CopyOptions, CopyPlan, Target, clean_stray_jobs};
@@ -42,6 +41,7 @@ use super::outcome::BadInput;
 use super::plan::{self, Decision, Facts, Plan, Policy};
 use super::scope::Scope;
 use crate::qcow2::{self, Image};
+use crate::qemu::blockdev::{Node, Qcow2};
 use crate::qemu::{self, Volume};
 use crate::qmp::Qmp;
 use crate::repo::{
@@ -340,18 +340,7 @@ async fn retire_checkpoint(qmp: &Qmp, ready: &Ready, checkpoint: &str) {
 /// Who the QEMU says it is: `query-uuid` (unless all zeros) and
 /// `query-name`. A storage daemon has neither.
 async fn identity(qmp: &Qmp) -> VmIdentity {
-    let uuid = qmp
-        .execute_raw("query-uuid", Value::Null)
-        .await
-        .ok()
-        .and_then(|r| r["UUID"].as_str().map(str::to_ascii_lowercase))
-        .filter(|u| u.chars().any(|c| c != '0' && c != '-'));
-    let name = qmp
-        .execute_raw("query-name", Value::Null)
-        .await
-        .ok()
-        .and_then(|r| r["name"].as_str().map(str::to_string))
-        .filter(|n| !n.is_empty());
+    let (uuid, name) = qemu::query::identity(qmp).await;
     VmIdentity { uuid, name }
 }
 
@@ -546,18 +535,21 @@ fn check_key(
         return Ok(());
     };
     let path = repo.root().join(&first.file);
-    let image = json!({
-        "driver": "qcow2",
-        "backing": null,
-        "read-only": true,
-        "encrypt": { "format": "luks", "key-secret": "k" },
-        "file": { "driver": "file", "filename": path, "read-only": true },
-    });
+    let file = Node::File {
+        filename: path,
+        node_name: None,
+        read_only: true,
+        discard: None,
+    };
+    let image = Qcow2::over(file)
+        .no_backing()
+        .read_only()
+        .encrypted(Some("k"));
     let mut cmd = std::process::Command::new("qemu-io");
     cmd.arg("--object")
         .arg("secret,id=k,format=raw,file=/dev/stdin")
         .args(["-r", "-c", "read 0 512"])
-        .arg(format!("json:{image}"));
+        .arg(image.node().json_filename());
     let out = key
         .feed(&mut cmd)
         .map_err(|e| format!("running qemu-io to check the key (install qemu-utils): {e}"))?;

@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use crate::qemu::blockdev::{Node, Qcow2};
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
 
 use super::check::{Checks, Report, known_problem, verify_backup, verify_known, verify_structure};
 use super::outcome::BadInput;
@@ -158,27 +158,28 @@ pub(super) fn check_buildable(repo: &Repo, last: &Manifest) -> Buildable {
 /// The image of an encrypted volume's files (full first) as one QEMU
 /// image spec: each file opened with the secret `secret`, the backing of
 /// each the explicit file before it (never a name found in a file).
-pub(super) fn encrypted_image(files: &[PathBuf], secret: &str) -> Value {
+pub(super) fn encrypted_image(files: &[PathBuf], secret: &str) -> anyhow::Result<Qcow2> {
     chain_image(files, Some(secret))
 }
 
 /// A volume's files (full first) as one read-only QEMU image spec, the
 /// backing of each the explicit file before it (never a name found in a
 /// file), each opened with the secret `secret` when encrypted.
-pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> Value {
-    let mut image = Value::Null;
+pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> anyhow::Result<Qcow2> {
+    let mut image: Option<Qcow2> = None;
     for file in files {
-        image = json!({
-            "driver": "qcow2",
-            "read-only": true,
-            "file": { "driver": "file", "filename": file, "read-only": true },
-            "backing": image,
+        let file = Node::File {
+            filename: file.clone(),
+            node_name: None,
+            read_only: true,
+            discard: None,
+        };
+        image = Some(Qcow2 {
+            backing: Some(image.map(|below| Box::new(below.node()))),
+            ..Qcow2::over(file).read_only().encrypted(secret)
         });
-        if let Some(secret) = secret {
-            image["encrypt"] = json!({ "format": "luks", "key-secret": secret });
-        }
     }
-    image
+    image.context("a volume with no files in its chain")
 }
 
 /// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -23,9 +23,11 @@ use super::quiesce;
 use super::scope::Scope;
 use super::thaw_guard::ThawGuard;
 use crate::qcow2::{self, CreateOptions, Mask};
-use crate::qemu::commands;
+use crate::qemu::backup::{Action, Backup, BitmapAdd, Sync};
+use crate::qemu::blockdev::{Cache, Discard, Node, Qcow2};
 use crate::qemu::graph;
 use crate::qemu::{self, Tracking, Volume};
+use crate::qemu::{commands, query};
 use crate::qmp::{self, Endpoint, Events, Qmp};
 
 /// How a point's copy runs: the guest's freeze and pause, QEMU's jobs
@@ -131,59 +133,7 @@ pub enum DataPath {
     Nbd,
 }
 
-/// `blockdev-backup`'s `x-perf` tuning (QEMU 6.0 and newer; an unstable
-/// interface, so each field is passed only when set and the QEMU's schema
-/// lists it).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Perf {
-    /// Parallel copy requests per job (QEMU's default: 64).
-    pub max_workers: Option<u64>,
-    /// Largest request in bytes (QEMU's default: no limit beyond its own
-    /// 1 MiB buffer, 16 MiB with copy offloading).
-    pub max_chunk: Option<u64>,
-    /// Copy with copy_file_range (QEMU's default: off).
-    pub use_copy_range: Option<bool>,
-}
-
-impl Perf {
-    fn fields(&self) -> Vec<(&'static str, Value)> {
-        let mut out = Vec::new();
-        if let Some(n) = self.max_workers {
-            out.push(("max-workers", n.into()));
-        }
-        if let Some(n) = self.max_chunk {
-            out.push(("max-chunk", n.into()));
-        }
-        if let Some(b) = self.use_copy_range {
-            out.push(("use-copy-range", b.into()));
-        }
-        out
-    }
-
-    /// The `x-perf` object this QEMU accepts, warning about what it lacks.
-    async fn for_qemu(&self, qmp: &Qmp) -> anyhow::Result<Option<Value>> {
-        let fields = self.fields();
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let known = crate::qemu::schema::backup_perf_members(qmp)
-            .await
-            .context("reading QEMU's QMP schema")?;
-        let mut perf = serde_json::Map::new();
-        for (name, value) in fields {
-            if known.iter().any(|k| k == name) {
-                perf.insert(name.into(), value);
-            } else {
-                warn!(
-                    option = name,
-                    qemu = %qmp.greeting().version,
-                    "this QEMU has no x-perf {name} (QEMU 6.0 and newer); copying with its default"
-                );
-            }
-        }
-        Ok((!perf.is_empty()).then_some(Value::Object(perf)))
-    }
-}
+pub use crate::qemu::backup::Perf;
 
 /// Set to true (by a signal handler) to stop a backup at the next point
 /// where it can stop cleanly.
@@ -194,26 +144,21 @@ pub type Cancel = watch::Receiver<bool>;
 pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result<bool> {
     let mut found = false;
     let vm = scope.vm.as_str();
-    let jobs = qmp.execute_raw("query-jobs", Value::Null).await?;
-    for job in jobs.as_array().into_iter().flatten() {
-        let Some(id) = job["id"].as_str().filter(|id| scope.owns_node_or_job(id)) else {
+    for job in query::jobs(qmp).await? {
+        if !scope.owns_node_or_job(&job.id) {
             continue;
-        };
-        info!(vm, job = id, status = %job["status"], "cleaning up a job left by an interrupted run");
+        }
+        info!(vm, job = %job.id, status = %job.status, "cleaning up a job left by an interrupted run");
         found = true;
-        cancel_job(qmp, id).await;
+        cancel_job(qmp, &job.id).await;
     }
     if let Err(e) = guard::remove_stray(qmp, scope).await {
         warn!(vm, error = %e, "cannot take out a guard left by an interrupted run");
     }
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
-        .await?;
+    let nodes = query::nodes(qmp).await?;
     let mut owned: Vec<&str> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|node| node["node-name"].as_str())
+        .iter()
+        .map(|node| node.node_name.as_str())
         .filter(|n| scope.owns_node_or_job(n))
         .collect();
     // Filters before the nodes they write (targets, fleecing images).
@@ -239,16 +184,15 @@ pub(super) async fn clean_stray_jobs(qmp: &Qmp, scope: &Scope) -> anyhow::Result
 /// run's targets, whose partial directory was removed). QEMU would
 /// otherwise hold those files open for as long as it runs.
 async fn clean_stray_fdsets(qmp: &Qmp, scope: &Scope) {
-    let Ok(fdsets) = qmp.execute_raw("query-fdsets", Value::Null).await else {
+    let Ok(fdsets) = query::fdsets(qmp).await else {
         return;
     };
-    for set in fdsets.as_array().into_iter().flatten() {
-        let Some(id) = set["fdset-id"].as_i64() else {
-            continue;
-        };
-        let stray = set["fds"].as_array().into_iter().flatten().any(|fd| {
-            let Some(path) = fd["opaque"]
-                .as_str()
+    for set in fdsets {
+        let id = set.fdset_id;
+        let stray = set.fds.iter().any(|fd| {
+            let Some(path) = fd
+                .opaque
+                .as_deref()
                 .and_then(|o| o.strip_prefix("bitback "))
             else {
                 return false;
@@ -340,12 +284,8 @@ async fn cancel_job(qmp: &Qmp, id: &str) {
 /// Whether QEMU lists job `id` (an unanswered query counts as yes: the
 /// caller then waits and asks again).
 async fn job_exists(qmp: &Qmp, id: &str) -> bool {
-    match qmp.execute_raw("query-jobs", Value::Null).await {
-        Ok(jobs) => jobs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|job| job["id"].as_str() == Some(id)),
+    match query::jobs(qmp).await {
+        Ok(jobs) => jobs.iter().any(|job| job.id == id),
         Err(_) => true,
     }
 }
@@ -711,18 +651,18 @@ async fn prepare_fleecing(
         .with_context(|| format!("creating the fleecing image {}", path.display()))?;
         undo.scratch.push(path.clone());
         let filename = target_filename(run.qmp, &path, &mut pass_fds, undo).await?;
-        run.qmp
-            .execute_raw(
-                "blockdev-add",
-                json!({
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "backing": null,
-                    "discard": "unmap",
-                    "cache": { "no-flush": true },
-                    "file": { "driver": "file", "filename": filename, "discard": "unmap" },
-                }),
-            )
+        let file = Node::File {
+            filename: filename.into(),
+            node_name: None,
+            read_only: false,
+            discard: Some(Discard::Unmap),
+        };
+        let image = Qcow2 {
+            discard: Some(Discard::Unmap),
+            cache: Some(Cache { no_flush: true }),
+            ..Qcow2::over(file)
+        };
+        commands::add_node(run.qmp, &image.named(&node).no_backing().node())
             .await
             .with_context(|| format!("opening the fleecing image of volume {} in QEMU", v.name))?;
         undo.nodes.push(node.clone());
@@ -790,12 +730,9 @@ async fn prepare_targets(
             let id = scope.secret();
             // One a killed run left behind.
             let _ = commands::delete_object(qmp, &id).await;
-            qmp.execute_raw(
-                "object-add",
-                json!({ "qom-type": "secret", "id": id, "data": key.base64(), "format": "base64" }),
-            )
-            .await
-            .context("handing the encryption key to QEMU")?;
+            commands::add_secret(qmp, &id, &key.base64())
+                .await
+                .context("handing the encryption key to QEMU")?;
             undo.objects.push(id.clone());
             Some(id)
         }
@@ -810,17 +747,15 @@ async fn prepare_targets(
         // table depends on a refcount update (dozens of times on a sparse
         // disk); bitback syncs every file once, at the commit, and a
         // partial backup is discarded after a crash anyway.
-        let mut target = json!({
-            "driver": "qcow2",
-            "node-name": node,
-            "backing": null,
-            "cache": { "no-flush": true },
-            "file": { "driver": "file", "filename": filename },
-        });
-        if let Some(secret) = &secret {
-            target["encrypt"] = json!({ "format": "luks", "key-secret": secret });
-        }
-        qmp.execute_raw("blockdev-add", target)
+        let target = Qcow2 {
+            cache: Some(Cache { no_flush: true }),
+            ..Qcow2::over(Node::file(filename))
+        };
+        let target = target
+            .named(&node)
+            .no_backing()
+            .encrypted(secret.as_deref());
+        commands::add_node(qmp, &target.node())
             .await
             .with_context(|| format!("opening the target for volume {} in QEMU", v.name))?;
         undo.nodes.push(node);
@@ -1038,7 +973,10 @@ async fn start_transaction(
     undo: &mut Undo,
 ) -> anyhow::Result<Vec<bool>> {
     let (qmp, opts) = (run.qmp, run.opts);
-    let perf = job_perf(run, fleece).for_qemu(qmp).await?;
+    let perf = job_perf(run, fleece)
+        .for_qemu(qmp)
+        .await
+        .context("reading QEMU's QMP schema")?;
     let mut guards: Vec<Option<Guard>> = run
         .volumes
         .iter()
@@ -1082,9 +1020,9 @@ async fn start_transaction(
             Ok(()) => {
                 let actions = backup_actions(run, &guards, &perf, nbd, &later(&guards));
                 if actions.is_empty() {
-                    Ok(Value::Null)
+                    Ok(())
                 } else {
-                    qmp.execute_raw("transaction", json!({ "actions": actions }))
+                    qemu::backup::transaction(qmp, &actions)
                         .await
                         .map_err(Failure::Transaction)
                 }
@@ -1155,27 +1093,27 @@ fn masked(run: &CopyPlan<'_>, i: usize) -> bool {
 fn backup_actions(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
-    perf: &Option<Value>,
+    perf: &Option<Perf>,
     nbd: bool,
     later: &[bool],
-) -> Vec<Value> {
+) -> Vec<Action> {
     let opts = run.opts;
     let mut actions = Vec::new();
     for (i, v) in run.volumes.iter().enumerate() {
         // Only qcow2 v3 can store a bitmap; every other kind gets one in
         // QEMU's memory, which tracks changes while this QEMU lives.
         if let Some(checkpoint) = run.checkpoint {
-            let persistent = v.kind.tracking() == Tracking::Persistent;
-            let mut bitmap =
-                json!({ "node": v.node_name, "name": checkpoint, "persistent": persistent });
-            if let Some(g) = opts.granularity {
-                bitmap["granularity"] = g.into();
-            }
-            actions.push(json!({ "type": "block-dirty-bitmap-add", "data": bitmap }));
+            actions.push(Action::BlockDirtyBitmapAdd(BitmapAdd {
+                node: v.node_name.clone(),
+                name: checkpoint.to_string(),
+                persistent: v.kind.tracking() == Tracking::Persistent,
+                granularity: opts.granularity,
+            }));
         }
         if !later[i] {
-            let data = backup_job(run, guards, perf, nbd, i);
-            actions.push(json!({ "type": "blockdev-backup", "data": data }));
+            actions.push(Action::BlockdevBackup(backup_job(
+                run, guards, perf, nbd, i,
+            )));
         }
     }
     actions
@@ -1185,10 +1123,10 @@ fn backup_actions(
 fn backup_job(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
-    perf: &Option<Value>,
+    perf: &Option<Perf>,
     nbd: bool,
     i: usize,
-) -> Value {
+) -> Backup {
     let (opts, v) = (run.opts, &run.volumes[i]);
     // A full of an image without a backing file copies only what the
     // image allocates (sync=top): unallocated clusters read as zeros and
@@ -1198,37 +1136,34 @@ fn backup_job(
     // every cluster counts as allocated: sync=full, narrowed to what the
     // volume holds where bitback can tell ([`start_masked_fulls`]).
     let by_content = run.targets[i].baseline.is_some();
-    let full_sync = if v.backing_file.is_none() && guards[i].is_none() && !by_content {
-        "top"
+    let sync = if v.backing_file.is_none() && guards[i].is_none() && !by_content {
+        Sync::Top
     } else {
-        "full"
+        Sync::Full
     };
     let source = guards[i]
         .as_ref()
         .map_or(v.node_name.as_str(), Guard::source);
-    let mut data = json!({
-        "job-id": run.scope.job(i), "device": source, "target": run.scope.target_node(i),
-        "sync": full_sync, "auto-dismiss": false,
-    });
+    let mut job = Backup {
+        job_id: run.scope.job(i),
+        device: source.to_string(),
+        target: run.scope.target_node(i),
+        sync,
+        bitmap: None,
+        bitmap_mode: None,
+        auto_dismiss: false,
+        speed: opts.rate_limit,
+        // On the NBD path bitback compresses.
+        compress: opts.compress && !nbd,
+        x_perf: perf.clone(),
+    };
     if let Some(since) = &run.targets[i].since {
-        data["sync"] = "bitmap".into();
-        data["bitmap"] = match &guards[i] {
-            Some(guard) => guard.copy_bitmap().into(),
-            None => since.as_str().into(),
-        };
-        data["bitmap-mode"] = "never".into();
+        job.by_bitmap(match &guards[i] {
+            Some(guard) => guard.copy_bitmap(),
+            None => since,
+        });
     }
-    if let Some(speed) = opts.rate_limit {
-        data["speed"] = speed.into();
-    }
-    // On the NBD path bitback compresses.
-    if opts.compress && !nbd {
-        data["compress"] = true.into();
-    }
-    if let Some(perf) = perf {
-        data["x-perf"] = perf.clone();
-    }
-    data
+    job
 }
 
 /// Starts the jobs of the guarded fulls left out of the transaction, the
@@ -1241,7 +1176,7 @@ async fn start_masked_fulls(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
     fleece: &[Option<String>],
-    perf: &Option<Value>,
+    perf: &Option<Perf>,
     nbd: bool,
     flushed: bool,
 ) -> anyhow::Result<()> {
@@ -1250,7 +1185,7 @@ async fn start_masked_fulls(
             continue;
         };
         let v = &run.volumes[i];
-        let mut data = backup_job(run, guards, perf, nbd, i);
+        let mut job = backup_job(run, guards, perf, nbd, i);
         let loaded = match flushed {
             true => load_mask(run, i, guard, fleece[i].as_deref()).await,
             false => Err(anyhow!(
@@ -1260,9 +1195,7 @@ async fn start_masked_fulls(
         match loaded {
             Ok(Some(covered)) => {
                 debug!(volume = %v.name, covered, "the full copies what the volume may hold");
-                data["sync"] = "bitmap".into();
-                data["bitmap"] = guard.copy_bitmap().into();
-                data["bitmap-mode"] = "never".into();
+                job.by_bitmap(guard.copy_bitmap());
             }
             Ok(None) => {
                 debug!(volume = %v.name, "the image does not say what it holds: the full reads the whole disk")
@@ -1271,8 +1204,7 @@ async fn start_masked_fulls(
                 info!(volume = %v.name, error = %format!("{e:#}"), "cannot tell what the volume holds: the full reads the whole disk")
             }
         }
-        run.qmp
-            .execute_raw("blockdev-backup", data)
+        qemu::backup::start(run.qmp, &job)
             .await
             .with_context(|| format!("starting the backup job of volume {}", v.name))?;
     }
@@ -1286,17 +1218,13 @@ async fn backing_chain(qmp: &Qmp, node: &str) -> anyhow::Result<Vec<String>> {
     let graph = graph::query(qmp)
         .await?
         .context("this QEMU shows no block graph")?;
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
-        .await?;
+    let nodes = query::nodes(qmp).await?;
     let filename = |name: &str| {
         nodes
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["node-name"].as_str() == Some(name))
-            .and_then(|n| n["image"]["filename"].as_str())
-            .map(str::to_string)
+            .iter()
+            .find(|n| n.node_name == name)
+            .map(|n| n.image.filename.clone())
+            .filter(|f| !f.is_empty())
     };
     let mut chain = Vec::new();
     let mut at = node.to_string();
@@ -1346,14 +1274,8 @@ async fn load_mask(
         let filename;
         (filename, fdset) = qemu_filename(run.qmp, &file, false, &mut pass_fds).await?;
         let node = run.scope.mask_node(i);
-        run.qmp
-            .execute_raw(
-                "blockdev-add",
-                json!({
-                    "driver": "qcow2", "node-name": node, "read-only": true,
-                    "file": { "driver": "file", "filename": filename },
-                }),
-            )
+        let image = Qcow2::over(Node::file(filename)).named(&node).read_only();
+        commands::add_node(run.qmp, &image.node())
             .await
             .context("opening the mask image in QEMU")?;
         let merged = guard.load_mask(run.qmp, &node, granularity, fleece).await;
@@ -1409,7 +1331,7 @@ async fn resume(
 
 /// Records in `undo` what a transaction that may have been applied made:
 /// its jobs and the new checkpoint's bitmaps, to be taken back by name.
-fn record_applied(run: &CopyPlan<'_>, started: &Result<Value, Failure>, undo: &mut Undo) {
+fn record_applied(run: &CopyPlan<'_>, started: &Result<(), Failure>, undo: &mut Undo) {
     let applied = match started {
         Ok(_) => true,
         // QEMU refused it (a transaction is all or nothing), or it was
@@ -1466,12 +1388,10 @@ async fn pause(qmp: &Qmp, opts: &CopyOptions) -> anyhow::Result<Option<Paused>> 
 /// False where that is not known: an incoming or finished migration
 /// (another QEMU writes the images), or a `stop` that failed.
 async fn flush_stopped(qmp: &Qmp) -> bool {
-    let Ok(status) = qmp.execute_raw("query-status", Value::Null).await else {
+    let Ok(status) = query::status(qmp).await else {
         return false;
     };
-    if status["running"].as_bool() != Some(false)
-        || matches!(status["status"].as_str(), Some("inmigrate" | "postmigrate"))
-    {
+    if status.running || matches!(status.status.as_str(), "inmigrate" | "postmigrate") {
         return false;
     }
     commands::stop(qmp).await.is_ok()
@@ -1670,9 +1590,7 @@ async fn wait_jobs(
 
 async fn cancel_all(qmp: &Qmp, jobs: &[String]) {
     for job in jobs {
-        let _ = qmp
-            .execute_raw("block-job-cancel", json!({ "device": job, "force": true }))
-            .await;
+        let _ = qemu::backup::force_cancel(qmp, job).await;
     }
 }
 
@@ -1687,22 +1605,19 @@ struct JobsSeen {
 }
 
 async fn job_progress(qmp: &Qmp, jobs: &[String]) -> JobsSeen {
-    let Ok(reply) = qmp.execute_raw("query-jobs", Value::Null).await else {
+    let Ok(reply) = query::jobs(qmp).await else {
         return JobsSeen::default();
     };
     let mut seen = JobsSeen::default();
-    for j in reply.as_array().into_iter().flatten() {
-        let Some(id) = j["id"].as_str().filter(|id| jobs.iter().any(|o| o == id)) else {
+    for j in reply {
+        if !jobs.contains(&j.id) {
             continue;
-        };
-        seen.current += j["current-progress"].as_u64().unwrap_or(0);
-        seen.total += j["total-progress"].as_u64().unwrap_or(0);
-        match j["status"].as_str() {
-            Some("running") => seen.running = true,
-            Some("concluded") | Some("null") => {
-                let error = j["error"].as_str().map(str::to_string);
-                seen.concluded.push((id.to_string(), error));
-            }
+        }
+        seen.current += j.current_progress;
+        seen.total += j.total_progress;
+        match j.status.as_str() {
+            "running" => seen.running = true,
+            "concluded" | "null" => seen.concluded.push((j.id, j.error)),
             _ => {}
         }
     }

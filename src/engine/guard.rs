@@ -33,13 +33,14 @@
 //! socket once bitback's connection is gone, or `virsh resume`.
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use super::scope::Scope;
 use crate::qemu::Volume;
-use crate::qemu::commands;
+use crate::qemu::backup::{self, BitmapAdd};
+use crate::qemu::blockdev::{BitmapRef, Discard, Node};
 use crate::qemu::graph::{self, Graph};
+use crate::qemu::{commands, query};
 use crate::qmp::{self, Qmp};
 
 /// How long a guest write may wait for its old data to reach the filter's
@@ -189,52 +190,39 @@ impl Guard {
         since: Option<&str>,
         record: Option<u64>,
     ) -> qmp::Result<()> {
+        let scratch = |node: &str, name: &str, granularity| BitmapAdd {
+            node: node.into(),
+            name: name.into(),
+            persistent: false,
+            granularity,
+        };
         if let Some(granularity) = record {
-            qmp.execute_raw(
-                "block-dirty-bitmap-add",
-                json!({ "node": target, "name": FLEECED_BITMAP,
-                        "granularity": granularity, "persistent": false }),
-            )
-            .await?;
+            let bitmap = scratch(target, FLEECED_BITMAP, Some(granularity));
+            backup::add_bitmap(qmp, &bitmap).await?;
         }
-        let mut filter = json!({
-            "driver": "copy-before-write",
-            "node-name": self.filter,
-            "file": self.node,
-            "target": target,
-            "on-cbw-error": "break-snapshot",
-            "cbw-timeout": CBW_TIMEOUT,
+        let filter = Node::CopyBeforeWrite {
+            node_name: self.filter.clone(),
+            file: self.node.clone(),
+            target: target.into(),
+            on_cbw_error: "break-snapshot",
+            cbw_timeout: CBW_TIMEOUT,
+            bitmap: since.map(|since| BitmapRef::new(&self.node, since)),
             // The guest's discards go on to the volume, which decides by
             // its own `discard` option (QEMU's default would drop them
             // here while the guard stands).
-            "discard": "unmap",
-        });
+            discard: Some(Discard::Unmap),
+        };
+        commands::add_node(qmp, &filter).await?;
+        commands::set_device_drive(qmp, &self.qdev, &self.filter).await?;
+        let access = Node::SnapshotAccess {
+            node_name: self.access.clone(),
+            file: self.filter.clone(),
+        };
+        commands::add_node(qmp, &access).await?;
         if let Some(since) = since {
-            filter["bitmap"] = json!({ "node": self.node, "name": since });
-        }
-        qmp.execute_raw("blockdev-add", filter).await?;
-        qmp.execute_raw(
-            "qom-set",
-            json!({ "path": self.qdev, "property": "drive", "value": self.filter }),
-        )
-        .await?;
-        qmp.execute_raw(
-            "blockdev-add",
-            json!({ "driver": "snapshot-access", "node-name": self.access, "file": self.filter }),
-        )
-        .await?;
-        if let Some(since) = since {
-            qmp.execute_raw(
-                "block-dirty-bitmap-add",
-                json!({ "node": self.access, "name": COPY_BITMAP, "persistent": false }),
-            )
-            .await?;
-            qmp.execute_raw(
-                "block-dirty-bitmap-merge",
-                json!({ "node": self.access, "target": COPY_BITMAP,
-                        "bitmaps": [{ "node": self.node, "name": since }] }),
-            )
-            .await?;
+            backup::add_bitmap(qmp, &scratch(&self.access, COPY_BITMAP, None)).await?;
+            let from = [BitmapRef::new(&self.node, since)];
+            backup::merge_bitmaps(qmp, &self.access, COPY_BITMAP, &from).await?;
         }
         Ok(())
     }
@@ -261,22 +249,18 @@ impl Guard {
         granularity: u64,
         fleece: Option<&str>,
     ) -> qmp::Result<()> {
-        qmp.execute_raw(
-            "block-dirty-bitmap-add",
-            json!({ "node": self.access, "name": COPY_BITMAP,
-                    "granularity": granularity, "persistent": false }),
-        )
-        .await?;
-        let mut sources = vec![json!({ "node": mask, "name": MASK_BITMAP })];
+        let bitmap = BitmapAdd {
+            node: self.access.clone(),
+            name: COPY_BITMAP.into(),
+            persistent: false,
+            granularity: Some(granularity),
+        };
+        backup::add_bitmap(qmp, &bitmap).await?;
+        let mut sources = vec![BitmapRef::new(mask, MASK_BITMAP)];
         if let Some(fleece) = fleece {
-            sources.push(json!({ "node": fleece, "name": FLEECED_BITMAP }));
+            sources.push(BitmapRef::new(fleece, FLEECED_BITMAP));
         }
-        qmp.execute_raw(
-            "block-dirty-bitmap-merge",
-            json!({ "node": self.access, "target": COPY_BITMAP, "bitmaps": sources }),
-        )
-        .await?;
-        Ok(())
+        backup::merge_bitmaps(qmp, &self.access, COPY_BITMAP, &sources).await
     }
 
     /// Takes the guard out (after its job has ended): the snapshot-access
@@ -306,10 +290,7 @@ impl Guard {
 /// Never sets a device to the node it already has: QEMU 10.0 aborts on
 /// that.
 async fn move_back(qmp: &Qmp, qdev: &str, filter: &str, node: &str) -> anyhow::Result<()> {
-    let on = match qmp
-        .execute_raw("qom-get", json!({ "path": qdev, "property": "drive" }))
-        .await
-    {
+    let on = match query::device_drive(qmp, qdev).await {
         Ok(on) => on,
         // No device there: none to move back (an insert that failed
         // before moving it).
@@ -318,29 +299,19 @@ async fn move_back(qmp: &Qmp, qdev: &str, filter: &str, node: &str) -> anyhow::R
             return Err(anyhow::anyhow!(e).context(format!("asking which node device {qdev} uses")));
         }
     };
-    if on.as_str() != Some(filter) {
-        debug!(qdev, on = %on, "device not on the guard's filter");
+    if on.as_deref() != Some(filter) {
+        debug!(qdev, on = ?on, "device not on the guard's filter");
         return Ok(());
     }
-    qmp.execute_raw(
-        "qom-set",
-        json!({ "path": qdev, "property": "drive", "value": node }),
-    )
-    .await
-    .with_context(|| format!("moving device {qdev} back onto {node}"))?;
+    commands::set_device_drive(qmp, qdev, node)
+        .await
+        .with_context(|| format!("moving device {qdev} back onto {node}"))?;
     Ok(())
 }
 
 async fn node_exists(qmp: &Qmp, name: &str) -> bool {
-    match qmp
-        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
-        .await
-    {
-        Ok(nodes) => nodes
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|n| n["node-name"].as_str() == Some(name)),
+    match query::nodes(qmp).await {
+        Ok(nodes) => nodes.iter().any(|n| n.node_name == name),
         Err(_) => true,
     }
 }
@@ -349,16 +320,11 @@ async fn node_exists(qmp: &Qmp, name: &str) -> bool {
 /// nodes first, then each device back from a filter onto the node under
 /// it. The filters and other nodes are the caller's to delete after.
 pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()> {
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
-        .await?;
-    let owned: Vec<String> = nodes
-        .as_array()
+    let owned: Vec<String> = query::nodes(qmp)
+        .await?
         .into_iter()
-        .flatten()
-        .filter_map(|n| n["node-name"].as_str())
+        .map(|n| n.node_name)
         .filter(|n| scope.owns_node_or_job(n))
-        .map(str::to_string)
         .collect();
     for node in owned.iter().filter(|n| is_access(n)) {
         info!(
@@ -370,11 +336,10 @@ pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()>
     let Some(graph) = graph::query(qmp).await? else {
         return Ok(());
     };
-    let blocks = qmp.execute_raw("query-block", Value::Null).await?;
-    for block in blocks.as_array().into_iter().flatten() {
+    for block in query::blocks(qmp).await? {
         let (Some(qdev), Some(on)) = (
-            block["qdev"].as_str(),
-            block["inserted"]["node-name"].as_str(),
+            block.qdev.as_deref(),
+            block.inserted.as_ref().map(|i| i.node_name.as_str()),
         ) else {
             continue;
         };
@@ -409,6 +374,5 @@ fn is_access(name: &str) -> bool {
 /// Whether the VM runs (and so must be paused for a point on several
 /// devices at once).
 pub(super) async fn running(qmp: &Qmp) -> anyhow::Result<bool> {
-    let status = qmp.execute_raw("query-status", Value::Null).await?;
-    Ok(status["running"].as_bool().unwrap_or(false))
+    Ok(query::status(qmp).await?.running)
 }

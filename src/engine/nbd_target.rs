@@ -17,14 +17,14 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use serde_json::json;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::cluster_map;
 use crate::nbd::{self, Served};
 use crate::qcow2::{self, CreateOptions, Stream};
-use crate::qemu::daemon;
+use crate::qemu::blockdev::{Address, Node};
+use crate::qemu::{commands, daemon};
 use crate::qmp::Qmp;
 
 /// The export's name (one export per connection).
@@ -82,7 +82,7 @@ pub(super) async fn open(
                 let conn = tokio::net::UnixStream::from_std(ours)?;
                 (
                     Connection::Ready(conn),
-                    json!({ "type": "fd", "str": node }),
+                    Address::Fd { str: node.into() },
                     None,
                 )
             }
@@ -114,12 +114,12 @@ pub(super) async fn open(
         handle,
         socket_dir,
     };
-    let added = qmp
-        .execute_raw(
-            "blockdev-add",
-            json!({ "driver": "nbd", "node-name": node, "export": EXPORT, "server": server_addr }),
-        )
-        .await;
+    let target = Node::Nbd {
+        node_name: node.into(),
+        export: EXPORT.into(),
+        server: server_addr,
+    };
+    let added = commands::add_node(qmp, &target).await;
     if let Err(e) = added {
         server.abort();
         return Err(anyhow!(e).context("opening the NBD target in QEMU"));
@@ -137,7 +137,7 @@ enum Connection {
 fn listen(
     node: &str,
     owner: Option<crate::qmp::SocketOwner>,
-) -> anyhow::Result<(Connection, serde_json::Value, Option<PathBuf>)> {
+) -> anyhow::Result<(Connection, Address, Option<PathBuf>)> {
     let dir = daemon::socket_dir(&format!("bitback-nbd-{}-{node}", std::process::id()), owner)?;
     let socket = dir.join("nbd.sock");
     let listened = tokio::net::UnixListener::bind(&socket)
@@ -151,7 +151,7 @@ fn listen(
     match listened {
         Ok(listener) => Ok((
             Connection::Listening(listener),
-            json!({ "type": "unix", "path": socket }),
+            Address::Unix { path: socket },
             Some(dir),
         )),
         Err(e) => {

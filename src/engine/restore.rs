@@ -353,11 +353,11 @@ fn qemu_img_convert(
     cmd.arg("convert");
     match key {
         Some(_) => {
-            let image = super::chain::encrypted_image(files, "bitback-key");
+            let image = super::chain::encrypted_image(files, "bitback-key")?;
             cmd.arg("--object")
                 .arg("secret,id=bitback-key,format=raw,file=/dev/stdin")
                 .args(["-O", format])
-                .arg(format!("json:{image}"));
+                .arg(image.node().json_filename());
         }
         None => {
             cmd.args(["-f", "qcow2", "-O", format]).arg(top);

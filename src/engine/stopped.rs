@@ -12,12 +12,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use serde_json::json;
 
 use super::backup::{BackupOptions, backup_named};
 use super::copy::Cancel;
 use super::key::Key;
 use crate::qcow2;
+use crate::qemu::blockdev::{Node, Qcow2};
+use crate::qemu::commands;
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
 use crate::repo::{self, Manifest, Repo, VmLock};
 
@@ -91,23 +92,18 @@ pub async fn backup_stopped(
     let daemon = Daemon::start(private_dir("qsd")?, &spec).await?;
     let qmp = daemon.qmp.clone().context("the daemon has no monitor")?;
     if let Some(key) = image_key.filter(|_| !needs_key.is_empty()) {
-        qmp.execute_raw(
-            "object-add",
-            json!({ "qom-type": "secret", "id": KEY_ID, "data": key.base64(), "format": "base64" }),
-        )
-        .await
-        .context("handing the image key to qemu-storage-daemon")?;
+        commands::add_secret(&qmp, KEY_ID, &key.base64())
+            .await
+            .context("handing the image key to qemu-storage-daemon")?;
     }
     for (blockdev, image) in blockdevs.into_iter().zip(&resolved) {
-        qmp.execute_raw("blockdev-add", blockdev)
-            .await
-            .with_context(|| {
-                format!(
-                    "opening image {} of volume {}",
-                    image.path.display(),
-                    image.volume
-                )
-            })?;
+        commands::add_node(&qmp, &blockdev).await.with_context(|| {
+            format!(
+                "opening image {} of volume {}",
+                image.path.display(),
+                image.volume
+            )
+        })?;
     }
     let renames: Vec<(String, String)> = resolved
         .iter()
@@ -127,49 +123,44 @@ const KEY_ID: &str = "bb-image-key";
 
 /// The `blockdev-add` arguments that open `path` as node `node`, and
 /// whether the image is encrypted.
-fn blockdev(node: &str, path: &Path) -> anyhow::Result<(serde_json::Value, bool)> {
+fn blockdev(node: &str, path: &Path) -> anyhow::Result<(Node, bool)> {
     use std::io::Read;
     use std::os::unix::fs::FileTypeExt;
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let protocol = if meta.file_type().is_block_device() {
-        "host_device"
-    } else {
-        "file"
+    let protocol = match meta.file_type().is_block_device() {
+        true => Node::HostDevice {
+            filename: path.into(),
+        },
+        false => Node::file(path),
     };
     let mut magic = [0u8; 6];
-    let mut file =
+    let mut opened =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let got = file
+    let got = opened
         .read(&mut magic)
         .with_context(|| format!("reading {}", path.display()))?;
-    let file = json!({ "driver": protocol, "filename": path });
     if got >= 4 && magic[..4] == *b"QFI\xfb" {
         let image =
             qcow2::Image::open(path).with_context(|| format!("reading {}", path.display()))?;
-        if image.encrypted() {
-            return Ok((
-                json!({
-                    "driver": "qcow2", "node-name": node, "file": file,
-                    "encrypt": { "format": "luks", "key-secret": KEY_ID },
-                }),
-                true,
-            ));
-        }
-        return Ok((
-            json!({ "driver": "qcow2", "node-name": node, "file": file }),
-            false,
-        ));
+        let encrypted = image.encrypted();
+        let secret = encrypted.then_some(KEY_ID);
+        let image = Qcow2::over(protocol).named(node).encrypted(secret);
+        return Ok((image.node(), encrypted));
     }
+    let node_name = Some(node.to_string());
+    let file = Box::new(protocol);
     if got == 6 && magic == *b"LUKS\xba\xbe" {
+        let key_secret = KEY_ID.into();
         return Ok((
-            json!({ "driver": "luks", "node-name": node, "file": file, "key-secret": KEY_ID }),
+            Node::Luks {
+                node_name,
+                file,
+                key_secret,
+            },
             true,
         ));
     }
-    Ok((
-        json!({ "driver": "raw", "node-name": node, "file": file }),
-        false,
-    ))
+    Ok((Node::Raw { node_name, file }, false))
 }
 
 fn check_not_in_use(path: &Path) -> anyhow::Result<()> {

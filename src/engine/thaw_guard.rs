@@ -92,13 +92,11 @@ impl Thawer {
             }
             Thawer::ResumeQmp(socket) => {
                 let qmp = crate::qmp::Qmp::connect(&socket.display().to_string()).await?;
-                let status = qmp
-                    .execute_raw("query-status", serde_json::Value::Null)
-                    .await?;
+                let status = crate::qemu::query::status(&qmp).await?;
                 // Only a VM the backup paused ("paused" by `stop`); one
                 // that runs, or stopped for another reason (an I/O error,
                 // a migration), is left as it is.
-                if status["status"].as_str() == Some("paused") {
+                if status.status == "paused" {
                     commands::cont(&qmp).await?;
                 }
                 Ok(())

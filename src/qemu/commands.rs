@@ -1,11 +1,73 @@
-//! The QMP commands that take a thing apart or move the VM, typed by QEMU's
-//! schema (`qapi-qmp`): their arguments are checked by the compiler, not
-//! by QEMU at run time. (A raw `job-cancel` carried a `force` the command
+//! The QMP commands bitback sends, as functions with typed arguments:
+//! those that take a thing apart or move the VM by QEMU's schema
+//! (`qapi-qmp`), those that add a thing by bitback's own types of it
+//! ([`super::blockdev`]). Either way the compiler checks the arguments,
+//! not QEMU at run time. (A raw `job-cancel` carried a `force` the command
 //! does not take, and QEMU refused every cancel.)
 
 use qapi_qmp as q;
+use serde_json::json;
 
+use super::backup::to_value;
+use super::blockdev::{Export, Node};
 use crate::qmp::{Qmp, Result};
+
+/// `blockdev-add`: opens `node`.
+pub async fn add_node(qmp: &Qmp, node: &Node) -> Result<()> {
+    let arguments = to_value("blockdev-add", node)?;
+    qmp.execute_raw("blockdev-add", arguments).await.map(drop)
+}
+
+/// `block-export-add`: serves `export`.
+pub async fn add_export(qmp: &Qmp, export: &Export) -> Result<()> {
+    let arguments = to_value("block-export-add", export)?;
+    qmp.execute_raw("block-export-add", arguments)
+        .await
+        .map(drop)
+}
+
+/// `object-add` of a `secret` holding `base64` (a key).
+pub async fn add_secret(qmp: &Qmp, id: &str, base64: &str) -> Result<()> {
+    let arguments = json!({ "qom-type": "secret", "id": id, "data": base64, "format": "base64" });
+    qmp.execute_raw("object-add", arguments).await.map(drop)
+}
+
+/// `qom-set` of device `qdev`'s `drive`: the device reads `node` from now
+/// on (the guard's filter, or the volume again).
+pub async fn set_device_drive(qmp: &Qmp, qdev: &str, node: &str) -> Result<()> {
+    let arguments = json!({ "path": qdev, "property": "drive", "value": node });
+    qmp.execute_raw("qom-set", arguments).await.map(drop)
+}
+
+/// `chardev-add` of a client socket to `path`, as character device `id`.
+pub async fn add_socket_chardev(qmp: &Qmp, id: &str, path: &std::path::Path) -> Result<()> {
+    let backend = json!({
+        "type": "socket",
+        "data": {
+            "addr": { "type": "unix", "data": { "path": path } },
+            "server": false,
+        }
+    });
+    qmp.execute_raw("chardev-add", json!({ "id": id, "backend": backend }))
+        .await
+        .map(drop)
+}
+
+/// `chardev-remove`.
+pub async fn remove_chardev(qmp: &Qmp, id: &str) -> Result<()> {
+    qmp.execute(q::chardev_remove { id: id.into() })
+        .await
+        .map(drop)
+}
+
+/// `closefd`: closes a descriptor passed by `getfd` under `name`.
+pub async fn close_fd(qmp: &Qmp, name: &str) -> Result<()> {
+    qmp.execute(q::closefd {
+        fdname: name.into(),
+    })
+    .await
+    .map(drop)
+}
 
 /// `blockdev-del`: closes node `name`.
 pub async fn delete_node(qmp: &Qmp, name: &str) -> Result<()> {

@@ -10,19 +10,20 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
+use super::blockdev::{Address, Export, Node};
 use crate::qmp::{Endpoint, Options, Qmp};
 
 /// What to start the daemon with.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonSpec {
-    /// `--blockdev` values, as JSON.
-    pub blockdevs: Vec<Value>,
+    /// `--blockdev` values.
+    pub blockdevs: Vec<Node>,
     /// Open a QMP monitor (at `<dir>/qmp.sock`).
     pub qmp: bool,
-    /// `--nbd-server` address (`{"type": "unix", "path": ...}` or inet).
-    pub nbd: Option<Value>,
-    /// `--export` values, as JSON.
-    pub exports: Vec<Value>,
+    /// `--nbd-server` address.
+    pub nbd: Option<Address>,
+    /// `--export` values.
+    pub exports: Vec<Export>,
     /// `--object` values (a secret read from a key file, never the key).
     pub objects: Vec<String>,
 }
@@ -46,7 +47,7 @@ impl DaemonSpec {
         }
         for blockdev in &self.blockdevs {
             args.push("--blockdev".into());
-            args.push(blockdev.to_string());
+            args.push(Value::from(blockdev).to_string());
         }
         if let Some(addr) = &self.nbd {
             args.push("--nbd-server".into());
@@ -54,7 +55,7 @@ impl DaemonSpec {
         }
         for export in &self.exports {
             args.push("--export".into());
-            args.push(export.to_string());
+            args.push(json!(export).to_string());
         }
         args
     }
@@ -376,17 +377,13 @@ impl Daemon {
             }
         }
         match spec.nbd.as_ref() {
-            Some(addr) if addr["type"] == "unix" => {
-                Path::new(addr["path"].as_str().unwrap_or_default()).exists()
-            }
-            Some(addr) => {
-                let host = addr["host"].as_str().unwrap_or("127.0.0.1");
-                let port = addr["port"].as_str().unwrap_or("10809");
+            Some(Address::Unix { path }) => path.exists(),
+            Some(Address::Inet { host, port }) => {
                 tokio::net::TcpStream::connect(format!("{host}:{port}"))
                     .await
                     .is_ok()
             }
-            None => true,
+            Some(Address::Fd { .. }) | None => true,
         }
     }
 

@@ -2,14 +2,16 @@
 //! state, its volumes and their dirty bitmaps.
 
 pub mod agent;
+pub mod backup;
+pub mod blockdev;
 pub mod commands;
 pub mod daemon;
 pub mod graph;
+pub mod query;
 pub mod schema;
 mod volumes;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::qmp::{self, QemuVersion, Qmp};
 
@@ -67,14 +69,8 @@ pub async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> qmp::Result<()>
 
 /// Gathers version, run state and volumes.
 pub async fn inspect(qmp: &Qmp) -> qmp::Result<QemuInfo> {
-    let (status, running) = match qmp.execute_raw("query-status", Value::Null).await {
-        Ok(reply) => (
-            reply
-                .get("status")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            reply.get("running").and_then(Value::as_bool),
-        ),
+    let (status, running) = match query::status(qmp).await {
+        Ok(reply) => (Some(reply.status), Some(reply.running)),
         Err(e) if e.is_command_not_found() => (None, None),
         Err(e) => return Err(e),
     };

@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::debug;
 
 use super::graph::Graph;
+use super::query::{self, Block, Node};
 use crate::disk::DiskKind;
 use crate::qmp::{self, Qmp};
 
@@ -98,58 +99,6 @@ pub struct Bitmap {
     pub count: u64,
 }
 
-#[derive(Debug, Deserialize)]
-struct BlockInfo {
-    #[serde(default)]
-    device: String,
-    #[serde(default)]
-    qdev: Option<String>,
-    #[serde(default)]
-    inserted: Option<Inserted>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Inserted {
-    #[serde(rename = "node-name")]
-    node_name: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct NodeInfo {
-    #[serde(rename = "node-name", default)]
-    node_name: String,
-    drv: String,
-    #[serde(default)]
-    file: String,
-    #[serde(default)]
-    ro: bool,
-    #[serde(default)]
-    encrypted: bool,
-    image: ImageInfo,
-    /// Internal bitmaps (a running job's) have no name and are skipped.
-    #[serde(rename = "dirty-bitmaps", default)]
-    dirty_bitmaps: Vec<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageInfo {
-    #[serde(default)]
-    filename: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-    #[serde(rename = "format-specific", default)]
-    format_specific: Option<Value>,
-}
-
-fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> qmp::Result<T> {
-    serde_json::from_value(value).map_err(|source| qmp::Error::UnexpectedReply {
-        command: command.to_string(),
-        source,
-    })
-}
-
 /// QEMU assigns `#block123`-style names itself, and differently on every
 /// start: they identify nothing across runs.
 pub fn is_automatic_node_name(name: &str) -> bool {
@@ -171,15 +120,8 @@ fn qdev_id(qdev: &str) -> Option<&str> {
 /// Lists the volumes of the QEMU behind `qmp`, in the order QEMU reports
 /// them (device order for a VM, node creation order otherwise).
 pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
-    let blocks: Vec<BlockInfo> = decode(
-        "query-block",
-        qmp.execute_raw("query-block", Value::Null).await?,
-    )?;
-    let nodes: Vec<NodeInfo> = decode(
-        "query-named-block-nodes",
-        qmp.execute_raw("query-named-block-nodes", json!({ "flat": true }))
-            .await?,
-    )?;
+    let blocks = query::blocks(qmp).await?;
+    let nodes = query::nodes(qmp).await?;
     let graph = match super::graph::query(qmp).await? {
         Some(graph) => graph,
         None => {
@@ -187,18 +129,17 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
             Graph::default()
         }
     };
-    let by_name: HashMap<&str, &NodeInfo> =
-        nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
+    let by_name: HashMap<&str, &Node> = nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
 
     // The node a format node reads from (`file`, `host_device`, ...).
-    let protocol_of = |node: &NodeInfo| -> Option<&NodeInfo> {
+    let protocol_of = |node: &Node| -> Option<&Node> {
         graph
             .file_child(&node.node_name)
             .and_then(|child| by_name.get(child).copied())
     };
 
     // Below filters, to the node that holds the image.
-    let image_node = |top: &str| -> Option<&NodeInfo> {
+    let image_node = |top: &str| -> Option<&Node> {
         let mut name = top;
         for _ in 0..16 {
             let node = by_name.get(name)?;
@@ -211,7 +152,7 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
     };
 
     let mut volumes = Vec::new();
-    let devices: Vec<&BlockInfo> = blocks.iter().filter(|b| b.inserted.is_some()).collect();
+    let devices: Vec<&Block> = blocks.iter().filter(|b| b.inserted.is_some()).collect();
     if !devices.is_empty() {
         for block in devices {
             let Some(inserted) = &block.inserted else {
@@ -271,15 +212,15 @@ pub async fn list_volumes(qmp: &Qmp) -> qmp::Result<Vec<Volume>> {
 
 fn volume(
     name: String,
-    node: &NodeInfo,
-    protocol: Option<&NodeInfo>,
+    node: &Node,
+    protocol: Option<&Node>,
     device: Option<String>,
 ) -> qmp::Result<Volume> {
     let bitmaps = node
         .dirty_bitmaps
         .iter()
         .filter(|raw| raw.get("name").is_some())
-        .map(|raw| decode("query-named-block-nodes", raw.clone()))
+        .map(|raw| query::decode("query-named-block-nodes", raw.clone()))
         .collect::<qmp::Result<Vec<Bitmap>>>()?;
     let mut image_file = if node.image.filename.is_empty() {
         node.file.clone()
@@ -314,7 +255,7 @@ fn volume(
     })
 }
 
-fn disk_kind(node: &NodeInfo, protocol: Option<&NodeInfo>, image_file: &str) -> DiskKind {
+fn disk_kind(node: &Node, protocol: Option<&Node>, image_file: &str) -> DiskKind {
     match node.drv.as_str() {
         "qcow2" => {
             let compat = node

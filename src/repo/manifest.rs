@@ -399,7 +399,10 @@ mod tests {
         };
         value["volumes"][0]["digest"] = "blake3-layout:00".into();
         assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));
-        value["volumes"][0]["cluster_map"] = serde_json::json!({"file": "web1/20261126T152252Z/disk0.map", "digest": "blake3:00", "records": 1});
+        value["volumes"][0]["cluster_map"] = serde_json::from_str(
+            r#"{"file": "web1/20261126T152252Z/disk0.map", "digest": "blake3:00", "records": 1}"#,
+        )
+        .unwrap();
         parse(&value).unwrap();
         value["volumes"][0]["digest"] = "sha256:00".into();
         assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));

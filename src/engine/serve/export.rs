@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::qemu::blockdev::{Address, Export as BlockExport, Node, Qcow2};
 use anyhow::{Context, bail};
-use serde_json::json;
 use tracing::info;
 
 use crate::engine::chain::resolve;
@@ -93,24 +93,25 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
     }
     let (addr, url) = match &opts.listen {
         Listen::Socket(path) => (
-            json!({"type": "unix", "path": path}),
+            Address::Unix { path: path.clone() },
             format!("nbd+unix:///{}?socket={}", opts.volume, path.display()),
         ),
         Listen::Tcp { host, port } => (
-            json!({"type": "inet", "host": host, "port": port.to_string()}),
+            Address::Inet {
+                host: host.clone(),
+                port: port.to_string(),
+            },
             format!("nbd://{host}:{port}/{}", opts.volume),
         ),
     };
-    let mut blockdev = json!({
-        "driver": "qcow2", "node-name": "export0",
-        "file": {"driver": "file", "filename": overlay},
-    });
+    let mut blockdev = Qcow2::over(Node::file(&overlay)).named("export0");
     let mut objects = Vec::new();
     match (&manifest.encryption, &opts.key) {
         (None, _) => {}
         (Some(_), Some(key)) => {
             let files = crate::engine::chain::volume_files(repo, &chain, &record.name)?;
-            blockdev["backing"] = crate::engine::chain::encrypted_image(&files, "bitback-key");
+            let backing = crate::engine::chain::encrypted_image(&files, "bitback-key")?;
+            blockdev.backing = Some(Some(Box::new(backing.node())));
             objects.push(format!(
                 "secret,id=bitback-key,format=raw,file={}",
                 key.path().display().to_string().replace(',', ",,")
@@ -126,13 +127,15 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
         }
     }
     let spec = DaemonSpec {
-        blockdevs: vec![blockdev],
+        blockdevs: vec![blockdev.node()],
         objects,
         nbd: Some(addr),
-        exports: vec![json!({
-            "type": "nbd", "id": "e0", "node-name": "export0",
-            "name": opts.volume, "writable": opts.writable,
-        })],
+        exports: vec![BlockExport::Nbd {
+            id: "e0".into(),
+            node_name: "export0".into(),
+            name: opts.volume.clone(),
+            writable: opts.writable,
+        }],
         ..DaemonSpec::default()
     };
     let daemon = Daemon::start(dir, &spec).await?;

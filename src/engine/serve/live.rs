@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use serde_json::{Value, json};
+
 use tracing::{info, warn};
 
 use super::mount::{Point, Served, ServedFile, Serving};
@@ -21,7 +21,10 @@ use crate::engine::outcome::BadInput;
 use crate::engine::progress::ProgressSink;
 use crate::libvirt::Domain;
 use crate::qcow2::{self, CreateOptions};
+use crate::qemu::backup;
+use crate::qemu::blockdev::{Address, Export};
 use crate::qemu::daemon::DaemonSpec;
+use crate::qemu::query;
 use crate::qmp::{Qmp, SocketOwner};
 use crate::repo::Repo;
 
@@ -200,15 +203,17 @@ async fn serve(
         .volumes
         .iter()
         .enumerate()
-        .map(|(i, (name, _))| {
-            json!({
-                "type": "nbd", "id": format!("e{i}"), "node-name": format!("vol{i}"),
-                "name": export_name(vm, &point.manifest.id, name), "writable": false,
-            })
+        .map(|(i, (name, _))| Export::Nbd {
+            id: format!("e{i}"),
+            node_name: format!("vol{i}"),
+            name: export_name(vm, &point.manifest.id, name),
+            writable: false,
         })
         .collect();
     let spec = DaemonSpec {
-        nbd: Some(json!({ "type": "unix", "path": socket })),
+        nbd: Some(Address::Unix {
+            path: socket.clone(),
+        }),
         exports,
         ..DaemonSpec::default()
     };
@@ -591,16 +596,13 @@ struct Backed {
 /// qcow2 nodes whose header names one as backing file (a VM's devices and
 /// a qemu-storage-daemon's nodes alike).
 async fn backed_images(qmp: &Qmp) -> anyhow::Result<Vec<Backed>> {
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", json!({ "flat": true }))
-        .await?;
     let base = runtime::base();
     let mut found = Vec::new();
-    for n in nodes.as_array().into_iter().flatten() {
-        if n["drv"] != "qcow2" {
+    for n in query::nodes(qmp).await? {
+        if n.drv != "qcow2" {
             continue;
         }
-        let Some(backing) = n["backing_file"].as_str() else {
+        let Some(backing) = n.backing_file.as_deref() else {
             continue;
         };
         let Some(socket) = socket_of(backing) else {
@@ -609,16 +611,16 @@ async fn backed_images(qmp: &Qmp) -> anyhow::Result<Vec<Backed>> {
         let Some(runtime) = socket.parent().filter(|p| p.starts_with(&base)) else {
             continue;
         };
-        let Some(node) = n["node-name"].as_str() else {
+        if n.node_name.is_empty() {
             continue;
+        }
+        let image = match n.image.filename.is_empty() {
+            true => n.file.clone(),
+            false => n.image.filename.clone(),
         };
         found.push(Backed {
-            node: node.to_string(),
-            image: n["image"]["filename"]
-                .as_str()
-                .or_else(|| n["file"].as_str())
-                .unwrap_or_default()
-                .to_string(),
+            node: n.node_name.clone(),
+            image,
             runtime: runtime.to_path_buf(),
         });
     }
@@ -717,12 +719,10 @@ async fn stream_round(
     progress: Option<&ProgressSink>,
 ) -> anyhow::Result<(Vec<Finished>, Vec<String>, Vec<Backed>)> {
     let mut events = qmp.subscribe();
-    let running = qmp.execute_raw("query-block-jobs", Value::Null).await?;
-    let running: Vec<String> = running
-        .as_array()
+    let running: Vec<String> = query::block_jobs(qmp)
+        .await?
         .into_iter()
-        .flatten()
-        .filter_map(|j| j["device"].as_str().map(String::from))
+        .map(|j| j.device)
         .collect();
     // One stream at a time (see the note in finish_domain): those running
     // already (a --finish killed before) are waited for first.
@@ -743,12 +743,9 @@ async fn stream_round(
     for b in &starting {
         b.serving()?;
         let id = job_id(&b.node);
-        qmp.execute_raw(
-            "block-stream",
-            json!({ "job-id": id, "device": b.node, "auto-dismiss": true }),
-        )
-        .await
-        .with_context(|| format!("starting the stream of {}", b.image))?;
+        backup::stream(qmp, &id, &b.node)
+            .await
+            .with_context(|| format!("starting the stream of {}", b.image))?;
         volumes.push(Finished {
             node: b.node.clone(),
             image: b.image.clone(),
@@ -804,19 +801,16 @@ async fn wait_jobs(
                 }
             }
             _ = tick.tick() => {
-                let jobs = qmp.execute_raw("query-block-jobs", Value::Null).await?;
-                let jobs = jobs.as_array().cloned().unwrap_or_default();
+                let jobs = query::block_jobs(qmp).await?;
                 let (mut done, mut all) = (0u64, 0u64);
-                for j in &jobs {
-                    if pending.iter().any(|p| j["device"].as_str() == Some(p)) {
-                        done += j["offset"].as_u64().unwrap_or(0);
-                        all += j["len"].as_u64().unwrap_or(0);
-                    }
+                for j in jobs.iter().filter(|j| pending.contains(&j.device)) {
+                    done += j.offset;
+                    all += j.len;
                 }
                 if let Some(p) = progress {
                     p.0.update(done, all);
                 }
-                pending.retain(|p| jobs.iter().any(|j| j["device"].as_str() == Some(p)));
+                pending.retain(|p| jobs.iter().any(|j| &j.device == p));
             }
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
-use serde_json::{Value, json};
+
 use tracing::warn;
 
 use super::runtime::{self, Kind, State};
@@ -16,6 +16,7 @@ use crate::engine::chain::resolve;
 use crate::engine::check::Checks;
 use crate::engine::key::Key;
 use crate::engine::outcome::BadInput;
+use crate::qemu::blockdev::{Export, Node};
 use crate::qemu::daemon::DaemonSpec;
 use crate::repo::{Manifest, Repo};
 
@@ -70,7 +71,7 @@ pub(super) struct Point {
     pub volumes: Vec<(String, u64)>,
     /// Each volume's files, full first.
     pub files: Vec<Vec<PathBuf>>,
-    pub blockdevs: Vec<Value>,
+    pub blockdevs: Vec<Node>,
     pub objects: Vec<String>,
 }
 
@@ -126,9 +127,8 @@ impl Point {
             .filter(|v| wanted.is_empty() || wanted.contains(&v.name))
         {
             let files = crate::engine::chain::volume_files(repo, &chain, &v.name)?;
-            let mut image = crate::engine::chain::chain_image(&files, secret);
-            image["node-name"] = json!(format!("vol{}", volumes.len()));
-            blockdevs.push(image);
+            let image = crate::engine::chain::chain_image(&files, secret)?;
+            blockdevs.push(image.named(format!("vol{}", volumes.len())).node());
             volumes.push((v.name.clone(), v.virtual_size));
             chains.push(files);
         }
@@ -348,10 +348,12 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
                 );
             }
         }
-        exports.push(json!({
-            "type": "fuse", "id": format!("e{i}"), "node-name": format!("vol{i}"),
-            "mountpoint": file, "writable": false,
-        }));
+        exports.push(Export::Fuse {
+            id: format!("e{i}"),
+            node_name: format!("vol{i}"),
+            mountpoint: file,
+            writable: false,
+        });
     }
     let spec = DaemonSpec {
         exports,
