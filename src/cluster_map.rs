@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use crate::digest::Digest as FileDigest;
+
 pub const MAGIC: &[u8; 8] = b"BBCMAP01";
 const HEADER: usize = 32;
 const RECORD: usize = 24;
@@ -89,8 +91,8 @@ pub struct Writer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     pub path: PathBuf,
-    /// `blake3:<hex>` of the map file.
-    pub digest: String,
+    /// BLAKE3 of the map file.
+    pub digest: FileDigest,
     pub records: u64,
 }
 
@@ -144,7 +146,7 @@ impl Writer {
         file.sync_all()?;
         Ok(Written {
             path: self.path,
-            digest: format!("blake3:{}", self.hasher.finalize().to_hex()),
+            digest: FileDigest::Whole(self.hasher.finalize()),
             records: self.records,
         })
     }
@@ -342,7 +344,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(
             done.digest,
-            format!("blake3:{}", blake3::hash(&bytes).to_hex())
+            FileDigest::Whole(blake3::hash(&bytes))
         );
         let map = Map::read(&path).unwrap();
         assert_eq!(map.clusters.len(), 2);

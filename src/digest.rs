@@ -5,6 +5,7 @@
 //! reads and hashes whole pieces with `pread`, so reading is parallel too;
 //! the result is the same hash as one sequential pass.
 
+use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -21,15 +22,78 @@ const PIECE: u64 = 64 << 20;
 /// Bytes read per call.
 const READ: usize = 1 << 20;
 
-/// `blake3:<hex>` of a whole file.
-pub fn file(path: &Path) -> std::io::Result<String> {
+/// What proves a file, as manifests record it (docs/repository.md, "What
+/// proves a file"). Compared in constant time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Digest {
+    /// `blake3:<hex>`: BLAKE3 of every byte of the file.
+    Whole(blake3::Hash),
+    /// `blake3-layout:<hex>`: of every byte of a qcow2 file but its data,
+    /// with the data's ranges and the file's length
+    /// (`qcow2::layout_digest`); the file's cluster map proves the data.
+    Layout(blake3::Hash),
+}
+
+/// The prefix of a [`Digest::Whole`].
+pub const WHOLE: &str = "blake3:";
+/// The prefix of a [`Digest::Layout`].
+pub const LAYOUT: &str = "blake3-layout:";
+
+impl Digest {
+    pub fn is_layout(&self) -> bool {
+        matches!(self, Digest::Layout(_))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Digest::Whole(hash) => write!(f, "{WHOLE}{}", hash.to_hex()),
+            Digest::Layout(hash) => write!(f, "{LAYOUT}{}", hash.to_hex()),
+        }
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Digest, String> {
+        let (make, hex): (fn(blake3::Hash) -> Digest, &str) = if let Some(hex) =
+            text.strip_prefix(LAYOUT)
+        {
+            (Digest::Layout, hex)
+        } else if let Some(hex) = text.strip_prefix(WHOLE) {
+            (Digest::Whole, hex)
+        } else {
+            return Err(format!(
+                "digest {text:?} is neither a whole file's ({WHOLE}) nor a layout digest ({LAYOUT})"
+            ));
+        };
+        blake3::Hash::from_hex(hex)
+            .map(make)
+            .map_err(|_| format!("digest {text:?} does not end in 64 hex digits"))
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Digest, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// BLAKE3 of a whole file.
+pub fn file(path: &Path) -> std::io::Result<Digest> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    Ok(format!(
-        "blake3:{}",
-        hash(&file, len, PIECE, threads)?.to_hex()
-    ))
+    Ok(Digest::Whole(hash(&file, len, PIECE, threads)?))
 }
 
 fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<blake3::Hash> {
@@ -297,7 +361,7 @@ impl InFlight {
 
     /// `blake3:<hex>` of the whole file (`len` bytes), reading back only
     /// what was not hashed in flight. Returns it with the bytes read.
-    pub(crate) fn finish(mut self, file: &File, len: u64) -> std::io::Result<(String, u64)> {
+    pub(crate) fn finish(mut self, file: &File, len: u64) -> std::io::Result<(Digest, u64)> {
         // The last piece, fed to the file's end, is complete too (a file
         // of one piece is hashed whole: a root, not a subtree).
         if self.end == len && len > self.piece {
@@ -307,7 +371,7 @@ impl InFlight {
         self.cvs.resize(pieces, None);
         match self.head_value(file, len)? {
             Some(HeadValue::Root(hash)) => {
-                return Ok((format!("blake3:{}", hash.to_hex()), self.head.len));
+                return Ok((Digest::Whole(hash), self.head.len));
             }
             Some(HeadValue::Piece(cv)) => self.cvs[0] = Some(cv),
             None => {}
@@ -323,7 +387,7 @@ impl InFlight {
             true => read + self.head.len,
             false => read,
         };
-        Ok((format!("blake3:{}", hash.to_hex()), read))
+        Ok((Digest::Whole(hash), read))
     }
 }
 
@@ -474,7 +538,7 @@ mod tests {
             let (digest, read) = flight.finish(&f, content.len() as u64).unwrap();
             assert_eq!(
                 digest,
-                format!("blake3:{}", blake3::hash(&content).to_hex()),
+                Digest::Whole(blake3::hash(&content)),
                 "round {round}, {} bytes",
                 content.len()
             );
@@ -504,10 +568,7 @@ mod tests {
         std::fs::write(&path, &content).unwrap();
         let f = File::open(&path).unwrap();
         let (digest, read) = flight.finish(&f, content.len() as u64).unwrap();
-        assert_eq!(
-            digest,
-            format!("blake3:{}", blake3::hash(&content).to_hex())
-        );
+        assert_eq!(digest, Digest::Whole(blake3::hash(&content)));
         assert_eq!(read, 2 * piece, "the first piece and the rewritten one");
     }
 
@@ -555,7 +616,7 @@ mod tests {
                 let (digest, read) = flight.finish(&f, len as u64).unwrap();
                 assert_eq!(
                     digest,
-                    format!("blake3:{}", blake3::hash(&content).to_hex()),
+                    Digest::Whole(blake3::hash(&content)),
                     "head {head}, {len} bytes, rewrite {rewrite}"
                 );
                 if !rewrite {

@@ -45,8 +45,8 @@ use crate::qemu::blockdev::{Node, Qcow2};
 use crate::qemu::{self, Volume};
 use crate::qmp::Qmp;
 use crate::repo::{
-    self, BackupKind, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, VmIdentity, VmLock, VmState,
-    VolumeRecord,
+    self, BackupKind, Digest, MANIFEST_SCHEMA, Manifest, Repo, STATE_SCHEMA, VmIdentity, VmLock,
+    VmState, VolumeRecord,
 };
 
 /// What one backup run should do.
@@ -430,7 +430,7 @@ async fn build_manifest(
         // Written by bitback: digested as it was written. Written by QEMU:
         // read back.
         let (digest, bytes_written) = match finished.get(i) {
-            Some(done) => (done.digest.clone(), done.data_bytes),
+            Some(done) => (done.digest, done.data_bytes),
             None => digest_and_count(path.clone())
                 .await
                 .with_context(|| format!("reading back {}", path.display()))?,
@@ -470,7 +470,7 @@ async fn build_manifest(
                 .and_then(|done| done.map.as_ref())
                 .map(|map| repo::MapRecord {
                     file: VolumeRecord::map_file(vm, id, &v.name),
-                    digest: map.digest.clone(),
+                    digest: map.digest,
                     records: map.records,
                 }),
         });
@@ -720,8 +720,8 @@ fn planned_targets(
 
 /// BLAKE3 of the whole file, and the guest bytes of data it holds (zero
 /// clusters are metadata only).
-async fn digest_and_count(path: PathBuf) -> anyhow::Result<(String, u64)> {
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(String, u64)> {
+async fn digest_and_count(path: PathBuf) -> anyhow::Result<(Digest, u64)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Digest, u64)> {
         let image = Image::open(&path)?;
         let held = qcow2::map(&image)?
             .iter()

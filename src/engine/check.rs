@@ -371,7 +371,7 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
         }
         // A layout digest leaves the data to the cluster map: the map's
         // clusters are read against the file's whatever was asked.
-        let layout = v.digest.starts_with(qcow2::LAYOUT_DIGEST);
+        let layout = v.digest.is_layout();
         let digest = match layout {
             true => std::fs::File::open(&path)
                 .map_err(anyhow::Error::from)

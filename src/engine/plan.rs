@@ -581,7 +581,7 @@ mod tests {
                     file: String::new(),
                     backing: None,
                     bytes_written: 0,
-                    digest: String::new(),
+                    digest: crate::repo::Digest::Whole(blake3::Hash::from_bytes([0; 32])),
                     file_size: None,
                     guard: None,
                     cluster_map: None,

@@ -24,8 +24,7 @@ use std::io;
 use super::error::{Error, Result};
 use super::image::{Image, Source};
 use super::map::{Kind, walk};
-
-pub const PREFIX: &str = "blake3-layout:";
+use crate::digest::Digest;
 
 /// Ranges kept before they are sorted and merged: bounds the memory of a
 /// file of scattered data (compressed clusters one range each).
@@ -35,7 +34,7 @@ const READ: u64 = 1 << 20;
 
 /// The layout digest of `image` read from `file`, and how many bytes of
 /// the file it read outside the tables' walk.
-pub fn layout_digest<S: Source + ?Sized>(file: &S, image: &Image) -> Result<(String, u64)> {
+pub fn layout_digest<S: Source + ?Sized>(file: &S, image: &Image) -> Result<(Digest, u64)> {
     let len = image.file_len;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     walk(file, image, |e| {
@@ -83,7 +82,7 @@ pub fn layout_digest<S: Source + ?Sized>(file: &S, image: &Image) -> Result<(Str
     root.update(outside.finalize().as_bytes());
     root.update(skipped.finalize().as_bytes());
     root.update(&len.to_le_bytes());
-    Ok((format!("{PREFIX}{}", root.finalize().to_hex()), read))
+    Ok((Digest::Layout(root.finalize()), read))
 }
 
 fn reading(offset: u64, len: usize, source: io::Error) -> Error {

@@ -40,7 +40,7 @@ pub use create::{CreateOptions, check_cluster_size, create, create_with_clusters
 pub use error::{Error, Result};
 pub use header::{Header, HeaderCluster};
 pub use image::{BitmapStatus, Image, Info, Source};
-pub use layout::{PREFIX as LAYOUT_DIGEST, layout_digest};
+pub use layout::layout_digest;
 pub use map::{Extent, Kind, map, walk};
 pub use mask::{Mask, create_mask};
 pub use rebase::set_backing;

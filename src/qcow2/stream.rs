@@ -30,6 +30,7 @@ use super::create::{
 };
 use super::error::{Error, Result};
 use crate::cluster_map;
+use crate::digest::Digest;
 
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
@@ -84,7 +85,7 @@ pub struct Finished {
     /// As the manifests record it: `blake3:<hex>` of the whole file, or
     /// with a cluster map `blake3-layout:<hex>` of all but its data
     /// ([`super::layout`]), the map proving the data.
-    pub digest: String,
+    pub digest: Digest,
     /// Guest bytes the image holds as data (zero clusters not counted).
     pub data_bytes: u64,
     /// Bytes of the file read back to complete the digest: for a whole
@@ -951,7 +952,7 @@ impl Stream {
 
     /// The finished file's layout digest, read back from it (through the
     /// handle it was written with, not its name).
-    fn layout_digest(&self) -> std::io::Result<(String, u64)> {
+    fn layout_digest(&self) -> std::io::Result<(Digest, u64)> {
         let image = super::Image::parse(&self.file, &self.path).map_err(std::io::Error::other)?;
         super::layout::layout_digest(&self.file, &image).map_err(std::io::Error::other)
     }

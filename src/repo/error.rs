@@ -101,7 +101,7 @@ pub enum Invalid {
     AllFull,
 
     #[error(
-        "volume {volume} has digest {digest:?}: neither a whole file's (blake3:) nor a layout digest (blake3-layout:) with a cluster map"
+        "volume {volume} has digest {digest:?}: a layout digest (blake3-layout:) needs a cluster map, and a cluster map a whole file's digest (blake3:)"
     )]
     Digest { volume: String, digest: String },
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::check_name;
 use super::error::Invalid;
+pub use crate::digest::Digest;
 
 /// 2: each volume records its own kind and reason (a point may hold fulls
 /// and incrementals), its tracking, and the backup its encryption.
@@ -123,7 +124,7 @@ pub struct VolumeRecord {
     /// cluster map, `blake3-layout:<hex>` of all its bytes but its data
     /// (`qcow2::layout_digest`), the map proving the data. Computed as
     /// the file was written, or once the job finished.
-    pub digest: String,
+    pub digest: Digest,
     /// The file's length in bytes when it was committed: every backup
     /// built on the file checks it (a truncated or appended file is seen
     /// without reading data). Absent in manifests from before it.
@@ -160,7 +161,7 @@ pub struct MapRecord {
     /// Relative to the repository: `<vm>/<id>/<name>.map`.
     pub file: String,
     /// `blake3:<hex>` of the map file.
-    pub digest: String,
+    pub digest: Digest,
     /// How many records it holds (clusters written, rewrites included).
     pub records: u64,
 }
@@ -242,11 +243,13 @@ impl Manifest {
                     file: map.file.clone(),
                 });
             }
-            let layout = v.digest.starts_with(crate::qcow2::LAYOUT_DIGEST);
-            if !(layout || v.digest.starts_with("blake3:")) || (layout && v.cluster_map.is_none()) {
+            let map_digest = v.cluster_map.as_ref().map(|m| m.digest);
+            if (v.digest.is_layout() && v.cluster_map.is_none())
+                || map_digest.is_some_and(|d| d.is_layout())
+            {
                 return Err(Invalid::Digest {
                     volume: v.name.clone(),
-                    digest: v.digest.clone(),
+                    digest: v.digest.to_string(),
                 });
             }
             let expected = match v.kind {
@@ -346,7 +349,7 @@ mod tests {
             "format": "qcow2", "virtual_size": 1073741824,
             "file": "web1/20261126T152252Z/disk0.qcow2",
             "backing": "../20261126T140000Z/disk0.qcow2",
-            "bytes_written": 65536, "digest": "blake3:00"
+            "bytes_written": 65536, "digest": "blake3:0000000000000000000000000000000000000000000000000000000000000000"
         }]
     }"#;
 
@@ -397,14 +400,28 @@ mod tests {
         let parse = |v: &serde_json::Value| {
             Manifest::parse(v.to_string().as_bytes(), "web1", "20261126T152252Z")
         };
-        value["volumes"][0]["digest"] = "blake3-layout:00".into();
+        let hex = "ab".repeat(32);
+        value["volumes"][0]["digest"] = format!("blake3-layout:{hex}").into();
         assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));
-        value["volumes"][0]["cluster_map"] = serde_json::from_str(
-            r#"{"file": "web1/20261126T152252Z/disk0.map", "digest": "blake3:00", "records": 1}"#,
-        )
+        value["volumes"][0]["cluster_map"] = serde_json::from_str(&format!(
+            r#"{{"file": "web1/20261126T152252Z/disk0.map", "digest": "blake3:{hex}", "records": 1}}"#
+        ))
         .unwrap();
-        parse(&value).unwrap();
-        value["volumes"][0]["digest"] = "sha256:00".into();
+        let m = parse(&value).unwrap();
+        assert!(m.volumes[0].digest.is_layout());
+        assert_eq!(
+            m.volumes[0].digest.to_string(),
+            format!("blake3-layout:{hex}")
+        );
+        value["volumes"][0]["cluster_map"]["digest"] = format!("blake3-layout:{hex}").into();
         assert!(matches!(parse(&value).unwrap_err(), Invalid::Digest { .. }));
+        value["volumes"][0]["cluster_map"]["digest"] = format!("blake3:{hex}").into();
+        // Another hash, a short one, or none: not a digest at all.
+        for bad in ["sha256:00", "blake3:00", "blake3-layout:", "ab"] {
+            value["volumes"][0]["digest"] = bad.into();
+            let e = parse(&value).unwrap_err();
+            assert!(matches!(e, Invalid::Json(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("digest"), "{bad}: {e}");
+        }
     }
 }

@@ -66,20 +66,22 @@ mod error;
 pub mod leases;
 mod lock;
 mod manifest;
+pub mod store;
 pub mod time;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
 pub use error::{Error, Invalid, Result};
 pub use lock::{ReadLock, VmLock};
 pub use manifest::{
-    BackupKind, Changes, Encryption, Guard, MANIFEST_SCHEMA, Manifest, MapRecord, STATE_SCHEMA,
-    StateVolume, VmIdentity, VmState, VolumeRecord,
+    BackupKind, Changes, Digest, Encryption, Guard, MANIFEST_SCHEMA, Manifest, MapRecord,
+    STATE_SCHEMA, StateVolume, VmIdentity, VmState, VolumeRecord,
 };
+pub use store::{Directory, Entry, Store, sync_dir, write_atomic};
 
 /// The longest VM or volume name: it becomes a file name, with room to spare.
 pub const MAX_NAME: usize = 128;
@@ -115,13 +117,18 @@ pub fn check_name(what: &'static str, name: &str) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Repo {
     root: PathBuf,
+    /// Where its objects live (the directory at `root`).
+    store: Arc<dyn Store>,
 }
 
 impl Repo {
     /// Opens an existing repository directory.
     pub fn open(root: &Path) -> Result<Repo> {
         match fs::metadata(root) {
-            Ok(meta) if meta.is_dir() => Ok(Repo { root: root.into() }),
+            Ok(meta) if meta.is_dir() => Ok(Repo {
+                root: root.into(),
+                store: Arc::new(Directory::new(root.into())),
+            }),
             Ok(_) => Err(Error::NotADirectory { path: root.into() }),
             Err(source) => Err(Error::Io {
                 action: "opening the repository",
@@ -145,6 +152,18 @@ impl Repo {
         &self.root
     }
 
+    /// Where the repository's objects live.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The key of `name` in `vm`'s prefix (`<vm>/<name>`), the VM's name
+    /// checked.
+    fn vm_key(vm: &str, name: &str) -> Result<String> {
+        check_name("VM", vm)?;
+        Ok(format!("{vm}/{name}"))
+    }
+
     /// The VM's directory. A symlink there is refused: it would lead
     /// writes out of the repository.
     pub fn vm_dir(&self, vm: &str) -> Result<PathBuf> {
@@ -158,13 +177,18 @@ impl Repo {
 
     /// The VMs that have a directory here, sorted.
     pub fn vms(&self) -> Result<Vec<String>> {
-        let mut vms = Vec::new();
-        for entry in read_dir(&self.root)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if check_name("VM", &name).is_ok() && entry.path().is_dir() {
-                vms.push(name);
-            }
-        }
+        let mut vms: Vec<String> = self
+            .store
+            .list("")?
+            .into_iter()
+            .filter_map(|e| match e {
+                // A link is listed, to be refused by name when used.
+                Entry::Prefix(name) | Entry::Link(name) if check_name("VM", &name).is_ok() => {
+                    Some(name)
+                }
+                _ => None,
+            })
+            .collect();
         vms.sort();
         Ok(vms)
     }
@@ -211,8 +235,8 @@ impl Repo {
 
     /// The repository's identity file, if it has one yet.
     fn ident(&self) -> Result<Option<RepoIdent>> {
-        let path = self.root.join(REPO_FILE);
-        let Some(bytes) = read_if_there(&path)? else {
+        let path = self.store.locate(REPO_FILE);
+        let Some(bytes) = self.store.get(REPO_FILE)? else {
             return Ok(None);
         };
         let mut ident: RepoIdent = serde_json::from_slice(&bytes).map_err(|e| Error::BadRepo {
@@ -294,7 +318,7 @@ impl Repo {
                 match self.ident()? {
                     Some(now) if now.home == Some(home) => Ok(now.id),
                     _ => Err(Error::BadRepo {
-                        path: self.root.join(REPO_FILE),
+                        path: self.store.locate(REPO_FILE),
                         reason: "it changed while being given a new id".into(),
                     }),
                 }
@@ -304,7 +328,7 @@ impl Repo {
 
     fn write_ident(&self, ident: &RepoIdent) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(ident).map_err(Error::Encoding)?;
-        write_atomic(&self.root, REPO_FILE, &bytes)
+        self.store.put(REPO_FILE, &bytes)
     }
 
     fn make_id(&self, home: u64) -> Result<String> {
@@ -316,37 +340,24 @@ impl Repo {
             copied_from: None,
         })
         .map_err(Error::Encoding)?;
-        let (tmp, _file) = write_temp(&self.root, REPO_FILE, &bytes)?;
-        // link(2) never replaces: a concurrent maker's id stands.
-        let linked = fs::hard_link(&tmp, self.root.join(REPO_FILE));
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                sync_dir(&self.root)?;
-                info!(repo = %self.root.display(), id, "repository id created");
-                Ok(id)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                self.id()?.ok_or_else(|| Error::BadRepo {
-                    path: self.root.join(REPO_FILE),
-                    reason: "it vanished while being made".into(),
-                })
-            }
-            Err(source) => Err(Error::Io {
-                action: "creating",
-                path: self.root.join(REPO_FILE),
-                source,
-            }),
+        // A concurrent maker's id stands.
+        if self.store.put_new(REPO_FILE, &bytes)? {
+            info!(repo = %self.root.display(), id, "repository id created");
+            return Ok(id);
         }
+        self.id()?.ok_or_else(|| Error::BadRepo {
+            path: self.store.locate(REPO_FILE),
+            reason: "it vanished while being made".into(),
+        })
     }
 
     pub fn load_state(&self, vm: &str) -> Result<Option<VmState>> {
-        let path = self.vm_dir(vm)?.join("state.json");
-        let Some(bytes) = read_if_there(&path)? else {
+        let key = Repo::vm_key(vm, STATE_FILE)?;
+        let Some(bytes) = self.store.get(&key)? else {
             return Ok(None);
         };
         let state = VmState::parse(&bytes, vm).map_err(|reason| Error::BadState {
-            path: path.clone(),
+            path: self.store.locate(&key),
             reason,
         })?;
         Ok(Some(state))
@@ -354,25 +365,24 @@ impl Repo {
 
     /// Replaces the VM's state atomically. Needs the VM's lock.
     pub fn save_state(&self, _lock: &VmLock, state: &VmState) -> Result<()> {
-        let dir = self.vm_dir(&state.vm)?;
         let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encoding)?;
-        write_atomic(&dir, "state.json", &bytes)
+        self.store
+            .put(&Repo::vm_key(&state.vm, STATE_FILE)?, &bytes)
     }
 
     /// Every committed backup of `vm`, oldest first. A backup whose
     /// manifest cannot be read is an error naming it.
     pub fn backups(&self, vm: &str) -> Result<Vec<Manifest>> {
-        let dir = self.vm_dir(vm)?;
-        if !dir.exists() {
-            return Ok(Vec::new());
-        }
+        check_name("VM", vm)?;
         let mut out = Vec::new();
-        for entry in read_dir(&dir)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !entry.path().is_dir() {
-                continue;
+        for entry in self.store.list(vm)? {
+            match entry {
+                // A link is refused by name ([`Repo::manifest`]).
+                Entry::Prefix(name) | Entry::Link(name) if !name.starts_with('.') => {
+                    out.push(self.manifest(vm, &name)?);
+                }
+                _ => {}
             }
-            out.push(self.manifest(vm, &name)?);
         }
         out.sort_by(order);
         Ok(out)
@@ -380,16 +390,15 @@ impl Repo {
 
     pub fn manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
         check_name("backup", id)?;
-        let dir = self.vm_dir(vm)?.join(id);
-        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Error::Symlink { path: dir });
-        }
-        let path = dir.join("manifest.json");
-        let bytes = read_nofollow(&path).map_err(|source| Error::Io {
-            action: "reading",
-            path: path.clone(),
-            source,
-        })?;
+        let key = Repo::vm_key(vm, &format!("{id}/{MANIFEST_FILE}"))?;
+        let path = self.store.locate(&key);
+        let Some(bytes) = self.store.get(&key)? else {
+            return Err(Error::Io {
+                action: "reading",
+                path,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
         Manifest::parse(&bytes, vm, id).map_err(|reason| Error::BadManifest { path, reason })
     }
 
@@ -449,49 +458,34 @@ impl Repo {
         vm: &str,
         id: &str,
         volume: &str,
-        digest: &str,
+        digest: &Digest,
         problem: &str,
     ) -> Result<()> {
-        check_name("backup", id)?;
-        check_name("volume", volume)?;
-        let dir = self.vm_dir(vm)?.join(DAMAGED);
-        match fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::Io {
-                    action: "creating",
-                    path: dir,
-                    source: e,
-                });
-            }
-            _ => {}
-        }
-        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Error::Symlink { path: dir });
-        }
+        let key = Repo::damage_key(vm, id, volume)?;
         let record = Damage {
-            digest: digest.to_string(),
+            digest: *digest,
             problem: problem.to_string(),
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(Error::Encoding)?;
-        write_atomic(&dir, &format!("{id}.{volume}.json"), &bytes)
+        self.store.put(&key, &bytes)
     }
 
     /// What was found wrong with the file of `volume` in backup `id`, if
     /// a finding exists for the file as its manifest (digest `digest`)
     /// describes it: a file rewritten since (consolidated) has a new
     /// digest, and the old finding no longer counts.
-    pub fn damage(&self, vm: &str, id: &str, volume: &str, digest: &str) -> Option<String> {
-        let path = self
-            .vm_dir(vm)
-            .ok()?
-            .join(DAMAGED)
-            .join(format!("{id}.{volume}.json"));
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            return None;
-        }
-        let text = fs::read(&path).ok()?;
+    pub fn damage(&self, vm: &str, id: &str, volume: &str, digest: &Digest) -> Option<String> {
+        let key = Repo::damage_key(vm, id, volume).ok()?;
+        let text = self.store.get(&key).ok()??;
         let record: Damage = serde_json::from_slice(&text).ok()?;
-        (record.digest == digest).then_some(record.problem)
+        (record.digest == *digest).then_some(record.problem)
+    }
+
+    /// The key of the finding on `volume` of backup `id` of `vm`.
+    fn damage_key(vm: &str, id: &str, volume: &str) -> Result<String> {
+        check_name("backup", id)?;
+        check_name("volume", volume)?;
+        Repo::vm_key(vm, &format!("{DAMAGED}/{id}.{volume}.json"))
     }
 
     /// Deletes backup `id` of `vm`: one rename to `.<id>.deleting` (after
@@ -508,12 +502,13 @@ impl Repo {
         sync_dir(&dir)?;
         crate::fault::point("prune-renamed");
         // Its findings go with it (ids are never reused; this is tidiness).
-        if let Ok(found) = fs::read_dir(dir.join(DAMAGED)) {
-            let prefix = format!("{id}.");
-            for entry in found.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = fs::remove_file(entry.path());
-                }
+        let findings = Repo::vm_key(vm, DAMAGED)?;
+        let prefix = format!("{id}.");
+        for entry in self.store.list(&findings).unwrap_or_default() {
+            if let Entry::Object(name) = entry
+                && name.starts_with(&prefix)
+            {
+                let _ = self.store.delete(&format!("{findings}/{name}"));
             }
         }
         fs::remove_dir_all(&doomed).map_err(|source| Error::Io {
@@ -525,7 +520,10 @@ impl Repo {
 
     /// Rewrites the manifest of backup `id` in place (temp file, rename).
     pub fn rewrite_manifest(&self, _lock: &VmLock, m: &Manifest) -> Result<()> {
-        write_manifest(&self.vm_dir(&m.vm)?.join(&m.id), m)
+        check_name("backup", &m.id)?;
+        let key = Repo::vm_key(&m.vm, &format!("{}/{MANIFEST_FILE}", m.id))?;
+        let bytes = serde_json::to_vec_pretty(m).map_err(Error::Encoding)?;
+        self.store.put(&key, &bytes)
     }
 
     /// Starts a replacement of backup `id` of `vm`, written aside in
@@ -628,65 +626,6 @@ fn order(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
     ))
 }
 
-/// Reads a file the repository holds, refusing a symlink in its place.
-fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
-
-/// [`read_nofollow`], with `None` for a file that is not there.
-fn read_if_there(path: &Path) -> Result<Option<Vec<u8>>> {
-    match read_nofollow(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io {
-            action: "reading",
-            path: path.into(),
-            source,
-        }),
-    }
-}
-
-/// Creates a new temp file for `name` in `dir` (never an existing file or
-/// a planted symlink: O_EXCL), writes and syncs `bytes`.
-fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<(PathBuf, File)> {
-    let mut attempt = 0u32;
-    loop {
-        let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), attempt));
-        let opened = OpenOptions::new().write(true).create_new(true).open(&tmp);
-        let mut f = match opened {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
-                attempt += 1;
-                continue;
-            }
-            Err(source) => {
-                return Err(Error::Io {
-                    action: "creating",
-                    path: tmp,
-                    source,
-                });
-            }
-        };
-        if let Err(source) = f.write_all(bytes).and_then(|_| f.sync_all()) {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::Io {
-                action: "writing",
-                path: tmp,
-                source,
-            });
-        }
-        return Ok((tmp, f));
-    }
-}
-
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
     let entries = fs::read_dir(dir).map_err(|source| Error::Io {
         action: "listing",
@@ -704,44 +643,22 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
 
 /// The directory of damage findings in a VM's directory.
 const DAMAGED: &str = ".damaged";
+/// A VM's state, in its directory.
+const STATE_FILE: &str = "state.json";
+/// A point's manifest, in its directory.
+const MANIFEST_FILE: &str = "manifest.json";
 
 /// One finding of [`Repo::mark_damaged`].
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Damage {
-    digest: String,
+    digest: Digest,
     problem: String,
-}
-
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Io {
-            action: "syncing",
-            path: dir.into(),
-            source,
-        })
-}
-
-/// Writes `name` in `dir` through a new synced temp file and a rename (a
-/// symlink at `name` is replaced, never followed).
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let (tmp, _file) = write_temp(dir, name, bytes)?;
-    let path = dir.join(name);
-    if let Err(source) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::Io {
-            action: "writing",
-            path,
-            source,
-        });
-    }
-    sync_dir(dir)
 }
 
 /// Writes `manifest.json` in `dir` (temp file, fsync, rename).
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(manifest).map_err(Error::Encoding)?;
-    write_atomic(dir, "manifest.json", &bytes)
+    write_atomic(dir, MANIFEST_FILE, &bytes)
 }
 
 /// Syncs every file in a backup directory being written, then writes its
