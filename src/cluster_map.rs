@@ -342,10 +342,7 @@ mod tests {
         let done = w.finish().unwrap();
         assert_eq!(done.records, 3);
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(
-            done.digest,
-            FileDigest::Whole(blake3::hash(&bytes))
-        );
+        assert_eq!(done.digest, FileDigest::Whole(blake3::hash(&bytes)));
         let map = Map::read(&path).unwrap();
         assert_eq!(map.clusters.len(), 2);
         assert_eq!(map.clusters[&0], digest(&[2u8; 512]));

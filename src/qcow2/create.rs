@@ -251,7 +251,7 @@ pub(super) fn refcounts_with(
 /// `more` after the backing format) and the backing file name.
 pub(super) fn header_cluster(
     opts: &CreateOptions,
-    compression: Option<super::Compression>,
+    compression: Option<super::compress::Compression>,
     l1_entries: u64,
     l1_offset: u64,
     rt_offset: u64,
@@ -270,7 +270,7 @@ pub(super) fn header_cluster(
     h[56..60].copy_from_slice(&(rt as u32).to_be_bytes());
     h[96..100].copy_from_slice(&REFCOUNT_ORDER.to_be_bytes());
     h[100..104].copy_from_slice(&(HEADER_LENGTH as u32).to_be_bytes());
-    if let Some(c) = compression.filter(|&c| c != super::Compression::Deflate) {
+    if let Some(c) = compression.filter(|&c| c != super::compress::Compression::Deflate) {
         h[72..80].copy_from_slice(&header::incompat::COMPRESSION.to_be_bytes());
         h[104] = c.type_byte();
     }

@@ -953,7 +953,8 @@ impl Stream {
     /// The finished file's layout digest, read back from it (through the
     /// handle it was written with, not its name).
     fn layout_digest(&self) -> std::io::Result<(Digest, u64)> {
-        let image = super::Image::parse(&self.file, &self.path).map_err(std::io::Error::other)?;
+        let image =
+            super::image::Image::parse(&self.file, &self.path).map_err(std::io::Error::other)?;
         super::layout::layout_digest(&self.file, &image).map_err(std::io::Error::other)
     }
 

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::check_name;
 use super::error::Invalid;
+use super::names::check_name;
 pub use crate::digest::Digest;
 
 /// 2: each volume records its own kind and reason (a point may hold fulls

@@ -66,6 +66,7 @@ mod error;
 pub mod leases;
 mod lock;
 mod manifest;
+mod names;
 pub mod store;
 pub mod time;
 
@@ -81,37 +82,8 @@ pub use manifest::{
     BackupKind, Changes, Digest, Encryption, Guard, MANIFEST_SCHEMA, Manifest, MapRecord,
     STATE_SCHEMA, StateVolume, VmIdentity, VmState, VolumeRecord,
 };
+pub use names::{MAX_NAME, check_name};
 pub use store::{Directory, Entry, Store, sync_dir, write_atomic};
-
-/// The longest VM or volume name: it becomes a file name, with room to spare.
-pub const MAX_NAME: usize = 128;
-
-/// Checks that `name` (of a `what`: "VM", "volume") is safe as one path
-/// component.
-pub fn check_name(what: &'static str, name: &str) -> Result<()> {
-    let reason = if name.is_empty() {
-        Some("it is empty")
-    } else if name.len() > MAX_NAME {
-        Some("it is longer than 128 bytes")
-    } else if name.starts_with('.') {
-        Some("it starts with '.'")
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.+@:".contains(c))
-    {
-        Some("only letters, digits and -_.+@: are allowed")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(Error::BadName {
-            what,
-            name: name.escape_debug().to_string(),
-            reason,
-        }),
-        None => Ok(()),
-    }
-}
 
 /// A repository root.
 #[derive(Debug, Clone)]
