@@ -94,7 +94,7 @@ fn main() {
                 &repo,
                 &RestoreOptions {
                     vm: "bench".into(),
-                    backup: Some(id.clone()),
+                    backup: bitback::engine::Pick::Id(id.clone()),
                     volumes: Vec::new(),
                     output: native_out.clone(),
                     format: Format::Raw,

@@ -205,7 +205,7 @@ fn restore_and_compare(
         repo,
         &engine::RestoreOptions {
             vm: "demo".into(),
-            backup: Some(id.to_string()),
+            backup: engine::Pick::Id(id.to_string()),
             volumes: Vec::new(),
             output: restored.clone(),
             format: engine::Format::Raw,

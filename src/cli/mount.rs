@@ -80,7 +80,7 @@ pub(crate) async fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         &repo,
         &MountOptions {
             vm: args.vm.clone(),
-            backup: Some(args.backup.clone()),
+            backup: engine::Pick::from(args.backup.as_str()),
             volumes: args.volumes.clone(),
             dir: args.dir.clone(),
             key,

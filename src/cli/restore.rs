@@ -188,7 +188,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 &lock,
                 &InPlaceOptions {
                     vm: vm.to_string(),
-                    backup: Some(args.backup.clone()),
+                    backup: engine::Pick::from(args.backup.as_str()),
                     volume: args.volumes.first().cloned(),
                     image: image.clone(),
                     threads: copy_threads(args.threads),
@@ -202,7 +202,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             &repo,
             &RestoreOptions {
                 vm: vm.to_string(),
-                backup: Some(args.backup.clone()),
+                backup: engine::Pick::from(args.backup.as_str()),
                 volumes: args.volumes.clone(),
                 output: output.clone(),
                 format: match args.format {
@@ -291,7 +291,7 @@ async fn live(
 ) -> anyhow::Result<ExitCode> {
     let opts = engine::LiveOptions {
         vm: vm.to_string(),
-        backup: Some(args.backup.clone()),
+        backup: engine::Pick::from(args.backup.as_str()),
         volumes: args.volumes.clone(),
         output: args.output.clone().unwrap_or_default(),
         images: Vec::new(),

@@ -166,7 +166,7 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         &repo,
         &ExportOptions {
             vm: args.vm.clone(),
-            backup: Some(args.backup.clone()),
+            backup: engine::Pick::from(args.backup.as_str()),
             volume: args.volume.clone(),
             listen,
             writable: args.writable,

@@ -182,7 +182,37 @@ pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> anyhow::Re
     image.context("a volume with no files in its chain")
 }
 
-/// The backup `backup` (an id, `latest` or `None`) of `vm` and its chain,
+/// Which point of a VM a command reads: its newest, or one by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Pick {
+    /// The newest committed point (`--backup latest`, the default).
+    #[default]
+    Latest,
+    /// The point of this id.
+    Id(String),
+}
+
+impl From<&str> for Pick {
+    /// `latest` is the newest point; anything else an id.
+    fn from(text: &str) -> Pick {
+        match text {
+            "latest" => Pick::Latest,
+            id => Pick::Id(id.to_string()),
+        }
+    }
+}
+
+impl Pick {
+    /// The id asked for, if one was.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Pick::Latest => None,
+            Pick::Id(id) => Some(id),
+        }
+    }
+}
+
+/// The point `backup` of `vm` and its chain,
 /// full first, refused with the first problem found when it does not
 /// verify (digests only with `digests`). Only the files that `volumes`
 /// need count (every volume when empty): a damaged file of one volume does
@@ -190,13 +220,13 @@ pub(super) fn chain_image(files: &[PathBuf], secret: Option<&str>) -> anyhow::Re
 pub fn resolve(
     repo: &Repo,
     vm: &str,
-    backup: Option<&str>,
+    backup: &Pick,
     checks: Checks,
     volumes: &[String],
 ) -> anyhow::Result<(Manifest, Vec<Manifest>)> {
     let m = match backup {
-        Some(id) if id != "latest" => repo.manifest(vm, id)?,
-        _ => repo
+        Pick::Id(id) => repo.manifest(vm, id)?,
+        Pick::Latest => repo
             .backups(vm)?
             .pop()
             .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,

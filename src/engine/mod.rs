@@ -27,7 +27,7 @@ mod verify;
 
 pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, backup, backup_named};
-pub use chain::resolve;
+pub use chain::{Pick, resolve};
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Target, copy_to_files};

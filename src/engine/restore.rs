@@ -26,7 +26,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::chain::{check_needed, refuse_problems, resolve, volume_files};
+use super::chain::{Pick, check_needed, refuse_problems, resolve, volume_files};
 use super::check::Checks;
 use super::key::Key;
 use super::outcome::BadInput;
@@ -44,8 +44,8 @@ pub enum Format {
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub vm: String,
-    /// A backup id; `None` for the newest.
-    pub backup: Option<String>,
+    /// Which point.
+    pub backup: Pick,
     /// Only these volumes (empty: all).
     pub volumes: Vec<String>,
     /// A file (one volume) or a directory (any number).
@@ -132,7 +132,7 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
     let (m, chain) = resolve(
         repo,
         &opts.vm,
-        opts.backup.as_deref(),
+        &opts.backup,
         Checks::serving(opts.verify),
         &opts.volumes,
     )?;
@@ -839,7 +839,7 @@ fn unpack(
 #[derive(Debug, Clone)]
 pub struct InPlaceOptions {
     pub vm: String,
-    pub backup: Option<String>,
+    pub backup: Pick,
     /// Needed when the backup has several volumes.
     pub volume: Option<String>,
     pub image: PathBuf,
@@ -901,7 +901,7 @@ pub fn restore_in_place(
     let (m, chain) = resolve(
         repo,
         &opts.vm,
-        opts.backup.as_deref(),
+        &opts.backup,
         Checks::reading(opts.verify),
         opts.volume.as_slice(),
     )?;

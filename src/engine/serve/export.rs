@@ -7,7 +7,7 @@ use crate::qemu::blockdev::{Address, Export as BlockExport, Node, Qcow2};
 use anyhow::{Context, bail};
 use tracing::info;
 
-use crate::engine::chain::resolve;
+use crate::engine::chain::{Pick, resolve};
 use crate::engine::outcome::BadInput;
 use crate::qcow2::{self, CreateOptions};
 use crate::qemu::daemon::{Daemon, DaemonSpec, private_dir};
@@ -26,7 +26,7 @@ pub enum Listen {
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
     pub vm: String,
-    pub backup: Option<String>,
+    pub backup: Pick,
     pub volume: String,
     pub listen: Listen,
     /// Let clients write (into the throwaway overlay).
@@ -66,7 +66,7 @@ pub async fn export(repo: &Repo, opts: &ExportOptions) -> anyhow::Result<Export>
     let (manifest, chain) = resolve(
         repo,
         &opts.vm,
-        opts.backup.as_deref(),
+        &opts.backup,
         opts.checks,
         std::slice::from_ref(&opts.volume),
     )?;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::mount::{Point, Served, ServedFile, Serving};
 use super::runtime::{self, Kind, State, socket_of};
+use crate::engine::chain::Pick;
 use crate::engine::key::Key;
 use crate::engine::outcome::BadInput;
 use crate::engine::progress::ProgressSink;
@@ -32,7 +33,7 @@ use crate::repo::Repo;
 #[derive(Debug, Clone)]
 pub struct LiveOptions {
     pub vm: String,
-    pub backup: Option<String>,
+    pub backup: Pick,
     pub volumes: Vec<String>,
     /// The directory that gets `<volume>.qcow2` (made when missing), or,
     /// with `images`, only the key of the export.
@@ -97,7 +98,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     let (lock, point) = Point::locked(
         repo,
         &opts.vm,
-        opts.backup.as_deref(),
+        &opts.backup,
         &opts.volumes,
         opts.key.as_ref(),
         "restore --live",
@@ -291,7 +292,7 @@ fn images_to_resume(opts: &LiveOptions) -> anyhow::Result<(Vec<ImageReading>, Re
         ))
         .into());
     }
-    if let Some(b) = opts.backup.as_deref().filter(|b| *b != "latest")
+    if let Some(b) = opts.backup.id()
         && b != first.backup
     {
         return Err(BadInput(format!(
@@ -316,7 +317,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
     let (lock, point) = Point::locked(
         repo,
         &opts.vm,
-        Some(&first.backup),
+        &Pick::Id(first.backup.clone()),
         &wanted,
         opts.key.as_ref(),
         "restore --live --resume",
@@ -569,8 +570,27 @@ pub struct Finished {
     pub node: String,
     /// The image's file.
     pub image: String,
-    /// `streamed`, or `waited` (a stream already running was waited for).
-    pub how: &'static str,
+    pub how: How,
+}
+
+/// How `--finish` took a volume off its export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum How {
+    /// Its stream was started now.
+    Streamed,
+    /// A stream already running (a `--finish` killed before) was waited
+    /// for.
+    Waited,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            How::Streamed => "streamed",
+            How::Waited => "waited",
+        })
+    }
 }
 
 /// What `--finish` did.
@@ -735,7 +755,7 @@ async fn stream_round(
         volumes.push(Finished {
             node: b.node.clone(),
             image: b.image.clone(),
-            how: "waited",
+            how: How::Waited,
         });
     }
     let ids = waiting.iter().map(|b| job_id(&b.node)).collect();
@@ -749,7 +769,7 @@ async fn stream_round(
         volumes.push(Finished {
             node: b.node.clone(),
             image: b.image.clone(),
-            how: "streamed",
+            how: How::Streamed,
         });
         failures.extend(wait_jobs(qmp, &mut events, vec![id], progress).await?);
     }
@@ -946,7 +966,7 @@ pub async fn finish_domain(
                 volumes.push(Finished {
                     node: b.node.clone(),
                     image: b.image.clone(),
-                    how: if running { "waited" } else { "streamed" },
+                    how: if running { How::Waited } else { How::Streamed },
                 });
             }
             wait_for_stream(domain, &b.node, progress).await?;

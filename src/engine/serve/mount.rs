@@ -12,7 +12,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use super::runtime::{self, Kind, State};
-use crate::engine::chain::resolve;
+use crate::engine::chain::{Pick, resolve};
 use crate::engine::check::Checks;
 use crate::engine::key::Key;
 use crate::engine::outcome::BadInput;
@@ -24,8 +24,8 @@ use crate::repo::{Manifest, Repo};
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     pub vm: String,
-    /// A backup id; the newest when `None` or `latest`.
-    pub backup: Option<String>,
+    /// Which point.
+    pub backup: Pick,
     /// Only these volumes; all of the point's when empty.
     pub volumes: Vec<String>,
     /// The directory that gets the files (made when missing).
@@ -81,7 +81,7 @@ impl Point {
     pub(super) fn locked(
         repo: &Repo,
         vm: &str,
-        backup: Option<&str>,
+        backup: &Pick,
         wanted: &[String],
         key: Option<&Key>,
         purpose: &str,
@@ -95,7 +95,7 @@ impl Point {
     fn open(
         repo: &Repo,
         vm: &str,
-        backup: Option<&str>,
+        backup: &Pick,
         wanted: &[String],
         key: Option<&Key>,
         checks: Checks,
@@ -304,7 +304,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
     let (lock, point) = Point::locked(
         repo,
         &opts.vm,
-        opts.backup.as_deref(),
+        &opts.backup,
         &opts.volumes,
         opts.key.as_ref(),
         "mount",
