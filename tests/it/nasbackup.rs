@@ -14,149 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::harness::domain::{Domain, must_virsh};
-use crate::harness::guest::check_log;
-use crate::harness::guest::serial_count;
-use crate::harness::{Run, bitback, bitback_env, qemu_img_info, require, run, tempdir};
-
-/// Held by each test here: they check that no `/tmp/csbackup.*` is left,
-/// which another test's run in flight would make. A flock, not a mutex:
-/// `cargo test` runs tests as threads of one process, nextest each in a
-/// process of its own, and each open of the file is a lock of its own.
-fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
-    let path = std::env::temp_dir().join("bitback-test-nasbackup.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap()
-}
-
-/// The temp directory (TMPDIR) of this process's nasbackup runs, where
-/// they make their `csbackup.XXXXX` mount points: the checks here look at
-/// what these runs made, never at the rest of `/tmp`, where a real agent's
-/// run on the same host may come and go.
-fn run_tmp() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bitback-nas-tests.{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Runs `bitback nasbackup ARGS` (with [`run_tmp`] as its TMPDIR), plus
-/// environment `env`.
-fn nasbackup_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut all = vec!["nasbackup"];
-    all.extend(args);
-    let tmp = run_tmp();
-    let mut env = env.to_vec();
-    env.push(("TMPDIR", tmp.to_str().unwrap()));
-    bitback_env(&all, &env)
-}
-
-/// Runs `bitback nasbackup ARGS`.
-fn nasbackup(args: &[&str]) -> Run {
-    nasbackup_env(args, &[])
-}
-
-/// The agent's parse of a running VM's backup output: the last line is the
-/// size (LibvirtTakeBackupCommandWrapper.parseBackupSize with no disk
-/// paths).
-fn running_size(stdout: &str) -> u64 {
-    let lines: Vec<&str> = stdout.trim().split('\n').collect();
-    lines.last().unwrap().trim().parse().unwrap()
-}
-
-/// The agent's parse of a stopped VM's output: the sum of every line's
-/// first token.
-fn stopped_size(stdout: &str) -> u64 {
-    stdout
-        .trim()
-        .split('\n')
-        .map(|l| l.split(' ').next().unwrap().trim().parse::<u64>().unwrap())
-        .sum()
-}
-
-fn du_sb(dir: &Path) -> u64 {
-    let out = run(Command::new("du").arg("-sb").arg(dir));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// No csbackup mount of these runs is left, and no mount point directory.
-fn nothing_mounted(before: &[PathBuf]) {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    let ours = format!("{}/csbackup.", run_tmp().display());
-    assert!(!mounts.contains(&ours), "{mounts}");
-    assert_eq!(mount_points(), before, "a csbackup.* was left behind");
-}
-
-/// The mount points these runs made and left.
-fn mount_points() -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(run_tmp())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("csbackup."))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The bitmaps of every disk of the domain, by target.
-fn bitmaps(domain: &Domain) -> Vec<(String, Vec<String>)> {
-    let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
-    info["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["name"].as_str().unwrap().to_string(),
-                v["bitmaps"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|b| b["name"].as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-/// Every file under `dir`.
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk_files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// Restores `file` (a chain top) the agent's way and checks the guest's log.
-fn restore_log(file: &Path, out: &Path) -> i64 {
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(file)
-        .arg(out));
-    let last = check_log(out).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    std::fs::remove_file(out).unwrap();
-    last.map_or(-1, |k| k as i64)
-}
+use crate::harness::guest::{check_log, serial_count};
+use crate::harness::nas::*;
+use crate::harness::{bitback, qemu_img_info, require, run, tempdir};
 
 #[test]
 fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
@@ -166,113 +26,87 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let nas = d.join("nas");
-    std::fs::create_dir(&nas).unwrap();
-    let nas_arg = nas.to_str().unwrap().to_string();
     let before = mount_points();
     let domain = Domain::create(d, None);
-    let vols: Vec<String> = domain
-        .disks
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    let instance = "i-2-3-VM";
-    let common = |path: &str| -> Vec<String> {
-        [
-            "-o",
-            "backup",
-            "-v",
-            &domain.name,
-            "-t",
-            "none",
-            "-s",
-            &nas_arg,
-            "-m",
-            "bind",
-            "-p",
-            path,
-            "-q",
-            "false",
-            "-d",
-            "",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let call = |args: Vec<String>| -> Run {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        nasbackup(&args)
-    };
+    let agent = Agent::new(&domain, d.join("nas"), "i-2-3-VM", "2026.11.27");
 
-    // A full with the bitmap the orchestrator named.
-    let t = |n: u32| format!("{instance}/2026.11.27.05.{n:02}.00");
-    let mut args = common(&t(0));
-    args.extend(["-M", "full", "--bitmap-new", "backup-1000"].map(String::from));
-    let full = call(args);
-    assert_eq!(full.code, Some(0), "{}{}", full.stdout, full.stderr);
-    let dest0 = nas.join(t(0));
-    assert_eq!(running_size(&full.stdout), du_sb(&dest0));
-    let mut names: Vec<String> = std::fs::read_dir(&dest0)
+    a_full_makes_the_scripts_files_and_bitmap(&agent);
+    nothing_mounted(&before);
+    incrementals_build_on_their_parents(&agent);
+    a_lost_parent_or_a_changed_disk_list_gives_a_full(&agent);
+    nothing_mounted(&before);
+    a_legacy_full_leaves_the_bitmaps_alone(&agent);
+    // After a restore the orchestrator clears its active checkpoint and
+    // asks for a full again, then incrementals from it.
+    domain.wait_records(10);
+    assert_ok(&agent.full(11, "backup-11000", &[]));
+    domain.wait_records(10);
+    assert_ok(&agent.incremental(12, "backup-12000", "backup-11000", 11, &[]));
+    a_second_run_on_a_locked_domain_is_refused(&agent);
+    a_killed_run_leaves_no_mount_and_the_next_run_works(&agent, &before);
+
+    // qemu-img check is clean on every file of a backup that ended. (The
+    // killed run's file is not one: on bitback's data path its header is
+    // written last, so it may not even be a qcow2 image.)
+    let killed_dir = agent.dir(14);
+    for entry in walk_files(&agent.nas) {
+        if !entry.starts_with(&killed_dir) && entry.extension().is_some_and(|e| e == "qcow2") {
+            run(Command::new("qemu-img").args(["check", "-q"]).arg(&entry));
+        }
+    }
+    agent.restores_in_order(&[0, 1, 2, 3, 10, 11, 12, 15], &d.join("restored.raw"));
+    nothing_mounted(&before);
+}
+
+/// A full with the bitmap the orchestrator named: the script's files, its
+/// size line, the bitmap on every disk.
+fn a_full_makes_the_scripts_files_and_bitmap(agent: &Agent) {
+    let full = agent.full(0, "backup-1000", &[]);
+    assert_ok(&full);
+    assert_eq!(running_size(&full.stdout), du_sb(&agent.dir(0)));
+    let mut names: Vec<String> = std::fs::read_dir(agent.dir(0))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     let mut expected = vec![
-        format!("datadisk.{}.qcow2", vols[1]),
+        format!("datadisk.{}.qcow2", agent.vols[1]),
         "domain-config.xml".into(),
         "domblklist.xml".into(),
         "domiflist.xml".into(),
         "dominfo.xml".into(),
-        format!("root.{}.qcow2", vols[0]),
+        format!("root.{}.qcow2", agent.vols[0]),
     ];
     expected.sort();
     assert_eq!(names, expected);
-    for (disk, list) in bitmaps(&domain) {
+    for (disk, list) in bitmaps(agent.domain) {
         assert!(
             list.contains(&"backup-1000".to_string()),
             "{disk}: {list:?}"
         );
     }
-    nothing_mounted(&before);
+}
 
-    // Three incrementals, each on the previous one's files.
+/// Three incrementals, each on the previous one's files: the second
+/// frozen through libvirt and the guest's agent (`-q true`), the third
+/// with bitback's own `--fleecing` (old data to a local scratch image,
+/// removed after the run). After them, each parent's bitmap went with it.
+fn incrementals_build_on_their_parents(agent: &Agent) {
+    let domain = agent.domain;
     let mut parent = 0;
     for (n, bitmap) in [(1, "backup-2000"), (2, "backup-3000"), (3, "backup-4000")] {
         domain.wait_records(10);
         let parent_bitmap = format!("backup-{}000", parent + 1);
-        let parents = format!(
-            "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
-            t(parent),
-            vols[0],
-            t(parent),
-            vols[1]
-        );
-        let mut args = common(&t(n));
-        if n == 2 {
-            // -q true: frozen through libvirt and the guest's agent.
-            let q = args.iter().position(|a| a == "-q").unwrap();
-            args[q + 1] = "true".into();
-        }
-        // bitback's own --fleecing: the old data goes to a local scratch
-        // image, removed after the run.
         let fleece = tempdir();
-        if n == 3 {
-            args.extend(["--fleecing".into(), fleece.path().display().to_string()]);
-        }
-        args.extend([
-            "-M".into(),
-            "incremental".into(),
-            "--bitmap-new".into(),
-            bitmap.into(),
-            "--bitmap-parent".into(),
-            parent_bitmap,
-            "--parent-paths".into(),
-            parents,
-        ]);
-        let incr = call(args);
-        assert_eq!(incr.code, Some(0), "{}{}", incr.stdout, incr.stderr);
+        let fleece_arg = fleece.path().display().to_string();
+        let extra: Vec<&str> = match n {
+            2 => vec!["-q", "true"],
+            3 => vec!["--fleecing", &fleece_arg],
+            _ => vec![],
+        };
+        let incr = agent.incremental(n, bitmap, &parent_bitmap, parent, &extra);
+        assert_ok(&incr);
         assert_eq!(std::fs::read_dir(fleece.path()).unwrap().count(), 0);
         let frozen = usize::from(n >= 2);
         assert_eq!(
@@ -282,64 +116,44 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
             ),
             (frozen, frozen)
         );
-        let dest = nas.join(t(n));
-        assert_eq!(running_size(&incr.stdout), du_sb(&dest));
-        for (i, role) in ["root", "datadisk"].iter().enumerate() {
-            let file = dest.join(format!("{role}.{}.qcow2", vols[i]));
-            let info = qemu_img_info(&file);
+        assert_eq!(running_size(&incr.stdout), du_sb(&agent.dir(n)));
+        for (role, name) in ["root", "datadisk"].iter().enumerate() {
             assert_eq!(
-                info["backing-filename"],
-                format!("../2026.11.27.05.{parent:02}.00/{role}.{}.qcow2", vols[i])
+                agent.backing(n, role).as_deref(),
+                Some(
+                    format!(
+                        "../2026.11.27.05.{parent:02}.00/{name}.{}.qcow2",
+                        agent.vols[role]
+                    )
+                    .as_str()
+                )
             );
-            run(Command::new("qemu-img").args(["check", "-q"]).arg(&file));
+            run(Command::new("qemu-img")
+                .args(["check", "-q"])
+                .arg(agent.file(n, role)));
         }
         parent = n;
     }
+    agent.only_bitmap("backup-4000");
+}
 
-    // After the incrementals, each parent's bitmap went with it.
-    for (disk, list) in bitmaps(&domain) {
-        assert_eq!(list, vec!["backup-4000".to_string()], "{disk}");
-    }
-
-    // An incremental whose parent bitmap is gone: a full, exit 0, said
-    // with the script's marker (failing would lock the VM out).
-    let mut args = common(&t(9));
-    args.extend(
-        [
-            "-M",
-            "incremental",
-            "--bitmap-new",
-            "backup-9000",
-            "--bitmap-parent",
-            "backup-gone",
-            "--parent-paths",
-        ]
-        .map(String::from),
-    );
-    args.push(format!(
-        "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
-        t(3),
-        vols[0],
-        t(3),
-        vols[1]
-    ));
-    let fell = call(args.clone());
-    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+/// An incremental whose parent bitmap is gone: a full, exit 0, said with
+/// the script's marker (failing would lock the VM out); and one whose
+/// disk list no longer matches: a full too.
+fn a_lost_parent_or_a_changed_disk_list_gives_a_full(agent: &Agent) {
+    let fell = agent.incremental(9, "backup-9000", "backup-gone", 3, &[]);
+    assert_ok(&fell);
     assert!(
         fell.stdout.starts_with("INCREMENTAL_FALLBACK=true\n"),
         "{}",
         fell.stdout
     );
     assert!(fell.stderr.contains("backup-gone"), "{}", fell.stderr);
-    assert_eq!(
-        qemu_img_info(&nas.join(t(9)).join(format!("root.{}.qcow2", vols[0])))
-            .get("backing-filename"),
-        None
-    );
-    // ... and one whose disk list no longer matches: a full too.
-    let mut args = common(&t(8));
-    args.extend(
-        [
+    assert_eq!(agent.backing(9, 0), None);
+    let one_disk = format!("{}/root.{}.qcow2", agent.point(9), agent.vols[0]);
+    let mismatch = agent.backup(
+        8,
+        &[
             "-M",
             "incremental",
             "--bitmap-new",
@@ -347,18 +161,10 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
             "--bitmap-parent",
             "backup-9000",
             "--parent-paths",
-        ]
-        .map(String::from),
+            &one_disk,
+        ],
     );
-    args.push(format!("{}/root.{}.qcow2", t(9), vols[0]));
-    let mismatch = call(args);
-    assert_eq!(
-        mismatch.code,
-        Some(0),
-        "{}{}",
-        mismatch.stdout,
-        mismatch.stderr
-    );
+    assert_ok(&mismatch);
     assert!(
         mismatch.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
@@ -369,12 +175,12 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         "{}",
         mismatch.stderr
     );
-    nothing_mounted(&before);
+}
 
-    // legacy-full (no -M): a full, no bitmap made or removed.
-    let legacy = call(common(&t(10)));
-    assert_eq!(legacy.code, Some(0), "{}{}", legacy.stdout, legacy.stderr);
-    for (disk, mut list) in bitmaps(&domain) {
+/// legacy-full (no -M): a full, no bitmap made or removed.
+fn a_legacy_full_leaves_the_bitmaps_alone(agent: &Agent) {
+    assert_ok(&agent.backup(10, &[]));
+    for (disk, mut list) in bitmaps(agent.domain) {
         list.sort();
         assert_eq!(
             list,
@@ -382,42 +188,13 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
             "{disk}"
         );
     }
+}
 
-    // After a restore the orchestrator clears its active checkpoint and
-    // asks for a full again, then incrementals from it.
-    domain.wait_records(10);
-    let mut args = common(&t(11));
-    args.extend(["-M", "full", "--bitmap-new", "backup-11000"].map(String::from));
-    let again = call(args);
-    assert_eq!(again.code, Some(0), "{}{}", again.stdout, again.stderr);
-    domain.wait_records(10);
-    let mut args = common(&t(12));
-    args.extend(
-        [
-            "-M",
-            "incremental",
-            "--bitmap-new",
-            "backup-12000",
-            "--bitmap-parent",
-            "backup-11000",
-            "--parent-paths",
-        ]
-        .map(String::from),
-    );
-    args.push(format!(
-        "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
-        t(11),
-        vols[0],
-        t(11),
-        vols[1]
-    ));
-    let after = call(args.clone());
-    assert_eq!(after.code, Some(0), "{}{}", after.stdout, after.stderr);
-
-    // A second run while one holds the domain's lock (the agent gave up on
-    // it but did not kill it) is refused at once, and leaves nothing.
-    let lock_path =
-        std::path::Path::new("/run/lock").join(format!("bitback-nasbackup-{}.lock", domain.name));
+/// A second run while one holds the domain's lock (the agent gave up on
+/// it but did not kill it) is refused at once, and leaves nothing.
+fn a_second_run_on_a_locked_domain_is_refused(agent: &Agent) {
+    let lock_path = std::path::Path::new("/run/lock")
+        .join(format!("bitback-nasbackup-{}.lock", agent.domain.name));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -426,24 +203,26 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         .unwrap();
     let holder = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .expect("taking the domain's lock");
-    let mut args = common(&t(13));
-    args.extend(["-M", "full", "--bitmap-new", "backup-13000"].map(String::from));
-    let locked = call(args);
+    let locked = agent.full(13, "backup-13000", &[]);
     drop(holder);
     assert_eq!(locked.code, Some(1), "{}", locked.stdout);
     assert!(locked.stdout.contains("is running"), "{}", locked.stdout);
-    assert!(!nas.join(t(13)).exists());
+    assert!(!agent.dir(13).exists());
+}
 
-    // Killed (SIGKILL after the transaction): the NAS was mounted in
-    // bitback's own mount namespace, which died with it, so the host keeps
-    // no mount. Left: the empty mount point, and the partial backup
-    // directory, which the orchestrator records as a failed backup.
-    domain.wait_records(10);
-    let mut args = vec!["nasbackup".to_string()];
-    args.extend(common(&t(14)));
-    args.extend(["-M", "full", "--bitmap-new", "backup-14000"].map(String::from));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let killed = nasbackup_env(&argv[1..], &[("BITBACK_FAULT", "after-transaction")]);
+/// Killed (SIGKILL after the transaction): the NAS was mounted in
+/// bitback's own mount namespace, which died with it, so the host keeps
+/// no mount. Left: the empty mount point, and the partial backup
+/// directory, which the orchestrator records as a failed backup. The next
+/// run (the orchestrator's next backup) works, and removes the killed
+/// run's sockets' directories.
+fn a_killed_run_leaves_no_mount_and_the_next_run_works(agent: &Agent, before: &[PathBuf]) {
+    agent.domain.wait_records(10);
+    let killed = agent.backup_env(
+        14,
+        &["-M", "full", "--bitmap-new", "backup-14000"],
+        &[("BITBACK_FAULT", "after-transaction")],
+    );
     assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains("csbackup."), "{mounts}");
@@ -452,14 +231,9 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
             std::fs::remove_dir(&point).expect("the left mount point is empty");
         }
     }
-    nothing_mounted(&before);
-    // The next run (the orchestrator's next backup) works.
-    let mut args = common(&t(15));
-    args.extend(["-M", "full", "--bitmap-new", "backup-15000"].map(String::from));
-    let next = call(args);
-    assert_eq!(next.code, Some(0), "{}{}", next.stdout, next.stderr);
-    nothing_mounted(&before);
-    // ... and removed the killed run's sockets' directories.
+    nothing_mounted(before);
+    assert_ok(&agent.full(15, "backup-15000", &[]));
+    nothing_mounted(before);
     let left: Vec<_> = std::fs::read_dir(run_tmp())
         .unwrap()
         .flatten()
@@ -467,74 +241,6 @@ fn the_agents_commands_give_the_scripts_files_output_and_exit_codes() {
         .filter(|n| n.starts_with("bitback-"))
         .collect();
     assert!(left.is_empty(), "a killed run's leftovers: {left:?}");
-
-    // qemu-img check is clean on every file of a backup that ended. (The
-    // killed run's file is not one: on bitback's data path its header is
-    // written last, so it may not even be a qcow2 image.)
-    let killed_dir = nas.join(t(14));
-    for entry in walk_files(&nas) {
-        if entry.starts_with(&killed_dir) {
-            continue;
-        }
-        if entry.extension().is_some_and(|e| e == "qcow2") {
-            run(Command::new("qemu-img").args(["check", "-q"]).arg(&entry));
-        }
-    }
-
-    // Every point restores the agent's way to consistent logs, the disks
-    // within one record of each other.
-    let out = d.join("restored.raw");
-    let mut previous = -1;
-    for n in [0, 1, 2, 3, 10, 11, 12, 15] {
-        let dest = nas.join(t(n));
-        let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
-        let b = restore_log(&dest.join(format!("datadisk.{}.qcow2", vols[1])), &out);
-        assert!(a == b || a == b + 1, "point {n}: vda at {a}, vdb at {b}");
-        assert!(a >= previous, "point {n} went back in the log");
-        previous = a;
-    }
-
-    nothing_mounted(&before);
-}
-
-/// The lines of `stdout` the agent keeps after stripping the script's
-/// marker lines (LibvirtTakeBackupCommandWrapper.stripMarkerLines).
-fn without_markers(stdout: &str) -> String {
-    stdout
-        .lines()
-        .filter(|l| {
-            !l.contains("INCREMENTAL_FALLBACK=true") && !l.contains("PARENT_BITMAP_DELETED=true")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Every file under `dir` with its bytes: what a run must leave as it
-/// found it.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out: Vec<(PathBuf, Vec<u8>)> = walk_files(dir)
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The node name of each of the domain's disks, by target.
-fn node_of(domain: &Domain, disk: &str) -> String {
-    let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
-    info["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == disk)
-        .unwrap_or_else(|| panic!("no volume {disk}: {info}"))["node_name"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 /// Issue 18 through the agent's argument vectors, against a domain with a
@@ -551,108 +257,62 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
     }
     let dir = tempdir();
     let d = dir.path();
-    let nas = d.join("nas");
-    std::fs::create_dir(&nas).unwrap();
-    let nas_arg = nas.to_str().unwrap().to_string();
     let before = mount_points();
     let domain = Domain::create_shaped(d, None, crate::harness::domain::Agent::NoChannel, true);
-    let vols: Vec<String> = domain
-        .disks
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    let instance = "i-2-4-VM";
-    let t = |n: u32| format!("{instance}/2026.11.28.05.{n:02}.00");
-    let files_of = |n: u32| {
-        format!(
-            "{}/root.{}.qcow2,{}/datadisk.{}.qcow2",
-            t(n),
-            vols[0],
-            t(n),
-            vols[1]
-        )
-    };
-    let call = |path: &str, extra: &[&str]| -> Run {
-        let mut args = vec![
-            "-o",
-            "backup",
-            "-v",
-            &domain.name,
-            "-t",
-            "none",
-            "-s",
-            &nas_arg,
-            "-m",
-            "bind",
-            "-p",
-            path,
-            "-q",
-            "false",
-            "-d",
-            "",
-        ];
-        args.extend(extra);
-        nasbackup(&args)
-    };
-    let incremental = |n: u32, new: &str, parent: &str, parent_point: u32, extra: &[&str]| -> Run {
-        let parents = files_of(parent_point);
-        let mut args = vec![
-            "-M",
-            "incremental",
-            "--bitmap-new",
-            new,
-            "--bitmap-parent",
-            parent,
-            "--parent-paths",
-            &parents,
-        ];
-        args.extend(extra);
-        call(&t(n), &args)
-    };
-    let backing = |n: u32, role: usize| -> Option<String> {
-        let name = if role == 0 { "root" } else { "datadisk" };
-        let file = nas.join(t(n)).join(format!("{name}.{}.qcow2", vols[role]));
-        qemu_img_info(&file)["backing-filename"]
-            .as_str()
-            .map(str::to_string)
-    };
-    let only_bitmap = |name: &str| {
-        for (disk, list) in bitmaps(&domain) {
-            assert_eq!(list, vec![name.to_string()], "disk {disk}");
-        }
-    };
+    let agent = Agent::new(&domain, d.join("nas"), "i-2-4-VM", "2026.11.28");
 
     // libvirt's raw disk is a raw file, as with plain QEMU (it was "other").
     let info = bitback(&["inspect", "--libvirt", &domain.name, "--json"]).json();
-    let kinds: Vec<(String, String)> = info["volumes"]
+    let kinds: Vec<(&str, &str)> = info["volumes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| {
-            (
-                v["name"].as_str().unwrap().to_string(),
-                v["kind"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|v| (v["name"].as_str().unwrap(), v["kind"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        kinds,
-        vec![
-            ("vda".to_string(), "qcow2".to_string()),
-            ("vdb".to_string(), "raw-file".to_string())
-        ]
-    );
+    assert_eq!(kinds, [("vda", "qcow2"), ("vdb", "raw-file")]);
 
-    let full = call(&t(0), &["-M", "full", "--bitmap-new", "b-1"]);
-    assert_eq!(full.code, Some(0), "{}{}", full.stdout, full.stderr);
-    only_bitmap("b-1");
+    assert_ok(&agent.full(0, "b-1", &[]));
+    agent.only_bitmap("b-1");
+    no_agent_channel_is_said_and_the_copy_is_crash_consistent(&agent);
+    a_bitmap_gone_from_one_disk_gives_a_full_and_the_chain_goes_on(&agent);
+    a_truncated_parent_file_gives_a_full(&agent, d);
+    a_paused_domain_is_backed_up_and_stays_paused(&agent);
+    a_parent_directory_that_is_a_symlink_is_never_built_on(&agent);
+    let key = compressed_limited_verified_and_encrypted_points(&agent, d);
 
-    // -q true with no agent channel: said plainly, crash-consistent, and
-    // no thaw error. After the incremental only its own bitmap is left,
-    // and the size is given both ways.
-    domain.wait_records(10);
-    let incr = incremental(1, "b-2", "b-1", 0, &["-q", "true"]);
-    assert_eq!(incr.code, Some(0), "{}{}", incr.stdout, incr.stderr);
+    // Every point restores the agent's way; the encrypted one with the key.
+    let out = d.join("restored.raw");
+    let last = agent.restores_in_order(&[0, 1, 2, 3, 4, 5, 7], &out);
+    run(Command::new("qemu-img")
+        .arg("convert")
+        .arg("--object")
+        .arg(format!("secret,id=sec0,file={}", key.display()))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+            agent.file(8, 0).display()
+        ))
+        .args(["-O", "raw"])
+        .arg(&out));
+    let a = check_log(&out).unwrap().map_or(-1, |k| k as i64);
+    assert!(a >= last);
+    std::fs::remove_file(&out).unwrap();
+
+    a_stopped_domain_with_a_raw_disk_is_copied_whole(&agent);
+    // A delete of one backup directory works.
+    assert_ok(&delete(&agent.nas, &agent.point(9)));
+    assert!(!agent.dir(9).exists());
+    assert!(agent.dir(8).exists());
+    nothing_mounted(&before);
+}
+
+/// `-q true` with no agent channel: said plainly, crash-consistent, and
+/// no thaw error. After the incremental only its own bitmap is left, and
+/// the size is given both ways.
+fn no_agent_channel_is_said_and_the_copy_is_crash_consistent(agent: &Agent) {
+    agent.domain.wait_records(10);
+    let incr = agent.incremental(1, "b-2", "b-1", 0, &["-q", "true"]);
+    assert_ok(&incr);
     assert!(
         !incr.stdout.contains("INCREMENTAL_FALLBACK"),
         "{}",
@@ -671,20 +331,23 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
     assert!(incr.stderr.contains("crash-consistent"), "{}", incr.stderr);
     assert!(!incr.stderr.contains("thawing"), "{}", incr.stderr);
     let size = running_size(&without_markers(&incr.stdout));
-    assert_eq!(size, du_sb(&nas.join(t(1))));
+    assert_eq!(size, du_sb(&agent.dir(1)));
     assert!(
         incr.stdout
             .contains(&format!("\nBACKUP_SIZE_TOTAL={size}\n")),
         "{}",
         incr.stdout
     );
-    assert!(backing(1, 0).is_some() && backing(1, 1).is_some());
-    only_bitmap("b-2");
+    assert!(agent.backing(1, 0).is_some() && agent.backing(1, 1).is_some());
+    agent.only_bitmap("b-2");
+}
 
-    // The parent bitmap gone from one disk (as a raw disk's is after a
-    // QEMU restart): a full, exit 0, the marker; the stale parent bitmap
-    // goes too, and the chain goes on from the full.
-    let vdb = node_of(&domain, "vdb");
+/// The parent bitmap gone from one disk (as a raw disk's is after a QEMU
+/// restart): a full, exit 0, the marker; the stale parent bitmap goes
+/// too, and the chain goes on from the full.
+fn a_bitmap_gone_from_one_disk_gives_a_full_and_the_chain_goes_on(agent: &Agent) {
+    let domain = agent.domain;
+    let vdb = node_of(domain, "vdb");
     must_virsh(&[
         "qemu-monitor-command",
         &domain.name,
@@ -693,8 +356,8 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
         ),
     ]);
     domain.wait_records(10);
-    let fell = incremental(2, "b-3", "b-2", 1, &[]);
-    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    let fell = agent.incremental(2, "b-3", "b-2", 1, &[]);
+    assert_ok(&fell);
     assert!(
         fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
@@ -705,25 +368,27 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
         "{}",
         fell.stderr
     );
-    assert_eq!((backing(2, 0), backing(2, 1)), (None, None));
+    assert_eq!((agent.backing(2, 0), agent.backing(2, 1)), (None, None));
     assert_eq!(
         running_size(&without_markers(&fell.stdout)),
-        du_sb(&nas.join(t(2)))
+        du_sb(&agent.dir(2))
     );
-    only_bitmap("b-3");
+    agent.only_bitmap("b-3");
     domain.wait_records(10);
-    let on = incremental(3, "b-4", "b-3", 2, &[]);
-    assert_eq!(on.code, Some(0), "{}{}", on.stdout, on.stderr);
+    let on = agent.incremental(3, "b-4", "b-3", 2, &[]);
+    assert_ok(&on);
     assert!(!on.stdout.contains("INCREMENTAL_FALLBACK"), "{}", on.stdout);
     assert_eq!(
-        backing(3, 0).as_deref(),
-        Some(format!("../2026.11.28.05.02.00/root.{}.qcow2", vols[0]).as_str())
+        agent.backing(3, 0).as_deref(),
+        Some(format!("../2026.11.28.05.02.00/root.{}.qcow2", agent.vols[0]).as_str())
     );
-    only_bitmap("b-4");
+    agent.only_bitmap("b-4");
+}
 
-    // A truncated parent file: a full, not an incremental built on it.
-    let cut = nas.join(t(3)).join(format!("datadisk.{}.qcow2", vols[1]));
-    let cut_copy = d.join("cut-copy.qcow2");
+/// A truncated parent file: a full, not an incremental built on it.
+fn a_truncated_parent_file_gives_a_full(agent: &Agent, scratch: &Path) {
+    let cut = agent.file(3, 1);
+    let cut_copy = scratch.join("cut-copy.qcow2");
     std::fs::copy(&cut, &cut_copy).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
@@ -731,169 +396,124 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
         .unwrap()
         .set_len(2 << 16)
         .unwrap();
-    domain.wait_records(10);
-    let fell = incremental(4, "b-5", "b-4", 3, &[]);
-    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    agent.domain.wait_records(10);
+    let fell = agent.incremental(4, "b-5", "b-4", 3, &[]);
+    assert_ok(&fell);
     assert!(
         fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
         fell.stdout
     );
-    assert!(fell.stderr.contains(&vols[1]), "{}", fell.stderr);
-    assert_eq!((backing(4, 0), backing(4, 1)), (None, None));
+    assert!(fell.stderr.contains(&agent.vols[1]), "{}", fell.stderr);
+    assert_eq!((agent.backing(4, 0), agent.backing(4, 1)), (None, None));
     std::fs::copy(&cut_copy, &cut).unwrap();
-    only_bitmap("b-5");
+    agent.only_bitmap("b-5");
+}
 
-    // Paused: backed up like a running domain, and left paused; -q true
-    // does not try to freeze a guest that runs no code.
-    must_virsh(&["suspend", &domain.name]);
-    let paused = incremental(5, "b-6", "b-5", 4, &["-q", "true"]);
-    let state = must_virsh(&["domstate", &domain.name]).trim().to_string();
-    must_virsh(&["resume", &domain.name]);
-    assert_eq!(paused.code, Some(0), "{}{}", paused.stdout, paused.stderr);
+/// Paused: backed up like a running domain, and left paused; -q true does
+/// not try to freeze a guest that runs no code.
+fn a_paused_domain_is_backed_up_and_stays_paused(agent: &Agent) {
+    let name = &agent.domain.name;
+    must_virsh(&["suspend", name]);
+    let paused = agent.incremental(5, "b-6", "b-5", 4, &["-q", "true"]);
+    let state = must_virsh(&["domstate", name]).trim().to_string();
+    must_virsh(&["resume", name]);
+    assert_ok(&paused);
     assert_eq!(state, "paused");
-    assert!(backing(5, 0).is_some());
-    only_bitmap("b-6");
+    assert!(agent.backing(5, 0).is_some());
+    agent.only_bitmap("b-6");
+}
 
-    // The parent's timestamp directory replaced by a symlink to the same
-    // files in another VM's directory: never built on (it could be any
-    // VM's data), a full.
-    let real = nas.join(t(5));
-    let elsewhere = nas.join("i-9-9-VM");
+/// The parent's timestamp directory replaced by a symlink to the same
+/// files in another VM's directory: never built on (it could be any VM's
+/// data), a full.
+fn a_parent_directory_that_is_a_symlink_is_never_built_on(agent: &Agent) {
+    let real = agent.dir(5);
+    let elsewhere = agent.nas.join("i-9-9-VM");
     std::fs::create_dir_all(&elsewhere).unwrap();
     let moved = elsewhere.join("moved");
     std::fs::rename(&real, &moved).unwrap();
     std::os::unix::fs::symlink(&moved, &real).unwrap();
-    domain.wait_records(10);
-    let fell = incremental(6, "b-6x", "b-6", 5, &[]);
+    agent.domain.wait_records(10);
+    let fell = agent.incremental(6, "b-6x", "b-6", 5, &[]);
     std::fs::remove_file(&real).unwrap();
     std::fs::rename(&moved, &real).unwrap();
     std::fs::remove_dir(&elsewhere).unwrap();
-    assert_eq!(fell.code, Some(0), "{}{}", fell.stdout, fell.stderr);
+    assert_ok(&fell);
     assert!(
         fell.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
         fell.stdout
     );
     assert!(fell.stderr.contains("symlink"), "{}", fell.stderr);
-    assert_eq!((backing(6, 0), backing(6, 1)), (None, None));
-    only_bitmap("b-6x");
+    assert_eq!((agent.backing(6, 0), agent.backing(6, 1)), (None, None));
+    agent.only_bitmap("b-6x");
+}
 
-    // The open PR's options: -c (compressed clusters), -b (MiB/s), --verify.
-    domain.wait_records(10);
-    let packed = call(
-        &t(7),
-        &[
-            "-M",
-            "full",
-            "--bitmap-new",
-            "b-7",
-            "-c",
-            "-b",
-            "50",
-            "--verify",
-        ],
-    );
-    assert_eq!(packed.code, Some(0), "{}{}", packed.stdout, packed.stderr);
-    let root7 = nas.join(t(7)).join(format!("root.{}.qcow2", vols[0]));
+/// The open PR's options: -c (compressed clusters), -b (MiB/s), --verify
+/// (point 7); bad values refused; -e with a key others may read refused,
+/// with mode 0600 LUKS files the same key file opens (point 8). The key
+/// file.
+fn compressed_limited_verified_and_encrypted_points(agent: &Agent, scratch: &Path) -> PathBuf {
+    agent.domain.wait_records(10);
+    let packed = agent.full(7, "b-7", &["-c", "-b", "50", "--verify"]);
+    assert_ok(&packed);
+    let root7 = agent.file(7, 0);
     assert!(
         crate::harness::has_compressed_clusters(&root7),
         "no compressed cluster in {}",
         root7.display()
     );
     for bad in [&["-b", "fast"][..], &["-c", "-e", "/nonexistent"][..]] {
-        let mut extra = vec!["-M", "full", "--bitmap-new", "b-y"];
-        extra.extend(bad);
-        let refused = call(&t(8), &extra);
+        let refused = agent.full(8, "b-y", bad);
         assert_eq!(refused.code, Some(1), "{bad:?}: {}", refused.stdout);
-        assert!(!nas.join(t(8)).exists());
+        assert!(!agent.dir(8).exists());
     }
-    // -e: a key others may read is refused; with mode 0600, LUKS files the
-    // same key file opens.
-    let key = d.join("passphrase");
+    let key = scratch.join("passphrase");
     std::fs::write(&key, "cloudstack passphrase").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let key_arg = key.to_str().unwrap();
-    let loose = call(&t(8), &["-e", key_arg]);
+    let loose = agent.backup(8, &["-e", key_arg]);
     assert_eq!(loose.code, Some(1), "{}", loose.stdout);
     assert!(loose.stdout.contains("mode 0644"), "{}", loose.stdout);
-    assert!(!nas.join(t(8)).exists());
+    assert!(!agent.dir(8).exists());
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let refused = incremental(8, "b-8", "b-7", 7, &["-e", key_arg]);
+    let refused = agent.incremental(8, "b-8", "b-7", 7, &["-e", key_arg]);
     assert_eq!(refused.code, Some(1), "{}", refused.stdout);
-    let sealed = call(&t(8), &["-e", key_arg, "--verify"]);
-    assert_eq!(sealed.code, Some(0), "{}{}", sealed.stdout, sealed.stderr);
-    let root8 = nas.join(t(8)).join(format!("root.{}.qcow2", vols[0]));
-    assert_eq!(qemu_img_info(&root8)["encrypted"], true);
+    assert_ok(&agent.backup(8, &["-e", key_arg, "--verify"]));
+    assert_eq!(qemu_img_info(&agent.file(8, 0))["encrypted"], true);
+    key
+}
 
-    // Every point restores the agent's way; the encrypted one with the key.
-    let out = d.join("restored.raw");
-    let mut previous = -1;
-    for n in [0, 1, 2, 3, 4, 5, 7] {
-        let dest = nas.join(t(n));
-        let a = restore_log(&dest.join(format!("root.{}.qcow2", vols[0])), &out);
-        let b = restore_log(&dest.join(format!("datadisk.{}.qcow2", vols[1])), &out);
-        assert!(a == b || a == b + 1, "point {n}: vda at {a}, vdb at {b}");
-        assert!(a >= previous, "point {n} went back in the log");
-        previous = a;
-    }
-    run(Command::new("qemu-img")
-        .arg("convert")
-        .arg("--object")
-        .arg(format!("secret,id=sec0,file={key_arg}"))
-        .arg("--image-opts")
-        .arg(format!(
-            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-            root8.display()
-        ))
-        .args(["-O", "raw"])
-        .arg(&out));
-    let a = check_log(&out).unwrap().map_or(-1, |k| k as i64);
-    assert!(a >= previous);
-    std::fs::remove_file(&out).unwrap();
-
-    // Stopped, with a raw disk: the copies are full (the marker, for an
-    // incremental asked of a stopped VM), every other line a number, and
-    // no bitmap on the raw disk is said on stderr.
+/// Stopped, with a raw disk: the copies are full (the marker, for an
+/// incremental asked of a stopped VM), every other line a number, and no
+/// bitmap on the raw disk is said on stderr.
+fn a_stopped_domain_with_a_raw_disk_is_copied_whole(agent: &Agent) {
+    let domain = agent.domain;
     domain.destroy();
     let disks = format!(
         "{},{}",
         domain.disks[0].display(),
         domain.disks[1].display()
     );
-    let stopped = nasbackup(&[
-        "-o",
-        "backup",
-        "-v",
-        &domain.name,
-        "-t",
-        "none",
-        "-s",
-        &nas_arg,
-        "-m",
-        "bind",
-        "-p",
-        &t(9),
-        "-q",
-        "false",
-        "-d",
-        &disks,
-        "-M",
-        "incremental",
-        "--bitmap-new",
-        "b-9",
-        "--bitmap-parent",
-        "b-6",
-        "--parent-paths",
-        &files_of(5),
-    ]);
-    assert_eq!(
-        stopped.code,
-        Some(0),
-        "{}{}",
-        stopped.stdout,
-        stopped.stderr
+    let mut args = agent.args(
+        &agent.point(9),
+        &[
+            "-M",
+            "incremental",
+            "--bitmap-new",
+            "b-9",
+            "--bitmap-parent",
+            "b-6",
+            "--parent-paths",
+            &agent.parents(5),
+        ],
     );
+    let d = args.iter().position(|a| a == "-d").unwrap();
+    args[d + 1] = disks;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stopped = nasbackup(&args);
+    assert_ok(&stopped);
     assert!(
         stopped.stdout.contains("INCREMENTAL_FALLBACK=true"),
         "{}",
@@ -904,37 +524,13 @@ fn the_drop_in_never_locks_a_vm_out_of_its_backups() {
         "{}",
         stopped.stderr
     );
-    let files: u64 = std::fs::read_dir(nas.join(t(9)))
+    let files: u64 = std::fs::read_dir(agent.dir(9))
         .unwrap()
         .flatten()
         .map(|e| e.metadata().unwrap().len())
         .sum();
     assert_eq!(stopped_size(&without_markers(&stopped.stdout)), files);
     assert!(qemu_img_info(&domain.disks[0]).to_string().contains("b-9"));
-
-    // A delete of one backup directory works.
-    let deleted = nasbackup(&[
-        "-o",
-        "delete",
-        "-t",
-        "none",
-        "-s",
-        &nas_arg,
-        "-m",
-        "bind",
-        "-p",
-        &t(9),
-    ]);
-    assert_eq!(
-        deleted.code,
-        Some(0),
-        "{}{}",
-        deleted.stdout,
-        deleted.stderr
-    );
-    assert!(!nas.join(t(9)).exists());
-    assert!(nas.join(t(8)).exists());
-    nothing_mounted(&before);
 }
 
 /// A LINSTOR volume still named by its legacy DRBD node (`/dev/drbdNNNN`,
@@ -1107,7 +703,6 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
     }
     let dir = tempdir();
     let nas = dir.path().join("nas");
-    let nas_arg = nas.to_str().unwrap().to_string();
     let before = mount_points();
     let instance = "i-5-5-VM";
     for (vm, ts) in [
@@ -1122,26 +717,8 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
     }
     let kept = snapshot(&nas);
     let backup = |path: &str, extra: &[&str]| {
-        let mut args = vec![
-            "-o",
-            "backup",
-            "-v",
-            "no-such-domain",
-            "-t",
-            "none",
-            "-s",
-            &nas_arg,
-            "-m",
-            "bind",
-            "-p",
-            path,
-            "-q",
-            "false",
-            "-d",
-            "",
-        ];
-        args.extend(extra);
-        nasbackup(&args)
+        let args = backup_args("no-such-domain", &nas, path, extra);
+        nasbackup(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     // Into a directory holding a backup, into the VM's directory, through
     // `.` or `..`: refused before anything is written.
@@ -1181,23 +758,13 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
         &format!("./{instance}"),
         "",
     ] {
-        let refused = nasbackup(&[
-            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", path,
-        ]);
+        let refused = delete(&nas, path);
         assert_eq!(refused.code, Some(1), "{path:?}: {}", refused.stdout);
         assert_eq!(snapshot(&nas), kept, "{path:?}");
     }
     // ... and removes it, printing what it removed as rm -v does.
-    let deleted = nasbackup(&[
-        "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", &holding,
-    ]);
-    assert_eq!(
-        deleted.code,
-        Some(0),
-        "{}{}",
-        deleted.stdout,
-        deleted.stderr
-    );
+    let deleted = delete(&nas, &holding);
+    assert_ok(&deleted);
     assert_eq!(
         deleted.stdout.matches("removed").count(),
         3,
@@ -1229,9 +796,7 @@ fn a_failed_run_or_a_bad_delete_leaves_the_nas_as_it_was() {
         "i-8-8-VM/2026.11.28.05.00.00".to_string(),
         format!("{instance}/2026.11.28.08.00.00"),
     ] {
-        let refused = nasbackup(&[
-            "-o", "delete", "-t", "none", "-s", &nas_arg, "-m", "bind", "-p", &path,
-        ]);
+        let refused = delete(&nas, &path);
         assert_eq!(refused.code, Some(1), "{path}: {}", refused.stdout);
         assert!(
             refused.stdout.contains("symlink"),

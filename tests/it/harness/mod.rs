@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 pub mod domain;
 pub mod guest;
+pub mod nas;
 #[path = "../../../fixtures/slowfs/mount.rs"]
 pub mod slowfs;
 pub mod vm;
