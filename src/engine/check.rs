@@ -312,6 +312,19 @@ fn map_against_file(file: &std::fs::File, image: &Image, map: &Map) -> anyhow::R
     Ok(())
 }
 
+/// The digest of the file at `path` (opened as `image`) of the kind its
+/// manifest records: its layout's, or the whole file's.
+fn digest_as_recorded(
+    path: &std::path::Path,
+    image: &Image,
+    layout: bool,
+) -> anyhow::Result<crate::digest::Digest> {
+    match layout {
+        true => Ok(qcow2::layout_digest(&std::fs::File::open(path)?, image)?.0),
+        false => Ok(digest_file(path)?),
+    }
+}
+
 /// Checks one backup's files; pushes every problem found. Every byte of
 /// each file is proven: by its whole-file digest, or by its layout digest
 /// and its cluster map read against its data. `map_clusters`: compare the
@@ -372,13 +385,7 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
         // A layout digest leaves the data to the cluster map: the map's
         // clusters are read against the file's whatever was asked.
         let layout = v.digest.is_layout();
-        let digest = match layout {
-            true => std::fs::File::open(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|f| Ok(qcow2::layout_digest(&f, &image)?.0)),
-            false => digest_file(&path).map_err(anyhow::Error::from),
-        };
-        match digest {
+        match digest_as_recorded(&path, &image, layout) {
             Ok(digest) if digest == v.digest => {}
             Ok(digest) => {
                 problem(

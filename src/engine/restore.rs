@@ -889,6 +889,18 @@ fn convert_into(top: &Path, image: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// QEMU locked out of `image` (at `path`) while the lock lives; a
+/// running QEMU holding it is refused.
+fn lock_out<'f>(image: &'f File, path: &Path) -> anyhow::Result<qcow2::QemuLockout<'f>> {
+    qcow2::lock_out_qemu(image).map_err(|e| match e {
+        qcow2::Error::InUse => anyhow::Error::new(BadInput(format!(
+            "{} is in use by a running QEMU; stop the VM first",
+            path.display()
+        ))),
+        other => anyhow::anyhow!(other),
+    })
+}
+
 /// Writes a backup point into an existing image (qcow2 through `qemu-img
 /// convert -n`, a raw file natively), refusing while a QEMU holds it, then
 /// clears the VM's active checkpoint: the disk no longer matches any
@@ -914,13 +926,7 @@ pub fn restore_in_place(
         .write(true)
         .open(&opts.image)
         .with_context(|| format!("opening {}", opts.image.display()))?;
-    let lockout = qcow2::lock_out_qemu(&image).map_err(|e| match e {
-        qcow2::Error::InUse => anyhow::Error::new(BadInput(format!(
-            "{} is in use by a running QEMU; stop the VM first",
-            opts.image.display()
-        ))),
-        other => anyhow::anyhow!(other),
-    })?;
+    let lockout = lock_out(&image, &opts.image)?;
     // The image is about to change: from here on no checkpoint describes
     // it, whether the write completes or not.
     let clear_checkpoint = || -> anyhow::Result<()> {

@@ -43,12 +43,12 @@ pub use image::{BitmapStatus, Image, Info, Source};
 pub use layout::layout_digest;
 pub use map::{Extent, Kind, map, walk};
 pub use mask::{Mask, create_mask};
-pub use rebase::set_backing;
+pub use rebase::{QemuLockout, set_backing};
 pub use stream::{Finished, Stream};
 
 /// Holds QEMU off an image while alive (an OFD write lock over the bytes
 /// QEMU locks); `Error::InUse` when a QEMU holds it now.
-pub fn lock_out_qemu(file: &std::fs::File) -> Result<rebase::QemuLockout<'_>> {
+pub fn lock_out_qemu(file: &std::fs::File) -> Result<QemuLockout<'_>> {
     rebase::QemuLockout::take(file)
 }
 
