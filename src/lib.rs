@@ -25,3 +25,4 @@ pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
 pub mod repo;
+pub mod s3;

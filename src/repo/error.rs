@@ -41,6 +41,10 @@ pub enum Error {
 
     #[error("cannot encode JSON")]
     Encoding(#[source] serde_json::Error),
+
+    /// A repository in object storage (`s3://`) that failed.
+    #[error(transparent)]
+    S3(#[from] crate::s3::Error),
 }
 
 impl Error {
@@ -55,6 +59,7 @@ impl Error {
                 | Error::Symlink { .. }
                 | Error::BadManifest { .. }
                 | Error::BadState { .. }
+                | Error::S3(crate::s3::Error::Config(_))
         )
     }
 }

@@ -62,6 +62,7 @@
 //! ([`check_name`]): no `/`, no NUL, no leading `.`, nothing but letters,
 //! digits and `-_.+@:`.
 
+mod bucket;
 mod error;
 pub mod leases;
 mod lock;
@@ -76,6 +77,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+pub use bucket::Bucket;
 pub use error::{Error, Invalid, Result};
 pub use lock::{ReadLock, VmLock};
 pub use manifest::{

@@ -85,17 +85,8 @@ impl Directory {
     /// The path of `key`, checked: relative names only (no `..`, no
     /// root), and no link on the way from the root to it.
     fn path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key, &self.root.join(key))?;
         let relative = Path::new(key);
-        let plain = !key.is_empty()
-            && relative
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)));
-        if !plain {
-            return Err(Error::BadRepo {
-                path: self.root.join(key),
-                reason: "a key must be a relative path of plain names".into(),
-            });
-        }
         let mut path = self.root.clone();
         for part in relative.components() {
             path.push(part);
@@ -202,6 +193,24 @@ impl Store for Directory {
 
     fn locate(&self, key: &str) -> PathBuf {
         self.root.join(key)
+    }
+}
+
+/// Refuses a key that is not plain names joined by `/` (`..`, a leading
+/// `/`, an empty name): a key names a place inside the repository only.
+/// `location` says where, for the message.
+pub(super) fn check_key(key: &str, location: &Path) -> Result<()> {
+    let plain = !key.is_empty()
+        && key.split('/').all(|part| !part.is_empty())
+        && Path::new(key)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    match plain {
+        true => Ok(()),
+        false => Err(Error::BadRepo {
+            path: location.into(),
+            reason: "a key must be a relative path of plain names".into(),
+        }),
     }
 }
 

@@ -23,4 +23,5 @@ mod qcow2;
 mod qmp_client;
 mod restore;
 mod retention;
+mod s3;
 mod soak;

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 pub mod domain;
 pub mod guest;
 pub mod nas;
+pub mod s3;
 #[path = "../../../fixtures/slowfs/mount.rs"]
 pub mod slowfs;
 pub mod vm;

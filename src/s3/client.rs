@@ -1,0 +1,313 @@
+//! The S3 requests a repository needs, signed (SigV4, by `rusty-s3`) and
+//! sent (by `ureq`, blocking: the repository's own calls are blocking, and
+//! data moves on threads of its own). Each request is tried again on a
+//! connection failure or a 5xx answer, with growing pauses, a bounded
+//! number of times; then it fails saying what it tried.
+
+use std::time::Duration;
+
+use base64::Engine;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use sha2::Digest;
+use tracing::debug;
+
+use super::{Config, Error, Location};
+
+/// How long a signed URL stays good: longer than any one request's tries.
+const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+/// Tries of one request, and the pause before each retry.
+const PAUSES: [Duration; 4] = [
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
+/// An S3 bucket, as one set of credentials reaches it.
+pub struct Client {
+    bucket: Bucket,
+    credentials: Credentials,
+    agent: ureq::Agent,
+    location: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a listing found directly under a prefix.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// Whole keys of the objects.
+    pub objects: Vec<String>,
+    /// Whole prefixes (ending in the delimiter) more objects sit under.
+    pub prefixes: Vec<String>,
+}
+
+/// An object-lock retention: no version it is on can be deleted or
+/// overwritten before `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// `COMPLIANCE` (nobody can shorten it) or `GOVERNANCE` (a holder of
+    /// `s3:BypassGovernanceRetention` can).
+    pub mode: LockMode,
+    /// RFC 3339, UTC: `2027-01-05T00:00:00Z`.
+    pub until: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Compliance,
+    Governance,
+}
+
+impl LockMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Compliance => "COMPLIANCE",
+            LockMode::Governance => "GOVERNANCE",
+        }
+    }
+}
+
+/// How a put went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Put {
+    /// Written; the store's version id when the bucket keeps versions.
+    Written { version: Option<String> },
+    /// Not written: the put was only if absent, and an object was there.
+    Exists,
+}
+
+impl Client {
+    /// A client of the bucket at `location`, as `config` reaches it.
+    pub fn new(config: &Config, location: &Location) -> Result<Client, Error> {
+        let endpoint = config
+            .endpoint
+            .parse()
+            .map_err(|e| Error::Config(format!("endpoint {}: {e}", config.endpoint)))?;
+        let style = match config.path_style {
+            true => UrlStyle::Path,
+            false => UrlStyle::VirtualHost,
+        };
+        let bucket = Bucket::new(
+            endpoint,
+            style,
+            location.bucket.clone(),
+            config.region.clone(),
+        )
+        .map_err(|e| Error::Config(format!("bucket {}: {e}", location.bucket)))?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        Ok(Client {
+            bucket,
+            credentials: config.credentials(),
+            agent,
+            location: format!("s3://{}", location.bucket),
+        })
+    }
+
+    /// Object `key`'s bytes; `None` when there is none (or only a delete
+    /// marker).
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGNED_FOR);
+        let reply = self.send("GET", key, || self.agent.get(url.as_str()).call())?;
+        match reply.status {
+            200 => Ok(Some(reply.body)),
+            404 => Ok(None),
+            _ => Err(reply.error("GET", key)),
+        }
+    }
+
+    /// Writes object `key` whole: only if no object is there when
+    /// `only_new` (`If-None-Match: *`), under `retention` when given.
+    /// The store checks the bytes against their SHA-256, sent with them.
+    pub fn put(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        only_new: bool,
+        retention: Option<&Retention>,
+    ) -> Result<Put, Error> {
+        let mut headers: Vec<(&str, String)> = vec![("x-amz-checksum-sha256", sha256(bytes))];
+        if only_new {
+            headers.push(("if-none-match", "*".into()));
+        }
+        if let Some(r) = retention {
+            headers.push(("x-amz-object-lock-mode", r.mode.as_str().into()));
+            headers.push(("x-amz-object-lock-retain-until-date", r.until.clone()));
+        }
+        let mut action = self.bucket.put_object(Some(&self.credentials), key);
+        for (name, value) in &headers {
+            action.headers_mut().insert(*name, value.clone());
+        }
+        let url = action.sign(SIGNED_FOR);
+        let reply = self.send("PUT", key, || {
+            let mut request = self.agent.put(url.as_str());
+            for (name, value) in &headers {
+                request = request.header(*name, value);
+            }
+            request.send(bytes)
+        })?;
+        match reply.status {
+            200 => Ok(Put::Written {
+                version: reply.version,
+            }),
+            412 if only_new => Ok(Put::Exists),
+            _ => Err(reply.error("PUT", key)),
+        }
+    }
+
+    /// Removes object `key` (in a bucket that keeps versions, adds a
+    /// delete marker); none there is no error.
+    pub fn delete(&self, key: &str) -> Result<(), Error> {
+        let url = self
+            .bucket
+            .delete_object(Some(&self.credentials), key)
+            .sign(SIGNED_FOR);
+        let reply = self.send("DELETE", key, || self.agent.delete(url.as_str()).call())?;
+        match reply.status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(reply.error("DELETE", key)),
+        }
+    }
+
+    /// What lies directly under `prefix` (keys starting with it, up to
+    /// the next `/`), every page of it.
+    pub fn list(&self, prefix: &str) -> Result<Listing, Error> {
+        let mut listing = Listing::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+            // Keys as they are (the names bitback makes need no escaping
+            // beyond XML's).
+            action.query_mut().remove("encoding-type");
+            action.with_prefix(prefix);
+            action.with_delimiter("/");
+            if let Some(token) = &token {
+                action.with_continuation_token(token.clone());
+            }
+            let url = action.sign(SIGNED_FOR);
+            let reply = self.send("LIST", prefix, || self.agent.get(url.as_str()).call())?;
+            if reply.status != 200 {
+                return Err(reply.error("LIST", prefix));
+            }
+            let page =
+                rusty_s3::actions::ListObjectsV2::parse_response(&reply.body).map_err(|e| {
+                    Error::Reply {
+                        what: format!("LIST {}/{prefix}", self.location),
+                        reason: e.to_string(),
+                    }
+                })?;
+            listing
+                .objects
+                .extend(page.contents.into_iter().map(|c| c.key));
+            listing
+                .prefixes
+                .extend(page.common_prefixes.into_iter().map(|p| p.prefix));
+            match page.next_continuation_token {
+                Some(next) => token = Some(next),
+                None => return Ok(listing),
+            }
+        }
+    }
+
+    /// Sends a request (made anew by `make` for each try), trying again on
+    /// a connection failure or a 5xx answer.
+    fn send(
+        &self,
+        what: &str,
+        key: &str,
+        make: impl Fn() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Reply, Error> {
+        let mut tries = 0;
+        loop {
+            let failure = match make() {
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    let version = response
+                        .headers()
+                        .get("x-amz-version-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let body = response
+                        .body_mut()
+                        .with_config()
+                        .limit(64 << 20)
+                        .read_to_vec();
+                    match body {
+                        Ok(body) if status < 500 => {
+                            return Ok(Reply {
+                                status,
+                                version,
+                                body,
+                            });
+                        }
+                        Ok(body) => Reply {
+                            status,
+                            version,
+                            body,
+                        }
+                        .error(what, key)
+                        .to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            let Some(pause) = PAUSES.get(tries) else {
+                return Err(Error::Unreachable {
+                    what: format!("{what} {}/{key}", self.location),
+                    tries: tries + 1,
+                    reason: failure,
+                });
+            };
+            debug!(what, key, failure, "trying again");
+            std::thread::sleep(*pause);
+            tries += 1;
+        }
+    }
+}
+
+/// An answer, read whole.
+struct Reply {
+    status: u16,
+    version: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    /// The store's refusal: its status, and its error code and message
+    /// from the XML body when there is one.
+    fn error(&self, what: &str, key: &str) -> Error {
+        let text = String::from_utf8_lossy(&self.body);
+        let tag = |name: &str| {
+            let open = format!("<{name}>");
+            let start = text.find(&open)? + open.len();
+            let end = text[start..].find("</")? + start;
+            Some(text[start..end].to_string())
+        };
+        Error::Refused {
+            what: format!("{what} {key}"),
+            status: self.status,
+            code: tag("Code").unwrap_or_default(),
+            message: tag("Message").unwrap_or_default(),
+        }
+    }
+}
+
+/// The base64 SHA-256 of `bytes`, as `x-amz-checksum-sha256` takes it.
+fn sha256(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+}

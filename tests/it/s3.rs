@@ -1,0 +1,216 @@
+//! The repository's storage seam over a real object store (SeaweedFS):
+//! a bucket keeps a repository's objects as a directory does, under the
+//! same keys; object lock holds against bitback's own credentials; a wrong
+//! key, a missing bucket and a dead store are clear errors. What bitback
+//! stored is read back with the aws CLI.
+
+use std::collections::HashMap;
+
+use bitback::repo::{Bucket, Directory, Entry, Store};
+use bitback::s3::{Client, Config, Location, LockMode, Put, Retention};
+
+use crate::harness::s3::{KEY_ID, SECRET, Seaweed};
+use crate::harness::tempdir;
+
+fn config(store: &Seaweed, secret: &str) -> Config {
+    let env: HashMap<String, String> = [
+        ("AWS_ENDPOINT_URL", store.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Config::resolve(&env, None, None).unwrap()
+}
+
+fn location(text: &str) -> Location {
+    Location::parse(text).unwrap().unwrap()
+}
+
+/// The same steps against any store; what a store then holds under
+/// `vm1/`, sorted.
+fn keep_objects(store: &dyn Store) -> Vec<Entry> {
+    assert_eq!(store.get("vm1/state.json").unwrap(), None);
+    store.put("vm1/state.json", b"one").unwrap();
+    store.put("vm1/state.json", b"two").unwrap();
+    assert_eq!(
+        store.get("vm1/state.json").unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert!(store.put_new("vm1/p1/manifest.json", b"first").unwrap());
+    assert!(!store.put_new("vm1/p1/manifest.json", b"second").unwrap());
+    assert_eq!(
+        store.get("vm1/p1/manifest.json").unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    store.put("vm1/.damaged/p1.disk0.json", b"{}").unwrap();
+    store.put("vm1/gone.json", b"x").unwrap();
+    store.delete("vm1/gone.json").unwrap();
+    store.delete("vm1/gone.json").unwrap();
+    assert_eq!(store.get("vm1/gone.json").unwrap(), None);
+    assert!(store.list("vm9").unwrap().is_empty());
+    let top = store.list("").unwrap();
+    assert!(top.contains(&Entry::Prefix("vm1".into())), "{top:?}");
+    for key in ["../x", "/etc/passwd", "vm1//state.json", "vm1/../x", ""] {
+        assert!(store.get(key).is_err(), "{key:?}");
+        assert!(store.put(key, b"x").is_err(), "{key:?}");
+    }
+    let mut listed = store.list("vm1").unwrap();
+    listed.sort_by(|a, b| a.name().cmp(b.name()));
+    listed
+}
+
+#[test]
+fn a_bucket_keeps_a_repositorys_objects_as_a_directory_does() {
+    let store = Seaweed::start();
+    store.bucket("bb-repo", false);
+    let dir = tempdir();
+    let directory = Directory::new(dir.path().join("repo"));
+    std::fs::create_dir(directory.root()).unwrap();
+    let bucket = Bucket::new(&config(&store, SECRET), location("s3://bb-repo/site/a")).unwrap();
+
+    let in_directory = keep_objects(&directory);
+    let in_bucket = keep_objects(&bucket);
+    assert_eq!(in_bucket, in_directory);
+    assert_eq!(
+        in_bucket,
+        [
+            Entry::Prefix(".damaged".into()),
+            Entry::Prefix("p1".into()),
+            Entry::Object("state.json".into()),
+        ]
+    );
+
+    // The same keys under the prefix, and the same bytes, as the aws CLI
+    // reads them.
+    let listed = store.aws_ok(&["s3api", "list-objects-v2", "--bucket", "bb-repo"]);
+    let mut keys: Vec<&str> = listed["Contents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["Key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "site/a/vm1/.damaged/p1.disk0.json",
+            "site/a/vm1/p1/manifest.json",
+            "site/a/vm1/state.json",
+        ]
+    );
+    for key in ["vm1/state.json", "vm1/p1/manifest.json"] {
+        assert_eq!(
+            store.read("bb-repo", &format!("site/a/{key}"), dir.path()),
+            std::fs::read(directory.root().join(key)).unwrap(),
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn a_locked_object_outlives_bitbacks_own_credentials() {
+    let store = Seaweed::start();
+    store.bucket("bb-lock", true);
+    let dir = tempdir();
+    let client = Client::new(&config(&store, SECRET), &location("s3://bb-lock")).unwrap();
+    let until = tomorrow();
+    let retention = Retention {
+        mode: LockMode::Compliance,
+        until: until.clone(),
+    };
+    let Put::Written {
+        version: Some(version),
+    } = client
+        .put("vm1/p1/disk0.qcow2", b"point data", true, Some(&retention))
+        .unwrap()
+    else {
+        panic!("a bucket with object lock keeps versions");
+    };
+    let held = store.aws_ok(&[
+        "s3api",
+        "get-object-retention",
+        "--bucket",
+        "bb-lock",
+        "--key",
+        "vm1/p1/disk0.qcow2",
+    ]);
+    assert_eq!(held["Retention"]["Mode"], "COMPLIANCE");
+    // A delete of the version, with the very credentials bitback holds,
+    // is refused by the store.
+    let refused = store.aws(&[
+        "s3api",
+        "delete-object",
+        "--bucket",
+        "bb-lock",
+        "--key",
+        "vm1/p1/disk0.qcow2",
+        "--version-id",
+        &version,
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("AccessDenied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // A plain delete only hides it behind a marker: the version reads on.
+    client.delete("vm1/p1/disk0.qcow2").unwrap();
+    assert_eq!(client.get("vm1/p1/disk0.qcow2").unwrap(), None);
+    let out = dir.path().join("v");
+    store.aws_ok(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "bb-lock",
+        "--key",
+        "vm1/p1/disk0.qcow2",
+        "--version-id",
+        &version,
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), b"point data");
+}
+
+#[test]
+fn wrong_keys_missing_buckets_and_dead_stores_are_clear_errors() {
+    let store = Seaweed::start();
+    store.bucket("bb-here", false);
+    let wrong = Bucket::new(&config(&store, "not-the-secret"), location("s3://bb-here")).unwrap();
+    let e = wrong.get("vm1/state.json").unwrap_err().to_string();
+    assert!(e.contains("403"), "{e}");
+    let missing = Bucket::new(&config(&store, SECRET), location("s3://bb-not-here")).unwrap();
+    let e = missing.list("").unwrap_err().to_string();
+    assert!(e.contains("NoSuchBucket"), "{e}");
+    // A store that does not answer: a bounded number of tries, then a
+    // failure that says so. Nothing was written anywhere.
+    let endpoint = store.endpoint.clone();
+    drop(store);
+    let dead = config_at(&endpoint);
+    let dead = Bucket::new(&dead, location("s3://bb-here")).unwrap();
+    let e = dead.put("vm1/state.json", b"x").unwrap_err().to_string();
+    assert!(e.contains("no answer after 5 tries"), "{e}");
+}
+
+fn config_at(endpoint: &str) -> Config {
+    let env: HashMap<String, String> = [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Config::resolve(&env, None, None).unwrap()
+}
+
+/// RFC 3339, a day from now.
+fn tomorrow() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", "+1 day", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
