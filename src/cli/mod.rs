@@ -15,6 +15,7 @@ mod output;
 mod qcow2;
 mod restore;
 mod retention;
+mod sync;
 
 use std::process::ExitCode;
 
@@ -63,6 +64,7 @@ enum Command {
     Prune(retention::PruneArgs),
     Consolidate(retention::ConsolidateArgs),
     Export(retention::ExportArgs),
+    Sync(sync::SyncArgs),
     Inspect(inspect::Args),
     RemoveCheckpoint(inspect::RemoveCheckpointArgs),
     Nasbackup(nasbackup::NasArgs),
@@ -135,6 +137,7 @@ pub fn main() -> ExitCode {
             Command::Prune(args) => retention::prune(args),
             Command::Consolidate(args) => retention::consolidate(args),
             Command::Export(args) => retention::export(args).await,
+            Command::Sync(args) => sync::sync(args),
             Command::Inspect(args) => inspect::run(args).await,
             Command::RemoveCheckpoint(args) => inspect::remove_checkpoint(args).await,
             Command::Nasbackup(args) => nasbackup::run(args).await,

@@ -22,6 +22,7 @@ mod run;
 pub mod scope;
 pub mod serve;
 mod stopped;
+mod sync;
 pub mod thaw_guard;
 mod verify;
 
@@ -41,6 +42,7 @@ pub use serve::{
     ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,
 };
 pub use stopped::{StoppedImage, backup_stopped, domain_images};
+pub use sync::{SyncAction, SyncOptions, Synced, sync_to_bucket};
 pub use verify::{Scope, verify};
 
 /// Removes checkpoint bitmap `name` from every volume of the VM behind

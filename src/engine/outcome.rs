@@ -12,6 +12,8 @@ pub enum Operation {
     Backup { vm: String },
     #[error("restore of vm {vm}")]
     Restore { vm: String },
+    #[error("sync of {from} into {to}")]
+    Sync { from: String, to: String },
 }
 
 /// Whether `error` says nothing was attempted: input the user must fix

@@ -35,6 +35,13 @@ impl Bucket {
         &self.location
     }
 
+    /// Uploads the file at `path` as repository key `key` (multipart
+    /// when large; the store checks every part's MD5). The bytes
+    /// uploaded.
+    pub fn upload_file(&self, key: &str, path: &std::path::Path) -> Result<u64> {
+        Ok(self.client.upload_file(&self.object(key)?, path, None)?)
+    }
+
     /// The object key of repository key `key`.
     fn object(&self, key: &str) -> Result<String> {
         check_key(key, &self.locate(key))?;

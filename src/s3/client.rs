@@ -13,6 +13,9 @@ use tracing::debug;
 
 use super::{Config, Error, Location};
 
+/// The largest object sent in one request, and the size of a multipart
+/// upload's parts.
+pub const PART: u64 = 64 << 20;
 /// How long a signed URL stays good: longer than any one request's tries.
 const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 /// Tries of one request, and the pause before each retry.
@@ -169,6 +172,151 @@ impl Client {
         }
     }
 
+    /// Uploads the file at `path` as object `key`, under `retention` when
+    /// given: in one request up to [`PART`] bytes, else as a multipart
+    /// upload of [`PART`]-byte parts read one at a time (memory: one
+    /// part). The store checks every request's bytes against their MD5
+    /// (`Content-MD5`, which object lock also asks for). A failed
+    /// multipart upload is aborted. The bytes uploaded.
+    pub fn upload_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        retention: Option<&Retention>,
+    ) -> Result<u64, Error> {
+        use std::io::Read;
+        let io = |e: std::io::Error| Error::Local {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len <= PART {
+            let mut bytes = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut bytes).map_err(io)?;
+            self.put(key, &bytes, false, retention)?;
+            return Ok(bytes.len() as u64);
+        }
+        let upload = self.start_multipart(key, retention)?;
+        let mut etags = Vec::new();
+        let mut buffer = vec![0u8; PART as usize];
+        let mut sent = 0u64;
+        let uploaded = (|| {
+            loop {
+                let mut filled = 0;
+                while filled < buffer.len() {
+                    match file.read(&mut buffer[filled..]).map_err(io)? {
+                        0 => break,
+                        n => filled += n,
+                    }
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                let number = u16::try_from(etags.len() + 1)
+                    .ok()
+                    .filter(|n| *n <= 10_000)
+                    .ok_or_else(|| {
+                        Error::Config(format!("{}: over 10,000 parts", path.display()))
+                    })?;
+                etags.push(self.upload_part(key, &upload, number, &buffer[..filled])?);
+                sent += filled as u64;
+            }
+        })();
+        let done = uploaded.and_then(|()| self.complete_multipart(key, &upload, &etags));
+        if let Err(e) = done {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.credentials), key, &upload)
+                .sign(SIGNED_FOR);
+            let _ = self.send("ABORT", key, || self.agent.delete(url.as_str()).call());
+            return Err(e);
+        }
+        Ok(sent)
+    }
+
+    fn start_multipart(&self, key: &str, retention: Option<&Retention>) -> Result<String, Error> {
+        let mut headers: Vec<(&str, String)> = Vec::new();
+        if let Some(r) = retention {
+            headers.push(("x-amz-object-lock-mode", r.mode.as_str().into()));
+            headers.push(("x-amz-object-lock-retain-until-date", r.until.clone()));
+        }
+        let mut action = self
+            .bucket
+            .create_multipart_upload(Some(&self.credentials), key);
+        for (name, value) in &headers {
+            action.headers_mut().insert(*name, value.clone());
+        }
+        let url = action.sign(SIGNED_FOR);
+        let reply = self.send("CREATE-MULTIPART", key, || {
+            let mut request = self.agent.post(url.as_str());
+            for (name, value) in &headers {
+                request = request.header(*name, value);
+            }
+            request.send_empty()
+        })?;
+        if reply.status != 200 {
+            return Err(reply.error("CREATE-MULTIPART", key));
+        }
+        rusty_s3::actions::CreateMultipartUpload::parse_response(&reply.body)
+            .map(|r| r.upload_id().to_string())
+            .map_err(|e| Error::Reply {
+                what: format!("CREATE-MULTIPART {}/{key}", self.location),
+                reason: e.to_string(),
+            })
+    }
+
+    /// One part; its ETag.
+    fn upload_part(
+        &self,
+        key: &str,
+        upload: &str,
+        number: u16,
+        bytes: &[u8],
+    ) -> Result<String, Error> {
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes));
+        let mut action = self
+            .bucket
+            .upload_part(Some(&self.credentials), key, number, upload);
+        action.headers_mut().insert("content-md5", md5.clone());
+        let url = action.sign(SIGNED_FOR);
+        let what = format!("PART {number}");
+        let reply = self.send(&what, key, || {
+            self.agent
+                .put(url.as_str())
+                .header("content-md5", &md5)
+                .send(bytes)
+        })?;
+        match (reply.status, reply.etag) {
+            (200, Some(etag)) => Ok(etag),
+            _ => Err(Error::Refused {
+                what: format!("{what} {key}"),
+                status: reply.status,
+                code: String::new(),
+                message: "no ETag for the part".into(),
+            }),
+        }
+    }
+
+    fn complete_multipart(&self, key: &str, upload: &str, etags: &[String]) -> Result<(), Error> {
+        let action = self.bucket.complete_multipart_upload(
+            Some(&self.credentials),
+            key,
+            upload,
+            etags.iter().map(String::as_str),
+        );
+        let url = action.sign(SIGNED_FOR);
+        let body = action.body();
+        let reply = self.send("COMPLETE-MULTIPART", key, || {
+            self.agent.post(url.as_str()).send(body.as_bytes())
+        })?;
+        // A completion can fail after a 200: the error is in the body.
+        if reply.status != 200 || String::from_utf8_lossy(&reply.body).contains("<Error>") {
+            return Err(reply.error("COMPLETE-MULTIPART", key));
+        }
+        Ok(())
+    }
+
     /// Removes object `key` (in a bucket that keeps versions, adds a
     /// delete marker); none there is no error.
     pub fn delete(&self, key: &str) -> Result<(), Error> {
@@ -236,11 +384,15 @@ impl Client {
             let failure = match make() {
                 Ok(mut response) => {
                     let status = response.status().as_u16();
-                    let version = response
-                        .headers()
-                        .get("x-amz-version-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let version = header("x-amz-version-id");
+                    let etag = header("etag");
                     let body = response
                         .body_mut()
                         .with_config()
@@ -251,12 +403,14 @@ impl Client {
                             return Ok(Reply {
                                 status,
                                 version,
+                                etag,
                                 body,
                             });
                         }
                         Ok(body) => Reply {
                             status,
                             version,
+                            etag,
                             body,
                         }
                         .error(what, key)
@@ -284,6 +438,7 @@ impl Client {
 struct Reply {
     status: u16,
     version: Option<String>,
+    etag: Option<String>,
     body: Vec<u8>,
 }
 

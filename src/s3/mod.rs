@@ -7,7 +7,7 @@
 mod client;
 mod config;
 
-pub use client::{Client, Listing, LockMode, Put, Retention};
+pub use client::{Client, Listing, LockMode, PART, Put, Retention};
 pub use config::{Config, Location};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,13 @@ pub enum Error {
     Unreachable {
         what: String,
         tries: usize,
+        reason: String,
+    },
+
+    /// A local file to upload that cannot be read.
+    #[error("reading {}: {reason}", path.display())]
+    Local {
+        path: std::path::PathBuf,
         reason: String,
     },
 

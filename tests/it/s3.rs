@@ -10,7 +10,9 @@ use bitback::repo::{Bucket, Directory, Entry, Store};
 use bitback::s3::{Client, Config, Location, LockMode, Put, Retention};
 
 use crate::harness::s3::{KEY_ID, SECRET, Seaweed};
-use crate::harness::tempdir;
+use crate::harness::{Rng, Vm, bitback, bitback_env, same_content, tempdir};
+
+const MIB: u64 = 1 << 20;
 
 fn config(store: &Seaweed, secret: &str) -> Config {
     let env: HashMap<String, String> = [
@@ -213,4 +215,127 @@ fn tomorrow() -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `bitback sync` into a bucket, as its user drives it: every point
+/// copied once, a killed sync leaving no listed point, a damaged point
+/// refused; the bucket, synced back to a directory by the aws CLI,
+/// restores every point equal to the disk at its time.
+#[test]
+fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
+    let store = Seaweed::start();
+    store.bucket("bb-sync", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    for _ in 0..3 {
+        vm.random_writes(&mut rng, 6);
+        vm.backup(&[]);
+    }
+    let env = store.env();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let sync = |extra: &[(&str, &str)]| {
+        let mut env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend(extra);
+        bitback_env(
+            &[
+                "sync",
+                "--from",
+                &repo,
+                "--to",
+                "s3://bb-sync/site",
+                "--json",
+            ],
+            &env,
+        )
+    };
+    let actions = |run: &crate::harness::Run| -> Vec<String> {
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+        run.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["action"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(actions(&sync(&[])), ["copied"; 3]);
+
+    // A sync killed after a new point's data, before its manifest: the
+    // bucket lists no such point; the next sync copies it.
+    vm.random_writes(&mut rng, 6);
+    let fourth = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    let killed = sync(&[("BITBACK_FAULT", "sync-before-manifest")]);
+    assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
+    let manifest = format!("site/vm1/{fourth}/manifest.json");
+    let head = store.aws(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "bb-sync",
+        "--key",
+        &manifest,
+    ]);
+    assert!(!head.status.success(), "a killed sync left {manifest}");
+    assert_eq!(
+        actions(&sync(&[])),
+        ["already-there", "already-there", "already-there", "copied"]
+    );
+    assert_eq!(actions(&sync(&[])), ["already-there"; 4]);
+
+    // A point whose file rotted on the NAS is not copied off-site.
+    vm.random_writes(&mut rng, 6);
+    let fifth = vm.backup(&[]);
+    let file = vm.repo.join(fifth["volumes"][0]["file"].as_str().unwrap());
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let refused = sync(&[]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("does not verify"),
+        "{}",
+        refused.stderr
+    );
+    let manifest = format!("site/vm1/{}/manifest.json", fifth["id"].as_str().unwrap());
+    let head = store.aws(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "bb-sync",
+        "--key",
+        &manifest,
+    ]);
+    assert!(!head.status.success(), "a damaged point was copied");
+    vm.quit();
+
+    // Back into a directory with the aws CLI: the same repository, every
+    // copied point restoring equal to its model.
+    let back = dir.path().join("back");
+    store.aws_ok(&["s3", "sync", "s3://bb-sync/site", back.to_str().unwrap()]);
+    for (id, models) in &vm.points[..4] {
+        let out = dir.path().join(format!("restored-{id}"));
+        let run = bitback(&[
+            "restore",
+            "--repo",
+            back.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--backup",
+            id,
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+        let restored = run.json();
+        for (i, r) in restored.as_array().unwrap().iter().enumerate() {
+            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+            assert!(
+                same_content(&models[i], "raw", &path, "raw"),
+                "point {id}, volume {i}: the restore from the bucket differs from the model"
+            );
+        }
+    }
 }

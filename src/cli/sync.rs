@@ -1,0 +1,87 @@
+//! `bitback sync`: parse and print only (engine::sync_to_bucket does the
+//! work).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bitback::engine::{self, SyncAction, SyncOptions};
+use bitback::repo::{Bucket, Repo};
+use bitback::s3::{Config, Location};
+
+use super::output::bytes;
+
+/// Copy a directory repository's points into an S3 bucket (an off-site
+/// copy: same layout, objects for files).
+///
+/// Every point not yet in the bucket is verified, then copied: its data
+/// files first (multipart above 64 MiB, each part checked by the store),
+/// its manifest last, so an interrupted sync leaves no half point; the
+/// next sync copies what is missing. Points already there are skipped.
+///
+/// The bucket is reached the AWS way: AWS_ENDPOINT_URL (or --s3-endpoint)
+/// for a store other than AWS, AWS_REGION, and AWS_ACCESS_KEY_ID with
+/// AWS_SECRET_ACCESS_KEY, or AWS_PROFILE in ~/.aws/credentials and
+/// ~/.aws/config. Credentials are never taken as arguments.
+///
+/// Restore from the bucket by syncing it back to a directory (`aws s3
+/// sync s3://BUCKET/PREFIX DIR`) and `bitback restore --repo DIR`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SyncArgs {
+    /// The directory repository to copy from.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// The bucket to copy into: s3://BUCKET or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    to: String,
+    /// Only this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// The S3 endpoint (a store other than AWS: SeaweedFS, MinIO, Ceph
+    /// RGW), instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Print [{vm, backup, action, objects, bytes}].
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
+    let Some(location) = Location::parse(&args.to) else {
+        return Err(engine::BadInput(format!(
+            "--to {}: an s3://BUCKET/PREFIX URL (sync copies a directory repository into a bucket)",
+            args.to
+        ))
+        .into());
+    };
+    let location = location.map_err(|e| engine::BadInput(e.to_string()))?;
+    let config = Config::from_env(args.s3_endpoint.as_deref())
+        .map_err(|e| engine::BadInput(e.to_string()))?;
+    let source = Repo::open(&args.from)?;
+    let target = Bucket::new(&config, location)?;
+    let opts = SyncOptions {
+        vm: args.vm.clone(),
+    };
+    let done = engine::sync_to_bucket(&source, &target, &opts).map_err(|e| {
+        e.context(engine::Operation::Sync {
+            from: args.from.display().to_string(),
+            to: args.to.clone(),
+        })
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &done {
+        match s.action {
+            SyncAction::Copied => println!(
+                "{}/{}: copied, {} objects, {}",
+                s.vm,
+                s.backup,
+                s.objects,
+                bytes(s.bytes)
+            ),
+            SyncAction::AlreadyThere => println!("{}/{}: already there", s.vm, s.backup),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,130 @@
+//! `bitback sync`: a directory repository's points copied into a bucket,
+//! under the same keys, so that the bucket (or an `aws s3 sync` of it
+//! back to a directory) is the same repository.
+//!
+//! A point is copied only once it verifies (every file against its
+//! digest, as `bitback verify` reads it): a damaged point is refused,
+//! never copied off-site. Its data files go first, its manifest last and
+//! only if absent: the manifest is the point's commit in a bucket, so a
+//! killed sync leaves no listed point (only objects the next sync writes
+//! again), and two syncs at once copy a point once. Points go oldest
+//! first, so a point's parents are in the bucket before it. A point
+//! already there (its manifest, byte for byte) is skipped; one there with
+//! another manifest is an error.
+//!
+//! Not copied: `state.json` (the source's own chain state, with its
+//! checkpoint bitmaps in the VM), damage records, leases, locks.
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tracing::info;
+
+use super::check::{Report, verify_backup};
+use crate::repo::{Bucket, Repo, Store};
+
+/// What to copy.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// Only this VM; every VM of the source when `None`.
+    pub vm: Option<String>,
+}
+
+/// One point, and what the sync did with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Synced {
+    pub vm: String,
+    pub backup: String,
+    pub action: SyncAction,
+    /// Objects written (data files, maps and the manifest).
+    pub objects: usize,
+    /// Bytes uploaded.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncAction {
+    Copied,
+    AlreadyThere,
+}
+
+/// Copies every point of the chosen VMs of `source` not yet in `target`.
+/// Stops at the first point that cannot be copied (the points after it
+/// may build on it), with what was done so far in the error's context.
+pub fn sync_to_bucket(
+    source: &Repo,
+    target: &Bucket,
+    opts: &SyncOptions,
+) -> anyhow::Result<Vec<Synced>> {
+    let vms = match &opts.vm {
+        Some(vm) => vec![vm.clone()],
+        None => source.vms()?,
+    };
+    let mut done = Vec::new();
+    for vm in vms {
+        // No prune or consolidation changes the points while they copy.
+        let _readers = source.read_lock(&vm, "sync")?;
+        for m in source.backups(&vm)? {
+            done.push(
+                sync_point(source, target, &m)
+                    .with_context(|| format!("copying backup {} of vm {vm}", m.id))?,
+            );
+        }
+    }
+    Ok(done)
+}
+
+fn sync_point(source: &Repo, target: &Bucket, m: &crate::repo::Manifest) -> anyhow::Result<Synced> {
+    let key = format!("{}/{}/manifest.json", m.vm, m.id);
+    let manifest = source
+        .store()
+        .get(&key)?
+        .with_context(|| format!("{key} vanished"))?;
+    let mut synced = Synced {
+        vm: m.vm.clone(),
+        backup: m.id.clone(),
+        action: SyncAction::AlreadyThere,
+        objects: 0,
+        bytes: 0,
+    };
+    if let Some(there) = target.get(&key)? {
+        if there != manifest {
+            bail!(
+                "{} holds another manifest for it: a point of another repository under the same name",
+                target.locate(&key).display()
+            );
+        }
+        return Ok(synced);
+    }
+    let mut report = Report::default();
+    verify_backup(source, m, &mut report, false);
+    if let Some(p) = report.problems.first() {
+        bail!(
+            "it does not verify, and a damaged point is never copied: {}{}",
+            p.file
+                .as_deref()
+                .map(|f| format!("{f}: "))
+                .unwrap_or_default(),
+            p.problem
+        );
+    }
+    let mut files: Vec<&str> = Vec::new();
+    for v in &m.volumes {
+        files.push(&v.file);
+        if let Some(map) = &v.cluster_map {
+            files.push(&map.file);
+        }
+    }
+    for file in files {
+        synced.bytes += target.upload_file(file, &source.root().join(file))?;
+        synced.objects += 1;
+    }
+    crate::fault::point("sync-before-manifest");
+    if target.put_new(&key, &manifest)? {
+        synced.objects += 1;
+        synced.bytes += manifest.len() as u64;
+        synced.action = SyncAction::Copied;
+        info!(vm = %m.vm, backup = %m.id, objects = synced.objects, bytes = synced.bytes, "copied");
+    }
+    Ok(synced)
+}
