@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use bitback::engine::{self, SyncAction, SyncOptions};
 use bitback::repo::{Bucket, Repo};
-use bitback::s3::{Config, Location};
+use bitback::s3::{Config, Location, LockMode};
 
 use super::output::bytes;
 
@@ -40,6 +40,21 @@ pub(crate) struct SyncArgs {
     /// RGW), instead of AWS_ENDPOINT_URL.
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
+    /// Lock every object of each point copied for N days (S3 object
+    /// lock: no one, bitback's own credentials included, can delete or
+    /// overwrite them before), and extend the lock of the points it
+    /// builds on to the same date. The bucket must have object lock.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    retain_days: Option<u32>,
+    /// The lock's mode: compliance (no one can shorten it) or governance
+    /// (a holder of s3:BypassGovernanceRetention can).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "compliance",
+        requires = "retain_days"
+    )]
+    lock_mode: LockModeArg,
     /// Print [{vm, backup, action, objects, bytes}].
     #[arg(long)]
     json: bool,
@@ -58,8 +73,13 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| engine::BadInput(e.to_string()))?;
     let source = Repo::open(&args.from)?;
     let target = Bucket::new(&config, location)?;
+    let mode = match args.lock_mode {
+        LockModeArg::Compliance => LockMode::Compliance,
+        LockModeArg::Governance => LockMode::Governance,
+    };
     let opts = SyncOptions {
         vm: args.vm.clone(),
+        retain: args.retain_days.map(|days| (days, mode)),
     };
     let done = engine::sync_to_bucket(&source, &target, &opts).map_err(|e| {
         e.context(engine::Operation::Sync {
@@ -84,4 +104,10 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LockModeArg {
+    Compliance,
+    Governance,
 }

@@ -20,13 +20,20 @@ use serde::Serialize;
 use tracing::info;
 
 use super::check::{Report, verify_backup};
-use crate::repo::{Bucket, Repo, Store};
+use super::outcome::BadInput;
+use crate::repo::time::Utc;
+use crate::repo::{Bucket, Manifest, Repo, Store};
+use crate::s3::{LockMode, Retention};
 
 /// What to copy.
 #[derive(Debug, Clone, Default)]
 pub struct SyncOptions {
     /// Only this VM; every VM of the source when `None`.
     pub vm: Option<String>,
+    /// Object lock on every object of each point copied, for this many
+    /// days from now, in this mode; the objects of its chain's parents
+    /// are extended to the same date. The bucket must have object lock.
+    pub retain: Option<(u32, LockMode)>,
 }
 
 /// One point, and what the sync did with it.
@@ -60,21 +67,53 @@ pub fn sync_to_bucket(
         Some(vm) => vec![vm.clone()],
         None => source.vms()?,
     };
+    let retention = match opts.retain {
+        Some((days, mode)) => {
+            if !target.object_lock_enabled()? {
+                return Err(BadInput(format!(
+                    "--retain-days: bucket {} has no object lock (a bucket gets it when it is made: \
+                     aws s3api create-bucket --object-lock-enabled-for-bucket); nothing was copied",
+                    target.location()
+                ))
+                .into());
+            }
+            let until = Utc::from_unix(Utc::now().to_unix() + i64::from(days) * 86_400);
+            Some(Retention {
+                mode,
+                until: until.rfc3339(),
+            })
+        }
+        None => None,
+    };
     let mut done = Vec::new();
     for vm in vms {
         // No prune or consolidation changes the points while they copy.
         let _readers = source.read_lock(&vm, "sync")?;
         for m in source.backups(&vm)? {
-            done.push(
-                sync_point(source, target, &m)
-                    .with_context(|| format!("copying backup {} of vm {vm}", m.id))?,
-            );
+            let synced = sync_point(source, target, &m, retention.as_ref())
+                .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
+            if let Some(retention) = &retention
+                && synced.action == SyncAction::Copied
+            {
+                hold_parents(source, target, &m, retention).with_context(|| {
+                    format!(
+                        "extending the object lock of the parents of backup {}",
+                        m.id
+                    )
+                })?;
+            }
+            done.push(synced);
         }
     }
     Ok(done)
 }
 
-fn sync_point(source: &Repo, target: &Bucket, m: &crate::repo::Manifest) -> anyhow::Result<Synced> {
+fn sync_point(
+    source: &Repo,
+    target: &Bucket,
+    m: &Manifest,
+    retention: Option<&Retention>,
+) -> anyhow::Result<Synced> {
     let key = format!("{}/{}/manifest.json", m.vm, m.id);
     let manifest = source
         .store()
@@ -108,6 +147,22 @@ fn sync_point(source: &Repo, target: &Bucket, m: &crate::repo::Manifest) -> anyh
             p.problem
         );
     }
+    for file in data_files(m) {
+        synced.bytes += target.upload_file(file, &source.root().join(file), retention)?;
+        synced.objects += 1;
+    }
+    crate::fault::point("sync-before-manifest");
+    if target.put_new_retained(&key, &manifest, retention)? {
+        synced.objects += 1;
+        synced.bytes += manifest.len() as u64;
+        synced.action = SyncAction::Copied;
+        info!(vm = %m.vm, backup = %m.id, objects = synced.objects, bytes = synced.bytes, "copied");
+    }
+    Ok(synced)
+}
+
+/// The keys of a point's data objects: each volume's file and map.
+fn data_files(m: &Manifest) -> Vec<&str> {
     let mut files: Vec<&str> = Vec::new();
     for v in &m.volumes {
         files.push(&v.file);
@@ -115,16 +170,27 @@ fn sync_point(source: &Repo, target: &Bucket, m: &crate::repo::Manifest) -> anyh
             files.push(&map.file);
         }
     }
-    for file in files {
-        synced.bytes += target.upload_file(file, &source.root().join(file))?;
-        synced.objects += 1;
+    files
+}
+
+/// Extends the object lock of every object of `m`'s parents (its whole
+/// chain) to at least `retention`: no incremental outlives a point it
+/// builds on.
+fn hold_parents(
+    source: &Repo,
+    target: &Bucket,
+    m: &Manifest,
+    retention: &Retention,
+) -> anyhow::Result<()> {
+    let mut parent = m.parent.clone();
+    while let Some(id) = parent {
+        let p = source.manifest(&m.vm, &id)?;
+        let mut keys: Vec<String> = data_files(&p).into_iter().map(str::to_string).collect();
+        keys.push(format!("{}/{}/manifest.json", p.vm, p.id));
+        for key in &keys {
+            target.extend_retention(key, retention)?;
+        }
+        parent = p.parent.clone();
     }
-    crate::fault::point("sync-before-manifest");
-    if target.put_new(&key, &manifest)? {
-        synced.objects += 1;
-        synced.bytes += manifest.len() as u64;
-        synced.action = SyncAction::Copied;
-        info!(vm = %m.vm, backup = %m.id, objects = synced.objects, bytes = synced.bytes, "copied");
-    }
-    Ok(synced)
+    Ok(())
 }

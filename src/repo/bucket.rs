@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use super::error::Result;
 use super::store::{Entry, Store, check_key};
-use crate::s3::{Client, Config, Location, Put};
+use crate::s3::{Client, Config, Location, Put, Retention};
 
 /// A repository's objects in an S3 bucket, under a prefix.
 #[derive(Debug)]
@@ -36,10 +36,51 @@ impl Bucket {
     }
 
     /// Uploads the file at `path` as repository key `key` (multipart
-    /// when large; the store checks every part's MD5). The bytes
-    /// uploaded.
-    pub fn upload_file(&self, key: &str, path: &std::path::Path) -> Result<u64> {
-        Ok(self.client.upload_file(&self.object(key)?, path, None)?)
+    /// when large; the store checks every part's MD5), under `retention`
+    /// when given. The bytes uploaded.
+    pub fn upload_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        retention: Option<&Retention>,
+    ) -> Result<u64> {
+        Ok(self
+            .client
+            .upload_file(&self.object(key)?, path, retention)?)
+    }
+
+    /// [`Store::put_new`], under `retention` when given.
+    pub fn put_new_retained(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        retention: Option<&Retention>,
+    ) -> Result<bool> {
+        let put = self
+            .client
+            .put(&self.object(key)?, bytes, true, retention)?;
+        Ok(matches!(put, Put::Written { .. }))
+    }
+
+    /// Whether the bucket has object lock.
+    pub fn object_lock_enabled(&self) -> Result<bool> {
+        Ok(self.client.object_lock_enabled()?)
+    }
+
+    /// Makes object `key` retained at least until `retention.until`: a
+    /// later date stands, an earlier one (or none) is extended. Whether
+    /// it was extended.
+    pub fn extend_retention(&self, key: &str, retention: &Retention) -> Result<bool> {
+        let object = self.object(key)?;
+        let until =
+            |r: &Retention| crate::repo::time::Utc::parse_rfc3339(&r.until).map(|t| t.to_unix());
+        if let Some(held) = self.client.retention(&object)?
+            && until(&held) >= until(retention)
+        {
+            return Ok(false);
+        }
+        self.client.set_retention(&object, retention)?;
+        Ok(true)
     }
 
     /// The object key of repository key `key`.

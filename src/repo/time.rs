@@ -79,6 +79,25 @@ impl Utc {
         valid.then_some(t)
     }
 
+    /// An RFC 3339 time in UTC as S3 gives it (`2026-11-26T15:22:52Z`,
+    /// maybe with a fraction: `2026-11-26T15:22:52.000Z`).
+    pub fn parse_rfc3339(text: &str) -> Option<Utc> {
+        let head = text.get(..19)?;
+        let b = head.as_bytes();
+        let shape = b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':';
+        let rest = &text[19..];
+        let tail = rest.strip_suffix('Z')?;
+        let fraction = tail.is_empty()
+            || tail
+                .strip_prefix('.')
+                .is_some_and(|f| !f.is_empty() && f.bytes().all(|c| c.is_ascii_digit()));
+        if !shape || !fraction {
+            return None;
+        }
+        let compact: String = head.chars().filter(|c| *c != '-' && *c != ':').collect();
+        Utc::parse_compact_prefix(&format!("{compact}Z"))
+    }
+
     /// Whether `id` is a backup id bitback makes: `20261126T152252Z` or
     /// `20261126T152252Z-N`.
     pub fn is_backup_id(id: &str) -> bool {
@@ -130,6 +149,28 @@ impl Utc {
             "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
             self.year, self.month, self.day, self.hour, self.minute, self.second
         )
+    }
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    use super::Utc;
+
+    #[test]
+    fn s3s_times_read_back() {
+        let t = Utc::parse_rfc3339("2026-12-09T00:00:00Z").unwrap();
+        assert_eq!(t.rfc3339(), "2026-12-09T00:00:00Z");
+        let f = Utc::parse_rfc3339("2026-12-09T10:20:30.000Z").unwrap();
+        assert_eq!(f.rfc3339(), "2026-12-09T10:20:30Z");
+        for bad in [
+            "2026-12-09",
+            "2026-12-09T00:00:00",
+            "2026-13-09T00:00:00Z",
+            "2026-12-09T00:00:00.Z",
+            "x026-12-09T00:00:00Z",
+        ] {
+            assert!(Utc::parse_rfc3339(bad).is_none(), "{bad}");
+        }
     }
 }
 

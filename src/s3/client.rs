@@ -143,7 +143,12 @@ impl Client {
         only_new: bool,
         retention: Option<&Retention>,
     ) -> Result<Put, Error> {
-        let mut headers: Vec<(&str, String)> = vec![("x-amz-checksum-sha256", sha256(bytes))];
+        // Both sums: Content-MD5 is what every store checks (and what S3
+        // asks for with object lock), SHA-256 the stronger one.
+        let mut headers: Vec<(&str, String)> = vec![
+            ("content-md5", md5(bytes)),
+            ("x-amz-checksum-sha256", sha256(bytes)),
+        ];
         if only_new {
             headers.push(("if-none-match", "*".into()));
         }
@@ -274,7 +279,7 @@ impl Client {
         number: u16,
         bytes: &[u8],
     ) -> Result<String, Error> {
-        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes));
+        let md5 = md5(bytes);
         let mut action = self
             .bucket
             .upload_part(Some(&self.credentials), key, number, upload);
@@ -315,6 +320,89 @@ impl Client {
             return Err(reply.error("COMPLETE-MULTIPART", key));
         }
         Ok(())
+    }
+
+    /// Whether the bucket has object lock (made with it: it cannot be
+    /// turned on later for the objects already there).
+    pub fn object_lock_enabled(&self) -> Result<bool, Error> {
+        let url = self.bucket_query("object-lock");
+        let reply = self.send("GET-OBJECT-LOCK", "", || self.agent.get(&url).call())?;
+        match reply.status {
+            200 => Ok(String::from_utf8_lossy(&reply.body)
+                .contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>")),
+            404 => Ok(false),
+            _ => Err(reply.error("GET-OBJECT-LOCK", "")),
+        }
+    }
+
+    /// The retention on the current version of `key`; `None` when it has
+    /// none.
+    pub fn retention(&self, key: &str) -> Result<Option<Retention>, Error> {
+        let mut action = self.bucket.get_object(Some(&self.credentials), key);
+        action.query_mut().insert("retention", "");
+        let url = action.sign(SIGNED_FOR);
+        let reply = self.send("GET-RETENTION", key, || self.agent.get(url.as_str()).call())?;
+        if reply.status == 404 {
+            let code = reply.code();
+            if code.contains("ObjectLock") || code.contains("Retention") {
+                return Ok(None);
+            }
+        }
+        if reply.status != 200 {
+            return Err(reply.error("GET-RETENTION", key));
+        }
+        let text = String::from_utf8_lossy(&reply.body);
+        let tag = |name: &str| tag(&text, name);
+        let mode = match tag("Mode").as_deref() {
+            Some("COMPLIANCE") => LockMode::Compliance,
+            Some("GOVERNANCE") => LockMode::Governance,
+            _ => {
+                return Err(Error::Reply {
+                    what: format!("GET-RETENTION {}/{key}", self.location),
+                    reason: format!("no retention mode in {text}"),
+                });
+            }
+        };
+        let until = tag("RetainUntilDate").ok_or_else(|| Error::Reply {
+            what: format!("GET-RETENTION {}/{key}", self.location),
+            reason: format!("no retain-until date in {text}"),
+        })?;
+        Ok(Some(Retention { mode, until }))
+    }
+
+    /// Puts `retention` on the current version of `key` (a longer one
+    /// only: the store refuses to shorten a compliance retention).
+    pub fn set_retention(&self, key: &str, retention: &Retention) -> Result<(), Error> {
+        let xml = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode><RetainUntilDate>{}</RetainUntilDate></Retention>",
+            retention.mode.as_str(),
+            retention.until
+        );
+        let md5 =
+            base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(xml.as_bytes()));
+        let mut action = self.bucket.put_object(Some(&self.credentials), key);
+        action.query_mut().insert("retention", "");
+        action.headers_mut().insert("content-md5", md5.clone());
+        let url = action.sign(SIGNED_FOR);
+        let reply = self.send("PUT-RETENTION", key, || {
+            self.agent
+                .put(url.as_str())
+                .header("content-md5", &md5)
+                .send(xml.as_bytes())
+        })?;
+        match reply.status {
+            200 | 204 => Ok(()),
+            _ => Err(reply.error("PUT-RETENTION", key)),
+        }
+    }
+
+    /// A signed GET of the bucket itself with sub-resource `query`.
+    fn bucket_query(&self, query: &str) -> String {
+        let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+        action.query_mut().remove("list-type");
+        action.query_mut().remove("encoding-type");
+        action.query_mut().insert(query.to_string(), "");
+        action.sign(SIGNED_FOR).to_string()
     }
 
     /// Removes object `key` (in a bucket that keeps versions, adds a
@@ -447,19 +535,32 @@ impl Reply {
     /// from the XML body when there is one.
     fn error(&self, what: &str, key: &str) -> Error {
         let text = String::from_utf8_lossy(&self.body);
-        let tag = |name: &str| {
-            let open = format!("<{name}>");
-            let start = text.find(&open)? + open.len();
-            let end = text[start..].find("</")? + start;
-            Some(text[start..end].to_string())
-        };
         Error::Refused {
             what: format!("{what} {key}"),
             status: self.status,
-            code: tag("Code").unwrap_or_default(),
-            message: tag("Message").unwrap_or_default(),
+            code: tag(&text, "Code").unwrap_or_default(),
+            message: tag(&text, "Message").unwrap_or_default(),
         }
     }
+
+    /// The store's error code, if its answer has one.
+    fn code(&self) -> String {
+        tag(&String::from_utf8_lossy(&self.body), "Code").unwrap_or_default()
+    }
+}
+
+/// The text of the first `<name>` element of `xml` (the flat answers of
+/// S3's errors and retentions).
+fn tag(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find("</")? + start;
+    Some(xml[start..end].to_string())
+}
+
+/// The base64 MD5 of `bytes`, as `Content-MD5` takes it.
+fn md5(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes))
 }
 
 /// The base64 SHA-256 of `bytes`, as `x-amz-checksum-sha256` takes it.
