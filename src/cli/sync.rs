@@ -11,7 +11,8 @@ use bitback::s3::{Config, Location, LockMode};
 use super::output::bytes;
 
 /// Copy a directory repository's points into an S3 bucket (an off-site
-/// copy: same layout, objects for files).
+/// copy: same layout, objects for files), or a bucket's back into a
+/// directory.
 ///
 /// Every point not yet in the bucket is verified, then copied: its data
 /// files first (multipart above 64 MiB, each part checked by the store),
@@ -23,15 +24,18 @@ use super::output::bytes;
 /// AWS_SECRET_ACCESS_KEY, or AWS_PROFILE in ~/.aws/credentials and
 /// ~/.aws/config. Credentials are never taken as arguments.
 ///
-/// Restore from the bucket by syncing it back to a directory (`aws s3
-/// sync s3://BUCKET/PREFIX DIR`) and `bitback restore --repo DIR`.
+/// Back from a bucket (--from s3://..., --to DIR): every point not yet in
+/// the directory is downloaded, committed as a backup is, and verified
+/// where it landed; then `bitback restore --repo DIR` restores it. (An
+/// `aws s3 sync` of the prefix gives the same directory.)
 #[derive(Debug, clap::Args)]
 pub(crate) struct SyncArgs {
-    /// The directory repository to copy from.
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
-    /// The bucket to copy into: s3://BUCKET or s3://BUCKET/PREFIX.
-    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    /// Where the points are: a directory repository, or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "DIR|URL")]
+    from: String,
+    /// Where they go: s3://BUCKET/PREFIX, or a directory repository (made
+    /// if needed).
+    #[arg(long, value_name = "URL|DIR")]
     to: String,
     /// Only this VM.
     #[arg(long, value_name = "NAME")]
@@ -61,18 +65,9 @@ pub(crate) struct SyncArgs {
 }
 
 pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
-    let Some(location) = Location::parse(&args.to) else {
-        return Err(engine::BadInput(format!(
-            "--to {}: an s3://BUCKET/PREFIX URL (sync copies a directory repository into a bucket)",
-            args.to
-        ))
-        .into());
-    };
-    let location = location.map_err(|e| engine::BadInput(e.to_string()))?;
-    let config = Config::from_env(args.s3_endpoint.as_deref())
-        .map_err(|e| engine::BadInput(e.to_string()))?;
-    let source = Repo::open(&args.from)?;
-    let target = Bucket::new(&config, location)?;
+    let bad = |text: String| anyhow::Error::from(engine::BadInput(text));
+    let to_bucket = Location::parse(&args.to);
+    let from_bucket = Location::parse(&args.from);
     let mode = match args.lock_mode {
         LockModeArg::Compliance => LockMode::Compliance,
         LockModeArg::Governance => LockMode::Governance,
@@ -81,9 +76,35 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
         vm: args.vm.clone(),
         retain: args.retain_days.map(|days| (days, mode)),
     };
-    let done = engine::sync_to_bucket(&source, &target, &opts).map_err(|e| {
+    let config = || Config::from_env(args.s3_endpoint.as_deref()).map_err(|e| bad(e.to_string()));
+    let done = match (from_bucket, to_bucket) {
+        (None, Some(location)) => {
+            let location = location.map_err(|e| bad(e.to_string()))?;
+            let source = Repo::open(&PathBuf::from(&args.from))?;
+            let target = Bucket::new(&config()?, location)?;
+            engine::sync_to_bucket(&source, &target, &opts)
+        }
+        (Some(location), None) => {
+            if opts.retain.is_some() {
+                return Err(bad(
+                    "--retain-days locks the objects of a bucket: it applies when --to is one".into(),
+                ));
+            }
+            let location = location.map_err(|e| bad(e.to_string()))?;
+            let source = Bucket::new(&config()?, location)?;
+            let target = Repo::create(&PathBuf::from(&args.to))?;
+            engine::sync_from_bucket(&source, &target, &opts)
+        }
+        _ => {
+            return Err(bad(format!(
+                "--from {} --to {}: one of them is an s3://BUCKET/PREFIX URL, the other a directory",
+                args.from, args.to
+            )));
+        }
+    }
+    .map_err(|e| {
         e.context(engine::Operation::Sync {
-            from: args.from.display().to_string(),
+            from: args.from.clone(),
             to: args.to.clone(),
         })
     })?;

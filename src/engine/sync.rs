@@ -1,6 +1,7 @@
 //! `bitback sync`: a directory repository's points copied into a bucket,
 //! under the same keys, so that the bucket (or an `aws s3 sync` of it
-//! back to a directory) is the same repository.
+//! back to a directory) is the same repository; and a bucket's points
+//! copied back into a directory ([`sync_from_bucket`]).
 //!
 //! A point is copied only once it verifies (every file against its
 //! digest, as `bitback verify` reads it): a damaged point is refused,
@@ -22,7 +23,7 @@ use tracing::info;
 use super::check::{Report, verify_backup};
 use super::outcome::BadInput;
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Manifest, Repo, Store};
+use crate::repo::{Bucket, Entry, Manifest, Repo, Store, check_name};
 use crate::s3::{LockMode, Retention};
 
 /// What to copy.
@@ -193,4 +194,109 @@ fn hold_parents(
         parent = p.parent.clone();
     }
     Ok(())
+}
+
+/// Copies every point of the chosen VMs of bucket `source` not yet in the
+/// directory repository `target`, oldest first: each point's objects are
+/// downloaded into its `.partial` directory and committed as a backup
+/// does, then verified where they landed (a point that does not verify
+/// is removed again, and the sync stops there).
+pub fn sync_from_bucket(
+    source: &Bucket,
+    target: &Repo,
+    opts: &SyncOptions,
+) -> anyhow::Result<Vec<Synced>> {
+    let vms = match &opts.vm {
+        Some(vm) => vec![vm.clone()],
+        None => source
+            .list("")?
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Prefix(name) if check_name("VM", &name).is_ok() => Some(name),
+                _ => None,
+            })
+            .collect(),
+    };
+    let mut done = Vec::new();
+    for vm in vms {
+        check_name("VM", &vm)?;
+        let lock = target.lock_vm(&vm, "sync")?;
+        for m in bucket_points(source, &vm)? {
+            done.push(
+                fetch_point(source, target, &lock, &m)
+                    .with_context(|| format!("copying backup {} of vm {vm}", m.id))?,
+            );
+        }
+    }
+    Ok(done)
+}
+
+/// The committed points of `vm` in `bucket` (those with a manifest),
+/// oldest first. A manifest that does not parse is an error naming it.
+fn bucket_points(bucket: &Bucket, vm: &str) -> anyhow::Result<Vec<Manifest>> {
+    let mut points = Vec::new();
+    for entry in bucket.list(vm)? {
+        let Entry::Prefix(id) = entry else { continue };
+        if id.starts_with('.') {
+            continue;
+        }
+        let key = format!("{vm}/{id}/manifest.json");
+        // A point without a manifest is a sync that did not finish.
+        let Some(bytes) = bucket.get(&key)? else {
+            continue;
+        };
+        let m = Manifest::parse(&bytes, vm, &id)
+            .with_context(|| format!("{} is not a manifest", bucket.locate(&key).display()))?;
+        points.push(m);
+    }
+    points.sort_by(crate::repo::order);
+    Ok(points)
+}
+
+fn fetch_point(
+    source: &Bucket,
+    target: &Repo,
+    lock: &crate::repo::VmLock,
+    m: &Manifest,
+) -> anyhow::Result<Synced> {
+    let mut synced = Synced {
+        vm: m.vm.clone(),
+        backup: m.id.clone(),
+        action: SyncAction::AlreadyThere,
+        objects: 0,
+        bytes: 0,
+    };
+    match target.manifest(&m.vm, &m.id) {
+        Ok(there) if there == *m => return Ok(synced),
+        Ok(_) => bail!(
+            "{} holds another point of that id: a point of another repository under the same name",
+            target.root().join(&m.vm).join(&m.id).display()
+        ),
+        Err(_) => {}
+    }
+    let partial = target.begin(lock, &m.vm, &m.id)?;
+    for key in data_files(m) {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        synced.bytes += source.download(key, &partial.dir().join(name))?;
+        synced.objects += 1;
+    }
+    partial.commit(m)?;
+    synced.objects += 1;
+    let mut report = Report::default();
+    verify_backup(target, m, &mut report, false);
+    if let Some(p) = report.problems.first() {
+        let problem = format!(
+            "{}{}",
+            p.file
+                .as_deref()
+                .map(|f| format!("{f}: "))
+                .unwrap_or_default(),
+            p.problem
+        );
+        target.delete_backup(lock, &m.vm, &m.id)?;
+        bail!("it does not verify as copied, and was removed again: {problem}");
+    }
+    synced.action = SyncAction::Copied;
+    info!(vm = %m.vm, backup = %m.id, objects = synced.objects, bytes = synced.bytes, "copied");
+    Ok(synced)
 }

@@ -49,6 +49,12 @@ impl Bucket {
             .upload_file(&self.object(key)?, path, retention)?)
     }
 
+    /// Repository key `key` streamed into a new file at `path`. The bytes
+    /// written.
+    pub fn download(&self, key: &str, path: &std::path::Path) -> Result<u64> {
+        Ok(self.client.download(&self.object(key)?, path)?)
+    }
+
     /// [`Store::put_new`], under `retention` when given.
     pub fn put_new_retained(
         &self,

@@ -590,8 +590,8 @@ fn random_id() -> Result<String> {
 }
 
 /// Newest last: by sequence, then (for manifests written before sequences)
-/// by time and id.
-fn order(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
+/// by time and id. How a VM's points are listed.
+pub fn order(a: &Manifest, b: &Manifest) -> std::cmp::Ordering {
     (a.seq, a.time.as_str(), a.id.len(), a.id.as_str()).cmp(&(
         b.seq,
         b.time.as_str(),

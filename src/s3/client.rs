@@ -133,6 +133,56 @@ impl Client {
         }
     }
 
+    /// Object `key` streamed into a new file at `path` (replaced when
+    /// there, from the first byte, on each try). The bytes written.
+    pub fn download(&self, key: &str, path: &std::path::Path) -> Result<u64, Error> {
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGNED_FOR);
+        let mut tries = 0;
+        loop {
+            let failure = match self.agent.get(url.as_str()).call() {
+                Ok(mut response) if response.status().as_u16() == 200 => {
+                    let written = std::fs::File::create(path).and_then(|mut file| {
+                        let n = std::io::copy(&mut response.body_mut().as_reader(), &mut file)?;
+                        file.sync_all()?;
+                        Ok(n)
+                    });
+                    match written {
+                        Ok(n) => return Ok(n),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    let body = response.body_mut().read_to_vec().unwrap_or_default();
+                    let reply = Reply {
+                        status,
+                        version: None,
+                        etag: None,
+                        body,
+                    };
+                    if status < 500 {
+                        return Err(reply.error("GET", key));
+                    }
+                    reply.error("GET", key).to_string()
+                }
+                Err(e) => e.to_string(),
+            };
+            let Some(pause) = PAUSES.get(tries) else {
+                return Err(Error::Unreachable {
+                    what: format!("GET {}/{key}", self.location),
+                    tries: tries + 1,
+                    reason: failure,
+                });
+            };
+            debug!(key, failure, "trying the download again");
+            std::thread::sleep(*pause);
+            tries += 1;
+        }
+    }
+
     /// Writes object `key` whole: only if no object is there when
     /// `only_new` (`If-None-Match: *`), under `retention` when given.
     /// The store checks the bytes against their SHA-256, sent with them.

@@ -310,10 +310,86 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
     assert!(!head.status.success(), "a damaged point was copied");
     vm.quit();
 
-    // Back into a directory with the aws CLI: the same repository, every
-    // copied point restoring equal to its model.
+    // Back into a directory, with the aws CLI and with bitback: the same
+    // repository, every copied point restoring equal to its model.
     let back = dir.path().join("back");
     store.aws_ok(&["s3", "sync", "s3://bb-sync/site", back.to_str().unwrap()]);
+    let fetched = dir.path().join("fetched");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let fetch = || {
+        bitback_env(
+            &[
+                "sync",
+                "--from",
+                "s3://bb-sync/site",
+                "--to",
+                fetched.to_str().unwrap(),
+                "--json",
+            ],
+            &env,
+        )
+    };
+    assert_eq!(actions(&fetch()), ["copied"; 4]);
+    assert_eq!(actions(&fetch()), ["already-there"; 4]);
+    for (id, models) in &vm.points[..4] {
+        let out = dir.path().join(format!("fetched-{id}"));
+        let run = bitback(&[
+            "restore",
+            "--repo",
+            fetched.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--backup",
+            id,
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
+            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+            assert!(
+                same_content(&models[i], "raw", &path, "raw"),
+                "point {id}, volume {i}: the restore of bitback's copy differs from the model"
+            );
+        }
+    }
+    // An object altered in the bucket: that point is not taken in.
+    let third = &vm.points[2].0;
+    let altered = format!("site/vm1/{third}/{}.qcow2", vm.volume(1));
+    let mut bytes = store.read("bb-sync", &altered, dir.path());
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0xff;
+    let file = dir.path().join("altered");
+    std::fs::write(&file, &bytes).unwrap();
+    store.aws_ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "bb-sync",
+        "--key",
+        &altered,
+        "--body",
+        file.to_str().unwrap(),
+    ]);
+    let elsewhere = dir.path().join("elsewhere");
+    let refused = bitback_env(
+        &[
+            "sync",
+            "--from",
+            "s3://bb-sync/site",
+            "--to",
+            elsewhere.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("does not verify"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!elsewhere.join("vm1").join(third).exists());
     for (id, models) in &vm.points[..4] {
         let out = dir.path().join(format!("restored-{id}"));
         let run = bitback(&[
