@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_tcp_port, tempdir};
+use super::tempdir;
 
 /// The credentials of the store's one identity.
 pub const KEY_ID: &str = "bitback-test";
@@ -18,12 +18,16 @@ const INSTALL: &str = "install SeaweedFS and the aws CLI as .ci/run does: \
 
 pub struct Seaweed {
     pub endpoint: String,
+    ports: Vec<u16>,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Seaweed {
-    /// Starts a store and waits (up to 60 s) until its S3 gateway answers.
+    /// Starts a store and waits (up to 90 s) until its S3 gateway answers.
+    /// A store that exits while starting (a port taken meanwhile by
+    /// another process: ports are picked free, then handed over) is
+    /// started again on other ports, up to three times.
     pub fn start() -> Seaweed {
         for tool in ["weed", "aws"] {
             let found = std::env::var_os("PATH")
@@ -31,6 +35,18 @@ impl Seaweed {
                 .unwrap_or(false);
             assert!(found, "{tool} is not installed: {INSTALL}");
         }
+        let mut logs = String::new();
+        for _ in 0..3 {
+            match Seaweed::try_start() {
+                Ok(store) => return store,
+                Err(log) => logs.push_str(&log),
+            }
+        }
+        panic!("SeaweedFS did not start in three tries: {logs}");
+    }
+
+    /// One start; the store's log when it exited or did not answer.
+    fn try_start() -> Result<Seaweed, String> {
         let dir = tempdir();
         let config = dir.path().join("s3.json");
         std::fs::write(
@@ -42,9 +58,9 @@ impl Seaweed {
         .unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let port = |_| free_tcp_port().to_string();
-        let ports: Vec<String> = (0..8).map(port).collect();
-        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let ports = free_ports(8);
+        let log_path = dir.path().join("weed.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("weed")
             .arg("server")
             .arg(format!("-dir={}", data.display()))
@@ -71,21 +87,28 @@ impl Seaweed {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting weed: {e}; {INSTALL}"));
-        let store = Seaweed {
+        let mut store = Seaweed {
             endpoint: format!("http://127.0.0.1:{}", ports[6]),
+            ports,
             child,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if store.aws(&["s3api", "list-buckets"]).status.success() {
-                return store;
+                return Ok(store);
             }
-            assert!(
-                Instant::now() < deadline,
-                "SeaweedFS did not answer within 60 s: {}",
-                std::fs::read_to_string(store._dir.path().join("weed.log")).unwrap_or_default()
-            );
+            let exited = matches!(store.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!(
+                    "\n--- weed ({}) ---\n{log}",
+                    match exited {
+                        true => "exited",
+                        false => "no answer within 90 s",
+                    }
+                ));
+            }
             std::thread::sleep(Duration::from_millis(300));
         }
     }
@@ -160,6 +183,17 @@ impl Seaweed {
     }
 }
 
+/// `n` distinct TCP ports free at the time of asking (held together
+/// while picked, so one store never gets a port twice).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 impl Drop for Seaweed {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -167,5 +201,14 @@ impl Drop for Seaweed {
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.child.wait();
+        // The Unix sockets weed makes beside its ports outlive a kill.
+        for port in &self.ports {
+            for kind in ["master", "volume", "filer", "s3"] {
+                for grpc in ["", "grpc-"] {
+                    let _ =
+                        std::fs::remove_file(format!("/tmp/seaweedfs-{kind}-{grpc}{port}.sock"));
+                }
+            }
+        }
     }
 }
