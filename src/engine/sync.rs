@@ -64,10 +64,7 @@ pub fn sync_to_bucket(
     target: &Bucket,
     opts: &SyncOptions,
 ) -> anyhow::Result<Vec<Synced>> {
-    let vms = match &opts.vm {
-        Some(vm) => vec![vm.clone()],
-        None => source.vms()?,
-    };
+    let vms = chosen_vms(opts, source.store())?;
     let retention = match opts.retain {
         Some((days, mode)) => {
             if !target.object_lock_enabled()? {
@@ -162,6 +159,14 @@ fn sync_point(
     Ok(synced)
 }
 
+/// The VMs a sync copies: the one asked for, or every VM of the source.
+fn chosen_vms(opts: &SyncOptions, source: &dyn Store) -> anyhow::Result<Vec<String>> {
+    Ok(match &opts.vm {
+        Some(vm) => vec![vm.clone()],
+        None => crate::repo::vms_in(source)?,
+    })
+}
+
 /// The keys of a point's data objects: each volume's file and map.
 fn data_files(m: &Manifest) -> Vec<&str> {
     let mut files: Vec<&str> = Vec::new();
@@ -206,17 +211,7 @@ pub fn sync_from_bucket(
     target: &Repo,
     opts: &SyncOptions,
 ) -> anyhow::Result<Vec<Synced>> {
-    let vms = match &opts.vm {
-        Some(vm) => vec![vm.clone()],
-        None => source
-            .list("")?
-            .into_iter()
-            .filter_map(|e| match e {
-                Entry::Prefix(name) if check_name("VM", &name).is_ok() => Some(name),
-                _ => None,
-            })
-            .collect(),
-    };
+    let vms = chosen_vms(opts, source)?;
     let mut done = Vec::new();
     for vm in vms {
         check_name("VM", &vm)?;

@@ -151,20 +151,7 @@ impl Repo {
 
     /// The VMs that have a directory here, sorted.
     pub fn vms(&self) -> Result<Vec<String>> {
-        let mut vms: Vec<String> = self
-            .store
-            .list("")?
-            .into_iter()
-            .filter_map(|e| match e {
-                // A link is listed, to be refused by name when used.
-                Entry::Prefix(name) | Entry::Link(name) if check_name("VM", &name).is_ok() => {
-                    Some(name)
-                }
-                _ => None,
-            })
-            .collect();
-        vms.sort();
-        Ok(vms)
+        vms_in(self.store())
     }
 
     /// Locks `vm` for a run that changes it, creating its directory.
@@ -555,6 +542,23 @@ impl Repo {
         }
         Ok(id)
     }
+}
+
+/// The VMs with a prefix (a directory) in `store`, sorted. A link is
+/// listed, to be refused by name when used.
+pub fn vms_in(store: &dyn Store) -> Result<Vec<String>> {
+    let mut vms: Vec<String> = store
+        .list("")?
+        .into_iter()
+        .filter_map(|e| match e {
+            Entry::Prefix(name) | Entry::Link(name) if check_name("VM", &name).is_ok() => {
+                Some(name)
+            }
+            _ => None,
+        })
+        .collect();
+    vms.sort();
+    Ok(vms)
 }
 
 /// The file naming a repository and its id.

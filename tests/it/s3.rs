@@ -331,29 +331,7 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
     };
     assert_eq!(actions(&fetch()), ["copied"; 4]);
     assert_eq!(actions(&fetch()), ["already-there"; 4]);
-    for (id, models) in &vm.points[..4] {
-        let out = dir.path().join(format!("fetched-{id}"));
-        let run = bitback(&[
-            "restore",
-            "--repo",
-            fetched.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--backup",
-            id,
-            "--output",
-            out.to_str().unwrap(),
-            "--json",
-        ]);
-        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
-        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
-            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
-            assert!(
-                same_content(&models[i], "raw", &path, "raw"),
-                "point {id}, volume {i}: the restore of bitback's copy differs from the model"
-            );
-        }
-    }
+    restores_equal(&fetched, &vm.points[..4], dir.path());
     // An object altered in the bucket: that point is not taken in.
     let third = &vm.points[2].0;
     let altered = format!("site/vm1/{third}/{}.qcow2", vm.volume(1));
@@ -390,12 +368,25 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
         refused.stderr
     );
     assert!(!elsewhere.join("vm1").join(third).exists());
-    for (id, models) in &vm.points[..4] {
-        let out = dir.path().join(format!("restored-{id}"));
+    restores_equal(&back, &vm.points[..4], dir.path());
+}
+
+/// Every point of `points` restores from the repository at `repo` equal
+/// to its models (volume by volume).
+fn restores_equal(
+    repo: &std::path::Path,
+    points: &[(String, Vec<std::path::PathBuf>)],
+    scratch: &std::path::Path,
+) {
+    for (id, models) in points {
+        let out = scratch.join(format!(
+            "restored-{}-{id}",
+            repo.file_name().unwrap().to_string_lossy()
+        ));
         let run = bitback(&[
             "restore",
             "--repo",
-            back.to_str().unwrap(),
+            repo.to_str().unwrap(),
             "--vm",
             "vm1",
             "--backup",
@@ -405,12 +396,12 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
             "--json",
         ]);
         assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
-        let restored = run.json();
-        for (i, r) in restored.as_array().unwrap().iter().enumerate() {
+        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
             let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
             assert!(
                 same_content(&models[i], "raw", &path, "raw"),
-                "point {id}, volume {i}: the restore from the bucket differs from the model"
+                "{}: point {id}, volume {i} differs from its model",
+                repo.display()
             );
         }
     }
