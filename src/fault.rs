@@ -8,6 +8,7 @@
 //! `before-commit`, `after-commit` (before the old bitmap is removed),
 //! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`,
 //! `serve-before-daemon` (a mount or live restore, its files made),
+//! `sync-mid-upload` (a part of a multipart upload sent),
 //! `sync-before-manifest` (a point's data objects uploaded, its manifest
 //! not),
 //! `live-domain-started` (a domain started on live images, before its

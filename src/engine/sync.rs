@@ -13,6 +13,11 @@
 //! already there (its manifest, byte for byte) is skipped; one there with
 //! another manifest is an error.
 //!
+//! One sync of a VM into a bucket at a time: `<vm>/.lock` in the bucket,
+//! written only if absent (a second sync is refused, naming the first; a
+//! dead sync's lock on this host is taken over), under which the
+//! multipart uploads a dead sync left are aborted.
+//!
 //! Not copied: `state.json` (the source's own chain state, with its
 //! checkpoint bitmaps in the VM), damage records, leases, locks.
 
@@ -23,7 +28,7 @@ use tracing::info;
 use super::check::{Report, verify_backup};
 use super::outcome::BadInput;
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Entry, Manifest, Repo, Store, check_name};
+use crate::repo::{Bucket, Entry, Holder, Manifest, Repo, Store, check_name};
 use crate::s3::{LockMode, Retention};
 
 /// What to copy.
@@ -87,6 +92,16 @@ pub fn sync_to_bucket(
     for vm in vms {
         // No prune or consolidation changes the points while they copy.
         let _readers = source.read_lock(&vm, "sync")?;
+        // One sync of the VM into the bucket at a time; what a dead one
+        // left half uploaded goes.
+        let holder = Holder {
+            host: super::serve::runtime::host(),
+            pid: std::process::id(),
+            purpose: "sync".into(),
+            started: Utc::now().rfc3339(),
+        };
+        let lock = target.lock_vm(&vm, &holder)?;
+        target.abort_incomplete(&lock, &vm)?;
         for m in source.backups(&vm)? {
             let synced = sync_point(source, target, &m, retention.as_ref())
                 .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;

@@ -10,7 +10,10 @@
 
 use std::path::PathBuf;
 
-use super::error::Result;
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::names::check_name;
 use super::store::{Entry, Store, check_key};
 use crate::s3::{Client, Config, Location, Put, Retention};
 
@@ -89,6 +92,68 @@ impl Bucket {
         Ok(true)
     }
 
+    /// Takes `vm`'s lock in the bucket for `holder` (a sync into it):
+    /// `<vm>/.lock`, written only if absent, removed when the lock is
+    /// dropped. Held by another run: refused, naming it. Left by a run
+    /// of this host that is gone (its pid is not running): taken over.
+    pub fn lock_vm(&self, vm: &str, holder: &Holder) -> Result<BucketLock<'_>> {
+        check_name("VM", vm)?;
+        let key = format!("{vm}/.lock");
+        let bytes = serde_json::to_vec_pretty(holder).map_err(Error::Encoding)?;
+        for _ in 0..2 {
+            if self.put_new(&key, &bytes)? {
+                return Ok(BucketLock { bucket: self, key });
+            }
+            let held = self.get(&key)?;
+            let other: Option<Holder> =
+                held.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+            match other {
+                Some(other) if other.host == holder.host && !other.running() => {
+                    tracing::info!(
+                        vm,
+                        pid = other.pid,
+                        "taking over the bucket lock of a sync that is gone"
+                    );
+                    self.delete(&key)?;
+                }
+                // Removed meanwhile: try again.
+                None if held.is_none() => {}
+                _ => {
+                    let holder = other.map_or_else(
+                        || "an unreadable lock".to_string(),
+                        |o| {
+                            format!(
+                                "{} of pid {} on {} since {}",
+                                o.purpose, o.pid, o.host, o.started
+                            )
+                        },
+                    );
+                    return Err(Error::Locked {
+                        vm: vm.to_string(),
+                        holder: format!("{holder} ({})", self.locate(&key).display()),
+                    });
+                }
+            }
+        }
+        Err(Error::Locked {
+            vm: vm.to_string(),
+            holder: format!("a run that keeps taking {}", self.locate(&key).display()),
+        })
+    }
+
+    /// Aborts the multipart uploads left under `vm`'s prefix by runs that
+    /// died: to be called holding `vm`'s lock (no live run has one). How
+    /// many.
+    pub fn abort_incomplete(&self, _lock: &BucketLock<'_>, vm: &str) -> Result<usize> {
+        let prefix = format!("{}{vm}/", self.location.prefix);
+        let uploads = self.client.incomplete_uploads(&prefix)?;
+        for (key, id) in &uploads {
+            tracing::info!(key, "aborting a multipart upload an interrupted sync left");
+            self.client.abort_upload(key, id)?;
+        }
+        Ok(uploads.len())
+    }
+
     /// The object key of repository key `key`.
     fn object(&self, key: &str) -> Result<String> {
         check_key(key, &self.locate(key))?;
@@ -135,5 +200,43 @@ impl Store for Bucket {
     fn locate(&self, key: &str) -> PathBuf {
         let Location { bucket, prefix } = &self.location;
         PathBuf::from(format!("s3://{bucket}/{prefix}{key}"))
+    }
+}
+
+/// Who holds a VM's lock in a bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    pub purpose: String,
+    /// RFC 3339.
+    pub started: String,
+}
+
+impl Holder {
+    /// Whether its pid runs (on this host).
+    fn running(&self) -> bool {
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    }
+}
+
+/// A VM's lock in a bucket; removed when dropped.
+#[derive(Debug)]
+pub struct BucketLock<'a> {
+    bucket: &'a Bucket,
+    key: String,
+}
+
+impl Drop for BucketLock<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.bucket.delete(&self.key) {
+            tracing::warn!(lock = %self.key, error = %e, "cannot remove the bucket lock; the next sync of this host takes it over");
+        }
     }
 }

@@ -77,7 +77,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-pub use bucket::Bucket;
+pub use bucket::{Bucket, BucketLock, Holder};
 pub use error::{Error, Invalid, Result};
 pub use lock::{ReadLock, VmLock};
 pub use manifest::{

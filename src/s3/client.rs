@@ -276,15 +276,12 @@ impl Client {
                     })?;
                 etags.push(self.upload_part(key, &upload, number, &buffer[..filled])?);
                 sent += filled as u64;
+                crate::fault::point("sync-mid-upload");
             }
         })();
         let done = uploaded.and_then(|()| self.complete_multipart(key, &upload, &etags));
         if let Err(e) = done {
-            let url = self
-                .bucket
-                .abort_multipart_upload(Some(&self.credentials), key, &upload)
-                .sign(SIGNED_FOR);
-            let _ = self.send("ABORT", key, || self.agent.delete(url.as_str()).call());
+            let _ = self.abort_upload(key, &upload);
             return Err(e);
         }
         Ok(sent)
@@ -443,6 +440,44 @@ impl Client {
         match reply.status {
             200 | 204 => Ok(()),
             _ => Err(reply.error("PUT-RETENTION", key)),
+        }
+    }
+
+    /// The multipart uploads begun and never completed or aborted under
+    /// `prefix`: (key, upload id).
+    pub fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<(String, String)>, Error> {
+        let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+        action.query_mut().remove("list-type");
+        action.query_mut().remove("encoding-type");
+        action.query_mut().insert("uploads", "");
+        action.query_mut().insert("prefix", prefix.to_string());
+        let url = action.sign(SIGNED_FOR);
+        let reply = self.send("LIST-UPLOADS", prefix, || {
+            self.agent.get(url.as_str()).call()
+        })?;
+        if reply.status != 200 {
+            return Err(reply.error("LIST-UPLOADS", prefix));
+        }
+        let text = String::from_utf8_lossy(&reply.body);
+        let mut found = Vec::new();
+        for upload in text.split("<Upload>").skip(1) {
+            if let (Some(key), Some(id)) = (tag(upload, "Key"), tag(upload, "UploadId")) {
+                found.push((key, id));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Aborts multipart upload `upload` of `key`: its parts go.
+    pub fn abort_upload(&self, key: &str, upload: &str) -> Result<(), Error> {
+        let url = self
+            .bucket
+            .abort_multipart_upload(Some(&self.credentials), key, upload)
+            .sign(SIGNED_FOR);
+        let reply = self.send("ABORT", key, || self.agent.delete(url.as_str()).call())?;
+        match reply.status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(reply.error("ABORT", key)),
         }
     }
 

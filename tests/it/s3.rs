@@ -558,3 +558,93 @@ fn a_large_file_goes_up_in_parts_and_comes_back_whole() {
     );
     assert!(store.read("bb-parts", "vm1/p1/disk0.qcow2", dir.path()) == bytes);
 }
+
+/// One sync of a VM into a bucket at a time: a sync killed halfway
+/// through a multipart upload leaves its upload and its lock; the next
+/// sync takes the dead lock over and aborts the upload; a sync started
+/// while that one runs is refused, naming it.
+#[test]
+fn a_second_sync_is_refused_and_a_dead_ones_leftovers_go() {
+    let store = Seaweed::start();
+    store.bucket("bb-conc", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[160 * MIB]);
+    vm.write(0, 0, 100 * MIB, 0x5a);
+    vm.backup(&[]);
+    vm.quit();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = [
+        "sync",
+        "--from",
+        vm.repo.to_str().unwrap(),
+        "--to",
+        "s3://bb-conc",
+    ];
+    let uploads = || {
+        let listed = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-conc"]);
+        listed
+            .get("Uploads")
+            .and_then(|u| u.as_array())
+            .map_or(0, Vec::len)
+    };
+    let lock_there = || {
+        store
+            .aws(&[
+                "s3api",
+                "head-object",
+                "--bucket",
+                "bb-conc",
+                "--key",
+                "vm1/.lock",
+            ])
+            .status
+            .success()
+    };
+
+    let mut killed_env = env.clone();
+    killed_env.push(("BITBACK_FAULT", "sync-mid-upload"));
+    let killed = bitback_env(&args, &killed_env);
+    assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
+    assert_eq!(uploads(), 1, "the killed sync's multipart upload");
+    assert!(lock_there(), "the killed sync's lock");
+
+    let go = dir.path().join("go");
+    let hold = format!("sync-before-manifest:{}", go.display());
+    let mut held_env = env.clone();
+    held_env.push(("BITBACK_HOLD", &hold));
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(args)
+        .envs(held_env.iter().copied())
+        .env_remove("BITBACK_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held = go.with_file_name("go.held");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !held.exists() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the sync never reached its manifest"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(uploads(), 0, "the dead sync's upload was not aborted");
+    let second = bitback_env(&args, &env);
+    assert_ne!(second.code, Some(0), "{}", second.stdout);
+    assert!(
+        second.stderr.contains("locked") && second.stderr.contains("sync of pid"),
+        "{}",
+        second.stderr
+    );
+    std::fs::write(&go, b"").unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("copied"));
+    assert!(!lock_there(), "the lock outlived its sync");
+}
