@@ -1,13 +1,11 @@
 //! A real object store for the tests: SeaweedFS (`weed server -s3`), one
 //! per test, in a temp dir on ports of its own, ended by its pid. Buckets
 //! are made, and what bitback stored is judged, with the aws CLI, which
-//! shares no code with bitback.
+//! shares no code with bitback. Standalone (benches/sync.rs includes it).
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-use super::tempdir;
 
 /// The credentials of the store's one identity.
 pub const KEY_ID: &str = "bitback-test";
@@ -47,7 +45,10 @@ impl Seaweed {
 
     /// One start; the store's log when it exited or did not answer.
     fn try_start() -> Result<Seaweed, String> {
-        let dir = tempdir();
+        let dir = tempfile::Builder::new()
+            .prefix("bitback-s3-")
+            .tempdir()
+            .expect("creating a temp dir");
         let config = dir.path().join("s3.json");
         std::fs::write(
             &config,

