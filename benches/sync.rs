@@ -56,7 +56,8 @@ fn main() {
         String::from_utf8_lossy(&backup.stderr)
     );
     drop(daemon);
-    let store = s3::Seaweed::start();
+    // Room for every round's copies, both ways.
+    let store = s3::Seaweed::start_sized(1024, 2 * (rounds + 1) * data_mib.div_ceil(1024) + 8);
     store.bucket("bench", false);
     let env = store.env();
     let aws = |args: &[&str]| {
@@ -73,7 +74,14 @@ fn main() {
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd
     };
-    let vm_dir = repo.join("bench");
+    // The point's own directory: its files and manifest, what bitback
+    // uploads (the VM directory also holds its state and lock files).
+    let point_dir = std::fs::read_dir(repo.join("bench"))
+        .expect("the VM's directory")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .expect("the point's directory");
     let (mut up_bb, mut up_aws, mut down_bb, mut down_aws) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         let to = format!("s3://bench/bb{round}");
@@ -93,8 +101,8 @@ fn main() {
                     "s3",
                     "cp",
                     "--recursive",
-                    "--quiet",
-                    vm_dir.to_str().unwrap(),
+                    "--only-show-errors",
+                    point_dir.to_str().unwrap(),
                     &aws_to,
                 ]))
             },
@@ -123,7 +131,7 @@ fn main() {
                     "s3",
                     "cp",
                     "--recursive",
-                    "--quiet",
+                    "--only-show-errors",
                     &aws_to,
                     back_aws.to_str().unwrap(),
                 ]))

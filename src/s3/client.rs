@@ -13,9 +13,19 @@ use tracing::debug;
 
 use super::{Config, Error, Location};
 
-/// The largest object sent in one request, and the size of a multipart
-/// upload's parts.
+/// The largest object sent in one request; larger ones go up in parts.
 pub const PART: u64 = 64 << 20;
+/// Parts of one multipart upload in flight at once.
+pub const UPLOADERS: usize = 4;
+
+/// The part size of a multipart upload of `len` bytes: 16 MiB, or larger
+/// (whole MiB) where 9,000 parts would not hold the file (S3 takes
+/// 10,000 at most).
+pub fn part_size(len: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    (16 * MIB).max(len.div_ceil(9_000).div_ceil(MIB) * MIB)
+}
+
 /// How long a signed URL stays good: longer than any one request's tries.
 const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 /// Tries of one request, and the pause before each retry.
@@ -229,8 +239,9 @@ impl Client {
 
     /// Uploads the file at `path` as object `key`, under `retention` when
     /// given: in one request up to [`PART`] bytes, else as a multipart
-    /// upload of [`PART`]-byte parts read one at a time (memory: one
-    /// part). The store checks every request's bytes against their MD5
+    /// upload whose parts ([`part_size`]) are read in order and sent by
+    /// [`UPLOADERS`] threads at once (memory: twice that many parts). The
+    /// store checks every request's bytes against their MD5
     /// (`Content-MD5`, which object lock also asks for). A failed
     /// multipart upload is aborted. The bytes uploaded.
     pub fn upload_file(
@@ -253,38 +264,85 @@ impl Client {
             return Ok(bytes.len() as u64);
         }
         let upload = self.start_multipart(key, retention)?;
-        let mut etags = Vec::new();
-        let mut buffer = vec![0u8; PART as usize];
-        let mut sent = 0u64;
-        let uploaded = (|| {
-            loop {
-                let mut filled = 0;
-                while filled < buffer.len() {
-                    match file.read(&mut buffer[filled..]).map_err(io)? {
-                        0 => break,
-                        n => filled += n,
-                    }
-                }
-                if filled == 0 {
-                    return Ok(());
-                }
-                let number = u16::try_from(etags.len() + 1)
-                    .ok()
-                    .filter(|n| *n <= 10_000)
-                    .ok_or_else(|| {
-                        Error::Config(format!("{}: over 10,000 parts", path.display()))
-                    })?;
-                etags.push(self.upload_part(key, &upload, number, &buffer[..filled])?);
-                sent += filled as u64;
-                crate::fault::point("sync-mid-upload");
-            }
-        })();
-        let done = uploaded.and_then(|()| self.complete_multipart(key, &upload, &etags));
-        if let Err(e) = done {
+        let sent = self.send_parts(key, &upload, &mut file, part_size(len), &io);
+        let done = sent.and_then(|(sent, etags)| {
+            self.complete_multipart(key, &upload, &etags)?;
+            Ok(sent)
+        });
+        if done.is_err() {
             let _ = self.abort_upload(key, &upload);
+        }
+        done
+    }
+
+    /// Reads `file` in parts of `size` bytes and uploads them, several at
+    /// once; the bytes sent and the parts' ETags, in order.
+    fn send_parts(
+        &self,
+        key: &str,
+        upload: &str,
+        file: &mut std::fs::File,
+        size: u64,
+        io: &dyn Fn(std::io::Error) -> Error,
+    ) -> Result<(u64, Vec<String>), Error> {
+        use std::io::Read;
+        use std::sync::{Mutex, mpsc};
+        let (tx, rx) = mpsc::sync_channel::<(u16, Vec<u8>)>(UPLOADERS);
+        let rx = Mutex::new(rx);
+        let etags: Mutex<Vec<(u16, String)>> = Mutex::new(Vec::new());
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let mut sent = 0u64;
+        std::thread::scope(|scope| {
+            for _ in 0..UPLOADERS {
+                scope.spawn(|| {
+                    loop {
+                        let next = rx.lock().map(|r| r.recv());
+                        let Ok(Ok((number, bytes))) = next else {
+                            return;
+                        };
+                        match self.upload_part(key, upload, number, &bytes) {
+                            Ok(etag) => etags.lock().unwrap().push((number, etag)),
+                            Err(e) => {
+                                failure.lock().unwrap().get_or_insert(e);
+                                return;
+                            }
+                        }
+                        crate::fault::point("sync-mid-upload");
+                    }
+                });
+            }
+            let mut number = 0u16;
+            let read = loop {
+                if failure.lock().unwrap().is_some() {
+                    break Ok(());
+                }
+                let mut buffer = Vec::with_capacity(size as usize);
+                if let Err(e) = file.by_ref().take(size).read_to_end(&mut buffer) {
+                    break Err(io(e));
+                }
+                if buffer.is_empty() {
+                    break Ok(());
+                }
+                number = match number.checked_add(1).filter(|n| *n <= 10_000) {
+                    Some(n) => n,
+                    None => break Err(Error::Config("over 10,000 parts".into())),
+                };
+                sent += buffer.len() as u64;
+                if tx.send((number, buffer)).is_err() {
+                    break Ok(());
+                }
+            };
+            drop(tx);
+            if let Err(e) = read {
+                failure.lock().unwrap().get_or_insert(e);
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap() {
             return Err(e);
         }
-        Ok(sent)
+        let mut etags = etags.into_inner().unwrap();
+        etags.sort();
+        Ok((sent, etags.into_iter().map(|(_, etag)| etag).collect()))
     }
 
     fn start_multipart(&self, key: &str, retention: Option<&Retention>) -> Result<String, Error> {
@@ -651,4 +709,21 @@ fn md5(bytes: &[u8]) -> String {
 /// The base64 SHA-256 of `bytes`, as `x-amz-checksum-sha256` takes it.
 fn sha256(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_16_mib_until_9000_of_them_would_not_hold_the_file() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size(PART + 1), 16 * MIB);
+        assert_eq!(part_size(9_000 * 16 * MIB), 16 * MIB);
+        let big = 10 << 40;
+        let size = part_size(big);
+        assert_eq!(size % MIB, 0);
+        assert!(big.div_ceil(size) <= 9_000, "{size}");
+        assert!(size > 16 * MIB);
+    }
 }

@@ -27,6 +27,12 @@ impl Seaweed {
     /// another process: ports are picked free, then handed over) is
     /// started again on other ports, up to three times.
     pub fn start() -> Seaweed {
+        Seaweed::start_sized(64, 20)
+    }
+
+    /// [`Seaweed::start`], with room for `volumes` volumes of `volume_mib`
+    /// MiB (the tests': 20 of 64 MiB, 1.25 GiB in all).
+    pub fn start_sized(volume_mib: u64, volumes: u64) -> Seaweed {
         for tool in ["weed", "aws"] {
             let found = std::env::var_os("PATH")
                 .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
@@ -35,7 +41,7 @@ impl Seaweed {
         }
         let mut logs = String::new();
         for _ in 0..3 {
-            match Seaweed::try_start() {
+            match Seaweed::try_start(volume_mib, volumes) {
                 Ok(store) => return store,
                 Err(log) => logs.push_str(&log),
             }
@@ -44,7 +50,7 @@ impl Seaweed {
     }
 
     /// One start; the store's log when it exited or did not answer.
-    fn try_start() -> Result<Seaweed, String> {
+    fn try_start(volume_mib: u64, volumes: u64) -> Result<Seaweed, String> {
         let dir = tempfile::Builder::new()
             .prefix("bitback-s3-")
             .tempdir()
@@ -75,7 +81,8 @@ impl Seaweed {
             .arg(format!("-s3.port={}", ports[6]))
             .arg(format!("-s3.port.grpc={}", ports[7]))
             .arg(format!("-s3.config={}", config.display()))
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=20"])
+            .arg(format!("-master.volumeSizeLimitMB={volume_mib}"))
+            .arg(format!("-volume.max={volumes}"))
             // Listeners with fixed default ports (two stores would clash),
             // and reports to the network, off.
             .args([
