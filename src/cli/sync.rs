@@ -15,7 +15,8 @@ use super::output::bytes;
 /// directory.
 ///
 /// Every point not yet in the bucket is verified, then copied: its data
-/// files first (multipart above 64 MiB, each part checked by the store),
+/// files first (above 64 MiB in 16 MiB parts, four at once, each checked
+/// by the store),
 /// its manifest last, so an interrupted sync leaves no half point; the
 /// next sync copies what is missing. Points already there are skipped.
 ///
