@@ -137,6 +137,40 @@ fn kill9(pid: u64) {
     }
 }
 
+/// Waits until no process holds VM directory `vm_dir`'s read lock (a
+/// killed serve's daemon lets it go when its last descriptor closes);
+/// fails naming the processes that still hold it after 30 s.
+fn wait_unread(vm_dir: &Path) {
+    let path = vm_dir.join(".readers");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let file = std::fs::File::open(&path).unwrap();
+        if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let holders: Vec<String> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|p| {
+                    std::fs::read_dir(p.path().join("fd"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == path))
+                })
+                .map(|p| {
+                    let pid = p.file_name().to_string_lossy().into_owned();
+                    let cmd = std::fs::read_to_string(p.path().join("cmdline")).unwrap_or_default();
+                    format!("{pid}: {}", cmd.replace('\0', " "))
+                })
+                .collect();
+            panic!("{} is still held: {holders:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn paths(served: &Value) -> Vec<PathBuf> {
     served["files"]
         .as_array()
@@ -1092,6 +1126,7 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
 
     // alpha goes down with its serve: the lock is gone, the lease stays.
     kill9(served["pid"].as_u64().unwrap());
+    wait_unread(&vm.repo.join("vm1"));
     assert_eq!(status(&alpha), (vec!["gone".into()], vec!["ended".into()]));
     let refused = beta.run(&prune);
     assert_refused(
@@ -1132,6 +1167,7 @@ fn a_serve_keeps_prunes_on_other_hosts_off_through_its_lease() {
         "raw"
     ));
     kill9(served["pid"].as_u64().unwrap());
+    wait_unread(&vm.repo.join("vm1"));
     let pruned = alpha.run(&prune);
     assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
     assert_eq!(lease_files(), Vec::<PathBuf>::new());
