@@ -36,6 +36,22 @@ fn timed(cmd: &mut Command) -> Duration {
     start.elapsed()
 }
 
+/// Runs `a` and `b`, `a` first in even rounds and second in odd ones;
+/// their times.
+fn alternate(
+    round: u64,
+    a: impl FnOnce() -> Duration,
+    b: impl FnOnce() -> Duration,
+) -> (Duration, Duration) {
+    if round % 2 == 0 {
+        let x = a();
+        (x, b())
+    } else {
+        let y = b();
+        (a(), y)
+    }
+}
+
 fn main() {
     let gib = env_u64("BITBACK_BENCH_GIB", 16);
     let data_mib = env_u64("BITBACK_BENCH_DATA_MIB", 2048);
@@ -107,13 +123,9 @@ fn main() {
                 ]))
             },
         );
-        if round % 2 == 0 {
-            up_bb.push(a());
-            up_aws.push(b());
-        } else {
-            up_aws.push(b());
-            up_bb.push(a());
-        }
+        let (x, y) = alternate(round, a, b);
+        up_bb.push(x);
+        up_aws.push(y);
         let back_bb = dir.path().join(format!("back-bb{round}"));
         let back_aws = dir.path().join(format!("back-aws{round}"));
         let (c, d) = (
@@ -137,13 +149,9 @@ fn main() {
                 ]))
             },
         );
-        if round % 2 == 0 {
-            down_bb.push(c());
-            down_aws.push(d());
-        } else {
-            down_aws.push(d());
-            down_bb.push(c());
-        }
+        let (x, y) = alternate(round, c, d);
+        down_bb.push(x);
+        down_aws.push(y);
         eprintln!(
             "round {round}: up {:.2} s / {:.2} s, down {:.2} s / {:.2} s",
             up_bb[round as usize].as_secs_f64(),

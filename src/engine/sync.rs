@@ -54,6 +54,19 @@ pub struct Synced {
     pub bytes: u64,
 }
 
+impl Synced {
+    /// Point `m`, found already there (nothing written yet).
+    fn already_there(m: &Manifest) -> Synced {
+        Synced {
+            vm: m.vm.clone(),
+            backup: m.id.clone(),
+            action: SyncAction::AlreadyThere,
+            objects: 0,
+            bytes: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SyncAction {
@@ -132,13 +145,7 @@ fn sync_point(
         .store()
         .get(&key)?
         .with_context(|| format!("{key} vanished"))?;
-    let mut synced = Synced {
-        vm: m.vm.clone(),
-        backup: m.id.clone(),
-        action: SyncAction::AlreadyThere,
-        objects: 0,
-        bytes: 0,
-    };
+    let mut synced = Synced::already_there(m);
     if let Some(there) = target.get(&key)? {
         if there != manifest {
             bail!(
@@ -269,13 +276,7 @@ fn fetch_point(
     lock: &crate::repo::VmLock,
     m: &Manifest,
 ) -> anyhow::Result<Synced> {
-    let mut synced = Synced {
-        vm: m.vm.clone(),
-        backup: m.id.clone(),
-        action: SyncAction::AlreadyThere,
-        objects: 0,
-        bytes: 0,
-    };
+    let mut synced = Synced::already_there(m);
     match target.manifest(&m.vm, &m.id) {
         Ok(there) if there == *m => return Ok(synced),
         Ok(_) => bail!(
