@@ -549,7 +549,7 @@ fn check_key(
     cmd.arg("--object")
         .arg("secret,id=k,format=raw,file=/dev/stdin")
         .args(["-r", "-c", "read 0 512"])
-        .arg(image.node().json_filename());
+        .arg(image.node().json_filename().map_err(|e| e.to_string())?);
     let out = key
         .feed(&mut cmd)
         .map_err(|e| format!("running qemu-io to check the key (install qemu-utils): {e}"))?;

@@ -357,7 +357,7 @@ fn qemu_img_convert(
             cmd.arg("--object")
                 .arg("secret,id=bitback-key,format=raw,file=/dev/stdin")
                 .args(["-O", format])
-                .arg(image.node().json_filename());
+                .arg(image.node().json_filename()?);
         }
         None => {
             cmd.args(["-f", "qcow2", "-O", format]).arg(top);

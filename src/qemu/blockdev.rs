@@ -79,11 +79,18 @@ pub enum Discard {
     Unmap,
 }
 
-impl From<&Node> for serde_json::Value {
-    fn from(node: &Node) -> serde_json::Value {
-        // Plain enums, strings, numbers and paths: nothing that can fail.
-        serde_json::to_value(node).expect("a block node serializes")
-    }
+/// A path QEMU's JSON cannot name: JSON strings are UTF-8, and the path
+/// is not.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} names a path that is not UTF-8, which QEMU's JSON options cannot carry; rename it")]
+pub struct NotUtf8 {
+    pub what: String,
+}
+
+/// `value` as JSON; `what` names it in the error (a path in it that is
+/// not UTF-8 is the one way this fails).
+pub fn json_of(what: &str, value: &impl Serialize) -> Result<serde_json::Value, NotUtf8> {
+    serde_json::to_value(value).map_err(|_| NotUtf8 { what: what.into() })
 }
 
 /// The qcow2 driver's options.
@@ -151,8 +158,8 @@ impl Qcow2 {
 
 impl Node {
     /// The node as QEMU's `json:` pseudo file name (`qemu-img`'s argument).
-    pub fn json_filename(&self) -> String {
-        format!("json:{}", serde_json::Value::from(self))
+    pub fn json_filename(&self) -> Result<String, NotUtf8> {
+        Ok(format!("json:{}", json_of("the image", self)?))
     }
 
     /// A plain file node, read-write.
@@ -361,5 +368,15 @@ mod tests {
             value(&fuse),
             json!({"type": "fuse", "id": "e1", "node-name": "vol1", "mountpoint": "/m/d", "writable": false})
         );
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(b"/vm/disk-\xff.qcow2"));
+        let image = Qcow2::over(Node::file(path)).read_only().node();
+        let e = image.json_filename().unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        assert!(Node::file("/vm/disk.qcow2").json_filename().is_ok());
     }
 }

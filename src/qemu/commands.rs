@@ -41,6 +41,7 @@ pub async fn set_device_drive(qmp: &Qmp, qdev: &str, node: &str) -> Result<()> {
 
 /// `chardev-add` of a client socket to `path`, as character device `id`.
 pub async fn add_socket_chardev(qmp: &Qmp, id: &str, path: &std::path::Path) -> Result<()> {
+    let path = to_value("chardev-add", path)?;
     let backend = json!({
         "type": "socket",
         "data": {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
-use super::blockdev::{Address, Export, Node};
+use super::blockdev::{Address, Export, Node, json_of};
 use crate::qmp::{Endpoint, Options, Qmp};
 
 /// What to start the daemon with.
@@ -30,7 +30,7 @@ pub struct DaemonSpec {
 
 impl DaemonSpec {
     /// The daemon's arguments, with a monitor on `qmp` when given.
-    fn args(&self, qmp: Option<&Path>) -> Vec<String> {
+    fn args(&self, qmp: Option<&Path>) -> Result<Vec<String>, Error> {
         let mut args = Vec::new();
         if let Some(socket) = qmp {
             args.push("--chardev".to_string());
@@ -47,17 +47,17 @@ impl DaemonSpec {
         }
         for blockdev in &self.blockdevs {
             args.push("--blockdev".into());
-            args.push(Value::from(blockdev).to_string());
+            args.push(json_of("a --blockdev", blockdev)?.to_string());
         }
         if let Some(addr) = &self.nbd {
             args.push("--nbd-server".into());
-            args.push(json!({ "addr": addr }).to_string());
+            args.push(json!({ "addr": json_of("the NBD server's address", addr)? }).to_string());
         }
         for export in &self.exports {
             args.push("--export".into());
-            args.push(json!(export).to_string());
+            args.push(json_of("an --export", export)?.to_string());
         }
-        args
+        Ok(args)
     }
 }
 
@@ -77,7 +77,7 @@ pub fn start_detached(
     cmd.arg("--daemonize")
         .arg("--pidfile")
         .arg(&pid_file)
-        .args(spec.args(Some(&dir.join("qmp.sock"))))
+        .args(spec.args(Some(&dir.join("qmp.sock")))?)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -162,6 +162,9 @@ pub enum Error {
 
     #[error("waiting for qemu-storage-daemon")]
     Waiting(#[source] std::io::Error),
+
+    #[error(transparent)]
+    NotUtf8(#[from] super::blockdev::NotUtf8),
 }
 
 /// A fresh private directory under the system temp dir.
@@ -317,7 +320,7 @@ impl Daemon {
         let socket = dir.join("qmp.sock");
         let mut std_cmd = std::process::Command::new("qemu-storage-daemon");
         die_with_parent(&mut std_cmd);
-        std_cmd.args(spec.args(spec.qmp.then_some(socket.as_path())));
+        std_cmd.args(spec.args(spec.qmp.then_some(socket.as_path()))?);
         let mut cmd = tokio::process::Command::from(std_cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
