@@ -11,6 +11,7 @@ mod content;
 mod copy;
 mod guard;
 pub mod key;
+mod native;
 mod nbd_target;
 mod outcome;
 pub mod plan;

@@ -152,7 +152,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         let path = image_of(&serving.target, name);
         let aside = aside_of(&path);
         let url = export_url(&export_name(&opts.vm, &point.manifest.id, name), &socket);
-        let made = crate::engine::restore::data_ranges(&point.files[i])
+        let made = crate::engine::native::data_ranges(&point.files[i])
             .and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
         if let Err(e) = made.and_then(|()| serving.record(&aside, true)) {
             let _ = std::fs::remove_file(&aside);

@@ -1,0 +1,547 @@
+//! The native copy of a chain: the cluster tables of every file (the
+//! qcow2 module) say, for each guest range, which file is the newest to
+//! hold it; only those ranges are read, each once, with positioned reads
+//! spread over a few threads, and written where the caller says (a raw
+//! file's own offset, or a qcow2 restore's preallocated clusters).
+//! Compressed clusters (deflate or zstd) are decompressed by the copy
+//! threads. A file's bytes come from a [`ChainSource`]: a file of a
+//! directory repository, or an object version in a bucket.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use anyhow::{Context, bail};
+
+use crate::cluster_map::Baseline;
+use crate::qcow2::{self, Image, Kind};
+
+/// A guest range to copy from one file of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    guest: u64,
+    len: u64,
+    file: usize,
+    host: u64,
+    /// A compressed cluster at `host`: its bytes are decompressed and the
+    /// segment's part of them copied.
+    packed: Option<Packed>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed {
+    /// The compressed bytes' length bound (whole sectors).
+    len: u64,
+    /// Where the segment starts within the cluster.
+    skip: u64,
+}
+
+/// Guest ranges already decided by a newer file: start -> end, disjoint.
+#[derive(Default)]
+struct Covered(BTreeMap<u64, u64>);
+
+impl Covered {
+    /// The parts of [start, end) not covered yet, in order.
+    fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut at = start;
+        // A range starting before `start` may reach into it.
+        if let Some((_, &e)) = self.0.range(..=start).next_back()
+            && e > at
+        {
+            at = e;
+        }
+        for (&s, &e) in self.0.range(start..end) {
+            if s > at {
+                gaps.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        gaps
+    }
+
+    fn insert(&mut self, start: u64, end: u64) {
+        let mut start = start;
+        let mut end = end;
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        let overlapping: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in overlapping {
+            if let Some(e) = self.0.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
+}
+
+/// Where the bytes of one file of a chain come from.
+pub(super) trait ChainSource: qcow2::Source + Sync {
+    /// What errors call it: a path, or an object's URL and version.
+    fn name(&self) -> String;
+
+    /// Reads `buf` (data, at most [`CHUNK`]) at `offset`.
+    fn read_chunk(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+/// A chain file of a directory repository, opened once (never through a
+/// symlink), with an O_DIRECT handle for its data where the file system
+/// takes one (a restore does not fill the page cache with a backup).
+pub(super) struct LocalFile {
+    path: PathBuf,
+    file: File,
+    direct: Option<File>,
+    size: u64,
+}
+
+impl LocalFile {
+    pub(super) fn open(path: &Path) -> anyhow::Result<LocalFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let size =
+            qcow2::Source::size(&file).with_context(|| format!("sizing {}", path.display()))?;
+        Ok(LocalFile {
+            path: path.into(),
+            direct: crate::direct::reopen_read(&file),
+            file,
+            size,
+        })
+    }
+}
+
+impl qcow2::Source for LocalFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl ChainSource for LocalFile {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn read_chunk(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        crate::direct::read_exact_at(&self.file, self.direct.as_ref(), buf, offset)
+    }
+}
+
+/// A chain mapped for a native copy: for each guest range the newest file
+/// holding it, and the files opened once (the copy reads through the same
+/// sources the map was made from).
+pub(super) struct Mapped<'a> {
+    /// Full first.
+    sources: Vec<Box<dyn ChainSource + 'a>>,
+    segments: Vec<Segment>,
+    /// Each file's compression type and cluster size (for its compressed
+    /// clusters).
+    packing: Vec<(qcow2::Compression, u64)>,
+}
+
+/// How a native copy runs.
+pub(super) struct Copier<'a> {
+    pub threads: usize,
+    pub progress: Option<&'a super::progress::ProgressSink>,
+    /// The chain's cluster maps laid over each other: every cluster read
+    /// is checked against them, and every cluster they hold data for must
+    /// be read.
+    pub check: Option<&'a Baseline>,
+}
+
+/// Maps `files` (full first) for a native copy; `None` when a file needs
+/// `qemu-img` (encryption).
+pub(super) fn plan_copy(files: &[PathBuf]) -> anyhow::Result<Option<Mapped<'static>>> {
+    let sources = files
+        .iter()
+        .map(|path| Ok(Box::new(LocalFile::open(path)?) as Box<dyn ChainSource>))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    plan_sources(sources)
+}
+
+/// Maps the files `sources` read (full first) for a native copy; `None`
+/// when a file needs `qemu-img` (encryption).
+pub(super) fn plan_sources<'a>(
+    sources: Vec<Box<dyn ChainSource + 'a>>,
+) -> anyhow::Result<Option<Mapped<'a>>> {
+    let mut covered = Covered::default();
+    let mut segments = Vec::new();
+    let mut packing = vec![(qcow2::Compression::Deflate, 0); sources.len()];
+    for (index, source) in sources.iter().enumerate().rev() {
+        let source = source.as_ref();
+        let name = source.name();
+        let image =
+            Image::parse(source, Path::new(&name)).with_context(|| format!("reading {name}"))?;
+        if let Some(problem) = super::check::data_file_problem(&image) {
+            bail!("{name} {problem}");
+        }
+        if image.encrypted() {
+            return Ok(None);
+        }
+        let h = image.header();
+        packing[index] = (
+            qcow2::Compression::from_type_byte(h.compression_type)?,
+            h.cluster_size(),
+        );
+        qcow2::walk(source, &image, |e| {
+            if e.kind == Kind::Unallocated {
+                return Ok(());
+            }
+            let end = e.start + e.length;
+            for (s, t) in covered.gaps(e.start, end) {
+                match (e.kind, e.offset) {
+                    (Kind::Data, Some(host)) => segments.push(Segment {
+                        guest: s,
+                        len: t - s,
+                        file: index,
+                        host: host + (s - e.start),
+                        packed: None,
+                    }),
+                    // One cluster each.
+                    (Kind::Compressed, Some(host)) => segments.push(Segment {
+                        guest: s,
+                        len: t - s,
+                        file: index,
+                        host,
+                        packed: Some(Packed {
+                            len: e.compressed_length.unwrap_or(0),
+                            skip: s - e.start,
+                        }),
+                    }),
+                    _ => {}
+                }
+            }
+            covered.insert(e.start, end);
+            Ok(())
+        })
+        .with_context(|| format!("mapping {name}"))?;
+    }
+    Ok(Some(Mapped {
+        sources,
+        segments,
+        packing,
+    }))
+}
+
+/// The guest ranges of a chain (`files`, full first) that hold data,
+/// sorted and merged: what a restore of it copies. `None` for an encrypted
+/// chain (its metadata is not read natively).
+pub(super) fn data_ranges(files: &[PathBuf]) -> anyhow::Result<Option<Vec<(u64, u64)>>> {
+    let Some(mapped) = plan_copy(files)? else {
+        return Ok(None);
+    };
+    let mut ranges: Vec<(u64, u64)> = mapped
+        .segments
+        .iter()
+        .map(|s| (s.guest, s.guest + s.len))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Ok(Some(merged))
+}
+
+/// Largest single read/write.
+pub(super) const CHUNK: u64 = 4 << 20;
+
+/// Copies the segments into a new sparse raw file of `size` bytes.
+pub(super) fn copy_native(
+    mapped: Mapped,
+    out: &Path,
+    size: u64,
+    how: &Copier,
+) -> anyhow::Result<u64> {
+    let output = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    output.set_len(size)?;
+    copy_segments(mapped, output, how, &|guest| guest)
+}
+
+/// The cluster size of qcow2 restores.
+const QCOW2_CLUSTER: u64 = 64 << 10;
+
+/// Copies the segments into a new qcow2 image: every guest cluster they
+/// touch is allocated, in guest order, and nothing else.
+pub(super) fn copy_native_qcow2(
+    mapped: Mapped,
+    out: &Path,
+    size: u64,
+    how: &Copier,
+) -> anyhow::Result<u64> {
+    let cs = QCOW2_CLUSTER;
+    let mut clusters: Vec<u64> = mapped
+        .segments
+        .iter()
+        .flat_map(|s| s.guest / cs..=(s.guest + s.len - 1) / cs)
+        .collect();
+    clusters.sort_unstable();
+    clusters.dedup();
+    let data = qcow2::create_with_clusters(
+        out,
+        &qcow2::CreateOptions {
+            size,
+            cluster_size: cs,
+            ..qcow2::CreateOptions::default()
+        },
+        &clusters,
+    )?;
+    let output = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))?;
+    // A segment's clusters are all allocated and consecutive in the list,
+    // so its bytes are contiguous in the file.
+    let dest = |guest: u64| {
+        let index = clusters.binary_search(&(guest / cs)).unwrap_or(0) as u64;
+        data + index * cs + guest % cs
+    };
+    copy_segments(mapped, output, how, &dest)
+}
+
+const DIRECT_ALIGN: u64 = crate::direct::ALIGN;
+
+/// Writes the segments into `output` at `dest(guest offset)`; the other
+/// bytes are already zero. Aligned chunks go through an O_DIRECT handle
+/// where there is one, the rest (and all, where the filesystem refuses
+/// O_DIRECT) through `output`, which is synced at the end either way.
+pub(super) fn copy_segments(
+    mapped: Mapped,
+    output: File,
+    how: &Copier,
+    dest: &(dyn Fn(u64) -> u64 + Sync),
+) -> anyhow::Result<u64> {
+    let Mapped {
+        sources,
+        segments,
+        packing,
+    } = mapped;
+    let chunks = chunks_of(&segments);
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let bar = how.progress.map(|p| &p.0);
+    if let Some(bar) = bar {
+        bar.start("restoring", total);
+    }
+    let direct = crate::direct::reopen(&output);
+    let next = AtomicUsize::new(0);
+    let copied = AtomicU64::new(0);
+    let seen = Seen::new(how.check);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..how.threads.max(1))
+            .map(|_| {
+                let (sources, output, direct) = (&sources, &output, &direct);
+                let chunks = &chunks;
+                let packing = &packing;
+                let next = &next;
+                let copied = &copied;
+                let seen = &seen;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    // Aligned for O_DIRECT.
+                    let mut raw = vec![0u8; (CHUNK + DIRECT_ALIGN) as usize];
+                    let skip = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
+                    let buf = &mut raw[skip..skip + CHUNK as usize];
+                    let mut scratch = (Vec::new(), Vec::new());
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(c) = chunks.get(i) else {
+                            return Ok(());
+                        };
+                        let buf = &mut buf[..c.len as usize];
+                        let source = sources[c.file].as_ref();
+                        match c.packed {
+                            None => source.read_chunk(buf, c.host),
+                            Some(p) => unpack(source, c, p, packing[c.file], &mut scratch, buf),
+                        }
+                        .with_context(|| format!("reading {}", source.name()))?;
+                        if let Some(check) = how.check {
+                            seen.check(check, c, buf)
+                                .with_context(|| format!("reading {}", source.name()))?;
+                        }
+                        crate::direct::write_all_at(output, direct.as_ref(), buf, dest(c.guest))?;
+                        let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                        if let Some(bar) = bar {
+                            bar.update(done, total);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    if let Some(check) = how.check {
+        seen.all_read(check).with_context(|| {
+            let names: Vec<String> = sources.iter().map(|f| f.name()).collect();
+            format!("checking what {} hold", names.join(", "))
+        })?;
+    }
+    output.sync_all()?;
+    Ok(copied.load(Ordering::Relaxed))
+}
+
+/// The copy's units: each segment of plain data cut into chunks of at
+/// most [`CHUNK`] (a compressed cluster is one), in each file's host
+/// order, so that every file is read sequentially.
+fn chunks_of(segments: &[Segment]) -> Vec<Segment> {
+    let mut chunks = Vec::new();
+    for s in segments {
+        if s.packed.is_some() {
+            chunks.push(*s);
+            continue;
+        }
+        let mut done = 0;
+        while done < s.len {
+            let len = CHUNK.min(s.len - done);
+            chunks.push(Segment {
+                guest: s.guest + done,
+                len,
+                file: s.file,
+                host: s.host + done,
+                packed: None,
+            });
+            done += len;
+        }
+    }
+    chunks.sort_by_key(|c| (c.file, c.host));
+    chunks
+}
+
+/// The guest clusters a checked copy has read, one bit each.
+struct Seen(Vec<AtomicU64>);
+
+impl Seen {
+    fn new(check: Option<&Baseline>) -> Seen {
+        let clusters = check.map_or(0, |b| b.size().div_ceil(b.cluster_size()));
+        Seen(
+            (0..clusters.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Checks each cluster of chunk `c` (its bytes `buf`) against what
+    /// the maps recorded, and notes it read.
+    fn check(&self, maps: &Baseline, c: &Segment, buf: &[u8]) -> anyhow::Result<()> {
+        let cs = maps.cluster_size();
+        if c.guest % cs != 0 || (c.len % cs != 0 && c.guest + c.len != maps.size()) {
+            bail!(
+                "its data at guest offset {} ({} bytes) does not fall on the cluster map's {cs} B clusters",
+                c.guest,
+                c.len
+            );
+        }
+        for (i, bytes) in buf.chunks(cs as usize).enumerate() {
+            let cluster = c.guest / cs + i as u64;
+            if crate::cluster_map::digest(bytes) != maps.get(cluster) {
+                bail!(
+                    "guest cluster {cluster} (offset {}) does not hold what its cluster map recorded: the file is damaged (bitback verify names it)",
+                    cluster * cs
+                );
+            }
+            let slot = self
+                .0
+                .get((cluster / 64) as usize)
+                .context("a cluster past the disk's end")?;
+            slot.fetch_or(1 << (cluster % 64), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Every cluster the maps hold data for was read: no file's tables
+    /// hid one (a cluster they mark as zeros or unallocated).
+    fn all_read(&self, maps: &Baseline) -> anyhow::Result<()> {
+        for cluster in maps.data_clusters() {
+            let read = self
+                .0
+                .get((cluster / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (cluster % 64)) != 0);
+            if !read {
+                bail!(
+                    "guest cluster {cluster} held data at the backup, but no file of the chain gives it: a file's tables are damaged (bitback verify names it)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decompresses the cluster of segment `c` and copies its part into `out`.
+/// `scratch` holds the compressed bytes and the cluster between calls.
+fn unpack(
+    source: &dyn ChainSource,
+    c: &Segment,
+    p: Packed,
+    (kind, cs): (qcow2::Compression, u64),
+    scratch: &mut (Vec<u8>, Vec<u8>),
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let (packed, cluster) = scratch;
+    // The bound counts whole sectors; the file may end inside the last.
+    let left = source.size()?.saturating_sub(c.host);
+    packed.resize(p.len.min(left) as usize, 0);
+    source.read_exact_at(packed, c.host)?;
+    cluster.resize(cs as usize, 0);
+    qcow2::decompress(kind, packed, cluster).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("the compressed cluster at {}: {e}", c.host),
+        )
+    })?;
+    let skip = p.skip as usize;
+    out.copy_from_slice(&cluster[skip..skip + out.len()]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Covered;
+
+    #[test]
+    fn gaps_and_inserts() {
+        let mut c = Covered::default();
+        assert_eq!(c.gaps(0, 100), vec![(0, 100)]);
+        c.insert(10, 20);
+        c.insert(30, 40);
+        assert_eq!(c.gaps(0, 100), vec![(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(c.gaps(15, 35), vec![(20, 30)]);
+        assert_eq!(c.gaps(12, 18), vec![]);
+        c.insert(15, 35);
+        assert_eq!(c.gaps(0, 100), vec![(0, 10), (40, 100)]);
+        c.insert(40, 50);
+        c.insert(0, 10);
+        assert_eq!(c.gaps(0, 100), vec![(50, 100)]);
+        assert_eq!(c.0.len(), 1);
+    }
+}
