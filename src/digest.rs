@@ -7,11 +7,11 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::qcow2::Source;
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
@@ -96,14 +96,26 @@ pub fn file(path: &Path) -> std::io::Result<Digest> {
     Ok(Digest::Whole(hash(&file, len, PIECE, threads)?))
 }
 
-fn hash(file: &File, len: u64, piece: u64, threads: usize) -> std::io::Result<blake3::Hash> {
+/// BLAKE3 of every byte `source` holds (a bucket's object: its pieces
+/// read by ranged GETs on several threads).
+pub fn of_source<S: Source + Sync + ?Sized>(source: &S) -> std::io::Result<Digest> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    Ok(Digest::Whole(hash(source, source.size()?, PIECE, threads)?))
+}
+
+fn hash<S: Source + Sync + ?Sized>(
+    file: &S,
+    len: u64,
+    piece: u64,
+    threads: usize,
+) -> std::io::Result<blake3::Hash> {
     hash_with(file, len, piece, threads, &[])
 }
 
 /// [`hash`], where `known[i]`, when set, is piece `i`'s chaining value
 /// already (that piece is not read).
-fn hash_with(
-    file: &File,
+fn hash_with<S: Source + Sync + ?Sized>(
+    file: &S,
     len: u64,
     piece: u64,
     threads: usize,
@@ -429,7 +441,12 @@ fn merged(cvs: &[ChainingValue], start: u64, len: u64, piece: u64) -> ChainingVa
     )
 }
 
-fn feed(file: &File, start: u64, len: u64, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+fn feed<S: Source + ?Sized>(
+    file: &S,
+    start: u64,
+    len: u64,
+    hasher: &mut blake3::Hasher,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; READ.min(len as usize)];
     let mut done = 0;
     while done < len {

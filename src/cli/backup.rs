@@ -250,13 +250,20 @@ pub(crate) struct BackupArgs {
 /// List the backups in a repository, oldest first.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ListArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX (listed from
+    /// the object versions bitback wrote: points hidden by delete
+    /// markers are listed too, marked hidden).
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Only this VM's backups.
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
-    /// Print a JSON array of manifests (the objects `backup --json` prints).
+    /// Print a JSON array of manifests (the objects `backup --json`
+    /// prints; from a bucket each with `hidden` and `manifest_version`).
     #[arg(long)]
     json: bool,
 }
@@ -476,15 +483,31 @@ fn render_backup(m: &Manifest) -> String {
 }
 
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&args.repo)?;
-    let vms = match &args.vm {
-        Some(vm) => vec![vm.clone()],
-        None => repo.vms()?,
-    };
-    let mut all = Vec::new();
-    for vm in &vms {
-        all.extend(repo.backups(vm)?);
-    }
+    // From a bucket: each point with whether a delete marker hides it.
+    let (all, hidden): (Vec<Manifest>, Vec<bool>) =
+        match super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
+            Some(bucket) => {
+                let points = engine::bucket_points(&bucket, args.vm.as_deref())?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&points)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                points.into_iter().map(|p| (p.manifest, p.hidden)).unzip()
+            }
+            None => {
+                let repo = Repo::open(&args.repo)?;
+                let vms = match &args.vm {
+                    Some(vm) => vec![vm.clone()],
+                    None => repo.vms()?,
+                };
+                let mut all = Vec::new();
+                for vm in &vms {
+                    all.extend(repo.backups(vm)?);
+                }
+                let hidden = vec![false; all.len()];
+                (all, hidden)
+            }
+        };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
@@ -498,11 +521,14 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             .map(String::from)
             .to_vec(),
     ];
-    for m in &all {
+    for (m, hidden) in all.iter().zip(hidden) {
         rows.push(vec![
             m.vm.clone(),
             m.id.clone(),
-            point_kind(m),
+            match hidden {
+                true => format!("{} (hidden)", point_kind(m)),
+                false => point_kind(m),
+            },
             m.chain.clone(),
             m.position.to_string(),
             m.parent.clone().unwrap_or_else(|| "-".into()),

@@ -24,9 +24,16 @@ use bitback::repo::Repo;
 /// the point, and --finish completes them while it runs.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR", required_unless_present = "finish")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX (restored to a
+    /// file where it lies, by ranged GETs, each file the version bitback
+    /// wrote: a point hidden by delete markers still restores; --live and
+    /// --in-place need a directory).
+    #[arg(long, value_name = "DIR|URL", required_unless_present = "finish")]
     repo: Option<PathBuf>,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// The VM whose backup to restore.
     #[arg(long, value_name = "NAME", required_unless_present = "finish")]
     vm: Option<String>,
@@ -171,6 +178,9 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let (Some(repo), Some(vm)) = (&args.repo, &args.vm) else {
         return Err(BadInput("give --repo DIR and --vm NAME".into()).into());
     };
+    if let Some(bucket) = super::output::bucket(repo, args.s3_endpoint.as_deref())? {
+        return from_bucket(&args, &bucket, vm);
+    }
     let repo = Repo::open(repo)?;
     let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
     if args.live {
@@ -240,6 +250,86 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     print!("{}", table(&rows));
     Ok(ExitCode::SUCCESS)
 }
+
+/// `restore --repo s3://...`: into --output, from the bucket.
+fn from_bucket(
+    args: &RestoreArgs,
+    bucket: &bitback::repo::Bucket,
+    vm: &str,
+) -> anyhow::Result<ExitCode> {
+    let Some(output) = args
+        .output
+        .as_ref()
+        .filter(|_| !args.live && !args.in_place)
+    else {
+        return Err(BadInput(
+            "from a bucket, restore writes files (--output); --live and --in-place read a directory repository: bring the point here first with bitback sync --from s3://... --to DIR".into(),
+        )
+        .into());
+    };
+    if args.key_file.is_some() {
+        return Err(BadInput(
+            "an encrypted backup is decrypted by qemu-img from files: bring it here first with bitback sync --from s3://... --to DIR".into(),
+        )
+        .into());
+    }
+    let restored = engine::restore_from_bucket(
+        bucket,
+        &RestoreOptions {
+            vm: vm.to_string(),
+            backup: engine::Pick::from(args.backup.as_str()),
+            volumes: args.volumes.clone(),
+            output: output.clone(),
+            format: match args.format {
+                Some(FormatArg::Qcow2) => Format::Qcow2,
+                Some(FormatArg::Raw) | None => Format::Raw,
+            },
+            // Requests in flight, not disks: a store answers more at once.
+            threads: args.threads.map_or(BUCKET_THREADS, |n| n as usize),
+            verify: !args.no_verify,
+            progress: super::output::progress_bar(!args.json),
+            key: None,
+        },
+    )
+    .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&restored)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![
+        [
+            "VOLUME",
+            "BACKUP",
+            "CHAIN",
+            "COPIED",
+            "OUTPUT",
+            "VERSIONS READ",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for b in &restored {
+        let r = &b.restored;
+        rows.push(vec![
+            r.volume.clone(),
+            r.backup.clone(),
+            r.chain_length.to_string(),
+            r.bytes_copied.map_or_else(|| "-".to_string(), bytes),
+            r.path.display().to_string(),
+            b.versions
+                .iter()
+                .map(|v| format!("{}@{}", v.file, v.version))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copy threads of a restore from a bucket, unless told: ranged GETs in
+/// flight at once.
+const BUCKET_THREADS: usize = 8;
 
 /// `--owner USER[:GROUP]`: names looked up in /etc/passwd and /etc/group,
 /// numbers taken as they are; the group defaults to the user's.

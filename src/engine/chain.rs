@@ -20,6 +20,16 @@ use crate::repo::{BackupKind, Manifest, Repo, VolumeRecord};
 
 /// The chain of `m`, full first. Refuses loops and missing parents.
 pub(super) fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> {
+    chain_of(m, |id| Ok(repo.manifest(&m.vm, id)?))
+}
+
+/// The chain of `m`, full first, each parent's manifest given by
+/// `parent(id)`. Refuses loops and missing parents.
+pub(super) fn chain_of(
+    m: &Manifest,
+    parent: impl Fn(&str) -> anyhow::Result<Manifest>,
+) -> anyhow::Result<Vec<Manifest>> {
+    let read = parent;
     let mut out = vec![m.clone()];
     let mut seen = BTreeSet::from([m.id.clone()]);
     while let Some(parent) = out.last().and_then(|m| m.parent.clone()) {
@@ -29,9 +39,8 @@ pub(super) fn chain(repo: &Repo, m: &Manifest) -> anyhow::Result<Vec<Manifest>> 
                 m.id
             );
         }
-        let parent = repo
-            .manifest(&m.vm, &parent)
-            .with_context(|| format!("backup {} needs its parent {parent}", m.id))?;
+        let parent =
+            read(&parent).with_context(|| format!("backup {} needs its parent {parent}", m.id))?;
         out.push(parent);
     }
     out.reverse();
@@ -231,24 +240,32 @@ pub fn resolve(
             .pop()
             .ok_or_else(|| BadInput(format!("vm {vm} has no backups")))?,
     };
-    for wanted in volumes {
-        if !m.volumes.iter().any(|v| &v.name == wanted) {
-            return Err(BadInput(format!(
-                "backup {} has no volume {wanted}; it has: {}",
-                m.id,
-                m.volumes
-                    .iter()
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-            .into());
-        }
-    }
+    has_volumes(&m, volumes)?;
     let chain = chain(repo, &m)?;
     let report = check_needed(repo, &m, &chain, volumes, checks)?;
     refuse_problems(&m, &report)?;
     Ok((m, chain))
+}
+
+/// Refuses a volume of `volumes` that backup `m` does not hold, naming
+/// those it does.
+pub(super) fn has_volumes(m: &Manifest, volumes: &[String]) -> anyhow::Result<()> {
+    match volumes
+        .iter()
+        .find(|w| !m.volumes.iter().any(|v| &&v.name == w))
+    {
+        Some(wanted) => Err(BadInput(format!(
+            "backup {} has no volume {wanted}; it has: {}",
+            m.id,
+            m.volumes
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// Refuses backup `m` with the first problem of `report`, if any.

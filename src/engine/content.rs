@@ -24,6 +24,19 @@ pub(super) fn baseline(
     volume: &str,
     cluster_size: Option<u64>,
 ) -> Result<Arc<Baseline>, String> {
+    baseline_of(chain, volume, cluster_size, |file| {
+        std::fs::read(repo.root().join(file)).map_err(|e| e.to_string())
+    })
+}
+
+/// [`baseline`], each map's bytes read by `read` (given the map's file,
+/// relative to the repository: a file, or an object of a bucket).
+pub(super) fn baseline_of(
+    chain: &[Manifest],
+    volume: &str,
+    cluster_size: Option<u64>,
+    read: impl Fn(&str) -> Result<Vec<u8>, String>,
+) -> Result<Arc<Baseline>, String> {
     let records = super::chain::volume_records(chain, volume).map_err(|e| format!("{e:#}"))?;
     let mut maps = Vec::with_capacity(records.len());
     for r in records {
@@ -33,16 +46,17 @@ pub(super) fn baseline(
                 r.file
             ));
         };
-        let path = repo.root().join(&map.file);
-        let digest = crate::digest::file(&path)
+        let bytes = read(&map.file)
             .map_err(|e| format!("the cluster map {} cannot be read: {e}", map.file))?;
+        let digest = crate::digest::Digest::Whole(blake3::hash(&bytes));
         if digest != map.digest {
             return Err(format!(
                 "the cluster map {} is not the one written (its digest is {digest}, the manifest says {})",
                 map.file, map.digest
             ));
         }
-        let read = Map::read(&path).map_err(|e| format!("{e:#}"))?;
+        let read = Map::parse(&bytes)
+            .map_err(|e| format!("the cluster map {} is not one: {e:#}", map.file))?;
         let cluster_size = cluster_size.unwrap_or(read.cluster_size);
         if read.cluster_size != cluster_size || read.size != r.virtual_size {
             return Err(format!(

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::chain::{Pick, check_needed, refuse_problems, resolve, volume_files};
 use super::check::Checks;
 use super::key::Key;
-use super::native::{Copier, copy_native, copy_native_qcow2, copy_segments, plan_copy};
+use super::native::{Copier, Mapped, copy_native, copy_native_qcow2, copy_segments, plan_copy};
 use super::outcome::BadInput;
 use crate::cluster_map::Baseline;
 use crate::qcow2::{self, Image};
@@ -82,7 +82,7 @@ pub struct Restored {
 /// (about 40 bytes each): 2 Mi records cover 128 GiB of 64 KiB clusters
 /// in about 80 MiB. A larger volume's chain is proven by its digests,
 /// read before the copy.
-const MAX_IN_FLIGHT_RECORDS: u64 = 2 << 20;
+pub(super) const MAX_IN_FLIGHT_RECORDS: u64 = 2 << 20;
 
 /// How a restore proves what it copies, per volume: each cluster it reads
 /// checked in flight against the chain's cluster maps (read once, while
@@ -147,83 +147,108 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Vec<Restore
         }
         (None, _) => None,
     };
-    let selected: Vec<_> = m
-        .volumes
-        .iter()
-        .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
-        .collect();
-    // Several volumes go into a directory: one that exists, or a new one
-    // whose name ends with / or has no extension. `one.raw` is a mistake.
-    let to_dir = opts.output.is_dir()
-        || opts.output.as_os_str().as_encoded_bytes().ends_with(b"/")
-        || (selected.len() > 1 && !opts.output.exists() && opts.output.extension().is_none());
-    if selected.len() > 1 && !to_dir {
-        return Err(BadInput(format!(
-            "backup {} has {} volumes; --output {} must be a directory (end it with /) or name one volume with --volume",
-            m.id,
-            selected.len(),
-            opts.output.display()
-        ))
-        .into());
-    }
-    // A directory this run creates goes again if the run fails (a wrong
-    // key, a full disk) and nothing was restored into it.
-    let made_dir = to_dir && !opts.output.exists();
-    if to_dir {
-        std::fs::create_dir_all(&opts.output)
-            .with_context(|| format!("creating {}", opts.output.display()))?;
-    }
+    let outputs = Outputs::plan(&m, opts)?;
+    let selected: Vec<&VolumeRecord> = outputs.targets.iter().map(|(v, _)| *v).collect();
     let baselines = match opts.verify {
         true => in_flight_checks(repo, &m, &chain, &selected)?,
         false => BTreeMap::new(),
     };
-    let restored = restore_selected(repo, &m, &chain, &selected, opts, to_dir, key, &baselines);
-    if restored.is_err() && made_dir {
-        let _ = std::fs::remove_dir(&opts.output);
-    }
+    let restored = restore_selected(repo, &m, &chain, &outputs, opts, key, &baselines);
+    outputs.undo_if(restored.is_err());
     restored
 }
 
-/// Restores each of `selected` into `opts.output`, checking each cluster
-/// of the volumes in `baselines` against them as it is copied.
-#[allow(clippy::too_many_arguments)]
-fn restore_selected(
-    repo: &Repo,
-    m: &Manifest,
-    chain: &[Manifest],
-    selected: &[&VolumeRecord],
-    opts: &RestoreOptions,
-    to_dir: bool,
-    key: Option<&Key>,
-    baselines: &BTreeMap<String, Arc<Baseline>>,
-) -> anyhow::Result<Vec<Restored>> {
-    let extension = match opts.format {
-        Format::Raw => "raw",
-        Format::Qcow2 => "qcow2",
-    };
-    let mut out = Vec::new();
-    for v in selected {
-        let target = if to_dir {
-            opts.output.join(format!("{}.{extension}", v.name))
-        } else {
-            opts.output.clone()
+/// Where each volume a restore selected goes, checked before anything is
+/// read: none exists yet.
+pub(super) struct Outputs<'m> {
+    pub targets: Vec<(&'m VolumeRecord, PathBuf)>,
+    /// The directory this run made (to go again if the run fails).
+    made_dir: Option<PathBuf>,
+}
+
+impl<'m> Outputs<'m> {
+    /// The volumes of `m` that `opts` selects and their outputs: one
+    /// file, or a directory of `<volume>.raw|qcow2` (made if needed).
+    pub(super) fn plan(m: &'m Manifest, opts: &RestoreOptions) -> anyhow::Result<Outputs<'m>> {
+        let selected: Vec<_> = m
+            .volumes
+            .iter()
+            .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
+            .collect();
+        // Several volumes go into a directory: one that exists, or a new
+        // one whose name ends with / or has no extension. `one.raw` is a
+        // mistake.
+        let output = &opts.output;
+        let to_dir = output.is_dir()
+            || output.as_os_str().as_encoded_bytes().ends_with(b"/")
+            || (selected.len() > 1 && !output.exists() && output.extension().is_none());
+        if selected.len() > 1 && !to_dir {
+            return Err(BadInput(format!(
+                "backup {} has {} volumes; --output {} must be a directory (end it with /) or name one volume with --volume",
+                m.id,
+                selected.len(),
+                output.display()
+            ))
+            .into());
+        }
+        let extension = match opts.format {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
         };
-        if target.exists() {
+        let targets: Vec<_> = selected
+            .into_iter()
+            .map(|v| match to_dir {
+                true => (v, output.join(format!("{}.{extension}", v.name))),
+                false => (v, output.clone()),
+            })
+            .collect();
+        if let Some((_, target)) = targets.iter().find(|(_, t)| t.exists()) {
             return Err(BadInput(format!(
                 "{} exists; bitback does not overwrite restores",
                 target.display()
             ))
             .into());
         }
+        // A directory this run creates goes again if the run fails (a
+        // wrong key, a full disk) and nothing was restored into it.
+        let made_dir = (to_dir && !output.exists()).then(|| output.clone());
+        if to_dir {
+            std::fs::create_dir_all(output)
+                .with_context(|| format!("creating {}", output.display()))?;
+        }
+        Ok(Outputs { targets, made_dir })
+    }
+
+    /// Removes the directory this run made, if `failed` (and it is empty).
+    pub(super) fn undo_if(&self, failed: bool) {
+        if let (true, Some(dir)) = (failed, &self.made_dir) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Restores each of `outputs` into its target, checking each cluster of
+/// the volumes in `baselines` against them as it is copied.
+fn restore_selected(
+    repo: &Repo,
+    m: &Manifest,
+    chain: &[Manifest],
+    outputs: &Outputs,
+    opts: &RestoreOptions,
+    key: Option<&Key>,
+    baselines: &BTreeMap<String, Arc<Baseline>>,
+) -> anyhow::Result<Vec<Restored>> {
+    let mut out = Vec::new();
+    for (v, target) in &outputs.targets {
         let files = volume_files(repo, chain, &v.name)?;
         let check = baselines.get(&v.name).map(Arc::as_ref);
-        let restored = restore_volume(&files, &target, opts, v.virtual_size, key, check)
+        let restored = restore_volume(&files, target, opts, v.virtual_size, key, check)
             .with_context(|| format!("restoring volume {} of backup {}", v.name, m.id))?;
         info!(volume = %v.name, path = %target.display(), method = %restored.1, "restored");
         out.push(Restored {
             volume: v.name.clone(),
             backup: m.id.clone(),
-            path: target,
+            path: target.clone(),
             virtual_size: v.virtual_size,
             chain_length: files.len(),
             bytes_copied: restored.0,
@@ -233,7 +258,8 @@ fn restore_selected(
     Ok(out)
 }
 
-/// Writes under a temp name, then renames into place.
+/// Restores a volume of `size` bytes from `files` (full first) into
+/// `target`.
 fn restore_volume(
     files: &[PathBuf],
     target: &Path,
@@ -242,6 +268,55 @@ fn restore_volume(
     key: Option<&Key>,
     check: Option<&Baseline>,
 ) -> anyhow::Result<(Option<u64>, String)> {
+    let plan = match key {
+        Some(_) => None,
+        None => plan_copy(files)?,
+    };
+    let how = Copier {
+        threads: opts.threads.max(1),
+        progress: opts.progress.as_ref(),
+        check,
+    };
+    write_restore(target, |tmp| match plan {
+        Some(mapped) => copy_mapped(mapped, tmp, opts.format, size, &how),
+        None => {
+            let format = match opts.format {
+                Format::Raw => "raw",
+                Format::Qcow2 => "qcow2",
+            };
+            qemu_img_convert(files, key, tmp, format).map(|_| {
+                (
+                    None,
+                    "qemu-img convert (the backup is encrypted: QEMU decrypts it)".to_string(),
+                )
+            })
+        }
+    })
+}
+
+/// Copies a mapped chain natively into a new file `out` of `format`: the
+/// bytes copied, and the method's name.
+pub(super) fn copy_mapped(
+    mapped: Mapped,
+    out: &Path,
+    format: Format,
+    size: u64,
+    how: &Copier,
+) -> anyhow::Result<(Option<u64>, String)> {
+    let copy = match format {
+        Format::Raw => copy_native,
+        Format::Qcow2 => copy_native_qcow2,
+    };
+    copy(mapped, out, size, how).map(|n| (Some(n), "native".to_string()))
+}
+
+/// Runs `write` on a temporary name in `target`'s directory, then renames
+/// the result into place (never over a file that appeared meanwhile) and
+/// syncs the directory. A failure leaves nothing.
+pub(super) fn write_restore<T>(
+    target: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -253,40 +328,13 @@ fn restore_volume(
     clean_restoring(dir);
     let tmp = dir.join(format!(".{name}.restoring-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let format = match opts.format {
-        Format::Raw => "raw",
-        Format::Qcow2 => "qcow2",
-    };
-    let threads = opts.threads.max(1);
-    let plan = match key {
-        Some(_) => None,
-        None => plan_copy(files)?,
-    };
-    let how = Copier {
-        threads,
-        progress: opts.progress.as_ref(),
-        check,
-    };
-    let result = match plan {
-        Some(mapped) => {
-            let copy = match opts.format {
-                Format::Raw => copy_native,
-                Format::Qcow2 => copy_native_qcow2,
-            };
-            copy(mapped, &tmp, size, &how).map(|n| (Some(n), "native".to_string()))
+    let result = match write(&tmp) {
+        Ok(result) => result,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        None => qemu_img_convert(files, key, &tmp, format).map(|_| {
-            (
-                None,
-                "qemu-img convert (the backup is encrypted: QEMU decrypts it)".to_string(),
-            )
-        }),
     };
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Never over a file that appeared meanwhile.
     let renamed = nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         &tmp,
@@ -300,7 +348,7 @@ fn restore_volume(
             .with_context(|| format!("renaming into {}", target.display()));
     }
     crate::repo::sync_dir(dir)?;
-    result
+    Ok(result)
 }
 
 /// Removes what killed restores left in `dir`: `.NAME.restoring-PID`

@@ -8,6 +8,7 @@
 //! `If-None-Match: *`; a listing is by prefix and `/`. A delete in a
 //! bucket that keeps versions adds a delete marker.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{Error, Result};
 use super::names::check_name;
 use super::store::{Entry, Store, check_key};
-use crate::s3::{Client, Config, Location, Put, Retention};
+use crate::s3::{Client, Config, Location, Put, Retention, Version};
 
 /// A repository's objects in an S3 bucket, under a prefix.
 #[derive(Debug)]
@@ -152,6 +153,54 @@ impl Bucket {
             self.client.abort_upload(key, id)?;
         }
         Ok(uploads.len())
+    }
+
+    /// Every version and delete marker of the objects under `vm`'s
+    /// prefix, by repository key, each key's oldest first.
+    pub fn versions(&self, vm: &str) -> Result<BTreeMap<String, Vec<Version>>> {
+        check_name("VM", vm)?;
+        let prefix = format!("{}{vm}/", self.location.prefix);
+        let mut by_key: BTreeMap<String, Vec<Version>> = BTreeMap::new();
+        for v in self.client.versions(&prefix)? {
+            let Some(key) = v.key.strip_prefix(&self.location.prefix) else {
+                continue;
+            };
+            by_key.entry(key.to_string()).or_default().push(v.clone());
+        }
+        // The store lists each key's newest first.
+        for versions in by_key.values_mut() {
+            versions.reverse();
+        }
+        Ok(by_key)
+    }
+
+    /// The VMs with any object in the bucket, deleted ones (only delete
+    /// markers over their versions) included.
+    pub fn all_vms(&self) -> Result<Vec<String>> {
+        let mut vms: Vec<String> = self
+            .client
+            .version_prefixes(&self.location.prefix)?
+            .iter()
+            .filter_map(|p| p.strip_prefix(&self.location.prefix))
+            .map(|p| p.trim_end_matches('/').to_string())
+            .filter(|vm| check_name("VM", vm).is_ok())
+            .collect();
+        vms.sort();
+        vms.dedup();
+        Ok(vms)
+    }
+
+    /// Version `version` of repository key `key`; `None` when the store
+    /// has no such version.
+    pub fn get_version(&self, key: &str, version: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.client.get_version(&self.object(key)?, Some(version))?)
+    }
+
+    /// Fills `buf` from `offset` of version `version` of `key`.
+    pub fn read_range(&self, key: &str, version: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Ok(self
+            .client
+            .read_range(&self.object(key)?, version, offset, buf)?)
     }
 
     /// The object key of repository key `key`.

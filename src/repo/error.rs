@@ -14,6 +14,11 @@ pub enum Error {
     #[error("{} is not a directory", path.display())]
     NotADirectory { path: PathBuf },
 
+    #[error(
+        "{url} is a bucket: this command works on a directory repository (list and restore read a bucket where it is; bitback sync copies a directory's points into one and back)"
+    )]
+    InBucket { url: String },
+
     #[error("{} is a symlink; bitback does not follow links out of the repository", path.display())]
     Symlink { path: PathBuf },
 

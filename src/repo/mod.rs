@@ -98,6 +98,7 @@ pub struct Repo {
 impl Repo {
     /// Opens an existing repository directory.
     pub fn open(root: &Path) -> Result<Repo> {
+        refuse_url(root)?;
         match fs::metadata(root) {
             Ok(meta) if meta.is_dir() => Ok(Repo {
                 root: root.into(),
@@ -114,6 +115,7 @@ impl Repo {
 
     /// Opens a repository, creating its directory if needed.
     pub fn create(root: &Path) -> Result<Repo> {
+        refuse_url(root)?;
         fs::create_dir_all(root).map_err(|source| Error::Io {
             action: "creating the repository",
             path: root.into(),
@@ -546,6 +548,15 @@ impl Repo {
 
 /// The VMs with a prefix (a directory) in `store`, sorted. A link is
 /// listed, to be refused by name when used.
+/// Refuses a bucket's URL given where a directory is wanted (which would
+/// make a local directory `s3:`).
+fn refuse_url(root: &Path) -> Result<()> {
+    match root.to_str() {
+        Some(url) if url.starts_with("s3://") => Err(Error::InBucket { url: url.into() }),
+        _ => Ok(()),
+    }
+}
+
 pub fn vms_in(store: &dyn Store) -> Result<Vec<String>> {
     let mut vms: Vec<String> = store
         .list("")?

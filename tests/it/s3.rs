@@ -651,3 +651,196 @@ fn a_second_sync_is_refused_and_a_dead_ones_leftovers_go() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("copied"));
     assert!(!lock_there(), "the lock outlived its sync");
 }
+
+/// `list` and `restore` with `--repo s3://`: every point of a synced
+/// repository restores from the bucket where it lies, equal to its model.
+/// With bitback's own credentials an attacker deletes a point (delete
+/// markers) and puts garbage over another's file (a new version): `list`
+/// shows the first as hidden, and both still restore right, from the
+/// versions bitback wrote, which the restore names. In a bucket without
+/// versions an altered file is refused, never restored. A command that
+/// writes a directory repository refuses an s3:// URL and makes no `s3:`
+/// directory.
+#[test]
+fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
+    let store = Seaweed::start();
+    store.bucket("bb-read", true);
+    store.bucket("bb-plain", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    for _ in 0..3 {
+        vm.random_writes(&mut rng, 6);
+        vm.backup(&[]);
+    }
+    vm.quit();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    for url in ["s3://bb-read/site", "s3://bb-plain/site"] {
+        let run = bitback_env(&["sync", "--from", &repo, "--to", url], &env);
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    }
+    let list = |vm_name: Option<&str>| -> Vec<(String, bool)> {
+        let mut args = vec!["list", "--repo", "s3://bb-read/site", "--json"];
+        if let Some(name) = vm_name {
+            args.extend(["--vm", name]);
+        }
+        let run = bitback_env(&args, &env);
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+        run.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["id"].as_str().unwrap().to_string(),
+                    p["hidden"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let ids: Vec<String> = vm.points.iter().map(|(id, _)| id.clone()).collect();
+    let visible: Vec<(String, bool)> = ids.iter().map(|id| (id.clone(), false)).collect();
+    assert_eq!(list(None), visible);
+    let restore = |url: &str, id: &str, out: &std::path::Path| {
+        bitback_env(
+            &[
+                "restore",
+                "--repo",
+                url,
+                "--vm",
+                "vm1",
+                "--backup",
+                id,
+                "--output",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+            &env,
+        )
+    };
+    let restores_right = |url: &str, point: usize, tag: &str| -> serde_json::Value {
+        let (id, models) = &vm.points[point];
+        let out = dir.path().join(format!("from-{tag}-{id}"));
+        let run = restore(url, id, &out);
+        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+        let restored = run.json();
+        for (i, r) in restored.as_array().unwrap().iter().enumerate() {
+            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+            assert!(
+                same_content(&models[i], "raw", &path, "raw"),
+                "{url}: point {id}, volume {i} differs from its model"
+            );
+            assert_eq!(
+                r["versions"].as_array().unwrap().len(),
+                r["chain_length"].as_u64().unwrap() as usize
+            );
+        }
+        restored
+    };
+    for point in 0..3 {
+        restores_right("s3://bb-read/site", point, "locked");
+    }
+
+    // The attacker: the second point deleted, the third's first file
+    // overwritten with garbage of its length.
+    let second = &ids[1];
+    store.aws_ok(&[
+        "s3",
+        "rm",
+        "--recursive",
+        &format!("s3://bb-read/site/vm1/{second}/"),
+    ]);
+    let third_file = format!("site/vm1/{}/{}.qcow2", ids[2], vm.volume(0));
+    let len = store.read("bb-read", &third_file, dir.path()).len();
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, vec![0x5a; len]).unwrap();
+    store.aws_ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "bb-read",
+        "--key",
+        &third_file,
+        "--body",
+        garbage.to_str().unwrap(),
+    ]);
+    let mut expected = visible.clone();
+    expected[1].1 = true;
+    assert_eq!(list(Some("vm1")), expected);
+    let text = bitback_env(&["list", "--repo", "s3://bb-read/site"], &env);
+    assert!(text.stdout.contains("(hidden)"), "{}", text.stdout);
+    let restored = restores_right("s3://bb-read/site", 1, "deleted");
+    let versions = &restored[0]["versions"];
+    assert!(
+        versions[versions.as_array().unwrap().len() - 1]["file"]
+            .as_str()
+            .unwrap()
+            .contains(second.as_str()),
+        "{versions}"
+    );
+    restores_right("s3://bb-read/site", 2, "overwritten");
+
+    // Without versions, an altered file is all there is: refused.
+    let altered = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(1));
+    let mut bytes = store.read("bb-plain", &altered, dir.path());
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&garbage, &bytes).unwrap();
+    store.aws_ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "bb-plain",
+        "--key",
+        &altered,
+        "--body",
+        garbage.to_str().unwrap(),
+    ]);
+    let out = dir.path().join("refused");
+    let run = restore("s3://bb-plain/site", &ids[0], &out);
+    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("cluster map") || run.stderr.contains("does not verify"),
+        "{}",
+        run.stderr
+    );
+    // The volume before it restored (as from a directory); of the altered
+    // one nothing is left, not even a temporary file.
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter()
+            .all(|name| name == &format!("{}.raw", vm.volume(0))),
+        "a refused restore left {left:?}"
+    );
+    // A later point builds on it: refused too, naming the file.
+    let run = restore("s3://bb-plain/site", &ids[2], &dir.path().join("later"));
+    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains(&altered[5..]), "{}", run.stderr);
+
+    // What writes a directory repository refuses a bucket, and makes no
+    // directory named after it.
+    let cwd = dir.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    for args in [
+        &["prune", "--vm", "vm1", "--keep-last", "1"][..],
+        &["verify"],
+    ] {
+        let refused = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(args)
+            .args(["--repo", "s3://bb-read/site"])
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("is a bucket"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0);
+}

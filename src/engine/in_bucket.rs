@@ -1,0 +1,373 @@
+//! Reading a repository where it lies in a bucket: `list` and `restore`
+//! with `--repo s3://BUCKET/PREFIX`, nothing downloaded first.
+//!
+//! What is read is what bitback wrote, whatever came after: of every key
+//! the first version written (the oldest that is data, of the length
+//! its manifest recorded). A later version is a put over bitback's (a
+//! credential thief may add one; object lock keeps the first), a delete
+//! marker a delete: neither hides or replaces a point. A point whose
+//! manifest or files have a delete marker on top is listed as hidden and
+//! still restores; a restore names the versions it read.
+//!
+//! A restore reads the chain natively ([`super::native`]), each file an
+//! object version read by ranged GETs: its tables first, then only the
+//! newest object holding each cluster, on several threads. Every file is
+//! checked as a directory restore checks it: the structural rules (its
+//! length, backing name, size, no external data file), and its data
+//! against the chain's cluster maps in flight, or against its digest
+//! (read first) where the chain has no maps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tracing::info;
+
+use super::chain::{Pick, chain_of, has_volumes, volume_records};
+use super::native::{ChainSource, Copier, plan_sources};
+use super::outcome::BadInput;
+use super::restore::{MAX_IN_FLIGHT_RECORDS, Outputs, RestoreOptions, Restored};
+use crate::cluster_map::Baseline;
+use crate::qcow2::{self, Image};
+use crate::repo::{Bucket, Manifest, Store, VolumeRecord};
+use crate::s3::Version;
+
+/// A point in a bucket, as bitback wrote it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketPoint {
+    #[serde(flatten)]
+    pub manifest: Manifest,
+    /// A delete marker lies on its manifest or one of its files: a plain
+    /// listing or `aws s3 sync` no longer sees it whole. It still
+    /// restores from its versions.
+    pub hidden: bool,
+    /// The version of its manifest read.
+    pub manifest_version: String,
+}
+
+/// A restore from a bucket: the restore, and the object versions it read.
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketRestored {
+    #[serde(flatten)]
+    pub restored: Restored,
+    /// The files of the volume's chain, full first, each with its version.
+    pub versions: Vec<UsedVersion>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UsedVersion {
+    /// Relative to the repository (the object's key under the prefix).
+    pub file: String,
+    pub version: String,
+}
+
+/// Every version of every object of one VM in a bucket.
+struct Objects<'b> {
+    bucket: &'b Bucket,
+    /// By repository key, oldest first.
+    versions: BTreeMap<String, Vec<Version>>,
+}
+
+impl<'b> Objects<'b> {
+    fn load(bucket: &'b Bucket, vm: &str) -> anyhow::Result<Objects<'b>> {
+        Ok(Objects {
+            bucket,
+            versions: bucket.versions(vm)?,
+        })
+    }
+
+    /// The version of `key` bitback reads: the first written (the oldest
+    /// that is data), of `size` bytes when one is given.
+    fn original(&self, key: &str, size: Option<u64>) -> anyhow::Result<&Version> {
+        let versions = self.versions.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        let data = || versions.iter().filter(|v| !v.marker);
+        data()
+            .find(|v| size.is_none_or(|s| v.size == s))
+            .with_context(|| match (data().next(), size) {
+                (Some(v), Some(s)) => format!(
+                    "{} holds no version of {s} bytes (the first is {} bytes): the object was replaced",
+                    self.bucket.locate(key).display(),
+                    v.size
+                ),
+                _ => format!(
+                    "{} is missing: no version of it is in the bucket",
+                    self.bucket.locate(key).display()
+                ),
+            })
+    }
+
+    /// Whether a delete marker is the newest version of `key`.
+    fn hidden(&self, key: &str) -> bool {
+        self.versions
+            .get(key)
+            .and_then(|v| v.last())
+            .is_some_and(|v| v.marker)
+    }
+
+    /// The points of `vm`: each manifest's first version, oldest point
+    /// first. A manifest that does not parse is an error naming it.
+    fn points(&self, vm: &str) -> anyhow::Result<Vec<BucketPoint>> {
+        let mut points = Vec::new();
+        for key in self.versions.keys() {
+            let Some(id) = key
+                .strip_prefix(&format!("{vm}/"))
+                .and_then(|k| k.strip_suffix("/manifest.json"))
+                .filter(|id| !id.contains('/') && !id.starts_with('.'))
+            else {
+                continue;
+            };
+            let version = self.original(key, None)?;
+            let located = || self.bucket.locate(key).display().to_string();
+            let bytes = self
+                .bucket
+                .get_version(key, &version.id)?
+                .with_context(|| format!("{} (version {}) is gone", located(), version.id))?;
+            let manifest = Manifest::parse(&bytes, vm, id)
+                .with_context(|| format!("{} is not a manifest", located()))?;
+            let hidden = self.hidden(key)
+                || manifest.volumes.iter().any(|v| {
+                    self.hidden(&v.file)
+                        || v.cluster_map.as_ref().is_some_and(|m| self.hidden(&m.file))
+                });
+            points.push(BucketPoint {
+                manifest,
+                hidden,
+                manifest_version: version.id.clone(),
+            });
+        }
+        points.sort_by(|a, b| crate::repo::order(&a.manifest, &b.manifest));
+        Ok(points)
+    }
+}
+
+/// The points of `vm` in `bucket` (every VM's with `None`), oldest first
+/// per VM, hidden ones included.
+pub fn bucket_points(bucket: &Bucket, vm: Option<&str>) -> anyhow::Result<Vec<BucketPoint>> {
+    let vms = match vm {
+        Some(vm) => vec![vm.to_string()],
+        None => bucket.all_vms()?,
+    };
+    let mut all = Vec::new();
+    for vm in &vms {
+        all.extend(Objects::load(bucket, vm)?.points(vm)?);
+    }
+    Ok(all)
+}
+
+/// One file of a chain: an object version, read by ranged GETs.
+struct Object<'b> {
+    bucket: &'b Bucket,
+    key: String,
+    version: String,
+    size: u64,
+}
+
+impl qcow2::Source for Object<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.size {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.bucket
+            .read_range(&self.key, &self.version, offset, buf)
+            .map_err(std::io::Error::other)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl ChainSource for Object<'_> {
+    fn name(&self) -> String {
+        format!(
+            "{} (version {})",
+            self.bucket.locate(&self.key).display(),
+            self.version
+        )
+    }
+}
+
+/// Restores a point of `opts.vm` from `bucket` into `opts.output`.
+pub fn restore_from_bucket(
+    bucket: &Bucket,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Vec<BucketRestored>> {
+    let objects = Objects::load(bucket, &opts.vm)?;
+    let points = objects.points(&opts.vm)?;
+    let m = match &opts.backup {
+        Pick::Latest => points.last(),
+        Pick::Id(id) => points.iter().find(|p| &p.manifest.id == id),
+    }
+    .map(|p| &p.manifest)
+    .ok_or_else(|| match opts.backup.id() {
+        Some(id) => BadInput(format!(
+            "{} holds no backup {id} of vm {}",
+            bucket.location(),
+            opts.vm
+        )),
+        None => BadInput(format!(
+            "{} holds no backup of vm {}",
+            bucket.location(),
+            opts.vm
+        )),
+    })?;
+    if m.encryption.is_some() {
+        return Err(BadInput(format!(
+            "backup {} is encrypted, and QEMU decrypts it from files: bring it here first (bitback sync --from {} --to DIR --vm {}), then restore from DIR",
+            m.id,
+            bucket.location(),
+            opts.vm
+        ))
+        .into());
+    }
+    has_volumes(m, &opts.volumes)?;
+    let chain = chain_of(m, |id| {
+        points
+            .iter()
+            .find(|p| p.manifest.id == id)
+            .map(|p| p.manifest.clone())
+            .with_context(|| format!("the bucket holds no manifest of {id}"))
+    })?;
+    let outputs = Outputs::plan(m, opts)?;
+    let restored: anyhow::Result<Vec<_>> = outputs
+        .targets
+        .iter()
+        .map(|(v, target)| {
+            restore_volume(&objects, &chain, v, target, opts)
+                .with_context(|| format!("restoring volume {} of backup {}", v.name, m.id))
+        })
+        .collect();
+    outputs.undo_if(restored.is_err());
+    restored
+}
+
+/// Restores volume `v` at the top of `chain` into `target`.
+fn restore_volume(
+    objects: &Objects,
+    chain: &[Manifest],
+    v: &VolumeRecord,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> anyhow::Result<BucketRestored> {
+    let records = volume_records(chain, &v.name)?;
+    let mut sources: Vec<Box<dyn ChainSource + '_>> = Vec::new();
+    let mut versions = Vec::new();
+    for r in &records {
+        let version = objects.original(&r.file, r.file_size)?;
+        let object = Object {
+            bucket: objects.bucket,
+            key: r.file.clone(),
+            version: version.id.clone(),
+            size: version.size,
+        };
+        let image = Image::parse(&object, Path::new(&r.file))
+            .with_context(|| format!("reading {}", object.name()))?;
+        if let Some(problem) = structure_problem(r, &image) {
+            bail!("{}: {problem}", object.name());
+        }
+        versions.push(UsedVersion {
+            file: r.file.clone(),
+            version: version.id.clone(),
+        });
+        sources.push(Box::new(object));
+    }
+    let check = match opts.verify {
+        true => proof(objects, chain, v, &records, &sources)?,
+        false => None,
+    };
+    let mapped = plan_sources(sources)?.context("an encrypted file in a chain that is not")?;
+    let how = Copier {
+        threads: opts.threads.max(1),
+        progress: opts.progress.as_ref(),
+        check: check.as_deref(),
+    };
+    let (copied, method) = super::restore::write_restore(target, |tmp| {
+        super::restore::copy_mapped(mapped, tmp, opts.format, v.virtual_size, &how)
+    })?;
+    info!(volume = %v.name, path = %target.display(), "restored from the bucket");
+    Ok(BucketRestored {
+        restored: Restored {
+            volume: v.name.clone(),
+            backup: chain.last().map(|m| m.id.clone()).unwrap_or_default(),
+            path: target.to_path_buf(),
+            virtual_size: v.virtual_size,
+            chain_length: records.len(),
+            bytes_copied: copied,
+            method: format!("{method}, from the bucket"),
+        },
+        versions,
+    })
+}
+
+/// What is wrong with file `r` as read (`image`), by the structural
+/// rules: its backing name, format and size as the manifest says, not
+/// encrypted, naming no external data file.
+fn structure_problem(r: &VolumeRecord, image: &Image) -> Option<String> {
+    if image.hc.backing_file != r.backing {
+        return Some(format!(
+            "backing file is {:?}, the manifest says {:?}",
+            image.hc.backing_file, r.backing
+        ));
+    }
+    if image.hc.backing_format.as_deref() != r.backing.as_ref().map(|_| "qcow2") {
+        return Some(format!("backing format is {:?}", image.hc.backing_format));
+    }
+    if image.header().size != r.virtual_size {
+        return Some("virtual size differs from the manifest".into());
+    }
+    if image.encrypted() {
+        return Some("the file is encrypted, the manifest says it is not".into());
+    }
+    super::check::data_file_problem(image)
+}
+
+/// How volume `v`'s data is proven: the chain's cluster maps laid over
+/// each other, each cluster checked as it is copied (returned); or, where
+/// the chain has no maps, each file's digest read now.
+fn proof(
+    objects: &Objects,
+    chain: &[Manifest],
+    v: &VolumeRecord,
+    records: &[&VolumeRecord],
+    sources: &[Box<dyn ChainSource + '_>],
+) -> anyhow::Result<Option<Arc<Baseline>>> {
+    let held: u64 = records
+        .iter()
+        .map(|r| r.cluster_map.as_ref().map_or(0, |m| m.records))
+        .sum();
+    let maps = records.iter().all(|r| r.cluster_map.is_some()) && held <= MAX_IN_FLIGHT_RECORDS;
+    if maps {
+        let read = |file: &str| -> Result<Vec<u8>, String> {
+            let version = objects.original(file, None).map_err(|e| format!("{e:#}"))?;
+            objects
+                .bucket
+                .get_version(file, &version.id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("version {} is gone", version.id))
+        };
+        return super::content::baseline_of(chain, &v.name, None, read)
+            .map(Some)
+            .map_err(|why| anyhow::anyhow!("volume {}: {why}", v.name));
+    }
+    info!(volume = %v.name, "the chain has no cluster maps: its digests are read first");
+    for (r, source) in records.iter().zip(sources) {
+        let source = source.as_ref();
+        let digest = match r.digest.is_layout() {
+            true => {
+                let image = Image::parse(source, &PathBuf::from(&r.file))?;
+                qcow2::layout_digest(source, &image)?.0
+            }
+            false => crate::digest::of_source(source)?,
+        };
+        if digest != r.digest {
+            bail!(
+                "{} does not verify: its digest is {digest}, the manifest says {}",
+                source.name(),
+                r.digest
+            );
+        }
+    }
+    Ok(None)
+}
