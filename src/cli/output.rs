@@ -93,6 +93,27 @@ pub(crate) fn key_file(
         .map_err(|e| bitback::engine::BadInput(format!("{flag}: {e:#}")).into())
 }
 
+/// The bucket `repo` names when it is an `s3://BUCKET/PREFIX` URL, reached
+/// the AWS way (`endpoint` over AWS_ENDPOINT_URL); `None` for a directory.
+pub(crate) fn bucket(
+    repo: &std::path::Path,
+    endpoint: Option<&str>,
+) -> anyhow::Result<Option<bitback::repo::Bucket>> {
+    use bitback::engine::BadInput;
+    let Some(location) = repo.to_str().and_then(bitback::s3::Location::parse) else {
+        if endpoint.is_some() {
+            return Err(BadInput("--s3-endpoint goes with an s3:// repository".into()).into());
+        }
+        return Ok(None);
+    };
+    let bad = |e: bitback::s3::Error| anyhow::Error::from(BadInput(e.to_string()));
+    let config = bitback::s3::Config::from_env(endpoint).map_err(bad)?;
+    Ok(Some(bitback::repo::Bucket::new(
+        &config,
+        location.map_err(bad)?,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,25 +135,4 @@ mod tests {
         ]);
         assert_eq!(t, "A    BB  C\nAAA  B   CCCC\n");
     }
-}
-
-/// The bucket `repo` names when it is an `s3://BUCKET/PREFIX` URL, reached
-/// the AWS way (`endpoint` over AWS_ENDPOINT_URL); `None` for a directory.
-pub(crate) fn bucket(
-    repo: &std::path::Path,
-    endpoint: Option<&str>,
-) -> anyhow::Result<Option<bitback::repo::Bucket>> {
-    use bitback::engine::BadInput;
-    let Some(location) = repo.to_str().and_then(bitback::s3::Location::parse) else {
-        if endpoint.is_some() {
-            return Err(BadInput("--s3-endpoint goes with an s3:// repository".into()).into());
-        }
-        return Ok(None);
-    };
-    let bad = |e: bitback::s3::Error| anyhow::Error::from(BadInput(e.to_string()));
-    let config = bitback::s3::Config::from_env(endpoint).map_err(bad)?;
-    Ok(Some(bitback::repo::Bucket::new(
-        &config,
-        location.map_err(bad)?,
-    )?))
 }
