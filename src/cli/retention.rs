@@ -17,9 +17,15 @@ use bitback::repo::Repo;
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("keep").required(true).args(["keep_chains", "keep_last"])))]
 pub(crate) struct PruneArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX (a point goes
+    /// for good, every version of its objects; one an object lock holds
+    /// is kept, with all it builds on, and the report says until when).
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// The VM to prune.
     #[arg(long, value_name = "NAME")]
     vm: String,
@@ -118,6 +124,12 @@ fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
     for id in &report.deleted {
         println!("deleted {id}");
     }
+    for l in &report.locked {
+        println!(
+            "kept {}: an object lock holds it until {}",
+            l.backup, l.until
+        );
+    }
     println!(
         "{} backups kept, {} deleted",
         report.kept.len(),
@@ -127,15 +139,20 @@ fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&args.repo)?;
-    let lock = repo.lock_vm(&args.vm, "prune")?;
     let keep = match (args.keep_chains, args.keep_last) {
         (Some(n), _) => Keep::Chains(n as usize),
         (None, Some(n)) => Keep::Last(n as usize),
         (None, None) => unreachable!("clap requires one"),
     };
-    let report =
-        engine::prune(&repo, &lock, keep).with_context(|| format!("pruning vm {}", args.vm))?;
+    let report = match super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
+        Some(bucket) => engine::prune_bucket(&bucket, &args.vm, keep),
+        None => {
+            let repo = Repo::open(&args.repo)?;
+            let lock = repo.lock_vm(&args.vm, "prune")?;
+            engine::prune(&repo, &lock, keep)
+        }
+    }
+    .with_context(|| format!("pruning vm {}", args.vm))?;
     print(&report, args.json)?;
     Ok(ExitCode::SUCCESS)
 }

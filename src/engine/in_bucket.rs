@@ -1,4 +1,4 @@
-//! Reading a repository where it lies in a bucket: `list` and `restore`
+//! A repository where it lies in a bucket: `list`, `restore` and `prune`
 //! with `--repo s3://BUCKET/PREFIX`, nothing downloaded first.
 //!
 //! What is read is what bitback wrote, whatever came after: of every key
@@ -16,8 +16,14 @@
 //! length, backing name, size, no external data file), and its data
 //! against the chain's cluster maps in flight, or against its digest
 //! (read first) where the chain has no maps.
+//!
+//! Prune removes a point for good (every version of its objects, the
+//! manifest first), holding the VM's lock in the bucket; a point an
+//! object lock holds is kept, with all it builds on, and the report says
+//! until when. What a dead sync or prune left under a point without a
+//! manifest goes too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,9 +35,11 @@ use super::chain::{Pick, chain_of, has_volumes, volume_records};
 use super::native::{ChainSource, Copier, plan_sources};
 use super::outcome::BadInput;
 use super::restore::{MAX_IN_FLIGHT_RECORDS, Outputs, RestoreOptions, Restored};
+use super::retention::{Keep, Locked, Retention, ancestors, check_links, keep_set};
 use crate::cluster_map::Baseline;
 use crate::qcow2::{self, Image};
-use crate::repo::{Bucket, Manifest, Store, VolumeRecord};
+use crate::repo::time::Utc;
+use crate::repo::{Bucket, Holder, Manifest, Store, VolumeRecord};
 use crate::s3::Version;
 
 /// A point in a bucket, as bitback wrote it.
@@ -118,7 +126,11 @@ impl<'b> Objects<'b> {
             else {
                 continue;
             };
-            let version = self.original(key, None)?;
+            // Only delete markers left: the manifest is gone for good (a
+            // prune that died midway), so there is no point.
+            let Ok(version) = self.original(key, None) else {
+                continue;
+            };
             let located = || self.bucket.locate(key).display().to_string();
             let bytes = self
                 .bucket
@@ -370,4 +382,137 @@ fn proof(
         }
     }
     Ok(None)
+}
+
+/// Prunes `vm`'s points in `bucket` as `keep` says, holding the VM's
+/// lock in the bucket. A point an object lock still holds is kept (and
+/// what it builds on); the report names it and the date.
+pub fn prune_bucket(bucket: &Bucket, vm: &str, keep: Keep) -> anyhow::Result<Retention> {
+    let holder = Holder {
+        host: super::serve::runtime::host(),
+        pid: std::process::id(),
+        purpose: "prune".into(),
+        started: Utc::now().rfc3339(),
+    };
+    let lock = bucket.lock_vm(vm, &holder)?;
+    bucket.abort_incomplete(&lock, vm)?;
+    let objects = Objects::load(bucket, vm)?;
+    let manifests: Vec<Manifest> = objects
+        .points(vm)?
+        .into_iter()
+        .map(|p| p.manifest)
+        .collect();
+    check_links(&manifests)?;
+    let mut kept = keep_set(&manifests, keep)?;
+    let lockable = bucket.object_lock_enabled()?;
+    let mut locked = BTreeMap::new();
+    for m in &manifests {
+        if kept.contains(m.id.as_str()) || !lockable {
+            continue;
+        }
+        if let Some(until) = objects.held_until(&format!("{vm}/{}/", m.id))? {
+            locked.insert(m.id.as_str(), until);
+            kept.extend(ancestors(&manifests, m));
+        }
+    }
+    let mut report = Retention::default();
+    // Newest first: a failure never leaves a kept point without its parent.
+    for m in manifests.iter().rev() {
+        if kept.contains(m.id.as_str()) {
+            report.kept.push(m.id.clone());
+            if let Some(until) = locked.get(m.id.as_str()) {
+                report.locked.push(Locked {
+                    backup: m.id.clone(),
+                    until: until.clone(),
+                });
+            }
+            continue;
+        }
+        objects
+            .remove_point(vm, &m.id)
+            .with_context(|| format!("deleting backup {} from {}", m.id, bucket.location()))?;
+        info!(vm, backup = %m.id, "pruned from the bucket");
+        report.deleted.push(m.id.clone());
+    }
+    objects.remove_leftovers(vm, &manifests, lockable)?;
+    report.kept.reverse();
+    report.deleted.reverse();
+    report.locked.reverse();
+    Ok(report)
+}
+
+impl Objects<'_> {
+    /// The keys under `prefix`.
+    fn under<'k>(&'k self, prefix: &'k str) -> impl Iterator<Item = &'k String> + 'k {
+        self.versions
+            .range(prefix.to_string()..)
+            .map(|(k, _)| k)
+            .take_while(move |k| k.starts_with(prefix))
+    }
+
+    /// The latest retain-until date of any version under `prefix` that
+    /// an object lock still holds; `None` when none is held.
+    fn held_until(&self, prefix: &str) -> anyhow::Result<Option<String>> {
+        let now = Utc::now().to_unix();
+        let mut latest: Option<(i64, String)> = None;
+        for key in self.under(prefix) {
+            for v in self.versions[key].iter().filter(|v| !v.marker) {
+                let Some(r) = self.bucket.retention_of(key, &v.id)? else {
+                    continue;
+                };
+                // A date that does not parse holds (the store enforces it).
+                let until = Utc::parse_rfc3339(&r.until).map_or(i64::MAX, |t| t.to_unix());
+                if until > now && latest.as_ref().is_none_or(|(l, _)| until > *l) {
+                    latest = Some((until, r.until.clone()));
+                }
+            }
+        }
+        Ok(latest.map(|(_, text)| text))
+    }
+
+    /// Removes every version of every object of point `id`, delete
+    /// markers included: its manifest first, so no half point is listed.
+    fn remove_point(&self, vm: &str, id: &str) -> anyhow::Result<()> {
+        let prefix = format!("{vm}/{id}/");
+        let manifest = format!("{prefix}manifest.json");
+        let keys = std::iter::once(&manifest)
+            .filter(|k| self.versions.contains_key(*k))
+            .chain(self.under(&prefix).filter(|k| **k != manifest));
+        for key in keys {
+            for v in self.versions[key].iter().rev() {
+                self.bucket.delete_version(key, &v.id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what lies under a point's prefix with no manifest (a sync
+    /// or prune that died midway; none runs now: the VM's bucket lock is
+    /// held), unless an object lock holds it.
+    fn remove_leftovers(
+        &self,
+        vm: &str,
+        points: &[Manifest],
+        lockable: bool,
+    ) -> anyhow::Result<()> {
+        let ids: BTreeSet<&str> = self
+            .versions
+            .keys()
+            .filter_map(|k| k.strip_prefix(&format!("{vm}/"))?.split_once('/'))
+            .map(|(id, _)| id)
+            .filter(|id| !id.starts_with('.') && !points.iter().any(|m| m.id == *id))
+            .collect();
+        for id in ids {
+            let prefix = format!("{vm}/{id}/");
+            if lockable && self.held_until(&prefix)?.is_some() {
+                continue;
+            }
+            info!(
+                vm,
+                id, "removing what an interrupted run left in the bucket"
+            );
+            self.remove_point(vm, id)?;
+        }
+        Ok(())
+    }
 }

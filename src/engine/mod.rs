@@ -34,11 +34,13 @@ pub use chain::{Pick, resolve};
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Target, copy_to_files};
-pub use in_bucket::{BucketPoint, BucketRestored, UsedVersion, bucket_points, restore_from_bucket};
+pub use in_bucket::{
+    BucketPoint, BucketRestored, UsedVersion, bucket_points, prune_bucket, restore_from_bucket,
+};
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
-pub use retention::{Keep, Retention, consolidate, prune};
+pub use retention::{Keep, Locked, Retention, consolidate, prune};
 pub use run::{BackupRun, backup_vm};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,

@@ -41,11 +41,23 @@ pub struct Retention {
     pub kept: Vec<String>,
     /// Backups turned into fulls by consolidation.
     pub consolidated: Vec<String>,
+    /// Of those kept, the ones `keep` would have deleted, kept because an
+    /// object lock holds them (in a bucket), and until when.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locked: Vec<Locked>,
+}
+
+/// A backup an object lock keeps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Locked {
+    pub backup: String,
+    /// The latest retain-until date among its objects (RFC 3339).
+    pub until: String,
 }
 
 /// `m` and the backups it builds on, newest first. Stops at a loop, which
 /// [`check_links`] refuses before any decision is made.
-fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
+pub(super) fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
     let mut out = vec![m.id.as_str()];
     let mut current = m;
     while let Some(parent) = &current.parent {
@@ -64,7 +76,7 @@ fn ancestors<'a>(backups: &'a [Manifest], m: &'a Manifest) -> Vec<&'a str> {
 }
 
 /// Refuses parent links that loop: a repository bitback wrote has none.
-fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
+pub(super) fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
     for m in backups {
         let mut seen = BTreeSet::from([m.id.as_str()]);
         let mut current = m;
@@ -84,40 +96,48 @@ fn check_links(backups: &[Manifest]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ids of `backups` (oldest first) that `keep` keeps, with every
+/// backup they build on.
+pub(super) fn keep_set<'a>(
+    backups: &'a [Manifest],
+    keep: Keep,
+) -> anyhow::Result<BTreeSet<&'a str>> {
+    let mut kept: BTreeSet<&str> = BTreeSet::new();
+    match keep {
+        Keep::Chains(0) | Keep::Last(0) => bail!("keeping nothing is not pruning; keep at least 1"),
+        Keep::Chains(n) => {
+            // A chain is named by its full, found by following parents
+            // (not by the `chain` field a manifest may carry stale).
+            let root = |m: &'a Manifest| ancestors(backups, m).last().copied().unwrap_or("");
+            let mut chains: Vec<&str> = Vec::new();
+            for m in backups.iter().rev() {
+                if !chains.contains(&root(m)) {
+                    chains.push(root(m));
+                }
+            }
+            chains.truncate(n);
+            for m in backups {
+                if chains.contains(&root(m)) {
+                    kept.extend(ancestors(backups, m));
+                }
+            }
+        }
+        Keep::Last(n) => {
+            for m in backups.iter().rev().take(n) {
+                kept.extend(ancestors(backups, m));
+            }
+        }
+    }
+    Ok(kept)
+}
+
 /// Deletes every backup that neither `keep` nor a kept backup needs.
 pub fn prune(repo: &Repo, lock: &VmLock, keep: Keep) -> anyhow::Result<Retention> {
     let vm = lock.vm();
     let _readers = lock_readers(repo, lock, "prune")?;
     repo.clean_leftovers(lock, vm)?;
     let backups = renumber(repo, lock)?;
-    let mut kept: BTreeSet<&str> = BTreeSet::new();
-    match keep {
-        Keep::Chains(0) | Keep::Last(0) => bail!("keeping nothing is not pruning; keep at least 1"),
-        Keep::Chains(n) => {
-            let chains: Vec<&str> =
-                backups
-                    .iter()
-                    .rev()
-                    .map(|m| m.chain.as_str())
-                    .fold(Vec::new(), |mut acc, c| {
-                        if !acc.contains(&c) {
-                            acc.push(c);
-                        }
-                        acc
-                    });
-            let keep_chains: Vec<&str> = chains.into_iter().take(n).collect();
-            for m in &backups {
-                if keep_chains.contains(&m.chain.as_str()) {
-                    kept.extend(ancestors(&backups, m));
-                }
-            }
-        }
-        Keep::Last(n) => {
-            for m in backups.iter().rev().take(n) {
-                kept.extend(ancestors(&backups, m));
-            }
-        }
-    }
+    let kept = keep_set(&backups, keep)?;
     let mut report = Retention::default();
     // Newest first: a crash never leaves a kept backup without its parent.
     for m in backups.iter().rev() {

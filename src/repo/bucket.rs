@@ -203,6 +203,24 @@ impl Bucket {
             .read_range(&self.object(key)?, version, offset, buf)?)
     }
 
+    /// The object-lock retention on version `version` of `key`, if any.
+    pub fn retention_of(&self, key: &str, version: &str) -> Result<Option<Retention>> {
+        Ok(self
+            .client
+            .retention_of(&self.object(key)?, Some(version))?)
+    }
+
+    /// Removes version `version` of `key` for good (refused by the store
+    /// while an object lock holds it). A bucket that never kept versions
+    /// has one, `null`: a plain delete removes it.
+    pub fn delete_version(&self, key: &str, version: &str) -> Result<()> {
+        let object = self.object(key)?;
+        match version {
+            "null" => Ok(self.client.delete(&object)?),
+            _ => Ok(self.client.delete_version(&object, version)?),
+        }
+    }
+
     /// The object key of repository key `key`.
     fn object(&self, key: &str) -> Result<String> {
         check_key(key, &self.locate(key))?;

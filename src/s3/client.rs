@@ -658,8 +658,21 @@ impl Client {
     /// The retention on the current version of `key`; `None` when it has
     /// none.
     pub fn retention(&self, key: &str) -> Result<Option<Retention>, Error> {
+        self.retention_of(key, None)
+    }
+
+    /// The retention on version `version` of `key` (the current one when
+    /// `None`); `None` when it has none.
+    pub fn retention_of(
+        &self,
+        key: &str,
+        version: Option<&str>,
+    ) -> Result<Option<Retention>, Error> {
         let mut action = self.bucket.get_object(Some(&self.credentials), key);
         action.query_mut().insert("retention", "");
+        if let Some(version) = version {
+            action.query_mut().insert("versionId", version.to_string());
+        }
         let url = action.sign(SIGNED_FOR);
         let reply = self.send("GET-RETENTION", key, || self.agent.get(url.as_str()).call())?;
         if reply.status == 404 {
@@ -770,6 +783,19 @@ impl Client {
             .bucket
             .delete_object(Some(&self.credentials), key)
             .sign(SIGNED_FOR);
+        let reply = self.send("DELETE", key, || self.agent.delete(url.as_str()).call())?;
+        match reply.status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(reply.error("DELETE", key)),
+        }
+    }
+
+    /// Removes version `version` of `key` for good (no delete marker);
+    /// the store refuses a version under an object lock (403).
+    pub fn delete_version(&self, key: &str, version: &str) -> Result<(), Error> {
+        let mut action = self.bucket.delete_object(Some(&self.credentials), key);
+        action.query_mut().insert("versionId", version.to_string());
+        let url = action.sign(SIGNED_FOR);
         let reply = self.send("DELETE", key, || self.agent.delete(url.as_str()).call())?;
         match reply.status {
             200 | 204 | 404 => Ok(()),

@@ -844,3 +844,137 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
     }
     assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0);
 }
+
+/// `prune --repo s3://`: in a bucket without object lock, the points
+/// `--keep-chains 1` drops go for good (no version of their objects
+/// left), with what a dead run left under a point without a manifest;
+/// the kept chain restores. Where an object lock holds the older chain,
+/// it is kept, and the report says until when.
+#[test]
+fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
+    let store = Seaweed::start();
+    store.bucket("bb-prune-lock", true);
+    store.bucket("bb-prune-plain", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[8 * MIB]);
+    let mut rng = Rng::from_env();
+    for extra in [&[][..], &[], &["--full"], &[]] {
+        vm.random_writes(&mut rng, 6);
+        vm.backup(extra);
+    }
+    vm.quit();
+    let ids: Vec<String> = vm.points.iter().map(|(id, _)| id.clone()).collect();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let run_ok = |args: &[&str]| {
+        let run = bitback_env(args, &env);
+        assert_eq!(run.code, Some(0), "{args:?}: {}{}", run.stdout, run.stderr);
+        run
+    };
+    run_ok(&["sync", "--from", &repo, "--to", "s3://bb-prune-plain/site"]);
+    run_ok(&[
+        "sync",
+        "--from",
+        &repo,
+        "--to",
+        "s3://bb-prune-lock/site",
+        "--retain-days",
+        "1",
+    ]);
+    // What a sync killed before its manifest leaves.
+    let leftover = "site/vm1/20200101T000000Z/drive0.qcow2";
+    store.aws_ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "bb-prune-plain",
+        "--key",
+        leftover,
+    ]);
+    let prune = |url: &str| {
+        run_ok(&[
+            "prune",
+            "--repo",
+            url,
+            "--vm",
+            "vm1",
+            "--keep-chains",
+            "1",
+            "--json",
+        ])
+        .json()
+    };
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let pruned = prune("s3://bb-prune-plain/site");
+    assert_eq!(strings(&pruned["deleted"]), ids[..2]);
+    assert_eq!(strings(&pruned["kept"]), ids[2..]);
+    let versions = |bucket: &str, prefix: &str| -> usize {
+        let listed = store.aws_ok(&[
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            bucket,
+            "--prefix",
+            prefix,
+        ]);
+        ["Versions", "DeleteMarkers"]
+            .iter()
+            .map(|k| listed.get(k).and_then(|v| v.as_array()).map_or(0, Vec::len))
+            .sum()
+    };
+    for id in &ids[..2] {
+        assert_eq!(versions("bb-prune-plain", &format!("site/vm1/{id}/")), 0);
+    }
+    assert_eq!(versions("bb-prune-plain", "site/vm1/20200101T000000Z/"), 0);
+    let out = dir.path().join("kept.raw");
+    run_ok(&[
+        "restore",
+        "--repo",
+        "s3://bb-prune-plain/site",
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(same_content(&vm.points[3].1[0], "raw", &out, "raw"));
+
+    // Under the lock nothing goes, and the report says until when.
+    let pruned = prune("s3://bb-prune-lock/site");
+    assert_eq!(strings(&pruned["deleted"]), Vec::<String>::new());
+    assert_eq!(strings(&pruned["kept"]), ids);
+    let locked = pruned["locked"].as_array().unwrap();
+    let held: Vec<&str> = locked
+        .iter()
+        .map(|l| l["backup"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, ids[..2]);
+    let until = epoch(locked[0]["until"].as_str().unwrap());
+    let now = epoch("now");
+    assert!(
+        (until - now - 86_400).abs() < 600,
+        "until {until}, now {now}"
+    );
+    assert!(versions("bb-prune-lock", &format!("site/vm1/{}/", ids[0])) > 0);
+    let text = run_ok(&[
+        "prune",
+        "--repo",
+        "s3://bb-prune-lock/site",
+        "--vm",
+        "vm1",
+        "--keep-chains",
+        "1",
+    ]);
+    assert!(
+        text.stdout
+            .contains(&format!("kept {}: an object lock holds it until", ids[0])),
+        "{}",
+        text.stdout
+    );
+}
