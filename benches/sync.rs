@@ -9,7 +9,10 @@
 //! into a new prefix (the point verified first, then uploaded) against
 //! `aws s3 cp --recursive` of the VM's directory; and `bitback sync` back
 //! into a new directory (downloaded, committed, verified) against `aws s3
-//! cp --recursive` out. It prints the medians and their ratios.
+//! cp --recursive` out; and `bitback restore --repo s3://...` of the
+//! point where it lies against `bitback restore` of it from the
+//! directory (both with `--threads BITBACK_BENCH_THREADS` when set). It
+//! prints the medians and their ratios.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -99,6 +102,7 @@ fn main() {
         .find(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .expect("the point's directory");
     let (mut up_bb, mut up_aws, mut down_bb, mut down_aws) = (vec![], vec![], vec![], vec![]);
+    let (mut restore_bucket, mut restore_local) = (vec![], vec![]);
     for round in 0..rounds {
         let to = format!("s3://bench/bb{round}");
         let aws_to = format!("s3://bench/aws{round}/bench");
@@ -161,6 +165,38 @@ fn main() {
         );
         let _ = std::fs::remove_dir_all(&back_bb);
         let _ = std::fs::remove_dir_all(&back_aws);
+        // A restore where the point lies, against one from the directory.
+        let out_bucket = dir.path().join(format!("restored-bucket{round}.raw"));
+        let out_local = dir.path().join(format!("restored-local{round}.raw"));
+        let restore = |repo: &str, out: &std::path::Path| {
+            let mut cmd = bitback(&[
+                "restore",
+                "--repo",
+                repo,
+                "--vm",
+                "bench",
+                "--output",
+                out.to_str().unwrap(),
+            ]);
+            if let Ok(threads) = std::env::var("BITBACK_BENCH_THREADS") {
+                cmd.args(["--threads", &threads]);
+            }
+            timed(&mut cmd)
+        };
+        let (x, y) = alternate(
+            round,
+            || restore(&to, &out_bucket),
+            || restore(repo.to_str().unwrap(), &out_local),
+        );
+        restore_bucket.push(x);
+        restore_local.push(y);
+        eprintln!(
+            "round {round}: restore {:.2} s from the bucket / {:.2} s from the directory",
+            x.as_secs_f64(),
+            y.as_secs_f64()
+        );
+        let _ = std::fs::remove_file(&out_bucket);
+        let _ = std::fs::remove_file(&out_local);
     }
     let row = |what: &str, bb: &[Duration], base: &[Duration]| {
         println!(
@@ -175,4 +211,7 @@ fn main() {
     println!("|---|---|---|---|");
     row("into the bucket", &up_bb, &up_aws);
     row("out of the bucket", &down_bb, &down_aws);
+    println!("\n| operation | from the bucket | from the directory | ratio |");
+    println!("|---|---|---|---|");
+    row("bitback restore", &restore_bucket, &restore_local);
 }

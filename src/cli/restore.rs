@@ -137,9 +137,15 @@ pub(crate) struct RestoreArgs {
 /// found.
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX (each file's
+    /// first written version read by ranged GETs; no damage is recorded
+    /// in the bucket).
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Only this VM.
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
@@ -518,15 +524,22 @@ async fn finish(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&args.repo)?;
-    let report = engine::verify(
-        &repo,
-        &Scope {
-            vm: args.vm.clone(),
-            backup: args.backup.clone(),
-            map_clusters: args.map_clusters,
-        },
-    )?;
+    let report = match super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
+        Some(bucket) => engine::verify_bucket(
+            &bucket,
+            args.vm.as_deref(),
+            args.backup.as_deref(),
+            args.map_clusters,
+        )?,
+        None => engine::verify(
+            &Repo::open(&args.repo)?,
+            &Scope {
+                vm: args.vm.clone(),
+                backup: args.backup.clone(),
+                map_clusters: args.map_clusters,
+            },
+        )?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -218,10 +218,13 @@ enum MapFailure {
 /// zero) has a record with its bytes' digest, and every other record is a
 /// cluster of zeros in an image without a backing file. Reads every data
 /// cluster once. The first disagreement is the error.
-fn map_against_file(file: &std::fs::File, image: &Image, map: &Map) -> anyhow::Result<()> {
+pub(super) fn map_against_file<S: qcow2::Source + ?Sized>(
+    file: &S,
+    image: &Image,
+    map: &Map,
+) -> anyhow::Result<()> {
     use crate::cluster_map::digest;
     use crate::qcow2::{Compression, Kind, decompress, walk};
-    use std::os::unix::fs::FileExt;
 
     let h = image.header();
     let cs = h.cluster_size();
@@ -273,16 +276,14 @@ fn map_against_file(file: &std::fs::File, image: &Image, map: &Map) -> anyhow::R
                         .read_exact_at(&mut bytes[at], host + (from - e.start))
                         .map_err(|e| anyhow::anyhow!("reading cluster {c}: {e}"))?,
                     (Kind::Compressed, Some(host)) => {
-                        packed.resize(e.compressed_length.unwrap_or(0) as usize, 0);
-                        let mut got = 0;
-                        while got < packed.len() {
-                            match file.read_at(&mut packed[got..], host + got as u64)? {
-                                0 => break,
-                                n => got += n,
-                            }
-                        }
+                        // The bound counts whole sectors; the file may
+                        // end inside the last.
+                        let left = file.size()?.saturating_sub(host);
+                        let bound = e.compressed_length.unwrap_or(0).min(left);
+                        packed.resize(bound as usize, 0);
+                        file.read_exact_at(&mut packed, host)?;
                         let mut whole = vec![0u8; cs as usize];
-                        decompress(compression, &packed[..got], &mut whole)
+                        decompress(compression, &packed, &mut whole)
                             .map_err(|e| anyhow::anyhow!("cluster {c}: {e}"))?;
                         let skip = (from - e.start) as usize;
                         bytes[at.clone()].copy_from_slice(&whole[skip..skip + at.len()]);

@@ -1,4 +1,5 @@
-//! A repository where it lies in a bucket: `list`, `restore` and `prune`
+//! A repository where it lies in a bucket: `list`, `restore`, `verify`
+//! and `prune`
 //! with `--repo s3://BUCKET/PREFIX`, nothing downloaded first.
 //!
 //! What is read is what bitback wrote, whatever came after: of every key
@@ -32,11 +33,12 @@ use serde::Serialize;
 use tracing::info;
 
 use super::chain::{Pick, chain_of, has_volumes, volume_records};
+use super::check::{Problem, Report};
 use super::native::{ChainSource, Copier, plan_sources};
 use super::outcome::BadInput;
 use super::restore::{MAX_IN_FLIGHT_RECORDS, Outputs, RestoreOptions, Restored};
 use super::retention::{Keep, Locked, Retention, ancestors, check_links, keep_set};
-use crate::cluster_map::Baseline;
+use crate::cluster_map::{Baseline, Map};
 use crate::qcow2::{self, Image};
 use crate::repo::time::Utc;
 use crate::repo::{Bucket, Holder, Manifest, Store, VolumeRecord};
@@ -106,6 +108,28 @@ impl<'b> Objects<'b> {
             })
     }
 
+    /// The bytes of the first version of `key` (a manifest, a map).
+    fn read_original(&self, key: &str) -> anyhow::Result<Vec<u8>> {
+        let version = self.original(key, None)?;
+        self.bucket.get_version(key, &version.id)?.with_context(|| {
+            format!(
+                "{} (version {}) is gone",
+                self.bucket.locate(key).display(),
+                version.id
+            )
+        })
+    }
+
+    /// Version `version` of `key` as a chain file.
+    fn object(&self, key: &str, version: &Version) -> Object<'b> {
+        Object {
+            bucket: self.bucket,
+            key: key.to_string(),
+            version: version.id.clone(),
+            size: version.size,
+        }
+    }
+
     /// Whether a delete marker is the newest version of `key`.
     fn hidden(&self, key: &str) -> bool {
         self.versions
@@ -131,11 +155,9 @@ impl<'b> Objects<'b> {
             let Ok(version) = self.original(key, None) else {
                 continue;
             };
+            let version = version.id.clone();
             let located = || self.bucket.locate(key).display().to_string();
-            let bytes = self
-                .bucket
-                .get_version(key, &version.id)?
-                .with_context(|| format!("{} (version {}) is gone", located(), version.id))?;
+            let bytes = self.read_original(key)?;
             let manifest = Manifest::parse(&bytes, vm, id)
                 .with_context(|| format!("{} is not a manifest", located()))?;
             let hidden = self.hidden(key)
@@ -146,7 +168,7 @@ impl<'b> Objects<'b> {
             points.push(BucketPoint {
                 manifest,
                 hidden,
-                manifest_version: version.id.clone(),
+                manifest_version: version,
             });
         }
         points.sort_by(|a, b| crate::repo::order(&a.manifest, &b.manifest));
@@ -268,15 +290,10 @@ fn restore_volume(
     let mut versions = Vec::new();
     for r in &records {
         let version = objects.original(&r.file, r.file_size)?;
-        let object = Object {
-            bucket: objects.bucket,
-            key: r.file.clone(),
-            version: version.id.clone(),
-            size: version.size,
-        };
+        let object = objects.object(&r.file, version);
         let image = Image::parse(&object, Path::new(&r.file))
             .with_context(|| format!("reading {}", object.name()))?;
-        if let Some(problem) = structure_problem(r, &image) {
+        if let Some(problem) = structure_problem(r, &image, false) {
             bail!("{}: {problem}", object.name());
         }
         versions.push(UsedVersion {
@@ -314,9 +331,9 @@ fn restore_volume(
 }
 
 /// What is wrong with file `r` as read (`image`), by the structural
-/// rules: its backing name, format and size as the manifest says, not
-/// encrypted, naming no external data file.
-fn structure_problem(r: &VolumeRecord, image: &Image) -> Option<String> {
+/// rules: its backing name, format and size as the manifest says,
+/// encrypted as `encrypted` says, naming no external data file.
+fn structure_problem(r: &VolumeRecord, image: &Image, encrypted: bool) -> Option<String> {
     if image.hc.backing_file != r.backing {
         return Some(format!(
             "backing file is {:?}, the manifest says {:?}",
@@ -329,8 +346,12 @@ fn structure_problem(r: &VolumeRecord, image: &Image) -> Option<String> {
     if image.header().size != r.virtual_size {
         return Some("virtual size differs from the manifest".into());
     }
-    if image.encrypted() {
-        return Some("the file is encrypted, the manifest says it is not".into());
+    if image.encrypted() != encrypted {
+        return Some(format!(
+            "the file is {}encrypted, the manifest says it is {}",
+            if image.encrypted() { "" } else { "not " },
+            if encrypted { "" } else { "not" }
+        ));
     }
     super::check::data_file_problem(image)
 }
@@ -351,14 +372,7 @@ fn proof(
         .sum();
     let maps = records.iter().all(|r| r.cluster_map.is_some()) && held <= MAX_IN_FLIGHT_RECORDS;
     if maps {
-        let read = |file: &str| -> Result<Vec<u8>, String> {
-            let version = objects.original(file, None).map_err(|e| format!("{e:#}"))?;
-            objects
-                .bucket
-                .get_version(file, &version.id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("version {} is gone", version.id))
-        };
+        let read = |file: &str| objects.read_original(file).map_err(|e| format!("{e:#}"));
         return super::content::baseline_of(chain, &v.name, None, read)
             .map(Some)
             .map_err(|why| anyhow::anyhow!("volume {}: {why}", v.name));
@@ -515,4 +529,109 @@ impl Objects<'_> {
         }
         Ok(())
     }
+}
+
+/// Checks the points of `vm` in `bucket` (every VM's with `None`; only
+/// `backup` when given) as `verify` checks a directory's: of each file its
+/// first version, of the recorded length, by the structural rules, its
+/// cluster tables, and every byte: by its whole-file digest, or by its
+/// layout digest and its cluster map read against its data
+/// (`map_clusters`: the maps of whole-file digests too). Nothing is
+/// changed, and no damage is recorded in the bucket.
+pub fn verify_bucket(
+    bucket: &Bucket,
+    vm: Option<&str>,
+    backup: Option<&str>,
+    map_clusters: bool,
+) -> anyhow::Result<Report> {
+    let vms = match vm {
+        Some(vm) => vec![vm.to_string()],
+        None => bucket.all_vms()?,
+    };
+    let mut report = Report::default();
+    for vm in &vms {
+        let objects = Objects::load(bucket, vm)?;
+        let points = objects.points(vm)?;
+        if let Some(id) = backup
+            && !points.iter().any(|p| p.manifest.id == id)
+        {
+            return Err(BadInput(format!(
+                "{} holds no backup {id} of vm {vm}",
+                bucket.location()
+            ))
+            .into());
+        }
+        for m in points.iter().map(|p| &p.manifest) {
+            if backup.is_some_and(|id| id != m.id) {
+                continue;
+            }
+            report.backups += 1;
+            let mut problem = |file: Option<&str>, text: String| {
+                report.problems.push(Problem {
+                    vm: vm.clone(),
+                    backup: m.id.clone(),
+                    file: file.map(str::to_string),
+                    problem: text,
+                    data_damage: file.is_some(),
+                })
+            };
+            if let Some(parent) = &m.parent
+                && !points.iter().any(|p| &p.manifest.id == parent)
+            {
+                problem(None, format!("parent backup {parent} is not in the bucket"));
+            }
+            for v in &m.volumes {
+                if let Err(e) = verify_object(&objects, m, v, map_clusters) {
+                    problem(Some(&v.file), format!("{e:#}"));
+                }
+            }
+            report.files += m.volumes.len();
+        }
+    }
+    Ok(report)
+}
+
+/// Checks file `v` of point `m` (see [`verify_bucket`]): the first
+/// problem found.
+fn verify_object(
+    objects: &Objects,
+    m: &Manifest,
+    v: &VolumeRecord,
+    map_clusters: bool,
+) -> anyhow::Result<()> {
+    let object = objects.object(&v.file, objects.original(&v.file, v.file_size)?);
+    let image = Image::parse(&object, Path::new(&v.file))?;
+    if let Some(problem) = structure_problem(v, &image, m.encryption.is_some()) {
+        bail!("{problem}");
+    }
+    qcow2::walk(&object, &image, |_| Ok(())).context("cluster tables")?;
+    let layout = v.digest.is_layout();
+    let digest = match layout {
+        true => qcow2::layout_digest(&object, &image)?.0,
+        false => crate::digest::of_source(&object)?,
+    };
+    if digest != v.digest {
+        bail!("digest is {digest}, the manifest says {}", v.digest);
+    }
+    let Some(record) = &v.cluster_map else {
+        if layout {
+            bail!("its digest leaves the data to a cluster map, and the manifest names none");
+        }
+        return Ok(());
+    };
+    let bytes = objects.read_original(&record.file)?;
+    let digest = crate::digest::Digest::Whole(blake3::hash(&bytes));
+    if digest != record.digest {
+        bail!(
+            "cluster map {}: digest is {digest}, the manifest says {}",
+            record.file,
+            record.digest
+        );
+    }
+    if layout || map_clusters {
+        let map = Map::parse(&bytes).with_context(|| format!("cluster map {}", record.file))?;
+        super::check::map_against_file(&object, &image, &map)
+            .with_context(|| format!("cluster map {}", record.file))?;
+    }
+    Ok(())
 }

@@ -36,6 +36,7 @@ pub use check::{Checks, Problem, Report};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Target, copy_to_files};
 pub use in_bucket::{
     BucketPoint, BucketRestored, UsedVersion, bucket_points, prune_bucket, restore_from_bucket,
+    verify_bucket,
 };
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};

@@ -15,7 +15,7 @@ pub enum Error {
     NotADirectory { path: PathBuf },
 
     #[error(
-        "{url} is a bucket: this command works on a directory repository (list and restore read a bucket where it is; bitback sync copies a directory's points into one and back)"
+        "{url} is a bucket: this command works on a directory repository (list, restore, verify and prune read a bucket where it is; bitback sync copies a directory's points into one and back)"
     )]
     InBucket { url: String },
 

@@ -781,11 +781,43 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
         "{versions}"
     );
     restores_right("s3://bb-read/site", 2, "overwritten");
+    // verify reads the versions bitback wrote: every file still proves.
+    let verified = bitback_env(&["verify", "--repo", "s3://bb-read/site", "--json"], &env);
+    assert_eq!(
+        verified.code,
+        Some(0),
+        "{}{}",
+        verified.stdout,
+        verified.stderr
+    );
+    let report = verified.json();
+    assert_eq!(report["backups"], 3);
+    assert_eq!(report["files"], 6);
 
     // Without versions, an altered file is all there is: refused.
-    let altered = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(1));
+    // A byte of guest data in a file of the full (qemu-img map of the
+    // same file in the directory): what only the maps or digests catch.
+    let data_at = |volume: usize| -> Option<(String, usize)> {
+        let key = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(volume));
+        let local = vm.repo.join(&key["site/".len()..]);
+        let map = std::process::Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(&local)
+            .output()
+            .unwrap();
+        let extents: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+        let data = extents
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["data"] == true && e["depth"] == 0 && e["offset"].is_u64())?;
+        Some((key, data["offset"].as_u64().unwrap() as usize + 1000))
+    };
+    let (volume, (altered, at)) = [1, 0]
+        .into_iter()
+        .find_map(|v| Some((v, data_at(v)?)))
+        .expect("the full holds data");
     let mut bytes = store.read("bb-plain", &altered, dir.path());
-    let at = bytes.len() / 2;
     bytes[at] ^= 0xff;
     std::fs::write(&garbage, &bytes).unwrap();
     store.aws_ok(&[
@@ -816,21 +848,50 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
         .unwrap_or_default();
     assert!(
         left.iter()
-            .all(|name| name == &format!("{}.raw", vm.volume(0))),
+            .all(|name| !name.starts_with('.') && name != &format!("{}.raw", vm.volume(volume))),
         "a refused restore left {left:?}"
     );
-    // A later point builds on it: refused too, naming the file.
+    // verify names the altered file, and only it.
+    let verified = bitback_env(&["verify", "--repo", "s3://bb-plain/site", "--json"], &env);
+    assert_eq!(
+        verified.code,
+        Some(1),
+        "{}{}",
+        verified.stdout,
+        verified.stderr
+    );
+    let report: serde_json::Value = serde_json::from_str(&verified.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(
+        problems[0]["file"].as_str().unwrap(),
+        &altered[5..],
+        "{report}"
+    );
+    // A later point builds on it: refused, naming the file, unless a
+    // newer file holds the altered cluster (then it is never read, and
+    // the point restores right). Never wrong data.
     let run = restore("s3://bb-plain/site", &ids[2], &dir.path().join("later"));
-    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
-    assert!(run.stderr.contains(&altered[5..]), "{}", run.stderr);
+    match run.code {
+        Some(0) => {
+            for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
+                let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+                assert!(same_content(&vm.points[2].1[i], "raw", &path, "raw"));
+            }
+        }
+        _ => {
+            assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+            assert!(run.stderr.contains(&altered[5..]), "{}", run.stderr);
+        }
+    }
 
     // What writes a directory repository refuses a bucket, and makes no
     // directory named after it.
     let cwd = dir.path().join("cwd");
     std::fs::create_dir(&cwd).unwrap();
     for args in [
-        &["prune", "--vm", "vm1", "--keep-last", "1"][..],
-        &["verify"],
+        &["consolidate", "--vm", "vm1", "--max-chain", "1"][..],
+        &["export", "--vm", "vm1", "--volume", "drive0", "--port", "1"],
     ] {
         let refused = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
             .args(args)
