@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use std::io::Read;
+
 use base64::Engine;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use sha2::Digest;
@@ -268,30 +270,58 @@ impl Client {
         action.query_mut().insert("versionId", version.to_string());
         let url = action.sign(SIGNED_FOR);
         let range = format!("bytes={offset}-{}", offset + buf.len() as u64 - 1);
-        let reply = self.send("GET", key, || {
-            self.agent.get(url.as_str()).header("range", &range).call()
-        })?;
-        if !matches!(reply.status, 200 | 206) {
-            return Err(reply.error("GET", key));
+        let what = || format!("GET {}/{key} ({range})", self.location);
+        let mut tries = 0;
+        loop {
+            let failure = match self.agent.get(url.as_str()).header("range", &range).call() {
+                // The body straight into `buf`: no copy, no allocation.
+                Ok(mut response) if response.status().as_u16() == 206 => {
+                    let mut body = response.body_mut().as_reader();
+                    let mut more = [0u8; 1];
+                    match body.read_exact(buf).and_then(|()| body.read(&mut more)) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {
+                            return Err(Error::Reply {
+                                what: what(),
+                                reason: format!("more than the {} bytes asked came", buf.len()),
+                            });
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    let body = response.body_mut().read_to_vec().unwrap_or_default();
+                    let reply = Reply {
+                        status,
+                        version: None,
+                        etag: None,
+                        body,
+                    };
+                    match status {
+                        200 => {
+                            return Err(Error::Reply {
+                                what: what(),
+                                reason: "the store ignored the range (200, not 206)".into(),
+                            });
+                        }
+                        s if s < 500 => return Err(reply.error("GET", key)),
+                        _ => reply.error("GET", key).to_string(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            let Some(pause) = PAUSES.get(tries) else {
+                return Err(Error::Unreachable {
+                    what: what(),
+                    tries: tries + 1,
+                    reason: failure,
+                });
+            };
+            debug!(key, failure, "trying the ranged GET again");
+            std::thread::sleep(*pause);
+            tries += 1;
         }
-        // A store that ignores the range sends the whole object.
-        let body = match reply.status {
-            200 => reply
-                .body
-                .get(offset as usize..)
-                .unwrap_or_default()
-                .get(..buf.len())
-                .unwrap_or_default(),
-            _ => &reply.body[..],
-        };
-        if body.len() != buf.len() {
-            return Err(Error::Reply {
-                what: format!("GET {}/{key} ({range})", self.location),
-                reason: format!("{} bytes came, {} were asked", body.len(), buf.len()),
-            });
-        }
-        buf.copy_from_slice(body);
-        Ok(())
     }
 
     /// Every version and delete marker of the objects under `prefix`
