@@ -34,9 +34,41 @@ pub(crate) struct BackupArgs {
     #[command(flatten)]
     target: super::monitor::Target,
 
-    /// The repository directory (created if missing).
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory (created if missing), or
+    /// s3://BUCKET/PREFIX with --spool.
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+
+    /// With an s3:// repository: the directory repository on this host
+    /// the backup is written into first (created if missing). Then every
+    /// point of the VM not yet in the bucket is verified and uploaded, its
+    /// manifest last, as `bitback sync` does; the spool keeps the VM's
+    /// newest chain (incrementals build on it) and lets older chains go
+    /// once they are in the bucket. A failed upload keeps the point in
+    /// the spool: the next backup (or sync) uploads it.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+
+    /// With an s3:// repository: lock every object of each point
+    /// uploaded for N days (S3 object lock), and extend the lock of what
+    /// it builds on to the same date. The bucket must have object lock:
+    /// checked before the VM is touched.
+    #[arg(long, value_name = "N", requires = "spool", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    retain_days: Option<u32>,
+
+    /// The lock's mode: compliance (no one can shorten it) or governance.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "compliance",
+        requires = "retain_days"
+    )]
+    lock_mode: super::sync::LockModeArg,
 
     /// The VM's name in the repository: letters, digits and -_.+@:.
     #[arg(long, value_name = "NAME")]
@@ -393,10 +425,31 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("--cluster-size: {e}")))?;
     bitback::qemu::check_granularity(args.granularity)
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
-    let cancel = cancel_on_signals()?;
     let images = parse_images(&args.image)?;
+    let retain = args.retain_days.map(|days| (days, args.lock_mode.mode()));
+    // A bucket is checked before the VM is touched: reachable with these
+    // credentials, and locked if a lock is asked for.
+    let bucket = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())?;
+    let repo = match (&bucket, &args.spool) {
+        (Some(bucket), Some(spool)) => {
+            engine::check_bucket(bucket, &args.vm, retain.is_some())?;
+            spool.clone()
+        }
+        (Some(_), None) => {
+            return Err(BadInput(format!(
+                "--repo {}: a backup is written into a spool first; give --spool DIR (a directory on this host that keeps the VM's newest chain)",
+                args.repo.display()
+            ))
+            .into());
+        }
+        (None, Some(_)) => {
+            return Err(BadInput("--spool goes with an s3:// repository".into()).into());
+        }
+        (None, None) => args.repo.clone(),
+    };
+    let cancel = cancel_on_signals()?;
     let manifest = engine::backup_vm(engine::BackupRun {
-        repo: &args.repo,
+        repo: &repo,
         target: args.target.target(),
         images,
         image_key: image_key.as_ref(),
@@ -405,10 +458,46 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         cancel,
     })
     .await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
-    } else {
+    let Some(bucket) = bucket else {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+        } else {
+            print!("{}", render_backup(&manifest));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !args.json {
         print!("{}", render_backup(&manifest));
+    }
+    let synced = engine::upload_spool(&Repo::open(&repo)?, &bucket, &args.vm, retain)
+        .map_err(|e| {
+            e.context(format!(
+                "backup {} is kept in the spool {}; the next backup (or bitback sync --from {} --to {}) uploads it",
+                manifest.id,
+                repo.display(),
+                repo.display(),
+                args.repo.display()
+            ))
+            .context(engine::Operation::Sync {
+                from: repo.display().to_string(),
+                to: args.repo.display().to_string(),
+            })
+        })?;
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Uploaded<'a> {
+            #[serde(flatten)]
+            manifest: &'a Manifest,
+            /// The points the upload copied or found in the bucket.
+            synced: &'a [engine::Synced],
+        }
+        let out = Uploaded {
+            manifest: &manifest,
+            synced: &synced,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        super::sync::print_synced(&synced);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,13 +69,9 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let bad = |text: String| anyhow::Error::from(engine::BadInput(text));
     let to_bucket = Location::parse(&args.to);
     let from_bucket = Location::parse(&args.from);
-    let mode = match args.lock_mode {
-        LockModeArg::Compliance => LockMode::Compliance,
-        LockModeArg::Governance => LockMode::Governance,
-    };
     let opts = SyncOptions {
         vm: args.vm.clone(),
-        retain: args.retain_days.map(|days| (days, mode)),
+        retain: args.retain_days.map(|days| (days, args.lock_mode.mode())),
     };
     let config = || Config::from_env(args.s3_endpoint.as_deref()).map_err(|e| bad(e.to_string()));
     let done = match (from_bucket, to_bucket) {
@@ -113,7 +109,13 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&done)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for s in &done {
+    print_synced(&done);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per point a sync copied or found there.
+pub(crate) fn print_synced(done: &[engine::Synced]) {
+    for s in done {
         match s.action {
             SyncAction::Copied => println!(
                 "{}/{}: copied, {} objects, {}",
@@ -125,11 +127,19 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
             SyncAction::AlreadyThere => println!("{}/{}: already there", s.vm, s.backup),
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LockModeArg {
+pub(crate) enum LockModeArg {
     Compliance,
     Governance,
+}
+
+impl LockModeArg {
+    pub(crate) fn mode(self) -> LockMode {
+        match self {
+            LockModeArg::Compliance => LockMode::Compliance,
+            LockModeArg::Governance => LockMode::Governance,
+        }
+    }
 }

@@ -48,7 +48,9 @@ pub use serve::{
     ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,
 };
 pub use stopped::{StoppedImage, backup_stopped, domain_images};
-pub use sync::{SyncAction, SyncOptions, Synced, sync_from_bucket, sync_to_bucket};
+pub use sync::{
+    SyncAction, SyncOptions, Synced, check_bucket, sync_from_bucket, sync_to_bucket, upload_spool,
+};
 pub use verify::{Scope, verify};
 
 /// Removes checkpoint bitmap `name` from every volume of the VM behind

@@ -311,3 +311,50 @@ fn fetch_point(
     info!(vm = %m.vm, backup = %m.id, objects = synced.objects, bytes = synced.bytes, "copied");
     Ok(synced)
 }
+
+/// Checks, before a backup touches its VM, that `bucket` answers these
+/// credentials (a LIST of `vm`'s prefix) and, when `locking`, has object
+/// lock.
+pub fn check_bucket(bucket: &Bucket, vm: &str, locking: bool) -> anyhow::Result<()> {
+    bucket
+        .list(vm)
+        .with_context(|| format!("reaching {}", bucket.location()))?;
+    if locking && !bucket.object_lock_enabled()? {
+        return Err(BadInput(format!(
+            "--retain-days: bucket {} has no object lock (a bucket gets it when it is made: \
+             aws s3api create-bucket --object-lock-enabled-for-bucket)",
+            bucket.location()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// After a backup into the spool `spool`: every point of `vm` not yet in
+/// `bucket` verified and uploaded (as [`sync_to_bucket`]), then the
+/// chains older than the newest let go from the spool (they are in the
+/// bucket now). A spool a reader holds keeps them until next time.
+pub fn upload_spool(
+    spool: &Repo,
+    bucket: &Bucket,
+    vm: &str,
+    retain: Option<(u32, LockMode)>,
+) -> anyhow::Result<Vec<Synced>> {
+    let opts = SyncOptions {
+        vm: Some(vm.to_string()),
+        retain,
+    };
+    let synced = sync_to_bucket(spool, bucket, &opts)?;
+    let pruned = spool
+        .lock_vm(vm, "prune")
+        .map_err(anyhow::Error::from)
+        .and_then(|lock| super::retention::prune(spool, &lock, super::retention::Keep::Chains(1)));
+    match pruned {
+        Ok(r) if !r.deleted.is_empty() => {
+            tracing::info!(vm, points = ?r.deleted, "older chains left the spool: they are in the bucket");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(vm, "the spool keeps its older chains for now: {e:#}"),
+    }
+    Ok(synced)
+}

@@ -1039,3 +1039,160 @@ fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
         text.stdout
     );
 }
+
+/// `backup --repo s3://... --spool DIR`: full and incrementals of a
+/// running VM land in the bucket (each point verified, uploaded, its
+/// manifest last, under the lock asked for), the spool keeps only the
+/// newest chain, and every point restores from the bucket equal to the
+/// disk at its time. A missing bucket, a wrong key and a lock the bucket
+/// cannot hold are refused before the VM is touched, leaving no spool.
+#[test]
+fn backups_reach_the_bucket_through_a_spool() {
+    let store = Seaweed::start();
+    store.bucket("bb-spool", true);
+    store.bucket("bb-nolock", false);
+    let dir = tempdir();
+    let spool = dir.path().join("spool");
+    let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
+    let backup = |url: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "backup",
+            "--qmp",
+            &qmp,
+            "--repo",
+            url,
+            "--vm",
+            "vm1",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(extra);
+        bitback_env(&args, env)
+    };
+
+    // Refused before anything: no spool made.
+    let mut wrong: Vec<(&str, &str)> = env.clone();
+    wrong.retain(|(k, _)| *k != "AWS_SECRET_ACCESS_KEY");
+    wrong.push(("AWS_SECRET_ACCESS_KEY", "not-the-key"));
+    for (url, extra, env, says) in [
+        ("s3://bb-missing/x", &[][..], &env[..], "NoSuchBucket"),
+        ("s3://bb-spool/site", &[], &wrong[..], "403"),
+        (
+            "s3://bb-nolock/site",
+            &["--retain-days", "1"],
+            &env[..],
+            "no object lock",
+        ),
+    ] {
+        let run = backup(url, extra, env);
+        assert_eq!(run.code, Some(2), "{url}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains(says), "{url}: {}", run.stderr);
+        assert!(!spool.exists(), "{url}: a refused backup made the spool");
+    }
+    let no_spool = bitback_env(
+        &[
+            "backup",
+            "--qmp",
+            &qmp,
+            "--repo",
+            "s3://bb-spool/site",
+            "--vm",
+            "vm1",
+        ],
+        &env,
+    );
+    assert_eq!(no_spool.code, Some(2), "{}", no_spool.stderr);
+    assert!(no_spool.stderr.contains("--spool"), "{}", no_spool.stderr);
+
+    for extra in [&[][..], &[], &["--full"], &[]] {
+        vm.random_writes(&mut rng, 6);
+        let mut args = vec!["--retain-days", "1"];
+        args.extend(extra);
+        let run = backup("s3://bb-spool/site", &args, &env);
+        let point = run.json();
+        let id = point["id"].as_str().unwrap().to_string();
+        let synced = point["synced"].as_array().unwrap();
+        let copied: Vec<&str> = synced
+            .iter()
+            .filter(|s| s["action"] == "copied")
+            .map(|s| s["backup"].as_str().unwrap())
+            .collect();
+        assert_eq!(copied, [id.as_str()], "{point}");
+        vm.snapshot(&id);
+    }
+    vm.quit();
+    let ids: Vec<String> = vm.points.iter().map(|(id, _)| id.clone()).collect();
+    // The spool keeps the newest chain only.
+    let spooled = crate::harness::list_ids(&spool, Some("vm1"));
+    assert_eq!(spooled, ids[2..]);
+    let listed = bitback_env(
+        &[
+            "list",
+            "--repo",
+            "s3://bb-spool/site",
+            "--vm",
+            "vm1",
+            "--json",
+        ],
+        &env,
+    );
+    let listed: Vec<String> = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, ids);
+    for (id, models) in &vm.points {
+        let out = dir.path().join(format!("restored-{id}"));
+        let run = bitback_env(
+            &[
+                "restore",
+                "--repo",
+                "s3://bb-spool/site",
+                "--vm",
+                "vm1",
+                "--backup",
+                id,
+                "--output",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+            &env,
+        );
+        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
+            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+            assert!(
+                same_content(&models[i], "raw", &path, "raw"),
+                "point {id}, volume {i} differs from its model"
+            );
+        }
+    }
+    // Locked: the first full's file cannot be removed, by version.
+    let key = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(0));
+    let head = store.aws_ok(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "bb-spool",
+        "--key",
+        &key,
+    ]);
+    let refused = store.aws(&[
+        "s3api",
+        "delete-object",
+        "--bucket",
+        "bb-spool",
+        "--key",
+        &key,
+        "--version-id",
+        head["VersionId"].as_str().unwrap(),
+    ]);
+    assert!(!refused.status.success(), "a locked version was deleted");
+}
