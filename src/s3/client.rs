@@ -189,6 +189,17 @@ fn unescape(text: &str) -> String {
         .replace("&amp;", "&")
 }
 
+/// What one ranged GET of a download brought.
+struct Chunk {
+    len: usize,
+    /// The object's length.
+    total: u64,
+    version: Option<String>,
+}
+
+/// The range of one GET of a download.
+pub const DOWNLOAD_CHUNK: u64 = 16 << 20;
+
 /// How a put went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Put {
@@ -388,26 +399,106 @@ impl Client {
         }
     }
 
-    /// Object `key` streamed into a new file at `path` (replaced when
-    /// there, from the first byte, on each try). The bytes written.
+    /// Object `key` downloaded into a new file at `path` (replaced when
+    /// there), synced. It comes in ranged GETs of [`DOWNLOAD_CHUNK`], each
+    /// tried again on its own and bounded in time as every request is, so
+    /// a large object over a slow link neither hits one request's time
+    /// limit nor starts over after a failure; every range after the first
+    /// names the version the first came from, so an object replaced
+    /// meanwhile is not mixed. The bytes written.
     pub fn download(&self, key: &str, path: &std::path::Path) -> Result<u64, Error> {
-        let url = self
-            .bucket
-            .get_object(Some(&self.credentials), key)
-            .sign(SIGNED_FOR);
+        use std::io::Write;
+        let local = |e: std::io::Error| Error::Local {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = std::fs::File::create(path).map_err(local)?;
+        let mut buf = vec![0u8; DOWNLOAD_CHUNK as usize];
+        let mut at = 0;
+        // The version the first range came from (none in a bucket that
+        // keeps none), and the object's length.
+        let mut pinned: Option<(Option<String>, u64)> = None;
+        loop {
+            let want = match &pinned {
+                Some((_, total)) => DOWNLOAD_CHUNK.min(total - at),
+                None => DOWNLOAD_CHUNK,
+            };
+            if want == 0 {
+                break;
+            }
+            let version = pinned.as_ref().and_then(|(v, _)| v.as_deref());
+            let chunk = self.get_chunk(key, version, at, &mut buf[..want as usize])?;
+            file.write_all(&buf[..chunk.len]).map_err(local)?;
+            at += chunk.len as u64;
+            pinned = Some((chunk.version, chunk.total));
+        }
+        file.sync_all().map_err(local)?;
+        Ok(at)
+    }
+
+    /// One ranged GET of `key` (of `version`, when given) from `at` into
+    /// `buf`, tried again as every request is: how much came, the
+    /// object's length, and its version.
+    fn get_chunk(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        at: u64,
+        buf: &mut [u8],
+    ) -> Result<Chunk, Error> {
+        let mut action = self.bucket.get_object(Some(&self.credentials), key);
+        if let Some(version) = version {
+            action.query_mut().insert("versionId", version.to_string());
+        }
+        let url = action.sign(SIGNED_FOR);
+        let range = format!("bytes={at}-{}", at + buf.len() as u64 - 1);
+        let what = || format!("GET {}/{key} ({range})", self.location);
         let mut tries = 0;
         loop {
-            let failure = match self.agent.get(url.as_str()).call() {
-                Ok(mut response) if response.status().as_u16() == 200 => {
-                    let written = std::fs::File::create(path).and_then(|mut file| {
-                        let n = std::io::copy(&mut response.body_mut().as_reader(), &mut file)?;
-                        file.sync_all()?;
-                        Ok(n)
-                    });
-                    match written {
-                        Ok(n) => return Ok(n),
+            let failure = match self.agent.get(url.as_str()).header("range", &range).call() {
+                Ok(mut response) if response.status().as_u16() == 206 => {
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let found = header("x-amz-version-id");
+                    // `bytes FIRST-LAST/TOTAL`.
+                    let total = header("content-range")
+                        .and_then(|r| r.rsplit_once('/').and_then(|(_, t)| t.parse::<u64>().ok()));
+                    let Some(total) = total else {
+                        return Err(Error::Reply {
+                            what: what(),
+                            reason: "a ranged answer without the object's length".into(),
+                        });
+                    };
+                    let len = (total.saturating_sub(at)).min(buf.len() as u64) as usize;
+                    let mut body = response.body_mut().as_reader();
+                    match body.read_exact(&mut buf[..len]) {
+                        Ok(()) => {
+                            return Ok(Chunk {
+                                len,
+                                total,
+                                version: found,
+                            });
+                        }
                         Err(e) => e.to_string(),
                     }
+                }
+                // An empty object has no byte to range over.
+                Ok(response) if response.status().as_u16() == 416 && at == 0 => {
+                    let found = response
+                        .headers()
+                        .get("x-amz-version-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    return Ok(Chunk {
+                        len: 0,
+                        total: 0,
+                        version: found,
+                    });
                 }
                 Ok(mut response) => {
                     let status = response.status().as_u16();
@@ -427,12 +518,12 @@ impl Client {
             };
             let Some(pause) = PAUSES.get(tries) else {
                 return Err(Error::Unreachable {
-                    what: format!("GET {}/{key}", self.location),
+                    what: what(),
                     tries: tries + 1,
                     reason: failure,
                 });
             };
-            debug!(key, failure, "trying the download again");
+            debug!(key, failure, "trying the ranged GET again");
             std::thread::sleep(*pause);
             tries += 1;
         }

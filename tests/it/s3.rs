@@ -560,6 +560,14 @@ fn a_large_file_goes_up_in_parts_and_comes_back_whole() {
         "GOVERNANCE"
     );
     assert!(store.read("bb-parts", "vm1/p1/disk0.qcow2", dir.path()) == bytes);
+    // Back in ranged GETs of 16 MiB, the last one short; an empty object
+    // too.
+    let back = dir.path().join("back");
+    assert_eq!(client.download("vm1/p1/disk0.qcow2", &back).unwrap(), len);
+    assert!(std::fs::read(&back).unwrap() == bytes);
+    client.put("vm1/p1/empty", b"", false, None).unwrap();
+    assert_eq!(client.download("vm1/p1/empty", &back).unwrap(), 0);
+    assert_eq!(std::fs::metadata(&back).unwrap().len(), 0);
 }
 
 /// One sync of a VM into a bucket at a time: a sync killed halfway
