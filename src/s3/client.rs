@@ -230,6 +230,9 @@ impl Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
+            // A store that takes a request and never answers (hung, or
+            // cut off mid-way) costs a try, not the run.
+            .timeout_recv_response(Some(Duration::from_secs(120)))
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into();

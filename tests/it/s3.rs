@@ -1204,3 +1204,119 @@ fn backups_reach_the_bucket_through_a_spool() {
     ]);
     assert!(!refused.status.success(), "a locked version was deleted");
 }
+
+/// The store killed (by its pid) while a sync's multipart upload is in
+/// flight: the sync fails after its bounded retries, saying what it
+/// tried, and the bucket lists no point. Killed again and started again
+/// at once while a sync runs: the sync either finishes or fails so,
+/// never leaving a half point. With the store back, the next sync aborts
+/// what the dead ones left, copies the point whole, and it restores equal
+/// to the disk.
+#[test]
+fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
+    let mut store = Seaweed::start();
+    store.bucket("bb-crash", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[160 * MIB]);
+    let mut rng = Rng::from_env();
+    vm.write(0, 0, 100 * MIB, 0x5a);
+    vm.random_writes(&mut rng, 6);
+    let id = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    let env = store.env();
+    let env: Vec<(String, String)> = env;
+    let args = [
+        "sync",
+        "--from",
+        vm.repo.to_str().unwrap(),
+        "--to",
+        "s3://bb-crash/site",
+    ];
+    let manifest_there = |store: &Seaweed| {
+        store
+            .aws(&[
+                "s3api",
+                "head-object",
+                "--bucket",
+                "bb-crash",
+                "--key",
+                &format!("site/vm1/{id}/manifest.json"),
+            ])
+            .status
+            .success()
+    };
+    // Runs a sync held after its first part, lets `at_hold` act on the
+    // store, releases it and returns its exit code and stderr.
+    let held_sync = |store: &mut Seaweed, round: u32, at_hold: &dyn Fn(&mut Seaweed)| {
+        let go = dir.path().join(format!("go{round}"));
+        let hold = format!("sync-mid-upload:{}", go.display());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("BITBACK_HOLD", &hold)
+            .env_remove("BITBACK_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let held = go.with_file_name(format!("go{round}.held"));
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !held.exists() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the sync never sent a part"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        store.kill();
+        std::fs::write(&go, b"").unwrap();
+        at_hold(store);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Killed and left dead: a clear failure, no point.
+    let (code, stderr) = held_sync(&mut store, 0, &|_| {});
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no answer after"), "{stderr}");
+    store.restart();
+    assert!(!manifest_there(&store), "a failed sync left a manifest");
+
+    // Killed and started again at once: done, or failed so; never half.
+    let (code, stderr) = held_sync(&mut store, 1, &|store| store.restart());
+    match code {
+        Some(0) => assert!(manifest_there(&store)),
+        _ => {
+            assert_eq!(code, Some(1), "{stderr}");
+            assert!(!manifest_there(&store), "a failed sync left a manifest");
+        }
+    }
+
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let last = bitback_env(&args, &env);
+    assert_eq!(last.code, Some(0), "{}{}", last.stdout, last.stderr);
+    let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-crash"]);
+    let left = uploads
+        .get("Uploads")
+        .and_then(|u| u.as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(left, 0, "dead uploads left: {uploads}");
+    let out = dir.path().join("restored.raw");
+    let run = bitback_env(
+        &[
+            "restore",
+            "--repo",
+            "s3://bb-crash/site",
+            "--vm",
+            "vm1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    assert!(same_content(&vm.points[0].1[0], "raw", &out, "raw"));
+}

@@ -18,7 +18,9 @@ pub struct Seaweed {
     pub endpoint: String,
     ports: Vec<u16>,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// The size of its volumes (MiB) and how many.
+    room: (u64, u64),
+    dir: tempfile::TempDir,
 }
 
 impl Seaweed {
@@ -63,14 +65,30 @@ impl Seaweed {
             ),
         )
         .unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
         let ports = free_ports(8);
-        let log_path = dir.path().join("weed.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new("weed")
+        let child = Seaweed::spawn(dir.path(), &ports, (volume_mib, volumes));
+        let mut store = Seaweed {
+            endpoint: format!("http://127.0.0.1:{}", ports[6]),
+            ports,
+            child,
+            room: (volume_mib, volumes),
+            dir,
+        };
+        store.wait_ready()?;
+        Ok(store)
+    }
+
+    /// `weed server` on `ports`, its data and config in `dir`.
+    fn spawn(dir: &Path, ports: &[u16], (volume_mib, volumes): (u64, u64)) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("weed.log"))
+            .unwrap();
+        Command::new("weed")
             .arg("server")
-            .arg(format!("-dir={}", data.display()))
+            .arg(format!("-dir={}", dir.join("data").display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
             .arg(format!("-master.port={}", ports[0]))
             .arg(format!("-master.port.grpc={}", ports[1]))
@@ -80,7 +98,7 @@ impl Seaweed {
             .arg(format!("-filer.port.grpc={}", ports[5]))
             .arg(format!("-s3.port={}", ports[6]))
             .arg(format!("-s3.port.grpc={}", ports[7]))
-            .arg(format!("-s3.config={}", config.display()))
+            .arg(format!("-s3.config={}", dir.join("s3.json").display()))
             .arg(format!("-master.volumeSizeLimitMB={volume_mib}"))
             .arg(format!("-volume.max={volumes}"))
             // Listeners with fixed default ports (two stores would clash),
@@ -94,21 +112,21 @@ impl Seaweed {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting weed: {e}; {INSTALL}"));
-        let mut store = Seaweed {
-            endpoint: format!("http://127.0.0.1:{}", ports[6]),
-            ports,
-            child,
-            _dir: dir,
-        };
+            .unwrap_or_else(|e| panic!("starting weed: {e}; {INSTALL}"))
+    }
+
+    /// Waits (up to 90 s) until the S3 gateway answers; the log when the
+    /// store exited or did not answer.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if store.aws(&["s3api", "list-buckets"]).status.success() {
-                return Ok(store);
+            if self.aws(&["s3api", "list-buckets"]).status.success() {
+                return Ok(());
             }
-            let exited = matches!(store.child.try_wait(), Ok(Some(_)));
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
             if exited || Instant::now() >= deadline {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
                 return Err(format!(
                     "\n--- weed ({}) ---\n{log}",
                     match exited {
@@ -118,6 +136,37 @@ impl Seaweed {
                 ));
             }
             std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Kills the store (by its pid), as a crash or a power cut would.
+    pub fn kill(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+        self.remove_sockets();
+    }
+
+    /// Starts the killed store again, on its data and ports, and waits
+    /// until it answers.
+    pub fn restart(&mut self) {
+        self.child = Seaweed::spawn(self.dir.path(), &self.ports, self.room);
+        if let Err(log) = self.wait_ready() {
+            panic!("SeaweedFS did not come back: {log}");
+        }
+    }
+
+    /// The Unix sockets weed makes beside its ports outlive a kill.
+    fn remove_sockets(&self) {
+        for port in &self.ports {
+            for kind in ["master", "volume", "filer", "s3"] {
+                for grpc in ["", "grpc-"] {
+                    let _ =
+                        std::fs::remove_file(format!("/tmp/seaweedfs-{kind}-{grpc}{port}.sock"));
+                }
+            }
         }
     }
 
@@ -204,19 +253,6 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-        // The Unix sockets weed makes beside its ports outlive a kill.
-        for port in &self.ports {
-            for kind in ["master", "volume", "filer", "s3"] {
-                for grpc in ["", "grpc-"] {
-                    let _ =
-                        std::fs::remove_file(format!("/tmp/seaweedfs-{kind}-{grpc}{port}.sock"));
-                }
-            }
-        }
+        self.kill();
     }
 }
