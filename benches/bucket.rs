@@ -17,22 +17,9 @@ mod common;
 mod s3;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BITBACK, Rng, env_u64, median, random_writes, sparse_disk};
-
-/// Runs `cmd`, which must succeed; its wall time.
-fn timed(cmd: &mut Command) -> Duration {
-    let start = Instant::now();
-    let out = cmd.output().expect("running");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    start.elapsed()
-}
+use common::{BITBACK, Rng, env_u64, median, random_writes, sparse_disk, timed};
 
 fn main() {
     let gib = env_u64("BITBACK_BENCH_GIB", 16);

@@ -21,23 +21,11 @@ mod common;
 mod s3;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{env_u64, median, sparse_disk};
+use common::{env_u64, median, sparse_disk, timed};
 
 const BITBACK: &str = env!("CARGO_BIN_EXE_bitback");
-
-fn timed(cmd: &mut Command) -> Duration {
-    let start = Instant::now();
-    let out = cmd.output().expect("running");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    start.elapsed()
-}
 
 /// Runs `a` and `b`, `a` first in even rounds and second in odd ones;
 /// their times.

@@ -378,3 +378,16 @@ pub fn median(v: &[Duration]) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
 }
+
+/// Runs `cmd`, which must succeed; its wall time.
+pub fn timed(cmd: &mut Command) -> Duration {
+    let start = Instant::now();
+    let out = cmd.output().expect("running");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}

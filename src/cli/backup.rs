@@ -54,21 +54,8 @@ pub(crate) struct BackupArgs {
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
 
-    /// With an s3:// repository: lock every object of each point
-    /// uploaded for N days (S3 object lock), and extend the lock of what
-    /// it builds on to the same date. The bucket must have object lock:
-    /// checked before the VM is touched.
-    #[arg(long, value_name = "N", requires = "spool", value_parser = clap::value_parser!(u32).range(1..=36_500))]
-    retain_days: Option<u32>,
-
-    /// The lock's mode: compliance (no one can shorten it) or governance.
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "compliance",
-        requires = "retain_days"
-    )]
-    lock_mode: super::sync::LockModeArg,
+    #[command(flatten)]
+    retain: super::sync::RetainArgs,
 
     /// The VM's name in the repository: letters, digits and -_.+@:.
     #[arg(long, value_name = "NAME")]
@@ -426,7 +413,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     bitback::qemu::check_granularity(args.granularity)
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let images = parse_images(&args.image)?;
-    let retain = args.retain_days.map(|days| (days, args.lock_mode.mode()));
+    let retain = args.retain.asked();
     // A bucket is checked before the VM is touched: reachable with these
     // credentials, and locked if a lock is asked for.
     let bucket = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())?;
@@ -444,6 +431,13 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         }
         (None, Some(_)) => {
             return Err(BadInput("--spool goes with an s3:// repository".into()).into());
+        }
+        (None, None) if retain.is_some() => {
+            return Err(BadInput(
+                "--retain-days locks a point's objects in a bucket: it goes with --repo s3://..."
+                    .into(),
+            )
+            .into());
         }
         (None, None) => args.repo.clone(),
     };

@@ -172,6 +172,16 @@ enum FormatArg {
     Qcow2,
 }
 
+impl FormatArg {
+    /// The format asked for; raw when none was.
+    fn format(asked: Option<FormatArg>) -> Format {
+        match asked {
+            Some(FormatArg::Qcow2) => Format::Qcow2,
+            Some(FormatArg::Raw) | None => Format::Raw,
+        }
+    }
+}
+
 pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     if args.finish {
         return finish(&args).await;
@@ -221,10 +231,7 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 backup: engine::Pick::from(args.backup.as_str()),
                 volumes: args.volumes.clone(),
                 output: output.clone(),
-                format: match args.format {
-                    Some(FormatArg::Qcow2) => Format::Qcow2,
-                    Some(FormatArg::Raw) | None => Format::Raw,
-                },
+                format: FormatArg::format(args.format),
                 threads: copy_threads(args.threads),
                 verify: !args.no_verify,
                 progress,
@@ -286,10 +293,7 @@ fn from_bucket(
             backup: engine::Pick::from(args.backup.as_str()),
             volumes: args.volumes.clone(),
             output: output.clone(),
-            format: match args.format {
-                Some(FormatArg::Qcow2) => Format::Qcow2,
-                Some(FormatArg::Raw) | None => Format::Raw,
-            },
+            format: FormatArg::format(args.format),
             // Requests in flight, not disks: a store answers more at once.
             threads: args.threads.map_or(BUCKET_THREADS, |n| n as usize),
             verify: !args.no_verify,

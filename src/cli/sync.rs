@@ -45,21 +45,8 @@ pub(crate) struct SyncArgs {
     /// RGW), instead of AWS_ENDPOINT_URL.
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
-    /// Lock every object of each point copied for N days (S3 object
-    /// lock: no one, bitback's own credentials included, can delete or
-    /// overwrite them before), and extend the lock of the points it
-    /// builds on to the same date. The bucket must have object lock.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36_500))]
-    retain_days: Option<u32>,
-    /// The lock's mode: compliance (no one can shorten it) or governance
-    /// (a holder of s3:BypassGovernanceRetention can).
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "compliance",
-        requires = "retain_days"
-    )]
-    lock_mode: LockModeArg,
+    #[command(flatten)]
+    retain: RetainArgs,
     /// Print [{vm, backup, action, objects, bytes}].
     #[arg(long)]
     json: bool,
@@ -71,7 +58,7 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let from_bucket = Location::parse(&args.from);
     let opts = SyncOptions {
         vm: args.vm.clone(),
-        retain: args.retain_days.map(|days| (days, args.lock_mode.mode())),
+        retain: args.retain.asked(),
     };
     let config = || Config::from_env(args.s3_endpoint.as_deref()).map_err(|e| bad(e.to_string()));
     let done = match (from_bucket, to_bucket) {
@@ -129,14 +116,42 @@ pub(crate) fn print_synced(done: &[engine::Synced]) {
     }
 }
 
+/// `--retain-days N [--lock-mode MODE]`, of `sync` and `backup`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RetainArgs {
+    /// Lock every object of each point uploaded for N days (S3 object
+    /// lock: no one, bitback's own credentials included, can delete or
+    /// overwrite them before), and extend the lock of the points it
+    /// builds on to the same date. The bucket must have object lock:
+    /// checked before anything is written.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    retain_days: Option<u32>,
+    /// The lock's mode: compliance (no one can shorten it) or governance
+    /// (a holder of s3:BypassGovernanceRetention can).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "compliance",
+        requires = "retain_days"
+    )]
+    lock_mode: LockModeArg,
+}
+
+impl RetainArgs {
+    /// The days and mode asked for, if any.
+    pub(crate) fn asked(&self) -> Option<(u32, LockMode)> {
+        self.retain_days.map(|days| (days, self.lock_mode.mode()))
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub(crate) enum LockModeArg {
+enum LockModeArg {
     Compliance,
     Governance,
 }
 
 impl LockModeArg {
-    pub(crate) fn mode(self) -> LockMode {
+    fn mode(self) -> LockMode {
         match self {
             LockModeArg::Compliance => LockMode::Compliance,
             LockModeArg::Governance => LockMode::Governance,

@@ -280,62 +280,18 @@ impl Client {
         if buf.is_empty() {
             return Ok(());
         }
-        let mut action = self.bucket.get_object(Some(&self.credentials), key);
-        action.query_mut().insert("versionId", version.to_string());
-        let url = action.sign(SIGNED_FOR);
-        let range = format!("bytes={offset}-{}", offset + buf.len() as u64 - 1);
-        let what = || format!("GET {}/{key} ({range})", self.location);
-        let mut tries = 0;
-        loop {
-            let failure = match self.agent.get(url.as_str()).header("range", &range).call() {
-                // The body straight into `buf`: no copy, no allocation.
-                Ok(mut response) if response.status().as_u16() == 206 => {
-                    let mut body = response.body_mut().as_reader();
-                    let mut more = [0u8; 1];
-                    match body.read_exact(buf).and_then(|()| body.read(&mut more)) {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => {
-                            return Err(Error::Reply {
-                                what: what(),
-                                reason: format!("more than the {} bytes asked came", buf.len()),
-                            });
-                        }
-                        Err(e) => e.to_string(),
-                    }
-                }
-                Ok(mut response) => {
-                    let status = response.status().as_u16();
-                    let body = response.body_mut().read_to_vec().unwrap_or_default();
-                    let reply = Reply {
-                        status,
-                        version: None,
-                        etag: None,
-                        body,
-                    };
-                    match status {
-                        200 => {
-                            return Err(Error::Reply {
-                                what: what(),
-                                reason: "the store ignored the range (200, not 206)".into(),
-                            });
-                        }
-                        s if s < 500 => return Err(reply.error("GET", key)),
-                        _ => reply.error("GET", key).to_string(),
-                    }
-                }
-                Err(e) => e.to_string(),
-            };
-            let Some(pause) = PAUSES.get(tries) else {
-                return Err(Error::Unreachable {
-                    what: what(),
-                    tries: tries + 1,
-                    reason: failure,
-                });
-            };
-            debug!(key, failure, "trying the ranged GET again");
-            std::thread::sleep(*pause);
-            tries += 1;
+        let chunk = self.get_chunk(key, Some(version), offset, buf)?;
+        if chunk.len != buf.len() {
+            return Err(Error::Reply {
+                what: format!("GET {}/{key} at {offset}", self.location),
+                reason: format!(
+                    "the object ends at {}, before the {} bytes asked",
+                    chunk.total,
+                    buf.len()
+                ),
+            });
         }
+        Ok(())
     }
 
     /// Every version and delete marker of the objects under `prefix`
@@ -501,6 +457,12 @@ impl Client {
                         len: 0,
                         total: 0,
                         version: found,
+                    });
+                }
+                Ok(response) if response.status().as_u16() == 200 => {
+                    return Err(Error::Reply {
+                        what: what(),
+                        reason: "the store ignored the range (200, not 206)".into(),
                     });
                 }
                 Ok(mut response) => {

@@ -10,7 +10,7 @@ use bitback::repo::{Bucket, Directory, Entry, Store};
 use bitback::s3::{Client, Config, Location, LockMode, Put, Retention};
 
 use crate::harness::s3::{KEY_ID, SECRET, Seaweed};
-use crate::harness::{Rng, Vm, bitback, bitback_env, same_content, tempdir};
+use crate::harness::{Rng, Run, Vm, bitback_env, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -371,22 +371,14 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
     restores_equal(&back, &vm.points[..4], dir.path());
 }
 
-/// Every point of `points` restores from the repository at `repo` equal
-/// to its models (volume by volume).
-fn restores_equal(
-    repo: &std::path::Path,
-    points: &[(String, Vec<std::path::PathBuf>)],
-    scratch: &std::path::Path,
-) {
-    for (id, models) in points {
-        let out = scratch.join(format!(
-            "restored-{}-{id}",
-            repo.file_name().unwrap().to_string_lossy()
-        ));
-        let run = bitback(&[
+/// `bitback restore --json` of point `id` of vm1 from `repo` (a directory
+/// or an s3:// URL) into `out`.
+fn restore_from(repo: &str, id: &str, out: &std::path::Path, env: &[(&str, &str)]) -> Run {
+    bitback_env(
+        &[
             "restore",
             "--repo",
-            repo.to_str().unwrap(),
+            repo,
             "--vm",
             "vm1",
             "--backup",
@@ -394,16 +386,43 @@ fn restores_equal(
             "--output",
             out.to_str().unwrap(),
             "--json",
-        ]);
-        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
-        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
-            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
-            assert!(
-                same_content(&models[i], "raw", &path, "raw"),
-                "{}: point {id}, volume {i} differs from its model",
-                repo.display()
-            );
-        }
+        ],
+        env,
+    )
+}
+
+/// Point `id` restores from `repo` into `out` equal to its `models`,
+/// volume by volume; what the restore printed.
+fn restores_right(
+    repo: &str,
+    (id, models): &(String, Vec<std::path::PathBuf>),
+    out: &std::path::Path,
+    env: &[(&str, &str)],
+) -> serde_json::Value {
+    let run = restore_from(repo, id, out, env);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let restored = run.json();
+    for (i, r) in restored.as_array().unwrap().iter().enumerate() {
+        let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
+        assert!(
+            same_content(&models[i], "raw", &path, "raw"),
+            "{repo}: point {id}, volume {i} differs from its model"
+        );
+    }
+    restored
+}
+
+/// Every point of `points` restores from the repository at `repo` equal
+/// to its models (volume by volume).
+fn restores_equal(
+    repo: &std::path::Path,
+    points: &[(String, Vec<std::path::PathBuf>)],
+    scratch: &std::path::Path,
+) {
+    let name = repo.file_name().unwrap().to_string_lossy();
+    for point in points {
+        let out = scratch.join(format!("restored-{name}-{}", point.0));
+        restores_right(repo.to_str().unwrap(), point, &out, &[]);
     }
 }
 
@@ -711,35 +730,13 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
     let ids: Vec<String> = vm.points.iter().map(|(id, _)| id.clone()).collect();
     let visible: Vec<(String, bool)> = ids.iter().map(|id| (id.clone(), false)).collect();
     assert_eq!(list(None), visible);
-    let restore = |url: &str, id: &str, out: &std::path::Path| {
-        bitback_env(
-            &[
-                "restore",
-                "--repo",
-                url,
-                "--vm",
-                "vm1",
-                "--backup",
-                id,
-                "--output",
-                out.to_str().unwrap(),
-                "--json",
-            ],
-            &env,
-        )
-    };
+    let restore = |url: &str, id: &str, out: &std::path::Path| restore_from(url, id, out, &env);
     let restores_right = |url: &str, point: usize, tag: &str| -> serde_json::Value {
-        let (id, models) = &vm.points[point];
-        let out = dir.path().join(format!("from-{tag}-{id}"));
-        let run = restore(url, id, &out);
-        assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
-        let restored = run.json();
-        for (i, r) in restored.as_array().unwrap().iter().enumerate() {
-            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
-            assert!(
-                same_content(&models[i], "raw", &path, "raw"),
-                "{url}: point {id}, volume {i} differs from its model"
-            );
+        let out = dir
+            .path()
+            .join(format!("from-{tag}-{}", vm.points[point].0));
+        let restored = restores_right(url, &vm.points[point], &out, &env);
+        for r in restored.as_array().unwrap() {
             assert_eq!(
                 r["versions"].as_array().unwrap().len(),
                 r["chain_length"].as_u64().unwrap() as usize
@@ -1003,16 +1000,7 @@ fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
     }
     assert_eq!(versions("bb-prune-plain", "site/vm1/20200101T000000Z/"), 0);
     let out = dir.path().join("kept.raw");
-    run_ok(&[
-        "restore",
-        "--repo",
-        "s3://bb-prune-plain/site",
-        "--vm",
-        "vm1",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(same_content(&vm.points[3].1[0], "raw", &out, "raw"));
+    restores_right("s3://bb-prune-plain/site", &vm.points[3], &out, &env);
 
     // Under the lock nothing goes, and the report says until when.
     let pruned = prune("s3://bb-prune-lock/site");
@@ -1157,30 +1145,9 @@ fn backups_reach_the_bucket_through_a_spool() {
         .map(|p| p["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed, ids);
-    for (id, models) in &vm.points {
-        let out = dir.path().join(format!("restored-{id}"));
-        let run = bitback_env(
-            &[
-                "restore",
-                "--repo",
-                "s3://bb-spool/site",
-                "--vm",
-                "vm1",
-                "--backup",
-                id,
-                "--output",
-                out.to_str().unwrap(),
-                "--json",
-            ],
-            &env,
-        );
-        for (i, r) in run.json().as_array().unwrap().iter().enumerate() {
-            let path = std::path::PathBuf::from(r["path"].as_str().unwrap());
-            assert!(
-                same_content(&models[i], "raw", &path, "raw"),
-                "point {id}, volume {i} differs from its model"
-            );
-        }
+    for point in &vm.points {
+        let out = dir.path().join(format!("restored-{}", point.0));
+        restores_right("s3://bb-spool/site", point, &out, &env);
     }
     // Locked: the first full's file cannot be removed, by version.
     let key = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(0));
@@ -1305,18 +1272,5 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
         .map_or(0, Vec::len);
     assert_eq!(left, 0, "dead uploads left: {uploads}");
     let out = dir.path().join("restored.raw");
-    let run = bitback_env(
-        &[
-            "restore",
-            "--repo",
-            "s3://bb-crash/site",
-            "--vm",
-            "vm1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
-    assert!(same_content(&vm.points[0].1[0], "raw", &out, "raw"));
+    restores_right("s3://bb-crash/site", &vm.points[0], &out, &env);
 }
