@@ -1,6 +1,6 @@
 //! `bitback backup` and `bitback list`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -414,33 +414,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let images = parse_images(&args.image)?;
     let retain = args.retain.asked();
-    // A bucket is checked before the VM is touched: reachable with these
-    // credentials, and locked if a lock is asked for.
-    let bucket = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())?;
-    let repo = match (&bucket, &args.spool) {
-        (Some(bucket), Some(spool)) => {
-            engine::check_bucket(bucket, &args.vm, retain.is_some())?;
-            spool.clone()
-        }
-        (Some(_), None) => {
-            return Err(BadInput(format!(
-                "--repo {}: a backup is written into a spool first; give --spool DIR (a directory on this host that keeps the VM's newest chain)",
-                args.repo.display()
-            ))
-            .into());
-        }
-        (None, Some(_)) => {
-            return Err(BadInput("--spool goes with an s3:// repository".into()).into());
-        }
-        (None, None) if retain.is_some() => {
-            return Err(BadInput(
-                "--retain-days locks a point's objects in a bucket: it goes with --repo s3://..."
-                    .into(),
-            )
-            .into());
-        }
-        (None, None) => args.repo.clone(),
-    };
+    let (repo, bucket) = where_to(&args, retain.is_some())?;
     let cancel = cancel_on_signals()?;
     let manifest = engine::backup_vm(engine::BackupRun {
         repo: &repo,
@@ -460,20 +434,60 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    if !args.json {
-        print!("{}", render_backup(&manifest));
+    upload(&args, &repo, &bucket, &manifest, retain)
+}
+
+/// The directory a backup writes into (the repository, or the spool of
+/// an s3:// one), and the bucket when there is one: checked before the
+/// VM is touched, reachable with these credentials and with object lock
+/// when `locking`.
+fn where_to(
+    args: &BackupArgs,
+    locking: bool,
+) -> anyhow::Result<(PathBuf, Option<bitback::repo::Bucket>)> {
+    let bucket = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())?;
+    match (bucket, &args.spool) {
+        (Some(bucket), Some(spool)) => {
+            engine::check_bucket(&bucket, &args.vm, locking)?;
+            Ok((spool.clone(), Some(bucket)))
+        }
+        (Some(_), None) => Err(BadInput(format!(
+            "--repo {}: a backup is written into a spool first; give --spool DIR (a directory on this host that keeps the VM's newest chain)",
+            args.repo.display()
+        ))
+        .into()),
+        (None, Some(_)) => Err(BadInput("--spool goes with an s3:// repository".into()).into()),
+        (None, None) if locking => Err(BadInput(
+            "--retain-days locks a point's objects in a bucket: it goes with --repo s3://...".into(),
+        )
+        .into()),
+        (None, None) => Ok((args.repo.clone(), None)),
     }
-    let synced = engine::upload_spool(&Repo::open(&repo)?, &bucket, &args.vm, retain)
+}
+
+/// After a backup into `spool`: the VM's points not yet in `bucket`
+/// uploaded, and the backup printed with what went up.
+fn upload(
+    args: &BackupArgs,
+    spool: &Path,
+    bucket: &bitback::repo::Bucket,
+    manifest: &Manifest,
+    retain: Option<(u32, bitback::s3::LockMode)>,
+) -> anyhow::Result<ExitCode> {
+    if !args.json {
+        print!("{}", render_backup(manifest));
+    }
+    let synced = engine::upload_spool(&Repo::open(spool)?, bucket, &args.vm, retain)
         .map_err(|e| {
             e.context(format!(
                 "backup {} is kept in the spool {}; the next backup (or bitback sync --from {} --to {}) uploads it",
                 manifest.id,
-                repo.display(),
-                repo.display(),
+                spool.display(),
+                spool.display(),
                 args.repo.display()
             ))
             .context(engine::Operation::Sync {
-                from: repo.display().to_string(),
+                from: spool.display().to_string(),
                 to: args.repo.display().to_string(),
             })
         })?;
@@ -486,7 +500,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             synced: &'a [engine::Synced],
         }
         let out = Uploaded {
-            manifest: &manifest,
+            manifest,
             synced: &synced,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
