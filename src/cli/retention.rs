@@ -5,17 +5,34 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use bitback::engine::{self, ExportOptions, Keep, Listen, Retention};
+use bitback::engine::{self, Calendar, ExportOptions, Keep, Listen, Retention};
 use bitback::repo::Repo;
 
 /// Delete old backups, never one a kept backup builds on.
 ///
 /// --keep-chains N keeps the newest N chains (a full and its
 /// incrementals); --keep-last N keeps the newest N backups and every
-/// backup they need. Deleted backups disappear in one rename each; a
-/// crash leaves at most a `.<id>.deleting` directory, removed next time.
+/// backup they need. By the calendar (restic's and Proxmox Backup
+/// Server's meaning; combine them, and with --keep-last): --keep-daily N
+/// keeps, for each of the newest N days that have backups, the newest
+/// backup of that day; --keep-hourly, --keep-weekly (ISO weeks, Monday to
+/// Sunday), --keep-monthly and --keep-yearly the same for their periods.
+/// Periods are UTC, by the time each manifest records. For example, with
+/// a backup every night at 01:00, --keep-daily 7 --keep-weekly 4
+/// --keep-monthly 6 keeps the last 7 nights, the newest backup of each of
+/// the 4 newest weeks, and of each of the 6 newest months: at most 17,
+/// usually fewer as they overlap. Whatever a kept backup builds on is
+/// kept too.
+///
+/// Deleted backups disappear in one rename each; a crash leaves at most a
+/// `.<id>.deleting` directory, removed next time.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("keep").required(true).args(["keep_chains", "keep_last"])))]
+#[command(group(
+    clap::ArgGroup::new("keep")
+        .required(true)
+        .multiple(true)
+        .args(["keep_chains", "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])
+))]
 pub(crate) struct PruneArgs {
     /// The repository: a directory, or s3://BUCKET/PREFIX (a point goes
     /// for good, every version of its objects; one an object lock holds
@@ -29,12 +46,28 @@ pub(crate) struct PruneArgs {
     /// The VM to prune.
     #[arg(long, value_name = "NAME")]
     vm: String,
-    /// Keep the newest N chains.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Keep the newest N chains (alone: not with the other --keep-*).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..),
+          conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
     keep_chains: Option<u64>,
     /// Keep the newest N backups (and what they build on).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     keep_last: Option<u64>,
+    /// Keep the newest backup of each of the newest N hours with backups.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_hourly: Option<u64>,
+    /// Keep the newest backup of each of the newest N days with backups.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_daily: Option<u64>,
+    /// Keep the newest backup of each of the newest N ISO weeks.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_weekly: Option<u64>,
+    /// Keep the newest backup of each of the newest N months.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_monthly: Option<u64>,
+    /// Keep the newest backup of each of the newest N years.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_yearly: Option<u64>,
     /// Print {deleted, kept, consolidated} as JSON.
     #[arg(long)]
     json: bool,
@@ -139,10 +172,18 @@ fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
-    let keep = match (args.keep_chains, args.keep_last) {
-        (Some(n), _) => Keep::Chains(n as usize),
-        (None, Some(n)) => Keep::Last(n as usize),
-        (None, None) => unreachable!("clap requires one"),
+    let n = |v: Option<u64>| v.map_or(0, |n| n as usize);
+    let calendar = Calendar {
+        last: n(args.keep_last),
+        hourly: n(args.keep_hourly),
+        daily: n(args.keep_daily),
+        weekly: n(args.keep_weekly),
+        monthly: n(args.keep_monthly),
+        yearly: n(args.keep_yearly),
+    };
+    let keep = match args.keep_chains {
+        Some(chains) => Keep::Chains(chains as usize),
+        None => Keep::Calendar(calendar),
     };
     let report = match super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
         Some(bucket) => engine::prune_bucket(&bucket, &args.vm, keep),

@@ -33,6 +33,80 @@ pub enum Keep {
     Chains(usize),
     /// The newest N backups, and whatever they build on.
     Last(usize),
+    /// By the calendar (and whatever the kept build on).
+    Calendar(Calendar),
+}
+
+/// Retention by the calendar, as restic and Proxmox Backup Server mean
+/// it: `last` keeps the newest N backups; `daily` keeps, for each of the
+/// N newest days that have backups, the newest backup of that day; and
+/// so for hours, ISO weeks (Monday to Sunday), months and years. A
+/// backup any rule keeps is kept, with what it builds on. Periods are in
+/// UTC, by the time each manifest records; a backup whose time cannot be
+/// read is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calendar {
+    pub last: usize,
+    pub hourly: usize,
+    pub daily: usize,
+    pub weekly: usize,
+    pub monthly: usize,
+    pub yearly: usize,
+}
+
+impl Calendar {
+    /// Whether it keeps nothing at all.
+    fn is_empty(&self) -> bool {
+        *self == Calendar::default()
+    }
+
+    /// The ids of `backups` (oldest first) the rules name, before their
+    /// chains are added.
+    fn named<'a>(&self, backups: &'a [Manifest]) -> BTreeSet<&'a str> {
+        type Period = fn(&crate::repo::time::Utc) -> (i64, u32, u32, u32);
+        let rules: [(usize, Period); 5] = [
+            (self.hourly, |t| (t.year, t.month, t.day, t.hour)),
+            (self.daily, |t| (t.year, t.month, t.day, 0)),
+            (self.weekly, |t| {
+                let (year, week) = t.iso_week();
+                (year, week, 0, 0)
+            }),
+            (self.monthly, |t| (t.year, t.month, 0, 0)),
+            (self.yearly, |t| (t.year, 0, 0, 0)),
+        ];
+        let mut kept: BTreeSet<&str> = backups
+            .iter()
+            .rev()
+            .take(self.last)
+            .map(|m| m.id.as_str())
+            .collect();
+        for (count, period) in rules {
+            let mut seen = 0;
+            let mut last = None;
+            for m in backups.iter().rev() {
+                if seen == count {
+                    break;
+                }
+                let Some(t) = crate::repo::time::Utc::parse_rfc3339(&m.time) else {
+                    continue;
+                };
+                let p = period(&t);
+                if last != Some(p) {
+                    kept.insert(m.id.as_str());
+                    seen += 1;
+                    last = Some(p);
+                }
+            }
+        }
+        // No period can be told: kept.
+        kept.extend(
+            backups
+                .iter()
+                .filter(|m| crate::repo::time::Utc::parse_rfc3339(&m.time).is_none())
+                .map(|m| m.id.as_str()),
+        );
+        kept
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -105,6 +179,16 @@ pub(super) fn keep_set<'a>(
     let mut kept: BTreeSet<&str> = BTreeSet::new();
     match keep {
         Keep::Chains(0) | Keep::Last(0) => bail!("keeping nothing is not pruning; keep at least 1"),
+        Keep::Calendar(c) if c.is_empty() => {
+            bail!("keeping nothing is not pruning; keep at least 1")
+        }
+        Keep::Calendar(c) => {
+            for id in c.named(backups) {
+                if let Some(m) = backups.iter().find(|m| m.id == id) {
+                    kept.extend(ancestors(backups, m));
+                }
+            }
+        }
         Keep::Chains(n) => {
             // A chain is named by its full, found by following parents
             // (not by the `chain` field a manifest may carry stale).
@@ -334,5 +418,124 @@ fn lock_readers(
             Err(crate::repo::Error::InUse { vm, holder })
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::time::Utc;
+
+    /// Full backups at `times` (seconds after 2025-01-01T00:00:00Z),
+    /// oldest first; a time of -1 is unreadable.
+    fn fulls(times: &[i64]) -> Vec<Manifest> {
+        let start = Utc::parse_rfc3339("2025-01-01T00:00:00Z")
+            .unwrap()
+            .to_unix();
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| Manifest {
+                schema: crate::repo::MANIFEST_SCHEMA,
+                id: format!("b{i:03}"),
+                vm: "vm1".into(),
+                seq: i as u64 + 1,
+                kind: BackupKind::Full,
+                reason: String::new(),
+                chain: format!("b{i:03}"),
+                position: 0,
+                parent: None,
+                checkpoint: String::new(),
+                time: match t {
+                    -1 => "yesterday".into(),
+                    t => Utc::from_unix(start + t).rfc3339(),
+                },
+                volumes: Vec::new(),
+                qemu_version: None,
+                encryption: None,
+            })
+            .collect()
+    }
+
+    fn kept(backups: &[Manifest], c: Calendar) -> Vec<&str> {
+        keep_set(backups, Keep::Calendar(c))
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    const HOUR: i64 = 3600;
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn the_calendar_keeps_the_newest_of_each_of_the_newest_periods() {
+        // Two a day for ten days, at 01:00 and 13:00.
+        let times: Vec<i64> = (0..10)
+            .flat_map(|d| [d * DAY + HOUR, d * DAY + 13 * HOUR])
+            .collect();
+        let b = fulls(&times);
+        let daily = Calendar {
+            daily: 3,
+            ..Calendar::default()
+        };
+        // The 13:00 backups of the last three days.
+        assert_eq!(kept(&b, daily), ["b015", "b017", "b019"]);
+        let last = Calendar {
+            last: 3,
+            ..Calendar::default()
+        };
+        assert_eq!(kept(&b, last), ["b017", "b018", "b019"]);
+        let both = Calendar {
+            last: 2,
+            daily: 2,
+            ..Calendar::default()
+        };
+        assert_eq!(kept(&b, both), ["b017", "b018", "b019"]);
+        // 2025-01-01 is a Wednesday: days 0-4 are week 1, 5-9 week 2.
+        let weekly = Calendar {
+            weekly: 5,
+            ..Calendar::default()
+        };
+        assert_eq!(kept(&b, weekly), ["b009", "b019"]);
+        let hourly = Calendar {
+            hourly: 1,
+            monthly: 1,
+            yearly: 1,
+            ..Calendar::default()
+        };
+        assert_eq!(kept(&b, hourly), ["b019"]);
+        assert!(keep_set(&b, Keep::Calendar(Calendar::default())).is_err());
+    }
+
+    #[test]
+    fn months_and_years_over_a_long_calendar() {
+        // One backup every 3 days for 400 days from 2025-01-01.
+        let times: Vec<i64> = (0..134).map(|i| i * 3 * DAY).collect();
+        let b = fulls(&times);
+        let c = Calendar {
+            monthly: 3,
+            yearly: 2,
+            ..Calendar::default()
+        };
+        let names: Vec<String> = kept(&b, c)
+            .into_iter()
+            .map(|id| {
+                let m = b.iter().find(|m| m.id == id).unwrap();
+                m.time[..10].to_string()
+            })
+            .collect();
+        // The last of 2025 (2025-12-30), and the newest of the last three
+        // months: 2025-12-30, 2026-01-29, 2026-02-04 (the newest point).
+        assert_eq!(names, ["2025-12-30", "2026-01-29", "2026-02-04"]);
+    }
+
+    #[test]
+    fn a_time_that_cannot_be_read_keeps_its_backup() {
+        let b = fulls(&[0, -1, DAY, 2 * DAY]);
+        let c = Calendar {
+            daily: 1,
+            ..Calendar::default()
+        };
+        assert_eq!(kept(&b, c), ["b001", "b003"]);
     }
 }

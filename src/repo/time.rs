@@ -135,6 +135,27 @@ impl Utc {
         }
     }
 
+    /// The ISO 8601 week: (its year, its number 1-53). Weeks start on
+    /// Monday; week 1 is the one holding the year's first Thursday.
+    pub fn iso_week(&self) -> (i64, u32) {
+        let days = self.to_unix().div_euclid(86_400);
+        // 1970-01-01 was a Thursday: Monday is 0.
+        let weekday = (days + 3).rem_euclid(7);
+        let thursday = days - weekday + 3;
+        let year = Utc::from_unix(thursday * 86_400).year;
+        let first = Utc {
+            year,
+            month: 1,
+            day: 1,
+            hour: 0,
+            minute: 0,
+            second: 0,
+        }
+        .to_unix()
+            / 86_400;
+        (year, ((thursday - first) / 7 + 1) as u32)
+    }
+
     /// `2026-11-26T15:22:52Z`
     pub fn rfc3339(&self) -> String {
         format!(
@@ -220,5 +241,19 @@ mod tests {
         ] {
             assert!(!Utc::is_backup_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn iso_weeks_start_on_monday_and_belong_to_their_thursdays_year() {
+        let week = |text: &str| Utc::parse_rfc3339(text).unwrap().iso_week();
+        // Thursday 1 January 2026: week 1 of 2026 from Monday 29 December.
+        assert_eq!(week("2025-12-29T00:00:00Z"), (2026, 1));
+        assert_eq!(week("2025-12-28T23:59:59Z"), (2025, 52));
+        assert_eq!(week("2026-01-04T12:00:00Z"), (2026, 1));
+        assert_eq!(week("2026-01-05T00:00:00Z"), (2026, 2));
+        // 2020 had 53 weeks; 1 January 2021 (a Friday) is in its last.
+        assert_eq!(week("2021-01-01T00:00:00Z"), (2020, 53));
+        assert_eq!(week("2021-01-04T00:00:00Z"), (2021, 1));
+        assert_eq!(week("2026-12-06T16:00:00Z"), (2026, 49));
     }
 }

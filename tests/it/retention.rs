@@ -262,3 +262,97 @@ fn export_serves_the_point_that_restore_gives() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("read-only"), "{stdout}");
 }
+
+/// A backup of `vm` taken as if the clock read `time` (RFC 3339, UTC):
+/// the debug build's BITBACK_CLOCK_OFFSET set to the difference.
+fn backup_at(vm: &mut Vm, time: &str, extra: &[&str]) -> String {
+    let target = Command::new("date")
+        .args(["-u", "-d", time, "+%s"])
+        .output()
+        .unwrap();
+    let target: i64 = String::from_utf8_lossy(&target.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let offset = (target - now).to_string();
+    let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
+    let mut args = vec![
+        "backup",
+        "--qmp",
+        &qmp,
+        "--repo",
+        vm.repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--json",
+    ];
+    args.extend(extra);
+    let run = crate::harness::bitback_env(&args, &[("BITBACK_CLOCK_OFFSET", &offset)]);
+    let id = run.json()["id"].as_str().unwrap().to_string();
+    vm.snapshot(&id);
+    id
+}
+
+/// `prune --keep-daily/--keep-weekly/--keep-monthly/--keep-yearly` over
+/// a year of backups (the clock set by the test): exactly the backups the
+/// rules name are kept, each restores, and a kept incremental keeps the
+/// full it builds on. ISO weeks as date(1) gives them: 2027-01-04 to -06
+/// are week 1, -12 and -13 week 2, 2027-02-10 and -11 week 6.
+#[test]
+fn calendar_retention_keeps_the_newest_of_each_period_and_their_chains() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB, 2 * MIB]);
+    let times = [
+        "2027-01-04T12:00:00Z",
+        "2027-01-04T18:00:00Z",
+        "2027-01-05T12:00:00Z",
+        "2027-01-06T12:00:00Z",
+        "2027-01-12T12:00:00Z",
+        "2027-01-13T12:00:00Z",
+        "2027-02-10T12:00:00Z",
+        "2027-02-11T12:00:00Z",
+        "2027-03-15T12:00:00Z",
+        "2028-02-01T12:00:00Z",
+    ];
+    let mut ids = Vec::new();
+    for (i, time) in times.iter().enumerate() {
+        vm.write(
+            i % 2,
+            (i as u64 % 4) * 256 * 1024,
+            64 * 1024,
+            0x30 + i as u8,
+        );
+        ids.push(backup_at(&mut vm, time, &["--full"]));
+    }
+    // Days: 2028-02-01, 2027-03-15, 2027-02-11. Weeks: 2028-05,
+    // 2027-11, 2027-06 (the 11th, not the 10th), 2027-02 (the 13th).
+    // Months: 2028-02, 2027-03, 2027-02 (the 11th). Years: 2028, 2027
+    // (03-15).
+    let report = prune(
+        &vm,
+        &[
+            "--keep-daily",
+            "3",
+            "--keep-weekly",
+            "4",
+            "--keep-monthly",
+            "3",
+            "--keep-yearly",
+            "2",
+        ],
+    );
+    let expected: Vec<String> = [5, 7, 8, 9].iter().map(|&i| ids[i].clone()).collect();
+    assert_eq!(list_ids(&vm), expected, "{report}");
+    assert_all_restorable(&vm);
+
+    // An incremental the next day: one day kept is it, and its full.
+    vm.write(0, 0, 64 * 1024, 0x77);
+    let incr = backup_at(&mut vm, "2028-02-02T12:00:00Z", &[]);
+    prune(&vm, &["--keep-daily", "1"]);
+    assert_eq!(list_ids(&vm), [ids[9].clone(), incr]);
+    assert_all_restorable(&vm);
+}
