@@ -529,6 +529,38 @@ mod tests {
         assert_eq!(names, ["2025-12-30", "2026-01-29", "2026-02-04"]);
     }
 
+    /// The example of docs/usage.md: nightly at 01:00 from 2027-01-01
+    /// to 2027-06-30, `--keep-daily 7 --keep-weekly 4 --keep-monthly 12`.
+    #[test]
+    fn the_documented_example_keeps_fourteen() {
+        let from = Utc::parse_rfc3339("2027-01-01T01:00:00Z")
+            .unwrap()
+            .to_unix()
+            - Utc::parse_rfc3339("2025-01-01T00:00:00Z")
+                .unwrap()
+                .to_unix();
+        let times: Vec<i64> = (0..181).map(|d| from + d * DAY).collect();
+        let b = fulls(&times);
+        assert!(b.last().unwrap().time.starts_with("2027-06-30"));
+        let c = Calendar {
+            daily: 7,
+            weekly: 4,
+            monthly: 12,
+            ..Calendar::default()
+        };
+        let days: Vec<String> = kept(&b, c)
+            .into_iter()
+            .map(|id| b.iter().find(|m| m.id == id).unwrap().time[5..10].to_string())
+            .collect();
+        assert_eq!(
+            days,
+            [
+                "01-31", "02-28", "03-31", "04-30", "05-31", "06-13", "06-20", "06-24", "06-25",
+                "06-26", "06-27", "06-28", "06-29", "06-30"
+            ]
+        );
+    }
+
     #[test]
     fn a_time_that_cannot_be_read_keeps_its_backup() {
         let b = fulls(&[0, -1, DAY, 2 * DAY]);
