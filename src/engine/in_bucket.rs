@@ -141,39 +141,87 @@ impl<'b> Objects<'b> {
     /// The points of `vm`: each manifest's first version, oldest point
     /// first. A manifest that does not parse is an error naming it.
     fn points(&self, vm: &str) -> anyhow::Result<Vec<BucketPoint>> {
+        let keys: Vec<(&String, &str)> = self
+            .versions
+            .keys()
+            .filter_map(|key| {
+                let id = key
+                    .strip_prefix(&format!("{vm}/"))?
+                    .strip_suffix("/manifest.json")
+                    .filter(|id| !id.contains('/') && !id.starts_with('.'))?;
+                Some((key, id))
+            })
+            .collect();
+        // The manifests are read several at once: a listing of many
+        // points is many GETs.
+        let read = in_parallel(&keys, MANIFEST_READERS, |&(key, id)| {
+            self.point(vm, key, id)
+        });
         let mut points = Vec::new();
-        for key in self.versions.keys() {
-            let Some(id) = key
-                .strip_prefix(&format!("{vm}/"))
-                .and_then(|k| k.strip_suffix("/manifest.json"))
-                .filter(|id| !id.contains('/') && !id.starts_with('.'))
-            else {
-                continue;
-            };
-            // Only delete markers left: the manifest is gone for good (a
-            // prune that died midway), so there is no point.
-            let Ok(version) = self.original(key, None) else {
-                continue;
-            };
-            let version = version.id.clone();
-            let located = || self.bucket.locate(key).display().to_string();
-            let bytes = self.read_original(key)?;
-            let manifest = Manifest::parse(&bytes, vm, id)
-                .with_context(|| format!("{} is not a manifest", located()))?;
-            let hidden = self.hidden(key)
-                || manifest.volumes.iter().any(|v| {
-                    self.hidden(&v.file)
-                        || v.cluster_map.as_ref().is_some_and(|m| self.hidden(&m.file))
-                });
-            points.push(BucketPoint {
-                manifest,
-                hidden,
-                manifest_version: version,
-            });
+        for point in read {
+            points.extend(point?);
         }
         points.sort_by(|a, b| crate::repo::order(&a.manifest, &b.manifest));
         Ok(points)
     }
+
+    /// The point whose manifest is `key` (of id `id`); `None` when only
+    /// delete markers are left of it (a prune that died midway: the
+    /// manifest is gone for good, so there is no point).
+    fn point(&self, vm: &str, key: &str, id: &str) -> anyhow::Result<Option<BucketPoint>> {
+        let Ok(version) = self.original(key, None) else {
+            return Ok(None);
+        };
+        let bytes = self.read_original(key)?;
+        let manifest = Manifest::parse(&bytes, vm, id)
+            .with_context(|| format!("{} is not a manifest", self.bucket.locate(key).display()))?;
+        let hidden = self.hidden(key)
+            || manifest.volumes.iter().any(|v| {
+                self.hidden(&v.file) || v.cluster_map.as_ref().is_some_and(|m| self.hidden(&m.file))
+            });
+        Ok(Some(BucketPoint {
+            manifest,
+            hidden,
+            manifest_version: version.id.clone(),
+        }))
+    }
+}
+
+/// Manifests read at once.
+const MANIFEST_READERS: usize = 8;
+/// VMs listed at once (each reads its manifests several at once too).
+const VM_READERS: usize = 4;
+
+/// `f` of every item of `items`, in their order, on up to `threads`
+/// threads at once.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else {
+                        return;
+                    };
+                    let result = f(item);
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    // Every slot is filled: a thread that panicked panics the scope.
+    slots
+        .into_iter()
+        .filter_map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
 }
 
 /// The points of `vm` in `bucket` (every VM's with `None`), oldest first
@@ -183,9 +231,10 @@ pub fn bucket_points(bucket: &Bucket, vm: Option<&str>) -> anyhow::Result<Vec<Bu
         Some(vm) => vec![vm.to_string()],
         None => bucket.all_vms()?,
     };
+    let read = in_parallel(&vms, VM_READERS, |vm| Objects::load(bucket, vm)?.points(vm));
     let mut all = Vec::new();
-    for vm in &vms {
-        all.extend(Objects::load(bucket, vm)?.points(vm)?);
+    for points in read {
+        all.extend(points?);
     }
     Ok(all)
 }
@@ -634,4 +683,21 @@ fn verify_object(
             .with_context(|| format!("cluster map {}", record.file))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_parallel;
+
+    #[test]
+    fn in_parallel_gives_every_result_in_order() {
+        let items: Vec<u64> = (0..100).collect();
+        let out = in_parallel(&items, 7, |&i| {
+            // Later items finish first.
+            std::thread::sleep(std::time::Duration::from_micros(100 - i));
+            i * 2
+        });
+        assert_eq!(out, (0..100).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(in_parallel(&[] as &[u64], 4, |&i| i).is_empty());
+    }
 }
