@@ -68,7 +68,10 @@ pub(crate) struct PruneArgs {
     /// Keep the newest backup of each of the newest N years.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     keep_yearly: Option<u64>,
-    /// Print {deleted, kept, consolidated} as JSON.
+    /// Say what would be deleted and kept, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print {deleted, kept, consolidated, locked, dry_run} as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -154,8 +157,12 @@ fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
     for id in &report.consolidated {
         println!("consolidated {id} into a full");
     }
+    let deleted = match report.dry_run {
+        true => "would delete",
+        false => "deleted",
+    };
     for id in &report.deleted {
-        println!("deleted {id}");
+        println!("{deleted} {id}");
     }
     for l in &report.locked {
         println!(
@@ -164,9 +171,13 @@ fn print(report: &Retention, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{} backups kept, {} deleted",
+        "{} backups kept, {} {}",
         report.kept.len(),
-        report.deleted.len()
+        report.deleted.len(),
+        match report.dry_run {
+            true => "would be deleted (nothing was changed: --dry-run)",
+            false => "deleted",
+        }
     );
     Ok(())
 }
@@ -186,7 +197,8 @@ pub(crate) fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
         None => Keep::Calendar(calendar),
     };
     let report = match super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
-        Some(bucket) => engine::prune_bucket(&bucket, &args.vm, keep),
+        Some(bucket) => engine::prune_bucket(&bucket, &args.vm, keep, args.dry_run),
+        None if args.dry_run => engine::prune_plan(&Repo::open(&args.repo)?, &args.vm, keep),
         None => {
             let repo = Repo::open(&args.repo)?;
             let lock = repo.lock_vm(&args.vm, "prune")?;

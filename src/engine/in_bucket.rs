@@ -450,15 +450,28 @@ fn proof(
 /// Prunes `vm`'s points in `bucket` as `keep` says, holding the VM's
 /// lock in the bucket. A point an object lock still holds is kept (and
 /// what it builds on); the report names it and the date.
-pub fn prune_bucket(bucket: &Bucket, vm: &str, keep: Keep) -> anyhow::Result<Retention> {
+/// With `dry_run`, nothing is changed and no lock taken: the report
+/// says what would go.
+pub fn prune_bucket(
+    bucket: &Bucket,
+    vm: &str,
+    keep: Keep,
+    dry_run: bool,
+) -> anyhow::Result<Retention> {
     let holder = Holder {
         host: super::serve::runtime::host(),
         pid: std::process::id(),
         purpose: "prune".into(),
         started: Utc::now().rfc3339(),
     };
-    let lock = bucket.lock_vm(vm, &holder)?;
-    bucket.abort_incomplete(&lock, vm)?;
+    let lock = match dry_run {
+        true => None,
+        false => {
+            let lock = bucket.lock_vm(vm, &holder)?;
+            bucket.abort_incomplete(&lock, vm)?;
+            Some(lock)
+        }
+    };
     let objects = Objects::load(bucket, vm)?;
     let manifests: Vec<Manifest> = objects
         .points(vm)?
@@ -478,7 +491,10 @@ pub fn prune_bucket(bucket: &Bucket, vm: &str, keep: Keep) -> anyhow::Result<Ret
             kept.extend(ancestors(&manifests, m));
         }
     }
-    let mut report = Retention::default();
+    let mut report = Retention {
+        dry_run,
+        ..Retention::default()
+    };
     // Newest first: a failure never leaves a kept point without its parent.
     for m in manifests.iter().rev() {
         if kept.contains(m.id.as_str()) {
@@ -491,13 +507,17 @@ pub fn prune_bucket(bucket: &Bucket, vm: &str, keep: Keep) -> anyhow::Result<Ret
             }
             continue;
         }
-        objects
-            .remove_point(vm, &m.id)
-            .with_context(|| format!("deleting backup {} from {}", m.id, bucket.location()))?;
-        info!(vm, backup = %m.id, "pruned from the bucket");
+        if !dry_run {
+            objects
+                .remove_point(vm, &m.id)
+                .with_context(|| format!("deleting backup {} from {}", m.id, bucket.location()))?;
+            info!(vm, backup = %m.id, "pruned from the bucket");
+        }
         report.deleted.push(m.id.clone());
     }
-    objects.remove_leftovers(vm, &manifests, lockable)?;
+    if lock.is_some() {
+        objects.remove_leftovers(vm, &manifests, lockable)?;
+    }
     report.kept.reverse();
     report.deleted.reverse();
     report.locked.reverse();

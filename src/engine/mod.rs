@@ -41,7 +41,7 @@ pub use in_bucket::{
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
-pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune};
+pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune, prune_plan};
 pub use run::{BackupRun, backup_vm};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,

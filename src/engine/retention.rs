@@ -119,6 +119,9 @@ pub struct Retention {
     /// object lock holds them (in a bucket), and until when.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub locked: Vec<Locked>,
+    /// Nothing was deleted: `deleted` is what would have been.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// A backup an object lock keeps.
@@ -213,6 +216,22 @@ pub(super) fn keep_set<'a>(
         }
     }
     Ok(kept)
+}
+
+/// What [`prune`] would delete and keep, decided as it decides; nothing
+/// is changed and no lock taken.
+pub fn prune_plan(repo: &Repo, vm: &str, keep: Keep) -> anyhow::Result<Retention> {
+    let backups = repo.backups(vm)?;
+    check_links(&backups)?;
+    let kept = keep_set(&backups, keep)?;
+    let (keep, drop): (Vec<&Manifest>, Vec<&Manifest>) =
+        backups.iter().partition(|m| kept.contains(m.id.as_str()));
+    Ok(Retention {
+        kept: keep.iter().map(|m| m.id.clone()).collect(),
+        deleted: drop.iter().map(|m| m.id.clone()).collect(),
+        dry_run: true,
+        ..Retention::default()
+    })
 }
 
 /// Deletes every backup that neither `keep` nor a kept backup needs.

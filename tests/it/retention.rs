@@ -332,20 +332,26 @@ fn calendar_retention_keeps_the_newest_of_each_period_and_their_chains() {
     // 2027-11, 2027-06 (the 11th, not the 10th), 2027-02 (the 13th).
     // Months: 2028-02, 2027-03, 2027-02 (the 11th). Years: 2028, 2027
     // (03-15).
-    let report = prune(
-        &vm,
-        &[
-            "--keep-daily",
-            "3",
-            "--keep-weekly",
-            "4",
-            "--keep-monthly",
-            "3",
-            "--keep-yearly",
-            "2",
-        ],
-    );
+    let rules = [
+        "--keep-daily",
+        "3",
+        "--keep-weekly",
+        "4",
+        "--keep-monthly",
+        "3",
+        "--keep-yearly",
+        "2",
+    ];
     let expected: Vec<String> = [5, 7, 8, 9].iter().map(|&i| ids[i].clone()).collect();
+    // --dry-run says so, and changes nothing.
+    let mut dry = rules.to_vec();
+    dry.push("--dry-run");
+    let plan = prune(&vm, &dry);
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(plan["kept"], serde_json::json!(expected), "{plan}");
+    assert_eq!(plan["deleted"].as_array().unwrap().len(), 6, "{plan}");
+    assert_eq!(list_ids(&vm), ids);
+    let report = prune(&vm, &rules);
     assert_eq!(list_ids(&vm), expected, "{report}");
     assert_all_restorable(&vm);
 

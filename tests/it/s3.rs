@@ -978,6 +978,20 @@ fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
     };
+    let plan = run_ok(&[
+        "prune",
+        "--repo",
+        "s3://bb-prune-plain/site",
+        "--vm",
+        "vm1",
+        "--keep-chains",
+        "1",
+        "--dry-run",
+        "--json",
+    ])
+    .json();
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(strings(&plan["deleted"]), ids[..2]);
     let pruned = prune("s3://bb-prune-plain/site");
     assert_eq!(strings(&pruned["deleted"]), ids[..2]);
     assert_eq!(strings(&pruned["kept"]), ids[2..]);
