@@ -29,6 +29,13 @@ pub struct Report {
     pub backups: usize,
     pub files: usize,
     pub problems: Vec<Problem>,
+    /// Backups not read: verified whole within `--outdated-after`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The structural rules, without reading data: each file a plain qcow2

@@ -3,9 +3,12 @@
 //! parent exists, its size and digest match the manifest. Every file is
 //! checked even after a failure; verify reports and never deletes. Data
 //! damage it finds is recorded in the repository, for the next backup
-//! not to build on it.
+//! not to build on it; a backup that verifies whole is recorded as such
+//! (`<vm>/.verified/<id>.json`, with its files' digests), so that
+//! `--outdated-after` reads only what was not verified lately.
 
 use super::check::{Problem, Report, verify_backup};
+use crate::repo::time::Utc;
 use crate::repo::{Manifest, Repo};
 
 /// Which backups to check.
@@ -17,6 +20,9 @@ pub struct Scope {
     /// the files' data again); without it a map is checked against its
     /// recorded digest.
     pub map_clusters: bool,
+    /// Skip a backup that verified whole less than this many seconds ago
+    /// (and has no damage recorded since).
+    pub outdated_after: Option<i64>,
 }
 
 pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
@@ -32,9 +38,17 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
             None => backup_dirs(repo, &vm)?,
         };
         for id in ids {
+            let manifest = repo.manifest(&vm, &id);
+            if let (Ok(m), Some(age)) = (&manifest, scope.outdated_after)
+                && recently_verified(repo, m, age)
+            {
+                report.skipped += 1;
+                continue;
+            }
             report.backups += 1;
-            match repo.manifest(&vm, &id) {
+            match manifest {
                 Ok(m) => {
+                    let before = report.problems.len();
                     if let Err(e) = super::chain::chain(repo, &m) {
                         report.problems.push(Problem {
                             vm: vm.clone(),
@@ -44,9 +58,14 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                             data_damage: false,
                         });
                     }
-                    let before = report.problems.len();
+                    let checked = report.problems.len();
                     verify_backup(repo, &m, &mut report, scope.map_clusters);
-                    record_damage(repo, &m, &report.problems[before..]);
+                    record_damage(repo, &m, &report.problems[checked..]);
+                    if report.problems.len() == before
+                        && let Err(e) = repo.mark_verified(&m, &Utc::now())
+                    {
+                        tracing::warn!(vm = %m.vm, backup = %m.id, error = %e, "could not record the verification; the next verify --outdated-after reads it again");
+                    }
                 }
                 Err(e) => report.problems.push(Problem {
                     vm: vm.clone(),
@@ -59,6 +78,20 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Whether backup `m` verified whole less than `age` seconds ago, and no
+/// damage was recorded on its files since.
+fn recently_verified(repo: &Repo, m: &Manifest, age: i64) -> bool {
+    let Some(at) = repo.verified_at(m) else {
+        return false;
+    };
+    let damaged = m
+        .volumes
+        .iter()
+        .any(|v| repo.damage(&m.vm, &m.id, &v.name, &v.digest).is_some());
+    let elapsed = Utc::now().to_unix() - at.to_unix();
+    !damaged && (0..age).contains(&elapsed)
 }
 
 /// Records the data damage verify found in `m`'s files (what only a

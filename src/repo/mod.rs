@@ -444,6 +444,43 @@ impl Repo {
         (record.digest == *digest).then_some(record.problem)
     }
 
+    /// Records that backup `m` verified whole at `at`, for the files its
+    /// manifest names now (their digests): a point rewritten since (by a
+    /// consolidation) is not taken as verified. Taken under a read lock;
+    /// replaced atomically.
+    pub fn mark_verified(&self, m: &Manifest, at: &time::Utc) -> Result<()> {
+        let key = Repo::verified_key(&m.vm, &m.id)?;
+        let record = Verified {
+            time: at.rfc3339(),
+            digests: m
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.digest))
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(Error::Encoding)?;
+        self.store.put(&key, &bytes)
+    }
+
+    /// When backup `m` last verified whole, if that is recorded for the
+    /// files its manifest names.
+    pub fn verified_at(&self, m: &Manifest) -> Option<time::Utc> {
+        let key = Repo::verified_key(&m.vm, &m.id).ok()?;
+        let text = self.store.get(&key).ok()??;
+        let record: Verified = serde_json::from_slice(&text).ok()?;
+        let now: std::collections::BTreeMap<String, Digest> = m
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), v.digest))
+            .collect();
+        (record.digests == now).then(|| time::Utc::parse_rfc3339(&record.time))?
+    }
+
+    fn verified_key(vm: &str, id: &str) -> Result<String> {
+        check_name("backup", id)?;
+        Repo::vm_key(vm, &format!("{VERIFIED}/{id}.json"))
+    }
+
     /// The key of the finding on `volume` of backup `id` of `vm`.
     fn damage_key(vm: &str, id: &str, volume: &str) -> Result<String> {
         check_name("backup", id)?;
@@ -464,7 +501,11 @@ impl Repo {
         })?;
         sync_dir(&dir)?;
         crate::fault::point("prune-renamed");
-        // Its findings go with it (ids are never reused; this is tidiness).
+        // Its findings and verification record go with it (ids are never
+        // reused; this is tidiness).
+        if let Ok(key) = Repo::verified_key(vm, id) {
+            let _ = self.store.delete(&key);
+        }
         let findings = Repo::vm_key(vm, DAMAGED)?;
         let prefix = format!("{id}.");
         for entry in self.store.list(&findings).unwrap_or_default() {
@@ -636,6 +677,18 @@ const DAMAGED: &str = ".damaged";
 const STATE_FILE: &str = "state.json";
 /// A point's manifest, in its directory.
 const MANIFEST_FILE: &str = "manifest.json";
+
+/// Where [`Repo::mark_verified`] keeps its records.
+const VERIFIED: &str = ".verified";
+
+/// One record of [`Repo::mark_verified`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Verified {
+    /// RFC 3339, UTC.
+    time: String,
+    /// Each volume's file digest, as the manifest gave it then.
+    digests: std::collections::BTreeMap<String, Digest>,
+}
 
 /// One finding of [`Repo::mark_damaged`].
 #[derive(serde::Serialize, serde::Deserialize)]

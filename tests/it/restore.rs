@@ -553,3 +553,51 @@ fn a_restore_refuses_damage_no_verify_has_found_yet() {
         }
     }
 }
+
+/// `verify --outdated-after`: a backup that verified whole is not read
+/// again within the age, and is once the clock has moved past it
+/// (BITBACK_CLOCK_OFFSET); one with damage recorded is always read.
+#[test]
+fn verify_outdated_after_reads_only_what_was_not_verified_lately() {
+    let dir = tempdir();
+    let (vm, ids) = chain_of_three(dir.path());
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let verify = |extra: &[&str], offset: &str| -> (Option<i32>, Value) {
+        let mut args = vec!["verify", "--repo", &repo, "--json"];
+        args.extend(extra);
+        let run = crate::harness::bitback_env(&args, &[("BITBACK_CLOCK_OFFSET", offset)]);
+        let report: Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", run.stdout, run.stderr));
+        (run.code, report)
+    };
+    let counts = |r: &Value| (r["backups"].as_u64(), r["skipped"].as_u64());
+    let age = ["--outdated-after", "1d"];
+    let (code, r) = verify(&age, "0");
+    assert_eq!((code, counts(&r)), (Some(0), (Some(3), None)), "{r}");
+    let (code, r) = verify(&age, "0");
+    assert_eq!((code, counts(&r)), (Some(0), (Some(0), Some(3))), "{r}");
+    // Two days on: read again.
+    let later = (2 * 86_400).to_string();
+    let (code, r) = verify(&age, &later);
+    assert_eq!((code, counts(&r)), (Some(0), (Some(3), None)), "{r}");
+
+    // Damage found by a full verify is read on every verify after.
+    let file = file_of(&vm, &ids[1]);
+    let image = bitback::qcow2::Image::open(&file).unwrap();
+    let data = bitback::qcow2::map(&image)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == bitback::qcow2::Kind::Data)
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[data.offset.unwrap() as usize + 1000] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let (code, r) = verify(&[], &later);
+    assert_eq!(code, Some(1), "{r}");
+    let (code, r) = verify(&age, &later);
+    assert_eq!((code, counts(&r)), (Some(1), (Some(1), Some(2))), "{r}");
+    assert!(
+        r["problems"][0]["file"].as_str().unwrap().contains(&ids[1]),
+        "{r}"
+    );
+}
