@@ -97,7 +97,8 @@ fn recently_verified(repo: &Repo, m: &Manifest, age: i64) -> bool {
 /// Records the data damage verify found in `m`'s files (what only a
 /// digest or the cluster tables show; a file's cluster map when its
 /// layout digest leaves the data's proof to it), so that the next backup takes a
-/// full of the volume instead of building on it. Verify's only write.
+/// full of the volume instead of building on it. With the record of a
+/// backup found whole, verify's only writes.
 fn record_damage(repo: &Repo, m: &Manifest, problems: &[Problem]) {
     for p in problems {
         let Some(v) = p.file.as_ref().and_then(|f| {

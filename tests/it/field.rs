@@ -281,10 +281,16 @@ fn chain_of_three(dir: &Path) -> (Vm, Vec<String>) {
 }
 
 fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    // Lock files change with every run that takes them.
+    // Lock files change with every run that takes them, and verify
+    // records the backups it found whole (`.verified/`).
     let mut out: Vec<(PathBuf, Vec<u8>)> = modes(dir)
         .into_iter()
-        .filter(|(p, _, is_dir)| !is_dir && !p.ends_with(".lock") && !p.ends_with(".readers"))
+        .filter(|(p, _, is_dir)| {
+            !is_dir
+                && !p.ends_with(".lock")
+                && !p.ends_with(".readers")
+                && !p.parent().is_some_and(|d| d.ends_with(".verified"))
+        })
         .map(|(p, _, _)| {
             let bytes = std::fs::read(&p).unwrap_or_default();
             (p, bytes)
