@@ -1,6 +1,6 @@
 //! `bitback restore` and `bitback verify`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::output::{bytes, table};
@@ -257,15 +257,9 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         (_, Some(output)) => engine::restore(
             &repo,
             &RestoreOptions {
-                vm: vm.to_string(),
-                backup: engine::Pick::from(args.backup.as_str()),
-                volumes: args.volumes.clone(),
-                output: output.clone(),
-                format: FormatArg::format(args.format),
-                threads: copy_threads(args.threads),
-                verify: !args.no_verify,
                 progress,
                 key,
+                ..file_restore(&args, vm, output, copy_threads(args.threads))
             },
         ),
         _ => return Err(BadInput("give --output, or --in-place with --image".into()).into()),
@@ -319,16 +313,14 @@ fn from_bucket(
     let restored = engine::restore_from_bucket(
         bucket,
         &RestoreOptions {
-            vm: vm.to_string(),
-            backup: engine::Pick::from(args.backup.as_str()),
-            volumes: args.volumes.clone(),
-            output: output.clone(),
-            format: FormatArg::format(args.format),
-            // Requests in flight, not disks: a store answers more at once.
-            threads: args.threads.map_or(BUCKET_THREADS, |n| n as usize),
-            verify: !args.no_verify,
             progress: super::output::progress_bar(!args.json),
-            key: None,
+            // Requests in flight, not disks: a store answers more at once.
+            ..file_restore(
+                args,
+                vm,
+                output,
+                args.threads.map_or(BUCKET_THREADS, |n| n as usize),
+            )
         },
     )
     .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
@@ -365,6 +357,22 @@ fn from_bucket(
     }
     print!("{}", table(&rows));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A restore of `vm` into files at `output` as `args` ask, on `threads`
+/// copy threads, without progress or key.
+fn file_restore(args: &RestoreArgs, vm: &str, output: &Path, threads: usize) -> RestoreOptions {
+    RestoreOptions {
+        vm: vm.to_string(),
+        backup: engine::Pick::from(args.backup.as_str()),
+        volumes: args.volumes.clone(),
+        output: output.to_path_buf(),
+        format: FormatArg::format(args.format),
+        threads,
+        verify: !args.no_verify,
+        progress: None,
+        key: None,
+    }
 }
 
 /// Copy threads of a restore from a bucket, unless told: ranged GETs in
