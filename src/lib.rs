@@ -26,3 +26,4 @@ pub mod qemu;
 pub mod qmp;
 pub mod repo;
 pub mod s3;
+mod source;
