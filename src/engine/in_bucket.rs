@@ -41,7 +41,7 @@ use super::retention::{Keep, Locked, Retention, ancestors, check_links, keep_set
 use crate::cluster_map::{Baseline, Map};
 use crate::qcow2::{self, Image};
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Holder, Manifest, Store, VolumeRecord};
+use crate::repo::{Bucket, Manifest, Store, VolumeRecord};
 use crate::s3::Version;
 
 /// A point in a bucket, as bitback wrote it.
@@ -458,16 +458,10 @@ pub fn prune_bucket(
     keep: Keep,
     dry_run: bool,
 ) -> anyhow::Result<Retention> {
-    let holder = Holder {
-        host: super::serve::runtime::host(),
-        pid: std::process::id(),
-        purpose: "prune".into(),
-        started: Utc::now().rfc3339(),
-    };
     let lock = match dry_run {
         true => None,
         false => {
-            let lock = bucket.lock_vm(vm, &holder)?;
+            let lock = bucket.lock_vm(vm, &super::sync::holder("prune"))?;
             bucket.abort_incomplete(&lock, vm)?;
             Some(lock)
         }

@@ -85,14 +85,7 @@ pub fn sync_to_bucket(
     let vms = chosen_vms(opts, source.store())?;
     let retention = match opts.retain {
         Some((days, mode)) => {
-            if !target.object_lock_enabled()? {
-                return Err(BadInput(format!(
-                    "--retain-days: bucket {} has no object lock (a bucket gets it when it is made: \
-                     aws s3api create-bucket --object-lock-enabled-for-bucket); nothing was copied",
-                    target.location()
-                ))
-                .into());
-            }
+            require_lock(target)?;
             let until = Utc::from_unix(Utc::now().to_unix() + i64::from(days) * 86_400);
             Some(Retention {
                 mode,
@@ -107,13 +100,7 @@ pub fn sync_to_bucket(
         let _readers = source.read_lock(&vm, "sync")?;
         // One sync of the VM into the bucket at a time; what a dead one
         // left half uploaded goes.
-        let holder = Holder {
-            host: super::serve::runtime::host(),
-            pid: std::process::id(),
-            purpose: "sync".into(),
-            started: Utc::now().rfc3339(),
-        };
-        let lock = target.lock_vm(&vm, &holder)?;
+        let lock = target.lock_vm(&vm, &holder("sync"))?;
         target.abort_incomplete(&lock, &vm)?;
         for m in source.backups(&vm)? {
             let synced = sync_point(source, target, &m, retention.as_ref())
@@ -319,15 +306,34 @@ pub fn check_bucket(bucket: &Bucket, vm: &str, locking: bool) -> anyhow::Result<
     bucket
         .list(vm)
         .with_context(|| format!("reaching {}", bucket.location()))?;
-    if locking && !bucket.object_lock_enabled()? {
+    if locking {
+        require_lock(bucket)?;
+    }
+    Ok(())
+}
+
+/// Refuses, before anything is written, a bucket without object lock
+/// for `--retain-days`.
+fn require_lock(bucket: &Bucket) -> anyhow::Result<()> {
+    if !bucket.object_lock_enabled()? {
         return Err(BadInput(format!(
             "--retain-days: bucket {} has no object lock (a bucket gets it when it is made: \
-             aws s3api create-bucket --object-lock-enabled-for-bucket)",
+             aws s3api create-bucket --object-lock-enabled-for-bucket); nothing was written",
             bucket.location()
         ))
         .into());
     }
     Ok(())
+}
+
+/// This run, as the holder of a VM's lock in a bucket, for `purpose`.
+pub(super) fn holder(purpose: &str) -> Holder {
+    Holder {
+        host: super::serve::runtime::host(),
+        pid: std::process::id(),
+        purpose: purpose.into(),
+        started: Utc::now().rfc3339(),
+    }
 }
 
 /// After a backup into the spool `spool`: every point of `vm` not yet in

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use std::io::Read;
+use std::sync::PoisonError;
 
 use base64::Engine;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
@@ -332,13 +333,8 @@ impl Client {
                 query.insert("version-id-marker", version.clone());
             }
             let url = action.sign(SIGNED_FOR);
-            let reply = self.send("LIST-VERSIONS", prefix, || {
-                self.agent.get(url.as_str()).call()
-            })?;
-            if reply.status != 200 {
-                return Err(reply.error("LIST-VERSIONS", prefix));
-            }
-            let text = String::from_utf8_lossy(&reply.body);
+            let body = self.get_listing("LIST-VERSIONS", prefix, url.as_str())?;
+            let text = String::from_utf8_lossy(&body);
             let page = parse_versions(&text).map_err(|reason| Error::Reply {
                 what: format!("LIST-VERSIONS {}/{prefix}", self.location),
                 reason,
@@ -602,9 +598,15 @@ impl Client {
                             return;
                         };
                         match self.upload_part(key, upload, number, &bytes) {
-                            Ok(etag) => etags.lock().unwrap().push((number, etag)),
+                            Ok(etag) => etags
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push((number, etag)),
                             Err(e) => {
-                                failure.lock().unwrap().get_or_insert(e);
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .get_or_insert(e);
                                 return;
                             }
                         }
@@ -614,7 +616,11 @@ impl Client {
             }
             let mut number = 0u16;
             let read = loop {
-                if failure.lock().unwrap().is_some() {
+                if failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_some()
+                {
                     break Ok(());
                 }
                 let mut buffer = Vec::with_capacity(size as usize);
@@ -635,13 +641,16 @@ impl Client {
             };
             drop(tx);
             if let Err(e) = read {
-                failure.lock().unwrap().get_or_insert(e);
+                failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(e);
             }
         });
-        if let Some(e) = failure.into_inner().unwrap() {
+        if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
             return Err(e);
         }
-        let mut etags = etags.into_inner().unwrap();
+        let mut etags = etags.into_inner().unwrap_or_else(PoisonError::into_inner);
         etags.sort();
         Ok((sent, etags.into_iter().map(|(_, etag)| etag).collect()))
     }
@@ -824,13 +833,8 @@ impl Client {
         action.query_mut().insert("uploads", "");
         action.query_mut().insert("prefix", prefix.to_string());
         let url = action.sign(SIGNED_FOR);
-        let reply = self.send("LIST-UPLOADS", prefix, || {
-            self.agent.get(url.as_str()).call()
-        })?;
-        if reply.status != 200 {
-            return Err(reply.error("LIST-UPLOADS", prefix));
-        }
-        let text = String::from_utf8_lossy(&reply.body);
+        let body = self.get_listing("LIST-UPLOADS", prefix, url.as_str())?;
+        let text = String::from_utf8_lossy(&body);
         let mut found = Vec::new();
         for upload in text.split("<Upload>").skip(1) {
             if let (Some(key), Some(id)) = (tag(upload, "Key"), tag(upload, "UploadId")) {
@@ -905,17 +909,13 @@ impl Client {
                 action.with_continuation_token(token.clone());
             }
             let url = action.sign(SIGNED_FOR);
-            let reply = self.send("LIST", prefix, || self.agent.get(url.as_str()).call())?;
-            if reply.status != 200 {
-                return Err(reply.error("LIST", prefix));
-            }
-            let page =
-                rusty_s3::actions::ListObjectsV2::parse_response(&reply.body).map_err(|e| {
-                    Error::Reply {
-                        what: format!("LIST {}/{prefix}", self.location),
-                        reason: e.to_string(),
-                    }
-                })?;
+            let body = self.get_listing("LIST", prefix, url.as_str())?;
+            let page = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| {
+                Error::Reply {
+                    what: format!("LIST {}/{prefix}", self.location),
+                    reason: e.to_string(),
+                }
+            })?;
             listing
                 .objects
                 .extend(page.contents.into_iter().map(|c| c.key));
@@ -926,6 +926,16 @@ impl Client {
                 Some(next) => token = Some(next),
                 None => return Ok(listing),
             }
+        }
+    }
+
+    /// The body of a listing (`what`, of `prefix`) at signed `url`, which
+    /// must answer 200.
+    fn get_listing(&self, what: &str, prefix: &str, url: &str) -> Result<Vec<u8>, Error> {
+        let reply = self.send(what, prefix, || self.agent.get(url).call())?;
+        match reply.status {
+            200 => Ok(reply.body),
+            _ => Err(reply.error(what, prefix)),
         }
     }
 
