@@ -1204,8 +1204,6 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
     vm.random_writes(&mut rng, 6);
     let id = vm.backup(&[])["id"].as_str().unwrap().to_string();
     vm.quit();
-    let env = store.env();
-    let env: Vec<(String, String)> = env;
     let args = [
         "sync",
         "--from",
@@ -1231,6 +1229,8 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
     let held_sync = |store: &mut Seaweed, round: u32, at_hold: &dyn Fn(&mut Seaweed)| {
         let go = dir.path().join(format!("go{round}"));
         let hold = format!("sync-mid-upload:{}", go.display());
+        // The store's address now (a restart may have moved it).
+        let env = store.env();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -1276,6 +1276,7 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
         }
     }
 
+    let env = store.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let last = bitback_env(&args, &env);
     assert_eq!(last.code, Some(0), "{}{}", last.stdout, last.stderr);

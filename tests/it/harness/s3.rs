@@ -149,13 +149,26 @@ impl Seaweed {
         self.remove_sockets();
     }
 
-    /// Starts the killed store again, on its data and ports, and waits
-    /// until it answers.
+    /// Starts the killed store again on its data, and waits until it
+    /// answers: on its ports, or, when one of them was taken meanwhile
+    /// (they are free for anyone once the store is killed, an outgoing
+    /// connection's included), on new ones; `endpoint` says which.
     pub fn restart(&mut self) {
-        self.child = Seaweed::spawn(self.dir.path(), &self.ports, self.room);
-        if let Err(log) = self.wait_ready() {
-            panic!("SeaweedFS did not come back: {log}");
+        let mut logs = String::new();
+        for attempt in 0..4 {
+            if attempt == 3 {
+                self.ports = free_ports(8);
+                self.endpoint = format!("http://127.0.0.1:{}", self.ports[6]);
+            }
+            self.child = Seaweed::spawn(self.dir.path(), &self.ports, self.room);
+            match self.wait_ready() {
+                Ok(()) => return,
+                Err(log) => logs.push_str(&log),
+            }
+            self.kill();
+            std::thread::sleep(Duration::from_secs(1));
         }
+        panic!("SeaweedFS did not come back: {logs}");
     }
 
     /// The Unix sockets weed makes beside its ports outlive a kill.
