@@ -6,6 +6,8 @@
 //! - [`libvirt`]: libvirt domains (their disks, a way in to their QMP);
 //! - [`child`]: helper programs run with a time limit;
 //! - [`nbd`]: an NBD server, so that a backup job's target can be bitback;
+//! - [`job`]: every VM of a host as one job (`bitback run`);
+//! - [`units`]: sizes and ages as people write them;
 //!
 //! docs/repository.md describes the on-disk formats.
 
@@ -17,6 +19,7 @@ mod direct;
 pub mod disk;
 pub mod engine;
 mod fault;
+pub mod job;
 pub mod libvirt;
 pub mod monitor;
 pub mod nasbackup;
@@ -27,3 +30,4 @@ pub mod qmp;
 pub mod repo;
 pub mod s3;
 mod source;
+pub mod units;

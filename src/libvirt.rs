@@ -80,6 +80,30 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The names of the running domains on `connect` (`virsh list --name`).
+pub fn running_domains(connect: &str) -> Result<Vec<String>> {
+    let args = ["list", "--name"];
+    let out = crate::child::output_within(
+        std::process::Command::new("virsh")
+            .arg("-c")
+            .arg(connect)
+            .args(args),
+        VIRSH_LIMIT,
+    )
+    .map_err(Error::RunningVirsh)?
+    .ok_or_else(|| Error::VirshTimeout {
+        command: args.join(" "),
+        limit: VIRSH_LIMIT,
+    })?;
+    let out = crate::child::succeeded("virsh list --name", out)?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
 /// A domain and the libvirt connection it lives on.
 #[derive(Debug, Clone)]
 pub struct Domain {

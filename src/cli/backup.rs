@@ -112,6 +112,12 @@ pub(crate) struct BackupArgs {
     #[arg(long, visible_alias = "rate-limit", value_name = "RATE", value_parser = parse_size)]
     speed_limit: Option<u64>,
 
+    /// All volumes' copies together at the bytes per second this file
+    /// holds, read again every half second (`bitback run` shares its
+    /// `rate_limit` among its runs so).
+    #[arg(long, value_name = "FILE", hide = true, conflicts_with = "speed_limit")]
+    rate_file: Option<PathBuf>,
+
     /// Fleecing: old data that guest writes displace during the backup goes
     /// to a scratch image in DIR instead of straight to the repository.
     ///
@@ -314,7 +320,7 @@ fn parse_images(specs: &[String]) -> anyhow::Result<Vec<StoppedImage>> {
 /// A receiver that turns true on SIGINT or SIGTERM. A second signal ends
 /// the process at once (exit 1): what the run added in QEMU and the
 /// repository is removed by the next backup of the VM.
-fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
+pub(crate) fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = watch::channel(false);
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -368,7 +374,11 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 }
                 (None, _) => None,
             },
-            rate_limit: args.speed_limit,
+            rate: match (&args.rate_file, args.speed_limit) {
+                (Some(file), _) => engine::Rate::Shared(file.clone()),
+                (None, Some(n)) => engine::Rate::PerJob(n),
+                (None, None) => engine::Rate::Unlimited,
+            },
             compress: args.compress || args.compress_level.is_some(),
             compress_level: args.compress_level.unwrap_or(3),
             cluster_size: args.cluster_size,

@@ -15,6 +15,7 @@ mod output;
 mod qcow2;
 mod restore;
 mod retention;
+mod run;
 mod sync;
 
 use std::process::ExitCode;
@@ -55,6 +56,7 @@ struct Cli {
 enum Command {
     Demo(demo::DemoArgs),
     Backup(Box<backup::BackupArgs>),
+    Run(run::RunArgs),
     List(backup::ListArgs),
     Restore(restore::RestoreArgs),
     Mount(mount::MountArgs),
@@ -128,6 +130,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Backup(args) => backup::backup(*args).await,
+            Command::Run(args) => run::run(args).await,
             Command::List(args) => backup::list(args),
             Command::Restore(args) => restore::restore(args).await,
             Command::Mount(args) => mount::mount(args).await,

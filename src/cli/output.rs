@@ -1,23 +1,6 @@
 //! Small helpers for human output.
 
-/// Bytes in binary units, exact below 1 KiB: `512 B`, `64 KiB`, `1.5 GiB`.
-pub(crate) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub(crate) use bitback::units::bytes;
 
 /// Left-aligned columns, two spaces apart; the last column is not padded.
 pub(crate) fn table(rows: &[Vec<String>]) -> String {

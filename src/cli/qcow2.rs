@@ -110,30 +110,7 @@ pub(crate) struct CreateArgs {
     backing_format: Option<String>,
 }
 
-/// Parses `123`, `64K`, `1.5G`-free integer sizes with binary suffixes.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G, T or P)")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 10G)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+pub(crate) use bitback::units::parse_size;
 
 pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {

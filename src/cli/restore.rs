@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::output::{bytes, table};
 use bitback::engine::{self, BadInput, Format, InPlaceOptions, RestoreOptions, Scope};
 use bitback::repo::Repo;
+use bitback::units::parse_age;
 
 /// Restore a backup point of a VM's volumes to image files.
 ///
@@ -170,29 +171,6 @@ pub(crate) struct VerifyArgs {
     /// time. A backup with damage recorded is always read.
     #[arg(long, value_name = "AGE", value_parser = parse_age)]
     outdated_after: Option<i64>,
-}
-
-/// `--outdated-after`: a number of days, hours, minutes or seconds (`30d`,
-/// `12h`, `90m`, `45s`; a bare number is seconds), as seconds.
-fn parse_age(text: &str) -> Result<i64, String> {
-    let (digits, unit) = match text.char_indices().last() {
-        Some((at, c)) if c.is_ascii_alphabetic() => (&text[..at], c),
-        _ => (text, 's'),
-    };
-    let n: i64 = digits
-        .parse()
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{text:?}: give a positive age such as 30d, 12h, 90m or 45s"))?;
-    let scale = match unit {
-        'd' => 86_400,
-        'h' => 3_600,
-        'm' => 60,
-        's' => 1,
-        _ => return Err(format!("{text:?}: the unit is d, h, m or s")),
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too long an age"))
 }
 
 /// `--format`: the engine's [`Format`] as a command-line value.
@@ -629,7 +607,7 @@ fn copy_threads(asked: Option<u64>) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_age;
+    use bitback::units::parse_age;
 
     #[test]
     fn ages_are_days_hours_minutes_or_seconds() {

@@ -53,8 +53,8 @@ pub struct CopyOptions {
     /// the guard's filter, `engine::guard`); started with `thaw_guard`.
     /// `None`: no guard then (a kill there leaves the VM paused).
     pub resume: Option<super::thaw_guard::Thawer>,
-    /// Bytes per second per job; `None` for no limit.
-    pub rate_limit: Option<u64>,
+    /// How fast the jobs may copy.
+    pub rate: Rate,
     /// Write compressed clusters: zstd at `compress_level` written by
     /// bitback on the NBD data path, deflate written by QEMU
     /// (`blockdev-backup compress=true`) on the file path; not with
@@ -101,7 +101,7 @@ impl Default for CopyOptions {
             quiesce: None,
             thaw_guard: None,
             resume: None,
-            rate_limit: None,
+            rate: Rate::Unlimited,
             compress: false,
             compress_level: 3,
             cluster_size: 64 << 10,
@@ -117,6 +117,53 @@ impl Default for CopyOptions {
             cluster_maps: true,
         }
     }
+}
+
+/// How fast a run's backup jobs may copy (QEMU's job `speed`, which
+/// holds back the job's reads and so its writes; not the copies of old
+/// data that guest writes cause).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Rate {
+    #[default]
+    Unlimited,
+    /// Bytes per second, each job.
+    PerJob(u64),
+    /// Bytes per second for all the run's jobs together, read from this
+    /// file (a decimal number) when the jobs start and every half second
+    /// after, and split evenly among the jobs still running. `bitback run`
+    /// shares one host-wide budget among the runs it starts so, rewriting
+    /// each run's file as runs start and end.
+    Shared(PathBuf),
+}
+
+impl Rate {
+    /// Each job's speed when `jobs` jobs run; `None` for no limit.
+    fn per_job(&self, jobs: usize) -> anyhow::Result<Option<u64>> {
+        Ok(match self {
+            Rate::Unlimited => None,
+            Rate::PerJob(n) => Some(*n),
+            Rate::Shared(file) => Some(split(read_shared_rate(file)?, jobs)),
+        })
+    }
+}
+
+/// A shared budget's file: bytes per second, at least 1.
+fn read_shared_rate(file: &Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the shared rate limit in {}", file.display()))?;
+    match text.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!(
+            "{} holds {:?}, not a rate in bytes per second",
+            file.display(),
+            text.trim()
+        ),
+    }
+}
+
+/// `total` split among `jobs`, never 0 (QEMU's speed 0 means no limit).
+fn split(total: u64, jobs: usize) -> u64 {
+    (total / jobs.max(1) as u64).max(1)
 }
 
 /// Where a backup job's bytes go.
@@ -977,6 +1024,10 @@ async fn start_transaction(
         .for_qemu(qmp)
         .await
         .context("reading QEMU's QMP schema")?;
+    let tuning = Tuning {
+        perf,
+        speed: opts.rate.per_job(run.volumes.len())?,
+    };
     let mut guards: Vec<Option<Guard>> = run
         .volumes
         .iter()
@@ -1018,7 +1069,7 @@ async fn start_transaction(
     let started = match &paused {
         Ok(_) => match insert_guards(run, &mut guards, fleece, undo).await {
             Ok(()) => {
-                let actions = backup_actions(run, &guards, &perf, nbd, &later(&guards));
+                let actions = backup_actions(run, &guards, &tuning, nbd, &later(&guards));
                 if actions.is_empty() {
                     Ok(())
                 } else {
@@ -1060,7 +1111,7 @@ async fn start_transaction(
         }
     }
     crate::fault::point("after-transaction");
-    start_masked_fulls(run, &guards, fleece, &perf, nbd, flushed).await?;
+    start_masked_fulls(run, &guards, fleece, &tuning, nbd, flushed).await?;
     Ok(guards.iter().map(Option::is_some).collect())
 }
 
@@ -1079,6 +1130,13 @@ const FLEECING_WORKERS: u64 = 8;
 /// (benches/README.md, incrementals by content).
 const CONTENT_CHUNK: u64 = 4 << 20;
 
+/// What every job of a run is started with: QEMU's copy tuning and the
+/// job's speed.
+struct Tuning {
+    perf: Option<Perf>,
+    speed: Option<u64>,
+}
+
 /// Whether volume `i`, when guarded, is a full whose job starts after the
 /// point with what the volume holds ([`start_masked_fulls`]): a full not
 /// by content (that one reads every cluster to compare it).
@@ -1093,7 +1151,7 @@ fn masked(run: &CopyPlan<'_>, i: usize) -> bool {
 fn backup_actions(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
-    perf: &Option<Perf>,
+    tuning: &Tuning,
     nbd: bool,
     later: &[bool],
 ) -> Vec<Action> {
@@ -1112,7 +1170,7 @@ fn backup_actions(
         }
         if !later[i] {
             actions.push(Action::BlockdevBackup(backup_job(
-                run, guards, perf, nbd, i,
+                run, guards, tuning, nbd, i,
             )));
         }
     }
@@ -1123,7 +1181,7 @@ fn backup_actions(
 fn backup_job(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
-    perf: &Option<Perf>,
+    tuning: &Tuning,
     nbd: bool,
     i: usize,
 ) -> Backup {
@@ -1152,10 +1210,10 @@ fn backup_job(
         bitmap: None,
         bitmap_mode: None,
         auto_dismiss: false,
-        speed: opts.rate_limit,
+        speed: tuning.speed,
         // On the NBD path bitback compresses.
         compress: opts.compress && !nbd,
-        x_perf: perf.clone(),
+        x_perf: tuning.perf.clone(),
     };
     if let Some(since) = &run.targets[i].since {
         job.by_bitmap(match &guards[i] {
@@ -1176,7 +1234,7 @@ async fn start_masked_fulls(
     run: &CopyPlan<'_>,
     guards: &[Option<Guard>],
     fleece: &[Option<String>],
-    perf: &Option<Perf>,
+    tuning: &Tuning,
     nbd: bool,
     flushed: bool,
 ) -> anyhow::Result<()> {
@@ -1185,7 +1243,7 @@ async fn start_masked_fulls(
             continue;
         };
         let v = &run.volumes[i];
-        let mut job = backup_job(run, guards, perf, nbd, i);
+        let mut job = backup_job(run, guards, tuning, nbd, i);
         let loaded = match flushed {
             true => load_mask(run, i, guard, fleece[i].as_deref()).await,
             false => Err(anyhow!(
@@ -1516,6 +1574,7 @@ async fn wait_jobs(
     let mut failure: Option<String> = None;
     let mut last_progress = (0u64, tokio::time::Instant::now());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut share = Share::default();
     while done.len() < jobs.len() {
         tokio::select! {
             event = events.next(Duration::from_secs(3600)) => {
@@ -1560,6 +1619,9 @@ async fn wait_jobs(
                 if let Some(bar) = bar {
                     bar.update(seen.current, seen.total);
                 }
+                if let Rate::Shared(file) = &opts.rate {
+                    share.apply(qmp, file, jobs, &done).await;
+                }
                 if seen.current != last_progress.0 {
                     last_progress = (seen.current, tokio::time::Instant::now());
                 } else if last_progress.1.elapsed() > opts.stall_timeout && failure.is_none() {
@@ -1585,6 +1647,47 @@ async fn wait_jobs(
     match failure {
         Some(reason) => bail!("backup failed: {reason}"),
         None => Ok(()),
+    }
+}
+
+/// A shared rate as last applied to the running jobs.
+#[derive(Default)]
+struct Share {
+    per_job: Option<u64>,
+    running: usize,
+}
+
+impl Share {
+    /// Reads the shared budget again and, when it or the number of
+    /// running jobs changed, gives each running job its part. A file that
+    /// cannot be read keeps the speeds as they are.
+    async fn apply(
+        &mut self,
+        qmp: &Qmp,
+        file: &Path,
+        jobs: &[String],
+        done: &std::collections::BTreeSet<String>,
+    ) {
+        let total = match read_shared_rate(file) {
+            Ok(total) => total,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "keeping the jobs' speeds");
+                return;
+            }
+        };
+        let running: Vec<&String> = jobs.iter().filter(|j| !done.contains(*j)).collect();
+        let per_job = split(total, running.len());
+        if self.per_job == Some(per_job) && self.running == running.len() {
+            return;
+        }
+        debug!(total, per_job, jobs = running.len(), "shared rate applied");
+        for job in running.iter().copied() {
+            if let Err(e) = commands::set_job_speed(qmp, job, per_job).await {
+                debug!(job, error = %e, "setting the job's speed");
+            }
+        }
+        self.per_job = Some(per_job);
+        self.running = running.len();
     }
 }
 

@@ -33,7 +33,7 @@ pub use backup::{BackupOptions, backup, backup_named};
 pub use chain::{Pick, resolve};
 pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report};
-pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Target, copy_to_files};
+pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Rate, Target, copy_to_files};
 pub use in_bucket::{
     BucketPoint, BucketRestored, UsedVersion, bucket_points, prune_bucket, restore_from_bucket,
     verify_bucket,

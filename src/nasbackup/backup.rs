@@ -406,7 +406,9 @@ fn nas_options(o: &Options, extras: &Extras, domain: &Domain) -> CopyOptions {
         quiesce: (o.quiesce == "true").then(|| Thawer::Libvirt(domain.clone())),
         thaw_guard: Some(extras.guard.clone()),
         resume: Some(Thawer::ResumeLibvirt(domain.clone())),
-        rate_limit: extras.rate,
+        rate: extras
+            .rate
+            .map_or(engine::Rate::Unlimited, engine::Rate::PerJob),
         compress: o.compress,
         encrypt: extras.key.clone(),
         fleecing: extras.fleecing.clone(),
