@@ -23,5 +23,6 @@ mod qcow2;
 mod qmp_client;
 mod restore;
 mod retention;
+mod run;
 mod s3;
 mod soak;
