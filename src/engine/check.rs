@@ -192,6 +192,7 @@ fn check_map(
     path: &std::path::Path,
     image: &Image,
     clusters: bool,
+    sample: Option<&Sample>,
 ) -> Result<(), MapFailure> {
     let map_path = repo.root().join(&record.file);
     let digest = digest_file(&map_path)
@@ -208,8 +209,63 @@ fn check_map(
     }
     std::fs::File::open(path)
         .map_err(anyhow::Error::from)
-        .and_then(|file| map_against_file(&file, image, &map))
+        .and_then(|file| {
+            let only = sample.map(|s| s.of_file(&record.file));
+            map_against_file_sampled(&file, image, &map, only.as_ref())
+        })
         .map_err(|e| MapFailure::Clusters(e.context("cluster map")))
+}
+
+/// A share of a file's data clusters to read, chosen afresh each run
+/// (`verify --sample`): each cluster is read with that probability, by a
+/// hash of the run's seed, the file's name and the cluster's number.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Clusters whose hash is at most this are read.
+    threshold: u64,
+    seed: u64,
+}
+
+impl Sample {
+    /// `percent` (above 0, at most 100) of the clusters, with a seed of
+    /// this moment.
+    pub fn percent(percent: f64) -> Sample {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Sample::seeded(percent, seed)
+    }
+
+    fn seeded(percent: f64, seed: u64) -> Sample {
+        let share = (percent / 100.0).clamp(0.0, 1.0);
+        Sample {
+            threshold: (share * u64::MAX as f64) as u64,
+            seed,
+        }
+    }
+
+    /// The sample of the file named `name`.
+    fn of_file(&self, name: &str) -> Sample {
+        let mut key = self.seed;
+        for b in name.bytes() {
+            key = mix(key ^ u64::from(b));
+        }
+        Sample {
+            threshold: self.threshold,
+            seed: key,
+        }
+    }
+
+    fn takes(&self, cluster: u64) -> bool {
+        mix(self.seed ^ cluster.wrapping_mul(0x9e37_79b9_7f4a_7c15)) <= self.threshold
+    }
+}
+
+/// splitmix64's finaliser: every input bit reaches every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// What [`check_map`] found wrong.
@@ -229,6 +285,18 @@ pub(super) fn map_against_file<S: qcow2::Source + ?Sized>(
     file: &S,
     image: &Image,
     map: &Map,
+) -> anyhow::Result<()> {
+    map_against_file_sampled(file, image, map, None)
+}
+
+/// [`map_against_file`], reading only the clusters `sample` takes (the
+/// map's records of clusters the file does not hold are checked all the
+/// same: they need no data read).
+fn map_against_file_sampled<S: qcow2::Source + ?Sized>(
+    file: &S,
+    image: &Image,
+    map: &Map,
+    sample: Option<&Sample>,
 ) -> anyhow::Result<()> {
     use crate::cluster_map::digest;
     use crate::qcow2::{Compression, Kind, decompress, walk};
@@ -260,7 +328,7 @@ pub(super) fn map_against_file<S: qcow2::Source + ?Sized>(
         let first = extents[i].start / cs;
         let last = (extents[i].start + extents[i].length - 1) / cs;
         for c in first..=last {
-            if !held.insert(c) {
+            if !held.insert(c) || sample.is_some_and(|s| !s.takes(c)) {
                 continue;
             }
             let start = c * cs;
@@ -339,6 +407,20 @@ fn digest_as_recorded(
 /// cluster maps of whole-file digests with their files too (see
 /// [`check_map`]).
 pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_clusters: bool) {
+    verify_backup_sampled(repo, m, report, map_clusters, None)
+}
+
+/// [`verify_backup`], where a file whose layout digest leaves its data to
+/// its cluster map has only the `sample` of its data clusters read (its
+/// metadata and its map are checked whole; a file with a whole-file
+/// digest is read whole).
+pub(super) fn verify_backup_sampled(
+    repo: &Repo,
+    m: &Manifest,
+    report: &mut Report,
+    map_clusters: bool,
+    sample: Option<&Sample>,
+) {
     if let Some(parent) = &m.parent
         && let Err(e) = repo.manifest(&m.vm, parent)
     {
@@ -413,7 +495,14 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
             // map that cannot be trusted, or a cluster unlike its record,
             // is damage to the volume's data. Under a whole-file digest
             // (which proved the data) a disagreement is the writer's.
-            Some(record) => match check_map(repo, record, &path, &image, map_clusters || layout) {
+            Some(record) => match check_map(
+                repo,
+                record,
+                &path,
+                &image,
+                map_clusters || layout,
+                sample.filter(|_| layout),
+            ) {
                 Ok(()) => {}
                 Err(MapFailure::Map(e)) => {
                     problem(Some(record.file.as_str()), format!("{e:#}"), layout)
@@ -432,4 +521,22 @@ pub fn verify_backup(repo: &Repo, m: &Manifest, report: &mut Report, map_cluster
         }
     }
     report.files += files;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sample;
+
+    #[test]
+    fn a_sample_takes_about_its_share_and_another_run_takes_others() {
+        let one = Sample::seeded(10.0, 1).of_file("vm/a/vda.qcow2");
+        let taken: Vec<u64> = (0..100_000).filter(|&c| one.takes(c)).collect();
+        assert!((9_000..11_000).contains(&taken.len()), "{}", taken.len());
+        let other = Sample::seeded(10.0, 2).of_file("vm/a/vda.qcow2");
+        let both = taken.iter().filter(|&&c| other.takes(c)).count();
+        // Independent choices overlap by about a tenth.
+        assert!(both < 2_000, "{both}");
+        let all = Sample::seeded(100.0, 3).of_file("x");
+        assert!((0..10_000).all(|c| all.takes(c)));
+    }
 }

@@ -32,7 +32,7 @@ pub use crate::digest::file as digest_file;
 pub use backup::{BackupOptions, backup, backup_named};
 pub use chain::{Pick, resolve};
 pub use check::data_file_problem;
-pub use check::{Checks, Problem, Report};
+pub use check::{Checks, Problem, Report, Sample};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Rate, Target, copy_to_files};
 pub use in_bucket::{
     BucketPoint, BucketRestored, UsedVersion, bucket_points, prune_bucket, restore_from_bucket,

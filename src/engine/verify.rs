@@ -5,9 +5,12 @@
 //! damage it finds is recorded in the repository, for the next backup
 //! not to build on it; a backup that verifies whole is recorded as such
 //! (`<vm>/.verified/<id>.json`, with its files' digests), so that
-//! `--outdated-after` reads only what was not verified lately.
+//! `--outdated-after` reads only what was not verified lately. `--sample`
+//! reads a random share of each file's data clusters against its map:
+//! damage it finds is recorded, but it never records a backup as
+//! verified whole.
 
-use super::check::{Problem, Report, verify_backup};
+use super::check::{Problem, Report, Sample, verify_backup_sampled};
 use crate::repo::time::Utc;
 use crate::repo::{Manifest, Repo};
 
@@ -23,6 +26,9 @@ pub struct Scope {
     /// Skip a backup that verified whole less than this many seconds ago
     /// (and has no damage recorded since).
     pub outdated_after: Option<i64>,
+    /// Read only this share of the data clusters of each file whose map
+    /// proves its data; such a verify is not recorded as whole.
+    pub sample: Option<Sample>,
 }
 
 pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
@@ -59,9 +65,16 @@ pub fn verify(repo: &Repo, scope: &Scope) -> anyhow::Result<Report> {
                         });
                     }
                     let checked = report.problems.len();
-                    verify_backup(repo, &m, &mut report, scope.map_clusters);
+                    verify_backup_sampled(
+                        repo,
+                        &m,
+                        &mut report,
+                        scope.map_clusters,
+                        scope.sample.as_ref(),
+                    );
                     record_damage(repo, &m, &report.problems[checked..]);
                     if report.problems.len() == before
+                        && scope.sample.is_none()
                         && let Err(e) = repo.mark_verified(&m, &Utc::now())
                     {
                         tracing::warn!(vm = %m.vm, backup = %m.id, error = %e, "could not record the verification; the next verify --outdated-after reads it again");

@@ -26,6 +26,9 @@ const GRACE: Duration = Duration::from_secs(60);
 /// its file every half second.
 const SHARE_SETTLES: Duration = Duration::from_millis(1100);
 
+/// How long a finished command's pipes are read for what it wrote last.
+const PIPES_DRAIN: Duration = Duration::from_secs(10);
+
 /// The tail of a command's stderr kept for the report.
 const STDERR_LINES: usize = 20;
 
@@ -166,6 +169,8 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
     let mut pending: VecDeque<usize> = (0..job.tasks.len()).collect();
     let mut busy: BTreeSet<String> = BTreeSet::new();
     let mut running: JoinSet<(usize, Outcome)> = JoinSet::new();
+    // Which task each spawned future carries out, for one that panics.
+    let mut spawned: BTreeMap<tokio::task::Id, usize> = BTreeMap::new();
     let mut outcomes: BTreeMap<usize, Outcome> = BTreeMap::new();
     let mut shares = shares;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -198,7 +203,9 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
             eprintln!("[{} → {}] started", task.vm, task.repo);
             let exe = exe.to_path_buf();
             let stop = stop_rx.clone();
-            running.spawn(async move { (i, carry_out(&exe, &task, rate_file, stop).await) });
+            let handle =
+                running.spawn(async move { (i, carry_out(&exe, &task, rate_file, stop).await) });
+            spawned.insert(handle.id(), i);
         }
         if running.is_empty() {
             break;
@@ -209,10 +216,17 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
                 let (i, outcome) = match joined {
                     Ok(done) => done,
                     Err(e) => {
-                        // A task's own code panicked: nothing to name but
-                        // the panic; its VM stays busy so nothing else
-                        // runs on it this time.
+                        // This process's own code failed (a bug): the task
+                        // is named as failed, and its VM stays busy so
+                        // nothing else starts on it this run.
                         warn!(error = %e, "a task ended abnormally");
+                        let Some(&i) = spawned.get(&e.id()) else { continue };
+                        let mut o = outcome_of(&job.tasks[i]);
+                        o.error = Some(format!("bitback run failed carrying it out: {e}"));
+                        if let Some(s) = &mut shares {
+                            s.release(i);
+                        }
+                        outcomes.insert(i, o);
                         continue;
                     }
                 };
@@ -634,19 +648,26 @@ async fn capture_until(
             }
         }
     };
-    while stderr_open {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                forward(&line);
-                tail.push_back(line);
-                if tail.len() > STDERR_LINES {
-                    tail.pop_front();
+    // What it wrote last. A process it left behind (a daemon that
+    // inherited the pipes) must not hold this task: a few seconds, then
+    // the pipes are left.
+    let drained = tokio::time::timeout(PIPES_DRAIN, async {
+        while stderr_open {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    forward(&line);
+                    tail.push_back(line);
+                    if tail.len() > STDERR_LINES {
+                        tail.pop_front();
+                    }
                 }
+                _ => stderr_open = false,
             }
-            _ => stderr_open = false,
         }
-    }
-    let stdout = out_task.await.unwrap_or_default();
+        out_task.await.unwrap_or_default()
+    })
+    .await;
+    let stdout = drained.unwrap_or_default();
     Ok(Captured {
         status: status.code().unwrap_or(-1),
         stdout,

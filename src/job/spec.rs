@@ -108,7 +108,8 @@ pub struct VmEntry {
     /// This VM's time limit, instead of the file's.
     pub time_limit: Option<Amount>,
     /// After the backup, verify the VM's points not verified whole within
-    /// this age (`bitback verify --outdated-after`).
+    /// this age (`bitback verify --outdated-after`); directory
+    /// repositories only.
     pub verify_outdated_after: Option<String>,
     /// More `bitback backup` arguments, passed as they are
     /// (`["--exclude", "vdc"]`).
@@ -343,14 +344,6 @@ fn entry_tasks(
     let mut tasks = Vec::new();
     for repo in repos {
         let bucket = repo.starts_with("s3://");
-        if bucket && verify.is_some() {
-            return Err(invalid(
-                at,
-                format!(
-                    "{repo}: verify_outdated_after reads records a directory repository keeps; verify a bucket with bitback verify"
-                ),
-            ));
-        }
         if bucket && entry.spool.is_none() {
             return Err(invalid(
                 at,
@@ -369,7 +362,10 @@ fn entry_tasks(
             fleecing: entry.fleecing.clone(),
             compress: entry.compress,
             time_limit,
-            verify_outdated_after: verify,
+            // Verify's records live in a directory repository; a bucket
+            // is verified whole with `bitback verify`, not after each
+            // backup.
+            verify_outdated_after: verify.filter(|_| !bucket),
             backup_args: entry.backup_args.clone(),
         });
     }
@@ -465,7 +461,8 @@ mod tests {
     fn entries_become_one_task_per_vm_and_repository() {
         let job = file(
             r#"{"jobs": 3, "rate_limit": "40M", "time_limit": "2h", "vm": [
-                {"name": "a", "qmp": "/run/a.qmp", "repos": ["/r1", "/r2"], "keep_daily": 7},
+                {"name": "a", "qmp": "/run/a.qmp", "repos": ["/r1", "s3://b/p"], "spool": "/s",
+                 "keep_daily": 7, "verify_outdated_after": "30d"},
                 {"libvirt": "web*", "repo": "/r1", "time_limit": 60}
             ]}"#,
         )
@@ -480,8 +477,18 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            [("a", "/r1"), ("a", "/r2"), ("web1", "/r1"), ("web2", "/r1")]
+            [
+                ("a", "/r1"),
+                ("a", "s3://b/p"),
+                ("web1", "/r1"),
+                ("web2", "/r1")
+            ]
         );
+        // The spool goes with the bucket; verify with the directory.
+        assert_eq!(job.tasks[0].spool, None);
+        assert_eq!(job.tasks[1].spool, Some(PathBuf::from("/s")));
+        assert_eq!(job.tasks[0].verify_outdated_after, Some(30 * 86_400));
+        assert_eq!(job.tasks[1].verify_outdated_after, None);
         assert_eq!(job.tasks[0].time_limit, Some(Duration::from_secs(7200)));
         assert_eq!(job.tasks[2].time_limit, Some(Duration::from_secs(60)));
         assert_eq!(job.tasks[0].keep.unwrap().daily, 7);

@@ -601,3 +601,57 @@ fn verify_outdated_after_reads_only_what_was_not_verified_lately() {
         "{r}"
     );
 }
+
+/// `verify --sample`: a share of the data clusters, enough to find rot
+/// spread over a file; never recorded as a whole verify.
+#[test]
+fn verify_sample_finds_spread_rot_and_never_counts_as_whole() {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[16 * MIB]);
+    vm.write(0, 0, 8 * MIB, 0x5a);
+    let id = vm.backup(&[])["id"].as_str().unwrap().to_string();
+    vm.quit();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let verify = |extra: &[&str]| -> (Option<i32>, Value) {
+        let mut args = vec!["verify", "--repo", &repo, "--json"];
+        args.extend(extra);
+        let run = bitback(&args);
+        let report: Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", run.stdout, run.stderr));
+        (run.code, report)
+    };
+    let (code, r) = verify(&["--sample", "5"]);
+    assert_eq!(code, Some(0), "{r}");
+    // Sampled: not recorded as verified whole, so an --outdated-after
+    // verify reads it.
+    let (code, r) = verify(&["--outdated-after", "1d"]);
+    assert_eq!((code, r["backups"].as_u64()), (Some(0), Some(1)), "{r}");
+
+    // Rot in 40 of the 128 data clusters: a 25% sample misses all of
+    // them once in 100,000 runs.
+    let file = file_of(&vm, &id);
+    let image = bitback::qcow2::Image::open(&file).unwrap();
+    let data: Vec<u64> = bitback::qcow2::map(&image)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == bitback::qcow2::Kind::Data)
+        .flat_map(|e| {
+            let first = e.offset.unwrap();
+            (0..e.length / 65536).map(move |k| first + k * 65536)
+        })
+        .collect();
+    assert_eq!(data.len(), 128);
+    let mut bytes = std::fs::read(&file).unwrap();
+    for host in data.iter().step_by(3).take(40) {
+        bytes[*host as usize + 77] ^= 0x01;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let (code, r) = verify(&["--sample", "25"]);
+    assert_eq!(code, Some(1), "the sample missed the rot: {r}");
+    assert!(
+        r["problems"][0]["file"].as_str().unwrap().contains(&id),
+        "{r}"
+    );
+    let bad = bitback(&["verify", "--repo", &repo, "--sample", "0"]);
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+}

@@ -529,3 +529,109 @@ fn a_vm_with_two_repositories_is_backed_up_into_one_then_the_other_each_guarded(
         out.stderr
     );
 }
+
+/// The job, on libvirt: running domains (one healthy, one whose
+/// agent stalls a freeze, one whose repository fills up), one shut off,
+/// and one that does not exist, three at once within one rate limit.
+/// Every good point is a consistent prefix of its guest's log; the
+/// failures are named; the stalled freeze is reported as a warning.
+#[test]
+fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and_a_missing_domain()
+{
+    use crate::harness::domain::{Agent, Domain};
+    use crate::harness::guest::check_point_of;
+    let dir = tempdir();
+    let d = dir.path();
+    let sub = |name: &str| {
+        let p = d.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    };
+    let healthy = Domain::create_with(&sub("healthy"), None, Agent::On);
+    let stall = Domain::create_with(&sub("stall"), None, Agent::Stall);
+    let filling = Domain::create_with(&sub("filling"), None, Agent::On);
+    let off = Domain::define(&sub("off"), false);
+    let repo = d.join("repo");
+    let small = d.join("small-repo");
+    let _tmpfs = Tmpfs::mount(&small, "256K");
+    let (metrics, report) = (d.join("bitback.prom"), d.join("last.json"));
+    let entry = |vm: &str, domain: &str, repo: &Path, extra: &str| {
+        format!("\n[[vm]]\nname = \"{vm}\"\nlibvirt = \"{domain}\"\nrepo = {repo:?}\n{extra}")
+    };
+    let mut text = format!(
+        "jobs = 3\nrate_limit = \"40M\"\nmetrics_file = {metrics:?}\nreport_file = {report:?}\n"
+    );
+    text.push_str(&entry("healthy", &healthy.name, &repo, "quiesce = true\n"));
+    text.push_str(&entry(
+        "stall",
+        &stall.name,
+        &repo,
+        "quiesce = true\nbackup_args = [\"--freeze-timeout\", \"3\"]\n",
+    ));
+    text.push_str(&entry("filling", &filling.name, &small, ""));
+    text.push_str(&entry("off", &off.name, &repo, ""));
+    text.push_str(&entry("missing", "bitback-test-no-such-domain", &repo, ""));
+    let job = d.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+
+    let (code, stdout, stderr, samples) = run_sampled(&job, &["--json"], &[&repo, &small]);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    let task = |vm: &str| {
+        r["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["vm"] == vm)
+            .unwrap_or_else(|| panic!("no task of {vm}: {r}"))
+            .clone()
+    };
+    for vm in ["healthy", "stall", "off"] {
+        assert_eq!(task(vm)["ok"], json!(true), "{vm}: {}", task(vm));
+    }
+    let warned = task("stall")["warnings"].to_string();
+    assert!(
+        warned.contains("unfrozen"),
+        "the stalled freeze is not reported: {warned}"
+    );
+    let mut failed: Vec<String> = r["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    failed.sort();
+    assert_eq!(
+        failed,
+        [
+            format!("filling → {}", small.display()),
+            format!("missing → {}", repo.display())
+        ]
+    );
+    let filling_error = task("filling")["error"].to_string().to_lowercase();
+    assert!(filling_error.contains("no space left"), "{filling_error}");
+    assert!(
+        task("missing")["error"]
+            .to_string()
+            .contains("bitback-test-no-such-domain"),
+        "{}",
+        task("missing")
+    );
+    // Every good point restores to consistent logs on both disks.
+    for vm in ["healthy", "stall", "off"] {
+        let id = task(vm)["backup"].as_str().unwrap().to_string();
+        check_point_of(&repo, vm, &id, ["vda", "vdb"], &d.join(format!("out-{vm}")));
+    }
+    let peak = peak_rate(&samples, 3.0);
+    assert!(
+        peak <= 40.0 * MIB as f64 * 1.12,
+        "the repositories grew at {:.1} MiB/s, past the limit",
+        peak / MIB as f64
+    );
+    let m = prometheus_samples(&metrics);
+    assert_eq!(sample_of(&m, "bitback_last_run_success", "healthy"), 1.0);
+    assert_eq!(sample_of(&m, "bitback_last_run_success", "filling"), 0.0);
+    // The guests went on writing through it all.
+    healthy.wait_records(10);
+    filling.wait_records(10);
+}
