@@ -31,12 +31,33 @@ pub(crate) fn table(rows: &[Vec<String>]) -> String {
 }
 
 /// A progress bar on stderr, drawn from the engine's progress reports;
-/// `None` when stderr is not a terminal or output is JSON.
+/// `None` when stderr is not a terminal or output is JSON. With
+/// `BITBACK_PROGRESS=lines` (`bitback run` sets it for the backups it
+/// starts), `bitback-progress DONE TOTAL` lines on stderr instead,
+/// whatever stderr is.
 pub(crate) fn progress_bar(wanted: bool) -> Option<bitback::engine::ProgressSink> {
     use std::io::IsTerminal;
+    if std::env::var("BITBACK_PROGRESS").as_deref() == Ok("lines") {
+        return Some(bitback::engine::ProgressSink(std::sync::Arc::new(Lines)));
+    }
     (wanted && std::io::stderr().is_terminal()).then(|| {
         bitback::engine::ProgressSink(std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0))))
     })
+}
+
+/// Progress as lines for a parent process to read.
+struct Lines;
+
+impl bitback::engine::Progress for Lines {
+    fn start(&self, _what: &str, total: u64) {
+        eprintln!("bitback-progress 0 {total}");
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        eprintln!("bitback-progress {done} {total}");
+    }
+
+    fn finish(&self) {}
 }
 
 struct Bar(indicatif::ProgressBar);

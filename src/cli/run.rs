@@ -88,7 +88,13 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cancel = super::backup::cancel_on_signals()?;
-    let report = job::run(&job, &exe, cancel).await;
+    use std::io::IsTerminal;
+    let watcher: std::sync::Arc<dyn job::Watch> =
+        match !args.json && std::io::stderr().is_terminal() {
+            true => std::sync::Arc::new(Bars::default()),
+            false => std::sync::Arc::new(Plain),
+        };
+    let report = job::run(&job, &exe, cancel, watcher).await;
     let mut wrote = Vec::new();
     if let Some(path) = &job.report_file {
         wrote.push(
@@ -198,4 +204,91 @@ fn render(report: &Report) -> String {
         out.push_str(&format!("{n}: not started (the run was stopped)\n"));
     }
     out
+}
+
+/// Each task's lines on stderr as they come, prefixed with the task.
+struct Plain;
+
+impl job::Watch for Plain {
+    fn started(&self, task: &str) {
+        eprintln!("[{task}] started");
+    }
+
+    fn progress(&self, _task: &str, _done: u64, _total: u64) {}
+
+    fn said(&self, task: &str, line: &str) {
+        eprintln!("[{task}] {line}");
+    }
+
+    fn ended(&self, task: &str, outcome: &job::Outcome) {
+        eprintln!("[{task}] {}", outcome.summary());
+    }
+
+    fn note(&self, line: &str) {
+        eprintln!("bitback run: {line}");
+    }
+}
+
+/// A progress bar per running task, the tasks' lines printed above them.
+#[derive(Default)]
+struct Bars {
+    all: indicatif::MultiProgress,
+    bars: std::sync::Mutex<std::collections::BTreeMap<String, indicatif::ProgressBar>>,
+}
+
+impl Bars {
+    fn bar(&self, task: &str) -> Option<indicatif::ProgressBar> {
+        self.bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(task)
+            .cloned()
+    }
+}
+
+impl job::Watch for Bars {
+    fn started(&self, task: &str) {
+        let bar = self.all.add(indicatif::ProgressBar::new(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:24}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(task.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(250));
+        self.bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(task.to_string(), bar);
+    }
+
+    fn progress(&self, task: &str, done: u64, total: u64) {
+        if let Some(bar) = self.bar(task) {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    fn said(&self, task: &str, line: &str) {
+        let _ = self.all.println(format!("[{task}] {line}"));
+    }
+
+    fn ended(&self, task: &str, outcome: &job::Outcome) {
+        let bar = self
+            .bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(task);
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+            self.all.remove(&bar);
+        }
+        let _ = self.all.println(format!("[{task}] {}", outcome.summary()));
+    }
+
+    fn note(&self, line: &str) {
+        let _ = self.all.println(format!("bitback run: {line}"));
+    }
 }

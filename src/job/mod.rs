@@ -37,5 +37,5 @@ pub mod schedule;
 pub mod spec;
 
 pub use report::{Outcome, Report};
-pub use schedule::{Plan, plan, run};
+pub use schedule::{Plan, Watch, label, plan, run};
 pub use spec::{Job, JobFile, Source, Task};

@@ -62,6 +62,21 @@ pub struct Outcome {
     pub ended_unix: i64,
 }
 
+impl Outcome {
+    /// The task's result in a few words.
+    pub fn summary(&self) -> String {
+        match (&self.error, &self.kind) {
+            (Some(e), _) => format!("FAILED after {:.1} s: {e}", self.seconds),
+            (None, kind) => format!(
+                "ok: {} of {} written in {:.1} s",
+                kind.as_deref().unwrap_or("backup"),
+                crate::units::bytes(self.bytes_written),
+                self.seconds
+            ),
+        }
+    }
+}
+
 /// What verify said after a backup.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Verified {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -152,7 +153,12 @@ fn ids(v: &serde_json::Value) -> Vec<String> {
 
 /// Runs every task of `job` with `exe` (bitback); `cancel` (SIGINT,
 /// SIGTERM) stops starting tasks and asks the running ones to stop.
-pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Report {
+pub async fn run(
+    job: &Job,
+    exe: &Path,
+    mut cancel: watch::Receiver<bool>,
+    watcher: Arc<dyn Watch>,
+) -> Report {
     let started = Instant::now();
     let started_at = repo::time::Utc::now().rfc3339();
     let shares = match job.rate_limit {
@@ -192,6 +198,7 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
                     Err(e) => {
                         let mut o = outcome_of(&task);
                         o.error = Some(format!("sharing the rate limit: {e:#}"));
+                        watcher.ended(&label(&task), &o);
                         outcomes.insert(i, o);
                         continue;
                     }
@@ -200,11 +207,12 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
             };
             busy.insert(task.vm.clone());
             info!(vm = %task.vm, repo = %task.repo, "task started");
-            eprintln!("[{} → {}] started", task.vm, task.repo);
+            watcher.started(&label(&task));
             let exe = exe.to_path_buf();
             let stop = stop_rx.clone();
-            let handle =
-                running.spawn(async move { (i, carry_out(&exe, &task, rate_file, stop).await) });
+            let w = watcher.clone();
+            let handle = running
+                .spawn(async move { (i, carry_out(&exe, &task, rate_file, stop, &*w).await) });
             spawned.insert(handle.id(), i);
         }
         if running.is_empty() {
@@ -223,6 +231,7 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
                         let Some(&i) = spawned.get(&e.id()) else { continue };
                         let mut o = outcome_of(&job.tasks[i]);
                         o.error = Some(format!("bitback run failed carrying it out: {e}"));
+                        watcher.ended(&label(&job.tasks[i]), &o);
                         if let Some(s) = &mut shares {
                             s.release(i);
                         }
@@ -234,14 +243,14 @@ pub async fn run(job: &Job, exe: &Path, mut cancel: watch::Receiver<bool>) -> Re
                 if let Some(s) = &mut shares {
                     s.release(i);
                 }
-                eprintln!("[{} → {}] {}", outcome.vm, outcome.repo, one_line(&outcome));
+                watcher.ended(&label(&job.tasks[i]), &outcome);
                 outcomes.insert(i, outcome);
             }
             changed = cancel.changed(), if !interrupted => {
                 if changed.is_ok() && *cancel.borrow() {
                     interrupted = true;
                     let _ = stop_tx.send(true);
-                    eprintln!("bitback run: asked to stop; the running backups are cancelled");
+                    watcher.note("asked to stop; the running backups are cancelled");
                 }
             }
         }
@@ -313,17 +322,30 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// A task's result in a few words, for the log line at its end.
-fn one_line(o: &Outcome) -> String {
-    match (&o.error, &o.kind) {
-        (Some(e), _) => format!("FAILED after {:.1} s: {e}", o.seconds),
-        (None, kind) => format!(
-            "ok: {} of {} written in {:.1} s",
-            kind.as_deref().unwrap_or("backup"),
-            crate::units::bytes(o.bytes_written),
-            o.seconds
-        ),
-    }
+/// What a run reports as it goes (the command line draws bars or prints
+/// lines); `task` is `vm → repo`.
+pub trait Watch: Send + Sync {
+    fn started(&self, task: &str);
+    /// Bytes the task's backup copied so far, of `total`.
+    fn progress(&self, task: &str, done: u64, total: u64);
+    /// A line the task's bitback wrote on stderr.
+    fn said(&self, task: &str, line: &str);
+    fn ended(&self, task: &str, outcome: &Outcome);
+    /// About the run as a whole.
+    fn note(&self, line: &str);
+}
+
+/// A task's name in what a run says: `vm → repo`.
+pub fn label(task: &Task) -> String {
+    format!("{} → {}", task.vm, task.repo)
+}
+
+/// `(done, total)` from a `bitback-progress DONE TOTAL` line.
+fn progress_line(line: &str) -> Option<(u64, u64)> {
+    let mut words = line.strip_prefix("bitback-progress ")?.split(' ');
+    let done = words.next()?.parse().ok()?;
+    let total = words.next()?.parse().ok()?;
+    Some((done, total))
 }
 
 /// The backup, then retention and verify where asked, each a `bitback`
@@ -333,11 +355,17 @@ async fn carry_out(
     task: &Task,
     rate_file: Option<PathBuf>,
     stop: watch::Receiver<bool>,
+    watcher: &dyn Watch,
 ) -> Outcome {
     let begun = Instant::now();
     let mut o = outcome_of(task);
-    let label = format!("{} → {}", task.vm, task.repo);
-    let mut forward = |line: &str| eprintln!("[{label}] {line}");
+    let label = label(task);
+    // The backup's progress lines (`BITBACK_PROGRESS=lines`) go to the
+    // watcher as numbers; every other line as it was said.
+    let mut forward = |line: &str| match progress_line(line) {
+        Some((done, total)) => watcher.progress(&label, done, total),
+        None => watcher.said(&label, line),
+    };
     let args = backup_args(task, rate_file.as_deref());
     let ran = capture_until(exe, &args, task.time_limit, stop.clone(), &mut forward).await;
     o.seconds = begun.elapsed().as_secs_f64();
@@ -581,6 +609,7 @@ async fn capture_until(
 ) -> std::io::Result<Captured> {
     let mut child = tokio::process::Command::new(exe)
         .args(args)
+        .env("BITBACK_PROGRESS", "lines")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -777,6 +806,14 @@ mod tests {
         );
         assert_eq!(last_error(&lines(&["killed"])), "killed");
         assert_eq!(last_error(&[]), "it failed and said nothing");
+    }
+
+    #[test]
+    fn progress_lines_are_numbers_and_nothing_else_is_one() {
+        assert_eq!(progress_line("bitback-progress 5 10"), Some((5, 10)));
+        assert_eq!(progress_line("bitback-progress 5"), None);
+        assert_eq!(progress_line("[x] bitback-progress 5 10"), None);
+        assert_eq!(progress_line("bitback: failed"), None);
     }
 
     #[tokio::test]

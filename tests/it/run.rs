@@ -226,6 +226,13 @@ fn a_job_backs_up_its_vms_within_one_rate_limit_and_names_the_failures() {
         Some(1),
         "some VMs failed, so exit 1:\n{stdout}\n{stderr}"
     );
+    // The backups' progress reached bitback run as numbers, not as lines
+    // in its log.
+    assert!(!stderr.contains("bitback-progress"), "{stderr}");
+    assert!(
+        stderr.contains("[vm0 → "),
+        "each task's lines are named: {stderr}"
+    );
 
     // The healthy VMs' points are their disks; the failures are named.
     for (i, vm) in healthy.iter().enumerate() {
