@@ -291,6 +291,10 @@ struct Undo {
     bitmaps: Vec<(String, String)>,
     /// Guards standing under devices, taken out before the nodes.
     guards: Vec<Guard>,
+    /// The guard locks this run holds (`guard::lock`), given back once
+    /// its guards are out, and the scope they were taken for.
+    locks: Vec<String>,
+    lock_scope: Option<Scope>,
     /// Fleecing files the run created, removed once QEMU let them go.
     scratch: Vec<PathBuf>,
     /// The run's own directory of scratch images, removed after them.
@@ -342,10 +346,17 @@ impl Undo {
         for job in self.jobs.drain(..) {
             cancel_job(qmp, &job).await;
         }
+        let mut guards_out = true;
         for guard in self.guards.drain(..) {
             if let Err(e) = guard.remove(qmp).await {
                 warn!(device = %guard.qdev, error = %e, "cannot take out the guard; the next backup of this vm does");
+                guards_out = false;
             }
+        }
+        // A filter that may still stand keeps its lock: no other run puts
+        // its own under the device meanwhile.
+        if guards_out && let Some(scope) = &self.lock_scope {
+            guard::unlock(qmp, scope, &std::mem::take(&mut self.locks)).await;
         }
         for node in self.nodes.drain(..).rev() {
             if let Err(e) = commands::delete_node(qmp, &node).await {
@@ -496,7 +507,19 @@ async fn run_jobs(
     undo: &mut Undo,
     cancel: Cancel,
 ) -> anyhow::Result<(Vec<Option<crate::repo::Guard>>, Vec<qcow2::Finished>)> {
+    // One filter per device at a time: wait for another run's to go.
+    let (locks, refused) =
+        guard::lock(run.qmp, run.scope, run.volumes, &mut cancel.clone()).await?;
+    undo.locks = locks;
+    undo.lock_scope = Some(run.scope.clone());
     let mut ways = guard::survey(run.qmp, run.volumes).await?;
+    for (way, why) in ways.iter_mut().zip(refused) {
+        if let Some(why) = why
+            && way.is_guarded()
+        {
+            *way = Way::Direct { why: Some(why) };
+        }
+    }
     let nbd = nbd_path(run.opts, run.qmp);
     if !nbd && run.targets.iter().any(|t| t.baseline.is_some()) {
         bail!("internal error: an incremental by content needs bitback to write the files");
@@ -1510,6 +1533,9 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
             .await
             .with_context(|| format!("taking bitback's filter out from under {}", guard.qdev))?;
         undo.guards.remove(0);
+    }
+    if let Some(scope) = &undo.lock_scope {
+        guard::unlock(qmp, scope, &std::mem::take(&mut undo.locks)).await;
     }
     let mut finishing = Vec::new();
     while let Some(node) = undo.servers.first().map(|s| s.node.clone()) {

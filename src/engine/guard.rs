@@ -24,6 +24,19 @@
 //! that anything else writes (an NBD export, a second device, a job) keeps
 //! QEMU's own filter, and the run says so.
 //!
+//! One filter per device at a time: two runs on one VM (a local and an
+//! offsite repository, each its own scope) would otherwise race, and a
+//! second filter put under the device while the first stands would cut
+//! the first out (the guest's writes no longer pass it, and its point
+//! silently changes under its copy). So a run first takes each device's
+//! volume's lock, a QOM object QEMU lets only one client add
+//! (`bitback-guard-<node>`, naming the run's scope and process), waiting
+//! while another run holds it, and gives it back once its filter is out
+//! ([`lock`]). A lock whose process is gone (or, for a run on another
+//! host, which has had no live job for [`LOCK_ORPHANED`]) was left by a
+//! killed run: that volume then goes through QEMU's own filter, and the
+//! owner's next run removes the lock with the rest of its leftovers.
+//!
 //! The point is the moment the device moves. With the VM running, bitback
 //! pauses it (`stop`) for the few commands that move every device and add
 //! the checkpoint bitmaps, so all volumes share one point, and resumes it
@@ -132,12 +145,202 @@ fn way(graph: &Graph, v: &Volume) -> Way {
     }
 }
 
+/// How long another run's lock may stand with no live job of that run
+/// before it is taken for what a killed run left, when that run's
+/// process cannot be looked at (it runs on another host). A run holds
+/// its lock without a job while it prepares (a freeze may take its
+/// `--freeze-timeout`) and while it takes its filter out.
+pub(super) const LOCK_ORPHANED: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// The QOM object that names the run whose filter stands (or is about
+/// to) under the device of volume node `node`: named by a hash of the
+/// node's name, as QOM ids take fewer characters than node names
+/// (`#block123`).
+fn lock_id(node: &str) -> String {
+    let hash = blake3::hash(node.as_bytes());
+    format!("bitback-guard-{}", &hash.to_hex()[..16])
+}
+
+/// Who holds a lock: the run's scope prefix, and its process (pid and
+/// start time, in clock ticks since boot) where it runs on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    scope: String,
+    process: Option<(i32, u64)>,
+}
+
+impl Holder {
+    /// This process, for `scope`.
+    fn me(scope: &Scope) -> Holder {
+        let pid = std::process::id() as i32;
+        Holder {
+            scope: scope.prefix(),
+            process: start_time(pid).map(|start| (pid, start)),
+        }
+    }
+
+    fn parse(text: &str) -> Holder {
+        let mut words = text.split(' ');
+        let scope = words.next().unwrap_or_default().to_string();
+        let pid = words.next().and_then(|w| w.parse().ok());
+        let start = words.next().and_then(|w| w.parse().ok());
+        Holder {
+            scope,
+            process: pid.zip(start),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self.process {
+            Some((pid, start)) => format!("{} {pid} {start}", self.scope),
+            None => self.scope.clone(),
+        }
+    }
+
+    /// Whether its process is gone (`None`: cannot tell).
+    fn gone(&self) -> Option<bool> {
+        let (pid, start) = self.process?;
+        Some(start_time(pid) != Some(start))
+    }
+}
+
+/// Process `pid`'s start time (field 22 of /proc/PID/stat), which tells
+/// a process from a later one given the same pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Takes the guard lock of every volume with a guest device, waiting
+/// while another live run holds one (`cancel` ends the wait). Returns the
+/// locks taken (for [`unlock`]) and, per volume, why it cannot be guarded
+/// when a killed run's lock stands on it.
+pub(super) async fn lock(
+    qmp: &Qmp,
+    scope: &Scope,
+    volumes: &[Volume],
+    cancel: &mut super::copy::Cancel,
+) -> anyhow::Result<(Vec<String>, Vec<Option<String>>)> {
+    let me = Holder::me(scope);
+    let mut locks = Vec::new();
+    let mut refused = vec![None; volumes.len()];
+    for (i, v) in volumes.iter().enumerate() {
+        if v.device.is_none() {
+            continue;
+        }
+        let id = lock_id(&v.node_name);
+        let mut waiting_since: Option<std::time::Instant> = None;
+        let mut jobless_since: Option<std::time::Instant> = None;
+        let mut let_go = 0;
+        loop {
+            let added = commands::add_marker(qmp, &id, &me.text()).await;
+            let Err(e) = added else {
+                locks.push(id.clone());
+                break;
+            };
+            let holder = match query::marker_holder(qmp, &id).await? {
+                // Let go in the meantime: try again; but a refusal with
+                // no holder, again and again, is QEMU refusing the object.
+                None if let_go < 3 => {
+                    let_go += 1;
+                    continue;
+                }
+                None => {
+                    unlock(qmp, scope, &locks).await;
+                    return Err(anyhow::anyhow!(e).context(format!("adding the guard lock {id}")));
+                }
+                Some(h) if h.starts_with("bitback-") => Holder::parse(&h),
+                Some(_) => {
+                    return Err(anyhow::anyhow!(e)
+                        .context(format!("QEMU has an object {id} that bitback did not make")));
+                }
+            };
+            if holder.scope == me.scope {
+                // This scope's runs exclude each other (the repository's
+                // lock of the vm): an interrupted one left it.
+                let _ = commands::delete_object(qmp, &id).await;
+                continue;
+            }
+            let orphaned = match holder.gone() {
+                Some(gone) => gone,
+                None if run_has_live_job(qmp, &holder.scope).await? => {
+                    jobless_since = None;
+                    false
+                }
+                None => {
+                    jobless_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        > LOCK_ORPHANED
+                }
+            };
+            if orphaned {
+                warn!(volume = %v.name, holder = %holder.scope, "a killed bitback run left its guard lock on this volume; its next backup removes it");
+                refused[i] = Some(format!(
+                    "a killed bitback run ({}) left its filter's lock on it",
+                    holder.scope
+                ));
+                break;
+            }
+            if waiting_since.is_none() {
+                info!(volume = %v.name, holder = %holder.scope, "waiting for another bitback run to take its filter out from under this volume");
+                waiting_since = Some(std::time::Instant::now());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                changed = cancel.changed() => {
+                    if changed.is_err() || *cancel.borrow() {
+                        unlock(qmp, scope, &locks).await;
+                        bail!("interrupted while waiting for another backup of this vm");
+                    }
+                }
+            }
+        }
+        if let Some(since) = waiting_since
+            && refused[i].is_none()
+        {
+            info!(volume = %v.name, waited_ms = since.elapsed().as_millis() as u64, "the other run's filter is out; this run goes on");
+        }
+    }
+    Ok((locks, refused))
+}
+
+/// Whether the run whose names start with `prefix` has a job that has
+/// not concluded.
+async fn run_has_live_job(qmp: &Qmp, prefix: &str) -> anyhow::Result<bool> {
+    Ok(query::jobs(qmp).await?.iter().any(|j| {
+        j.id.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('-'))
+            && !matches!(j.status.as_str(), "concluded" | "null")
+    }))
+}
+
+/// Gives back the locks this process took for `scope`; one another run
+/// holds by now is left alone.
+pub(super) async fn unlock(qmp: &Qmp, scope: &Scope, locks: &[String]) {
+    let me = Holder::me(scope).text();
+    for id in locks {
+        match query::marker_holder(qmp, id).await {
+            Ok(Some(h)) if h == me => {
+                if let Err(e) = commands::delete_object(qmp, id).await {
+                    warn!(lock = %id, error = %e, "cannot give back the guard lock; this vm's next backup into this repository does");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// One guarded volume's graph, while it stands.
 #[derive(Debug, Clone)]
 pub(super) struct Guard {
     pub qdev: String,
     /// The volume's node, where the device goes back to.
     pub node: String,
+    /// The device's backend name, for a `-drive` disk: what QEMU then
+    /// names as the device's drive while it reads the volume's node.
+    pub backend: Option<String>,
     pub filter: String,
     pub access: String,
 }
@@ -158,6 +361,7 @@ impl Guard {
         Guard {
             qdev: qom_path(qdev),
             node: v.node_name.clone(),
+            backend: v.backend.clone(),
             filter: scope.guard_filter(i),
             access: scope.guard_access(i),
         }
@@ -189,7 +393,7 @@ impl Guard {
         target: &str,
         since: Option<&str>,
         record: Option<u64>,
-    ) -> qmp::Result<()> {
+    ) -> anyhow::Result<()> {
         let scratch = |node: &str, name: &str, granularity| BitmapAdd {
             node: node.into(),
             name: name.into(),
@@ -213,6 +417,17 @@ impl Guard {
             discard: Some(Discard::Unmap),
         };
         commands::add_node(qmp, &filter).await?;
+        // Only from the volume's own node: a device on another filter
+        // (something else moved it since the survey) keeps it.
+        let on = query::device_drive(qmp, &self.qdev).await?;
+        if on.is_none() || (on != Some(self.node.clone()) && on != self.backend) {
+            bail!(
+                "device {} is on node {}, not on volume node {}",
+                self.qdev,
+                on.as_deref().unwrap_or("?"),
+                self.node
+            );
+        }
         commands::set_device_drive(qmp, &self.qdev, &self.filter).await?;
         let access = Node::SnapshotAccess {
             node_name: self.access.clone(),
@@ -361,6 +576,19 @@ pub(super) async fn remove_stray(qmp: &Qmp, scope: &Scope) -> anyhow::Result<()>
             "moving a device back from the filter an interrupted run left"
         );
         move_back(qmp, &qom_path(qdev), on, under).await?;
+    }
+    // Its guard locks last, once its filters are out from under the
+    // devices.
+    let ours = scope.prefix();
+    for id in query::object_ids(qmp).await? {
+        let holder = match id.starts_with("bitback-guard-") {
+            true => query::marker_holder(qmp, &id).await?,
+            false => None,
+        };
+        if holder.is_some_and(|h| Holder::parse(&h).scope == ours) {
+            info!(lock = %id, "removing a guard lock an interrupted run left");
+            let _ = commands::delete_object(qmp, &id).await;
+        }
     }
     Ok(())
 }

@@ -46,6 +46,11 @@ impl Scope {
         }
     }
 
+    /// What every node and job name of this scope starts with.
+    pub fn prefix(&self) -> String {
+        self.short()
+    }
+
     fn short(&self) -> String {
         let hash = blake3::hash(self.vm.as_bytes());
         format!("{PREFIX}{}-{}", self.repo_id, &hash.to_hex()[..8])

@@ -32,6 +32,15 @@ pub async fn add_secret(qmp: &Qmp, id: &str, base64: &str) -> Result<()> {
     qmp.execute_raw("object-add", arguments).await.map(drop)
 }
 
+/// `object-add` of an `authz-simple` object `id` whose `identity` is
+/// `holder`. QEMU refuses a second object of one id, so only one client
+/// adds it: a lock inside the VM, which every client of it sees (read it
+/// with [`super::query::marker_holder`]).
+pub async fn add_marker(qmp: &Qmp, id: &str, holder: &str) -> Result<()> {
+    let arguments = json!({ "qom-type": "authz-simple", "id": id, "identity": holder });
+    qmp.execute_raw("object-add", arguments).await.map(drop)
+}
+
 /// `qom-set` of device `qdev`'s `drive`: the device reads `node` from now
 /// on (the guard's filter, or the volume again).
 pub async fn set_device_drive(qmp: &Qmp, qdev: &str, node: &str) -> Result<()> {

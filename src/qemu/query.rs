@@ -200,6 +200,34 @@ pub async fn identity(qmp: &Qmp) -> (Option<String>, Option<String>) {
     (uuid, name)
 }
 
+/// The `identity` of marker object `id` ([`super::commands::add_marker`]);
+/// `None` when there is no such object.
+pub async fn marker_holder(qmp: &Qmp, id: &str) -> qmp::Result<Option<String>> {
+    let path = format!("/objects/{id}");
+    match qmp
+        .execute_raw("qom-get", json!({ "path": path, "property": "identity" }))
+        .await
+    {
+        Ok(reply) => Ok(reply.as_str().map(str::to_string)),
+        Err(e) if e.class() == Some(qmp::ErrorClass::DeviceNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The ids of the user-created QOM objects (`qom-list /objects`).
+pub async fn object_ids(qmp: &Qmp) -> qmp::Result<Vec<String>> {
+    let reply = qmp
+        .execute_raw("qom-list", json!({ "path": "/objects" }))
+        .await?;
+    Ok(reply
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect())
+}
+
 /// `qom-get` of a device's `drive` property: the node it reads (`None`
 /// when the reply is not a name).
 pub async fn device_drive(qmp: &Qmp, qdev: &str) -> qmp::Result<Option<String>> {

@@ -34,8 +34,8 @@ fn spawn_backup_at(qmp: &Path, repo: &Path, extra: &[&str], env: &[(&str, &str)]
         .arg(repo)
         .args(["--vm", "vm1", "--json"])
         .args(extra)
-        .envs(env.iter().copied())
         .env_remove("BITBACK_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -678,11 +678,10 @@ fn an_nvme_disk_is_guarded() {
 }
 
 /// The same VM backed up into two repositories at once: the first run's
-/// guard stands under the device, so the second copies through QEMU's own
-/// filter, stacked under the first's. The first ends while the second
-/// still copies, and the guest writes on: the device goes back onto the
-/// second job's filter, not past it, and each point is the disk at its
-/// start.
+/// guard stands under the device, so the second waits for it to go (its
+/// lock), then takes its own point under bitback's filter, not QEMU's.
+/// The guest writes while the second copies: each point is the disk at
+/// its start.
 #[test]
 fn two_repositories_at_once_each_keep_their_point() {
     let dir = tempdir();
@@ -711,35 +710,27 @@ fn two_repositories_at_once_each_keep_their_point() {
         .arg("--repo")
         .arg(&offsite)
         .args(["--vm", "vm1", "--json", "--speed-limit", "1M"])
+        .env("BITBACK_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while vm
-        .qemu()
-        .must("query-block-jobs", Value::Null)
-        .as_array()
-        .map_or(0, Vec::len)
-        < 2
-    {
-        assert!(
-            remote.try_wait().unwrap().is_none(),
-            "the second run ended before its job ran"
-        );
-        assert!(Instant::now() < deadline, "no second job within 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let first = wait(local);
     assert_eq!(first.code, Some(0), "{}", first.stderr);
-    // The first is done; the second still copies (1 MiB/s over 16 MiB).
+    // The first is done; the second now copies (1 MiB/s over 16 MiB).
+    wait_for_job(&vm, &mut remote);
     guest_writes(&mut vm, 12 * MIB, 4, 0x22);
     let second = wait(remote);
     assert_eq!(second.code, Some(0), "{}", second.stderr);
     let m1: Value = serde_json::from_str(&first.stdout).unwrap();
     let m2: Value = serde_json::from_str(&second.stdout).unwrap();
     assert_eq!(m1["volumes"][0]["guard"], "bitback", "{m1}");
-    assert_eq!(m2["volumes"][0]["guard"], "qemu", "{m2}");
+    assert_eq!(m2["volumes"][0]["guard"], "bitback", "{m2}");
+    assert!(
+        second.stderr.contains("waiting for another bitback run"),
+        "{}",
+        second.stderr
+    );
     assert_nothing_left(&vm);
     let point = dir.path().join("point.raw");
     std::fs::write(&point, &at_start).unwrap();
@@ -1093,4 +1084,162 @@ fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
         same_content(&out, "raw", &image, "qcow2"),
         "the restored 1 TiB point differs from the disk"
     );
+}
+
+/// A QEMU (`-machine pc -S`) whose one 64 MiB volume under a virtio-blk
+/// device holds 16 MiB written through it, with `sockets` extra QMP
+/// sockets for as many bitback runs at once.
+fn vm_with_sockets(dir: &Path, sockets: usize) -> (crate::harness::Qemu, Vec<PathBuf>) {
+    use crate::harness::{Disk, Kind, Qemu, create_qcow2};
+    let image = dir.join("disk0.qcow2");
+    create_qcow2(&image, 64 * MIB, &[]);
+    let paths: Vec<PathBuf> = (0..sockets)
+        .map(|i| dir.join(format!("run{i}.qmp")))
+        .collect();
+    let extra: Vec<String> = paths
+        .iter()
+        .flat_map(|p| {
+            [
+                "-qmp".to_string(),
+                format!("unix:{},server=on,wait=off", p.display()),
+            ]
+        })
+        .collect();
+    let qemu = Qemu::start_with(
+        Kind::Pc,
+        dir,
+        &[Disk::new("disk0", "drive0", &image)],
+        &extra,
+    );
+    for k in 0..16u64 {
+        qemu.qemu_io_device(
+            "disk0",
+            &format!("write -P {:#x} {} 1M", k + 1, k * 4 * MIB),
+        );
+    }
+    (qemu, paths)
+}
+
+/// The guard locks left in QEMU (`bitback-guard-*` objects).
+fn guard_locks(qemu: &crate::harness::Qemu) -> Vec<String> {
+    qemu.must("qom-list", json!({ "path": "/objects" }))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| n.starts_with("bitback-guard-"))
+        .map(String::from)
+        .collect()
+}
+
+/// Restores `repo`'s newest point of vm1 and compares it with the disk
+/// (the VM does not run: the disk holds still).
+fn assert_point_is_disk(repo: &Path, disk: &Path, out: &Path) {
+    let run = crate::harness::bitback(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    // Beside the QEMU that holds the disk: -U.
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .arg(out)
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert_eq!(
+        cmp.status.code(),
+        Some(0),
+        "the point in {} is not the disk: {}{}",
+        repo.display(),
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}
+
+/// Three runs of one VM at once, each into its own repository (a local
+/// and two offsite ones): each takes its point under bitback's own
+/// filter, one after the other, instead of the later ones going through
+/// QEMU's filter, and none cuts another's filter out from under the
+/// device (which would change that run's point under its copy).
+#[test]
+fn runs_of_one_vm_at_once_take_turns_each_under_bitbacks_filter() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (qemu, sockets) = vm_with_sockets(d, 3);
+    let repos: Vec<PathBuf> = (0..3).map(|i| d.join(format!("repo{i}"))).collect();
+    // The first is slow (16 MiB at 4 MiB/s), so the others meet its filter.
+    let env = [("BITBACK_LOG", "info")];
+    let mut first = spawn_backup_at(&sockets[0], &repos[0], &["--speed-limit", "4M"], &env);
+    qemu.wait_for_job(&mut first);
+    let others: Vec<Child> = (1..3)
+        .map(|i| spawn_backup_at(&sockets[i], &repos[i], &[], &env))
+        .collect();
+    let mut ended = vec![wait(first)];
+    ended.extend(others.into_iter().map(wait));
+    for (i, e) in ended.iter().enumerate() {
+        assert_eq!(e.code, Some(0), "run {i}: {}", e.stderr);
+        let m: Value = serde_json::from_str(&e.stdout).unwrap();
+        assert_eq!(
+            m["volumes"][0]["guard"],
+            json!("bitback"),
+            "run {i} went through QEMU's filter: {}",
+            e.stderr
+        );
+    }
+    assert!(
+        ended[1..]
+            .iter()
+            .any(|e| e.stderr.contains("waiting for another bitback run")),
+        "no run waited for another:\n{}\n{}",
+        ended[1].stderr,
+        ended[2].stderr
+    );
+    for (i, repo) in repos.iter().enumerate() {
+        assert_point_is_disk(repo, &d.join("disk0.qcow2"), &d.join(format!("out{i}.raw")));
+    }
+    assert_eq!(guard_locks(&qemu), Vec::<String>::new());
+}
+
+/// A run killed while its filter stands leaves its lock: another
+/// repository's run waits a few seconds, sees nothing of the dead run
+/// but the lock and its filter, and copies through QEMU's filter, saying
+/// why; the dead run's own next backup takes its leftovers out, lock
+/// included.
+#[test]
+fn a_killed_runs_lock_is_passed_by_others_and_removed_by_its_own_next_run() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (qemu, sockets) = vm_with_sockets(d, 2);
+    let (mine, other) = (d.join("mine"), d.join("other"));
+    let mut killed = spawn_backup_at(&sockets[0], &mine, &["--speed-limit", "1M"], &[]);
+    qemu.wait_for_job(&mut killed);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(guard_locks(&qemu).len(), 1, "the killed run held a lock");
+    // Its job, filter and target stay in QEMU until its scope's next run;
+    // its process is gone, so the lock is known for a dead run's at once.
+    let passed = wait(spawn_backup_at(&sockets[1], &other, &[], &[]));
+    assert_eq!(passed.code, Some(0), "{}", passed.stderr);
+    let m: Value = serde_json::from_str(&passed.stdout).unwrap();
+    assert_eq!(m["volumes"][0]["guard"], json!("qemu"), "{}", passed.stderr);
+    assert!(passed.stderr.contains("killed"), "{}", passed.stderr);
+    assert_point_is_disk(&other, &d.join("disk0.qcow2"), &d.join("other.raw"));
+    // The dead run's scope cleans up after it, lock included.
+    let again = wait(spawn_backup_at(&sockets[0], &mine, &[], &[]));
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    let m: Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(
+        m["volumes"][0]["guard"],
+        json!("bitback"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(guard_locks(&qemu), Vec::<String>::new());
+    assert_point_is_disk(&mine, &d.join("disk0.qcow2"), &d.join("mine.raw"));
 }
