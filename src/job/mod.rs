@@ -7,10 +7,11 @@
 //! carries each out as `bitback backup` in a process of its own, then
 //! `bitback prune` and `bitback verify` where the file asks for them:
 //!
-//! - at most `jobs` tasks at once, and never two of one VM: each of a
-//!   VM's backups (a local and an offsite repository) takes its own point
-//!   with bitback's own filter under the guest's device, one after the
-//!   other, instead of the later one falling back to QEMU's filter;
+//! - at most `jobs` tasks at once, and never two of one VM: a VM's
+//!   backups (a local and an offsite repository) take their points one
+//!   after the other, each under bitback's own filter (two at once would
+//!   only hold a slot while one waits for the other's filter, see
+//!   [`crate::engine`]'s guard);
 //! - `rate_limit`, bytes per second for every running backup together:
 //!   each running task's share is the limit divided by the tasks running,
 //!   written to a file the backup reads every half second
