@@ -107,11 +107,11 @@ pub(crate) struct RestoreArgs {
     /// The output format.
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
-    /// Copy threads for native restores (default: one per core, at most
-    /// 4). Each reads, checks and writes 4 MiB at a time; on a disk that
-    /// does best with few streams (a shared virtual disk: 2 threads
-    /// restored 4 GiB in 6.3-6.7 s, 4 or 8 in 7.2-7.4 s), fewer is
-    /// faster.
+    /// Copy threads for native restores (default 8). Each reads, checks
+    /// and writes 4 MiB at a time and mostly waits on the disk, so their
+    /// number is how many requests the disks have in flight: a disk that
+    /// does best with few streams wants fewer (benches/README.md,
+    /// "Restores: how many copy threads").
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: Option<u64>,
     /// Skip checking the chain's digests (names, sizes and backing files
