@@ -264,6 +264,13 @@ pub(crate) struct BackupArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "qmp")]
     image_key_file: Option<PathBuf>,
 
+    /// Say what the backup would be, volume by volume (full or
+    /// incremental, and why), and change nothing: no bitmap, no file, no
+    /// lock. A running VM only. What an interrupted run left is cleaned by
+    /// the real run first, which can change a volume's plan.
+    #[arg(long)]
+    dry_run: bool,
+
     /// Print the backup's manifest as one JSON object: {id, vm, kind,
     /// reason, chain, position, parent, checkpoint, time, encryption,
     /// volumes: [{name, node, kind, reason, disk, tracking, file,
@@ -424,6 +431,27 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let images = parse_images(&args.image)?;
     let retain = args.retain.asked();
+    if args.dry_run {
+        // The spool of a bucket holds the chain the backup builds on.
+        let local = args.spool.clone().unwrap_or_else(|| args.repo.clone());
+        let (_tx, cancel) = watch::channel(false);
+        let planned = engine::plan_vm(engine::BackupRun {
+            repo: &local,
+            target: args.target.target(),
+            images,
+            image_key: image_key.as_ref(),
+            qmp_timeout: Duration::from_secs(args.qmp_timeout),
+            opts: &opts,
+            cancel,
+        })
+        .await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&planned)?);
+        } else {
+            print!("{}", render_plan(&planned));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let (repo, bucket) = where_to(&args, retain.is_some())?;
     let cancel = cancel_on_signals()?;
     let manifest = engine::backup_vm(engine::BackupRun {
@@ -518,6 +546,19 @@ fn upload(
         super::sync::print_synced(&synced);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn render_plan(p: &engine::Planned) -> String {
+    let mut out = format!(
+        "the next backup of vm {} would be {} (--dry-run: nothing was changed)\n",
+        p.vm, p.kind
+    );
+    let mut rows = vec![vec!["VOLUME".to_string(), "KIND".into(), "WHY".into()]];
+    for v in &p.volumes {
+        rows.push(vec![v.name.clone(), v.kind.clone(), v.reason.clone()]);
+    }
+    out.push_str(&table(&rows));
+    out
 }
 
 fn kind_name(kind: BackupKind) -> &'static str {

@@ -131,6 +131,54 @@ pub async fn backup_named(
     Ok(manifest)
 }
 
+/// What a backup of the VM would be now, volume by volume, changing
+/// nothing: no lock taken, nothing cleaned, nothing written. The real run
+/// first removes what an interrupted run left (a stray checkpoint, jobs),
+/// which can change a volume's plan. `repo` is `None` where the
+/// repository does not exist yet.
+pub async fn plan_named(
+    qmp: &Qmp,
+    repo: Option<&Repo>,
+    opts: &BackupOptions,
+    renames: Renames<'_>,
+) -> anyhow::Result<Plan> {
+    let vm = opts.vm();
+    repo::check_name("VM", vm)?;
+    let volumes = select_volumes(qmp, opts, renames).await?;
+    check_plaintext(opts, &volumes)?;
+    let Some(repo) = repo else {
+        let (no_problems, no_content) = (BTreeMap::new(), BTreeMap::new());
+        return Ok(plan::plan(&Facts {
+            policy: &opts.policy,
+            state: None,
+            last: None,
+            volumes: &volumes,
+            encrypted: opts.copy.encrypt.is_some(),
+            parent_problem: None,
+            parent_volume_problems: &no_problems,
+            content: &no_content,
+        }));
+    };
+    let state = repo.load_state(vm)?;
+    let identity = identity(qmp).await;
+    check_identity(
+        vm,
+        state.as_ref(),
+        &identity,
+        &volumes,
+        opts.policy.replaced,
+    )?;
+    let ready = Ready {
+        scope: Scope::new(&repo.id()?.unwrap_or_default(), vm),
+        backups: repo.backups(vm)?,
+        active: state.as_ref().and_then(|s| s.active_checkpoint.clone()),
+        volumes,
+        state,
+        identity,
+    };
+    Ok(plan_backup(qmp, repo, opts, &ready).plan)
+}
+
 /// What a run knows before it plans: its volumes, the VM's state and
 /// identity, its scope, the VM's backups and its active checkpoint, with
 /// what earlier runs left (partial directories, jobs, bitmaps) cleaned.

@@ -42,7 +42,7 @@ pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
 pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune, prune_plan};
-pub use run::{BackupRun, backup_vm};
+pub use run::{BackupRun, Planned, PlannedVolume, backup_vm, plan_vm};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,
     ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,

@@ -101,3 +101,71 @@ pub async fn backup_vm(run: BackupRun<'_>) -> anyhow::Result<Manifest> {
         })
     })
 }
+
+/// A backup's plan as `bitback backup --dry-run` gives it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Planned {
+    pub vm: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    pub reason: String,
+    pub volumes: Vec<PlannedVolume>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PlannedVolume {
+    pub name: String,
+    /// `full`, `incremental`, or `incremental by content`.
+    pub kind: String,
+    pub reason: String,
+}
+
+/// What a backup of the running VM `run` names would be now, changing
+/// nothing: its monitor is reached as a backup reaches it, the repository
+/// only read (one that does not exist yet makes every volume full).
+pub async fn plan_vm(run: BackupRun<'_>) -> anyhow::Result<Planned> {
+    use super::plan::Decision;
+    let info = match &run.target.domain {
+        Some(domain) => Some(domain.info()?),
+        None => None,
+    };
+    if info.as_ref().is_some_and(|i| !i.running) || (info.is_none() && run.target.qmp.is_none()) {
+        return Err(BadInput(
+            "--dry-run plans a running VM's backup; a stopped VM's is planned when it runs".into(),
+        )
+        .into());
+    }
+    let monitor = run.target.connect(info.as_ref(), run.qmp_timeout).await?;
+    let repo = match run.repo.exists() {
+        true => Some(Repo::open(run.repo)?),
+        false => None,
+    };
+    let plan =
+        super::backup::plan_named(&monitor.qmp, repo.as_ref(), run.opts, &monitor.renames).await?;
+    let volumes = plan
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| PlannedVolume {
+            name: v.volume.clone(),
+            kind: match v.decision {
+                Decision::Full(_) => "full",
+                Decision::Incremental => "incremental",
+                Decision::Content(_) => "incremental by content",
+            }
+            .to_string(),
+            reason: plan.volume_reason(i),
+        })
+        .collect();
+    Ok(Planned {
+        vm: run.opts.vm().to_string(),
+        kind: if plan.is_full() {
+            "full"
+        } else {
+            "incremental"
+        }
+        .to_string(),
+        reason: plan.reason(),
+        volumes,
+    })
+}

@@ -30,6 +30,9 @@ const SHARE_SETTLES: Duration = Duration::from_millis(1100);
 /// How long a finished command's pipes are read for what it wrote last.
 const PIPES_DRAIN: Duration = Duration::from_secs(10);
 
+/// How long `--dry-run` waits for one VM's plan.
+const PLAN_LIMIT: Duration = Duration::from_secs(120);
+
 /// The tail of a command's stderr kept for the report.
 const STDERR_LINES: usize = 20;
 
@@ -42,8 +45,8 @@ pub struct Plan {
     pub source: String,
     /// The newest backup in the repository (or its spool).
     pub last: Option<String>,
-    /// What the backup will be, as far as the repository tells: QEMU's
-    /// bitmaps decide the rest at run time.
+    /// What the backup will be: the VM's own plan (`backup --dry-run`)
+    /// where it runs, else what the repository tells.
     pub next: String,
     /// What retention would remove as the repository stands.
     pub would_prune: Vec<String>,
@@ -82,6 +85,22 @@ pub async fn plan(job: &Job, exe: &Path) -> Vec<Plan> {
                 plan.next = "full, unless the repository can be read at run time".into();
                 plan.problems.push(e);
             }
+        }
+        // The VM's own answer where it runs: its bitmaps decide.
+        let mut args = backup_args(task, None);
+        args.push("--dry-run".into());
+        match capture(exe, &args, Some(PLAN_LIMIT), &mut |_| {}).await {
+            Ok(Captured {
+                status: 0, stdout, ..
+            }) => match serde_json::from_str::<crate::engine::Planned>(&stdout) {
+                Ok(p) => plan.next = p.reason,
+                Err(e) => plan.problems.push(format!("backup --dry-run said: {e}")),
+            },
+            Ok(c) => plan.problems.push(format!(
+                "asking the VM: {} (the next line is the repository's guess)",
+                last_error(&c.stderr)
+            )),
+            Err(e) => plan.problems.push(format!("running backup --dry-run: {e}")),
         }
         if let (Some(keep), Some(_)) = (&task.keep, &plan.last) {
             let mut args = prune_args(task, keep);

@@ -155,6 +155,44 @@ fn a_bitmap_removed_by_hand_costs_that_volume_a_read_or_a_full() {
     );
     vm.write(1, 0, 4096, 0x12);
     vm.write(0, 2 * MIB, 4096, 0x14);
+    // --dry-run says so beforehand, and changes nothing.
+    let before = (
+        bitmap_names(vm.qemu(), "drive0"),
+        bitmap_names(vm.qemu(), "drive1"),
+    );
+    let plan = vm.run_backup(&["--dry-run", "--json"]).json();
+    let planned: Vec<&str> = plan["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap())
+        .collect();
+    let lost = match crate::harness::by_content() {
+        true => "incremental by content",
+        false => "full",
+    };
+    assert_eq!(planned, ["incremental", lost], "{plan}");
+    assert!(
+        plan["volumes"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("missing on volume drive1"),
+        "{plan}"
+    );
+    assert_eq!(
+        (
+            bitmap_names(vm.qemu(), "drive0"),
+            bitmap_names(vm.qemu(), "drive1")
+        ),
+        before
+    );
+    assert_eq!(crate::harness::list_ids(&vm.repo, None).len(), 1);
+    let text = vm.run_backup(&["--dry-run"]);
+    assert!(
+        text.stdout.contains("would be incremental"),
+        "{}",
+        text.stdout
+    );
     let second = vm.backup(&[]);
     assert_eq!(second["kind"], "incremental");
     let kinds = volume_kinds(&second);

@@ -442,13 +442,15 @@ fn dry_run_shows_the_plan_and_changes_nothing() {
     let plans = out.json();
     assert_eq!(plans[0]["vm"], json!("a"));
     assert_eq!(plans[0]["last"], json!(ids[1]));
+    // The VM's own plan: its checkpoint bitmap is there.
     assert!(
         plans[0]["next"]
             .as_str()
             .unwrap()
-            .starts_with(&format!("incremental after {}", ids[1])),
+            .starts_with(&format!("incremental: changes since {}", ids[1])),
         "{plans}"
     );
+    assert_eq!(plans[0]["problems"], json!([]), "{plans}");
     assert_eq!(plans[0]["would_prune"], json!([ids[0]]), "{plans}");
     assert!(
         plans[1]["next"].as_str().unwrap().starts_with("full"),
