@@ -431,20 +431,20 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let images = parse_images(&args.image)?;
     let retain = args.retain.asked();
+    let run = |repo, images, cancel| engine::BackupRun {
+        repo,
+        target: args.target.target(),
+        images,
+        image_key: image_key.as_ref(),
+        qmp_timeout: Duration::from_secs(args.qmp_timeout),
+        opts: &opts,
+        cancel,
+    };
     if args.dry_run {
         // The spool of a bucket holds the chain the backup builds on.
         let local = args.spool.clone().unwrap_or_else(|| args.repo.clone());
         let (_tx, cancel) = watch::channel(false);
-        let planned = engine::plan_vm(engine::BackupRun {
-            repo: &local,
-            target: args.target.target(),
-            images,
-            image_key: image_key.as_ref(),
-            qmp_timeout: Duration::from_secs(args.qmp_timeout),
-            opts: &opts,
-            cancel,
-        })
-        .await?;
+        let planned = engine::plan_vm(run(&local, images, cancel)).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&planned)?);
         } else {
@@ -454,16 +454,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     let (repo, bucket) = where_to(&args, retain.is_some())?;
     let cancel = cancel_on_signals()?;
-    let manifest = engine::backup_vm(engine::BackupRun {
-        repo: &repo,
-        target: args.target.target(),
-        images,
-        image_key: image_key.as_ref(),
-        qmp_timeout: Duration::from_secs(args.qmp_timeout),
-        opts: &opts,
-        cancel,
-    })
-    .await?;
+    let manifest = engine::backup_vm(run(&repo, images, cancel)).await?;
     let Some(bucket) = bucket else {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&manifest)?);

@@ -159,15 +159,7 @@ pub async fn plan_named(
             content: &no_content,
         }));
     };
-    let state = repo.load_state(vm)?;
-    let identity = identity(qmp).await;
-    check_identity(
-        vm,
-        state.as_ref(),
-        &identity,
-        &volumes,
-        opts.policy.replaced,
-    )?;
+    let (state, identity) = known_vm(qmp, repo, opts, &volumes).await?;
     let ready = Ready {
         scope: Scope::new(&repo.id()?.unwrap_or_default(), vm),
         backups: repo.backups(vm)?,
@@ -177,6 +169,21 @@ pub async fn plan_named(
         identity,
     };
     Ok(plan_backup(qmp, repo, opts, &ready).plan)
+}
+
+/// The VM's state in the repository and QEMU's identity, once the VM is
+/// known to be the machine the repository's backups are of.
+async fn known_vm(
+    qmp: &Qmp,
+    repo: &Repo,
+    opts: &BackupOptions,
+    volumes: &[Volume],
+) -> anyhow::Result<(Option<VmState>, VmIdentity)> {
+    let vm = opts.vm();
+    let state = repo.load_state(vm)?;
+    let identity = identity(qmp).await;
+    check_identity(vm, state.as_ref(), &identity, volumes, opts.policy.replaced)?;
+    Ok((state, identity))
 }
 
 /// What a run knows before it plans: its volumes, the VM's state and
@@ -203,15 +210,7 @@ async fn get_ready(
     let vm = opts.vm();
     let mut volumes = select_volumes(qmp, opts, renames).await?;
     check_plaintext(opts, &volumes)?;
-    let state = repo.load_state(vm)?;
-    let identity = identity(qmp).await;
-    check_identity(
-        vm,
-        state.as_ref(),
-        &identity,
-        &volumes,
-        opts.policy.replaced,
-    )?;
+    let (state, identity) = known_vm(qmp, repo, opts, &volumes).await?;
     let scope = Scope::new(&repo.ensure_id()?, vm);
     repo.clean_partials(lock, vm)?;
     if clean_stray_jobs(qmp, &scope).await? {

@@ -666,13 +666,7 @@ async fn capture_until(
         };
         tokio::select! {
             line = lines.next_line(), if stderr_open => match line {
-                Ok(Some(line)) => {
-                    forward(&line);
-                    tail.push_back(line);
-                    if tail.len() > STDERR_LINES {
-                        tail.pop_front();
-                    }
-                }
+                Ok(Some(line)) => heard(&mut tail, forward, line),
                 _ => stderr_open = false,
             },
             status = child.wait() => break status?,
@@ -702,13 +696,7 @@ async fn capture_until(
     let drained = tokio::time::timeout(PIPES_DRAIN, async {
         while stderr_open {
             match lines.next_line().await {
-                Ok(Some(line)) => {
-                    forward(&line);
-                    tail.push_back(line);
-                    if tail.len() > STDERR_LINES {
-                        tail.pop_front();
-                    }
-                }
+                Ok(Some(line)) => heard(&mut tail, forward, line),
                 _ => stderr_open = false,
             }
         }
@@ -723,6 +711,15 @@ async fn capture_until(
         timed_out,
         stopped,
     })
+}
+
+/// A line of stderr: passed on, and kept among the last few.
+fn heard(tail: &mut VecDeque<String>, forward: &mut (dyn FnMut(&str) + Send), line: String) {
+    forward(&line);
+    tail.push_back(line);
+    if tail.len() > STDERR_LINES {
+        tail.pop_front();
+    }
 }
 
 fn signal(pid: Option<u32>, sig: nix::sys::signal::Signal) {
