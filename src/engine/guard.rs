@@ -220,7 +220,7 @@ pub(super) async fn lock(
     qmp: &Qmp,
     scope: &Scope,
     volumes: &[Volume],
-    cancel: &mut super::copy::Cancel,
+    cancel: &mut tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<String>, Vec<Option<String>>)> {
     let me = Holder::me(scope);
     let mut locks = Vec::new();
