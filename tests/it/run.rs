@@ -539,9 +539,9 @@ fn a_vm_with_two_repositories_is_backed_up_into_one_then_the_other_each_guarded(
     );
 }
 
-/// The job, on libvirt: running domains (one healthy, one whose
-/// agent stalls a freeze, one whose repository fills up), one shut off,
-/// and one that does not exist, three at once within one rate limit.
+/// A job over six libvirt domains, three at once within one rate limit:
+/// four running (two healthy, one whose agent stalls a freeze, one whose
+/// repository fills up), one shut off, and one that does not exist.
 /// Every good point is a consistent prefix of its guest's log; the
 /// failures are named; the stalled freeze is reported as a warning.
 #[test]
@@ -557,6 +557,7 @@ fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and
         p
     };
     let healthy = Domain::create_with(&sub("healthy"), None, Agent::On);
+    let second = Domain::create_with(&sub("second"), None, Agent::On);
     let stall = Domain::create_with(&sub("stall"), None, Agent::Stall);
     let filling = Domain::create_with(&sub("filling"), None, Agent::On);
     let off = Domain::define(&sub("off"), false);
@@ -571,6 +572,7 @@ fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and
         "jobs = 3\nrate_limit = \"40M\"\nmetrics_file = {metrics:?}\nreport_file = {report:?}\n"
     );
     text.push_str(&entry("healthy", &healthy.name, &repo, "quiesce = true\n"));
+    text.push_str(&entry("second", &second.name, &repo, ""));
     text.push_str(&entry(
         "stall",
         &stall.name,
@@ -595,7 +597,7 @@ fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and
             .unwrap_or_else(|| panic!("no task of {vm}: {r}"))
             .clone()
     };
-    for vm in ["healthy", "stall", "off"] {
+    for vm in ["healthy", "second", "stall", "off"] {
         assert_eq!(task(vm)["ok"], json!(true), "{vm}: {}", task(vm));
     }
     let warned = task("stall")["warnings"].to_string();
@@ -627,7 +629,7 @@ fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and
         task("missing")
     );
     // Every good point restores to consistent logs on both disks.
-    for vm in ["healthy", "stall", "off"] {
+    for vm in ["healthy", "second", "stall", "off"] {
         let id = task(vm)["backup"].as_str().unwrap().to_string();
         check_point_of(&repo, vm, &id, ["vda", "vdb"], &d.join(format!("out-{vm}")));
     }
@@ -642,5 +644,6 @@ fn a_job_over_libvirt_domains_goes_on_past_a_full_repository_a_stalled_agent_and
     assert_eq!(sample_of(&m, "bitback_last_run_success", "filling"), 0.0);
     // The guests went on writing through it all.
     healthy.wait_records(10);
+    second.wait_records(10);
     filling.wait_records(10);
 }
