@@ -233,6 +233,8 @@ pub(super) async fn lock(
         let mut waiting_since: Option<std::time::Instant> = None;
         let mut jobless_since: Option<std::time::Instant> = None;
         let mut let_go = 0;
+        // A `cancel` whose sender is gone can no longer ask anything.
+        let mut cancellable = true;
         loop {
             let added = commands::add_marker(qmp, &id, &me.text()).await;
             let Err(e) = added else {
@@ -283,18 +285,24 @@ pub(super) async fn lock(
                 ));
                 break;
             }
+            if *cancel.borrow() {
+                unlock(qmp, scope, &locks).await;
+                bail!("interrupted while waiting for another backup of this vm");
+            }
             if waiting_since.is_none() {
                 info!(volume = %v.name, holder = %holder.scope, "waiting for another bitback run to take its filter out from under this volume");
                 waiting_since = Some(std::time::Instant::now());
             }
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                changed = cancel.changed() => {
-                    if changed.is_err() || *cancel.borrow() {
+                changed = cancel.changed(), if cancellable => match changed {
+                    Err(_) => cancellable = false,
+                    Ok(()) if *cancel.borrow() => {
                         unlock(qmp, scope, &locks).await;
                         bail!("interrupted while waiting for another backup of this vm");
                     }
-                }
+                    Ok(()) => {}
+                },
             }
         }
         if let Some(since) = waiting_since

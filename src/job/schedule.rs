@@ -200,6 +200,8 @@ pub async fn run(
     let mut shares = shares;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut interrupted = false;
+    // A `cancel` whose sender is gone can no longer ask anything.
+    let mut cancellable = true;
     loop {
         // Start what may start: a free slot, a VM not already busy.
         while !interrupted && running.len() < job.jobs {
@@ -265,11 +267,15 @@ pub async fn run(
                 watcher.ended(&label(&job.tasks[i]), &outcome);
                 outcomes.insert(i, outcome);
             }
-            changed = cancel.changed(), if !interrupted => {
-                if changed.is_ok() && *cancel.borrow() {
-                    interrupted = true;
-                    let _ = stop_tx.send(true);
-                    watcher.note("asked to stop; the running backups are cancelled");
+            changed = cancel.changed(), if !interrupted && cancellable => {
+                match changed {
+                    Err(_) => cancellable = false,
+                    Ok(()) if *cancel.borrow() => {
+                        interrupted = true;
+                        let _ = stop_tx.send(true);
+                        watcher.note("asked to stop; the running backups are cancelled");
+                    }
+                    Ok(()) => {}
                 }
             }
         }
