@@ -1243,3 +1243,35 @@ fn a_killed_runs_lock_is_passed_by_others_and_removed_by_its_own_next_run() {
     assert_eq!(guard_locks(&qemu), Vec::<String>::new());
     assert_point_is_disk(&mine, &d.join("disk0.qcow2"), &d.join("mine.raw"));
 }
+
+/// A run waiting for another's filter, asked to stop (SIGTERM), stops
+/// without a point and without a lock, and the other goes on.
+#[test]
+fn a_run_waiting_for_another_stops_when_asked() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (qemu, sockets) = vm_with_sockets(d, 2);
+    let (first_repo, second_repo) = (d.join("first"), d.join("second"));
+    let mut first = spawn_backup_at(&sockets[0], &first_repo, &["--speed-limit", "2M"], &[]);
+    qemu.wait_for_job(&mut first);
+    let waiting = spawn_backup_at(&sockets[1], &second_repo, &[], &[("BITBACK_LOG", "info")]);
+    std::thread::sleep(Duration::from_secs(2));
+    crate::harness::run(Command::new("kill").args(["-TERM", &waiting.id().to_string()]));
+    let stopped = wait(waiting);
+    assert_eq!(stopped.code, Some(1), "{}", stopped.stderr);
+    assert!(stopped.stderr.contains("interrupted"), "{}", stopped.stderr);
+    let done = wait(first);
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let m: Value = serde_json::from_str(&done.stdout).unwrap();
+    assert_eq!(m["volumes"][0]["guard"], json!("bitback"));
+    assert_eq!(guard_locks(&qemu), Vec::<String>::new());
+    let listed =
+        crate::harness::bitback(&["list", "--repo", second_repo.to_str().unwrap(), "--json"]);
+    if listed.code == Some(0) {
+        assert_eq!(
+            serde_json::from_str::<Value>(&listed.stdout).unwrap(),
+            json!([])
+        );
+    }
+    assert_point_is_disk(&first_repo, &d.join("disk0.qcow2"), &d.join("first.raw"));
+}
