@@ -99,7 +99,8 @@ pub(super) trait ChainSource: qcow2::Source + Sync {
 
 /// A chain file of a directory repository, opened once (never through a
 /// symlink), with an O_DIRECT handle for its data where the file system
-/// takes one (a restore does not fill the page cache with a backup).
+/// takes one (a restore does not fill the page cache with a backup); a
+/// piece already in the page cache is read from there.
 pub(super) struct LocalFile {
     path: PathBuf,
     file: File,
@@ -142,7 +143,12 @@ impl ChainSource for LocalFile {
     }
 
     fn read_chunk(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        crate::direct::read_exact_at(&self.file, self.direct.as_ref(), buf, offset)
+        // Around the page cache, unless the bytes are there already.
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| !crate::direct::resident(&self.file, offset, buf.len()));
+        crate::direct::read_exact_at(&self.file, direct, buf, offset)
     }
 }
 
