@@ -1289,3 +1289,83 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
     let out = dir.path().join("restored.raw");
     restores_right("s3://bb-crash/site", &vm.points[0], &out, &env);
 }
+
+/// `bitback run` with a VM going to a directory and a bucket (through a
+/// spool): each run backs up into both, one after the other, and prunes
+/// both by the job's rule; the bucket's newest point restores to the
+/// disk.
+#[test]
+fn a_job_backs_up_into_a_directory_and_a_bucket_and_prunes_both() {
+    let store = Seaweed::start();
+    store.bucket("bb-job", false);
+    let dir = tempdir();
+    let d = dir.path();
+    let mut vm = Vm::new(d, &[8 * MIB]);
+    let (local, spool) = (d.join("local"), d.join("spool"));
+    let job = d.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "jobs = 2\n[[vm]]\nname = \"vm1\"\nqmp = {:?}\nrepos = [{local:?}, \"s3://bb-job/site\"]\n\
+             spool = {spool:?}\nfull_every = 1\nkeep_last = 1\nverify_outdated_after = \"1d\"\n",
+            vm.qemu().qmp
+        ),
+    )
+    .unwrap();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", job.to_str().unwrap(), "--json"];
+        args.extend(extra);
+        bitback_env(&args, &env)
+    };
+    let plan = run(&["--dry-run"]);
+    assert_eq!(plan.code, Some(0), "{}", plan.stderr);
+    let mut ids = Vec::new();
+    for round in 0..2u8 {
+        vm.write(0, u64::from(round) * MIB, MIB, 0x40 + round);
+        let out = run(&[]);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "round {round}: {}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let tasks = report["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 2, "{report}");
+        // Verify after the backup where the repository keeps its records.
+        assert_eq!(tasks[0]["verified"]["ok"], true, "{report}");
+        assert_eq!(tasks[1]["verified"], serde_json::Value::Null, "{report}");
+        if round == 1 {
+            for t in tasks {
+                assert_eq!(t["pruned"].as_array().map(Vec::len), Some(1), "{report}");
+            }
+        }
+        ids.push(tasks[1]["backup"].as_str().unwrap().to_string());
+        vm.snapshot(tasks[1]["backup"].as_str().unwrap());
+    }
+    // One point left in each.
+    for repo in [local.to_str().unwrap(), "s3://bb-job/site"] {
+        let listed = bitback_env(&["list", "--repo", repo, "--vm", "vm1", "--json"], &env);
+        let points: serde_json::Value = serde_json::from_str(&listed.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", listed.stdout, listed.stderr));
+        assert_eq!(points.as_array().map(Vec::len), Some(1), "{repo}: {points}");
+    }
+    let out = d.join("from-bucket.raw");
+    let restored = bitback_env(
+        &[
+            "restore",
+            "--repo",
+            "s3://bb-job/site",
+            "--vm",
+            "vm1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(restored.code, Some(0), "{}", restored.stderr);
+    assert!(same_content(&out, "raw", &vm.points[1].1[0], "raw"));
+}
