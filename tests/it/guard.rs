@@ -1069,21 +1069,7 @@ fn a_guarded_full_copies_what_the_volume_held_at_the_point() {
     let manifest: Value = serde_json::from_str(&ended.stdout).unwrap();
     assert_eq!(manifest["volumes"][0]["guard"], "bitback", "{manifest}");
     qemu.quit();
-    let out = dir.path().join("restored.raw");
-    let restored = crate::harness::bitback(&[
-        "restore",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(restored.code, Some(0), "{}", restored.stderr);
-    assert!(
-        same_content(&out, "raw", &image, "qcow2"),
-        "the restored 1 TiB point differs from the disk"
-    );
+    assert_point_is_disk(&repo, &image, &dir.path().join("restored.raw"));
 }
 
 /// A QEMU (`-machine pc -S`) whose one 64 MiB volume under a virtio-blk
