@@ -248,14 +248,18 @@ pub(super) async fn lock(
                     let_go += 1;
                     continue;
                 }
+                // No lock to be had (a QEMU that refuses the object, one
+                // of that name that is not bitback's): the run goes on as
+                // before locks, the device's check before it moves still
+                // keeping another run's filter in place.
                 None => {
-                    unlock(qmp, scope, &locks).await;
-                    return Err(anyhow::anyhow!(e).context(format!("adding the guard lock {id}")));
+                    warn!(volume = %v.name, error = %e, "QEMU refuses the guard lock; going on without it");
+                    break;
                 }
                 Some(h) if h.starts_with("bitback-") => Holder::parse(&h),
                 Some(_) => {
-                    return Err(anyhow::anyhow!(e)
-                        .context(format!("QEMU has an object {id} that bitback did not make")));
+                    warn!(volume = %v.name, lock = %id, "QEMU has an object of the guard lock's name that bitback did not make; going on without the lock");
+                    break;
                 }
             };
             if holder.scope == me.scope {

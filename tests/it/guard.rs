@@ -1261,3 +1261,27 @@ fn a_run_waiting_for_another_stops_when_asked() {
     }
     assert_point_is_disk(&first_repo, &d.join("disk0.qcow2"), &d.join("first.raw"));
 }
+
+/// An object of the guard lock's name that bitback did not make: the run
+/// goes on without the lock (still under bitback's filter) and leaves the
+/// object alone.
+#[test]
+fn a_planted_lock_object_is_left_alone_and_the_run_goes_on() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (qemu, sockets) = vm_with_sockets(d, 1);
+    let hash = blake3::hash(b"drive0");
+    let id = format!("bitback-guard-{}", &hash.to_hex()[..16]);
+    qemu.must(
+        "object-add",
+        json!({ "qom-type": "authz-simple", "id": id, "identity": "someone-else" }),
+    );
+    let repo = d.join("repo");
+    let ran = wait(spawn_backup_at(&sockets[0], &repo, &[], &[]));
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert!(ran.stderr.contains("without the lock"), "{}", ran.stderr);
+    let m: Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(m["volumes"][0]["guard"], json!("bitback"), "{}", ran.stderr);
+    assert_eq!(guard_locks(&qemu), [id], "the planted object was touched");
+    assert_point_is_disk(&repo, &d.join("disk0.qcow2"), &d.join("out.raw"));
+}
