@@ -674,7 +674,15 @@ async fn run(
                     pending.insert(id, Pending { command, reply });
                     // The descriptors are closed on our side once sent.
                     if let Err(e) = writer.send(&line, &fds).await {
-                        break format!("writing to QEMU failed: {e}").into();
+                        // QEMU gone: whether a write or the reader saw it
+                        // first is a race; the reason says the same.
+                        break match e.kind() {
+                            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                                format!("QEMU closed the connection (writing to it: {e})")
+                            }
+                            _ => format!("writing to QEMU failed: {e}"),
+                        }
+                        .into();
                     }
                 }
                 None => break "every handle was dropped".into(),
