@@ -45,6 +45,7 @@ const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
 
 const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+const TFLAG_READ_ONLY: u16 = 1 << 1;
 const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 const TFLAG_SEND_FUA: u16 = 1 << 3;
 const TFLAG_SEND_TRIM: u16 = 1 << 5;
@@ -57,6 +58,7 @@ const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
 
+const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -65,6 +67,11 @@ const ENOSPC: u32 = 28;
 pub trait Export {
     /// The export's size in bytes.
     fn size(&self) -> u64;
+    /// The client is told it may not write, and a write it sends anyway
+    /// is refused (EPERM) before the export sees it.
+    fn read_only(&self) -> bool {
+        false
+    }
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -134,10 +141,46 @@ where
     // read, and the replies to a batch of requests go in one write.
     let mut rx = tokio::io::BufReader::with_capacity(16 << 10, rx);
     let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
-    if let Err(e) = handshake(&mut rx, &mut tx, name, export.size()).await {
+    let offer = [Offer::of(name, &export)];
+    if let Err(e) = handshake(&mut rx, &mut tx, &offer).await {
         return (Err(e), export);
     }
     transmission(rx, tx, export).await
+}
+
+/// Serves whichever of `exports` (name, export) the client chooses on
+/// `conn`, until it disconnects; the others are dropped unused.
+pub async fn serve_one_of<C, E>(conn: C, exports: Vec<(String, E)>) -> Result<Served, Error>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    E: Export + Send + 'static,
+{
+    let (rx, tx) = tokio::io::split(conn);
+    let mut rx = tokio::io::BufReader::with_capacity(16 << 10, rx);
+    let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
+    let offers: Vec<Offer> = exports.iter().map(|(n, e)| Offer::of(n, e)).collect();
+    let chosen = handshake(&mut rx, &mut tx, &offers).await?;
+    let Some((_, export)) = exports.into_iter().nth(chosen) else {
+        return Err(Error::Aborted);
+    };
+    transmission(rx, tx, export).await.0
+}
+
+/// An export as the handshake offers it.
+struct Offer<'a> {
+    name: &'a str,
+    size: u64,
+    flags: u16,
+}
+
+impl Offer<'_> {
+    fn of<'a, E: Export>(name: &'a str, export: &E) -> Offer<'a> {
+        Offer {
+            name,
+            size: export.size(),
+            flags: transmission_flags(export.read_only()),
+        }
+    }
 }
 
 async fn reply_opt<W: AsyncWrite + Unpin>(
@@ -155,12 +198,22 @@ async fn reply_opt<W: AsyncWrite + Unpin>(
     tx.write_all(&head).await
 }
 
-fn transmission_flags() -> u16 {
-    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+fn transmission_flags(read_only: bool) -> u16 {
+    match read_only {
+        true => TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH,
+        false => {
+            TFLAG_HAS_FLAGS
+                | TFLAG_SEND_FLUSH
+                | TFLAG_SEND_FUA
+                | TFLAG_SEND_TRIM
+                | TFLAG_SEND_WRITE_ZEROES
+        }
+    }
 }
 
-/// The fixed newstyle handshake, up to the transmission phase.
-async fn handshake<R, W>(rx: &mut R, tx: &mut W, name: &str, size: u64) -> Result<(), Error>
+/// The fixed newstyle handshake, up to the transmission phase: which of
+/// `offers` the client chose.
+async fn handshake<R, W>(rx: &mut R, tx: &mut W, offers: &[Offer<'_>]) -> Result<usize, Error>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -192,22 +245,23 @@ where
         rx.read_exact(&mut data).await?;
         match option {
             OPT_EXPORT_NAME => {
-                if data != name.as_bytes() {
+                let Some(chosen) = offers.iter().position(|o| o.name.as_bytes() == data) else {
                     // This option has no error reply: the connection ends.
                     return Err(Error::Protocol(format!(
                         "unknown export {:?}",
                         String::from_utf8_lossy(&data)
                     )));
-                }
+                };
+                let offer = &offers[chosen];
                 let mut out = Vec::new();
-                out.extend_from_slice(&size.to_be_bytes());
-                out.extend_from_slice(&transmission_flags().to_be_bytes());
+                out.extend_from_slice(&offer.size.to_be_bytes());
+                out.extend_from_slice(&offer.flags.to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 tx.write_all(&out).await?;
                 tx.flush().await?;
-                return Ok(());
+                return Ok(chosen);
             }
             OPT_ABORT => {
                 let _ = reply_opt(tx, option, REP_ACK, &[]).await;
@@ -215,9 +269,11 @@ where
                 return Err(Error::Aborted);
             }
             OPT_LIST => {
-                let mut entry = (name.len() as u32).to_be_bytes().to_vec();
-                entry.extend_from_slice(name.as_bytes());
-                reply_opt(tx, option, REP_SERVER, &entry).await?;
+                for offer in offers {
+                    let mut entry = (offer.name.len() as u32).to_be_bytes().to_vec();
+                    entry.extend_from_slice(offer.name.as_bytes());
+                    reply_opt(tx, option, REP_SERVER, &entry).await?;
+                }
                 reply_opt(tx, option, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
@@ -225,13 +281,14 @@ where
                     reply_opt(tx, option, REP_ERR_INVALID, &[]).await?;
                     continue;
                 };
-                if asked != name.as_bytes() {
+                let Some(chosen) = offers.iter().position(|o| o.name.as_bytes() == asked) else {
                     reply_opt(tx, option, REP_ERR_UNKNOWN, &[]).await?;
                     continue;
-                }
+                };
+                let offer = &offers[chosen];
                 let mut export = INFO_EXPORT.to_be_bytes().to_vec();
-                export.extend_from_slice(&size.to_be_bytes());
-                export.extend_from_slice(&transmission_flags().to_be_bytes());
+                export.extend_from_slice(&offer.size.to_be_bytes());
+                export.extend_from_slice(&offer.flags.to_be_bytes());
                 reply_opt(tx, option, REP_INFO, &export).await?;
                 if requests.contains(&INFO_BLOCK_SIZE) {
                     let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -243,7 +300,7 @@ where
                 reply_opt(tx, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
                     tx.flush().await?;
-                    return Ok(());
+                    return Ok(chosen);
                 }
             }
             _ => reply_opt(tx, option, REP_ERR_UNSUP, &[]).await?,
@@ -406,6 +463,7 @@ where
     E: Export + Send + 'static,
 {
     let size = export.size();
+    let read_only = export.read_only();
     let (ops, mut todo) = tokio::sync::mpsc::channel::<Op>(64);
     // With a preparer, requests pass through its thread first.
     let (ops, preparer) = match export.prepare() {
@@ -443,7 +501,7 @@ where
         }
         (export, served)
     });
-    let reader = read_requests(&mut rx, size, ops);
+    let reader = read_requests(&mut rx, size, read_only, ops);
     let writer = async {
         while let Some(r) = answered.recv().await {
             reply(&mut tx, r.error, r.handle, &r.data).await?;
@@ -477,6 +535,7 @@ where
 async fn read_requests<R: AsyncRead + Unpin>(
     rx: &mut tokio::io::BufReader<R>,
     size: u64,
+    read_only: bool,
     ops: tokio::sync::mpsc::Sender<Op>,
 ) -> Result<(), Error> {
     let buffers = Buffers::default();
@@ -506,6 +565,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 let mut data = buffers.take(len as usize);
                 rx.read_exact(data.bytes_mut()).await?;
                 match in_range {
+                    _ if read_only => Op::Refuse {
+                        handle,
+                        error: EPERM,
+                    },
                     true => Op::Write {
                         handle,
                         offset,
@@ -529,6 +592,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
             CMD_READ => Op::Refuse {
                 handle,
                 error: EINVAL,
+            },
+            CMD_WRITE_ZEROES | CMD_TRIM if read_only => Op::Refuse {
+                handle,
+                error: EPERM,
             },
             CMD_WRITE_ZEROES | CMD_TRIM if !in_range => Op::Refuse {
                 handle,

@@ -72,6 +72,8 @@ enum Command {
     Nasbackup(nasbackup::NasArgs),
     #[command(hide = true)]
     ThawGuard(backup::ThawGuardArgs),
+    #[command(hide = true)]
+    ServeBucket(mount::ServeBucketArgs),
     #[command(subcommand)]
     Qcow2(qcow2::Command),
 }
@@ -145,6 +147,7 @@ pub fn main() -> ExitCode {
             Command::RemoveCheckpoint(args) => inspect::remove_checkpoint(args).await,
             Command::Nasbackup(args) => nasbackup::run(args).await,
             Command::ThawGuard(args) => backup::thaw_guard(args).await,
+            Command::ServeBucket(args) => mount::serve_bucket(args).await,
             Command::Qcow2(command) => qcow2::run(command),
         }
     });

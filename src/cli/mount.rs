@@ -28,12 +28,23 @@ use bitback::repo::Repo;
 /// umount DIR`. While mounted, the VM's read lock is held: prune and
 /// consolidate refuse, naming the mount. A mount whose daemon died is
 /// cleaned up by the next mount or umount.
+///
+/// With --repo s3://BUCKET/PREFIX the point is read where it lies: a
+/// bitback server (its own process, ended with the daemon) reads each
+/// volume through its chain of object versions by ranged GETs, and checks
+/// every cluster against the chain's cluster maps before giving it. A
+/// cluster that does not match is an I/O error to the reader (never other
+/// bytes) and a damage record in the bucket.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct MountArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// The VM whose backup to mount.
     #[arg(long, value_name = "NAME")]
     vm: String,
@@ -74,20 +85,35 @@ pub(crate) struct UmountArgs {
 }
 
 pub(crate) async fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&args.repo)?;
+    let bucket = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())?;
     let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
-    let served = engine::mount(
-        &repo,
-        &MountOptions {
-            vm: args.vm.clone(),
-            backup: engine::Pick::from(args.backup.as_str()),
-            volumes: args.volumes.clone(),
-            dir: args.dir.clone(),
-            key,
-            checks: engine::Checks::serving(!args.no_verify),
-        },
-    )
-    .await?;
+    let opts = MountOptions {
+        vm: args.vm.clone(),
+        backup: engine::Pick::from(args.backup.as_str()),
+        volumes: args.volumes.clone(),
+        dir: args.dir.clone(),
+        key,
+        checks: engine::Checks::serving(!args.no_verify),
+    };
+    let served = match bucket {
+        Some(_) => {
+            if opts.key.is_some() || args.no_verify {
+                return Err(bitback::engine::BadInput(
+                    "--key-file and --no-verify go with a directory repository: a bucket's point is served checked, and an encrypted one needs its files here (bitback sync --from s3://... --to DIR)".into(),
+                )
+                .into());
+            }
+            let source = super::output::bucket_source(
+                &args.repo,
+                args.s3_endpoint.as_deref(),
+                &args.vm,
+                &args.backup,
+                &args.volumes,
+            );
+            engine::mount_bucket(&source, &opts).await?
+        }
+        None => engine::mount(&Repo::open(&args.repo)?, &opts).await?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&served)?);
         return Ok(ExitCode::SUCCESS);
@@ -108,6 +134,43 @@ pub(crate) async fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         served.pid,
         args.dir.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server of a point in a bucket that a mount or live restore reads
+/// (bitback starts it itself; not for people).
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeBucketArgs {
+    #[arg(long, value_name = "URL")]
+    repo: PathBuf,
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    backup: String,
+    #[arg(long = "volume", value_name = "NAME")]
+    volumes: Vec<String>,
+}
+
+pub(crate) async fn serve_bucket(args: ServeBucketArgs) -> anyhow::Result<ExitCode> {
+    let Some(bucket) = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? else {
+        return Err(
+            bitback::engine::BadInput("serve-bucket serves an s3:// repository".into()).into(),
+        );
+    };
+    // The server lives as long as the process: its chains borrow it.
+    let bucket: &'static bitback::repo::Bucket = Box::leak(Box::new(bucket));
+    let point = tokio::task::spawn_blocking(move || {
+        engine::serve_from_bucket(
+            bucket,
+            &args.vm,
+            &engine::Pick::from(args.backup.as_str()),
+            &args.volumes,
+        )
+    })
+    .await??;
+    engine::serve::bucket::run_server(point).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -118,6 +118,25 @@ pub(crate) fn bucket(
     )?))
 }
 
+/// What a bitback server of a bucket's point opens: `vm`'s point
+/// `backup` (an id or `latest`), its `volumes` (all when empty), in the
+/// bucket `repo` names (an `s3://` URL, checked by [`bucket`] first).
+pub(crate) fn bucket_source(
+    repo: &std::path::Path,
+    endpoint: Option<&str>,
+    vm: &str,
+    backup: &str,
+    volumes: &[String],
+) -> bitback::engine::serve::bucket::Source {
+    bitback::engine::serve::bucket::Source {
+        url: repo.to_string_lossy().into_owned(),
+        endpoint: endpoint.map(str::to_string),
+        vm: vm.to_string(),
+        backup: bitback::engine::Pick::from(backup),
+        volumes: volumes.to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

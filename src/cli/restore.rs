@@ -219,12 +219,22 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         return Err(BadInput("give --repo DIR and --vm NAME".into()).into());
     };
     if let Some(bucket) = super::output::bucket(repo, args.s3_endpoint.as_deref())? {
+        if args.live {
+            let source = super::output::bucket_source(
+                repo,
+                args.s3_endpoint.as_deref(),
+                vm,
+                &args.backup,
+                &args.volumes,
+            );
+            return live(&args, LiveFrom::Bucket(source), vm, None).await;
+        }
         return from_bucket(&args, &bucket, vm);
     }
     let repo = Repo::open(repo)?;
     let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
     if args.live {
-        return live(&args, &repo, vm, key).await;
+        return live(&args, LiveFrom::Repo(&repo), vm, key).await;
     }
     let progress = super::output::progress_bar(!args.json);
     let restored = match (&args.image, &args.output) {
@@ -294,7 +304,7 @@ fn from_bucket(
         .filter(|_| !args.live && !args.in_place)
     else {
         return Err(BadInput(
-            "from a bucket, restore writes files (--output); --live and --in-place read a directory repository: bring the point here first with bitback sync --from s3://... --to DIR".into(),
+            "from a bucket, restore writes files (--output) or serves the point (--live --output DIR); --in-place reads a directory repository: bring the point here first with bitback sync --from s3://... --to DIR".into(),
         )
         .into());
     };
@@ -415,9 +425,15 @@ fn parse_owner(text: &str) -> Result<bitback::qmp::SocketOwner, String> {
 }
 
 /// `restore --live`: the images and the export, reported.
+/// Where a live restore's point lies.
+enum LiveFrom<'a> {
+    Repo(&'a Repo),
+    Bucket(engine::serve::bucket::Source),
+}
+
 async fn live(
     args: &RestoreArgs,
-    repo: &Repo,
+    from: LiveFrom<'_>,
     vm: &str,
     key: Option<engine::key::Key>,
 ) -> anyhow::Result<ExitCode> {
@@ -434,14 +450,22 @@ async fn live(
         checks: engine::Checks::serving(!args.no_verify),
     };
     if let Some(domain) = args.target.domain() {
+        let LiveFrom::Repo(repo) = from else {
+            return Err(BadInput(
+                "--live --libvirt reads a directory repository; from a bucket, give --output DIR, start the domain on the images, then bitback restore --finish --libvirt DOMAIN".into(),
+            )
+            .into());
+        };
         return live_domain(args, repo, &opts, &domain).await;
     }
     if args.output.is_none() {
         return Err(BadInput("--live needs --output DIR (or --libvirt DOMAIN)".into()).into());
     }
-    let served = engine::restore_live(repo, &opts)
-        .await
-        .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
+    let served = match from {
+        LiveFrom::Repo(repo) => engine::restore_live(repo, &opts).await,
+        LiveFrom::Bucket(source) => engine::restore_live_bucket(&source, &opts).await,
+    }
+    .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&served)?);
         return Ok(ExitCode::SUCCESS);

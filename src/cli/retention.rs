@@ -106,12 +106,22 @@ pub(crate) struct ConsolidateArgs {
 /// backup files are never written. Read-only unless --writable (writes
 /// then go to the overlay and vanish when the export stops): mount it with
 /// `qemu-nbd`/`nbd-client`, or boot a VM from it at once.
+///
+/// With --repo s3://BUCKET/PREFIX, bitback's own NBD server serves the
+/// point read-only where it lies: each volume read through its chain of
+/// object versions by ranged GETs, every cluster checked against the
+/// chain's cluster maps before it is given (a mismatch is an I/O error to
+/// the client and a damage record in the bucket, never other bytes).
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "port"])))]
 pub(crate) struct ExportArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
+    /// The repository: a directory, or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// The VM.
     #[arg(long, value_name = "NAME")]
     vm: String,
@@ -221,6 +231,9 @@ pub(crate) fn consolidate(args: ConsolidateArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
+    if let Some(bucket) = super::output::bucket(&args.repo, args.s3_endpoint.as_deref())? {
+        return export_bucket(args, bucket).await;
+    }
     let repo = Repo::open(&args.repo)?;
     let listen = match (&args.socket, args.port) {
         (Some(path), _) => Listen::Socket(path.clone()),
@@ -266,6 +279,75 @@ pub(crate) async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .await?;
+    println!("export stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `export --repo s3://...`: bitback's own NBD server, in the foreground.
+async fn export_bucket(
+    args: ExportArgs,
+    bucket: bitback::repo::Bucket,
+) -> anyhow::Result<ExitCode> {
+    use engine::serve::bucket::{Listener, Until, serve};
+    use tokio::signal::unix::{SignalKind, signal};
+    if args.writable || args.key_file.is_some() || args.no_verify {
+        return Err(engine::BadInput(
+            "--writable, --key-file and --no-verify go with a directory repository: a bucket's point is served read-only and checked (bring it here first for more: bitback sync --from s3://... --to DIR)".into(),
+        )
+        .into());
+    }
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    // The server lives as long as the process: its chains borrow it.
+    let bucket: &'static bitback::repo::Bucket = Box::leak(Box::new(bucket));
+    let (vm, backup, volume) = (args.vm.clone(), args.backup.clone(), args.volume.clone());
+    let point = tokio::task::spawn_blocking(move || {
+        engine::serve_from_bucket(
+            bucket,
+            &vm,
+            &engine::Pick::from(backup.as_str()),
+            std::slice::from_ref(&volume),
+        )
+    })
+    .await?
+    .with_context(|| format!("exporting vm {}", args.vm))?;
+    let (listener, url) = match (&args.socket, args.port) {
+        (Some(path), _) => (
+            Listener::Unix(
+                tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("listening on {}", path.display()))?,
+            ),
+            format!("nbd+unix:///{}?socket={}", args.volume, path.display()),
+        ),
+        (None, Some(port)) => (
+            Listener::Tcp(
+                tokio::net::TcpListener::bind((args.host.as_str(), port))
+                    .await
+                    .with_context(|| format!("listening on {}:{port}", args.host))?,
+            ),
+            format!("nbd://{}:{port}/{}", args.host, args.volume),
+        ),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    println!(
+        "serving {}/{} volume {} at {} (read-only, from {}); Ctrl-C stops",
+        args.vm,
+        point.manifest.id,
+        args.volume,
+        url,
+        bucket.location()
+    );
+    let served = serve(listener, &point, Until::Stopped, async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await;
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    served?;
     println!("export stopped");
     Ok(ExitCode::SUCCESS)
 }

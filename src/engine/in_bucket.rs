@@ -34,7 +34,7 @@ use tracing::info;
 
 use super::chain::{Pick, chain_of, has_volumes, volume_records};
 use super::check::{Problem, Report};
-use super::native::{ChainSource, Copier, plan_sources};
+use super::native::{ChainSource, Copier, Mapped, Mismatch, plan_sources};
 use super::outcome::BadInput;
 use super::restore::{MAX_IN_FLIGHT_RECORDS, Outputs, RestoreOptions, Restored};
 use super::retention::{Keep, Locked, Retention, ancestors, check_links, keep_set};
@@ -165,6 +165,38 @@ impl<'b> Objects<'b> {
         Ok(points)
     }
 
+    /// The chain of `vm`'s point `pick` (full first, the point last),
+    /// which must hold `volumes` (all when empty). An encrypted point is
+    /// refused: QEMU decrypts from files.
+    fn pick(&self, vm: &str, pick: &Pick, volumes: &[String]) -> anyhow::Result<Vec<Manifest>> {
+        let points = self.points(vm)?;
+        let location = self.bucket.location();
+        let m = match pick {
+            Pick::Latest => points.last(),
+            Pick::Id(id) => points.iter().find(|p| &p.manifest.id == id),
+        }
+        .map(|p| &p.manifest)
+        .ok_or_else(|| match pick.id() {
+            Some(id) => BadInput(format!("{location} holds no backup {id} of vm {vm}")),
+            None => BadInput(format!("{location} holds no backup of vm {vm}")),
+        })?;
+        if m.encryption.is_some() {
+            return Err(BadInput(format!(
+                "backup {} is encrypted, and QEMU decrypts it from files: bring it here first (bitback sync --from {location} --to DIR --vm {vm}), then use DIR",
+                m.id,
+            ))
+            .into());
+        }
+        has_volumes(m, volumes)?;
+        chain_of(m, |id| {
+            points
+                .iter()
+                .find(|p| p.manifest.id == id)
+                .map(|p| p.manifest.clone())
+                .with_context(|| format!("the bucket holds no manifest of {id}"))
+        })
+    }
+
     /// The point whose manifest is `key` (of id `id`); `None` when only
     /// delete markers are left of it (a prune that died midway: the
     /// manifest is gone for good, so there is no point).
@@ -278,41 +310,8 @@ pub fn restore_from_bucket(
     opts: &RestoreOptions,
 ) -> anyhow::Result<Vec<BucketRestored>> {
     let objects = Objects::load(bucket, &opts.vm)?;
-    let points = objects.points(&opts.vm)?;
-    let m = match &opts.backup {
-        Pick::Latest => points.last(),
-        Pick::Id(id) => points.iter().find(|p| &p.manifest.id == id),
-    }
-    .map(|p| &p.manifest)
-    .ok_or_else(|| match opts.backup.id() {
-        Some(id) => BadInput(format!(
-            "{} holds no backup {id} of vm {}",
-            bucket.location(),
-            opts.vm
-        )),
-        None => BadInput(format!(
-            "{} holds no backup of vm {}",
-            bucket.location(),
-            opts.vm
-        )),
-    })?;
-    if m.encryption.is_some() {
-        return Err(BadInput(format!(
-            "backup {} is encrypted, and QEMU decrypts it from files: bring it here first (bitback sync --from {} --to DIR --vm {}), then restore from DIR",
-            m.id,
-            bucket.location(),
-            opts.vm
-        ))
-        .into());
-    }
-    has_volumes(m, &opts.volumes)?;
-    let chain = chain_of(m, |id| {
-        points
-            .iter()
-            .find(|p| p.manifest.id == id)
-            .map(|p| p.manifest.clone())
-            .with_context(|| format!("the bucket holds no manifest of {id}"))
-    })?;
+    let chain = objects.pick(&opts.vm, &opts.backup, &opts.volumes)?;
+    let m = chain.last().context("a chain of no point")?;
     let outputs = Outputs::plan(m, opts)?;
     let restored: anyhow::Result<Vec<_>> = outputs
         .targets
@@ -326,6 +325,136 @@ pub fn restore_from_bucket(
     restored
 }
 
+/// A point in a bucket served where it lies (`mount`, `restore --live`,
+/// `export` with `--repo s3://`): each volume read at any offset through
+/// its chain of object versions.
+pub struct ServedPoint {
+    pub manifest: Manifest,
+    pub volumes: Vec<Arc<ServedVolume>>,
+}
+
+/// One volume of a [`ServedPoint`].
+pub struct ServedVolume {
+    pub name: String,
+    pub virtual_size: u64,
+    /// The files of its chain, full first, each with its version.
+    pub versions: Vec<UsedVersion>,
+    mapped: Mapped<'static>,
+    /// The chain's cluster maps laid over each other; none where the chain
+    /// has none (its files' digests were read whole when it was opened).
+    check: Option<Arc<Baseline>>,
+    bucket: &'static Bucket,
+    vm: String,
+    /// Each file of the chain (full first): the point it belongs to and
+    /// its digest, for a damage record.
+    files: Vec<(String, crate::digest::Digest)>,
+    /// A damage record was written (one per volume and serve is enough).
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+/// Opens `vm`'s point `pick` in `bucket` for serving, its `wanted`
+/// volumes (all when empty): the chain of each checked as a restore
+/// checks it (the structural rules, and its cluster maps read, or where
+/// it has none its files' digests read whole), ready to read.
+pub fn serve_from_bucket(
+    bucket: &'static Bucket,
+    vm: &str,
+    pick: &Pick,
+    wanted: &[String],
+) -> anyhow::Result<ServedPoint> {
+    let objects = Objects::load(bucket, vm)?;
+    let chain = objects.pick(vm, pick, wanted)?;
+    let m = chain.last().context("a chain of no point")?.clone();
+    let mut volumes = Vec::new();
+    for v in m
+        .volumes
+        .iter()
+        .filter(|v| wanted.is_empty() || wanted.contains(&v.name))
+    {
+        let opened = (|| {
+            let records = volume_records(&chain, &v.name)?;
+            let (sources, versions) = chain_sources(&objects, &records)?;
+            let check = proof(&objects, &chain, v, &records, &sources)?;
+            let files = records
+                .iter()
+                .map(|r| {
+                    let point = r.file.split('/').nth(1).unwrap_or_default().to_string();
+                    (point, r.digest)
+                })
+                .collect();
+            let mapped = plan_sources(sources)?
+                .context("an encrypted file in a chain that is not")?
+                .for_reads();
+            anyhow::Ok(ServedVolume {
+                name: v.name.clone(),
+                virtual_size: v.virtual_size,
+                versions,
+                mapped,
+                check,
+                bucket,
+                vm: vm.to_string(),
+                files,
+                recorded: Default::default(),
+            })
+        })()
+        .with_context(|| format!("opening volume {} of backup {}", v.name, m.id))?;
+        volumes.push(Arc::new(opened));
+    }
+    info!(vm, backup = %m.id, volumes = volumes.len(), "serving from the bucket");
+    Ok(ServedPoint {
+        manifest: m,
+        volumes,
+    })
+}
+
+impl ServedVolume {
+    /// The volume's bytes at `offset`. A cluster that does not match its
+    /// cluster map is an I/O error (never other bytes), and leaves a
+    /// damage record in the bucket naming the file that gave it.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mapped
+            .read_at(offset, buf, self.virtual_size, self.check.as_deref())
+            .map_err(|e| {
+                let text = format!("{e:#}");
+                match e.downcast_ref::<Mismatch>() {
+                    Some(m) => self.damaged(m, &text),
+                    None => tracing::error!(vm = %self.vm, volume = %self.name, error = %text, "a read from the bucket failed"),
+                }
+                std::io::Error::other(text)
+            })
+    }
+
+    /// The guest ranges that hold data, sorted and merged.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        self.mapped.data_ranges()
+    }
+
+    /// Notes damage found by a read: logged, and recorded in the bucket
+    /// (`<vm>/.damaged/<point>.<volume>.json`) once per serve.
+    fn damaged(&self, m: &Mismatch, text: &str) {
+        let names = self.mapped.names();
+        // A cluster no file gives was hidden by the newest file's tables.
+        let file = m.file.unwrap_or(self.files.len().saturating_sub(1));
+        let name = names.get(file).cloned().unwrap_or_default();
+        tracing::error!(vm = %self.vm, volume = %self.name, file = %name, "{text}: the reader gets an I/O error");
+        if self
+            .recorded
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some((point, digest)) = self.files.get(file) else {
+            return;
+        };
+        let problem = format!("{name}: {text} (found by a read of a served point)");
+        if let Err(e) =
+            crate::repo::record_damage(self.bucket, &self.vm, point, &self.name, digest, &problem)
+        {
+            tracing::warn!(error = %e, "the damage could not be recorded in the bucket");
+        }
+    }
+}
+
 /// Restores volume `v` at the top of `chain` into `target`.
 fn restore_volume(
     objects: &Objects,
@@ -335,22 +464,7 @@ fn restore_volume(
     opts: &RestoreOptions,
 ) -> anyhow::Result<BucketRestored> {
     let records = volume_records(chain, &v.name)?;
-    let mut sources: Vec<Box<dyn ChainSource + '_>> = Vec::new();
-    let mut versions = Vec::new();
-    for r in &records {
-        let version = objects.original(&r.file, r.file_size)?;
-        let object = objects.object(&r.file, version);
-        let image = Image::parse(&object, Path::new(&r.file))
-            .with_context(|| format!("reading {}", object.name()))?;
-        if let Some(problem) = structure_problem(r, &image, false) {
-            bail!("{}: {problem}", object.name());
-        }
-        versions.push(UsedVersion {
-            file: r.file.clone(),
-            version: version.id.clone(),
-        });
-        sources.push(Box::new(object));
-    }
+    let (sources, versions) = chain_sources(objects, &records)?;
     let check = match opts.verify {
         true => proof(objects, chain, v, &records, &sources)?,
         false => None,
@@ -377,6 +491,34 @@ fn restore_volume(
         },
         versions,
     })
+}
+
+/// The files of a chain, full first, as a native copy reads them.
+type Sources<'b> = Vec<Box<dyn ChainSource + 'b>>;
+
+/// The object versions of a volume's chain (`records`, full first), each
+/// checked by the structural rules, and the versions used.
+fn chain_sources<'b>(
+    objects: &Objects<'b>,
+    records: &[&VolumeRecord],
+) -> anyhow::Result<(Sources<'b>, Vec<UsedVersion>)> {
+    let mut sources: Sources<'b> = Vec::new();
+    let mut versions = Vec::new();
+    for r in records {
+        let version = objects.original(&r.file, r.file_size)?;
+        let object = objects.object(&r.file, version);
+        let image = Image::parse(&object, Path::new(&r.file))
+            .with_context(|| format!("reading {}", object.name()))?;
+        if let Some(problem) = structure_problem(r, &image, false) {
+            bail!("{}: {problem}", object.name());
+        }
+        versions.push(UsedVersion {
+            file: r.file.clone(),
+            version: version.id.clone(),
+        });
+        sources.push(Box::new(object));
+    }
+    Ok((sources, versions))
 }
 
 /// What is wrong with file `r` as read (`image`), by the structural

@@ -35,8 +35,8 @@ pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report, Sample};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Rate, Target, copy_to_files};
 pub use in_bucket::{
-    BucketPoint, BucketRestored, UsedVersion, bucket_points, prune_bucket, restore_from_bucket,
-    verify_bucket,
+    BucketPoint, BucketRestored, ServedPoint, ServedVolume, UsedVersion, bucket_points,
+    prune_bucket, restore_from_bucket, serve_from_bucket, verify_bucket,
 };
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
@@ -45,7 +45,8 @@ pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune, prune
 pub use run::{BackupRun, Planned, PlannedVolume, backup_vm, plan_vm};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, Served,
-    ServedFile, export, finish, finish_domain, mount, restore_live, restore_live_domain, umount,
+    ServedFile, export, finish, finish_domain, mount, mount_bucket, restore_live,
+    restore_live_bucket, restore_live_domain, umount,
 };
 pub use stopped::{StoppedImage, backup_stopped, domain_images};
 pub use sync::{

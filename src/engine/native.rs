@@ -87,7 +87,7 @@ impl Covered {
 }
 
 /// Where the bytes of one file of a chain come from.
-pub(super) trait ChainSource: qcow2::Source + Sync {
+pub(super) trait ChainSource: qcow2::Source + Send + Sync {
     /// What errors call it: a path, or an object's URL and version.
     fn name(&self) -> String;
 
@@ -248,27 +248,146 @@ pub(super) fn plan_sources<'a>(
     }))
 }
 
+/// A cluster read through a chain that does not hold what the chain's
+/// cluster maps recorded for it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "guest cluster {cluster} (offset {offset}) does not hold what its cluster map recorded: the chain is damaged"
+)]
+pub(super) struct Mismatch {
+    pub cluster: u64,
+    pub offset: u64,
+    /// The file (index in the chain, full first) that gave its data; none
+    /// when no file gives it (a table marks it zero or unallocated).
+    pub file: Option<usize>,
+}
+
+impl Mapped<'_> {
+    /// The mapped chain made ready for reads at any guest offset
+    /// ([`Mapped::read_at`]): its segments in guest order.
+    pub(super) fn for_reads(mut self) -> Self {
+        self.segments.sort_unstable_by_key(|s| s.guest);
+        self
+    }
+
+    /// Reads the guest bytes at `guest` into `buf` (a volume of `size`
+    /// bytes): from the newest file holding each range, zeros where none
+    /// does. With `check` (the chain's cluster maps laid over each other),
+    /// whole clusters are read and each is checked against its map before
+    /// any of its bytes is given: a cluster that does not match is an
+    /// error naming it, never other bytes. Needs [`Mapped::for_reads`].
+    pub(super) fn read_at(
+        &self,
+        guest: u64,
+        buf: &mut [u8],
+        size: u64,
+        check: Option<&Baseline>,
+    ) -> anyhow::Result<()> {
+        let end = guest + buf.len() as u64;
+        if end > size {
+            bail!("a read past the disk's end ({end} > {size})");
+        }
+        let Some(maps) = check else {
+            return self.fill(guest, buf);
+        };
+        let cs = maps.cluster_size();
+        let (first, last) = (guest / cs, end.div_ceil(cs));
+        let start = first * cs;
+        let mut whole = vec![0u8; ((last * cs).min(size) - start) as usize];
+        self.fill(start, &mut whole)?;
+        for (i, bytes) in whole.chunks(cs as usize).enumerate() {
+            let cluster = first + i as u64;
+            if crate::cluster_map::digest(bytes) != maps.get(cluster) {
+                let at = cluster * cs;
+                let from = self.segments.partition_point(|s| s.guest + s.len <= at);
+                let file = self
+                    .segments
+                    .get(from)
+                    .filter(|s| s.guest < at + cs)
+                    .map(|s| s.file);
+                return Err(Mismatch {
+                    cluster,
+                    offset: at,
+                    file,
+                }
+                .into());
+            }
+        }
+        let skip = (guest - start) as usize;
+        buf.copy_from_slice(&whole[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// [`Mapped::read_at`] unchecked: every segment overlapping the range
+    /// read into its place, the rest zeroed.
+    fn fill(&self, guest: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        buf.fill(0);
+        let end = guest + buf.len() as u64;
+        // Segments are disjoint and sorted: the first that may overlap is
+        // the last starting at or before `guest`.
+        let from = self
+            .segments
+            .partition_point(|s| s.guest <= guest)
+            .saturating_sub(1);
+        let mut scratch = (Vec::new(), Vec::new());
+        for s in self.segments[from..].iter().take_while(|s| s.guest < end) {
+            let (a, b) = (s.guest.max(guest), (s.guest + s.len).min(end));
+            if a >= b {
+                continue;
+            }
+            let out = &mut buf[(a - guest) as usize..(b - guest) as usize];
+            let source = self.sources[s.file].as_ref();
+            match s.packed {
+                None => source.read_chunk(out, s.host + (a - s.guest)),
+                Some(p) => {
+                    // The part of the cluster this read wants.
+                    let part = Segment {
+                        guest: a,
+                        len: b - a,
+                        packed: None,
+                        ..*s
+                    };
+                    let p = Packed {
+                        skip: p.skip + (a - s.guest),
+                        ..p
+                    };
+                    unpack(source, &part, p, self.packing[s.file], &mut scratch, out)
+                }
+            }
+            .with_context(|| format!("reading {}", source.name()))?;
+        }
+        Ok(())
+    }
+
+    /// The guest ranges that hold data, sorted and merged.
+    pub(super) fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .segments
+            .iter()
+            .map(|s| (s.guest, s.guest + s.len))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged
+    }
+
+    /// The names of the chain's files, full first.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.sources.iter().map(|s| s.name()).collect()
+    }
+}
+
 /// The guest ranges of a chain (`files`, full first) that hold data,
 /// sorted and merged: what a restore of it copies. `None` for an encrypted
 /// chain (its metadata is not read natively).
 pub(super) fn data_ranges(files: &[PathBuf]) -> anyhow::Result<Option<Vec<(u64, u64)>>> {
-    let Some(mapped) = plan_copy(files)? else {
-        return Ok(None);
-    };
-    let mut ranges: Vec<(u64, u64)> = mapped
-        .segments
-        .iter()
-        .map(|s| (s.guest, s.guest + s.len))
-        .collect();
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (start, end) in ranges {
-        match merged.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
-        }
-    }
-    Ok(Some(merged))
+    Ok(plan_copy(files)?.map(|mapped| mapped.data_ranges()))
 }
 
 /// Largest single read/write.

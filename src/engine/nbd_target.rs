@@ -118,6 +118,7 @@ pub(super) async fn open(
         node_name: node.into(),
         export: EXPORT.into(),
         server: server_addr,
+        read_only: false,
     };
     let added = commands::add_node(qmp, &target).await;
     if let Err(e) = added {

@@ -49,6 +49,8 @@ pub enum Node {
         node_name: String,
         export: String,
         server: Address,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
     },
     /// The guard's filter: writes to `file` copy the old data to `target`
     /// first.

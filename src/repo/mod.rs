@@ -424,13 +424,7 @@ impl Repo {
         digest: &Digest,
         problem: &str,
     ) -> Result<()> {
-        let key = Repo::damage_key(vm, id, volume)?;
-        let record = Damage {
-            digest: *digest,
-            problem: problem.to_string(),
-        };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(Error::Encoding)?;
-        self.store.put(&key, &bytes)
+        record_damage(self.store.as_ref(), vm, id, volume, digest, problem)
     }
 
     /// What was found wrong with the file of `volume` in backup `id`, if
@@ -695,6 +689,24 @@ struct Verified {
 struct Damage {
     digest: Digest,
     problem: String,
+}
+
+/// [`Repo::mark_damaged`] in any store (a bucket's reads record there).
+pub fn record_damage(
+    store: &dyn Store,
+    vm: &str,
+    id: &str,
+    volume: &str,
+    digest: &Digest,
+    problem: &str,
+) -> Result<()> {
+    let key = Repo::damage_key(vm, id, volume)?;
+    let record = Damage {
+        digest: *digest,
+        problem: problem.to_string(),
+    };
+    let bytes = serde_json::to_vec_pretty(&record).map_err(Error::Encoding)?;
+    store.put(&key, &bytes)
 }
 
 /// Writes `manifest.json` in `dir` (temp file, fsync, rename).

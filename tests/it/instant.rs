@@ -98,12 +98,12 @@ impl Drop for Runtime {
     }
 }
 
-fn alive(pid: u64) -> bool {
+pub(crate) fn alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Waits until process `pid` is gone (a zombie's parent reaps it).
-fn wait_gone(pid: u64) {
+pub(crate) fn wait_gone(pid: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(pid) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -171,7 +171,7 @@ fn wait_unread(vm_dir: &Path) {
     }
 }
 
-fn paths(served: &Value) -> Vec<PathBuf> {
+pub(crate) fn paths(served: &Value) -> Vec<PathBuf> {
     served["files"]
         .as_array()
         .unwrap()
@@ -462,7 +462,7 @@ fn assert_refused(run: &Run, words: &[&str]) {
     }
 }
 
-fn backing_of(image: &Path) -> Option<String> {
+pub(crate) fn backing_of(image: &Path) -> Option<String> {
     let out = run(Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(image));
@@ -503,7 +503,7 @@ fn point(dir: &Path, big: u64) -> (Vm, String) {
 }
 
 /// A QEMU on the live images, its models the point's.
-fn vm_on(dir: &Path, images: &[PathBuf], source: &Vm) -> Vm {
+pub(crate) fn vm_on(dir: &Path, images: &[PathBuf], source: &Vm) -> Vm {
     std::fs::create_dir_all(dir).unwrap();
     let disks = images
         .iter()
@@ -519,7 +519,7 @@ fn vm_on(dir: &Path, images: &[PathBuf], source: &Vm) -> Vm {
 }
 
 /// Every image stands alone and holds its model; qemu-img check is clean.
-fn assert_restored(vm: &mut Vm, images: &[PathBuf]) {
+pub(crate) fn assert_restored(vm: &mut Vm, images: &[PathBuf]) {
     vm.quit();
     for (i, image) in images.iter().enumerate() {
         assert_eq!(
@@ -673,7 +673,7 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
     assert_restored(&mut vm2, &images);
 }
 
-fn wait_output(child: &mut std::process::Child) -> std::process::Output {
+pub(crate) fn wait_output(child: &mut std::process::Child) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(300);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {

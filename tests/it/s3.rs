@@ -10,7 +10,7 @@ use bitback::repo::{Bucket, Directory, Entry, Store};
 use bitback::s3::{Client, Config, Location, LockMode, Put, Retention};
 
 use crate::harness::s3::{KEY_ID, SECRET, Seaweed};
-use crate::harness::{Rng, Run, Vm, bitback_env, same_content, tempdir};
+use crate::harness::{Rng, Run, Vm, bitback_env, run, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -1368,4 +1368,274 @@ fn a_job_backs_up_into_a_directory_and_a_bucket_and_prunes_both() {
     );
     assert_eq!(restored.code, Some(0), "{}", restored.stderr);
     assert!(same_content(&out, "raw", &vm.points[1].1[0], "raw"));
+}
+
+/// `bitback ARGS` with the store's credentials and runtime `rt`.
+fn served_run(rt: &crate::instant::Runtime, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let runtime = rt.path().to_str().unwrap().to_string();
+    let mut env = env.to_vec();
+    env.push(("BITBACK_RUNTIME_DIR", &runtime));
+    bitback_env(args, &env)
+}
+
+/// A point in a bucket served where it lies: `mount` (FUSE files through
+/// a qemu-storage-daemon reading bitback's bucket server), `export`
+/// (bitback's NBD server in the foreground) and `restore --live` (a QEMU
+/// runs on images backed by the bucket's point, then `--finish` streams
+/// the rest in). Every read equals the disk at its backup, judged by
+/// `qemu-img compare` against the models; the bucket's server ends with
+/// what it serves. A file altered before it reached the bucket is never
+/// served: reading its damaged cluster is an I/O error, the other clusters
+/// read right, and a damage record lands in the bucket.
+#[test]
+fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
+    use crate::instant::{
+        Runtime, alive, assert_restored, backing_of, paths, vm_on, wait_gone, wait_output,
+    };
+    let store = Seaweed::start();
+    store.bucket("bb-serve", false);
+    let dir = tempdir();
+    let rt = Runtime::new();
+    let mut vm = Vm::new(dir.path(), &[12 * MIB, 4 * MIB]);
+    let mut rng = Rng::from_env();
+    vm.random_writes(&mut rng, 10);
+    vm.backup(&[]);
+    vm.random_writes(&mut rng, 10);
+    vm.backup(&[]);
+    vm.quit();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The directory repository, copied up as the aws CLI copies it.
+    store.aws_ok(&[
+        "s3",
+        "sync",
+        vm.repo.to_str().unwrap(),
+        "s3://bb-serve/site",
+    ]);
+    let url = "s3://bb-serve/site";
+    let (first, second) = (vm.points[0].0.clone(), vm.points[1].0.clone());
+
+    // mount: each point's files read as its models; no writes.
+    let mut mounts = Vec::new();
+    for (i, id) in [&first, &second].into_iter().enumerate() {
+        let mnt = dir.path().join(format!("mnt{i}"));
+        let m = served_run(
+            &rt,
+            &[
+                "mount",
+                "--repo",
+                url,
+                "--vm",
+                "vm1",
+                "--backup",
+                id,
+                "--json",
+                mnt.to_str().unwrap(),
+            ],
+            &env,
+        )
+        .json();
+        assert_eq!(m["backup"], id.as_str());
+        let files = paths(&m);
+        assert_eq!(files, [mnt.join("drive0.raw"), mnt.join("drive1.raw")]);
+        for (v, file) in files.iter().enumerate() {
+            assert!(
+                same_content(file, "raw", &vm.points[i].1[v], "raw"),
+                "{} differs from its model",
+                file.display()
+            );
+        }
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&files[0])
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &[1u8; 512]));
+        assert!(written.is_err(), "a bucket's mount took a write");
+        let server = m["server"].as_u64().expect("the bucket server's pid");
+        assert!(alive(server));
+        mounts.push((mnt, m["pid"].as_u64().unwrap(), server));
+    }
+    for (mnt, pid, server) in mounts {
+        let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        wait_gone(pid);
+        // The server ends with the daemon that read from it.
+        wait_gone(server);
+        assert!(!mnt.exists());
+    }
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+
+    // export: bitback's own NBD server, in the foreground.
+    let socket = dir.path().join("export.sock");
+    let mut export = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["export", "--repo", url, "--vm", "vm1", "--volume", "drive0"])
+        .arg("--socket")
+        .arg(&socket)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(
+            export.try_wait().unwrap().is_none(),
+            "export ended early: {:?}",
+            export.wait_with_output()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let nbd = format!("nbd+unix:///drive0?socket={}", socket.display());
+    let compare = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &nbd])
+        .arg(&vm.points[1].1[0])
+        .output()
+        .unwrap();
+    assert!(
+        compare.status.success(),
+        "the export differs from its model: {}",
+        String::from_utf8_lossy(&compare.stdout)
+    );
+    // Read-only: qemu-io's write is refused by the server.
+    let write = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &nbd])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&write.stderr).to_string()
+        + &String::from_utf8_lossy(&write.stdout);
+    assert!(
+        !write.status.success() || said.contains("read-only") || said.contains("ermission"),
+        "a write went through: {said}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(export.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopped = wait_output(&mut export);
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(!socket.exists(), "the export left its socket");
+
+    // restore --live: a VM runs on the bucket's point, then stands alone.
+    let out = dir.path().join("live");
+    let live = served_run(
+        &rt,
+        &[
+            "restore",
+            "--repo",
+            url,
+            "--vm",
+            "vm1",
+            "--backup",
+            &second,
+            "--live",
+            "--json",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .json();
+    let images = paths(&live);
+    let server = live["server"].as_u64().expect("the bucket server's pid");
+    for (i, image) in images.iter().enumerate() {
+        assert!(backing_of(image).unwrap().starts_with("nbd+unix:///vm1/"));
+        assert!(same_content(image, "qcow2", &vm.points[1].1[i], "raw"));
+    }
+    let mut vm2 = vm_on(&dir.path().join("vm2"), &images, &vm);
+    for (i, model) in vm2.models.iter_mut().enumerate() {
+        model.bytes = std::fs::read(&vm.points[1].1[i]).unwrap();
+    }
+    vm2.write(0, MIB + 512, 70_000, 0x77);
+    let mut finishing = rt
+        .command()
+        .args(["restore", "--finish", "--json", "--qmp"])
+        .arg(&vm2.qemu().qmp)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let done = wait_output(&mut finishing);
+    assert!(done.status.success(), "{done:?}");
+    assert_restored(&mut vm2, &images);
+    wait_gone(live["pid"].as_u64().unwrap());
+    wait_gone(server);
+
+    // A point whose file was altered before it reached the bucket.
+    let bad_repo = dir.path().join("bad-repo");
+    run(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&vm.repo)
+        .arg(&bad_repo));
+    let full = bad_repo.join("vm1").join(&first).join("drive0.qcow2");
+    let map = run(std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(&full));
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let extent = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"] == true && e["offset"].is_u64())
+        .expect("a data extent");
+    let (guest, host) = (
+        extent["start"].as_u64().unwrap(),
+        extent["offset"].as_u64().unwrap(),
+    );
+    let mut bytes = std::fs::read(&full).unwrap();
+    bytes[host as usize + 100] ^= 0xff;
+    std::fs::write(&full, &bytes).unwrap();
+    store.aws_ok(&[
+        "s3",
+        "sync",
+        bad_repo.to_str().unwrap(),
+        "s3://bb-serve/bad",
+    ]);
+    let mnt = dir.path().join("mnt-bad");
+    let m = served_run(
+        &rt,
+        &[
+            "mount",
+            "--repo",
+            "s3://bb-serve/bad",
+            "--vm",
+            "vm1",
+            "--backup",
+            &first,
+            "--json",
+            mnt.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .json();
+    let file = std::fs::File::open(mnt.join("drive0.raw")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let damaged = std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, guest);
+    assert!(damaged.is_err(), "the damaged cluster was served");
+    // Elsewhere it reads as its model.
+    let model = std::fs::read(&vm.points[0].1[0]).unwrap();
+    let far = (guest + 2 * MIB) % (12 * MIB);
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, far).unwrap();
+    assert_eq!(buf, model[far as usize..far as usize + 4096]);
+    drop(file);
+    let record = store.read(
+        "bb-serve",
+        &format!("bad/vm1/.damaged/{first}.drive0.json"),
+        dir.path(),
+    );
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert!(
+        record["problem"]
+            .as_str()
+            .unwrap()
+            .contains("does not hold what its cluster map recorded"),
+        "{record}"
+    );
+    let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_gone(m["pid"].as_u64().unwrap());
 }

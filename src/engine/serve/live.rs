@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use tracing::{info, warn};
 
-use super::mount::{Point, Served, ServedFile, Serving};
+use super::bucket;
+use super::mount::{Origin, Point, Served, ServedFile, Serving};
 use super::runtime::{self, Kind, State, socket_of};
 use crate::engine::chain::Pick;
 use crate::engine::key::Key;
@@ -104,6 +105,50 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         "restore --live",
         opts.checks,
     )?;
+    let origin = |key: &Path| Origin::of_repo(repo, &opts.vm, Kind::Live, key);
+    live_point(opts, point, origin, lock, None).await
+}
+
+/// Creates the images of a point that lies in a bucket (`source`) and
+/// starts its export, a qemu-storage-daemon reading the point from a
+/// bitback server; returns at once.
+pub async fn restore_live_bucket(
+    source: &bucket::Source,
+    opts: &LiveOptions,
+) -> anyhow::Result<Served> {
+    if opts.resume {
+        return Err(BadInput(
+            "--resume serves a directory repository's point again; for a bucket's, start the live restore anew".into(),
+        )
+        .into());
+    }
+    runtime::clean_all_dead();
+    let server = bucket::Server::open(source)?;
+    let opened = server.opened.clone();
+    let origin = |_: &Path| Origin {
+        repo: PathBuf::from(&source.url),
+        lease: None,
+    };
+    live_point(
+        opts,
+        Point::from_bucket(&opened, Path::new("")),
+        origin,
+        None,
+        Some((server, opened)),
+    )
+    .await
+}
+
+/// [`restore_live`] of `point`, found: its images, then its export.
+/// `bucket`: the server a bucket's point is read from (and what it
+/// opened), told to listen once the runtime directory is made.
+async fn live_point(
+    opts: &LiveOptions,
+    mut point: Point,
+    origin: impl FnOnce(&Path) -> Origin,
+    lock: Option<crate::repo::ReadLock>,
+    bucket: Option<(bucket::Server, bucket::Opened)>,
+) -> anyhow::Result<Served> {
     let image_of = |target: &Path, name: &str| {
         opts.images
             .iter()
@@ -122,7 +167,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
                 .map(|(name, _)| image_of(target, name))
                 .unwrap_or_else(|| target.to_path_buf())
         },
-        repo,
+        origin,
         &opts.vm,
         &point,
     )?;
@@ -152,8 +197,12 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         let path = image_of(&serving.target, name);
         let aside = aside_of(&path);
         let url = export_url(&export_name(&opts.vm, &point.manifest.id, name), &socket);
-        let made = crate::engine::native::data_ranges(&point.files[i])
-            .and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
+        let data = match &point.data {
+            Some(data) => Ok(data.get(i).cloned()),
+            None => crate::engine::native::data_ranges(&point.files[i]),
+        };
+        let made =
+            data.and_then(|data| new_image(&path, &aside, *size, &url, data.as_deref(), opts));
         if let Err(e) = made.and_then(|()| serving.record(&aside, true)) {
             let _ = std::fs::remove_file(&aside);
             return Err(serving.undo(e));
@@ -166,7 +215,25 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
             export: Some(url),
         });
     }
-    let pid = serve(&serving, &point, &opts.vm, opts.owner, lock).await?;
+    let server = match bucket {
+        Some((server, opened)) => match server.listen(&serving.runtime) {
+            Ok((pid, socket)) => {
+                point = Point::from_bucket(&opened, &socket);
+                Some(pid)
+            }
+            Err(e) => return Err(serving.undo(e)),
+        },
+        None => None,
+    };
+    let pid = match serve(&serving, &point, &opts.vm, opts.owner, lock).await {
+        Ok(pid) => pid,
+        Err(e) => {
+            if let Some(server) = server {
+                bucket::end_server(server);
+            }
+            return Err(e);
+        }
+    };
     for (aside, path) in &placing {
         place(aside, path, opts.force)
             .and_then(|()| serving.placed(aside, path))
@@ -186,6 +253,7 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
         pid,
         runtime: serving.runtime,
         socket: Some(socket),
+        server,
     })
 }
 
@@ -350,7 +418,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
             true => target.join(first_image.file_name().unwrap_or_default()),
             false => first_image.clone(),
         },
-        repo,
+        |key| Origin::of_repo(repo, &opts.vm, Kind::Live, key),
         &opts.vm,
         &point,
     )?;
@@ -396,6 +464,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
         pid,
         runtime: serving.runtime,
         socket: Some(socket),
+        server: None,
     })
 }
 

@@ -5,6 +5,7 @@
 //! runtime directory of its own, with a lease in the repository
 //! ([`runtime`]).
 
+pub mod bucket;
 mod export;
 mod live;
 mod mount;
@@ -12,6 +13,7 @@ pub mod runtime;
 
 pub use export::{Export, ExportOptions, Listen, export};
 pub use live::{
-    FinishReport, Finished, LiveOptions, finish, finish_domain, restore_live, restore_live_domain,
+    FinishReport, Finished, LiveOptions, finish, finish_domain, restore_live, restore_live_bucket,
+    restore_live_domain,
 };
-pub use mount::{MountOptions, Served, ServedFile, mount, umount};
+pub use mount::{MountOptions, Served, ServedFile, mount, mount_bucket, umount};

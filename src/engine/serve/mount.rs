@@ -11,12 +11,13 @@ use serde::Serialize;
 
 use tracing::warn;
 
+use super::bucket;
 use super::runtime::{self, Kind, State};
 use crate::engine::chain::{Pick, resolve};
 use crate::engine::check::Checks;
 use crate::engine::key::Key;
 use crate::engine::outcome::BadInput;
-use crate::qemu::blockdev::{Export, Node};
+use crate::qemu::blockdev::{Address, Export, Node};
 use crate::qemu::daemon::DaemonSpec;
 use crate::repo::{Manifest, Repo};
 
@@ -50,6 +51,10 @@ pub struct Served {
     /// The live exports' NBD socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// The pid of the bitback server the daemon reads a bucket's point
+    /// from (it ends when the daemon does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +78,9 @@ pub(super) struct Point {
     pub files: Vec<Vec<PathBuf>>,
     pub blockdevs: Vec<Node>,
     pub objects: Vec<String>,
+    /// Each volume's guest ranges that hold data, where they are known
+    /// already (a point in a bucket: its server mapped them).
+    pub data: Option<Vec<Vec<(u64, u64)>>>,
 }
 
 impl Point {
@@ -145,7 +153,58 @@ impl Point {
             files: chains,
             blockdevs,
             objects,
+            data: None,
         })
+    }
+
+    /// The point a bucket's server opened, its volumes read from the
+    /// server's `socket` (nodes `vol<i>`, each an NBD client of the
+    /// volume's export).
+    pub(super) fn from_bucket(opened: &bucket::Opened, socket: &Path) -> Point {
+        Point {
+            manifest: opened.manifest.clone(),
+            volumes: opened
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.virtual_size))
+                .collect(),
+            files: opened.volumes.iter().map(|_| Vec::new()).collect(),
+            blockdevs: opened
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Node::Nbd {
+                    node_name: format!("vol{i}"),
+                    export: v.name.clone(),
+                    server: Address::Unix {
+                        path: socket.to_path_buf(),
+                    },
+                    read_only: true,
+                })
+                .collect(),
+            objects: Vec::new(),
+            data: Some(opened.volumes.iter().map(|v| v.data.clone()).collect()),
+        }
+    }
+}
+
+/// Where a served point lies, as its runtime state and lease name it.
+pub(super) struct Origin {
+    /// The repository directory (absolute), or the bucket's URL.
+    pub repo: PathBuf,
+    /// The lease's path in a directory repository.
+    pub lease: Option<PathBuf>,
+}
+
+impl Origin {
+    pub(super) fn of_repo(repo: &Repo, vm: &str, kind: Kind, key: &Path) -> Origin {
+        // The VM's name was checked when its point was opened.
+        let root = std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
+        let lease = runtime::lease_path(&root.join(vm), &runtime::dir_for(kind, key));
+        Origin {
+            repo: root,
+            lease: Some(lease),
+        }
     }
 }
 
@@ -183,18 +242,16 @@ impl Serving {
         kind: Kind,
         dir: &Path,
         key: impl FnOnce(&Path) -> PathBuf,
-        repo: &Repo,
+        origin: impl FnOnce(&Path) -> Origin,
         vm: &str,
         point: &Point,
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
         let key = key(&target);
-        // The VM's name was checked when its point was opened.
-        let root = std::fs::canonicalize(repo.root()).unwrap_or_else(|_| repo.root().to_path_buf());
-        let lease = runtime::lease_path(&root.join(vm), &runtime::dir_for(kind, &key));
+        let Origin { repo, lease } = origin(&key);
         let state = State {
             kind,
-            repo: root,
+            repo,
             vm: vm.to_string(),
             backup: point.manifest.id.clone(),
             volumes: point.volumes.iter().map(|(n, _)| n.clone()).collect(),
@@ -204,7 +261,7 @@ impl Serving {
             made_target,
             starter: std::process::id(),
             started: runtime::now(),
-            lease: Some(lease.clone()),
+            lease: lease.clone(),
         };
         let runtime = match runtime::make_dir(kind, &key, &state) {
             Ok(runtime) => runtime,
@@ -219,6 +276,9 @@ impl Serving {
             target,
             runtime,
             state,
+        };
+        let Some(lease) = lease else {
+            return Ok(serving);
         };
         match runtime::take_lease(&lease, &serving.runtime, &serving.state) {
             Ok(true) => {}
@@ -310,14 +370,55 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         "mount",
         opts.checks,
     )?;
-    let mut serving = Serving::begin(
+    let serving = Serving::begin(
         Kind::Mount,
         &opts.dir,
         Path::to_path_buf,
-        repo,
+        |key| Origin::of_repo(repo, &opts.vm, Kind::Mount, key),
         &opts.vm,
         &point,
     )?;
+    mount_point(serving, point, lock, None)
+}
+
+/// Mounts a point that lies in a bucket (`source`), read by a bitback
+/// server that the mount's qemu-storage-daemon reads from.
+pub async fn mount_bucket(source: &bucket::Source, opts: &MountOptions) -> anyhow::Result<Served> {
+    runtime::clean_all_dead();
+    let server = bucket::Server::open(source)?;
+    let opened = server.opened.clone();
+    let point = Point::from_bucket(&opened, Path::new(""));
+    let serving = Serving::begin(
+        Kind::Mount,
+        &opts.dir,
+        Path::to_path_buf,
+        |_| Origin {
+            repo: PathBuf::from(&source.url),
+            lease: None,
+        },
+        &opts.vm,
+        &point,
+    )?;
+    let (server_pid, socket) = match server.listen(&serving.runtime) {
+        Ok(listening) => listening,
+        Err(e) => return Err(serving.undo(e)),
+    };
+    let point = Point::from_bucket(&opened, &socket);
+    let served = mount_point(serving, point, None, Some(server_pid));
+    if served.is_err() {
+        bucket::end_server(server_pid);
+    }
+    served
+}
+
+/// Makes the FUSE files of `point` in the serve's target and starts its
+/// daemon (holding `lock`); `server`: a bucket's server it reads from.
+fn mount_point(
+    mut serving: Serving,
+    point: Point,
+    lock: Option<crate::repo::ReadLock>,
+    server: Option<u32>,
+) -> anyhow::Result<Served> {
     let mut exports = Vec::new();
     for (i, (name, _)) in point.volumes.iter().enumerate() {
         let file = serving.target.join(format!("{name}.raw"));
@@ -361,7 +462,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
     };
     let pid = serving.start(&point, spec, lock)?;
     Ok(Served {
-        vm: opts.vm.clone(),
+        vm: serving.state.vm.clone(),
         backup: point.manifest.id.clone(),
         files: point
             .volumes
@@ -377,6 +478,7 @@ pub async fn mount(repo: &Repo, opts: &MountOptions) -> anyhow::Result<Served> {
         pid,
         runtime: serving.runtime,
         socket: None,
+        server,
     })
 }
 

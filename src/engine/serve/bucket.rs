@@ -1,0 +1,359 @@
+//! Serving a point that lies in a bucket (`mount`, `restore --live` and
+//! `export` with `--repo s3://`): bitback's own NBD server reads each
+//! volume through its chain of object versions, every cluster checked
+//! against the chain's cluster maps before it is given ([`ServedVolume`]).
+//!
+//! `export` runs the server in its own process, in the foreground. A mount
+//! or a live restore outlives bitback: its qemu-storage-daemon (the FUSE
+//! files, or the NBD exports images read) reads the volumes from a
+//! `bitback serve-bucket` process ([`Server`]) on `bucket.sock` in its
+//! runtime directory. That process opens the point first and says what it
+//! found; only then is the runtime directory made and its socket bound.
+//! It ends by itself once the daemon's connections end (however the daemon
+//! ends), so it never outlives what it serves.
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use crate::engine::chain::Pick;
+use crate::engine::in_bucket::{ServedPoint, ServedVolume, UsedVersion};
+use crate::repo::Manifest;
+
+/// The socket a [`Server`] listens on, in its runtime directory.
+pub const SOCKET: &str = "bucket.sock";
+/// Its log, in the runtime directory.
+const LOG: &str = "bucket.log";
+/// How long a server waits for its first client.
+const FIRST_CLIENT: Duration = Duration::from_secs(60);
+
+/// A volume as an NBD export: read-only, each read through its chain.
+struct VolumeExport(Arc<ServedVolume>);
+
+impl crate::nbd::Export for VolumeExport {
+    fn size(&self) -> u64 {
+        self.0.virtual_size
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(nix::libc::EPERM))
+    }
+
+    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(nix::libc::EPERM))
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, buf)
+    }
+}
+
+/// Where a server takes its clients.
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// When a server stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// When told (the future given to [`serve`]).
+    Stopped,
+    /// Once it has had clients and none is left, or none came within a
+    /// minute: a serve behind a qemu-storage-daemon.
+    ClientsGone,
+}
+
+/// Serves `point`'s volumes, each under its name, to every client of
+/// `listener`, until `until` says (or `stop` resolves).
+pub async fn serve(
+    listener: Listener,
+    point: &ServedPoint,
+    until: Until,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let exports: Vec<(String, Arc<ServedVolume>)> = point
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.clone()))
+        .collect();
+    let (done, mut ended) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut clients = 0usize;
+    let mut had = false;
+    tokio::pin!(stop);
+    loop {
+        let first = async {
+            match (until, had) {
+                (Until::ClientsGone, false) => tokio::time::sleep(FIRST_CLIENT).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = first => {
+                warn!("no client came within {} s; the serve ends", FIRST_CLIENT.as_secs());
+                return Ok(());
+            }
+            Some(()) = ended.recv() => {
+                clients -= 1;
+                if until == Until::ClientsGone && clients == 0 {
+                    info!("the last client is gone; the serve ends");
+                    return Ok(());
+                }
+            }
+            accepted = accept(&listener) => {
+                let conn = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        warn!(error = %e, "accepting an NBD client failed");
+                        continue;
+                    }
+                };
+                clients += 1;
+                had = true;
+                let offered = exports
+                    .iter()
+                    .map(|(name, v)| (name.clone(), VolumeExport(v.clone())))
+                    .collect();
+                let done = done.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::nbd::serve_one_of(conn, offered).await {
+                        warn!(error = %e, "an NBD client's connection ended badly");
+                    }
+                    let _ = done.send(());
+                });
+            }
+        }
+    }
+}
+
+/// A client's connection, either kind.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<Box<dyn Conn>> {
+    Ok(match listener {
+        Listener::Unix(l) => Box::new(l.accept().await?.0),
+        Listener::Tcp(l) => Box::new(l.accept().await?.0),
+    })
+}
+
+/// What a server opened: the point, and each volume's size, data ranges
+/// (a live image marks the rest as zeros) and the object versions read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Opened {
+    pub manifest: Manifest,
+    pub volumes: Vec<OpenedVolume>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenedVolume {
+    pub name: String,
+    pub virtual_size: u64,
+    pub data: Vec<(u64, u64)>,
+    pub versions: Vec<(String, String)>,
+}
+
+impl Opened {
+    pub fn of(point: &ServedPoint) -> Opened {
+        Opened {
+            manifest: point.manifest.clone(),
+            volumes: point
+                .volumes
+                .iter()
+                .map(|v| OpenedVolume {
+                    name: v.name.clone(),
+                    virtual_size: v.virtual_size,
+                    data: v.data_ranges(),
+                    versions: v
+                        .versions
+                        .iter()
+                        .map(|UsedVersion { file, version }| (file.clone(), version.clone()))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Which point a server opens, and in which bucket.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// `--s3-endpoint`, when given (else the environment's).
+    pub endpoint: Option<String>,
+    pub vm: String,
+    pub backup: Pick,
+    pub volumes: Vec<String>,
+}
+
+/// A `bitback serve-bucket` process that has opened its point and waits
+/// to be told where to listen ([`Server::listen`]); dropped before that,
+/// it ends.
+pub struct Server {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    pub opened: Opened,
+    /// It listens: it serves on after bitback, not to be waited for.
+    listening: bool,
+}
+
+impl Server {
+    /// Starts the server of `source` (in a session of its own: it serves
+    /// on after bitback) and waits until it has opened the point.
+    pub fn open(source: &Source) -> anyhow::Result<Server> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().context("finding bitback's own executable")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("serve-bucket")
+            .arg("--repo")
+            .arg(&source.url)
+            .arg("--vm")
+            .arg(&source.vm)
+            .arg("--backup")
+            .arg(source.backup.id().unwrap_or("latest"));
+        if let Some(endpoint) = &source.endpoint {
+            cmd.arg("--s3-endpoint").arg(endpoint);
+        }
+        for v in &source.volumes {
+            cmd.arg("--volume").arg(v);
+        }
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: setsid(2) is async-signal-safe; the closure runs in the
+        // child between fork and exec and touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting bitback serve-bucket")?;
+        let stdout = child.stdout.take().context("the server's stdout")?;
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            bail!("{}", failure(&mut child));
+        }
+        let opened: Opened = serde_json::from_str(&line)
+            .with_context(|| format!("the server said {line:?}, not what it opened"))?;
+        Ok(Server {
+            child,
+            stdout,
+            opened,
+            listening: false,
+        })
+    }
+
+    /// Tells the server to listen on [`SOCKET`] in runtime directory
+    /// `dir` (its log goes there too); returns its pid and the socket
+    /// once it listens.
+    pub fn listen(mut self, dir: &Path) -> anyhow::Result<(u32, PathBuf)> {
+        let mut stdin = self.child.stdin.take().context("the server's stdin")?;
+        let dir_text = dir.to_str().context("the runtime directory is not UTF-8")?;
+        writeln!(stdin, "{dir_text}")?;
+        drop(stdin);
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.trim() != "listening" {
+            bail!("{}", failure(&mut self.child));
+        }
+        self.listening = true;
+        Ok((self.child.id(), dir.join(SOCKET)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.listening {
+            return;
+        }
+        // Told nothing, a server ends (its stdin closes); reap it.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Ends the server of pid `pid` (SIGTERM), if that pid is still a
+/// `bitback serve-bucket`: a set-up that failed after it listened.
+pub fn end_server(pid: u32) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if cmdline.split(|b| *b == 0).any(|a| a == b"serve-bucket") {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// Why a server ended before it served: its last words.
+fn failure(child: &mut std::process::Child) -> String {
+    let mut said = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut said);
+    }
+    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+    let last: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.strip_prefix("bitback: ").unwrap_or(l))
+        .collect();
+    match last.last() {
+        Some(line) => line.to_string(),
+        None => format!("bitback serve-bucket ended ({status}) without a word"),
+    }
+}
+
+/// The body of `bitback serve-bucket`: says what it opened (a JSON line),
+/// reads the runtime directory from stdin, listens there, says
+/// `listening`, and serves until its clients are gone.
+pub async fn run_server(point: ServedPoint) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &Opened::of(&point))?;
+    writeln!(out)?;
+    out.flush()?;
+    drop(out);
+    let mut dir = String::new();
+    std::io::stdin().lock().read_line(&mut dir)?;
+    let dir = PathBuf::from(dir.trim());
+    if dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let socket = dir.join(SOCKET);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    // From here on the log is the runtime directory's: nobody reads the
+    // pipe any more.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG))?;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    nix::unistd::dup2_stderr(&log)?;
+    nix::unistd::dup2_stdout(&null)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    serve(
+        Listener::Unix(listener),
+        &point,
+        Until::ClientsGone,
+        async move {
+            term.recv().await;
+        },
+    )
+    .await
+}
