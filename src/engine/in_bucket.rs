@@ -591,7 +591,9 @@ fn proof(
 
 /// Prunes `vm`'s points in `bucket` as `keep` says, holding the VM's
 /// lock in the bucket. A point an object lock still holds is kept (and
-/// what it builds on); the report names it and the date.
+/// what it builds on); the report names it and the date. While a serve's
+/// lease lies in the bucket (a mount or live restore reading a point
+/// where it lies, on any host) the prune is refused, naming it.
 /// With `dry_run`, nothing is changed and no lock taken: the report
 /// says what would go.
 pub fn prune_bucket(
@@ -604,6 +606,16 @@ pub fn prune_bucket(
         true => None,
         false => {
             let lock = bucket.lock_vm(vm, &super::sync::holder("prune"))?;
+            // A mount or live restore of a point reads it where it lies.
+            let serving = super::serve::runtime::bucket_leases_in_the_way(bucket, vm)?;
+            if !serving.is_empty() {
+                let held: Vec<String> = serving.into_iter().map(|l| l.what).collect();
+                return Err(crate::repo::Error::InUse {
+                    vm: vm.to_string(),
+                    holder: held.join("; "),
+                }
+                .into());
+            }
             bucket.abort_incomplete(&lock, vm)?;
             Some(lock)
         }

@@ -13,7 +13,7 @@
 //! already there (its manifest, byte for byte) is skipped; one there with
 //! another manifest is an error.
 //!
-//! One sync of a VM into a bucket at a time: `<vm>/.lock` in the bucket,
+//! One sync of a VM into a bucket at a time: `<vm>/.lock.json` in the bucket,
 //! written only if absent (a second sync is refused, naming the first; a
 //! dead sync's lock on this host is taken over), under which the
 //! multipart uploads a dead sync left are aborted.

@@ -94,12 +94,13 @@ impl Bucket {
     }
 
     /// Takes `vm`'s lock in the bucket for `holder` (a sync into it):
-    /// `<vm>/.lock`, written only if absent, removed when the lock is
+    /// `<vm>/.lock.json` (not `.lock`: that name is a directory repository's
+    /// flock file, which an `aws s3 sync` of one copies up), written only if absent, removed when the lock is
     /// dropped. Held by another run: refused, naming it. Left by a run
     /// of this host that is gone (its pid is not running): taken over.
     pub fn lock_vm(&self, vm: &str, holder: &Holder) -> Result<BucketLock<'_>> {
         check_name("VM", vm)?;
-        let key = format!("{vm}/.lock");
+        let key = format!("{vm}/.lock.json");
         let bytes = serde_json::to_vec_pretty(holder).map_err(Error::Encoding)?;
         for _ in 0..2 {
             if self.put_new(&key, &bytes)? {
@@ -213,6 +214,18 @@ impl Bucket {
     /// Removes version `version` of `key` for good (refused by the store
     /// while an object lock holds it). A bucket that never kept versions
     /// has one, `null`: a plain delete removes it.
+    /// Removes every version of `key` (bitback's own notes: leases), for
+    /// good; none there is no error.
+    pub fn remove_all(&self, key: &str) -> Result<()> {
+        let object = self.object(key)?;
+        for v in self.client.versions(&object)? {
+            if v.key == object {
+                self.delete_version(key, &v.id)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn delete_version(&self, key: &str, version: &str) -> Result<()> {
         let object = self.object(key)?;
         match version {

@@ -626,7 +626,7 @@ fn a_second_sync_is_refused_and_a_dead_ones_leftovers_go() {
                 "--bucket",
                 "bb-conc",
                 "--key",
-                "vm1/.lock",
+                "vm1/.lock.json",
             ])
             .status
             .success()
@@ -894,10 +894,7 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
     // directory named after it.
     let cwd = dir.path().join("cwd");
     std::fs::create_dir(&cwd).unwrap();
-    for args in [
-        &["consolidate", "--vm", "vm1", "--max-chain", "1"][..],
-        &["export", "--vm", "vm1", "--volume", "drive0", "--port", "1"],
-    ] {
+    for args in [&["consolidate", "--vm", "vm1", "--max-chain", "1"][..]] {
         let refused = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
             .args(args)
             .args(["--repo", "s3://bb-read/site"])
@@ -1454,6 +1451,27 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         assert!(alive(server));
         mounts.push((mnt, m["pid"].as_u64().unwrap(), server));
     }
+    // Each serve leaves a lease in the bucket, and a prune keeps off.
+    let leases = || {
+        let listed = store.aws_ok(&[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "bb-serve",
+            "--prefix",
+            "site/vm1/.serving/",
+        ]);
+        listed["Contents"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(leases(), 2);
+    let prune = ["prune", "--repo", url, "--vm", "vm1", "--keep-last", "1"];
+    let refused = served_run(&rt, &prune, &env);
+    assert_ne!(refused.code, Some(0), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("bitback mount of backup"),
+        "{}",
+        refused.stderr
+    );
     for (mnt, pid, server) in mounts {
         let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
         assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -1463,6 +1481,10 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         assert!(!mnt.exists());
     }
     assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    assert_eq!(leases(), 0, "umount left its lease in the bucket");
+    let keep_both = ["prune", "--repo", url, "--vm", "vm1", "--keep-last", "2"];
+    let pruned = served_run(&rt, &keep_both, &env);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
 
     // export: bitback's own NBD server, in the foreground.
     let socket = dir.path().join("export.sock");
@@ -1545,6 +1567,13 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         assert!(backing_of(image).unwrap().starts_with("nbd+unix:///vm1/"));
         assert!(same_content(image, "qcow2", &vm.points[1].1[i], "raw"));
     }
+    assert_eq!(leases(), 1);
+    let refused = served_run(&rt, &prune, &env);
+    assert!(
+        refused.stderr.contains("a live restore of backup"),
+        "{}",
+        refused.stderr
+    );
     let mut vm2 = vm_on(&dir.path().join("vm2"), &images, &vm);
     for (i, model) in vm2.models.iter_mut().enumerate() {
         model.bytes = std::fs::read(&vm.points[1].1[i]).unwrap();
@@ -1564,6 +1593,7 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
     assert_restored(&mut vm2, &images);
     wait_gone(live["pid"].as_u64().unwrap());
     wait_gone(server);
+    assert_eq!(leases(), 0, "--finish left the lease in the bucket");
 
     // A point whose file was altered before it reached the bucket.
     let bad_repo = dir.path().join("bad-repo");

@@ -125,10 +125,7 @@ pub async fn restore_live_bucket(
     runtime::clean_all_dead();
     let server = bucket::Server::open(source)?;
     let opened = server.opened.clone();
-    let origin = |_: &Path| Origin {
-        repo: PathBuf::from(&source.url),
-        lease: None,
-    };
+    let origin = |key: &Path| Origin::of_bucket(source, Kind::Live, key);
     live_point(
         opts,
         Point::from_bucket(&opened, Path::new("")),

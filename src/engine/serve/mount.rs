@@ -194,6 +194,8 @@ pub(super) struct Origin {
     pub repo: PathBuf,
     /// The lease's path in a directory repository.
     pub lease: Option<PathBuf>,
+    /// The lease in a bucket.
+    pub bucket_lease: Option<runtime::BucketLease>,
 }
 
 impl Origin {
@@ -204,6 +206,22 @@ impl Origin {
         Origin {
             repo: root,
             lease: Some(lease),
+            bucket_lease: None,
+        }
+    }
+
+    /// Of a point in the bucket `source` names, served as `kind` from the
+    /// runtime directory keyed `key`.
+    pub(super) fn of_bucket(source: &bucket::Source, kind: Kind, key: &Path) -> Origin {
+        Origin {
+            repo: PathBuf::from(&source.url),
+            lease: None,
+            bucket_lease: Some(runtime::BucketLease::new(
+                &source.url,
+                source.endpoint.as_deref(),
+                &source.vm,
+                &runtime::dir_for(kind, key),
+            )),
         }
     }
 }
@@ -248,7 +266,11 @@ impl Serving {
     ) -> anyhow::Result<Serving> {
         let (target, made_target) = target_dir(dir)?;
         let key = key(&target);
-        let Origin { repo, lease } = origin(&key);
+        let Origin {
+            repo,
+            lease,
+            bucket_lease,
+        } = origin(&key);
         let state = State {
             kind,
             repo,
@@ -262,6 +284,7 @@ impl Serving {
             starter: std::process::id(),
             started: runtime::now(),
             lease: lease.clone(),
+            bucket_lease: bucket_lease.clone(),
         };
         let runtime = match runtime::make_dir(kind, &key, &state) {
             Ok(runtime) => runtime,
@@ -277,6 +300,11 @@ impl Serving {
             runtime,
             state,
         };
+        if let Some(lease) = &bucket_lease
+            && let Err(e) = lease.write(&serving.runtime, &serving.state)
+        {
+            return Err(serving.undo(e));
+        }
         let Some(lease) = lease else {
             return Ok(serving);
         };
@@ -306,6 +334,9 @@ impl Serving {
         if let (false, Some(lease)) = (pending, &self.state.lease) {
             runtime::take_lease(lease, &self.runtime, &self.state)?;
         }
+        if let (false, Some(lease)) = (pending, &self.state.bucket_lease) {
+            lease.write(&self.runtime, &self.state)?;
+        }
         Ok(())
     }
 
@@ -332,6 +363,9 @@ impl Serving {
         }
         if let Some(f) = &self.state.lease {
             crate::repo::leases::remove_lease(f);
+        }
+        if let Some(lease) = &self.state.bucket_lease {
+            lease.remove();
         }
         let _ = std::fs::remove_dir_all(&self.runtime);
         if self.state.made_target {
@@ -392,10 +426,7 @@ pub async fn mount_bucket(source: &bucket::Source, opts: &MountOptions) -> anyho
         Kind::Mount,
         &opts.dir,
         Path::to_path_buf,
-        |_| Origin {
-            repo: PathBuf::from(&source.url),
-            lease: None,
-        },
+        |key| Origin::of_bucket(source, Kind::Mount, key),
         &opts.vm,
         &point,
     )?;

@@ -75,6 +75,65 @@ pub struct State {
     /// Its lease in the repository, when it has one.
     #[serde(default)]
     pub lease: Option<PathBuf>,
+    /// Its lease in a bucket, when the point lies in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket_lease: Option<BucketLease>,
+}
+
+/// A serve's lease in a bucket: an object under the VM's prefix,
+/// `<vm>/.serving/<host>--<runtime dir>.json`, which prunes of the bucket
+/// honour as a directory's prunes honour a lease file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketLease {
+    /// `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// `--s3-endpoint`, when it was given.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The object's key in the repository.
+    pub key: String,
+}
+
+impl BucketLease {
+    /// The lease of the serve from `runtime` of `vm`'s point in the
+    /// bucket at `url`.
+    pub fn new(url: &str, endpoint: Option<&str>, vm: &str, runtime: &Path) -> BucketLease {
+        let file = lease_path(Path::new(vm), runtime);
+        BucketLease {
+            url: url.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            key: file.to_string_lossy().into_owned(),
+        }
+    }
+
+    /// The bucket, reached with this process's credentials.
+    fn bucket(&self) -> anyhow::Result<crate::repo::Bucket> {
+        let location = crate::s3::Location::parse(&self.url)
+            .context("not an s3:// URL")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let config = crate::s3::Config::from_env(self.endpoint.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(crate::repo::Bucket::new(&config, location)?)
+    }
+
+    /// Writes the lease of `state`, served from `runtime`.
+    pub fn write(&self, runtime: &Path, state: &State) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&lease_of(runtime, state))?;
+        use crate::repo::Store;
+        self.bucket()?
+            .put(&self.key, &bytes)
+            .with_context(|| format!("writing the lease {}{}", self.url, self.key))
+    }
+
+    /// Removes the lease (every version: it is bitback's own note, not a
+    /// point); a failure is logged, and a prune on this host removes it
+    /// later.
+    pub fn remove(&self) {
+        let removed = self.bucket().and_then(|b| Ok(b.remove_all(&self.key)?));
+        if let Err(e) = removed {
+            warn!(lease = %self.key, error = format!("{e:#}"), "the lease in the bucket stays; the next prune on this host removes it");
+        }
+    }
 }
 
 /// A lease: a serve of a point on some host, noted in the VM's directory
@@ -121,7 +180,13 @@ pub fn lease_path(vm_dir: &Path, runtime: &Path) -> PathBuf {
 /// when the repository cannot be written by this user (read-only: no
 /// prune of it runs here either).
 pub fn take_lease(path: &Path, runtime: &Path, state: &State) -> anyhow::Result<bool> {
-    let lease = Lease {
+    leases::write_lease(path, &serde_json::to_vec_pretty(&lease_of(runtime, state))?)
+        .with_context(|| format!("writing the lease {}", path.display()))
+}
+
+/// What the lease of `state`, served from `runtime`, says.
+fn lease_of(runtime: &Path, state: &State) -> Lease {
+    Lease {
         host: host(),
         kind: state.kind,
         backup: state.backup.clone(),
@@ -129,9 +194,7 @@ pub fn take_lease(path: &Path, runtime: &Path, state: &State) -> anyhow::Result<
         runtime: runtime.to_path_buf(),
         started: state.started.clone(),
         files: state.files.clone(),
-    };
-    leases::write_lease(path, &serde_json::to_vec_pretty(&lease)?)
-        .with_context(|| format!("writing the lease {}", path.display()))
+    }
 }
 
 /// A lease that keeps a prune or consolidation off.
@@ -200,20 +263,27 @@ pub fn leases(vm_dir: &Path) -> Vec<FoundLease> {
 }
 
 fn status_of(path: &Path, lease: &Lease, here: &str) -> LeaseStatus {
-    if lease.host != here {
-        return LeaseStatus::OtherHost;
-    }
-    // The serve's own lease (however the repository's path was spelled),
-    // and in use.
-    let serving = read(&lease.runtime).is_ok_and(|state| {
+    // The serve's own lease (however the repository's path was spelled).
+    let ours = |state: &State| {
         let same = |l: &Path| {
             matches!(
                 (std::fs::canonicalize(l), std::fs::canonicalize(path)),
                 (Ok(a), Ok(b)) if a == b
             )
         };
-        state.lease.as_deref().is_some_and(same) && in_use(&state, &lease.runtime)
-    });
+        state.lease.as_deref().is_some_and(same)
+    };
+    status_where(lease, here, ours)
+}
+
+/// What `lease` stands for, `ours` telling whether a runtime directory's
+/// state is the serve that wrote it.
+fn status_where(lease: &Lease, here: &str, ours: impl Fn(&State) -> bool) -> LeaseStatus {
+    if lease.host != here {
+        return LeaseStatus::OtherHost;
+    }
+    let serving =
+        read(&lease.runtime).is_ok_and(|state| ours(&state) && in_use(&state, &lease.runtime));
     if serving {
         LeaseStatus::Serving
     } else if lease.kind == Kind::Live && still_read(&lease.files, &lease.runtime) {
@@ -231,18 +301,73 @@ fn status_of(path: &Path, lease: &Lease, here: &str) -> LeaseStatus {
 /// whose serve is in use or whose images still need the point. This
 /// host's leases whose serve ended are removed.
 pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
+    in_the_way(leases(vm_dir), |path| leases::remove_lease(path))
+}
+
+/// The leases of `vm` in `bucket` that keep a prune off, as
+/// [`leases_in_the_way`] finds a directory's (this host's that ended are
+/// removed).
+pub fn bucket_leases_in_the_way(
+    bucket: &crate::repo::Bucket,
+    vm: &str,
+) -> anyhow::Result<Vec<InTheWay>> {
+    use crate::repo::{Entry, Store};
+    let here = host();
+    let dir = format!("{vm}/{}", leases::DIR);
     let mut found = Vec::new();
+    for entry in bucket.list(&dir)? {
+        let Entry::Object(name) = entry else {
+            continue;
+        };
+        let key = format!("{dir}/{name}");
+        let path = bucket.locate(&key);
+        let read = bucket
+            .get(&key)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| b.context("gone while read"))
+            .and_then(|b| Ok(serde_json::from_slice::<Lease>(&b)?));
+        found.push(match read {
+            Ok(lease) => FoundLease {
+                status: status_where(&lease, &here, |state| {
+                    state.bucket_lease.as_ref().is_some_and(|l| l.key == key)
+                }),
+                path,
+                lease: Some(lease),
+                error: None,
+            },
+            Err(e) => FoundLease {
+                path,
+                status: LeaseStatus::Unreadable,
+                lease: None,
+                error: Some(format!("{e:#}")),
+            },
+        });
+    }
+    let prefix = bucket.locate("").to_string_lossy().into_owned();
+    Ok(in_the_way(found, |path| {
+        let key = path.to_string_lossy();
+        let key = key.strip_prefix(&prefix).unwrap_or(&key);
+        if let Err(e) = bucket.remove_all(key) {
+            warn!(lease = %path.display(), error = %e, "could not remove an ended serve's lease");
+        }
+    }))
+}
+
+/// Of `found`, the leases that keep a prune off; those of this host's
+/// serves that ended are removed by `remove`.
+fn in_the_way(found: Vec<FoundLease>, remove: impl Fn(&Path)) -> Vec<InTheWay> {
+    let mut ways = Vec::new();
     for FoundLease {
         path,
         status,
         lease,
         error,
-    } in leases(vm_dir)
+    } in found
     {
         let (here, what) = match (status, lease) {
             (LeaseStatus::Ended, _) => {
                 info!(lease = %path.display(), "removing the lease of a serve that ended on this host");
-                leases::remove_lease(&path);
+                remove(&path);
                 continue;
             }
             (LeaseStatus::Unreadable, _) | (_, None) => (
@@ -292,9 +417,9 @@ pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
                 (here, what)
             }
         };
-        found.push(InTheWay { here, what });
+        ways.push(InTheWay { here, what });
     }
-    found
+    ways
 }
 
 /// A serve of this host (a runtime directory under [`base`]), for
@@ -580,10 +705,16 @@ pub fn still_read(images: &[PathBuf], runtime: &Path) -> bool {
 /// did not end, and a mount's FUSE files (detached) and its directory when
 /// bitback made it and it is empty.
 fn remove_made(state: &State, dir: &Path) {
+    let needed = state.kind == Kind::Live && still_read(&state.files, dir);
     if let Some(lease) = &state.lease
-        && !(state.kind == Kind::Live && still_read(&state.files, dir))
+        && !needed
     {
         leases::remove_lease(lease);
+    }
+    if let Some(lease) = &state.bucket_lease
+        && !needed
+    {
+        lease.remove();
     }
     for file in &state.pending {
         let _ = std::fs::remove_file(file);
