@@ -27,8 +27,9 @@ use bitback::units::parse_age;
 pub(crate) struct RestoreArgs {
     /// The repository: a directory, or s3://BUCKET/PREFIX (restored to a
     /// file where it lies, by ranged GETs, each file the version bitback
-    /// wrote: a point hidden by delete markers still restores; --live and
-    /// --in-place need a directory).
+    /// wrote: a point hidden by delete markers still restores; --live
+    /// serves it from the bucket, through bitback's own NBD server;
+    /// --in-place needs a directory).
     #[arg(long, value_name = "DIR|URL", required_unless_present = "finish")]
     repo: Option<PathBuf>,
     /// The S3 endpoint of an s3:// repository (a store other than AWS),

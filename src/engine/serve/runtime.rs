@@ -301,7 +301,7 @@ fn status_where(lease: &Lease, here: &str, ours: impl Fn(&State) -> bool) -> Lea
 /// whose serve is in use or whose images still need the point. This
 /// host's leases whose serve ended are removed.
 pub fn leases_in_the_way(vm_dir: &Path) -> Vec<InTheWay> {
-    in_the_way(leases(vm_dir), |path| leases::remove_lease(path))
+    in_the_way(leases(vm_dir), leases::remove_lease)
 }
 
 /// The leases of `vm` in `bucket` that keep a prune off, as
