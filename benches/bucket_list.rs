@@ -4,9 +4,11 @@
 //! awscli`) starts a SeaweedFS and writes BITBACK_BENCH_VMS VMs (default
 //! 100) of BITBACK_BENCH_POINTS points each (default 30) into a bucket:
 //! per point its manifest and, as the listing sees them, an empty data
-//! file and cluster map. Then it times `bitback list --json` of the
-//! bucket BITBACK_BENCH_REPEAT times (default 3) and prints the median,
-//! per VM, and that per VM times 1,000.
+//! file and cluster map. It times one `bitback list --json` of the bucket
+//! as written (no VM has an index: every manifest is read), has `bitback
+//! prune` of each VM write its index (BITBACK_BENCH_NO_INDEX skips both),
+//! then times `bitback list --json` BITBACK_BENCH_REPEAT times (default
+//! 3) and prints the median, per VM, and that per VM times 1,000.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -88,6 +90,48 @@ fn main() {
             });
         }
     });
+    // Without an index a listing reads every manifest; a prune (which a
+    // job runs after each backup) writes each VM's index.
+    let mut cold = Vec::new();
+    if std::env::var_os("BITBACK_BENCH_NO_INDEX").is_none() {
+        let t = timed(
+            Command::new(BITBACK)
+                .args(["list", "--repo", "s3://bench/site", "--json"])
+                .envs(env.iter()),
+        );
+        eprintln!("without indexes: {:.2} s", t.as_secs_f64());
+        cold.push(t);
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let started = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    loop {
+                        let v = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if v >= vms {
+                            return;
+                        }
+                        let vm = format!("vm{v:04}");
+                        let out = Command::new(BITBACK)
+                            .args(["prune", "--repo", "s3://bench/site", "--vm", &vm])
+                            .args(["--keep-last", &points.to_string(), "--json"])
+                            .envs(env.iter())
+                            .output()
+                            .expect("running bitback prune");
+                        assert!(
+                            out.status.success(),
+                            "prune of {vm}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                });
+            }
+        });
+        eprintln!(
+            "indexes written by {vms} prunes in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let mut times = Vec::new();
     for round in 0..rounds {
         let t = timed(
@@ -97,6 +141,13 @@ fn main() {
         );
         eprintln!("round {round}: {:.2} s", t.as_secs_f64());
         times.push(t);
+    }
+    if let Some(c) = cold.first() {
+        println!(
+            "\nlist without indexes: {:.2} s; {:.1} ms a VM",
+            c.as_secs_f64(),
+            c.as_secs_f64() * 1000.0 / vms as f64
+        );
     }
     let m = median(&times);
     println!(

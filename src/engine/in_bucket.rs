@@ -78,6 +78,33 @@ struct Objects<'b> {
     bucket: &'b Bucket,
     /// By repository key, oldest first.
     versions: BTreeMap<String, Vec<Version>>,
+    /// The VM's index: manifests' bytes by key and version, each taken
+    /// only where it hashes to its version's entity tag.
+    index: BTreeMap<(String, String), String>,
+}
+
+/// A VM's index in a bucket, `<vm>/.points.json`: a copy of each point's
+/// manifest, so that a listing reads one object per VM instead of one per
+/// point. It is never believed: the listing of versions says which points
+/// there are, and a copy is used only where its MD5 is the entity tag the
+/// store lists for that manifest version (else the manifest is read).
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct Index {
+    points: Vec<Indexed>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Indexed {
+    /// The manifest's key and version.
+    key: String,
+    version: String,
+    /// Its bytes.
+    manifest: String,
+}
+
+/// The key of `vm`'s index.
+fn index_key(vm: &str) -> String {
+    format!("{vm}/.points.json")
 }
 
 impl<'b> Objects<'b> {
@@ -85,7 +112,48 @@ impl<'b> Objects<'b> {
         Ok(Objects {
             bucket,
             versions: bucket.versions(vm)?,
+            index: BTreeMap::new(),
         })
+    }
+
+    /// [`Objects::load`] with the VM's index read too (for a listing).
+    fn load_indexed(bucket: &'b Bucket, vm: &str) -> anyhow::Result<Objects<'b>> {
+        let mut objects = Objects::load(bucket, vm)?;
+        let key = index_key(vm);
+        let newest = objects
+            .versions
+            .get(&key)
+            .and_then(|v| v.last())
+            .filter(|v| !v.marker);
+        if let Some(version) = newest {
+            let read = bucket
+                .get_version(&key, &version.id)
+                .ok()
+                .flatten()
+                .and_then(|bytes| serde_json::from_slice::<Index>(&bytes).ok());
+            match read {
+                Some(index) => {
+                    objects.index = index
+                        .points
+                        .into_iter()
+                        .map(|p| ((p.key, p.version), p.manifest))
+                        .collect()
+                }
+                None => tracing::warn!(
+                    vm,
+                    "the VM's index in the bucket does not read; its manifests are read instead"
+                ),
+            }
+        }
+        Ok(objects)
+    }
+
+    /// The bytes of manifest `key`'s `version` from the index, where they
+    /// hash to the entity tag the store listed for it.
+    fn indexed(&self, key: &str, version: &Version) -> Option<Vec<u8>> {
+        let text = self.index.get(&(key.to_string(), version.id.clone()))?;
+        let etag = version.etag.as_deref()?;
+        (crate::s3::md5_hex(text.as_bytes()) == etag).then(|| text.as_bytes().to_vec())
     }
 
     /// The version of `key` bitback reads: the first written (the oldest
@@ -157,6 +225,21 @@ impl<'b> Objects<'b> {
         let read = in_parallel(&keys, MANIFEST_READERS, |&(key, id)| {
             self.point(vm, key, id)
         });
+        if !self.index.is_empty() {
+            let from_index = keys
+                .iter()
+                .filter(|(key, _)| {
+                    self.original(key, None)
+                        .is_ok_and(|v| self.indexed(key, v).is_some())
+                })
+                .count();
+            tracing::debug!(
+                vm,
+                from_index,
+                points = keys.len(),
+                "manifests taken from the index"
+            );
+        }
         let mut points = Vec::new();
         for point in read {
             points.extend(point?);
@@ -204,7 +287,10 @@ impl<'b> Objects<'b> {
         let Ok(version) = self.original(key, None) else {
             return Ok(None);
         };
-        let bytes = self.read_original(key)?;
+        let bytes = match self.indexed(key, version) {
+            Some(bytes) => bytes,
+            None => self.read_original(key)?,
+        };
         let manifest = Manifest::parse(&bytes, vm, id)
             .with_context(|| format!("{} is not a manifest", self.bucket.locate(key).display()))?;
         let hidden = self.hidden(key)
@@ -222,7 +308,7 @@ impl<'b> Objects<'b> {
 /// Manifests read at once.
 const MANIFEST_READERS: usize = 8;
 /// VMs listed at once (each reads its manifests several at once too).
-const VM_READERS: usize = 4;
+const VM_READERS: usize = 16;
 
 /// `f` of every item of `items`, in their order, on up to `threads`
 /// threads at once.
@@ -263,12 +349,58 @@ pub fn bucket_points(bucket: &Bucket, vm: Option<&str>) -> anyhow::Result<Vec<Bu
         Some(vm) => vec![vm.to_string()],
         None => bucket.all_vms()?,
     };
-    let read = in_parallel(&vms, VM_READERS, |vm| Objects::load(bucket, vm)?.points(vm));
+    let read = in_parallel(&vms, VM_READERS, |vm| {
+        Objects::load_indexed(bucket, vm)?.points(vm)
+    });
     let mut all = Vec::new();
     for points in read {
         all.extend(points?);
     }
     Ok(all)
+}
+
+/// Writes `vm`'s index in `bucket` anew from its points (each manifest's
+/// first version): after a sync or prune changed them, under the VM's
+/// lock there. A failure costs listings speed, not a point: it is logged.
+pub fn write_index(bucket: &Bucket, vm: &str) {
+    let written = (|| {
+        let objects = Objects::load_indexed(bucket, vm)?;
+        let mut index = Index::default();
+        for point in objects.points(vm)? {
+            let key = format!("{vm}/{}/manifest.json", point.manifest.id);
+            let version = objects.original(&key, None)?;
+            let bytes = match objects.indexed(&key, version) {
+                Some(bytes) => bytes,
+                None => objects.read_original(&key)?,
+            };
+            index.points.push(Indexed {
+                key,
+                version: version.id.clone(),
+                manifest: String::from_utf8(bytes).context("a manifest that is not UTF-8")?,
+            });
+        }
+        let bytes = serde_json::to_vec(&index)?;
+        let key = index_key(vm);
+        Store::put(bucket, &key, &bytes)?;
+        // Only the newest version is read: the older ones go where they
+        // can (a bucket's default retention may hold them; "null" is the
+        // one just written, in a bucket that keeps no versions).
+        for old in objects.versions.get(&key).into_iter().flatten() {
+            if old.id != "null"
+                && let Err(e) = bucket.delete_version(&key, &old.id)
+            {
+                tracing::debug!(error = %e, "an old version of the index stays");
+            }
+        }
+        anyhow::Ok(())
+    })();
+    if let Err(e) = written {
+        tracing::warn!(
+            vm,
+            error = format!("{e:#}"),
+            "the VM's index in the bucket was not written; listings read its manifests"
+        );
+    }
 }
 
 /// One file of a chain: an object version, read by ranged GETs.
@@ -665,6 +797,7 @@ pub fn prune_bucket(
     }
     if lock.is_some() {
         objects.remove_leftovers(vm, &manifests, lockable)?;
+        write_index(bucket, vm);
     }
     report.kept.reverse();
     report.deleted.reverse();

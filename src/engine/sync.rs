@@ -102,6 +102,7 @@ pub fn sync_to_bucket(
         // left half uploaded goes.
         let lock = target.lock_vm(&vm, &holder("sync"))?;
         target.abort_incomplete(&lock, &vm)?;
+        let mut copied = false;
         for m in source.backups(&vm)? {
             let synced = sync_point(source, target, &m, retention.as_ref())
                 .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
@@ -115,7 +116,11 @@ pub fn sync_to_bucket(
                     )
                 })?;
             }
+            copied |= synced.action == SyncAction::Copied;
             done.push(synced);
+        }
+        if copied {
+            super::in_bucket::write_index(target, &vm);
         }
     }
     Ok(done)

@@ -103,6 +103,18 @@ pub struct Version {
     pub size: u64,
     /// A delete marker: the key reads as absent while it is the newest.
     pub marker: bool,
+    /// The store's entity tag, unquoted (of an object written in one
+    /// request, the hex MD5 of its bytes on AWS and the stores like it).
+    pub etag: Option<String>,
+}
+
+/// The hex MD5 of `bytes`: what a store's entity tag of an object written
+/// in one request is.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    md5::Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One page of a listing of versions.
@@ -149,11 +161,13 @@ fn parse_versions(xml: &str) -> Result<VersionsPage, String> {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| format!("version {id} of {key} has no size"))?,
         };
+        let etag = tag(element, "ETag").map(|e| unescape(&e).trim_matches('"').to_string());
         versions.push(Version {
             key: unescape(&key),
             id: unescape(&id),
             size,
             marker: is_marker,
+            etag,
         });
         rest = &body[end + close.len()..];
     }
@@ -183,11 +197,43 @@ fn parse_versions(xml: &str) -> Result<VersionsPage, String> {
 
 /// XML's five escapes undone.
 fn unescape(text: &str) -> String {
-    text.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let Some(end) = rest.find(';') else {
+            break;
+        };
+        let entity = &rest[1..end];
+        let decoded = match entity {
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "amp" => Some('&'),
+            // Numeric references (SeaweedFS quotes entity tags as &#34;).
+            _ => entity
+                .strip_prefix("#x")
+                .or_else(|| entity.strip_prefix("#X"))
+                .map(|hex| u32::from_str_radix(hex, 16))
+                .or_else(|| entity.strip_prefix('#').map(str::parse))
+                .and_then(Result::ok)
+                .and_then(char::from_u32),
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What one ranged GET of a download brought.
@@ -1051,6 +1097,15 @@ fn sha256(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xml_text_unescapes_named_and_numeric_references() {
+        assert_eq!(unescape("&#34;a1b2&#34;"), "\"a1b2\"");
+        assert_eq!(unescape("&#x22;x&#X22;"), "\"x\"");
+        assert_eq!(unescape("a&amp;lt;b &lt;c&gt; &quot;&apos;"), "a&lt;b <c> \"'");
+        // Not a reference: kept as written.
+        assert_eq!(unescape("a & b; &#zz; &"), "a & b; &#zz; &");
+    }
 
     #[test]
     fn versions_come_in_document_order_markers_included() {

@@ -7,7 +7,9 @@
 mod client;
 mod config;
 
-pub use client::{Client, Listing, LockMode, PART, Put, Retention, UPLOADERS, Version, part_size};
+pub use client::{
+    Client, Listing, LockMode, PART, Put, Retention, UPLOADERS, Version, md5_hex, part_size,
+};
 pub use config::{Config, Location};
 
 #[derive(Debug, thiserror::Error)]

@@ -1667,3 +1667,91 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     wait_gone(m["pid"].as_u64().unwrap());
 }
+
+/// A VM's index in the bucket (`<vm>/.points.json`, written by prune and
+/// by each sync or backup that copies a point) saves a listing a GET per
+/// point, and is never believed: a listing with it equals one without
+/// it; a copy whose bytes are not the manifest version the store lists
+/// (its entity tag) is not taken, and a point the index names that the
+/// bucket does not hold is not listed.
+#[test]
+fn a_listing_takes_manifests_from_the_index_only_where_the_store_vouches_for_them() {
+    let store = Seaweed::start();
+    store.bucket("bb-index", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
+    let mut rng = Rng::from_env();
+    for _ in 0..3 {
+        vm.random_writes(&mut rng, 4);
+        vm.backup(&[]);
+    }
+    vm.quit();
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    store.aws_ok(&[
+        "s3",
+        "sync",
+        vm.repo.to_str().unwrap(),
+        "s3://bb-index/site",
+    ]);
+    let list = || {
+        let run = bitback_env(
+            &["list", "-v", "--repo", "s3://bb-index/site", "--json"],
+            &env,
+        );
+        let listed = run.json();
+        (listed, run.stderr)
+    };
+    let (without, said) = list();
+    assert_eq!(without.as_array().unwrap().len(), 3, "{without}");
+    assert!(!said.contains("taken from the index"), "{said}");
+    let pruned = bitback_env(
+        &[
+            "prune",
+            "--repo",
+            "s3://bb-index/site",
+            "--vm",
+            "vm1",
+            "--keep-last",
+            "3",
+        ],
+        &env,
+    );
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    let index = store.read("bb-index", "site/vm1/.points.json", dir.path());
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    assert_eq!(index["points"].as_array().unwrap().len(), 3, "{index}");
+    let (with, said) = list();
+    assert_eq!(with, without);
+    assert!(said.contains("from_index=3"), "{said}");
+
+    // A forged index: one copy altered, one point that is not there.
+    let mut forged = index.clone();
+    let points = forged["points"].as_array_mut().unwrap();
+    let text = points[1]["manifest"].as_str().unwrap().to_string();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["reason"] = "forged".into();
+    points[1]["manifest"] = m.to_string().into();
+    let mut fake = points[2].clone();
+    let mut m: serde_json::Value =
+        serde_json::from_str(fake["manifest"].as_str().unwrap()).unwrap();
+    m["id"] = "20990101T000000Z".into();
+    fake["key"] = "vm1/20990101T000000Z/manifest.json".into();
+    fake["manifest"] = m.to_string().into();
+    points.push(fake);
+    let file = dir.path().join("forged.json");
+    std::fs::write(&file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    store.aws_ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "bb-index",
+        "--key",
+        "site/vm1/.points.json",
+        "--body",
+        file.to_str().unwrap(),
+    ]);
+    let (forged_list, said) = list();
+    assert_eq!(forged_list, without);
+    assert!(said.contains("from_index=2"), "{said}");
+}
