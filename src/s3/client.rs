@@ -1102,7 +1102,10 @@ mod tests {
     fn xml_text_unescapes_named_and_numeric_references() {
         assert_eq!(unescape("&#34;a1b2&#34;"), "\"a1b2\"");
         assert_eq!(unescape("&#x22;x&#X22;"), "\"x\"");
-        assert_eq!(unescape("a&amp;lt;b &lt;c&gt; &quot;&apos;"), "a&lt;b <c> \"'");
+        assert_eq!(
+            unescape("a&amp;lt;b &lt;c&gt; &quot;&apos;"),
+            "a&lt;b <c> \"'"
+        );
         // Not a reference: kept as written.
         assert_eq!(unescape("a & b; &#zz; &"), "a & b; &#zz; &");
     }
