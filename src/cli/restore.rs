@@ -228,14 +228,14 @@ pub(crate) async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 &args.backup,
                 &args.volumes,
             );
-            return live(&args, LiveFrom::Bucket(source), vm, None).await;
+            return live(&args, engine::PointIn::Bucket(&source), vm, None).await;
         }
         return from_bucket(&args, &bucket, vm);
     }
     let repo = Repo::open(repo)?;
     let key = super::output::key_file(args.key_file.as_deref(), "--key-file")?;
     if args.live {
-        return live(&args, LiveFrom::Repo(&repo), vm, key).await;
+        return live(&args, engine::PointIn::Repo(&repo), vm, key).await;
     }
     let progress = super::output::progress_bar(!args.json);
     let restored = match (&args.image, &args.output) {
@@ -426,15 +426,9 @@ fn parse_owner(text: &str) -> Result<bitback::qmp::SocketOwner, String> {
 }
 
 /// `restore --live`: the images and the export, reported.
-/// Where a live restore's point lies.
-enum LiveFrom<'a> {
-    Repo(&'a Repo),
-    Bucket(engine::serve::bucket::Source),
-}
-
 async fn live(
     args: &RestoreArgs,
-    from: LiveFrom<'_>,
+    from: engine::PointIn<'_>,
     vm: &str,
     key: Option<engine::key::Key>,
 ) -> anyhow::Result<ExitCode> {
@@ -451,20 +445,14 @@ async fn live(
         checks: engine::Checks::serving(!args.no_verify),
     };
     if let Some(domain) = args.target.domain() {
-        let LiveFrom::Repo(repo) = from else {
-            return Err(BadInput(
-                "--live --libvirt reads a directory repository; from a bucket, give --output DIR, start the domain on the images, then bitback restore --finish --libvirt DOMAIN".into(),
-            )
-            .into());
-        };
-        return live_domain(args, repo, &opts, &domain).await;
+        return live_domain(args, from, &opts, &domain).await;
     }
     if args.output.is_none() {
         return Err(BadInput("--live needs --output DIR (or --libvirt DOMAIN)".into()).into());
     }
     let served = match from {
-        LiveFrom::Repo(repo) => engine::restore_live(repo, &opts).await,
-        LiveFrom::Bucket(source) => engine::restore_live_bucket(&source, &opts).await,
+        engine::PointIn::Repo(repo) => engine::restore_live(repo, &opts).await,
+        engine::PointIn::Bucket(source) => engine::restore_live_bucket(source, &opts).await,
     }
     .map_err(|e| e.context(engine::Operation::Restore { vm: vm.to_string() }))?;
     if args.json {
@@ -498,13 +486,13 @@ async fn live(
 /// `restore --live --libvirt`: the domain started on the point, streamed.
 async fn live_domain(
     args: &RestoreArgs,
-    repo: &Repo,
+    from: engine::PointIn<'_>,
     opts: &engine::LiveOptions,
     domain: &bitback::libvirt::Domain,
 ) -> anyhow::Result<ExitCode> {
     let bar = super::output::progress_bar(!args.json);
     let json = args.json;
-    let (served, report) = engine::restore_live_domain(repo, opts, domain, bar.as_ref(), |s| {
+    let (served, report) = engine::restore_live_domain(from, opts, domain, bar.as_ref(), |s| {
         if !json {
             eprintln!(
                 "domain {} runs on backup {} (export: qemu-storage-daemon pid {}); streaming the rest in",

@@ -1275,6 +1275,62 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let last = bitback_env(&args, &env);
     assert_eq!(last.code, Some(0), "{}{}", last.stdout, last.stderr);
+
+    // Unreachable for 10 s mid-upload (stopped: connections taken, no
+    // answer), then back: the sync waits it out within its limits and
+    // the point is whole; or it fails and lists none.
+    let go = dir.path().join("go-paused");
+    let held = dir.path().join("go-paused.held");
+    let paused = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["sync", "--from", vm.repo.to_str().unwrap()])
+        .args(["--to", "s3://bb-crash/paused"])
+        .envs(env.iter().copied())
+        .env("BITBACK_HOLD", format!("sync-mid-upload:{}", go.display()))
+        .env_remove("BITBACK_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !held.exists() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the sync never sent a part"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    store.signal(nix::sys::signal::Signal::SIGSTOP);
+    std::fs::write(&go, b"").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    store.signal(nix::sys::signal::Signal::SIGCONT);
+    let out = paused.wait_with_output().unwrap();
+    let paused_manifest = store
+        .aws(&[
+            "s3api",
+            "head-object",
+            "--bucket",
+            "bb-crash",
+            "--key",
+            &format!("site/vm1/{id}/manifest.json").replacen("site/", "paused/", 1),
+        ])
+        .status
+        .success();
+    eprintln!(
+        "the sync across the pause: {:?}, {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => {
+            assert!(paused_manifest, "a sync that succeeded left no manifest");
+            let restored = dir.path().join("restored-paused.raw");
+            restores_right("s3://bb-crash/paused", &vm.points[0], &restored, &env);
+        }
+        code => {
+            assert_eq!(code, Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(!paused_manifest, "a failed sync left a manifest");
+        }
+    }
     let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-crash"]);
     let left = uploads
         .get("Uploads")

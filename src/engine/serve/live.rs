@@ -109,6 +109,13 @@ pub async fn restore_live(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Ser
     live_point(opts, point, origin, lock, None).await
 }
 
+/// Where the point a live restore serves lies.
+#[derive(Clone, Copy)]
+pub enum PointIn<'a> {
+    Repo(&'a Repo),
+    Bucket(&'a bucket::Source),
+}
+
 /// Creates the images of a point that lies in a bucket (`source`) and
 /// starts its export, a qemu-storage-daemon reading the point from a
 /// bitback server; returns at once.
@@ -470,7 +477,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
 /// target device), the domain starts on them (`started` is told), and the
 /// streams run to their end ([`finish`]).
 pub async fn restore_live_domain(
-    repo: &Repo,
+    from: PointIn<'_>,
     opts: &LiveOptions,
     domain: &Domain,
     progress: Option<&ProgressSink>,
@@ -501,7 +508,10 @@ pub async fn restore_live_domain(
         owner: domain.qemu_user(),
         ..opts.clone()
     };
-    let served = restore_live(repo, &opts).await?;
+    let served = match from {
+        PointIn::Repo(repo) => restore_live(repo, &opts).await?,
+        PointIn::Bucket(source) => restore_live_bucket(source, &opts).await?,
+    };
     if info.running {
         // A resume: the running QEMU reconnects to the export at its next
         // read.

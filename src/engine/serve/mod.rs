@@ -13,7 +13,7 @@ pub mod runtime;
 
 pub use export::{Export, ExportOptions, Listen, export};
 pub use live::{
-    FinishReport, Finished, LiveOptions, finish, finish_domain, restore_live, restore_live_bucket,
-    restore_live_domain,
+    FinishReport, Finished, LiveOptions, PointIn, finish, finish_domain, restore_live,
+    restore_live_bucket, restore_live_domain,
 };
 pub use mount::{MountOptions, Served, ServedFile, mount, mount_bucket, umount};

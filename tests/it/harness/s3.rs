@@ -140,6 +140,13 @@ impl Seaweed {
     }
 
     /// Kills the store (by its pid), as a crash or a power cut would.
+    /// Sends the store's process `signal` (by its pid): SIGSTOP makes it
+    /// a store that takes connections and answers nothing.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signalling the store");
+    }
+
     pub fn kill(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
