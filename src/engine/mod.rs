@@ -44,8 +44,8 @@ pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, res
 pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune, prune_plan};
 pub use run::{BackupRun, Planned, PlannedVolume, backup_vm, plan_vm};
 pub use serve::{
-    Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, PointIn, Served,
-    ServedFile, export, finish, finish_domain, mount, mount_bucket, restore_live,
+    Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, PointIn,
+    Served, ServedFile, export, finish, finish_domain, mount, mount_bucket, restore_live,
     restore_live_bucket, restore_live_domain, umount,
 };
 pub use stopped::{StoppedImage, backup_stopped, domain_images};

@@ -744,17 +744,10 @@ struct Shares {
 
 impl Shares {
     fn new(limit: u64) -> anyhow::Result<Shares> {
-        use std::os::unix::fs::DirBuilderExt;
-        // A new directory of this run's own (never one found there).
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("bitback-run-{}-{nanos:09}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        // A new directory of this run's own (never one found there); a
+        // killed run's is removed by a later run.
+        crate::qemu::daemon::clean_dead_runs();
+        let dir = crate::qemu::daemon::run_dir("run")?;
         Ok(Shares {
             limit,
             dir,

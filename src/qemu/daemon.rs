@@ -220,12 +220,13 @@ pub fn run_dir(purpose: &str) -> Result<PathBuf, Error> {
 
 /// The temp-dir names of a run's own directories, each followed by the
 /// run's pid: its libvirt proxy's socket, its NBD sockets, its scratch
-/// images, a probe's socket.
-const RUN_DIRS: [&str; 4] = [
+/// images, a probe's socket, a `bitback run`'s shared rate files.
+const RUN_DIRS: [&str; 5] = [
     "bitback-libvirt-",
     "bitback-nbd-",
     "bitback-scratch-",
     "bitback-probe-",
+    "bitback-run-",
 ];
 
 /// Removes what runs that died (SIGKILL) left in the temp dir: a

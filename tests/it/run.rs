@@ -470,6 +470,55 @@ fn dry_run_shows_the_plan_and_changes_nothing() {
     assert_eq!(tree(&repo), before);
 }
 
+/// A killed `bitback run` leaves its shared rate files in the temp dir;
+/// the next run with a rate limit removes them, and leaves alone the
+/// directory of a run that lives and a look-alike that is not a run's.
+#[test]
+fn a_killed_runs_rate_files_go_with_the_next_run() {
+    let dir = tempdir();
+    let d = dir.path();
+    let tmp = d.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let left = tmp.join(format!("bitback-run-{dead}-00ff00ff00ff00ff"));
+    let alive = tmp.join(format!(
+        "bitback-run-{}-00ff00ff00ff00ff",
+        std::process::id()
+    ));
+    let other = tmp.join("bitback-runner-1-x");
+    for d in [&left, &alive, &other] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("0.rate"), b"1000").unwrap();
+    }
+    let job = d.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "rate_limit = \"8M\"\n[[vm]]\nname = \"a\"\nqmp = {:?}\nrepo = {:?}\n",
+            d.join("no-such.sock"),
+            d.join("repo")
+        ),
+    )
+    .unwrap();
+    let out = crate::harness::bitback_env(
+        &["run", job.to_str().unwrap()],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(!left.exists(), "the dead run's rate files stayed");
+    assert!(alive.join("0.rate").exists());
+    assert!(other.join("0.rate").exists());
+    let mine: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bitback-run-") && !n.contains("00ff00ff"))
+        .collect();
+    assert!(mine.is_empty(), "the run left {mine:?}");
+}
+
 #[test]
 fn a_wrong_job_file_exits_2_and_starts_nothing() {
     let dir = tempdir();
