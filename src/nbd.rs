@@ -332,12 +332,13 @@ async fn reply<W: AsyncWrite + Unpin>(
     handle: u64,
     data: &[u8],
 ) -> io::Result<()> {
-    let mut out = Vec::with_capacity(16 + data.len());
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&handle.to_be_bytes());
-    out.extend_from_slice(data);
-    tx.write_all(&out).await
+    // The header, then the data as it is: no copy of the data.
+    let mut head = [0u8; 16];
+    head[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    head[4..8].copy_from_slice(&error.to_be_bytes());
+    head[8..].copy_from_slice(&handle.to_be_bytes());
+    tx.write_all(&head).await?;
+    tx.write_all(data).await
 }
 
 fn errno(e: &io::Error) -> u32 {
