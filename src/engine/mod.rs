@@ -14,6 +14,7 @@ mod in_bucket;
 pub mod key;
 mod native;
 mod nbd_target;
+mod objects;
 mod outcome;
 pub mod plan;
 mod progress;
@@ -35,14 +36,15 @@ pub use check::data_file_problem;
 pub use check::{Checks, Problem, Report, Sample};
 pub use copy::{Cancel, CopyOptions, CopyPlan, DataPath, Perf, Rate, Target, copy_to_files};
 pub use in_bucket::{
-    BucketPoint, BucketRestored, ServedPoint, ServedVolume, UsedVersion, bucket_points,
-    prune_bucket, restore_from_bucket, serve_from_bucket, verify_bucket,
+    BucketRestored, bucket_points, prune_bucket, restore_from_bucket, verify_bucket,
 };
+pub use objects::{BucketPoint, UsedVersion};
 pub use outcome::{BadInput, Operation, nothing_attempted};
 pub use progress::{Progress, ProgressSink};
 pub use restore::{Format, InPlaceOptions, RestoreOptions, Restored, restore, restore_in_place};
 pub use retention::{Calendar, Keep, Locked, Retention, consolidate, prune, prune_plan};
 pub use run::{BackupRun, Planned, PlannedVolume, backup_vm, plan_vm};
+pub use serve::bucket::{ServedPoint, ServedVolume, serve_from_bucket};
 pub use serve::{
     Export, ExportOptions, FinishReport, Finished, Listen, LiveOptions, MountOptions, PointIn,
     Served, ServedFile, export, finish, finish_domain, mount, mount_bucket, restore_live,

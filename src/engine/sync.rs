@@ -28,7 +28,7 @@ use tracing::info;
 use super::check::{Report, verify_backup};
 use super::outcome::BadInput;
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Entry, Holder, Manifest, Repo, Store, check_name};
+use crate::repo::{Bucket, Entry, Manifest, Repo, Store, check_name};
 use crate::s3::{LockMode, Retention};
 
 /// What to copy.
@@ -100,7 +100,7 @@ pub fn sync_to_bucket(
         let _readers = source.read_lock(&vm, "sync")?;
         // One sync of the VM into the bucket at a time; what a dead one
         // left half uploaded goes.
-        let lock = target.lock_vm(&vm, &holder("sync"))?;
+        let lock = target.lock_vm(&vm, &super::in_bucket::holder("sync"))?;
         target.abort_incomplete(&lock, &vm)?;
         let mut copied = false;
         for m in source.backups(&vm)? {
@@ -329,16 +329,6 @@ fn require_lock(bucket: &Bucket) -> anyhow::Result<()> {
         .into());
     }
     Ok(())
-}
-
-/// This run, as the holder of a VM's lock in a bucket, for `purpose`.
-pub(super) fn holder(purpose: &str) -> Holder {
-    Holder {
-        host: super::serve::runtime::host(),
-        pid: std::process::id(),
-        purpose: purpose.into(),
-        started: Utc::now().rfc3339(),
-    }
 }
 
 /// After a backup into the spool `spool`: every point of `vm` not yet in

@@ -22,9 +22,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use crate::engine::chain::Pick;
-use crate::engine::in_bucket::{ServedPoint, ServedVolume, UsedVersion};
-use crate::repo::Manifest;
+use crate::cluster_map::Baseline;
+use crate::engine::chain::{Pick, volume_records};
+use crate::engine::native::{ChainSource, Mapped, Mismatch, plan_sources};
+use crate::engine::objects::{Objects, Sources, UsedVersion, Windowed, chain_sources, proof};
+use crate::repo::{Bucket, Manifest};
 
 /// The socket a [`Server`] listens on, in its runtime directory.
 pub const SOCKET: &str = "bucket.sock";
@@ -32,6 +34,142 @@ pub const SOCKET: &str = "bucket.sock";
 const LOG: &str = "bucket.log";
 /// How long a server waits for its first client.
 const FIRST_CLIENT: Duration = Duration::from_secs(60);
+
+/// A point in a bucket served where it lies (`mount`, `restore --live`,
+/// `export` with `--repo s3://`): each volume read at any offset through
+/// its chain of object versions.
+pub struct ServedPoint {
+    pub manifest: Manifest,
+    pub volumes: Vec<Arc<ServedVolume>>,
+}
+
+/// One volume of a [`ServedPoint`].
+pub struct ServedVolume {
+    pub name: String,
+    pub virtual_size: u64,
+    /// The files of its chain, full first, each with its version.
+    pub versions: Vec<UsedVersion>,
+    mapped: Mapped<'static>,
+    /// The chain's cluster maps laid over each other; none where the chain
+    /// has none (its files' digests were read whole when it was opened).
+    check: Option<Arc<Baseline>>,
+    bucket: &'static Bucket,
+    vm: String,
+    /// Each file of the chain (full first): the point it belongs to and
+    /// its digest, for a damage record.
+    files: Vec<(String, crate::digest::Digest)>,
+    /// A damage record was written (one per volume and serve is enough).
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+/// Opens `vm`'s point `pick` in `bucket` for serving, its `wanted`
+/// volumes (all when empty): the chain of each checked as a restore
+/// checks it (the structural rules, and its cluster maps read, or where
+/// it has none its files' digests read whole), ready to read.
+pub fn serve_from_bucket(
+    bucket: &'static Bucket,
+    vm: &str,
+    pick: &Pick,
+    wanted: &[String],
+) -> anyhow::Result<ServedPoint> {
+    let objects = Objects::load(bucket, vm)?;
+    let chain = objects.pick(vm, pick, wanted)?;
+    let m = chain.last().context("a chain of no point")?.clone();
+    let mut volumes = Vec::new();
+    for v in m
+        .volumes
+        .iter()
+        .filter(|v| wanted.is_empty() || wanted.contains(&v.name))
+    {
+        let opened = (|| {
+            let records = volume_records(&chain, &v.name)?;
+            let (sources, versions) = chain_sources(&objects, &records)?;
+            let check = proof(&objects, &chain, v, &records, &sources)?;
+            // Served reads come small and near each other: each object is
+            // read in windows, a few kept.
+            let sources: Sources<'static> = sources
+                .into_iter()
+                .map(|s| Box::new(Windowed::new(s)) as Box<dyn ChainSource>)
+                .collect();
+            let files = records
+                .iter()
+                .map(|r| {
+                    let point = r.file.split('/').nth(1).unwrap_or_default().to_string();
+                    (point, r.digest)
+                })
+                .collect();
+            let mapped = plan_sources(sources)?
+                .context("an encrypted file in a chain that is not")?
+                .for_reads();
+            anyhow::Ok(ServedVolume {
+                name: v.name.clone(),
+                virtual_size: v.virtual_size,
+                versions,
+                mapped,
+                check,
+                bucket,
+                vm: vm.to_string(),
+                files,
+                recorded: Default::default(),
+            })
+        })()
+        .with_context(|| format!("opening volume {} of backup {}", v.name, m.id))?;
+        volumes.push(Arc::new(opened));
+    }
+    info!(vm, backup = %m.id, volumes = volumes.len(), "serving from the bucket");
+    Ok(ServedPoint {
+        manifest: m,
+        volumes,
+    })
+}
+
+impl ServedVolume {
+    /// The volume's bytes at `offset`. A cluster that does not match its
+    /// cluster map is an I/O error (never other bytes), and leaves a
+    /// damage record in the bucket naming the file that gave it.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mapped
+            .read_at(offset, buf, self.virtual_size, self.check.as_deref())
+            .map_err(|e| {
+                let text = format!("{e:#}");
+                match e.downcast_ref::<Mismatch>() {
+                    Some(m) => self.damaged(m, &text),
+                    None => tracing::error!(vm = %self.vm, volume = %self.name, error = %text, "a read from the bucket failed"),
+                }
+                std::io::Error::other(text)
+            })
+    }
+
+    /// The guest ranges that hold data, sorted and merged.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        self.mapped.data_ranges()
+    }
+
+    /// Notes damage found by a read: logged, and recorded in the bucket
+    /// (`<vm>/.damaged/<point>.<volume>.json`) once per serve.
+    fn damaged(&self, m: &Mismatch, text: &str) {
+        let names = self.mapped.names();
+        // A cluster no file gives was hidden by the newest file's tables.
+        let file = m.file.unwrap_or(self.files.len().saturating_sub(1));
+        let name = names.get(file).cloned().unwrap_or_default();
+        tracing::error!(vm = %self.vm, volume = %self.name, file = %name, "{text}: the reader gets an I/O error");
+        if self
+            .recorded
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some((point, digest)) = self.files.get(file) else {
+            return;
+        };
+        let problem = format!("{name}: {text} (found by a read of a served point)");
+        if let Err(e) =
+            crate::repo::record_damage(self.bucket, &self.vm, point, &self.name, digest, &problem)
+        {
+            tracing::warn!(error = %e, "the damage could not be recorded in the bucket");
+        }
+    }
+}
 
 /// A volume as an NBD export: read-only, each read through its chain.
 struct VolumeExport(Arc<ServedVolume>);
