@@ -136,16 +136,28 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     E: Export + Send + 'static,
 {
-    let (rx, tx) = tokio::io::split(conn);
-    // Buffered both ways: a request's header and payload come out of one
-    // read, and the replies to a batch of requests go in one write.
-    let mut rx = tokio::io::BufReader::with_capacity(16 << 10, rx);
-    let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
+    let (mut rx, mut tx) = buffered(conn);
     let offer = [Offer::of(name, &export)];
     if let Err(e) = handshake(&mut rx, &mut tx, &offer).await {
         return (Err(e), export);
     }
     transmission(rx, tx, export).await
+}
+
+/// A connection's two halves, buffered both ways: a request's header and
+/// payload come out of one read, and the replies to a batch of requests
+/// go in one write.
+fn buffered<C: AsyncRead + AsyncWrite>(
+    conn: C,
+) -> (
+    tokio::io::BufReader<tokio::io::ReadHalf<C>>,
+    tokio::io::BufWriter<tokio::io::WriteHalf<C>>,
+) {
+    let (rx, tx) = tokio::io::split(conn);
+    (
+        tokio::io::BufReader::with_capacity(16 << 10, rx),
+        tokio::io::BufWriter::with_capacity(64 << 10, tx),
+    )
 }
 
 /// Serves whichever of `exports` (name, export) the client chooses on
@@ -155,9 +167,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     E: Export + Send + 'static,
 {
-    let (rx, tx) = tokio::io::split(conn);
-    let mut rx = tokio::io::BufReader::with_capacity(16 << 10, rx);
-    let mut tx = tokio::io::BufWriter::with_capacity(64 << 10, tx);
+    let (mut rx, mut tx) = buffered(conn);
     let offers: Vec<Offer> = exports.iter().map(|(n, e)| Offer::of(n, e)).collect();
     let chosen = handshake(&mut rx, &mut tx, &offers).await?;
     let Some((_, export)) = exports.into_iter().nth(chosen) else {

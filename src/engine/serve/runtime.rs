@@ -235,6 +235,31 @@ pub struct FoundLease {
     pub error: Option<String>,
 }
 
+impl FoundLease {
+    /// The lease at `path` as `read`, with its `status` (unreadable when
+    /// it could not be read).
+    fn of(
+        path: PathBuf,
+        read: anyhow::Result<Lease>,
+        status: impl FnOnce(&Lease) -> LeaseStatus,
+    ) -> FoundLease {
+        match read {
+            Ok(lease) => FoundLease {
+                status: status(&lease),
+                path,
+                lease: Some(lease),
+                error: None,
+            },
+            Err(e) => FoundLease {
+                path,
+                status: LeaseStatus::Unreadable,
+                lease: None,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+}
+
 /// The leases in VM directory `vm_dir`, each with its status.
 pub fn leases(vm_dir: &Path) -> Vec<FoundLease> {
     let here = host();
@@ -244,20 +269,8 @@ pub fn leases(vm_dir: &Path) -> Vec<FoundLease> {
             let read = std::fs::read(&path)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| Ok(serde_json::from_slice::<Lease>(&b)?));
-            match read {
-                Ok(lease) => FoundLease {
-                    status: status_of(&path, &lease, &here),
-                    path,
-                    lease: Some(lease),
-                    error: None,
-                },
-                Err(e) => FoundLease {
-                    path,
-                    status: LeaseStatus::Unreadable,
-                    lease: None,
-                    error: Some(format!("{e:#}")),
-                },
-            }
+            let status = |lease: &Lease| status_of(&path, lease, &here);
+            FoundLease::of(path.clone(), read, status)
         })
         .collect()
 }
@@ -326,22 +339,10 @@ pub fn bucket_leases_in_the_way(
             .map_err(anyhow::Error::from)
             .and_then(|b| b.context("gone while read"))
             .and_then(|b| Ok(serde_json::from_slice::<Lease>(&b)?));
-        found.push(match read {
-            Ok(lease) => FoundLease {
-                status: status_where(&lease, &here, |state| {
-                    state.bucket_lease.as_ref().is_some_and(|l| l.key == key)
-                }),
-                path,
-                lease: Some(lease),
-                error: None,
-            },
-            Err(e) => FoundLease {
-                path,
-                status: LeaseStatus::Unreadable,
-                lease: None,
-                error: Some(format!("{e:#}")),
-            },
-        });
+        let ours = |state: &State| state.bucket_lease.as_ref().is_some_and(|l| l.key == key);
+        found.push(FoundLease::of(path, read, |lease| {
+            status_where(lease, &here, ours)
+        }));
     }
     let prefix = bucket.locate("").to_string_lossy().into_owned();
     Ok(in_the_way(found, |path| {
