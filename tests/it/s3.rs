@@ -1526,6 +1526,20 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         "{}",
         refused.stderr
     );
+    // The first mount's server killed: its file's reads fail, never
+    // giving other bytes; umount still ends it all.
+    let (killed_mnt, _, killed) = &mounts[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(*killed as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_gone(*killed);
+    let file = std::fs::File::open(killed_mnt.join("drive0.raw")).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let read = std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 3 * MIB);
+    assert!(read.is_err(), "a read with its server gone gave bytes");
+    drop(file);
     for (mnt, pid, server) in mounts {
         let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
         assert_eq!(out.code, Some(0), "{}", out.stderr);
