@@ -140,8 +140,8 @@ pub(crate) struct RestoreArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
     /// The repository: a directory, or s3://BUCKET/PREFIX (each file's
-    /// first written version read by ranged GETs; no damage is recorded
-    /// in the bucket).
+    /// first written version read by ranged GETs; a damaged file gets a
+    /// damage record in the bucket, <vm>/.damaged/).
     #[arg(long, value_name = "DIR|URL")]
     repo: PathBuf,
     /// The S3 endpoint of an s3:// repository (a store other than AWS),

@@ -277,8 +277,10 @@ pub fn prune_bucket(
 /// first version, of the recorded length, by the structural rules, its
 /// cluster tables, and every byte: by its whole-file digest, or by its
 /// layout digest and its cluster map read against its data
-/// (`map_clusters`: the maps of whole-file digests too). Nothing is
-/// changed, and no damage is recorded in the bucket.
+/// (`map_clusters`: the maps of whole-file digests too). A file found
+/// damaged (not one the store failed to give) gets a damage record in
+/// the bucket, `<vm>/.damaged/<point>.<volume>.json`; nothing else is
+/// written.
 pub fn verify_bucket(
     bucket: &Bucket,
     vm: Option<&str>,
@@ -307,29 +309,56 @@ pub fn verify_bucket(
                 continue;
             }
             report.backups += 1;
-            let mut problem = |file: Option<&str>, text: String| {
+            let mut problem = |file: Option<&str>, text: String, data_damage: bool| {
                 report.problems.push(Problem {
                     vm: vm.clone(),
                     backup: m.id.clone(),
                     file: file.map(str::to_string),
                     problem: text,
-                    data_damage: file.is_some(),
+                    data_damage,
                 })
             };
             if let Some(parent) = &m.parent
                 && !points.iter().any(|p| &p.manifest.id == parent)
             {
-                problem(None, format!("parent backup {parent} is not in the bucket"));
+                problem(
+                    None,
+                    format!("parent backup {parent} is not in the bucket"),
+                    false,
+                );
             }
             for v in &m.volumes {
-                if let Err(e) = verify_object(&objects, m, v, map_clusters) {
-                    problem(Some(&v.file), format!("{e:#}"));
+                let Err(e) = verify_object(&objects, m, v, map_clusters) else {
+                    continue;
+                };
+                let text = format!("{e:#}");
+                // What the store failed to give is not the file's damage.
+                let damage = !unread(&e);
+                if damage
+                    && let Err(e) =
+                        crate::repo::record_damage(bucket, vm, &m.id, &v.name, &v.digest, &text)
+                {
+                    tracing::warn!(error = %e, "the damage could not be recorded in the bucket");
                 }
+                problem(Some(&v.file), text, damage);
             }
             report.files += m.volumes.len();
         }
     }
     Ok(report)
+}
+
+/// Whether `e` is a failure to read from the store (a request that
+/// failed, an I/O error carrying one), not a finding about the bytes.
+fn unread(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<crate::repo::Error>()
+            || c.is::<crate::s3::Error>()
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.get_ref()
+                    .is_some_and(|i| i.is::<crate::repo::Error>() || i.is::<crate::s3::Error>())
+            })
+    })
 }
 
 /// Checks file `v` of point `m` (see [`verify_bucket`]): the first

@@ -873,6 +873,14 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
         &altered[5..],
         "{report}"
     );
+    // ...and records it in the bucket, as a directory's verify does.
+    let record = store.read(
+        "bb-plain",
+        &format!("site/vm1/.damaged/{}.{}.json", ids[0], vm.volume(volume)),
+        dir.path(),
+    );
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record["problem"], problems[0]["problem"], "{record}");
     // A later point builds on it: refused, naming the file, unless a
     // newer file holds the altered cluster (then it is never read, and
     // the point restores right). Never wrong data.
