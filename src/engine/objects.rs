@@ -323,34 +323,47 @@ pub(super) fn in_parallel<T: Sync, R: Send>(
 }
 
 /// A chain file read in aligned windows of [`WINDOW`] bytes (each by
-/// [`WINDOW_GETS`] ranged GETs at once), the last [`WINDOWS`] read kept:
-/// a served volume's reads (FUSE's 128 KiB, a stream's, a booting
-/// guest's) cost a window's GETs per window instead of one each.
+/// [`WINDOW_GETS`] ranged GETs at once), the last [`WINDOWS`] read by
+/// the files of one chain kept ([`Kept`], shared: memory is bounded per
+/// volume, however long its chain): a served volume's reads (FUSE's 128
+/// KiB, a stream's, a booting guest's) cost a window's GETs per window
+/// instead of one each.
 pub(super) struct Windowed<'b> {
     inner: Box<dyn ChainSource + 'b>,
     size: u64,
-    /// Most recently used first.
-    kept: std::sync::Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    /// This file's place in its chain, in the keys of `kept`.
+    file: usize,
+    kept: Kept,
 }
+
+/// The windows the files of one chain keep: (file, start) and bytes,
+/// most recently used first.
+pub(super) type Kept = Arc<std::sync::Mutex<Windows>>;
+
+/// Windows by (file, start), most recently used first.
+pub(super) type Windows = Vec<((usize, u64), Arc<Vec<u8>>)>;
 
 const WINDOW: u64 = 4 << 20;
 const WINDOW_GETS: u64 = 2;
 const WINDOWS: usize = 8;
 
 impl<'b> Windowed<'b> {
-    pub(super) fn new(inner: Box<dyn ChainSource + 'b>) -> Windowed<'b> {
+    /// File `file` of a chain whose files keep their windows in `kept`.
+    pub(super) fn new(inner: Box<dyn ChainSource + 'b>, file: usize, kept: Kept) -> Windowed<'b> {
         let size = inner.size().unwrap_or(0);
         Windowed {
             inner,
             size,
-            kept: std::sync::Mutex::new(Vec::new()),
+            file,
+            kept,
         }
     }
 
     /// The window starting at `start`, kept or read now.
     pub(super) fn window(&self, start: u64) -> std::io::Result<Arc<Vec<u8>>> {
-        let kept = |kept: &mut Vec<(u64, Arc<Vec<u8>>)>| {
-            let at = kept.iter().position(|(s, _)| *s == start)?;
+        let key = (self.file, start);
+        let kept = |kept: &mut Windows| {
+            let at = kept.iter().position(|(k, _)| *k == key)?;
             let hit = kept.remove(at);
             let bytes = hit.1.clone();
             kept.insert(0, hit);
@@ -378,7 +391,7 @@ impl<'b> Windowed<'b> {
         })?;
         let bytes = Arc::new(bytes);
         let mut all = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        all.insert(0, (start, bytes.clone()));
+        all.insert(0, (key, bytes.clone()));
         all.truncate(WINDOWS);
         Ok(bytes)
     }

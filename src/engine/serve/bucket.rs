@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::cluster_map::Baseline;
 use crate::engine::chain::{Pick, volume_records};
 use crate::engine::native::{ChainSource, Mapped, Mismatch, plan_sources};
-use crate::engine::objects::{Objects, Sources, UsedVersion, Windowed, chain_sources, proof};
+use crate::engine::objects::{Kept, Objects, Sources, UsedVersion, Windowed, chain_sources, proof};
 use crate::repo::{Bucket, Manifest};
 
 /// The socket a [`Server`] listens on, in its runtime directory.
@@ -86,10 +86,12 @@ pub fn serve_from_bucket(
             let (sources, versions) = chain_sources(&objects, &records)?;
             let check = proof(&objects, &chain, v, &records, &sources)?;
             // Served reads come small and near each other: each object is
-            // read in windows, a few kept.
+            // read in windows, a few kept for the whole chain.
+            let kept = Kept::default();
             let sources: Sources<'static> = sources
                 .into_iter()
-                .map(|s| Box::new(Windowed::new(s)) as Box<dyn ChainSource>)
+                .enumerate()
+                .map(|(i, s)| Box::new(Windowed::new(s, i, kept.clone())) as Box<dyn ChainSource>)
                 .collect();
             let files = records
                 .iter()
