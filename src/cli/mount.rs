@@ -201,9 +201,14 @@ pub(crate) async fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
 /// other-host.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServingArgs {
-    /// Also list this repository's leases.
-    #[arg(long, value_name = "DIR")]
+    /// Also list this repository's leases: a directory, or
+    /// s3://BUCKET/PREFIX (the serves of its points where they lie).
+    #[arg(long, value_name = "DIR|URL")]
     repo: Option<PathBuf>,
+    /// The S3 endpoint of an s3:// repository (a store other than AWS),
+    /// instead of AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Only this VM's serves and leases.
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
@@ -219,14 +224,29 @@ pub(crate) async fn serving(args: ServingArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut leases = Vec::new();
     if let Some(root) = &args.repo {
-        let repo = Repo::open(root)?;
-        let vms = match &args.vm {
-            Some(vm) => vec![vm.clone()],
-            None => repo.vms()?,
-        };
-        for vm in vms {
-            for found in engine::serve::runtime::leases(&repo.vm_dir(&vm)?) {
-                leases.push((vm.clone(), found));
+        match super::output::bucket(root, args.s3_endpoint.as_deref())? {
+            Some(bucket) => {
+                let vms = match &args.vm {
+                    Some(vm) => vec![vm.clone()],
+                    None => bucket.all_vms()?,
+                };
+                for vm in vms {
+                    for found in engine::serve::runtime::bucket_leases(&bucket, &vm)? {
+                        leases.push((vm.clone(), found));
+                    }
+                }
+            }
+            None => {
+                let repo = Repo::open(root)?;
+                let vms = match &args.vm {
+                    Some(vm) => vec![vm.clone()],
+                    None => repo.vms()?,
+                };
+                for vm in vms {
+                    for found in engine::serve::runtime::leases(&repo.vm_dir(&vm)?) {
+                        leases.push((vm.clone(), found));
+                    }
+                }
             }
         }
     }

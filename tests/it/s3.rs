@@ -1526,6 +1526,19 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         listed["Contents"].as_array().map_or(0, Vec::len)
     };
     assert_eq!(leases(), 2);
+    let serving = served_run(
+        &rt,
+        &["serving", "--repo", url, "--vm", "vm1", "--json"],
+        &env,
+    )
+    .json();
+    let statuses: Vec<&str> = serving["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lease"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["serving", "serving"], "{serving}");
     let prune = ["prune", "--repo", url, "--vm", "vm1", "--keep-last", "1"];
     let refused = served_run(&rt, &prune, &env);
     assert_ne!(refused.code, Some(0), "{}", refused.stdout);

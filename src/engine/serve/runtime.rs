@@ -324,6 +324,22 @@ pub fn bucket_leases_in_the_way(
     bucket: &crate::repo::Bucket,
     vm: &str,
 ) -> anyhow::Result<Vec<InTheWay>> {
+    let found = bucket_leases(bucket, vm)?;
+    let prefix = crate::repo::Store::locate(bucket, "")
+        .to_string_lossy()
+        .into_owned();
+    Ok(in_the_way(found, |path| {
+        let key = path.to_string_lossy();
+        let key = key.strip_prefix(&prefix).unwrap_or(&key);
+        if let Err(e) = bucket.remove_all(key) {
+            warn!(lease = %path.display(), error = %e, "could not remove an ended serve's lease");
+        }
+    }))
+}
+
+/// The leases of `vm` in `bucket`, each with its status (as
+/// [`leases`] finds a directory's; the path is the object's URL).
+pub fn bucket_leases(bucket: &crate::repo::Bucket, vm: &str) -> anyhow::Result<Vec<FoundLease>> {
     use crate::repo::{Entry, Store};
     let here = host();
     let dir = format!("{vm}/{}", leases::DIR);
@@ -344,14 +360,7 @@ pub fn bucket_leases_in_the_way(
             status_where(lease, &here, ours)
         }));
     }
-    let prefix = bucket.locate("").to_string_lossy().into_owned();
-    Ok(in_the_way(found, |path| {
-        let key = path.to_string_lossy();
-        let key = key.strip_prefix(&prefix).unwrap_or(&key);
-        if let Err(e) = bucket.remove_all(key) {
-            warn!(lease = %path.display(), error = %e, "could not remove an ended serve's lease");
-        }
-    }))
+    Ok(found)
 }
 
 /// Of `found`, the leases that keep a prune off; those of this host's
