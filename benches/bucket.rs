@@ -19,7 +19,7 @@ mod s3;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BITBACK, Rng, env_u64, median, random_writes, sparse_disk, timed};
+use common::{BITBACK, Rng, env_u64, median, random_writes, run_measured, sparse_disk};
 
 fn main() {
     let gib = env_u64("BITBACK_BENCH_GIB", 16);
@@ -31,6 +31,7 @@ fn main() {
     let store = s3::Seaweed::start_sized(1024, rounds * per_round + 8);
     store.bucket("bench", false);
     let env = store.env();
+    let peak_rss = std::cell::Cell::new(0u64);
     let backup = |repo: &str, spool: Option<&std::path::Path>| {
         let mut cmd = Command::new(BITBACK);
         cmd.args(["backup", "--qmp"])
@@ -40,7 +41,11 @@ fn main() {
         if let Some(spool) = spool {
             cmd.arg("--spool").arg(spool);
         }
-        timed(&mut cmd)
+        let (t, rss, _) = run_measured(&mut cmd);
+        if spool.is_some() {
+            peak_rss.set(peak_rss.get().max(rss));
+        }
+        t
     };
     let mut rng = Rng(0x5eed);
     let (mut full_dir, mut full_bucket, mut incr_dir, mut incr_bucket) =
@@ -86,4 +91,8 @@ fn main() {
     println!("|---|---|---|---|");
     row("full", &full_dir, &full_bucket);
     row("incremental", &incr_dir, &incr_bucket);
+    println!(
+        "peak RSS of a backup into the bucket (full or incremental): {} MiB",
+        peak_rss.get() >> 20
+    );
 }
