@@ -1429,6 +1429,28 @@ fn a_job_backs_up_into_a_directory_and_a_bucket_and_prunes_both() {
     assert!(same_content(&out, "raw", &vm.points[1].1[0], "raw"));
 }
 
+/// A quit VM of volumes of `sizes` backed up `backups` times (`writes`
+/// random writes before each) into its directory repository, which is
+/// then copied to `url` as `aws s3 sync` copies it; its directory.
+fn points_in_bucket(
+    store: &Seaweed,
+    url: &str,
+    sizes: &[u64],
+    backups: usize,
+    writes: usize,
+) -> (tempfile::TempDir, Vm) {
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), sizes);
+    let mut rng = Rng::from_env();
+    for _ in 0..backups {
+        vm.random_writes(&mut rng, writes);
+        vm.backup(&[]);
+    }
+    vm.quit();
+    store.aws_ok(&["s3", "sync", vm.repo.to_str().unwrap(), url]);
+    (dir, vm)
+}
+
 /// `bitback ARGS` with the store's credentials and runtime `rt`.
 fn served_run(rt: &crate::instant::Runtime, args: &[&str], env: &[(&str, &str)]) -> Run {
     let runtime = rt.path().to_str().unwrap().to_string();
@@ -1453,25 +1475,11 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
     };
     let store = Seaweed::start();
     store.bucket("bb-serve", false);
-    let dir = tempdir();
     let rt = Runtime::new();
-    let mut vm = Vm::new(dir.path(), &[12 * MIB, 4 * MIB]);
-    let mut rng = Rng::from_env();
-    vm.random_writes(&mut rng, 10);
-    vm.backup(&[]);
-    vm.random_writes(&mut rng, 10);
-    vm.backup(&[]);
-    vm.quit();
+    let url = "s3://bb-serve/site";
+    let (dir, vm) = points_in_bucket(&store, url, &[12 * MIB, 4 * MIB], 2, 10);
     let env = store.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    // The directory repository, copied up as the aws CLI copies it.
-    store.aws_ok(&[
-        "s3",
-        "sync",
-        vm.repo.to_str().unwrap(),
-        "s3://bb-serve/site",
-    ]);
-    let url = "s3://bb-serve/site";
     let (first, second) = (vm.points[0].0.clone(), vm.points[1].0.clone());
 
     // mount: each point's files read as its models; no writes.
@@ -1769,22 +1777,9 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
 fn a_listing_takes_manifests_from_the_index_only_where_the_store_vouches_for_them() {
     let store = Seaweed::start();
     store.bucket("bb-index", false);
-    let dir = tempdir();
-    let mut vm = Vm::new(dir.path(), &[4 * MIB]);
-    let mut rng = Rng::from_env();
-    for _ in 0..3 {
-        vm.random_writes(&mut rng, 4);
-        vm.backup(&[]);
-    }
-    vm.quit();
+    let (dir, _vm) = points_in_bucket(&store, "s3://bb-index/site", &[4 * MIB], 3, 4);
     let env = store.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    store.aws_ok(&[
-        "s3",
-        "sync",
-        vm.repo.to_str().unwrap(),
-        "s3://bb-index/site",
-    ]);
     let list = || {
         let run = bitback_env(
             &["list", "-v", "--repo", "s3://bb-index/site", "--json"],
