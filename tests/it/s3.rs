@@ -1723,7 +1723,7 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
         "s3://bb-serve/bad",
     ]);
     let mnt = dir.path().join("mnt-bad");
-    let m = served_run(
+    let mount_bad = served_run(
         &rt,
         &[
             "mount",
@@ -1737,8 +1737,23 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
             mnt.to_str().unwrap(),
         ],
         &env,
-    )
-    .json();
+    );
+    let manifest = std::fs::read(vm.repo.join("vm1").join(&first).join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    if manifest["volumes"][0]["cluster_map"].is_null() {
+        // No cluster maps (QEMU wrote the files): the chain's digests are
+        // read whole before anything is served, and this one fails.
+        assert_eq!(mount_bad.code, Some(2), "{}", mount_bad.stdout);
+        assert!(
+            mount_bad.stderr.contains("does not verify") && mount_bad.stderr.contains("drive0"),
+            "{}",
+            mount_bad.stderr
+        );
+        assert!(!mnt.exists(), "a refused mount left {}", mnt.display());
+        assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+        return;
+    }
+    let m = mount_bad.json();
     let file = std::fs::File::open(mnt.join("drive0.raw")).unwrap();
     let mut buf = vec![0u8; 4096];
     let damaged = std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, guest);
