@@ -550,6 +550,83 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
     }
 }
 
+/// `restore --live --libvirt DOMAIN` of a point that lies in a bucket:
+/// the domain starts on images read from the bucket through bitback's
+/// server, and stands alone once streamed; its lease goes, and the
+/// server ends with the export.
+#[test]
+fn a_shut_off_domain_is_restored_live_from_a_bucket() {
+    let dir = tempdir();
+    let (rt, domain, repo, point) = backed_up_and_shut_off(dir.path());
+    let store = crate::harness::s3::Seaweed::start();
+    store.bucket("bb-live", false);
+    store.aws_ok(&["s3", "sync", repo.to_str().unwrap(), "s3://bb-live/site"]);
+    let mut env = store.env();
+    env.push((
+        "BITBACK_RUNTIME_DIR".into(),
+        rt.path().to_str().unwrap().into(),
+    ));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let done = crate::harness::bitback_env(
+        &[
+            "restore",
+            "--repo",
+            "s3://bb-live/site",
+            "--vm",
+            "dom",
+            "--live",
+            "--libvirt",
+            &domain.name,
+            "--force",
+            "--json",
+        ],
+        &env,
+    )
+    .json();
+    assert_eq!(done["live"]["backup"], point["id"]);
+    let server = done["live"]["server"]
+        .as_u64()
+        .expect("the bucket server's pid");
+    let hows: Vec<&str> = done["finish"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["how"].as_str().unwrap())
+        .collect();
+    assert_eq!(hows, ["streamed", "streamed"], "{done}");
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{server}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the bucket server outlived the export"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for image in &domain.disks {
+        let info = crate::harness::qemu_img_info(image);
+        assert!(info["backing-filename"].is_null(), "{info}");
+    }
+    let leases = store.aws_ok(&[
+        "s3api",
+        "list-objects-v2",
+        "--bucket",
+        "bb-live",
+        "--prefix",
+        "site/dom/.serving/",
+    ]);
+    assert!(leases["Contents"].is_null(), "{leases}");
+    // The guest runs on the point and writes on; each point restores to
+    // consistent logs.
+    domain.wait_records(20);
+    let again = domain.run_backup(&repo, &[], &[]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    domain.destroy();
+    for id in list_ids(&repo, Some("dom")) {
+        check_point_of(&repo, "dom", &id, ["vda", "vdb"], &dir.path().join("out"));
+    }
+}
+
 /// bitback and the export's daemon die once a live restore of a domain
 /// has started it, before the streams (a host in trouble): the domain runs
 /// on, its disks reading from an export that is gone. `restore --live
