@@ -16,7 +16,8 @@
 //!
 //! [`hold`] waits instead, so that a test can act at that moment, at any
 //! of those phases and at `before-mask` (a guarded full's point taken, its
-//! mask not yet read).
+//! mask not yet read) and `sync-checked` (a point to copy into a bucket
+//! checked but for its data, which is proven as it is read to go).
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {

@@ -18,6 +18,7 @@ mod objects;
 mod outcome;
 pub mod plan;
 mod progress;
+mod proof;
 mod quiesce;
 mod restore;
 mod retention;

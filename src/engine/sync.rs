@@ -25,10 +25,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tracing::info;
 
-use super::check::{Report, verify_backup};
+use super::check::{Report, verify_backup, verify_but_data};
 use super::outcome::BadInput;
+use super::proof::FileProof;
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Entry, Manifest, Repo, Store, check_name};
+use crate::repo::{Bucket, Entry, Manifest, MapRecord, Repo, Store, VolumeRecord, check_name};
 use crate::s3::{LockMode, Retention};
 
 /// What to copy.
@@ -147,11 +148,13 @@ fn sync_point(
         }
         return Ok(synced);
     }
+    // Everything but the data proven now; the data as it is read to go
+    // (no byte leaves unproven, and each is read once).
     let mut report = Report::default();
-    verify_backup(source, m, &mut report, false);
+    verify_but_data(source, m, &mut report);
     if let Some(p) = report.problems.first() {
         bail!(
-            "it does not verify, and a damaged point is never copied: {}{}",
+            "{DAMAGED}: {}{}",
             p.file
                 .as_deref()
                 .map(|f| format!("{f}: "))
@@ -159,8 +162,19 @@ fn sync_point(
             p.problem
         );
     }
-    for file in data_files(m) {
-        synced.bytes += target.upload_file(file, &source.root().join(file), retention)?;
+    crate::fault::hold("sync-checked");
+    for (file, proof) in data_files(m) {
+        let mut proof = match proof {
+            Of::Volume(v) => FileProof::of_volume(source, v).context(DAMAGED)?,
+            Of::Map(record) => FileProof::of_map(record),
+        };
+        let path = source.root().join(file);
+        synced.bytes += match target.upload_file(file, &path, retention, &mut proof) {
+            Err(crate::repo::Error::S3(e @ crate::s3::Error::Unproven { .. })) => {
+                return Err(anyhow::Error::from(e).context(DAMAGED));
+            }
+            sent => sent?,
+        };
         synced.objects += 1;
     }
     crate::fault::point("sync-before-manifest");
@@ -181,13 +195,24 @@ fn chosen_vms(opts: &SyncOptions, source: &dyn Store) -> anyhow::Result<Vec<Stri
     })
 }
 
-/// The keys of a point's data objects: each volume's file and map.
-fn data_files(m: &Manifest) -> Vec<&str> {
-    let mut files: Vec<&str> = Vec::new();
+/// Why a point is not copied, when its files are not what its manifest
+/// records.
+const DAMAGED: &str = "it does not verify, and a damaged point is never copied";
+
+/// What a data object of a point is.
+enum Of<'a> {
+    Volume(&'a VolumeRecord),
+    Map(&'a MapRecord),
+}
+
+/// The keys of a point's data objects (each volume's file and map), with
+/// what each is.
+fn data_files(m: &Manifest) -> Vec<(&str, Of<'_>)> {
+    let mut files = Vec::new();
     for v in &m.volumes {
-        files.push(&v.file);
+        files.push((v.file.as_str(), Of::Volume(v)));
         if let Some(map) = &v.cluster_map {
-            files.push(&map.file);
+            files.push((map.file.as_str(), Of::Map(map)));
         }
     }
     files
@@ -205,7 +230,10 @@ fn hold_parents(
     let mut parent = m.parent.clone();
     while let Some(id) = parent {
         let p = source.manifest(&m.vm, &id)?;
-        let mut keys: Vec<String> = data_files(&p).into_iter().map(str::to_string).collect();
+        let mut keys: Vec<String> = data_files(&p)
+            .into_iter()
+            .map(|(key, _)| key.to_string())
+            .collect();
         keys.push(format!("{}/{}/manifest.json", p.vm, p.id));
         for key in &keys {
             target.extend_retention(key, retention)?;
@@ -278,7 +306,7 @@ fn fetch_point(
         Err(_) => {}
     }
     let partial = target.begin(lock, &m.vm, &m.id)?;
-    for key in data_files(m) {
+    for (key, _) in data_files(m) {
         let name = key.rsplit('/').next().unwrap_or(key);
         synced.bytes += source.download(key, &partial.dir().join(name))?;
         synced.objects += 1;

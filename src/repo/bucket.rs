@@ -41,16 +41,18 @@ impl Bucket {
 
     /// Uploads the file at `path` as repository key `key` (multipart
     /// when large; the store checks every part's MD5), under `retention`
-    /// when given. The bytes uploaded.
+    /// when given, each byte shown to `proof` before it leaves (the object
+    /// is made only if `proof` holds). The bytes uploaded.
     pub fn upload_file(
         &self,
         key: &str,
         path: &std::path::Path,
         retention: Option<&Retention>,
+        proof: &mut dyn crate::s3::Proof,
     ) -> Result<u64> {
         Ok(self
             .client
-            .upload_file(&self.object(key)?, path, retention)?)
+            .upload_file(&self.object(key)?, path, retention, proof)?)
     }
 
     /// Repository key `key` streamed into a new file at `path`. The bytes

@@ -14,7 +14,7 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use sha2::Digest;
 use tracing::debug;
 
-use super::{Config, Error, Location};
+use super::{Config, Error, Location, Proof};
 
 /// The largest object sent in one request; larger ones go up in parts.
 pub const PART: u64 = 64 << 20;
@@ -586,29 +586,39 @@ impl Client {
     /// [`UPLOADERS`] threads at once (memory: twice that many parts). The
     /// store checks every request's bytes against their MD5
     /// (`Content-MD5`, which object lock also asks for). A failed
-    /// multipart upload is aborted. The bytes uploaded.
+    /// multipart upload is aborted. Every byte read is shown to `proof`
+    /// before it is sent, and the object is made only once `proof` holds
+    /// at the end. The bytes uploaded.
     pub fn upload_file(
         &self,
         key: &str,
         path: &std::path::Path,
         retention: Option<&Retention>,
+        proof: &mut dyn Proof,
     ) -> Result<u64, Error> {
         use std::io::Read;
         let io = |e: std::io::Error| Error::Local {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
+        let unproven = |reason: String| Error::Unproven {
+            path: path.to_path_buf(),
+            reason,
+        };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len <= PART {
             let mut bytes = Vec::with_capacity(len as usize);
             file.read_to_end(&mut bytes).map_err(io)?;
+            proof.read(0, &bytes).map_err(unproven)?;
+            proof.end(bytes.len() as u64).map_err(unproven)?;
             self.put(key, &bytes, false, retention)?;
             return Ok(bytes.len() as u64);
         }
         let upload = self.start_multipart(key, retention)?;
-        let sent = self.send_parts(key, &upload, &mut file, part_size(len), &io);
+        let sent = self.send_parts(key, &upload, (&mut file, path), part_size(len), proof);
         let done = sent.and_then(|(sent, etags)| {
+            proof.end(sent).map_err(unproven)?;
             self.complete_multipart(key, &upload, &etags)?;
             Ok(sent)
         });
@@ -618,15 +628,16 @@ impl Client {
         done
     }
 
-    /// Reads `file` in parts of `size` bytes and uploads them, several at
-    /// once; the bytes sent and the parts' ETags, in order.
+    /// Reads `file` in parts of `size` bytes, shows each to `proof` and
+    /// uploads them, several at once; the bytes sent and the parts'
+    /// ETags, in order.
     fn send_parts(
         &self,
         key: &str,
         upload: &str,
-        file: &mut std::fs::File,
+        (file, path): (&mut std::fs::File, &std::path::Path),
         size: u64,
-        io: &dyn Fn(std::io::Error) -> Error,
+        proof: &mut dyn Proof,
     ) -> Result<(u64, Vec<String>), Error> {
         use std::io::Read;
         use std::sync::{Mutex, mpsc};
@@ -671,10 +682,19 @@ impl Client {
                 }
                 let mut buffer = Vec::with_capacity(size as usize);
                 if let Err(e) = file.by_ref().take(size).read_to_end(&mut buffer) {
-                    break Err(io(e));
+                    break Err(Error::Local {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    });
                 }
                 if buffer.is_empty() {
                     break Ok(());
+                }
+                if let Err(reason) = proof.read(sent, &buffer) {
+                    break Err(Error::Unproven {
+                        path: path.to_path_buf(),
+                        reason,
+                    });
                 }
                 number = match number.checked_add(1).filter(|n| *n <= 10_000) {
                     Some(n) => n,
@@ -995,9 +1015,17 @@ impl Client {
     ) -> Result<Reply, Error> {
         let mut tries = 0;
         loop {
+            let sent = std::time::Instant::now();
             let failure = match make() {
                 Ok(mut response) => {
                     let status = response.status().as_u16();
+                    debug!(
+                        what,
+                        key,
+                        status,
+                        ms = sent.elapsed().as_millis() as u64,
+                        "answered"
+                    );
                     let header = |name: &str| {
                         response
                             .headers()

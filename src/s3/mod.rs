@@ -12,6 +12,30 @@ pub use client::{
 };
 pub use config::{Config, Location};
 
+/// What an upload checks a file's bytes against as it reads them, before
+/// they leave: a check that fails stops the upload, and what was sent of
+/// it goes (a multipart upload is aborted, a single one never sent).
+pub trait Proof {
+    /// The file's bytes at `offset`, read in order from its start, before
+    /// they are sent.
+    fn read(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String>;
+    /// After the last byte (the file `len` bytes long), before the object
+    /// is made.
+    fn end(&mut self, len: u64) -> Result<(), String>;
+}
+
+/// No check: the bytes go as they are read.
+pub struct Unchecked;
+
+impl Proof for Unchecked {
+    fn read(&mut self, _: u64, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn end(&mut self, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The repository's location or the AWS configuration is wrong.
@@ -38,6 +62,14 @@ pub enum Error {
     /// A local file to upload that cannot be read.
     #[error("reading {}: {reason}", path.display())]
     Local {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+
+    /// Bytes of a file to upload that are not what its proof holds: the
+    /// upload was stopped before they were stored.
+    #[error("{}: {reason}", path.display())]
+    Unproven {
         path: std::path::PathBuf,
         reason: String,
     },

@@ -558,7 +558,12 @@ fn a_large_file_goes_up_in_parts_and_comes_back_whole() {
         until: tomorrow(),
     };
     let sent = client
-        .upload_file("vm1/p1/disk0.qcow2", &path, Some(&retention))
+        .upload_file(
+            "vm1/p1/disk0.qcow2",
+            &path,
+            Some(&retention),
+            &mut bitback::s3::Unchecked,
+        )
         .unwrap();
     assert_eq!(sent, len);
     let parts = store.aws_ok(&[
@@ -587,6 +592,135 @@ fn a_large_file_goes_up_in_parts_and_comes_back_whole() {
     client.put("vm1/p1/empty", b"", false, None).unwrap();
     assert_eq!(client.download("vm1/p1/empty", &back).unwrap(), 0);
     assert_eq!(std::fs::metadata(&back).unwrap().len(), 0);
+}
+
+/// A point whose data rotted after it was written is stopped on its way
+/// up: each byte is proven as it is read to go (by its cluster map, or
+/// the file's whole digest), so the damaged part is never sent, the
+/// upload is aborted, and nothing of the point stays in the bucket, not
+/// even under an object lock; rot between the point's check and the
+/// reading of its data too (the bytes stored are the bytes proven).
+/// Mended, it goes up and restores.
+#[test]
+fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
+    let store = Seaweed::start();
+    store.bucket("bb-proof", true);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[96 * MIB]);
+    vm.write(0, 0, 48 * MIB, 0x11);
+    vm.write(0, 48 * MIB, 40 * MIB, 0x22);
+    let point = vm.backup(&[]);
+    vm.quit();
+    let id = point["id"].as_str().unwrap().to_string();
+    let file = vm.repo.join(point["volumes"][0]["file"].as_str().unwrap());
+    assert!(std::fs::metadata(&file).unwrap().len() > bitback::s3::PART);
+    // A byte of data (as qemu-img maps the file) past the first parts.
+    let map = run(std::process::Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        "-f",
+        "qcow2",
+        file.to_str().unwrap(),
+    ]));
+    let extents: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let at = extents
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .filter_map(|e| {
+            let (offset, length) = (e["offset"].as_u64()?, e["length"].as_u64()?);
+            (offset + length > 80 * MIB).then(|| offset.max(80 * MIB - 100) + 100)
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no data past 80 MiB: {extents}"));
+    let flip = |file: &std::path::Path| {
+        let mut bytes = std::fs::read(file).unwrap();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(file, &bytes).unwrap();
+    };
+    flip(&file);
+
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let sync = || {
+        bitback_env(
+            &[
+                "sync",
+                "--from",
+                &repo,
+                "--to",
+                "s3://bb-proof/site",
+                "--retain-days",
+                "1",
+            ],
+            &env,
+        )
+    };
+    let prefix = format!("site/vm1/{id}/");
+    let refused_leaving_nothing = |refused: Run| {
+        assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("does not verify") && refused.stderr.contains(vm.volume(0)),
+            "{}",
+            refused.stderr
+        );
+        let versions = store.aws_ok(&[
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            "bb-proof",
+            "--prefix",
+            &prefix,
+        ]);
+        assert!(versions.get("Versions").is_none(), "{versions}");
+        let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-proof"]);
+        assert!(uploads.get("Uploads").is_none(), "{uploads}");
+    };
+    refused_leaving_nothing(sync());
+
+    // Mended, then rotting again once the sync checked the point.
+    flip(&file);
+    let gate = dir.path().join("gate");
+    let hold = format!("sync-checked:{}", gate.display());
+    let mut held = env.clone();
+    held.push(("BITBACK_HOLD", &hold));
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| {
+            bitback_env(
+                &[
+                    "sync",
+                    "--from",
+                    &repo,
+                    "--to",
+                    "s3://bb-proof/site",
+                    "--retain-days",
+                    "1",
+                ],
+                &held,
+            )
+        });
+        let mark = dir.path().join("gate.held");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !mark.exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(mark.exists(), "the sync never reached its hold");
+        flip(&file);
+        std::fs::write(&gate, b"").unwrap();
+        refused_leaving_nothing(sync.join().unwrap());
+    });
+
+    flip(&file);
+    let copied = sync();
+    assert_eq!(copied.code, Some(0), "{}", copied.stderr);
+    restores_right(
+        "s3://bb-proof/site",
+        &vm.points[0],
+        &dir.path().join("out"),
+        &env,
+    );
 }
 
 /// One sync of a VM into a bucket at a time: a sync killed halfway
