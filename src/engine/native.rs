@@ -91,7 +91,8 @@ pub(super) trait ChainSource: qcow2::Source + Send + Sync {
     /// What errors call it: a path, or an object's URL and version.
     fn name(&self) -> String;
 
-    /// Reads `buf` (data, at most [`CHUNK`]) at `offset`.
+    /// Reads `buf` (data: at most [`CHUNK`], or a [`Copier`]'s span) at
+    /// `offset`.
     fn read_chunk(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.read_exact_at(buf, offset)
     }
@@ -172,6 +173,37 @@ pub(super) struct Copier<'a> {
     /// is checked against them, and every cluster they hold data for must
     /// be read.
     pub check: Option<&'a Baseline>,
+    /// Read the files in spans of up to this many bytes, each one read
+    /// for all the chunks it holds (an object store's request costs more
+    /// than its bytes); `None`: each chunk on its own.
+    pub span: Option<u64>,
+}
+
+/// The most bytes between two chunks a span reads over, in vain.
+const SPAN_GAP: u64 = 1 << 20;
+
+/// Chunks (sorted by file and host offset) grouped into spans of at most
+/// `span` bytes of one file, with gaps of at most [`SPAN_GAP`]; a
+/// compressed cluster is a span of its own. The ranges of `chunks`.
+fn spans(chunks: &[Segment], span: Option<u64>) -> Vec<std::ops::Range<usize>> {
+    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        if let (Some(limit), Some(last)) = (span, spans.last_mut()) {
+            let (first, prev) = (&chunks[last.start], &chunks[i - 1]);
+            let joins = c.packed.is_none()
+                && first.packed.is_none()
+                && c.file == first.file
+                && c.host >= prev.host + prev.len
+                && c.host - (prev.host + prev.len) <= SPAN_GAP
+                && c.host + c.len - first.host <= limit;
+            if joins {
+                last.end = i + 1;
+                continue;
+            }
+        }
+        spans.push(i..i + 1);
+    }
+    spans
 }
 
 /// Maps `files` (full first) for a native copy; `None` when a file needs
@@ -492,6 +524,8 @@ pub(super) fn copy_segments(
         packing,
     } = mapped;
     let chunks = chunks_of(&segments);
+    let spans = spans(&chunks, how.span);
+    let span_len = how.span.unwrap_or(CHUNK).max(CHUNK);
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let bar = how.progress.map(|p| &p.0);
     if let Some(bar) = bar {
@@ -505,37 +539,51 @@ pub(super) fn copy_segments(
         let workers: Vec<_> = (0..how.threads.max(1))
             .map(|_| {
                 let (sources, output, direct) = (&sources, &output, &direct);
-                let chunks = &chunks;
+                let (chunks, spans) = (&chunks, &spans);
                 let packing = &packing;
                 let next = &next;
                 let copied = &copied;
                 let seen = &seen;
                 scope.spawn(move || -> anyhow::Result<()> {
-                    // Aligned for O_DIRECT.
-                    let mut raw = vec![0u8; (CHUNK + DIRECT_ALIGN) as usize];
+                    // Aligned for O_DIRECT (chunks start on clusters).
+                    let mut raw = vec![0u8; (span_len + DIRECT_ALIGN) as usize];
                     let skip = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
-                    let buf = &mut raw[skip..skip + CHUNK as usize];
+                    let whole = &mut raw[skip..skip + span_len as usize];
                     let mut scratch = (Vec::new(), Vec::new());
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(c) = chunks.get(i) else {
+                        let Some(span) = spans.get(i) else {
                             return Ok(());
                         };
-                        let buf = &mut buf[..c.len as usize];
-                        let source = sources[c.file].as_ref();
-                        match c.packed {
-                            None => source.read_chunk(buf, c.host),
-                            Some(p) => unpack(source, c, p, packing[c.file], &mut scratch, buf),
+                        let span = &chunks[span.clone()];
+                        let (first, last) = (&span[0], &span[span.len() - 1]);
+                        let source = sources[first.file].as_ref();
+                        let read = (last.host + last.len - first.host) as usize;
+                        match first.packed {
+                            None => source.read_chunk(&mut whole[..read], first.host),
+                            Some(p) => {
+                                let out = &mut whole[..first.len as usize];
+                                unpack(source, first, p, packing[first.file], &mut scratch, out)
+                            }
                         }
                         .with_context(|| format!("reading {}", source.name()))?;
-                        if let Some(check) = how.check {
-                            seen.check(check, c, buf)
-                                .with_context(|| format!("reading {}", source.name()))?;
-                        }
-                        crate::direct::write_all_at(output, direct.as_ref(), buf, dest(c.guest))?;
-                        let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
-                        if let Some(bar) = bar {
-                            bar.update(done, total);
+                        for c in span {
+                            let at = (c.host - first.host) as usize;
+                            let buf = &whole[at..at + c.len as usize];
+                            if let Some(check) = how.check {
+                                seen.check(check, c, buf)
+                                    .with_context(|| format!("reading {}", source.name()))?;
+                            }
+                            crate::direct::write_all_at(
+                                output,
+                                direct.as_ref(),
+                                buf,
+                                dest(c.guest),
+                            )?;
+                            let done = copied.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                            if let Some(bar) = bar {
+                                bar.update(done, total);
+                            }
                         }
                     }
                 })
@@ -675,7 +723,42 @@ fn unpack(
 
 #[cfg(test)]
 mod tests {
-    use super::Covered;
+
+    #[test]
+    fn spans_join_near_chunks_of_one_file_up_to_their_limit() {
+        const M: u64 = 1 << 20;
+        let at = |file: usize, host: u64, len: u64| Segment {
+            guest: host,
+            len,
+            file,
+            host,
+            packed: None,
+        };
+        let chunks = [
+            at(0, 0, 4 * M),
+            at(0, 4 * M, 4 * M),
+            // A gap of 1 MiB: read over.
+            at(0, 9 * M, 4 * M),
+            // Past 16 MiB from the span's start.
+            at(0, 13 * M, 4 * M),
+            // A gap of 2 MiB: a new span.
+            at(0, 19 * M, M),
+            // Another file.
+            at(1, 20 * M, M),
+            Segment {
+                packed: Some(Packed { len: 512, skip: 0 }),
+                ..at(1, 21 * M, 64 << 10)
+            },
+            at(1, 22 * M, M),
+        ];
+        assert_eq!(
+            spans(&chunks, Some(16 * M)),
+            [0..3, 3..4, 4..5, 5..6, 6..7, 7..8]
+        );
+        assert_eq!(spans(&chunks, None).len(), chunks.len());
+    }
+
+    use super::{Covered, Packed, Segment, spans};
 
     #[test]
     fn gaps_and_inserts() {

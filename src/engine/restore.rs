@@ -276,6 +276,7 @@ fn restore_volume(
         threads: opts.threads.max(1),
         progress: opts.progress.as_ref(),
         check,
+        span: None,
     };
     write_restore(target, |tmp| match plan {
         Some(mapped) => copy_mapped(mapped, tmp, opts.format, size, &how),
@@ -566,6 +567,7 @@ pub fn restore_in_place(
             threads: opts.threads.max(1),
             progress: opts.progress.as_ref(),
             check: None,
+            span: None,
         };
         let copied = copy_segments(mapped, image.try_clone()?, &how, &|guest| guest)?;
         drop(lockout);

@@ -401,40 +401,76 @@ impl Client {
     }
 
     /// Object `key` downloaded into a new file at `path` (replaced when
-    /// there), synced. It comes in ranged GETs of [`DOWNLOAD_CHUNK`], each
-    /// tried again on its own and bounded in time as every request is, so
-    /// a large object over a slow link neither hits one request's time
-    /// limit nor starts over after a failure; every range after the first
-    /// names the version the first came from, so an object replaced
-    /// meanwhile is not mixed. The bytes written.
+    /// there), synced. It comes in ranged GETs of [`DOWNLOAD_CHUNK`],
+    /// [`UPLOADERS`] at once after the first, each tried again on its own
+    /// and bounded in time as every request is, so a large object over a
+    /// slow link neither hits one request's time limit nor starts over
+    /// after a failure; every range after the first names the version the
+    /// first came from, so an object replaced meanwhile is not mixed.
+    /// Memory: a range per GET in flight. The bytes written.
     pub fn download(&self, key: &str, path: &std::path::Path) -> Result<u64, Error> {
-        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicU64, Ordering};
         let local = |e: std::io::Error| Error::Local {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let mut file = std::fs::File::create(path).map_err(local)?;
+        let file = std::fs::File::create(path).map_err(local)?;
+        // The first range gives the object's length and its version.
         let mut buf = vec![0u8; DOWNLOAD_CHUNK as usize];
-        let mut at = 0;
-        // The version the first range came from (none in a bucket that
-        // keeps none), and the object's length.
-        let mut pinned: Option<(Option<String>, u64)> = None;
-        loop {
-            let want = match &pinned {
-                Some((_, total)) => DOWNLOAD_CHUNK.min(total - at),
-                None => DOWNLOAD_CHUNK,
-            };
-            if want == 0 {
-                break;
+        let first = self.get_chunk(key, None, 0, &mut buf)?;
+        file.write_all_at(&buf[..first.len], 0).map_err(local)?;
+        drop(buf);
+        let (version, total) = (first.version, first.total);
+        let ranges = total.div_ceil(DOWNLOAD_CHUNK).max(1);
+        let next = AtomicU64::new(1);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let failed = || {
+            failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..ranges.min(1 + UPLOADERS as u64) {
+                scope.spawn(|| {
+                    let mut buf = vec![0u8; DOWNLOAD_CHUNK as usize];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= ranges || failed() {
+                            return;
+                        }
+                        let at = i * DOWNLOAD_CHUNK;
+                        let want = DOWNLOAD_CHUNK.min(total - at) as usize;
+                        let got = self
+                            .get_chunk(key, version.as_deref(), at, &mut buf[..want])
+                            .and_then(|chunk| match chunk.total == total && chunk.len == want {
+                                true => file.write_all_at(&buf[..want], at).map_err(local),
+                                false => Err(Error::Reply {
+                                    what: format!("GET {}/{key}", self.location),
+                                    reason: format!(
+                                        "the object was {total} bytes long, and then {}",
+                                        chunk.total
+                                    ),
+                                }),
+                            });
+                        if let Err(e) = got {
+                            failure
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
             }
-            let version = pinned.as_ref().and_then(|(v, _)| v.as_deref());
-            let chunk = self.get_chunk(key, version, at, &mut buf[..want as usize])?;
-            file.write_all(&buf[..chunk.len]).map_err(local)?;
-            at += chunk.len as u64;
-            pinned = Some((chunk.version, chunk.total));
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            return Err(e);
         }
         file.sync_all().map_err(local)?;
-        Ok(at)
+        Ok(total)
     }
 
     /// One ranged GET of `key` (of `version`, when given) from `at` into

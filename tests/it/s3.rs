@@ -1593,6 +1593,140 @@ fn served_run(rt: &crate::instant::Runtime, args: &[&str], env: &[(&str, &str)])
     bitback_env(args, &env)
 }
 
+/// A mount from a bucket whose store stalls (a NAS link that crawls):
+/// the reads wait for the store, none fails or gives other bytes, and
+/// they finish right once it answers again. A mount killed after its
+/// bucket server started but before its daemon did: the server ends at
+/// once (no client is coming), `serving` shows the serve ended, a prune
+/// removes its lease and goes on, and a new mount there works.
+#[test]
+fn a_bucket_mount_waits_out_a_stalled_store_and_a_killed_one_is_cleared() {
+    use crate::instant::{Runtime, alive, paths, wait_gone};
+    use nix::sys::signal::Signal;
+    let store = Seaweed::start();
+    store.bucket("bb-stall", false);
+    let rt = Runtime::new();
+    let url = "s3://bb-stall/site";
+    // More data than the server keeps read (its windows): the reads
+    // after the stop must go to the store.
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[64 * MIB]);
+    vm.write(0, MIB, 56 * MIB, 0x5b);
+    vm.random_writes(&mut Rng::from_env(), 20);
+    vm.backup(&[]);
+    vm.quit();
+    store.aws_ok(&["s3", "sync", vm.repo.to_str().unwrap(), url]);
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mnt = dir.path().join("mnt");
+    let mount = |extra: &[(&str, &str)]| {
+        let mut env = env.clone();
+        env.extend_from_slice(extra);
+        served_run(
+            &rt,
+            &[
+                "mount",
+                "--repo",
+                url,
+                "--vm",
+                "vm1",
+                "--json",
+                mnt.to_str().unwrap(),
+            ],
+            &env,
+        )
+    };
+    let served = mount(&[]).json();
+    let file = paths(&served)[0].clone();
+
+    store.signal(Signal::SIGSTOP);
+    let (reading, done) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn({
+        let file = file.clone();
+        move || {
+            let read = std::fs::read(&file);
+            let _ = reading.send(());
+            read
+        }
+    });
+    let early = done.recv_timeout(std::time::Duration::from_secs(10));
+    store.signal(Signal::SIGCONT);
+    assert!(
+        early.is_err(),
+        "a read finished while the store was stopped"
+    );
+    let bytes = reader
+        .join()
+        .unwrap()
+        .expect("reading the mount once the store is back");
+    assert!(
+        bytes == std::fs::read(&vm.points[0].1[0]).unwrap(),
+        "the mount read other bytes than the disk held"
+    );
+    let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_gone(served["server"].as_u64().unwrap());
+
+    // Killed between its server and its daemon.
+    let killed = mount(&[("BITBACK_FAULT", "serve-before-daemon")]);
+    assert_eq!(killed.code, None, "{}{}", killed.stdout, killed.stderr);
+    let servers: Vec<u64> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let runtime = rt.path().to_str().unwrap().as_bytes();
+            cmdline.split(|b| *b == 0).any(|a| a == b"serve-bucket")
+                && environ.windows(runtime.len()).any(|w| w == runtime)
+        })
+        .collect();
+    assert!(servers.len() <= 1, "{servers:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while servers.iter().any(|&pid| alive(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed mount's server still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let serving = served_run(
+        &rt,
+        &["serving", "--repo", url, "--vm", "vm1", "--json"],
+        &env,
+    );
+    assert_eq!(serving.code, Some(0), "{}", serving.stderr);
+    let statuses: Vec<String> = serving.json()["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["lease"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(statuses.iter().all(|s| s != "serving"), "{statuses:?}");
+    let prune = ["prune", "--repo", url, "--vm", "vm1", "--keep-last", "2"];
+    let pruned = served_run(&rt, &prune, &env);
+    assert_eq!(pruned.code, Some(0), "{}", pruned.stderr);
+    let left = store.aws_ok(&[
+        "s3api",
+        "list-objects-v2",
+        "--bucket",
+        "bb-stall",
+        "--prefix",
+        "site/vm1/.serving/",
+    ]);
+    assert!(left.get("Contents").is_none(), "{left}");
+    let again = mount(&[]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    let out = served_run(&rt, &["umount", mnt.to_str().unwrap()], &env);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(rt.entries().is_empty(), "{:?}", rt.entries());
+}
+
 /// A point in a bucket served where it lies: `mount` (FUSE files through
 /// a qemu-storage-daemon reading bitback's bucket server), `export`
 /// (bitback's NBD server in the foreground) and `restore --live` (a QEMU

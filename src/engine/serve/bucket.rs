@@ -10,7 +10,8 @@
 //! runtime directory. That process opens the point first and says what it
 //! found; only then is the runtime directory made and its socket bound.
 //! It ends by itself once the daemon's connections end (however the daemon
-//! ends), so it never outlives what it serves.
+//! ends), so it never outlives what it serves; and at once when the
+//! set-up that started it dies before any client came.
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -198,6 +199,14 @@ impl crate::nbd::Export for VolumeExport {
     }
 }
 
+/// Resolves once this process's parent is no longer `parent` (it died,
+/// and this one was handed to another).
+async fn gone(parent: nix::unistd::Pid) {
+    while nix::unistd::getppid() == parent {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Where a server takes its clients.
 pub enum Listener {
     Unix(tokio::net::UnixListener),
@@ -210,8 +219,9 @@ pub enum Until {
     /// When told (the future given to [`serve`]).
     Stopped,
     /// Once it has had clients and none is left, or none came within a
-    /// minute: a serve behind a qemu-storage-daemon.
-    ClientsGone,
+    /// minute, or `starter` (the process that set the serve up) died
+    /// before any came: a serve behind a qemu-storage-daemon.
+    ClientsGone { starter: nix::unistd::Pid },
 }
 
 /// Serves `point`'s volumes, each under its name, to every client of
@@ -232,21 +242,30 @@ pub async fn serve(
     let mut had = false;
     tokio::pin!(stop);
     loop {
+        // A serve whose set-up died (a mount killed before its daemon
+        // started) has no client coming: it ends at once.
         let first = async {
             match (until, had) {
-                (Until::ClientsGone, false) => tokio::time::sleep(FIRST_CLIENT).await,
+                (Until::ClientsGone { starter }, false) => tokio::select! {
+                    _ = tokio::time::sleep(FIRST_CLIENT) => {
+                        format!("no client came within {} s", FIRST_CLIENT.as_secs())
+                    }
+                    _ = gone(starter) => {
+                        format!("the process that started it ({starter}) is gone, and no client came")
+                    }
+                },
                 _ => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = &mut stop => return Ok(()),
-            _ = first => {
-                warn!("no client came within {} s; the serve ends", FIRST_CLIENT.as_secs());
+            why = first => {
+                warn!("{why}; the serve ends");
                 return Ok(());
             }
             Some(()) = ended.recv() => {
                 clients -= 1;
-                if until == Until::ClientsGone && clients == 0 {
+                if matches!(until, Until::ClientsGone { .. }) && clients == 0 {
                     info!("the last client is gone; the serve ends");
                     return Ok(());
                 }
@@ -461,6 +480,8 @@ fn failure(child: &mut std::process::Child) -> String {
 /// reads the runtime directory from stdin, listens there, says
 /// `listening`, and serves until its clients are gone.
 pub async fn run_server(point: ServedPoint) -> anyhow::Result<()> {
+    // The set-up waits for the line below: it is alive now.
+    let starter = nix::unistd::getppid();
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &Opened::of(&point))?;
     writeln!(out)?;
@@ -490,7 +511,7 @@ pub async fn run_server(point: ServedPoint) -> anyhow::Result<()> {
     serve(
         Listener::Unix(listener),
         &point,
-        Until::ClientsGone,
+        Until::ClientsGone { starter },
         async move {
             term.recv().await;
         },
