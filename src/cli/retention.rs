@@ -84,6 +84,9 @@ pub(crate) struct PruneArgs {
 /// it are deleted. The next incremental's link to it never breaks, and a
 /// crash at any moment leaves every point restorable. Restores from short
 /// chains read fewer files.
+///
+/// A bucket (s3://) is refused: its points are never rewritten; its chains
+/// are shortened by new fulls (backup --full-every N) and prune.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ConsolidateArgs {
     /// The repository directory.
@@ -221,6 +224,16 @@ pub(crate) fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn consolidate(args: ConsolidateArgs) -> anyhow::Result<ExitCode> {
+    if let Some(Ok(location)) = args.repo.to_str().and_then(bitback::s3::Location::parse) {
+        return Err(bitback::engine::BadInput(format!(
+            "{} is a bucket: consolidate rewrites a point in place, and a bucket's points are never \
+             rewritten (under object lock every version stays anyway, so a merge would only add \
+             bytes). Shorten a bucket's chains with new fulls (backup --full-every N) and \
+             prune --keep-chains N, which removes a chain once no lock holds it",
+            location
+        ))
+        .into());
+    }
     let repo = Repo::open(&args.repo)?;
     let lock = repo.lock_vm(&args.vm, "consolidate")?;
     let report = engine::consolidate(&repo, &lock, args.max_chain)

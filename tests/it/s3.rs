@@ -1044,7 +1044,10 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("is a bucket"), "{stderr}");
+    assert!(
+        stderr.contains("is a bucket") && stderr.contains("--full-every"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0);
 }
 
