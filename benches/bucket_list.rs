@@ -9,6 +9,9 @@
 //! prune` of each VM write its index (BITBACK_BENCH_NO_INDEX skips both),
 //! then times `bitback list --json` BITBACK_BENCH_REPEAT times (default
 //! 3) and prints the median, per VM, and that per VM times 1,000.
+//! BITBACK_BENCH_PROBE also times the store's own floor, twice: one
+//! listing of every version in the bucket, and one listing per VM, one
+//! at a time.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -90,6 +93,27 @@ fn main() {
             });
         }
     });
+    // What the store spends listing versions, whoever asks.
+    if std::env::var_os("BITBACK_BENCH_PROBE").is_some() {
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            let all = client.versions("").expect("versions");
+            eprintln!(
+                "one listing of every version: {} in {:.3} s",
+                all.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let t = std::time::Instant::now();
+            for v in 0..vms {
+                let n = client
+                    .versions(&format!("site/vm{v:04}/"))
+                    .expect("versions")
+                    .len();
+                assert_eq!(n as u64, 3 * points);
+            }
+            eprintln!("per VM, one at a time: {:.3} s", t.elapsed().as_secs_f64());
+        }
+    }
     // Without an index a listing reads every manifest; a prune (which a
     // job runs after each backup) writes each VM's index.
     let mut cold = Vec::new();
