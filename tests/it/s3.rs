@@ -644,7 +644,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     let env = store.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let repo = vm.repo.to_str().unwrap().to_string();
-    let sync = || {
+    let sync = |env: &[(&str, &str)]| {
         bitback_env(
             &[
                 "sync",
@@ -655,7 +655,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
                 "--retain-days",
                 "1",
             ],
-            &env,
+            env,
         )
     };
     let prefix = format!("site/vm1/{id}/");
@@ -678,7 +678,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
         let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-proof"]);
         assert!(uploads.get("Uploads").is_none(), "{uploads}");
     };
-    refused_leaving_nothing(sync());
+    refused_leaving_nothing(sync(&env));
 
     // Mended, then rotting again once the sync checked the point.
     flip(&file);
@@ -687,20 +687,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     let mut held = env.clone();
     held.push(("BITBACK_HOLD", &hold));
     std::thread::scope(|s| {
-        let sync = s.spawn(|| {
-            bitback_env(
-                &[
-                    "sync",
-                    "--from",
-                    &repo,
-                    "--to",
-                    "s3://bb-proof/site",
-                    "--retain-days",
-                    "1",
-                ],
-                &held,
-            )
-        });
+        let sync = s.spawn(|| sync(&held));
         let mark = dir.path().join("gate.held");
         let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !mark.exists() && std::time::Instant::now() < until {
@@ -713,7 +700,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     });
 
     flip(&file);
-    let copied = sync();
+    let copied = sync(&env);
     assert_eq!(copied.code, Some(0), "{}", copied.stderr);
     restores_right(
         "s3://bb-proof/site",
