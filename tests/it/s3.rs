@@ -610,6 +610,10 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     vm.write(0, 0, 48 * MIB, 0x11);
     vm.write(0, 48 * MIB, 40 * MIB, 0x22);
     let point = vm.backup(&[]);
+    // A compressed point after it, whose clusters are proven by reading
+    // it whole before it goes.
+    vm.random_writes(&mut Rng::from_env(), 20);
+    vm.backup(&["--compress"]);
     vm.quit();
     let id = point["id"].as_str().unwrap().to_string();
     let file = vm.repo.join(point["volumes"][0]["file"].as_str().unwrap());
@@ -702,12 +706,10 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     flip(&file);
     let copied = sync(&env);
     assert_eq!(copied.code, Some(0), "{}", copied.stderr);
-    restores_right(
-        "s3://bb-proof/site",
-        &vm.points[0],
-        &dir.path().join("out"),
-        &env,
-    );
+    for (i, point) in vm.points.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        restores_right("s3://bb-proof/site", point, &out, &env);
+    }
 }
 
 /// One sync of a VM into a bucket at a time: a sync killed halfway
