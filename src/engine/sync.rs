@@ -3,9 +3,11 @@
 //! back to a directory) is the same repository; and a bucket's points
 //! copied back into a directory ([`sync_from_bucket`]).
 //!
-//! A point is copied only once it verifies (every file against its
-//! digest, as `bitback verify` reads it): a damaged point is refused,
-//! never copied off-site. Its data files go first, its manifest last and
+//! A point is copied only as it verifies: everything but its data checked
+//! first as `bitback verify` checks it, then each byte of its data proven
+//! as it is read to be sent ([`super::proof`]), so a damaged point is
+//! refused, never copied off-site, and the bytes stored are the bytes
+//! proven. Its data files go first, its manifest last and
 //! only if absent: the manifest is the point's commit in a bucket, so a
 //! killed sync leaves no listed point (only objects the next sync writes
 //! again), and two syncs at once copy a point once. Points go oldest

@@ -819,6 +819,8 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
     let mut rng = Rng::from_env();
+    // The full holds data whatever the random writes hit.
+    vm.write(0, 0, 64 << 10, 0x77);
     for _ in 0..3 {
         vm.random_writes(&mut rng, 6);
         vm.backup(&[]);
@@ -1556,8 +1558,10 @@ fn a_job_backs_up_into_a_directory_and_a_bucket_and_prunes_both() {
 }
 
 /// A quit VM of volumes of `sizes` backed up `backups` times (`writes`
-/// random writes before each) into its directory repository, which is
-/// then copied to `url` as `aws s3 sync` copies it; its directory.
+/// random writes before each, and data in each volume's first cluster
+/// before the first, whatever the random writes hit) into its directory
+/// repository, which is then copied to `url` as `aws s3 sync` copies it;
+/// its directory.
 fn points_in_bucket(
     store: &Seaweed,
     url: &str,
@@ -1568,6 +1572,9 @@ fn points_in_bucket(
     let dir = tempdir();
     let mut vm = Vm::new(dir.path(), sizes);
     let mut rng = Rng::from_env();
+    for volume in 0..sizes.len() {
+        vm.write(volume, 0, 64 << 10, 0x77);
+    }
     for _ in 0..backups {
         vm.random_writes(&mut rng, writes);
         vm.backup(&[]);
