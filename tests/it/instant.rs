@@ -171,6 +171,16 @@ fn wait_unread(vm_dir: &Path) {
     }
 }
 
+/// How a `--finish` report says each volume ended (`streamed`, ...).
+pub(crate) fn hows(finish: &Value) -> Vec<&str> {
+    finish["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["how"].as_str().unwrap())
+        .collect()
+}
+
 pub(crate) fn paths(served: &Value) -> Vec<PathBuf> {
     served["files"]
         .as_array()
@@ -624,13 +634,7 @@ fn a_vm_runs_on_a_live_restore_and_finish_leaves_the_point_plus_its_writes() {
         String::from_utf8_lossy(&done.stderr)
     );
     let report: Value = serde_json::from_slice(&done.stdout).unwrap();
-    let hows: Vec<&str> = report["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["how"].as_str().unwrap())
-        .collect();
-    assert_eq!(hows, ["streamed", "streamed"], "{report}");
+    assert_eq!(hows(&report), ["streamed", "streamed"], "{report}");
     assert_eq!(report["ended"].as_array().unwrap().len(), 1, "{report}");
     wait_gone(live["pid"].as_u64().unwrap());
     assert!(rt.entries().is_empty(), "{:?}", rt.entries());

@@ -514,13 +514,11 @@ fn a_shut_off_domain_is_restored_live_in_one_command() {
         .map(|f| PathBuf::from(f["path"].as_str().unwrap()))
         .collect();
     assert_eq!(images, domain.disks);
-    let hows: Vec<&str> = done["finish"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["how"].as_str().unwrap())
-        .collect();
-    assert_eq!(hows, ["streamed", "streamed"], "{done}");
+    assert_eq!(
+        crate::instant::hows(&done["finish"]),
+        ["streamed", "streamed"],
+        "{done}"
+    );
     assert_eq!(
         done["finish"]["ended"].as_array().unwrap().len(),
         1,
@@ -587,13 +585,11 @@ fn a_shut_off_domain_is_restored_live_from_a_bucket() {
     let server = done["live"]["server"]
         .as_u64()
         .expect("the bucket server's pid");
-    let hows: Vec<&str> = done["finish"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["how"].as_str().unwrap())
-        .collect();
-    assert_eq!(hows, ["streamed", "streamed"], "{done}");
+    assert_eq!(
+        crate::instant::hows(&done["finish"]),
+        ["streamed", "streamed"],
+        "{done}"
+    );
     assert!(rt.entries().is_empty(), "{:?}", rt.entries());
     let deadline = Instant::now() + Duration::from_secs(30);
     while Path::new(&format!("/proc/{server}")).exists() {
