@@ -3,6 +3,7 @@
 //! consolidate, verify): the structural rules, which read no data, and
 //! the cluster tables and digests on top of them.
 
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::cluster_map::Map;
@@ -194,16 +195,7 @@ fn check_map(
     clusters: bool,
     sample: Option<&Sample>,
 ) -> Result<(), MapFailure> {
-    let map_path = repo.root().join(&record.file);
-    let digest = digest_file(&map_path)
-        .map_err(|e| MapFailure::Map(anyhow::anyhow!("cluster map: cannot read: {e}")))?;
-    if digest != record.digest {
-        return Err(MapFailure::Map(anyhow::anyhow!(
-            "cluster map: digest is {digest}, the manifest says {}",
-            record.digest
-        )));
-    }
-    let map = Map::read(&map_path).map_err(MapFailure::Map)?;
+    let map = read_map(repo, record).map_err(MapFailure::Map)?;
     if !clusters {
         return Ok(());
     }
@@ -214,6 +206,22 @@ fn check_map(
             map_against_file_sampled(&file, image, &map, only.as_ref())
         })
         .map_err(|e| MapFailure::Clusters(e.context("cluster map")))
+}
+
+/// The cluster map of `record`, read once: its bytes proven by the
+/// manifest's digest, then parsed (hostile until then).
+pub(super) fn read_map(repo: &Repo, record: &crate::repo::MapRecord) -> anyhow::Result<Map> {
+    let path = repo.root().join(&record.file);
+    let bytes =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cluster map: cannot read: {e}"))?;
+    let digest = crate::digest::Digest::Whole(blake3::hash(&bytes));
+    if digest != record.digest {
+        anyhow::bail!(
+            "cluster map: digest is {digest}, the manifest says {}",
+            record.digest
+        );
+    }
+    Map::parse(&bytes).with_context(|| format!("{} is not a cluster map", path.display()))
 }
 
 /// A share of a file's data clusters to read, chosen afresh each run

@@ -12,9 +12,9 @@
 //! cluster two guest clusters share, an encrypted file) is read whole
 //! against its map first, as `verify` reads it, and goes as read.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use super::check::map_against_file;
+use super::check::{map_against_file, read_map};
 use crate::cluster_map::{self, Map};
 use crate::digest::Digest;
 use crate::qcow2::{self, Image, Kind};
@@ -61,7 +61,7 @@ impl FileProof {
             )
         })?;
         let path = repo.root().join(&v.file);
-        let map = read_map(repo, record)?;
+        let map = read_map(repo, record).with_context(|| record.file.clone())?;
         let image = Image::open(&path).with_context(|| format!("opening {}", v.file))?;
         let file = std::fs::File::open(&path).with_context(|| format!("opening {}", v.file))?;
         match Clusters::index(&file, &image, map)? {
@@ -85,21 +85,6 @@ impl FileProof {
             expected,
         }
     }
-}
-
-/// The map of `record`, its bytes proven by its digest as read.
-fn read_map(repo: &Repo, record: &MapRecord) -> anyhow::Result<Map> {
-    let path = repo.root().join(&record.file);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", record.file))?;
-    let digest = Digest::Whole(blake3::hash(&bytes));
-    if digest != record.digest {
-        bail!(
-            "{}: digest is {digest}, the manifest says {}",
-            record.file,
-            record.digest
-        );
-    }
-    Map::parse(&bytes).with_context(|| format!("{} is not a cluster map", record.file))
 }
 
 impl Clusters {

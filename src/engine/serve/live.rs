@@ -399,10 +399,10 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
         images
             .iter()
             .find(|(_, r, _)| r.volume == name)
-            .expect("every volume wanted has its image")
+            .with_context(|| format!("backup volume {name} has no image being resumed"))
     };
     for (name, size) in &point.volumes {
-        let (path, _, image_size) = image_of(name);
+        let (path, _, image_size) = image_of(name)?;
         if image_size != size {
             return Err(BadInput(format!(
                 "{} holds {image_size} bytes, volume {name} of backup {} {size}: not the image its restore made",
@@ -414,7 +414,8 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
     }
     // The runtime directory is keyed as the live restore keyed it: by
     // its first image's path.
-    let first_image = image_of(&point.volumes[0].0).0.clone();
+    let (first_volume, _) = point.volumes.first().context("a point of no volume")?;
+    let first_image = image_of(first_volume)?.0.clone();
     let serving = Serving::begin(
         Kind::Live,
         &opts.output,
@@ -441,7 +442,7 @@ async fn resume(repo: &Repo, opts: &LiveOptions) -> anyhow::Result<Served> {
     let mut serving = serving;
     let mut files = Vec::new();
     for (name, size) in &point.volumes {
-        let (path, _, _) = image_of(name);
+        let (path, _, _) = image_of(name)?;
         // Recorded once served: the images are the VM's, never removed.
         serving.record(path, false).with_context(|| {
             format!(
