@@ -25,38 +25,43 @@ pub(super) fn baseline(
     cluster_size: Option<u64>,
 ) -> Result<Arc<Baseline>, String> {
     baseline_of(chain, volume, cluster_size, |file| {
-        std::fs::read(repo.root().join(file)).map_err(|e| e.to_string())
+        let file = std::fs::File::open(repo.root().join(file)).map_err(|e| e.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        Ok((Box::new(file) as Box<dyn std::io::Read>, Some(len)))
     })
 }
 
+/// A map's bytes and their length, when known.
+pub(super) type MapBytes<'a> = (Box<dyn std::io::Read + 'a>, Option<u64>);
+
 /// [`baseline`], each map's bytes read by `read` (given the map's file,
-/// relative to the repository: a file, or an object of a bucket).
-pub(super) fn baseline_of(
+/// relative to the repository: a file, or an object of a bucket). The
+/// maps are laid over each other as they are read: one at a time is held
+/// besides the baseline.
+pub(super) fn baseline_of<'a>(
     chain: &[Manifest],
     volume: &str,
     cluster_size: Option<u64>,
-    read: impl Fn(&str) -> Result<Vec<u8>, String>,
+    read: impl Fn(&str) -> Result<MapBytes<'a>, String>,
 ) -> Result<Arc<Baseline>, String> {
     let records = super::chain::volume_records(chain, volume).map_err(|e| format!("{e:#}"))?;
-    let mut maps = Vec::with_capacity(records.len());
-    for r in records {
+    let load = |r: &crate::repo::VolumeRecord| -> Result<Map, String> {
         let Some(map) = &r.cluster_map else {
             return Err(format!(
                 "its file {} has no cluster map (QEMU wrote it, or a consolidation did)",
                 r.file
             ));
         };
-        let bytes = read(&map.file)
-            .map_err(|e| format!("the cluster map {} cannot be read: {e}", map.file))?;
-        let digest = crate::digest::Digest::Whole(blake3::hash(&bytes));
+        let cannot = |e: String| format!("the cluster map {} cannot be read: {e}", map.file);
+        let (bytes, len) = read(&map.file).map_err(cannot)?;
+        let (read, digest) = Map::read_from(bytes, len).map_err(|e| cannot(e.to_string()))?;
         if digest != map.digest {
             return Err(format!(
                 "the cluster map {} is not the one written (its digest is {digest}, the manifest says {})",
                 map.file, map.digest
             ));
         }
-        let read = Map::parse(&bytes)
-            .map_err(|e| format!("the cluster map {} is not one: {e:#}", map.file))?;
+        let read = read.map_err(|e| format!("the cluster map {} is not one: {e:#}", map.file))?;
         let cluster_size = cluster_size.unwrap_or(read.cluster_size);
         if read.cluster_size != cluster_size || read.size != r.virtual_size {
             return Err(format!(
@@ -64,9 +69,19 @@ pub(super) fn baseline_of(
                 map.file, read.cluster_size, read.size, cluster_size, r.virtual_size
             ));
         }
-        maps.push(read);
+        Ok(read)
+    };
+    let mut failed = None;
+    let maps = records.iter().map_while(|r| match load(r) {
+        Ok(map) => Some(map),
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    let overlaid = Baseline::overlay(maps);
+    if let Some(e) = failed {
+        return Err(e);
     }
-    Baseline::overlay(maps)
-        .map(Arc::new)
-        .map_err(|e| format!("{e:#}"))
+    overlaid.map(Arc::new).map_err(|e| format!("{e:#}"))
 }

@@ -534,7 +534,14 @@ pub(super) fn proof(
         .sum();
     let maps = records.iter().all(|r| r.cluster_map.is_some()) && held <= MAX_IN_FLIGHT_RECORDS;
     if maps {
-        let read = |file: &str| objects.read_original(file).map_err(|e| format!("{e:#}"));
+        let read = |file: &str| {
+            let bytes = objects.read_original(file).map_err(|e| format!("{e:#}"))?;
+            let len = bytes.len() as u64;
+            Ok((
+                Box::new(std::io::Cursor::new(bytes)) as Box<dyn std::io::Read>,
+                Some(len),
+            ))
+        };
         return super::content::baseline_of(chain, &v.name, None, read)
             .map(Some)
             .map_err(|why| anyhow::anyhow!("volume {}: {why}", v.name));

@@ -176,7 +176,7 @@ impl Clusters {
     /// Guest cluster `c`, stored at host cluster `host`: `bytes`.
     fn check(&mut self, c: u64, host: u64, bytes: &[u8]) -> Result<(), String> {
         let guest_len = self.map.cluster_len(c);
-        match self.map.clusters.get(&c) {
+        match self.map.clusters.get(c) {
             Some(d) if *d == cluster_map::digest(&bytes[..guest_len]) => {
                 self.checked += 1;
                 Ok(())
@@ -236,15 +236,15 @@ mod tests {
         for (i, b) in file.iter_mut().enumerate() {
             *b = (i * 7 % 251) as u8;
         }
-        let mut map = Map {
-            cluster_size: cs,
-            size: 5 * cs + 1024,
-            clusters: Default::default(),
-        };
-        map.clusters
-            .insert(2, cluster_map::digest(&file[4096..2 * 4096]));
-        map.clusters
-            .insert(5, cluster_map::digest(&file[2 * 4096..2 * 4096 + 1024]));
+        let map = Map::from_records(
+            cs,
+            5 * cs + 1024,
+            [
+                (2, cluster_map::digest(&file[4096..2 * 4096])),
+                (5, cluster_map::digest(&file[2 * 4096..2 * 4096 + 1024])),
+            ],
+        )
+        .unwrap();
         let clusters = Clusters {
             cs,
             guest: vec![0, 3, 6, 0],

@@ -190,13 +190,13 @@ fn compressed_backups_are_zstd_files_bitback_writes_with_cluster_maps() {
                 for (c, bytes) in model.chunks(map.cluster_size as usize).enumerate() {
                     if bytes.iter().any(|&b| b != 0) {
                         assert!(
-                            map.clusters.contains_key(&(c as u64)),
+                            map.clusters.contains(c as u64),
                             "{id} volume {i}: data cluster {c} not in the full's map"
                         );
                     }
                 }
             }
-            for (&c, d) in &map.clusters {
+            for (c, d) in map.clusters.iter() {
                 let start = (c * map.cluster_size) as usize;
                 let end = (start + map.cluster_len(c)).min(model.len());
                 assert_eq!(

@@ -1057,15 +1057,15 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
                 let end = (((c + 1) * cs).min(size)) as usize;
                 let zeros = model[start..end].iter().all(|b| *b == 0);
                 assert!(
-                    cmap.clusters.contains_key(&c) || (!with_backing && zeros),
+                    cmap.clusters.contains(c) || (!with_backing && zeros),
                     "round {round}: cluster {c} is not recorded"
                 );
             }
             assert!(
-                cmap.clusters.keys().all(|c| held.contains(c)),
+                cmap.clusters.keys().all(|c| held.contains(&c)),
                 "round {round}: a record of a cluster never written"
             );
-            for (&c, d) in &cmap.clusters {
+            for (c, d) in cmap.clusters.iter() {
                 let start = (c * cs) as usize;
                 let end = (((c + 1) * cs).min(size)) as usize;
                 assert_eq!(
@@ -1255,7 +1255,7 @@ fn an_incremental_by_content_stores_only_changed_clusters() {
     std::fs::write(&raw, &new).unwrap();
     assert!(same_content(&raw, "raw", &top, "qcow2"));
     let map = Map::read(&map_path).unwrap();
-    let mapped: std::collections::BTreeSet<u64> = map.clusters.keys().copied().collect();
+    let mapped: std::collections::BTreeSet<u64> = map.clusters.keys().collect();
     assert_eq!(mapped, changed, "the map records the changed clusters");
     let stored: u64 = qemu_img_json("map", &top)
         .as_array()
