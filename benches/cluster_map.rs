@@ -93,7 +93,9 @@ fn main() {
     let rounds = env_u64("BITBACK_BENCH_REPEAT", 3).max(1);
     let dir = bench_dir("bitback-cluster-map-");
     write_maps(dir.path(), size, pct);
-    let map_len = std::fs::metadata(dir.path().join("full.map")).unwrap().len();
+    let map_len = std::fs::metadata(dir.path().join("full.map"))
+        .unwrap()
+        .len();
     let me = std::env::current_exe().unwrap();
     let mut runs = json!({});
     for name in ["read", "overlay"] {

@@ -396,8 +396,8 @@ impl Map {
     pub fn read(path: &Path) -> anyhow::Result<Map> {
         let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
         let len = file.metadata().ok().map(|m| m.len());
-        let (map, _) = Map::read_from(file, len)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let (map, _) =
+            Map::read_from(file, len).with_context(|| format!("reading {}", path.display()))?;
         map.with_context(|| format!("{} is not a cluster map", path.display()))
     }
 
@@ -533,7 +533,9 @@ impl Parser {
         if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
             bail!("cluster size {cluster_size} is not a power of two from 512 B to 2 MiB");
         }
-        let records = self.len.map_or(0, |l| l.saturating_sub(HEADER as u64) / RECORD as u64);
+        let records = self
+            .len
+            .map_or(0, |l| l.saturating_sub(HEADER as u64) / RECORD as u64);
         Ok(Map {
             cluster_size,
             size,
@@ -556,7 +558,8 @@ impl Parser {
             ));
             return;
         }
-        map.clusters.push(cluster, rec[8..].try_into().expect("16 bytes"));
+        map.clusters
+            .push(cluster, rec[8..].try_into().expect("16 bytes"));
     }
 
     fn finish(self) -> anyhow::Result<Map> {

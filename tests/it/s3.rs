@@ -706,6 +706,29 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     flip(&file);
     let copied = sync(&env);
     assert_eq!(copied.code, Some(0), "{}", copied.stderr);
+    // Its parts went up with their CRC32C (not MD5: SeaweedFS refuses a
+    // wrong one, which bitback's probe found), and the store keeps it,
+    // one per part combined.
+    let key = format!("site/{}", point["volumes"][0]["file"].as_str().unwrap());
+    let head = store.aws_ok(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "bb-proof",
+        "--key",
+        &key,
+        "--checksum-mode",
+        "ENABLED",
+    ]);
+    let parts = std::fs::metadata(&file)
+        .unwrap()
+        .len()
+        .div_ceil(bitback::s3::part_size(
+            std::fs::metadata(&file).unwrap().len(),
+        ));
+    let crc = head["ChecksumCRC32C"].as_str().unwrap_or_default();
+    assert!(crc.ends_with(&format!("-{parts}")), "{head}");
+    assert_eq!(head["ChecksumType"], "COMPOSITE", "{head}");
     for (i, point) in vm.points.iter().enumerate() {
         let out = dir.path().join(format!("out{i}"));
         restores_right("s3://bb-proof/site", point, &out, &env);
