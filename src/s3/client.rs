@@ -710,9 +710,16 @@ impl Client {
         size: u64,
         proof: &mut dyn Proof,
     ) -> Result<(u64, Vec<Part>), Error> {
-        use std::io::Read;
         use std::sync::{Mutex, mpsc};
-        let (tx, rx) = mpsc::sync_channel::<(u16, Vec<u8>)>(UPLOADERS);
+        let len = file
+            .metadata()
+            .map_err(|e| Error::Local {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?
+            .len();
+        let direct = crate::direct::reopen_read(file);
+        let (tx, rx) = mpsc::sync_channel::<(u16, PartBytes)>(UPLOADERS);
         let rx = Mutex::new(rx);
         let parts: Mutex<Vec<(u16, Part)>> = Mutex::new(Vec::new());
         let failure: Mutex<Option<Error>> = Mutex::new(None);
@@ -751,16 +758,19 @@ impl Client {
                 {
                     break Ok(());
                 }
-                let mut buffer = Vec::with_capacity(size as usize);
-                if let Err(e) = file.by_ref().take(size).read_to_end(&mut buffer) {
-                    break Err(Error::Local {
-                        path: path.to_path_buf(),
-                        reason: e.to_string(),
-                    });
-                }
-                if buffer.is_empty() {
+                let want = len.saturating_sub(sent).min(size) as usize;
+                if want == 0 {
                     break Ok(());
                 }
+                let buffer = match read_part(file, direct.as_ref(), sent, want) {
+                    Ok(buffer) => buffer,
+                    Err(e) => {
+                        break Err(Error::Local {
+                            path: path.to_path_buf(),
+                            reason: e.to_string(),
+                        });
+                    }
+                };
                 if let Err(reason) = proof.read(sent, &buffer) {
                     break Err(Error::Unproven {
                         path: path.to_path_buf(),
@@ -1306,6 +1316,51 @@ fn md5(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes))
 }
 
+/// A part's bytes, in a buffer aligned for O_DIRECT.
+struct PartBytes {
+    raw: Vec<u8>,
+    skip: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for PartBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.skip..self.skip + self.len]
+    }
+}
+
+/// The `want` bytes at `at` of `file`: read around the page cache
+/// (through `direct`, its O_DIRECT handle) where the page cache does not
+/// hold them, so the kernel neither copies them nor keeps them (a
+/// spool's files are written that way too); from the page cache where it
+/// does. The file must hold them all.
+fn read_part(
+    file: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    at: u64,
+    want: usize,
+) -> std::io::Result<PartBytes> {
+    use std::os::unix::fs::FileExt;
+    const ALIGN: usize = crate::direct::ALIGN as usize;
+    let mut raw = vec![0u8; want + ALIGN];
+    let skip = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[skip..skip + want];
+    let direct = direct.filter(|_| !crate::direct::resident(file, at, want));
+    // The whole blocks around the page cache, the last piece through it.
+    let whole = match at % ALIGN as u64 {
+        0 => want / ALIGN * ALIGN,
+        _ => 0,
+    };
+    crate::direct::read_exact_at(file, direct, &mut buf[..whole], at)?;
+    file.read_exact_at(&mut buf[whole..], at + whole as u64)?;
+    Ok(PartBytes {
+        raw,
+        skip,
+        len: want,
+    })
+}
+
 /// The base64 CRC32C of `bytes` (big-endian, as `x-amz-checksum-crc32c`
 /// takes it), XORed with `flip` (a wrong one, for the probe).
 fn crc32c_base64(bytes: &[u8], flip: u32) -> String {
@@ -1360,6 +1415,46 @@ mod tests {
         assert!(parse_versions("<Error/>").is_err());
         let sizeless = "<ListVersionsResult><Version><Key>k</Key></Version></ListVersionsResult>";
         assert!(parse_versions(sizeless).is_err());
+    }
+
+    #[test]
+    fn parts_read_around_the_page_cache_are_the_files_bytes() {
+        // Not tmpfs, which refuses O_DIRECT.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..3 * 65536 + 1234u32)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let direct = crate::direct::reopen_read(&file);
+        assert!(
+            direct.is_some(),
+            "{} refuses O_DIRECT",
+            dir.path().display()
+        );
+        // Dropped from the page cache, so that O_DIRECT is taken.
+        nix::fcntl::posix_fadvise(
+            &file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        for (at, want) in [
+            (0, 65536),
+            (65536, 2 * 65536 + 1234),
+            (4096, 5000),
+            (100, 70000),
+        ] {
+            let part = read_part(&file, direct.as_ref(), at, want).unwrap();
+            assert_eq!(
+                &part[..],
+                &bytes[at as usize..at as usize + want],
+                "{at}+{want}"
+            );
+        }
+        assert!(read_part(&file, direct.as_ref(), 65536, 3 * 65536).is_err());
     }
 
     #[test]
