@@ -37,7 +37,7 @@ fn main() {
         cmd.args(["backup", "--qmp"])
             .arg(&daemon.qmp)
             .args(["--repo", repo, "--vm", "bench"])
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            .envs(env.iter().copied());
         if let Some(spool) = spool {
             cmd.arg("--spool").arg(spool);
         }

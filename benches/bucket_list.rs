@@ -55,7 +55,11 @@ fn main() {
     let rounds = env_u64("BITBACK_BENCH_REPEAT", 3);
     let store = s3::Seaweed::start();
     store.bucket("bench", false);
-    let env: HashMap<String, String> = store.env().into_iter().collect();
+    let env: HashMap<String, String> = store
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let config = Config::resolve(&env, None, None).expect("the store's configuration");
     let location = Location::parse("s3://bench/site")
         .expect("an s3 URL")

@@ -28,11 +28,11 @@ fn mount_and_read(
     repo: &str,
     at: &Path,
     runtime: &Path,
-    env: &[(String, String)],
+    env: &[(&str, &str)],
 ) -> (Duration, Duration) {
     let envs = || {
         env.iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .copied()
             .chain([("BITBACK_RUNTIME_DIR", runtime.to_str().unwrap())])
     };
     let mounted = timed(
@@ -72,7 +72,7 @@ fn main() {
         .args(["sync", "--from"])
         .arg(&repo)
         .args(["--to", "s3://bench/site"])
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+        .envs(env.iter().copied()));
     let runtime = dir.path().join("runtime");
     std::fs::create_dir(&runtime).expect("the runtime directory");
     let (mut dir_mount, mut dir_read, mut bucket_mount, mut bucket_read) =

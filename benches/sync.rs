@@ -71,14 +71,13 @@ fn main() {
         let mut cmd = Command::new("aws");
         cmd.args(["--endpoint-url", &store.endpoint])
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().copied())
             .env("AWS_DEFAULT_REGION", "us-east-1");
         cmd
     };
     let bitback = |args: &[&str]| {
         let mut cmd = Command::new(BITBACK);
-        cmd.args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.args(args).envs(env.iter().copied());
         cmd
     };
     // The point's own directory: its files and manifest, what bitback

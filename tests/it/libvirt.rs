@@ -560,11 +560,7 @@ fn a_shut_off_domain_is_restored_live_from_a_bucket() {
     store.bucket("bb-live", false);
     store.aws_ok(&["s3", "sync", repo.to_str().unwrap(), "s3://bb-live/site"]);
     let mut env = store.env();
-    env.push((
-        "BITBACK_RUNTIME_DIR".into(),
-        rt.path().to_str().unwrap().into(),
-    ));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("BITBACK_RUNTIME_DIR", rt.path().to_str().unwrap()));
     let done = crate::harness::bitback_env(
         &[
             "restore",

@@ -235,8 +235,7 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
     let env = store.env();
     let repo = vm.repo.to_str().unwrap().to_string();
     let sync = |extra: &[(&str, &str)]| {
-        let mut env: Vec<(&str, &str)> =
-            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut env = env.clone();
         env.extend(extra);
         bitback_env(
             &[
@@ -315,7 +314,6 @@ fn a_repository_synced_to_a_bucket_restores_from_it_point_by_point() {
     let back = dir.path().join("back");
     store.aws_ok(&["s3", "sync", "s3://bb-sync/site", back.to_str().unwrap()]);
     let fetched = dir.path().join("fetched");
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let fetch = || {
         bitback_env(
             &[
@@ -473,7 +471,6 @@ fn synced_points_are_locked_and_their_parents_held_as_long() {
     let env = store.env();
     let repo = vm.repo.to_str().unwrap().to_string();
     let sync = |to: &str, days: &str| {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         bitback_env(
             &["sync", "--from", &repo, "--to", to, "--retain-days", days],
             &env,
@@ -646,7 +643,6 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     flip(&file);
 
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let repo = vm.repo.to_str().unwrap().to_string();
     let sync = |env: &[(&str, &str)]| {
         bitback_env(
@@ -749,7 +745,6 @@ fn a_second_sync_is_refused_and_a_dead_ones_leftovers_go() {
     vm.backup(&[]);
     vm.quit();
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let args = [
         "sync",
         "--from",
@@ -850,7 +845,6 @@ fn points_restore_from_the_bucket_where_they_lie_deleted_or_overwritten() {
     }
     vm.quit();
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let repo = vm.repo.to_str().unwrap().to_string();
     for url in ["s3://bb-read/site", "s3://bb-plain/site"] {
         let run = bitback_env(&["sync", "--from", &repo, "--to", url], &env);
@@ -1085,7 +1079,6 @@ fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
     vm.quit();
     let ids: Vec<String> = vm.points.iter().map(|(id, _)| id.clone()).collect();
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let repo = vm.repo.to_str().unwrap().to_string();
     let run_ok = |args: &[&str]| {
         let run = bitback_env(args, &env);
@@ -1220,7 +1213,6 @@ fn backups_reach_the_bucket_through_a_spool() {
     let mut vm = Vm::new(dir.path(), &[8 * MIB, 4 * MIB]);
     let mut rng = Rng::from_env();
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
     let backup = |url: &str, extra: &[&str], env: &[(&str, &str)]| {
         let mut args = vec![
@@ -1387,7 +1379,7 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
         let env = store.env();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().copied())
             .env("BITBACK_HOLD", &hold)
             .env_remove("BITBACK_LOG")
             .stdout(std::process::Stdio::piped())
@@ -1431,7 +1423,6 @@ fn a_store_killed_mid_upload_leaves_no_point_and_the_next_sync_finishes() {
     }
 
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let last = bitback_env(&args, &env);
     assert_eq!(last.code, Some(0), "{}{}", last.stdout, last.stderr);
 
@@ -1523,7 +1514,6 @@ fn a_job_backs_up_into_a_directory_and_a_bucket_and_prunes_both() {
     )
     .unwrap();
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let run = |extra: &[&str]| {
         let mut args = vec!["run", job.to_str().unwrap(), "--json"];
         args.extend(extra);
@@ -1639,7 +1629,6 @@ fn a_bucket_mount_waits_out_a_stalled_store_and_a_killed_one_is_cleared() {
     vm.quit();
     store.aws_ok(&["s3", "sync", vm.repo.to_str().unwrap(), url]);
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mnt = dir.path().join("mnt");
     let mount = |extra: &[(&str, &str)]| {
         let mut env = env.clone();
@@ -1769,7 +1758,6 @@ fn a_point_in_a_bucket_is_mounted_exported_and_restored_live_where_it_lies() {
     let url = "s3://bb-serve/site";
     let (dir, vm) = points_in_bucket(&store, url, &[12 * MIB, 4 * MIB], 2, 10);
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (first, second) = (vm.points[0].0.clone(), vm.points[1].0.clone());
 
     // mount: each point's files read as its models; no writes.
@@ -2084,7 +2072,6 @@ fn a_listing_takes_manifests_from_the_index_only_where_the_store_vouches_for_the
     store.bucket("bb-index", false);
     let (dir, _vm) = points_in_bucket(&store, "s3://bb-index/site", &[4 * MIB], 3, 4);
     let env = store.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let list = || {
         let run = bitback_env(
             &["list", "-v", "--repo", "s3://bb-index/site", "--json"],

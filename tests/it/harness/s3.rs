@@ -230,16 +230,13 @@ impl Seaweed {
     }
 
     /// The environment that points bitback at the store.
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        vec![
             ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
             ("AWS_ACCESS_KEY_ID", KEY_ID),
             ("AWS_SECRET_ACCESS_KEY", SECRET),
             ("AWS_REGION", "us-east-1"),
         ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
     }
 
     /// The bytes of object `key` of `bucket`, read by the aws CLI.
