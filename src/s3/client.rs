@@ -1457,6 +1457,253 @@ mod tests {
         assert!(read_part(&file, direct.as_ref(), 65536, 3 * 65536).is_err());
     }
 
+    /// A request a [`FakeStore`] took.
+    #[derive(Debug, Clone)]
+    struct Taken {
+        method: String,
+        target: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Taken {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A store that SeaweedFS cannot be made to be: one that takes a
+    /// part whatever its sums (`checks: false`, as an older store may),
+    /// or one that refuses a wrong CRC32C but never echoes a right one.
+    /// Multipart requests only; it records each.
+    struct FakeStore {
+        endpoint: String,
+        taken: std::sync::Arc<Mutex<Vec<Taken>>>,
+    }
+
+    use std::sync::Mutex;
+
+    impl FakeStore {
+        fn start(checks: bool) -> FakeStore {
+            use std::io::{BufRead, BufReader, Read, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let endpoint = format!("http://{}", listener.local_addr().unwrap());
+            let taken = std::sync::Arc::new(Mutex::new(Vec::new()));
+            let log = taken.clone();
+            let uploads = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { return };
+                    let (log, uploads) = (log.clone(), uploads.clone());
+                    std::thread::spawn(move || {
+                        let mut out = conn.try_clone().unwrap();
+                        let mut reader = BufReader::new(conn);
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let mut words = line.split_whitespace();
+                            let method = words.next().unwrap_or_default().to_string();
+                            let target = words.next().unwrap_or_default().to_string();
+                            let mut headers = Vec::new();
+                            loop {
+                                let mut h = String::new();
+                                reader.read_line(&mut h).unwrap();
+                                let h = h.trim_end();
+                                if h.is_empty() {
+                                    break;
+                                }
+                                let (n, v) = h.split_once(':').unwrap();
+                                headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+                            }
+                            let len = headers
+                                .iter()
+                                .find(|(n, _)| n == "content-length")
+                                .map_or(0, |(_, v)| v.parse().unwrap());
+                            let mut body = vec![0u8; len];
+                            reader.read_exact(&mut body).unwrap();
+                            let t = Taken {
+                                method,
+                                target,
+                                headers,
+                                body,
+                            };
+                            let (status, extra, text) = FakeStore::answer(&t, checks, &uploads);
+                            log.lock().unwrap().push(t);
+                            let reply = format!(
+                                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n{extra}\r\n{text}",
+                                text.len()
+                            );
+                            out.write_all(reply.as_bytes()).unwrap();
+                        }
+                    });
+                }
+            });
+            FakeStore { endpoint, taken }
+        }
+
+        fn answer(
+            t: &Taken,
+            checks: bool,
+            uploads: &std::sync::atomic::AtomicU32,
+        ) -> (u16, String, String) {
+            let q = &t.target;
+            match t.method.as_str() {
+                "POST" if q.contains("uploads") => {
+                    let n = uploads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let xml = format!(
+                        "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><UploadId>U{n}</UploadId></InitiateMultipartUploadResult>"
+                    );
+                    (200, String::new(), xml)
+                }
+                "PUT" if q.contains("partNumber=") => {
+                    let wrong = t
+                        .header("x-amz-checksum-crc32c")
+                        .is_some_and(|c| c != crc32c_base64(&t.body, 0));
+                    match checks && wrong {
+                        true => (
+                            400,
+                            String::new(),
+                            "<Error><Code>BadDigest</Code></Error>".into(),
+                        ),
+                        false => (
+                            200,
+                            format!("etag: \"e{}\"\r\n", t.body.len()),
+                            String::new(),
+                        ),
+                    }
+                }
+                "DELETE" if q.contains("uploadId=") => (204, String::new(), String::new()),
+                "POST" if q.contains("uploadId=") => (
+                    200,
+                    String::new(),
+                    "<CompleteMultipartUploadResult></CompleteMultipartUploadResult>".into(),
+                ),
+                _ => (
+                    404,
+                    String::new(),
+                    "<Error><Code>NoSuchKey</Code></Error>".into(),
+                ),
+            }
+        }
+
+        fn client(&self) -> Client {
+            let env: std::collections::HashMap<String, String> = [
+                ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+                ("AWS_ACCESS_KEY_ID", "K"),
+                ("AWS_SECRET_ACCESS_KEY", "S"),
+                ("AWS_REGION", "us-east-1"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let config = Config::resolve(&env, None, None).unwrap();
+            let location = Location::parse("s3://bkt").unwrap().unwrap();
+            Client::new(&config, &location).unwrap()
+        }
+
+        /// What it took since the last call.
+        fn take(&self) -> Vec<Taken> {
+            std::mem::take(&mut *self.taken.lock().unwrap())
+        }
+    }
+
+    /// A file of two parts and a bit.
+    fn big_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+        let path = dir.join("f");
+        let bytes: Vec<u8> = (0..PART as u32 + 4096).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        (path, bytes)
+    }
+
+    #[test]
+    fn a_store_that_takes_a_wrong_crc32c_gets_md5_parts_as_before() {
+        let store = FakeStore::start(false);
+        let client = store.client();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes) = big_file(dir.path());
+        let sent = client
+            .upload_file("k", &path, None, &mut crate::s3::Unchecked)
+            .unwrap();
+        assert_eq!(sent, bytes.len() as u64);
+        let taken = store.take();
+        // Begun with the algorithm, probed, aborted, begun again without.
+        assert_eq!(taken[0].header("x-amz-checksum-algorithm"), Some("CRC32C"));
+        assert!(taken[1].target.contains("partNumber=1"), "{:?}", taken[1]);
+        assert_eq!(taken[1].body, b"probe");
+        assert_eq!(taken[2].method, "DELETE");
+        assert!(taken[2].target.contains("uploadId=U0"));
+        assert!(taken[3].target.contains("uploads"));
+        assert_eq!(taken[3].header("x-amz-checksum-algorithm"), None);
+        let parts: Vec<&Taken> = taken.iter().filter(|t| t.method == "PUT").skip(1).collect();
+        assert_eq!(
+            parts.len() as u64,
+            (bytes.len() as u64).div_ceil(part_size(bytes.len() as u64))
+        );
+        let mut whole = Vec::new();
+        let mut ordered = parts.clone();
+        ordered.sort_by_key(|t| {
+            let n = t.target.split("partNumber=").nth(1).unwrap();
+            n.split('&').next().unwrap().parse::<u32>().unwrap()
+        });
+        for p in ordered {
+            assert!(p.target.contains("uploadId=U1"), "{}", p.target);
+            assert_eq!(p.header("content-md5"), Some(md5(&p.body).as_str()));
+            assert_eq!(p.header("x-amz-checksum-crc32c"), None);
+            whole.extend_from_slice(&p.body);
+        }
+        assert!(whole == bytes, "the parts are not the file");
+        let done = taken.last().unwrap();
+        assert!(done.target.contains("uploadId=U1"));
+        assert!(!String::from_utf8_lossy(&done.body).contains("ChecksumCRC32C"));
+
+        // Found out once: the next upload goes with MD5 from the start.
+        client
+            .upload_file("k2", &path, None, &mut crate::s3::Unchecked)
+            .unwrap();
+        let taken = store.take();
+        assert_eq!(taken[0].header("x-amz-checksum-algorithm"), None);
+        assert!(taken.iter().all(|t| t.body != b"probe"));
+    }
+
+    #[test]
+    fn a_part_whose_crc32c_is_not_echoed_goes_again_with_its_md5() {
+        let store = FakeStore::start(true);
+        let client = store.client();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes) = big_file(dir.path());
+        client
+            .upload_file("k", &path, None, &mut crate::s3::Unchecked)
+            .unwrap();
+        let taken = store.take();
+        assert_eq!(taken[0].header("x-amz-checksum-algorithm"), Some("CRC32C"));
+        assert_eq!(taken[1].body, b"probe");
+        // No abort: the store refused the wrong sum, so it checks them.
+        assert!(taken.iter().all(|t| t.method != "DELETE"));
+        let parts: Vec<&Taken> = taken.iter().filter(|t| t.method == "PUT").skip(1).collect();
+        let count = (bytes.len() as u64).div_ceil(part_size(bytes.len() as u64)) as usize;
+        assert_eq!(parts.len(), 2 * count, "each part twice");
+        for p in &parts {
+            assert_eq!(
+                p.header("x-amz-checksum-crc32c"),
+                Some(crc32c_base64(&p.body, 0).as_str())
+            );
+        }
+        assert_eq!(
+            parts
+                .iter()
+                .filter(|p| p.header("content-md5").is_some())
+                .count(),
+            count
+        );
+        let done = String::from_utf8_lossy(&taken.last().unwrap().body).into_owned();
+        assert_eq!(done.matches("<ChecksumCRC32C>").count(), count, "{done}");
+    }
+
     #[test]
     fn a_crc32c_goes_as_s3_takes_it() {
         // RFC 3720's check value: CRC32C("123456789") = 0xe3069283.
