@@ -16,8 +16,10 @@
 //!
 //! [`hold`] waits instead, so that a test can act at that moment, at any
 //! of those phases and at `before-mask` (a guarded full's point taken, its
-//! mask not yet read) and `sync-checked` (a point to copy into a bucket
-//! checked but for its data, which is proven as it is read to go).
+//! mask not yet read), `sync-checked` (a point to copy into a bucket
+//! checked but for its data, which is proven as it is read to go) and
+//! `sync-file-proven` (each of its files about to go, its proof ready:
+//! for a layout not followed in one pass, its bytes already checked).
 
 /// Dies here if this is a debug build and `BITBACK_FAULT=<phase>`.
 pub(crate) fn point(phase: &str) {

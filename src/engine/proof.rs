@@ -10,7 +10,8 @@
 //! cluster checked against its cluster map as it goes. A layout this
 //! cannot follow in one pass (compressed clusters, subclusters, a host
 //! cluster two guest clusters share, an encrypted file) is read whole
-//! against its map first, as `verify` reads it, and goes as read.
+//! against its map first, as `verify` reads it, its whole digest taken
+//! before, and goes only if its bytes on the way still have that digest.
 
 use anyhow::Context;
 
@@ -30,8 +31,12 @@ pub(super) enum FileProof {
     },
     /// Each data cluster against the map, as it goes by.
     Clusters(Clusters),
-    /// Proven by reading it whole before: it goes as read.
-    ReadBefore,
+    /// Proven by reading it whole before, and held to the bytes it
+    /// had then: BLAKE3 of every byte, fed in order, against theirs.
+    ReadBefore {
+        hasher: Box<blake3::Hasher>,
+        checked: Digest,
+    },
 }
 
 /// A file's data clusters, by where they lie in it.
@@ -67,9 +72,17 @@ impl FileProof {
         match Clusters::index(&file, &image, map)? {
             Ok(clusters) => Ok(FileProof::Clusters(clusters)),
             Err(map) => {
+                // The bytes checked are the bytes that go: any change
+                // after this digest (before the check, or after it)
+                // stops the upload.
+                let checked =
+                    crate::digest::file(&path).with_context(|| format!("reading {}", v.file))?;
                 map_against_file(&file, &image, &map)
                     .with_context(|| format!("{}: cluster map", v.file))?;
-                Ok(FileProof::ReadBefore)
+                Ok(FileProof::ReadBefore {
+                    hasher: Box::new(blake3::Hasher::new()),
+                    checked,
+                })
             }
         }
     }
@@ -195,12 +208,11 @@ impl Clusters {
 impl Proof for FileProof {
     fn read(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
         match self {
-            FileProof::Whole { hasher, .. } => {
+            FileProof::Whole { hasher, .. } | FileProof::ReadBefore { hasher, .. } => {
                 hasher.update(bytes);
                 Ok(())
             }
             FileProof::Clusters(c) => c.read(offset, bytes),
-            FileProof::ReadBefore => Ok(()),
         }
     }
 
@@ -219,7 +231,16 @@ impl Proof for FileProof {
                 "{} of its {} data clusters were read: the file ends at byte {len}, before its data",
                 c.checked, c.data
             )),
-            FileProof::Clusters(_) | FileProof::ReadBefore => Ok(()),
+            FileProof::ReadBefore { hasher, checked } => {
+                let digest = Digest::Whole(hasher.finalize());
+                match digest == *checked {
+                    true => Ok(()),
+                    false => Err(format!(
+                        "the file changed after it was checked against its cluster map (its digest was {checked}, is {digest}; {len} bytes read)"
+                    )),
+                }
+            }
+            FileProof::Clusters(_) => Ok(()),
         }
     }
 }

@@ -170,6 +170,7 @@ fn sync_point(
             Of::Volume(v) => FileProof::of_volume(source, v).context(DAMAGED)?,
             Of::Map(record) => FileProof::of_map(record),
         };
+        crate::fault::hold("sync-file-proven");
         let path = source.root().join(file);
         synced.bytes += match target.upload_file(file, &path, retention, &mut proof) {
             Err(crate::repo::Error::S3(e @ crate::s3::Error::Unproven { .. })) => {

@@ -10,7 +10,7 @@ use bitback::repo::{Bucket, Directory, Entry, Store};
 use bitback::s3::{Client, Config, Location, LockMode, Put, Retention};
 
 use crate::harness::s3::{KEY_ID, SECRET, Seaweed};
-use crate::harness::{Rng, Run, Vm, bitback_env, run, same_content, tempdir};
+use crate::harness::{Rng, Run, Vm, bitback_env, by_content, run, same_content, tempdir};
 
 const MIB: u64 = 1 << 20;
 
@@ -729,6 +729,82 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
         let out = dir.path().join(format!("out{i}"));
         restores_right("s3://bb-proof/site", point, &out, &env);
     }
+}
+
+/// A file proven by reading it whole before it goes (a compressed one:
+/// its layout is not followed in one pass) is held to the bytes it had
+/// then: changed after that check, it is refused on its way up and leaves
+/// nothing. Unchanged, it goes up and restores.
+#[test]
+fn a_compressed_file_changed_after_its_check_is_stopped_on_its_way_up() {
+    let store = Seaweed::start();
+    store.bucket("bb-held", false);
+    let dir = tempdir();
+    let mut vm = Vm::new(dir.path(), &[96 * MIB]);
+    vm.write(0, 0, 40 * MIB, 0x33);
+    vm.random_writes(&mut Rng::from_env(), 12);
+    let point = vm.backup(&["--compress"]);
+    vm.quit();
+    let file = vm.repo.join(point["volumes"][0]["file"].as_str().unwrap());
+    let len = std::fs::metadata(&file).unwrap().len();
+    let flip = || {
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[(len / 2) as usize] ^= 0x08;
+        std::fs::write(&file, &bytes).unwrap();
+    };
+    let env = store.env();
+    let repo = vm.repo.to_str().unwrap().to_string();
+    let gate = dir.path().join("gate");
+    let hold = format!("sync-file-proven:{}", gate.display());
+    let mut held = env.clone();
+    held.push(("BITBACK_HOLD", &hold));
+    let sync = |env: &[(&str, &str)]| {
+        bitback_env(&["sync", "--from", &repo, "--to", "s3://bb-held/site"], env)
+    };
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| sync(&held));
+        let mark = dir.path().join("gate.held");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !mark.exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(mark.exists(), "the sync never reached its hold");
+        flip();
+        std::fs::write(&gate, b"").unwrap();
+        let refused = sync.join().unwrap();
+        assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("does not verify"),
+            "{}",
+            refused.stderr
+        );
+        if by_content() {
+            // Bitback wrote it: a layout digest and a cluster map, the
+            // file read whole against the map before it went.
+            assert!(
+                refused.stderr.contains("changed after it was checked"),
+                "{}",
+                refused.stderr
+            );
+        }
+    });
+    let versions = store.aws_ok(&[
+        "s3api",
+        "list-object-versions",
+        "--bucket",
+        "bb-held",
+        "--prefix",
+        "site/vm1/",
+    ]);
+    assert!(versions.get("Versions").is_none(), "{versions}");
+    let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-held"]);
+    assert!(uploads.get("Uploads").is_none(), "{uploads}");
+
+    flip();
+    let copied = sync(&env);
+    assert_eq!(copied.code, Some(0), "{}", copied.stderr);
+    let out = dir.path().join("out");
+    restores_right("s3://bb-held/site", &vm.points[0], &out, &env);
 }
 
 /// One sync of a VM into a bucket at a time: a sync killed halfway
