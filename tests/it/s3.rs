@@ -666,17 +666,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
             "{}",
             refused.stderr
         );
-        let versions = store.aws_ok(&[
-            "s3api",
-            "list-object-versions",
-            "--bucket",
-            "bb-proof",
-            "--prefix",
-            &prefix,
-        ]);
-        assert!(versions.get("Versions").is_none(), "{versions}");
-        let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-proof"]);
-        assert!(uploads.get("Uploads").is_none(), "{uploads}");
+        leaves_nothing(&store, "bb-proof", &prefix);
     };
     refused_leaving_nothing(sync(&env));
 
@@ -688,12 +678,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     held.push(("BITBACK_HOLD", &hold));
     std::thread::scope(|s| {
         let sync = s.spawn(|| sync(&held));
-        let mark = dir.path().join("gate.held");
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !mark.exists() && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(mark.exists(), "the sync never reached its hold");
+        reached_hold(&gate);
         flip(&file);
         std::fs::write(&gate, b"").unwrap();
         refused_leaving_nothing(sync.join().unwrap());
@@ -731,6 +716,32 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     }
 }
 
+/// Waits until a bitback held at `BITBACK_HOLD=<phase>:<gate>` is there.
+fn reached_hold(gate: &std::path::Path) {
+    let mark = gate.with_extension("held");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !mark.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(mark.exists(), "bitback never reached its hold");
+}
+
+/// Nothing of a refused upload stays in `bucket`: no version under
+/// `prefix`, no multipart upload begun.
+fn leaves_nothing(store: &Seaweed, bucket: &str, prefix: &str) {
+    let versions = store.aws_ok(&[
+        "s3api",
+        "list-object-versions",
+        "--bucket",
+        bucket,
+        "--prefix",
+        prefix,
+    ]);
+    assert!(versions.get("Versions").is_none(), "{versions}");
+    let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", bucket]);
+    assert!(uploads.get("Uploads").is_none(), "{uploads}");
+}
+
 /// A file proven by reading it whole before it goes (a compressed one:
 /// its layout is not followed in one pass) is held to the bytes it had
 /// then: changed after that check, it is refused on its way up and leaves
@@ -763,12 +774,7 @@ fn a_compressed_file_changed_after_its_check_is_stopped_on_its_way_up() {
     };
     std::thread::scope(|s| {
         let sync = s.spawn(|| sync(&held));
-        let mark = dir.path().join("gate.held");
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !mark.exists() && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(mark.exists(), "the sync never reached its hold");
+        reached_hold(&gate);
         flip();
         std::fs::write(&gate, b"").unwrap();
         let refused = sync.join().unwrap();
@@ -788,17 +794,7 @@ fn a_compressed_file_changed_after_its_check_is_stopped_on_its_way_up() {
             );
         }
     });
-    let versions = store.aws_ok(&[
-        "s3api",
-        "list-object-versions",
-        "--bucket",
-        "bb-held",
-        "--prefix",
-        "site/vm1/",
-    ]);
-    assert!(versions.get("Versions").is_none(), "{versions}");
-    let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-held"]);
-    assert!(uploads.get("Uploads").is_none(), "{uploads}");
+    leaves_nothing(&store, "bb-held", "site/vm1/");
 
     flip();
     let copied = sync(&env);
