@@ -723,6 +723,12 @@ impl Client {
         let rx = Mutex::new(rx);
         let parts: Mutex<Vec<(u16, Part)>> = Mutex::new(Vec::new());
         let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let failed = || {
+            failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
+        };
         let mut sent = 0u64;
         std::thread::scope(|scope| {
             for _ in 0..UPLOADERS {
@@ -732,6 +738,12 @@ impl Client {
                         let Ok(Ok((number, bytes))) = next else {
                             return;
                         };
+                        // After a failure the parts still queued are let
+                        // go unsent: the reader stops at its next look,
+                        // and must never wait on a queue nobody empties.
+                        if failed() {
+                            continue;
+                        }
                         match self.upload_part(key, (upload, sum), number, &bytes) {
                             Ok(part) => parts
                                 .lock()
@@ -742,7 +754,7 @@ impl Client {
                                     .lock()
                                     .unwrap_or_else(PoisonError::into_inner)
                                     .get_or_insert(e);
-                                return;
+                                continue;
                             }
                         }
                         crate::fault::point("sync-mid-upload");
@@ -751,11 +763,7 @@ impl Client {
             }
             let mut number = 0u16;
             let read = loop {
-                if failure
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_some()
-                {
+                if failed() {
                     break Ok(());
                 }
                 let want = len.saturating_sub(sent).min(size) as usize;
@@ -935,7 +943,10 @@ impl Client {
                 }
                 request.send(bytes)
             })?;
-            let Some(etag) = reply.etag.filter(|_| reply.status == 200) else {
+            if reply.status != 200 {
+                return Err(reply.error(&what, key));
+            }
+            let Some(etag) = reply.etag else {
                 return Err(Error::Refused {
                     what: format!("{what} {key}"),
                     status: reply.status,
@@ -1488,6 +1499,33 @@ mod tests {
 
     impl FakeStore {
         fn start(checks: bool) -> FakeStore {
+            FakeStore::serve(move |t, uploads| FakeStore::answer(t, checks, uploads))
+        }
+
+        /// One that refuses every part (as a full store does), a moment
+        /// after taking it: long enough for the parts read meanwhile to
+        /// fill the uploaders' queue.
+        fn refusing_parts() -> FakeStore {
+            FakeStore::serve(|t, uploads| match t.method.as_str() {
+                "PUT" if t.target.contains("partNumber=") && t.body != b"probe" => {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    (
+                        400,
+                        String::new(),
+                        "<Error><Code>EntityTooLarge</Code></Error>".into(),
+                    )
+                }
+                _ => FakeStore::answer(t, true, uploads),
+            })
+        }
+
+        fn serve(
+            answer: impl Fn(&Taken, &std::sync::atomic::AtomicU32) -> (u16, String, String)
+            + Send
+            + Sync
+            + 'static,
+        ) -> FakeStore {
+            let answer = std::sync::Arc::new(answer);
             use std::io::{BufRead, BufReader, Read, Write};
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -1497,7 +1535,7 @@ mod tests {
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { return };
-                    let (log, uploads) = (log.clone(), uploads.clone());
+                    let (log, uploads, answer) = (log.clone(), uploads.clone(), answer.clone());
                     std::thread::spawn(move || {
                         let mut out = conn.try_clone().unwrap();
                         let mut reader = BufReader::new(conn);
@@ -1532,7 +1570,7 @@ mod tests {
                                 headers,
                                 body,
                             };
-                            let (status, extra, text) = FakeStore::answer(&t, checks, &uploads);
+                            let (status, extra, text) = answer(&t, &uploads);
                             log.lock().unwrap().push(t);
                             let reply = format!(
                                 "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n{extra}\r\n{text}",
@@ -1668,6 +1706,36 @@ mod tests {
         let taken = store.take();
         assert_eq!(taken[0].header("x-amz-checksum-algorithm"), None);
         assert!(taken.iter().all(|t| t.body != b"probe"));
+    }
+
+    #[test]
+    fn a_store_refusing_parts_stops_the_upload_at_once() {
+        let store = FakeStore::refusing_parts();
+        let client = store.client();
+        let dir = tempfile::tempdir().unwrap();
+        // Far more parts than the uploaders and their queue hold.
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 64 * 65536]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (upload, sum) = client.start_upload("k", None).unwrap();
+            let mut file = std::fs::File::open(&path).unwrap();
+            let sent = client.send_parts(
+                "k",
+                (&upload, sum),
+                (&mut file, &path),
+                65536,
+                &mut crate::s3::Unchecked,
+            );
+            let _ = tx.send(sent.map(|(n, _)| n).map_err(|e| e.to_string()));
+        });
+        let sent = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the upload hung after the store refused its parts");
+        let e = sent.expect_err("the store refused every part");
+        assert!(e.contains("EntityTooLarge"), "{e}");
+        let parts = store.take().iter().filter(|t| t.method == "PUT").count();
+        assert!(parts < 64, "{parts} parts sent after the first refusal");
     }
 
     #[test]
