@@ -543,6 +543,8 @@ impl Parser {
         })
     }
 
+    /// One record: `rec` is always [`RECORD`] bytes (whole chunks, or a
+    /// carry filled to that length), so its slices convert.
     fn record(&mut self, rec: &[u8]) {
         let Some(map) = &mut self.map else {
             return;

@@ -218,30 +218,34 @@ impl Proof for FileProof {
 
     fn end(&mut self, len: u64) -> Result<(), String> {
         match self {
-            FileProof::Whole { hasher, expected } => {
-                let digest = Digest::Whole(hasher.finalize());
-                match digest == *expected {
-                    true => Ok(()),
-                    false => Err(format!(
-                        "digest is {digest}, the manifest says {expected} ({len} bytes read)"
-                    )),
-                }
-            }
+            FileProof::Whole { hasher, expected } => same(hasher, *expected, |digest| {
+                format!("digest is {digest}, the manifest says {expected} ({len} bytes read)")
+            }),
             FileProof::Clusters(c) if c.checked != c.data => Err(format!(
                 "{} of its {} data clusters were read: the file ends at byte {len}, before its data",
                 c.checked, c.data
             )),
-            FileProof::ReadBefore { hasher, checked } => {
-                let digest = Digest::Whole(hasher.finalize());
-                match digest == *checked {
-                    true => Ok(()),
-                    false => Err(format!(
-                        "the file changed after it was checked against its cluster map (its digest was {checked}, is {digest}; {len} bytes read)"
-                    )),
-                }
-            }
+            FileProof::ReadBefore { hasher, checked } => same(hasher, *checked, |digest| {
+                format!(
+                    "the file changed after it was checked against its cluster map (its digest was {checked}, is {digest}; {len} bytes read)"
+                )
+            }),
             FileProof::Clusters(_) => Ok(()),
         }
+    }
+}
+
+/// Whether the bytes `hasher` was fed have digest `want`; `mismatch`
+/// says why not, given theirs.
+fn same(
+    hasher: &blake3::Hasher,
+    want: Digest,
+    mismatch: impl FnOnce(Digest) -> String,
+) -> Result<(), String> {
+    let digest = Digest::Whole(hasher.finalize());
+    match digest == want {
+        true => Ok(()),
+        false => Err(mismatch(digest)),
     }
 }
 
