@@ -40,9 +40,12 @@ pub(crate) struct BackupArgs {
     repo: PathBuf,
 
     /// With an s3:// repository: the directory repository on this host
-    /// the backup is written into first (created if missing). Then every
-    /// point of the VM not yet in the bucket is verified and uploaded, its
-    /// manifest last, as `bitback sync` does; the spool keeps the VM's
+    /// the backup is written into (created if missing). On the NBD data
+    /// path each file also goes up to the bucket as it is written (a
+    /// multipart upload fed by the writer, its header part last). Then
+    /// every point of the VM not yet in the bucket is verified and the
+    /// rest of it uploaded, its manifest last, as `bitback sync` does; the
+    /// spool keeps the VM's
     /// newest chain (incrementals build on it) and lets older chains go
     /// once they are in the bucket. A failed upload keeps the point in
     /// the spool: the next backup (or sync) uploads it.
@@ -354,7 +357,7 @@ pub(crate) fn cancel_on_signals() -> anyhow::Result<engine::Cancel> {
 
 pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     bitback::repo::check_name("VM", &args.vm)?;
-    let opts = BackupOptions {
+    let mut opts = BackupOptions {
         policy: Policy {
             force_full: args.full,
             full_every: args.full_every,
@@ -410,6 +413,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 _ => engine::DataPath::Auto,
             },
             cluster_maps: true,
+            stream_to: None,
         },
     };
     if let Some(dir) = &args.fleecing {
@@ -431,6 +435,16 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("--granularity {}: {e}", args.granularity)))?;
     let images = parse_images(&args.image)?;
     let retain = args.retain.asked();
+    // The bucket is reached before the VM is touched.
+    let (repo, bucket) = match args.dry_run {
+        true => (args.repo.clone(), None),
+        false => where_to(&args, retain.is_some())?,
+    };
+    let bucket = bucket.map(std::sync::Arc::new);
+    if let Some(bucket) = &bucket {
+        opts.copy.stream_to = Some(std::sync::Arc::new(engine::StreamTo::new(bucket.clone())));
+    }
+    let opts = opts;
     let run = |repo, images, cancel| engine::BackupRun {
         repo,
         target: args.target.target(),
@@ -452,7 +466,6 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (repo, bucket) = where_to(&args, retain.is_some())?;
     let cancel = cancel_on_signals()?;
     let manifest = engine::backup_vm(run(&repo, images, cancel)).await?;
     let Some(bucket) = bucket else {
@@ -463,7 +476,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    upload(&args, &repo, &bucket, &manifest, retain)
+    upload(&args, &repo, &bucket, &manifest, (retain, opts.copy.stream_to))
 }
 
 /// The directory a backup writes into (the repository, or the spool of
@@ -501,12 +514,15 @@ fn upload(
     spool: &Path,
     bucket: &bitback::repo::Bucket,
     manifest: &Manifest,
-    retain: Option<(u32, bitback::s3::LockMode)>,
+    (retain, streamed): (
+        Option<(u32, bitback::s3::LockMode)>,
+        Option<std::sync::Arc<engine::StreamTo>>,
+    ),
 ) -> anyhow::Result<ExitCode> {
     if !args.json {
         print!("{}", render_backup(manifest));
     }
-    let synced = engine::upload_spool(&Repo::open(spool)?, bucket, &args.vm, retain)
+    let synced = engine::upload_spool(&Repo::open(spool)?, bucket, &args.vm, retain, streamed)
         .map_err(|e| {
             e.context(format!(
                 "backup {} is kept in the spool {}; the next backup (or bitback sync --from {} --to {}) uploads it",

@@ -59,6 +59,7 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let opts = SyncOptions {
         vm: args.vm.clone(),
         retain: args.retain.asked(),
+        streamed: None,
     };
     let config = || Config::from_env(args.s3_endpoint.as_deref()).map_err(|e| bad(e.to_string()));
     let done = match (from_bucket, to_bucket) {

@@ -320,7 +320,7 @@ async fn copy_and_commit(
         opts: &opts.copy,
         scope: &ready.scope,
         volumes: &ready.volumes,
-        targets: planned_targets(plan, &ready.volumes, partial.dir(), baselines),
+        targets: planned_targets(plan, &ready.volumes, (partial.dir(), vm, &id), baselines),
         checkpoint: Some(&checkpoint),
     };
     // On failure, dropping the partial removes its directory.
@@ -726,11 +726,12 @@ fn content_baselines(
         .collect()
 }
 
-/// The targets of a repository backup in `dir`, as `plan` decided.
+/// The targets of backup `id` of `vm`, written in `dir`, as `plan`
+/// decided.
 fn planned_targets(
     plan: &Plan,
     volumes: &[Volume],
-    dir: &Path,
+    (dir, vm, id): (&Path, &str, &str),
     baselines: &BTreeMap<String, Result<Arc<Baseline>, String>>,
 ) -> Vec<Target> {
     volumes
@@ -738,12 +739,14 @@ fn planned_targets(
         .zip(&plan.volumes)
         .map(|(v, p)| {
             let path = dir.join(VolumeRecord::file_name(&v.name));
+            let key = Some(VolumeRecord::repo_file(vm, id, &v.name));
             match (&p.decision, &plan.base) {
                 (Decision::Incremental, Some(base)) => Target {
                     path,
                     backing: Some(VolumeRecord::backing_name(&base.parent, &v.name)),
                     since: Some(base.checkpoint.clone()),
                     baseline: None,
+                    key,
                 },
                 (Decision::Content(_), Some(base)) => Target {
                     path,
@@ -753,12 +756,14 @@ fn planned_targets(
                         .get(&v.name)
                         .and_then(|b| b.as_ref().ok())
                         .cloned(),
+                    key,
                 },
                 _ => Target {
                     path,
                     backing: None,
                     since: None,
                     baseline: None,
+                    key,
                 },
             }
         })

@@ -92,6 +92,9 @@ pub struct CopyOptions {
     /// On the NBD data path, a per-cluster digest map beside each file
     /// (`<volume>.map`, [`crate::cluster_map`]).
     pub cluster_maps: bool,
+    /// On the NBD data path, a bucket each file goes up to while it is
+    /// written (under its target's key).
+    pub stream_to: Option<std::sync::Arc<super::StreamTo>>,
 }
 
 impl Default for CopyOptions {
@@ -115,6 +118,7 @@ impl Default for CopyOptions {
             fleecing: None,
             data_path: DataPath::Auto,
             cluster_maps: true,
+            stream_to: None,
         }
     }
 }
@@ -426,6 +430,9 @@ pub struct Target {
     /// An incremental by content: the whole volume is copied (`sync=full`)
     /// and only clusters that differ from this are stored (the NBD path).
     pub baseline: Option<std::sync::Arc<crate::cluster_map::Baseline>>,
+    /// The repository key the file is committed under: where it goes up
+    /// as it is written, with [`CopyOptions::stream_to`].
+    pub key: Option<String>,
 }
 
 /// What a finished copy left in QEMU: the new checkpoint bitmaps (taken
@@ -768,6 +775,7 @@ async fn prepare_targets(
                 compress: run.opts.compress.then_some(run.opts.compress_level),
                 map: run.opts.cluster_maps,
                 baseline: run.targets[i].baseline.clone(),
+                upload: run.opts.stream_to.clone().zip(run.targets[i].key.clone()),
             };
             let server = nbd_target::open(qmp, &node, &paths[i], &opts, &writer)
                 .await
@@ -1546,8 +1554,8 @@ async fn close_targets(qmp: &Qmp, undo: &mut Undo) -> anyhow::Result<Vec<qcow2::
         let server = undo.servers.remove(0);
         // The node's client is gone with it: the connection ends.
         finishing.push(tokio::spawn(async move {
-            let stream = server.finish().await?;
-            let done = nbd_target::complete(stream).await?;
+            let (stream, upload) = server.finish().await?;
+            let done = nbd_target::complete(stream, upload).await?;
             debug!(
                 node,
                 bytes = done.len,

@@ -15,11 +15,13 @@
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::StreamTo;
 use crate::cluster_map;
 use crate::nbd::{self, Served};
 use crate::qcow2::{self, CreateOptions, Stream};
@@ -34,6 +36,7 @@ const EXPORT: &str = "disk";
 pub(super) struct Server {
     pub node: String,
     handle: JoinHandle<(Result<Served, nbd::Error>, Stream)>,
+    upload: Option<Upload>,
     /// The private directory of a listening socket (qemu-storage-daemon).
     socket_dir: Option<PathBuf>,
 }
@@ -47,6 +50,15 @@ pub(super) struct Writer {
     /// Store only clusters that differ from this (an incremental by
     /// content).
     pub baseline: Option<std::sync::Arc<crate::cluster_map::Baseline>>,
+    /// Upload the file as it is written, under this key.
+    pub upload: Option<(Arc<StreamTo>, String)>,
+}
+
+/// A file's upload as it is written.
+pub(super) struct Upload {
+    feed: crate::s3::Feed,
+    to: Arc<StreamTo>,
+    key: String,
 }
 
 /// Creates `path` as a streaming image of `opts` (with its cluster map
@@ -72,6 +84,13 @@ pub(super) async fn open(
         stream
             .keep_map(&map)
             .with_context(|| format!("creating {}", map.display()))?;
+    }
+    let upload = match &writer.upload {
+        Some((to, key)) => feed(to, key, path, opts).await,
+        None => None,
+    };
+    if let Some(u) = &upload {
+        stream.tap(u.feed.tap());
     }
     let (conn, server_addr, socket_dir) = if qmp.named_fds() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -112,6 +131,7 @@ pub(super) async fn open(
     let server = Server {
         node: node.to_string(),
         handle,
+        upload,
         socket_dir,
     };
     let target = Node::Nbd {
@@ -126,6 +146,34 @@ pub(super) async fn open(
         return Err(anyhow!(e).context("opening the NBD target in QEMU"));
     }
     Ok(server)
+}
+
+/// Begins the upload of the file at `path` (an image of `opts`) as
+/// `key`, fed as it is written. A store that does not take it costs
+/// nothing but the feed: the file goes up after the backup.
+async fn feed(
+    to: &Arc<StreamTo>,
+    key: &str,
+    path: &Path,
+    opts: &CreateOptions<'_>,
+) -> Option<Upload> {
+    // The most the file can hold: every cluster, its tables, a header.
+    let per_table = opts.cluster_size / 8;
+    let tables = opts.size.div_ceil(opts.cluster_size).div_ceil(per_table) * opts.cluster_size;
+    let bound = opts.size + 2 * tables + 64 * opts.cluster_size;
+    let (to, key, path) = (to.clone(), key.to_string(), path.to_path_buf());
+    let begun = tokio::task::spawn_blocking(move || {
+        let feed = to.bucket.feed(&key, &path, bound);
+        feed.map(|feed| Upload { feed, to, key })
+    })
+    .await;
+    match begun.map_err(anyhow::Error::from).and_then(|b| Ok(b?)) {
+        Ok(upload) => Some(upload),
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "the file is not uploaded as it is written: it goes up after the backup");
+            None
+        }
+    }
 }
 
 enum Connection {
@@ -167,8 +215,9 @@ impl Server {
     /// completes the file (tables, header, sync). Fails when the
     /// connection broke or a request failed: the file is then not a
     /// complete backup.
-    pub(super) async fn finish(self) -> anyhow::Result<qcow2::Stream> {
+    pub(super) async fn finish(mut self) -> anyhow::Result<(qcow2::Stream, Option<Upload>)> {
         let node = self.node.clone();
+        let upload = self.upload.take();
         let (served, stream) =
             match tokio::time::timeout(std::time::Duration::from_secs(60), self.handle).await {
                 Ok(joined) => joined.context("the NBD server task")?,
@@ -191,7 +240,7 @@ impl Server {
                 served.failed
             );
         }
-        Ok(stream)
+        Ok((stream, upload))
     }
 
     /// Ends the server without a file (the run failed).
@@ -204,10 +253,26 @@ impl Server {
 }
 
 /// Writes the tables of a finished stream and completes its digest
-/// (blocking I/O, off the runtime's threads).
-pub(super) async fn complete(stream: Stream) -> anyhow::Result<qcow2::Finished> {
+/// (blocking I/O, off the runtime's threads); then the last parts of its
+/// upload, when it went up as written. An upload that fails is only
+/// logged: the file goes up after the backup.
+pub(super) async fn complete(
+    stream: Stream,
+    upload: Option<Upload>,
+) -> anyhow::Result<qcow2::Finished> {
     let path = stream.path().to_path_buf();
-    tokio::task::spawn_blocking(move || stream.finish())
-        .await?
-        .with_context(|| format!("completing {}", path.display()))
+    tokio::task::spawn_blocking(move || {
+        let done = stream.finish()?;
+        if let Some(Upload { feed, to, key }) = upload {
+            match feed.finish(done.len) {
+                Ok(len) => to.went_up(&key, len),
+                Err(e) => {
+                    warn!(key, error = %e, "the file's upload as it was written failed: it goes up after the backup");
+                }
+            }
+        }
+        Ok::<_, qcow2::Error>(done)
+    })
+    .await?
+    .with_context(|| format!("completing {}", path.display()))
 }

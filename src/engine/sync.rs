@@ -23,6 +23,9 @@
 //! Not copied: `state.json` (the source's own chain state, with its
 //! checkpoint bitmaps in the VM), damage records, leases, locks.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, bail};
 use serde::Serialize;
 use tracing::info;
@@ -43,6 +46,44 @@ pub struct SyncOptions {
     /// days from now, in this mode; the objects of its chain's parents
     /// are extended to the same date. The bucket must have object lock.
     pub retain: Option<(u32, LockMode)>,
+    /// Files already uploaded as they were written, not sent again.
+    pub streamed: Option<Arc<StreamTo>>,
+}
+
+/// A bucket a backup's files go up to while they are written (the NBD
+/// data path feeds each file's multipart upload, [`crate::s3::Feed`]),
+/// and which of them went up whole: the upload after the backup sends
+/// only the others (and every point's maps and manifest).
+#[derive(Debug)]
+pub struct StreamTo {
+    pub bucket: Arc<Bucket>,
+    /// Repository key -> the file's length, of each file that went up.
+    went_up: Mutex<BTreeMap<String, u64>>,
+}
+
+impl StreamTo {
+    pub fn new(bucket: Arc<Bucket>) -> StreamTo {
+        StreamTo {
+            bucket,
+            went_up: Mutex::default(),
+        }
+    }
+
+    /// Notes that the file of `key`, `len` bytes, is in the bucket.
+    pub(super) fn went_up(&self, key: &str, len: u64) {
+        self.lock().insert(key.to_string(), len);
+    }
+
+    /// The length of the file of `key`, when it went up as written.
+    fn len_of(&self, key: &str) -> Option<u64> {
+        self.lock().get(key).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.went_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// One point, and what the sync did with it.
@@ -55,6 +96,13 @@ pub struct Synced {
     pub objects: usize,
     /// Bytes uploaded.
     pub bytes: u64,
+    /// Of those, bytes that went up while the backup wrote them.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub streamed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Synced {
@@ -66,6 +114,7 @@ impl Synced {
             action: SyncAction::AlreadyThere,
             objects: 0,
             bytes: 0,
+            streamed: 0,
         }
     }
 }
@@ -107,7 +156,7 @@ pub fn sync_to_bucket(
         target.abort_incomplete(&lock, &vm)?;
         let mut copied = false;
         for m in source.backups(&vm)? {
-            let synced = sync_point(source, target, &m, retention.as_ref())
+            let synced = sync_point(source, target, &m, retention.as_ref(), opts.streamed.as_deref())
                 .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
             if let Some(retention) = &retention
                 && synced.action == SyncAction::Copied
@@ -134,6 +183,7 @@ fn sync_point(
     target: &Bucket,
     m: &Manifest,
     retention: Option<&Retention>,
+    streamed: Option<&StreamTo>,
 ) -> anyhow::Result<Synced> {
     let key = format!("{}/{}/manifest.json", m.vm, m.id);
     let manifest = source
@@ -166,12 +216,26 @@ fn sync_point(
     }
     crate::fault::hold("sync-checked");
     for (file, proof) in data_files(m) {
+        let path = source.root().join(file);
+        if let Some(len) = streamed.and_then(|s| s.len_of(file))
+            && std::fs::metadata(&path).is_ok_and(|meta| meta.len() == len)
+        {
+            // It went up as it was written, each part with the CRC32C of
+            // the bytes the backup wrote (taken from the buffer its
+            // cluster digests came from).
+            if let Some(retention) = retention {
+                target.extend_retention(file, retention)?;
+            }
+            synced.objects += 1;
+            synced.bytes += len;
+            synced.streamed += len;
+            continue;
+        }
         let mut proof = match proof {
             Of::Volume(v) => FileProof::of_volume(source, v).context(DAMAGED)?,
             Of::Map(record) => FileProof::of_map(record),
         };
         crate::fault::hold("sync-file-proven");
-        let path = source.root().join(file);
         synced.bytes += match target.upload_file(file, &path, retention, &mut proof) {
             Err(crate::repo::Error::S3(e @ crate::s3::Error::Unproven { .. })) => {
                 return Err(anyhow::Error::from(e).context(DAMAGED));
@@ -363,7 +427,9 @@ fn require_lock(bucket: &Bucket) -> anyhow::Result<()> {
 }
 
 /// After a backup into the spool `spool`: every point of `vm` not yet in
-/// `bucket` verified and uploaded (as [`sync_to_bucket`]), then the
+/// `bucket` verified and uploaded (as [`sync_to_bucket`]; the files in
+/// `streamed` went up as the backup wrote them, and are not sent again),
+/// then the
 /// chains older than the newest let go from the spool (they are in the
 /// bucket now). A spool a reader holds keeps them until next time.
 pub fn upload_spool(
@@ -371,10 +437,12 @@ pub fn upload_spool(
     bucket: &Bucket,
     vm: &str,
     retain: Option<(u32, LockMode)>,
+    streamed: Option<Arc<StreamTo>>,
 ) -> anyhow::Result<Vec<Synced>> {
     let opts = SyncOptions {
         vm: Some(vm.to_string()),
         retain,
+        streamed,
     };
     let synced = sync_to_bucket(spool, bucket, &opts)?;
     let pruned = spool

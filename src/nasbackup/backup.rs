@@ -352,6 +352,7 @@ pub(super) async fn backup_running(
             // Never by content: CloudStack takes a fallback for a full
             // that stands alone.
             baseline: None,
+            key: None,
         })
         .collect();
     let opts = nas_options(o, extras, domain);

@@ -44,7 +44,7 @@ pub use layout::layout_digest;
 pub use map::{Extent, Kind, map, walk};
 pub use mask::{Mask, create_mask};
 pub use rebase::{QemuLockout, set_backing};
-pub use stream::{Finished, Stream};
+pub use stream::{Finished, Stream, Tap};
 
 /// Holds QEMU off an image while alive (an OFD write lock over the bytes
 /// QEMU locks); `Error::InUse` when a QEMU holds it now.

@@ -75,6 +75,15 @@ pub struct Stream {
     baseline: Option<std::sync::Arc<cluster_map::Baseline>>,
     /// Bytes of data received (writes, not zero writes).
     received: u64,
+    /// Shown every write as it is made (an upload that follows the file).
+    tap: Option<Box<dyn Tap>>,
+}
+
+/// What follows a [`Stream`]'s file as it is written: every write, at
+/// its offset, once it is made (the header cluster's last). It must not
+/// wait: the writer is on a backup's path.
+pub trait Tap: Send {
+    fn written(&mut self, at: u64, bytes: &[u8]);
 }
 
 /// A finished image.
@@ -166,6 +175,22 @@ enum Slot {
     Compressed,
 }
 
+/// Shows bytes written at `at` to a file's digest and tap, where it has
+/// them.
+fn show(
+    digest: &mut Option<crate::digest::InFlight>,
+    tap: &mut Option<Box<dyn Tap>>,
+    at: u64,
+    bytes: &[u8],
+) {
+    if let Some(d) = digest {
+        d.written(at, bytes);
+    }
+    if let Some(t) = tap {
+        t.written(at, bytes);
+    }
+}
+
 fn all_zero(bytes: &[u8]) -> bool {
     let mut words = bytes.chunks_exact(16);
     words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
@@ -198,7 +223,14 @@ impl Stream {
             cursor: u64::MAX,
             pending: Vec::new(),
             map: None,
+            tap: None,
         })
+    }
+
+    /// Shows every write from now on to `tap`. Call before the first
+    /// write.
+    pub fn tap(&mut self, tap: Box<dyn Tap>) {
+        self.tap = Some(tap);
     }
 
     /// Stores clusters compressed with zstd at `level` (those that shrink;
@@ -391,10 +423,13 @@ impl Stream {
             what: "a data cluster",
             source,
         })?;
-        if let Some(d) = &mut self.digest {
-            d.written(at, data);
-        }
+        self.shown(at, data);
         Ok(())
+    }
+
+    /// Shows bytes written at `at` to the file's digest and the tap.
+    fn shown(&mut self, at: u64, bytes: &[u8]) {
+        show(&mut self.digest, &mut self.tap, at, bytes);
     }
 
     /// A new host cluster for plain data. A compressed cluster being
@@ -844,9 +879,7 @@ impl Stream {
                     (&header, 0),
                 ] {
                     self.file.write_all_at(bytes, at)?;
-                    if let Some(d) = &mut self.digest {
-                        d.written(at, bytes);
-                    }
+                    self.shown(at, bytes);
                 }
                 self.file.set_len(total * cs)?;
                 self.file.sync_all()?;
@@ -903,9 +936,7 @@ impl Stream {
                 }
             }
             self.file.write_all_at(&raw, at)?;
-            if let Some(d) = &mut self.digest {
-                d.written(at, &raw);
-            }
+            show(&mut self.digest, &mut self.tap, at, &raw);
             let slot = (*index * 8) as usize;
             l1[slot..slot + 8].copy_from_slice(&(at | COPIED).to_be_bytes());
         }

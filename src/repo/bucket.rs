@@ -21,7 +21,7 @@ use crate::s3::{Client, Config, Location, Put, Retention, Version};
 /// A repository's objects in an S3 bucket, under a prefix.
 #[derive(Debug)]
 pub struct Bucket {
-    client: Client,
+    client: std::sync::Arc<Client>,
     location: Location,
 }
 
@@ -30,7 +30,7 @@ impl Bucket {
     /// asked of the store yet.
     pub fn new(config: &Config, location: Location) -> Result<Bucket> {
         Ok(Bucket {
-            client: Client::new(config, &location)?,
+            client: std::sync::Arc::new(Client::new(config, &location)?),
             location,
         })
     }
@@ -53,6 +53,13 @@ impl Bucket {
         Ok(self
             .client
             .upload_file(&self.object(key)?, path, retention, proof)?)
+    }
+
+    /// Begins the upload of repository key `key`, fed as the file at
+    /// `path` is written, a file of `bound` bytes at most
+    /// ([`crate::s3::Feed`]).
+    pub fn feed(&self, key: &str, path: &std::path::Path, bound: u64) -> Result<crate::s3::Feed> {
+        Ok(self.client.feed(&self.object(key)?, path, bound)?)
     }
 
     /// Repository key `key` streamed into a new file at `path`. The bytes

@@ -52,7 +52,7 @@ pub struct Client {
 
 /// What a part's bytes go up with, for the store to check them against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PartSum {
+pub(super) enum PartSum {
     /// `x-amz-checksum-crc32c`: a hardware CRC, over twenty times cheaper
     /// than MD5, taken where a probe showed the store refusing a wrong
     /// one, and each part's answer echoes it back.
@@ -62,7 +62,7 @@ enum PartSum {
 }
 
 /// A part uploaded: its entity tag, and its CRC32C when it went with one.
-struct Part {
+pub(super) struct Part {
     etag: String,
     crc32c: Option<String>,
 }
@@ -815,7 +815,7 @@ impl Client {
     /// part's CRC32C: a part of one byte is sent with a wrong one. A store
     /// that refuses it checks them; one that takes it does not, and that
     /// upload is aborted and begun again for parts with MD5.
-    fn start_upload(
+    pub(super) fn start_upload(
         &self,
         key: &str,
         retention: Option<&Retention>,
@@ -911,7 +911,7 @@ impl Client {
     /// One part, with its CRC32C or its MD5 as `sum` says. A part sent
     /// with its CRC32C whose answer does not echo it (a store that took
     /// the header without checking it) is sent again with its MD5 too.
-    fn upload_part(
+    pub(super) fn upload_part(
         &self,
         key: &str,
         (upload, sum): (&str, PartSum),
@@ -972,7 +972,7 @@ impl Client {
         }
     }
 
-    fn complete_multipart(&self, key: &str, upload: &str, parts: &[Part]) -> Result<(), Error> {
+    pub(super) fn complete_multipart(&self, key: &str, upload: &str, parts: &[Part]) -> Result<(), Error> {
         let action = self.bucket.complete_multipart_upload(
             Some(&self.credentials),
             key,
@@ -1328,7 +1328,7 @@ fn md5(bytes: &[u8]) -> String {
 }
 
 /// A part's bytes, in a buffer aligned for O_DIRECT.
-struct PartBytes {
+pub(super) struct PartBytes {
     raw: Vec<u8>,
     skip: usize,
     len: usize,
@@ -1346,7 +1346,7 @@ impl std::ops::Deref for PartBytes {
 /// hold them, so the kernel neither copies them nor keeps them (a
 /// spool's files are written that way too); from the page cache where it
 /// does. The file must hold them all.
-fn read_part(
+pub(super) fn read_part(
     file: &std::fs::File,
     direct: Option<&std::fs::File>,
     at: u64,
@@ -1500,6 +1500,17 @@ mod tests {
     impl FakeStore {
         fn start(checks: bool) -> FakeStore {
             FakeStore::serve(move |t, uploads| FakeStore::answer(t, checks, uploads))
+        }
+
+        /// One that takes each part `ms` milliseconds after it came (a
+        /// store slower than the writer).
+        fn slow_parts(ms: u64) -> FakeStore {
+            FakeStore::serve(move |t, uploads| {
+                if t.method == "PUT" && t.target.contains("partNumber=") && t.body != b"probe" {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                FakeStore::answer(t, true, uploads)
+            })
         }
 
         /// One that refuses every part (as a full store does), a moment
@@ -1789,5 +1800,122 @@ mod tests {
         assert_eq!(size % MIB, 0);
         assert!(big.div_ceil(size) <= 9_000, "{size}");
         assert!(size > 16 * MIB);
+    }
+
+    /// The number of a part request.
+    fn part_number(t: &Taken) -> u32 {
+        let n = t.target.split("partNumber=").nth(1).unwrap();
+        n.split('&').next().unwrap().parse().unwrap()
+    }
+
+    /// A writer's file and its feed: the data appended from `HEAD` on in
+    /// writes of uneven sizes (each made to the file, then shown to the
+    /// tap, as the streaming writer does), the header last. The file's
+    /// bytes.
+    fn write_through(
+        path: &std::path::Path,
+        tap: &mut dyn crate::qcow2::Tap,
+        data: usize,
+    ) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        use crate::s3::HEAD;
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = HEAD as usize + data;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8 ^ (i >> 20) as u8).collect();
+        let mut at = HEAD as usize;
+        let mut step = 1usize;
+        while at < len {
+            let n = (65536 * step % 3_000_017 + 512).min(len - at);
+            file.write_all_at(&bytes[at..at + n], at as u64).unwrap();
+            tap.written(at as u64, &bytes[at..at + n]);
+            at += n;
+            step += 1;
+        }
+        // The first data and the header, last, as the writer does.
+        file.write_all_at(&bytes[65536..HEAD as usize], 65536).unwrap();
+        tap.written(65536, &bytes[65536..HEAD as usize]);
+        file.write_all_at(&bytes[..65536], 0).unwrap();
+        tap.written(0, &bytes[..65536]);
+        bytes
+    }
+
+    #[test]
+    fn a_feed_makes_the_file_as_written_its_head_last_and_parts_past_its_hold_read_back() {
+        // Slower than the writer: parts past HOLD are read back.
+        let store = FakeStore::slow_parts(150);
+        let client = std::sync::Arc::new(store.client());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let data = (crate::s3::HOLD + 40 * (1 << 20) + 12345) as usize;
+        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let bytes = write_through(&path, &mut *feed.tap(), data);
+        assert_eq!(feed.finish(bytes.len() as u64).unwrap(), bytes.len() as u64);
+        let taken = store.take();
+        let mut parts: Vec<&Taken> = taken
+            .iter()
+            .filter(|t| t.method == "PUT" && t.body != b"probe")
+            .collect();
+        parts.sort_by_key(|t| part_number(t));
+        // This store echoes no CRC32C: each part goes again with its MD5.
+        parts.dedup_by_key(|t| part_number(t));
+        let numbers: Vec<u32> = parts.iter().map(|t| part_number(t)).collect();
+        let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
+        assert_eq!(numbers, expected);
+        assert_eq!(parts[0].body.len() as u64, crate::s3::HEAD);
+        let whole: Vec<u8> = parts.iter().flat_map(|t| t.body.clone()).collect();
+        assert!(whole == bytes, "the parts are not the file");
+        // The head went last, then the completion.
+        let last_part = taken.iter().rposition(|t| t.method == "PUT").unwrap();
+        assert_eq!(part_number(&taken[last_part]), 1);
+        assert!(taken.last().unwrap().method == "POST");
+        for p in &parts {
+            assert_eq!(p.header("x-amz-checksum-crc32c"), Some(crc32c_base64(&p.body, 0).as_str()));
+        }
+    }
+
+    #[test]
+    fn a_feed_whose_file_changed_before_a_part_was_read_back_is_aborted() {
+        use std::os::unix::fs::FileExt;
+        let store = FakeStore::slow_parts(400);
+        let client = std::sync::Arc::new(store.client());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let data = (crate::s3::HOLD + 40 * (1 << 20)) as usize;
+        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let bytes = write_through(&path, &mut *feed.tap(), data);
+        // In the last part, not kept: read back only once the kept ones
+        // are sent.
+        let at = bytes.len() as u64 - 1000;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[bytes[at as usize] ^ 1], at).unwrap();
+        let e = feed.finish(bytes.len() as u64).unwrap_err();
+        assert!(matches!(e, Error::Unproven { .. }), "{e}");
+        assert!(e.to_string().contains("changed after they were written"), "{e}");
+        let taken = store.take();
+        assert!(taken.iter().all(|t| !(t.method == "POST" && t.target.contains("uploadId="))));
+        assert!(taken.last().unwrap().method == "DELETE", "not aborted");
+    }
+
+    #[test]
+    fn a_feed_given_a_write_behind_what_it_fed_is_aborted() {
+        let store = FakeStore::start(true);
+        let client = std::sync::Arc::new(store.client());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let mut tap = feed.tap();
+        let bytes = write_through(&path, &mut *tap, 40 << 20);
+        // A cluster written again where it lies, past the head.
+        let at = crate::s3::HEAD + (1 << 20);
+        tap.written(at, &[1u8; 65536]);
+        let e = feed.finish(bytes.len() as u64).unwrap_err();
+        assert!(matches!(e, Error::Unfollowed(_)), "{e}");
+        assert!(e.to_string().contains("behind"), "{e}");
+        let taken = store.take();
+        assert!(taken.iter().all(|t| !(t.method == "POST" && t.target.contains("uploadId="))));
+        assert!(taken.last().unwrap().method == "DELETE", "not aborted");
     }
 }

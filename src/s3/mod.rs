@@ -6,11 +6,13 @@
 
 mod client;
 mod config;
+mod feed;
 
 pub use client::{
     Client, Listing, LockMode, PART, Put, Retention, UPLOADERS, Version, md5_hex, part_size,
 };
 pub use config::{Config, Location};
+pub use feed::{Feed, HEAD, HOLD};
 
 /// What an upload checks a file's bytes against as it reads them, before
 /// they leave: a check that fails stops the upload, and what was sent of
@@ -73,6 +75,11 @@ pub enum Error {
         path: std::path::PathBuf,
         reason: String,
     },
+
+    /// An upload fed as its file was written could not follow it (or
+    /// was given up): it was aborted, and the file goes up whole later.
+    #[error("S3: an upload fed as its file was written stopped: {0}")]
+    Unfollowed(String),
 
     /// An answer that makes no sense.
     #[error("S3 {what}: the answer makes no sense: {reason}")]

@@ -1404,6 +1404,117 @@ fn backups_reach_the_bucket_through_a_spool() {
     assert!(!refused.status.success(), "a locked version was deleted");
 }
 
+/// On the NBD data path a backup into a bucket feeds each file's
+/// multipart upload while it writes the file, the header part last: the
+/// objects are byte for byte the files in the spool, went up with their
+/// parts' CRC32C (checked by the store), are locked as asked, and the
+/// upload after the backup sends only the maps and the manifest. A
+/// bitback killed while a part is on its way leaves no point; the next
+/// backup aborts what it left, and every point restores equal to the disk.
+/// On the file data path (QEMU writes the files) nothing is fed, and the
+/// files go up after the backup as before.
+#[test]
+fn a_backups_files_go_up_while_they_are_written() {
+    let store = Seaweed::start();
+    store.bucket("bb-feed", true);
+    let dir = tempdir();
+    let spool = dir.path().join("spool");
+    let mut vm = Vm::new(dir.path(), &[80 * MIB, 4 * MIB]);
+    let nbd = std::env::var("BITBACK_DATA_PATH").as_deref() != Ok("file");
+    let env = store.env();
+    let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
+    let backup = |env: &[(&str, &str)]| {
+        bitback_env(
+            &[
+                "backup",
+                "--qmp",
+                &qmp,
+                "--repo",
+                "s3://bb-feed/site",
+                "--vm",
+                "vm1",
+                "--spool",
+                spool.to_str().unwrap(),
+                "--retain-days",
+                "1",
+                "--json",
+            ],
+            env,
+        )
+    };
+    let incomplete = || {
+        let listed = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-feed"]);
+        listed["Uploads"].as_array().map_or(0, Vec::len)
+    };
+    for (k, pattern) in [0x31u8, 0x32, 0x33].into_iter().enumerate() {
+        vm.write(0, (k as u64) * MIB, 72 * MIB, pattern);
+        vm.write(1, 0, 2 * MIB, pattern);
+        vm.random_writes(&mut Rng::from_env(), 4);
+        if k == 1 {
+            // Killed while a part of a file is on its way.
+            let mut killed = env.clone();
+            killed.push(("BITBACK_FAULT", "feed-mid-upload"));
+            let run = backup(&killed);
+            assert_ne!(run.code, Some(0), "{}", run.stderr);
+            let listed = bitback_env(
+                &["list", "--repo", "s3://bb-feed/site", "--vm", "vm1", "--json"],
+                &env,
+            );
+            let listed = listed.json().as_array().unwrap().len();
+            assert_eq!(listed, vm.points.len(), "a killed backup listed a point");
+            if nbd {
+                assert!(incomplete() > 0, "no upload was under way");
+            }
+        }
+        let run = backup(&env);
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        let point = run.json();
+        let id = point["id"].as_str().unwrap().to_string();
+        vm.snapshot(&id);
+        assert_eq!(incomplete(), 0, "an upload was left under way");
+        let synced = point["synced"].as_array().unwrap();
+        let this = synced.iter().find(|s| s["backup"] == id.as_str()).unwrap();
+        assert_eq!(this["action"], "copied", "{point}");
+        let streamed = this["streamed"].as_u64().unwrap_or(0);
+        let mut files = 0;
+        for v in point["volumes"].as_array().unwrap() {
+            let file = v["file"].as_str().unwrap();
+            let local = spool.join(file);
+            let bytes = std::fs::read(&local).unwrap();
+            files += bytes.len() as u64;
+            let key = format!("site/{file}");
+            let there = store.read("bb-feed", &key, dir.path());
+            assert!(there == bytes, "{key} is not the spool's file");
+            let head = store.aws_ok(&[
+                "s3api",
+                "head-object",
+                "--bucket",
+                "bb-feed",
+                "--key",
+                &key,
+                "--checksum-mode",
+                "ENABLED",
+            ]);
+            assert!(head["ObjectLockRetainUntilDate"].is_string(), "{key}: {head}");
+            if nbd && bytes.len() as u64 > bitback::s3::HEAD {
+                // The head, then 16 MiB parts.
+                let parts = 1 + (bytes.len() as u64 - bitback::s3::HEAD).div_ceil(16 * MIB);
+                let crc = head["ChecksumCRC32C"].as_str().unwrap_or_default();
+                assert!(crc.ends_with(&format!("-{parts}")), "{key}: {head}");
+            }
+        }
+        match nbd {
+            true => assert_eq!(streamed, files, "{point}"),
+            false => assert_eq!(streamed, 0, "{point}"),
+        }
+    }
+    vm.quit();
+    for point in &vm.points {
+        let out = dir.path().join(format!("restored-{}", point.0));
+        restores_right("s3://bb-feed/site", point, &out, &env);
+    }
+}
+
 /// The store killed (by its pid) while a sync's multipart upload is in
 /// flight: the sync fails after its bounded retries, saying what it
 /// tried, and the bucket lists no point. Killed again and started again

@@ -1,0 +1,459 @@
+//! A multipart upload fed while its file is written ([`Feed`]): the
+//! streaming qcow2 writer hands it each write as it makes it
+//! ([`crate::qcow2::Tap`]), so the object is in the bucket moments after
+//! the file is complete, and its data is not read again to be sent.
+//!
+//! ```text
+//!  part 1                  part 2        part 3          last part
+//!  [0 .. HEAD)             [HEAD ..+size)[..+size)  ...  [.. len)
+//!  header (written last)   data, in the order the writer appends it, then the tables
+//!  + the first data
+//! ```
+//!
+//! The file's first [`HEAD`] bytes are kept in memory and go last, as
+//! part 1, once the header (written last) is in them. Past them the writer
+//! only appends; each part is sealed once the writes pass its end, with
+//! the CRC32C of the bytes as they were written (computed from the
+//! writer's own buffer, the one its cluster digests were taken from).
+//!
+//! **Never a wait for the writer.** A backup's writes can hold up the
+//! guest's (copy-before-write), so [`Feed::written`] only copies and sums:
+//! a part is kept in memory while its feed holds less than [`HOLD`] bytes
+//! of parts, and otherwise read back from the file when an uploader gets
+//! to it (its bytes checked against the CRC32C taken in flight first: a
+//! file changed since is not sent). A slow or stopped store costs memory
+//! up to [`HOLD`] and then disk reads, never the writer's time.
+//!
+//! **What it cannot follow** ends it: a write behind bytes already fed
+//! (a cluster written twice where it lies). The upload is then aborted
+//! and the file goes up the usual way, after it is complete.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use super::Error;
+use super::client::{Client, Part, PartSum, read_part};
+
+/// Part 1: the file's first bytes, kept in memory and sent last, since
+/// the header in them is written last. At least S3's least part (5 MiB).
+pub const HEAD: u64 = 8 << 20;
+
+/// Bytes of parts one feed keeps in memory while they wait for an
+/// uploader; past that, parts are read back from the file.
+pub const HOLD: u64 = 64 << 20;
+
+/// Bytes read back from the file at once, by all of one feed's
+/// uploaders (one part at least, however large).
+const READ: u64 = 64 << 20;
+
+/// A multipart upload of one file, fed as the file is written; see the
+/// module's notes. Give [`Feed::tap`] to the writer, then call
+/// [`Feed::finish`] once the file is complete. Dropped unfinished, it
+/// aborts its upload.
+pub struct Feed {
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    key: String,
+    upload: String,
+    sum: PartSum,
+    uploaders: Vec<JoinHandle<()>>,
+    finished: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct State {
+    /// Bytes `0..HEAD` as written (zeros where nothing was).
+    head: Vec<u8>,
+    /// The size of the parts after the first.
+    size: u64,
+    /// Where the next appended byte goes (from `HEAD` on).
+    end: u64,
+    /// The part being filled.
+    open: Open,
+    /// Parts sealed, waiting for an uploader.
+    queue: VecDeque<Sealed>,
+    /// The next part's number (part 1 is the head).
+    number: u16,
+    /// Bytes of parts kept in memory (the open one's room included).
+    held: u64,
+    /// Bytes being read back from the file.
+    reading: u64,
+    /// Why the feed cannot go on (a write it cannot follow, a part the
+    /// store refused, a file changed under it): nothing more is sent.
+    stopped: Option<Error>,
+    /// No more parts will be sealed.
+    closed: bool,
+    /// Parts uploaded.
+    parts: Vec<(u16, Part)>,
+    /// Where the file is, for reading parts back and for messages.
+    path: PathBuf,
+}
+
+/// The part being filled.
+struct Open {
+    at: u64,
+    len: u64,
+    crc: u32,
+    /// Its bytes, when it is kept in memory.
+    bytes: Option<Vec<u8>>,
+}
+
+/// A part whose bytes are all written.
+struct Sealed {
+    number: u16,
+    at: u64,
+    len: u64,
+    crc: u32,
+    bytes: Option<Vec<u8>>,
+    /// Bytes of [`State::held`] it stands for.
+    held: u64,
+}
+
+/// The writer's side of a [`Feed`].
+struct FeedTap(Arc<Shared>);
+
+impl crate::qcow2::Tap for FeedTap {
+    fn written(&mut self, at: u64, bytes: &[u8]) {
+        let mut s = self.0.lock();
+        if s.stopped.is_none() && s.take(at, bytes) {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+impl State {
+    /// Takes the write of `bytes` at `at`; whether a part was sealed.
+    fn take(&mut self, at: u64, bytes: &[u8]) -> bool {
+        let stop = at.saturating_add(bytes.len() as u64);
+        if at < HEAD {
+            let n = (stop.min(HEAD) - at) as usize;
+            self.head[at as usize..at as usize + n].copy_from_slice(&bytes[..n]);
+        }
+        if stop <= HEAD {
+            return false;
+        }
+        let (from, bytes) = match at < HEAD {
+            true => (HEAD, &bytes[(HEAD - at) as usize..]),
+            false => (at, bytes),
+        };
+        if from < self.end {
+            self.stop(Error::Unfollowed(format!(
+                "{}: a write at byte {from}, behind the {} bytes already fed",
+                self.path.display(),
+                self.end
+            )));
+            return false;
+        }
+        let mut sealed = self.zeros(from - self.end);
+        sealed |= self.append(bytes);
+        sealed
+    }
+
+    /// Appends `n` zero bytes (a gap the writer left: it reads as zeros).
+    fn zeros(&mut self, mut n: u64) -> bool {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let mut sealed = false;
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64);
+            sealed |= self.append(&ZEROS[..k as usize]);
+            n -= k;
+        }
+        sealed
+    }
+
+    fn append(&mut self, mut bytes: &[u8]) -> bool {
+        let mut sealed = false;
+        while !bytes.is_empty() {
+            let room = (self.size - self.open.len) as usize;
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.open.crc = crc32c::crc32c_append(self.open.crc, now);
+            if let Some(b) = &mut self.open.bytes {
+                b.extend_from_slice(now);
+            }
+            self.open.len += now.len() as u64;
+            self.end += now.len() as u64;
+            bytes = rest;
+            if self.open.len == self.size {
+                self.seal();
+                sealed = true;
+            }
+        }
+        sealed
+    }
+
+    /// Queues the open part, and opens the next one at the end.
+    fn seal(&mut self) {
+        if self.open.len == 0 {
+            return;
+        }
+        let keep = self.held + self.size <= HOLD;
+        let next = Open {
+            at: self.end,
+            len: 0,
+            crc: 0,
+            bytes: keep.then(|| Vec::with_capacity(self.size as usize)),
+        };
+        let open = std::mem::replace(&mut self.open, next);
+        let held = match open.bytes {
+            Some(_) => self.size,
+            None => 0,
+        };
+        if keep {
+            self.held += self.size;
+        }
+        self.queue.push_back(Sealed {
+            number: self.number,
+            at: open.at,
+            len: open.len,
+            crc: open.crc,
+            bytes: open.bytes,
+            held,
+        });
+        match self.number.checked_add(1).filter(|n| *n <= 10_000) {
+            Some(n) => self.number = n,
+            None => self.stop(Error::Unfollowed(format!(
+                "{}: over 10,000 parts",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn stop(&mut self, why: Error) {
+        if self.stopped.is_none() {
+            self.stopped = Some(why);
+        }
+        self.queue.clear();
+    }
+}
+
+impl Client {
+    /// Begins a multipart upload of `key`, fed as the file at `path` is
+    /// written ([`Feed`]); `bound` is the most bytes the file can come to
+    /// (which sets the part size: 9,000 parts hold it).
+    pub fn feed(self: &Arc<Client>, key: &str, path: &Path, bound: u64) -> Result<Feed, Error> {
+        let (upload, sum) = self.start_upload(key, None)?;
+        let size = super::part_size(bound.saturating_sub(HEAD));
+        let keep = size <= HOLD;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                head: vec![0; HEAD as usize],
+                size,
+                end: HEAD,
+                open: Open {
+                    at: HEAD,
+                    len: 0,
+                    crc: 0,
+                    bytes: keep.then(|| Vec::with_capacity(size as usize)),
+                },
+                queue: VecDeque::new(),
+                number: 2,
+                held: if keep { size } else { 0 },
+                reading: 0,
+                stopped: None,
+                closed: false,
+                parts: Vec::new(),
+                path: path.to_path_buf(),
+            }),
+            changed: Condvar::new(),
+        });
+        let file = std::fs::File::open(path).map_err(|e| Error::Local {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let file = Arc::new(file);
+        let uploaders = (0..super::UPLOADERS)
+            .map(|_| {
+                let (shared, client, file) = (shared.clone(), self.clone(), file.clone());
+                let (key, upload) = (key.to_string(), upload.clone());
+                std::thread::spawn(move || uploader(&shared, &client, &file, (&key, &upload, sum)))
+            })
+            .collect();
+        Ok(Feed {
+            shared,
+            client: self.clone(),
+            key: key.to_string(),
+            upload,
+            sum,
+            uploaders,
+            finished: false,
+        })
+    }
+}
+
+/// One uploader: takes sealed parts (those kept in memory first, then the
+/// oldest), reads back those not kept, and sends them, until the feed is
+/// closed or stopped.
+fn uploader(shared: &Shared, client: &Client, file: &std::fs::File, (key, upload, sum): (&str, &str, PartSum)) {
+    let direct = crate::direct::reopen_read(file);
+    loop {
+        let part = {
+            let mut s = shared.lock();
+            loop {
+                if s.stopped.is_some() {
+                    return;
+                }
+                if let Some(k) = s.queue.iter().position(|p| p.bytes.is_some()) {
+                    break s.queue.remove(k);
+                }
+                if let Some(p) = s.queue.front()
+                    && (s.reading == 0 || s.reading + p.len <= READ)
+                {
+                    s.reading += p.len;
+                    break s.queue.pop_front();
+                }
+                if s.closed && s.queue.is_empty() {
+                    return;
+                }
+                s = shared.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let Some(part) = part else { continue };
+        let sent = send(client, file, direct.as_ref(), (key, upload, sum), &part, shared);
+        let mut s = shared.lock();
+        match part.bytes {
+            Some(_) => s.held -= part.held,
+            None => s.reading -= part.len,
+        }
+        match sent {
+            Ok(done) => s.parts.push((part.number, done)),
+            Err(e) => s.stop(e),
+        }
+        shared.changed.notify_all();
+    }
+}
+
+/// Sends one sealed part: its bytes kept, or read back and checked
+/// against the CRC32C taken as they were written.
+fn send(
+    client: &Client,
+    file: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    (key, upload, sum): (&str, &str, PartSum),
+    part: &Sealed,
+    shared: &Shared,
+) -> Result<Part, Error> {
+    let path = || shared.lock().path.clone();
+    let read;
+    let bytes: &[u8] = match &part.bytes {
+        Some(bytes) => bytes,
+        None => {
+            read = read_part(file, direct, part.at, part.len as usize).map_err(|e| {
+                Error::Local {
+                    path: path(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if crc32c::crc32c(&read) != part.crc {
+                return Err(Error::Unproven {
+                    path: path(),
+                    reason: format!(
+                        "bytes {}..{} changed after they were written",
+                        part.at,
+                        part.at + part.len
+                    ),
+                });
+            }
+            &read
+        }
+    };
+    crate::fault::point("feed-mid-upload");
+    client.upload_part(key, (upload, sum), part.number, bytes)
+}
+
+impl Feed {
+    /// What the writer hands each write to.
+    pub fn tap(&self) -> Box<dyn crate::qcow2::Tap> {
+        Box::new(FeedTap(self.shared.clone()))
+    }
+
+    /// After the file's last write (it is `len` bytes long): the last
+    /// parts and the head sent, and the object made. The bytes uploaded.
+    /// A feed that could not follow the file, or whose parts the store
+    /// refused, aborts its upload and says why.
+    pub fn finish(mut self, len: u64) -> Result<u64, Error> {
+        self.finished = true;
+        let ended = self.end(len);
+        let done = ended.and_then(|()| {
+            let mut s = self.shared.lock();
+            let head = &s.head[..len.min(HEAD) as usize];
+            let first = self
+                .client
+                .upload_part(&self.key, (&self.upload, self.sum), 1, head)?;
+            s.parts.push((1, first));
+            s.parts.sort_by_key(|(n, _)| *n);
+            let parts: Vec<Part> = std::mem::take(&mut s.parts)
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect();
+            drop(s);
+            self.client
+                .complete_multipart(&self.key, &self.upload, &parts)?;
+            Ok(len)
+        });
+        if done.is_err() {
+            let _ = self.client.abort_upload(&self.key, &self.upload);
+        }
+        done
+    }
+
+    /// Seals what is left of a file `len` bytes long, and waits for the
+    /// uploaders.
+    fn end(&mut self, len: u64) -> Result<(), Error> {
+        {
+            let mut s = self.shared.lock();
+            if s.stopped.is_none() && len > HEAD {
+                if s.end > len {
+                    let why = format!(
+                        "{}: {} bytes fed to a file of {len}",
+                        s.path.display(),
+                        s.end
+                    );
+                    s.stop(Error::Unfollowed(why));
+                } else {
+                    let gap = len - s.end;
+                    s.zeros(gap);
+                    s.seal();
+                }
+            }
+            s.closed = true;
+            self.shared.changed.notify_all();
+        }
+        for u in self.uploaders.drain(..) {
+            let _ = u.join();
+        }
+        match self.shared.lock().stopped.take() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        {
+            let mut s = self.shared.lock();
+            s.stop(Error::Unfollowed("abandoned".into()));
+            s.closed = true;
+            self.shared.changed.notify_all();
+        }
+        for u in self.uploaders.drain(..) {
+            let _ = u.join();
+        }
+        let _ = self.client.abort_upload(&self.key, &self.upload);
+    }
+}
