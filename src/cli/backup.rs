@@ -476,7 +476,13 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    upload(&args, &repo, &bucket, &manifest, (retain, opts.copy.stream_to))
+    upload(
+        &args,
+        &repo,
+        &bucket,
+        &manifest,
+        (retain, opts.copy.stream_to),
+    )
 }
 
 /// The directory a backup writes into (the repository, or the spool of

@@ -86,7 +86,7 @@ pub(super) async fn open(
             .with_context(|| format!("creating {}", map.display()))?;
     }
     let upload = match &writer.upload {
-        Some((to, key)) => feed(to, key, path, opts).await,
+        Some((to, key)) => feed(to, key, path).await,
         None => None,
     };
     if let Some(u) = &upload {
@@ -148,29 +148,23 @@ pub(super) async fn open(
     Ok(server)
 }
 
-/// Begins the upload of the file at `path` (an image of `opts`) as
-/// `key`, fed as it is written. A store that does not take it costs
-/// nothing but the feed: the file goes up after the backup.
-async fn feed(
-    to: &Arc<StreamTo>,
-    key: &str,
-    path: &Path,
-    opts: &CreateOptions<'_>,
-) -> Option<Upload> {
-    // The most the file can hold: every cluster, its tables, a header.
-    let per_table = opts.cluster_size / 8;
-    let tables = opts.size.div_ceil(opts.cluster_size).div_ceil(per_table) * opts.cluster_size;
-    let bound = opts.size + 2 * tables + 64 * opts.cluster_size;
+/// Begins the upload of the file at `path` as `key`, fed as it is
+/// written. A store that does not take it costs nothing but the feed:
+/// the file goes up after the backup.
+async fn feed(to: &Arc<StreamTo>, key: &str, path: &Path) -> Option<Upload> {
     let (to, key, path) = (to.clone(), key.to_string(), path.to_path_buf());
     let begun = tokio::task::spawn_blocking(move || {
-        let feed = to.bucket.feed(&key, &path, bound);
+        let feed = to.bucket.feed(&key, &path);
         feed.map(|feed| Upload { feed, to, key })
     })
     .await;
     match begun.map_err(anyhow::Error::from).and_then(|b| Ok(b?)) {
         Ok(upload) => Some(upload),
         Err(e) => {
-            warn!(error = format!("{e:#}"), "the file is not uploaded as it is written: it goes up after the backup");
+            warn!(
+                error = format!("{e:#}"),
+                "the file is not uploaded as it is written: it goes up after the backup"
+            );
             None
         }
     }

@@ -156,8 +156,14 @@ pub fn sync_to_bucket(
         target.abort_incomplete(&lock, &vm)?;
         let mut copied = false;
         for m in source.backups(&vm)? {
-            let synced = sync_point(source, target, &m, retention.as_ref(), opts.streamed.as_deref())
-                .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
+            let synced = sync_point(
+                source,
+                target,
+                &m,
+                retention.as_ref(),
+                opts.streamed.as_deref(),
+            )
+            .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
             if let Some(retention) = &retention
                 && synced.action == SyncAction::Copied
             {

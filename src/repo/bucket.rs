@@ -56,10 +56,9 @@ impl Bucket {
     }
 
     /// Begins the upload of repository key `key`, fed as the file at
-    /// `path` is written, a file of `bound` bytes at most
-    /// ([`crate::s3::Feed`]).
-    pub fn feed(&self, key: &str, path: &std::path::Path, bound: u64) -> Result<crate::s3::Feed> {
-        Ok(self.client.feed(&self.object(key)?, path, bound)?)
+    /// `path` is written ([`crate::s3::Feed`]).
+    pub fn feed(&self, key: &str, path: &std::path::Path) -> Result<crate::s3::Feed> {
+        Ok(self.client.feed(&self.object(key)?, path)?)
     }
 
     /// Repository key `key` streamed into a new file at `path`. The bytes

@@ -744,7 +744,8 @@ impl Client {
                         if failed() {
                             continue;
                         }
-                        match self.upload_part(key, (upload, sum), number, &bytes) {
+                        match self.upload_part(key, (upload, sum), number, PartBody::Bytes(&bytes))
+                        {
                             Ok(part) => parts
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner)
@@ -911,14 +912,17 @@ impl Client {
     /// One part, with its CRC32C or its MD5 as `sum` says. A part sent
     /// with its CRC32C whose answer does not echo it (a store that took
     /// the header without checking it) is sent again with its MD5 too.
+    /// A part read from a file as it is sent is checked as it is read
+    /// against the CRC32C its bytes had when written: one that changed is
+    /// [`Error::Unproven`], whatever the store answered.
     pub(super) fn upload_part(
         &self,
         key: &str,
         (upload, sum): (&str, PartSum),
         number: u16,
-        bytes: &[u8],
+        body: PartBody<'_>,
     ) -> Result<Part, Error> {
-        let crc = (sum == PartSum::Crc32c).then(|| crc32c_base64(bytes, 0));
+        let crc = (sum == PartSum::Crc32c).then(|| base64_crc(body.crc32c()));
         let mut md5_too = crc.is_none();
         loop {
             let mut headers: Vec<(&str, String)> = Vec::new();
@@ -926,7 +930,7 @@ impl Client {
                 headers.push(("x-amz-checksum-crc32c", c.clone()));
             }
             if md5_too {
-                headers.push(("content-md5", md5(bytes)));
+                headers.push(("content-md5", body.md5()?));
             }
             let mut action = self
                 .bucket
@@ -936,13 +940,26 @@ impl Client {
             }
             let url = action.sign(SIGNED_FOR);
             let what = format!("PART {number}");
+            let read = std::cell::Cell::new(None);
             let reply = self.send(&what, key, || {
                 let mut request = self.agent.put(url.as_str());
                 for (name, value) in &headers {
                     request = request.header(*name, value);
                 }
-                request.send(bytes)
-            })?;
+                match &body {
+                    PartBody::Bytes(bytes) => request.send(*bytes),
+                    PartBody::Range(range) => {
+                        let mut reader = range.reader(&read);
+                        request
+                            .header("content-length", range.len.to_string())
+                            .send(ureq::SendBody::from_reader(&mut reader))
+                    }
+                }
+            });
+            if let PartBody::Range(range) = &body {
+                range.check(read.get())?;
+            }
+            let reply = reply?;
             if reply.status != 200 {
                 return Err(reply.error(&what, key));
             }
@@ -972,7 +989,12 @@ impl Client {
         }
     }
 
-    pub(super) fn complete_multipart(&self, key: &str, upload: &str, parts: &[Part]) -> Result<(), Error> {
+    pub(super) fn complete_multipart(
+        &self,
+        key: &str,
+        upload: &str,
+        parts: &[Part],
+    ) -> Result<(), Error> {
         let action = self.bucket.complete_multipart_upload(
             Some(&self.credentials),
             key,
@@ -1375,7 +1397,140 @@ pub(super) fn read_part(
 /// The base64 CRC32C of `bytes` (big-endian, as `x-amz-checksum-crc32c`
 /// takes it), XORed with `flip` (a wrong one, for the probe).
 fn crc32c_base64(bytes: &[u8], flip: u32) -> String {
-    base64::engine::general_purpose::STANDARD.encode((crc32c::crc32c(bytes) ^ flip).to_be_bytes())
+    base64_crc(crc32c::crc32c(bytes) ^ flip)
+}
+
+/// A CRC32C as `x-amz-checksum-crc32c` takes it: base64, big-endian.
+fn base64_crc(crc: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+/// A part's bytes: in memory, or read from a file as they are sent.
+pub(super) enum PartBody<'a> {
+    Bytes(&'a [u8]),
+    Range(FileRange<'a>),
+}
+
+impl PartBody<'_> {
+    fn crc32c(&self) -> u32 {
+        match self {
+            PartBody::Bytes(bytes) => crc32c::crc32c(bytes),
+            PartBody::Range(range) => range.crc,
+        }
+    }
+
+    /// The base64 MD5 (a file's range read once for it, and checked).
+    fn md5(&self) -> Result<String, Error> {
+        use md5::Digest;
+        use std::io::Read;
+        let range = match self {
+            PartBody::Bytes(bytes) => return Ok(md5(bytes)),
+            PartBody::Range(range) => range,
+        };
+        let read = std::cell::Cell::new(None);
+        let mut reader = range.reader(&read);
+        let mut hasher = md5::Md5::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| range.local(e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        range.check(read.get())?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
+    }
+}
+
+/// `len` bytes at `at` of the file at `path`, read through `direct` (its
+/// O_DIRECT handle) where the page cache does not hold them; `crc` is
+/// their CRC32C when they were written.
+pub(super) struct FileRange<'a> {
+    pub file: &'a std::fs::File,
+    pub direct: Option<&'a std::fs::File>,
+    pub path: &'a std::path::Path,
+    pub at: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+impl<'a> FileRange<'a> {
+    /// A reader of the range, which leaves the CRC32C of what it read in
+    /// `read` once it read it all.
+    fn reader<'b>(&'b self, read: &'b std::cell::Cell<Option<u32>>) -> RangeReader<'b, 'a> {
+        read.set(None);
+        RangeReader {
+            range: self,
+            done: 0,
+            chunk: None,
+            pos: 0,
+            crc: 0,
+            read,
+        }
+    }
+
+    /// Fails when the range was read whole and is not what was written.
+    fn check(&self, read: Option<u32>) -> Result<(), Error> {
+        match read {
+            Some(crc) if crc != self.crc => Err(Error::Unproven {
+                path: self.path.to_path_buf(),
+                reason: format!(
+                    "bytes {}..{} changed after they were written",
+                    self.at,
+                    self.at + self.len
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn local(&self, e: std::io::Error) -> Error {
+        Error::Local {
+            path: self.path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Reads a [`FileRange`] a MiB at a time, summing it.
+struct RangeReader<'b, 'a> {
+    range: &'b FileRange<'a>,
+    /// Bytes of the range read from the file.
+    done: u64,
+    chunk: Option<PartBytes>,
+    pos: usize,
+    crc: u32,
+    read: &'b std::cell::Cell<Option<u32>>,
+}
+
+impl std::io::Read for RangeReader<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        const CHUNK: u64 = 1 << 20;
+        let r = self.range;
+        if self.chunk.as_ref().is_none_or(|c| self.pos == c.len()) {
+            if self.done == r.len {
+                return Ok(0);
+            }
+            let want = (r.len - self.done).min(CHUNK) as usize;
+            let chunk = read_part(r.file, r.direct, r.at + self.done, want)?;
+            self.crc = crc32c::crc32c_append(self.crc, &chunk);
+            self.done += want as u64;
+            if self.done == r.len {
+                // A sender that knows the length asks no more.
+                self.read.set(Some(self.crc));
+            }
+            self.chunk = Some(chunk);
+            self.pos = 0;
+        }
+        let Some(chunk) = &self.chunk else {
+            return Ok(0);
+        };
+        let n = out.len().min(chunk.len() - self.pos);
+        out[..n].copy_from_slice(&chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// The base64 SHA-256 of `bytes`, as `x-amz-checksum-sha256` takes it.
@@ -1504,12 +1659,12 @@ mod tests {
 
         /// One that takes each part `ms` milliseconds after it came (a
         /// store slower than the writer).
-        fn slow_parts(ms: u64) -> FakeStore {
+        fn slow_parts(ms: u64, checks: bool) -> FakeStore {
             FakeStore::serve(move |t, uploads| {
                 if t.method == "PUT" && t.target.contains("partNumber=") && t.body != b"probe" {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                FakeStore::answer(t, true, uploads)
+                FakeStore::answer(t, checks, uploads)
             })
         }
 
@@ -1817,11 +1972,13 @@ mod tests {
         tap: &mut dyn crate::qcow2::Tap,
         data: usize,
     ) -> Vec<u8> {
-        use std::os::unix::fs::FileExt;
         use crate::s3::HEAD;
+        use std::os::unix::fs::FileExt;
         let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         let len = HEAD as usize + data;
-        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8 ^ (i >> 20) as u8).collect();
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i * 7 % 253) as u8 ^ (i >> 20) as u8)
+            .collect();
         let mut at = HEAD as usize;
         let mut step = 1usize;
         while at < len {
@@ -1832,7 +1989,8 @@ mod tests {
             step += 1;
         }
         // The first data and the header, last, as the writer does.
-        file.write_all_at(&bytes[65536..HEAD as usize], 65536).unwrap();
+        file.write_all_at(&bytes[65536..HEAD as usize], 65536)
+            .unwrap();
         tap.written(65536, &bytes[65536..HEAD as usize]);
         file.write_all_at(&bytes[..65536], 0).unwrap();
         tap.written(0, &bytes[..65536]);
@@ -1842,13 +2000,19 @@ mod tests {
     #[test]
     fn a_feed_makes_the_file_as_written_its_head_last_and_parts_past_its_hold_read_back() {
         // Slower than the writer: parts past HOLD are read back.
-        let store = FakeStore::slow_parts(150);
+        feed_makes_the_file(FakeStore::slow_parts(150, true), true);
+        // A store that checks no CRC32C: parts with their MD5, the read
+        // back ones read once more for it.
+        feed_makes_the_file(FakeStore::slow_parts(150, false), false);
+    }
+
+    fn feed_makes_the_file(store: FakeStore, crc: bool) {
         let client = std::sync::Arc::new(store.client());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
         let data = (crate::s3::HOLD + 40 * (1 << 20) + 12345) as usize;
-        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let feed = client.feed("k", &path).unwrap();
         let bytes = write_through(&path, &mut *feed.tap(), data);
         assert_eq!(feed.finish(bytes.len() as u64).unwrap(), bytes.len() as u64);
         let taken = store.take();
@@ -1870,20 +2034,26 @@ mod tests {
         assert_eq!(part_number(&taken[last_part]), 1);
         assert!(taken.last().unwrap().method == "POST");
         for p in &parts {
-            assert_eq!(p.header("x-amz-checksum-crc32c"), Some(crc32c_base64(&p.body, 0).as_str()));
+            match crc {
+                true => assert_eq!(
+                    p.header("x-amz-checksum-crc32c"),
+                    Some(crc32c_base64(&p.body, 0).as_str())
+                ),
+                false => assert_eq!(p.header("content-md5"), Some(md5(&p.body).as_str())),
+            }
         }
     }
 
     #[test]
     fn a_feed_whose_file_changed_before_a_part_was_read_back_is_aborted() {
         use std::os::unix::fs::FileExt;
-        let store = FakeStore::slow_parts(400);
+        let store = FakeStore::slow_parts(400, true);
         let client = std::sync::Arc::new(store.client());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
         let data = (crate::s3::HOLD + 40 * (1 << 20)) as usize;
-        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let feed = client.feed("k", &path).unwrap();
         let bytes = write_through(&path, &mut *feed.tap(), data);
         // In the last part, not kept: read back only once the kept ones
         // are sent.
@@ -1892,9 +2062,16 @@ mod tests {
         file.write_all_at(&[bytes[at as usize] ^ 1], at).unwrap();
         let e = feed.finish(bytes.len() as u64).unwrap_err();
         assert!(matches!(e, Error::Unproven { .. }), "{e}");
-        assert!(e.to_string().contains("changed after they were written"), "{e}");
+        assert!(
+            e.to_string().contains("changed after they were written"),
+            "{e}"
+        );
         let taken = store.take();
-        assert!(taken.iter().all(|t| !(t.method == "POST" && t.target.contains("uploadId="))));
+        assert!(
+            taken
+                .iter()
+                .all(|t| !(t.method == "POST" && t.target.contains("uploadId=")))
+        );
         assert!(taken.last().unwrap().method == "DELETE", "not aborted");
     }
 
@@ -1905,7 +2082,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
-        let feed = client.feed("k", &path, 200 << 20).unwrap();
+        let feed = client.feed("k", &path).unwrap();
         let mut tap = feed.tap();
         let bytes = write_through(&path, &mut *tap, 40 << 20);
         // A cluster written again where it lies, past the head.
@@ -1915,7 +2092,11 @@ mod tests {
         assert!(matches!(e, Error::Unfollowed(_)), "{e}");
         assert!(e.to_string().contains("behind"), "{e}");
         let taken = store.take();
-        assert!(taken.iter().all(|t| !(t.method == "POST" && t.target.contains("uploadId="))));
+        assert!(
+            taken
+                .iter()
+                .all(|t| !(t.method == "POST" && t.target.contains("uploadId=")))
+        );
         assert!(taken.last().unwrap().method == "DELETE", "not aborted");
     }
 }

@@ -17,12 +17,19 @@
 //! writer's own buffer, the one its cluster digests were taken from).
 //!
 //! **Never a wait for the writer.** A backup's writes can hold up the
-//! guest's (copy-before-write), so [`Feed::written`] only copies and sums:
-//! a part is kept in memory while its feed holds less than [`HOLD`] bytes
-//! of parts, and otherwise read back from the file when an uploader gets
-//! to it (its bytes checked against the CRC32C taken in flight first: a
-//! file changed since is not sent). A slow or stopped store costs memory
-//! up to [`HOLD`] and then disk reads, never the writer's time.
+//! guest's (copy-before-write), so the tap only copies and sums: a part
+//! is kept in memory while its feed holds less than [`HOLD`] bytes of
+//! parts, and otherwise read back from the file as it is sent, a MiB at a
+//! time, when an uploader gets to it (its bytes checked against the
+//! CRC32C taken in flight as they are read, and by the store against the
+//! same CRC32C sent ahead of them: a file changed since is not stored).
+//! A slow or stopped store costs memory up to [`HOLD`] and then disk
+//! reads, never the writer's time.
+//!
+//! **Parts grow with the file**: 16 MiB, or a 1024th of the bytes before
+//! them once that is more (whole MiB), so that S3's 10,000 parts hold
+//! any object it takes (5 TiB in about 7,000) and a small file's parts
+//! stay small enough to keep.
 //!
 //! **What it cannot follow** ends it: a write behind bytes already fed
 //! (a cluster written twice where it lies). The upload is then aborted
@@ -34,7 +41,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use super::Error;
-use super::client::{Client, Part, PartSum, read_part};
+use super::client::{Client, FileRange, Part, PartBody, PartSum};
 
 /// Part 1: the file's first bytes, kept in memory and sent last, since
 /// the header in them is written last. At least S3's least part (5 MiB).
@@ -43,10 +50,6 @@ pub const HEAD: u64 = 8 << 20;
 /// Bytes of parts one feed keeps in memory while they wait for an
 /// uploader; past that, parts are read back from the file.
 pub const HOLD: u64 = 64 << 20;
-
-/// Bytes read back from the file at once, by all of one feed's
-/// uploaders (one part at least, however large).
-const READ: u64 = 64 << 20;
 
 /// A multipart upload of one file, fed as the file is written; see the
 /// module's notes. Give [`Feed::tap`] to the writer, then call
@@ -76,8 +79,6 @@ impl Shared {
 struct State {
     /// Bytes `0..HEAD` as written (zeros where nothing was).
     head: Vec<u8>,
-    /// The size of the parts after the first.
-    size: u64,
     /// Where the next appended byte goes (from `HEAD` on).
     end: u64,
     /// The part being filled.
@@ -88,8 +89,6 @@ struct State {
     number: u16,
     /// Bytes of parts kept in memory (the open one's room included).
     held: u64,
-    /// Bytes being read back from the file.
-    reading: u64,
     /// Why the feed cannot go on (a write it cannot follow, a part the
     /// store refused, a file changed under it): nothing more is sent.
     stopped: Option<Error>,
@@ -104,10 +103,36 @@ struct State {
 /// The part being filled.
 struct Open {
     at: u64,
+    /// Its size, once full.
+    size: u64,
     len: u64,
     crc: u32,
     /// Its bytes, when it is kept in memory.
     bytes: Option<Vec<u8>>,
+}
+
+impl Open {
+    /// The part that begins at byte `at`, kept in memory if `held` bytes
+    /// kept leave room for it.
+    fn at(at: u64, held: u64) -> Open {
+        const MIB: u64 = 1 << 20;
+        let size = (16 * MIB).max((at / 1024).div_ceil(MIB) * MIB);
+        Open {
+            at,
+            size,
+            len: 0,
+            crc: 0,
+            bytes: (held + size <= HOLD).then(|| Vec::with_capacity(size as usize)),
+        }
+    }
+
+    /// Bytes of [`State::held`] it stands for.
+    fn held(&self) -> u64 {
+        match self.bytes {
+            Some(_) => self.size,
+            None => 0,
+        }
+    }
 }
 
 /// A part whose bytes are all written.
@@ -176,7 +201,7 @@ impl State {
     fn append(&mut self, mut bytes: &[u8]) -> bool {
         let mut sealed = false;
         while !bytes.is_empty() {
-            let room = (self.size - self.open.len) as usize;
+            let room = (self.open.size - self.open.len) as usize;
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
             self.open.crc = crc32c::crc32c_append(self.open.crc, now);
             if let Some(b) = &mut self.open.bytes {
@@ -185,7 +210,7 @@ impl State {
             self.open.len += now.len() as u64;
             self.end += now.len() as u64;
             bytes = rest;
-            if self.open.len == self.size {
+            if self.open.len == self.open.size {
                 self.seal();
                 sealed = true;
             }
@@ -198,21 +223,10 @@ impl State {
         if self.open.len == 0 {
             return;
         }
-        let keep = self.held + self.size <= HOLD;
-        let next = Open {
-            at: self.end,
-            len: 0,
-            crc: 0,
-            bytes: keep.then(|| Vec::with_capacity(self.size as usize)),
-        };
+        let next = Open::at(self.end, self.held);
+        self.held += next.held();
         let open = std::mem::replace(&mut self.open, next);
-        let held = match open.bytes {
-            Some(_) => self.size,
-            None => 0,
-        };
-        if keep {
-            self.held += self.size;
-        }
+        let held = open.held();
         self.queue.push_back(Sealed {
             number: self.number,
             at: open.at,
@@ -240,27 +254,22 @@ impl State {
 
 impl Client {
     /// Begins a multipart upload of `key`, fed as the file at `path` is
-    /// written ([`Feed`]); `bound` is the most bytes the file can come to
-    /// (which sets the part size: 9,000 parts hold it).
-    pub fn feed(self: &Arc<Client>, key: &str, path: &Path, bound: u64) -> Result<Feed, Error> {
+    /// written ([`Feed`]).
+    pub fn feed(self: &Arc<Client>, key: &str, path: &Path) -> Result<Feed, Error> {
+        let file = std::fs::File::open(path).map_err(|e| Error::Local {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let (upload, sum) = self.start_upload(key, None)?;
-        let size = super::part_size(bound.saturating_sub(HEAD));
-        let keep = size <= HOLD;
+        let open = Open::at(HEAD, 0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 head: vec![0; HEAD as usize],
-                size,
                 end: HEAD,
-                open: Open {
-                    at: HEAD,
-                    len: 0,
-                    crc: 0,
-                    bytes: keep.then(|| Vec::with_capacity(size as usize)),
-                },
+                held: open.held(),
+                open,
                 queue: VecDeque::new(),
                 number: 2,
-                held: if keep { size } else { 0 },
-                reading: 0,
                 stopped: None,
                 closed: false,
                 parts: Vec::new(),
@@ -268,10 +277,6 @@ impl Client {
             }),
             changed: Condvar::new(),
         });
-        let file = std::fs::File::open(path).map_err(|e| Error::Local {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
         let file = Arc::new(file);
         let uploaders = (0..super::UPLOADERS)
             .map(|_| {
@@ -293,10 +298,15 @@ impl Client {
 }
 
 /// One uploader: takes sealed parts (those kept in memory first, then the
-/// oldest), reads back those not kept, and sends them, until the feed is
-/// closed or stopped.
-fn uploader(shared: &Shared, client: &Client, file: &std::fs::File, (key, upload, sum): (&str, &str, PartSum)) {
+/// oldest) and sends them, until the feed is closed or stopped.
+fn uploader(
+    shared: &Shared,
+    client: &Client,
+    file: &std::fs::File,
+    (key, upload, sum): (&str, &str, PartSum),
+) {
     let direct = crate::direct::reopen_read(file);
+    let path = shared.lock().path.clone();
     loop {
         let part = {
             let mut s = shared.lock();
@@ -304,72 +314,40 @@ fn uploader(shared: &Shared, client: &Client, file: &std::fs::File, (key, upload
                 if s.stopped.is_some() {
                     return;
                 }
-                if let Some(k) = s.queue.iter().position(|p| p.bytes.is_some()) {
-                    break s.queue.remove(k);
+                let kept = s.queue.iter().position(|p| p.bytes.is_some());
+                if let Some(part) = s.queue.remove(kept.unwrap_or(0)) {
+                    break part;
                 }
-                if let Some(p) = s.queue.front()
-                    && (s.reading == 0 || s.reading + p.len <= READ)
-                {
-                    s.reading += p.len;
-                    break s.queue.pop_front();
-                }
-                if s.closed && s.queue.is_empty() {
+                if s.closed {
                     return;
                 }
-                s = shared.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                s = shared
+                    .changed
+                    .wait(s)
+                    .unwrap_or_else(PoisonError::into_inner);
             }
         };
-        let Some(part) = part else { continue };
-        let sent = send(client, file, direct.as_ref(), (key, upload, sum), &part, shared);
+        crate::fault::point("feed-mid-upload");
+        let body = match &part.bytes {
+            Some(bytes) => PartBody::Bytes(bytes),
+            None => PartBody::Range(FileRange {
+                file,
+                direct: direct.as_ref(),
+                path: &path,
+                at: part.at,
+                len: part.len,
+                crc: part.crc,
+            }),
+        };
+        let sent = client.upload_part(key, (upload, sum), part.number, body);
         let mut s = shared.lock();
-        match part.bytes {
-            Some(_) => s.held -= part.held,
-            None => s.reading -= part.len,
-        }
+        s.held -= part.held;
         match sent {
             Ok(done) => s.parts.push((part.number, done)),
             Err(e) => s.stop(e),
         }
         shared.changed.notify_all();
     }
-}
-
-/// Sends one sealed part: its bytes kept, or read back and checked
-/// against the CRC32C taken as they were written.
-fn send(
-    client: &Client,
-    file: &std::fs::File,
-    direct: Option<&std::fs::File>,
-    (key, upload, sum): (&str, &str, PartSum),
-    part: &Sealed,
-    shared: &Shared,
-) -> Result<Part, Error> {
-    let path = || shared.lock().path.clone();
-    let read;
-    let bytes: &[u8] = match &part.bytes {
-        Some(bytes) => bytes,
-        None => {
-            read = read_part(file, direct, part.at, part.len as usize).map_err(|e| {
-                Error::Local {
-                    path: path(),
-                    reason: e.to_string(),
-                }
-            })?;
-            if crc32c::crc32c(&read) != part.crc {
-                return Err(Error::Unproven {
-                    path: path(),
-                    reason: format!(
-                        "bytes {}..{} changed after they were written",
-                        part.at,
-                        part.at + part.len
-                    ),
-                });
-            }
-            &read
-        }
-    };
-    crate::fault::point("feed-mid-upload");
-    client.upload_part(key, (upload, sum), part.number, bytes)
 }
 
 impl Feed {
@@ -388,9 +366,12 @@ impl Feed {
         let done = ended.and_then(|()| {
             let mut s = self.shared.lock();
             let head = &s.head[..len.min(HEAD) as usize];
-            let first = self
-                .client
-                .upload_part(&self.key, (&self.upload, self.sum), 1, head)?;
+            let first = self.client.upload_part(
+                &self.key,
+                (&self.upload, self.sum),
+                1,
+                PartBody::Bytes(head),
+            )?;
             s.parts.push((1, first));
             s.parts.sort_by_key(|(n, _)| *n);
             let parts: Vec<Part> = std::mem::take(&mut s.parts)
@@ -455,5 +436,29 @@ impl Drop for Feed {
             let _ = u.join();
         }
         let _ = self.client.abort_upload(&self.key, &self.upload);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_so_that_10000_hold_5_tib() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(Open::at(HEAD, 0).size, 16 * MIB);
+        assert_eq!(Open::at(16 << 30, 0).size, 16 * MIB);
+        assert_eq!(Open::at(32 << 30, 0).size, 32 * MIB);
+        let (mut end, mut parts) = (HEAD, 1u32);
+        while end < 5 << 40 {
+            let open = Open::at(end, HOLD);
+            assert!(open.size >= 5 * MIB && open.size % MIB == 0);
+            end += open.size;
+            parts += 1;
+        }
+        assert!(parts <= 7_500, "{parts} parts for 5 TiB");
+        // Kept while there is room.
+        assert!(Open::at(HEAD, HOLD - 16 * MIB).bytes.is_some());
+        assert!(Open::at(HEAD, HOLD - 15 * MIB).bytes.is_none());
     }
 }

@@ -1455,12 +1455,23 @@ fn a_backups_files_go_up_while_they_are_written() {
             // Killed while a part of a file is on its way: fed as the
             // file is written, or (QEMU writing the file) sent after.
             let mut killed = env.clone();
-            let fault = if nbd { "feed-mid-upload" } else { "sync-mid-upload" };
+            let fault = if nbd {
+                "feed-mid-upload"
+            } else {
+                "sync-mid-upload"
+            };
             killed.push(("BITBACK_FAULT", fault));
             let run = backup(&killed);
             assert_ne!(run.code, Some(0), "{}", run.stderr);
             let listed = bitback_env(
-                &["list", "--repo", "s3://bb-feed/site", "--vm", "vm1", "--json"],
+                &[
+                    "list",
+                    "--repo",
+                    "s3://bb-feed/site",
+                    "--vm",
+                    "vm1",
+                    "--json",
+                ],
                 &env,
             );
             let listed = listed.json().as_array().unwrap().len();
@@ -1496,7 +1507,10 @@ fn a_backups_files_go_up_while_they_are_written() {
                 "--checksum-mode",
                 "ENABLED",
             ]);
-            assert!(head["ObjectLockRetainUntilDate"].is_string(), "{key}: {head}");
+            assert!(
+                head["ObjectLockRetainUntilDate"].is_string(),
+                "{key}: {head}"
+            );
             if nbd && bytes.len() as u64 > bitback::s3::HEAD {
                 // The head, then 16 MiB parts.
                 let parts = 1 + (bytes.len() as u64 - bitback::s3::HEAD).div_ceil(16 * MIB);
