@@ -8,7 +8,10 @@
 //!  [header]   [data clusters, arrival order] [L2 tables][L1][refcount table][refcount blocks]
 //! ```
 //!
-//! A cluster written again is overwritten where it lies. Zeros are a
+//! A cluster written again is overwritten where it lies, or, when a
+//! [`Tap`] follows the file (an upload fed as it is written), written
+//! whole to a new host cluster at the end, the old one left free: such a
+//! file only grows. Zeros are a
 //! zero cluster where a backing file could show through, and nothing (a
 //! hole) where none can. A write that covers only part of a cluster not
 //! yet written needs the rest of that cluster: zeros without a backing
@@ -76,7 +79,11 @@ pub struct Stream {
     /// Bytes of data received (writes, not zero writes).
     received: u64,
     /// Shown every write as it is made (an upload that follows the file).
+    /// With one, the file only grows: a cluster written again goes to a
+    /// new host cluster ([`Stream::moved`]).
     tap: Option<Box<dyn Tap>>,
+    /// Host clusters left free by [`Stream::moved`].
+    freed: u64,
 }
 
 /// What follows a [`Stream`]'s file as it is written: every write, at
@@ -224,11 +231,13 @@ impl Stream {
             pending: Vec::new(),
             map: None,
             tap: None,
+            freed: 0,
         })
     }
 
-    /// Shows every write from now on to `tap`. Call before the first
-    /// write.
+    /// Shows every write from now on to `tap`, and keeps the file
+    /// growing only (a cluster written again moves). Call before the
+    /// first write.
     pub fn tap(&mut self, tap: Box<dyn Tap>) {
         self.tap = Some(tap);
     }
@@ -570,6 +579,18 @@ impl Stream {
         Ok(())
     }
 
+    /// Gives `cluster`, which holds a host cluster, the whole-cluster
+    /// `bytes` in a new one: a tapped file only grows (what follows it
+    /// may have taken the old bytes already). The old host cluster is
+    /// left free.
+    fn moved(&mut self, cluster: u64, bytes: &[u8]) -> Result<()> {
+        let host = self.allocate()?;
+        self.write_at(bytes, host)?;
+        self.set(cluster, host | COPIED);
+        self.freed += 1;
+        self.record(cluster, bytes)
+    }
+
     /// The whole of `cluster` as this image alone holds it.
     fn cluster_bytes(&mut self, cluster: u64) -> Result<Vec<u8>> {
         self.flush_pending()?;
@@ -643,6 +664,18 @@ impl Stream {
                 continue;
             }
             match slot {
+                Slot::Data { zero, .. } if self.tap.is_some() => {
+                    let buf = match (p.whole, zero) {
+                        (true, _) => part.to_vec(),
+                        (false, true) => self.padded(&p, part),
+                        (false, false) => {
+                            let mut buf = self.cluster_bytes(p.cluster)?;
+                            buf[p.at..p.at + p.len].copy_from_slice(part);
+                            buf
+                        }
+                    };
+                    self.moved(p.cluster, &buf)?;
+                }
                 Slot::Data { host, zero } => {
                     if zero && !p.whole {
                         // Its old bytes must read as zeros.
@@ -727,6 +760,11 @@ impl Stream {
                 continue;
             }
             match slot {
+                Slot::Data { zero: false, .. } if self.tap.is_some() => {
+                    let mut buf = self.cluster_bytes(p.cluster)?;
+                    buf[p.at..p.at + p.len].fill(0);
+                    self.moved(p.cluster, &buf)?;
+                }
                 Slot::Data { host, zero: false } => {
                     self.write_at(&vec![0u8; p.len], host + p.at as u64)?;
                     if self.map.is_some() {
@@ -944,12 +982,13 @@ impl Stream {
     }
 
     /// The refcounts of host clusters `0..head` (header and data) of a
-    /// compressed image: a host cluster counts once per compressed cluster
-    /// whose sectors touch it, as `qemu-img check` counts them (a cluster
-    /// left with only replaced compressed bytes counts 0, free). `None`
-    /// for a plain image, whose every such cluster counts 1.
+    /// compressed image, or of one with clusters left free: a host
+    /// cluster counts once per entry whose bytes touch it (a compressed
+    /// cluster's sectors), as `qemu-img check` counts them (a cluster left
+    /// with only replaced bytes counts 0, free). `None` for a plain image
+    /// with none left free, whose every such cluster counts 1.
     fn data_refcounts(&self, head: u64) -> Result<Option<Vec<u16>>> {
-        if self.compressor.is_none() {
+        if self.compressor.is_none() && self.freed == 0 {
             return Ok(None);
         }
         let cs = self.cs;

@@ -893,6 +893,40 @@ fn the_streaming_writer_keeps_no_table_for_zeros_where_nothing_shows_through() {
     }
 }
 
+/// What a tap of the streaming writer was shown: the file rebuilt from it.
+#[derive(Default)]
+struct Shown {
+    bytes: Vec<u8>,
+    /// The header cluster (at 0) was shown: nothing may follow it.
+    header: bool,
+}
+
+/// A tap that rebuilds the file and checks that it was only appended to,
+/// its header cluster last.
+#[derive(Clone, Default)]
+struct Follower(std::sync::Arc<std::sync::Mutex<Shown>>);
+
+impl qcow2::Tap for Follower {
+    fn written(&mut self, at: u64, bytes: &[u8]) {
+        let mut shown = self.0.lock().unwrap();
+        assert!(!shown.header, "a write at {at} after the header");
+        if at == 0 {
+            shown.header = true;
+        } else {
+            assert!(
+                at >= shown.bytes.len() as u64,
+                "a write at {at}, behind the {} bytes shown",
+                shown.bytes.len()
+            );
+        }
+        let end = at as usize + bytes.len();
+        if shown.bytes.len() < end {
+            shown.bytes.resize(end, 0);
+        }
+        shown.bytes[at as usize..end].copy_from_slice(bytes);
+    }
+}
+
 /// The streaming writer against qemu-img: random sequences of whole,
 /// repeated, partial and zero writes in any order, with and without a
 /// backing file, plain and zstd-compressed, on sizes that end inside a
@@ -900,7 +934,9 @@ fn the_streaming_writer_keeps_no_table_for_zeros_where_nothing_shows_through() {
 /// (`qemu-img compare`, the backing file shown through), holds no data
 /// cluster it was not written, reads back (before it is finished) what
 /// was written, and its cluster map holds the model's digest of every
-/// cluster it holds.
+/// cluster it holds. Half the rounds are followed by a tap: the file then
+/// only grows (a cluster written again moves), its header last, and is
+/// what the tap was shown.
 #[test]
 fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
     let mut rng = Rng::from_env_or(0x5eed_0021);
@@ -953,6 +989,13 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
         if keep_map {
             image.keep_map(&map_path).unwrap();
         }
+        // Half the rounds followed as an upload follows the file: the
+        // file then only grows.
+        let follower = (round % 4 < 2).then(|| {
+            let follower = Follower::default();
+            image.tap(Box::new(follower.clone()));
+            follower
+        });
         // Clusters this image holds (written or zeroed): where partial
         // writes may go when a backing file could show through.
         let mut held = std::collections::BTreeSet::new();
@@ -1032,6 +1075,15 @@ fn the_streaming_writer_matches_its_model_for_random_write_sequences() {
         let done = image.finish().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), done.len);
         let bytes = std::fs::read(&path).unwrap();
+        if let Some(follower) = &follower {
+            let mut seen = follower.0.lock().unwrap().bytes.clone();
+            assert!(seen.len() as u64 <= done.len, "round {round}");
+            seen.resize(done.len as usize, 0);
+            assert!(
+                seen == bytes,
+                "round {round}: the file is not what its tap was shown"
+            );
+        }
         let expected = match keep_map {
             true => model_layout_digest(&bytes),
             false => format!("blake3:{}", blake3::hash(&bytes).to_hex()),

@@ -1530,6 +1530,118 @@ fn a_backups_files_go_up_while_they_are_written() {
     }
 }
 
+/// The store stopped (SIGSTOP) while a backup copies a VM into it: the
+/// guest's writes during the copy land, and the copy runs to its end and
+/// QEMU's side of the backup is closed, all while the store is stopped
+/// (the feed never makes the writer wait: it keeps parts in memory, then
+/// reads them back from the spool when it can send them). Once the store
+/// is back the backup finishes, and its point restores equal to the disk
+/// at its start.
+#[test]
+fn a_stopped_store_holds_up_no_guest_write_of_a_backup_feeding_it() {
+    let store = Seaweed::start();
+    store.bucket("bb-stall", false);
+    let dir = tempdir();
+    let spool = dir.path().join("spool");
+    let mut vm = Vm::with_devices(dir.path(), &[96 * MIB]);
+    for i in 0..88 {
+        vm.write(0, i * MIB, MIB, 0x11 + (i % 7) as u8);
+    }
+    let at_start = vm.models[0].bytes.clone();
+    let env = store.env();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitback"))
+        .args(["backup", "--qmp"])
+        .arg(&vm.qemu().qmp)
+        .args(["--repo", "s3://bb-stall/site", "--vm", "vm1", "--spool"])
+        .arg(&spool)
+        .args(["--json", "--speed-limit", "8M"])
+        .envs(env.iter().copied())
+        .env_remove("BITBACK_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    vm.qemu().wait_for_job(&mut child);
+    store.signal(nix::sys::signal::Signal::SIGSTOP);
+    // Old data not yet copied (the copy runs from offset 0 at 8 MiB/s):
+    // each write waits for its old data to reach the writer.
+    for i in 40..72 {
+        vm.write(0, i * MIB, MIB, 0x77);
+    }
+    // The copy ends and bitback takes its nodes out of QEMU.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let nodes = vm.qemu().must(
+            "query-named-block-nodes",
+            serde_json::json!({ "flat": true }),
+        );
+        let ours = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| {
+                n["node-name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("bitback-")
+            })
+            .count();
+        if ours == 0
+            && vm.qemu().must("query-block-jobs", serde_json::Value::Null) == serde_json::json!([])
+        {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bitback ended with the store stopped"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy did not end while the store was stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    store.signal(nix::sys::signal::Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let point: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = point["id"].as_str().unwrap().to_string();
+    if std::env::var("BITBACK_DATA_PATH").as_deref() != Ok("file") {
+        let this = point["synced"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["backup"] == id.as_str())
+            .unwrap()
+            .clone();
+        assert!(
+            this["streamed"].as_u64().unwrap_or(0) > 64 * MIB,
+            "{point}\n{stderr}"
+        );
+    }
+    // What went up is the spool's file, and a sound image.
+    let file = point["volumes"][0]["file"].as_str().unwrap();
+    let local = spool.join(file);
+    run(std::process::Command::new("qemu-img")
+        .args(["check", "-q"])
+        .arg(&local));
+    let there = store.read("bb-stall", &format!("site/{file}"), dir.path());
+    assert!(
+        there == std::fs::read(&local).unwrap(),
+        "{file} is not the spool's file"
+    );
+    vm.quit();
+    let model = dir.path().join("at-start.raw");
+    std::fs::write(&model, &at_start).unwrap();
+    restores_right(
+        "s3://bb-stall/site",
+        &(id, vec![model]),
+        &dir.path().join("restored"),
+        &env,
+    );
+}
+
 /// The store killed (by its pid) while a sync's multipart upload is in
 /// flight: the sync fails after its bounded retries, saying what it
 /// tried, and the bucket lists no point. Killed again and started again
