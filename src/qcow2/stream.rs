@@ -665,6 +665,12 @@ impl Stream {
             }
             match slot {
                 Slot::Data { zero, .. } if self.tap.is_some() => {
+                    // The same bytes again (a guard's copy of old data,
+                    // then the job's of the same cluster) stay where
+                    // they are.
+                    if p.whole && !zero && self.cluster_bytes(p.cluster)? == part {
+                        continue;
+                    }
                     let buf = match (p.whole, zero) {
                         (true, _) => part.to_vec(),
                         (false, true) => self.padded(&p, part),
