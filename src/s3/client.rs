@@ -2044,6 +2044,17 @@ mod tests {
         }
     }
 
+    /// The requests of an upload that was aborted, never completed.
+    fn aborted_not_made(taken: &[Taken]) {
+        assert!(
+            taken
+                .iter()
+                .all(|t| !(t.method == "POST" && t.target.contains("uploadId="))),
+            "completed"
+        );
+        assert!(taken.last().unwrap().method == "DELETE", "not aborted");
+    }
+
     #[test]
     fn a_feed_whose_file_changed_before_a_part_was_read_back_is_aborted() {
         use std::os::unix::fs::FileExt;
@@ -2066,13 +2077,7 @@ mod tests {
             e.to_string().contains("changed after they were written"),
             "{e}"
         );
-        let taken = store.take();
-        assert!(
-            taken
-                .iter()
-                .all(|t| !(t.method == "POST" && t.target.contains("uploadId=")))
-        );
-        assert!(taken.last().unwrap().method == "DELETE", "not aborted");
+        aborted_not_made(&store.take());
     }
 
     #[test]
@@ -2091,12 +2096,6 @@ mod tests {
         let e = feed.finish(bytes.len() as u64).unwrap_err();
         assert!(matches!(e, Error::Unfollowed(_)), "{e}");
         assert!(e.to_string().contains("behind"), "{e}");
-        let taken = store.take();
-        assert!(
-            taken
-                .iter()
-                .all(|t| !(t.method == "POST" && t.target.contains("uploadId=")))
-        );
-        assert!(taken.last().unwrap().method == "DELETE", "not aborted");
+        aborted_not_made(&store.take());
     }
 }
