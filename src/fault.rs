@@ -9,6 +9,8 @@
 //! `prune-renamed`, `consolidate-before-swap`, `consolidate-after-swap`,
 //! `serve-before-daemon` (a mount or live restore, its files made),
 //! `sync-mid-upload` (a part of a multipart upload sent),
+//! `feed-mid-upload` (a part of an upload fed as its file is written,
+//! about to go),
 //! `sync-before-manifest` (a point's data objects uploaded, its manifest
 //! not),
 //! `live-domain-started` (a domain started on live images, before its
