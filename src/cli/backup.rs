@@ -442,7 +442,10 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     };
     let bucket = bucket.map(std::sync::Arc::new);
     if let Some(bucket) = &bucket {
-        opts.copy.stream_to = Some(std::sync::Arc::new(engine::StreamTo::new(bucket.clone())));
+        opts.copy.stream_to = Some(std::sync::Arc::new(engine::StreamTo::new(
+            bucket.clone(),
+            engine::retention_for(retain),
+        )));
     }
     let opts = opts;
     let run = |repo, images, cancel| engine::BackupRun {

@@ -154,7 +154,7 @@ pub(super) async fn open(
 async fn feed(to: &Arc<StreamTo>, key: &str, path: &Path) -> Option<Upload> {
     let (to, key, path) = (to.clone(), key.to_string(), path.to_path_buf());
     let begun = tokio::task::spawn_blocking(move || {
-        let feed = to.bucket.feed(&key, &path);
+        let feed = to.bucket.feed(&key, &path, to.retention.as_ref());
         feed.map(|feed| Upload { feed, to, key })
     })
     .await;

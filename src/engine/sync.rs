@@ -50,6 +50,14 @@ pub struct SyncOptions {
     pub streamed: Option<Arc<StreamTo>>,
 }
 
+/// The object lock of `retain` (days from now, mode).
+pub fn retention_for(retain: Option<(u32, LockMode)>) -> Option<Retention> {
+    retain.map(|(days, mode)| Retention {
+        mode,
+        until: Utc::from_unix(Utc::now().to_unix() + i64::from(days) * 86_400).rfc3339(),
+    })
+}
+
 /// A bucket a backup's files go up to while they are written (the NBD
 /// data path feeds each file's multipart upload, [`crate::s3::Feed`]),
 /// and which of them went up whole: the upload after the backup sends
@@ -57,14 +65,18 @@ pub struct SyncOptions {
 #[derive(Debug)]
 pub struct StreamTo {
     pub bucket: Arc<Bucket>,
+    /// The object lock each file is made under (from its first byte in
+    /// the bucket, as a file the upload after the backup sends is).
+    pub retention: Option<Retention>,
     /// Repository key -> the file's length, of each file that went up.
     went_up: Mutex<BTreeMap<String, u64>>,
 }
 
 impl StreamTo {
-    pub fn new(bucket: Arc<Bucket>) -> StreamTo {
+    pub fn new(bucket: Arc<Bucket>, retention: Option<Retention>) -> StreamTo {
         StreamTo {
             bucket,
+            retention,
             went_up: Mutex::default(),
         }
     }
@@ -135,17 +147,10 @@ pub fn sync_to_bucket(
     opts: &SyncOptions,
 ) -> anyhow::Result<Vec<Synced>> {
     let vms = chosen_vms(opts, source.store())?;
-    let retention = match opts.retain {
-        Some((days, mode)) => {
-            require_lock(target)?;
-            let until = Utc::from_unix(Utc::now().to_unix() + i64::from(days) * 86_400);
-            Some(Retention {
-                mode,
-                until: until.rfc3339(),
-            })
-        }
-        None => None,
-    };
+    if opts.retain.is_some() {
+        require_lock(target)?;
+    }
+    let retention = retention_for(opts.retain);
     let mut done = Vec::new();
     for vm in vms {
         // No prune or consolidation changes the points while they copy.
@@ -228,7 +233,8 @@ fn sync_point(
         {
             // It went up as it was written, each part with the CRC32C of
             // the bytes the backup wrote (taken from the buffer its
-            // cluster digests came from).
+            // cluster digests came from), under the lock asked for then
+            // (extended here to this point's date).
             if let Some(retention) = retention {
                 target.extend_retention(file, retention)?;
             }

@@ -55,10 +55,15 @@ impl Bucket {
             .upload_file(&self.object(key)?, path, retention, proof)?)
     }
 
-    /// Begins the upload of repository key `key`, fed as the file at
-    /// `path` is written ([`crate::s3::Feed`]).
-    pub fn feed(&self, key: &str, path: &std::path::Path) -> Result<crate::s3::Feed> {
-        Ok(self.client.feed(&self.object(key)?, path)?)
+    /// Begins the upload of repository key `key`, under `retention` when
+    /// given, fed as the file at `path` is written ([`crate::s3::Feed`]).
+    pub fn feed(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        retention: Option<&Retention>,
+    ) -> Result<crate::s3::Feed> {
+        Ok(self.client.feed(&self.object(key)?, path, retention)?)
     }
 
     /// Repository key `key` streamed into a new file at `path`. The bytes

@@ -2012,7 +2012,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
         let data = (crate::s3::HOLD + 40 * (1 << 20) + 12345) as usize;
-        let feed = client.feed("k", &path).unwrap();
+        let feed = client.feed("k", &path, None).unwrap();
         let bytes = write_through(&path, &mut *feed.tap(), data);
         assert_eq!(feed.finish(bytes.len() as u64).unwrap(), bytes.len() as u64);
         let taken = store.take();
@@ -2064,7 +2064,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
         let data = (crate::s3::HOLD + 40 * (1 << 20)) as usize;
-        let feed = client.feed("k", &path).unwrap();
+        let feed = client.feed("k", &path, None).unwrap();
         let bytes = write_through(&path, &mut *feed.tap(), data);
         // In the last part, not kept: read back only once the kept ones
         // are sent.
@@ -2087,7 +2087,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
-        let feed = client.feed("k", &path).unwrap();
+        let feed = client.feed("k", &path, None).unwrap();
         let mut tap = feed.tap();
         let bytes = write_through(&path, &mut *tap, 40 << 20);
         // A cluster written again where it lies, past the head.

@@ -253,14 +253,19 @@ impl State {
 }
 
 impl Client {
-    /// Begins a multipart upload of `key`, fed as the file at `path` is
-    /// written ([`Feed`]).
-    pub fn feed(self: &Arc<Client>, key: &str, path: &Path) -> Result<Feed, Error> {
+    /// Begins a multipart upload of `key`, under `retention` when given,
+    /// fed as the file at `path` is written ([`Feed`]).
+    pub fn feed(
+        self: &Arc<Client>,
+        key: &str,
+        path: &Path,
+        retention: Option<&super::Retention>,
+    ) -> Result<Feed, Error> {
         let file = std::fs::File::open(path).map_err(|e| Error::Local {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let (upload, sum) = self.start_upload(key, None)?;
+        let (upload, sum) = self.start_upload(key, retention)?;
         let open = Open::at(HEAD, 0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

@@ -1407,7 +1407,8 @@ fn backups_reach_the_bucket_through_a_spool() {
 /// On the NBD data path a backup into a bucket feeds each file's
 /// multipart upload while it writes the file, the header part last: the
 /// objects are byte for byte the files in the spool, went up with their
-/// parts' CRC32C (checked by the store), are locked as asked, and the
+/// parts' CRC32C (checked by the store), are locked as asked from the
+/// moment they are there (before the point's upload), and the
 /// upload after the backup sends only the maps and the manifest. A
 /// bitback killed while a part is on its way leaves no point; the next
 /// backup aborts what it left, and every point restores equal to the disk.
@@ -1478,7 +1479,53 @@ fn a_backups_files_go_up_while_they_are_written() {
             assert_eq!(listed, vm.points.len(), "a killed backup listed a point");
             assert!(incomplete() > 0, "no upload was under way");
         }
-        let run = backup(&env);
+        let run = match (k, nbd) {
+            // Held once the files went up, before the upload after the
+            // backup: each is there, already locked.
+            (0, true) => {
+                let gate = dir.path().join("gate");
+                let hold = format!("sync-checked:{}", gate.display());
+                let mut held = env.clone();
+                held.push(("BITBACK_HOLD", &hold));
+                std::thread::scope(|s| {
+                    let run = s.spawn(|| backup(&held));
+                    reached_hold(&gate);
+                    let listed = store.aws_ok(&[
+                        "s3api",
+                        "list-object-versions",
+                        "--bucket",
+                        "bb-feed",
+                        "--prefix",
+                        "site/vm1/",
+                    ]);
+                    let files: Vec<&str> = listed["Versions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v["Key"].as_str().unwrap())
+                        .filter(|k| k.ends_with(".qcow2"))
+                        .collect();
+                    assert_eq!(files.len(), 2, "{listed}");
+                    for key in files {
+                        let head = store.aws_ok(&[
+                            "s3api",
+                            "head-object",
+                            "--bucket",
+                            "bb-feed",
+                            "--key",
+                            key,
+                        ]);
+                        assert!(
+                            head["ObjectLockRetainUntilDate"].is_string(),
+                            "{key}: {head}"
+                        );
+                    }
+                    std::fs::write(&gate, b"").unwrap();
+                    run.join().unwrap()
+                })
+            }
+            _ => backup(&env),
+        };
         assert_eq!(run.code, Some(0), "{}", run.stderr);
         let point = run.json();
         let id = point["id"].as_str().unwrap().to_string();
