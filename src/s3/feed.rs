@@ -18,8 +18,8 @@
 //!
 //! **Never a wait for the writer.** A backup's writes can hold up the
 //! guest's (copy-before-write), so the tap only copies and sums: a part
-//! is kept in memory while its feed holds less than [`HOLD`] bytes of
-//! parts, and otherwise read back from the file as it is sent, a MiB at a
+//! is kept in memory while the process's feeds hold less than [`HOLD`]
+//! bytes of parts, and otherwise read back from the file as it is sent, a MiB at a
 //! time, when an uploader gets to it (its bytes checked against the
 //! CRC32C taken in flight as they are read, and by the store against the
 //! same CRC32C sent ahead of them: a file changed since is not stored).
@@ -32,11 +32,13 @@
 //! stay small enough to keep.
 //!
 //! **What it cannot follow** ends it: a write behind bytes already fed
-//! (a cluster written twice where it lies). The upload is then aborted
+//! (the streaming writer makes none once tapped: a cluster written again
+//! moves to the end). The upload is then aborted
 //! and the file goes up the usual way, after it is complete.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -87,8 +89,6 @@ struct State {
     queue: VecDeque<Sealed>,
     /// The next part's number (part 1 is the head).
     number: u16,
-    /// Bytes of parts kept in memory (the open one's room included).
-    held: u64,
     /// Why the feed cannot go on (a write it cannot follow, a part the
     /// store refused, a file changed under it): nothing more is sent.
     stopped: Option<Error>,
@@ -108,13 +108,13 @@ struct Open {
     len: u64,
     crc: u32,
     /// Its bytes, when it is kept in memory.
-    bytes: Option<Vec<u8>>,
+    bytes: Option<Kept>,
 }
 
 impl Open {
-    /// The part that begins at byte `at`, kept in memory if `held` bytes
-    /// kept leave room for it.
-    fn at(at: u64, held: u64) -> Open {
+    /// The part that begins at byte `at`, kept in memory if `budget`
+    /// has room for it.
+    fn at(at: u64, budget: &'static Budget) -> Open {
         const MIB: u64 = 1 << 20;
         let size = (16 * MIB).max((at / 1024).div_ceil(MIB) * MIB);
         Open {
@@ -122,16 +122,53 @@ impl Open {
             size,
             len: 0,
             crc: 0,
-            bytes: (held + size <= HOLD).then(|| Vec::with_capacity(size as usize)),
+            bytes: budget.take(size),
         }
     }
+}
 
-    /// Bytes of [`State::held`] it stands for.
-    fn held(&self) -> u64 {
-        match self.bytes {
-            Some(_) => self.size,
-            None => 0,
+/// Bytes of parts kept in memory, by all the feeds of a process: at most
+/// [`HOLD`] (a VM of many volumes feeds them all at once).
+pub(super) struct Budget(AtomicU64);
+
+static KEPT: Budget = Budget(AtomicU64::new(0));
+
+impl Budget {
+    /// Room for a part of `size` bytes, if there is.
+    fn take(&'static self, size: u64) -> Option<Kept> {
+        let mut now = self.0.load(Ordering::Relaxed);
+        loop {
+            if now + size > HOLD {
+                return None;
+            }
+            match self
+                .0
+                .compare_exchange(now, now + size, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Kept {
+                        bytes: Vec::with_capacity(size as usize),
+                        size,
+                        budget: self,
+                    });
+                }
+                Err(was) => now = was,
+            }
         }
+    }
+}
+
+/// A part's bytes kept in memory, and their room in a [`Budget`] (given
+/// back when they go).
+struct Kept {
+    bytes: Vec<u8>,
+    size: u64,
+    budget: &'static Budget,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.budget.0.fetch_sub(self.size, Ordering::AcqRel);
     }
 }
 
@@ -141,9 +178,7 @@ struct Sealed {
     at: u64,
     len: u64,
     crc: u32,
-    bytes: Option<Vec<u8>>,
-    /// Bytes of [`State::held`] it stands for.
-    held: u64,
+    bytes: Option<Kept>,
 }
 
 /// The writer's side of a [`Feed`].
@@ -204,8 +239,8 @@ impl State {
             let room = (self.open.size - self.open.len) as usize;
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
             self.open.crc = crc32c::crc32c_append(self.open.crc, now);
-            if let Some(b) = &mut self.open.bytes {
-                b.extend_from_slice(now);
+            if let Some(kept) = &mut self.open.bytes {
+                kept.bytes.extend_from_slice(now);
             }
             self.open.len += now.len() as u64;
             self.end += now.len() as u64;
@@ -223,17 +258,14 @@ impl State {
         if self.open.len == 0 {
             return;
         }
-        let next = Open::at(self.end, self.held);
-        self.held += next.held();
+        let next = Open::at(self.end, &KEPT);
         let open = std::mem::replace(&mut self.open, next);
-        let held = open.held();
         self.queue.push_back(Sealed {
             number: self.number,
             at: open.at,
             len: open.len,
             crc: open.crc,
             bytes: open.bytes,
-            held,
         });
         match self.number.checked_add(1).filter(|n| *n <= 10_000) {
             Some(n) => self.number = n,
@@ -266,12 +298,11 @@ impl Client {
             reason: e.to_string(),
         })?;
         let (upload, sum) = self.start_upload(key, retention)?;
-        let open = Open::at(HEAD, 0);
+        let open = Open::at(HEAD, &KEPT);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 head: vec![0; HEAD as usize],
                 end: HEAD,
-                held: open.held(),
                 open,
                 queue: VecDeque::new(),
                 number: 2,
@@ -334,7 +365,7 @@ fn uploader(
         };
         crate::fault::point("feed-mid-upload");
         let body = match &part.bytes {
-            Some(bytes) => PartBody::Bytes(bytes),
+            Some(kept) => PartBody::Bytes(&kept.bytes),
             None => PartBody::Range(FileRange {
                 file,
                 direct: direct.as_ref(),
@@ -345,10 +376,12 @@ fn uploader(
             }),
         };
         let sent = client.upload_part(key, (upload, sum), part.number, body);
+        let number = part.number;
+        // Its room in the budget goes back before the next part is taken.
+        drop(part);
         let mut s = shared.lock();
-        s.held -= part.held;
         match sent {
-            Ok(done) => s.parts.push((part.number, done)),
+            Ok(done) => s.parts.push((number, done)),
             Err(e) => s.stop(e),
         }
         shared.changed.notify_all();
@@ -451,19 +484,31 @@ mod tests {
     #[test]
     fn parts_grow_so_that_10000_hold_5_tib() {
         const MIB: u64 = 1 << 20;
-        assert_eq!(Open::at(HEAD, 0).size, 16 * MIB);
-        assert_eq!(Open::at(16 << 30, 0).size, 16 * MIB);
-        assert_eq!(Open::at(32 << 30, 0).size, 32 * MIB);
+        let none: &'static Budget = Box::leak(Box::new(Budget(AtomicU64::new(HOLD))));
+        assert_eq!(Open::at(HEAD, none).size, 16 * MIB);
+        assert_eq!(Open::at(16 << 30, none).size, 16 * MIB);
+        assert_eq!(Open::at(32 << 30, none).size, 32 * MIB);
         let (mut end, mut parts) = (HEAD, 1u32);
         while end < 5 << 40 {
-            let open = Open::at(end, HOLD);
+            let open = Open::at(end, none);
             assert!(open.size >= 5 * MIB && open.size % MIB == 0);
             end += open.size;
             parts += 1;
         }
         assert!(parts <= 7_500, "{parts} parts for 5 TiB");
-        // Kept while there is room.
-        assert!(Open::at(HEAD, HOLD - 16 * MIB).bytes.is_some());
-        assert!(Open::at(HEAD, HOLD - 15 * MIB).bytes.is_none());
+    }
+
+    #[test]
+    fn parts_are_kept_while_the_budget_has_room_and_give_it_back() {
+        const MIB: u64 = 1 << 20;
+        let budget: &'static Budget = Box::leak(Box::new(Budget(AtomicU64::new(0))));
+        let kept: Vec<Open> = (0..4).map(|_| Open::at(HEAD, budget)).collect();
+        assert!(kept.iter().all(|o| o.bytes.is_some()));
+        assert!(Open::at(HEAD, budget).bytes.is_none(), "past HOLD");
+        drop(kept);
+        assert_eq!(budget.0.load(Ordering::Relaxed), 0);
+        // A part larger than what is left is not kept.
+        let _most = budget.take(HOLD - 8 * MIB).unwrap();
+        assert!(Open::at(HEAD, budget).bytes.is_none());
     }
 }
