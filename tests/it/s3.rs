@@ -1693,6 +1693,93 @@ fn a_stopped_store_holds_up_no_guest_write_of_a_backup_feeding_it() {
     );
 }
 
+/// A store that fills up while a backup feeds it (SeaweedFS with room for
+/// a few small volumes): the backup into the spool is whole, the store's
+/// refusals end the feed (its upload aborted) and the upload after the
+/// backup, which names them; the backup exits 1 keeping the point in the
+/// spool, and the bucket lists no point and holds no upload under way.
+/// Given room (the store restarted larger), the next backup uploads both
+/// points, which restore equal to the disk.
+#[test]
+fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
+    let mut store = Seaweed::start_sized(8, 3);
+    store.bucket("bb-full", false);
+    let dir = tempdir();
+    let spool = dir.path().join("spool");
+    let mut vm = Vm::new(dir.path(), &[96 * MIB]);
+    vm.write(0, 0, 80 * MIB, 0x5c);
+    let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
+    let backup = |env: &[(&str, &str)]| {
+        bitback_env(
+            &[
+                "backup",
+                "--qmp",
+                &qmp,
+                "--repo",
+                "s3://bb-full/site",
+                "--vm",
+                "vm1",
+                "--spool",
+                spool.to_str().unwrap(),
+                "--json",
+            ],
+            env,
+        )
+    };
+    let env = store.env();
+    let run = backup(&env);
+    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("kept in the spool"), "{}", run.stderr);
+    if std::env::var("BITBACK_DATA_PATH").as_deref() != Ok("file") {
+        assert!(
+            run.stderr.contains("upload as it was written failed") && run.stderr.contains("500"),
+            "{}",
+            run.stderr
+        );
+    }
+    let kept = crate::harness::list_ids(&spool, Some("vm1"));
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    vm.snapshot(&kept[0]);
+    let uploads = store.aws_ok(&["s3api", "list-multipart-uploads", "--bucket", "bb-full"]);
+    assert!(
+        uploads["Uploads"].as_array().is_none_or(Vec::is_empty),
+        "{uploads}"
+    );
+    let listed = bitback_env(
+        &[
+            "list",
+            "--repo",
+            "s3://bb-full/site",
+            "--vm",
+            "vm1",
+            "--json",
+        ],
+        &env,
+    );
+    assert_eq!(listed.json(), serde_json::json!([]), "{}", listed.stderr);
+
+    store.grow(40);
+    let env = store.env();
+    vm.random_writes(&mut Rng::from_env(), 6);
+    let run = backup(&env);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let point = run.json();
+    vm.snapshot(point["id"].as_str().unwrap());
+    let copied: Vec<&str> = point["synced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == "copied")
+        .map(|s| s["backup"].as_str().unwrap())
+        .collect();
+    assert_eq!(copied.len(), 2, "{point}");
+    vm.quit();
+    for point in &vm.points {
+        let out = dir.path().join(format!("restored-{}", point.0));
+        restores_right("s3://bb-full/site", point, &out, &env);
+    }
+}
+
 /// The store killed (by its pid) while a sync's multipart upload is in
 /// flight: the sync fails after its bounded retries, saying what it
 /// tried, and the bucket lists no point. Killed again and started again

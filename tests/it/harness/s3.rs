@@ -178,6 +178,14 @@ impl Seaweed {
         panic!("SeaweedFS did not come back: {logs}");
     }
 
+    /// Kills the store and starts it again on its data with room for
+    /// `volumes` volumes (of the size it had).
+    pub fn grow(&mut self, volumes: u64) {
+        self.kill();
+        self.room.1 = volumes;
+        self.restart();
+    }
+
     /// The Unix sockets weed makes beside its ports outlive a kill.
     fn remove_sockets(&self) {
         for port in &self.ports {
