@@ -8,7 +8,9 @@
 //! 3), the two alternating which goes first: a full into a new directory
 //! against a full into a new prefix of the bucket through a new spool;
 //! then BITBACK_BENCH_DIRTY_MIB MiB (default 64) written at random, and an
-//! incremental of each. It prints the medians and their ratios.
+//! incremental of each; and the store's floor, the directory's full point
+//! copied into the bucket by `aws s3 cp`. It prints the medians and their
+//! ratios.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -27,7 +29,7 @@ fn main() {
     let dirty_mib = env_u64("BITBACK_BENCH_DIRTY_MIB", 64);
     let rounds = env_u64("BITBACK_BENCH_REPEAT", 3);
     let (dir, _disk, daemon) = sparse_disk("bitback-bench-bucket-", gib << 30, data_mib << 20);
-    let per_round = (data_mib + dirty_mib).div_ceil(1024) + 1;
+    let per_round = (2 * data_mib + dirty_mib).div_ceil(1024) + 1;
     let store = s3::Seaweed::start_sized(1024, rounds * per_round + 8);
     store.bucket("bench", false);
     let env = store.env();
@@ -50,6 +52,7 @@ fn main() {
     let mut rng = Rng(0x5eed);
     let (mut full_dir, mut full_bucket, mut incr_dir, mut incr_bucket) =
         (vec![], vec![], vec![], vec![]);
+    let mut aws_cp = vec![];
     for round in 0..rounds {
         let repo = dir.path().join(format!("repo{round}"));
         let spool = dir.path().join(format!("spool{round}"));
@@ -65,13 +68,32 @@ fn main() {
             }
         };
         pair(&mut full_dir, &mut full_bucket);
+        // The store's floor: the directory's full point (the same bytes)
+        // copied by the aws CLI.
+        let point = std::fs::read_dir(std::path::Path::new(repo).join("bench"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .expect("the full's point");
+        let started = std::time::Instant::now();
+        let copied = store.aws(&[
+            "s3",
+            "cp",
+            "--recursive",
+            "--quiet",
+            point.to_str().unwrap(),
+            &format!("s3://bench/aws{round}/"),
+        ]);
+        assert!(copied.status.success(), "aws s3 cp: {copied:?}");
+        aws_cp.push(started.elapsed());
         daemon.write(&random_writes(&mut rng, gib << 30, dirty_mib, round + 7));
         pair(&mut incr_dir, &mut incr_bucket);
         let r = round as usize;
         eprintln!(
-            "round {round}: full {:.2} s / {:.2} s, incremental {:.2} s / {:.2} s",
+            "round {round}: full {:.2} s / {:.2} s (aws s3 cp {:.2} s), incremental {:.2} s / {:.2} s",
             full_dir[r].as_secs_f64(),
             full_bucket[r].as_secs_f64(),
+            aws_cp[r].as_secs_f64(),
             incr_dir[r].as_secs_f64(),
             incr_bucket[r].as_secs_f64()
         );
@@ -91,6 +113,11 @@ fn main() {
     println!("|---|---|---|---|");
     row("full", &full_dir, &full_bucket);
     row("incremental", &incr_dir, &incr_bucket);
+    println!(
+        "the store's floor: `aws s3 cp --recursive` of the directory's full point: {:.2} s; the full into the bucket is {:.2}x that",
+        median(&aws_cp),
+        median(&full_bucket) / median(&aws_cp)
+    );
     println!(
         "peak RSS of a backup into the bucket (full or incremental): {} MiB",
         peak_rss.get() >> 20
