@@ -441,7 +441,13 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         false => where_to(&args, retain.is_some())?,
     };
     let bucket = bucket.map(std::sync::Arc::new);
-    if let Some(bucket) = &bucket {
+    // One backup or sync of the VM into the bucket at a time; the files
+    // go up as they are written where the lock is held.
+    let bucket_lock = match &bucket {
+        Some(bucket) => engine::lock_for_backup(bucket, &args.vm)?,
+        None => None,
+    };
+    if let (Some(bucket), Some(_)) = (&bucket, &bucket_lock) {
         opts.copy.stream_to = Some(std::sync::Arc::new(engine::StreamTo::new(
             bucket.clone(),
             engine::retention_for(retain),
@@ -471,7 +477,7 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     let cancel = cancel_on_signals()?;
     let manifest = engine::backup_vm(run(&repo, images, cancel)).await?;
-    let Some(bucket) = bucket else {
+    let Some(bucket) = &bucket else {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&manifest)?);
         } else {
@@ -482,9 +488,9 @@ pub(crate) async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     upload(
         &args,
         &repo,
-        &bucket,
+        (bucket, bucket_lock.as_ref()),
         &manifest,
-        (retain, opts.copy.stream_to),
+        (retain, opts.copy.stream_to.clone()),
     )
 }
 
@@ -521,7 +527,10 @@ fn where_to(
 fn upload(
     args: &BackupArgs,
     spool: &Path,
-    bucket: &bitback::repo::Bucket,
+    (bucket, lock): (
+        &bitback::repo::Bucket,
+        Option<&bitback::repo::BucketLock<'_>>,
+    ),
     manifest: &Manifest,
     (retain, streamed): (
         Option<(u32, bitback::s3::LockMode)>,
@@ -531,7 +540,7 @@ fn upload(
     if !args.json {
         print!("{}", render_backup(manifest));
     }
-    let synced = engine::upload_spool(&Repo::open(spool)?, bucket, &args.vm, retain, streamed)
+    let synced = engine::upload_spool(&Repo::open(spool)?, (bucket, lock), &args.vm, retain, streamed)
         .map_err(|e| {
             e.context(format!(
                 "backup {} is kept in the spool {}; the next backup (or bitback sync --from {} --to {}) uploads it",

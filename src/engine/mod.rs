@@ -53,8 +53,8 @@ pub use serve::{
 };
 pub use stopped::{StoppedImage, backup_stopped, domain_images};
 pub use sync::{
-    StreamTo, SyncAction, SyncOptions, Synced, check_bucket, retention_for, sync_from_bucket,
-    sync_to_bucket, upload_spool,
+    StreamTo, SyncAction, SyncOptions, Synced, check_bucket, lock_for_backup, retention_for,
+    sync_from_bucket, sync_to_bucket, upload_spool,
 };
 pub use verify::{Scope, verify};
 

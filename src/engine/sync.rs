@@ -34,7 +34,9 @@ use super::check::{Report, verify_backup, verify_but_data};
 use super::outcome::BadInput;
 use super::proof::FileProof;
 use crate::repo::time::Utc;
-use crate::repo::{Bucket, Entry, Manifest, MapRecord, Repo, Store, VolumeRecord, check_name};
+use crate::repo::{
+    Bucket, BucketLock, Entry, Manifest, MapRecord, Repo, Store, VolumeRecord, check_name,
+};
 use crate::s3::{LockMode, Retention};
 
 /// What to copy.
@@ -150,41 +152,54 @@ pub fn sync_to_bucket(
     if opts.retain.is_some() {
         require_lock(target)?;
     }
-    let retention = retention_for(opts.retain);
     let mut done = Vec::new();
     for vm in vms {
-        // No prune or consolidation changes the points while they copy.
-        let _readers = source.read_lock(&vm, "sync")?;
-        // One sync of the VM into the bucket at a time; what a dead one
-        // left half uploaded goes.
+        // One sync of the VM into the bucket at a time.
         let lock = target.lock_vm(&vm, &super::in_bucket::holder("sync"))?;
-        target.abort_incomplete(&lock, &vm)?;
-        let mut copied = false;
-        for m in source.backups(&vm)? {
-            let synced = sync_point(
-                source,
-                target,
-                &m,
-                retention.as_ref(),
-                opts.streamed.as_deref(),
-            )
-            .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
-            if let Some(retention) = &retention
-                && synced.action == SyncAction::Copied
-            {
-                hold_parents(source, target, &m, retention).with_context(|| {
-                    format!(
-                        "extending the object lock of the parents of backup {}",
-                        m.id
-                    )
-                })?;
-            }
-            copied |= synced.action == SyncAction::Copied;
-            done.push(synced);
+        done.extend(sync_vm(source, target, &lock, &vm, opts)?);
+    }
+    Ok(done)
+}
+
+/// [`sync_to_bucket`] of one VM, holding its `lock` in the bucket: what
+/// a dead run left half uploaded goes first.
+fn sync_vm(
+    source: &Repo,
+    target: &Bucket,
+    lock: &BucketLock<'_>,
+    vm: &str,
+    opts: &SyncOptions,
+) -> anyhow::Result<Vec<Synced>> {
+    let retention = retention_for(opts.retain);
+    // No prune or consolidation changes the points while they copy.
+    let _readers = source.read_lock(vm, "sync")?;
+    target.abort_incomplete(lock, vm)?;
+    let mut done = Vec::new();
+    let mut copied = false;
+    for m in source.backups(vm)? {
+        let synced = sync_point(
+            source,
+            target,
+            &m,
+            retention.as_ref(),
+            opts.streamed.as_deref(),
+        )
+        .with_context(|| format!("copying backup {} of vm {vm}", m.id))?;
+        if let Some(retention) = &retention
+            && synced.action == SyncAction::Copied
+        {
+            hold_parents(source, target, &m, retention).with_context(|| {
+                format!(
+                    "extending the object lock of the parents of backup {}",
+                    m.id
+                )
+            })?;
         }
-        if copied {
-            super::in_bucket::write_index(target, &vm);
-        }
+        copied |= synced.action == SyncAction::Copied;
+        done.push(synced);
+    }
+    if copied {
+        super::in_bucket::write_index(target, vm);
     }
     Ok(done)
 }
@@ -438,15 +453,33 @@ fn require_lock(bucket: &Bucket) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes `vm`'s lock in `bucket` for a backup into it: a second backup
+/// or sync of the VM into the bucket is refused while the backup runs
+/// (and cannot abort the uploads its writer feeds); a dead one's is
+/// taken over on this host. Held by another run: an error. A store
+/// that does not take the lock (full, failing): `None`, logged; the
+/// backup then goes into the spool alone, its upload tried after it.
+pub fn lock_for_backup<'a>(bucket: &'a Bucket, vm: &str) -> anyhow::Result<Option<BucketLock<'a>>> {
+    match bucket.lock_vm(vm, &super::in_bucket::holder("backup")) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e @ crate::repo::Error::Locked { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(vm, error = %e, "the VM's lock in the bucket cannot be taken: the backup goes into the spool, and is uploaded after it if the store takes it then");
+            Ok(None)
+        }
+    }
+}
+
 /// After a backup into the spool `spool`: every point of `vm` not yet in
-/// `bucket` verified and uploaded (as [`sync_to_bucket`]; the files in
+/// `bucket` verified and uploaded under the backup's `lock` there (taken
+/// now when the backup has none; as [`sync_to_bucket`]; the files in
 /// `streamed` went up as the backup wrote them, and are not sent again),
 /// then the
 /// chains older than the newest let go from the spool (they are in the
 /// bucket now). A spool a reader holds keeps them until next time.
 pub fn upload_spool(
     spool: &Repo,
-    bucket: &Bucket,
+    (bucket, lock): (&Bucket, Option<&BucketLock<'_>>),
     vm: &str,
     retain: Option<(u32, LockMode)>,
     streamed: Option<Arc<StreamTo>>,
@@ -456,7 +489,13 @@ pub fn upload_spool(
         retain,
         streamed,
     };
-    let synced = sync_to_bucket(spool, bucket, &opts)?;
+    if retain.is_some() {
+        require_lock(bucket)?;
+    }
+    let synced = match lock {
+        Some(lock) => sync_vm(spool, bucket, lock, vm, &opts)?,
+        None => sync_to_bucket(spool, bucket, &opts)?,
+    };
     let pruned = spool
         .lock_vm(vm, "prune")
         .map_err(anyhow::Error::from)

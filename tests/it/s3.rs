@@ -1479,10 +1479,12 @@ fn a_backups_files_go_up_while_they_are_written() {
             assert_eq!(listed, vm.points.len(), "a killed backup listed a point");
             assert!(incomplete() > 0, "no upload was under way");
         }
-        let run = match (k, nbd) {
+        let run = match k {
             // Held once the files went up, before the upload after the
-            // backup: each is there, already locked.
-            (0, true) => {
+            // backup: each is there, already locked; and the VM's lock in
+            // the bucket refuses a second backup (another host's spool)
+            // and a sync, which could abort the uploads being fed.
+            0 => {
                 let gate = dir.path().join("gate");
                 let hold = format!("sync-checked:{}", gate.display());
                 let mut held = env.clone();
@@ -1500,12 +1502,12 @@ fn a_backups_files_go_up_while_they_are_written() {
                     ]);
                     let files: Vec<&str> = listed["Versions"]
                         .as_array()
-                        .unwrap()
-                        .iter()
+                        .into_iter()
+                        .flatten()
                         .map(|v| v["Key"].as_str().unwrap())
                         .filter(|k| k.ends_with(".qcow2"))
                         .collect();
-                    assert_eq!(files.len(), 2, "{listed}");
+                    assert_eq!(files.len(), if nbd { 2 } else { 0 }, "{listed}");
                     for key in files {
                         let head = store.aws_ok(&[
                             "s3api",
@@ -1520,6 +1522,39 @@ fn a_backups_files_go_up_while_they_are_written() {
                             "{key}: {head}"
                         );
                     }
+                    let other = dir.path().join("other-spool");
+                    let second = bitback_env(
+                        &[
+                            "backup",
+                            "--qmp",
+                            &qmp,
+                            "--repo",
+                            "s3://bb-feed/site",
+                            "--vm",
+                            "vm1",
+                            "--spool",
+                            other.to_str().unwrap(),
+                        ],
+                        &env,
+                    );
+                    assert_ne!(second.code, Some(0), "{}", second.stderr);
+                    assert!(second.stderr.contains("backup of pid"), "{}", second.stderr);
+                    assert!(
+                        !other.join("vm1").exists(),
+                        "the refused backup wrote its spool"
+                    );
+                    let sync = bitback_env(
+                        &[
+                            "sync",
+                            "--from",
+                            spool.to_str().unwrap(),
+                            "--to",
+                            "s3://bb-feed/site",
+                        ],
+                        &env,
+                    );
+                    assert_ne!(sync.code, Some(0), "{}", sync.stderr);
+                    assert!(sync.stderr.contains("backup of pid"), "{}", sync.stderr);
                     std::fs::write(&gate, b"").unwrap();
                     run.join().unwrap()
                 })
@@ -1698,8 +1733,10 @@ fn a_stopped_store_holds_up_no_guest_write_of_a_backup_feeding_it() {
 /// refusals end the feed (its upload aborted) and the upload after the
 /// backup, which names them; the backup exits 1 keeping the point in the
 /// spool, and the bucket lists no point and holds no upload under way.
-/// Given room (the store restarted larger), the next backup uploads both
-/// points, which restore equal to the disk.
+/// Full from the start, the VM's lock there cannot be taken: the backup
+/// still goes into the spool, and is kept there. Given room (the store
+/// restarted larger), the next backup uploads all three points, which
+/// restore equal to the disk.
 #[test]
 fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
     let mut store = Seaweed::start_sized(8, 3);
@@ -1758,6 +1795,21 @@ fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
     );
     assert_eq!(listed.json(), serde_json::json!([]), "{}", listed.stderr);
 
+    // Full from the start: the VM's lock there cannot be taken, and the
+    // backup still goes into the spool.
+    vm.random_writes(&mut Rng::from_env(), 6);
+    let run = backup(&env);
+    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("lock in the bucket cannot be taken")
+            && run.stderr.contains("kept in the spool"),
+        "{}",
+        run.stderr
+    );
+    let kept = crate::harness::list_ids(&spool, Some("vm1"));
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    vm.snapshot(&kept[1]);
+
     store.grow(40);
     let env = store.env();
     vm.random_writes(&mut Rng::from_env(), 6);
@@ -1772,7 +1824,7 @@ fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
         .filter(|s| s["action"] == "copied")
         .map(|s| s["backup"].as_str().unwrap())
         .collect();
-    assert_eq!(copied.len(), 2, "{point}");
+    assert_eq!(copied.len(), 3, "{point}");
     vm.quit();
     for point in &vm.points {
         let out = dir.path().join(format!("restored-{}", point.0));
