@@ -2081,6 +2081,47 @@ mod tests {
     }
 
     #[test]
+    fn a_feed_dropped_unfinished_aborts_its_upload_off_the_dropping_thread() {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        // A store that holds every part until the gate opens (at most a
+        // minute): the drop must return while it holds them.
+        let gate = std::sync::Arc::new(AtomicBool::new(false));
+        let answered = std::sync::Arc::new(AtomicU32::new(0));
+        let (g, a) = (gate.clone(), answered.clone());
+        let store = FakeStore::serve(move |t, uploads| {
+            if t.method == "PUT" && t.target.contains("partNumber=") && t.body != b"probe" {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while !g.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+            }
+            FakeStore::answer(t, true, uploads)
+        });
+        let client = std::sync::Arc::new(store.client());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let feed = client.feed("k", &path, None).unwrap();
+        write_through(&path, &mut *feed.tap(), 40 << 20);
+        drop(feed);
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            0,
+            "the drop waited for the store"
+        );
+        gate.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut taken = Vec::new();
+        while !taken.iter().any(|t: &Taken| t.method == "DELETE") {
+            assert!(std::time::Instant::now() < deadline, "never aborted");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            taken.extend(store.take());
+        }
+        aborted_not_made(&taken);
+    }
+
+    #[test]
     fn a_feed_given_a_write_behind_what_it_fed_is_aborted() {
         let store = FakeStore::start(true);
         let client = std::sync::Arc::new(store.client());

@@ -56,7 +56,7 @@ pub const HOLD: u64 = 64 << 20;
 /// A multipart upload of one file, fed as the file is written; see the
 /// module's notes. Give [`Feed::tap`] to the writer, then call
 /// [`Feed::finish`] once the file is complete. Dropped unfinished, it
-/// aborts its upload.
+/// aborts its upload (on a thread of its own).
 pub struct Feed {
     shared: Arc<Shared>,
     client: Arc<Client>,
@@ -470,10 +470,17 @@ impl Drop for Feed {
             s.closed = true;
             self.shared.changed.notify_all();
         }
-        for u in self.uploaders.drain(..) {
-            let _ = u.join();
-        }
-        let _ = self.client.abort_upload(&self.key, &self.upload);
+        // Off the dropping thread (a runtime's, maybe): an uploader may
+        // be waiting on a stalled store, and the abort may too. A process
+        // that ends first leaves the upload to the next run's cleanup.
+        let uploaders = std::mem::take(&mut self.uploaders);
+        let (client, key, upload) = (self.client.clone(), self.key.clone(), self.upload.clone());
+        std::thread::spawn(move || {
+            for u in uploaders {
+                let _ = u.join();
+            }
+            let _ = client.abort_upload(&key, &upload);
+        });
     }
 }
 
