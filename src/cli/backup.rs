@@ -45,10 +45,11 @@ pub(crate) struct BackupArgs {
     /// multipart upload fed by the writer, its header part last). Then
     /// every point of the VM not yet in the bucket is verified and the
     /// rest of it uploaded, its manifest last, as `bitback sync` does; the
-    /// spool keeps the VM's
-    /// newest chain (incrementals build on it) and lets older chains go
-    /// once they are in the bucket. A failed upload keeps the point in
-    /// the spool: the next backup (or sync) uploads it.
+    /// spool keeps the VM's newest chain (incrementals build on it) and
+    /// lets older chains go once they are in the bucket. A failed upload
+    /// keeps the point in the spool: the next backup (or sync) uploads it.
+    /// The backup holds the VM's lock in the bucket throughout: another
+    /// backup or sync of the VM into it is refused meanwhile.
     #[arg(long, value_name = "DIR")]
     spool: Option<PathBuf>,
 
