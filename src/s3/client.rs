@@ -2064,10 +2064,13 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"").unwrap();
         let data = (crate::s3::HOLD + 40 * (1 << 20)) as usize;
-        let feed = client.feed("k", &path, None).unwrap();
+        // A budget with no room: every part is read back.
+        let full = crate::s3::feed::Budget(std::sync::atomic::AtomicU64::new(crate::s3::HOLD));
+        let feed = client
+            .feed_in("k", &path, None, Box::leak(Box::new(full)))
+            .unwrap();
         let bytes = write_through(&path, &mut *feed.tap(), data);
-        // In the last part, not kept: read back only once the kept ones
-        // are sent.
+        // In the last part, read back once the parts before it are sent.
         let at = bytes.len() as u64 - 1000;
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[bytes[at as usize] ^ 1], at).unwrap();

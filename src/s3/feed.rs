@@ -98,6 +98,8 @@ struct State {
     parts: Vec<(u16, Part)>,
     /// Where the file is, for reading parts back and for messages.
     path: PathBuf,
+    /// Where its parts are kept.
+    budget: &'static Budget,
 }
 
 /// The part being filled.
@@ -129,7 +131,7 @@ impl Open {
 
 /// Bytes of parts kept in memory, by all the feeds of a process: at most
 /// [`HOLD`] (a VM of many volumes feeds them all at once).
-pub(super) struct Budget(AtomicU64);
+pub(super) struct Budget(pub(super) AtomicU64);
 
 static KEPT: Budget = Budget(AtomicU64::new(0));
 
@@ -258,7 +260,7 @@ impl State {
         if self.open.len == 0 {
             return;
         }
-        let next = Open::at(self.end, &KEPT);
+        let next = Open::at(self.end, self.budget);
         let open = std::mem::replace(&mut self.open, next);
         self.queue.push_back(Sealed {
             number: self.number,
@@ -293,12 +295,23 @@ impl Client {
         path: &Path,
         retention: Option<&super::Retention>,
     ) -> Result<Feed, Error> {
+        self.feed_in(key, path, retention, &KEPT)
+    }
+
+    /// [`Client::feed`], keeping parts in `budget`.
+    pub(super) fn feed_in(
+        self: &Arc<Client>,
+        key: &str,
+        path: &Path,
+        retention: Option<&super::Retention>,
+        budget: &'static Budget,
+    ) -> Result<Feed, Error> {
         let file = std::fs::File::open(path).map_err(|e| Error::Local {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
         let (upload, sum) = self.start_upload(key, retention)?;
-        let open = Open::at(HEAD, &KEPT);
+        let open = Open::at(HEAD, budget);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 head: vec![0; HEAD as usize],
@@ -310,6 +323,7 @@ impl Client {
                 closed: false,
                 parts: Vec::new(),
                 path: path.to_path_buf(),
+                budget,
             }),
             changed: Condvar::new(),
         });
