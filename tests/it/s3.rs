@@ -410,6 +410,20 @@ fn restores_right(
     restored
 }
 
+/// Every point of `points` restores from the repository at `repo` (a
+/// bucket's URL) into `dir` equal to its models.
+fn every_point_restores(
+    repo: &str,
+    points: &[(String, Vec<std::path::PathBuf>)],
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) {
+    for point in points {
+        let out = dir.join(format!("restored-{}", point.0));
+        restores_right(repo, point, &out, env);
+    }
+}
+
 /// Every point of `points` restores from the repository at `repo` equal
 /// to its models (volume by volume).
 fn restores_equal(
@@ -673,16 +687,7 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
     // Mended, then rotting again once the sync checked the point.
     flip(&file);
     let gate = dir.path().join("gate");
-    let hold = format!("sync-checked:{}", gate.display());
-    let mut held = env.clone();
-    held.push(("BITBACK_HOLD", &hold));
-    std::thread::scope(|s| {
-        let sync = s.spawn(|| sync(&held));
-        reached_hold(&gate);
-        flip(&file);
-        std::fs::write(&gate, b"").unwrap();
-        refused_leaving_nothing(sync.join().unwrap());
-    });
+    refused_leaving_nothing(held_at("sync-checked", &gate, &env, sync, || flip(&file)));
 
     flip(&file);
     let copied = sync(&env);
@@ -714,6 +719,27 @@ fn a_point_damaged_in_its_data_is_stopped_on_its_way_up_and_leaves_nothing() {
         let out = dir.path().join(format!("out{i}"));
         restores_right("s3://bb-proof/site", point, &out, &env);
     }
+}
+
+/// Runs `run` with `env` and `BITBACK_HOLD=<phase>:<gate>`; once it is
+/// held there, does `at_hold`, lets it go on, and returns how it ended.
+fn held_at(
+    phase: &str,
+    gate: &std::path::Path,
+    env: &[(&str, &str)],
+    run: impl Fn(&[(&str, &str)]) -> Run + Sync,
+    at_hold: impl FnOnce(),
+) -> Run {
+    let hold = format!("{phase}:{}", gate.display());
+    let mut held = env.to_vec();
+    held.push(("BITBACK_HOLD", &hold));
+    std::thread::scope(|s| {
+        let running = s.spawn(|| run(&held));
+        reached_hold(gate);
+        at_hold();
+        std::fs::write(gate, b"").unwrap();
+        running.join().unwrap()
+    })
 }
 
 /// Waits until a bitback held at `BITBACK_HOLD=<phase>:<gate>` is there.
@@ -766,34 +792,25 @@ fn a_compressed_file_changed_after_its_check_is_stopped_on_its_way_up() {
     let env = store.env();
     let repo = vm.repo.to_str().unwrap().to_string();
     let gate = dir.path().join("gate");
-    let hold = format!("sync-file-proven:{}", gate.display());
-    let mut held = env.clone();
-    held.push(("BITBACK_HOLD", &hold));
     let sync = |env: &[(&str, &str)]| {
         bitback_env(&["sync", "--from", &repo, "--to", "s3://bb-held/site"], env)
     };
-    std::thread::scope(|s| {
-        let sync = s.spawn(|| sync(&held));
-        reached_hold(&gate);
-        flip();
-        std::fs::write(&gate, b"").unwrap();
-        let refused = sync.join().unwrap();
-        assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    let refused = held_at("sync-file-proven", &gate, &env, sync, flip);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("does not verify"),
+        "{}",
+        refused.stderr
+    );
+    if by_content() {
+        // Bitback wrote it: a layout digest and a cluster map, the
+        // file read whole against the map before it went.
         assert!(
-            refused.stderr.contains("does not verify"),
+            refused.stderr.contains("changed after it was checked"),
             "{}",
             refused.stderr
         );
-        if by_content() {
-            // Bitback wrote it: a layout digest and a cluster map, the
-            // file read whole against the map before it went.
-            assert!(
-                refused.stderr.contains("changed after it was checked"),
-                "{}",
-                refused.stderr
-            );
-        }
-    });
+    }
     leaves_nothing(&store, "bb-held", "site/vm1/");
 
     flip();
@@ -1269,6 +1286,21 @@ fn prune_in_a_bucket_removes_for_good_but_never_a_locked_point() {
     );
 }
 
+/// `bitback backup --json` of the QEMU at `qmp` into `url` as vm1
+/// through `spool`, with `extra` arguments.
+fn backup_through(
+    qmp: &str,
+    url: &str,
+    spool: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Run {
+    let mut args = vec!["backup", "--qmp", qmp, "--repo", url, "--vm", "vm1"];
+    args.extend(["--spool", spool.to_str().unwrap(), "--json"]);
+    args.extend(extra);
+    bitback_env(&args, env)
+}
+
 /// `backup --repo s3://... --spool DIR`: full and incrementals of a
 /// running VM land in the bucket (each point verified, uploaded, its
 /// manifest last, under the lock asked for), the spool keeps only the
@@ -1287,20 +1319,7 @@ fn backups_reach_the_bucket_through_a_spool() {
     let env = store.env();
     let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
     let backup = |url: &str, extra: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec![
-            "backup",
-            "--qmp",
-            &qmp,
-            "--repo",
-            url,
-            "--vm",
-            "vm1",
-            "--spool",
-            spool.to_str().unwrap(),
-            "--json",
-        ];
-        args.extend(extra);
-        bitback_env(&args, env)
+        backup_through(&qmp, url, &spool, extra, env)
     };
 
     // Refused before anything: no spool made.
@@ -1377,10 +1396,7 @@ fn backups_reach_the_bucket_through_a_spool() {
         .map(|p| p["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed, ids);
-    for point in &vm.points {
-        let out = dir.path().join(format!("restored-{}", point.0));
-        restores_right("s3://bb-spool/site", point, &out, &env);
-    }
+    every_point_restores("s3://bb-spool/site", &vm.points, dir.path(), &env);
     // Locked: the first full's file cannot be removed, by version.
     let key = format!("site/vm1/{}/{}.qcow2", ids[0], vm.volume(0));
     let head = store.aws_ok(&[
@@ -1426,21 +1442,11 @@ fn a_backups_files_go_up_while_they_are_written() {
     let env = store.env();
     let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
     let backup = |env: &[(&str, &str)]| {
-        bitback_env(
-            &[
-                "backup",
-                "--qmp",
-                &qmp,
-                "--repo",
-                "s3://bb-feed/site",
-                "--vm",
-                "vm1",
-                "--spool",
-                spool.to_str().unwrap(),
-                "--retain-days",
-                "1",
-                "--json",
-            ],
+        backup_through(
+            &qmp,
+            "s3://bb-feed/site",
+            &spool,
+            &["--retain-days", "1"],
             env,
         )
     };
@@ -1485,13 +1491,7 @@ fn a_backups_files_go_up_while_they_are_written() {
             // the bucket refuses a second backup (another host's spool)
             // and a sync, which could abort the uploads being fed.
             0 => {
-                let gate = dir.path().join("gate");
-                let hold = format!("sync-checked:{}", gate.display());
-                let mut held = env.clone();
-                held.push(("BITBACK_HOLD", &hold));
-                std::thread::scope(|s| {
-                    let run = s.spawn(|| backup(&held));
-                    reached_hold(&gate);
+                let at_hold = || {
                     let listed = store.aws_ok(&[
                         "s3api",
                         "list-object-versions",
@@ -1523,20 +1523,7 @@ fn a_backups_files_go_up_while_they_are_written() {
                         );
                     }
                     let other = dir.path().join("other-spool");
-                    let second = bitback_env(
-                        &[
-                            "backup",
-                            "--qmp",
-                            &qmp,
-                            "--repo",
-                            "s3://bb-feed/site",
-                            "--vm",
-                            "vm1",
-                            "--spool",
-                            other.to_str().unwrap(),
-                        ],
-                        &env,
-                    );
+                    let second = backup_through(&qmp, "s3://bb-feed/site", &other, &[], &env);
                     assert_ne!(second.code, Some(0), "{}", second.stderr);
                     assert!(second.stderr.contains("backup of pid"), "{}", second.stderr);
                     assert!(
@@ -1555,9 +1542,14 @@ fn a_backups_files_go_up_while_they_are_written() {
                     );
                     assert_ne!(sync.code, Some(0), "{}", sync.stderr);
                     assert!(sync.stderr.contains("backup of pid"), "{}", sync.stderr);
-                    std::fs::write(&gate, b"").unwrap();
-                    run.join().unwrap()
-                })
+                };
+                held_at(
+                    "sync-checked",
+                    &dir.path().join("gate"),
+                    &env,
+                    backup,
+                    at_hold,
+                )
             }
             _ => backup(&env),
         };
@@ -1606,10 +1598,7 @@ fn a_backups_files_go_up_while_they_are_written() {
         }
     }
     vm.quit();
-    for point in &vm.points {
-        let out = dir.path().join(format!("restored-{}", point.0));
-        restores_right("s3://bb-feed/site", point, &out, &env);
-    }
+    every_point_restores("s3://bb-feed/site", &vm.points, dir.path(), &env);
 }
 
 /// The store stopped (SIGSTOP) while a backup copies a VM into it: the
@@ -1746,23 +1735,7 @@ fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
     let mut vm = Vm::new(dir.path(), &[96 * MIB]);
     vm.write(0, 0, 80 * MIB, 0x5c);
     let qmp = vm.qemu().qmp.to_str().unwrap().to_string();
-    let backup = |env: &[(&str, &str)]| {
-        bitback_env(
-            &[
-                "backup",
-                "--qmp",
-                &qmp,
-                "--repo",
-                "s3://bb-full/site",
-                "--vm",
-                "vm1",
-                "--spool",
-                spool.to_str().unwrap(),
-                "--json",
-            ],
-            env,
-        )
-    };
+    let backup = |env: &[(&str, &str)]| backup_through(&qmp, "s3://bb-full/site", &spool, &[], env);
     let env = store.env();
     let run = backup(&env);
     assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
@@ -1826,10 +1799,7 @@ fn a_store_that_fills_up_under_a_backup_keeps_the_point_in_the_spool() {
         .collect();
     assert_eq!(copied.len(), 3, "{point}");
     vm.quit();
-    for point in &vm.points {
-        let out = dir.path().join(format!("restored-{}", point.0));
-        restores_right("s3://bb-full/site", point, &out, &env);
-    }
+    every_point_restores("s3://bb-full/site", &vm.points, dir.path(), &env);
 }
 
 /// The store killed (by its pid) while a sync's multipart upload is in
