@@ -528,6 +528,7 @@ impl Parser {
         if &bytes[..8] != MAGIC {
             bail!("no map header");
         }
+        // `head` is the whole HEADER (32 bytes): each word's slice is 8.
         let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         let (cluster_size, size) = (word(8), word(16));
         if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {

@@ -474,9 +474,8 @@ pub fn lock_for_backup<'a>(bucket: &'a Bucket, vm: &str) -> anyhow::Result<Optio
 /// `bucket` verified and uploaded under the backup's `lock` there (taken
 /// now when the backup has none; as [`sync_to_bucket`]; the files in
 /// `streamed` went up as the backup wrote them, and are not sent again),
-/// then the
-/// chains older than the newest let go from the spool (they are in the
-/// bucket now). A spool a reader holds keeps them until next time.
+/// then the chains older than the newest let go from the spool (they are
+/// in the bucket now). A spool a reader holds keeps them until next time.
 pub fn upload_spool(
     spool: &Repo,
     (bucket, lock): (&Bucket, Option<&BucketLock<'_>>),
@@ -489,11 +488,13 @@ pub fn upload_spool(
         retain,
         streamed,
     };
-    if retain.is_some() {
-        require_lock(bucket)?;
-    }
     let synced = match lock {
-        Some(lock) => sync_vm(spool, bucket, lock, vm, &opts)?,
+        Some(lock) => {
+            if retain.is_some() {
+                require_lock(bucket)?;
+            }
+            sync_vm(spool, bucket, lock, vm, &opts)?
+        }
         None => sync_to_bucket(spool, bucket, &opts)?,
     };
     let pruned = spool

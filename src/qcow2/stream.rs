@@ -199,6 +199,7 @@ fn show(
 }
 
 fn all_zero(bytes: &[u8]) -> bool {
+    // `chunks_exact(16)` gives only 16-byte words: each converts.
     let mut words = bytes.chunks_exact(16);
     words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
         && words.remainder().iter().all(|&b| b == 0)

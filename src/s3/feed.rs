@@ -416,21 +416,21 @@ impl Feed {
         self.finished = true;
         let ended = self.end(len);
         let done = ended.and_then(|()| {
-            let mut s = self.shared.lock();
-            let head = &s.head[..len.min(HEAD) as usize];
+            // The uploaders are gone: what they left is taken out, and
+            // nothing is held while the head goes.
+            let (head, mut parts) = {
+                let mut s = self.shared.lock();
+                (std::mem::take(&mut s.head), std::mem::take(&mut s.parts))
+            };
             let first = self.client.upload_part(
                 &self.key,
                 (&self.upload, self.sum),
                 1,
-                PartBody::Bytes(head),
+                PartBody::Bytes(&head[..len.min(HEAD) as usize]),
             )?;
-            s.parts.push((1, first));
-            s.parts.sort_by_key(|(n, _)| *n);
-            let parts: Vec<Part> = std::mem::take(&mut s.parts)
-                .into_iter()
-                .map(|(_, p)| p)
-                .collect();
-            drop(s);
+            parts.push((1, first));
+            parts.sort_by_key(|(n, _)| *n);
+            let parts: Vec<Part> = parts.into_iter().map(|(_, p)| p).collect();
             self.client
                 .complete_multipart(&self.key, &self.upload, &parts)?;
             Ok(len)
@@ -458,6 +458,9 @@ impl Feed {
                     let gap = len - s.end;
                     s.zeros(gap);
                     s.seal();
+                    // Nothing follows the last part: its successor's room
+                    // in the budget goes back at once.
+                    s.open.bytes = None;
                 }
             }
             s.closed = true;
